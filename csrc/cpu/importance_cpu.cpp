@@ -1,0 +1,231 @@
+// CPU kernels of the importance family (SRLoRA / AdaLoRA): per-pair importance scores for all
+// LoRA layers in one call, and in-place, function-preserving fusion / re-initialisation of pairs.
+//
+// Layout (peft): W is the base weight (m x n, any strides), B = lora_B.weight (m x r),
+// A = lora_A.weight (r x n); the update is s * B A. "Pair" j = (column j of B, row j of A).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "utils.h"
+
+namespace subspace_ext {
+namespace {
+
+template <typename T> using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Elementwise AdaLoRA update over one parameter p (with gradient g, states ipt/unc, same shape):
+//   I = |p g|;  ipt <- b1 ipt + (1-b1) I;  unc <- b2 unc + (1-b2) |I - ipt|;  score = ipt * unc.
+// Adds the score of element (i, j) into sums[i * row_w + j * col_w] so a caller can reduce over
+// rows (A: per row) or columns (B: per column).
+template <typename P, typename S>
+void update_states(const P* p, const P* g, S* ipt, S* unc, int64_t rows, int64_t cols, S b1,
+                   S b2, S* sums, int64_t row_w, int64_t col_w) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t e = i * cols + j;
+      const S I = std::abs(static_cast<S>(p[e]) * static_cast<S>(g[e]));
+      const S mean = b1 * ipt[e] + (S(1) - b1) * I;
+      const S u = b2 * unc[e] + (S(1) - b2) * std::abs(I - mean);
+      ipt[e] = mean;
+      unc[e] = u;
+      sums[i * row_w + j * col_w] += mean * u;
+    }
+  }
+}
+
+std::vector<at::Tensor> pair_importance_cpu(at::TensorList A, at::TensorList B,
+                                            at::TensorList grad_A, at::TensorList grad_B,
+                                            at::TensorList ipt_A, at::TensorList ipt_B,
+                                            at::TensorList unc_A, at::TensorList unc_B,
+                                            double beta1, double beta2) {
+  const int64_t L = static_cast<int64_t>(A.size());
+  TORCH_CHECK_VALUE(B.size() == A.size() && grad_A.size() == A.size() && grad_B.size() == A.size() &&
+                  ipt_A.size() == A.size() && ipt_B.size() == A.size() &&
+                  unc_A.size() == A.size() && unc_B.size() == A.size(),
+              "pair_importance: all lists must have the same length");
+  std::vector<at::Tensor> scores(L);
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK_VALUE(A[l].dim() == 2 && B[l].dim() == 2 && B[l].size(1) == A[l].size(0),
+                "pair_importance: layer ", l, ": expected A (r x n) and B (m x r)");
+    for (const auto* t : {&A[l], &B[l], &grad_A[l], &grad_B[l], &ipt_A[l], &ipt_B[l],
+                          &unc_A[l], &unc_B[l]})
+      TORCH_CHECK_VALUE(t->is_contiguous(), "pair_importance: layer ", l, ": tensors must be contiguous");
+    TORCH_CHECK_VALUE(grad_A[l].sizes() == A[l].sizes() && ipt_A[l].sizes() == A[l].sizes() &&
+                    unc_A[l].sizes() == A[l].sizes() && grad_B[l].sizes() == B[l].sizes() &&
+                    ipt_B[l].sizes() == B[l].sizes() && unc_B[l].sizes() == B[l].sizes(),
+                "pair_importance: layer ", l, ": gradients and states must match A and B");
+    TORCH_CHECK_TYPE(grad_A[l].scalar_type() == A[l].scalar_type() &&
+                    grad_B[l].scalar_type() == B[l].scalar_type() &&
+                    A[l].scalar_type() == B[l].scalar_type(),
+                "pair_importance: layer ", l, ": A, B and their gradients must share a dtype");
+    const auto st = ipt_A[l].scalar_type();
+    TORCH_CHECK_TYPE((st == at::kFloat || st == at::kDouble) && ipt_B[l].scalar_type() == st &&
+                    unc_A[l].scalar_type() == st && unc_B[l].scalar_type() == st,
+                "pair_importance: layer ", l, ": states must all be float32 or all float64");
+    scores[l] = at::zeros({A[l].size(0)}, ipt_A[l].options());
+  }
+  parallel_tasks(L, {}, [&](int64_t l) {
+    const int64_t r = A[l].size(0), n = A[l].size(1), m = B[l].size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, A[l].scalar_type(), "pair_importance", [&] {
+      using P = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(ipt_A[l].scalar_type(), "pair_importance_state", [&] {
+        using S = scalar_t;
+        const S b1 = static_cast<S>(beta1), b2 = static_cast<S>(beta2);
+        std::vector<S> sum_a(r, S(0)), sum_b(r, S(0));
+        update_states<P, S>(A[l].data_ptr<P>(), grad_A[l].data_ptr<P>(), ipt_A[l].data_ptr<S>(),
+                            unc_A[l].data_ptr<S>(), r, n, b1, b2, sum_a.data(), 1, 0);
+        update_states<P, S>(B[l].data_ptr<P>(), grad_B[l].data_ptr<P>(), ipt_B[l].data_ptr<S>(),
+                            unc_B[l].data_ptr<S>(), m, r, b1, b2, sum_b.data(), 0, 1);
+        S* out = scores[l].data_ptr<S>();
+        for (int64_t j = 0; j < r; ++j)
+          out[j] = sum_a[j] / static_cast<S>(n) + sum_b[j] / static_cast<S>(m);
+      });
+    });
+  });
+  return scores;
+}
+
+// W += s * (B[:, idx] A[idx, :] - Bn An) and then B[:, idx] = Bn, A[idx, :] = An; with
+// Bn = 0 (no An) this is the plain fusion. One pass over W, no m x n temporary; the update is
+// accumulated in float (double for float64 W) and rounded once into W's dtype.
+struct LayerUpdate {
+  at::Tensor W, B, A, idx, Bn, An;
+  double s;
+};
+
+template <typename W_t, typename F_t>
+void recompose_layer(const LayerUpdate& u, int64_t row0, int64_t row1) {
+  using Acc = Acc<W_t>;
+  const int64_t n = u.W.size(1), q = u.idx.size(0);
+  const int64_t* idx = u.idx.data_ptr<int64_t>();
+  W_t* w = u.W.data_ptr<W_t>();
+  const int64_t ws0 = u.W.stride(0), ws1 = u.W.stride(1);
+  const F_t* b = u.B.data_ptr<F_t>();
+  const int64_t bs0 = u.B.stride(0), bs1 = u.B.stride(1);
+  const F_t* a = u.A.data_ptr<F_t>();
+  const int64_t as0 = u.A.stride(0), as1 = u.A.stride(1);
+  // Rows of the rank-2q update: the q old pairs (+s) and the q new ones (-s).
+  const bool has_new = u.Bn.defined();
+  const int64_t terms = has_new ? 2 * q : q;
+  std::vector<Acc> coef(terms);
+  std::vector<const F_t*> row(terms);
+  std::vector<int64_t> row_stride(terms);
+  for (int64_t t = 0; t < q; ++t) {
+    row[t] = a + idx[t] * as0;
+    row_stride[t] = as1;
+    if (has_new) {
+      row[q + t] = u.An.data_ptr<F_t>() + t * u.An.stride(0);
+      row_stride[q + t] = u.An.stride(1);
+    }
+  }
+  const F_t* bn = has_new ? u.Bn.data_ptr<F_t>() : nullptr;
+  for (int64_t i = row0; i < row1; ++i) {
+    for (int64_t t = 0; t < q; ++t) {
+      coef[t] = static_cast<Acc>(u.s) * static_cast<Acc>(b[i * bs0 + idx[t] * bs1]);
+      if (has_new)
+        coef[q + t] = -static_cast<Acc>(u.s) *
+                      static_cast<Acc>(bn[i * u.Bn.stride(0) + t * u.Bn.stride(1)]);
+    }
+    W_t* wr = w + i * ws0;
+    for (int64_t j = 0; j < n; ++j) {
+      Acc acc = static_cast<Acc>(wr[j * ws1]);
+      for (int64_t t = 0; t < terms; ++t) acc += coef[t] * static_cast<Acc>(row[t][j * row_stride[t]]);
+      wr[j * ws1] = static_cast<W_t>(acc);
+    }
+  }
+}
+
+void recompose(std::vector<LayerUpdate>& layers) {
+  // Tasks are row blocks of every layer, so 1 huge layer and 200 small ones both spread.
+  constexpr int64_t kRows = 64;
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l)
+    if (layers[l].idx.numel() > 0)
+      for (int64_t r0 = 0; r0 < layers[l].W.size(0); r0 += kRows) tasks.emplace_back(l, r0);
+  parallel_tasks(static_cast<int64_t>(tasks.size()), {}, [&](int64_t t) {
+    const auto& u = layers[tasks[t].first];
+    const int64_t r0 = tasks[t].second, r1 = std::min(r0 + kRows, u.W.size(0));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.W.scalar_type(), "recompose_W", [&] {
+      using W_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.B.scalar_type(), "recompose_F", [&] {
+        recompose_layer<W_t, scalar_t>(u, r0, r1);
+      });
+    });
+  });
+  // The factors change only after every row of W has read the old ones.
+  for (auto& u : layers) {
+    if (u.idx.numel() == 0) continue;
+    if (u.Bn.defined()) {
+      u.B.index_copy_(1, u.idx, u.Bn.to(u.B.scalar_type()));
+      u.A.index_copy_(0, u.idx, u.An.to(u.A.scalar_type()));
+    } else {
+      u.B.index_fill_(1, u.idx, 0);
+    }
+  }
+}
+
+std::vector<LayerUpdate> collect(const char* op, at::TensorList W, at::TensorList B,
+                                 at::TensorList A, at::TensorList idx, at::ArrayRef<double> scaling,
+                                 at::TensorList Bn, at::TensorList An) {
+  const size_t L = W.size();
+  TORCH_CHECK_VALUE(B.size() == L && A.size() == L && idx.size() == L && scaling.size() == L, op,
+              ": W, B, A, idx and scaling must have the same length");
+  std::vector<LayerUpdate> layers(L);
+  for (size_t l = 0; l < L; ++l) {
+    auto& u = layers[l];
+    u.W = W[l];
+    u.B = B[l];
+    u.A = A[l];
+    u.s = scaling[l];
+    TORCH_CHECK_VALUE(u.W.dim() == 2 && u.B.dim() == 2 && u.A.dim() == 2 && u.B.size(0) == u.W.size(0) &&
+                    u.A.size(1) == u.W.size(1) && u.B.size(1) == u.A.size(0),
+                op, ": layer ", l, ": expected W (m x n), B (m x r), A (r x n), got ", u.W.sizes(),
+                ", ", u.B.sizes(), ", ", u.A.sizes());
+    TORCH_CHECK_TYPE(u.B.scalar_type() == u.A.scalar_type(), op, ": layer ", l,
+                ": B and A must share a dtype");
+    u.idx = idx[l].to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(u.idx.dim() == 1, op, ": layer ", l, ": idx must be 1-D");
+    if (u.idx.numel()) {
+      TORCH_CHECK_VALUE(u.idx.min().item<int64_t>() >= 0 && u.idx.max().item<int64_t>() < u.A.size(0),
+                  op, ": layer ", l, ": idx out of range [0, ", u.A.size(0), ")");
+      TORCH_CHECK_VALUE(std::get<0>(at::_unique(u.idx)).numel() == u.idx.numel(), op, ": layer ", l,
+                  ": idx has repeated entries");
+    }
+    if (!Bn.empty()) {
+      u.Bn = Bn[l].to(u.B.scalar_type());
+      u.An = An[l].to(u.B.scalar_type());
+      TORCH_CHECK_VALUE(u.Bn.dim() == 2 && u.Bn.size(0) == u.W.size(0) && u.Bn.size(1) == u.idx.numel() &&
+                      u.An.dim() == 2 && u.An.size(0) == u.idx.numel() && u.An.size(1) == u.W.size(1),
+                  op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
+                  u.Bn.sizes(), " and ", u.An.sizes());
+    }
+  }
+  return layers;
+}
+
+void fuse_pairs_cpu_(at::TensorList W, at::TensorList B, at::TensorList A, at::TensorList idx,
+                     at::ArrayRef<double> scaling) {
+  auto layers = collect("fuse_pairs_", W, B, A, idx, scaling, {}, {});
+  recompose(layers);
+}
+
+void reinit_pairs_cpu_(at::TensorList W, at::TensorList B, at::TensorList A, at::TensorList idx,
+                       at::TensorList B_new, at::TensorList A_new, at::ArrayRef<double> scaling) {
+  TORCH_CHECK_VALUE(B_new.size() == W.size() && A_new.size() == W.size(),
+              "reinit_pairs_: B_new and A_new must have one entry per layer");
+  auto layers = collect("reinit_pairs_", W, B, A, idx, scaling, B_new, A_new);
+  recompose(layers);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
+  m.impl("pair_importance", &pair_importance_cpu);
+  m.impl("fuse_pairs_", &fuse_pairs_cpu_);
+  m.impl("reinit_pairs_", &reinit_pairs_cpu_);
+}
+
+}  // namespace subspace_ext

@@ -1,0 +1,122 @@
+// CPU kernels of the rsvd family: randomized truncated SVD (single, batched, many shapes) and the
+// SVD of a product given by its factors.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "utils.h"
+
+namespace subspace_ext {
+namespace {
+
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Halko-Martinsson-Tropp randomized SVD of one matrix A (m x n): Gaussian test matrix from
+// Philox (seed, stream 0), l = min(k + p, m, n) columns, `niter` power iterations with
+// re-orthonormalisation after every product, then the SVD of the small projected matrix.
+// The GEMMs with A run in A's dtype; the thin QRs and the small SVD in float64.
+SVDResult rsvd_one(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+  const int64_t m = A.size(0), n = A.size(1);
+  const int64_t l = std::min(k + p, std::min(m, n));
+  const auto dt = A.scalar_type();
+  at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
+  philox_normal_fill(omega, seed, 0);
+  const at::Tensor Y = at::mm(A, omega);
+  // Any NaN/Inf in A reaches Y (m x l): a cheap check instead of a pass over A.
+  TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),
+                    "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
+  at::Tensor Q = orthonormalize_columns(Y).first;
+  for (int64_t it = 0; it < niter; ++it) {
+    const at::Tensor Z = orthonormalize_columns(at::mm(A.t(), Q.to(dt))).first;
+    Q = orthonormalize_columns(at::mm(A, Z.to(dt))).first;
+  }
+  // B = Q^T A; with B^T = Qb Rb, A ~ Q Rb^T Qb^T.
+  auto [Qb, Rb] = orthonormalize_columns(at::mm(A.t(), Q.to(dt)));
+  return svd_of_core(Q, Rb.t(), Qb, k, dt);
+}
+
+void check_rsvd_args(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, const char* op) {
+  check_float(A, op, "A");
+  TORCH_CHECK_VALUE(A.dim() >= 2, op, ": A must have at least 2 dimensions, got ", A.dim());
+  TORCH_CHECK_VALUE(k >= 1 && k <= std::min(A.size(-2), A.size(-1)), op, ": rank must be in [1, ",
+              std::min(A.size(-2), A.size(-1)), "], got ", k);
+  TORCH_CHECK_VALUE(p >= 0 && niter >= 0, op, ": oversample and niter must be >= 0");
+}
+
+Triple rsvd_cpu(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+  check_rsvd_args(A, k, p, niter, "rsvd");
+  const int64_t m = A.size(-2), n = A.size(-1);
+  const at::Tensor flat = A.reshape({-1, m, n});
+  const int64_t batch = flat.size(0);
+  std::vector<SVDResult> out(batch);
+  parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed); });
+  auto lead = A.sizes().slice(0, A.dim() - 2).vec();
+  auto stack = [&](auto get, std::vector<int64_t> tail) {
+    std::vector<at::Tensor> parts;
+    parts.reserve(batch);
+    for (auto& r : out) parts.push_back(get(r));
+    auto shape = lead;
+    shape.insert(shape.end(), tail.begin(), tail.end());
+    return batch ? at::stack(parts).reshape(shape) : at::empty(shape, A.options());
+  };
+  return {stack([](SVDResult& r) { return r.U; }, {m, k}),
+          stack([](SVDResult& r) { return r.S; }, {k}),
+          stack([](SVDResult& r) { return r.V; }, {n, k})};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+  const int64_t count = static_cast<int64_t>(mats.size());
+  for (const auto& A : mats) {
+    check_rsvd_args(A, k, p, niter, "rsvd_many");
+    TORCH_CHECK_VALUE(A.dim() == 2, "rsvd_many: every matrix must be 2-D, got ", A.sizes());
+  }
+  // Largest first, so the dynamic schedule ends balanced.
+  std::vector<int64_t> order(count);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return mats[a].numel() > mats[b].numel();
+  });
+  std::vector<SVDResult> out(count);
+  parallel_tasks(count, order, [&](int64_t i) { out[i] = rsvd_one(mats[i], k, p, niter, seed); });
+  std::vector<at::Tensor> U, S, V;
+  for (auto& r : out) {
+    U.push_back(r.U);
+    S.push_back(r.S);
+    V.push_back(r.V);
+  }
+  return {U, S, V};
+}
+
+// SVD of B A (B: m x r, A: r x n) without forming it: B = Qb Rb, A^T = Qa Ra,
+// B A = Qb (Rb Ra^T) Qa^T, then the SVD of the small core.
+Triple factored_svd_cpu(const at::Tensor& B, const at::Tensor& A, int64_t rank) {
+  check_float(B, "factored_svd", "B");
+  check_float(A, "factored_svd", "A");
+  TORCH_CHECK_VALUE(B.dim() == 2 && A.dim() == 2 && B.size(1) == A.size(0),
+              "factored_svd: expected B (m x r) and A (r x n), got ", B.sizes(), " and ", A.sizes());
+  const int64_t full = std::min({B.size(0), A.size(1), B.size(1)});
+  const int64_t k = rank < 0 ? full : rank;
+  TORCH_CHECK_VALUE(k >= 1 && k <= full, "factored_svd: rank must be in [1, ", full, "], got ", rank);
+  TORCH_CHECK_VALUE(B.isfinite().all().item<bool>(), "factored_svd: B contains NaN or Inf");
+  TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "factored_svd: A contains NaN or Inf");
+  const auto dt = at::promote_types(B.scalar_type(), A.scalar_type());
+  auto [Qb, Rb] = orthonormalize_columns(B);
+  auto [Qa, Ra] = orthonormalize_columns(A.t());
+  auto r = svd_of_core(Qb, at::mm(Rb, Ra.t()), Qa, k, dt);
+  return {r.U, r.S, r.V};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
+  m.impl("rsvd", &rsvd_cpu);
+  m.impl("rsvd_many", &rsvd_many_cpu);
+  m.impl("factored_svd", &factored_svd_cpu);
+}
+
+}  // namespace subspace_ext

@@ -1,0 +1,46 @@
+// Shared CPU helpers: input checks and the small dense linear algebra the op families share.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <utility>
+#include <vector>
+
+namespace subspace_ext {
+
+// TORCH_CHECK that t is a float32/float64 tensor (names op and argument in the message).
+void check_float(const at::Tensor& t, const char* op, const char* arg);
+
+// Orthonormal basis of the columns of Y (p x l) and the triangular factor: Y = Q R.
+// Computed in float64: Cholesky-QR twice (two GEMMs per pass), falling back to Householder QR
+// (LAPACK) when Y is ill-conditioned or rank-deficient, so Q is orthonormal in every case.
+// Returns Q (p x min(p,l)) and R (min(p,l) x l), both float64.
+std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y);
+
+// Flip each column pair (U[:, j], V[:, j]) so that the largest-magnitude entry of U[:, j] is
+// positive (ties: the first). Makes the factors of a decomposition unique up to rounding.
+void canonicalize_signs_(at::Tensor& U, at::Tensor& V);
+
+struct SVDResult {
+  at::Tensor U, S, V;  // U (m x k), S (k), V (n x k), descending S
+};
+
+// SVD of the product Qa * core * Qb^T where Qa (m x p) and Qb (n x q) have orthonormal
+// columns and core is small (p x q); truncated to `rank` and cast to `dtype`, canonical signs.
+SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Tensor& Qb,
+                      int64_t rank, at::ScalarType dtype);
+
+}  // namespace subspace_ext
+
+namespace subspace_ext {
+
+// Fill a contiguous float32/float64 tensor with Philox normals of (seed, stream), element i of
+// its row-major order being normal number i of the stream. Defined in philox_cpu.cpp.
+void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream);
+
+// Run body(i) for i in [0, n) over the OpenMP threads, largest-cost-first when `order` is given,
+// dynamically scheduled; the first exception thrown by any body is rethrown on the caller.
+void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
+                    const std::function<void(int64_t)>& body);
+
+}  // namespace subspace_ext

@@ -1,0 +1,234 @@
+// Counter-based Philox4x32-10 generator and a deterministic Box-Muller transform.
+//
+// Written once for host and device: the same source compiles in the CPU kernels (g++) and in the
+// CUDA kernels (nvcc), and must produce the same bits on both. To make that hold:
+//   * only integer ops, IEEE +, -, *, / and sqrt are used (all correctly rounded on both sides);
+//   * on the device every float op goes through the _rn intrinsics, which nvcc never fuses into
+//     an FMA; on the host the files that include this header are compiled with -ffp-contract=off;
+//   * log, sin and cos are our own polynomials below, not libm / CUDA math (which differ).
+//
+// Element i of a stream is defined by (seed, stream, i) alone, so any thread decomposition
+// (1 or 2 OpenMP threads, any CUDA grid) yields the same tensor.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define SE_HD __host__ __device__ __forceinline__
+#else
+#define SE_HD inline
+#endif
+
+namespace subspace_ext {
+namespace philox {
+
+constexpr uint32_t kM0 = 0xD2511F53u;
+constexpr uint32_t kM1 = 0xCD9E8D57u;
+constexpr uint32_t kW0 = 0x9E3779B9u;  // golden ratio
+constexpr uint32_t kW1 = 0xBB67AE85u;  // sqrt(3) - 1
+
+struct U32x4 {
+  uint32_t v[4];
+};
+
+SE_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+// Philox4x32 with 10 rounds (Salmon et al., SC'11; the Random123 reference).
+SE_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kW0;
+      k1 += kW1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo(kM0, ctr.v[0], hi0, lo0);
+    mulhilo(kM1, ctr.v[2], hi1, lo1);
+    U32x4 next;
+    next.v[0] = hi1 ^ ctr.v[1] ^ k0;
+    next.v[1] = lo1;
+    next.v[2] = hi0 ^ ctr.v[3] ^ k1;
+    next.v[3] = lo0;
+    ctr = next;
+  }
+  return ctr;
+}
+
+// The block of 4 words that holds element `block` of (seed, stream).
+SE_HD U32x4 block_bits(uint64_t seed, uint64_t stream, uint64_t block) {
+  U32x4 ctr;
+  ctr.v[0] = static_cast<uint32_t>(block);
+  ctr.v[1] = static_cast<uint32_t>(block >> 32);
+  ctr.v[2] = static_cast<uint32_t>(stream);
+  ctr.v[3] = static_cast<uint32_t>(stream >> 32);
+  return philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// ---- exactly rounded arithmetic, never contracted ------------------------------------------
+#if defined(__CUDA_ARCH__)
+SE_HD float add(float a, float b) { return __fadd_rn(a, b); }
+SE_HD float sub(float a, float b) { return __fsub_rn(a, b); }
+SE_HD float mul(float a, float b) { return __fmul_rn(a, b); }
+SE_HD float div(float a, float b) { return __fdiv_rn(a, b); }
+SE_HD float sqrt_rn(float a) { return __fsqrt_rn(a); }
+SE_HD double add(double a, double b) { return __dadd_rn(a, b); }
+SE_HD double sub(double a, double b) { return __dsub_rn(a, b); }
+SE_HD double mul(double a, double b) { return __dmul_rn(a, b); }
+SE_HD double div(double a, double b) { return __ddiv_rn(a, b); }
+SE_HD double sqrt_rn(double a) { return __dsqrt_rn(a); }
+#else
+template <typename T> SE_HD T add(T a, T b) { return a + b; }
+template <typename T> SE_HD T sub(T a, T b) { return a - b; }
+template <typename T> SE_HD T mul(T a, T b) { return a * b; }
+template <typename T> SE_HD T div(T a, T b) { return a / b; }
+template <typename T> SE_HD T sqrt_rn(T a) { return std::sqrt(a); }
+#endif
+
+// Split x > 0 (normal) into m in [sqrt(1/2), sqrt(2)) and e with x = m * 2^e, by bit manipulation.
+SE_HD float split_exp(float x, int& e) {
+  uint32_t b;
+  memcpy(&b, &x, sizeof b);
+  e = static_cast<int>((b >> 23) & 0xFFu) - 127;
+  b = (b & 0x007FFFFFu) | 0x3F800000u;  // mantissa in [1, 2)
+  float m;
+  memcpy(&m, &b, sizeof m);
+  if (m > 1.41421356f) {
+    m = mul(m, 0.5f);
+    e += 1;
+  }
+  return m;
+}
+SE_HD double split_exp(double x, int& e) {
+  uint64_t b;
+  memcpy(&b, &x, sizeof b);
+  e = static_cast<int>((b >> 52) & 0x7FFu) - 1023;
+  b = (b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
+  double m;
+  memcpy(&m, &b, sizeof m);
+  if (m > 1.4142135623730951) {
+    m = mul(m, 0.5);
+    e += 1;
+  }
+  return m;
+}
+
+// Number of series terms: enough for full precision of each type on the reduced ranges below.
+template <typename T> struct Terms;
+template <> struct Terms<float> { static constexpr int kLog = 7, kTrig = 6; };
+template <> struct Terms<double> { static constexpr int kLog = 13, kTrig = 10; };
+
+SE_HD constexpr double signed_inv_factorial(int n, int k) {
+  double f = 1.0;
+  for (int j = 2; j <= n; ++j) f *= j;
+  return (k & 1 ? -1.0 : 1.0) / f;
+}
+
+// Horner evaluation with coefficients folded at compile time:
+//   Atanh<T,K,N>: sum_{k>=K}^{N-1} x^{2(k-K)} / (2k+1)
+//   Sin<T,K,N>:   sum_{k>=K}^{N}   (-1)^k x^{2(k-K)} / (2k+1)!     (times x outside)
+//   Cos<T,K,N>:   sum_{k>=K}^{N}   (-1)^k x^{2(k-K)} / (2k)!
+template <typename T, int K, int N> struct Atanh {
+  static SE_HD T eval(T s2) {
+    constexpr double c = 1.0 / (2 * K + 1);
+    return add(mul(Atanh<T, K + 1, N>::eval(s2), s2), static_cast<T>(c));
+  }
+};
+template <typename T, int N> struct Atanh<T, N, N> {
+  static SE_HD T eval(T) { return T(0); }
+};
+template <typename T, int K, int N> struct Sin {
+  static SE_HD T eval(T x2) {
+    constexpr double c = signed_inv_factorial(2 * K + 1, K);
+    return add(mul(Sin<T, K + 1, N>::eval(x2), x2), static_cast<T>(c));
+  }
+};
+template <typename T, int N> struct Sin<T, N, N> {
+  static SE_HD T eval(T) { return static_cast<T>(signed_inv_factorial(2 * N + 1, N)); }
+};
+template <typename T, int K, int N> struct Cos {
+  static SE_HD T eval(T x2) {
+    constexpr double c = signed_inv_factorial(2 * K, K);
+    return add(mul(Cos<T, K + 1, N>::eval(x2), x2), static_cast<T>(c));
+  }
+};
+template <typename T, int N> struct Cos<T, N, N> {
+  static SE_HD T eval(T) { return static_cast<T>(signed_inv_factorial(2 * N, N)); }
+};
+
+// log(x) for x in (0, 1]: x = m 2^e, log m = 2 atanh(s), s = (m-1)/(m+1), |s| <= 0.1716.
+template <typename T> SE_HD T det_log(T x) {
+  int e;
+  const T m = split_exp(x, e);
+  const T s = div(sub(m, T(1)), add(m, T(1)));  // m - 1 is exact (Sterbenz)
+  const T log_m = mul(mul(T(2), s), Atanh<T, 0, Terms<T>::kLog>::eval(mul(s, s)));
+  return add(mul(static_cast<T>(e), static_cast<T>(0.69314718055994530942)), log_m);
+}
+
+// sin and cos of x in [0, pi/4].
+template <typename T> SE_HD void sincos_small(T x, T& s, T& c) {
+  const T x2 = mul(x, x);
+  s = mul(Sin<T, 0, Terms<T>::kTrig>::eval(x2), x);
+  c = Cos<T, 0, Terms<T>::kTrig>::eval(x2);
+}
+
+// (cos 2 pi u, sin 2 pi u) for u in [0, 1): quadrant by exact scaling, then a [0, pi/4] kernel.
+template <typename T> SE_HD void sincos_2pi(T u, T& c, T& s) {
+  const T t = mul(u, T(4));  // exact
+  const int q = static_cast<int>(t);
+  T f = sub(t, static_cast<T>(q));  // exact, in [0, 1)
+  const bool swap = f > T(0.5);
+  if (swap) f = sub(T(1), f);  // exact
+  T sx, cx;
+  sincos_small(mul(f, static_cast<T>(1.57079632679489661923)), sx, cx);
+  const T cp = swap ? sx : cx;  // cos of the angle within the quadrant
+  const T sp = swap ? cx : sx;
+  switch (q & 3) {
+    case 0: c = cp; s = sp; break;
+    case 1: c = -sp; s = cp; break;
+    case 2: c = -cp; s = -sp; break;
+    default: c = sp; s = -cp; break;
+  }
+}
+
+template <typename T> SE_HD void box_muller(T u1, T u2, T& z0, T& z1) {
+  const T r = sqrt_rn(mul(T(-2), det_log(u1)));
+  T c, s;
+  sincos_2pi(u2, c, s);
+  z0 = mul(r, c);
+  z1 = mul(r, s);
+}
+
+// Standard normal number for element `i` of (seed, stream).
+//  float32: one Philox block gives 4 normals (24-bit uniforms; u1 in (0, 1], u2 in [0, 1)).
+//  float64: one Philox block gives 2 normals (53-bit uniforms from two words each).
+template <typename T> SE_HD T normal_at(uint64_t seed, uint64_t stream, uint64_t i);
+
+template <> SE_HD float normal_at<float>(uint64_t seed, uint64_t stream, uint64_t i) {
+  const U32x4 x = block_bits(seed, stream, i >> 2);
+  const int pair = static_cast<int>((i >> 1) & 1u);
+  const uint32_t a = x.v[2 * pair], b = x.v[2 * pair + 1];
+  const float u1 = static_cast<float>((a >> 8) + 1u) * 5.9604644775390625e-8f;  // 2^-24
+  const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-8f;
+  float z0, z1;
+  box_muller(u1, u2, z0, z1);
+  return (i & 1u) ? z1 : z0;
+}
+
+template <> SE_HD double normal_at<double>(uint64_t seed, uint64_t stream, uint64_t i) {
+  const U32x4 x = block_bits(seed, stream, i >> 1);
+  const uint64_t a = (static_cast<uint64_t>(x.v[0]) << 21) | (x.v[1] >> 11);
+  const uint64_t b = (static_cast<uint64_t>(x.v[2]) << 21) | (x.v[3] >> 11);
+  const double u1 = static_cast<double>(a + 1u) * 1.1102230246251565404e-16;  // 2^-53
+  const double u2 = static_cast<double>(b) * 1.1102230246251565404e-16;
+  double z0, z1;
+  box_muller(u1, u2, z0, z1);
+  return (i & 1u) ? z1 : z0;
+}
+
+}  // namespace philox
+}  // namespace subspace_ext

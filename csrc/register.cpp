@@ -1,0 +1,28 @@
+// The one registration file: every op's schema, in the `subspace_ext` namespace.
+// Kernels are registered per dispatch key next to their code: csrc/cpu/*_cpu.cpp (CPU) and
+// csrc/cuda/*_cuda.cu (CUDA). Python-side fake (meta) kernels live in subspace_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(subspace_ext, m) {
+  // philox: counter-based Philox4x32-10 numbers, identical on every device and thread count.
+  m.def("philox_uint32_(Tensor(a!) out, int seed, int stream) -> ()");
+  m.def("philox_normal_(Tensor(a!) out, int seed, int stream) -> ()");
+  m.def("perturbed_basis(Tensor U, float eps, int seed, int stream, bool orthonormalize) -> Tensor");
+  // rsvd: randomized truncated SVD; factored SVD of a product B A from its factors.
+  m.def("rsvd(Tensor A, int rank, int oversample, int niter, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def("rsvd_many(Tensor[] mats, int rank, int oversample, int niter, int seed)"
+        " -> (Tensor[], Tensor[], Tensor[])");
+  m.def("factored_svd(Tensor B, Tensor A, int rank) -> (Tensor, Tensor, Tensor)");
+  // project: coefficients on a basis without forming the update, and reconstruction.
+  m.def("project(Tensor U, Tensor V, Tensor B, Tensor A, float scaling) -> Tensor");
+  m.def("project_dense(Tensor U, Tensor V, Tensor D) -> Tensor");
+  m.def("reconstruct(Tensor U, Tensor C, Tensor V) -> Tensor");
+  // importance: AdaLoRA-style pair scores over all layers; in-place fusion / re-initialisation.
+  m.def("pair_importance(Tensor[] A, Tensor[] B, Tensor[] grad_A, Tensor[] grad_B,"
+        " Tensor(a!)[] ipt_A, Tensor(b!)[] ipt_B, Tensor(c!)[] unc_A, Tensor(d!)[] unc_B,"
+        " float beta1, float beta2) -> Tensor[]");
+  m.def("fuse_pairs_(Tensor(a!)[] W, Tensor(b!)[] B, Tensor[] A, Tensor[] idx, float[] scaling)"
+        " -> ()");
+  m.def("reinit_pairs_(Tensor(a!)[] W, Tensor(b!)[] B, Tensor(c!)[] A, Tensor[] idx,"
+        " Tensor[] B_new, Tensor[] A_new, float[] scaling) -> ()");
+}

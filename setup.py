@@ -1,0 +1,75 @@
+"""Build of subspace_ext and its native module subspace_ext._C.
+
+CPU kernels (csrc/cpu) are always built. CUDA kernels (csrc/cuda/*.cu) are built when nvcc and a
+CUDA build of torch are present; SUBSPACE_EXT_CUDA=0 forces them off, =1 forces them on (and
+fails loudly when they cannot be built). Install without build isolation so the torch you have
+is the one built against:  pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rel(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def want_cuda():
+    flag = os.environ.get("SUBSPACE_EXT_CUDA", "").strip()
+    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not have:
+            sys.exit("SUBSPACE_EXT_CUDA=1 but no CUDA build of torch or no nvcc (set CUDA_HOME)")
+        return True
+    return have and bool(rel("csrc/cuda/*.cu"))
+
+
+def cuda_wheel_includes():
+    """Headers of cuBLAS/cuSPARSE/cuSOLVER that the CUDA torch wheels carry (nvidia/cu*/include)."""
+    import site
+
+    dirs = []
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
+    return sorted(set(dirs))
+
+
+sources = ["csrc/register.cpp", "csrc/python_module.cpp"] + rel("csrc/cpu/*.cpp")
+cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-g0", "-std=c++17"]
+include_dirs = [os.path.join(HERE, "csrc", "include")]
+define_macros = []
+if want_cuda():
+    sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+    include_dirs += cuda_wheel_includes()
+    define_macros.append(("SUBSPACE_EXT_WITH_CUDA", None))
+    archs = os.environ.get("SUBSPACE_EXT_CUDA_ARCHS", "80;90").split(";")
+    nvcc = ["-O3", "-g0", "-std=c++17", "--expt-relaxed-constexpr", "-fmad=false"]
+    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ext = cpp_extension.CUDAExtension(
+        "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+else:
+    ext = cpp_extension.CppExtension(
+        "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+setup(
+    name="subspace_ext",
+    version="0.1.0",
+    description="Fast native kernels for subspace-based adapter methods (SOLAR, EigenLoRAx, SRLoRA)",
+    packages=find_packages(include=["subspace_ext", "subspace_ext.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "safetensors"],
+    entry_points={"console_scripts": ["subspace-ext=subspace_ext.cli:main"]},
+)

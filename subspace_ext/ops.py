@@ -1,0 +1,405 @@
+"""Typed, checked entry points to the native kernels (torch.ops.subspace_ext.*).
+
+This is the only module that calls ``torch.ops.subspace_ext``. Every function validates its
+arguments and raises ``TypeError`` / ``ValueError`` naming the offending argument; the C++ kernels
+check again (as ``ValueError``/``TypeError`` too) for callers that use ``torch.ops`` directly.
+
+Conventions (peft): a LoRA update is ``scaling * B @ A`` with ``B`` = ``lora_B.weight`` (m x r) and
+``A`` = ``lora_A.weight`` (r x n); a base weight ``W`` is (m x n) = (out_features x in_features).
+Singular factors are returned as ``U`` (m x k), ``S`` (k), ``V`` (n x k) with ``A ~ U diag(S) V^T``,
+``S`` descending, and each column pair's sign fixed so the largest-magnitude entry of ``U[:, j]`` is
+positive (so the same matrix gives the same factors on every machine).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library, which registers the ops)
+
+_ops = torch.ops.subspace_ext
+_FLOAT = (torch.float32, torch.float64)
+_WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def cuda_enabled() -> bool:
+    """True if this build of the extension contains the CUDA kernels."""
+    return bool(_C.cuda_enabled())
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+def _tensor(x, name, dtypes=_FLOAT, min_dim=2):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
+    if x.is_cuda and not cuda_enabled():
+        raise ValueError(
+            f"{name} is a CUDA tensor but this build of subspace_ext has no CUDA kernels "
+            "(rebuild with nvcc and a CUDA torch, or SUBSPACE_EXT_CUDA=1); move it to the CPU")
+    if x.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name} is on device {x.device}; subspace_ext supports cpu and cuda")
+    return x
+
+
+def _same_device(named):
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        desc = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"arguments must be on one device, got {desc}")
+
+
+def _int(x, name, lo=None):
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if lo is not None and x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    return x
+
+
+def _seed(x, name="seed"):
+    _int(x, name)
+    if not -(2**63) <= x < 2**64:
+        raise ValueError(f"{name} must fit in 64 bits, got {x}")
+    return x - 2**64 if x >= 2**63 else x  # the kernels read the 64 bits as unsigned
+
+
+def _finite(x, name):
+    if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# philox
+
+def philox_normal(shape, seed: int, stream: int = 0, *, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Standard normal numbers from Philox4x32-10 keyed by (seed, stream).
+
+    Element i (row-major) depends only on (seed, stream, i): the result is bit-identical for any
+    thread count and on CPU and CUDA. float32 uses 4 normals per Philox block, float64 2.
+    """
+    if dtype not in _FLOAT:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    _tensor(out, "out", min_dim=0)
+    _ops.philox_normal_(out, _seed(seed), _seed(stream, "stream"))
+    return out
+
+
+def philox_uint32(shape, seed: int, stream: int = 0, *, device="cpu") -> torch.Tensor:
+    """The raw Philox4x32-10 words of (seed, stream) as int32 (word i = block i//4, lane i%4)."""
+    out = torch.empty(tuple(shape), dtype=torch.int32, device=device)
+    _tensor(out, "out", dtypes=(torch.int32,), min_dim=0)
+    _ops.philox_uint32_(out, _seed(seed), _seed(stream, "stream"))
+    return out
+
+
+def perturbed_basis(U: torch.Tensor, eps: float, seed: int, stream: int = 0, *,
+                    orthonormalize: bool = False) -> torch.Tensor:
+    """``U + eps * philox_normal(U.shape, seed, stream)``, optionally re-orthonormalised (QR).
+
+    The noise is generated inside the kernel and never stored.
+    """
+    _tensor(U, "U")
+    if not isinstance(eps, (int, float)) or eps != eps or abs(eps) == float("inf"):
+        raise ValueError(f"eps must be a finite number, got {eps!r}")
+    return _ops.perturbed_basis(U, float(eps), _seed(seed), _seed(stream, "stream"), bool(orthonormalize))
+
+
+# ---------------------------------------------------------------------------------------------
+# rsvd
+
+def _check_rank(rank, m, n, name="rank"):
+    _int(rank, name)
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"{name} must be in [1, min(m, n) = {min(m, n)}], got {rank}")
+
+
+def rsvd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 2, seed: int = 0):
+    """Randomized truncated SVD of ``A`` (..., m, n): ``(U (..., m, k), S (..., k), V (..., n, k))``.
+
+    Halko-Martinsson-Tropp with ``rank + oversample`` Philox test vectors and ``niter`` power
+    iterations (re-orthonormalised after every product). Deterministic for a given ``seed``.
+    """
+    _tensor(A, "A")
+    _check_rank(rank, A.shape[-2], A.shape[-1])
+    _int(oversample, "oversample", 0)
+    _int(niter, "niter", 0)
+    return _ops.rsvd(A, rank, oversample, niter, _seed(seed))
+
+
+def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, niter: int = 2,
+              seed: int = 0):
+    """``rsvd`` of every 2-D matrix in ``mats`` (mixed shapes) in one call, spread over threads.
+
+    Returns a list of ``(U, S, V)``; entry i equals ``rsvd(mats[i], ...)`` exactly.
+    """
+    if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
+        raise TypeError("mats must be a list or tuple of 2-D tensors")
+    for i, A in enumerate(mats):
+        _tensor(A, f"mats[{i}]")
+        if A.dim() != 2:
+            raise ValueError(f"mats[{i}] must be 2-D, got shape {tuple(A.shape)}")
+        _check_rank(rank, A.shape[0], A.shape[1], f"rank (for mats[{i}] of shape {tuple(A.shape)})")
+    _int(oversample, "oversample", 0)
+    _int(niter, "niter", 0)
+    if mats:
+        _same_device([(f"mats[{i}]", A) for i, A in enumerate(mats)])
+    U, S, V = _ops.rsvd_many(list(mats), rank, oversample, niter, _seed(seed))
+    return list(zip(U, S, V))
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
+    """SVD of ``B @ A`` (B m x r, A r x n) from its factors, never forming the m x n product.
+
+    Cost O((m + n) r^2). Returns ``(U (m x k), S (k), V (n x k))``, k = rank or min(m, n, r).
+    """
+    _tensor(B, "B")
+    _tensor(A, "A")
+    if B.dim() != 2 or A.dim() != 2:
+        raise ValueError(f"B and A must be 2-D, got {tuple(B.shape)} and {tuple(A.shape)}")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"B (m x r) and A (r x n) do not chain: {tuple(B.shape)} and {tuple(A.shape)}")
+    _same_device([("B", B), ("A", A)])
+    full = min(B.shape[0], A.shape[1], B.shape[1])
+    if rank is None:
+        rank = full
+    _check_rank(rank, full, full)
+    return _ops.factored_svd(B, A, rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# project
+
+def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+            scaling: float = 1.0) -> torch.Tensor:
+    """Coefficients ``U^T (scaling * B @ A) V`` computed as ``scaling * (U^T B)(A V)``.
+
+    U (..., m, k1), V (..., n, k2), B (..., m, r), A (..., r, n) -> C (..., k1, k2); the m x n
+    update is never formed.
+    """
+    named = [("U", U), ("V", V), ("B", B), ("A", A)]
+    for n, t in named:
+        _tensor(t, n)
+    _same_device(named)
+    if not (U.shape[-2] == B.shape[-2] and B.shape[-1] == A.shape[-2] and A.shape[-1] == V.shape[-2]):
+        raise ValueError(
+            f"project: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): U {tuple(U.shape)}, "
+            f"B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
+    for n, t in named[2:]:
+        _finite(t, n)
+    return _ops.project(U, V, B, A, float(scaling))
+
+
+def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Coefficients ``U^T D V`` of a dense update D (..., m, n)."""
+    named = [("U", U), ("V", V), ("D", D)]
+    for n, t in named:
+        _tensor(t, n)
+    _same_device(named)
+    if not (U.shape[-2] == D.shape[-2] and D.shape[-1] == V.shape[-2]):
+        raise ValueError(f"project_dense: shapes do not chain: U {tuple(U.shape)}, D {tuple(D.shape)}, V {tuple(V.shape)}")
+    return _ops.project_dense(U, V, D)
+
+
+def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``U @ C @ V^T``: the update rebuilt from coefficients C (..., k1, k2) on a basis."""
+    named = [("U", U), ("C", C), ("V", V)]
+    for n, t in named:
+        _tensor(t, n)
+    _same_device(named)
+    if not (U.shape[-1] == C.shape[-2] and C.shape[-1] == V.shape[-1]):
+        raise ValueError(f"reconstruct: shapes do not chain: U {tuple(U.shape)}, C {tuple(C.shape)}, V {tuple(V.shape)}")
+    return _ops.reconstruct(U, C, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# importance / fusion
+
+def _layers(x, name):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(x).__name__}")
+    return list(x)
+
+
+def importance_state(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], dtype=torch.float32):
+    """Zero-initialised EMA states ``(ipt_A, ipt_B, unc_A, unc_B)`` for ``pair_importance``."""
+    A, B = _layers(A, "A"), _layers(B, "B")
+    z = lambda ts: [torch.zeros(t.shape, dtype=dtype, device=t.device) for t in ts]  # noqa: E731
+    return z(A), z(B), z(A), z(B)
+
+
+def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: float = 0.85,
+                    beta2: float = 0.85):
+    """AdaLoRA's importance of every LoRA pair, for all layers in one call.
+
+    Per element of every A (r x n) and B (m x r): ``I = |p * grad|``,
+    ``ipt <- beta1 ipt + (1 - beta1) I``, ``unc <- beta2 unc + (1 - beta2) |I - ipt|`` (states
+    updated in place), element score ``ipt * unc``; the score of pair j is the mean over row j of A
+    plus the mean over column j of B. Returns one (r,) tensor per layer (dtype of the states).
+    """
+    lists = {n: _layers(v, n) for n, v in
+             [("A", A), ("B", B), ("grad_A", grad_A), ("grad_B", grad_B), ("ipt_A", ipt_A),
+              ("ipt_B", ipt_B), ("unc_A", unc_A), ("unc_B", unc_B)]}
+    L = len(lists["A"])
+    for n, v in lists.items():
+        if len(v) != L:
+            raise ValueError(f"{n} has {len(v)} layers but A has {L}")
+    for l in range(L):
+        named = [(f"{n}[{l}]", v[l]) for n, v in lists.items()]
+        for n, t in named:
+            if t is None:
+                raise ValueError(f"{n} is None (a LoRA layer without a gradient: run backward first)")
+            _tensor(t, n, dtypes=_WEIGHT if not n.startswith(("ipt", "unc")) else _FLOAT)
+        _same_device(named)
+        a, b = lists["A"][l], lists["B"][l]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"layer {l}: expected A (r x n) and B (m x r), got {tuple(a.shape)} and {tuple(b.shape)}")
+        for n in ("ipt_A", "ipt_B", "unc_A", "unc_B"):
+            if not lists[n][l].is_contiguous():
+                raise ValueError(f"{n}[{l}] must be contiguous (it is updated in place)")
+    for b_name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"{b_name} must be in [0, 1), got {b}")
+    c = lambda ts: [t.contiguous() for t in ts]  # noqa: E731
+    return _ops.pair_importance(c(lists["A"]), c(lists["B"]), c(lists["grad_A"]), c(lists["grad_B"]),
+                                lists["ipt_A"], lists["ipt_B"], lists["unc_A"], lists["unc_B"],
+                                float(beta1), float(beta2))
+
+
+def _recompose_args(W, B, A, idx, scaling, op):
+    W, B, A, idx = (_layers(v, n) for v, n in ((W, "W"), (B, "B"), (A, "A"), (idx, "idx")))
+    L = len(W)
+    if isinstance(scaling, (int, float)):
+        scaling = [float(scaling)] * L
+    scaling = [float(s) for s in scaling]
+    for n, v in (("B", B), ("A", A), ("idx", idx), ("scaling", scaling)):
+        if len(v) != L:
+            raise ValueError(f"{op}: {n} has {len(v)} layers but W has {L}")
+    for l in range(L):
+        named = [(f"W[{l}]", W[l]), (f"B[{l}]", B[l]), (f"A[{l}]", A[l])]
+        for n, t in named:
+            _tensor(t, n, dtypes=_WEIGHT)
+        i = idx[l]
+        if not isinstance(i, torch.Tensor):
+            idx[l] = i = torch.as_tensor(i, dtype=torch.long, device=W[l].device)
+        if i.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"idx[{l}] must be an integer tensor, got {i.dtype}")
+        _same_device(named + [(f"idx[{l}]", i)])
+        m, n = W[l].shape[-2:]
+        if W[l].dim() != 2 or B[l].shape[0] != m or A[l].shape[1] != n or B[l].shape[1] != A[l].shape[0]:
+            raise ValueError(f"{op}: layer {l}: expected W (m x n), B (m x r), A (r x n), got "
+                             f"{tuple(W[l].shape)}, {tuple(B[l].shape)}, {tuple(A[l].shape)}")
+        r = A[l].shape[0]
+        if i.numel() and (int(i.min()) < 0 or int(i.max()) >= r):
+            raise ValueError(f"idx[{l}] has entries outside [0, {r})")
+        if i.numel() != torch.unique(i).numel():
+            raise ValueError(f"idx[{l}] has repeated entries")
+    return W, B, A, [i.long() for i in idx], scaling
+
+
+def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
+    """In place: ``W += scaling * B[:, idx] @ A[idx, :]`` and ``B[:, idx] = 0``.
+
+    The layer's function ``W x + scaling * B A x`` is unchanged (up to W's rounding). Accepts one
+    layer (tensors) or many (lists; one pass over each W, all layers in one call).
+    """
+    W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "fuse_pairs_")
+    _ops.fuse_pairs_(W, B, A, idx, scaling)
+
+
+def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
+    """In place: fuse pairs ``idx`` into W and replace them by ``(B_new, A_new)``, function-preserving.
+
+    ``W += scaling * (B[:, idx] @ A[idx, :] - B_new @ A_new)``; ``B[:, idx] = B_new``;
+    ``A[idx, :] = A_new``. B_new is (m x len(idx)), A_new (len(idx) x n). One pass over W.
+    """
+    W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "reinit_pairs_")
+    B_new, A_new = _layers(B_new, "B_new"), _layers(A_new, "A_new")
+    if len(B_new) != len(W) or len(A_new) != len(W):
+        raise ValueError("reinit_pairs_: B_new and A_new need one entry per layer")
+    for l in range(len(W)):
+        _tensor(B_new[l], f"B_new[{l}]", dtypes=_WEIGHT)
+        _tensor(A_new[l], f"A_new[{l}]", dtypes=_WEIGHT)
+        q = idx[l].numel()
+        if tuple(B_new[l].shape) != (W[l].shape[0], q) or tuple(A_new[l].shape) != (q, W[l].shape[1]):
+            raise ValueError(f"reinit_pairs_: layer {l}: B_new must be {(W[l].shape[0], q)} and A_new "
+                             f"{(q, W[l].shape[1])}, got {tuple(B_new[l].shape)} and {tuple(A_new[l].shape)}")
+        _finite(B_new[l], f"B_new[{l}]")
+        _finite(A_new[l], f"A_new[{l}]")
+    _ops.reinit_pairs_(W, B, A, idx, B_new, A_new, scaling)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake (meta) kernels, so the ops trace under torch.compile / FakeTensor
+
+def _register_fakes():
+    lib = "subspace_ext::"
+    reg = torch.library.register_fake
+
+    @reg(lib + "philox_uint32_")
+    def _(out, seed, stream):
+        return None
+
+    @reg(lib + "philox_normal_")
+    def _(out, seed, stream):
+        return None
+
+    @reg(lib + "perturbed_basis")
+    def _(U, eps, seed, stream, orthonormalize):
+        return torch.empty_like(U, memory_format=torch.contiguous_format)
+
+    def _svd_shapes(A, k):
+        lead = A.shape[:-2]
+        return (A.new_empty((*lead, A.shape[-2], k)), A.new_empty((*lead, k)),
+                A.new_empty((*lead, A.shape[-1], k)))
+
+    @reg(lib + "rsvd")
+    def _(A, rank, oversample, niter, seed):
+        return _svd_shapes(A, rank)
+
+    @reg(lib + "rsvd_many")
+    def _(mats, rank, oversample, niter, seed):
+        outs = [_svd_shapes(A, rank) for A in mats]
+        return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
+
+    @reg(lib + "factored_svd")
+    def _(B, A, rank):
+        dt = torch.promote_types(B.dtype, A.dtype)
+        return (B.new_empty((B.shape[0], rank), dtype=dt), B.new_empty((rank,), dtype=dt),
+                A.new_empty((A.shape[1], rank), dtype=dt))
+
+    @reg(lib + "project")
+    def _(U, V, B, A, scaling):
+        return torch.matmul(torch.matmul(U.mT, B), torch.matmul(A, V))
+
+    @reg(lib + "project_dense")
+    def _(U, V, D):
+        return torch.matmul(torch.matmul(U.mT, D), V)
+
+    @reg(lib + "reconstruct")
+    def _(U, C, V):
+        return torch.matmul(torch.matmul(U, C), V.mT)
+
+    @reg(lib + "pair_importance")
+    def _(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, beta1, beta2):
+        return [s.new_empty((a.shape[0],)) for a, s in zip(A, ipt_A)]
+
+    @reg(lib + "fuse_pairs_")
+    def _(W, B, A, idx, scaling):
+        return None
+
+    @reg(lib + "reinit_pairs_")
+    def _(W, B, A, idx, B_new, A_new, scaling):
+        return None
+
+
+_register_fakes()
