@@ -17,8 +17,20 @@ from torch.utils import cpp_extension
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def rel(pattern):
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+def source_list():
+    """csrc/sources.txt: {section: [paths]}, the list CMakeLists.txt compiles too."""
+    sections, current = {}, None
+    with open(os.path.join(HERE, "csrc", "sources.txt")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("["):
+                current = sections.setdefault(line.strip("[]"), [])
+            elif line:
+                current.append(line)
+    return sections
+
+
+SOURCES = source_list()
 
 
 def want_cuda():
@@ -30,7 +42,7 @@ def want_cuda():
         if not have:
             sys.exit("SUBSPACE_EXT_CUDA=1 but no CUDA build of torch or no nvcc (set CUDA_HOME)")
         return True
-    return have and bool(rel("csrc/cuda/*.cu"))
+    return have and bool(SOURCES.get("cuda"))
 
 
 def cuda_wheel_includes():
@@ -43,12 +55,12 @@ def cuda_wheel_includes():
     return sorted(set(dirs))
 
 
-sources = ["csrc/register.cpp", "csrc/python_module.cpp"] + rel("csrc/cpu/*.cpp")
+sources = SOURCES["common"] + ["csrc/python_module.cpp"]
 cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-g0", "-std=c++17"]
 include_dirs = [os.path.join(HERE, "csrc", "include")]
 define_macros = []
 if want_cuda():
-    sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+    sources += SOURCES["cuda"]
     include_dirs += cuda_wheel_includes()
     define_macros.append(("SUBSPACE_EXT_WITH_CUDA", None))
     archs = os.environ.get("SUBSPACE_EXT_CUDA_ARCHS", "80;90").split(";")

@@ -18,9 +18,11 @@ TORCH_LIBRARY(subspace_ext, m) {
   m.def("project_dense(Tensor U, Tensor V, Tensor D) -> Tensor");
   m.def("reconstruct(Tensor U, Tensor C, Tensor V) -> Tensor");
   // importance: AdaLoRA-style pair scores over all layers; in-place fusion / re-initialisation.
-  m.def("pair_importance(Tensor[] A, Tensor[] B, Tensor[] grad_A, Tensor[] grad_B,"
+  // Scores are written into `scores` (one (r,) tensor per layer): a list return next to mutated
+  // list arguments cannot be functionalised for torch.compile.
+  m.def("pair_importance_(Tensor[] A, Tensor[] B, Tensor[] grad_A, Tensor[] grad_B,"
         " Tensor(a!)[] ipt_A, Tensor(b!)[] ipt_B, Tensor(c!)[] unc_A, Tensor(d!)[] unc_B,"
-        " float beta1, float beta2) -> Tensor[]");
+        " Tensor(e!)[] scores, float beta1, float beta2) -> ()");
   m.def("fuse_pairs_(Tensor(a!)[] W, Tensor(b!)[] B, Tensor[] A, Tensor[] idx, float[] scaling)"
         " -> ()");
   m.def("reinit_pairs_(Tensor(a!)[] W, Tensor(b!)[] B, Tensor(c!)[] A, Tensor[] idx,"

@@ -149,8 +149,9 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
         _check_rank(rank, A.shape[0], A.shape[1], f"rank (for mats[{i}] of shape {tuple(A.shape)})")
     _int(oversample, "oversample", 0)
     _int(niter, "niter", 0)
-    if mats:
-        _same_device([(f"mats[{i}]", A) for i, A in enumerate(mats)])
+    if not mats:
+        return []
+    _same_device([(f"mats[{i}]", A) for i, A in enumerate(mats)])
     U, S, V = _ops.rsvd_many(list(mats), rank, oversample, niter, _seed(seed))
     return list(zip(U, S, V))
 
@@ -192,8 +193,6 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
         raise ValueError(
             f"project: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): U {tuple(U.shape)}, "
             f"B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
-    for n, t in named[2:]:
-        _finite(t, n)
     return _ops.project(U, V, B, A, float(scaling))
 
 
@@ -245,6 +244,7 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     ``ipt <- beta1 ipt + (1 - beta1) I``, ``unc <- beta2 unc + (1 - beta2) |I - ipt|`` (states
     updated in place), element score ``ipt * unc``; the score of pair j is the mean over row j of A
     plus the mean over column j of B. Returns one (r,) tensor per layer (dtype of the states).
+    An empty list of layers returns ``[]``.
     """
     lists = {n: _layers(v, n) for n, v in
              [("A", A), ("B", B), ("grad_A", grad_A), ("grad_B", grad_B), ("ipt_A", ipt_A),
@@ -269,10 +269,15 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     for b_name, b in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= float(b) < 1.0:
             raise ValueError(f"{b_name} must be in [0, 1), got {b}")
+    if L == 0:
+        return []
     c = lambda ts: [t.contiguous() for t in ts]  # noqa: E731
-    return _ops.pair_importance(c(lists["A"]), c(lists["B"]), c(lists["grad_A"]), c(lists["grad_B"]),
-                                lists["ipt_A"], lists["ipt_B"], lists["unc_A"], lists["unc_B"],
-                                float(beta1), float(beta2))
+    scores = [torch.empty(a.shape[0], dtype=s.dtype, device=s.device)
+              for a, s in zip(lists["A"], lists["ipt_A"])]
+    _ops.pair_importance_(c(lists["A"]), c(lists["B"]), c(lists["grad_A"]), c(lists["grad_B"]),
+                          lists["ipt_A"], lists["ipt_B"], lists["unc_A"], lists["unc_B"], scores,
+                          float(beta1), float(beta2))
+    return scores
 
 
 def _recompose_args(W, B, A, idx, scaling, op):
@@ -298,22 +303,20 @@ def _recompose_args(W, B, A, idx, scaling, op):
         if W[l].dim() != 2 or B[l].shape[0] != m or A[l].shape[1] != n or B[l].shape[1] != A[l].shape[0]:
             raise ValueError(f"{op}: layer {l}: expected W (m x n), B (m x r), A (r x n), got "
                              f"{tuple(W[l].shape)}, {tuple(B[l].shape)}, {tuple(A[l].shape)}")
-        r = A[l].shape[0]
-        if i.numel() and (int(i.min()) < 0 or int(i.max()) >= r):
-            raise ValueError(f"idx[{l}] has entries outside [0, {r})")
-        if i.numel() != torch.unique(i).numel():
-            raise ValueError(f"idx[{l}] has repeated entries")
-    return W, B, A, [i.long() for i in idx], scaling
+        # range and repeats of idx are checked by the kernel (ValueError naming the layer)
+    return W, B, A, [i if i.dtype == torch.long else i.long() for i in idx], scaling
 
 
 def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
     """In place: ``W += scaling * B[:, idx] @ A[idx, :]`` and ``B[:, idx] = 0``.
 
     The layer's function ``W x + scaling * B A x`` is unchanged (up to W's rounding). Accepts one
-    layer (tensors) or many (lists; one pass over each W, all layers in one call).
+    layer (tensors; ``idx`` a tensor) or many (lists, ``idx`` a list of tensors; one pass over each
+    W, all layers in one call). An empty list of layers does nothing.
     """
     W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "fuse_pairs_")
-    _ops.fuse_pairs_(W, B, A, idx, scaling)
+    if W:
+        _ops.fuse_pairs_(W, B, A, idx, scaling)
 
 
 def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
@@ -335,7 +338,8 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
                              f"{(q, W[l].shape[1])}, got {tuple(B_new[l].shape)} and {tuple(A_new[l].shape)}")
         _finite(B_new[l], f"B_new[{l}]")
         _finite(A_new[l], f"A_new[{l}]")
-    _ops.reinit_pairs_(W, B, A, idx, B_new, A_new, scaling)
+    if W:
+        _ops.reinit_pairs_(W, B, A, idx, B_new, A_new, scaling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,9 +393,9 @@ def _register_fakes():
     def _(U, C, V):
         return torch.matmul(torch.matmul(U, C), V.mT)
 
-    @reg(lib + "pair_importance")
-    def _(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, beta1, beta2):
-        return [s.new_empty((a.shape[0],)) for a, s in zip(A, ipt_A)]
+    @reg(lib + "pair_importance_")
+    def _(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, scores, beta1, beta2):
+        return None
 
     @reg(lib + "fuse_pairs_")
     def _(W, B, A, idx, scaling):

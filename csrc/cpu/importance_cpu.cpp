@@ -36,18 +36,21 @@ void update_states(const P* p, const P* g, S* ipt, S* unc, int64_t rows, int64_t
   }
 }
 
-std::vector<at::Tensor> pair_importance_cpu(at::TensorList A, at::TensorList B,
-                                            at::TensorList grad_A, at::TensorList grad_B,
-                                            at::TensorList ipt_A, at::TensorList ipt_B,
-                                            at::TensorList unc_A, at::TensorList unc_B,
-                                            double beta1, double beta2) {
+void pair_importance_cpu_(at::TensorList A, at::TensorList B, at::TensorList grad_A,
+                          at::TensorList grad_B, at::TensorList ipt_A, at::TensorList ipt_B,
+                          at::TensorList unc_A, at::TensorList unc_B, at::TensorList scores,
+                          double beta1, double beta2) {
   const int64_t L = static_cast<int64_t>(A.size());
   TORCH_CHECK_VALUE(B.size() == A.size() && grad_A.size() == A.size() && grad_B.size() == A.size() &&
                   ipt_A.size() == A.size() && ipt_B.size() == A.size() &&
-                  unc_A.size() == A.size() && unc_B.size() == A.size(),
-              "pair_importance: all lists must have the same length");
-  std::vector<at::Tensor> scores(L);
+                  unc_A.size() == A.size() && unc_B.size() == A.size() && scores.size() == A.size(),
+              "pair_importance_: all lists must have the same length");
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+                    "pair_importance_: beta1 and beta2 must be in [0, 1), got ", beta1, " and ", beta2);
   for (int64_t l = 0; l < L; ++l) {
+    const auto pt = A[l].scalar_type();
+    TORCH_CHECK_TYPE(pt == at::kFloat || pt == at::kDouble || pt == at::kBFloat16 || pt == at::kHalf,
+                     "pair_importance_: layer ", l, ": A and B must be floating point, got ", pt);
     TORCH_CHECK_VALUE(A[l].dim() == 2 && B[l].dim() == 2 && B[l].size(1) == A[l].size(0),
                 "pair_importance: layer ", l, ": expected A (r x n) and B (m x r)");
     for (const auto* t : {&A[l], &B[l], &grad_A[l], &grad_B[l], &ipt_A[l], &ipt_B[l],
@@ -65,7 +68,9 @@ std::vector<at::Tensor> pair_importance_cpu(at::TensorList A, at::TensorList B,
     TORCH_CHECK_TYPE((st == at::kFloat || st == at::kDouble) && ipt_B[l].scalar_type() == st &&
                     unc_A[l].scalar_type() == st && unc_B[l].scalar_type() == st,
                 "pair_importance: layer ", l, ": states must all be float32 or all float64");
-    scores[l] = at::zeros({A[l].size(0)}, ipt_A[l].options());
+    TORCH_CHECK_VALUE(scores[l].dim() == 1 && scores[l].size(0) == A[l].size(0) &&
+                          scores[l].scalar_type() == st && scores[l].is_contiguous(),
+                      "pair_importance_: layer ", l, ": scores must be a contiguous (r,) tensor of the states' dtype");
   }
   parallel_tasks(L, {}, [&](int64_t l) {
     const int64_t r = A[l].size(0), n = A[l].size(1), m = B[l].size(0);
@@ -85,86 +90,125 @@ std::vector<at::Tensor> pair_importance_cpu(at::TensorList A, at::TensorList B,
       });
     });
   });
-  return scores;
 }
 
-// W += s * (B[:, idx] A[idx, :] - Bn An) and then B[:, idx] = Bn, A[idx, :] = An; with
-// Bn = 0 (no An) this is the plain fusion. One pass over W, no m x n temporary; the update is
-// accumulated in float (double for float64 W) and rounded once into W's dtype.
+// W += s * (B[:, idx] A[idx, :] - Bn An), then B[:, idx] = Bn and A[idx, :] = An; without Bn/An
+// this is plain fusion with B[:, idx] = 0. One pass over W, no m x n temporary: the rank-2q update
+// is accumulated row by row in float (double for float64 W) and rounded once into W's dtype.
 struct LayerUpdate {
-  at::Tensor W, B, A, idx, Bn, An;
-  double s;
+  at::Tensor W, B, A, Bn, An;
+  std::vector<int64_t> idx;
+  double s = 1.0;
+  std::vector<double> rows;  // packed rows of the update: old A[idx] (q x n), then An (q x n)
 };
 
-template <typename W_t, typename F_t>
-void recompose_layer(const LayerUpdate& u, int64_t row0, int64_t row1) {
-  using Acc = Acc<W_t>;
-  const int64_t n = u.W.size(1), q = u.idx.size(0);
-  const int64_t* idx = u.idx.data_ptr<int64_t>();
-  W_t* w = u.W.data_ptr<W_t>();
-  const int64_t ws0 = u.W.stride(0), ws1 = u.W.stride(1);
-  const F_t* b = u.B.data_ptr<F_t>();
-  const int64_t bs0 = u.B.stride(0), bs1 = u.B.stride(1);
+template <typename F_t>
+void pack_rows(LayerUpdate& u) {
+  const int64_t n = u.W.size(1), q = static_cast<int64_t>(u.idx.size());
+  const bool has_new = u.Bn.defined();
+  u.rows.assign((has_new ? 2 : 1) * q * n, 0.0);
   const F_t* a = u.A.data_ptr<F_t>();
   const int64_t as0 = u.A.stride(0), as1 = u.A.stride(1);
-  // Rows of the rank-2q update: the q old pairs (+s) and the q new ones (-s).
+  for (int64_t t = 0; t < q; ++t)
+    for (int64_t j = 0; j < n; ++j) u.rows[t * n + j] = static_cast<double>(a[u.idx[t] * as0 + j * as1]);
+  if (!has_new) return;
+  const F_t* an = u.An.data_ptr<F_t>();
+  F_t* aw = u.A.data_ptr<F_t>();
+  for (int64_t t = 0; t < q; ++t)
+    for (int64_t j = 0; j < n; ++j) {
+      const F_t v = an[t * u.An.stride(0) + j * u.An.stride(1)];
+      u.rows[(q + t) * n + j] = static_cast<double>(v);
+      aw[u.idx[t] * as0 + j * as1] = v;  // the old row is already packed
+    }
+}
+
+// acc[j] += sum_t coef[t] * rows[t * n + j]: the hot loop, cloned for AVX-512 / AVX2 and picked at
+// load time (the build itself targets baseline x86-64). FMA contraction stays off (-ffp-contract).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SE_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SE_TARGET_CLONES
+#endif
+
+template <typename Acc>
+inline void add_rows_impl(Acc* acc, const Acc* rows, const Acc* coef, int64_t terms, int64_t n) {
+  for (int64_t t = 0; t < terms; ++t) {
+    const Acc c = coef[t];
+    const Acc* r = rows + t * n;
+    for (int64_t j = 0; j < n; ++j) acc[j] += c * r[j];
+  }
+}
+SE_TARGET_CLONES void add_rows(float* acc, const float* rows, const float* coef, int64_t terms,
+                               int64_t n) {
+  add_rows_impl(acc, rows, coef, terms, n);
+}
+SE_TARGET_CLONES void add_rows(double* acc, const double* rows, const double* coef, int64_t terms,
+                               int64_t n) {
+  add_rows_impl(acc, rows, coef, terms, n);
+}
+
+template <typename W_t, typename F_t>
+void recompose_rows(LayerUpdate& u, int64_t row0, int64_t row1) {
+  using Acc = Acc<W_t>;
+  const int64_t n = u.W.size(1), q = static_cast<int64_t>(u.idx.size());
   const bool has_new = u.Bn.defined();
   const int64_t terms = has_new ? 2 * q : q;
-  std::vector<Acc> coef(terms);
-  std::vector<const F_t*> row(terms);
-  std::vector<int64_t> row_stride(terms);
-  for (int64_t t = 0; t < q; ++t) {
-    row[t] = a + idx[t] * as0;
-    row_stride[t] = as1;
-    if (has_new) {
-      row[q + t] = u.An.data_ptr<F_t>() + t * u.An.stride(0);
-      row_stride[q + t] = u.An.stride(1);
-    }
-  }
+  std::vector<Acc> rows(u.rows.begin(), u.rows.end()), acc(n), coef(terms);
+  W_t* w = u.W.data_ptr<W_t>();
+  const int64_t ws0 = u.W.stride(0), ws1 = u.W.stride(1);
+  F_t* b = u.B.data_ptr<F_t>();
+  const int64_t bs0 = u.B.stride(0), bs1 = u.B.stride(1);
   const F_t* bn = has_new ? u.Bn.data_ptr<F_t>() : nullptr;
+  const Acc s = static_cast<Acc>(u.s);
   for (int64_t i = row0; i < row1; ++i) {
     for (int64_t t = 0; t < q; ++t) {
-      coef[t] = static_cast<Acc>(u.s) * static_cast<Acc>(b[i * bs0 + idx[t] * bs1]);
-      if (has_new)
-        coef[q + t] = -static_cast<Acc>(u.s) *
-                      static_cast<Acc>(bn[i * u.Bn.stride(0) + t * u.Bn.stride(1)]);
+      F_t& b_it = b[i * bs0 + u.idx[t] * bs1];
+      coef[t] = s * static_cast<Acc>(b_it);
+      if (has_new) {
+        const F_t v = bn[i * u.Bn.stride(0) + t * u.Bn.stride(1)];
+        coef[q + t] = -s * static_cast<Acc>(v);
+        b_it = v;
+      } else {
+        b_it = F_t(0);
+      }
     }
     W_t* wr = w + i * ws0;
-    for (int64_t j = 0; j < n; ++j) {
-      Acc acc = static_cast<Acc>(wr[j * ws1]);
-      for (int64_t t = 0; t < terms; ++t) acc += coef[t] * static_cast<Acc>(row[t][j * row_stride[t]]);
-      wr[j * ws1] = static_cast<W_t>(acc);
+    if constexpr (std::is_same_v<W_t, Acc>) {
+      if (ws1 == 1) {  // float32 / float64 rows in place
+        add_rows(wr, rows.data(), coef.data(), terms, n);
+        continue;
+      }
     }
+    for (int64_t j = 0; j < n; ++j) acc[j] = static_cast<Acc>(wr[j * ws1]);
+    add_rows(acc.data(), rows.data(), coef.data(), terms, n);
+    for (int64_t j = 0; j < n; ++j) wr[j * ws1] = static_cast<W_t>(acc[j]);
   }
 }
 
 void recompose(std::vector<LayerUpdate>& layers) {
-  // Tasks are row blocks of every layer, so 1 huge layer and 200 small ones both spread.
+  const int64_t L = static_cast<int64_t>(layers.size());
+  // Phase 1 (per layer): pack the rows the update needs, then write the new A rows.
+  parallel_tasks(L, {}, [&](int64_t l) {
+    if (layers[l].idx.empty()) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, layers[l].B.scalar_type(), "pack_rows",
+                                    [&] { pack_rows<scalar_t>(layers[l]); });
+  });
+  // Phase 2: row blocks of every layer, so 1 huge layer and 200 small ones both spread.
   constexpr int64_t kRows = 64;
   std::vector<std::pair<int64_t, int64_t>> tasks;
-  for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l)
-    if (layers[l].idx.numel() > 0)
+  for (int64_t l = 0; l < L; ++l)
+    if (!layers[l].idx.empty())
       for (int64_t r0 = 0; r0 < layers[l].W.size(0); r0 += kRows) tasks.emplace_back(l, r0);
   parallel_tasks(static_cast<int64_t>(tasks.size()), {}, [&](int64_t t) {
-    const auto& u = layers[tasks[t].first];
+    auto& u = layers[tasks[t].first];
     const int64_t r0 = tasks[t].second, r1 = std::min(r0 + kRows, u.W.size(0));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.W.scalar_type(), "recompose_W", [&] {
       using W_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.B.scalar_type(), "recompose_F", [&] {
-        recompose_layer<W_t, scalar_t>(u, r0, r1);
+        recompose_rows<W_t, scalar_t>(u, r0, r1);
       });
     });
   });
-  // The factors change only after every row of W has read the old ones.
-  for (auto& u : layers) {
-    if (u.idx.numel() == 0) continue;
-    if (u.Bn.defined()) {
-      u.B.index_copy_(1, u.idx, u.Bn.to(u.B.scalar_type()));
-      u.A.index_copy_(0, u.idx, u.An.to(u.A.scalar_type()));
-    } else {
-      u.B.index_fill_(1, u.idx, 0);
-    }
-  }
 }
 
 std::vector<LayerUpdate> collect(const char* op, at::TensorList W, at::TensorList B,
@@ -184,23 +228,36 @@ std::vector<LayerUpdate> collect(const char* op, at::TensorList W, at::TensorLis
                     u.A.size(1) == u.W.size(1) && u.B.size(1) == u.A.size(0),
                 op, ": layer ", l, ": expected W (m x n), B (m x r), A (r x n), got ", u.W.sizes(),
                 ", ", u.B.sizes(), ", ", u.A.sizes());
+    for (const auto* t : {&u.W, &u.B}) {
+      const auto dt = t->scalar_type();
+      TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                       op, ": layer ", l, ": W, B and A must be floating point, got ", dt);
+    }
     TORCH_CHECK_TYPE(u.B.scalar_type() == u.A.scalar_type(), op, ": layer ", l,
                 ": B and A must share a dtype");
-    u.idx = idx[l].to(at::kLong).contiguous();
-    TORCH_CHECK_VALUE(u.idx.dim() == 1, op, ": layer ", l, ": idx must be 1-D");
-    if (u.idx.numel()) {
-      TORCH_CHECK_VALUE(u.idx.min().item<int64_t>() >= 0 && u.idx.max().item<int64_t>() < u.A.size(0),
-                  op, ": layer ", l, ": idx out of range [0, ", u.A.size(0), ")");
-      TORCH_CHECK_VALUE(std::get<0>(at::_unique(u.idx)).numel() == u.idx.numel(), op, ": layer ", l,
-                  ": idx has repeated entries");
+    TORCH_CHECK_TYPE(idx[l].scalar_type() == at::kLong && idx[l].dim() == 1, op, ": layer ", l,
+                     ": idx must be a 1-D int64 tensor");
+    const at::Tensor ix = idx[l].contiguous();
+    const int64_t* p = ix.data_ptr<int64_t>();
+    const int64_t r = u.A.size(0);
+    std::vector<char> seen(r, 0);
+    for (int64_t t = 0; t < ix.numel(); ++t) {
+      TORCH_CHECK_VALUE(p[t] >= 0 && p[t] < r, op, ": layer ", l, ": idx entry ", p[t],
+                        " out of range [0, ", r, ")");
+      TORCH_CHECK_VALUE(!seen[p[t]], op, ": layer ", l, ": idx has repeated entry ", p[t]);
+      seen[p[t]] = 1;
+      u.idx.push_back(p[t]);
     }
     if (!Bn.empty()) {
-      u.Bn = Bn[l].to(u.B.scalar_type());
-      u.An = An[l].to(u.B.scalar_type());
-      TORCH_CHECK_VALUE(u.Bn.dim() == 2 && u.Bn.size(0) == u.W.size(0) && u.Bn.size(1) == u.idx.numel() &&
-                      u.An.dim() == 2 && u.An.size(0) == u.idx.numel() && u.An.size(1) == u.W.size(1),
+      u.Bn = Bn[l].scalar_type() == u.B.scalar_type() ? Bn[l] : Bn[l].to(u.B.scalar_type());
+      u.An = An[l].scalar_type() == u.B.scalar_type() ? An[l] : An[l].to(u.B.scalar_type());
+      const int64_t q = static_cast<int64_t>(u.idx.size());
+      TORCH_CHECK_VALUE(u.Bn.dim() == 2 && u.Bn.size(0) == u.W.size(0) && u.Bn.size(1) == q &&
+                      u.An.dim() == 2 && u.An.size(0) == q && u.An.size(1) == u.W.size(1),
                   op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
                   u.Bn.sizes(), " and ", u.An.sizes());
+      TORCH_CHECK_VALUE(u.Bn.isfinite().all().item<bool>() && u.An.isfinite().all().item<bool>(), op,
+                        ": layer ", l, ": B_new or A_new contains NaN or Inf");
     }
   }
   return layers;
@@ -223,7 +280,7 @@ void reinit_pairs_cpu_(at::TensorList W, at::TensorList B, at::TensorList A, at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
-  m.impl("pair_importance", &pair_importance_cpu);
+  m.impl("pair_importance_", &pair_importance_cpu_);
   m.impl("fuse_pairs_", &fuse_pairs_cpu_);
   m.impl("reinit_pairs_", &reinit_pairs_cpu_);
 }

@@ -8,8 +8,6 @@
 namespace subspace_ext {
 namespace {
 
-using philox::normal_at;
-
 void philox_uint32_cpu_(const at::Tensor& out, int64_t seed, int64_t stream) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kInt && out.is_contiguous(),
               "philox_uint32_: out must be a contiguous int32 tensor");
@@ -27,13 +25,15 @@ void philox_uint32_cpu_(const at::Tensor& out, int64_t seed, int64_t stream) {
 }  // namespace
 
 void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+                   "philox_normal_: out must be float32 or float64, got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.is_contiguous(), "philox_normal_: out must be contiguous");
   const int64_t n = out.numel();
   const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_", [&] {
     auto* p = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) p[i] = normal_at<scalar_t>(s, st, static_cast<uint64_t>(i));
+      philox::for_each_normal<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] = z; });
     });
   });
 }
@@ -53,11 +53,12 @@ at::Tensor perturbed_basis_cpu(const at::Tensor& U, double eps, int64_t seed, in
     auto* p = out.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
     at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        p[i] += e * normal_at<scalar_t>(s, st, static_cast<uint64_t>(i));
+      philox::for_each_normal<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] += e * z; });
     });
   });
   if (!orthonormalize) return out;
+  TORCH_CHECK_VALUE(U.size(-2) >= U.size(-1), "perturbed_basis: orthonormalize needs U with at least as many rows as columns, got ",
+                    U.sizes());
   auto flat = out.reshape({-1, out.size(-2), out.size(-1)});
   for (int64_t b = 0; b < flat.size(0); ++b) flat[b].copy_(orthonormalize_columns(flat[b]).first);
   return out;

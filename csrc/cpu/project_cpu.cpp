@@ -13,12 +13,21 @@ void check_matrix(const at::Tensor& t, const char* op, const char* arg) {
 }
 
 // C = s * U^T (B A) V = s * (U^T B) (A V): two skinny GEMMs and a tiny one.
+void check_same_dtype(std::initializer_list<std::pair<const char*, const at::Tensor*>> args,
+                      const char* op) {
+  const auto dt = args.begin()->second->scalar_type();
+  for (const auto& [name, t] : args)
+    TORCH_CHECK_TYPE(t->scalar_type() == dt, op, ": all inputs must share a dtype; ", name, " is ",
+                     t->scalar_type(), ", ", args.begin()->first, " is ", dt);
+}
+
 at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B,
                        const at::Tensor& A, double scaling) {
   check_matrix(U, "project", "U");
   check_matrix(V, "project", "V");
   check_matrix(B, "project", "B");
   check_matrix(A, "project", "A");
+  check_same_dtype({{"U", &U}, {"V", &V}, {"B", &B}, {"A", &A}}, "project");
   TORCH_CHECK_VALUE(U.size(-2) == B.size(-2) && B.size(-1) == A.size(-2) && A.size(-1) == V.size(-2),
               "project: shapes do not chain: U ", U.sizes(), ", B ", B.sizes(), ", A ", A.sizes(),
               ", V ", V.sizes(), " (need U m x k1, B m x r, A r x n, V n x k2)");
@@ -26,6 +35,9 @@ at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tenso
   at::Tensor right = at::matmul(A, V);       // r x k2
   at::Tensor C = at::matmul(left, right);
   if (scaling != 1.0) C.mul_(scaling);
+  // NaN/Inf in B or A reach C (k1 x k2): checked here rather than by a pass over the inputs.
+  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(),
+                    "project: the result is not finite: B or A contains NaN or Inf");
   return C;
 }
 
@@ -34,6 +46,7 @@ at::Tensor project_dense_cpu(const at::Tensor& U, const at::Tensor& V, const at:
   check_matrix(U, "project_dense", "U");
   check_matrix(V, "project_dense", "V");
   check_matrix(D, "project_dense", "D");
+  check_same_dtype({{"U", &U}, {"V", &V}, {"D", &D}}, "project_dense");
   TORCH_CHECK_VALUE(U.size(-2) == D.size(-2) && D.size(-1) == V.size(-2),
               "project_dense: shapes do not chain: U ", U.sizes(), ", D ", D.sizes(), ", V ",
               V.sizes());
@@ -46,6 +59,7 @@ at::Tensor reconstruct_cpu(const at::Tensor& U, const at::Tensor& C, const at::T
   check_matrix(U, "reconstruct", "U");
   check_matrix(C, "reconstruct", "C");
   check_matrix(V, "reconstruct", "V");
+  check_same_dtype({{"U", &U}, {"C", &C}, {"V", &V}}, "reconstruct");
   TORCH_CHECK_VALUE(U.size(-1) == C.size(-2) && C.size(-1) == V.size(-1),
               "reconstruct: shapes do not chain: U ", U.sizes(), ", C ", C.sizes(), ", V ",
               V.sizes(), " (need U m x k1, C k1 x k2, V n x k2)");

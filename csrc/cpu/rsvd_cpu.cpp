@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -19,7 +20,9 @@ using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // Philox (seed, stream 0), l = min(k + p, m, n) columns, `niter` power iterations with
 // re-orthonormalisation after every product, then the SVD of the small projected matrix.
 // The GEMMs with A run in A's dtype; the thin QRs and the small SVD in float64.
-SVDResult rsvd_one(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+// `what` names the matrix in error messages ("rsvd: A", "rsvd_many: mats[3]").
+SVDResult rsvd_one(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed,
+                   const std::string& what) {
   const int64_t m = A.size(0), n = A.size(1);
   const int64_t l = std::min(k + p, std::min(m, n));
   const auto dt = A.scalar_type();
@@ -28,14 +31,16 @@ SVDResult rsvd_one(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int
   const at::Tensor Y = at::mm(A, omega);
   // Any NaN/Inf in A reaches Y (m x l): a cheap check instead of a pass over A.
   TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),
-                    "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
-  at::Tensor Q = orthonormalize_columns(Y).first;
+                    what, " contains NaN or Inf (or values so large that A @ Omega overflows)");
+  // Inside the subspace iteration one Cholesky-QR pass keeps the basis well conditioned; the
+  // basis that leaves the loop gets the full two passes.
+  at::Tensor Q = orthonormalize_columns(Y, niter > 0 ? 1 : 2).first;
   for (int64_t it = 0; it < niter; ++it) {
-    const at::Tensor Z = orthonormalize_columns(at::mm(A.t(), Q.to(dt))).first;
-    Q = orthonormalize_columns(at::mm(A, Z.to(dt))).first;
+    const at::Tensor Z = orthonormalize_columns(at::mm(A.t(), Q), 1).first;
+    Q = orthonormalize_columns(at::mm(A, Z), it + 1 < niter ? 1 : 2).first;
   }
   // B = Q^T A; with B^T = Qb Rb, A ~ Q Rb^T Qb^T.
-  auto [Qb, Rb] = orthonormalize_columns(at::mm(A.t(), Q.to(dt)));
+  auto [Qb, Rb] = orthonormalize_columns(at::mm(A.t(), Q));
   return svd_of_core(Q, Rb.t(), Qb, k, dt);
 }
 
@@ -53,7 +58,7 @@ Triple rsvd_cpu(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_
   const at::Tensor flat = A.reshape({-1, m, n});
   const int64_t batch = flat.size(0);
   std::vector<SVDResult> out(batch);
-  parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed); });
+  parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed, "rsvd: A"); });
   auto lead = A.sizes().slice(0, A.dim() - 2).vec();
   auto stack = [&](auto get, std::vector<int64_t> tail) {
     std::vector<at::Tensor> parts;
@@ -82,7 +87,9 @@ rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t 
     return mats[a].numel() > mats[b].numel();
   });
   std::vector<SVDResult> out(count);
-  parallel_tasks(count, order, [&](int64_t i) { out[i] = rsvd_one(mats[i], k, p, niter, seed); });
+  parallel_tasks(count, order, [&](int64_t i) { 
+    out[i] = rsvd_one(mats[i], k, p, niter, seed, "rsvd_many: mats[" + std::to_string(i) + "]");
+  });
   std::vector<at::Tensor> U, S, V;
   for (auto& r : out) {
     U.push_back(r.U);
@@ -105,8 +112,8 @@ Triple factored_svd_cpu(const at::Tensor& B, const at::Tensor& A, int64_t rank) 
   TORCH_CHECK_VALUE(B.isfinite().all().item<bool>(), "factored_svd: B contains NaN or Inf");
   TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "factored_svd: A contains NaN or Inf");
   const auto dt = at::promote_types(B.scalar_type(), A.scalar_type());
-  auto [Qb, Rb] = orthonormalize_columns(B);
-  auto [Qa, Ra] = orthonormalize_columns(A.t());
+  auto [Qb, Rb] = orthonormalize_columns(B.to(dt));
+  auto [Qa, Ra] = orthonormalize_columns(A.t().to(dt));
   auto r = svd_of_core(Qb, at::mm(Rb, Ra.t()), Qa, k, dt);
   return {r.U, r.S, r.V};
 }

@@ -55,25 +55,29 @@ at::Tensor inverse_upper(const at::Tensor& R) {
   return X;
 }
 
-// One Cholesky-QR pass: Y = Q R. False if the Gram matrix is not safely positive definite.
+// One Cholesky-QR pass: Y = Q R, the Gram matrix and its Cholesky factor in float64, the tall
+// product Y R^-1 in Y's dtype. False if the Gram matrix is not safely positive definite.
 bool cholesky_qr(const at::Tensor& Y, at::Tensor& Q, at::Tensor& R) {
-  const at::Tensor G = at::mm(Y.t(), Y).contiguous();
+  const at::Tensor Yd = Y.to(at::kDouble);
+  const at::Tensor G = at::mm(Yd.t(), Yd).contiguous();
   if (!cholesky_upper(G, R)) return false;
-  Q = at::mm(Y, inverse_upper(R));
+  Q = at::mm(Y, inverse_upper(R).to(Y.scalar_type()));
   return true;
 }
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y) {
-  const at::Tensor Yd = Y.to(at::kDouble);
-  const int64_t p = Yd.size(0), l = Yd.size(1);
+std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, int passes) {
+  const int64_t p = Y.size(0), l = Y.size(1);
   if (p >= l && l > 0) {
     at::Tensor Q1, R1, Q2, R2;
-    if (cholesky_qr(Yd, Q1, R1) && cholesky_qr(Q1, Q2, R2)) return {Q2, at::mm(R2, R1)};
+    if (cholesky_qr(Y, Q1, R1)) {
+      if (passes == 1) return {Q1, R1};
+      if (cholesky_qr(Q1, Q2, R2)) return {Q2, at::mm(R2, R1)};
+    }
   }
-  auto qr = at::linalg_qr(Yd, "reduced");
-  return {std::get<0>(qr), std::get<1>(qr)};
+  auto qr = at::linalg_qr(Y.to(at::kDouble), "reduced");
+  return {std::get<0>(qr).to(Y.scalar_type()), std::get<1>(qr)};
 }
 
 void canonicalize_signs_(at::Tensor& U, at::Tensor& V) {
@@ -89,10 +93,10 @@ SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Te
                       int64_t rank, at::ScalarType dtype) {
   auto svd = at::linalg_svd(core.to(at::kDouble), /*full_matrices=*/false);
   const int64_t k = std::min<int64_t>(rank, std::get<1>(svd).size(0));
-  at::Tensor U = at::mm(Qa.to(at::kDouble), std::get<0>(svd).narrow(1, 0, k));
-  at::Tensor V = at::mm(Qb.to(at::kDouble), std::get<2>(svd).narrow(0, 0, k).t());
+  at::Tensor U = at::mm(Qa.to(dtype), std::get<0>(svd).narrow(1, 0, k).to(dtype));
+  at::Tensor V = at::mm(Qb.to(dtype), std::get<2>(svd).narrow(0, 0, k).t().to(dtype));
   canonicalize_signs_(U, V);
-  return {U.to(dtype), std::get<1>(svd).narrow(0, 0, k).to(dtype), V.to(dtype)};
+  return {U, std::get<1>(svd).narrow(0, 0, k).to(dtype), V};
 }
 
 }  // namespace subspace_ext

@@ -12,10 +12,12 @@ namespace subspace_ext {
 void check_float(const at::Tensor& t, const char* op, const char* arg);
 
 // Orthonormal basis of the columns of Y (p x l) and the triangular factor: Y = Q R.
-// Computed in float64: Cholesky-QR twice (two GEMMs per pass), falling back to Householder QR
-// (LAPACK) when Y is ill-conditioned or rank-deficient, so Q is orthonormal in every case.
-// Returns Q (p x min(p,l)) and R (min(p,l) x l), both float64.
-std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y);
+// Cholesky-QR (Gram matrix and Cholesky in float64, the tall product in Y's dtype), falling back
+// to Householder QR (LAPACK, float64) when Y is ill-conditioned or rank-deficient, so Q is
+// orthonormal in every case. Returns Q (p x min(p,l), Y's dtype) and R (min(p,l) x l, float64).
+// `passes` = 2 gives orthonormality to rounding (Cholesky-QR2); 1 is enough to keep a subspace
+// iteration well conditioned, where the next product is orthonormalised again anyway.
+std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, int passes = 2);
 
 // Flip each column pair (U[:, j], V[:, j]) so that the largest-magnitude entry of U[:, j] is
 // positive (ties: the first). Makes the factors of a decomposition unique up to rounding.

@@ -203,31 +203,52 @@ template <typename T> SE_HD void box_muller(T u1, T u2, T& z0, T& z1) {
   z1 = mul(r, s);
 }
 
-// Standard normal number for element `i` of (seed, stream).
-//  float32: one Philox block gives 4 normals (24-bit uniforms; u1 in (0, 1], u2 in [0, 1)).
-//  float64: one Philox block gives 2 normals (53-bit uniforms from two words each).
-template <typename T> SE_HD T normal_at(uint64_t seed, uint64_t stream, uint64_t i);
+// Standard normal numbers of Philox block `block` of (seed, stream):
+//  float32: 4 normals per block (24-bit uniforms; u1 in (0, 1], u2 in [0, 1)), elements 4b..4b+3;
+//  float64: 2 normals per block (53-bit uniforms from two words each), elements 2b, 2b+1.
+template <typename T> struct PerBlock;
+template <> struct PerBlock<float> { static constexpr int value = 4; };
+template <> struct PerBlock<double> { static constexpr int value = 2; };
 
-template <> SE_HD float normal_at<float>(uint64_t seed, uint64_t stream, uint64_t i) {
-  const U32x4 x = block_bits(seed, stream, i >> 2);
-  const int pair = static_cast<int>((i >> 1) & 1u);
-  const uint32_t a = x.v[2 * pair], b = x.v[2 * pair + 1];
-  const float u1 = static_cast<float>((a >> 8) + 1u) * 5.9604644775390625e-8f;  // 2^-24
-  const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-8f;
-  float z0, z1;
-  box_muller(u1, u2, z0, z1);
-  return (i & 1u) ? z1 : z0;
+SE_HD void normals_of_block(uint64_t seed, uint64_t stream, uint64_t block, float out[4]) {
+  const U32x4 x = block_bits(seed, stream, block);
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    const uint32_t a = x.v[2 * pair], b = x.v[2 * pair + 1];
+    const float u1 = static_cast<float>((a >> 8) + 1u) * 5.9604644775390625e-8f;  // 2^-24
+    const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-8f;
+    box_muller(u1, u2, out[2 * pair], out[2 * pair + 1]);
+  }
 }
 
-template <> SE_HD double normal_at<double>(uint64_t seed, uint64_t stream, uint64_t i) {
-  const U32x4 x = block_bits(seed, stream, i >> 1);
+SE_HD void normals_of_block(uint64_t seed, uint64_t stream, uint64_t block, double out[2]) {
+  const U32x4 x = block_bits(seed, stream, block);
   const uint64_t a = (static_cast<uint64_t>(x.v[0]) << 21) | (x.v[1] >> 11);
   const uint64_t b = (static_cast<uint64_t>(x.v[2]) << 21) | (x.v[3] >> 11);
   const double u1 = static_cast<double>(a + 1u) * 1.1102230246251565404e-16;  // 2^-53
   const double u2 = static_cast<double>(b) * 1.1102230246251565404e-16;
-  double z0, z1;
-  box_muller(u1, u2, z0, z1);
-  return (i & 1u) ? z1 : z0;
+  box_muller(u1, u2, out[0], out[1]);
+}
+
+// Standard normal number for element `i` of (seed, stream) (computes its whole block).
+template <typename T> SE_HD T normal_at(uint64_t seed, uint64_t stream, uint64_t i) {
+  constexpr int per = PerBlock<T>::value;
+  T z[per];
+  normals_of_block(seed, stream, i / per, z);
+  return z[i % per];
+}
+
+// Visit elements [i0, i1) of (seed, stream) as f(i, z), one Philox block at a time.
+template <typename T, typename F>
+SE_HD void for_each_normal(uint64_t seed, uint64_t stream, int64_t i0, int64_t i1, F&& f) {
+  constexpr int per = PerBlock<T>::value;
+  T z[per];
+  for (int64_t b = i0 / per; b * per < i1; ++b) {
+    normals_of_block(seed, stream, static_cast<uint64_t>(b), z);
+    const int64_t lo = b * per > i0 ? b * per : i0;
+    const int64_t hi = (b + 1) * per < i1 ? (b + 1) * per : i1;
+    for (int64_t i = lo; i < hi; ++i) f(i, z[i - b * per]);
+  }
 }
 
 }  // namespace philox

@@ -1,0 +1,17 @@
+"""philox_normal vs torch.randn: 2^24 float32 standard normals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subspace_ext import ops
+
+NUMEL = 2 ** 24
+IMPLS = {"philox_normal": lambda: ops.philox_normal((NUMEL,), seed=0), "torch.randn": lambda: torch.randn(NUMEL)}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_philox_normal(benchmark, impl: str) -> None:
+    benchmark.group = "philox_normal: 2^24 float32"
+    benchmark(IMPLS[impl])
+    benchmark.extra_info["GB/s (median)"] = NUMEL * 4 / benchmark.stats.stats.median / 1e9

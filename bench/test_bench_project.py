@@ -1,0 +1,21 @@
+"""project (U^T B)(A V) vs the dense U^T (s B A) V, with the two skinny GEMMs as the floor."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subspace_ext import bench, ops
+
+IMPLS = {"project": ops.project, "dense U.T@(B@A)@V": bench.project_dense,
+         "floor U.T@B, A@V": bench.project_floor}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("shape", bench.FULL.project_shapes, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_project(benchmark, shape: tuple[int, int], impl: str) -> None:
+    inputs = bench.project_inputs(*shape)
+    benchmark.group = f"project: {shape[0]}x{shape[1]}, r={bench.LORA_RANK}, k={inputs[0].shape[1]}"
+    out = benchmark(IMPLS[impl], *inputs)
+    if isinstance(out, torch.Tensor):
+        ref = bench.project_dense(*(t.double() for t in inputs))
+        benchmark.extra_info["rel_error_vs_float64"] = bench.rel_error([out], [ref])

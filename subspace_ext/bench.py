@@ -1,0 +1,367 @@
+"""Benchmarks of the native ops against the plain-PyTorch code they replace (``subspace-ext bench``).
+
+``run()`` times every op (median of repeated ``time.perf_counter`` timings after a warm-up) next to
+its baseline and prints a markdown table. The workload builders and baselines below are shared with
+the pytest-benchmark suite in ``bench/``.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from . import __version__, ops
+from .models import linear_weights, minilm_dir
+
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (U m x k, S k, V n x k)
+
+OVERSAMPLE, NITER = 8, 2  # rsvd settings, the same for ours and torch.svd_lowrank
+LORA_RANK = 8
+# (out, in) of the Linear layers of one MiniLM block: q, k, v, attention output, intermediate, output.
+MINILM_SHAPES = ((384, 384),) * 4 + ((1536, 384), (384, 1536))
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads
+
+@lru_cache(maxsize=None)
+def _minilm_weights() -> tuple[torch.Tensor, ...]:
+    return tuple(w.float().contiguous() for w in linear_weights(minilm_dir()).values())
+
+
+def minilm_matrices(limit: Optional[int] = None) -> list[torch.Tensor]:
+    """The (first ``limit``) 37 Linear weights of the bundled MiniLM-L6, as float32."""
+    return list(_minilm_weights()[:limit])
+
+
+@dataclass
+class LoraLayers:
+    """LoRA factors of ``L`` layers (peft layout) with base weights and gradients."""
+    W: list[torch.Tensor]       # m x n
+    A: list[torch.Tensor]       # r x n
+    B: list[torch.Tensor]       # m x r
+    grad_A: list[torch.Tensor]
+    grad_B: list[torch.Tensor]
+
+    def clone(self, dtype: Optional[torch.dtype] = None) -> "LoraLayers":
+        """A deep copy (optionally cast), so an in-place op can run on fresh data."""
+        return LoraLayers(*([t.to(dtype or t.dtype, copy=True) for t in ts] for ts in
+                            (self.W, self.A, self.B, self.grad_A, self.grad_B)))
+
+
+def lora_layers(num: int, rank: int = LORA_RANK, seed: int = 0) -> LoraLayers:
+    """``num`` random LoRA layers cycling through the MiniLM Linear shapes."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    shapes = [MINILM_SHAPES[i % len(MINILM_SHAPES)] for i in range(num)]
+    return LoraLayers(W=[rnd(m, n) for m, n in shapes], A=[rnd(rank, n) for _, n in shapes],
+                      B=[rnd(m, rank) for m, _ in shapes], grad_A=[rnd(rank, n) for _, n in shapes],
+                      grad_B=[rnd(m, rank) for m, _ in shapes])
+
+
+def pair_indices(layers: LoraLayers, pairs: int = 2) -> list[torch.Tensor]:
+    """``pairs`` distinct pair indices per layer (varying between layers)."""
+    r = layers.A[0].shape[0]
+    return [torch.tensor([(l + 3 * j) % r for j in range(pairs)]) for l in range(len(layers.W))]
+
+
+def new_pairs(layers: LoraLayers, idx: Sequence[torch.Tensor], seed: int = 1):
+    """Fresh ``(B_new, A_new)`` per layer for ``reinit_pairs_``."""
+    g = torch.Generator().manual_seed(seed)
+    B_new = [torch.randn(W.shape[0], len(i), generator=g) for W, i in zip(layers.W, idx)]
+    A_new = [torch.randn(len(i), W.shape[1], generator=g) for W, i in zip(layers.W, idx)]
+    return B_new, A_new
+
+
+def project_inputs(m: int, n: int, r: int = LORA_RANK, k: int = 32, seed: int = 0):
+    """Orthonormal bases ``U`` (m x k), ``V`` (n x k) and LoRA factors ``B`` (m x r), ``A`` (r x n)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
+    return U, V, torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines: what one writes in plain PyTorch
+
+def rsvd_ours(mats: Sequence[torch.Tensor], rank: int) -> list[Factors]:
+    """``ops.rsvd_many`` with the shared settings (oversample, niter)."""
+    return ops.rsvd_many(mats, rank, oversample=OVERSAMPLE, niter=NITER)
+
+
+def svd_lowrank_loop(mats: Sequence[torch.Tensor], rank: int) -> list[Factors]:
+    """``torch.svd_lowrank`` per matrix (q = rank + oversample), truncated to ``rank``."""
+    out = []
+    for W in mats:
+        U, S, V = torch.svd_lowrank(W, q=rank + OVERSAMPLE, niter=NITER)
+        out.append((U[:, :rank], S[:rank], V[:, :rank]))
+    return out
+
+
+def svd_loop(mats: Sequence[torch.Tensor]) -> list[Factors]:
+    """Thin ``torch.linalg.svd`` per matrix, as ``(U, S, V)``."""
+    return [(U, S, Vh.mT) for U, S, Vh in (torch.linalg.svd(W, full_matrices=False) for W in mats)]
+
+
+def svd_truncated_loop(mats: Sequence[torch.Tensor], rank: int) -> list[Factors]:
+    """Thin ``torch.linalg.svd`` per matrix, truncated to ``rank``."""
+    return truncate(svd_loop(mats), rank)
+
+
+def truncate(factors: Sequence[Factors], rank: int) -> list[Factors]:
+    """Keep the leading ``rank`` singular triplets of every factorisation."""
+    return [(U[:, :rank], S[:rank], V[:, :rank]) for U, S, V in factors]
+
+
+def frob_error(mats: Sequence[torch.Tensor], factors: Sequence[Factors]) -> float:
+    """Sum over matrices of ``||W - U diag(S) V^T||_F``."""
+    return sum(float(torch.linalg.matrix_norm(W - (U * S) @ V.mT)) for W, (U, S, V) in zip(mats, factors))
+
+
+def project_dense(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                  scaling: float = 1.0) -> torch.Tensor:
+    """``U^T (scaling B A) V`` forming the m x n update."""
+    return U.mT @ (scaling * B @ A) @ V
+
+
+def project_floor(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor):
+    """Just the two skinny GEMMs ``U^T B`` and ``A V`` (a lower bound for ``project``)."""
+    return U.mT @ B, A @ V
+
+
+def importance_loop(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: float = 0.85,
+                    beta2: float = 0.85) -> list[torch.Tensor]:
+    """AdaLoRA's importance update, one layer at a time (same math as ``ops.pair_importance``)."""
+    scores = []
+    for l in range(len(A)):
+        for p, g, ipt, unc in ((A[l], grad_A[l], ipt_A[l], unc_A[l]), (B[l], grad_B[l], ipt_B[l], unc_B[l])):
+            I = (p * g).abs()
+            ipt.mul_(beta1).add_(I, alpha=1 - beta1)
+            unc.mul_(beta2).add_((I - ipt).abs(), alpha=1 - beta2)
+        scores.append((ipt_A[l] * unc_A[l]).mean(1) + (ipt_B[l] * unc_B[l]).mean(0))
+    return scores
+
+
+def fuse_loop(W, B, A, idx, scaling: float = 1.0) -> None:
+    """``W += scaling B[:, idx] A[idx]``, ``B[:, idx] = 0``, one layer at a time."""
+    for w, b, a, i in zip(W, B, A, idx):
+        w.addmm_(b[:, i], a[i], alpha=scaling)
+        b[:, i] = 0
+
+
+def reinit_loop(W, B, A, idx, B_new, A_new, scaling: float = 1.0) -> None:
+    """``W += scaling (B[:, idx] A[idx] - B_new A_new)`` and swap in the new pairs, per layer."""
+    for w, b, a, i, bn, an in zip(W, B, A, idx, B_new, A_new):
+        w.addmm_(b[:, i], a[i], alpha=scaling).addmm_(bn, an, alpha=-scaling)
+        b[:, i] = bn
+        a[i] = an
+
+
+PAIR_SCALING = 2.0
+# name -> (ours, Python-loop baseline, whether it takes new pairs (B_new, A_new))
+PAIR_OPS = {"fuse_pairs_": (ops.fuse_pairs_, fuse_loop, False),
+            "reinit_pairs_": (ops.reinit_pairs_, reinit_loop, True)}
+
+
+def apply_pairs(fn: Callable, layers: LoraLayers, idx: Sequence[torch.Tensor], new: Sequence = (),
+                scaling: float = PAIR_SCALING) -> list[torch.Tensor]:
+    """Run a fuse/reinit implementation in place on ``layers``; returns the updated ``W``."""
+    fn(layers.W, layers.B, layers.A, idx, *new, scaling)
+    return layers.W
+
+
+def importance_scores(fn: Callable, layers: LoraLayers, steps: int = 2) -> list[torch.Tensor]:
+    """Pair scores after ``steps`` importance updates from zero states (for error checks)."""
+    states = ops.importance_state(layers.A, layers.B, dtype=layers.A[0].dtype)
+    scores: list[torch.Tensor] = []
+    for _ in range(steps):
+        scores = fn(layers.A, layers.B, layers.grad_A, layers.grad_B, *states)
+    return scores
+
+
+def rel_error(x: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """``||x - ref|| / ||ref||`` over a list of tensors (computed in float64)."""
+    num = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(x, ref))
+    den = sum(float(b.double().square().sum()) for b in ref)
+    return math.sqrt(num / den) if den else math.sqrt(num)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and the report
+
+@dataclass(frozen=True)
+class Config:
+    """Workload sizes and the time spent per measurement."""
+    minilm_limit: Optional[int]  # None: all 37 MiniLM weights
+    num_layers: int
+    project_shapes: tuple[tuple[int, int], ...]
+    philox_log2: int
+    target_s: float              # keep repeating until this much time is spent ...
+    min_repeats: int             # ... but at least this many and ...
+    max_repeats: int             # ... at most this many timed calls
+
+
+FULL = Config(None, 200, ((1536, 1536), (384, 384), (1536, 384)), 24, 1.0, 5, 1000)
+QUICK = Config(6, 20, ((384, 384),), 18, 0.02, 2, 20)
+
+
+def median_ms(fn: Callable[[], object], cfg: Config, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in ms (``time.perf_counter``), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < cfg.max_repeats and (len(times) < cfg.min_repeats
+                                            or time.perf_counter() - start < cfg.target_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@dataclass
+class Row:
+    """One line of the table: our op against one baseline."""
+    op: str
+    case: str
+    ours_ms: float
+    baseline: str
+    baseline_ms: float
+    err_ours: Optional[float] = None
+    err_baseline: Optional[float] = None
+
+    def cells(self) -> list[str]:
+        err = ("—" if self.err_ours is None
+               else f"{self.err_ours:.4g} / {self.err_baseline:.4g}")
+        return [self.op, self.case, _ms(self.ours_ms), self.baseline, _ms(self.baseline_ms),
+                f"{self.baseline_ms / self.ours_ms:.2f}", err]
+
+
+COLUMNS = ["op", "case", "ours (ms)", "baseline", "baseline (ms)", "speed-up (×)",
+           "error ours / error baseline"]
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def _md_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _rsvd_rows(cfg: Config) -> Iterator[Row]:
+    mats = minilm_matrices(cfg.minilm_limit)
+    full, t_full = svd_loop(mats), median_ms(lambda: svd_loop(mats), cfg)
+    for rank in (8, 32):
+        ours, t_ours = rsvd_ours(mats, rank), median_ms(lambda: rsvd_ours(mats, rank), cfg)
+        low, t_low = svd_lowrank_loop(mats, rank), median_ms(lambda: svd_lowrank_loop(mats, rank), cfg)
+        e_ours = frob_error(mats, ours)
+        case = f"MiniLM-L6, {len(mats)} weights, rank {rank}"
+        yield Row("rsvd_many", case, t_ours, f"svd_lowrank loop (q={rank + OVERSAMPLE}, niter={NITER})",
+                  t_low, e_ours, frob_error(mats, low))
+        yield Row("rsvd_many", case, t_ours, "linalg.svd loop, truncated", t_full, e_ours,
+                  frob_error(mats, truncate(full, rank)))
+
+
+def _project_rows(cfg: Config) -> Iterator[Row]:
+    for m, n in cfg.project_shapes:
+        U, V, B, A = x = project_inputs(m, n)
+        ref = [project_dense(*(t.double() for t in x))]
+        ours = ops.project(U, V, B, A)
+        t_ours = median_ms(lambda: ops.project(U, V, B, A), cfg)
+        case = f"{m}×{n}, r={B.shape[1]}, k={U.shape[1]}"
+        yield Row("project", case, t_ours, "U.T @ (s*B @ A) @ V", median_ms(lambda: project_dense(*x), cfg),
+                  rel_error([ours], ref), rel_error([project_dense(*x)], ref))
+        yield Row("project", case, t_ours, "floor: U.T@B and A@V only", median_ms(lambda: project_floor(*x), cfg))
+
+
+def _importance_rows(cfg: Config) -> Iterator[Row]:
+    layers = lora_layers(cfg.num_layers)
+    case = f"{cfg.num_layers} layers, LoRA r={LORA_RANK}"
+    ref = importance_scores(importance_loop, layers.clone(torch.float64))
+    states_ours, states_loop = ops.importance_state(layers.A, layers.B), ops.importance_state(layers.A, layers.B)
+    args = (layers.A, layers.B, layers.grad_A, layers.grad_B)
+    yield Row("pair_importance", case, median_ms(lambda: ops.pair_importance(*args, *states_ours), cfg),
+              "Python loop (AdaLoRA update)", median_ms(lambda: importance_loop(*args, *states_loop), cfg),
+              rel_error(importance_scores(ops.pair_importance, layers), ref),
+              rel_error(importance_scores(importance_loop, layers), ref))
+
+    idx = pair_indices(layers)
+    case = f"{cfg.num_layers} layers, {len(idx[0])} pairs each"
+    for name, (ours_fn, loop_fn, takes_new) in PAIR_OPS.items():
+        new = new_pairs(layers, idx) if takes_new else ()
+        ref = apply_pairs(loop_fn, layers.clone(torch.float64), idx, [[t.double() for t in ts] for ts in new])
+        err_ours = rel_error(apply_pairs(ours_fn, layers.clone(), idx, new), ref)
+        err_loop = rel_error(apply_pairs(loop_fn, layers.clone(), idx, new), ref)
+        L_ours, L_loop = layers.clone(), layers.clone()
+        yield Row(name, case, median_ms(lambda: apply_pairs(ours_fn, L_ours, idx, new), cfg),
+                  "Python loop (addmm_ + index)", median_ms(lambda: apply_pairs(loop_fn, L_loop, idx, new), cfg),
+                  err_ours, err_loop)
+
+
+def _philox_rows(cfg: Config) -> Iterator[Row]:
+    numel = 2 ** cfg.philox_log2
+    t_ours = median_ms(lambda: ops.philox_normal((numel,), seed=0), cfg)
+    t_randn = median_ms(lambda: torch.randn(numel), cfg)
+    gbps = lambda ms: numel * 4 / (ms * 1e-3) / 1e9  # noqa: E731
+    case = f"2^{cfg.philox_log2} float32 (ours {gbps(t_ours):.2f} GB/s, randn {gbps(t_randn):.2f} GB/s)"
+    yield Row("philox_normal", case, t_ours, "torch.randn", t_randn)
+
+
+SECTIONS = (_rsvd_rows, _project_rows, _importance_rows, _philox_rows)
+
+
+def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str], object] = print) -> str:
+    """Benchmark every op against its baseline; ``out`` each markdown line, return the whole report.
+
+    ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards); ``quick`` uses
+    small workloads and few repeats (a few seconds; for tests, not for numbers).
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    cfg = QUICK if quick else FULL
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        out(line)
+
+    old_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        emit(f"## subspace_ext {__version__} benchmark{' (quick)' if quick else ''}")
+        emit("")
+        emit(f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
+        emit(f"- CPU: {cpu_model()}")
+        emit("- times: median of repeated time.perf_counter timings after a warm-up call; "
+             "speed-up = baseline / ours")
+        emit("- error: rsvd_many = Σ over weights of ‖W − U S Vᵀ‖_F; other ops = relative error "
+             "against the same math in float64")
+        emit("")
+        emit(_md_line(COLUMNS))
+        emit(_md_line(["---"] * len(COLUMNS)))
+        for section in SECTIONS:
+            for row in section(cfg):
+                emit(_md_line(row.cells()))
+    finally:
+        torch.set_num_threads(old_threads)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,57 @@
+import os
+import zlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import reference`
+
+import subspace_ext  # noqa: E402
+
+
+def _cuda_reason():
+    if not torch.cuda.is_available():
+        return "CUDA not available (no GPU or a CPU-only torch build)"
+    if not subspace_ext.cuda_enabled():
+        return "this build of subspace_ext has no CUDA kernels (subspace_ext.cuda_enabled() is False)"
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_reason()
+HAS_CUDA = CUDA_SKIP_REASON is None
+
+# The devices the kernels can run on here.
+devices = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+# Parameters for device-level tests: the CUDA one is always listed, and skipped (with the reason)
+# where it cannot run, so a CPU-only run shows it was not exercised.
+DEVICE_PARAMS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda",
+                 marks=pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")),
+]
+
+
+@pytest.fixture(params=DEVICE_PARAMS)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def devices_list():
+    return list(devices)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _seed_inputs(request):
+    """Fixed, per-test seed for the random *inputs* (each test gets its own fresh tensors)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF)
+    yield

@@ -1,0 +1,502 @@
+"""Every bad argument raises TypeError / ValueError whose message names the argument, both through
+subspace_ext.ops and (for the kernels' own checks) through torch.ops.subspace_ext directly."""
+import math
+
+import pytest
+import torch
+
+import subspace_ext
+from subspace_ext import ops
+
+NAN, INF = float("nan"), float("inf")
+
+
+def f32(*shape):
+    return torch.randn(*shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# philox
+
+
+@pytest.mark.parametrize("seed,exc,match", [(2**64, ValueError, "seed"), (-(2**63) - 1, ValueError, "seed"),
+                                            (1.0, TypeError, "seed"), ("3", TypeError, "seed"),
+                                            (True, TypeError, "seed")])
+def test_philox_bad_seed(seed, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.philox_normal((3,), seed)
+    with pytest.raises(exc, match=match):
+        ops.philox_uint32((3,), seed)
+
+
+@pytest.mark.parametrize("stream,exc", [(2**64, ValueError), (0.5, TypeError)])
+def test_philox_bad_stream(stream, exc):
+    with pytest.raises(exc, match="stream"):
+        ops.philox_normal((3,), 0, stream)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bfloat16, torch.float16])
+def test_philox_normal_bad_dtype(dtype):
+    with pytest.raises(TypeError, match="dtype"):
+        ops.philox_normal((3,), 0, dtype=dtype)
+
+
+@pytest.mark.parametrize("eps", [NAN, INF, -INF, "0.1", None])
+def test_perturbed_basis_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        ops.perturbed_basis(f32(5, 2), eps, 0)
+
+
+def test_perturbed_basis_bad_U():
+    with pytest.raises(ValueError, match="U"):
+        ops.perturbed_basis(f32(5), 0.1, 0)
+    with pytest.raises(TypeError, match="U"):
+        ops.perturbed_basis(torch.ones(5, 2, dtype=torch.int64), 0.1, 0)
+    with pytest.raises(TypeError, match="U"):
+        ops.perturbed_basis([[1.0, 2.0]], 0.1, 0)
+
+
+def test_perturbed_basis_orthonormalize_wide_U():
+    """More columns than rows cannot be orthonormalised: a clear ValueError naming U is expected."""
+    with pytest.raises(ValueError, match="U"):
+        ops.perturbed_basis(f32(3, 7), 0.1, 0, orthonormalize=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# rsvd / rsvd_many / factored_svd
+
+
+@pytest.mark.parametrize("rank", [0, -1, 6, 100])
+def test_rsvd_rank_out_of_range(rank):
+    with pytest.raises(ValueError, match="rank"):
+        ops.rsvd(f32(8, 5), rank)
+
+
+@pytest.mark.parametrize("rank", [2.0, "2", None, True, torch.tensor(2)])
+def test_rsvd_rank_not_int(rank):
+    with pytest.raises(TypeError, match="rank"):
+        ops.rsvd(f32(8, 5), rank)
+
+
+@pytest.mark.parametrize("kw,match", [({"oversample": -1}, "oversample"), ({"niter": -2}, "niter"),
+                                      ({"oversample": 1.5}, "oversample"), ({"niter": "2"}, "niter"),
+                                      ({"seed": 2**64}, "seed")])
+def test_rsvd_bad_options(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.rsvd(f32(8, 5), 2, **kw)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.rsvd_many([f32(8, 5)], 2, **kw)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rsvd_non_finite(bad, dtype):
+    A = torch.randn(10, 6, dtype=dtype)
+    A[3, 4] = bad
+    with pytest.raises(ValueError, match=r"\bA\b.*(NaN|Inf)"):
+        ops.rsvd(A, 2)
+    B = torch.randn(2, 10, 6, dtype=dtype)
+    B[1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"\bA\b.*(NaN|Inf)"):
+        ops.rsvd(B, 2)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_rsvd_many_non_finite(bad):
+    mats = [f32(10, 6), f32(7, 9), f32(5, 5)]
+    mats[1][2, 2] = bad
+    with pytest.raises(ValueError, match=r"(mats|\bA\b).*(NaN|Inf)"):
+        ops.rsvd_many(mats, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.bfloat16, torch.float16,
+                                   torch.complex64])
+def test_rsvd_bad_dtype(dtype):
+    A = torch.ones(6, 4).to(dtype)
+    with pytest.raises(TypeError, match=r"\bA\b"):
+        ops.rsvd(A, 2)
+    with pytest.raises(TypeError, match=r"mats\[1\]"):
+        ops.rsvd_many([f32(6, 4), A], 2)
+
+
+def test_rsvd_bad_dims_and_types():
+    with pytest.raises(ValueError, match=r"\bA\b"):
+        ops.rsvd(f32(7), 1)
+    with pytest.raises(ValueError, match=r"\bA\b"):
+        ops.rsvd(torch.tensor(1.0), 1)
+    with pytest.raises(TypeError, match=r"\bA\b"):
+        ops.rsvd([[1.0, 2.0], [3.0, 4.0]], 1)
+    with pytest.raises(ValueError, match=r"mats\[0\]"):
+        ops.rsvd_many([f32(2, 6, 4)], 2)
+    with pytest.raises(TypeError, match="mats"):
+        ops.rsvd_many(f32(6, 4), 2)
+    with pytest.raises(TypeError, match=r"mats\[1\]"):
+        ops.rsvd_many([f32(6, 4), "x"], 2)
+
+
+def test_rsvd_many_rank_names_matrix():
+    with pytest.raises(ValueError, match=r"rank.*mats\[2\]"):
+        ops.rsvd_many([f32(6, 4), f32(9, 9), f32(2, 8)], 3)
+
+
+def test_factored_svd_errors():
+    B, A = f32(6, 3), f32(3, 5)
+    with pytest.raises(ValueError, match=r"\bB\b.*\bA\b"):
+        ops.factored_svd(B, f32(4, 5))  # r mismatch
+    with pytest.raises(ValueError, match="rank"):
+        ops.factored_svd(B, A, 4)  # > min(m, n, r) = 3
+    with pytest.raises(ValueError, match="rank"):
+        ops.factored_svd(B, A, 0)
+    with pytest.raises(TypeError, match="rank"):
+        ops.factored_svd(B, A, 2.0)
+    with pytest.raises(ValueError, match=r"\bB\b"):
+        ops.factored_svd(f32(6), A)
+    with pytest.raises(ValueError, match=r"B and A must be 2-D"):
+        ops.factored_svd(f32(2, 6, 3), A)
+    with pytest.raises(TypeError, match=r"\bA\b"):
+        ops.factored_svd(B, torch.ones(3, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rank"):
+        ops.factored_svd(f32(3, 5), f32(5, 9), 4)  # r > m: full rank is 3
+
+
+@pytest.mark.parametrize("which", ["B", "A"])
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_factored_svd_non_finite(which, bad):
+    B, A = f32(6, 3), f32(3, 5)
+    (B if which == "B" else A)[1, 1] = bad
+    with pytest.raises(ValueError, match=rf"\b{which}\b.*(NaN|Inf)"):
+        ops.factored_svd(B, A)
+
+
+# ---------------------------------------------------------------------------------------------
+# project / project_dense / reconstruct
+
+
+def test_project_shape_mismatch():
+    U, V, B, A = f32(8, 2), f32(5, 3), f32(8, 4), f32(4, 5)
+    ops.project(U, V, B, A)  # valid
+    for args in [(f32(7, 2), V, B, A), (U, f32(6, 3), B, A), (U, V, f32(8, 3), A), (U, V, B, f32(4, 6))]:
+        with pytest.raises(ValueError, match="shapes do not chain"):
+            ops.project(*args)
+
+
+@pytest.mark.parametrize("which", ["B", "A"])
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_project_non_finite(which, bad):
+    U, V, B, A = f32(8, 2), f32(5, 3), f32(8, 4), f32(4, 5)
+    (B if which == "B" else A)[0, 0] = bad
+    with pytest.raises(ValueError, match=rf"\b{which}\b.*(NaN|Inf)"):
+        ops.project(U, V, B, A)
+
+
+@pytest.mark.parametrize("which", ["U", "V", "B", "A"])
+def test_project_bad_dtype_and_dims(which):
+    args = {"U": f32(8, 2), "V": f32(5, 3), "B": f32(8, 4), "A": f32(4, 5)}
+    bad = dict(args)
+    bad[which] = args[which].to(torch.int64)
+    with pytest.raises(TypeError, match=rf"\b{which}\b"):
+        ops.project(bad["U"], bad["V"], bad["B"], bad["A"])
+    bad = dict(args)
+    bad[which] = args[which][0]
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        ops.project(bad["U"], bad["V"], bad["B"], bad["A"])
+
+
+def test_project_mixed_float_dtypes():
+    """float64 U with float32 factors: rejected with a TypeError/ValueError (not a matmul error)."""
+    with pytest.raises((TypeError, ValueError), match=r"\b(U|V|B|A)\b"):
+        ops.project(f32(8, 2).double(), f32(5, 3), f32(8, 4), f32(4, 5))
+
+
+def test_project_dense_and_reconstruct_errors():
+    U, V, D = f32(8, 2), f32(5, 3), f32(8, 5)
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        ops.project_dense(U, V, f32(8, 6))
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        ops.project_dense(f32(7, 2), V, D)
+    with pytest.raises(TypeError, match=r"\bD\b"):
+        ops.project_dense(U, V, D.to(torch.int32))
+    with pytest.raises(ValueError, match=r"\bD\b"):
+        ops.project_dense(U, V, f32(5))
+    C = f32(2, 3)
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        ops.reconstruct(U, f32(3, 3), V)
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        ops.reconstruct(U, C, f32(5, 2))
+    with pytest.raises(TypeError, match=r"\bC\b"):
+        ops.reconstruct(U, C.to(torch.int64), V)
+    with pytest.raises(ValueError, match=r"\bC\b"):
+        ops.reconstruct(U, f32(3), V)
+
+
+def test_mixed_devices_named():
+    U, V, B = f32(8, 2), f32(5, 3), f32(8, 4)
+    A = torch.empty(4, 5, device="meta")
+    with pytest.raises(ValueError, match=r"one device.*A on meta"):
+        ops.project(U, V, B, A)
+    with pytest.raises(ValueError, match=r"one device.*A on meta"):
+        ops.factored_svd(B, A)
+
+
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that claims to be a CUDA tensor (to reach the 'no CUDA kernels' message)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def _fake_cuda(t):
+    return torch.Tensor._make_subclass(_FakeCuda, t)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda x: ops.rsvd(x, 2), "A"),
+    (lambda x: ops.rsvd_many([f32(6, 4), x], 2), r"mats\[1\]"),
+    (lambda x: ops.factored_svd(f32(6, 4), x), "A"),
+    (lambda x: ops.project(x, f32(4, 2), f32(6, 3), f32(3, 4)), "U"),
+    (lambda x: ops.perturbed_basis(x, 0.1, 0), "U"),
+    (lambda x: ops.fuse_pairs_(x, f32(6, 2), f32(2, 4), torch.tensor([0])), r"W\[0\]"),
+])
+def test_cuda_tensor_to_cpu_only_build(monkeypatch, call, name):
+    monkeypatch.setattr(ops, "cuda_enabled", lambda: False)
+    x = _fake_cuda(torch.randn(6, 4))
+    assert x.is_cuda
+    with pytest.raises(ValueError, match=rf"{name} is a CUDA tensor.*no CUDA kernels"):
+        call(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or subspace_ext.cuda_enabled(),
+                    reason="needs a GPU and a build without CUDA kernels")
+def test_real_cuda_tensor_to_cpu_only_build():
+    with pytest.raises(ValueError, match="CUDA"):
+        ops.rsvd(torch.randn(6, 4, device="cuda"), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# importance / fusion
+
+
+def _imp_args(L=2):
+    A = [f32(3, 7) for _ in range(L)]
+    B = [f32(5, 3) for _ in range(L)]
+    gA = [f32(3, 7) for _ in range(L)]
+    gB = [f32(5, 3) for _ in range(L)]
+    return [A, B, gA, gB, *ops.importance_state(A, B)]
+
+
+NAMES = ["A", "B", "grad_A", "grad_B", "ipt_A", "ipt_B", "unc_A", "unc_B"]
+
+
+@pytest.mark.parametrize("pos", range(8))
+def test_pair_importance_list_lengths(pos):
+    args = _imp_args()
+    args[pos] = args[pos][:1]
+    with pytest.raises(ValueError, match=rf"{NAMES[pos]}|\bA\b"):
+        ops.pair_importance(*args)
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.0, 1.5, NAN])
+@pytest.mark.parametrize("name", ["beta1", "beta2"])
+def test_pair_importance_beta_out_of_range(beta, name):
+    with pytest.raises(ValueError, match=name):
+        ops.pair_importance(*_imp_args(), **{name: beta})
+
+
+def test_pair_importance_bad_layers():
+    args = _imp_args()
+    args[2][1] = None  # no gradient
+    with pytest.raises(ValueError, match=r"grad_A\[1\]"):
+        ops.pair_importance(*args)
+    args = _imp_args()
+    args[1][0] = f32(5, 4)  # B (m x r) does not match A (r x n)
+    with pytest.raises(ValueError, match="layer 0"):
+        ops.pair_importance(*args)
+    args = _imp_args()
+    args[4][1] = torch.zeros(7, 3).t()  # non-contiguous state
+    with pytest.raises(ValueError, match=r"ipt_A\[1\]"):
+        ops.pair_importance(*args)
+    args = _imp_args()
+    args[6][0] = torch.zeros(3, 7, dtype=torch.bfloat16)  # bf16 state not allowed
+    with pytest.raises(TypeError, match=r"unc_A\[0\]"):
+        ops.pair_importance(*args)
+    args = _imp_args()
+    args[0][0] = torch.ones(3, 7, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"A\[0\]"):
+        ops.pair_importance(*args)
+    with pytest.raises(TypeError, match=r"\bB\b"):
+        args = _imp_args()
+        args[1] = {"not": "a list"}
+        ops.pair_importance(*args)
+
+
+def _fuse_args():
+    W = [f32(6, 4), f32(5, 9)]
+    B = [f32(6, 3), f32(5, 2)]
+    A = [f32(3, 4), f32(2, 9)]
+    idx = [torch.tensor([0, 2]), torch.tensor([1])]
+    return W, B, A, idx
+
+
+@pytest.mark.parametrize("op", ["fuse", "reinit"])
+def test_fuse_reinit_idx_errors(op):
+    def call(idx):
+        W, B, A, _ = _fuse_args()
+        if op == "fuse":
+            ops.fuse_pairs_(W, B, A, idx)
+        else:
+            ops.reinit_pairs_(W, B, A, idx, [f32(6, len(idx[0])), f32(5, len(idx[1]))],
+                              [f32(len(idx[0]), 4), f32(len(idx[1]), 9)])
+
+    with pytest.raises(ValueError, match=r"(idx\[0\]|layer 0: idx).*(outside|out of range)"):
+        call([torch.tensor([0, 3]), torch.tensor([1])])
+    with pytest.raises(ValueError, match=r"(idx\[1\]|layer 1: idx).*(outside|out of range)"):
+        call([torch.tensor([0]), torch.tensor([-1])])
+    with pytest.raises(ValueError, match=r"(idx\[0\]|layer 0: idx).*repeated"):
+        call([torch.tensor([2, 2]), torch.tensor([1])])
+    with pytest.raises(TypeError, match=r"idx\[1\]"):
+        call([torch.tensor([0]), torch.tensor([1.0])])
+
+
+def test_fuse_errors():
+    W, B, A, idx = _fuse_args()
+    snapshot = [t.clone() for t in W + B + A]
+    with pytest.raises(ValueError, match=r"\bB\b has 1 layers"):
+        ops.fuse_pairs_(W, B[:1], A, idx)
+    with pytest.raises(ValueError, match=r"idx has 1 layers"):
+        ops.fuse_pairs_(W, B, A, idx[:1])
+    with pytest.raises(ValueError, match=r"scaling has 3 layers"):
+        ops.fuse_pairs_(W, B, A, idx, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="layer 1"):
+        ops.fuse_pairs_(W, [B[0], f32(5, 3)], A, idx)  # B[1] r mismatch with A[1]
+    with pytest.raises(ValueError, match="layer 0"):
+        ops.fuse_pairs_(W, [f32(7, 3), B[1]], A, idx)  # B[0] m mismatch with W[0]
+    with pytest.raises(ValueError, match="layer 1"):
+        ops.fuse_pairs_(W, B, [A[0], f32(2, 8)], idx)  # A[1] n mismatch with W[1]
+    with pytest.raises(ValueError, match="layer 0"):
+        ops.fuse_pairs_([f32(2, 6, 4), W[1]], B, A, idx)
+    with pytest.raises(TypeError, match=r"W\[1\]"):
+        ops.fuse_pairs_([W[0], W[1].to(torch.int32)], B, A, idx)
+    with pytest.raises(TypeError, match=r"\bW\b"):
+        ops.fuse_pairs_("W", B, A, idx)
+    # nothing was modified by any failed call
+    for t, s in zip(W + B + A, snapshot):
+        assert torch.equal(t, s)
+
+
+def test_reinit_errors():
+    W, B, A, idx = _fuse_args()
+    Bn = [f32(6, 2), f32(5, 1)]
+    An = [f32(2, 4), f32(1, 9)]
+    snapshot = [t.clone() for t in W + B + A]
+    with pytest.raises(ValueError, match=r"B_new.*layer 0|layer 0.*B_new"):
+        ops.reinit_pairs_(W, B, A, idx, [f32(6, 3), Bn[1]], An)
+    with pytest.raises(ValueError, match=r"layer 1.*A_new"):
+        ops.reinit_pairs_(W, B, A, idx, Bn, [An[0], f32(1, 8)])
+    with pytest.raises(ValueError, match=r"B_new and A_new"):
+        ops.reinit_pairs_(W, B, A, idx, Bn[:1], An)
+    bad = f32(6, 2)
+    bad[0, 0] = NAN
+    with pytest.raises(ValueError, match=r"B_new\[0\].*NaN"):
+        ops.reinit_pairs_(W, B, A, idx, [bad, Bn[1]], An)
+    bad = f32(1, 9)
+    bad[0, 3] = INF
+    with pytest.raises(ValueError, match=r"A_new\[1\].*(NaN|Inf)"):
+        ops.reinit_pairs_(W, B, A, idx, Bn, [An[0], bad])
+    with pytest.raises(TypeError, match=r"B_new\[1\]"):
+        ops.reinit_pairs_(W, B, A, idx, [Bn[0], Bn[1].to(torch.int64)], An)
+    for t, s in zip(W + B + A, snapshot):
+        assert torch.equal(t, s)
+
+
+def test_empty_layer_lists_are_no_ops():
+    """A model without LoRA layers: the list ops accept empty lists."""
+    assert ops.pair_importance([], [], [], [], [], [], [], []) == []
+    ops.fuse_pairs_([], [], [], [])
+    ops.reinit_pairs_([], [], [], [], [], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels' own checks, through torch.ops directly
+
+_o = torch.ops.subspace_ext
+
+
+def _z(*s, dtype=torch.float32):
+    return torch.zeros(*s, dtype=dtype)
+
+
+def _imp_direct(**over):
+    args = dict(A=[f32(2, 3)], B=[f32(4, 2)], grad_A=[f32(2, 3)], grad_B=[f32(4, 2)],
+                ipt_A=[_z(2, 3)], ipt_B=[_z(4, 2)], unc_A=[_z(2, 3)], unc_B=[_z(4, 2)],
+                scores=[_z(2)], beta1=0.8, beta2=0.8)
+    args.update(over)
+    return lambda: _o.pair_importance_(*args.values())
+
+
+DIRECT = {
+    "philox_uint32_ float out": (lambda: _o.philox_uint32_(torch.empty(4), 0, 0), TypeError, "out"),
+    "philox_uint32_ non-contiguous": (lambda: _o.philox_uint32_(torch.empty(4, 4, dtype=torch.int32).t(), 0, 0),
+                                      (TypeError, ValueError), "out"),
+    "philox_normal_ int out": (lambda: _o.philox_normal_(torch.empty(4, dtype=torch.int32), 0, 0), TypeError, "out"),
+    "philox_normal_ non-contiguous": (lambda: _o.philox_normal_(torch.empty(4, 4).t(), 0, 0), ValueError, "out"),
+    "perturbed_basis int U": (lambda: _o.perturbed_basis(torch.ones(4, 2, dtype=torch.int32), 0.1, 0, 0, False),
+                              TypeError, "U"),
+    "perturbed_basis 1-D U": (lambda: _o.perturbed_basis(f32(3), 0.1, 0, 0, False), ValueError, "U"),
+    "rsvd rank 0": (lambda: _o.rsvd(f32(4, 3), 0, 8, 2, 0), ValueError, "rank"),
+    "rsvd rank > min": (lambda: _o.rsvd(f32(4, 3), 4, 8, 2, 0), ValueError, "rank"),
+    "rsvd int A": (lambda: _o.rsvd(torch.ones(4, 3, dtype=torch.int32), 1, 8, 2, 0), TypeError, "A"),
+    "rsvd 1-D A": (lambda: _o.rsvd(f32(3), 1, 8, 2, 0), ValueError, "A"),
+    "rsvd NaN": (lambda: _o.rsvd(torch.full((4, 3), NAN), 1, 8, 2, 0), ValueError, "NaN"),
+    "rsvd oversample < 0": (lambda: _o.rsvd(f32(4, 3), 1, -1, 2, 0), ValueError, "oversample"),
+    "rsvd niter < 0": (lambda: _o.rsvd(f32(4, 3), 1, 1, -1, 0), ValueError, "niter"),
+    "rsvd_many Inf": (lambda: _o.rsvd_many([f32(4, 3), torch.full((4, 3), INF)], 1, 8, 2, 0), ValueError, "Inf"),
+    "rsvd_many 3-D": (lambda: _o.rsvd_many([f32(2, 4, 3)], 1, 8, 2, 0), ValueError, "2-D"),
+    "rsvd_many rank": (lambda: _o.rsvd_many([f32(4, 3), f32(2, 5)], 3, 8, 2, 0), ValueError, "rank"),
+    "factored_svd shapes": (lambda: _o.factored_svd(f32(4, 2), f32(3, 5), 1), ValueError, "B"),
+    "factored_svd NaN": (lambda: _o.factored_svd(f32(4, 2), torch.full((2, 5), NAN), 1), ValueError, "A"),
+    "factored_svd rank": (lambda: _o.factored_svd(f32(4, 2), f32(2, 5), 3), ValueError, "rank"),
+    "factored_svd int": (lambda: _o.factored_svd(torch.ones(4, 2, dtype=torch.int64), f32(2, 5), 1), TypeError, "B"),
+    "project shapes": (lambda: _o.project(f32(4, 2), f32(5, 2), f32(4, 3), f32(2, 5), 1.0), ValueError, "shapes"),
+    "project int": (lambda: _o.project(torch.ones(4, 2, dtype=torch.int64), f32(5, 2), f32(4, 3), f32(3, 5), 1.0),
+                    TypeError, "U"),
+    "project_dense shapes": (lambda: _o.project_dense(f32(4, 2), f32(5, 2), f32(4, 6)), ValueError, "shapes"),
+    "reconstruct shapes": (lambda: _o.reconstruct(f32(4, 2), f32(3, 2), f32(5, 2)), ValueError, "shapes"),
+    "pair_importance lengths": (_imp_direct(B=[]), ValueError, "length"),
+    "pair_importance shapes": (_imp_direct(B=[f32(4, 3)], grad_B=[f32(4, 3)], ipt_B=[_z(4, 3)], unc_B=[_z(4, 3)]),
+                               ValueError, "layer 0"),
+    "pair_importance int states": (_imp_direct(ipt_A=[_z(2, 3, dtype=torch.int32)]), TypeError, "states"),
+    "pair_importance int params": (_imp_direct(A=[torch.ones(2, 3, dtype=torch.int32)], B=[torch.ones(4, 2, dtype=torch.int32)],
+                                               grad_A=[torch.ones(2, 3, dtype=torch.int32)],
+                                               grad_B=[torch.ones(4, 2, dtype=torch.int32)]), TypeError, "A"),
+    "pair_importance beta1 > 1": (_imp_direct(beta1=1.5), ValueError, "beta1"),
+    "pair_importance beta2 < 0": (_imp_direct(beta2=-0.5), ValueError, "beta2"),
+    "fuse_pairs_ idx range": (lambda: _o.fuse_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5)], [torch.tensor([2])], [1.0]),
+                              ValueError, "idx"),
+    "fuse_pairs_ idx repeated": (lambda: _o.fuse_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5)], [torch.tensor([1, 1])],
+                                                        [1.0]), ValueError, "idx"),
+    "fuse_pairs_ float idx": (lambda: _o.fuse_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5)], [torch.tensor([1.0])],
+                                                     [1.0]), TypeError, "idx"),
+    "fuse_pairs_ shapes": (lambda: _o.fuse_pairs_([f32(4, 5)], [f32(4, 2)], [f32(3, 5)], [torch.tensor([1])], [1.0]),
+                           ValueError, "layer 0"),
+    "fuse_pairs_ lengths": (lambda: _o.fuse_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5)], [torch.tensor([1])],
+                                                   [1.0, 2.0]), ValueError, "scaling"),
+    "fuse_pairs_ int W": (lambda: _o.fuse_pairs_([torch.ones(4, 5, dtype=torch.int32)], [f32(4, 2)], [f32(2, 5)],
+                                                 [torch.tensor([1])], [1.0]), TypeError, "W"),
+    "fuse_pairs_ B/A dtypes": (lambda: _o.fuse_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5).double()],
+                                                      [torch.tensor([1])], [1.0]), TypeError, "B and A"),
+    "reinit_pairs_ B_new shape": (lambda: _o.reinit_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5)], [torch.tensor([1])],
+                                                           [f32(4, 2)], [f32(1, 5)], [1.0]), ValueError, "B_new"),
+    "reinit_pairs_ lengths": (lambda: _o.reinit_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5)], [torch.tensor([1])],
+                                                       [], [], [1.0]), ValueError, "B_new"),
+    "reinit_pairs_ NaN B_new": (lambda: _o.reinit_pairs_([f32(4, 5)], [f32(4, 2)], [f32(2, 5)], [torch.tensor([1])],
+                                                         [torch.full((4, 1), NAN)], [f32(1, 5)], [1.0]),
+                                ValueError, "B_new"),
+}
+
+
+@pytest.mark.parametrize("case", list(DIRECT))
+def test_direct_op_checks(case):
+    fn, exc, match = DIRECT[case]
+    with pytest.raises(exc, match=match):
+        fn()

@@ -1,0 +1,326 @@
+import pytest
+import torch
+
+from subspace_ext import ops
+
+import reference as ref
+
+UNIT = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53, torch.bfloat16: 2.0 ** -8,
+        torch.float16: 2.0 ** -11}
+
+
+def d(t):
+    """A float64 CPU *copy* (never an alias of a float64 tensor that a kernel updates in place)."""
+    return t.detach().cpu().double().clone()
+
+
+def _layers(shapes, dtype, device):
+    """shapes: list of (m, r, n). Returns A, B, grad_A, grad_B lists."""
+    A = [torch.randn(r, n, device=device).to(dtype) for m, r, n in shapes]
+    B = [torch.randn(m, r, device=device).to(dtype) for m, r, n in shapes]
+    gA = [torch.randn(r, n, device=device).to(dtype) for m, r, n in shapes]
+    gB = [torch.randn(m, r, device=device).to(dtype) for m, r, n in shapes]
+    return A, B, gA, gB
+
+
+MIXED = [(3, 1, 257), (17, 4, 3), (64, 8, 17), (257, 4, 64), (3, 8, 3), (64, 1, 64), (17, 8, 257)]
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_importance
+
+
+@pytest.mark.parametrize("pdtype,sdtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                           (torch.float32, torch.float64)])
+@pytest.mark.parametrize("betas", [(0.85, 0.85), (0.6, 0.95), (0.0, 0.0)])
+def test_pair_importance_several_steps(pdtype, sdtype, betas, device):
+    b1, b2 = betas
+    A, B, _, _ = _layers(MIXED, pdtype, device)
+    iA, iB, uA, uB = ops.importance_state(A, B, dtype=sdtype)
+    assert all(t.dtype == sdtype and (t == 0).all() for t in iA + iB + uA + uB)
+    state_ids = [id(t) for t in iA + iB + uA + uB]
+    ptrs = [t.data_ptr() for t in iA + iB + uA + uB]
+    r_iA, r_iB, r_uA, r_uB = [d(t) for t in iA], [d(t) for t in iB], [d(t) for t in uA], [d(t) for t in uB]
+    rtol = 1e-12 if sdtype == torch.float64 else 3e-5
+    for step in range(4):
+        # new gradients each step; params also drift
+        _, _, gA, gB = _layers(MIXED, pdtype, device)
+        if step == 2:
+            A = [a + 0.1 * torch.randn_like(a.float()).to(pdtype) for a in A]
+        scores = ops.pair_importance(A, B, gA, gB, iA, iB, uA, uB, beta1=b1, beta2=b2)
+        exp, r_iA, r_iB, r_uA, r_uB = ref.pair_importance_ref(A, B, gA, gB, r_iA, r_iB, r_uA, r_uB, b1, b2)
+        assert len(scores) == len(MIXED)
+        for l, (m, r, n) in enumerate(MIXED):
+            assert scores[l].shape == (r,) and scores[l].dtype == sdtype
+            assert scores[l].device.type == device
+            torch.testing.assert_close(d(scores[l]), exp[l], rtol=rtol, atol=1e-30)
+            torch.testing.assert_close(d(iA[l]), r_iA[l], rtol=rtol, atol=1e-30)
+            torch.testing.assert_close(d(iB[l]), r_iB[l], rtol=rtol, atol=1e-30)
+            torch.testing.assert_close(d(uA[l]), r_uA[l], rtol=rtol, atol=1e-30)
+            torch.testing.assert_close(d(uB[l]), r_uB[l], rtol=rtol, atol=1e-30)
+    # updated in place: same tensor objects, same storage
+    assert [id(t) for t in iA + iB + uA + uB] == state_ids
+    assert [t.data_ptr() for t in iA + iB + uA + uB] == ptrs
+    if b2 > 0:
+        assert all((t > 0).any() for t in uA)
+
+
+def test_pair_importance_params_not_modified(device):
+    A, B, gA, gB = _layers(MIXED[:3], torch.float32, device)
+    copies = [t.clone() for t in A + B + gA + gB]
+    ops.pair_importance(A, B, gA, gB, *ops.importance_state(A, B))
+    for t, c in zip(A + B + gA + gB, copies):
+        assert torch.equal(t, c)
+
+
+def test_pair_importance_single_tensor_form(device):
+    A, B, gA, gB = _layers([(20, 4, 30)], torch.float32, device)
+    st = ops.importance_state(A[0], B[0])
+    scores = ops.pair_importance(A[0], B[0], gA[0], gB[0], st[0][0], st[1][0], st[2][0], st[3][0],
+                                 beta1=0.5, beta2=0.7)
+    exp = ref.pair_importance_ref(A, B, gA, gB, [torch.zeros(4, 30)], [torch.zeros(20, 4)],
+                                  [torch.zeros(4, 30)], [torch.zeros(20, 4)], 0.5, 0.7)[0]
+    assert isinstance(scores, list) and len(scores) == 1
+    torch.testing.assert_close(d(scores[0]), exp[0], rtol=3e-5, atol=0)
+
+
+def test_pair_importance_non_contiguous_params(device):
+    """Parameters given as views (e.g. transposed storage) are read by value."""
+    At = torch.randn(30, 4, device=device)
+    Bt = torch.randn(4, 20, device=device)
+    A, B = [At.t()], [Bt.t()]
+    gA, gB = [torch.randn(30, 4, device=device).t()], [torch.randn(20, 8, device=device)[:, ::2]]
+    st = ops.importance_state(A, B)
+    st_c = ops.importance_state(A, B)
+    s1 = ops.pair_importance(A, B, gA, gB, *st)
+    s2 = ops.pair_importance([a.contiguous() for a in A], [b.contiguous() for b in B],
+                             [g.contiguous() for g in gA], [g.contiguous() for g in gB], *st_c)
+    assert torch.equal(s1[0], s2[0])
+    for x, y in zip(st, st_c):
+        assert torch.equal(x[0], y[0])
+
+
+def test_pair_importance_score_depends_on_right_pair(device):
+    """Scores must attribute row j of A and column j of B to pair j (not e.g. row j of B)."""
+    m, r, n = 9, 3, 11
+    A = torch.zeros(r, n, device=device)
+    B = torch.zeros(m, r, device=device)
+    A[1] = 1.0  # only pair 1 has non-zero A
+    B[:, 2] = 1.0  # only pair 2 has non-zero B
+    gA = torch.ones(r, n, device=device)
+    gB = torch.ones(m, r, device=device)
+    st = ops.importance_state(A, B)
+    s = ops.pair_importance(A, B, gA, gB, *st, beta1=0.5, beta2=0.5)[0].cpu()
+    # I = 1 where p != 0: ipt = 0.5, unc = 0.5 * |1 - 0.5| = 0.25 -> score 0.125 per element,
+    # averaged over the row / column (all of it non-zero)
+    assert s[0].item() == 0.0
+    torch.testing.assert_close(s[1].item(), 0.125)
+    torch.testing.assert_close(s[2].item(), 0.125)
+
+
+def test_pair_importance_thread_invariant():
+    shapes = MIXED + [(100, 8, 100)] * 3
+    A, B, gA, gB = _layers(shapes, torch.float32, "cpu")
+    st1, st2 = ops.importance_state(A, B), ops.importance_state(A, B)
+    torch.set_num_threads(1)
+    s1 = ops.pair_importance(A, B, gA, gB, *st1)
+    torch.set_num_threads(2)
+    s2 = ops.pair_importance(A, B, gA, gB, *st2)
+    for x, y in zip(s1, s2):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_pairs_ / reinit_pairs_
+
+
+def _bound(W, B, A, idx, scaling, Bn=None, An=None):
+    """Elementwise |W| + |s| (|B[:, idx]| |A[idx]| + |Bn| |An|) for error bounds."""
+    idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+    out = d(W).abs() + abs(scaling) * (d(B)[:, idx].abs() @ d(A)[idx].abs())
+    if Bn is not None:
+        out = out + abs(scaling) * (d(Bn).abs() @ d(An).abs())
+    return out
+
+
+def _w_tol(W, bound, q):
+    """Tolerance for W updated by accumulating 2q products in float (double for fp64 W) and rounding
+    once into W's dtype."""
+    acc = UNIT[torch.float64] if W.dtype == torch.float64 else UNIT[torch.float32]
+    return (UNIT[W.dtype] + 4 * (q + 1) * acc) * bound + 1e-30
+
+
+def _function(W, B, A, x, s):
+    return d(W) @ x + s * (d(B) @ (d(A) @ x))
+
+
+WB_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+             (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("wdtype,fdtype", WB_DTYPES)
+@pytest.mark.parametrize("m,r,n,idx", [(40, 8, 30, [1, 5, 6]), (3, 4, 257, [3]), (257, 4, 3, [0, 1, 2, 3]),
+                                       (17, 1, 17, [0]), (64, 8, 64, [7, 0])])
+def test_fuse_pairs_single_layer(wdtype, fdtype, m, r, n, idx, device):
+    W = torch.randn(m, n, device=device).to(wdtype)
+    B = torch.randn(m, r, device=device).to(fdtype)
+    A = torch.randn(r, n, device=device).to(fdtype)
+    s = 0.75
+    W0, B0, A0 = W.clone(), B.clone(), A.clone()
+    ptr = W.data_ptr()
+    x = torch.randn(n, 5, dtype=torch.float64)
+    y0 = _function(W0, B0, A0, x, s)
+    ops.fuse_pairs_(W, B, A, torch.tensor(idx, device=device), s)
+    assert W.data_ptr() == ptr and W.dtype == wdtype
+    W_ref, B_ref = ref.fuse_pairs_ref(W0, B0, A0, idx, s)
+    bound = _bound(W0, B0, A0, idx, s)
+    assert ((d(W) - W_ref).abs() <= _w_tol(W, bound, len(idx))).all()
+    assert torch.equal(d(B), B_ref)  # exact: columns idx zeroed, the rest untouched
+    assert torch.equal(A, A0)
+    assert not torch.equal(W, W0)
+    # the layer's function is preserved up to W's rounding
+    y1 = _function(W, B, A, x, s)
+    tol = 4 * _w_tol(W, bound, len(idx)) @ x.abs()
+    assert ((y1 - y0).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fuse_pairs_transposed_and_strided_w(wdtype, device):
+    m, r, n = 33, 6, 20
+    Wc = torch.randn(n, m, device=device).to(wdtype)  # contiguous storage
+    W = Wc.t()  # (m, n) view with strides (1, m)
+    Wbig = torch.randn(m, 2 * n, device=device).to(wdtype)
+    W2 = Wbig[:, ::2]  # (m, n), column stride 2
+    B = torch.randn(m, r, device=device).to(wdtype)
+    A = torch.randn(r, n, device=device).to(wdtype)
+    B2, A2 = B.clone(), A.clone()
+    idx = [4, 0, 2]
+    W0, W20, Wbig0 = W.clone(), W2.clone(), Wbig.clone()
+    W_ref, B_ref = ref.fuse_pairs_ref(W0, B, A, idx, 2.0)
+    W2_ref, _ = ref.fuse_pairs_ref(W20, B, A, idx, 2.0)
+    tol = _w_tol(W, _bound(W0, B, A, idx, 2.0), 3)
+    tol2 = _w_tol(W2, _bound(W20, B, A, idx, 2.0), 3)
+    ops.fuse_pairs_([W, W2], [B, B2], [A, A2], [idx, idx], 2.0)
+    assert W.data_ptr() == Wc.data_ptr()
+    assert ((d(Wc.t()) - W_ref).abs() <= tol).all()  # the storage behind the view was updated
+    assert ((d(Wbig[:, ::2]) - W2_ref).abs() <= tol2).all()
+    assert torch.equal(Wbig[:, 1::2], Wbig0[:, 1::2])  # untouched columns between the strides
+    assert torch.equal(d(B), B_ref) and torch.equal(d(B2), B_ref)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float64])
+def test_fuse_pairs_non_contiguous_factors(wdtype, device):
+    m, r, n = 25, 5, 18
+    W = torch.randn(m, n, dtype=wdtype, device=device)
+    Bt = torch.randn(r, m, dtype=wdtype, device=device)
+    At = torch.randn(n, r, dtype=wdtype, device=device)
+    B, A = Bt.t(), At.t()  # views; B is updated in place through the view
+    W0, B0, A0 = W.clone(), B.clone(), A.clone()
+    ops.fuse_pairs_(W, B, A, torch.tensor([1, 3], device=device), 0.5)
+    W_ref, B_ref = ref.fuse_pairs_ref(W0, B0, A0, [1, 3], 0.5)
+    assert ((d(W) - W_ref).abs() <= _w_tol(W, _bound(W0, B0, A0, [1, 3], 0.5), 2)).all()
+    assert torch.equal(d(Bt.t()), B_ref)
+
+
+@pytest.mark.parametrize("wdtype,fdtype", WB_DTYPES[:4])
+def test_fuse_pairs_many_layers(wdtype, fdtype, device):
+    shapes = [(3, 1, 257), (17, 4, 3), (64, 8, 17), (257, 4, 64), (3, 8, 3), (64, 1, 64), (17, 8, 257)]
+    idxs = [[0], [], [7, 2, 3], [1, 2], [], [0], list(range(8))]
+    scal = [1.0, 2.0, 0.5, -1.0, 3.0, 0.25, 1.5]
+    W = [torch.randn(m, n, device=device).to(wdtype) for m, r, n in shapes]
+    B = [torch.randn(m, r, device=device).to(fdtype) for m, r, n in shapes]
+    A = [torch.randn(r, n, device=device).to(fdtype) for m, r, n in shapes]
+    W0, B0, A0 = [w.clone() for w in W], [b.clone() for b in B], [a.clone() for a in A]
+    idx_t = [torch.tensor(i, dtype=torch.int32 if l % 2 else torch.int64, device=device) for l, i in enumerate(idxs)]
+    ops.fuse_pairs_(W, B, A, idx_t, scal)
+    for l in range(len(shapes)):
+        if not idxs[l]:
+            assert torch.equal(W[l], W0[l]) and torch.equal(B[l], B0[l])
+            continue
+        W_ref, B_ref = ref.fuse_pairs_ref(W0[l], B0[l], A0[l], idxs[l], scal[l])
+        tol = _w_tol(W[l], _bound(W0[l], B0[l], A0[l], idxs[l], scal[l]), len(idxs[l]))
+        assert ((d(W[l]) - W_ref).abs() <= tol).all(), l
+        assert torch.equal(d(B[l]), B_ref), l
+        assert torch.equal(A[l], A0[l])
+
+
+def test_fuse_pairs_thread_invariant():
+    shapes = [(300, 8, 200), (50, 4, 70), (129, 8, 65)]
+    W = [torch.randn(m, n) for m, r, n in shapes]
+    B = [torch.randn(m, r) for m, r, n in shapes]
+    A = [torch.randn(r, n) for m, r, n in shapes]
+    idx = [[0, 3], [1], [2, 5, 7]]
+    W1, B1 = [w.clone() for w in W], [b.clone() for b in B]
+    torch.set_num_threads(1)
+    ops.fuse_pairs_(W1, B1, A, idx, 1.3)
+    torch.set_num_threads(2)
+    ops.fuse_pairs_(W, B, A, idx, 1.3)
+    for x, y in zip(W + B, W1 + B1):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("wdtype,fdtype", WB_DTYPES)
+def test_reinit_pairs_single_layer(wdtype, fdtype, device):
+    m, r, n = 40, 8, 30
+    idx = [6, 1, 2]
+    q = len(idx)
+    W = torch.randn(m, n, device=device).to(wdtype)
+    B = torch.randn(m, r, device=device).to(fdtype)
+    A = torch.randn(r, n, device=device).to(fdtype)
+    Bn = torch.randn(m, q, device=device).to(fdtype)
+    An = torch.randn(q, n, device=device).to(fdtype)
+    s = 0.5
+    W0, B0, A0 = W.clone(), B.clone(), A.clone()
+    x = torch.randn(n, 4, dtype=torch.float64)
+    y0 = _function(W0, B0, A0, x, s)
+    ops.reinit_pairs_(W, B, A, torch.tensor(idx, device=device), Bn, An, s)
+    W_ref, B_ref, A_ref = ref.reinit_pairs_ref(W0, B0, A0, idx, Bn, An, s)
+    bound = _bound(W0, B0, A0, idx, s, Bn, An)
+    assert ((d(W) - W_ref).abs() <= _w_tol(W, bound, 2 * q)).all()
+    assert torch.equal(d(B), B_ref) and torch.equal(d(A), A_ref)
+    y1 = _function(W, B, A, x, s)
+    assert ((y1 - y0).abs() <= 4 * _w_tol(W, bound, 2 * q) @ x.abs()).all()
+    # B_new / A_new are not modified
+    assert torch.isfinite(Bn).all()
+
+
+def test_reinit_pairs_many_layers_transposed_w(device):
+    shapes = [(17, 4, 64), (64, 8, 3), (257, 1, 17), (3, 4, 3)]
+    idxs = [[3, 0], [5], [], [0, 1, 2, 3]]
+    Wc = [torch.randn(n, m, device=device) for m, r, n in shapes]
+    W = [w.t() for w in Wc]
+    B = [torch.randn(m, r, device=device) for m, r, n in shapes]
+    A = [torch.randn(r, n, device=device) for m, r, n in shapes]
+    Bn = [torch.randn(m, len(i), device=device) for (m, r, n), i in zip(shapes, idxs)]
+    An = [torch.randn(len(i), n, device=device) for (m, r, n), i in zip(shapes, idxs)]
+    W0, B0, A0 = [w.clone() for w in W], [b.clone() for b in B], [a.clone() for a in A]
+    ops.reinit_pairs_(W, B, A, idxs, Bn, An, [1.0, 0.5, 2.0, -1.0])
+    for l, s in enumerate([1.0, 0.5, 2.0, -1.0]):
+        if not idxs[l]:
+            assert torch.equal(W[l], W0[l]) and torch.equal(B[l], B0[l]) and torch.equal(A[l], A0[l])
+            continue
+        W_ref, B_ref, A_ref = ref.reinit_pairs_ref(W0[l], B0[l], A0[l], idxs[l], Bn[l], An[l], s)
+        tol = _w_tol(W[l], _bound(W0[l], B0[l], A0[l], idxs[l], s, Bn[l], An[l]), 2 * len(idxs[l]))
+        assert ((d(Wc[l].t()) - W_ref).abs() <= tol).all(), l
+        assert torch.equal(d(B[l]), B_ref) and torch.equal(d(A[l]), A_ref), l
+
+
+def test_reinit_with_own_pairs_is_identity_on_w():
+    """Re-initialising pairs with themselves leaves W unchanged (to rounding)."""
+    W = torch.randn(20, 15, dtype=torch.float64)
+    B, A = torch.randn(20, 5, dtype=torch.float64), torch.randn(5, 15, dtype=torch.float64)
+    W0 = W.clone()
+    idx = [0, 4]
+    ops.reinit_pairs_(W, B, A, torch.tensor(idx), B[:, idx].clone(), A[idx].clone(), 1.0)
+    torch.testing.assert_close(W, W0, rtol=0, atol=1e-13)
+
+
+def test_fuse_then_state_consistent_with_dense_sum():
+    """fuse all pairs: W' = W + s B A and B' = 0."""
+    W = torch.randn(30, 25, dtype=torch.float64)
+    B, A = torch.randn(30, 6, dtype=torch.float64), torch.randn(6, 25, dtype=torch.float64)
+    W_exp = W + 1.5 * B @ A
+    ops.fuse_pairs_(W, B, A, torch.arange(6), 1.5)
+    torch.testing.assert_close(W, W_exp, rtol=1e-14, atol=1e-13)
+    assert (B == 0).all()

@@ -1,0 +1,92 @@
+"""torch.library.opcheck on every op: schema (incl. mutation annotations), fake kernels vs real
+outputs, autograd registration and AOT dispatch."""
+import pytest
+import torch
+
+import subspace_ext  # noqa: F401  (registers the ops and the fake kernels)
+from subspace_ext import ops
+
+_o = torch.ops.subspace_ext
+
+
+def _cases(device):
+    def r(*s, dtype=torch.float32):
+        return torch.randn(*s, dtype=dtype, device=device)
+
+    def imp(sdtype=torch.float32, pdtype=torch.float32):
+        A = [r(3, 7).to(pdtype), r(1, 4).to(pdtype)]
+        B = [r(5, 3).to(pdtype), r(6, 1).to(pdtype)]
+        gA = [torch.randn_like(a) for a in A]
+        gB = [torch.randn_like(b) for b in B]
+        st = [[torch.rand(t.shape, dtype=sdtype, device=device) for t in ts] for ts in (A, B, A, B)]
+        scores = [torch.empty(a.shape[0], dtype=sdtype, device=device) for a in A]
+        return (A, B, gA, gB, *st, scores, 0.85, 0.9)
+
+    idx = lambda *v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return {
+        "philox_uint32_": (_o.philox_uint32_, (torch.empty(3, 5, dtype=torch.int32, device=device), 7, 2)),
+        "philox_normal_ f32": (_o.philox_normal_, (torch.empty(11, device=device), 2**40, 1)),
+        "philox_normal_ f64": (_o.philox_normal_, (torch.empty(2, 3, dtype=torch.float64, device=device), -5, 0)),
+        "perturbed_basis": (_o.perturbed_basis, (r(9, 4), 0.1, 3, 1, False)),
+        "perturbed_basis orth": (_o.perturbed_basis, (r(2, 9, 4, dtype=torch.float64), 0.1, 3, 1, True)),
+        "rsvd": (_o.rsvd, (r(12, 9), 3, 4, 1, 0)),
+        "rsvd batched": (_o.rsvd, (r(2, 7, 10, dtype=torch.float64), 2, 2, 1, 5)),
+        "rsvd_many": (_o.rsvd_many, ([r(12, 9), r(5, 8), r(6, 6)], 2, 3, 1, 0)),
+        "factored_svd": (_o.factored_svd, (r(10, 4), r(4, 7), 3)),
+        "factored_svd mixed": (_o.factored_svd, (r(10, 4), r(4, 7, dtype=torch.float64), 4)),
+        "project": (_o.project, (r(10, 3), r(8, 2), r(10, 4), r(4, 8), 0.5)),
+        "project batched": (_o.project, (r(2, 10, 3), r(2, 8, 2), r(2, 10, 4), r(2, 4, 8), 1.0)),
+        "project_dense": (_o.project_dense, (r(10, 3), r(8, 5), r(10, 8))),
+        "reconstruct": (_o.reconstruct, (r(10, 3), r(3, 2), r(8, 2))),
+        "pair_importance_": (_o.pair_importance_, imp()),
+        "pair_importance_ bf16/f64": (_o.pair_importance_, imp(torch.float64, torch.bfloat16)),
+        "fuse_pairs_": (_o.fuse_pairs_, ([r(6, 5), r(4, 9)], [r(6, 3), r(4, 2)], [r(3, 5), r(2, 9)],
+                                        [idx(0, 2), idx(1)], [1.0, 0.5])),
+        "fuse_pairs_ empty idx": (_o.fuse_pairs_, ([r(6, 5)], [r(6, 3)], [r(3, 5)], [idx()], [2.0])),
+        "reinit_pairs_": (_o.reinit_pairs_, ([r(6, 5), r(4, 9)], [r(6, 3), r(4, 2)], [r(3, 5), r(2, 9)],
+                                            [idx(0, 2), idx(1)], [r(6, 2), r(4, 1)], [r(2, 5), r(1, 9)],
+                                            [1.0, 0.5])),
+    }
+
+
+CASE_NAMES = list(_cases("cpu"))
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_opcheck(name, device):
+    op, args = _cases(device)[name]
+    torch.library.opcheck(op, args)
+
+
+def test_every_op_is_covered():
+    """Every op in the namespace's schema list has at least one opcheck case."""
+    covered = {name.split()[0] for name in CASE_NAMES}
+    schemas = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas()
+               if s.name.startswith("subspace_ext::")}
+    assert schemas, "no subspace_ext ops registered"
+    assert schemas <= covered, schemas - covered
+
+
+def test_fake_kernels_trace_under_fake_mode():
+    """Output metadata of the registered fakes for the ops.py entry points (FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        A = torch.empty(3, 20, 12)
+        U, S, V = ops.rsvd(A, 4)
+        assert U.shape == (3, 20, 4) and S.shape == (3, 4) and V.shape == (3, 12, 4)
+        U, S, V = ops.factored_svd(torch.empty(20, 5), torch.empty(5, 12, dtype=torch.float64), 2)
+        assert U.shape == (20, 2) and V.shape == (12, 2) and U.dtype == torch.float64
+        C = ops.project(torch.empty(20, 3), torch.empty(12, 2), torch.empty(20, 5), torch.empty(5, 12))
+        assert C.shape == (3, 2)
+
+
+def test_torch_compile_fullgraph_smoke():
+    """The ops trace in a compiled graph (no graph breaks) and give the eager result."""
+    def f(U, V, B, A):
+        return torch.ops.subspace_ext.project(U, V, B, A, 2.0) + 1
+
+    args = (torch.randn(10, 3), torch.randn(8, 2), torch.randn(10, 4), torch.randn(4, 8))
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    out = compiled(*args)
+    torch.testing.assert_close(out, f(*args))

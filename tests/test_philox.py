@@ -1,0 +1,212 @@
+import math
+
+import pytest
+import torch
+
+from subspace_ext import ops
+
+import reference as ref
+
+# ---------------------------------------------------------------------------------------------
+# the pure-Python reference against the Random123 known-answer vectors
+
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_reference_philox_known_answers(ctr, key, expected):
+    assert ref.philox4x32_10(ctr, key) == expected
+
+
+def _u32(words):
+    return [int(w) & 0xFFFFFFFF for w in words]
+
+
+def test_kernel_philox_known_answer(device):
+    # counter = (block 0, stream 0), key = (seed 0): the first Random123 vector, straight from the kernel
+    out = ops.philox_uint32((4,), 0, 0, device=device)
+    assert _u32(out.cpu().tolist()) == list(KAT[0][2])
+
+
+SEEDS = [0, 1, 123456789, 2**32 + 7, 2**63 + 5, 2**64 - 1, -1, -(2**63)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("stream", [0, 5, 2**33 + 1, 2**64 - 1])
+def test_philox_uint32_matches_reference(seed, stream, device):
+    for n in (1, 3, 257):
+        got = ops.philox_uint32((n,), seed, stream, device=device).cpu()
+        assert torch.equal(got, ref.philox_uint32_ref((n,), seed, stream)), (seed, stream, n)
+
+
+def test_negative_seed_is_twos_complement():
+    # the 64 bits are read as unsigned: -1 and 2**64 - 1 are the same key
+    assert torch.equal(ops.philox_uint32((16,), -1, -2), ops.philox_uint32((16,), 2**64 - 1, 2**64 - 2))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7), (0,), ()])
+def test_philox_uint32_shapes(shape, device):
+    out = ops.philox_uint32(shape, 11, 2, device=device)
+    assert out.shape == torch.Size(shape) and out.dtype == torch.int32
+    assert torch.equal(out.cpu(), ref.philox_uint32_ref(shape, 11, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# normals vs the float64 Box-Muller reference
+
+
+def _check_normals(got, expected, dtype):
+    got = got.cpu().double().flatten()
+    tol = 2e-6 if dtype == torch.float32 else 1e-13
+    err = (got - expected).abs() / (1 + expected.abs())
+    assert err.max().item() <= tol, (err.max().item(), int(err.argmax()))
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 32), (torch.float64, 64)])
+@pytest.mark.parametrize("seed,stream", [(0, 0), (42, 7), (2**63 + 5, 1), (2**64 - 1, 2**64 - 1)])
+def test_philox_normal_matches_box_muller(dtype, bits, seed, stream, device):
+    for n in (1, 3, 257, 2000):
+        got = ops.philox_normal((n,), seed, stream, dtype=dtype, device=device)
+        assert got.dtype == dtype and got.shape == (n,)
+        _check_normals(got, ref.philox_normals_ref(n, seed, stream, bits), dtype)
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 32), (torch.float64, 64)])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7)])
+def test_philox_normal_shapes_row_major(dtype, bits, shape, device):
+    got = ops.philox_normal(shape, 9, 4, dtype=dtype, device=device)
+    assert got.shape == torch.Size(shape) and got.is_contiguous()
+    _check_normals(got, ref.philox_normals_ref(math.prod(shape), 9, 4, bits), dtype)
+    flat = ops.philox_normal((math.prod(shape),), 9, 4, dtype=dtype, device=device)
+    assert torch.equal(got.flatten(), flat)
+
+
+def test_philox_normal_extreme_uniforms():
+    """Find blocks whose uniforms are at the edges (u1 tiny -> large |z|, u2 near 0/quadrant
+    boundaries) and check the polynomial log/sincos there."""
+    n = 40000
+    z32 = ops.philox_normal((n,), 3, 0, dtype=torch.float32).double()
+    ref32 = ref.philox_normals_ref(n, 3, 0, 32)
+    err = (z32 - ref32).abs() / (1 + ref32.abs())
+    assert err.max().item() <= 2e-6
+    assert ref32.abs().max() > 3.5  # the sample actually reaches the tails
+    z64 = ops.philox_normal((n // 2,), 3, 0, dtype=torch.float64)
+    ref64 = ref.philox_normals_ref(n // 2, 3, 0, 64)
+    err64 = (z64 - ref64).abs() / (1 + ref64.abs())
+    assert err64.max().item() <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_philox_normal_thread_count_invariant(dtype):
+    n = 100_003  # many grains of the parallel loop, odd tail
+    torch.set_num_threads(1)
+    a = ops.philox_normal((n,), 77, 3, dtype=dtype)
+    u_a = ops.philox_uint32((n,), 77, 3)
+    torch.set_num_threads(2)
+    b = ops.philox_normal((n,), 77, 3, dtype=dtype)
+    u_b = ops.philox_uint32((n,), 77, 3)
+    assert torch.equal(a, b)
+    assert torch.equal(u_a, u_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_philox_normal_repeatable_and_prefix(dtype, device):
+    n = 20_001
+    a = ops.philox_normal((n,), 5, 2, dtype=dtype, device=device)
+    b = ops.philox_normal((n,), 5, 2, dtype=dtype, device=device)
+    assert torch.equal(a, b)
+    for k in (1, 2, 3, 5, 4097, 8193, 20_000):
+        assert torch.equal(ops.philox_normal((k,), 5, 2, dtype=dtype, device=device), a[:k]), k
+    u = ops.philox_uint32((n,), 5, 2, device=device)
+    for k in (1, 3, 5, 1001):
+        assert torch.equal(ops.philox_uint32((k,), 5, 2, device=device), u[:k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_philox_normal_streams_and_seeds_differ(dtype, device):
+    n = 1000
+    base = ops.philox_normal((n,), 1, 0, dtype=dtype, device=device)
+    others = [ops.philox_normal((n,), 1, 1, dtype=dtype, device=device),
+              ops.philox_normal((n,), 2, 0, dtype=dtype, device=device),
+              ops.philox_normal((n,), 1, 2**32, dtype=dtype, device=device),
+              ops.philox_normal((n,), 2**32 + 1, 0, dtype=dtype, device=device)]
+    for o in others:
+        assert (o != base).float().mean() > 0.99
+        # and they are not trivially related (e.g. shifted copies)
+        assert abs(torch.corrcoef(torch.stack([o.double(), base.double()]).cpu())[0, 1]) < 0.15
+
+
+def test_philox_normal_moments():
+    z = ops.philox_normal((1_000_000,), 2024, 1, dtype=torch.float32).double()
+    assert abs(z.mean().item()) < 5e-3
+    assert abs(z.std().item() - 1) < 5e-3
+    # a little more shape: symmetric, normal tails
+    assert abs((z ** 3).mean().item()) < 2e-2
+    assert abs((z ** 4).mean().item() - 3) < 3e-2
+    assert abs((z.abs() < 1).double().mean().item() - 0.6826894921) < 2e-3
+
+
+def test_philox_normal_moments_float64():
+    z = ops.philox_normal((200_000,), 99, 0, dtype=torch.float64)
+    assert abs(z.mean().item()) < 1e-2
+    assert abs(z.std().item() - 1) < 1e-2
+    assert abs((z.abs() < 1).double().mean().item() - 0.6826894921) < 5e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# perturbed_basis
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 3), (1, 1), (3, 5), (2, 9, 4), (2, 3, 7)])
+def test_perturbed_basis_equals_u_plus_noise(dtype, shape, device):
+    U = torch.randn(shape, dtype=dtype, device=device)
+    U_before = U.clone()
+    out = ops.perturbed_basis(U, 0.05, 31, 2)
+    assert torch.equal(U, U_before)  # input untouched
+    expected = U + 0.05 * ops.philox_normal(shape, 31, 2, dtype=dtype, device=device)
+    assert out.shape == U.shape and out.dtype == dtype
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, U)
+    # a different stream gives different noise
+    assert not torch.allclose(ops.perturbed_basis(U, 0.05, 31, 3), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perturbed_basis_non_contiguous_input(dtype, device):
+    base = torch.randn(6, 10, dtype=dtype, device=device)
+    U = base.t()  # (10, 6) view
+    out = ops.perturbed_basis(U, 0.1, 4, 0)
+    torch.testing.assert_close(out, ops.perturbed_basis(U.contiguous(), 0.1, 4, 0), rtol=0, atol=0)
+    torch.testing.assert_close(out, U + 0.1 * ops.philox_normal((10, 6), 4, 0, dtype=dtype, device=device))
+
+
+def test_perturbed_basis_zero_eps_is_identity(device):
+    U = torch.randn(5, 3, device=device)
+    assert torch.equal(ops.perturbed_basis(U, 0.0, 1, 0), U)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape", [(9, 4), (16, 16), (2, 30, 5)])
+def test_perturbed_basis_orthonormalize(dtype, tol, shape, device):
+    U = torch.linalg.qr(torch.randn(shape, dtype=torch.float64)).Q.to(dtype).to(device)
+    eps = 0.3
+    Q = ops.perturbed_basis(U, eps, 8, 1, orthonormalize=True)
+    assert Q.shape == U.shape and Q.dtype == dtype
+    X = (U.double() + eps * ops.philox_normal(shape, 8, 1, dtype=dtype, device=device).double()).cpu()
+    Qd = Q.cpu().double()
+    for b in range(Qd.reshape(-1, *shape[-2:]).shape[0]):
+        q = Qd.reshape(-1, *shape[-2:])[b]
+        x = X.reshape(-1, *shape[-2:])[b]
+        assert ref.orthonormality_error(q) <= tol
+        # same column space as U + eps N: the projectors agree
+        qx = torch.linalg.qr(x).Q
+        assert (q @ q.T - qx @ qx.T).abs().max().item() <= 10 * tol
+        # and it's not just U's space (a square basis spans everything either way)
+        assert shape[-2] == shape[-1] or (q @ q.T - U.cpu().double().reshape(-1, *shape[-2:])[b]
+                @ U.cpu().double().reshape(-1, *shape[-2:])[b].T).abs().max().item() > 1e-2

@@ -1,0 +1,252 @@
+import pytest
+import torch
+
+from subspace_ext import ops
+
+import reference as ref
+
+DTYPES = [torch.float32, torch.float64]
+UNIT = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+ORTHO_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def d(t):
+    return t.detach().cpu().double()
+
+
+def _assert_rounding_close(got, expected, bound, dtype, depth):
+    """|got - expected| <= depth * unit_roundoff * bound elementwise (the standard GEMM error bound,
+    bound = the same product computed on absolute values), with a small safety factor."""
+    got = d(got)
+    assert got.shape == expected.shape
+    tol = 4 * depth * UNIT[dtype] * bound + 1e-300
+    bad = (got - expected).abs() > tol
+    assert not bad.any(), ((got - expected).abs().max().item(), tol.max().item())
+
+
+def _orth(*shape, dtype, device):
+    return torch.linalg.qr(torch.randn(shape, dtype=torch.float64)).Q.to(dtype).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# project
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,m,n,r,k1,k2", [
+    ((), 40, 30, 8, 5, 6), ((), 3, 257, 1, 2, 3), ((), 257, 3, 4, 1, 1), ((), 17, 17, 17, 17, 17),
+    ((3,), 20, 12, 4, 3, 5), ((2, 2), 9, 11, 1, 4, 2),
+])
+@pytest.mark.parametrize("scaling", [1.0, 0.25, -2.0])
+def test_project_matches_dense(lead, m, n, r, k1, k2, scaling, dtype, device):
+    U = torch.randn(*lead, m, k1, dtype=dtype, device=device)
+    V = torch.randn(*lead, n, k2, dtype=dtype, device=device)
+    B = torch.randn(*lead, m, r, dtype=dtype, device=device)
+    A = torch.randn(*lead, r, n, dtype=dtype, device=device)
+    C = ops.project(U, V, B, A, scaling)
+    assert C.shape == (*lead, k1, k2) and C.dtype == dtype and C.device.type == device
+    expected = ref.project_ref(U, V, B, A, scaling)
+    bound = abs(scaling) * ref.project_ref(U.abs(), V.abs(), B.abs(), A.abs())
+    _assert_rounding_close(C, expected, bound, dtype, m + n + r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_non_contiguous(dtype, device):
+    Ub = torch.randn(6, 40, dtype=dtype, device=device)
+    Vb = torch.randn(30, 14, dtype=dtype, device=device)
+    Bb = torch.randn(5, 40, dtype=dtype, device=device)
+    Ab = torch.randn(30, 10, dtype=dtype, device=device)
+    U, V, B, A = Ub.t(), Vb[:, ::2], Bb.t(), Ab.t()[::2]  # (40,6) (30,7) (40,5) (5,30)
+    assert not any(t.is_contiguous() for t in (U, V, B, A))
+    C = ops.project(U, V, B, A, 0.5)
+    expected = ref.project_ref(U, V, B, A, 0.5)
+    bound = 0.5 * ref.project_ref(U.abs(), V.abs(), B.abs(), A.abs())
+    _assert_rounding_close(C, expected, bound, dtype, 100)
+    torch.testing.assert_close(C, ops.project(U.contiguous(), V.contiguous(), B.contiguous(),
+                                              A.contiguous(), 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_inputs_unchanged(dtype):
+    U, V = torch.randn(10, 3, dtype=dtype), torch.randn(8, 2, dtype=dtype)
+    B, A = torch.randn(10, 4, dtype=dtype), torch.randn(4, 8, dtype=dtype)
+    copies = [t.clone() for t in (U, V, B, A)]
+    ops.project(U, V, B, A, 3.0)
+    for t, c in zip((U, V, B, A), copies):
+        assert torch.equal(t, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,m,n,k1,k2", [((), 50, 30, 4, 9), ((), 30, 50, 9, 4), ((4,), 7, 257, 3, 3),
+                                            ((), 1, 1, 1, 1)])
+def test_project_dense(lead, m, n, k1, k2, dtype, device):
+    U = torch.randn(*lead, m, k1, dtype=dtype, device=device)
+    V = torch.randn(*lead, n, k2, dtype=dtype, device=device)
+    D = torch.randn(*lead, m, n, dtype=dtype, device=device)
+    C = ops.project_dense(U, V, D)
+    assert C.shape == (*lead, k1, k2) and C.dtype == dtype
+    _assert_rounding_close(C, ref.project_dense_ref(U, V, D),
+                           ref.project_dense_ref(U.abs(), V.abs(), D.abs()), dtype, m + n)
+    # non-contiguous D
+    Dt = D.mT.contiguous().mT
+    torch.testing.assert_close(ops.project_dense(U, V, Dt), C)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_dense_agrees_with_project(dtype, device):
+    U, V = torch.randn(30, 5, dtype=dtype, device=device), torch.randn(20, 4, dtype=dtype, device=device)
+    B, A = torch.randn(30, 3, dtype=dtype, device=device), torch.randn(3, 20, dtype=dtype, device=device)
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(ops.project(U, V, B, A, 1.5), ops.project_dense(U, V, 1.5 * B @ A),
+                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,m,n,k1,k2", [((), 40, 25, 5, 3), ((2, 3), 6, 9, 2, 4), ((), 257, 1, 1, 1)])
+def test_reconstruct(lead, m, n, k1, k2, dtype, device):
+    U = torch.randn(*lead, m, k1, dtype=dtype, device=device)
+    C = torch.randn(*lead, k1, k2, dtype=dtype, device=device)
+    V = torch.randn(*lead, n, k2, dtype=dtype, device=device)
+    D = ops.reconstruct(U, C, V)
+    assert D.shape == (*lead, m, n) and D.dtype == dtype
+    _assert_rounding_close(D, ref.reconstruct_ref(U, C, V),
+                           ref.reconstruct_ref(U.abs(), C.abs(), V.abs()), dtype, k1 + k2)
+    # non-contiguous operands
+    torch.testing.assert_close(ops.reconstruct(U.mT.contiguous().mT, C.mT.contiguous().mT, V), D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_reconstruct_roundtrip(dtype, device):
+    """An update that lies in span(U) x span(V) is recovered exactly (to rounding)."""
+    m, n, k1, k2, r = 50, 40, 6, 5, 3
+    U, V = _orth(m, k1, dtype=dtype, device=device), _orth(n, k2, dtype=dtype, device=device)
+    B = U @ torch.randn(k1, r, dtype=dtype, device=device)
+    A = torch.randn(r, k2, dtype=dtype, device=device) @ V.mT
+    C = ops.project(U, V, B, A, 0.7)
+    D = ops.reconstruct(U, C, V)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(d(D), 0.7 * d(B) @ d(A), rtol=0, atol=tol * (d(B) @ d(A)).abs().max().item())
+    # and an update orthogonal to the basis projects to ~0
+    P = torch.eye(m, dtype=dtype, device=device) - U @ U.mT
+    C0 = ops.project(U, V, P @ B + P @ torch.randn(m, r, dtype=dtype, device=device), A, 1.0)
+    assert d(C0).abs().max().item() <= 100 * tol
+
+
+# ---------------------------------------------------------------------------------------------
+# factored_svd
+
+
+def _check_factored(B, A, rank, U, S, V):
+    dtype = torch.promote_types(B.dtype, A.dtype)
+    m, r, n = B.shape[0], B.shape[1], A.shape[1]
+    full = min(m, n, r)
+    k = full if rank is None else rank
+    assert U.shape == (m, k) and S.shape == (k,) and V.shape == (n, k)
+    assert U.dtype == dtype and S.dtype == dtype and V.dtype == dtype
+    assert ref.orthonormality_error(U) <= ORTHO_TOL[dtype]
+    assert ref.orthonormality_error(V) <= ORTHO_TOL[dtype]
+    P = d(B) @ d(A)
+    s_exact = torch.linalg.svdvals(P)
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+    scale = (torch.linalg.norm(d(B), 2) * torch.linalg.norm(d(A), 2)).item()
+    torch.testing.assert_close(d(S), s_exact[:k], rtol=0, atol=eps * scale)
+    # the rank-k approximation is optimal
+    err = torch.linalg.norm(P - (d(U) * d(S)) @ d(V).T).item()
+    opt = float(torch.sqrt((s_exact[k:] ** 2).sum()))
+    assert err <= opt + 10 * eps * scale, (err, opt)
+    # canonical signs
+    idx = d(U).abs().argmax(dim=0, keepdim=True)
+    assert (d(U).gather(0, idx) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,r,n", [(40, 8, 30), (30, 8, 40), (3, 5, 9), (9, 5, 3), (1, 4, 7), (7, 1, 1),
+                                   (257, 16, 3), (12, 12, 12)])
+def test_factored_svd_full(m, r, n, dtype, device):
+    B = torch.randn(m, r, dtype=dtype, device=device)
+    A = torch.randn(r, n, dtype=dtype, device=device)
+    U, S, V = ops.factored_svd(B, A)
+    _check_factored(B, A, None, U, S, V)
+    # reconstruction of B @ A (full rank of the product)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    scale = (torch.linalg.norm(d(B), 2) * torch.linalg.norm(d(A), 2)).item()
+    torch.testing.assert_close((d(U) * d(S)) @ d(V).T, d(B) @ d(A), rtol=0, atol=10 * tol * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,r,n,rank", [(40, 8, 30, 3), (30, 10, 50, 1), (3, 5, 9, 2), (20, 6, 20, 6)])
+def test_factored_svd_truncated_matches_dense_svd(m, r, n, rank, dtype, device):
+    # factors with a well-separated spectrum, so individual singular vectors are determined
+    Qm, Qn = torch.linalg.qr(torch.randn(m, r, dtype=torch.float64)).Q, torch.linalg.qr(
+        torch.randn(n, r, dtype=torch.float64)).Q
+    k0 = min(m, n, r)
+    s = 0.5 ** torch.arange(k0, dtype=torch.float64)
+    G = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64)).Q
+    B = (Qm[:, :k0] * s) @ G[:k0] * 2.0
+    A = (G[:k0].T @ Qn[:, :k0].T) * 0.5  # B @ A = Qm diag(s) Qn^T
+    if r > k0:  # keep the factors r wide
+        B = B @ G.T @ G
+    B, A = B.to(dtype).to(device), A.to(dtype).to(device)
+    U, S, V = ops.factored_svd(B, A, rank)
+    _check_factored(B, A, rank, U, S, V)
+    Ue, Se, Ve = ref.factored_svd_ref(B, A, rank)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(d(U), Ue, rtol=0, atol=tol)
+    torch.testing.assert_close(d(V), Ve, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_factored_svd_rank_deficient_factors(dtype, device):
+    m, r, n, true_rank = 30, 8, 25, 3
+    B = (torch.randn(m, true_rank, dtype=torch.float64) @ torch.randn(true_rank, r, dtype=torch.float64))
+    A = torch.randn(r, n, dtype=torch.float64)
+    A[5:] = A[:3] * 2  # A rank-deficient as well
+    B, A = B.to(dtype).to(device), A.to(dtype).to(device)
+    U, S, V = ops.factored_svd(B, A)
+    assert U.shape == (m, r) and torch.isfinite(U).all() and torch.isfinite(V).all()
+    _check_factored(B, A, None, U, S, V)
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (d(S)[true_rank:] <= 10 * eps * d(S)[0]).all()
+    U3, S3, V3 = ops.factored_svd(B, A, true_rank)
+    _check_factored(B, A, true_rank, U3, S3, V3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_factored_svd_zero_factor(dtype):
+    B = torch.zeros(10, 4, dtype=dtype)
+    A = torch.randn(4, 6, dtype=dtype)
+    U, S, V = ops.factored_svd(B, A, 2)
+    assert (S == 0).all()
+    assert ref.orthonormality_error(U) <= ORTHO_TOL[dtype]
+    assert ref.orthonormality_error(V) <= ORTHO_TOL[dtype]
+
+
+def test_factored_svd_mixed_dtypes_promote(device):
+    B = torch.randn(12, 4, dtype=torch.float32, device=device)
+    A = torch.randn(4, 9, dtype=torch.float64, device=device)
+    U, S, V = ops.factored_svd(B, A)
+    assert U.dtype == S.dtype == V.dtype == torch.float64
+    _check_factored(B, A, None, U, S, V)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_factored_svd_non_contiguous(dtype, device):
+    Bb = torch.randn(6, 30, dtype=dtype, device=device)
+    Ab = torch.randn(40, 6, dtype=dtype, device=device)
+    B, A = Bb.t(), Ab.t()[:, ::2]  # (30, 6), (6, 20)
+    U, S, V = ops.factored_svd(B, A)
+    _check_factored(B, A, None, U, S, V)
+    Uc, Sc, Vc = ops.factored_svd(B.contiguous(), A.contiguous())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(S, Sc, rtol=tol, atol=tol)
+    torch.testing.assert_close((d(U) * d(S)) @ d(V).T, (d(Uc) * d(Sc)) @ d(Vc).T, rtol=0,
+                               atol=tol * d(Sc)[0].item())
+
+
+def test_factored_svd_agrees_with_rsvd_on_product():
+    B, A = torch.randn(60, 5, dtype=torch.float64), torch.randn(5, 45, dtype=torch.float64)
+    U, S, V = ops.factored_svd(B, A, 4)
+    Ur, Sr, Vr = ops.rsvd(B @ A, 4)
+    torch.testing.assert_close(S, Sr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(U, Ur, rtol=0, atol=1e-8)
+    torch.testing.assert_close(V, Vr, rtol=0, atol=1e-8)
