@@ -27,4 +27,9 @@ TORCH_LIBRARY(subspace_ext, m) {
         " -> ()");
   m.def("reinit_pairs_(Tensor(a!)[] W, Tensor(b!)[] B, Tensor(c!)[] A, Tensor[] idx,"
         " Tensor[] B_new, Tensor[] A_new, float[] scaling) -> ()");
+  // solar: the basis a base weight defines, its checksum, and decoding of one layer.
+  m.def("solar_basis(Tensor W0, int seed, int stream, float eps) -> (Tensor U, Tensor V)");
+  m.def("solar_checksum(Tensor UI, Tensor VJ, int seed, int stream) -> Tensor");
+  m.def("solar_decode(Tensor U, Tensor V, Tensor values, Tensor indices, int rank, float scaling,"
+        " int seed, int stream) -> (Tensor B, Tensor A, Tensor checksum)");
 }

@@ -343,6 +343,44 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# SOLAR
+
+def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
+    """The complete orthonormal bases SOLAR derives from a base weight W0 (m x n), in float64.
+
+    ``U`` (m x m): W0's left singular vectors (descending, canonical signs), completed to a basis
+    of R^m with seeded random directions; ``V`` (n x n) likewise. With ``eps > 0`` each basis is
+    perturbed by ``eps / sqrt(dim) * N(seed, stream)`` and re-orthonormalised. A receiver with the
+    same W0 and (seed, stream, eps) regenerates the same bases.
+    """
+    _tensor(W0, "W0")
+    if W0.dim() != 2:
+        raise ValueError(f"W0 must be 2-D, got shape {tuple(W0.shape)}")
+    if not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return _ops.solar_basis(W0, _seed(seed), _seed(stream, "stream"), float(eps))
+
+
+def solar_checksum(UI: torch.Tensor, VJ: torch.Tensor, seed: int, stream: int = 0) -> torch.Tensor:
+    """Two numbers that change if any used basis vector (columns of UI, VJ) rotates or flips."""
+    _tensor(UI, "UI")
+    _tensor(VJ, "VJ")
+    return _ops.solar_checksum(UI, VJ, _seed(seed), _seed(stream, "stream"))
+
+
+def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, stream: int = 0):
+    """LoRA factors ``(B (m x rank), A (rank x n), checksum)`` of ``U_I C V_J^T`` where the sparse
+    coefficient matrix C has ``values`` at flat positions ``indices`` (``i * V.shape[1] + j``):
+    ``scaling * B @ A`` is its best rank-``rank`` approximation, computed from factors."""
+    _tensor(U, "U")
+    _tensor(V, "V")
+    _tensor(values, "values", min_dim=1)
+    _tensor(indices, "indices", dtypes=(torch.int32, torch.int64), min_dim=1)
+    _int(rank, "rank", 1)
+    return _ops.solar_decode(U, V, values, indices, rank, float(scaling), _seed(seed), _seed(stream, "stream"))
+
+
+# ---------------------------------------------------------------------------------------------
 # fake (meta) kernels, so the ops trace under torch.compile / FakeTensor
 
 def _register_fakes():
@@ -396,6 +434,20 @@ def _register_fakes():
     @reg(lib + "pair_importance_")
     def _(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, scores, beta1, beta2):
         return None
+
+    @reg(lib + "solar_basis")
+    def _(W0, seed, stream, eps):
+        m, n = W0.shape
+        return W0.new_empty((m, m), dtype=torch.float64), W0.new_empty((n, n), dtype=torch.float64)
+
+    @reg(lib + "solar_checksum")
+    def _(UI, VJ, seed, stream):
+        return UI.new_empty((2,), dtype=torch.float64)
+
+    @reg(lib + "solar_decode")
+    def _(U, V, values, indices, rank, scaling, seed, stream):
+        return (U.new_empty((U.shape[0], rank), dtype=torch.float64),
+                V.new_empty((rank, V.shape[0]), dtype=torch.float64), U.new_empty((2,), dtype=torch.float64))
 
     @reg(lib + "fuse_pairs_")
     def _(W, B, A, idx, scaling):

@@ -99,9 +99,16 @@ rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t 
   return {U, S, V};
 }
 
-// SVD of B A (B: m x r, A: r x n) without forming it: B = Qb Rb, A^T = Qa Ra,
-// B A = Qb (Rb Ra^T) Qa^T, then the SVD of the small core.
 Triple factored_svd_cpu(const at::Tensor& B, const at::Tensor& A, int64_t rank) {
+  auto r = factored_svd(B, A, rank);
+  return {r.U, r.S, r.V};
+}
+
+}  // namespace
+
+// SVD of B A (B: m x r, A: r x n) without forming it: B = Qb Rb, A^T = Qa Ra,
+// B A = Qb (Rb Ra^T) Qa^T, then the SVD of the small core. rank < 0: min(m, n, r).
+SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank) {
   check_float(B, "factored_svd", "B");
   check_float(A, "factored_svd", "A");
   TORCH_CHECK_VALUE(B.dim() == 2 && A.dim() == 2 && B.size(1) == A.size(0),
@@ -114,11 +121,8 @@ Triple factored_svd_cpu(const at::Tensor& B, const at::Tensor& A, int64_t rank) 
   const auto dt = at::promote_types(B.scalar_type(), A.scalar_type());
   auto [Qb, Rb] = orthonormalize_columns(B.to(dt));
   auto [Qa, Ra] = orthonormalize_columns(A.t().to(dt));
-  auto r = svd_of_core(Qb, at::mm(Rb, Ra.t()), Qa, k, dt);
-  return {r.U, r.S, r.V};
+  return svd_of_core(Qb, at::mm(Rb, Ra.t()), Qa, k, dt);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("rsvd", &rsvd_cpu);

@@ -36,6 +36,10 @@ SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Te
 
 namespace subspace_ext {
 
+// SVD of B A (B m x r, A r x n) from its factors, never forming the product; rank < 0 keeps
+// min(m, n, r). Defined in rsvd_cpu.cpp (the factored_svd op).
+SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank);
+
 // Fill a contiguous float32/float64 tensor with Philox normals of (seed, stream), element i of
 // its row-major order being normal number i of the stream. Defined in philox_cpu.cpp.
 void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream);

@@ -1,0 +1,209 @@
+"""Reading and writing peft adapter folders, base-model weights and fingerprints (safetensors + JSON only).
+
+Nothing here unpickles: a peft folder must hold ``adapter_model.safetensors`` (a ``.bin`` adapter is
+refused with a message saying how to convert it), and base weights are read from ``*.safetensors``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+class FormatError(ValueError):
+    """A file or folder that is not what it should be (names the file and the problem)."""
+
+
+@dataclass
+class LowRankUpdate:
+    """One adapted Linear: its update is ``scaling * B @ A`` (B m x r, A r x n)."""
+    module: str          # module path inside the peft model, e.g. "bert.encoder.layer.0.attention.self.query"
+    B: torch.Tensor
+    A: torch.Tensor
+    scaling: float
+
+    @property
+    def shape(self):
+        return (self.B.shape[0], self.A.shape[1])
+
+
+@dataclass
+class PeftAdapter:
+    """A peft adapter in memory: its config (adapter_config.json) and tensors (adapter_model.safetensors)."""
+    config: dict
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # -- files ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str) -> "PeftAdapter":
+        if not os.path.isdir(path):
+            raise FormatError(f"{path}: not a folder (expected a peft adapter folder with {ADAPTER_CONFIG})")
+        cfg_path = os.path.join(path, ADAPTER_CONFIG)
+        if not os.path.isfile(cfg_path):
+            raise FormatError(f"{path}: no {ADAPTER_CONFIG} (not a peft adapter folder)")
+        try:
+            with open(cfg_path) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
+        weights = os.path.join(path, ADAPTER_WEIGHTS)
+        if not os.path.isfile(weights):
+            if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+                raise FormatError(f"{path}: only adapter_model.bin (pickle) is present; subspace_ext reads "
+                                  "safetensors only: re-save it with save_pretrained(..., safe_serialization=True)")
+            raise FormatError(f"{path}: no {ADAPTER_WEIGHTS}")
+        return cls(config, read_safetensors(weights))
+
+    def save_adapter(self, path: str) -> None:
+        """Write a standard peft folder: adapter_config.json + adapter_model.safetensors."""
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+            json.dump(self.config, f, indent=2, sort_keys=True)
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, os.path.join(path, ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+
+    # -- contents ------------------------------------------------------------------------------
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "LORA")).upper()
+
+    def updates(self) -> List[LowRankUpdate]:
+        """The low-rank updates of every adapted Linear (LoRA and AdaLoRA), in file order."""
+        kind = self.peft_type
+        if kind not in ("LORA", "ADALORA"):
+            raise FormatError(f"peft_type {kind} is not supported (LORA and ADALORA are)")
+        if self.config.get("use_dora"):
+            raise FormatError("DoRA adapters are not supported (their update is not scaling * B @ A)")
+        if self.config.get("fan_in_fan_out"):
+            raise FormatError("fan_in_fan_out adapters (Conv1D bases) are not supported yet")
+        out = []
+        for key in self.tensors:
+            m = re.fullmatch(r"(.*)\.lora_A(\.weight)?", key)
+            if not m:
+                continue
+            module, suffix = m.group(1), m.group(2) or ""
+            b_key = f"{module}.lora_B{suffix}"
+            if b_key not in self.tensors:
+                raise FormatError(f"{key} has no matching {b_key}")
+            A, B = self.tensors[key], self.tensors[b_key]
+            if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+                raise FormatError(f"{module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
+            name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+            r = A.shape[0]
+            if kind == "ADALORA":
+                E = self.tensors.get(f"{module}.lora_E{suffix}")
+                if E is None:
+                    raise FormatError(f"{module}: AdaLoRA adapter without lora_E")
+                A = A * E.reshape(-1, 1).to(A.dtype)
+                alpha = float(self.config.get("lora_alpha", r)) or float(r)
+                scaling = alpha / (r + 1e-5)  # peft's AdaLoRA forward: scaling / (ranknum + 1e-5)
+            else:
+                scaling = self.lora_scaling(name, r)
+            out.append(LowRankUpdate(name, B, A, scaling))
+        if not out:
+            raise FormatError("the adapter holds no lora_A / lora_B tensors")
+        return out
+
+    def lora_scaling(self, module: str, r: int) -> float:
+        """peft's LoRA scaling for a module: alpha / r (alpha / sqrt(r) with use_rslora), with the
+        config's rank_pattern / alpha_pattern overrides."""
+        alpha = float(self.config.get("lora_alpha", 8))
+        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = float(value)
+        return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
+
+    def extra_tensors(self) -> Dict[str, torch.Tensor]:
+        """Everything that is not a low-rank factor (modules_to_save heads, trained biases, ...)."""
+        lowrank = re.compile(r".*\.lora_[ABE](\.weight)?$")
+        return {k: v for k, v in self.tensors.items() if not lowrank.fullmatch(k)}
+
+
+def read_safetensors(path: str, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (all, or ``keys``); a damaged file raises FormatError naming it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys()) if keys is None else list(keys)
+            return {k: f.get_tensor(k) for k in names}
+    except FormatError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def safetensors_metadata(path: str) -> Dict[str, str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+class BaseWeights:
+    """Lazy access to a base model's weights: a transformers folder (model.safetensors or sharded
+    model-0000x-of-0000y.safetensors) or one .safetensors file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.isdir(path):
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                if any(f.endswith(".bin") for f in os.listdir(path)):
+                    raise FormatError(f"{path}: only pickle (.bin) weights; subspace_ext reads safetensors only")
+                raise FormatError(f"{path}: no .safetensors weights in this folder")
+            self.files = [os.path.join(path, f) for f in files]
+        elif os.path.isfile(path):
+            self.files = [path]
+        else:
+            raise FormatError(f"{path}: no such file or folder (expected a transformers model folder or a .safetensors file)")
+        self._where: Dict[str, str] = {}
+        for f in self.files:
+            try:
+                with safe_open(f, framework="pt") as h:
+                    for k in h.keys():
+                        self._where[k] = f
+            except Exception as e:
+                raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+
+    def keys(self) -> List[str]:
+        return list(self._where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return read_safetensors(self._where[key], [key])[key]
+
+    def key_for_module(self, module: str) -> str:
+        """The weight key of a module path, matched on the longest common dotted suffix
+        (peft's 'bert.encoder.layer.0...query' finds 'encoder.layer.0...query.weight')."""
+        parts = module.split(".")
+        for start in range(len(parts)):
+            key = ".".join(parts[start:]) + ".weight"
+            if key in self._where:
+                return key
+        raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base model?)")
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A short content hash of a tensor: dtype, shape and bytes (sha256, 16 hex digits)."""
+    h = hashlib.sha256()
+    h.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over a dict of tensors (names, dtypes, shapes, bytes), order-independent."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + b"\0" + fingerprint(tensors[k]).encode())
+    return h.hexdigest()

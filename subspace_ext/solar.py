@@ -1,0 +1,361 @@
+"""SOLAR: post-training compression of a peft adapter into sparse coefficients over the base weight's bases.
+
+For every adapted Linear with base weight W0 (m x n) and update ΔW = s·B·A:
+
+1. Basis (``ops.solar_basis``): W0's singular vectors U, V (canonical signs), completed to bases of
+   R^m and R^n with seeded random directions, optionally perturbed by ``eps`` and re-orthonormalised.
+   The receiver regenerates the same bases from its copy of W0 and the seed: nothing about the
+   basis travels except a 2-number checksum per layer.
+2. Coefficients (``ops.project``): C = Uᵀ ΔW V = s (Uᵀ B)(A V), from the factors. The bases are
+   orthonormal, so C is the least-squares fit and ‖C‖_F = ‖ΔW‖_F.
+3. Budget: the globally largest |c| over all layers are kept (each kept coefficient stores a value
+   and a flat index = 2 numbers); keeping the largest captures the most energy for the budget, so
+   layers get budget in proportion to what they can capture.
+4. Package: one safetensors file: per-layer values (float32) and indices (int32), the non-LoRA
+   tensors of the adapter unchanged, and JSON metadata (format, seed, eps, peft config, per-layer
+   shapes, base-weight fingerprints and basis checksums, errors).
+5. Decoding (``ops.solar_decode``): U_I C_IJ V_Jᵀ refactored into a rank-r LoRA (r = the adapter's
+   rank, via a factored SVD; ΔW is never formed), written as a standard peft folder.
+
+The paper (arXiv 2604.08368) describes the same ingredients (base singular vectors, controlled random
+perturbation, sparse coefficients); its exact method section was not available to us, so the
+defaults here (complete bases, eps = 0, global top-|c|) are the ones our measurements support.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from . import ops
+from .io import (BaseWeights, FormatError, PeftAdapter, fingerprint, read_safetensors,
+                 safetensors_metadata, tensors_digest)
+
+FORMAT = "subspace_ext.solar"
+FORMAT_VERSION = 1
+NUMBERS_PER_COEFFICIENT = 2  # value + index
+_CHECKSUM_TOL = 1e-6
+
+
+class BaseMismatchError(ValueError):
+    """The base model given to the decoder is not the one the package was made from."""
+
+
+@dataclass
+class LayerInfo:
+    module: str            # peft module path, e.g. "bert.encoder.layer.0.attention.self.query"
+    base_key: str          # weight key in the base checkpoint
+    shape: List[int]       # [m, n]
+    rank: int              # LoRA rank of the decoded layer
+    scaling: float         # LoRA scaling of the decoded layer
+    stream: int            # Philox stream of this layer's basis
+    fingerprint: str       # of the base weight used
+    checksum: List[float]  # of the used basis vectors
+    nnz: int = 0
+    energy: float = 0.0    # captured fraction of ‖ΔW‖²
+    rel_error: float = 0.0  # ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F of the decoded (rank-r) update
+    lora_numbers: int = 0  # (m + n) * r of the original adapter
+
+
+@dataclass
+class SolarPackage:
+    """A compressed adapter: per-layer sparse coefficients + metadata (+ untouched extra tensors)."""
+    seed: int
+    eps: float
+    peft_config: dict
+    layers: List[LayerInfo]
+    values: List[torch.Tensor]
+    indices: List[torch.Tensor]
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+    dtype: str = "float32"  # dtype of the decoded adapter's tensors
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def numbers(self) -> int:
+        """Stored numbers: coefficient values + indices + extra tensors' elements."""
+        return sum(NUMBERS_PER_COEFFICIENT * v.numel() for v in self.values) + self.extra_numbers()
+
+    def extra_numbers(self) -> int:
+        return sum(t.numel() for t in self.extra.values())
+
+    def lora_numbers(self) -> int:
+        """Numbers in the original adapter: (m + n) * r per layer + extra tensors."""
+        return sum(l.lora_numbers for l in self.layers) + self.extra_numbers()
+
+    def ratio(self) -> float:
+        return self.numbers() / max(self.lora_numbers(), 1)
+
+    # -- files ---------------------------------------------------------------------------------
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        t = {}
+        for i, (v, ix) in enumerate(zip(self.values, self.indices)):
+            t[f"layer.{i}.values"] = v.contiguous()
+            t[f"layer.{i}.indices"] = ix.contiguous()
+        for k, v in self.extra.items():
+            t[f"extra.{k}"] = v.contiguous()
+        return t
+
+    def save(self, path: str) -> int:
+        """Write the package (one .safetensors file); returns its size in bytes."""
+        tensors = self._tensors()
+        meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
+                "layers": [vars(l) for l in self.layers]}
+        save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                           "solar": json.dumps(meta), "digest": tensors_digest(tensors)})
+        return os.path.getsize(path)
+
+    @classmethod
+    def load(cls, path: str) -> "SolarPackage":
+        """Read and verify a package; a truncated, tampered or foreign file raises FormatError."""
+        if not os.path.isfile(path):
+            raise FormatError(f"{path}: no such file")
+        meta = safetensors_metadata(path)
+        if meta.get("format") != FORMAT:
+            raise FormatError(f"{path}: not a SOLAR package (format {meta.get('format')!r})")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise FormatError(f"{path}: package format version {meta.get('format_version')} is not "
+                              f"supported (this build reads version {FORMAT_VERSION})")
+        tensors = read_safetensors(path)
+        if tensors_digest(tensors) != meta.get("digest"):
+            raise FormatError(f"{path}: contents do not match the package digest (corrupted or tampered)")
+        try:
+            info = json.loads(meta["solar"])
+            layers = [LayerInfo(**l) for l in info["layers"]]
+            values = [tensors[f"layer.{i}.values"] for i in range(len(layers))]
+            indices = [tensors[f"layer.{i}.indices"] for i in range(len(layers))]
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: malformed package metadata ({e})") from None
+        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        return cls(info["seed"], info["eps"], info["peft_config"], layers, values, indices, extra,
+                   info.get("dtype", "float32"))
+
+    # -- report --------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """Per-layer table (sizes, captured energy, relative error) and totals, as markdown."""
+        rows = ["| layer | shape | rank | coefficients | numbers | LoRA numbers | energy | rel. error |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for l in self.layers:
+            rows.append(f"| {l.module} | {l.shape[0]}×{l.shape[1]} | {l.rank} | {l.nnz} | "
+                        f"{NUMBERS_PER_COEFFICIENT * l.nnz} | {l.lora_numbers} | {100 * l.energy:.2f}% | "
+                        f"{l.rel_error:.4f} |")
+        errs = [l.rel_error for l in self.layers]
+        rows.append("")
+        rows.append(f"layers: {len(self.layers)}; extra tensors: {len(self.extra)} ({self.extra_numbers()} numbers); "
+                    f"stored numbers {self.numbers()} vs adapter {self.lora_numbers()} "
+                    f"(ratio {self.ratio():.4f}, {1 / max(self.ratio(), 1e-12):.1f}x fewer); "
+                    f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}; seed {self.seed}, eps {self.eps}")
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def _as_adapter(adapter: Union[str, PeftAdapter]) -> PeftAdapter:
+    return adapter if isinstance(adapter, PeftAdapter) else PeftAdapter.load(adapter)
+
+
+def _as_base(base: Union[str, BaseWeights]) -> BaseWeights:
+    return base if isinstance(base, BaseWeights) else BaseWeights(base)
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm  # a dependency of transformers / huggingface_hub
+    return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+def _lowrank_rel_error(B1, A1, s1, B2, A2, s2) -> float:
+    """‖s1 B1 A1 − s2 B2 A2‖_F / ‖s1 B1 A1‖_F from the factors (float64)."""
+    B1, A1, B2, A2 = (t.double() for t in (B1, A1, B2, A2))
+    inner = lambda Bx, Ax, By, Ay: float(((Bx.T @ By) * (Ax @ Ay.T)).sum())  # noqa: E731  <BxAx, ByAy>
+    n11 = s1 * s1 * inner(B1, A1, B1, A1)
+    n22 = s2 * s2 * inner(B2, A2, B2, A2)
+    n12 = s1 * s2 * inner(B1, A1, B2, A2)
+    return math.sqrt(max(n11 - 2 * n12 + n22, 0.0)) / math.sqrt(n11) if n11 > 0 else 0.0
+
+
+def _base_weight(bw: BaseWeights, module: str, shape, what: str) -> (str, torch.Tensor):
+    key = bw.key_for_module(module)
+    W0 = bw.get(key)
+    if tuple(W0.shape) != tuple(shape):
+        raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(W0.shape)} but the update is "
+                                f"{tuple(shape)}: wrong base model?")
+    return key, W0
+
+
+def _resolve_budget(budget, ratio, lora_numbers: int, candidates: int) -> Optional[int]:
+    """Number of coefficients to keep (None = all)."""
+    if budget is not None and ratio is not None:
+        raise ValueError("give either budget or ratio, not both")
+    if budget == "full":
+        return None
+    if ratio is not None:
+        if not (isinstance(ratio, (int, float)) and 0 < ratio):
+            raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
+        budget = ratio * lora_numbers
+    if budget is None:
+        raise ValueError("give a budget (numbers to store, or 'full') or a ratio")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < NUMBERS_PER_COEFFICIENT:
+        raise ValueError(f"budget must be 'full' or a number >= {NUMBERS_PER_COEFFICIENT}, got {budget!r}")
+    return min(int(budget) // NUMBERS_PER_COEFFICIENT, candidates)
+
+
+# ---------------------------------------------------------------------------------------------
+# compress / decompress
+
+def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
+             budget: Union[None, int, str] = None, ratio: Optional[float] = None, seed: int = 0,
+             eps: float = 0.0, progress: bool = False) -> SolarPackage:
+    """Compress a peft LoRA/AdaLoRA adapter (folder or PeftAdapter) against its base model.
+
+    ``ratio``: stored numbers ÷ the adapter's numbers (``0.1`` = 10× fewer, extra tensors included);
+    ``budget``: stored LoRA-coefficient numbers (each coefficient counts 2: value and index), or
+    ``"full"`` to keep every coefficient (lossless up to rounding). Extra tensors (classifier heads,
+    biases) are always kept unchanged and count towards ``ratio``.
+    """
+    ad, bw = _as_adapter(adapter), _as_base(base)
+    updates = ad.updates()
+    extra = ad.extra_tensors()
+    infos, coeffs = [], []
+    for i, u in enumerate(_progress(updates, "solar: bases", progress)):
+        m, n = u.shape
+        key, W0 = _base_weight(bw, u.module, (m, n), f"layer {u.module}")
+        U, V = ops.solar_basis(W0, seed, i, eps)
+        C = ops.project(U, V, u.B.double(), u.A.double(), u.scaling)
+        coeffs.append((U, V, C))
+        infos.append(LayerInfo(u.module, key, [m, n], int(u.A.shape[0]), float(u.scaling), i,
+                               fingerprint(W0), [0.0, 0.0], lora_numbers=(m + n) * int(u.A.shape[0])))
+    lora_total = sum(l.lora_numbers for l in infos) + sum(t.numel() for t in extra.values())
+    candidates = sum(C.numel() for _, _, C in coeffs)
+    if ratio is not None:  # extra tensors are stored too: the ratio covers them
+        keep_numbers = ratio * lora_total - sum(t.numel() for t in extra.values())
+        if keep_numbers < NUMBERS_PER_COEFFICIENT:
+            raise ValueError(f"ratio {ratio} leaves no room for coefficients: the extra tensors alone take "
+                             f"{sum(t.numel() for t in extra.values()) / lora_total:.4f} of the adapter")
+        keep = _resolve_budget(keep_numbers, None, lora_total, candidates)
+    else:
+        keep = _resolve_budget(budget, None, lora_total, candidates)
+
+    # Global top-|c|: the kept set with the most captured energy for the budget.
+    flat = torch.cat([C.abs().flatten() for _, _, C in coeffs])
+    chosen = torch.arange(flat.numel()) if keep is None else torch.topk(flat, keep, sorted=False).indices.sort().values
+    bounds = torch.tensor([0] + [C.numel() for _, _, C in coeffs]).cumsum(0)
+    values, indices = [], []
+    for li, ((U, V, C), info, u) in enumerate(zip(coeffs, infos, updates)):
+        lo, hi = int(bounds[li]), int(bounds[li + 1])
+        sel = chosen[(chosen >= lo) & (chosen < hi)] - lo
+        vals = C.flatten()[sel].float()
+        values.append(vals)
+        indices.append(sel.to(torch.int32))
+        B2, A2, ck = ops.solar_decode(U, V, vals, sel, info.rank, info.scaling, seed, info.stream)
+        total = float((C * C).sum())
+        info.nnz = int(sel.numel())
+        info.energy = float((vals.double() ** 2).sum()) / total if total > 0 else 1.0
+        info.rel_error = _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, info.scaling)
+        info.checksum = [float(c) for c in ck]
+    dtype = str(updates[0].B.dtype).replace("torch.", "")
+    return SolarPackage(seed, float(eps), dict(ad.config), infos, values, indices, extra, dtype)
+
+
+def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights], *,
+               progress: bool = False) -> PeftAdapter:
+    """Rebuild a standard peft LoRA adapter from a package and the base model it was made from.
+
+    Fails with BaseMismatchError naming the first layer whose base weight differs (fingerprint) or
+    whose regenerated basis does not match the sender's (checksum).
+    """
+    pkg = package if isinstance(package, SolarPackage) else SolarPackage.load(package)
+    bw = _as_base(base)
+    dtype = getattr(torch, pkg.dtype)
+    tensors: Dict[str, torch.Tensor] = {}
+    config = dict(pkg.peft_config)
+    for info, vals, idx in zip(_progress(pkg.layers, "solar: decode", progress), pkg.values, pkg.indices):
+        what = f"layer {info.module}"
+        try:
+            key, W0 = _base_weight(bw, info.module, info.shape, what)
+        except FormatError as e:
+            raise BaseMismatchError(f"{what}: {e}") from None
+        if fingerprint(W0) != info.fingerprint:
+            raise BaseMismatchError(f"{what}: base weight {key} differs from the one the package was made "
+                                    f"from (fingerprint {fingerprint(W0)} != {info.fingerprint}): wrong base model")
+        U, V = ops.solar_basis(W0, pkg.seed, info.stream, pkg.eps)
+        B, A, ck = ops.solar_decode(U, V, vals, idx, info.rank, info.scaling, pkg.seed, info.stream)
+        tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
+        if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
+            raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "
+                                    f"{[float(c) for c in ck]} != {info.checksum}); singular values of {key} "
+                                    "may be too close to define the basis on this machine")
+        prefix = f"base_model.model.{info.module}"
+        tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
+        tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
+    tensors.update(pkg.extra)
+    if str(config.get("peft_type", "LORA")).upper() == "ADALORA":
+        config = _adalora_as_lora(config, pkg.layers)
+    return PeftAdapter(config, tensors)
+
+
+def _adalora_as_lora(config: dict, layers: List[LayerInfo]) -> dict:
+    """An AdaLoRA package decodes to a plain LoRA adapter with the same update: per-layer rank and
+    alpha patterns reproduce each layer's scaling."""
+    out = {k: v for k, v in config.items() if k not in
+           ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")}
+    out["peft_type"] = "LORA"
+    r = max(l.rank for l in layers)
+    out["r"] = r
+    out["lora_alpha"] = r  # scaling 1 unless a pattern says otherwise
+    out["rank_pattern"] = {l.module: l.rank for l in layers}
+    out["alpha_pattern"] = {l.module: l.scaling * l.rank for l in layers}
+    out.setdefault("use_rslora", False)
+    out["use_rslora"] = False
+    return out
+
+
+def truncated_svd_baseline(adapter: Union[str, PeftAdapter], *, budget: Optional[int] = None,
+                           ratio: Optional[float] = None) -> (PeftAdapter, int):
+    """The naive baseline at the same storage: keep, across all layers, the rank-1 SVD components of
+    each ΔW with the most energy per stored number ((m + n + 1) each), until the budget is spent.
+    Returns the adapter (same config and shapes; dropped components are zero) and the numbers used."""
+    ad = _as_adapter(adapter)
+    updates = ad.updates()
+    extra = sum(t.numel() for t in ad.extra_tensors().values())
+    lora_total = sum((u.shape[0] + u.shape[1]) * u.A.shape[0] for u in updates) + extra
+    if budget is None:
+        if ratio is None:
+            raise ValueError("give a budget or a ratio")
+        budget = ratio * lora_total - extra
+    factors = [ops.factored_svd(u.B.double() * u.scaling, u.A.double()) for u in updates]
+    cands = []
+    for i, (u, (U, S, V)) in enumerate(zip(updates, factors)):
+        cost = u.shape[0] + u.shape[1] + 1
+        cands += [(float(S[j]) ** 2 / cost, i, j, cost) for j in range(S.numel())]
+    cands.sort(reverse=True)
+    keep, used = {}, 0
+    for _, i, j, cost in cands:
+        if used + cost <= budget:
+            keep.setdefault(i, []).append(j)
+            used += cost
+    tensors = dict(ad.tensors)
+    for i, (u, (U, S, V)) in enumerate(zip(updates, factors)):
+        r = u.A.shape[0]
+        B = torch.zeros(u.shape[0], r, dtype=torch.float64)
+        A = torch.zeros(r, u.shape[1], dtype=torch.float64)
+        js = sorted(keep.get(i, []))
+        for t, j in enumerate(js):
+            root = math.sqrt(float(S[j]) / u.scaling)
+            B[:, t] = U[:, j] * root
+            A[t] = V[:, j] * root
+        prefix = f"base_model.model.{u.module}"
+        a_key = next(k for k in (f"{prefix}.lora_A.weight", f"{prefix}.lora_A") if k in tensors)
+        b_key = a_key.replace("lora_A", "lora_B")
+        tensors[a_key] = A.to(ad.tensors[a_key].dtype)
+        tensors[b_key] = B.to(ad.tensors[b_key].dtype)
+        e_key = a_key.replace("lora_A", "lora_E")
+        if e_key in tensors:
+            tensors[e_key] = torch.ones_like(tensors[e_key])
+    return PeftAdapter(dict(ad.config), tensors), used + extra
