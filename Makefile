@@ -1,6 +1,7 @@
 # Every target sets up what it needs: a fresh machine runs `make run` or `make test` directly.
 #   make run         set up, then the main job (kernel benchmark table on the bundled MiniLM weights)
-#   make test        set up, build, run the Python test suite and the C++ (libtorch) build + test
+#   make test        set up, build, the C++ (libtorch) build + test, then the Python test suite
+#                    (after the CMake build, so tests/test_solar_edge.py finds cmake-build/solar_decode)
 #   make bench       pytest-benchmark suite (bench/)
 #   make cmake-test  CMake build against libtorch and its C++ test program only
 #   make clean       remove build outputs (keeps .venv)
@@ -39,7 +40,9 @@ cmake-test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build cmake-build -j2
 	ctest --test-dir cmake-build --output-on-failure
 
-test: pytest cmake-test
+# Not `test: pytest cmake-test`: the Python tests need the CMake build first (also under make -j).
+test: build cmake-test
+	$(PY) -m pytest tests -q
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q

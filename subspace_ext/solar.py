@@ -311,7 +311,6 @@ def _adalora_as_lora(config: dict, layers: List[LayerInfo]) -> dict:
     out["lora_alpha"] = r  # scaling 1 unless a pattern says otherwise
     out["rank_pattern"] = {l.module: l.rank for l in layers}
     out["alpha_pattern"] = {l.module: l.scaling * l.rank for l in layers}
-    out.setdefault("use_rslora", False)
     out["use_rslora"] = False
     return out
 

@@ -1,0 +1,188 @@
+"""The C++ SOLAR edge decoder (tools/solar_decode.cpp, built by CMake as cmake-build/solar_decode)
+must write the same peft folder as the Python decoder: ``solar.decompress(pkg, base).save_adapter``.
+
+Both call the same ops (subspace_ext::solar_basis / solar_decode) from the same library on the same
+inputs, and the casts to the package dtype are torch's own, so the tensors are compared exactly.
+"""
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from subspace_ext import solar
+from subspace_ext.io import PeftAdapter
+
+REPO = Path(__file__).resolve().parents[1]
+BINARY = Path(os.environ.get("SUBSPACE_EXT_SOLAR_DECODE", REPO / "cmake-build" / "solar_decode"))
+
+pytestmark = pytest.mark.skipif(
+    not (BINARY.is_file() and os.access(BINARY, os.X_OK)),
+    reason=f"edge decoder binary {BINARY} not built (run `make cmake-test`, or set SUBSPACE_EXT_SOLAR_DECODE)")
+
+# base weight key -> shape (out x in)
+BASE_SHAPES = {
+    "encoder.layer.0.attention.self.query.weight": (48, 40),
+    "encoder.layer.0.output.dense.weight": (40, 64),
+    "encoder.layer.0.attention.self.query.bias": (48,),
+    "embeddings.word_embeddings.weight": (30, 40),
+}
+MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense"]
+RANK = 4
+
+
+def _base(tmp_path, sharded=False):
+    g = torch.Generator().manual_seed(1)
+    weights = {k: torch.randn(*s, generator=g) for k, s in BASE_SHAPES.items()}
+    if not sharded:
+        path = tmp_path / "base.safetensors"
+        save_file(weights, str(path))
+        return path, weights
+    folder = tmp_path / "base"
+    folder.mkdir()
+    keys = sorted(weights)
+    save_file({k: weights[k] for k in keys[:2]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: weights[k] for k in keys[2:]}, str(folder / "model-00002-of-00002.safetensors"))
+    return folder, weights
+
+
+def _adapter(tmp_path, kind="LORA", dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    tensors = {}
+    for module in MODULES:
+        m, n = BASE_SHAPES[module + ".weight"]
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(RANK, n, generator=g).to(dtype)
+        tensors[f"{prefix}.lora_B.weight"] = (0.1 * torch.randn(m, RANK, generator=g)).to(dtype)
+        if kind == "ADALORA":
+            tensors[f"{prefix}.lora_E.weight"] = torch.randn(RANK, 1, generator=g).to(dtype)
+    tensors["base_model.model.classifier.weight"] = torch.randn(3, 48, generator=g)
+    tensors["base_model.model.classifier.bias"] = torch.randn(3, generator=g).double()
+    config = {
+        "peft_type": kind, "r": RANK, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none",
+        "target_modules": ["query", "dense"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS",
+        "fan_in_fan_out": False, "inference_mode": True, "revision": None, "rank_pattern": {},
+        "alpha_pattern": {}, "base_model_name_or_path": "tiny-b\u00e9rt \"q\"\t\u2603\U0001f600",
+        "layer_norm_eps": 1e-12, "big": 12345678901234567890, "scale": 1e22, "neg": -0.0,
+    }
+    if kind == "ADALORA":
+        config.update({"init_r": 6, "target_r": RANK, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85,
+                       "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": 100})
+    path = tmp_path / "adapter"
+    PeftAdapter(config, tensors).save_adapter(str(path))
+    return path
+
+
+def _run(*args):
+    return subprocess.run([str(BINARY), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def _assert_same_folder(py_dir, cpp_dir):
+    py, cpp = load_file(str(py_dir / "adapter_model.safetensors")), load_file(str(cpp_dir / "adapter_model.safetensors"))
+    assert sorted(py) == sorted(cpp)
+    for k in py:
+        assert py[k].dtype == cpp[k].dtype, k
+        assert py[k].shape == cpp[k].shape, k
+        assert torch.equal(py[k], cpp[k]), k
+    py_cfg, cpp_cfg = (d / "adapter_config.json" for d in (py_dir, cpp_dir))
+    assert json.loads(py_cfg.read_text()) == json.loads(cpp_cfg.read_text())
+    # The decoder writes json.dump(indent=2, sort_keys=True) output exactly.
+    assert py_cfg.read_bytes() == cpp_cfg.read_bytes()
+
+
+CASES = [
+    pytest.param(dict(kind="LORA", ratio=0.5), id="lora-ratio0.5"),
+    pytest.param(dict(kind="LORA", budget="full", sharded=True, seed=2**63 + 12345), id="lora-full-sharded-bigseed"),
+    pytest.param(dict(kind="ADALORA", ratio=0.5, dtype=torch.bfloat16, eps=0.01), id="adalora-bf16-eps"),
+    pytest.param(dict(kind="LORA", budget="full", dtype=torch.float16, seed=7), id="lora-full-fp16"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_edge_decoder_matches_python(tmp_path, case):
+    base, _ = _base(tmp_path, sharded=case.get("sharded", False))
+    adapter = _adapter(tmp_path, case["kind"], case.get("dtype", torch.float32))
+    pkg = solar.compress(str(adapter), str(base), ratio=case.get("ratio"), budget=case.get("budget"),
+                         seed=case.get("seed", 0), eps=case.get("eps", 0.0))
+    pkg_path = tmp_path / "package.safetensors"
+    pkg.save(str(pkg_path))
+
+    py_dir, cpp_dir = tmp_path / "py", tmp_path / "cpp"
+    solar.decompress(str(pkg_path), str(base)).save_adapter(str(py_dir))
+    r = _run(pkg_path, base, cpp_dir)
+    assert r.returncode == 0, r.stderr
+    _assert_same_folder(py_dir, cpp_dir)
+    if case["kind"] == "ADALORA":
+        assert json.loads((cpp_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+@pytest.fixture
+def package(tmp_path):
+    base, weights = _base(tmp_path)
+    adapter = _adapter(tmp_path)
+    pkg_path = tmp_path / "package.safetensors"
+    solar.compress(str(adapter), str(base), ratio=0.5).save(str(pkg_path))
+    return pkg_path, base, weights
+
+
+def test_tampered_package_fails_on_digest(tmp_path, package):
+    pkg_path, base, _ = package
+    data = bytearray(pkg_path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 + n + 5] ^= 0x01  # one bit of the data section
+    bad = tmp_path / "tampered.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(solar.FormatError, match="digest"):
+        solar.SolarPackage.load(str(bad))
+    r = _run(bad, base, tmp_path / "out")
+    assert r.returncode != 0
+    assert "digest" in r.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_modified_base_weight_fails_naming_the_layer(tmp_path, package):
+    pkg_path, _, weights = package
+    weights = dict(weights)
+    key = "encoder.layer.0.output.dense.weight"
+    weights[key] = weights[key].clone()
+    weights[key][3, 7] += 1e-3
+    other = tmp_path / "other_base.safetensors"
+    save_file(weights, str(other))
+    with pytest.raises(solar.BaseMismatchError, match="encoder.layer.0.output.dense"):
+        solar.decompress(str(pkg_path), str(other))
+    r = _run(pkg_path, other, tmp_path / "out")
+    assert r.returncode == 1
+    assert "layer encoder.layer.0.output.dense" in r.stderr and "fingerprint" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_shape_and_missing_weight(tmp_path, package):
+    pkg_path, _, weights = package
+    weights = dict(weights)
+    weights["encoder.layer.0.attention.self.query.weight"] = torch.randn(40, 48)
+    wrong = tmp_path / "wrong_shape.safetensors"
+    save_file(weights, str(wrong))
+    r = _run(pkg_path, wrong, tmp_path / "out")
+    assert r.returncode == 1 and "layer encoder.layer.0.attention.self.query" in r.stderr and "shape" in r.stderr
+    del weights["encoder.layer.0.attention.self.query.weight"]
+    missing = tmp_path / "missing.safetensors"
+    save_file(weights, str(missing))
+    r = _run(pkg_path, missing, tmp_path / "out")
+    assert r.returncode == 1 and "layer encoder.layer.0.attention.self.query" in r.stderr
+
+
+def test_usage_and_foreign_files(tmp_path, package):
+    pkg_path, base, _ = package
+    assert _run(pkg_path, base).returncode == 2
+    r = _run(base, base, tmp_path / "out")  # a safetensors file that is not a package
+    assert r.returncode == 1 and "not a SOLAR package" in r.stderr
+    trunc = tmp_path / "truncated.safetensors"
+    trunc.write_bytes(pkg_path.read_bytes()[:-3])
+    r = _run(trunc, base, tmp_path / "out")
+    assert r.returncode == 1 and "not a readable safetensors file" in r.stderr
+    r = _run(tmp_path / "nope.safetensors", base, tmp_path / "out")
+    assert r.returncode == 1 and "no such file" in r.stderr

@@ -1,0 +1,1295 @@
+// solar_decode: the SOLAR edge decoder, without Python.
+//
+//   solar_decode PACKAGE.safetensors BASE OUT_DIR
+//
+// Does what `subspace_ext.solar.decompress(PACKAGE, BASE).save_adapter(OUT_DIR)` does: reads and
+// verifies the package (format, version, digest), regenerates each layer's basis from the base
+// weight (BASE: a .safetensors file or a folder of them) through the subspace_ext::solar_basis op,
+// decodes the coefficients through subspace_ext::solar_decode, checks the basis checksum, and writes
+// a standard peft folder (adapter_config.json + adapter_model.safetensors).
+//
+// Self-contained apart from libtorch: the safetensors reader/writer, the JSON parser/writer (Python
+// json.dump(indent=2, sort_keys=True) output) and SHA-256 are implemented here.
+//
+// Exit codes: 0 success, 1 error (one line on stderr), 2 usage error.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <array>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// An error to report: one line, exit code 1.
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] void fail(const std::string& msg) { throw Failure(msg); }
+
+// =================================================================================================
+// SHA-256 (FIPS 180-4)
+
+class Sha256 {
+ public:
+  Sha256() { reset(); }
+
+  void reset() {
+    static constexpr uint32_t kInit[8] = {0x6a09e667u, 0xbb67ae85u, 0x3c6ef372u, 0xa54ff53au,
+                                          0x510e527fu, 0x9b05688cu, 0x1f83d9abu, 0x5be0cd19u};
+    std::memcpy(h_, kInit, sizeof(h_));
+    length_ = 0;
+    buffered_ = 0;
+  }
+
+  void update(const void* data, size_t n) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    length_ += n;
+    if (buffered_ > 0) {
+      const size_t take = std::min(n, size_t{64} - buffered_);
+      std::memcpy(buffer_ + buffered_, p, take);
+      buffered_ += take;
+      p += take;
+      n -= take;
+      if (buffered_ < 64) return;
+      block(buffer_);
+      buffered_ = 0;
+    }
+    for (; n >= 64; p += 64, n -= 64) block(p);
+    if (n > 0) {
+      std::memcpy(buffer_, p, n);
+      buffered_ = n;
+    }
+  }
+
+  void update(const std::string& s) { update(s.data(), s.size()); }
+
+  // Finishes the hash (the object must be reset before reuse); lower-case hex.
+  std::string hexdigest() {
+    const uint64_t bits = length_ * 8;
+    uint8_t pad[72] = {0x80};
+    const size_t padlen = (buffered_ < 56 ? 56 : 120) - buffered_;
+    update(pad, padlen);
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(bits >> (56 - 8 * i));
+    update(len, 8);
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (uint32_t w : h_) {
+      for (int shift = 28; shift >= 0; shift -= 4) out += hex[(w >> shift) & 0xf];
+    }
+    return out;
+  }
+
+ private:
+  static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+  void block(const uint8_t* p) {
+    static constexpr uint32_t k[64] = {
+        0x428a2f98u, 0x71374491u, 0xb5c0fbcfu, 0xe9b5dba5u, 0x3956c25bu, 0x59f111f1u, 0x923f82a4u,
+        0xab1c5ed5u, 0xd807aa98u, 0x12835b01u, 0x243185beu, 0x550c7dc3u, 0x72be5d74u, 0x80deb1feu,
+        0x9bdc06a7u, 0xc19bf174u, 0xe49b69c1u, 0xefbe4786u, 0x0fc19dc6u, 0x240ca1ccu, 0x2de92c6fu,
+        0x4a7484aau, 0x5cb0a9dcu, 0x76f988dau, 0x983e5152u, 0xa831c66du, 0xb00327c8u, 0xbf597fc7u,
+        0xc6e00bf3u, 0xd5a79147u, 0x06ca6351u, 0x14292967u, 0x27b70a85u, 0x2e1b2138u, 0x4d2c6dfcu,
+        0x53380d13u, 0x650a7354u, 0x766a0abbu, 0x81c2c92eu, 0x92722c85u, 0xa2bfe8a1u, 0xa81a664bu,
+        0xc24b8b70u, 0xc76c51a3u, 0xd192e819u, 0xd6990624u, 0xf40e3585u, 0x106aa070u, 0x19a4c116u,
+        0x1e376c08u, 0x2748774cu, 0x34b0bcb5u, 0x391c0cb3u, 0x4ed8aa4au, 0x5b9cca4fu, 0x682e6ff3u,
+        0x748f82eeu, 0x78a5636fu, 0x84c87814u, 0x8cc70208u, 0x90befffau, 0xa4506cebu, 0xbef9a3f7u,
+        0xc67178f2u};
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i) {
+      w[i] = (uint32_t{p[4 * i]} << 24) | (uint32_t{p[4 * i + 1]} << 16) |
+             (uint32_t{p[4 * i + 2]} << 8) | uint32_t{p[4 * i + 3]};
+    }
+    for (int i = 16; i < 64; ++i) {
+      const uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      const uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
+    for (int i = 0; i < 64; ++i) {
+      const uint32_t S1 = rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25);
+      const uint32_t ch = (e & f) ^ (~e & g);
+      const uint32_t t1 = h + S1 + ch + k[i] + w[i];
+      const uint32_t S0 = rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22);
+      const uint32_t maj = (a & b) ^ (a & c) ^ (b & c);
+      const uint32_t t2 = S0 + maj;
+      h = g;
+      g = f;
+      f = e;
+      e = d + t1;
+      d = c;
+      c = b;
+      b = a;
+      a = t1 + t2;
+    }
+    h_[0] += a;
+    h_[1] += b;
+    h_[2] += c;
+    h_[3] += d;
+    h_[4] += e;
+    h_[5] += f;
+    h_[6] += g;
+    h_[7] += h;
+  }
+
+  uint32_t h_[8];
+  uint64_t length_;
+  uint8_t buffer_[64];
+  size_t buffered_;
+};
+
+// =================================================================================================
+// JSON: a value, a parser (Python json.loads rules: NaN/Infinity accepted, no control characters in
+// strings, duplicate keys keep the last value) and Python json.dumps-compatible output.
+
+struct Json {
+  enum class Type { Null, Bool, Int, Float, String, Array, Object };
+  Type type = Type::Null;
+  bool boolean = false;
+  std::string text;  // Int: the literal (normalised); String: UTF-8 (lone surrogates as WTF-8)
+  double number = 0.0;  // Float; Int as a (correctly rounded) double
+  std::vector<Json> items;
+  std::vector<std::pair<std::string, Json>> members;  // insertion order
+
+  static Json string(std::string s) {
+    Json j;
+    j.type = Type::String;
+    j.text = std::move(s);
+    return j;
+  }
+  static Json boolean_value(bool b) {
+    Json j;
+    j.type = Type::Bool;
+    j.boolean = b;
+    return j;
+  }
+  static Json integer(int64_t v) {
+    Json j;
+    j.type = Type::Int;
+    j.text = std::to_string(v);
+    j.number = static_cast<double>(v);
+    return j;
+  }
+  static Json floating(double v) {
+    Json j;
+    j.type = Type::Float;
+    j.number = v;
+    return j;
+  }
+  static Json object() {
+    Json j;
+    j.type = Type::Object;
+    return j;
+  }
+
+  bool is_number() const { return type == Type::Int || type == Type::Float; }
+
+  const Json* find(const std::string& key) const {
+    for (const auto& kv : members)
+      if (kv.first == key) return &kv.second;
+    return nullptr;
+  }
+  // Python dict assignment: replaces the value in place, or appends.
+  void set(const std::string& key, Json value) {
+    for (auto& kv : members) {
+      if (kv.first == key) {
+        kv.second = std::move(value);
+        return;
+      }
+    }
+    members.emplace_back(key, std::move(value));
+  }
+};
+
+void append_utf8(std::string& out, uint32_t cp) {
+  if (cp < 0x80) {
+    out += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    out += static_cast<char>(0xC0 | (cp >> 6));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    out += static_cast<char>(0xE0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    out += static_cast<char>(0xF0 | (cp >> 18));
+    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+}
+
+class JsonParser {
+ public:
+  explicit JsonParser(const std::string& s) : s_(s) {}
+
+  Json parse() {
+    skip_ws();
+    Json v = value(0);
+    skip_ws();
+    if (pos_ != s_.size()) error("extra data after the JSON value");
+    return v;
+  }
+
+ private:
+  static constexpr int kMaxDepth = 512;
+
+  [[noreturn]] void error(const std::string& what) const {
+    throw Failure("invalid JSON: " + what + " at offset " + std::to_string(pos_));
+  }
+
+  void skip_ws() {
+    while (pos_ < s_.size() &&
+           (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r'))
+      ++pos_;
+  }
+
+  bool consume(const char* word) {
+    const size_t n = std::strlen(word);
+    if (s_.compare(pos_, n, word) == 0) {
+      pos_ += n;
+      return true;
+    }
+    return false;
+  }
+
+  Json value(int depth) {
+    if (depth > kMaxDepth) error("nesting too deep");
+    if (pos_ >= s_.size()) error("unexpected end of input");
+    const char c = s_[pos_];
+    if (c == '{') return object(depth);
+    if (c == '[') return array(depth);
+    if (c == '"') return Json::string(string());
+    if (consume("true")) return Json::boolean_value(true);
+    if (consume("false")) return Json::boolean_value(false);
+    if (consume("null")) return Json();
+    if (consume("NaN")) return Json::floating(std::nan(""));
+    if (consume("Infinity")) return Json::floating(HUGE_VAL);
+    if (consume("-Infinity")) return Json::floating(-HUGE_VAL);
+    if (c == '-' || (c >= '0' && c <= '9')) return number();
+    error(std::string("unexpected character '") + c + "'");
+  }
+
+  Json object(int depth) {
+    ++pos_;  // '{'
+    Json obj = Json::object();
+    skip_ws();
+    if (pos_ < s_.size() && s_[pos_] == '}') {
+      ++pos_;
+      return obj;
+    }
+    while (true) {
+      skip_ws();
+      if (pos_ >= s_.size() || s_[pos_] != '"') error("expected a string key");
+      std::string key = string();
+      skip_ws();
+      if (pos_ >= s_.size() || s_[pos_] != ':') error("expected ':'");
+      ++pos_;
+      skip_ws();
+      obj.set(key, value(depth + 1));
+      skip_ws();
+      if (pos_ >= s_.size()) error("unterminated object");
+      if (s_[pos_] == ',') {
+        ++pos_;
+        continue;
+      }
+      if (s_[pos_] == '}') {
+        ++pos_;
+        return obj;
+      }
+      error("expected ',' or '}'");
+    }
+  }
+
+  Json array(int depth) {
+    ++pos_;  // '['
+    Json arr;
+    arr.type = Json::Type::Array;
+    skip_ws();
+    if (pos_ < s_.size() && s_[pos_] == ']') {
+      ++pos_;
+      return arr;
+    }
+    while (true) {
+      skip_ws();
+      arr.items.push_back(value(depth + 1));
+      skip_ws();
+      if (pos_ >= s_.size()) error("unterminated array");
+      if (s_[pos_] == ',') {
+        ++pos_;
+        continue;
+      }
+      if (s_[pos_] == ']') {
+        ++pos_;
+        return arr;
+      }
+      error("expected ',' or ']'");
+    }
+  }
+
+  uint32_t hex4() {
+    if (pos_ + 4 > s_.size()) error("truncated \\u escape");
+    uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) {
+      const char c = s_[pos_++];
+      v <<= 4;
+      if (c >= '0' && c <= '9') v |= static_cast<uint32_t>(c - '0');
+      else if (c >= 'a' && c <= 'f') v |= static_cast<uint32_t>(c - 'a' + 10);
+      else if (c >= 'A' && c <= 'F') v |= static_cast<uint32_t>(c - 'A' + 10);
+      else error("invalid \\u escape");
+    }
+    return v;
+  }
+
+  std::string string() {
+    ++pos_;  // '"'
+    std::string out;
+    while (true) {
+      if (pos_ >= s_.size()) error("unterminated string");
+      const unsigned char c = static_cast<unsigned char>(s_[pos_++]);
+      if (c == '"') return out;
+      if (c < 0x20) error("control character in a string");
+      if (c != '\\') {
+        out += static_cast<char>(c);
+        continue;
+      }
+      if (pos_ >= s_.size()) error("unterminated string");
+      const char e = s_[pos_++];
+      switch (e) {
+        case '"': out += '"'; break;
+        case '\\': out += '\\'; break;
+        case '/': out += '/'; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'n': out += '\n'; break;
+        case 'r': out += '\r'; break;
+        case 't': out += '\t'; break;
+        case 'u': {
+          uint32_t cp = hex4();
+          // A high surrogate followed by an escaped low surrogate is one code point (as Python).
+          if (cp >= 0xD800 && cp <= 0xDBFF && pos_ + 6 <= s_.size() && s_[pos_] == '\\' &&
+              s_[pos_ + 1] == 'u') {
+            const size_t save = pos_;
+            pos_ += 2;
+            const uint32_t lo = hex4();
+            if (lo >= 0xDC00 && lo <= 0xDFFF) cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            else pos_ = save;
+          }
+          append_utf8(out, cp);
+          break;
+        }
+        default: error(std::string("invalid escape '\\") + e + "'");
+      }
+    }
+  }
+
+  Json number() {
+    const size_t start = pos_;
+    bool is_float = false;
+    if (s_[pos_] == '-') ++pos_;
+    if (pos_ >= s_.size() || !std::isdigit(static_cast<unsigned char>(s_[pos_])))
+      error("invalid number");
+    if (s_[pos_] == '0') {
+      ++pos_;
+    } else {
+      while (pos_ < s_.size() && std::isdigit(static_cast<unsigned char>(s_[pos_]))) ++pos_;
+    }
+    // Python's scanner: a fraction / exponent only counts when digits follow; otherwise the number
+    // ends there (and the leftover character is a syntax error in the caller).
+    if (pos_ + 1 < s_.size() && s_[pos_] == '.' &&
+        std::isdigit(static_cast<unsigned char>(s_[pos_ + 1]))) {
+      is_float = true;
+      pos_ += 1;
+      while (pos_ < s_.size() && std::isdigit(static_cast<unsigned char>(s_[pos_]))) ++pos_;
+    }
+    if (pos_ < s_.size() && (s_[pos_] == 'e' || s_[pos_] == 'E')) {
+      size_t p = pos_ + 1;
+      if (p < s_.size() && (s_[p] == '+' || s_[p] == '-')) ++p;
+      if (p < s_.size() && std::isdigit(static_cast<unsigned char>(s_[p]))) {
+        is_float = true;
+        while (p < s_.size() && std::isdigit(static_cast<unsigned char>(s_[p]))) ++p;
+        pos_ = p;
+      }
+    }
+    const std::string literal = s_.substr(start, pos_ - start);
+    Json j;
+    j.type = is_float ? Json::Type::Float : Json::Type::Int;
+    j.number = std::strtod(literal.c_str(), nullptr);  // correctly rounded, as Python's float()
+    j.text = (literal == "-0") ? "0" : literal;
+    return j;
+  }
+
+  const std::string& s_;
+  size_t pos_ = 0;
+};
+
+Json parse_json(const std::string& s) { return JsonParser(s).parse(); }
+
+// Python's repr(float): shortest round-trip digits; fixed notation for 1e-4 <= |x| < 1e16.
+std::string python_float_repr(double x) {
+  if (std::isnan(x)) return "NaN";  // json.dumps spellings
+  if (std::isinf(x)) return x > 0 ? "Infinity" : "-Infinity";
+  if (x == 0.0) return std::signbit(x) ? "-0.0" : "0.0";
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), x, std::chars_format::scientific);
+  std::string sci(buf, res.ptr);  // [-]d[.ddd]e[+-]XX
+  std::string sign;
+  if (sci[0] == '-') {
+    sign = "-";
+    sci.erase(0, 1);
+  }
+  const size_t epos = sci.find('e');
+  std::string digits = sci.substr(0, epos);
+  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
+  const int exp10 = std::stoi(sci.substr(epos + 1));
+  const int decpt = exp10 + 1;  // value = 0.DIGITS * 10^decpt
+  const int nd = static_cast<int>(digits.size());
+  std::string out = sign;
+  if (decpt > -4 && decpt <= 16) {
+    if (decpt <= 0) {
+      out += "0." + std::string(static_cast<size_t>(-decpt), '0') + digits;
+    } else if (decpt < nd) {
+      out += digits.substr(0, static_cast<size_t>(decpt)) + "." + digits.substr(static_cast<size_t>(decpt));
+    } else {
+      out += digits + std::string(static_cast<size_t>(decpt - nd), '0') + ".0";
+    }
+  } else {
+    out += digits.substr(0, 1);
+    if (nd > 1) out += "." + digits.substr(1);
+    const int e = decpt - 1;
+    char ebuf[16];
+    std::snprintf(ebuf, sizeof(ebuf), "e%c%02d", e < 0 ? '-' : '+', e < 0 ? -e : e);
+    out += ebuf;
+  }
+  return out;
+}
+
+// Decodes UTF-8 (WTF-8 for lone surrogates) into code points; invalid bytes pass as U+FFFD.
+std::vector<uint32_t> code_points(const std::string& s) {
+  std::vector<uint32_t> out;
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int n = 0;
+    uint32_t cp = 0;
+    if (c < 0x80) { cp = c; n = 1; }
+    else if ((c & 0xE0) == 0xC0) { cp = c & 0x1F; n = 2; }
+    else if ((c & 0xF0) == 0xE0) { cp = c & 0x0F; n = 3; }
+    else if ((c & 0xF8) == 0xF0) { cp = c & 0x07; n = 4; }
+    bool ok = n > 0 && i + static_cast<size_t>(n) <= s.size();
+    for (int k = 1; ok && k < n; ++k) {
+      const unsigned char cc = static_cast<unsigned char>(s[i + static_cast<size_t>(k)]);
+      if ((cc & 0xC0) != 0x80) ok = false;
+      else cp = (cp << 6) | (cc & 0x3F);
+    }
+    if (!ok) {
+      out.push_back(0xFFFD);
+      ++i;
+      continue;
+    }
+    out.push_back(cp);
+    i += static_cast<size_t>(n);
+  }
+  return out;
+}
+
+// json.dumps string with ensure_ascii=True.
+std::string python_json_string(const std::string& s) {
+  std::string out = "\"";
+  char buf[16];
+  auto u = [&](uint32_t v) {
+    std::snprintf(buf, sizeof(buf), "\\u%04x", v);
+    out += buf;
+  };
+  for (uint32_t cp : code_points(s)) {
+    switch (cp) {
+      case '"': out += "\\\""; continue;
+      case '\\': out += "\\\\"; continue;
+      case '\n': out += "\\n"; continue;
+      case '\r': out += "\\r"; continue;
+      case '\t': out += "\\t"; continue;
+      case '\b': out += "\\b"; continue;
+      case '\f': out += "\\f"; continue;
+      default: break;
+    }
+    if (cp >= 0x20 && cp <= 0x7E) {
+      out += static_cast<char>(cp);
+    } else if (cp < 0x10000) {
+      u(cp);
+    } else {
+      const uint32_t v = cp - 0x10000;
+      u(0xD800 | (v >> 10));
+      u(0xDC00 | (v & 0x3FF));
+    }
+  }
+  return out + "\"";
+}
+
+// json.dump(value, f, indent=2, sort_keys=True)
+void python_json_dump(const Json& v, std::string& out, int level) {
+  const std::string inner(static_cast<size_t>(2 * (level + 1)), ' ');
+  const std::string outer(static_cast<size_t>(2 * level), ' ');
+  switch (v.type) {
+    case Json::Type::Null: out += "null"; return;
+    case Json::Type::Bool: out += v.boolean ? "true" : "false"; return;
+    case Json::Type::Int: out += v.text; return;
+    case Json::Type::Float: out += python_float_repr(v.number); return;
+    case Json::Type::String: out += python_json_string(v.text); return;
+    case Json::Type::Array: {
+      if (v.items.empty()) {
+        out += "[]";
+        return;
+      }
+      out += "[";
+      for (size_t i = 0; i < v.items.size(); ++i) {
+        out += (i ? ",\n" : "\n") + inner;
+        python_json_dump(v.items[i], out, level + 1);
+      }
+      out += "\n" + outer + "]";
+      return;
+    }
+    case Json::Type::Object: {
+      if (v.members.empty()) {
+        out += "{}";
+        return;
+      }
+      // Byte order of UTF-8 = code point order, as Python's sorted() on str.
+      std::vector<const std::pair<std::string, Json>*> sorted;
+      for (const auto& kv : v.members) sorted.push_back(&kv);
+      std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->first < b->first; });
+      out += "{";
+      for (size_t i = 0; i < sorted.size(); ++i) {
+        out += (i ? ",\n" : "\n") + inner + python_json_string(sorted[i]->first) + ": ";
+        python_json_dump(sorted[i]->second, out, level + 1);
+      }
+      out += "\n" + outer + "}";
+      return;
+    }
+  }
+}
+
+// Compact JSON string as serde_json writes it (safetensors headers): raw UTF-8, escapes for '"',
+// '\\' and control characters.
+std::string compact_json_string(const std::string& s) {
+  std::string out = "\"";
+  char buf[16];
+  for (const char ch : s) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (c < 0x20) {
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += ch;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+// Python-style integer parsing of a JSON Int within [lo, hi] (hi may exceed int64: seeds).
+bool json_to_int128(const Json& j, __int128& out) {
+  if (j.type != Json::Type::Int) return false;
+  const std::string& t = j.text;
+  size_t i = 0;
+  const bool neg = !t.empty() && t[0] == '-';
+  if (neg) i = 1;
+  if (i >= t.size() || t.size() - i > 30) return false;  // far beyond 2^64
+  __int128 v = 0;
+  for (; i < t.size(); ++i) v = v * 10 + (t[i] - '0');
+  out = neg ? -v : v;
+  return true;
+}
+
+// =================================================================================================
+// dtypes and tensor strings
+
+struct DtypeInfo {
+  const char* name;        // safetensors
+  at::ScalarType scalar;   // torch
+  size_t size;             // bytes per element
+  const char* torch_name;  // str(torch dtype)
+  int order;               // safetensors Dtype enum order (its writer sorts by it, descending)
+};
+
+const std::vector<DtypeInfo>& dtype_table() {
+  static const std::vector<DtypeInfo> table = {
+      {"BOOL", at::kBool, 1, "torch.bool", 0},
+      {"U8", at::kByte, 1, "torch.uint8", 4},
+      {"I8", at::kChar, 1, "torch.int8", 5},
+      {"F8_E5M2", at::kFloat8_e5m2, 1, "torch.float8_e5m2", 6},
+      {"F8_E4M3", at::kFloat8_e4m3fn, 1, "torch.float8_e4m3fn", 7},
+      {"I16", at::kShort, 2, "torch.int16", 9},
+      {"U16", at::kUInt16, 2, "torch.uint16", 10},
+      {"F16", at::kHalf, 2, "torch.float16", 11},
+      {"BF16", at::kBFloat16, 2, "torch.bfloat16", 12},
+      {"I32", at::kInt, 4, "torch.int32", 13},
+      {"U32", at::kUInt32, 4, "torch.uint32", 14},
+      {"F32", at::kFloat, 4, "torch.float32", 15},
+      {"F64", at::kDouble, 8, "torch.float64", 16},
+      {"I64", at::kLong, 8, "torch.int64", 17},
+      {"U64", at::kUInt64, 8, "torch.uint64", 18},
+  };
+  return table;
+}
+
+const DtypeInfo* dtype_by_name(const std::string& name) {
+  for (const auto& d : dtype_table())
+    if (name == d.name) return &d;
+  return nullptr;
+}
+
+const DtypeInfo* dtype_by_scalar(at::ScalarType s) {
+  for (const auto& d : dtype_table())
+    if (s == d.scalar) return &d;
+  return nullptr;
+}
+
+// Python's repr(tuple(shape)): "()", "(5,)", "(48, 40)".
+std::string shape_repr(const std::vector<int64_t>& shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(shape[i]);
+  }
+  if (shape.size() == 1) out += ",";
+  return out + ")";
+}
+
+// io.fingerprint: sha256("<dtype>:<shape tuple>:" + bytes), first 16 hex digits.
+std::string fingerprint(const DtypeInfo& dt, const std::vector<int64_t>& shape, const char* data,
+                        size_t nbytes) {
+  Sha256 h;
+  h.update(std::string(dt.torch_name) + ":" + shape_repr(shape) + ":");
+  h.update(data, nbytes);
+  return h.hexdigest().substr(0, 16);
+}
+
+// =================================================================================================
+// safetensors
+
+struct TensorEntry {
+  std::string name;
+  const DtypeInfo* dtype = nullptr;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0, end = 0;  // in the data section
+};
+
+struct SafetensorsHeader {
+  std::string path;
+  std::vector<std::pair<std::string, std::string>> metadata;
+  bool has_metadata = false;
+  std::vector<TensorEntry> tensors;  // header order
+  std::map<std::string, size_t> index;
+  uint64_t data_start = 0;
+
+  const std::string* meta(const std::string& key) const {
+    for (const auto& kv : metadata)
+      if (kv.first == key) return &kv.second;
+    return nullptr;
+  }
+};
+
+[[noreturn]] void unreadable(const std::string& path, const std::string& why) {
+  fail(path + ": not a readable safetensors file (" + why + ")");
+}
+
+// Reads and validates the header of a safetensors file (as the safetensors library does: known
+// dtypes, sizes matching shapes, tensors tiling the data section exactly).
+SafetensorsHeader read_header(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) unreadable(path, "cannot open it");
+  f.seekg(0, std::ios::end);
+  const auto file_size = static_cast<uint64_t>(f.tellg());
+  f.seekg(0);
+  if (file_size < 8) unreadable(path, "file shorter than the 8-byte header length");
+  unsigned char lenbuf[8];
+  f.read(reinterpret_cast<char*>(lenbuf), 8);
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | lenbuf[i];
+  if (n > 100000000ull) unreadable(path, "header too large");
+  if (n > file_size - 8) unreadable(path, "header length exceeds the file size");
+  std::string text(static_cast<size_t>(n), '\0');
+  f.read(text.data(), static_cast<std::streamsize>(n));
+  if (!f) unreadable(path, "read error");
+
+  SafetensorsHeader h;
+  h.path = path;
+  h.data_start = 8 + n;
+  const uint64_t data_size = file_size - h.data_start;
+  Json j;
+  try {
+    j = parse_json(text);
+  } catch (const Failure& e) {
+    unreadable(path, std::string("header: ") + e.what());
+  }
+  if (j.type != Json::Type::Object) unreadable(path, "header is not a JSON object");
+  for (const auto& [name, info] : j.members) {
+    if (name == "__metadata__") {
+      if (info.type != Json::Type::Object) unreadable(path, "__metadata__ is not an object");
+      h.has_metadata = true;
+      for (const auto& [k, v] : info.members) {
+        if (v.type != Json::Type::String) unreadable(path, "__metadata__ value " + k + " is not a string");
+        h.metadata.emplace_back(k, v.text);
+      }
+      continue;
+    }
+    if (info.type != Json::Type::Object) unreadable(path, "tensor " + name + ": not an object");
+    const Json* dt = info.find("dtype");
+    const Json* shape = info.find("shape");
+    const Json* offsets = info.find("data_offsets");
+    if (!dt || !shape || !offsets || dt->type != Json::Type::String || shape->type != Json::Type::Array ||
+        offsets->type != Json::Type::Array || offsets->items.size() != 2)
+      unreadable(path, "tensor " + name + ": needs dtype, shape and data_offsets [begin, end]");
+    TensorEntry e;
+    e.name = name;
+    e.dtype = dtype_by_name(dt->text);
+    if (!e.dtype) unreadable(path, "tensor " + name + ": unsupported dtype " + dt->text);
+    __int128 numel = 1;
+    for (const Json& d : shape->items) {
+      __int128 v;
+      if (!json_to_int128(d, v) || v < 0 || v > (__int128{1} << 62))
+        unreadable(path, "tensor " + name + ": invalid shape");
+      e.shape.push_back(static_cast<int64_t>(v));
+      numel *= v;
+      if (numel > (__int128{1} << 62)) unreadable(path, "tensor " + name + ": shape too large");
+    }
+    __int128 b, en;
+    if (!json_to_int128(offsets->items[0], b) || !json_to_int128(offsets->items[1], en) || b < 0 ||
+        en < b || en > static_cast<__int128>(data_size))
+      unreadable(path, "tensor " + name + ": data_offsets out of the data section");
+    e.begin = static_cast<uint64_t>(b);
+    e.end = static_cast<uint64_t>(en);
+    if (static_cast<__int128>(e.end - e.begin) != numel * static_cast<__int128>(e.dtype->size))
+      unreadable(path, "tensor " + name + ": data_offsets do not match dtype and shape");
+    h.index[name] = h.tensors.size();
+    h.tensors.push_back(std::move(e));
+  }
+  std::vector<const TensorEntry*> by_offset;
+  for (const auto& e : h.tensors) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](auto* a, auto* b) { return std::tie(a->begin, a->end) < std::tie(b->begin, b->end); });
+  uint64_t at = 0;
+  for (const auto* e : by_offset) {
+    if (e->begin != at) unreadable(path, "tensor " + e->name + ": data sections overlap or leave gaps");
+    at = e->end;
+  }
+  if (at != data_size) unreadable(path, "the data section does not end where the last tensor ends");
+  return h;
+}
+
+std::string read_bytes(const SafetensorsHeader& h, const TensorEntry& e) {
+  std::ifstream f(h.path, std::ios::binary);
+  if (!f) unreadable(h.path, "cannot open it");
+  std::string buf(static_cast<size_t>(e.end - e.begin), '\0');
+  f.seekg(static_cast<std::streamoff>(h.data_start + e.begin));
+  f.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+  if (!f) unreadable(h.path, "read error in tensor " + e.name);
+  return buf;
+}
+
+at::Tensor to_tensor(const TensorEntry& e, const std::string& bytes) {
+  at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.dtype->scalar));
+  if (!bytes.empty()) std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
+  return t;
+}
+
+// Writes tensors as safetensors' own writer does: metadata first, tensors sorted by dtype (largest
+// enum first) then name, header padded with spaces to a multiple of 8.
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       const std::vector<std::pair<std::string, std::string>>& metadata) {
+  struct Item {
+    std::string name;
+    const DtypeInfo* dt;
+    at::Tensor t;
+  };
+  std::vector<Item> items;
+  for (const auto& [name, t] : tensors) {
+    const DtypeInfo* dt = dtype_by_scalar(t.scalar_type());
+    if (!dt) fail(path + ": cannot write tensor " + name + " of dtype " + std::string(c10::toString(t.scalar_type())));
+    items.push_back({name, dt, t.contiguous().cpu()});
+  }
+  std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    if (a.dt->order != b.dt->order) return a.dt->order > b.dt->order;
+    return a.name < b.name;
+  });
+  std::string header = "{";
+  if (!metadata.empty()) {
+    header += "\"__metadata__\":{";
+    for (size_t i = 0; i < metadata.size(); ++i) {
+      if (i) header += ",";
+      header += compact_json_string(metadata[i].first) + ":" + compact_json_string(metadata[i].second);
+    }
+    header += "}";
+  }
+  uint64_t offset = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Item& it = items[i];
+    const uint64_t nbytes = it.t.numel() * it.dt->size;
+    if (i || !metadata.empty()) header += ",";
+    header += compact_json_string(it.name) + ":{\"dtype\":\"" + it.dt->name + "\",\"shape\":[";
+    for (int64_t d = 0; d < it.t.dim(); ++d) header += (d ? "," : "") + std::to_string(it.t.size(d));
+    header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nbytes) + "]}";
+    offset += nbytes;
+  }
+  header += "}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  if (!f) fail(path + ": cannot write");
+  unsigned char lenbuf[8];
+  for (int i = 0; i < 8; ++i) lenbuf[i] = static_cast<unsigned char>(static_cast<uint64_t>(header.size()) >> (8 * i));
+  f.write(reinterpret_cast<const char*>(lenbuf), 8);
+  f.write(header.data(), static_cast<std::streamsize>(header.size()));
+  for (const Item& it : items) {
+    const size_t nbytes = static_cast<size_t>(it.t.numel()) * it.dt->size;
+    if (nbytes) f.write(static_cast<const char*>(it.t.data_ptr()), static_cast<std::streamsize>(nbytes));
+  }
+  f.close();
+  if (!f) fail(path + ": write error");
+}
+
+// =================================================================================================
+// base weights (io.BaseWeights)
+
+class BaseWeights {
+ public:
+  explicit BaseWeights(const std::string& path) : path_(path) {
+    std::error_code ec;
+    if (fs::is_directory(path, ec)) {
+      std::vector<std::string> names;
+      bool has_bin = false;
+      for (const auto& entry : fs::directory_iterator(path, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (ends_with(name, ".safetensors")) names.push_back(name);
+        if (ends_with(name, ".bin")) has_bin = true;
+      }
+      if (ec) fail(path + ": cannot list the folder (" + ec.message() + ")");
+      if (names.empty()) {
+        if (has_bin) fail(path + ": only pickle (.bin) weights; subspace_ext reads safetensors only");
+        fail(path + ": no .safetensors weights in this folder");
+      }
+      std::sort(names.begin(), names.end());
+      for (const auto& n : names) files_.push_back((fs::path(path) / n).string());
+    } else if (fs::is_regular_file(path, ec)) {
+      files_.push_back(path);
+    } else {
+      fail(path + ": no such file or folder (expected a transformers model folder or a .safetensors file)");
+    }
+    for (size_t i = 0; i < files_.size(); ++i) {
+      headers_.push_back(read_header(files_[i]));
+      for (const auto& e : headers_.back().tensors) where_[e.name] = i;  // later files win, as Python
+    }
+  }
+
+  // The weight key of a module path, matched on the longest common dotted suffix.
+  std::string key_for_module(const std::string& module) const {
+    std::vector<std::string> parts;
+    size_t start = 0;
+    while (true) {
+      const size_t dot = module.find('.', start);
+      parts.push_back(module.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
+      if (dot == std::string::npos) break;
+      start = dot + 1;
+    }
+    for (size_t s = 0; s < parts.size(); ++s) {
+      std::string key;
+      for (size_t k = s; k < parts.size(); ++k) key += (k > s ? "." : "") + parts[k];
+      key += ".weight";
+      if (where_.count(key)) return key;
+    }
+    fail(path_ + ": no weight for adapted module " + module + " (is this the adapter's base model?)");
+  }
+
+  // (entry, raw bytes) of a key found by key_for_module.
+  std::pair<TensorEntry, std::string> get(const std::string& key) const {
+    const SafetensorsHeader& h = headers_[where_.at(key)];
+    const TensorEntry& e = h.tensors[h.index.at(key)];
+    return {e, read_bytes(h, e)};
+  }
+
+ private:
+  static bool ends_with(const std::string& s, const std::string& suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  }
+
+  std::string path_;
+  std::vector<std::string> files_;
+  std::vector<SafetensorsHeader> headers_;
+  std::map<std::string, size_t> where_;
+};
+
+// =================================================================================================
+// the package (solar.SolarPackage.load)
+
+constexpr const char* kFormat = "subspace_ext.solar";
+constexpr const char* kFormatVersion = "1";
+constexpr double kChecksumTol = 1e-6;
+
+struct Layer {
+  std::string module, base_key, fingerprint;
+  std::vector<int64_t> shape;
+  Json rank_json, scaling_json;  // kept as written (the AdaLoRA config conversion uses them)
+  int64_t rank = 0, stream = 0;
+  double scaling = 0.0, nnz = 0.0;
+  std::vector<double> checksum;
+};
+
+struct Package {
+  int64_t seed = 0;
+  double eps = 0.0;
+  std::string dtype = "float32";
+  Json peft_config;
+  std::vector<Layer> layers;
+  std::vector<at::Tensor> values, indices;
+  std::vector<std::pair<std::string, at::Tensor>> extra;  // name without "extra."
+};
+
+// ops._seed: a Python int in [-2^63, 2^64), passed as the same 64 bits.
+int64_t as_seed(const Json& j, const std::string& what) {
+  __int128 v;
+  if (!json_to_int128(j, v)) fail(what + " must be an integer");
+  if (v < -(__int128{1} << 63) || v >= (__int128{1} << 64)) fail(what + " must fit in 64 bits");
+  if (v >= (__int128{1} << 63)) v -= (__int128{1} << 64);
+  return static_cast<int64_t>(v);
+}
+
+double as_double(const Json& j, const std::string& what) {
+  if (!j.is_number()) fail(what + " must be a number");
+  return j.number;
+}
+
+Package load_package(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) fail(path + ": no such file");
+  const SafetensorsHeader h = read_header(path);
+  const std::string* format = h.meta("format");
+  if (!format || *format != kFormat)
+    fail(path + ": not a SOLAR package (format " + (format ? "'" + *format + "'" : std::string("None")) + ")");
+  const std::string* version = h.meta("format_version");
+  if (!version || *version != kFormatVersion)
+    fail(path + ": package format version " + (version ? *version : std::string("None")) +
+         " is not supported (this build reads version " + kFormatVersion + ")");
+
+  // All tensors, and the digest over them (io.tensors_digest).
+  std::map<std::string, at::Tensor> tensors;  // sorted by name = Python sorted()
+  Sha256 digest;
+  {
+    std::map<std::string, const TensorEntry*> sorted;
+    for (const auto& e : h.tensors) sorted[e.name] = &e;
+    for (const auto& [name, e] : sorted) {
+      const std::string bytes = read_bytes(h, *e);
+      digest.update(name);
+      digest.update("\0", 1);
+      digest.update(fingerprint(*e->dtype, e->shape, bytes.data(), bytes.size()));
+      tensors[name] = to_tensor(*e, bytes);
+    }
+  }
+  const std::string* stored = h.meta("digest");
+  if (!stored || digest.hexdigest() != *stored)
+    fail(path + ": contents do not match the package digest (corrupted or tampered)");
+
+  Package pkg;
+  try {
+    const std::string* solar = h.meta("solar");
+    if (!solar) fail("KeyError: 'solar'");
+    const Json info = parse_json(*solar);
+    if (info.type != Json::Type::Object) fail("the solar metadata is not an object");
+    auto need = [](const Json& obj, const char* key) -> const Json& {
+      const Json* v = obj.find(key);
+      if (!v) fail(std::string("missing '") + key + "'");
+      return *v;
+    };
+    const Json& layers = need(info, "layers");
+    if (layers.type != Json::Type::Array) fail("'layers' is not a list");
+    static const char* kRequired[] = {"module", "base_key", "shape", "rank", "scaling", "stream",
+                                      "fingerprint", "checksum"};
+    static const char* kOptional[] = {"nnz", "energy", "rel_error", "lora_numbers"};
+    for (size_t i = 0; i < layers.items.size(); ++i) {
+      const Json& l = layers.items[i];
+      const std::string where = "layer " + std::to_string(i) + ": ";
+      if (l.type != Json::Type::Object) fail(where + "not an object");
+      for (const auto& kv : l.members) {
+        const bool known = std::any_of(std::begin(kRequired), std::end(kRequired), [&](const char* k) { return kv.first == k; }) ||
+                           std::any_of(std::begin(kOptional), std::end(kOptional), [&](const char* k) { return kv.first == k; });
+        if (!known) fail(where + "unexpected field '" + kv.first + "'");
+      }
+      Layer L;
+      const Json& module = need(l, "module");
+      const Json& base_key = need(l, "base_key");
+      const Json& fp = need(l, "fingerprint");
+      if (module.type != Json::Type::String || base_key.type != Json::Type::String || fp.type != Json::Type::String)
+        fail(where + "module, base_key and fingerprint must be strings");
+      L.module = module.text;
+      L.base_key = base_key.text;
+      L.fingerprint = fp.text;
+      const Json& shape = need(l, "shape");
+      if (shape.type != Json::Type::Array) fail(where + "shape must be a list");
+      for (const Json& d : shape.items) {
+        __int128 v;
+        if (!json_to_int128(d, v) || v < 0 || v > (__int128{1} << 62)) fail(where + "invalid shape");
+        L.shape.push_back(static_cast<int64_t>(v));
+      }
+      L.rank_json = need(l, "rank");
+      __int128 r;
+      if (!json_to_int128(L.rank_json, r) || r < 1 || r > (__int128{1} << 40)) fail(where + "rank must be an integer >= 1");
+      L.rank = static_cast<int64_t>(r);
+      L.scaling_json = need(l, "scaling");
+      L.scaling = as_double(L.scaling_json, where + "scaling");
+      L.stream = as_seed(need(l, "stream"), where + "stream");
+      const Json& ck = need(l, "checksum");
+      if (ck.type != Json::Type::Array) fail(where + "checksum must be a list");
+      for (const Json& c : ck.items) L.checksum.push_back(as_double(c, where + "checksum"));
+      const Json* nnz = l.find("nnz");
+      L.nnz = nnz ? as_double(*nnz, where + "nnz") : 0.0;
+      pkg.layers.push_back(std::move(L));
+      for (const char* kind : {"values", "indices"}) {
+        const std::string key = "layer." + std::to_string(i) + "." + kind;
+        auto it = tensors.find(key);
+        if (it == tensors.end()) fail("KeyError: '" + key + "'");
+        (std::strcmp(kind, "values") == 0 ? pkg.values : pkg.indices).push_back(it->second);
+      }
+    }
+    pkg.seed = as_seed(need(info, "seed"), "seed");
+    pkg.eps = as_double(need(info, "eps"), "eps");
+    pkg.peft_config = need(info, "peft_config");
+    if (pkg.peft_config.type != Json::Type::Object) fail("peft_config is not an object");
+    if (const Json* dt = info.find("dtype")) {
+      if (dt->type != Json::Type::String) fail("dtype must be a string");
+      pkg.dtype = dt->text;
+    }
+  } catch (const Failure& e) {
+    fail(path + ": malformed package metadata (" + e.what() + ")");
+  }
+  for (const auto& [name, t] : tensors)
+    if (name.rfind("extra.", 0) == 0) pkg.extra.emplace_back(name.substr(6), t);
+  return pkg;
+}
+
+at::ScalarType output_dtype(const std::string& name) {
+  static const std::map<std::string, at::ScalarType> names = {
+      {"float32", at::kFloat}, {"float", at::kFloat},      {"float64", at::kDouble},
+      {"double", at::kDouble}, {"float16", at::kHalf},     {"half", at::kHalf},
+      {"bfloat16", at::kBFloat16}};
+  auto it = names.find(name);
+  if (it == names.end()) fail("package dtype '" + name + "' is not a floating-point torch dtype");
+  return it->second;
+}
+
+// solar._adalora_as_lora: an AdaLoRA package decodes to a plain LoRA adapter with the same update.
+Json adalora_as_lora(const Json& config, const std::vector<Layer>& layers) {
+  static const char* kDrop[] = {"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                                "orth_reg_weight", "total_step"};
+  Json out = Json::object();
+  for (const auto& kv : config.members) {
+    if (std::none_of(std::begin(kDrop), std::end(kDrop), [&](const char* k) { return kv.first == k; }))
+      out.members.push_back(kv);
+  }
+  out.set("peft_type", Json::string("LORA"));
+  if (layers.empty()) fail("an AdaLoRA package without layers cannot be converted to LoRA");
+  const Layer* top = &layers[0];
+  for (const Layer& l : layers)
+    if (l.rank > top->rank) top = &l;
+  out.set("r", top->rank_json);
+  out.set("lora_alpha", top->rank_json);
+  Json rank_pattern = Json::object(), alpha_pattern = Json::object();
+  for (const Layer& l : layers) {
+    rank_pattern.set(l.module, l.rank_json);
+    // l.scaling * l.rank in Python: an int when the stored scaling is an int, else a float.
+    __int128 s;
+    if (json_to_int128(l.scaling_json, s) && s > -(__int128{1} << 62) && s < (__int128{1} << 62) &&
+        l.rank < (int64_t{1} << 40)) {
+      const __int128 p = s * l.rank;
+      if (p > -(__int128{1} << 100) && p < (__int128{1} << 100)) {
+        Json j;
+        j.type = Json::Type::Int;
+        std::string digits;
+        __int128 a = p < 0 ? -p : p;
+        do {
+          digits.insert(digits.begin(), static_cast<char>('0' + static_cast<int>(a % 10)));
+          a /= 10;
+        } while (a > 0);
+        j.text = (p < 0 ? "-" : "") + digits;
+        j.number = static_cast<double>(p);
+        alpha_pattern.set(l.module, j);
+        continue;
+      }
+    }
+    alpha_pattern.set(l.module, Json::floating(l.scaling * static_cast<double>(l.rank)));
+  }
+  out.set("rank_pattern", rank_pattern);
+  out.set("alpha_pattern", alpha_pattern);
+  out.set("use_rslora", Json::boolean_value(false));
+  return out;
+}
+
+// =================================================================================================
+// decoding (solar.decompress)
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+std::string python_float_list(const std::vector<double>& v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + python_float_repr(v[i]);
+  return out + "]";
+}
+
+void decode(const std::string& package_path, const std::string& base_path, const std::string& out_dir) {
+  const Package pkg = load_package(package_path);
+  const BaseWeights bw(base_path);
+  const at::ScalarType dtype = output_dtype(pkg.dtype);
+
+  auto solar_basis = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, double)>(
+      "subspace_ext::solar_basis");
+  auto solar_decode = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, int64_t,
+      int64_t)>("subspace_ext::solar_decode");
+
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  auto put = [&](const std::string& key, at::Tensor t) {
+    for (auto& kv : tensors) {
+      if (kv.first == key) {
+        kv.second = std::move(t);
+        return;
+      }
+    }
+    tensors.emplace_back(key, std::move(t));
+  };
+
+  for (size_t i = 0; i < pkg.layers.size(); ++i) {
+    const Layer& info = pkg.layers[i];
+    const std::string what = "layer " + info.module;
+    std::string key;
+    try {
+      key = bw.key_for_module(info.module);
+    } catch (const Failure& e) {
+      fail(what + ": " + e.what());
+    }
+    const auto [entry, bytes] = bw.get(key);
+    if (entry.shape != info.shape)
+      fail(what + ": base weight " + key + " has shape " + shape_repr(entry.shape) + " but the update is " +
+           shape_repr(info.shape) + ": wrong base model?");
+    const std::string fp = fingerprint(*entry.dtype, entry.shape, bytes.data(), bytes.size());
+    if (fp != info.fingerprint)
+      fail(what + ": base weight " + key + " differs from the one the package was made from (fingerprint " +
+           fp + " != " + info.fingerprint + "): wrong base model");
+    const at::Tensor W0 = to_tensor(entry, bytes);
+    try {
+      auto [U, V] = solar_basis.call(W0, pkg.seed, info.stream, pkg.eps);
+      auto [B, A, ck] = solar_decode.call(U, V, pkg.values[i], pkg.indices[i], info.rank, info.scaling, pkg.seed,
+                                          info.stream);
+      const at::Tensor ckd = ck.to(at::kDouble).contiguous();
+      std::vector<double> got(static_cast<size_t>(ckd.numel()));
+      for (size_t k = 0; k < got.size(); ++k) got[k] = ckd.data_ptr<double>()[k];
+      const double tol = kChecksumTol * std::max(1.0, std::sqrt(info.nnz));
+      const size_t n = std::min(got.size(), info.checksum.size());  // zip()
+      for (size_t k = 0; k < n; ++k) {
+        if (std::abs(got[k] - info.checksum[k]) > tol)
+          fail(what + ": the regenerated basis does not match the sender's (checksum " + python_float_list(got) +
+               " != " + python_float_list(info.checksum) + "); singular values of " + key +
+               " may be too close to define the basis on this machine");
+      }
+      const std::string prefix = "base_model.model." + info.module;
+      put(prefix + ".lora_A.weight", A.to(dtype));
+      put(prefix + ".lora_B.weight", B.to(dtype));
+    } catch (const c10::Error& e) {
+      std::string msg = e.what_without_backtrace();
+      fail(what + ": " + msg);
+    }
+  }
+  for (const auto& [name, t] : pkg.extra) put(name, t);
+
+  Json config = pkg.peft_config;
+  const Json* peft_type = config.find("peft_type");
+  if (peft_type && peft_type->type == Json::Type::String) {
+    std::string upper = peft_type->text;
+    std::transform(upper.begin(), upper.end(), upper.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+    if (upper == "ADALORA") config = adalora_as_lora(config, pkg.layers);
+  }
+
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec || !fs::is_directory(out_dir)) fail(out_dir + ": cannot create the output folder" + (ec ? " (" + ec.message() + ")" : ""));
+  std::string text;
+  python_json_dump(config, text, 0);
+  const std::string config_path = (fs::path(out_dir) / "adapter_config.json").string();
+  {
+    std::ofstream f(config_path, std::ios::binary | std::ios::trunc);
+    if (!f) fail(config_path + ": cannot write");
+    f << text;
+    f.close();
+    if (!f) fail(config_path + ": write error");
+  }
+  write_safetensors((fs::path(out_dir) / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+}
+
+// One line: newlines in library messages become "; ".
+std::string one_line(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  std::string out;
+  for (const char c : s) {
+    if (c == '\n') out += "; ";
+    else out += c;
+  }
+  return out;
+}
+
+constexpr const char* kUsage =
+    "usage: solar_decode PACKAGE.safetensors BASE OUT_DIR\n"
+    "  Decode a SOLAR package against its base model (BASE: a .safetensors file or a folder of them)\n"
+    "  into a peft LoRA adapter folder OUT_DIR (adapter_config.json + adapter_model.safetensors).\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 2 && (std::strcmp(argv[1], "-h") == 0 || std::strcmp(argv[1], "--help") == 0)) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (argc != 4) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  try {
+    decode(argv[1], argv[2], argv[3]);
+  } catch (const Failure& e) {
+    std::fprintf(stderr, "solar_decode: error: %s\n", one_line(e.what()).c_str());
+    return 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "solar_decode: error: %s\n", one_line(e.what_without_backtrace()).c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "solar_decode: error: %s\n", one_line(e.what()).c_str());
+    return 1;
+  }
+  return 0;
+}
