@@ -111,11 +111,19 @@ def _solar_compress(args: argparse.Namespace) -> int:
     if budget is None and args.ratio is None:
         raise UserError("give --ratio R (stored numbers / adapter numbers, e.g. 0.1) or --budget N|full")
     t0 = time.perf_counter()
-    pkg = solar.compress(args.adapter, args.base, budget=budget, ratio=args.ratio, seed=args.seed,
-                         eps=args.eps, progress=not args.quiet)
+    if args.dense:
+        pkg = solar.compress_dense(args.adapter, args.base, budget=budget, ratio=args.ratio, rank=args.rank,
+                                   seed=args.seed, eps=args.eps, progress=not args.quiet)
+    else:
+        pkg = solar.compress(args.adapter, args.base, budget=budget, ratio=args.ratio, seed=args.seed,
+                             eps=args.eps, progress=not args.quiet)
     size = pkg.save(args.output)
     seconds = time.perf_counter() - t0
-    before = os.path.getsize(os.path.join(args.adapter, ADAPTER_WEIGHTS))
+    source = os.path.join(args.adapter, ADAPTER_WEIGHTS) if not args.dense else args.adapter
+    before = (os.path.getsize(source) if os.path.isfile(source) else
+              sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if f.endswith(".safetensors")))
+    if pkg.skipped:
+        print(f"not carried (changed, but not 2-D Linear weights): {', '.join(pkg.skipped)}", file=sys.stderr)
     errs = [l.rel_error for l in pkg.layers]
     print(f"{len(pkg.layers)} layers: {pkg.lora_numbers()} -> {pkg.numbers()} numbers "
           f"({1 / max(pkg.ratio(), 1e-12):.1f}x fewer), {before} -> {size} bytes, "
@@ -157,7 +165,8 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     c = ss.add_parser("compress", help="adapter folder -> package",
                       description="Compress a peft adapter folder (adapter_config.json + "
                                   "adapter_model.safetensors) into a SOLAR package.")
-    c.add_argument("adapter", metavar="ADAPTER_DIR")
+    c.add_argument("adapter", metavar="ADAPTER_DIR",
+                   help="peft adapter folder (with --dense: the fine-tuned model folder or .safetensors)")
     c.add_argument("--base", required=True, metavar="BASE", help="the adapter's base model (folder or .safetensors)")
     c.add_argument("-o", "--output", required=True, metavar="PACKAGE.safetensors")
     g = c.add_mutually_exclusive_group()
@@ -167,6 +176,10 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                    help="coefficient numbers to store (value + index = 2 each), or 'full' (lossless)")
     c.add_argument("--seed", type=int, default=0, help="seed of the basis completion/perturbation (default 0)")
     c.add_argument("--eps", type=float, default=0.0, help="relative basis perturbation (default 0)")
+    c.add_argument("--dense", action="store_true",
+                   help="the input is a dense fine-tune: compress its Linear-weight deltas from BASE")
+    c.add_argument("--rank", type=_positive_int, default=16,
+                   help="with --dense: LoRA rank of the decoded adapter (default 16)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_solar_compress)
     d = ss.add_parser("decompress", help="package -> peft adapter folder",

@@ -74,6 +74,7 @@ class SolarPackage:
     indices: List[torch.Tensor]
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)
     dtype: str = "float32"  # dtype of the decoded adapter's tensors
+    skipped: List[str] = field(default_factory=list)  # dense input: changed tensors not carried
 
     # -- sizes ---------------------------------------------------------------------------------
     def numbers(self) -> int:
@@ -104,7 +105,7 @@ class SolarPackage:
         """Write the package (one .safetensors file); returns its size in bytes."""
         tensors = self._tensors()
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
-                "layers": [vars(l) for l in self.layers]}
+                "layers": [vars(l) for l in self.layers], "skipped": self.skipped}
         save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
                                            "solar": json.dumps(meta), "digest": tensors_digest(tensors)})
         return os.path.getsize(path)
@@ -132,7 +133,7 @@ class SolarPackage:
             raise FormatError(f"{path}: malformed package metadata ({e})") from None
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         return cls(info["seed"], info["eps"], info["peft_config"], layers, values, indices, extra,
-                   info.get("dtype", "float32"))
+                   info.get("dtype", "float32"), info.get("skipped", []))
 
     # -- report --------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -149,6 +150,8 @@ class SolarPackage:
                     f"stored numbers {self.numbers()} vs adapter {self.lora_numbers()} "
                     f"(ratio {self.ratio():.4f}, {1 / max(self.ratio(), 1e-12):.1f}x fewer); "
                     f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}; seed {self.seed}, eps {self.eps}")
+        if self.skipped:
+            rows.append(f"not carried (changed, but not 2-D Linear weights): {', '.join(self.skipped)}")
         return "\n".join(rows)
 
 
@@ -189,16 +192,10 @@ def _base_weight(bw: BaseWeights, module: str, shape, what: str) -> (str, torch.
     return key, W0
 
 
-def _resolve_budget(budget, ratio, lora_numbers: int, candidates: int) -> Optional[int]:
-    """Number of coefficients to keep (None = all)."""
-    if budget is not None and ratio is not None:
-        raise ValueError("give either budget or ratio, not both")
+def _resolve_budget(budget, candidates: int) -> Optional[int]:
+    """Number of coefficients to keep (None = all) for a budget in numbers or 'full'."""
     if budget == "full":
         return None
-    if ratio is not None:
-        if not (isinstance(ratio, (int, float)) and 0 < ratio):
-            raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
-        budget = ratio * lora_numbers
     if budget is None:
         raise ValueError("give a budget (numbers to store, or 'full') or a ratio")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < NUMBERS_PER_COEFFICIENT:
@@ -221,33 +218,92 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     """
     ad, bw = _as_adapter(adapter), _as_base(base)
     updates = ad.updates()
-    extra = ad.extra_tensors()
-    infos, coeffs = [], []
+    layers = []
     for i, u in enumerate(_progress(updates, "solar: bases", progress)):
         m, n = u.shape
         key, W0 = _base_weight(bw, u.module, (m, n), f"layer {u.module}")
         U, V = ops.solar_basis(W0, seed, i, eps)
         C = ops.project(U, V, u.B.double(), u.A.double(), u.scaling)
-        coeffs.append((U, V, C))
-        infos.append(LayerInfo(u.module, key, [m, n], int(u.A.shape[0]), float(u.scaling), i,
-                               fingerprint(W0), [0.0, 0.0], lora_numbers=(m + n) * int(u.A.shape[0])))
-    lora_total = sum(l.lora_numbers for l in infos) + sum(t.numel() for t in extra.values())
-    candidates = sum(C.numel() for _, _, C in coeffs)
+        r = int(u.A.shape[0])
+        info = LayerInfo(u.module, key, [m, n], r, float(u.scaling), i, fingerprint(W0), [0.0, 0.0],
+                         lora_numbers=(m + n) * r)
+        err = (lambda B2, A2, s2, u=u: _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, s2))
+        layers.append((info, U, V, C, err))
+    dtype = str(updates[0].B.dtype).replace("torch.", "")
+    return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype)
+
+
+def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeights], *,
+                   budget: Union[None, int, str] = None, ratio: Optional[float] = None, rank: int = 16,
+                   seed: int = 0, eps: float = 0.0, progress: bool = False) -> SolarPackage:
+    """Compress a dense fine-tune (``finetuned`` − ``base``, both transformers folders or safetensors
+    files) of the 2-D Linear weights; decoding gives a peft LoRA adapter of rank ``rank`` on the
+    changed modules. ``ratio`` is relative to the dense deltas' size (m·n per layer). A changed 2-D
+    ``*.weight`` whose name does not contain "embed" counts as a Linear weight; other changed tensors
+    (biases, norms, embeddings) cannot be carried and are listed in the package's ``skipped``."""
+    fw, bw = _as_base(finetuned), _as_base(base)
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    layers, skipped = [], []
+    keys = [k for k in fw.keys() if k in set(bw.keys())]
+    for k in _progress(keys, "solar: deltas", progress):
+        Wf, W0 = fw.get(k), bw.get(k)
+        if Wf.shape != W0.shape:
+            raise BaseMismatchError(f"{k}: fine-tuned shape {tuple(Wf.shape)} != base shape {tuple(W0.shape)}: wrong base model?")
+        if not Wf.is_floating_point() or torch.equal(Wf, W0):
+            continue
+        if Wf.dim() != 2 or not k.endswith(".weight") or "embed" in k:
+            skipped.append(k)
+            continue
+        D = Wf.double() - W0.double()
+        if not torch.isfinite(D).all():
+            raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
+        m, n = D.shape
+        i = len(layers)
+        U, V = ops.solar_basis(W0, seed, i, eps)
+        C = ops.project_dense(U, V, D)
+        module = k[: -len(".weight")]
+        info = LayerInfo(module, k, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n)
+        norm = float(torch.linalg.norm(D))
+        err = (lambda B2, A2, s2, D=D, norm=norm: float(torch.linalg.norm(D - s2 * B2.double() @ A2.double())) / norm)
+        layers.append((info, U, V, C, err))
+    if not layers:
+        raise ValueError(f"{getattr(fw, 'path', finetuned)}: no 2-D Linear weight differs from the base")
+    r = max(l[0].rank for l in layers)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": [l[0].module for l in layers],
+              "rank_pattern": {l[0].module: l[0].rank for l in layers},
+              "alpha_pattern": {l[0].module: l[0].rank for l in layers}, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "task_type": None,
+              "base_model_name_or_path": None, "modules_to_save": None}
+    pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32")
+    pkg.skipped = skipped
+    return pkg
+
+
+def _package(layers, extra, config, budget, ratio, seed, eps, dtype) -> SolarPackage:
+    """Budget, global top-|c| selection, per-layer decode check and the package (shared by both inputs)."""
+    infos = [l[0] for l in layers]
+    extra_numbers = sum(t.numel() for t in extra.values())
+    lora_total = sum(l.lora_numbers for l in infos) + extra_numbers
+    candidates = sum(C.numel() for _, _, _, C, _ in layers)
     if ratio is not None:  # extra tensors are stored too: the ratio covers them
-        keep_numbers = ratio * lora_total - sum(t.numel() for t in extra.values())
+        if budget is not None:
+            raise ValueError("give either budget or ratio, not both")
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
+            raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
+        keep_numbers = ratio * lora_total - extra_numbers
         if keep_numbers < NUMBERS_PER_COEFFICIENT:
             raise ValueError(f"ratio {ratio} leaves no room for coefficients: the extra tensors alone take "
-                             f"{sum(t.numel() for t in extra.values()) / lora_total:.4f} of the adapter")
-        keep = _resolve_budget(keep_numbers, None, lora_total, candidates)
+                             f"{extra_numbers / lora_total:.4f} of the adapter")
+        keep = _resolve_budget(keep_numbers, candidates)
     else:
-        keep = _resolve_budget(budget, None, lora_total, candidates)
-
+        keep = _resolve_budget(budget, candidates)
     # Global top-|c|: the kept set with the most captured energy for the budget.
-    flat = torch.cat([C.abs().flatten() for _, _, C in coeffs])
+    flat = torch.cat([C.abs().flatten() for _, _, _, C, _ in layers])
     chosen = torch.arange(flat.numel()) if keep is None else torch.topk(flat, keep, sorted=False).indices.sort().values
-    bounds = torch.tensor([0] + [C.numel() for _, _, C in coeffs]).cumsum(0)
+    bounds = torch.tensor([0] + [C.numel() for _, _, _, C, _ in layers]).cumsum(0)
     values, indices = [], []
-    for li, ((U, V, C), info, u) in enumerate(zip(coeffs, infos, updates)):
+    for li, (info, U, V, C, err) in enumerate(layers):
         lo, hi = int(bounds[li]), int(bounds[li + 1])
         sel = chosen[(chosen >= lo) & (chosen < hi)] - lo
         vals = C.flatten()[sel].float()
@@ -257,10 +313,9 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         total = float((C * C).sum())
         info.nnz = int(sel.numel())
         info.energy = float((vals.double() ** 2).sum()) / total if total > 0 else 1.0
-        info.rel_error = _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, info.scaling)
+        info.rel_error = err(B2, A2, info.scaling)
         info.checksum = [float(c) for c in ck]
-    dtype = str(updates[0].B.dtype).replace("torch.", "")
-    return SolarPackage(seed, float(eps), dict(ad.config), infos, values, indices, extra, dtype)
+    return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype)
 
 
 def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights], *,

@@ -1,0 +1,69 @@
+"""SOLAR on a dense fine-tune (fine-tuned minus base weights from two safetensors files)."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from subspace_ext import solar
+from subspace_ext.io import PeftAdapter
+
+
+@pytest.fixture()
+def checkpoints(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"enc.q.weight": torch.randn(24, 17, generator=g), "enc.ffn.weight": torch.randn(40, 24, generator=g),
+            "enc.norm.bias": torch.randn(24, generator=g), "embeddings.word.weight": torch.randn(30, 24, generator=g),
+            "enc.k.weight": torch.randn(24, 24, generator=g)}
+    ft = dict(base)
+    ft["enc.q.weight"] = base["enc.q.weight"] + 0.1 * torch.randn(24, 2, generator=g) @ torch.randn(2, 17, generator=g)
+    ft["enc.ffn.weight"] = base["enc.ffn.weight"] + 0.05 * torch.randn(40, 24, generator=g)
+    ft["enc.norm.bias"] = base["enc.norm.bias"] + 1.0
+    ft["embeddings.word.weight"] = base["embeddings.word.weight"] + 1.0
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    return tmp_path / "ft.safetensors", tmp_path / "base.safetensors", base, ft
+
+
+def _delta(adapter: PeftAdapter, module: str) -> torch.Tensor:
+    u = next(u for u in adapter.updates() if u.module == module)
+    return u.scaling * u.B.double() @ u.A.double()
+
+
+def test_dense_full_budget_is_lossless_up_to_rank(checkpoints, tmp_path):
+    ft_path, base_path, base, ft = checkpoints
+    pkg = solar.compress_dense(str(ft_path), str(base_path), budget="full", rank=24)
+    assert sorted(l.module for l in pkg.layers) == ["enc.ffn", "enc.q"]  # unchanged k is not a layer
+    assert sorted(pkg.skipped) == ["embeddings.word.weight", "enc.norm.bias"]
+    path = str(tmp_path / "p.safetensors")
+    pkg.save(path)
+    ad = solar.decompress(path, str(base_path))
+    for module in ("enc.q", "enc.ffn"):
+        D = ft[module + ".weight"].double() - base[module + ".weight"].double()
+        err = torch.linalg.norm(_delta(ad, module) - D) / torch.linalg.norm(D)
+        assert err < 1e-6, (module, float(err))
+
+
+def test_dense_rank_truncation_and_budget(checkpoints):
+    ft_path, base_path, base, ft = checkpoints
+    full = solar.compress_dense(str(ft_path), str(base_path), budget="full", rank=2)
+    q = next(l for l in full.layers if l.module == "enc.q")
+    assert q.rank == 2 and q.rel_error < 1e-6  # the q delta has rank 2
+    ffn = next(l for l in full.layers if l.module == "enc.ffn")
+    D = ft["enc.ffn.weight"].double() - base["enc.ffn.weight"].double()
+    s = torch.linalg.svdvals(D)
+    assert ffn.rel_error == pytest.approx(float(s[2:].norm() / s.norm()), rel=1e-4)  # Eckart-Young
+    errs = [sum(l.rel_error for l in solar.compress_dense(str(ft_path), str(base_path), ratio=r, rank=2).layers)
+            for r in (0.05, 0.3, 0.9)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_dense_errors(checkpoints, tmp_path):
+    ft_path, base_path, base, ft = checkpoints
+    with pytest.raises(ValueError, match="no 2-D Linear weight differs"):
+        solar.compress_dense(str(base_path), str(base_path), budget="full")
+    bad = dict(ft)
+    bad["enc.q.weight"] = torch.randn(24, 18)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(solar.BaseMismatchError, match="enc.q.weight"):
+        solar.compress_dense(str(tmp_path / "bad.safetensors"), str(base_path), budget="full")
+    with pytest.raises(ValueError, match="rank"):
+        solar.compress_dense(str(ft_path), str(base_path), budget="full", rank=0)
