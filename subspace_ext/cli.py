@@ -24,6 +24,7 @@ examples:
   {PROG} solar compress ADAPTER_DIR --base MODEL_DIR -o pkg.safetensors --ratio 0.1
   {PROG} solar decompress pkg.safetensors --base MODEL_DIR -o restored_adapter/
   {PROG} solar inspect pkg.safetensors
+  {PROG} eigen build ADAPTER_DIR1 ADAPTER_DIR2 ... -o subspace.safetensors --components 16
   {PROG} bench --quick                        # seconds: smoke test
   {PROG} bench --threads 8 --output bench.md  # the full table, also to a file
 
@@ -197,7 +198,65 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_solar_inspect)
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_bench, _add_solar)
+# ---------------------------------------------------------------------------------------------
+# eigen
+
+def _eigen_build(args: argparse.Namespace) -> int:
+    import time
+
+    from . import eigenlorax
+
+    _check_writable(args.output)
+    t0 = time.perf_counter()
+    sub = eigenlorax.build_subspace(args.adapters, components=args.components, variance=args.variance,
+                                    augment=args.augment, seed=args.seed, base=args.base)
+    sub.save(args.output)
+    ks = [sub.size(m) for m in sub.modules]
+    print(f"{len(args.adapters)} adapters, {len(sub.modules)} layers, K per layer {min(ks)}..{max(ks)} "
+          f"(principal + {args.augment} augmentation), {time.perf_counter() - t0:.2f} s -> {args.output}")
+    return 0
+
+
+def _eigen_export(args: argparse.Namespace) -> int:
+    from . import eigenlorax
+
+    sub = eigenlorax.EigenSubspace.load(args.subspace)
+    ad = eigenlorax.export_task(sub, args.coefficients, args.output, scaling=args.scaling)
+    print(f"{sum(1 for k in ad.tensors if '.lora_A' in k)} layers, rank {ad.config['r']} -> {args.output} (peft adapter folder)")
+    return 0
+
+
+def _add_eigen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eigen", help="EigenLoRAx: build a shared principal subspace from adapters; export a task",
+        description="EigenLoRAx: per-layer principal subspaces of N LoRA adapters of one base (lora_A "
+                    "and lora_B separately); new tasks train only loadings over them (Python API: "
+                    "subspace_ext.eigenlorax.apply).")
+    ss = p.add_subparsers(title="eigen commands", metavar="ACTION", dest="action", required=True,
+                          parser_class=_Parser)
+    b = ss.add_parser("build", help="adapter folders -> subspace file",
+                      description="Build the subspace of N >= 2 peft LoRA adapter folders of one base.")
+    b.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    b.add_argument("-o", "--output", required=True, metavar="SUBSPACE.safetensors")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--components", type=_positive_int, metavar="K",
+                   help="principal directions per layer and side (default 32, capped at N*r-1)")
+    g.add_argument("--variance", type=float, metavar="V", help="keep the directions explaining this fraction (0-1]")
+    b.add_argument("--augment", type=int, default=0, metavar="N", help="extra seeded orthogonal directions")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--base", metavar="BASE", help="base model: record weight fingerprints in the subspace")
+    b.set_defaults(func=_eigen_build)
+    e = ss.add_parser("export", help="subspace + task coefficients -> peft LoRA folder",
+                      description="Turn a task trained with EigenLoRAx (its save_coefficients file) into a "
+                                  "standard peft LoRA adapter folder (B = P_B alpha_B, A = (P_A alpha_A)^T).")
+    e.add_argument("subspace", metavar="SUBSPACE.safetensors")
+    e.add_argument("--coefficients", required=True, metavar="TASK.safetensors")
+    e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    e.add_argument("--scaling", type=float, default=1.0, help="the scaling the task was trained with (default 1)")
+    e.set_defaults(func=_eigen_export)
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_bench, _add_solar, _add_eigen)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,367 @@
+"""EigenLoRAx: recycle N LoRA adapters of one base into per-layer principal subspaces; a new task trains
+only small "loadings" over the shared, frozen components.
+
+Formulation (as in the authors' public code, see DESIGN.md section 3): per adapted layer and
+separately for lora_A and lora_B, orient each adapter's matrix with the larger dimension as rows
+(B: m x r; A: r x n -> n x r), concatenate the N adapters' columns into M (d x N r), centre M's rows,
+and take its top-K left singular vectors P (d x K) — from an rsvd of the centred stack, never the d x d
+covariance. Optionally add ``augment`` directions: seeded Philox normals orthogonalised against P (one
+batched QR). A task then trains loadings α_A, α_B (K x r): A = (P_A α_A)ᵀ, B = P_B α_B, and the layer
+computes ``base(x) + scaling · B (A x)`` as ``((x P_A) α_A) α_Bᵀ P_Bᵀ`` — O((m + n) K) per token, no
+r x n x K tensor. Trainable per layer: 2 K r (LoRA: (m + n) r).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import save_file
+
+from . import ops
+from .io import BaseWeights, FormatError, PeftAdapter, fingerprint, read_safetensors, safetensors_metadata
+
+FORMAT = "subspace_ext.eigenlorax"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SideBasis:
+    P: torch.Tensor          # d x K orthonormal components (+ augmentation)
+    explained: torch.Tensor  # explained-variance ratio of each principal component (K_pc)
+    n_pc: int                # how many columns are principal components (the rest: augmentation)
+
+
+@dataclass
+class EigenSubspace:
+    """Per-layer principal subspaces of lora_A (P_A: n x K) and lora_B (P_B: m x K)."""
+    A: Dict[str, SideBasis]
+    B: Dict[str, SideBasis]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def modules(self) -> List[str]:
+        return list(self.A)
+
+    def size(self, module: str) -> int:
+        return self.A[module].P.shape[1]
+
+    def save(self, path: str) -> None:
+        tensors = {}
+        for side, bases in (("A", self.A), ("B", self.B)):
+            for i, (mod, b) in enumerate(bases.items()):
+                tensors[f"{side}.{i}.P"] = b.P.contiguous()
+                tensors[f"{side}.{i}.explained"] = b.explained.contiguous()
+        meta = dict(self.meta)
+        meta["modules"] = self.modules
+        meta["n_pc"] = {"A": [self.A[m].n_pc for m in self.modules], "B": [self.B[m].n_pc for m in self.modules]}
+        save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                           "eigenlorax": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str) -> "EigenSubspace":
+        meta_raw = safetensors_metadata(path)
+        if meta_raw.get("format") != FORMAT:
+            raise FormatError(f"{path}: not an EigenLoRAx subspace (format {meta_raw.get('format')!r})")
+        if meta_raw.get("format_version") != str(FORMAT_VERSION):
+            raise FormatError(f"{path}: subspace format version {meta_raw.get('format_version')} is not supported")
+        t = read_safetensors(path)
+        try:
+            meta = json.loads(meta_raw["eigenlorax"])
+            mods = meta.pop("modules")
+            n_pc = meta.pop("n_pc")
+            A = {m: SideBasis(t[f"A.{i}.P"], t[f"A.{i}.explained"], n_pc["A"][i]) for i, m in enumerate(mods)}
+            B = {m: SideBasis(t[f"B.{i}.P"], t[f"B.{i}.explained"], n_pc["B"][i]) for i, m in enumerate(mods)}
+        except (KeyError, IndexError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: malformed subspace file ({e})") from None
+        return cls(A, B, meta)
+
+
+def _principal(M: torch.Tensor, components: Optional[int], variance: Optional[float], augment: int,
+               seed: int, stream: int) -> SideBasis:
+    """Top principal directions of the columns of M (d x c), row-centred, plus augmentation."""
+    d, c = M.shape
+    Mc = M - M.mean(dim=1, keepdim=True)
+    full = max(1, min(d, c - 1 if c > 1 else 1))  # a centred stack of c columns has rank <= c - 1
+    U, S, _ = ops.rsvd(Mc.double(), full, oversample=8, niter=4, seed=seed)
+    energy = S * S
+    total = float(energy.sum())
+    explained = energy / total if total > 0 else torch.zeros_like(energy)
+    if variance is not None:
+        k = int(torch.searchsorted(explained.cumsum(0), torch.tensor(variance, dtype=explained.dtype)).item()) + 1
+    else:
+        k = components if components is not None else 32
+    k = max(1, min(k, full))
+    P = U[:, :k]
+    if augment > 0:
+        extra = min(augment, d - k)
+        if extra > 0:
+            N = ops.philox_normal((d, extra), seed, stream, dtype=torch.float64)
+            N = N - P @ (P.T @ N)
+            N = N - P @ (P.T @ N)
+            Q, _ = torch.linalg.qr(N)
+            P = torch.cat([P, Q], dim=1)
+    return SideBasis(P.float().contiguous(), explained[:k].float(), k)
+
+
+def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: Optional[int] = None,
+                   variance: Optional[float] = None, augment: int = 0, seed: int = 0,
+                   base: Optional[Union[str, BaseWeights]] = None) -> EigenSubspace:
+    """Principal subspaces from N peft LoRA adapters of one base model (folders or PeftAdapter).
+
+    ``components``: K principal directions per layer and side (default 32, capped at the stack's
+    rank N·r − 1); or ``variance``: the smallest K explaining that fraction of the centred stack's
+    variance. ``augment``: extra seeded directions orthogonal to the components. With ``base``, the
+    subspace records a fingerprint of every base weight (checked by ``apply``).
+    """
+    if components is not None and variance is not None:
+        raise ValueError("give components or variance, not both")
+    if variance is not None and not 0.0 < variance <= 1.0:
+        raise ValueError(f"variance must be in (0, 1], got {variance}")
+    if components is not None and (not isinstance(components, int) or components < 1):
+        raise ValueError(f"components must be a positive int, got {components!r}")
+    if not isinstance(augment, int) or augment < 0:
+        raise ValueError(f"augment must be an int >= 0, got {augment!r}")
+    loaded = [a if isinstance(a, PeftAdapter) else PeftAdapter.load(a) for a in adapters]
+    if len(loaded) < 2:
+        raise ValueError(f"need at least 2 adapters, got {len(loaded)}")
+    names = [a if isinstance(a, str) else f"adapter[{i}]" for i, a in enumerate(adapters)]
+    bases = {a.config.get("base_model_name_or_path") for a in loaded} - {None}
+    if len(bases) > 1:
+        raise ValueError(f"adapters come from different base models: {sorted(map(str, bases))}")
+    per = [{u.module: u for u in a.updates()} for a in loaded]
+    modules = list(per[0])
+    for name, p in zip(names[1:], per[1:]):
+        missing, extra = set(modules) - set(p), set(p) - set(modules)
+        if missing or extra:
+            raise ValueError(f"{name} adapts different layers than {names[0]}: "
+                             f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+    subA, subB, fps = {}, {}, {}
+    bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
+    for li, mod in enumerate(modules):
+        ups = [p[mod] for p in per]
+        shapes = {u.shape for u in ups}
+        if len(shapes) > 1:
+            raise ValueError(f"layer {mod}: adapters disagree on its shape {sorted(shapes)}: different base models?")
+        MA = torch.cat([u.A.float().T for u in ups], dim=1)   # n x N r
+        MB = torch.cat([u.B.float() * u.scaling for u in ups], dim=1)  # m x N r (scaling folded into B)
+        subA[mod] = _principal(MA, components, variance, augment, seed, 2 * li)
+        subB[mod] = _principal(MB, components, variance, augment, seed, 2 * li + 1)
+        if bw is not None:
+            key = bw.key_for_module(mod)
+            fps[mod] = fingerprint(bw.get(key))
+    meta = {"adapters": len(loaded), "components": components, "variance": variance, "augment": augment,
+            "seed": seed, "fingerprints": fps, "base_model_name_or_path": next(iter(bases), None)}
+    return EigenSubspace(subA, subB, meta)
+
+
+class EigenLinear(torch.nn.Module):
+    """A Linear with a frozen base and an EigenLoRAx update over shared components (P_A, P_B are
+    buffers shared, not copied, between tasks)."""
+
+    def __init__(self, base: torch.nn.Linear, PA: torch.Tensor, PB: torch.Tensor, rank: int, scaling: float,
+                 init: str, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.register_buffer("PA", PA, persistent=False)  # n x K
+        self.register_buffer("PB", PB, persistent=False)  # m x K
+        K_A, K_B = PA.shape[1], PB.shape[1]
+        self.alpha_A = torch.nn.Parameter(torch.rand(K_A, rank, generator=generator) - 0.5)
+        if init == "lora":
+            self.alpha_B = torch.nn.Parameter(torch.zeros(K_B, rank))
+        else:
+            self.alpha_B = torch.nn.Parameter(torch.rand(K_B, rank, generator=generator) - 0.5)
+        self.scaling = scaling
+        self.merged = False
+
+    def lora_factors(self):
+        """(B m x r, A r x n) of the current loadings."""
+        return self.PB @ self.alpha_B, (self.PA @ self.alpha_A).T
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.merged:
+            return out
+        h = (x.to(self.PA.dtype) @ self.PA) @ self.alpha_A        # ... x r
+        return out + (self.scaling * (h @ self.alpha_B.T) @ self.PB.T).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            B, A = self.lora_factors()
+            self.base.weight += (self.scaling * B @ A).to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            B, A = self.lora_factors()
+            self.base.weight -= (self.scaling * B @ A).to(self.base.weight.dtype)
+            self.merged = False
+
+
+class EigenModel:
+    """Handle returned by ``apply``: the wrapped layers, task coefficients, merge and export."""
+
+    def __init__(self, model, subspace: EigenSubspace, layers: Dict[str, EigenLinear], rank: int):
+        self.model, self.subspace, self.layers, self.rank = model, subspace, layers, rank
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def coefficient_count(self) -> int:
+        return sum(l.alpha_A.numel() + l.alpha_B.numel() for l in self.layers.values())
+
+    def coefficients(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, l in self.layers.items():
+            out[f"{name}.alpha_A"] = l.alpha_A.detach().clone()
+            out[f"{name}.alpha_B"] = l.alpha_B.detach().clone()
+        return out
+
+    def save_coefficients(self, path: str, extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """One task: its loadings (and optionally e.g. its head's tensors) as a small safetensors file."""
+        t = self.coefficients()
+        for k, v in (extra or {}).items():
+            t[f"extra.{k}"] = v.detach().contiguous()
+        save_file(t, path, metadata={"format": FORMAT + ".task", "rank": str(self.rank)})
+
+    @torch.no_grad()
+    def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Switch task: copy saved loadings into the layers (the basis stays loaded). Returns extras."""
+        t = read_safetensors(source) if isinstance(source, str) else source
+        for name, l in self.layers.items():
+            for side in ("alpha_A", "alpha_B"):
+                key = f"{name}.{side}"
+                if key not in t:
+                    raise FormatError(f"task coefficients lack {key}")
+                src = t[key]
+                dst = getattr(l, side)
+                if src.shape != dst.shape:
+                    raise FormatError(f"{key}: shape {tuple(src.shape)} != {tuple(dst.shape)} (other subspace or rank?)")
+                was = l.merged
+                if was:
+                    l.unmerge()
+                dst.copy_(src)
+                if was:
+                    l.merge()
+        return {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+
+    def merge(self) -> None:
+        for l in self.layers.values():
+            l.merge()
+
+    def unmerge(self) -> None:
+        for l in self.layers.values():
+            l.unmerge()
+
+    def export_peft(self, path: str, *, extra: Optional[Dict[str, torch.Tensor]] = None,
+                    config: Optional[dict] = None) -> PeftAdapter:
+        """Write the task as a standard peft LoRA folder (B = P_B α_B, A = (P_A α_A)ᵀ, lora_alpha chosen so
+        peft's scaling equals ours). ``extra``: more tensors to include, keyed as peft saves them."""
+        factors = {name: l.lora_factors() for name, l in self.layers.items()}
+        scaling = next(iter(self.layers.values())).scaling
+        return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
+                          extra, config)
+
+
+def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, base_name: Optional[str],
+               extra: Optional[Dict[str, torch.Tensor]] = None, config: Optional[dict] = None) -> PeftAdapter:
+    """A peft LoRA folder from per-module factors {module: (B m x r, A r x n)}; update = scaling·B·A."""
+    tensors = {}
+    for name, (B, A) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous()
+    tensors.update({k: v.detach() for k, v in (extra or {}).items()})
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
+           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+           "init_lora_weights": True, "base_model_name_or_path": base_name, "modules_to_save": None,
+           "task_type": None}
+    cfg.update(config or {})
+    ad = PeftAdapter(cfg, tensors)
+    ad.save_adapter(path)
+    return ad
+
+
+def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torch.Tensor]], path: str, *,
+                scaling: float = 1.0, config: Optional[dict] = None) -> PeftAdapter:
+    """A saved task (``save_coefficients`` file) + its subspace -> a peft LoRA folder, without a model.
+    Extra tensors saved with the task (e.g. a head) are included under their saved names."""
+    t = read_safetensors(coefficients) if isinstance(coefficients, str) else coefficients
+    factors, rank = {}, None
+    names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
+    if not names:
+        raise FormatError("no task coefficients (*.alpha_A) found")
+    for name in names:
+        mod = _match_module({m: None for m in subspace.modules}, name, reverse=True)
+        aA, aB = t[f"{name}.alpha_A"].float(), t.get(f"{name}.alpha_B")
+        if aB is None:
+            raise FormatError(f"task coefficients lack {name}.alpha_B")
+        PA, PB = subspace.A[mod].P, subspace.B[mod].P
+        if aA.shape[0] != PA.shape[1] or aB.shape[0] != PB.shape[1]:
+            raise FormatError(f"{name}: coefficients do not fit the subspace (K {aA.shape[0]} vs {PA.shape[1]})")
+        factors[name] = (PB @ aB.float(), (PA @ aA).T)
+        rank = aA.shape[1]
+    extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+    return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config)
+
+
+def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
+          init: str = "uniform", trainable: Sequence[str] = (), seed: int = 0,
+          prefix: str = "") -> EigenModel:
+    """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers and
+    freeze everything but the loadings (and parameters whose name contains one of ``trainable``,
+    e.g. ``("classifier",)`` for a task head).
+
+    ``init``: "uniform" (the authors' default: both loadings uniform(−0.5, 0.5), so ΔW ≠ 0 at step 0)
+    or "lora" (B loadings zero: the model starts as the base model). ``scaling`` multiplies the update
+    (1.0 = the authors' no-scaling forward). Module names are matched on their dotted suffix (a
+    subspace built from ``bert.encoder...`` adapters applies to a ``BertModel``'s ``encoder...``).
+    """
+    if init not in ("uniform", "lora"):
+        raise ValueError(f"init must be 'uniform' or 'lora', got {init!r}")
+    if not isinstance(task_rank, int) or task_rank < 1:
+        raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
+    named = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    layers: Dict[str, EigenLinear] = {}
+    for mod in subspace.modules:
+        target = _match_module(named, mod)
+        lin = named[target]
+        if not isinstance(lin, torch.nn.Linear):
+            raise ValueError(f"{target}: expected a torch.nn.Linear, got {type(lin).__name__}")
+        PA, PB = subspace.A[mod].P, subspace.B[mod].P
+        if PA.shape[0] != lin.in_features or PB.shape[0] != lin.out_features:
+            raise ValueError(f"layer {mod}: subspace is for {PB.shape[0]}x{PA.shape[0]} but {target} is "
+                             f"{lin.out_features}x{lin.in_features}: different base model?")
+        fp = subspace.meta.get("fingerprints", {}).get(mod)
+        if fp is not None and fingerprint(lin.weight.detach()) != fp:
+            raise ValueError(f"layer {mod}: the model's weight differs from the subspace's base (fingerprint)")
+        wrapped = EigenLinear(lin, PA.to(lin.weight.device), PB.to(lin.weight.device), task_rank, scaling, init, g)
+        parent_name, _, child = target.rpartition(".")
+        setattr(named[parent_name] if parent_name else model, child, wrapped)
+        layers[target] = wrapped
+    for name, p in model.named_parameters():
+        if any(t in name for t in trainable):
+            p.requires_grad_(True)
+    return EigenModel(model, subspace, layers, task_rank)
+
+
+def _match_module(named: Dict[str, object], mod: str, reverse: bool = False) -> str:
+    """The one name in ``named`` equal to ``mod`` or sharing its longest dotted suffix."""
+    if mod in named:
+        return mod
+    parts = mod.split(".")
+    for start in range(1, len(parts)):
+        cand = ".".join(parts[start:])
+        hits = [n for n in named if n == cand or n.endswith("." + cand)]
+        if len(hits) == 1:
+            return hits[0]
+    where = "the subspace" if reverse else "the model"
+    raise ValueError(f"layer {mod}: no matching module in {where} (different architecture?)")
