@@ -252,7 +252,8 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
     e.add_argument("subspace", metavar="SUBSPACE.safetensors")
     e.add_argument("--coefficients", required=True, metavar="TASK.safetensors")
     e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
-    e.add_argument("--scaling", type=float, default=1.0, help="the scaling the task was trained with (default 1)")
+    e.add_argument("--scaling", type=float, default=None,
+                   help="override the scaling recorded in the task file (default: the recorded one)")
     e.set_defaults(func=_eigen_export)
 
 

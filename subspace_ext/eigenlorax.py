@@ -170,11 +170,12 @@ class EigenLinear(torch.nn.Module):
         self.register_buffer("PA", PA, persistent=False)  # n x K
         self.register_buffer("PB", PB, persistent=False)  # m x K
         K_A, K_B = PA.shape[1], PB.shape[1]
-        self.alpha_A = torch.nn.Parameter(torch.rand(K_A, rank, generator=generator) - 0.5)
+        dev = PA.device  # the generator draws on the CPU (same numbers on every device), then moves
+        self.alpha_A = torch.nn.Parameter((torch.rand(K_A, rank, generator=generator) - 0.5).to(dev))
         if init == "lora":
-            self.alpha_B = torch.nn.Parameter(torch.zeros(K_B, rank))
+            self.alpha_B = torch.nn.Parameter(torch.zeros(K_B, rank, device=dev))
         else:
-            self.alpha_B = torch.nn.Parameter(torch.rand(K_B, rank, generator=generator) - 0.5)
+            self.alpha_B = torch.nn.Parameter((torch.rand(K_B, rank, generator=generator) - 0.5).to(dev))
         self.scaling = scaling
         self.merged = False
 
@@ -228,27 +229,29 @@ class EigenModel:
         t = self.coefficients()
         for k, v in (extra or {}).items():
             t[f"extra.{k}"] = v.detach().contiguous()
-        save_file(t, path, metadata={"format": FORMAT + ".task", "rank": str(self.rank)})
+        scaling = next(iter(self.layers.values())).scaling
+        save_file(t, path, metadata={"format": FORMAT + ".task", "rank": str(self.rank), "scaling": repr(scaling)})
 
     @torch.no_grad()
     def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Switch task: copy saved loadings into the layers (the basis stays loaded). Returns extras."""
         t = read_safetensors(source) if isinstance(source, str) else source
-        for name, l in self.layers.items():
+        for name, l in self.layers.items():  # check everything before changing anything
             for side in ("alpha_A", "alpha_B"):
                 key = f"{name}.{side}"
                 if key not in t:
                     raise FormatError(f"task coefficients lack {key}")
-                src = t[key]
-                dst = getattr(l, side)
-                if src.shape != dst.shape:
-                    raise FormatError(f"{key}: shape {tuple(src.shape)} != {tuple(dst.shape)} (other subspace or rank?)")
-                was = l.merged
-                if was:
-                    l.unmerge()
-                dst.copy_(src)
-                if was:
-                    l.merge()
+                if t[key].shape != getattr(l, side).shape:
+                    raise FormatError(f"{key}: shape {tuple(t[key].shape)} != {tuple(getattr(l, side).shape)} "
+                                      "(other subspace or rank?)")
+        for name, l in self.layers.items():
+            was = l.merged
+            if was:
+                l.unmerge()
+            l.alpha_A.copy_(t[f"{name}.alpha_A"])
+            l.alpha_B.copy_(t[f"{name}.alpha_B"])
+            if was:
+                l.merge()
         return {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
 
     def merge(self) -> None:
@@ -288,10 +291,17 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
 
 
 def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torch.Tensor]], path: str, *,
-                scaling: float = 1.0, config: Optional[dict] = None) -> PeftAdapter:
+                scaling: Optional[float] = None, config: Optional[dict] = None) -> PeftAdapter:
     """A saved task (``save_coefficients`` file) + its subspace -> a peft LoRA folder, without a model.
-    Extra tensors saved with the task (e.g. a head) are included under their saved names."""
-    t = read_safetensors(coefficients) if isinstance(coefficients, str) else coefficients
+    Extra tensors saved with the task (e.g. a head) are included under their saved names. ``scaling``
+    defaults to the one recorded in the task file (1.0 for a dict without it)."""
+    if isinstance(coefficients, str):
+        if scaling is None:
+            scaling = float(safetensors_metadata(coefficients).get("scaling", 1.0))
+        t = read_safetensors(coefficients)
+    else:
+        t = coefficients
+    scaling = 1.0 if scaling is None else scaling
     factors, rank = {}, None
     names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
     if not names:
@@ -327,11 +337,8 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     if not isinstance(task_rank, int) or task_rank < 1:
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
     named = dict(model.named_modules())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    layers: Dict[str, EigenLinear] = {}
-    for mod in subspace.modules:
+    targets = {}
+    for mod in subspace.modules:  # check every layer before changing the model
         target = _match_module(named, mod)
         lin = named[target]
         if not isinstance(lin, torch.nn.Linear):
@@ -343,7 +350,14 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         fp = subspace.meta.get("fingerprints", {}).get(mod)
         if fp is not None and fingerprint(lin.weight.detach()) != fp:
             raise ValueError(f"layer {mod}: the model's weight differs from the subspace's base (fingerprint)")
-        wrapped = EigenLinear(lin, PA.to(lin.weight.device), PB.to(lin.weight.device), task_rank, scaling, init, g)
+        targets[target] = (lin, PA, PB)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    layers: Dict[str, EigenLinear] = {}
+    for target, (lin, PA, PB) in targets.items():
+        dev = lin.weight.device
+        wrapped = EigenLinear(lin, PA.to(dev), PB.to(dev), task_rank, scaling, init, g)
         parent_name, _, child = target.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, wrapped)
         layers[target] = wrapped

@@ -1,0 +1,657 @@
+"""EigenLoRAx (subspace_ext.eigenlorax): principal subspaces of N LoRA adapters, loadings-only tasks
+on top of them, merge/unmerge, task switching, export to peft, errors and the ``eigen`` CLI.
+
+Checks the behaviour promised in DESIGN.md section 3 "EigenLoRAx". Almost everything runs on
+synthetic ``PeftAdapter`` objects built in memory (a toy two-Linear model, or MiniLM's query/value
+shapes); one session fixture trains two tiny real LoRA adapters on word tasks for the one real
+training run. Whole file: well under a minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from subspace_ext import cli, data, eigenlorax, io, models, train
+from subspace_ext.eigenlorax import EigenSubspace
+from subspace_ext.io import FormatError, PeftAdapter
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+PEFT_PREFIX = "base_model.model."
+TOY_LAYERS = {"enc.q": (48, 40), "enc.v": (32, 40)}  # module -> (out m, in n)
+MINILM_LAYERS = {f"bert.encoder.layer.{i}.attention.self.{p}": (384, 384) for i in range(6) for p in ("query", "value")}
+WORDS = ["wonderful", "terrible", "okay", "disaster", "love", "boring", "table", "quickly"]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_adapter(layers, r, make, *, alpha=None, base_name="synthetic-base") -> PeftAdapter:
+    """A peft LoRA adapter in memory; ``make(module, m, n) -> (B m x r, A r x n)``."""
+    tensors = {}
+    for mod, (m, n) in layers.items():
+        B, A = make(mod, m, n)
+        assert B.shape == (m, r) and A.shape == (r, n)
+        tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = A.float().contiguous()
+        tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = B.float().contiguous()
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha if alpha is not None else r,
+           "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+           "use_rslora": False, "base_model_name_or_path": base_name, "task_type": None}
+    return PeftAdapter(cfg, tensors)
+
+
+def random_adapters(layers, N, r, **kw):
+    return [make_adapter(layers, r, lambda mod, m, n: (torch.randn(m, r), torch.randn(r, n)), **kw)
+            for _ in range(N)]
+
+
+class Toy(torch.nn.Module):
+    """Two Linears named like TOY_LAYERS and a head."""
+
+    def __init__(self, q_in=40, q_name="q"):
+        super().__init__()
+        self.enc = torch.nn.Module()
+        setattr(self.enc, q_name, torch.nn.Linear(q_in, 48))
+        self.enc.v = torch.nn.Linear(40, 32)
+        self.head = torch.nn.Linear(80, 2)
+        self.q_name = q_name
+
+    def forward(self, x):
+        return self.head(torch.cat([getattr(self.enc, self.q_name)(x), self.enc.v(x)], -1))
+
+
+def toy_subspace(N=3, r=4, **kw):
+    kw.setdefault("components", 6)
+    return eigenlorax.build_subspace(random_adapters(TOY_LAYERS, N, r), **kw)
+
+
+def randomize(em, seed):
+    """Random loadings (a stand-in for a trained task)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for l in em.layers.values():
+            l.alpha_A.copy_(torch.randn(l.alpha_A.shape, generator=g))
+            l.alpha_B.copy_(torch.randn(l.alpha_B.shape, generator=g))
+
+
+def close(got, exp, atol=1e-5, rtol=1e-5):
+    torch.testing.assert_close(got.double(), exp.double(), atol=atol, rtol=rtol)
+
+
+def principal_cosines(Q, P):
+    """Cosines of the principal angles between span(Q) and span(P) (both orthonormal)."""
+    return torch.linalg.svdvals(Q.double().T @ P.double())
+
+
+def reference_pca(adapters, mod, side):
+    """(U, explained ratio) of the row-centred stack, float64, full SVD (the formulation's definition)."""
+    ups = [{u.module: u for u in a.updates()}[mod] for a in adapters]
+    M = torch.cat([u.A.double().T if side == "A" else u.B.double() * u.scaling for u in ups], dim=1)
+    U, S, _ = torch.linalg.svd(M - M.mean(dim=1, keepdim=True), full_matrices=False)
+    e = S * S
+    return U, e / e.sum()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """MiniLM classifier (seed 0) and tokenizer, loaded once; tests deepcopy the model."""
+    model, tok = train.load_classifier(seed=0)
+    model.eval()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def minilm_subspace():
+    """K=16 subspace (N=3, r=8: rank cap 23) on MiniLM's 12 query/value shapes, with base fingerprints."""
+    return eigenlorax.build_subspace(random_adapters(MINILM_LAYERS, 3, 8, alpha=16), components=16,
+                                     base=str(models.minilm_dir()))
+
+
+@torch.no_grad()
+def logits(model, enc):
+    model.eval()
+    return model(**enc).logits.double()
+
+
+# ---------------------------------------------------------------------------------------------
+# build_subspace: recovery, explained variance, K rules, augmentation
+
+
+def test_recovers_shared_subspace():
+    """Adapters built inside span(Q_B) / span(Q_A) give exactly those spans back.
+
+    Mean-centring subtracts, from every column of the stack M = [B_1 .. B_N], the mean column
+    μ = M·1/c; since every column lies in span(Q), so does μ, hence so does every centred column.
+    With N·r = 24 columns of random X_i the centred stack still has rank 5, so its top 5 left
+    singular vectors span exactly span(Q) (up to the tiny noise). lora_alpha = 2r (scaling 2) is folded
+    into B by the builder: that rescales columns and does not change their span.
+    """
+    N, r, k = 6, 4, 5
+    g = torch.Generator().manual_seed(1)
+    QB = {mod: torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0] for mod, (m, n) in TOY_LAYERS.items()}
+    QA = {mod: torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0] for mod, (m, n) in TOY_LAYERS.items()}
+
+    def make(mod, m, n):
+        X, Y = torch.randn(k, r, generator=g, dtype=torch.float64), torch.randn(k, r, generator=g, dtype=torch.float64)
+        B = QB[mod] @ X + 1e-6 * torch.randn(m, r, generator=g, dtype=torch.float64)
+        A = (QA[mod] @ Y).T + 1e-6 * torch.randn(r, n, generator=g, dtype=torch.float64)
+        return B, A
+
+    ads = [make_adapter(TOY_LAYERS, r, make, alpha=2 * r) for _ in range(N)]
+    sub = eigenlorax.build_subspace(ads, components=k)
+    assert sub.modules == list(TOY_LAYERS)
+    for mod, (m, n) in TOY_LAYERS.items():
+        PB, PA = sub.B[mod].P, sub.A[mod].P
+        assert PB.shape == (m, k) and PA.shape == (n, k)
+        assert principal_cosines(QB[mod], PB).min() > 0.999, mod
+        assert principal_cosines(QA[mod], PA).min() > 0.999, mod
+        close(PB.T @ PB, torch.eye(k), atol=1e-5)
+        close(PA.T @ PA, torch.eye(k), atol=1e-5)
+        # essentially all the (centred) variance is in those 5 directions
+        assert float(sub.B[mod].explained.sum()) > 0.999
+        assert float(sub.A[mod].explained.sum()) > 0.999
+
+
+def test_explained_variance_matches_reference_and_is_monotone():
+    N, r = 3, 4
+    ads = random_adapters(TOY_LAYERS, N, r)
+    sub = eigenlorax.build_subspace(ads, components=N * r - 1)
+    for mod in TOY_LAYERS:
+        for side in ("A", "B"):
+            b = getattr(sub, side)[mod]
+            e = b.explained.double()
+            assert e.shape == (N * r - 1,) and b.n_pc == N * r - 1
+            assert bool((e[1:] <= e[:-1] + 1e-7).all()), f"{mod}.{side}: explained not non-increasing: {e}"
+            assert float(e.sum()) <= 1 + 1e-5 and float(e.min()) >= 0
+            U, ref = reference_pca(ads, mod, side)
+            close(e, ref[: N * r - 1], atol=1e-6, rtol=1e-4)
+            assert principal_cosines(U[:, :6], b.P[:, :6]).min() > 0.999
+
+
+def test_variance_picks_smallest_k():
+    N, r = 4, 4
+    ads = random_adapters(TOY_LAYERS, N, r)
+    mod = "enc.q"
+    for side in ("A", "B"):
+        _, ref = reference_pca(ads, mod, side)
+        cum = ref.cumsum(0)
+        for k in (1, 3, 7, 12):
+            v = float(cum[k - 1] + cum[k]) / 2   # strictly between: smallest K reaching v is k + 1
+            sub = eigenlorax.build_subspace(ads, variance=v)
+            b = getattr(sub, side)[mod]
+            assert b.P.shape[1] == k + 1 and b.n_pc == k + 1, (side, v)
+            assert float(b.explained.sum()) >= v - 1e-6
+            assert float(b.explained[:-1].sum()) < v
+    # variance 1.0 keeps every non-degenerate direction: capped at N·r − 1
+    sub = eigenlorax.build_subspace(ads, variance=1.0)
+    assert sub.size(mod) <= N * r - 1 and float(sub.A[mod].explained.sum()) > 1 - 1e-5
+
+
+def test_k_capped_at_stack_rank():
+    N, r = 3, 4
+    sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, N, r), components=50)
+    for mod in TOY_LAYERS:
+        assert sub.A[mod].P.shape[1] == N * r - 1 and sub.B[mod].P.shape[1] == N * r - 1
+    # the default (32) is capped too
+    sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 2, 2))
+    assert {sub.size(m) for m in TOY_LAYERS} == {3}
+
+
+def test_augmentation_orthonormal_and_seeded():
+    ads = random_adapters(TOY_LAYERS, 3, 4)
+    k, extra = 5, 7
+    plain = eigenlorax.build_subspace(ads, components=k)
+    s1 = eigenlorax.build_subspace(ads, components=k, augment=extra, seed=1)
+    s1b = eigenlorax.build_subspace(ads, components=k, augment=extra, seed=1)
+    s2 = eigenlorax.build_subspace(ads, components=k, augment=extra, seed=2)
+    for mod in TOY_LAYERS:
+        for side in ("A", "B"):
+            b, bb, b2, p = (getattr(s, side)[mod] for s in (s1, s1b, s2, plain))
+            assert b.P.shape[1] == k + extra and b.n_pc == k and b.explained.shape == (k,)
+            close(b.P.T @ b.P, torch.eye(k + extra), atol=2e-6)   # orthonormal, and ⟂ the principal ones
+            assert principal_cosines(p.P, b.P[:, :k]).min() > 0.9999
+            assert torch.equal(b.P, bb.P), "same seed must give identical directions"
+            diff = (b.P[:, k:] - b2.P[:, k:]).abs().max()
+            assert diff > 0.1, "a different seed must give different augmentation"
+    # augmentation is capped by the dimension: d = 8 leaves room for only 3 extra directions
+    small = {"x.l": (6, 8)}
+    sub = eigenlorax.build_subspace(random_adapters(small, 3, 2), components=5, augment=10)
+    PA = sub.A["x.l"].P
+    assert PA.shape == (8, 8)
+    close(PA.T @ PA, torch.eye(8), atol=2e-6)
+
+
+def test_subspace_save_load_roundtrip(tmp_path):
+    sub = toy_subspace(augment=3, seed=4)
+    path = str(tmp_path / "sub.safetensors")
+    sub.save(path)
+    back = EigenSubspace.load(path)
+    assert back.modules == sub.modules
+    for mod in sub.modules:
+        for side in ("A", "B"):
+            a, b = getattr(sub, side)[mod], getattr(back, side)[mod]
+            assert torch.equal(a.P, b.P) and torch.equal(a.explained, b.explained) and a.n_pc == b.n_pc
+    assert back.meta["augment"] == 3 and back.meta["seed"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# apply: parameters, forward, init
+
+
+def test_only_loadings_trainable_and_count_formula():
+    sub = toy_subspace(augment=2)
+    model = Toy()
+    r = 3
+    em = eigenlorax.apply(model, sub, r, trainable=("head",))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.endswith(("alpha_A", "alpha_B")) or n.startswith("head.") for n in names), names
+    formula = sum((sub.A[m].P.shape[1] + sub.B[m].P.shape[1]) * r for m in sub.modules)
+    head = sum(p.numel() for p in model.head.parameters())
+    assert em.coefficient_count() == formula
+    assert em.trainable_parameters() == formula + head
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "alpha" in n) == formula
+    # without `trainable`, only the loadings
+    em2 = eigenlorax.apply(Toy(), sub, r)
+    assert em2.trainable_parameters() == formula
+
+
+def test_minilm_count_10x_smaller_than_lora(minilm, minilm_subspace):
+    model = copy.deepcopy(minilm[0])
+    r = 8
+    em = eigenlorax.apply(model, minilm_subspace, r)
+    sizes = {m: (minilm_subspace.A[m].P.shape[1], minilm_subspace.B[m].P.shape[1]) for m in MINILM_LAYERS}
+    assert set(sizes.values()) == {(16, 16)}
+    formula = sum((ka + kb) * r for ka, kb in sizes.values())
+    assert em.trainable_parameters() == em.coefficient_count() == formula == 12 * 32 * 8
+    lora = sum((m + n) * 8 for m, n in MINILM_LAYERS.values())   # LoRA r=8 on query/value
+    assert lora >= 10 * formula, (lora, formula)
+
+
+def test_forward_equals_dense_float64():
+    sub = toy_subspace(augment=2)
+    model = Toy()
+    scaling, r = 0.7, 3
+    ref = copy.deepcopy(model)
+    em = eigenlorax.apply(model, sub, r, scaling=scaling, init="uniform")
+    x = torch.randn(5, 40)
+    for mod in TOY_LAYERS:
+        layer = em.layers[mod]
+        lin = dict(ref.named_modules())[mod]
+        B = sub.B[mod].P.double() @ layer.alpha_B.detach().double()
+        A = (sub.A[mod].P.double() @ layer.alpha_A.detach().double()).T
+        exp = x.double() @ (lin.weight.double() + scaling * B @ A).T + lin.bias.double()
+        with torch.no_grad():
+            close(layer(x), exp, atol=1e-5, rtol=1e-5)
+        # lora_factors agree with the definition
+        Bf, Af = layer.lora_factors()
+        close(Bf, B, atol=1e-5)
+        close(Af, A, atol=1e-5)
+
+
+def test_init_lora_is_base_uniform_is_not():
+    sub = toy_subspace()
+    base = Toy()
+    x = torch.randn(7, 40)
+    with torch.no_grad():
+        y0 = base(x)
+        m1 = copy.deepcopy(base)
+        eigenlorax.apply(m1, sub, 4, init="lora")
+        close(m1(x), y0, atol=1e-7, rtol=0)
+        m2 = copy.deepcopy(base)
+        em2 = eigenlorax.apply(m2, sub, 4, init="uniform")
+        assert (m2(x) - y0).abs().max() > 1e-3
+        for l in em2.layers.values():   # uniform(-0.5, 0.5) on both sides
+            for a in (l.alpha_A, l.alpha_B):
+                assert float(a.abs().max()) <= 0.5 and float(a.abs().max()) > 0.2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_apply_to_model_on_cuda():
+    """A model already on the GPU: the loadings must live there too (and train there)."""
+    sub = toy_subspace()
+    base = Toy()
+    cpu, gpu = copy.deepcopy(base), copy.deepcopy(base).cuda()
+    em_cpu = eigenlorax.apply(cpu, sub, 4, init="uniform", seed=3)
+    em = eigenlorax.apply(gpu, sub, 4, init="uniform", seed=3)
+    assert all(p.is_cuda for p in gpu.parameters()), "loadings left on the CPU"
+    em.load_coefficients(em_cpu.coefficients())
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        close(gpu(x.cuda()).cpu(), cpu(x), atol=1e-4, rtol=1e-4)
+    gpu(x.cuda()).sum().backward()
+    assert all(l.alpha_A.grad is not None for l in em.layers.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# merge / unmerge, task switching, export
+
+
+def test_merge_unmerge_roundtrip():
+    sub = toy_subspace(augment=2)
+    model = Toy()
+    w0 = {m: dict(model.named_modules())[m].weight.detach().clone() for m in TOY_LAYERS}
+    em = eigenlorax.apply(model, sub, 4, scaling=1.3)
+    randomize(em, 0)
+    x = torch.randn(6, 40)
+    with torch.no_grad():
+        y = model(x)
+        em.merge()
+        em.merge()   # idempotent
+        for m in TOY_LAYERS:
+            assert em.layers[m].merged
+            assert (em.layers[m].base.weight - w0[m]).abs().max() > 1e-3
+        close(model(x), y, atol=1e-4, rtol=1e-5)
+        em.unmerge()
+        em.unmerge()
+        for m in TOY_LAYERS:
+            close(em.layers[m].base.weight, w0[m], atol=1e-5, rtol=0)
+        close(model(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_task_switch_with_coefficients(tmp_path):
+    sub = toy_subspace()
+    model = Toy()
+    em = eigenlorax.apply(model, sub, 4, trainable=("head",))
+    x = torch.randn(6, 40)
+    outs, files = [], []
+    for t in range(2):
+        randomize(em, 10 + t)
+        with torch.no_grad():
+            model.head.weight.normal_()
+            outs.append(model(x).clone())
+        f = str(tmp_path / f"task{t}.safetensors")
+        em.save_coefficients(f, extra={"head.weight": model.head.weight})
+        files.append(f)
+    assert (outs[0] - outs[1]).abs().max() > 1e-2
+    with torch.no_grad():
+        for t in (0, 1, 0):
+            extra = em.load_coefficients(files[t])
+            model.head.weight.copy_(extra["head.weight"])
+            close(model(x), outs[t], atol=1e-6, rtol=1e-6)
+        em.merge()   # switching while merged keeps the weights consistent
+        for t in (1, 0):
+            extra = em.load_coefficients(files[t])
+            model.head.weight.copy_(extra["head.weight"])
+            close(model(x), outs[t], atol=1e-4, rtol=1e-5)
+        em.unmerge()
+        close(model(x), outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_load_coefficients_rejects_other_shape(tmp_path):
+    sub = toy_subspace()
+    other = eigenlorax.apply(Toy(), sub, 2)   # rank 2
+    f = str(tmp_path / "r2.safetensors")
+    other.save_coefficients(f)
+    em = eigenlorax.apply(Toy(), sub, 4)
+    with pytest.raises(FormatError, match="alpha_A"):
+        em.load_coefficients(f)
+    other_sub = toy_subspace(components=3)
+    em3 = eigenlorax.apply(Toy(), other_sub, 4)
+    with pytest.raises(FormatError):
+        em3.load_coefficients(em.coefficients())
+    with pytest.raises(FormatError, match="lack"):
+        em.load_coefficients({})
+
+
+def test_rejected_load_leaves_model_unchanged():
+    """A rejected switch (only the last layer's loadings have the wrong shape) must not leave the
+    model half switched to the new task."""
+    sub = toy_subspace()
+    model = Toy()
+    em = eigenlorax.apply(model, sub, 4)
+    randomize(em, 1)
+    new = em.coefficients()
+    randomize(em, 2)
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        y = model(x)
+    last = list(em.layers)[-1]
+    new[f"{last}.alpha_B"] = torch.zeros(3, 4)
+    with pytest.raises(FormatError):
+        em.load_coefficients(new)
+    with torch.no_grad():
+        close(model(x), y, atol=0, rtol=0)
+
+
+def test_export_peft_loads_in_peft_and_export_task_matches(tmp_path, minilm, minilm_subspace):
+    model, tok = copy.deepcopy(minilm[0]), minilm[1]
+    scaling = 2.0
+    em = eigenlorax.apply(model, minilm_subspace, 8, scaling=scaling, init="uniform", trainable=("classifier",))
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+        model.classifier.bias.normal_()
+    head = {f"{PEFT_PREFIX}classifier.weight": model.classifier.weight,
+            f"{PEFT_PREFIX}classifier.bias": model.classifier.bias}
+    cfg = {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}
+    out = str(tmp_path / "exported")
+    ad = em.export_peft(out, extra=head, config=cfg)
+    assert os.path.isfile(os.path.join(out, io.ADAPTER_CONFIG)) and os.path.isfile(os.path.join(out, io.ADAPTER_WEIGHTS))
+    enc, _ = train.encode(tok, [(w, 0) for w in WORDS])
+    y = logits(model, enc)
+    peft_model, _ = train.load_adapter_model(out)
+    close(logits(peft_model, enc), y, atol=1e-5, rtol=1e-5)
+    # the exported factors are the loadings mapped through the components; scaling via lora_alpha
+    for u in PeftAdapter.load(out).updates():
+        assert u.scaling == pytest.approx(scaling)
+        B, A = em.layers[u.module].lora_factors()
+        close(u.B, B, atol=1e-6)
+        close(u.A, A, atol=1e-6)
+    # export_task: subspace file + coefficients file -> the same adapter, no model needed
+    sub_path, coef = str(tmp_path / "sub.safetensors"), str(tmp_path / "task.safetensors")
+    minilm_subspace.save(sub_path)
+    em.save_coefficients(coef, extra=head)
+    out2 = str(tmp_path / "from_files")
+    eigenlorax.export_task(EigenSubspace.load(sub_path), coef, out2, scaling=scaling, config=cfg)
+    a1, a2 = PeftAdapter.load(out), PeftAdapter.load(out2)
+    assert set(a1.tensors) == set(a2.tensors) == set(ad.tensors)
+    for k in a1.tensors:
+        close(a2.tensors[k], a1.tensors[k], atol=1e-7, rtol=1e-6)
+    assert a2.config["r"] == a1.config["r"] == 8
+    assert a2.config["lora_alpha"] == pytest.approx(a1.config["lora_alpha"])
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_build_errors():
+    ads = random_adapters(TOY_LAYERS, 2, 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        eigenlorax.build_subspace(ads[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        eigenlorax.build_subspace([])
+    fewer = random_adapters({"enc.q": TOY_LAYERS["enc.q"]}, 1, 4)[0]
+    with pytest.raises(ValueError, match=r"different layers.*enc\.v"):
+        eigenlorax.build_subspace([ads[0], fewer])
+    wrong = random_adapters({"enc.q": (48, 41), "enc.v": (32, 40)}, 1, 4)[0]
+    with pytest.raises(ValueError, match=r"enc\.q.*shape"):
+        eigenlorax.build_subspace([ads[0], wrong])
+    with pytest.raises(ValueError, match="components or variance"):
+        eigenlorax.build_subspace(ads, components=4, variance=0.9)
+    for v in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="variance"):
+            eigenlorax.build_subspace(ads, variance=v)
+    with pytest.raises(ValueError, match="components"):
+        eigenlorax.build_subspace(ads, components=0)
+    with pytest.raises(ValueError, match="augment"):
+        eigenlorax.build_subspace(ads, augment=-1)
+
+
+def test_apply_errors():
+    sub = toy_subspace()
+    with pytest.raises(ValueError, match=r"enc\.q.*no matching module"):
+        eigenlorax.apply(Toy(q_name="k"), sub, 4)            # the model has no enc.q
+    with pytest.raises(ValueError, match=r"enc\.q"):
+        eigenlorax.apply(Toy(q_in=41), sub, 4)               # enc.q has another shape
+    with pytest.raises(ValueError, match="init"):
+        eigenlorax.apply(Toy(), sub, 4, init="zeros")
+    with pytest.raises(ValueError, match="task_rank"):
+        eigenlorax.apply(Toy(), sub, 0)
+
+
+def test_base_fingerprint_mismatch(tmp_path):
+    model = Toy()
+    base = str(tmp_path / "toy.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
+    sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 3, 4), components=4, base=base)
+    assert set(sub.meta["fingerprints"]) == set(TOY_LAYERS)
+    eigenlorax.apply(copy.deepcopy(model), sub, 4)       # the same base: fine
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.enc.v.weight[0, 0] += 1e-3
+    with pytest.raises(ValueError, match=r"enc\.v.*fingerprint"):
+        eigenlorax.apply(copy.deepcopy(other), sub, 4)
+    # the fingerprints survive save/load
+    path = str(tmp_path / "sub.safetensors")
+    sub.save(path)
+    with pytest.raises(ValueError, match=r"enc\.v.*fingerprint"):
+        eigenlorax.apply(copy.deepcopy(other), EigenSubspace.load(path), 4)
+
+
+@pytest.mark.parametrize("case", ["fingerprint", "shape"])
+def test_failed_apply_leaves_model_untouched(case, tmp_path):
+    """apply() that fails on a later layer (enc.v) must not leave earlier layers (enc.q) wrapped or
+    the model's parameters frozen: the model must be usable as it was."""
+    model = Toy()
+    if case == "fingerprint":
+        base = str(tmp_path / "toy.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
+        sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 3, 4), components=4, base=base)
+        with torch.no_grad():
+            model.enc.v.weight[0, 0] += 1e-3
+    else:
+        sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 3, 4), components=4)
+        model.enc.v = torch.nn.Linear(41, 32)
+    with pytest.raises(ValueError, match=r"enc\.v"):
+        eigenlorax.apply(model, sub, 4)
+    assert type(model.enc.q) is torch.nn.Linear, f"enc.q left wrapped: {type(model.enc.q).__name__}"
+    assert all(p.requires_grad for p in model.parameters()), "parameters left frozen"
+
+
+def test_load_rejects_non_subspace_files(tmp_path):
+    ad = random_adapters(TOY_LAYERS, 1, 4)[0]
+    ad.save_adapter(str(tmp_path / "ad"))
+    with pytest.raises(FormatError, match="not an EigenLoRAx subspace"):
+        EigenSubspace.load(str(tmp_path / "ad" / io.ADAPTER_WEIGHTS))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("hello")
+    with pytest.raises(FormatError):
+        EigenSubspace.load(str(junk))
+    with pytest.raises(FormatError):
+        EigenSubspace.load(str(tmp_path / "missing.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# real training
+
+
+@pytest.fixture(scope="session")
+def real_adapters(tmp_path_factory):
+    """Two tiny real LoRA r=8 adapters (query/value + head) on other word tasks, 20 steps each."""
+    root = tmp_path_factory.mktemp("eigen_real")
+    out = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny batches: 1 thread is fastest, and far faster on a busy machine
+    try:
+        for name in ("blob-polarity", "pos-noun-verb"):
+            folder = str(root / name)
+            train.train_lora_adapter(data.word_task(name, limit=800), folder, steps=20, lr=5e-3, batch_size=16,
+                                     seed=0)
+            out.append(folder)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_training_loadings_reduces_loss(real_adapters):
+    sub = eigenlorax.build_subspace(real_adapters, components=16, base=str(models.minilm_dir()))
+    assert {sub.size(m) for m in sub.modules} == {15} and len(sub.modules) == 12   # capped at N·r − 1
+    model, tok = train.load_classifier(seed=0)
+    em = eigenlorax.apply(model, sub, 8, init="lora", trainable=("classifier",))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    task = data.word_task("vader-polarity", limit=800)
+    enc, y = train.encode(tok, task.train[:128])
+
+    def loss():
+        return float(torch.nn.functional.cross_entropy(logits(model, enc), y))
+
+    torch.set_num_threads(1)   # restored by conftest
+    before = loss()
+    log = train.train(model, tok, task, steps=30, lr=5e-3, batch_size=16, seed=0)
+    after = loss()
+    assert after < before - 0.05, (before, after)
+    assert sum(log.loss[-10:]) / 10 < sum(log.loss[:5]) / 5
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} changed"
+    assert all(float(l.alpha_B.abs().max()) > 0 for l in em.layers.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_cli(argv, capsys):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:   # argparse usage errors
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_build_and_export(tmp_path, capsys):
+    dirs = []
+    for i, ad in enumerate(random_adapters(TOY_LAYERS, 3, 4)):
+        dirs.append(str(tmp_path / f"ad{i}"))
+        ad.save_adapter(dirs[-1])
+    sub_path = str(tmp_path / "sub.safetensors")
+    rc, out, err = run_cli(["eigen", "build", *dirs, "-o", sub_path, "--components", "5", "--augment", "2",
+                            "--seed", "3"], capsys)
+    assert rc == 0, err
+    assert os.path.isfile(sub_path) and sub_path in out
+    sub = EigenSubspace.load(sub_path)
+    assert {sub.size(m) for m in sub.modules} == {7} and sub.A["enc.q"].n_pc == 5
+    assert torch.equal(sub.A["enc.q"].P, eigenlorax.build_subspace(dirs, components=5, augment=2, seed=3).A["enc.q"].P)
+    em = eigenlorax.apply(Toy(), sub, 4)
+    coef = str(tmp_path / "task.safetensors")
+    em.save_coefficients(coef)
+    out_dir = str(tmp_path / "exported")
+    rc, out, err = run_cli(["eigen", "export", sub_path, "--coefficients", coef, "-o", out_dir,
+                            "--scaling", "0.5"], capsys)
+    assert rc == 0, err
+    ad = PeftAdapter.load(out_dir)
+    assert {u.module for u in ad.updates()} == set(TOY_LAYERS)
+    assert all(u.scaling == pytest.approx(0.5) for u in ad.updates())
+    # variance selection through the CLI
+    rc, _, err = run_cli(["eigen", "build", *dirs, "-o", sub_path, "--variance", "0.5"], capsys)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("case", ["one-adapter", "missing-folder", "variance-range", "both", "not-subspace",
+                                  "bad-output"])
+def test_cli_user_errors(case, tmp_path, capsys):
+    dirs = []
+    for i, ad in enumerate(random_adapters(TOY_LAYERS, 2, 4)):
+        dirs.append(str(tmp_path / f"ad{i}"))
+        ad.save_adapter(dirs[-1])
+    out = str(tmp_path / "sub.safetensors")
+    argv = {
+        "one-adapter": ["eigen", "build", dirs[0], "-o", out],
+        "missing-folder": ["eigen", "build", dirs[0], str(tmp_path / "nope"), "-o", out],
+        "variance-range": ["eigen", "build", *dirs, "-o", out, "--variance", "1.5"],
+        "both": ["eigen", "build", *dirs, "-o", out, "--variance", "0.5", "--components", "3"],
+        "not-subspace": ["eigen", "export", os.path.join(dirs[0], io.ADAPTER_WEIGHTS), "--coefficients",
+                         os.path.join(dirs[1], io.ADAPTER_WEIGHTS), "-o", str(tmp_path / "x")],
+        "bad-output": ["eigen", "build", *dirs, "-o", str(tmp_path / "no" / "such" / "sub.safetensors")],
+    }[case]
+    rc, _, err = run_cli(argv, capsys)
+    assert rc not in (0, None), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], err
+    assert not os.path.exists(out)
