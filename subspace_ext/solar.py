@@ -23,6 +23,7 @@ defaults here (complete bases, eps = 0, global top-|c|) are the ones our measure
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,11 @@ FORMAT = "subspace_ext.solar"
 FORMAT_VERSION = 1
 NUMBERS_PER_COEFFICIENT = 2  # value + index
 _CHECKSUM_TOL = 1e-6
+
+
+def package_digest(tensors: Dict[str, torch.Tensor], solar_meta: str) -> str:
+    """sha256 over the tensors (io.tensors_digest) and the JSON metadata: any edit of either is caught."""
+    return hashlib.sha256((tensors_digest(tensors) + "\n" + solar_meta).encode()).hexdigest()
 
 
 class BaseMismatchError(ValueError):
@@ -106,8 +112,9 @@ class SolarPackage:
         tensors = self._tensors()
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
                 "layers": [vars(l) for l in self.layers], "skipped": self.skipped}
+        solar_meta = json.dumps(meta)
         save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                           "solar": json.dumps(meta), "digest": tensors_digest(tensors)})
+                                           "solar": solar_meta, "digest": package_digest(tensors, solar_meta)})
         return os.path.getsize(path)
 
     @classmethod
@@ -122,7 +129,7 @@ class SolarPackage:
             raise FormatError(f"{path}: package format version {meta.get('format_version')} is not "
                               f"supported (this build reads version {FORMAT_VERSION})")
         tensors = read_safetensors(path)
-        if tensors_digest(tensors) != meta.get("digest"):
+        if package_digest(tensors, meta.get("solar", "")) != meta.get("digest"):
             raise FormatError(f"{path}: contents do not match the package digest (corrupted or tampered)")
         try:
             info = json.loads(meta["solar"])
@@ -198,8 +205,9 @@ def _resolve_budget(budget, candidates: int) -> Optional[int]:
         return None
     if budget is None:
         raise ValueError("give a budget (numbers to store, or 'full') or a ratio")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < NUMBERS_PER_COEFFICIENT:
-        raise ValueError(f"budget must be 'full' or a number >= {NUMBERS_PER_COEFFICIENT}, got {budget!r}")
+    if (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget)
+            or budget < NUMBERS_PER_COEFFICIENT):
+        raise ValueError(f"budget must be 'full' or a finite number >= {NUMBERS_PER_COEFFICIENT}, got {budget!r}")
     return min(int(budget) // NUMBERS_PER_COEFFICIENT, candidates)
 
 
@@ -289,8 +297,8 @@ def _package(layers, extra, config, budget, ratio, seed, eps, dtype) -> SolarPac
     if ratio is not None:  # extra tensors are stored too: the ratio covers them
         if budget is not None:
             raise ValueError("give either budget or ratio, not both")
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
-            raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < math.inf:
+            raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
         keep_numbers = ratio * lora_total - extra_numbers
         if keep_numbers < NUMBERS_PER_COEFFICIENT:
             raise ValueError(f"ratio {ratio} leaves no room for coefficients: the extra tensors alone take "

@@ -104,7 +104,7 @@ def train(model, tok, task: Task, *, steps: int = 200, lr: float = 1e-3, batch_s
         if after_step is not None:
             after_step(step)
         log.steps.append(step)
-        log.loss.append(float(loss))
+        log.loss.append(float(loss.detach()))
         if eval_every and (step % eval_every == 0 or step == steps):
             log.dev_steps.append(step)
             log.dev_acc.append(accuracy(model, tok, dev, max_length=max_length))

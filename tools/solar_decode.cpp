@@ -996,7 +996,7 @@ Package load_package(const std::string& path) {
     fail(path + ": package format version " + (version ? *version : std::string("None")) +
          " is not supported (this build reads version " + kFormatVersion + ")");
 
-  // All tensors, and the digest over them (io.tensors_digest).
+  // All tensors, and the digest over them (io.tensors_digest), then the package digest.
   std::map<std::string, at::Tensor> tensors;  // sorted by name = Python sorted()
   Sha256 digest;
   {
@@ -1010,8 +1010,13 @@ Package load_package(const std::string& path) {
       tensors[name] = to_tensor(*e, bytes);
     }
   }
+  // The package digest covers the tensors and the solar metadata (solar.package_digest).
+  Sha256 package_digest;
+  package_digest.update(digest.hexdigest());
+  package_digest.update("\n", 1);
+  if (const std::string* solar_meta = h.meta("solar")) package_digest.update(*solar_meta);
   const std::string* stored = h.meta("digest");
-  if (!stored || digest.hexdigest() != *stored)
+  if (!stored || package_digest.hexdigest() != *stored)
     fail(path + ": contents do not match the package digest (corrupted or tampered)");
 
   Package pkg;
