@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "subspace_ext_eigenlorax_cache"),
                     help="folder for the source adapters (reused across runs)")
     ap.add_argument("--output", default="docs/results_eigenlorax.md")
+    ap.add_argument("--json", default=None, help="also write the raw per-seed results to this JSON file")
     args = ap.parse_args(argv)
     args.source_steps = args.source_steps or args.steps
     if args.sst2 and "sst2" not in args.tasks:
@@ -285,6 +286,10 @@ def main(argv=None) -> int:
         "",
     ]
     text = "\n".join(lines)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "names": names, "switch_s": {"eigen": eigen_s, "lora": lora_s},
+                       "results": {m: [{k: v for k, v in r.items()} for r in res[m]] for m in methods}}, f, indent=1)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)
     print(text)

@@ -73,10 +73,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ratios", nargs="+", default=["0.02", "0.05", "0.1", "0.2", "0.5", "full"])
     ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results_solar.md"))
+    ap.add_argument("--json", default=None, help="also write the raw per-seed results to this JSON file")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if not args.sst2:
         ap.error("SST-2 not found: pass --sst2 FOLDER")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ratios = [r if r == "full" else float(r) for r in args.ratios]
     task = data.sst2(args.sst2, train_limit=args.train_limit, seed=0)
     results = []
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
         "# SOLAR vs truncated SVD on SST-2 (MiniLM-L6 + LoRA r=8 on query/value)",
         "",
         f"Command: `python bench/eval_solar.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} "
-        f"--train-limit {args.train_limit}`; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"--train-limit {args.train_limit}" + (f" --threads {args.threads}" if args.threads else "")
+        + f"`; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Dev accuracy on the {len(task.dev)} SST-2 dev sentences, mean ± std over seeds {args.seeds}. "
         "Ratio = stored numbers / adapter numbers (LoRA factors + classifier head, which both keep); a SOLAR "
         "coefficient costs 2 numbers (value + index), a rank-1 SVD component m + n + 1.",
@@ -104,6 +108,12 @@ def main(argv=None) -> int:
         lines.append(f"| {ratio} | {fmt(e['solar_acc'] for e in es)} | {fmt(e['solar_err'] for e in es)} | "
                      f"{svd_acc} | {svd_err} | {fmt(e['seconds'] for e in es)} |")
     text = "\n".join(lines) + "\n"
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "ratios": [str(r) for r in ratios], "dev_size": len(task.dev),
+                       "results": [{str(k): v for k, v in r.items()} for r in results]}, f, indent=1)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         f.write(text)
