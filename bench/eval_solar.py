@@ -48,9 +48,7 @@ def run_seed(task, seed: int, ratios, steps: int, work: str, log=print):
             bout = os.path.join(work, f"svd_{seed}_{ratio}")
             bl.save_adapter(bout)
             entry["svd_acc"] = evaluate(task, adapter, tok, bout)
-            entry["svd_err"] = statistics.mean(
-                solar._lowrank_rel_error(u.B, u.A, u.scaling, v.B, v.A, v.scaling)
-                for u, v in zip(solar._as_adapter(adapter).updates(), bl.updates()))
+            entry["svd_err"] = statistics.mean(solar.relative_errors(adapter, bl))
         rows[ratio] = entry
         log(f"  ratio {ratio}: solar acc {acc:.4f} err {err:.3f}" +
             (f" | svd acc {entry['svd_acc']:.4f} err {entry['svd_err']:.3f}" if "svd_acc" in entry else "") +

@@ -190,6 +190,15 @@ def _lowrank_rel_error(B1, A1, s1, B2, A2, s2) -> float:
     return math.sqrt(max(n11 - 2 * n12 + n22, 0.0)) / math.sqrt(n11) if n11 > 0 else 0.0
 
 
+def relative_errors(original: Union[str, PeftAdapter], restored: Union[str, PeftAdapter]) -> List[float]:
+    """Per layer ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F between two LoRA adapters of the same layers (from the factors;
+    ΔW is never formed), e.g. an adapter and its decompressed or truncated-SVD version."""
+    a, b = _as_adapter(original).updates(), _as_adapter(restored).updates()
+    if [u.module for u in a] != [v.module for v in b]:
+        raise ValueError("the two adapters do not adapt the same layers")
+    return [_lowrank_rel_error(u.B, u.A, u.scaling, v.B, v.A, v.scaling) for u, v in zip(a, b)]
+
+
 def _base_weight(bw: BaseWeights, module: str, shape, what: str) -> (str, torch.Tensor):
     key = bw.key_for_module(module)
     W0 = bw.get(key)

@@ -25,14 +25,17 @@ def load_classifier(num_labels: int = 2, *, seed: int = 0, model_dir: Optional[s
     from transformers.utils import logging as hf_logging
 
     path = model_dir or minilm_dir()
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar for every model load
     try:
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         tok = AutoTokenizer.from_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tok
 
 
