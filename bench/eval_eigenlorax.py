@@ -31,7 +31,9 @@ import time
 
 import torch
 
-from subspace_ext import data, eigenlorax, models, train
+from subspace_ext import data, eigenlorax, models, plots, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RANK = 8
 ALPHA = 16
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "names": names, "switch_s": {"eigen": eigen_s, "lora": lora_s},
+            json.dump({"args": plots.portable_args(vars(args), ROOT), "names": names, "switch_s": {"eigen": eigen_s, "lora": lora_s},
                        "results": {m: [{k: v for k, v in r.items()} for r in res[m]] for m in methods}}, f, indent=1)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)

@@ -18,7 +18,9 @@ import time
 
 import torch
 
-from subspace_ext import data, models, solar, train
+from subspace_ext import data, models, plots, solar, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def evaluate(task, adapter_dir, tok, folder) -> float:
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
         import json
 
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "ratios": [str(r) for r in ratios], "dev_size": len(task.dev),
+            json.dump({"args": plots.portable_args(vars(args), ROOT), "ratios": [str(r) for r in ratios], "dev_size": len(task.dev),
                        "results": [{str(k): v for k, v in r.items()} for r in results]}, f, indent=1)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

@@ -35,7 +35,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from subspace_ext import data, train  # noqa: E402
+from subspace_ext import data, plots, train  # noqa: E402
 from subspace_ext.srlora import SRLoRA, SRLoRAConfig  # noqa: E402
 
 
@@ -229,7 +229,7 @@ def main(argv=None):
 
         raw = {m: {str(k): v for k, v in res[m].items()} for m in ("lora", "srlora")}
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "results": raw}, f, indent=1)
+            json.dump({"args": plots.portable_args(vars(args), ROOT), "results": raw}, f, indent=1)
     print(text)
     print(f"wrote {args.output}")
 

@@ -1,6 +1,8 @@
-"""PNG plots and markdown tables for the demo and the evaluation reports (matplotlib, Agg backend)."""
+"""PNG plots, markdown tables and small reporting helpers for the demo and the evaluation reports
+(matplotlib, Agg backend)."""
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -71,3 +73,14 @@ def pct(values: Sequence[float]) -> str:
     values = [100 * v for v in values]
     m, s = mean_std(values)
     return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {s:.2f}"
+
+
+def portable_args(args: dict, root: str) -> dict:
+    """A copy of parsed arguments for a committed JSON: absolute paths become relative to ``root`` (no
+    machine paths in results)."""
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, str) and os.path.isabs(v):
+            v = os.path.relpath(v, root)
+        out[k] = v
+    return out

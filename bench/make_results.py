@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""docs/results.md and its PNG plots from the raw JSON of the three SST-2 evaluations.
+
+    python bench/eval_solar.py     --seeds 0 1 2 ... --json docs/data/solar_sst2.json
+    python bench/eval_eigenlorax.py --held-out sst2 ... --json docs/data/eigenlorax_sst2.json
+    python bench/eval_srlora.py    --seeds 0 1 2 ... --json docs/data/srlora_sst2.json
+    python bench/make_results.py   # reads docs/data/*.json, writes docs/results.md + docs/*.png
+
+Each section states the command and settings its JSON records; a missing JSON leaves its section out
+(and says so) rather than inventing numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from subspace_ext import plots  # noqa: E402
+from subspace_ext.plots import mean_std, pct  # noqa: E402
+
+
+def _load(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def solar_section(d, out_dir):
+    a, res = d["args"], d["results"]
+    ratios = [r for r in d["ratios"] if r != "full"]
+    xs = [float(r) for r in ratios]
+    lora = [r["lora"] for r in res]
+    so = [[r[k]["solar_acc"] for r in res] for k in ratios]
+    sv = [[r[k]["svd_acc"] for r in res] for k in ratios]
+    plots.save_png(plots.Figure(
+        "SOLAR vs truncated SVD on SST-2 (MiniLM-L6, LoRA r=8)", "stored numbers / adapter numbers (log)",
+        "SST-2 dev accuracy (%)",
+        [plots.Series("SOLAR", xs, [100 * mean_std(v)[0] for v in so], [100 * mean_std(v)[1] for v in so]),
+         plots.Series("truncated SVD of each ΔW", xs, [100 * mean_std(v)[0] for v in sv],
+                      [100 * mean_std(v)[1] for v in sv], style="s--")],
+        hlines=[(100 * mean_std(lora)[0], "uncompressed LoRA")], logx=True), os.path.join(out_dir, "solar_sst2.png"))
+    rows = []
+    for k in d["ratios"]:
+        e = [r[k] for r in res]
+        rows.append([k, f"{mean_std([x['ratio'] for x in e])[0]:.4f}", pct(x["solar_acc"] for x in e),
+                     f"{mean_std([x['solar_err'] for x in e])[0]:.3f}",
+                     pct(x["svd_acc"] for x in e) if "svd_acc" in e[0] else "—",
+                     f"{mean_std([x['svd_err'] for x in e])[0]:.3f}" if "svd_err" in e[0] else "—",
+                     f"{mean_std([x['seconds'] for x in e])[0]:.2f}"])
+    cmd = (f"python bench/eval_solar.py --seeds {' '.join(map(str, a['seeds']))} --steps {a['steps']} "
+           f"--train-limit {a['train_limit']}" + (f" --threads {a['threads']}" if a.get("threads") else "")
+           + " --json docs/data/solar_sst2.json")
+    near = min(ratios, key=lambda k: abs(float(k) - 0.1))
+    headline = (f"at ratio {near}: SOLAR {pct(r[near]['solar_acc'] for r in res)}%, truncated SVD "
+                f"{pct(r[near]['svd_acc'] for r in res)}%, uncompressed {pct(lora)}%")
+    text = "\n".join([
+        "## SOLAR: accuracy vs compression on SST-2",
+        "",
+        f"Command: `{cmd}`. MiniLM-L6 + LoRA r=8 (alpha 16) on query/value + head, {a['steps']} steps on a "
+        f"seeded {a['train_limit']}-sentence subset of SST-2 train; dev accuracy on all {d['dev_size']} dev "
+        f"sentences, mean ± std over seeds {a['seeds']}. Uncompressed LoRA: **{pct(lora)}%**. Ratio = stored "
+        "numbers / adapter numbers (the head is kept by both); a SOLAR coefficient is 2 numbers (value + index), "
+        "a truncated-SVD component m + n + 1. Error = mean over layers of ‖ΔW − ΔŴ‖/‖ΔW‖. Seconds: SOLAR "
+        "compress + decompress of the whole adapter (CPU).",
+        "",
+        plots.table(["ratio asked", "ratio", "SOLAR acc (%)", "SOLAR error", "trunc. SVD acc (%)",
+                     "trunc. SVD error", "SOLAR s"], rows),
+        "",
+        "![SOLAR vs truncated SVD](solar_sst2.png)",
+        "",
+    ])
+    return text, ["SOLAR", "compress a trained SST-2 adapter", headline]
+
+
+def eigen_section(d, out_dir):
+    a, res, names = d["args"], d["results"], d["names"]
+    lora_acc = mean_std([r["acc"] for r in res["lora"]])[0]
+    series = []
+    for m, style in (("lora", "o"), ("eigen-lora", "s"), ("eigen-uniform", "^")):
+        accs = [r["acc"] for r in res[m]]
+        series.append(plots.Series(names[m], [res[m][0]["adapter"]], [100 * mean_std(accs)[0]],
+                                   [100 * mean_std(accs)[1]], style=style))
+    plots.save_png(plots.Figure(
+        f"EigenLoRAx on held-out {a['held_out']} (MiniLM-L6)", "trainable adapter parameters (log)",
+        "dev accuracy (%)", series, hlines=[(100 * mean_std([r["acc"] for r in res["head"]])[0], names["head"])],
+        logx=True), os.path.join(out_dir, "eigenlorax_sst2.png"))
+    rows = []
+    for m in ("lora", "eigen-lora", "eigen-uniform", "head"):
+        rs = res[m]
+        n = rs[0]["adapter"]
+        rows.append([names[m], f"{n:,}", f"{rs[0]['head']:,}",
+                     "1×" if m == "lora" else ("—" if n == 0 else f"{res['lora'][0]['adapter'] / n:.1f}×"),
+                     pct(r["acc"] for r in rs), f"{100 * mean_std([r['acc'] for r in rs])[0] / lora_acc:.1f}"])
+    sources = [t for t in a["tasks"] if t != a["held_out"]]
+    cmd = (f"python bench/eval_eigenlorax.py --held-out {a['held_out']} --seeds {' '.join(map(str, a['seeds']))} "
+           f"--steps {a['steps']} --components {a['components']} --json docs/data/eigenlorax_sst2.json")
+    best = max(("eigen-lora", "eigen-uniform"), key=lambda m: mean_std([r["acc"] for r in res[m]])[0])
+    headline = (f"{pct(r['acc'] for r in res[best])}% vs LoRA {pct(r['acc'] for r in res['lora'])}% with "
+                f"{res[best][0]['adapter']:,} vs {res['lora'][0]['adapter']:,} trainable adapter parameters; "
+                f"task switch {1e3 * d['switch_s']['eigen']:.2f} ms (peft swap {1e3 * d['switch_s']['lora']:.2f} ms)")
+    text = "\n".join([
+        f"## EigenLoRAx: held-out `{a['held_out']}` from a subspace of other tasks' adapters",
+        "",
+        f"Command: `{cmd}`. Subspace from LoRA r=8 adapters of {', '.join(sources)} (K = {a['components']} per "
+        f"layer and side); every method then trains {a['steps']} steps (batch {a['batch_size']}) on "
+        f"{a['held_out']} with the same seeds {a['seeds']}; lr LoRA {a['lr_lora']}, loadings {a['lr_eigen']}, head "
+        f"{a['lr_head']}. Dev accuracy after the last step, mean ± std over seeds.",
+        "",
+        plots.table(["method", "trainable adapter params", "head params", "LoRA params / these", "dev acc (%)",
+                     "% of LoRA"], rows),
+        "",
+        f"Task switch (median of 50): `load_coefficients` {1e3 * d['switch_s']['eigen']:.3f} ms; peft LoRA swap "
+        f"{1e3 * d['switch_s']['lora']:.3f} ms.",
+        "",
+        "![EigenLoRAx](eigenlorax_sst2.png)",
+        "",
+    ])
+    return text, ["EigenLoRAx", f"learn {a['held_out']} on coefficients only", headline]
+
+
+def srlora_section(d, out_dir):
+    a, res = d["args"], d["results"]
+    seeds = [str(s) for s in a["seeds"]]
+    steps = sorted(int(k) for k in res["lora"][seeds[0]]["curve"])
+    curve = {m: [[res[m][s]["curve"][str(k)] for s in seeds] for k in steps] for m in ("lora", "srlora")}
+    plots.save_png(plots.Figure(
+        "SRLoRA vs LoRA on SST-2 (MiniLM-L6, r=8)", "training step",
+        f"dev accuracy on a {a['dev_subset']}-sentence subset (%)",
+        [plots.Series("LoRA", steps, [100 * mean_std(v)[0] for v in curve["lora"]],
+                      [100 * mean_std(v)[1] for v in curve["lora"]]),
+         plots.Series("SRLoRA", steps, [100 * mean_std(v)[0] for v in curve["srlora"]],
+                      [100 * mean_std(v)[1] for v in curve["srlora"]], style="s-")]),
+        os.path.join(out_dir, "srlora_sst2.png"))
+    full = {m: [res[m][s]["full"] for s in seeds] for m in ("lora", "srlora")}
+    step_ms = {m: mean_std([1e3 * res[m][s]["step_s"] for s in seeds]) for m in ("lora", "srlora")}
+    inside = mean_std([100 * res["srlora"][s]["srlora_step_s"] / res["lora"][s]["step_s"] for s in seeds])
+    rows = [[k, pct(curve["lora"][i]), pct(curve["srlora"][i])] for i, k in enumerate(steps)]
+    headline = (f"final dev {pct(full['srlora'])}% vs LoRA {pct(full['lora'])}%; time inside SRLoRA.step() "
+                f"{inside[0]:.2f}% of a training step")
+    text = "\n".join([
+        "## SRLoRA vs LoRA on SST-2",
+        "",
+        f"Command: `{a['command']}`. LoRA r={a['rank']} (alpha {a['alpha']}) on query/value + head, AdamW lr "
+        f"{a['lr']:g}, batch {a['batch_size']}, {a['steps']} steps on a seeded {a['train_limit']}-sentence subset; "
+        f"SRLoRA: PiSSA init, interval {a['interval']}, warm-up {a['warmup']}, fuse_fraction {a['fuse_fraction']}. "
+        f"Same seeds {a['seeds']}, data order and learning rate for both.",
+        "",
+        plots.table(["", "LoRA", "SRLoRA"], [
+            ["final dev acc, full dev set (%)", pct(full["lora"]), pct(full["srlora"])],
+            ["time per training step (ms)", f"{step_ms['lora'][0]:.1f} ± {step_ms['lora'][1]:.1f}",
+             f"{step_ms['srlora'][0]:.1f} ± {step_ms['srlora'][1]:.1f}"],
+            ["time inside SRLoRA.step() (% of a step)", "", f"{inside[0]:.2f} ± {inside[1]:.2f}"],
+        ]),
+        "",
+        plots.table(["step", "LoRA dev-subset acc (%)", "SRLoRA dev-subset acc (%)"], rows),
+        "",
+        "![SRLoRA vs LoRA](srlora_sst2.png)",
+        "",
+    ])
+    return text, ["SRLoRA", "train SST-2 with recomposition", headline]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.path.join(ROOT, "docs", "data"), help="folder of the eval JSON files")
+    ap.add_argument("--output", default=os.path.join(ROOT, "docs", "results.md"))
+    args = ap.parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    sections, heads, missing = [], [], []
+    for name, fn in (("solar_sst2.json", solar_section), ("eigenlorax_sst2.json", eigen_section),
+                     ("srlora_sst2.json", srlora_section)):
+        d = _load(os.path.join(args.data, name))
+        if d is None:
+            missing.append(name)
+            continue
+        text, head = fn(d, out_dir)
+        sections.append(text)
+        heads.append(head)
+    lines = [
+        "# Results on SST-2 (MiniLM-L6, CPU)",
+        "",
+        "Measured on a 2-core x86-64 CPU machine with torch 2.13 (CPU build); every number below comes from the "
+        "JSON files in docs/data/, made by the command given in its section, and this page by "
+        "`python bench/make_results.py`. No GPU numbers are claimed here.",
+        "",
+        "## Headline",
+        "",
+        plots.table(["method", "task", "result (mean ± std over seeds)"], heads),
+        "",
+    ]
+    if missing:
+        lines += [f"Not measured yet (no JSON): {', '.join(missing)}.", ""]
+    text = "\n".join(lines + sections)
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
