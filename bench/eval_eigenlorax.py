@@ -124,17 +124,6 @@ def run_head(task, seed, args):
     return dict(acc=train.accuracy(model, tok, task.dev), adapter=0, head=count(head), seconds=lg.seconds)
 
 
-def median_time(fn, n=50, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def switch_times(em, lora_model, work):
     """(EigenLoRAx load_coefficients from a file, peft LoRA swap from a file), median seconds of 50."""
     from peft import set_peft_model_state_dict
@@ -142,11 +131,11 @@ def switch_times(em, lora_model, work):
 
     coef = os.path.join(work, "task.safetensors")
     em.save_coefficients(coef, extra={n: p for n, p in em.model.named_parameters() if "classifier" in n})
-    eigen_s = median_time(lambda: em.load_coefficients(coef))
+    eigen_s = plots.median_seconds(lambda: em.load_coefficients(coef), n=50, warmup=3)
     ad = os.path.join(work, "lora_task")
     lora_model.save_pretrained(ad)
     weights = os.path.join(ad, "adapter_model.safetensors")
-    lora_s = median_time(lambda: set_peft_model_state_dict(lora_model, load_file(weights)))
+    lora_s = plots.median_seconds(lambda: set_peft_model_state_dict(lora_model, load_file(weights)), n=50, warmup=3)
     return eigen_s, lora_s, os.path.getsize(coef), os.path.getsize(weights)
 
 

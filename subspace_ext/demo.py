@@ -95,16 +95,6 @@ def _lora_params(model) -> int:
     return _count(p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
 
 
-def _median_ms(fn, n: int = 20) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-
 class _Stages:
     """A progress bar over the demo's training runs and evaluations, plus one log line per result."""
 
@@ -215,7 +205,7 @@ def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:
     eigen_acc = train.accuracy(model, tok, task.dev)
     coef_path = os.path.join(out_dir, "eigenlorax", cfg.held_out + ".safetensors")
     em.save_coefficients(coef_path, extra={n: p for n, p in model.named_parameters() if "classifier" in n})
-    switch_ms = _median_ms(lambda: em.load_coefficients(coef_path))
+    switch_ms = 1e3 * plots.median_seconds(lambda: em.load_coefficients(coef_path))
     stages.done(f"EigenLoRAx {cfg.held_out}: dev acc {100 * eigen_acc:.2f}% with {em.coefficient_count():,} "
                 f"loadings ({lg.seconds:.0f} s)")
     model, tok = train.load_classifier(seed=cfg.seed)
@@ -230,7 +220,7 @@ def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     lora_file = os.path.join(adapters[cfg.held_out], "adapter_model.safetensors")
-    lora_switch_ms = _median_ms(lambda: set_peft_model_state_dict(lora_model, load_file(lora_file)))
+    lora_switch_ms = 1e3 * plots.median_seconds(lambda: set_peft_model_state_dict(lora_model, load_file(lora_file)))
     res["eigenlorax"] = {"held_out": cfg.held_out, "sources": list(cfg.sources), "components": cfg.components,
                          "build_s": build_s, "lora_acc": lora[cfg.held_out]["acc"],
                          "lora_params": lora[cfg.held_out]["params"], "eigen_acc": eigen_acc,

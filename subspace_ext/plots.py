@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -84,3 +85,15 @@ def portable_args(args: dict, root: str) -> dict:
             v = os.path.relpath(v, root)
         out[k] = v
     return out
+
+
+def median_seconds(fn, n: int = 20, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``n`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
