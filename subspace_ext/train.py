@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -46,7 +47,9 @@ def lora_model(model, *, r: int = 8, alpha: int = 16, targets: Sequence[str] = (
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                      task_type="SEQ_CLS", **extra)
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def encode(tok, examples: Sequence[Example], max_length: int = 64):
