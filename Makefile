@@ -5,16 +5,23 @@
 #                    (after the CMake build, so tests/test_solar_edge.py finds cmake-build/solar_decode)
 #   make bench       pytest-benchmark suite (bench/)
 #   make cmake-test  CMake build against libtorch and its C++ test program only
+#   make cuda-build  compile + link the CUDA kernels against torch's CUDA 13 build (.venv-cuda; no GPU
+#                    needed) and check the library registers them: CI runs it so a broken .cu fails
 #   make clean       remove build outputs (keeps .venv)
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip --disable-pip-version-check -q
 TORCH    ?= torch==2.13.0
+CUDA_TORCH ?= torch==2.14.1
+VENV_CUDA ?= .venv-cuda
+# The toolkit root: the nvcc on PATH may be a wrapper script that execs the real one.
+CUDA_HOME ?= $(shell n=$$(command -v nvcc); if [ -n "$$n" ] && grep -qs '^exec ' "$$n"; then \
+  sed -n 's|^exec \(.*\)/bin/nvcc.*|\1|p' "$$n"; elif [ -n "$$n" ]; then dirname "$$(dirname "$$(readlink -f "$$n")")"; fi)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup build run bench-table test pytest bench cmake-test clean
+.PHONY: setup build run bench-table test cuda-build pytest bench cmake-test clean
 
 $(VENV)/.deps: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,8 +56,21 @@ cmake-test: setup
 test: build cmake-test
 	$(PY) -m pytest tests -q
 
+$(VENV_CUDA)/.deps:
+	test -x $(VENV_CUDA)/bin/python || $(PYTHON) -m venv $(VENV_CUDA)
+	$(VENV_CUDA)/bin/python -m pip --disable-pip-version-check -q install "$(CUDA_TORCH)"
+	$(VENV_CUDA)/bin/python -m pip --disable-pip-version-check -q install ninja pybind11 numpy setuptools wheel
+	touch $@
+
+# Out of tree (build-cuda/), so the CPU build in subspace_ext/ is left alone.
+cuda-build: $(VENV_CUDA)/.deps
+	@test -n "$(CUDA_HOME)" || { echo "cuda-build: no nvcc found (set CUDA_HOME)"; exit 1; }
+	CUDA_HOME="$(CUDA_HOME)" SUBSPACE_EXT_CUDA=1 MAX_JOBS=2 PATH="$(abspath $(VENV_CUDA))/bin:$$PATH" \
+	  $(VENV_CUDA)/bin/python setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/temp
+	$(VENV_CUDA)/bin/python .ci/check_cuda_build.py build-cuda/lib
+
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q
 
 clean:
-	rm -rf build cmake-build subspace_ext/*.so *.egg-info
+	rm -rf build build-cuda cmake-build subspace_ext/*.so *.egg-info

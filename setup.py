@@ -56,7 +56,8 @@ def cuda_wheel_includes():
 
 
 sources = SOURCES["common"] + ["csrc/python_module.cpp"]
-cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-g0", "-std=c++17"]
+# C++20: torch >= 2.14's headers require it (older ones accept it).
+cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-g0", "-std=c++20"]
 include_dirs = [os.path.join(HERE, "csrc", "include")]
 define_macros = []
 if want_cuda():
@@ -64,7 +65,7 @@ if want_cuda():
     include_dirs += cuda_wheel_includes()
     define_macros.append(("SUBSPACE_EXT_WITH_CUDA", None))
     archs = os.environ.get("SUBSPACE_EXT_CUDA_ARCHS", "80;90").split(";")
-    nvcc = ["-O3", "-g0", "-std=c++17", "--expt-relaxed-constexpr", "-fmad=false"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-fmad=false"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     ext = cpp_extension.CUDAExtension(
         "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,

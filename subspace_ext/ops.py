@@ -23,6 +23,11 @@ _FLOAT = (torch.float32, torch.float64)
 _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+# The ops that have a CUDA kernel in this version (csrc/cuda); the others take CPU tensors only.
+CUDA_KERNELS = frozenset({"philox_uint32_", "philox_normal_", "perturbed_basis", "pair_importance_",
+                          "fuse_pairs_", "reinit_pairs_"})
+
+
 def cuda_enabled() -> bool:
     """True if this build of the extension contains the CUDA kernels."""
     return bool(_C.cuda_enabled())
@@ -31,7 +36,7 @@ def cuda_enabled() -> bool:
 # ---------------------------------------------------------------------------------------------
 # argument checks
 
-def _tensor(x, name, dtypes=_FLOAT, min_dim=2):
+def _tensor(x, name, dtypes=_FLOAT, min_dim=2, op=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
@@ -43,6 +48,10 @@ def _tensor(x, name, dtypes=_FLOAT, min_dim=2):
         raise ValueError(
             f"{name} is a CUDA tensor but this build of subspace_ext has no CUDA kernels "
             "(rebuild with nvcc and a CUDA torch, or SUBSPACE_EXT_CUDA=1); move it to the CPU")
+    if x.is_cuda and op is not None and op not in CUDA_KERNELS:
+        raise ValueError(
+            f"{name} is a CUDA tensor, but {op} has no CUDA kernel yet (CUDA kernels: "
+            f"{', '.join(sorted(CUDA_KERNELS))}); move it to the CPU")
     if x.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{name} is on device {x.device}; subspace_ext supports cpu and cuda")
     return x
@@ -127,7 +136,7 @@ def rsvd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 2, see
     Halko-Martinsson-Tropp with ``rank + oversample`` Philox test vectors and ``niter`` power
     iterations (re-orthonormalised after every product). Deterministic for a given ``seed``.
     """
-    _tensor(A, "A")
+    _tensor(A, "A", op="rsvd")
     _check_rank(rank, A.shape[-2], A.shape[-1])
     _int(oversample, "oversample", 0)
     _int(niter, "niter", 0)
@@ -143,7 +152,7 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
     if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
         raise TypeError("mats must be a list or tuple of 2-D tensors")
     for i, A in enumerate(mats):
-        _tensor(A, f"mats[{i}]")
+        _tensor(A, f"mats[{i}]", op="rsvd_many")
         if A.dim() != 2:
             raise ValueError(f"mats[{i}] must be 2-D, got shape {tuple(A.shape)}")
         _check_rank(rank, A.shape[0], A.shape[1], f"rank (for mats[{i}] of shape {tuple(A.shape)})")
@@ -161,8 +170,8 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
 
     Cost O((m + n) r^2). Returns ``(U (m x k), S (k), V (n x k))``, k = rank or min(m, n, r).
     """
-    _tensor(B, "B")
-    _tensor(A, "A")
+    _tensor(B, "B", op="factored_svd")
+    _tensor(A, "A", op="factored_svd")
     if B.dim() != 2 or A.dim() != 2:
         raise ValueError(f"B and A must be 2-D, got {tuple(B.shape)} and {tuple(A.shape)}")
     if B.shape[1] != A.shape[0]:
@@ -187,7 +196,7 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     """
     named = [("U", U), ("V", V), ("B", B), ("A", A)]
     for n, t in named:
-        _tensor(t, n)
+        _tensor(t, n, op="project")
     _same_device(named)
     if not (U.shape[-2] == B.shape[-2] and B.shape[-1] == A.shape[-2] and A.shape[-1] == V.shape[-2]):
         raise ValueError(
@@ -200,7 +209,7 @@ def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Te
     """Coefficients ``U^T D V`` of a dense update D (..., m, n)."""
     named = [("U", U), ("V", V), ("D", D)]
     for n, t in named:
-        _tensor(t, n)
+        _tensor(t, n, op="project_dense")
     _same_device(named)
     if not (U.shape[-2] == D.shape[-2] and D.shape[-1] == V.shape[-2]):
         raise ValueError(f"project_dense: shapes do not chain: U {tuple(U.shape)}, D {tuple(D.shape)}, V {tuple(V.shape)}")
@@ -211,7 +220,7 @@ def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tens
     """``U @ C @ V^T``: the update rebuilt from coefficients C (..., k1, k2) on a basis."""
     named = [("U", U), ("C", C), ("V", V)]
     for n, t in named:
-        _tensor(t, n)
+        _tensor(t, n, op="reconstruct")
     _same_device(named)
     if not (U.shape[-1] == C.shape[-2] and C.shape[-1] == V.shape[-1]):
         raise ValueError(f"reconstruct: shapes do not chain: U {tuple(U.shape)}, C {tuple(C.shape)}, V {tuple(V.shape)}")
@@ -353,7 +362,7 @@ def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
     perturbed by ``eps / sqrt(dim) * N(seed, stream)`` and re-orthonormalised. A receiver with the
     same W0 and (seed, stream, eps) regenerates the same bases.
     """
-    _tensor(W0, "W0")
+    _tensor(W0, "W0", op="solar_basis")
     if W0.dim() != 2:
         raise ValueError(f"W0 must be 2-D, got shape {tuple(W0.shape)}")
     if not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
@@ -363,8 +372,8 @@ def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
 
 def solar_checksum(UI: torch.Tensor, VJ: torch.Tensor, seed: int, stream: int = 0) -> torch.Tensor:
     """Two numbers that change if any used basis vector (columns of UI, VJ) rotates or flips."""
-    _tensor(UI, "UI")
-    _tensor(VJ, "VJ")
+    _tensor(UI, "UI", op="solar_checksum")
+    _tensor(VJ, "VJ", op="solar_checksum")
     return _ops.solar_checksum(UI, VJ, _seed(seed), _seed(stream, "stream"))
 
 
@@ -372,10 +381,10 @@ def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, st
     """LoRA factors ``(B (m x rank), A (rank x n), checksum)`` of ``U_I C V_J^T`` where the sparse
     coefficient matrix C has ``values`` at flat positions ``indices`` (``i * V.shape[1] + j``):
     ``scaling * B @ A`` is its best rank-``rank`` approximation, computed from factors."""
-    _tensor(U, "U")
-    _tensor(V, "V")
-    _tensor(values, "values", min_dim=1)
-    _tensor(indices, "indices", dtypes=(torch.int32, torch.int64), min_dim=1)
+    _tensor(U, "U", op="solar_decode")
+    _tensor(V, "V", op="solar_decode")
+    _tensor(values, "values", min_dim=1, op="solar_decode")
+    _tensor(indices, "indices", dtypes=(torch.int32, torch.int64), min_dim=1, op="solar_decode")
     _int(rank, "rank", 1)
     return _ops.solar_decode(U, V, values, indices, rank, float(scaling), _seed(seed), _seed(stream, "stream"))
 

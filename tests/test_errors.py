@@ -266,6 +266,22 @@ def test_cuda_tensor_to_cpu_only_build(monkeypatch, call, name):
         call(x)
 
 
+@pytest.mark.parametrize("call,name,op", [
+    (lambda x: ops.rsvd(x, 2), "A", "rsvd"),
+    (lambda x: ops.rsvd_many([x], 2), r"mats\[0\]", "rsvd_many"),
+    (lambda x: ops.factored_svd(x, f32(4, 3)), "B", "factored_svd"),
+    (lambda x: ops.project_dense(x, f32(4, 2), f32(6, 4)), "U", "project_dense"),
+    (lambda x: ops.reconstruct(x, f32(4, 2), f32(3, 2)), "U", "reconstruct"),
+    (lambda x: ops.solar_basis(x, 0), "W0", "solar_basis"),
+])
+def test_cuda_tensor_to_op_without_cuda_kernel(monkeypatch, call, name, op):
+    """A CUDA build has kernels for ops.CUDA_KERNELS only; the rest say so instead of a dispatcher error."""
+    monkeypatch.setattr(ops, "cuda_enabled", lambda: True)
+    assert op not in ops.CUDA_KERNELS
+    with pytest.raises(ValueError, match=rf"{name} is a CUDA tensor, but {op} has no CUDA kernel yet"):
+        call(_fake_cuda(torch.randn(6, 4)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or subspace_ext.cuda_enabled(),
                     reason="needs a GPU and a build without CUDA kernels")
 def test_real_cuda_tensor_to_cpu_only_build():

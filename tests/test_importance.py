@@ -324,3 +324,55 @@ def test_fuse_then_state_consistent_with_dense_sum():
     ops.fuse_pairs_(W, B, A, torch.arange(6), 1.5)
     torch.testing.assert_close(W, W_exp, rtol=1e-14, atol=1e-13)
     assert (B == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA against CPU: the W pass does the CPU kernel's arithmetic in its order, so the bits match
+
+from conftest import CUDA_SKIP_REASON, HAS_CUDA  # noqa: E402
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+@pytest.mark.parametrize("wdtype,fdtype", WB_DTYPES)
+@pytest.mark.parametrize("new", [False, True], ids=["fuse", "reinit"])
+def test_recompose_cuda_bit_identical_to_cpu(wdtype, fdtype, new):
+    shapes = [(40, 8, 30), (3, 4, 257), (257, 4, 3), (64, 8, 64)]
+    idx = [[1, 5, 6], [3], [0, 1, 2, 3], [7, 0]]
+    W = [torch.randn(m, n).to(wdtype) for m, r, n in shapes]
+    W[3] = W[3].T.contiguous().T  # a transposed (column-major) base weight
+    B = [torch.randn(m, r).to(fdtype) for m, r, n in shapes]
+    A = [torch.randn(r, n).to(fdtype) for m, r, n in shapes]
+    Bn = [torch.randn(m, len(ix)).to(fdtype) for (m, r, n), ix in zip(shapes, idx)]
+    An = [torch.randn(len(ix), n).to(fdtype) for (m, r, n), ix in zip(shapes, idx)]
+    s = [0.75, 2.0, 1.0, 0.125]
+    on = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+    Wc, Bc, Ac = on(W), on(B), on(A)
+    ix_cpu = [torch.tensor(i) for i in idx]
+    if new:
+        ops.reinit_pairs_(W, B, A, ix_cpu, Bn, An, s)
+        ops.reinit_pairs_(Wc, Bc, Ac, on(ix_cpu), on(Bn), on(An), s)
+    else:
+        ops.fuse_pairs_(W, B, A, ix_cpu, s)
+        ops.fuse_pairs_(Wc, Bc, Ac, on(ix_cpu), s)
+    for got, exp in zip(Wc + Bc + Ac, W + B + A):
+        assert torch.equal(got.cpu(), exp)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+@pytest.mark.parametrize("pdtype,sdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.float64, torch.float64)])
+def test_pair_importance_cuda_matches_cpu(pdtype, sdtype):
+    shapes = [(40, 8, 30), (3, 1, 257), (257, 4, 3)] * 3
+    A, B, gA, gB = _layers(shapes, pdtype, "cpu")
+    st = ops.importance_state(A, B, dtype=sdtype)
+    on = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+    st_c = tuple(on(x) for x in st)
+    for _ in range(3):
+        exp = ops.pair_importance(A, B, gA, gB, *st)
+        got = ops.pair_importance(on(A), on(B), on(gA), on(gB), *st_c)
+    tol = 1e-12 if sdtype == torch.float64 else 1e-5
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g.cpu(), e, rtol=tol, atol=0)
+    for sc, sp in zip(st_c, st):  # the element-wise states are the same arithmetic: the same bits
+        for g, e in zip(sc, sp):
+            assert torch.equal(g.cpu(), e)

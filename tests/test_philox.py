@@ -210,3 +210,26 @@ def test_perturbed_basis_orthonormalize(dtype, tol, shape, device):
         # and it's not just U's space (a square basis spans everything either way)
         assert shape[-2] == shape[-1] or (q @ q.T - U.cpu().double().reshape(-1, *shape[-2:])[b]
                 @ U.cpu().double().reshape(-1, *shape[-2:])[b].T).abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA against CPU, bit for bit (the receiver of a SOLAR package may decode on either)
+
+from conftest import CUDA_SKIP_REASON, HAS_CUDA  # noqa: E402
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 3, 257, 4099, 1 << 20])
+def test_philox_normal_cuda_bit_identical_to_cpu(dtype, n):
+    for seed, stream in [(0, 0), (2**63 + 5, 3), (-1, 2**40)]:
+        cpu = ops.philox_normal((n,), seed, stream, dtype=dtype)
+        gpu = ops.philox_normal((n,), seed, stream, dtype=dtype, device="cuda")
+        assert torch.equal(gpu.cpu(), cpu), (dtype, n, seed, stream)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perturbed_basis_cuda_bit_identical_to_cpu(dtype):
+    U = torch.randn(3, 257, 17, dtype=dtype)
+    assert torch.equal(ops.perturbed_basis(U.cuda(), 0.3, 9, 2).cpu(), ops.perturbed_basis(U, 0.3, 9, 2))

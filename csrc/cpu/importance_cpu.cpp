@@ -40,38 +40,8 @@ void pair_importance_cpu_(at::TensorList A, at::TensorList B, at::TensorList gra
                           at::TensorList grad_B, at::TensorList ipt_A, at::TensorList ipt_B,
                           at::TensorList unc_A, at::TensorList unc_B, at::TensorList scores,
                           double beta1, double beta2) {
+  check_pair_importance_args(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, scores, beta1, beta2);
   const int64_t L = static_cast<int64_t>(A.size());
-  TORCH_CHECK_VALUE(B.size() == A.size() && grad_A.size() == A.size() && grad_B.size() == A.size() &&
-                  ipt_A.size() == A.size() && ipt_B.size() == A.size() &&
-                  unc_A.size() == A.size() && unc_B.size() == A.size() && scores.size() == A.size(),
-              "pair_importance_: all lists must have the same length");
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
-                    "pair_importance_: beta1 and beta2 must be in [0, 1), got ", beta1, " and ", beta2);
-  for (int64_t l = 0; l < L; ++l) {
-    const auto pt = A[l].scalar_type();
-    TORCH_CHECK_TYPE(pt == at::kFloat || pt == at::kDouble || pt == at::kBFloat16 || pt == at::kHalf,
-                     "pair_importance_: layer ", l, ": A and B must be floating point, got ", pt);
-    TORCH_CHECK_VALUE(A[l].dim() == 2 && B[l].dim() == 2 && B[l].size(1) == A[l].size(0),
-                "pair_importance: layer ", l, ": expected A (r x n) and B (m x r)");
-    for (const auto* t : {&A[l], &B[l], &grad_A[l], &grad_B[l], &ipt_A[l], &ipt_B[l],
-                          &unc_A[l], &unc_B[l]})
-      TORCH_CHECK_VALUE(t->is_contiguous(), "pair_importance: layer ", l, ": tensors must be contiguous");
-    TORCH_CHECK_VALUE(grad_A[l].sizes() == A[l].sizes() && ipt_A[l].sizes() == A[l].sizes() &&
-                    unc_A[l].sizes() == A[l].sizes() && grad_B[l].sizes() == B[l].sizes() &&
-                    ipt_B[l].sizes() == B[l].sizes() && unc_B[l].sizes() == B[l].sizes(),
-                "pair_importance: layer ", l, ": gradients and states must match A and B");
-    TORCH_CHECK_TYPE(grad_A[l].scalar_type() == A[l].scalar_type() &&
-                    grad_B[l].scalar_type() == B[l].scalar_type() &&
-                    A[l].scalar_type() == B[l].scalar_type(),
-                "pair_importance: layer ", l, ": A, B and their gradients must share a dtype");
-    const auto st = ipt_A[l].scalar_type();
-    TORCH_CHECK_TYPE((st == at::kFloat || st == at::kDouble) && ipt_B[l].scalar_type() == st &&
-                    unc_A[l].scalar_type() == st && unc_B[l].scalar_type() == st,
-                "pair_importance: layer ", l, ": states must all be float32 or all float64");
-    TORCH_CHECK_VALUE(scores[l].dim() == 1 && scores[l].size(0) == A[l].size(0) &&
-                          scores[l].scalar_type() == st && scores[l].is_contiguous(),
-                      "pair_importance_: layer ", l, ": scores must be a contiguous (r,) tensor of the states' dtype");
-  }
   parallel_tasks(L, {}, [&](int64_t l) {
     const int64_t r = A[l].size(0), n = A[l].size(1), m = B[l].size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, A[l].scalar_type(), "pair_importance", [&] {
@@ -214,50 +184,18 @@ void recompose(std::vector<LayerUpdate>& layers) {
 std::vector<LayerUpdate> collect(const char* op, at::TensorList W, at::TensorList B,
                                  at::TensorList A, at::TensorList idx, at::ArrayRef<double> scaling,
                                  at::TensorList Bn, at::TensorList An) {
-  const size_t L = W.size();
-  TORCH_CHECK_VALUE(B.size() == L && A.size() == L && idx.size() == L && scaling.size() == L, op,
-              ": W, B, A, idx and scaling must have the same length");
-  std::vector<LayerUpdate> layers(L);
-  for (size_t l = 0; l < L; ++l) {
+  const auto checked = check_recompose_args(op, W, B, A, idx, scaling, Bn, An);
+  std::vector<LayerUpdate> layers(W.size());
+  for (size_t l = 0; l < W.size(); ++l) {
     auto& u = layers[l];
     u.W = W[l];
     u.B = B[l];
     u.A = A[l];
     u.s = scaling[l];
-    TORCH_CHECK_VALUE(u.W.dim() == 2 && u.B.dim() == 2 && u.A.dim() == 2 && u.B.size(0) == u.W.size(0) &&
-                    u.A.size(1) == u.W.size(1) && u.B.size(1) == u.A.size(0),
-                op, ": layer ", l, ": expected W (m x n), B (m x r), A (r x n), got ", u.W.sizes(),
-                ", ", u.B.sizes(), ", ", u.A.sizes());
-    for (const auto* t : {&u.W, &u.B}) {
-      const auto dt = t->scalar_type();
-      TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                       op, ": layer ", l, ": W, B and A must be floating point, got ", dt);
-    }
-    TORCH_CHECK_TYPE(u.B.scalar_type() == u.A.scalar_type(), op, ": layer ", l,
-                ": B and A must share a dtype");
-    TORCH_CHECK_TYPE(idx[l].scalar_type() == at::kLong && idx[l].dim() == 1, op, ": layer ", l,
-                     ": idx must be a 1-D int64 tensor");
-    const at::Tensor ix = idx[l].contiguous();
-    const int64_t* p = ix.data_ptr<int64_t>();
-    const int64_t r = u.A.size(0);
-    std::vector<char> seen(r, 0);
-    for (int64_t t = 0; t < ix.numel(); ++t) {
-      TORCH_CHECK_VALUE(p[t] >= 0 && p[t] < r, op, ": layer ", l, ": idx entry ", p[t],
-                        " out of range [0, ", r, ")");
-      TORCH_CHECK_VALUE(!seen[p[t]], op, ": layer ", l, ": idx has repeated entry ", p[t]);
-      seen[p[t]] = 1;
-      u.idx.push_back(p[t]);
-    }
+    u.idx = checked.idx[l];
     if (!Bn.empty()) {
-      u.Bn = Bn[l].scalar_type() == u.B.scalar_type() ? Bn[l] : Bn[l].to(u.B.scalar_type());
-      u.An = An[l].scalar_type() == u.B.scalar_type() ? An[l] : An[l].to(u.B.scalar_type());
-      const int64_t q = static_cast<int64_t>(u.idx.size());
-      TORCH_CHECK_VALUE(u.Bn.dim() == 2 && u.Bn.size(0) == u.W.size(0) && u.Bn.size(1) == q &&
-                      u.An.dim() == 2 && u.An.size(0) == q && u.An.size(1) == u.W.size(1),
-                  op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
-                  u.Bn.sizes(), " and ", u.An.sizes());
-      TORCH_CHECK_VALUE(u.Bn.isfinite().all().item<bool>() && u.An.isfinite().all().item<bool>(), op,
-                        ": layer ", l, ": B_new or A_new contains NaN or Inf");
+      u.Bn = checked.B_new[l];
+      u.An = checked.A_new[l];
     }
   }
   return layers;

@@ -44,6 +44,25 @@ SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank);
 // its row-major order being normal number i of the stream. Defined in philox_cpu.cpp.
 void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream);
 
+// Argument checks shared by the CPU and CUDA kernels of pair_importance_ (every layer: shapes,
+// dtypes, contiguity, beta ranges), with the same messages on both devices.
+void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorList grad_A,
+                                at::TensorList grad_B, at::TensorList ipt_A, at::TensorList ipt_B,
+                                at::TensorList unc_A, at::TensorList unc_B, at::TensorList scores,
+                                double beta1, double beta2);
+
+// Checked arguments of fuse_pairs_ / reinit_pairs_: the indices of every layer on the host
+// (validated: in range, no repeats; a device-to-host copy for CUDA idx), and B_new / A_new in
+// B's dtype (empty lists for fusion).
+struct RecomposeArgs {
+  std::vector<std::vector<int64_t>> idx;
+  std::vector<at::Tensor> B_new, A_new;
+};
+RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorList B,
+                                   at::TensorList A, at::TensorList idx,
+                                   at::ArrayRef<double> scaling, at::TensorList Bn,
+                                   at::TensorList An);
+
 // Run body(i) for i in [0, n) over the OpenMP threads, largest-cost-first when `order` is given,
 // dynamically scheduled; the first exception thrown by any body is rethrown on the caller.
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,

@@ -1,0 +1,209 @@
+// CUDA dispatch of the ops that have CUDA kernels (csrc/cuda/*.cu): argument checks (shared with
+// the CPU kernels), device guard, the current stream, descriptor tables for the multi-tensor
+// launches, and a check of every launch. Compiled only in a CUDA build (csrc/sources.txt [cuda]).
+//
+// Host syncs: fuse_pairs_ / reinit_pairs_ copy `idx` to the host to validate it (range, repeats)
+// and check B_new / A_new for NaN/Inf, as the CPU op does; nothing else synchronises.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "../cpu/utils.h"
+#include "kernels.h"
+
+namespace subspace_ext {
+namespace {
+
+cuda::DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::F32;
+    case at::kDouble: return cuda::DType::F64;
+    case at::kBFloat16: return cuda::DType::BF16;
+    case at::kHalf: return cuda::DType::F16;
+    default: TORCH_CHECK_TYPE(false, "subspace_ext CUDA: unsupported dtype ", t);
+  }
+}
+
+// Copies `items` (trivially copyable structs) and `offsets` to the device, in one pinned buffer
+// copied asynchronously on the current stream; the caching host allocator keeps the pinned
+// buffer alive until the copy has run.
+template <typename T>
+std::pair<at::Tensor, const T*> device_table(const std::vector<T>& items, const std::vector<int64_t>& offsets,
+                                             const at::Device& dev, const int64_t** offsets_dev) {
+  const size_t item_bytes = items.size() * sizeof(T);
+  const size_t pad = (item_bytes + 15) / 16 * 16;
+  const size_t bytes = pad + offsets.size() * sizeof(int64_t);
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr<uint8_t>(), items.data(), item_bytes);
+  std::memcpy(host.data_ptr<uint8_t>() + pad, offsets.data(), offsets.size() * sizeof(int64_t));
+  at::Tensor table = host.to(dev, /*non_blocking=*/true);
+  *offsets_dev = reinterpret_cast<const int64_t*>(table.data_ptr<uint8_t>() + pad);
+  return {table, reinterpret_cast<const T*>(table.data_ptr<uint8_t>())};
+}
+
+// ---- philox -------------------------------------------------------------------------------------
+
+void philox_uint32_cuda_(const at::Tensor& out, int64_t seed, int64_t stream) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kInt && out.is_contiguous(),
+                   "philox_uint32_: out must be a contiguous int32 tensor");
+  const c10::cuda::CUDAGuard guard(out.device());
+  cuda::philox_uint32(reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), out.numel(),
+                      static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                      at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void philox_normal_cuda_(const at::Tensor& out, int64_t seed, int64_t stream) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+                   "philox_normal_: out must be float32 or float64, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "philox_normal_: out must be contiguous");
+  const c10::cuda::CUDAGuard guard(out.device());
+  cuda::philox_normal(out.data_ptr(), dtype_of(out.scalar_type()), out.numel(), static_cast<uint64_t>(seed),
+                      static_cast<uint64_t>(stream), 0.0, false, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor perturbed_basis_cuda(const at::Tensor& U, double eps, int64_t seed, int64_t stream,
+                                bool orthonormalize) {
+  check_float(U, "perturbed_basis", "U");
+  TORCH_CHECK_VALUE(U.dim() >= 2, "perturbed_basis: U must have at least 2 dimensions");
+  const c10::cuda::CUDAGuard guard(U.device());
+  at::Tensor out = U.contiguous().clone();
+  cuda::philox_normal(out.data_ptr(), dtype_of(out.scalar_type()), out.numel(), static_cast<uint64_t>(seed),
+                      static_cast<uint64_t>(stream), eps, true, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!orthonormalize) return out;
+  TORCH_CHECK_VALUE(U.size(-2) >= U.size(-1),
+                    "perturbed_basis: orthonormalize needs U with at least as many rows as columns, got ", U.sizes());
+  // The Q of the QR with a positive diagonal of R: unique, so it matches the CPU's Cholesky-QR
+  // to rounding (float64 on the device, cuSOLVER through ATen).
+  auto [Q, R] = at::linalg_qr(out.to(at::kDouble));
+  const at::Tensor sign = at::where(R.diagonal(0, -2, -1) < 0, -1.0, 1.0);
+  return (Q * sign.unsqueeze(-2)).to(out.scalar_type());
+}
+
+// ---- importance ---------------------------------------------------------------------------------
+
+void pair_importance_cuda_(at::TensorList A, at::TensorList B, at::TensorList grad_A,
+                           at::TensorList grad_B, at::TensorList ipt_A, at::TensorList ipt_B,
+                           at::TensorList unc_A, at::TensorList unc_B, at::TensorList scores,
+                           double beta1, double beta2) {
+  check_pair_importance_args(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, scores, beta1, beta2);
+  if (A.empty()) return;
+  const at::Device dev = A[0].device();
+  for (size_t l = 0; l < A.size(); ++l)
+    for (const auto* t : {&A[l], &B[l], &grad_A[l], &grad_B[l], &ipt_A[l], &ipt_B[l], &unc_A[l], &unc_B[l], &scores[l]})
+      TORCH_CHECK_VALUE(t->is_cuda() && t->device() == dev, "pair_importance_: layer ", l,
+                        ": every tensor must be on ", dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  // One launch per (parameter dtype, state dtype) group: one launch in the usual case.
+  std::map<std::pair<int, int>, std::vector<size_t>> groups;
+  for (size_t l = 0; l < A.size(); ++l)
+    groups[{static_cast<int>(A[l].scalar_type()), static_cast<int>(ipt_A[l].scalar_type())}].push_back(l);
+  for (const auto& [key, members] : groups) {
+    std::vector<cuda::ImportanceLayer> table;
+    std::vector<int64_t> offsets{0};
+    for (size_t l : members) {
+      table.push_back({A[l].data_ptr(), B[l].data_ptr(), grad_A[l].data_ptr(), grad_B[l].data_ptr(),
+                       ipt_A[l].data_ptr(), ipt_B[l].data_ptr(), unc_A[l].data_ptr(), unc_B[l].data_ptr(),
+                       scores[l].data_ptr(), A[l].size(0), A[l].size(1), B[l].size(0)});
+      offsets.push_back(offsets.back() + A[l].size(0));
+    }
+    const int64_t* offsets_dev = nullptr;
+    auto [keep, table_dev] = device_table(table, offsets, dev, &offsets_dev);
+    cuda::pair_importance(table_dev, offsets_dev, static_cast<int>(table.size()), offsets.back(),
+                          dtype_of(static_cast<at::ScalarType>(key.first)),
+                          dtype_of(static_cast<at::ScalarType>(key.second)), beta1, beta2,
+                          at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// ---- fuse / re-initialise -----------------------------------------------------------------------
+
+constexpr int kRowsPerTile = 4;
+
+void recompose_cuda(const char* op, at::TensorList W, at::TensorList B, at::TensorList A,
+                    at::TensorList idx, at::ArrayRef<double> scaling, at::TensorList Bn, at::TensorList An) {
+  const RecomposeArgs args = check_recompose_args(op, W, B, A, idx, scaling, Bn, An);
+  if (W.empty()) return;
+  const at::Device dev = W[0].device();
+  for (size_t l = 0; l < W.size(); ++l)
+    for (const auto* t : {&W[l], &B[l], &A[l]})
+      TORCH_CHECK_VALUE(t->is_cuda() && t->device() == dev, op, ": layer ", l, ": every tensor must be on ", dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  std::vector<at::Tensor> keep;  // device copies that must outlive the launches
+  std::map<std::pair<int, int>, std::vector<size_t>> groups;
+  for (size_t l = 0; l < W.size(); ++l)
+    if (!args.idx[l].empty())
+      groups[{static_cast<int>(W[l].scalar_type()), static_cast<int>(B[l].scalar_type())}].push_back(l);
+  for (const auto& [key, members] : groups) {
+    std::vector<cuda::RecomposeLayer> table;
+    std::vector<int64_t> tiles{0}, pairs{0};
+    for (size_t l : members) {
+      const at::Tensor ix = at::tensor(args.idx[l], at::TensorOptions().dtype(at::kLong)).to(dev, true);
+      keep.push_back(ix);
+      cuda::RecomposeLayer u{};
+      u.W = W[l].data_ptr();
+      u.ws0 = W[l].stride(0); u.ws1 = W[l].stride(1); u.m = W[l].size(0); u.n = W[l].size(1);
+      u.B = B[l].data_ptr(); u.bs0 = B[l].stride(0); u.bs1 = B[l].stride(1);
+      u.A = A[l].data_ptr(); u.as0 = A[l].stride(0); u.as1 = A[l].stride(1);
+      if (!args.B_new.empty()) {
+        keep.push_back(args.B_new[l]);
+        keep.push_back(args.A_new[l]);
+        u.Bn = args.B_new[l].data_ptr(); u.bns0 = args.B_new[l].stride(0); u.bns1 = args.B_new[l].stride(1);
+        u.An = args.A_new[l].data_ptr(); u.ans0 = args.A_new[l].stride(0); u.ans1 = args.A_new[l].stride(1);
+      }
+      u.idx = ix.data_ptr<int64_t>();
+      u.q = static_cast<int64_t>(args.idx[l].size());
+      u.s = scaling[l];
+      table.push_back(u);
+      tiles.push_back(tiles.back() + (u.m + kRowsPerTile - 1) / kRowsPerTile);
+      pairs.push_back(pairs.back() + u.q);
+    }
+    // offsets: row tiles then pair offsets, one table
+    std::vector<int64_t> offsets(tiles);
+    offsets.insert(offsets.end(), pairs.begin(), pairs.end());
+    const int64_t* offsets_dev = nullptr;
+    auto [table_keep, table_dev] = device_table(table, offsets, dev, &offsets_dev);
+    keep.push_back(table_keep);
+    cuda::recompose(table_dev, offsets_dev, offsets_dev + tiles.size(), static_cast<int>(table.size()),
+                    tiles.back(), pairs.back(), kRowsPerTile, dtype_of(static_cast<at::ScalarType>(key.first)),
+                    dtype_of(static_cast<at::ScalarType>(key.second)), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The device copies in `keep` are freed to the caching allocator, which orders reuse on the
+  // current stream after the launches above.
+}
+
+void fuse_pairs_cuda_(at::TensorList W, at::TensorList B, at::TensorList A, at::TensorList idx,
+                      at::ArrayRef<double> scaling) {
+  recompose_cuda("fuse_pairs_", W, B, A, idx, scaling, {}, {});
+}
+
+void reinit_pairs_cuda_(at::TensorList W, at::TensorList B, at::TensorList A, at::TensorList idx,
+                        at::TensorList B_new, at::TensorList A_new, at::ArrayRef<double> scaling) {
+  TORCH_CHECK_VALUE(B_new.size() == W.size() && A_new.size() == W.size(),
+                    "reinit_pairs_: B_new and A_new must have one entry per layer");
+  recompose_cuda("reinit_pairs_", W, B, A, idx, scaling, B_new, A_new);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
+  m.impl("philox_uint32_", &philox_uint32_cuda_);
+  m.impl("philox_normal_", &philox_normal_cuda_);
+  m.impl("perturbed_basis", &perturbed_basis_cuda);
+  m.impl("pair_importance_", &pair_importance_cuda_);
+  m.impl("fuse_pairs_", &fuse_pairs_cuda_);
+  m.impl("reinit_pairs_", &reinit_pairs_cuda_);
+}
+
+}  // namespace subspace_ext

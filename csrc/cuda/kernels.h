@@ -1,0 +1,63 @@
+// Launchers of the CUDA kernels, in plain C++ types: the .cu files include only the CUDA runtime
+// (fast nvcc builds); the torch glue (checks, dispatch, streams) is csrc/cuda/cuda_ops.cpp.
+// Every launcher enqueues on `stream` and returns without synchronising; the caller checks the
+// launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace subspace_ext {
+namespace cuda {
+
+enum class DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
+
+// ---- philox (bit-identical to the CPU kernels: csrc/include/subspace_ext/philox.h) -----------
+void philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s);
+// out[i] = z_i, or out[i] += eps * z_i when add (z_i: normal number i of (seed, stream)).
+void philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps,
+                   bool add, cudaStream_t s);
+
+// ---- importance: all layers of one (parameter dtype, state dtype) group in one launch --------
+struct ImportanceLayer {
+  const void* A;   // r x n, contiguous
+  const void* B;   // m x r, contiguous
+  const void* gA;
+  const void* gB;
+  void* iA;        // states: float32 or float64, shapes of A / B
+  void* iB;
+  void* uA;
+  void* uB;
+  void* scores;    // (r,), state dtype
+  int64_t r, n, m;
+};
+// `layers` and `pair_offsets` (L + 1 prefix sums of r) are device arrays; one block per pair.
+void pair_importance(const ImportanceLayer* layers, const int64_t* pair_offsets, int L,
+                     int64_t total_pairs, DType param, DType state, double beta1, double beta2,
+                     cudaStream_t s);
+
+// ---- recomposition: W += s (B[:, idx] A[idx] - Bn An), then B[:, idx] = Bn (or 0), A[idx] = An --
+struct RecomposeLayer {
+  void* W;
+  int64_t ws0, ws1, m, n;
+  void* B;           // m x r (old values read by the W pass, overwritten by the factor pass)
+  int64_t bs0, bs1;
+  void* A;           // r x n
+  int64_t as0, as1;
+  const void* Bn;    // m x q or null (fusion: new pairs are zero)
+  int64_t bns0, bns1;
+  const void* An;    // q x n or null
+  int64_t ans0, ans1;
+  const int64_t* idx;  // q device indices
+  int64_t q;
+  double s;
+};
+// Two launches for all layers of one (W dtype, factor dtype) group: the W pass (row tiles of
+// every layer; arithmetic in the CPU kernel's order, so the same bits) and the factor pass.
+// `row_tiles` / `pair_offsets`: device prefix sums (L + 1) of each layer's row tiles / q.
+void recompose(const RecomposeLayer* layers, const int64_t* row_tiles, const int64_t* pair_offsets,
+               int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile, DType w,
+               DType f, cudaStream_t s);
+
+}  // namespace cuda
+}  // namespace subspace_ext
