@@ -45,7 +45,12 @@ def save_png(fig: Figure, path: str) -> str:
     for k, (y, label) in enumerate(fig.hlines):
         ax.axhline(y, linestyle="--", linewidth=1, color=f"C{len(fig.series) + k}", label=label)
     if fig.logx:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.set_xscale("log")
+        ax.set_xticks(sorted({float(x) for s in fig.series for x in s.x}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_title(fig.title)
     ax.set_xlabel(fig.xlabel)
     ax.set_ylabel(fig.ylabel)
