@@ -1,5 +1,5 @@
 """Load the CUDA build of subspace_ext._C (no GPU needed) and check that every op of
-subspace_ext.ops.CUDA_KERNELS has a CUDA kernel registered, and that the others have none."""
+subspace_ext.ops.CUDA_OPS has a CUDA implementation registered, and that the others have none."""
 import ast
 import glob
 import os
@@ -12,19 +12,19 @@ lib = glob.glob(os.path.join(sys.argv[1], "subspace_ext", "_C*.so"))
 if len(lib) != 1:
     sys.exit(f"check_cuda_build: expected one _C*.so under {sys.argv[1]}, found {lib}")
 torch.ops.load_library(lib[0])
-# ops.CUDA_KERNELS, read from the source (importing subspace_ext would load the CPU build)
+# ops.CUDA_OPS, read from the source (importing subspace_ext would load the CPU build)
 with open(os.path.join(root, "subspace_ext", "ops.py"), encoding="utf-8") as f:
     tree = ast.parse(f.read())
 cuda_ops = next(ast.literal_eval(node.value.args[0]) for node in ast.walk(tree)
-                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CUDA_KERNELS")
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CUDA_OPS")
 names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("subspace_ext::")]
 bad = []
 for name in sorted(names):
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"subspace_ext::{name}", "CUDA")
     if has != (name in cuda_ops):
-        bad.append(f"{name}: CUDA kernel {'registered' if has else 'missing'}, CUDA_KERNELS says "
+        bad.append(f"{name}: CUDA kernel {'registered' if has else 'missing'}, CUDA_OPS says "
                    f"{'yes' if name in cuda_ops else 'no'}")
-    print(f"  {name:20s} CUDA kernel: {'yes' if has else 'no'}")
+    print(f"  {name:20s} CUDA: {'yes' if has else 'no'}")
 if bad:
     sys.exit("check_cuda_build: " + "; ".join(bad))
-print(f"check_cuda_build: {lib[0]} (torch {torch.__version__}) registers CUDA kernels for {len(cuda_ops)} ops")
+print(f"check_cuda_build: {lib[0]} (torch {torch.__version__}) registers CUDA implementations for {len(cuda_ops)} ops")

@@ -23,9 +23,13 @@ _FLOAT = (torch.float32, torch.float64)
 _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-# The ops that have a CUDA kernel in this version (csrc/cuda); the others take CPU tensors only.
-CUDA_KERNELS = frozenset({"philox_uint32_", "philox_normal_", "perturbed_basis", "pair_importance_",
-                          "fuse_pairs_", "reinit_pairs_"})
+# The ops that accept CUDA tensors in a CUDA build: hand-written kernels (csrc/cuda: Philox,
+# perturbed_basis, pair_importance_, fuse/reinit) or, for the rsvd, project and solar families,
+# the CPU path's ATen composition on the device (cuBLAS/cuSOLVER + our Philox kernel). An op
+# missing here raises a clear error for CUDA tensors instead of a dispatcher error.
+CUDA_OPS = frozenset({"philox_uint32_", "philox_normal_", "perturbed_basis", "pair_importance_",
+                      "fuse_pairs_", "reinit_pairs_", "rsvd", "rsvd_many", "factored_svd", "project",
+                      "project_dense", "reconstruct", "solar_basis", "solar_checksum", "solar_decode"})
 
 
 def cuda_enabled() -> bool:
@@ -48,10 +52,10 @@ def _tensor(x, name, dtypes=_FLOAT, min_dim=2, op=None):
         raise ValueError(
             f"{name} is a CUDA tensor but this build of subspace_ext has no CUDA kernels "
             "(rebuild with nvcc and a CUDA torch, or SUBSPACE_EXT_CUDA=1); move it to the CPU")
-    if x.is_cuda and op is not None and op not in CUDA_KERNELS:
+    if x.is_cuda and op is not None and op not in CUDA_OPS:
         raise ValueError(
-            f"{name} is a CUDA tensor, but {op} has no CUDA kernel yet (CUDA kernels: "
-            f"{', '.join(sorted(CUDA_KERNELS))}); move it to the CPU")
+            f"{name} is a CUDA tensor, but {op} has no CUDA implementation yet (CUDA: "
+            f"{', '.join(sorted(CUDA_OPS))}); move it to the CPU")
     if x.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{name} is on device {x.device}; subspace_ext supports cpu and cuda")
     return x

@@ -35,16 +35,7 @@ DEVICE_PARAMS = [
 
 @pytest.fixture(params=DEVICE_PARAMS)
 def device(request):
-    """"cpu" or "cuda". A test module whose ops have no CUDA kernel yet sets
-    ``pytestmark = pytest.mark.cpu_only_ops("reason")``: its CUDA cases are skipped with that reason."""
-    marker = request.node.get_closest_marker("cpu_only_ops")
-    if request.param == "cuda" and marker is not None:
-        pytest.skip(f"no CUDA kernel yet: {marker.args[0]}")
     return request.param
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cpu_only_ops(reason): the module's ops have no CUDA kernel yet")
 
 
 @pytest.fixture

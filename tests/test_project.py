@@ -5,7 +5,6 @@ from subspace_ext import ops
 
 import reference as ref
 
-pytestmark = pytest.mark.cpu_only_ops("project, project_dense, reconstruct (ops.CUDA_KERNELS)")
 
 DTYPES = [torch.float32, torch.float64]
 UNIT = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}

@@ -5,7 +5,6 @@ from subspace_ext import ops
 
 import reference as ref
 
-pytestmark = pytest.mark.cpu_only_ops("rsvd, rsvd_many, factored_svd (ops.CUDA_KERNELS)")
 
 DTYPES = [torch.float32, torch.float64]
 ORTHO_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}

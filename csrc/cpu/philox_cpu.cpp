@@ -28,6 +28,13 @@ void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
                    "philox_normal_: out must be float32 or float64, got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.is_contiguous(), "philox_normal_: out must be contiguous");
+  if (out.is_cuda()) {
+#ifdef SUBSPACE_EXT_WITH_CUDA
+    return philox_normal_fill_cuda(out, seed, stream);
+#else
+    TORCH_CHECK_VALUE(false, "philox_normal_: a CUDA tensor, but this build has no CUDA kernels");
+#endif
+  }
   const int64_t n = out.numel();
   const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_", [&] {

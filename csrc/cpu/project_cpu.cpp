@@ -74,4 +74,13 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("reconstruct", &reconstruct_cpu);
 }
 
+#ifdef SUBSPACE_EXT_WITH_CUDA
+// Three GEMMs: cuBLAS through ATen is the floor on CUDA, so the same composition is registered.
+TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
+  m.impl("project", &project_cpu);
+  m.impl("project_dense", &project_dense_cpu);
+  m.impl("reconstruct", &reconstruct_cpu);
+}
+#endif
+
 }  // namespace subspace_ext

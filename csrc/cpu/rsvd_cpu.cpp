@@ -58,7 +58,8 @@ Triple rsvd_cpu(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_
   const at::Tensor flat = A.reshape({-1, m, n});
   const int64_t batch = flat.size(0);
   std::vector<SVDResult> out(batch);
-  parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed, "rsvd: A"); });
+  parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed, "rsvd: A"); },
+                 /*serial=*/A.is_cuda());
   auto lead = A.sizes().slice(0, A.dim() - 2).vec();
   auto stack = [&](auto get, std::vector<int64_t> tail) {
     std::vector<at::Tensor> parts;
@@ -87,9 +88,10 @@ rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t 
     return mats[a].numel() > mats[b].numel();
   });
   std::vector<SVDResult> out(count);
-  parallel_tasks(count, order, [&](int64_t i) { 
+  const bool on_cuda = count > 0 && mats[0].is_cuda();
+  parallel_tasks(count, order, [&](int64_t i) {
     out[i] = rsvd_one(mats[i], k, p, niter, seed, "rsvd_many: mats[" + std::to_string(i) + "]");
-  });
+  }, /*serial=*/on_cuda);
   std::vector<at::Tensor> U, S, V;
   for (auto& r : out) {
     U.push_back(r.U);
@@ -129,5 +131,17 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("rsvd_many", &rsvd_many_cpu);
   m.impl("factored_svd", &factored_svd_cpu);
 }
+
+#ifdef SUBSPACE_EXT_WITH_CUDA
+// Interim CUDA path: the same algorithm through ATen (cuBLAS GEMMs, cuSOLVER small SVD, our Philox
+// kernel), matrices one after another on the current stream. Host syncs: the NaN/Inf check and the
+// l x l Cholesky of each orthonormalisation (csrc/cpu/utils.cpp). The batched small-QR/SVD kernels
+// of the CUDA issue replace this.
+TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
+  m.impl("rsvd", &rsvd_cpu);
+  m.impl("rsvd_many", &rsvd_many_cpu);
+  m.impl("factored_svd", &factored_svd_cpu);
+}
+#endif
 
 }  // namespace subspace_ext

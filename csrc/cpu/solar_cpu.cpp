@@ -16,8 +16,8 @@ namespace {
 // 2: left perturbation, 3: right perturbation}; checksums use the seed's complement.
 constexpr int64_t kCompleteU = 0, kCompleteV = 1, kPerturbU = 2, kPerturbV = 3;
 
-at::Tensor normals(int64_t rows, int64_t cols, int64_t seed, int64_t stream) {
-  at::Tensor N = at::empty({rows, cols}, at::TensorOptions().dtype(at::kDouble));
+at::Tensor normals(int64_t rows, int64_t cols, int64_t seed, int64_t stream, const at::Device& dev) {
+  at::Tensor N = at::empty({rows, cols}, at::TensorOptions().dtype(at::kDouble).device(dev));
   philox_normal_fill(N, seed, stream);
   return N;
 }
@@ -27,7 +27,7 @@ at::Tensor normals(int64_t rows, int64_t cols, int64_t seed, int64_t stream) {
 at::Tensor complete(const at::Tensor& Q, int64_t seed, int64_t stream) {
   const int64_t d = Q.size(0), k = Q.size(1);
   if (k == d) return Q;
-  at::Tensor N = normals(d, d - k, seed, stream);
+  at::Tensor N = normals(d, d - k, seed, stream, Q.device());
   for (int pass = 0; pass < 2; ++pass) N -= at::mm(Q, at::mm(Q.t(), N));
   return at::cat({Q, orthonormalize_columns(N).first}, 1);
 }
@@ -36,7 +36,7 @@ at::Tensor complete(const at::Tensor& Q, int64_t seed, int64_t stream) {
 at::Tensor perturb(const at::Tensor& Q, double eps, int64_t seed, int64_t stream) {
   if (eps == 0.0) return Q;
   const int64_t d = Q.size(0);
-  at::Tensor P = Q + normals(d, Q.size(1), seed, stream) * (eps / std::sqrt(static_cast<double>(d)));
+  at::Tensor P = Q + normals(d, Q.size(1), seed, stream, Q.device()) * (eps / std::sqrt(static_cast<double>(d)));
   return orthonormalize_columns(P).first;
 }
 
@@ -61,8 +61,8 @@ at::Tensor solar_checksum_cpu(const at::Tensor& UI, const at::Tensor& VJ, int64_
   TORCH_CHECK_VALUE(UI.dim() == 2 && VJ.dim() == 2, "solar_checksum: expected two matrices");
   const int64_t key = ~seed;
   auto probe = [&](const at::Tensor& Q, int64_t s) {
-    const at::Tensor p = normals(Q.size(0), 1, key, 4 * stream + s);
-    const at::Tensor g = normals(1, Q.size(1), key, 4 * stream + 2 + s);
+    const at::Tensor p = normals(Q.size(0), 1, key, 4 * stream + s, Q.device());
+    const at::Tensor g = normals(1, Q.size(1), key, 4 * stream + 2 + s, Q.device());
     return at::mm(g, at::mm(Q.to(at::kDouble).t(), p)).reshape({1});
   };
   return at::cat({probe(UI, 0), probe(VJ, 1)});
@@ -85,8 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
   const at::Tensor idx = indices.to(at::kLong);
   const at::Tensor vals = values.to(at::kDouble);
   TORCH_CHECK_VALUE(vals.isfinite().all().item<bool>(), "solar_decode: coefficients contain NaN or Inf");
-  at::Tensor B = at::zeros({m, rank}, at::TensorOptions().dtype(at::kDouble));
-  at::Tensor A = at::zeros({rank, n}, at::TensorOptions().dtype(at::kDouble));
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(U.device());
+  at::Tensor B = at::zeros({m, rank}, f64);
+  at::Tensor A = at::zeros({rank, n}, f64);
   if (idx.numel() == 0) return {B, A, solar_checksum_cpu(U.narrow(1, 0, 0), V.narrow(1, 0, 0), seed, stream)};
   TORCH_CHECK_VALUE(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < U.size(1) * V.size(1),
                     "solar_decode: coefficient index out of range for a ", U.size(1), " x ",
@@ -112,5 +113,14 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("solar_checksum", &solar_checksum_cpu);
   m.impl("solar_decode", &solar_decode_cpu);
 }
+
+#ifdef SUBSPACE_EXT_WITH_CUDA
+// The same ATen composition on CUDA tensors (cuSOLVER/cuBLAS through ATen, our Philox kernel).
+TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
+  m.impl("solar_basis", &solar_basis_cpu);
+  m.impl("solar_checksum", &solar_checksum_cpu);
+  m.impl("solar_decode", &solar_decode_cpu);
+}
+#endif
 
 }  // namespace subspace_ext

@@ -150,11 +150,13 @@ at::Tensor inverse_upper(const at::Tensor& R) {
 
 // One Cholesky-QR pass: Y = Q R, the Gram matrix and its Cholesky factor in float64, the tall
 // product Y R^-1 in Y's dtype. False if the Gram matrix is not safely positive definite.
+// The l x l Gram matrix is factored on the host (for CUDA Y: one small device-to-host copy).
 bool cholesky_qr(const at::Tensor& Y, at::Tensor& Q, at::Tensor& R) {
   const at::Tensor Yd = Y.to(at::kDouble);
-  const at::Tensor G = at::mm(Yd.t(), Yd).contiguous();
+  const at::Tensor G = at::mm(Yd.t(), Yd).to(at::kCPU).contiguous();
   if (!cholesky_upper(G, R)) return false;
-  Q = at::mm(Y, inverse_upper(R).to(Y.scalar_type()));
+  Q = at::mm(Y, inverse_upper(R).to(Y.device(), Y.scalar_type()));
+  R = R.to(Y.device());
   return true;
 }
 
@@ -202,9 +204,9 @@ SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Te
 namespace subspace_ext {
 
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
-                    const std::function<void(int64_t)>& body) {
+                    const std::function<void(int64_t)>& body, bool serial) {
   if (n <= 0) return;
-  if (n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  if (serial || n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
     for (int64_t t = 0; t < n; ++t) body(order.empty() ? t : order[t]);
     return;
   }

@@ -40,8 +40,9 @@ namespace subspace_ext {
 // min(m, n, r). Defined in rsvd_cpu.cpp (the factored_svd op).
 SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank);
 
-// Fill a contiguous float32/float64 tensor with Philox normals of (seed, stream), element i of
-// its row-major order being normal number i of the stream. Defined in philox_cpu.cpp.
+// Fill a contiguous float32/float64 tensor (CPU, or CUDA in a CUDA build) with Philox normals of
+// (seed, stream), element i of its row-major order being normal number i of the stream.
+// Defined in philox_cpu.cpp.
 void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream);
 
 // Argument checks shared by the CPU and CUDA kernels of pair_importance_ (every layer: shapes,
@@ -65,7 +66,13 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
 
 // Run body(i) for i in [0, n) over the OpenMP threads, largest-cost-first when `order` is given,
 // dynamically scheduled; the first exception thrown by any body is rethrown on the caller.
+// `serial`: run in order on the calling thread (CUDA work: keeps the caller's current stream).
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
-                    const std::function<void(int64_t)>& body);
+                    const std::function<void(int64_t)>& body, bool serial = false);
+
+#ifdef SUBSPACE_EXT_WITH_CUDA
+// philox_normal_fill for a CUDA tensor (csrc/cuda/cuda_ops.cpp).
+void philox_normal_fill_cuda(const at::Tensor& out, int64_t seed, int64_t stream);
+#endif
 
 }  // namespace subspace_ext

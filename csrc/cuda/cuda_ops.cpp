@@ -3,7 +3,8 @@
 // launches, and a check of every launch. Compiled only in a CUDA build (csrc/sources.txt [cuda]).
 //
 // Host syncs: fuse_pairs_ / reinit_pairs_ copy `idx` to the host to validate it (range, repeats)
-// and check B_new / A_new for NaN/Inf, as the CPU op does; nothing else synchronises.
+// and check B_new / A_new for NaN/Inf, as the CPU op does; perturbed_basis(orthonormalize=True)
+// factors each l x l Gram matrix on the host (csrc/cpu/utils.cpp). Nothing else synchronises here.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -60,15 +61,17 @@ void philox_uint32_cuda_(const at::Tensor& out, int64_t seed, int64_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void philox_normal_cuda_(const at::Tensor& out, int64_t seed, int64_t stream) {
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
-                   "philox_normal_: out must be float32 or float64, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "philox_normal_: out must be contiguous");
+}  // namespace
+
+// The CUDA branch of philox_normal_fill (csrc/cpu/philox_cpu.cpp checks dtype and layout).
+void philox_normal_fill_cuda(const at::Tensor& out, int64_t seed, int64_t stream) {
   const c10::cuda::CUDAGuard guard(out.device());
   cuda::philox_normal(out.data_ptr(), dtype_of(out.scalar_type()), out.numel(), static_cast<uint64_t>(seed),
                       static_cast<uint64_t>(stream), 0.0, false, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+namespace {
 
 at::Tensor perturbed_basis_cuda(const at::Tensor& U, double eps, int64_t seed, int64_t stream,
                                 bool orthonormalize) {
@@ -82,11 +85,9 @@ at::Tensor perturbed_basis_cuda(const at::Tensor& U, double eps, int64_t seed, i
   if (!orthonormalize) return out;
   TORCH_CHECK_VALUE(U.size(-2) >= U.size(-1),
                     "perturbed_basis: orthonormalize needs U with at least as many rows as columns, got ", U.sizes());
-  // The Q of the QR with a positive diagonal of R: unique, so it matches the CPU's Cholesky-QR
-  // to rounding (float64 on the device, cuSOLVER through ATen).
-  auto [Q, R] = at::linalg_qr(out.to(at::kDouble));
-  const at::Tensor sign = at::where(R.diagonal(0, -2, -1) < 0, -1.0, 1.0);
-  return (Q * sign.unsqueeze(-2)).to(out.scalar_type());
+  auto flat = out.reshape({-1, out.size(-2), out.size(-1)});  // as on the CPU: Cholesky-QR2 per matrix
+  for (int64_t b = 0; b < flat.size(0); ++b) flat[b].copy_(orthonormalize_columns(flat[b]).first);
+  return out;
 }
 
 // ---- importance ---------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ void reinit_pairs_cuda_(at::TensorList W, at::TensorList B, at::TensorList A, at
 
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("philox_uint32_", &philox_uint32_cuda_);
-  m.impl("philox_normal_", &philox_normal_cuda_);
+  m.impl("philox_normal_", &philox_normal_fill);
   m.impl("perturbed_basis", &perturbed_basis_cuda);
   m.impl("pair_importance_", &pair_importance_cuda_);
   m.impl("fuse_pairs_", &fuse_pairs_cuda_);
