@@ -54,6 +54,9 @@ class LoraLayers:
         return LoraLayers(*([t.to(dtype or t.dtype, copy=True) for t in ts] for ts in
                             (self.W, self.A, self.B, self.grad_A, self.grad_B)))
 
+    def to(self, device) -> "LoraLayers":
+        return LoraLayers(*([t.to(device) for t in ts] for ts in (self.W, self.A, self.B, self.grad_A, self.grad_B)))
+
 
 def lora_layers(num: int, rank: int = LORA_RANK, seed: int = 0) -> LoraLayers:
     """``num`` random LoRA layers cycling through the MiniLM Linear shapes."""
@@ -205,22 +208,29 @@ class Config:
     target_s: float              # keep repeating until this much time is spent ...
     min_repeats: int             # ... but at least this many and ...
     max_repeats: int             # ... at most this many timed calls
+    device: str = "cpu"          # where the workloads live (CUDA: timings synchronise the device)
+    large_rsvd: bool = False     # also rsvd_many over a 7B-shaped layer set (GPU-sized)
 
 
 FULL = Config(None, 200, ((1536, 1536), (384, 384), (1536, 384)), 24, 1.0, 5, 1000)
 QUICK = Config(6, 20, ((384, 384),), 18, 0.02, 2, 20)
+# (out, in) of one 7B-style decoder block's Linear weights: q, k, v, o (4096²), up/gate, down.
+LARGE_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
 def median_ms(fn: Callable[[], object], cfg: Config, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in ms (``time.perf_counter``), after ``warmup`` untimed calls."""
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < cfg.max_repeats and (len(times) < cfg.min_repeats
                                             or time.perf_counter() - start < cfg.target_s):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -267,23 +277,53 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def gemm_floor(mats: Sequence[torch.Tensor], rank: int) -> None:
+    """Only the 2 + 2·NITER GEMMs with each W that the randomized SVD needs (its floor)."""
+    l = rank + OVERSAMPLE
+    for W in mats:
+        Q = W[:, :l]  # any m x l block: the cost is the products
+        Z = W.mT @ Q
+        for _ in range(NITER):
+            Q = W @ Z
+            Z = W.mT @ Q
+        W @ Z
+
+
 def _rsvd_rows(cfg: Config) -> Iterator[Row]:
-    mats = minilm_matrices(cfg.minilm_limit)
-    full, t_full = svd_loop(mats), median_ms(lambda: svd_loop(mats), cfg)
-    for rank in (8, 32):
+    try:
+        mats, name = minilm_matrices(cfg.minilm_limit), "MiniLM-L6"
+    except FileNotFoundError:  # e.g. a GPU machine without the model package: the same shapes
+        g = torch.Generator().manual_seed(0)
+        shapes = ([*MINILM_SHAPES] * 6 + [(384, 384)])[:cfg.minilm_limit]
+        mats, name = [torch.randn(m, n, generator=g) for m, n in shapes], "MiniLM-L6 shapes (random)"
+    mats = [W.to(cfg.device) for W in mats]
+    yield from _rsvd_set_rows(cfg, mats, f"{name}, {len(mats)} weights", (8, 32), with_full=True)
+    if cfg.large_rsvd:
+        g = torch.Generator(device=cfg.device).manual_seed(0)
+        large = [torch.randn(m, n, generator=g, device=cfg.device) for _ in range(32) for m, n in LARGE_SHAPES]
+        yield from _rsvd_set_rows(cfg, large, f"7B-shaped, 32 x {{4096², 4096×11008, 11008×4096}}", (16, 64),
+                                  with_full=False)
+
+
+def _rsvd_set_rows(cfg: Config, mats, name: str, ranks, with_full: bool) -> Iterator[Row]:
+    if with_full:
+        full, t_full = svd_loop(mats), median_ms(lambda: svd_loop(mats), cfg)
+    for rank in ranks:
         ours, t_ours = rsvd_ours(mats, rank), median_ms(lambda: rsvd_ours(mats, rank), cfg)
         low, t_low = svd_lowrank_loop(mats, rank), median_ms(lambda: svd_lowrank_loop(mats, rank), cfg)
         e_ours = frob_error(mats, ours)
-        case = f"MiniLM-L6, {len(mats)} weights, rank {rank}"
+        case = f"{name}, rank {rank}"
         yield Row("rsvd_many", case, t_ours, f"svd_lowrank loop (q={rank + OVERSAMPLE}, niter={NITER})",
                   t_low, e_ours, frob_error(mats, low))
-        yield Row("rsvd_many", case, t_ours, "linalg.svd loop, truncated", t_full, e_ours,
-                  frob_error(mats, truncate(full, rank)))
+        if with_full:
+            yield Row("rsvd_many", case, t_ours, "linalg.svd loop, truncated", t_full, e_ours,
+                      frob_error(mats, truncate(full, rank)))
+        yield Row("rsvd_many", case, t_ours, "floor: its GEMMs with W only", median_ms(lambda: gemm_floor(mats, rank), cfg))
 
 
 def _project_rows(cfg: Config) -> Iterator[Row]:
     for m, n in cfg.project_shapes:
-        U, V, B, A = x = project_inputs(m, n)
+        U, V, B, A = x = [t.to(cfg.device) for t in project_inputs(m, n)]
         ref = [project_dense(*(t.double() for t in x))]
         ours = ops.project(U, V, B, A)
         t_ours = median_ms(lambda: ops.project(U, V, B, A), cfg)
@@ -294,7 +334,7 @@ def _project_rows(cfg: Config) -> Iterator[Row]:
 
 
 def _importance_rows(cfg: Config) -> Iterator[Row]:
-    layers = lora_layers(cfg.num_layers)
+    layers = lora_layers(cfg.num_layers).to(cfg.device)
     case = f"{cfg.num_layers} layers, LoRA r={LORA_RANK}"
     ref = importance_scores(importance_loop, layers.clone(torch.float64))
     states_ours, states_loop = ops.importance_state(layers.A, layers.B), ops.importance_state(layers.A, layers.B)
@@ -304,10 +344,10 @@ def _importance_rows(cfg: Config) -> Iterator[Row]:
               rel_error(importance_scores(ops.pair_importance, layers), ref),
               rel_error(importance_scores(importance_loop, layers), ref))
 
-    idx = pair_indices(layers)
+    idx = [i.to(cfg.device) for i in pair_indices(layers)]
     case = f"{cfg.num_layers} layers, {len(idx[0])} pairs each"
     for name, (ours_fn, loop_fn, takes_new) in PAIR_OPS.items():
-        new = new_pairs(layers, idx) if takes_new else ()
+        new = [[t.to(cfg.device) for t in ts] for ts in new_pairs(layers, idx)] if takes_new else ()
         ref = apply_pairs(loop_fn, layers.clone(torch.float64), idx, [[t.double() for t in ts] for ts in new])
         err_ours = rel_error(apply_pairs(ours_fn, layers.clone(), idx, new), ref)
         err_loop = rel_error(apply_pairs(loop_fn, layers.clone(), idx, new), ref)
@@ -319,25 +359,42 @@ def _importance_rows(cfg: Config) -> Iterator[Row]:
 
 def _philox_rows(cfg: Config) -> Iterator[Row]:
     numel = 2 ** cfg.philox_log2
-    t_ours = median_ms(lambda: ops.philox_normal((numel,), seed=0), cfg)
-    t_randn = median_ms(lambda: torch.randn(numel), cfg)
+    t_ours = median_ms(lambda: ops.philox_normal((numel,), seed=0, device=cfg.device), cfg)
+    t_randn = median_ms(lambda: torch.randn(numel, device=cfg.device), cfg)
     gbps = lambda ms: numel * 4 / (ms * 1e-3) / 1e9  # noqa: E731
     case = f"2^{cfg.philox_log2} float32 (ours {gbps(t_ours):.2f} GB/s, randn {gbps(t_randn):.2f} GB/s)"
     yield Row("philox_normal", case, t_ours, "torch.randn", t_randn)
+    if cfg.device.startswith("cuda"):  # the bandwidth floor: writing the same bytes
+        buf = torch.empty(numel, device=cfg.device)
+        src = torch.empty_like(buf)
+        t_copy = median_ms(lambda: buf.copy_(src), cfg)
+        yield Row("philox_normal", f"2^{cfg.philox_log2} float32 (copy {2 * gbps(t_copy):.0f} GB/s read+write)",
+                  t_ours, "floor: device copy of the same size", t_copy)
 
 
 SECTIONS = (_rsvd_rows, _project_rows, _importance_rows, _philox_rows)
 
 
-def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str], object] = print) -> str:
+def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str], object] = print,
+        device: str = "cpu", large: bool = False) -> str:
     """Benchmark every op against its baseline; ``out`` each markdown line, return the whole report.
 
     ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards); ``quick`` uses
-    small workloads and few repeats (a few seconds; for tests, not for numbers).
+    small workloads and few repeats (a few seconds; for tests, not for numbers). ``device``:
+    "cpu" or "cuda" (every timing then synchronises the device); ``large`` adds rsvd_many over a
+    7B-shaped layer set (about 14 GB of float32 weights: for a GPU).
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    cfg = QUICK if quick else FULL
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not (torch.cuda.is_available() and ops.cuda_enabled()):
+        raise ValueError("device 'cuda' needs a GPU and a CUDA build of subspace_ext "
+                         f"(torch.cuda.is_available() = {torch.cuda.is_available()}, "
+                         f"subspace_ext.cuda_enabled() = {ops.cuda_enabled()})")
+    import dataclasses
+
+    cfg = dataclasses.replace(QUICK if quick else FULL, device=device, large_rsvd=large)
     lines: list[str] = []
 
     def emit(line: str) -> None:
@@ -352,6 +409,8 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
         emit("")
         emit(f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
         emit(f"- CPU: {cpu_model()}")
+        if device == "cuda":
+            emit(f"- device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); timings synchronise")
         emit("- times: median of repeated time.perf_counter timings after a warm-up call; "
              "speed-up = baseline / ours")
         emit("- error: rsvd_many = Σ over weights of ‖W − U S Vᵀ‖_F; other ops = relative error "

@@ -72,7 +72,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.output:
         _check_writable(args.output)
-    report = bench.run(quick=args.quick, threads=args.threads, out=lambda line: print(line, flush=True))
+    try:
+        report = bench.run(quick=args.quick, threads=args.threads, device=args.device, large=args.large,
+                           out=lambda line: print(line, flush=True))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(report)
@@ -90,6 +94,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small workloads, few repeats (seconds; a smoke test)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch.set_num_threads(N) for the run (default: torch's default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the workloads run (cuda: needs a GPU and a CUDA build; default cpu)")
+    p.add_argument("--large", action="store_true",
+                   help="add rsvd_many over a 7B-shaped layer set (32 x {4096², 4096×11008, 11008×4096}, "
+                        "about 14 GB: for a GPU)")
     p.add_argument("--output", metavar="FILE.md", help="also write the report to this file")
     p.set_defaults(func=_bench)
 

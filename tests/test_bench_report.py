@@ -1,0 +1,33 @@
+"""`subspace-ext bench` / subspace_ext.bench.run: the report at the quick size, and its argument errors."""
+import pytest
+import torch
+
+from subspace_ext import bench, cli
+
+
+def test_quick_report_has_every_op_and_baseline():
+    lines = []
+    report = bench.run(quick=True, out=lines.append)
+    assert report.splitlines() == lines
+    rows = [l for l in lines if l.startswith("| ") and not l.startswith("| op") and "---" not in l]
+    ops_seen = {r.split(" | ")[0].strip("| ") for r in rows}
+    assert ops_seen == {"rsvd_many", "project", "pair_importance", "fuse_pairs_", "reinit_pairs_", "philox_normal"}
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[4]) > 0 and float(cells[5]) > 0
+    assert any("floor: its GEMMs with W only" in r for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_device_without_gpu_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match="needs a GPU"):
+        bench.run(quick=True, device="cuda")
+    assert cli.main(["bench", "--quick", "--device", "cuda"]) == 1
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="device"):
+        bench.run(quick=True, device="tpu")
+    with pytest.raises(ValueError, match="threads"):
+        bench.run(quick=True, threads=0)
