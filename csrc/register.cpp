@@ -13,6 +13,9 @@ TORCH_LIBRARY(subspace_ext, m) {
   m.def("rsvd_many(Tensor[] mats, int rank, int oversample, int niter, int seed)"
         " -> (Tensor[], Tensor[], Tensor[])");
   m.def("factored_svd(Tensor B, Tensor A, int rank) -> (Tensor, Tensor, Tensor)");
+  // The same randomized SVD as rsvd, batched over equal shapes with no host sync but one finite
+  // check (Householder QR, batched small SVD): the CUDA path of rsvd / rsvd_many; on CPU for tests.
+  m.def("_rsvd_batched(Tensor A, int rank, int oversample, int niter, int seed) -> (Tensor, Tensor, Tensor)");
   // project: coefficients on a basis without forming the update, and reconstruction.
   m.def("project(Tensor U, Tensor V, Tensor B, Tensor A, float scaling) -> Tensor");
   m.def("project_dense(Tensor U, Tensor V, Tensor D) -> Tensor");

@@ -29,7 +29,8 @@ _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # missing here raises a clear error for CUDA tensors instead of a dispatcher error.
 CUDA_OPS = frozenset({"philox_uint32_", "philox_normal_", "perturbed_basis", "pair_importance_",
                       "fuse_pairs_", "reinit_pairs_", "rsvd", "rsvd_many", "factored_svd", "project",
-                      "project_dense", "reconstruct", "solar_basis", "solar_checksum", "solar_decode"})
+                      "project_dense", "reconstruct", "solar_basis", "solar_checksum", "solar_decode",
+                      "_rsvd_batched"})
 
 
 def cuda_enabled() -> bool:
@@ -418,6 +419,10 @@ def _register_fakes():
                 A.new_empty((*lead, A.shape[-1], k)))
 
     @reg(lib + "rsvd")
+    def _(A, rank, oversample, niter, seed):
+        return _svd_shapes(A, rank)
+
+    @reg(lib + "_rsvd_batched")
     def _(A, rank, oversample, niter, seed):
         return _svd_shapes(A, rank)
 

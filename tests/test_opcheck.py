@@ -31,6 +31,7 @@ def _cases(device):
         "perturbed_basis orth": (_o.perturbed_basis, (r(2, 9, 4, dtype=torch.float64), 0.1, 3, 1, True)),
         "rsvd": (_o.rsvd, (r(12, 9), 3, 4, 1, 0)),
         "rsvd batched": (_o.rsvd, (r(2, 7, 10, dtype=torch.float64), 2, 2, 1, 5)),
+        "_rsvd_batched": (_o._rsvd_batched, (r(3, 12, 9), 3, 4, 1, 0)),
         "rsvd_many": (_o.rsvd_many, ([r(12, 9), r(5, 8), r(6, 6)], 2, 3, 1, 0)),
         "factored_svd": (_o.factored_svd, (r(10, 4), r(4, 7), 3)),
         "factored_svd mixed": (_o.factored_svd, (r(10, 4), r(4, 7, dtype=torch.float64), 4)),

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -101,6 +102,36 @@ rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t 
   return {U, S, V};
 }
 
+// Orthonormal basis of the columns of each Y[b] (Householder QR in float64, batched; sign-free:
+// the final factors get canonical signs).
+at::Tensor orth_batched(const at::Tensor& Y) {
+  return std::get<0>(at::linalg_qr(Y.to(at::kDouble), "reduced")).to(Y.scalar_type());
+}
+
+// rsvd_one's algorithm for a batch of equal-shape matrices A (b x m x n): the same Philox test
+// matrix for every b, batched GEMMs, batched QR, one batched SVD of the l x l cores. Nothing
+// synchronises with the host but the NaN/Inf check of A @ Omega.
+Triple rsvd_batched(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+  check_rsvd_args(A, k, p, niter, "_rsvd_batched");
+  TORCH_CHECK_VALUE(A.dim() == 3, "_rsvd_batched: A must be b x m x n, got ", A.sizes());
+  const int64_t m = A.size(1), n = A.size(2), l = std::min(k + p, std::min(m, n));
+  const auto dt = A.scalar_type();
+  at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
+  philox_normal_fill(omega, seed, 0);
+  const at::Tensor Y = at::matmul(A, omega);
+  TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),  // the one host sync
+                    "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
+  at::Tensor Q = orth_batched(Y);
+  for (int64_t it = 0; it < niter; ++it) Q = orth_batched(at::matmul(A, orth_batched(at::matmul(A.mT(), Q))));
+  auto [Qb, Rb] = at::linalg_qr(at::matmul(A.mT(), Q).to(at::kDouble), "reduced");  // A ~ Q Rb^T Qb^T
+  auto [Uc, S, Vhc] = at::linalg_svd(Rb.mT(), /*full_matrices=*/false);
+  at::Tensor U = at::matmul(Q, Uc.narrow(-1, 0, k).to(dt));
+  at::Tensor V = at::matmul(Qb.to(dt), Vhc.narrow(-2, 0, k).mT().to(dt));
+  S = S.narrow(-1, 0, k).to(dt);
+  canonicalize_signs_(U, V);
+  return {U.contiguous(), S.contiguous(), V.contiguous()};
+}
+
 Triple factored_svd_cpu(const at::Tensor& B, const at::Tensor& A, int64_t rank) {
   auto r = factored_svd(B, A, rank);
   return {r.U, r.S, r.V};
@@ -130,18 +161,61 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("rsvd", &rsvd_cpu);
   m.impl("rsvd_many", &rsvd_many_cpu);
   m.impl("factored_svd", &factored_svd_cpu);
+  m.impl("_rsvd_batched", &rsvd_batched);
 }
 
 #ifdef SUBSPACE_EXT_WITH_CUDA
-// Interim CUDA path: the same algorithm through ATen (cuBLAS GEMMs, cuSOLVER small SVD, our Philox
-// kernel), matrices one after another on the current stream. Host syncs: the NaN/Inf check and the
-// l x l Cholesky of each orthonormalisation (csrc/cpu/utils.cpp). The batched small-QR/SVD kernels
-// of the CUDA issue replace this.
+namespace {
+
+// rsvd on CUDA: (..., m, n) as one batch.
+Triple rsvd_cuda(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+  check_rsvd_args(A, k, p, niter, "rsvd");
+  const int64_t m = A.size(-2), n = A.size(-1);
+  auto lead = A.sizes().slice(0, A.dim() - 2).vec();
+  auto [U, S, V] = rsvd_batched(A.reshape({-1, m, n}), k, p, niter, seed);
+  auto shape = [&](std::vector<int64_t> tail) {
+    auto s = lead;
+    s.insert(s.end(), tail.begin(), tail.end());
+    return s;
+  };
+  return {U.reshape(shape({m, k})), S.reshape(shape({k})), V.reshape(shape({n, k}))};
+}
+
+// rsvd_many on CUDA: one batched rsvd per distinct shape (MiniLM: 3 groups for 37 weights).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+  for (const auto& A : mats) {
+    check_rsvd_args(A, k, p, niter, "rsvd_many");
+    TORCH_CHECK_VALUE(A.dim() == 2, "rsvd_many: every matrix must be 2-D, got ", A.sizes());
+  }
+  std::map<std::pair<int64_t, int64_t>, std::vector<size_t>> groups;
+  for (size_t i = 0; i < mats.size(); ++i) groups[{mats[i].size(0), mats[i].size(1)}].push_back(i);
+  std::vector<at::Tensor> U(mats.size()), S(mats.size()), V(mats.size());
+  for (const auto& [shape, members] : groups) {
+    std::vector<at::Tensor> parts;
+    for (size_t i : members) parts.push_back(mats[i]);
+    auto [Ub, Sb, Vb] = rsvd_batched(at::stack(parts), k, p, niter, seed);
+    for (size_t j = 0; j < members.size(); ++j) {
+      U[members[j]] = Ub[j];
+      S[members[j]] = Sb[j];
+      V[members[j]] = Vb[j];
+    }
+  }
+  return {U, S, V};
+}
+
+}  // namespace
+
+// CUDA: batched over equal shapes through ATen (cuBLAS batched GEMMs, cuSOLVER batched QR and
+// small SVDs, our Philox kernel); one host sync per group (the finite check). factored_svd runs
+// the CPU path's composition (its l x l Cholesky on the host).
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
-  m.impl("rsvd", &rsvd_cpu);
-  m.impl("rsvd_many", &rsvd_many_cpu);
+  m.impl("rsvd", &rsvd_cuda);
+  m.impl("rsvd_many", &rsvd_many_cuda);
   m.impl("factored_svd", &factored_svd_cpu);
+  m.impl("_rsvd_batched", &rsvd_batched);
 }
 #endif
+
 
 }  // namespace subspace_ext
