@@ -58,6 +58,22 @@ def encode(tok, examples: Sequence[Example], max_length: int = 64):
     return enc, torch.tensor([y for _, y in examples])
 
 
+class TokenizedTask(torch.utils.data.Dataset):
+    """Examples as a torch Dataset of tokenized dicts (input_ids, attention_mask, labels), for
+    transformers' Trainer with a DataCollatorWithPadding."""
+
+    def __init__(self, tok, examples: Sequence[Example], max_length: int = 64):
+        self.enc = tok([t for t, _ in examples], truncation=True, max_length=max_length)
+        self.labels = [y for _, y in examples]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
+                "labels": self.labels[i]}
+
+
 @torch.no_grad()
 def accuracy(model, tok, examples: Sequence[Example], *, batch_size: int = 256, max_length: int = 64) -> float:
     """Accuracy of ``model`` on ``examples``."""

@@ -9,6 +9,7 @@ training run. Whole file: well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -590,6 +591,27 @@ def test_training_loadings_reduces_loss(real_adapters):
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"{n} changed"
     assert all(float(l.alpha_B.abs().max()) > 0 for l in em.layers.values())
+
+
+def test_transformers_trainer_trains_only_the_loadings(real_adapters, tmp_path):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    sub = eigenlorax.build_subspace(real_adapters, components=8)
+    model, tok = train.load_classifier(seed=0)
+    em = eigenlorax.apply(model, sub, 4, init="uniform", trainable=("classifier",))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == em.trainable_parameters()
+    task = data.word_task("vader-polarity", limit=400)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_steps=3, seed=0, disable_tqdm=True)
+    out = Trainer(model=model, args=args, train_dataset=train.TokenizedTask(tok, task.train, max_length=16),
+                  data_collator=DataCollatorWithPadding(tok)).train()
+    assert math.isfinite(out.training_loss)
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (n in trainable), f"{n}: changed={changed}, trainable={n in trainable}"
 
 
 # ---------------------------------------------------------------------------------------------

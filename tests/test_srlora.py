@@ -476,19 +476,6 @@ def test_bf16_base_weights(task):
 # transformers Trainer
 
 
-class _WordDataset(torch.utils.data.Dataset):
-    def __init__(self, tok, examples):
-        self.enc = tok([t for t, _ in examples], truncation=True, max_length=16)
-        self.labels = [y for _, y in examples]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
-
-
 def test_trainer_callback(task, tmp_path):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -497,7 +484,7 @@ def test_trainer_callback(task, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
                              learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
                              logging_steps=4, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=_WordDataset(tok, task.train),
+    trainer = Trainer(model=model, args=args, train_dataset=train.TokenizedTask(tok, task.train, max_length=16),
                       data_collator=DataCollatorWithPadding(tok), callbacks=[cb])
     out = trainer.train()
     sr = cb.srlora
