@@ -57,7 +57,7 @@ def cuda_wheel_includes():
 
 sources = SOURCES["common"] + ["csrc/python_module.cpp"]
 # C++20: torch >= 2.14's headers require it (older ones accept it).
-cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-g0", "-std=c++20"]
+cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-g0", "-std=c++20"]
 include_dirs = [os.path.join(HERE, "csrc", "include")]
 define_macros = []
 if want_cuda():

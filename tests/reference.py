@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -220,3 +222,80 @@ def decaying_matrix(m, n, decay=0.7, dtype=torch.float64, generator=None):
 
 def optimal_error(s, k):
     return float(torch.sqrt((s[k:] ** 2).sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit-exact emulation of philox.h's Box-Muller (the kernels' arithmetic, op for op, with torch
+# elementwise ops in the target dtype: IEEE-rounded +, -, *, / and numpy's sqrt, no contraction). Used to
+# check that every code path (scalar, lane-vectorised CPU, CUDA) produces exactly these bits.
+
+def _signed_inv_factorial(n, k):
+    f = 1.0
+    for j in range(2, n + 1):
+        f *= j
+    return (-1.0 if k & 1 else 1.0) / f
+
+
+def _horner(x2, coeffs, dtype):
+    """h = c[N-1]; h = h * x2 + c[k] for k = N-2 .. 0 (coefficients rounded to dtype)."""
+    h = torch.full_like(x2, float(torch.tensor(coeffs[-1], dtype=dtype)))
+    for c in reversed(coeffs[:-1]):
+        h = h * x2 + torch.tensor(c, dtype=dtype)
+    return h
+
+
+def _det_log(x, dtype):
+    bits = {torch.float32: (torch.int32, 23, 0xFF, 127, 0x007FFFFF, 0x3F800000, 1.41421356, 7),
+            torch.float64: (torch.int64, 52, 0x7FF, 1023, 0x000FFFFFFFFFFFFF, 0x3FF0000000000000,
+                            1.4142135623730951, 13)}[dtype]
+    itype, shift, emask, bias, mmask, one, sqrt2, terms = bits
+    b = x.view(itype)
+    e = ((b >> shift) & emask) - bias
+    m = ((b & mmask) | one).view(dtype)
+    high = m > torch.tensor(sqrt2, dtype=dtype)
+    e = e + high.to(itype)
+    m = torch.where(high, m * torch.tensor(0.5, dtype=dtype), m)
+    s = (m - 1) / (m + 1)
+    atanh = _horner(s * s, [1.0 / (2 * k + 1) for k in range(terms)] + [0.0], dtype)
+    # Atanh<K..N> ends in 0 at K = N: h = 0 * s2 + c_{N-1} = c_{N-1} (exact), as above
+    log_m = (2 * s) * atanh
+    return e.to(dtype) * torch.tensor(0.69314718055994530942, dtype=dtype) + log_m
+
+
+def _sincos_2pi(u, dtype):
+    trig = 6 if dtype == torch.float32 else 10
+    t = u * 4
+    q = t.to(torch.int64)
+    f = t - q.to(dtype)
+    swap = f > 0.5
+    f = torch.where(swap, 1 - f, f)
+    x = f * torch.tensor(1.57079632679489661923, dtype=dtype)
+    x2 = x * x
+    sx = _horner(x2, [_signed_inv_factorial(2 * k + 1, k) for k in range(trig + 1)], dtype) * x
+    cx = _horner(x2, [_signed_inv_factorial(2 * k, k) for k in range(trig + 1)], dtype)
+    cp, sp = torch.where(swap, sx, cx), torch.where(swap, cx, sx)
+    qq = q & 3
+    odd = (qq & 1) == 1
+    a, b = torch.where(odd, sp, cp), torch.where(odd, cp, sp)
+    return torch.where((qq == 1) | (qq == 2), -a, a), torch.where(qq >= 2, -b, b)
+
+
+def philox_normals_exact(words, dtype):
+    """The normals philox.h makes from Philox words (int32 tensor, 4 per block), bit for bit."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = w.reshape(-1, 4)
+    if dtype == torch.float32:
+        a, b = w[:, 0::2].reshape(-1), w[:, 1::2].reshape(-1)  # pairs (0, 1), (2, 3)
+        scale = torch.tensor(5.9604644775390625e-8, dtype=dtype)
+        u1 = ((a >> 8) + 1).to(dtype) * scale
+        u2 = (b >> 8).to(dtype) * scale
+    else:
+        a = (w[:, 0] << 21) | (w[:, 1] >> 11)
+        b = (w[:, 2] << 21) | (w[:, 3] >> 11)
+        scale = torch.tensor(1.1102230246251565404e-16, dtype=dtype)
+        u1 = (a + 1).to(dtype) * scale
+        u2 = b.to(dtype) * scale
+    # numpy's sqrt is the IEEE (correctly rounded) one; torch's CPU float kernels may be off by an ulp
+    r = torch.from_numpy(np.sqrt((torch.tensor(-2.0, dtype=dtype) * _det_log(u1, dtype)).numpy()))
+    c, s = _sincos_2pi(u2, dtype)
+    return torch.stack([r * c, r * s], dim=-1).reshape(-1)

@@ -22,6 +22,105 @@ void philox_uint32_cpu_(const at::Tensor& out, int64_t seed, int64_t stream) {
   });
 }
 
+// ---- lane-parallel generation: kLanes consecutive Philox blocks per call, every step a loop over
+// the lanes so that the compiler vectorises it (cloned for AVX-512 / AVX2, picked at load time).
+// Each lane does exactly philox::normals_of_block's arithmetic (IEEE ops, no contraction), so the
+// numbers are the same bits as the scalar path and the CUDA kernel.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SE_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SE_TARGET_CLONES
+#endif
+
+constexpr int kLanes = 16;
+
+inline void philox_lanes(uint64_t seed, uint64_t stream, uint64_t block0, uint32_t* x0, uint32_t* x1,
+                         uint32_t* x2, uint32_t* x3) {
+  for (int j = 0; j < kLanes; ++j) {
+    const uint64_t b = block0 + static_cast<uint64_t>(j);
+    x0[j] = static_cast<uint32_t>(b);
+    x1[j] = static_cast<uint32_t>(b >> 32);
+    x2[j] = static_cast<uint32_t>(stream);
+    x3[j] = static_cast<uint32_t>(stream >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += philox::kW0;
+      k1 += philox::kW1;
+    }
+    for (int j = 0; j < kLanes; ++j) {
+      const uint64_t p0 = static_cast<uint64_t>(philox::kM0) * x0[j];
+      const uint64_t p1 = static_cast<uint64_t>(philox::kM1) * x2[j];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ x1[j] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ x3[j] ^ k1;
+      x0[j] = n0;
+      x1[j] = static_cast<uint32_t>(p1);
+      x2[j] = n2;
+      x3[j] = static_cast<uint32_t>(p0);
+    }
+  }
+}
+
+// r = sqrt(-2 log u1), (c, s) = (cos, sin)(2 pi u2) over n lanes; out[j] pairs as box_muller does.
+template <typename T>
+inline void box_muller_lanes(const T* u1, const T* u2, T* r, T* c, T* s, int n) {
+  for (int j = 0; j < n; ++j) r[j] = philox::sqrt_rn(philox::mul(T(-2), philox::det_log(u1[j])));
+  for (int j = 0; j < n; ++j) philox::sincos_2pi(u2[j], c[j], s[j]);
+}
+
+SE_TARGET_CLONES void normals_lanes(uint64_t seed, uint64_t stream, uint64_t block0, float* out) {
+  uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
+  philox_lanes(seed, stream, block0, x0, x1, x2, x3);
+  float u1[2 * kLanes], u2[2 * kLanes], r[2 * kLanes], c[2 * kLanes], s[2 * kLanes];
+  for (int j = 0; j < kLanes; ++j) {  // pair 0 = words (0, 1), pair 1 = words (2, 3)
+    u1[j] = static_cast<float>((x0[j] >> 8) + 1u) * 5.9604644775390625e-8f;
+    u2[j] = static_cast<float>(x1[j] >> 8) * 5.9604644775390625e-8f;
+    u1[kLanes + j] = static_cast<float>((x2[j] >> 8) + 1u) * 5.9604644775390625e-8f;
+    u2[kLanes + j] = static_cast<float>(x3[j] >> 8) * 5.9604644775390625e-8f;
+  }
+  box_muller_lanes(u1, u2, r, c, s, 2 * kLanes);
+  for (int j = 0; j < kLanes; ++j) {
+    out[4 * j + 0] = r[j] * c[j];
+    out[4 * j + 1] = r[j] * s[j];
+    out[4 * j + 2] = r[kLanes + j] * c[kLanes + j];
+    out[4 * j + 3] = r[kLanes + j] * s[kLanes + j];
+  }
+}
+
+SE_TARGET_CLONES void normals_lanes(uint64_t seed, uint64_t stream, uint64_t block0, double* out) {
+  uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
+  philox_lanes(seed, stream, block0, x0, x1, x2, x3);
+  double u1[kLanes], u2[kLanes], r[kLanes], c[kLanes], s[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    const uint64_t a = (static_cast<uint64_t>(x0[j]) << 21) | (x1[j] >> 11);
+    const uint64_t b = (static_cast<uint64_t>(x2[j]) << 21) | (x3[j] >> 11);
+    u1[j] = static_cast<double>(a + 1u) * 1.1102230246251565404e-16;
+    u2[j] = static_cast<double>(b) * 1.1102230246251565404e-16;
+  }
+  box_muller_lanes(u1, u2, r, c, s, kLanes);
+  for (int j = 0; j < kLanes; ++j) {
+    out[2 * j + 0] = r[j] * c[j];
+    out[2 * j + 1] = r[j] * s[j];
+  }
+}
+
+// philox::for_each_normal, with the whole runs of kLanes blocks done lane-parallel.
+template <typename T, typename F>
+void for_each_normal_fast(uint64_t seed, uint64_t stream, int64_t i0, int64_t i1, F&& f) {
+  constexpr int per = philox::PerBlock<T>::value;
+  const int64_t b0 = (i0 + per - 1) / per, b1 = i1 / per;  // the blocks wholly inside [i0, i1)
+  if (b1 - b0 < kLanes) return philox::for_each_normal<T>(seed, stream, i0, i1, f);
+  philox::for_each_normal<T>(seed, stream, i0, b0 * per, f);
+  T buf[kLanes * per];
+  int64_t b = b0;
+  for (; b + kLanes <= b1; b += kLanes) {
+    normals_lanes(seed, stream, static_cast<uint64_t>(b), buf);
+    for (int t = 0; t < kLanes * per; ++t) f(b * per + t, buf[t]);
+  }
+  philox::for_each_normal<T>(seed, stream, b * per, i1, f);
+}
+
 }  // namespace
 
 void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
@@ -40,7 +139,7 @@ void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_", [&] {
     auto* p = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
-      philox::for_each_normal<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] = z; });
+      for_each_normal_fast<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] = z; });
     });
   });
 }
@@ -60,7 +159,7 @@ at::Tensor perturbed_basis_cpu(const at::Tensor& U, double eps, int64_t seed, in
     auto* p = out.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
     at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
-      philox::for_each_normal<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] += e * z; });
+      for_each_normal_fast<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] += e * z; });
     });
   });
   if (!orthonormalize) return out;

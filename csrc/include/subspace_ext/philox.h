@@ -97,11 +97,9 @@ SE_HD float split_exp(float x, int& e) {
   b = (b & 0x007FFFFFu) | 0x3F800000u;  // mantissa in [1, 2)
   float m;
   memcpy(&m, &b, sizeof m);
-  if (m > 1.41421356f) {
-    m = mul(m, 0.5f);
-    e += 1;
-  }
-  return m;
+  const bool high = m > 1.41421356f;  // selects, not branches: the CPU loops vectorise
+  e += high ? 1 : 0;
+  return high ? mul(m, 0.5f) : m;
 }
 SE_HD double split_exp(double x, int& e) {
   uint64_t b;
@@ -110,11 +108,9 @@ SE_HD double split_exp(double x, int& e) {
   b = (b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
   double m;
   memcpy(&m, &b, sizeof m);
-  if (m > 1.4142135623730951) {
-    m = mul(m, 0.5);
-    e += 1;
-  }
-  return m;
+  const bool high = m > 1.4142135623730951;
+  e += high ? 1 : 0;
+  return high ? mul(m, 0.5) : m;
 }
 
 // Number of series terms: enough for full precision of each type on the reduced ranges below.
@@ -182,17 +178,17 @@ template <typename T> SE_HD void sincos_2pi(T u, T& c, T& s) {
   const int q = static_cast<int>(t);
   T f = sub(t, static_cast<T>(q));  // exact, in [0, 1)
   const bool swap = f > T(0.5);
-  if (swap) f = sub(T(1), f);  // exact
+  f = swap ? sub(T(1), f) : f;  // exact
   T sx, cx;
   sincos_small(mul(f, static_cast<T>(1.57079632679489661923)), sx, cx);
   const T cp = swap ? sx : cx;  // cos of the angle within the quadrant
   const T sp = swap ? cx : sx;
-  switch (q & 3) {
-    case 0: c = cp; s = sp; break;
-    case 1: c = -sp; s = cp; break;
-    case 2: c = -cp; s = -sp; break;
-    default: c = sp; s = -cp; break;
-  }
+  // quadrant q: (c, s) = (cp, sp), (-sp, cp), (-cp, -sp), (sp, -cp); as selects (exact negations)
+  const int qq = q & 3;
+  const T a = (qq & 1) ? sp : cp;
+  const T b = (qq & 1) ? cp : sp;
+  c = (qq == 1 || qq == 2) ? -a : a;
+  s = (qq >= 2) ? -b : b;
 }
 
 template <typename T> SE_HD void box_muller(T u1, T u2, T& z0, T& z1) {
