@@ -147,7 +147,7 @@ class SRLoRA:
             k = min(r, l.S.numel())
             root = (l.S[:k] / l.scaling).sqrt()
             # existing pairs are fused (B A is zero for a fresh LoRA, so this is exact either way)
-            idx.append(torch.arange(k))
+            idx.append(torch.arange(k, device=l.W.device))
             B_new.append((l.U[:, :k] * root).to(l.B.dtype))
             A_new.append((l.V[:, :k] * root).T.to(l.A.dtype))
         ops.reinit_pairs_([l.W for l in self.layers], [l.B.data for l in self.layers],
@@ -196,22 +196,24 @@ class SRLoRA:
             if n <= 0:
                 exhausted += int(l.S.numel() - l.next_dir <= 0)
                 continue
-            order = torch.argsort(s[eligible].float(), stable=True)[:n]
+            s_host = s.float().cpu()  # the choice is made on the host (small; a recomposition is rare)
+            order = torch.argsort(s_host[eligible], stable=True)[:n]
             pick = eligible[order].sort().values
-            dirs = torch.arange(l.next_dir, l.next_dir + n)
+            pick_dev = pick.to(l.W.device)
+            dirs = torch.arange(l.next_dir, l.next_dir + n, device=l.S.device)
             l.next_dir += n
             root = (l.S[dirs] / l.scaling).sqrt()
             W.append(l.W)
             Bs.append(l.B.data)
             As.append(l.A.data)
-            idx.append(pick)
+            idx.append(pick_dev)
             B_new.append((l.U[:, dirs] * root).to(l.B.dtype))
             A_new.append((l.V[:, dirs] * root).T.to(l.A.dtype))
             scal.append(l.scaling)
             names.append(l.name)
-            chosen_scores.append(s[pick].float())
+            chosen_scores.append(s_host[pick])
             l.protected_until[pick] = t + grace
-            self._reset_pairs(l, pick)
+            self._reset_pairs(l, pick_dev)
         if W:
             ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
         allc = torch.cat(chosen_scores) if chosen_scores else torch.zeros(1)
