@@ -542,3 +542,28 @@ def test_short_run_trains(task):
     first, last = sum(log.loss[:10]) / 10, sum(log.loss[-10:]) / 10
     assert all(math.isfinite(x) for x in log.loss)
     assert last < first, f"loss did not go down: first 10 {first:.3f}, last 10 {last:.3f}"
+
+
+from conftest import CUDA_SKIP_REASON, HAS_CUDA  # noqa: E402
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+def test_srlora_on_a_cuda_model_is_continuous(task):
+    model, tok = make_model(r=4)
+    model = model.cuda()
+    enc = {k: v.cuda() for k, v in probe(tok, task).items()}
+    opt = adamw(model)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5))
+    assert all(l.U.is_cuda for l in sr.layers)
+    batch = train.encode(tok, task.train[:BS])
+    x, y = {k: v.cuda() for k, v in batch[0].items()}, batch[1].cuda()
+    for step in range(1, 5):
+        loss = torch.nn.functional.cross_entropy(model(**x).logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        before = logits(model, enc)
+        ev = sr.step()
+        if step % 2 == 0:
+            assert ev is not None and ev.pairs == 2 * len(sr.layers)
+            torch.testing.assert_close(logits(model, enc), before, atol=1e-4, rtol=0)
