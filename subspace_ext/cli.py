@@ -28,6 +28,7 @@ examples:
   {PROG} eigen build ADAPTER_DIR1 ADAPTER_DIR2 ... -o subspace.safetensors --components 16
   {PROG} bench --quick                        # seconds: smoke test
   {PROG} bench --threads 8 --output bench.md  # the full table, also to a file
+  {PROG} bench --device cuda --large          # on a GPU (CUDA build), with a 7B-shaped rsvd_many set
 
 Run '{PROG} COMMAND --help' for the options of a command."""
 
