@@ -16,8 +16,10 @@
 
 #if defined(__CUDACC__)
 #define SE_HD __host__ __device__ __forceinline__
+#define SE_UNROLL _Pragma("unroll")
 #else
 #define SE_HD inline
+#define SE_UNROLL
 #endif
 
 namespace subspace_ext {
@@ -40,7 +42,7 @@ SE_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 
 // Philox4x32 with 10 rounds (Salmon et al., SC'11; the Random123 reference).
 SE_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
-#pragma unroll
+SE_UNROLL
   for (int round = 0; round < 10; ++round) {
     if (round > 0) {
       k0 += kW0;
@@ -208,7 +210,7 @@ template <> struct PerBlock<double> { static constexpr int value = 2; };
 
 SE_HD void normals_of_block(uint64_t seed, uint64_t stream, uint64_t block, float out[4]) {
   const U32x4 x = block_bits(seed, stream, block);
-#pragma unroll
+SE_UNROLL
   for (int pair = 0; pair < 2; ++pair) {
     const uint32_t a = x.v[2 * pair], b = x.v[2 * pair + 1];
     const float u1 = static_cast<float>((a >> 8) + 1u) * 5.9604644775390625e-8f;  // 2^-24
