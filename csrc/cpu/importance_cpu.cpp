@@ -94,11 +94,6 @@ void pack_rows(LayerUpdate& u) {
 
 // acc[j] += sum_t coef[t] * rows[t * n + j]: the hot loop, cloned for AVX-512 / AVX2 and picked at
 // load time (the build itself targets baseline x86-64). FMA contraction stays off (-ffp-contract).
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define SE_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SE_TARGET_CLONES
-#endif
 
 template <typename Acc>
 inline void add_rows_impl(Acc* acc, const Acc* rows, const Acc* coef, int64_t terms, int64_t n) {

@@ -26,11 +26,6 @@ void philox_uint32_cpu_(const at::Tensor& out, int64_t seed, int64_t stream) {
 // the lanes so that the compiler vectorises it (cloned for AVX-512 / AVX2, picked at load time).
 // Each lane does exactly philox::normals_of_block's arithmetic (IEEE ops, no contraction), so the
 // numbers are the same bits as the scalar path and the CUDA kernel.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define SE_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SE_TARGET_CLONES
-#endif
 
 constexpr int kLanes = 16;
 
@@ -123,13 +118,13 @@ void for_each_normal_fast(uint64_t seed, uint64_t stream, int64_t i0, int64_t i1
 
 }  // namespace
 
-void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
+void philox_normals_into(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
                    "philox_normal_: out must be float32 or float64, got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.is_contiguous(), "philox_normal_: out must be contiguous");
   if (out.is_cuda()) {
 #ifdef SUBSPACE_EXT_WITH_CUDA
-    return philox_normal_fill_cuda(out, seed, stream);
+    return philox_normals_into_cuda(out, seed, stream, eps, add);
 #else
     TORCH_CHECK_VALUE(false, "philox_normal_: a CUDA tensor, but this build has no CUDA kernels");
 #endif
@@ -138,30 +133,30 @@ void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
   const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_", [&] {
     auto* p = out.data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
     at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
-      for_each_normal_fast<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] = z; });
+      if (add)  // the noise is generated inside the loop and never stored
+        for_each_normal_fast<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] += e * z; });
+      else
+        for_each_normal_fast<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] = z; });
     });
   });
 }
 
+void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
+  philox_normals_into(out, seed, stream, 0.0, false);
+}
+
 namespace {
 
-// U + eps * N(seed, stream), N indexed by the row-major position in U's (..., m, k) shape.
-// The noise is generated inside the loop and never stored.
-at::Tensor perturbed_basis_cpu(const at::Tensor& U, double eps, int64_t seed, int64_t stream,
-                               bool orthonormalize) {
+// U + eps * N(seed, stream), N indexed by the row-major position in U's (..., m, k) shape; on
+// the CPU or a GPU (the noise by our Philox kernels, the orthonormalisation through ATen).
+at::Tensor perturbed_basis(const at::Tensor& U, double eps, int64_t seed, int64_t stream,
+                           bool orthonormalize) {
   check_float(U, "perturbed_basis", "U");
   TORCH_CHECK_VALUE(U.dim() >= 2, "perturbed_basis: U must have at least 2 dimensions");
   at::Tensor out = U.contiguous().clone();
-  const int64_t n = out.numel();
-  const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "perturbed_basis", [&] {
-    auto* p = out.data_ptr<scalar_t>();
-    const auto e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
-      for_each_normal_fast<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] += e * z; });
-    });
-  });
+  philox_normals_into(out, seed, stream, eps, /*add=*/true);
   if (!orthonormalize) return out;
   TORCH_CHECK_VALUE(U.size(-2) >= U.size(-1), "perturbed_basis: orthonormalize needs U with at least as many rows as columns, got ",
                     U.sizes());
@@ -175,7 +170,14 @@ at::Tensor perturbed_basis_cpu(const at::Tensor& U, double eps, int64_t seed, in
 TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("philox_uint32_", &philox_uint32_cpu_);
   m.impl("philox_normal_", &philox_normal_fill);
-  m.impl("perturbed_basis", &perturbed_basis_cpu);
+  m.impl("perturbed_basis", &perturbed_basis);
 }
+
+#ifdef SUBSPACE_EXT_WITH_CUDA
+// The same function on CUDA tensors; philox_normals_into launches the CUDA kernel there.
+TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
+  m.impl("perturbed_basis", &perturbed_basis);
+}
+#endif
 
 }  // namespace subspace_ext

@@ -59,8 +59,7 @@ Triple rsvd_cpu(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_
   const at::Tensor flat = A.reshape({-1, m, n});
   const int64_t batch = flat.size(0);
   std::vector<SVDResult> out(batch);
-  parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed, "rsvd: A"); },
-                 /*serial=*/A.is_cuda());
+  parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed, "rsvd: A"); });
   auto lead = A.sizes().slice(0, A.dim() - 2).vec();
   auto stack = [&](auto get, std::vector<int64_t> tail) {
     std::vector<at::Tensor> parts;
@@ -89,10 +88,9 @@ rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t 
     return mats[a].numel() > mats[b].numel();
   });
   std::vector<SVDResult> out(count);
-  const bool on_cuda = count > 0 && mats[0].is_cuda();
   parallel_tasks(count, order, [&](int64_t i) {
     out[i] = rsvd_one(mats[i], k, p, niter, seed, "rsvd_many: mats[" + std::to_string(i) + "]");
-  }, /*serial=*/on_cuda);
+  });
   std::vector<at::Tensor> U, S, V;
   for (auto& r : out) {
     U.push_back(r.U);

@@ -57,24 +57,24 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
   RecomposeArgs out;
   out.idx.resize(L);
   for (size_t l = 0; l < L; ++l) {
-    struct { at::Tensor W, B, A, Bn, An; } u{W[l], B[l], A[l], {}, {}};
-    TORCH_CHECK_VALUE(u.W.dim() == 2 && u.B.dim() == 2 && u.A.dim() == 2 && u.B.size(0) == u.W.size(0) &&
-                    u.A.size(1) == u.W.size(1) && u.B.size(1) == u.A.size(0),
-                op, ": layer ", l, ": expected W (m x n), B (m x r), A (r x n), got ", u.W.sizes(),
-                ", ", u.B.sizes(), ", ", u.A.sizes());
-    for (const auto* t : {&u.W, &u.B}) {
+    const at::Tensor &Wl = W[l], &Bl = B[l], &Al = A[l];
+    TORCH_CHECK_VALUE(Wl.dim() == 2 && Bl.dim() == 2 && Al.dim() == 2 && Bl.size(0) == Wl.size(0) &&
+                    Al.size(1) == Wl.size(1) && Bl.size(1) == Al.size(0),
+                op, ": layer ", l, ": expected W (m x n), B (m x r), A (r x n), got ", Wl.sizes(),
+                ", ", Bl.sizes(), ", ", Al.sizes());
+    for (const auto* t : {&Wl, &Bl}) {
       const auto dt = t->scalar_type();
       TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
                        op, ": layer ", l, ": W, B and A must be floating point, got ", dt);
     }
-    TORCH_CHECK_TYPE(u.B.scalar_type() == u.A.scalar_type(), op, ": layer ", l,
+    TORCH_CHECK_TYPE(Bl.scalar_type() == Al.scalar_type(), op, ": layer ", l,
                 ": B and A must share a dtype");
     TORCH_CHECK_TYPE(idx[l].scalar_type() == at::kLong && idx[l].dim() == 1, op, ": layer ", l,
                      ": idx must be a 1-D int64 tensor");
-    TORCH_CHECK_VALUE(idx[l].device() == u.W.device(), op, ": layer ", l, ": idx must be on W's device");
+    TORCH_CHECK_VALUE(idx[l].device() == Wl.device(), op, ": layer ", l, ": idx must be on W's device");
     const at::Tensor ix = idx[l].to(at::kCPU).contiguous();
     const int64_t* p = ix.data_ptr<int64_t>();
-    const int64_t r = u.A.size(0);
+    const int64_t r = Al.size(0);
     std::vector<char> seen(r, 0);
     for (int64_t t = 0; t < ix.numel(); ++t) {
       TORCH_CHECK_VALUE(p[t] >= 0 && p[t] < r, op, ": layer ", l, ": idx entry ", p[t],
@@ -84,19 +84,18 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       out.idx[l].push_back(p[t]);
     }
     if (!Bn.empty()) {
-      u.Bn = Bn[l].scalar_type() == u.B.scalar_type() ? Bn[l] : Bn[l].to(u.B.scalar_type());
-      u.An = An[l].scalar_type() == u.B.scalar_type() ? An[l] : An[l].to(u.B.scalar_type());
+      const at::Tensor Bnl = Bn[l].to(Bl.scalar_type()), Anl = An[l].to(Bl.scalar_type());  // no copy if equal
       const int64_t q = static_cast<int64_t>(out.idx[l].size());
-      TORCH_CHECK_VALUE(u.Bn.device() == u.W.device() && u.An.device() == u.W.device(), op, ": layer ", l,
+      TORCH_CHECK_VALUE(Bnl.device() == Wl.device() && Anl.device() == Wl.device(), op, ": layer ", l,
                         ": B_new and A_new must be on W's device");
-      TORCH_CHECK_VALUE(u.Bn.dim() == 2 && u.Bn.size(0) == u.W.size(0) && u.Bn.size(1) == q &&
-                      u.An.dim() == 2 && u.An.size(0) == q && u.An.size(1) == u.W.size(1),
+      TORCH_CHECK_VALUE(Bnl.dim() == 2 && Bnl.size(0) == Wl.size(0) && Bnl.size(1) == q &&
+                      Anl.dim() == 2 && Anl.size(0) == q && Anl.size(1) == Wl.size(1),
                   op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
-                  u.Bn.sizes(), " and ", u.An.sizes());
-      TORCH_CHECK_VALUE(u.Bn.isfinite().all().item<bool>() && u.An.isfinite().all().item<bool>(), op,
+                  Bnl.sizes(), " and ", Anl.sizes());
+      TORCH_CHECK_VALUE(Bnl.isfinite().all().item<bool>() && Anl.isfinite().all().item<bool>(), op,
                         ": layer ", l, ": B_new or A_new contains NaN or Inf");
-      out.B_new.push_back(u.Bn);
-      out.A_new.push_back(u.An);
+      out.B_new.push_back(Bnl);
+      out.A_new.push_back(Anl);
     }
   }
   return out;
@@ -204,9 +203,9 @@ SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Te
 namespace subspace_ext {
 
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
-                    const std::function<void(int64_t)>& body, bool serial) {
+                    const std::function<void(int64_t)>& body) {
   if (n <= 0) return;
-  if (serial || n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  if (n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
     for (int64_t t = 0; t < n; ++t) body(order.empty() ? t : order[t]);
     return;
   }

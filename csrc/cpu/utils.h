@@ -6,6 +6,14 @@
 #include <utility>
 #include <vector>
 
+// Hot loops cloned for AVX-512 / AVX2 and picked at load time (the build targets baseline x86-64).
+// FMA contraction stays off (-ffp-contract=off), so every clone computes the same bits.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SE_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SE_TARGET_CLONES
+#endif
+
 namespace subspace_ext {
 
 // TORCH_CHECK that t is a float32/float64 tensor (names op and argument in the message).
@@ -66,13 +74,17 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
 
 // Run body(i) for i in [0, n) over the OpenMP threads, largest-cost-first when `order` is given,
 // dynamically scheduled; the first exception thrown by any body is rethrown on the caller.
-// `serial`: run in order on the calling thread (CUDA work: keeps the caller's current stream).
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
-                    const std::function<void(int64_t)>& body, bool serial = false);
+                    const std::function<void(int64_t)>& body);
+
+// out = N (add = false) or out += eps * N (add = true), N the Philox normals of (seed, stream) by
+// row-major position; out contiguous float32/float64 on the CPU or (CUDA build) a GPU.
+// Defined in philox_cpu.cpp; philox_normal_fill is the add = false case.
+void philox_normals_into(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add);
 
 #ifdef SUBSPACE_EXT_WITH_CUDA
-// philox_normal_fill for a CUDA tensor (csrc/cuda/cuda_ops.cpp).
-void philox_normal_fill_cuda(const at::Tensor& out, int64_t seed, int64_t stream);
+// philox_normals_into for a CUDA tensor (csrc/cuda/cuda_ops.cpp).
+void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add);
 #endif
 
 }  // namespace subspace_ext

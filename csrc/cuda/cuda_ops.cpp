@@ -4,7 +4,7 @@
 //
 // Host syncs: fuse_pairs_ / reinit_pairs_ copy `idx` to the host to validate it (range, repeats)
 // and check B_new / A_new for NaN/Inf, as the CPU op does; perturbed_basis(orthonormalize=True)
-// factors each l x l Gram matrix on the host (csrc/cpu/utils.cpp). Nothing else synchronises here.
+// (csrc/cpu/philox_cpu.cpp) factors each l x l Gram matrix on the host (csrc/cpu/utils.cpp). Nothing else synchronises here.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -63,32 +63,15 @@ void philox_uint32_cuda_(const at::Tensor& out, int64_t seed, int64_t stream) {
 
 }  // namespace
 
-// The CUDA branch of philox_normal_fill (csrc/cpu/philox_cpu.cpp checks dtype and layout).
-void philox_normal_fill_cuda(const at::Tensor& out, int64_t seed, int64_t stream) {
+// The CUDA branch of philox_normals_into (csrc/cpu/philox_cpu.cpp checks dtype and layout).
+void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add) {
   const c10::cuda::CUDAGuard guard(out.device());
   cuda::philox_normal(out.data_ptr(), dtype_of(out.scalar_type()), out.numel(), static_cast<uint64_t>(seed),
-                      static_cast<uint64_t>(stream), 0.0, false, at::cuda::getCurrentCUDAStream());
+                      static_cast<uint64_t>(stream), eps, add, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 namespace {
-
-at::Tensor perturbed_basis_cuda(const at::Tensor& U, double eps, int64_t seed, int64_t stream,
-                                bool orthonormalize) {
-  check_float(U, "perturbed_basis", "U");
-  TORCH_CHECK_VALUE(U.dim() >= 2, "perturbed_basis: U must have at least 2 dimensions");
-  const c10::cuda::CUDAGuard guard(U.device());
-  at::Tensor out = U.contiguous().clone();
-  cuda::philox_normal(out.data_ptr(), dtype_of(out.scalar_type()), out.numel(), static_cast<uint64_t>(seed),
-                      static_cast<uint64_t>(stream), eps, true, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!orthonormalize) return out;
-  TORCH_CHECK_VALUE(U.size(-2) >= U.size(-1),
-                    "perturbed_basis: orthonormalize needs U with at least as many rows as columns, got ", U.sizes());
-  auto flat = out.reshape({-1, out.size(-2), out.size(-1)});  // as on the CPU: Cholesky-QR2 per matrix
-  for (int64_t b = 0; b < flat.size(0); ++b) flat[b].copy_(orthonormalize_columns(flat[b]).first);
-  return out;
-}
 
 // ---- importance ---------------------------------------------------------------------------------
 
@@ -201,7 +184,6 @@ void reinit_pairs_cuda_(at::TensorList W, at::TensorList B, at::TensorList A, at
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("philox_uint32_", &philox_uint32_cuda_);
   m.impl("philox_normal_", &philox_normal_fill);
-  m.impl("perturbed_basis", &perturbed_basis_cuda);
   m.impl("pair_importance_", &pair_importance_cuda_);
   m.impl("fuse_pairs_", &fuse_pairs_cuda_);
   m.impl("reinit_pairs_", &reinit_pairs_cuda_);
