@@ -55,18 +55,6 @@ def load_task(name: str, args) -> data.Task:
     return data.word_task(name, limit=args.limit)
 
 
-def adam(groups):
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-
-
-def head_params(model):
-    return [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-
-
-def count(params) -> int:
-    return sum(p.numel() for p in params)
-
-
 def source_adapter(name: str, args) -> str:
     """Folder of a LoRA adapter trained on ``name`` (trained once, then reused from the cache)."""
     key = dict(task=name, steps=args.source_steps, limit=args.limit if name != "sst2" else args.sst2_limit,
@@ -92,50 +80,43 @@ def source_adapter(name: str, args) -> str:
 def run_lora(task, seed, args):
     model, tok = train.load_classifier(seed=seed)
     model = train.lora_model(model, r=RANK, alpha=ALPHA, targets=TARGETS)
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    head = head_params(model)
-    assert count(lora) + count(head) == count(p for p in model.parameters() if p.requires_grad)
-    opt = adam([{"params": lora, "lr": args.lr_lora}, {"params": head, "lr": args.lr_head}])
+    lora, head = train.trainable(model, "lora_"), train.trainable(model, "classifier")
+    assert train.count(lora) + train.count(head) == train.count(train.trainable(model))
+    opt = train.adamw([{"params": lora, "lr": args.lr_lora}, {"params": head, "lr": args.lr_head}])
     lg = train.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, seed=seed, optimizer=opt)
-    return dict(acc=train.accuracy(model, tok, task.dev), adapter=count(lora), head=count(head),
+    return dict(acc=train.accuracy(model, tok, task.dev), adapter=train.count(lora), head=train.count(head),
                 seconds=lg.seconds, model=model)
 
 
 def run_eigen(task, sub, seed, init, args):
     model, tok = train.load_classifier(seed=seed)
     em = eigenlorax.apply(model, sub, RANK, scaling=args.scaling, init=init, trainable=("classifier",), seed=seed)
-    loadings = [p for n, p in model.named_parameters() if p.requires_grad and ".alpha_" in n]
-    head = head_params(model)
-    assert count(loadings) == em.coefficient_count()
-    assert count(loadings) + count(head) == em.trainable_parameters()
-    opt = adam([{"params": loadings, "lr": args.lr_eigen}, {"params": head, "lr": args.lr_head}])
+    loadings, head = train.trainable(model, ".alpha_"), train.trainable(model, "classifier")
+    assert train.count(loadings) == em.coefficient_count()
+    assert train.count(loadings) + train.count(head) == em.trainable_parameters()
+    opt = train.adamw([{"params": loadings, "lr": args.lr_eigen}, {"params": head, "lr": args.lr_head}])
     lg = train.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, seed=seed, optimizer=opt)
-    return dict(acc=train.accuracy(model, tok, task.dev), adapter=count(loadings), head=count(head),
+    return dict(acc=train.accuracy(model, tok, task.dev), adapter=train.count(loadings), head=train.count(head),
                 seconds=lg.seconds, em=em, model=model)
 
 
 def run_head(task, seed, args):
     model, tok = train.load_classifier(seed=seed)
-    for n, p in model.named_parameters():
-        p.requires_grad_("classifier" in n)
-    head = head_params(model)
-    opt = adam([{"params": head, "lr": args.lr_head}])
+    head = train.head_only(model)
+    opt = train.adamw([{"params": head, "lr": args.lr_head}])
     lg = train.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, seed=seed, optimizer=opt)
-    return dict(acc=train.accuracy(model, tok, task.dev), adapter=0, head=count(head), seconds=lg.seconds)
+    return dict(acc=train.accuracy(model, tok, task.dev), adapter=0, head=train.count(head), seconds=lg.seconds)
 
 
 def switch_times(em, lora_model, work):
-    """(EigenLoRAx load_coefficients from a file, peft LoRA swap from a file), median seconds of 50."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
+    """(EigenLoRAx load_coefficients from a file, peft LoRA swap from a file), median seconds of 50,
+    and the two files' sizes."""
     coef = os.path.join(work, "task.safetensors")
     em.save_coefficients(coef, extra={n: p for n, p in em.model.named_parameters() if "classifier" in n})
-    eigen_s = plots.median_seconds(lambda: em.load_coefficients(coef), n=50, warmup=3)
     ad = os.path.join(work, "lora_task")
     lora_model.save_pretrained(ad)
     weights = os.path.join(ad, "adapter_model.safetensors")
-    lora_s = plots.median_seconds(lambda: set_peft_model_state_dict(lora_model, load_file(weights)), n=50, warmup=3)
+    eigen_s, lora_s = eigenlorax.task_switch_seconds(em, coef, lora_model, weights)
     return eigen_s, lora_s, os.path.getsize(coef), os.path.getsize(weights)
 
 
@@ -233,8 +214,8 @@ def main(argv=None) -> int:
     lora_acc = statistics.mean(r["acc"] for r in res["lora"])
     lora_n = res["lora"][0]["adapter"]
     names = {"lora": f"LoRA r={RANK} (query, value) from scratch",
-             "eigen-lora": f"EigenLoRAx loadings, init 'lora' (α_B = 0)",
-             "eigen-uniform": f"EigenLoRAx loadings, init 'uniform' (authors')",
+             "eigen-lora": "EigenLoRAx loadings, init 'lora' (α_B = 0)",
+             "eigen-uniform": "EigenLoRAx loadings, init 'uniform' (authors')",
              "head": "head only (frozen base)"}
     lines = [
         f"# EigenLoRAx leave-one-out on MiniLM-L6: held-out task `{args.held_out}`",

@@ -301,7 +301,7 @@ def _rsvd_rows(cfg: Config) -> Iterator[Row]:
     if cfg.large_rsvd:
         g = torch.Generator(device=cfg.device).manual_seed(0)
         large = [torch.randn(m, n, generator=g, device=cfg.device) for _ in range(32) for m, n in LARGE_SHAPES]
-        yield from _rsvd_set_rows(cfg, large, f"7B-shaped, 32 x {{4096², 4096×11008, 11008×4096}}", (16, 64),
+        yield from _rsvd_set_rows(cfg, large, "7B-shaped, 32 x {4096², 4096×11008, 11008×4096}", (16, 64),
                                   with_full=False)
 
 

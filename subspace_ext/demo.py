@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -73,26 +73,10 @@ def quick_config() -> DemoConfig:
                       sources=["vader-polarity", "blob-polarity"])
 
 
-def _count(params) -> int:
-    return sum(p.numel() for p in params)
-
-
-def _head(model) -> List[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-
-
-def _adamw(groups) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-
-
 def _lora(cfg: DemoConfig):
     model, tok = train.load_classifier(seed=cfg.seed)
     model = train.lora_model(model, r=cfg.rank, alpha=cfg.alpha)
     return model, tok
-
-
-def _lora_params(model) -> int:
-    return _count(p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
 
 
 class _Stages:
@@ -149,8 +133,8 @@ def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:
                          eval_every=curve, progress=progress)
         model.save_pretrained(folder)
         adapters[name] = folder
-        lora[name] = dict(acc=train.accuracy(model, tok, task.dev), params=_lora_params(model),
-                          head=_count(_head(model)), seconds=lg.seconds,
+        lora[name] = dict(acc=train.accuracy(model, tok, task.dev), params=train.count(train.trainable(model, "lora_")),
+                          head=train.count(train.trainable(model, "classifier")), seconds=lg.seconds,
                           curve=[lg.dev_steps, lg.dev_acc], model=model)
         stages.done(f"LoRA {name}: dev acc {100 * lora[name]['acc']:.2f}% ({lg.seconds:.0f} s)")
     res["lora"] = {n: {k: v for k, v in r.items() if k != "model"} for n, r in lora.items()}
@@ -198,40 +182,35 @@ def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:
     task = tasks[cfg.held_out]
     model, tok = train.load_classifier(seed=cfg.seed)
     em = eigenlorax.apply(model, sub, cfg.rank, init="lora", trainable=("classifier",), seed=cfg.seed)
-    loadings = [p for n, p in model.named_parameters() if p.requires_grad and ".alpha_" in n]
-    opt = _adamw([{"params": loadings, "lr": cfg.eigen_lr}, {"params": _head(model), "lr": cfg.lr}])
+    opt = train.adamw([{"params": train.trainable(model, ".alpha_"), "lr": cfg.eigen_lr},
+                       {"params": train.trainable(model, "classifier"), "lr": cfg.lr}])
     lg = train.train(model, tok, task, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, optimizer=opt,
                      progress=progress)
     eigen_acc = train.accuracy(model, tok, task.dev)
     coef_path = os.path.join(out_dir, "eigenlorax", cfg.held_out + ".safetensors")
     em.save_coefficients(coef_path, extra={n: p for n, p in model.named_parameters() if "classifier" in n})
-    switch_ms = 1e3 * plots.median_seconds(lambda: em.load_coefficients(coef_path))
     stages.done(f"EigenLoRAx {cfg.held_out}: dev acc {100 * eigen_acc:.2f}% with {em.coefficient_count():,} "
                 f"loadings ({lg.seconds:.0f} s)")
     model, tok = train.load_classifier(seed=cfg.seed)
-    for n, p in model.named_parameters():
-        p.requires_grad_("classifier" in n)
-    opt = _adamw([{"params": _head(model), "lr": cfg.lr}])
+    opt = train.adamw([{"params": train.head_only(model), "lr": cfg.lr}])
     train.train(model, tok, task, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, optimizer=opt,
                 progress=progress)
     head_acc = train.accuracy(model, tok, task.dev)
     stages.done(f"head only {cfg.held_out}: dev acc {100 * head_acc:.2f}%")
-    lora_model = lora[cfg.held_out]["model"]
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    lora_file = os.path.join(adapters[cfg.held_out], "adapter_model.safetensors")
-    lora_switch_ms = 1e3 * plots.median_seconds(lambda: set_peft_model_state_dict(lora_model, load_file(lora_file)))
+    switch_s, lora_switch_s = eigenlorax.task_switch_seconds(
+        em, coef_path, lora[cfg.held_out]["model"], os.path.join(adapters[cfg.held_out], "adapter_model.safetensors"),
+        n=20, warmup=1)
     res["eigenlorax"] = {"held_out": cfg.held_out, "sources": list(cfg.sources), "components": cfg.components,
                          "build_s": build_s, "lora_acc": lora[cfg.held_out]["acc"],
                          "lora_params": lora[cfg.held_out]["params"], "eigen_acc": eigen_acc,
                          "eigen_params": em.coefficient_count(), "head_acc": head_acc,
-                         "head_params": lora[cfg.held_out]["head"], "switch_ms": switch_ms,
-                         "lora_switch_ms": lora_switch_ms}
+                         "head_params": lora[cfg.held_out]["head"], "switch_ms": 1e3 * switch_s,
+                         "lora_switch_ms": 1e3 * lora_switch_s}
 
     # 4. SRLoRA vs LoRA -----------------------------------------------------------------------
     task = tasks[cfg.srlora_task]
     model, tok = _lora(cfg)
-    opt = _adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}])
+    opt = train.adamw([{"params": train.trainable(model), "lr": cfg.lr}])
     every = max(1, cfg.steps // 10)
     sr = SRLoRA(model, opt, SRLoRAConfig(interval=every, warmup=every, fuse_fraction=0.25, total_steps=cfg.steps,
                                          seed=cfg.seed))

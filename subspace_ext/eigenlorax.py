@@ -13,9 +13,6 @@ r x n x K tensor. Trainable per layer: 2 K r (LoRA: (m + n) r).
 from __future__ import annotations
 
 import json
-import math
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -270,6 +267,21 @@ class EigenModel:
         scaling = next(iter(self.layers.values())).scaling
         return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
                           extra, config)
+
+
+def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora_weights_file: str, *,
+                        n: int = 50, warmup: int = 3) -> tuple:
+    """Median seconds of a task switch from files: (EigenLoRAx ``load_coefficients`` on the loaded
+    basis, peft's ``load_file`` + ``set_peft_model_state_dict`` of a LoRA adapter), for comparison."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .plots import median_seconds
+
+    eigen_s = median_seconds(lambda: em.load_coefficients(coefficients_file), n=n, warmup=warmup)
+    lora_s = median_seconds(lambda: set_peft_model_state_dict(lora_model, load_file(lora_weights_file)),
+                            n=n, warmup=warmup)
+    return eigen_s, lora_s
 
 
 def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, base_name: Optional[str],

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 

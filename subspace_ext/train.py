@@ -52,6 +52,29 @@ def lora_model(model, *, r: int = 8, alpha: int = 16, targets: Sequence[str] = (
         return get_peft_model(model, cfg)
 
 
+def trainable(model, name_part: str = "") -> List[torch.nn.Parameter]:
+    """The parameters that require grad and whose name contains ``name_part`` ("lora_", ".alpha_",
+    "classifier"; "" for all)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and name_part in n]
+
+
+def count(params) -> int:
+    """Number of elements in ``params``."""
+    return sum(p.numel() for p in params)
+
+
+def adamw(groups) -> torch.optim.Optimizer:
+    """AdamW without weight decay over ``[{"params": [...], "lr": ...}, ...]`` (empty groups dropped)."""
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
+def head_only(model) -> List[torch.nn.Parameter]:
+    """Freeze everything but the classification head; returns the head's parameters."""
+    for n, p in model.named_parameters():
+        p.requires_grad_("classifier" in n)
+    return trainable(model, "classifier")
+
+
 def encode(tok, examples: Sequence[Example], max_length: int = 64):
     texts = [t for t, _ in examples]
     enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")

@@ -1,6 +1,5 @@
 """Every bad argument raises TypeError / ValueError whose message names the argument, both through
 subspace_ext.ops and (for the kernels' own checks) through torch.ops.subspace_ext directly."""
-import math
 
 import pytest
 import torch

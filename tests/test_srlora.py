@@ -10,7 +10,6 @@ callback, config/usage errors and a short real training run. Whole file: well un
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -41,11 +40,11 @@ def make_model(r=4, seed=0, alpha=16):
 
 
 def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
+    return train.trainable(model)
 
 
 def adamw(model, lr=1e-3):
-    return torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.0)
+    return train.adamw([{"params": train.trainable(model), "lr": lr}])
 
 
 def probe(tok, task, n=16):
