@@ -6,6 +6,7 @@ the pytest-benchmark suite in ``bench/``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import statistics
@@ -392,8 +393,6 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
         raise ValueError("device 'cuda' needs a GPU and a CUDA build of subspace_ext "
                          f"(torch.cuda.is_available() = {torch.cuda.is_available()}, "
                          f"subspace_ext.cuda_enabled() = {ops.cuda_enabled()})")
-    import dataclasses
-
     cfg = dataclasses.replace(QUICK if quick else FULL, device=device, large_rsvd=large)
     lines: list[str] = []
 
