@@ -16,6 +16,9 @@ TORCH_LIBRARY(subspace_ext, m) {
   // The same randomized SVD as rsvd, batched over equal shapes with no host sync but one finite
   // check (Householder QR, batched small SVD): the CUDA path of rsvd / rsvd_many; on CPU for tests.
   m.def("_rsvd_batched(Tensor A, int rank, int oversample, int niter, int seed) -> (Tensor, Tensor, Tensor)");
+  // Batched SVD of small matrices (..., p, q) -> U (..., p, k), S (..., k), V (..., q, k): one-sided
+  // Jacobi, one thread block per matrix on CUDA, the same bits on CPU and CUDA (rsvd's l x l cores).
+  m.def("_small_svd(Tensor A) -> (Tensor U, Tensor S, Tensor V)");
   // project: coefficients on a basis without forming the update, and reconstruction.
   m.def("project(Tensor U, Tensor V, Tensor B, Tensor A, float scaling) -> Tensor");
   m.def("project_dense(Tensor U, Tensor V, Tensor D) -> Tensor");

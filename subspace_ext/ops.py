@@ -30,7 +30,7 @@ _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CUDA_OPS = frozenset({"philox_uint32_", "philox_normal_", "perturbed_basis", "pair_importance_",
                       "fuse_pairs_", "reinit_pairs_", "rsvd", "rsvd_many", "factored_svd", "project",
                       "project_dense", "reconstruct", "solar_basis", "solar_checksum", "solar_decode",
-                      "_rsvd_batched"})
+                      "_rsvd_batched", "_small_svd"})
 
 
 def cuda_enabled() -> bool:
@@ -187,6 +187,18 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
         rank = full
     _check_rank(rank, full, full)
     return _ops.factored_svd(B, A, rank)
+
+
+def small_svd(A: torch.Tensor):
+    """SVD of every small matrix of ``A`` (..., p, q): ``(U (..., p, k), S (..., k), V (..., q, k))``.
+
+    k = min(p, q), S descending, ``A = U diag(S) V^T``; rank-deficient inputs still get orthonormal
+    U and V. One-sided Jacobi in float64 (results in A's dtype), all matrices of the batch at once:
+    one thread block per matrix on CUDA (one launch), the same bits on CPU and CUDA. Meant for the
+    many small problems of randomized SVDs (rsvd's l x l cores); p, q <= 4096.
+    """
+    _tensor(A, "A", op="_small_svd")
+    return _ops._small_svd(A)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +437,10 @@ def _register_fakes():
     @reg(lib + "_rsvd_batched")
     def _(A, rank, oversample, niter, seed):
         return _svd_shapes(A, rank)
+
+    @reg(lib + "_small_svd")
+    def _(A):
+        return _svd_shapes(A, min(A.shape[-2], A.shape[-1]))
 
     @reg(lib + "rsvd_many")
     def _(mats, rank, oversample, niter, seed):

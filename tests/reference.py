@@ -299,3 +299,59 @@ def philox_normals_exact(words, dtype):
     r = torch.from_numpy(np.sqrt((torch.tensor(-2.0, dtype=dtype) * _det_log(u1, dtype)).numpy()))
     c, s = _sincos_2pi(u2, dtype)
     return torch.stack([r * c, r * s], dim=-1).reshape(-1)
+
+
+def small_svd_jacobi_emulation(A):
+    """Op-by-op emulation, in Python floats (IEEE double, one rounding per op, no FMA), of the
+    one-sided Jacobi SVD of csrc/include/subspace_ext/small_svd.h for one p x q matrix, p >= q.
+    The CPU and CUDA kernels must reproduce these bits exactly. Returns (U, S, V) as float64."""
+    p, q = A.shape
+    a = [[float(A[r, j]) for r in range(p)] for j in range(q)]  # columns
+    biggest = max((abs(x) for col in a for x in col), default=0.0)
+    e = max(math.frexp(biggest)[1], -1000) if biggest > 0 else 0
+    a = [[x * math.ldexp(1.0, -e) for x in col] for col in a]  # exact: a power of two
+    v = [[1.0 if r == j else 0.0 for r in range(q)] for j in range(q)]
+    eps = 2.0 ** -52
+
+    def dot(x, y):
+        s = 0.0
+        for xi, yi in zip(x, y):
+            s = s + xi * yi
+        return s
+
+    qe = q + (q & 1)
+    for _ in range(40):
+        rotated = False
+        for t in range(qe - 1):
+            for i in range(qe // 2):
+                x, y = (t, qe - 1) if i == 0 else ((t + i) % (qe - 1), (t - i + qe - 1) % (qe - 1))
+                ca, cb = min(x, y), max(x, y)
+                if cb >= q:
+                    continue
+                X, Y = a[ca], a[cb]
+                alpha, beta, gamma = dot(X, X), dot(Y, Y), dot(X, Y)
+                if gamma == 0.0 or abs(gamma) <= (p * eps) * (math.sqrt(alpha) * math.sqrt(beta)):
+                    continue
+                zeta = (beta - alpha) / (2.0 * gamma)
+                tt = 0.5 / zeta if abs(zeta) > 1e150 else \
+                    math.copysign(1.0, zeta) / (abs(zeta) + math.sqrt(1.0 + zeta * zeta))
+                c = 1.0 / math.sqrt(1.0 + tt * tt)
+                s = c * tt
+                for col in (a, v):
+                    P, Q = col[ca], col[cb]
+                    for r in range(len(P)):
+                        xr, yr = P[r], Q[r]
+                        P[r] = c * xr - s * yr
+                        Q[r] = s * xr + c * yr
+                rotated = True
+        if not rotated:
+            break
+    norms = [math.sqrt(dot(col, col)) for col in a]
+    order = sorted(range(q), key=lambda j: (-norms[j], j))
+    S = torch.tensor([norms[j] * math.ldexp(1.0, e) if norms[j] >= 2.2250738585072014e-308 else 0.0
+                      for j in order],
+                     dtype=torch.float64)
+    U = torch.tensor([[a[j][r] / norms[j] if norms[j] >= 2.2250738585072014e-308 else 0.0 for j in order]
+                      for r in range(p)], dtype=torch.float64)
+    V = torch.tensor([[v[j][r] for j in order] for r in range(q)], dtype=torch.float64)
+    return U, S, V

@@ -32,6 +32,8 @@ def _cases(device):
         "rsvd": (_o.rsvd, (r(12, 9), 3, 4, 1, 0)),
         "rsvd batched": (_o.rsvd, (r(2, 7, 10, dtype=torch.float64), 2, 2, 1, 5)),
         "_rsvd_batched": (_o._rsvd_batched, (r(3, 12, 9), 3, 4, 1, 0)),
+        "_small_svd": (_o._small_svd, (r(3, 9, 7),)),
+        "_small_svd wide f64": (_o._small_svd, (r(2, 4, 6, dtype=torch.float64),)),
         "rsvd_many": (_o.rsvd_many, ([r(12, 9), r(5, 8), r(6, 6)], 2, 3, 1, 0)),
         "factored_svd": (_o.factored_svd, (r(10, 4), r(4, 7), 3)),
         "factored_svd mixed": (_o.factored_svd, (r(10, 4), r(4, 7, dtype=torch.float64), 4)),

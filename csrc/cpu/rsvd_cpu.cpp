@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "subspace_ext/small_svd.h"
 #include "utils.h"
 
 namespace subspace_ext {
@@ -100,6 +101,28 @@ rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t 
   return {U, S, V};
 }
 
+// The _small_svd op: checked arguments, (..., p, q) batches, results in A's dtype.
+Triple small_svd_op(const at::Tensor& A) {
+  check_float(A, "_small_svd", "A");
+  TORCH_CHECK_VALUE(A.dim() >= 2, "_small_svd: A must have at least 2 dimensions, got ", A.dim());
+  TORCH_CHECK_VALUE(A.size(-1) <= 4096 && A.size(-2) <= 4096, "_small_svd: matrices of at most 4096 x 4096 (",
+                    "Jacobi is meant for small ones; use torch.linalg.svd), got ", A.sizes());
+  TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "_small_svd: A contains NaN or Inf");
+  const int64_t p = A.size(-2), q = A.size(-1), k = std::min(p, q);
+  auto lead = A.sizes().slice(0, A.dim() - 2).vec();
+  auto shape = [&](std::vector<int64_t> tail) {
+    auto s = lead;
+    s.insert(s.end(), tail.begin(), tail.end());
+    return s;
+  };
+  int64_t batch = 1;
+  for (int64_t d : lead) batch *= d;
+  const SVDResult r = small_svd_batched(A.reshape({batch, p, q}));
+  const auto dt = A.scalar_type();
+  return {r.U.to(dt).contiguous().reshape(shape({p, k})), r.S.to(dt).contiguous().reshape(shape({k})),
+          r.V.to(dt).contiguous().reshape(shape({q, k}))};
+}
+
 // Orthonormal basis of the columns of each Y[b] (Householder QR in float64, batched; sign-free:
 // the final factors get canonical signs).
 at::Tensor orth_batched(const at::Tensor& Y) {
@@ -122,10 +145,10 @@ Triple rsvd_batched(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, in
   at::Tensor Q = orth_batched(Y);
   for (int64_t it = 0; it < niter; ++it) Q = orth_batched(at::matmul(A, orth_batched(at::matmul(A.mT(), Q))));
   auto [Qb, Rb] = at::linalg_qr(at::matmul(A.mT(), Q).to(at::kDouble), "reduced");  // A ~ Q Rb^T Qb^T
-  auto [Uc, S, Vhc] = at::linalg_svd(Rb.mT(), /*full_matrices=*/false);
-  at::Tensor U = at::matmul(Q, Uc.narrow(-1, 0, k).to(dt));
-  at::Tensor V = at::matmul(Qb.to(dt), Vhc.narrow(-2, 0, k).mT().to(dt));
-  S = S.narrow(-1, 0, k).to(dt);
+  const SVDResult core = small_svd_batched(Rb.mT());  // all l x l cores in one launch
+  at::Tensor U = at::matmul(Q, core.U.narrow(-1, 0, k).to(dt));
+  at::Tensor V = at::matmul(Qb.to(dt), core.V.narrow(-1, 0, k).to(dt));
+  at::Tensor S = core.S.narrow(-1, 0, k).to(dt);
   canonicalize_signs_(U, V);
   return {U.contiguous(), S.contiguous(), V.contiguous()};
 }
@@ -136,6 +159,38 @@ Triple factored_svd_cpu(const at::Tensor& B, const at::Tensor& A, int64_t rank) 
 }
 
 }  // namespace
+
+SVDResult small_svd_batched(const at::Tensor& A) {
+  const int64_t b = A.size(0), p = A.size(1), q = A.size(2);
+  if (p < q) {  // A^T = V S U^T
+    const SVDResult t = small_svd_batched(A.mT());
+    return {t.V, t.S, t.U};
+  }
+  TORCH_CHECK_VALUE(b < (int64_t{1} << 31), "small SVD: at most 2^31 - 1 matrices in one batch");
+  const auto opt = A.options().dtype(at::kDouble);
+  // Column-major work copies: row j of a[b] is column j of A[b].
+  at::Tensor a = at::empty({b, q, p}, opt);
+  a.copy_(A.mT());
+  at::Tensor v = at::empty({b, q, q}, opt), norms = at::empty({b, q}, opt);
+  at::Tensor u = at::empty({b, q, p}, opt), s = at::empty({b, q}, opt), vout = at::empty({b, q, q}, opt);
+  if (b > 0 && q > 0) {
+#ifdef SUBSPACE_EXT_WITH_CUDA
+    if (a.is_cuda()) {
+      small_svd_into_cuda(a, v, norms, u, s, vout);
+      return {u.mT(), s, vout.mT()};
+    }
+#endif
+    TORCH_CHECK_VALUE(a.is_cpu(), "small SVD: unsupported device ", a.device());
+    double *pa = a.data_ptr<double>(), *pv = v.data_ptr<double>(), *pn = norms.data_ptr<double>();
+    double *pu = u.data_ptr<double>(), *ps = s.data_ptr<double>(), *pvo = vout.data_ptr<double>();
+    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        small_svd::svd_serial(pa + i * p * q, pv + i * q * q, pn + i * q, pu + i * p * q, ps + i * q,
+                              pvo + i * q * q, static_cast<int>(p), static_cast<int>(q));
+    });
+  }
+  return {u.mT(), s, vout.mT()};
+}
 
 // SVD of B A (B: m x r, A: r x n) without forming it: B = Qb Rb, A^T = Qa Ra,
 // B A = Qb (Rb Ra^T) Qa^T, then the SVD of the small core. rank < 0: min(m, n, r).
@@ -160,6 +215,7 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("rsvd_many", &rsvd_many_cpu);
   m.impl("factored_svd", &factored_svd_cpu);
   m.impl("_rsvd_batched", &rsvd_batched);
+  m.impl("_small_svd", &small_svd_op);
 }
 
 #ifdef SUBSPACE_EXT_WITH_CUDA
@@ -212,6 +268,7 @@ TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("rsvd_many", &rsvd_many_cuda);
   m.impl("factored_svd", &factored_svd_cpu);
   m.impl("_rsvd_batched", &rsvd_batched);
+  m.impl("_small_svd", &small_svd_op);
 }
 #endif
 

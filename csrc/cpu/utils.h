@@ -82,9 +82,19 @@ void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
 // Defined in philox_cpu.cpp; philox_normal_fill is the add = false case.
 void philox_normals_into(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add);
 
+// SVD of every matrix of A (b x p x q, any float dtype, any strides) on A's device by the batched
+// one-sided Jacobi kernel (csrc/include/subspace_ext/small_svd.h; the same bits on CPU and CUDA),
+// in float64: U (b x p x k), S (b x k, descending), V (b x q x k), k = min(p, q), A = U diag(S) V^T.
+// No argument checks and no host sync (NaN in, NaN out); defined in rsvd_cpu.cpp.
+SVDResult small_svd_batched(const at::Tensor& A);
+
 #ifdef SUBSPACE_EXT_WITH_CUDA
 // philox_normals_into for a CUDA tensor (csrc/cuda/cuda_ops.cpp).
 void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add);
+// The CUDA launch of small_svd_batched on its work tensors (float64, contiguous, column-major
+// matrices: a b x q x p, v b x q x q, norms b x q; results u b x q x p, s b x q, vout b x q x q).
+void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Tensor& norms,
+                         const at::Tensor& u, const at::Tensor& s, const at::Tensor& vout);
 #endif
 
 }  // namespace subspace_ext

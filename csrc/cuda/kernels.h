@@ -59,5 +59,11 @@ void recompose(const RecomposeLayer* layers, const int64_t* row_tiles, const int
                int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile, DType w,
                DType f, cudaStream_t s);
 
+// ---- batched small SVD (csrc/include/subspace_ext/small_svd.h): one block per matrix ----------
+// a: batch x (p x q) column-major inputs (overwritten), v: batch x q x q and norms: batch x q
+// scratch; u (batch x p x q), s (batch x q), vout (batch x q x q) column-major results; p >= q.
+void small_svd(double* a, double* v, double* norms, double* u, double* s, double* vout,
+               int64_t batch, int p, int q, cudaStream_t st);
+
 }  // namespace cuda
 }  // namespace subspace_ext
