@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from subspace_ext import bench
+from subspace_ext import bench, ops
 
 IMPLS = {"rsvd_many": bench.rsvd_ours, "svd_lowrank loop": bench.svd_lowrank_loop,
          "linalg.svd loop": bench.svd_truncated_loop}
@@ -15,3 +15,12 @@ def test_rsvd(benchmark, minilm, rank: int, impl: str) -> None:
     benchmark.group = f"rsvd: MiniLM-L6 {len(minilm)} weights, rank {rank}"
     factors = benchmark(IMPLS[impl], minilm, rank)
     benchmark.extra_info["frob_error_sum"] = bench.frob_error(minilm, factors)
+
+
+@pytest.mark.parametrize("impl", ["small_svd", "linalg.svd batched"])
+@pytest.mark.parametrize("batch,l", bench.SMALL_SVD_CASES)
+def test_small_svd(benchmark, batch: int, l: int, impl: str) -> None:
+    benchmark.group = f"small SVD: {batch} x ({l}x{l}) float64 (rsvd's cores)"
+    A = bench.small_svd_inputs(batch, l)
+    fn = ops.small_svd if impl == "small_svd" else bench.linalg_svd_batched
+    benchmark(fn, A)

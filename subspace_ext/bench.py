@@ -322,6 +322,30 @@ def _rsvd_set_rows(cfg: Config, mats, name: str, ranks, with_full: bool) -> Iter
         yield Row("rsvd_many", case, t_ours, "floor: its GEMMs with W only", median_ms(lambda: gemm_floor(mats, rank), cfg))
 
 
+# rsvd's l x l cores (l = rank + oversample) for a 96-weight set at rank 16 and 64
+SMALL_SVD_CASES = ((96, 24), (96, 72))
+
+
+def small_svd_inputs(batch: int, l: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, l, l, generator=g, dtype=torch.float64).to(device)
+
+
+def linalg_svd_batched(A: torch.Tensor):
+    return torch.linalg.svd(A, full_matrices=False)
+
+
+def _small_svd_rows(cfg: Config) -> Iterator[Row]:
+    for batch, l in SMALL_SVD_CASES[:1] if cfg.minilm_limit else SMALL_SVD_CASES:
+        A = small_svd_inputs(batch, l, cfg.device)
+        S_ref = torch.linalg.svdvals(A.cpu())
+        err = lambda S: rel_error([S.cpu()], [S_ref])  # noqa: E731
+        ours, t_ours = ops.small_svd(A), median_ms(lambda: ops.small_svd(A), cfg)
+        theirs, t_theirs = linalg_svd_batched(A), median_ms(lambda: linalg_svd_batched(A), cfg)
+        yield Row("small_svd", f"{batch} x ({l}×{l}) float64", t_ours, "torch.linalg.svd (batched)",
+                  t_theirs, err(ours[1]), err(theirs[1]))
+
+
 def _project_rows(cfg: Config) -> Iterator[Row]:
     for m, n in cfg.project_shapes:
         U, V, B, A = x = [t.to(cfg.device) for t in project_inputs(m, n)]
@@ -373,7 +397,7 @@ def _philox_rows(cfg: Config) -> Iterator[Row]:
                   t_ours, "floor: device copy of the same size", t_copy)
 
 
-SECTIONS = (_rsvd_rows, _project_rows, _importance_rows, _philox_rows)
+SECTIONS = (_rsvd_rows, _small_svd_rows, _project_rows, _importance_rows, _philox_rows)
 
 
 def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str], object] = print,
@@ -412,8 +436,8 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
             emit(f"- device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); timings synchronise")
         emit("- times: median of repeated time.perf_counter timings after a warm-up call; "
              "speed-up = baseline / ours")
-        emit("- error: rsvd_many = Σ over weights of ‖W − U S Vᵀ‖_F; other ops = relative error "
-             "against the same math in float64")
+        emit("- error: rsvd_many = Σ over weights of ‖W − U S Vᵀ‖_F; small_svd = relative error of S "
+             "against LAPACK's (CPU); other ops = relative error against the same math in float64")
         emit("")
         emit(_md_line(COLUMNS))
         emit(_md_line(["---"] * len(COLUMNS)))
