@@ -19,3 +19,14 @@ def test_project(benchmark, shape: tuple[int, int], impl: str) -> None:
     if isinstance(out, torch.Tensor):
         ref = bench.project_dense(*(t.double() for t in inputs))
         benchmark.extra_info["rel_error_vs_float64"] = bench.rel_error([out], [ref])
+
+
+@pytest.mark.parametrize("impl", ["project_perturbed (fused)", "perturbed_basis + project"])
+@pytest.mark.parametrize("shape", bench.FULL.project_shapes, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_project_perturbed(benchmark, shape: tuple[int, int], impl: str) -> None:
+    U, V, B, A = bench.project_inputs(*shape)
+    benchmark.group = f"project_perturbed: {shape[0]}x{shape[1]}, eps={bench.PERTURB_EPS}"
+    if impl.startswith("project_perturbed"):
+        benchmark(lambda: ops.project_perturbed(U, V, B, A, eps=bench.PERTURB_EPS, seed=0))
+    else:
+        benchmark(bench.project_unfused, U, V, B, A)

@@ -21,6 +21,10 @@ TORCH_LIBRARY(subspace_ext, m) {
   m.def("_small_svd(Tensor A) -> (Tensor U, Tensor S, Tensor V)");
   // project: coefficients on a basis without forming the update, and reconstruction.
   m.def("project(Tensor U, Tensor V, Tensor B, Tensor A, float scaling) -> Tensor");
+  // project on the perturbed bases perturbed_basis(U, eps, seed, stream_u) / (V, ..., stream_v)
+  // without storing the noise: generated per tile inside the product (one layer, 2-D inputs).
+  m.def("project_perturbed(Tensor U, Tensor V, Tensor B, Tensor A, float scaling, float eps, int seed,"
+        " int stream_u, int stream_v) -> Tensor");
   m.def("project_dense(Tensor U, Tensor V, Tensor D) -> Tensor");
   m.def("reconstruct(Tensor U, Tensor C, Tensor V) -> Tensor");
   // importance: AdaLoRA-style pair scores over all layers; in-place fusion / re-initialisation.

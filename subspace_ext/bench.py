@@ -94,6 +94,18 @@ def project_inputs(m: int, n: int, r: int = LORA_RANK, k: int = 32, seed: int = 
 # ---------------------------------------------------------------------------------------------
 # baselines: what one writes in plain PyTorch
 
+PERTURB_EPS = 0.1
+
+
+def project_unfused(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``project_perturbed``'s result the plain way: materialise both perturbed bases, then project
+    (in ``dtype``, e.g. float64 for a reference; the noise stays that of the inputs' dtype)."""
+    Ut, Vt = ops.perturbed_basis(U, PERTURB_EPS, 0, 0), ops.perturbed_basis(V, PERTURB_EPS, 0, 1)
+    dt = dtype or U.dtype
+    return ops.project(Ut.to(dt), Vt.to(dt), B.to(dt), A.to(dt))
+
+
 def rsvd_ours(mats: Sequence[torch.Tensor], rank: int) -> list[Factors]:
     """``ops.rsvd_many`` with the shared settings (oversample, niter)."""
     return ops.rsvd_many(mats, rank, oversample=OVERSAMPLE, niter=NITER)
@@ -356,6 +368,11 @@ def _project_rows(cfg: Config) -> Iterator[Row]:
         yield Row("project", case, t_ours, "U.T @ (s*B @ A) @ V", median_ms(lambda: project_dense(*x), cfg),
                   rel_error([ours], ref), rel_error([project_dense(*x)], ref))
         yield Row("project", case, t_ours, "floor: U.T@B and A@V only", median_ms(lambda: project_floor(*x), cfg))
+        fused = lambda: ops.project_perturbed(U, V, B, A, eps=PERTURB_EPS, seed=0)  # noqa: E731
+        yield Row("project_perturbed", f"{case}, eps={PERTURB_EPS}", median_ms(fused, cfg),
+                  "perturbed_basis ×2 + project", median_ms(lambda: project_unfused(U, V, B, A), cfg),
+                  *(rel_error([y], [project_unfused(U, V, B, A, torch.float64)])
+                    for y in (fused(), project_unfused(U, V, B, A))))
 
 
 def _importance_rows(cfg: Config) -> Iterator[Row]:

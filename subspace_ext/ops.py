@@ -12,6 +12,7 @@ positive (so the same matrix gives the same factors on every machine).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -30,7 +31,7 @@ _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CUDA_OPS = frozenset({"philox_uint32_", "philox_normal_", "perturbed_basis", "pair_importance_",
                       "fuse_pairs_", "reinit_pairs_", "rsvd", "rsvd_many", "factored_svd", "project",
                       "project_dense", "reconstruct", "solar_basis", "solar_checksum", "solar_decode",
-                      "_rsvd_batched", "_small_svd"})
+                      "_rsvd_batched", "_small_svd", "project_perturbed"})
 
 
 def cuda_enabled() -> bool:
@@ -220,6 +221,32 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
             f"project: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): U {tuple(U.shape)}, "
             f"B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
     return _ops.project(U, V, B, A, float(scaling))
+
+
+def project_perturbed(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                      scaling: float = 1.0, *, eps: float, seed: int, stream_u: int = 0,
+                      stream_v: int = 1) -> torch.Tensor:
+    """``project`` on the perturbed bases ``Ũ = perturbed_basis(U, eps, seed, stream_u)`` and
+    ``Ṽ = perturbed_basis(V, eps, seed, stream_v)`` (not re-orthonormalised), without forming them.
+
+    The noise is generated inside the product, one tile of rows at a time (a thread block's tile
+    on CUDA), so only U, V, the factors and the k1 x k2 result live in memory. One layer: U (m x k1),
+    V (n x k2), B (m x r), A (r x n). On CUDA, r <= 381 (float64) / 765 (float32).
+    """
+    named = [("U", U), ("V", V), ("B", B), ("A", A)]
+    for n, t in named:
+        _tensor(t, n, op="project_perturbed")
+        if t.dim() != 2:
+            raise ValueError(f"project_perturbed: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
+    _same_device(named)
+    if not (U.shape[0] == B.shape[0] and B.shape[1] == A.shape[0] and A.shape[1] == V.shape[0]):
+        raise ValueError(
+            f"project_perturbed: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): "
+            f"U {tuple(U.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return _ops.project_perturbed(U, V, B, A, float(scaling), float(eps), _seed(seed),
+                                  _seed(stream_u, "stream_u"), _seed(stream_v, "stream_v"))
 
 
 def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
@@ -452,6 +479,10 @@ def _register_fakes():
         dt = torch.promote_types(B.dtype, A.dtype)
         return (B.new_empty((B.shape[0], rank), dtype=dt), B.new_empty((rank,), dtype=dt),
                 A.new_empty((A.shape[1], rank), dtype=dt))
+
+    @reg(lib + "project_perturbed")
+    def _(U, V, B, A, scaling, eps, seed, stream_u, stream_v):
+        return U.new_empty((U.shape[-1], V.shape[-1]))
 
     @reg(lib + "project")
     def _(U, V, B, A, scaling):

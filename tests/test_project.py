@@ -134,6 +134,84 @@ def test_project_reconstruct_roundtrip(dtype, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# project_perturbed: project on perturbed_basis(U) / perturbed_basis(V) without storing the noise
+
+
+def _perturbed_ref(X, eps, seed, stream):
+    """X + eps * N(seed, stream) in float64 math (the noise from the pure-Python Philox)."""
+    bits = 32 if X.dtype == torch.float32 else 64
+    N = ref.philox_normals_ref(X.numel(), seed, stream, bits).reshape(X.shape)
+    return d(X) + eps * N
+
+
+PERTURBED_SHAPES = [(40, 30, 8, 5, 6), (1, 1, 1, 1, 1), (129, 3, 1, 5, 2), (3, 257, 3, 2, 257),
+                    (300, 257, 8, 17, 33), (257, 130, 4, 257, 130)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("m,n,r,k1,k2", PERTURBED_SHAPES, ids=str)
+def test_project_perturbed_matches_float64_reference(m, n, r, k1, k2, eps, dtype, device):
+    U, V = _orth(m, k1, dtype=dtype, device=device), _orth(n, k2, dtype=dtype, device=device)
+    B = torch.randn(m, r, dtype=dtype, device=device)
+    A = torch.randn(r, n, dtype=dtype, device=device)
+    C = ops.project_perturbed(U, V, B, A, 0.7, eps=eps, seed=11, stream_u=4, stream_v=5)
+    assert C.shape == (k1, k2) and C.dtype == dtype and C.device == U.device
+    Ut, Vt = _perturbed_ref(U, eps, 11, 4), _perturbed_ref(V, eps, 11, 5)
+    expected = 0.7 * Ut.T @ d(B) @ d(A) @ Vt
+    bound = 0.7 * Ut.abs().T @ d(B).abs() @ d(A).abs() @ Vt.abs()
+    _assert_rounding_close(C, expected, bound, dtype, depth=m + n + r + 40)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_perturbed_uses_perturbed_basis_noise(dtype, device):
+    m, n, r, k1, k2 = 200, 150, 6, 12, 9
+    U, V = _orth(m, k1, dtype=dtype, device=device), _orth(n, k2, dtype=dtype, device=device)
+    B, A = torch.randn(m, r, dtype=dtype, device=device), torch.randn(r, n, dtype=dtype, device=device)
+    C = ops.project_perturbed(U, V, B, A, eps=0.2, seed=3, stream_u=7, stream_v=2)
+    Ut, Vt = ops.perturbed_basis(U, 0.2, 3, 7), ops.perturbed_basis(V, 0.2, 3, 2)
+    expected = ops.project(Ut, Vt, B, A)
+    assert torch.allclose(C, expected, rtol=0, atol=50 * UNIT[dtype] * float(expected.abs().max()) * (m + n))
+    # and not the unperturbed (or the other stream's) coefficients
+    assert (C - ops.project(U, V, B, A)).abs().max() > 1e-3
+    other = ops.project_perturbed(U, V, B, A, eps=0.2, seed=3, stream_u=2, stream_v=7)
+    assert (C - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_perturbed_non_contiguous_and_thread_invariant(dtype):
+    m, n, r, k1, k2 = 300, 140, 5, 11, 7
+    U = torch.randn(k1, m, dtype=dtype).T  # transposed views
+    V = torch.randn(k2, n, dtype=dtype).T
+    B = torch.randn(r, m, dtype=dtype).T
+    A = torch.randn(n, r, dtype=dtype).T
+    torch.set_num_threads(1)
+    one = ops.project_perturbed(U, V, B, A, eps=0.1, seed=5)
+    torch.set_num_threads(2)
+    two = ops.project_perturbed(U, V, B, A, eps=0.1, seed=5)
+    assert torch.equal(one, two)
+    dense = ops.project_perturbed(U.contiguous(), V.contiguous(), B.contiguous(), A.contiguous(), eps=0.1, seed=5)
+    assert torch.equal(one, dense)
+
+
+def test_project_perturbed_errors():
+    U, V, B, A = torch.randn(10, 3), torch.randn(8, 2), torch.randn(10, 4), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="do not chain"):
+        ops.project_perturbed(U, V, B, A.T.contiguous(), eps=0.1, seed=0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            ops.project_perturbed(U, V, B, A, eps=bad, seed=0)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.project_perturbed(U[None], V, B, A, eps=0.1, seed=0)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.project_perturbed(U.double(), V, B, A, eps=0.1, seed=0)
+    nan_B = B.clone()
+    nan_B[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        ops.project_perturbed(U, V, nan_B, A, eps=0.1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # factored_svd
 
 

@@ -143,6 +143,13 @@ void philox_normals_into(const at::Tensor& out, int64_t seed, int64_t stream, do
   });
 }
 
+template <typename T>
+void philox_add_normals_range(T* buf, int64_t i0, int64_t i1, uint64_t seed, uint64_t stream, T eps) {
+  for_each_normal_fast<T>(seed, stream, i0, i1, [&](int64_t i, T z) { buf[i - i0] += eps * z; });
+}
+template void philox_add_normals_range<float>(float*, int64_t, int64_t, uint64_t, uint64_t, float);
+template void philox_add_normals_range<double>(double*, int64_t, int64_t, uint64_t, uint64_t, double);
+
 void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
   philox_normals_into(out, seed, stream, 0.0, false);
 }

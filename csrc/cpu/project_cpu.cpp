@@ -1,6 +1,12 @@
 // CPU kernels of the project family: coefficients of an update on a basis, and the way back.
 // The update is never formed as an m x n matrix when it is given by LoRA factors.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "utils.h"
 
@@ -66,9 +72,83 @@ at::Tensor reconstruct_cpu(const at::Tensor& U, const at::Tensor& C, const at::T
   return at::matmul(at::matmul(U, C), V.mT());
 }
 
+// (U + eps N)^T Y for U (m x k) and Y (m x r), any strides; N = the Philox normals of (seed,
+// stream) indexed by the row-major position in U (perturbed_basis's noise, same rounding). The
+// noise is generated per chunk of kPerturbRows rows and never stored beyond a chunk (a GPU thread
+// block's tile on CUDA). Each chunk's partial product accumulates row by row, the chunks are then
+// summed: the result does not depend on the thread count.
+at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, int64_t seed, int64_t stream) {
+  const int64_t m = U.size(0), k = U.size(1), r = Y.size(1);
+  const int64_t chunks = std::max<int64_t>((m + kPerturbRows - 1) / kPerturbRows, 1);
+  at::Tensor partial = at::zeros({chunks, k, r}, U.options());
+  if (m > 0 && k > 0 && r > 0) {
+#ifdef SUBSPACE_EXT_WITH_CUDA
+    if (U.is_cuda()) {
+      perturbed_tn_cuda(U, Y, eps, seed, stream, partial);
+      return partial.sum(0);
+    }
+#endif
+    AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "project_perturbed", [&] {
+      const auto Ua = U.accessor<scalar_t, 2>();
+      const auto Ya = Y.accessor<scalar_t, 2>();
+      scalar_t* P = partial.data_ptr<scalar_t>();
+      const auto e = static_cast<scalar_t>(eps);
+      const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<scalar_t> tile(kPerturbRows * k), y(r);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t r0 = c * kPerturbRows, r1 = std::min(m, r0 + kPerturbRows);
+          for (int64_t i = r0; i < r1; ++i)
+            for (int64_t j = 0; j < k; ++j) tile[(i - r0) * k + j] = Ua[i][j];
+          if (eps != 0.0) philox_add_normals_range<scalar_t>(tile.data(), r0 * k, r1 * k, s, st, e);
+          scalar_t* acc = P + c * k * r;
+          for (int64_t i = r0; i < r1; ++i) {
+            for (int64_t t = 0; t < r; ++t) y[t] = Ya[i][t];
+            const scalar_t* u = tile.data() + (i - r0) * k;
+            for (int64_t j = 0; j < k; ++j) {
+              const scalar_t uj = u[j];
+              scalar_t* a = acc + j * r;
+              for (int64_t t = 0; t < r; ++t) a[t] += uj * y[t];
+            }
+          }
+        }
+      });
+    });
+  }
+  return partial.sum(0);
+}
+
+// C = s * (U + eps N_u)^T (B A) (V + eps N_v): project on the bases perturbed_basis(U, eps, seed,
+// stream_u) and perturbed_basis(V, eps, seed, stream_v) without forming them (or B A).
+at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B,
+                                 const at::Tensor& A, double scaling, double eps, int64_t seed,
+                                 int64_t stream_u, int64_t stream_v) {
+  const char* op = "project_perturbed";
+  check_matrix(U, op, "U");
+  check_matrix(V, op, "V");
+  check_matrix(B, op, "B");
+  check_matrix(A, op, "A");
+  check_same_dtype({{"U", &U}, {"V", &V}, {"B", &B}, {"A", &A}}, op);
+  for (const auto* t : {&U, &V, &B, &A})
+    TORCH_CHECK_VALUE(t->dim() == 2, op, ": U, V, B and A must be matrices (one layer), got ", t->sizes());
+  for (const auto* t : {&V, &B, &A})
+    TORCH_CHECK_VALUE(t->device() == U.device(), op, ": all inputs must be on ", U.device());
+  TORCH_CHECK_VALUE(U.size(0) == B.size(0) && B.size(1) == A.size(0) && A.size(1) == V.size(0), op,
+                    ": shapes do not chain: U ", U.sizes(), ", B ", B.sizes(), ", A ", A.sizes(), ", V ",
+                    V.sizes(), " (need U m x k1, B m x r, A r x n, V n x k2)");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  const at::Tensor left = perturbed_tn(U, B, eps, seed, stream_u);       // k1 x r
+  const at::Tensor right = perturbed_tn(V, A.t(), eps, seed, stream_v);  // k2 x r
+  at::Tensor C = at::mm(left, right.t());
+  if (scaling != 1.0) C.mul_(scaling);
+  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), op, ": the result is not finite: an input contains NaN or Inf");
+  return C;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
+  m.impl("project_perturbed", &project_perturbed_cpu);
   m.impl("project", &project_cpu);
   m.impl("project_dense", &project_dense_cpu);
   m.impl("reconstruct", &reconstruct_cpu);
@@ -76,7 +156,9 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
 
 #ifdef SUBSPACE_EXT_WITH_CUDA
 // Three GEMMs: cuBLAS through ATen is the floor on CUDA, so the same composition is registered.
+// project_perturbed: the hand-written tile kernel for (U + eps N)^T Y (csrc/cuda/project_cuda.cu).
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
+  m.impl("project_perturbed", &project_perturbed_cpu);
   m.impl("project", &project_cpu);
   m.impl("project_dense", &project_dense_cpu);
   m.impl("reconstruct", &reconstruct_cpu);

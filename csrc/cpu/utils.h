@@ -82,6 +82,16 @@ void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
 // Defined in philox_cpu.cpp; philox_normal_fill is the add = false case.
 void philox_normals_into(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add);
 
+// buf[t] += eps * z_{i0 + t} for t in [0, i1 - i0), z the Philox normals of (seed, stream): the
+// arithmetic of philox_normals_into(add = true) on a slice of the index range (T float or double).
+// Defined in philox_cpu.cpp.
+template <typename T>
+void philox_add_normals_range(T* buf, int64_t i0, int64_t i1, uint64_t seed, uint64_t stream, T eps);
+
+// Rows per chunk of project_perturbed's (U + eps N)^T Y: one chunk's noise is all that exists at
+// a time (a CUDA block's tile); chunks are reduced in a fixed order.
+constexpr int64_t kPerturbRows = 128;
+
 // SVD of every matrix of A (b x p x q, any float dtype, any strides) on A's device by the batched
 // one-sided Jacobi kernel (csrc/include/subspace_ext/small_svd.h; the same bits on CPU and CUDA),
 // in float64: U (b x p x k), S (b x k, descending), V (b x q x k), k = min(p, q), A = U diag(S) V^T.
@@ -95,6 +105,11 @@ void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t strea
 // matrices: a b x q x p, v b x q x q, norms b x q; results u b x q x p, s b x q, vout b x q x q).
 void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Tensor& norms,
                          const at::Tensor& u, const at::Tensor& s, const at::Tensor& vout);
+// partial[c] = (U + eps N)^T Y over rows [c * kPerturbRows, ...) of U (m x k) and Y (m x r), any
+// strides, U's dtype (float32/float64); N = Philox normals of (seed, stream) at row-major
+// positions of U. partial: chunks x k x r, contiguous (csrc/cuda/cuda_ops.cpp).
+void perturbed_tn_cuda(const at::Tensor& U, const at::Tensor& Y, double eps, int64_t seed, int64_t stream,
+                       const at::Tensor& partial);
 #endif
 
 }  // namespace subspace_ext

@@ -80,6 +80,22 @@ void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void perturbed_tn_cuda(const at::Tensor& U, const at::Tensor& Y, double eps, int64_t seed, int64_t stream,
+                       const at::Tensor& partial) {
+  const size_t smem = cuda::perturbed_tn_smem_bytes(Y.size(1), U.element_size());
+  TORCH_CHECK_VALUE(smem <= 48 * 1024, "project_perturbed: on CUDA the rank r (B's columns) must be at most ",
+                    48 * 1024 / (16 * U.element_size()) - 3, " for ", U.scalar_type(), ", got ", Y.size(1));
+  TORCH_CHECK_VALUE((U.size(0) + kPerturbRows - 1) / kPerturbRows < (int64_t{1} << 31) &&
+                        (U.size(1) * Y.size(1) + 255) / 256 < 65536,
+                    "project_perturbed: U or the k x r product is too large for one launch");
+  const c10::cuda::CUDAGuard guard(U.device());
+  cuda::perturbed_tn(U.data_ptr(), U.stride(0), U.stride(1), U.size(0), U.size(1), Y.data_ptr(), Y.stride(0),
+                     Y.stride(1), Y.size(1), dtype_of(U.scalar_type()), eps, static_cast<uint64_t>(seed),
+                     static_cast<uint64_t>(stream), kPerturbRows, partial.data_ptr(),
+                     at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 namespace {
 
 // ---- importance ---------------------------------------------------------------------------------
