@@ -20,7 +20,7 @@ SUBSPACE_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} python setup.py -q build_ext --inpl
   || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
 python -c 'import subspace_ext as se; assert se.cuda_enabled(), "not a CUDA build"'
-python -m pytest tests/test_philox.py tests/test_importance.py tests/test_rsvd.py tests/test_project.py \
+python -m pytest tests/test_philox.py tests/test_importance.py tests/test_rsvd.py tests/test_small_svd.py tests/test_project.py \
   tests/test_opcheck.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -15
 python -m subspace_ext.cli bench --device cuda --large --output "$OUT/bench.md" > /dev/null
 python -m subspace_ext.cli bench --device cpu --threads "$(nproc)" --output "$OUT/bench_cpu.md" > /dev/null

@@ -241,7 +241,9 @@ def test_rsvd_scale_equivariance():
 
 # ---------------------------------------------------------------------------------------------
 # _rsvd_batched: the CUDA path of rsvd / rsvd_many (batched over equal shapes), checked on every
-# device present: the same algorithm as rsvd with Householder instead of Cholesky QR.
+# device present: the same algorithm as rsvd, with Gram-based orthonormalisation (the batched
+# small SVD) inside the power iteration, Householder QR for the bases leaving it, and the Jacobi
+# small SVD for the cores.
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("b,m,n,k", [(3, 40, 25, 5), (1, 17, 60, 1), (4, 33, 33, 33), (2, 257, 3, 2)])
@@ -259,6 +261,20 @@ def test_rsvd_batched_matches_rsvd(dtype, tol, b, m, n, k, device):
         assert float((Q.double().mT @ Q.double() - eye).abs().max()) < (1e-5 if dtype == torch.float32 else 1e-12)
     flat = U.abs().argmax(-2, keepdim=True)
     assert bool((U.gather(-2, flat) > 0).all())  # canonical signs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("niter", [0, 1, 3])
+def test_rsvd_batched_rank_deficient_and_zero_inputs(dtype, niter, device):
+    # numerically absent directions become zero columns inside the iteration: the factors that
+    # come out must still be orthonormal and reproduce A
+    low = torch.randn(2, 60, 3, dtype=dtype) @ torch.randn(2, 3, 40, dtype=dtype)
+    zero = torch.zeros(2, 60, 40, dtype=dtype)
+    for A in (low, zero, torch.cat([low[:1], zero[:1]])):
+        U, S, V = torch.ops.subspace_ext._rsvd_batched(A.to(device), 6, 8, niter, 3)
+        _check_factors(A.to(device), U, S, V, 6)
+        err = float((_dense(U, S, V) - A.double()).abs().max())
+        assert err <= 50 * EPS[dtype] * max(float(A.abs().max()), 1.0), err
 
 
 def test_rsvd_batched_rejects_nan(device):

@@ -129,9 +129,29 @@ at::Tensor orth_batched(const at::Tensor& Y) {
   return std::get<0>(at::linalg_qr(Y.to(at::kDouble), "reduced")).to(Y.scalar_type());
 }
 
+// Orthonormal columns spanning each Y[b] (b x p x l) from its Gram matrix, for the inside of the
+// power iteration: G = Y^T Y = W diag(lam) W^T (the batched small SVD), Q = Y W diag(lam^-1/2),
+// twice (the second pass restores orthonormality to rounding, as in Cholesky-QR2). Batched GEMMs
+// and one small-SVD launch per pass, no host sync and no cuSOLVER loop over the batch. Directions
+// with lam <= l * eps * lam_max (numerically absent from Y) become zero columns: harmless inside
+// the iteration, whose bases leaving the loop get Householder QR.
+at::Tensor orth_gram(const at::Tensor& Y) {
+  const double tol = static_cast<double>(Y.size(-1)) * 2.220446049250313e-16;
+  at::Tensor Q = Y;
+  for (int pass = 0; pass < 2; ++pass) {
+    const at::Tensor Yd = Q.to(at::kDouble);
+    const SVDResult g = small_svd_batched(at::matmul(Yd.mT(), Yd));
+    const at::Tensor keep = g.S > g.S.narrow(-1, 0, 1) * tol;
+    const at::Tensor scale = at::where(keep, g.S.clamp_min(1e-300).rsqrt(), at::zeros_like(g.S));
+    Q = at::matmul(Q, (g.U * scale.unsqueeze(-2)).to(Y.scalar_type()));
+  }
+  return Q;
+}
+
 // rsvd_one's algorithm for a batch of equal-shape matrices A (b x m x n): the same Philox test
-// matrix for every b, batched GEMMs, batched QR, one batched SVD of the l x l cores. Nothing
-// synchronises with the host but the NaN/Inf check of A @ Omega.
+// matrix for every b, batched GEMMs, Gram-based orthonormalisation inside the power iteration and
+// batched Householder QR for the two bases that leave it, one batched SVD of the l x l cores.
+// Nothing synchronises with the host but the NaN/Inf check of A @ Omega.
 Triple rsvd_batched(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
   check_rsvd_args(A, k, p, niter, "_rsvd_batched");
   TORCH_CHECK_VALUE(A.dim() == 3, "_rsvd_batched: A must be b x m x n, got ", A.sizes());
@@ -142,8 +162,11 @@ Triple rsvd_batched(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, in
   const at::Tensor Y = at::matmul(A, omega);
   TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),  // the one host sync
                     "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
-  at::Tensor Q = orth_batched(Y);
-  for (int64_t it = 0; it < niter; ++it) Q = orth_batched(at::matmul(A, orth_batched(at::matmul(A.mT(), Q))));
+  at::Tensor Q = niter > 0 ? orth_gram(Y) : orth_batched(Y);
+  for (int64_t it = 0; it < niter; ++it) {
+    const at::Tensor AZ = at::matmul(A, orth_gram(at::matmul(A.mT(), Q)));
+    Q = it + 1 < niter ? orth_gram(AZ) : orth_batched(AZ);
+  }
   auto [Qb, Rb] = at::linalg_qr(at::matmul(A.mT(), Q).to(at::kDouble), "reduced");  // A ~ Q Rb^T Qb^T
   const SVDResult core = small_svd_batched(Rb.mT());  // all l x l cores in one launch
   at::Tensor U = at::matmul(Q, core.U.narrow(-1, 0, k).to(dt));
