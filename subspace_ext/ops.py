@@ -205,6 +205,17 @@ def small_svd(A: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 # project
 
+def _check_project_args(U, V, B, A, op):
+    named = [("U", U), ("V", V), ("B", B), ("A", A)]
+    for n, t in named:
+        _tensor(t, n, op=op)
+    _same_device(named)
+    if not (U.shape[-2] == B.shape[-2] and B.shape[-1] == A.shape[-2] and A.shape[-1] == V.shape[-2]):
+        raise ValueError(
+            f"{op}: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): U {tuple(U.shape)}, "
+            f"B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
+
+
 def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
             scaling: float = 1.0) -> torch.Tensor:
     """Coefficients ``U^T (scaling * B @ A) V`` computed as ``scaling * (U^T B)(A V)``.
@@ -212,14 +223,7 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     U (..., m, k1), V (..., n, k2), B (..., m, r), A (..., r, n) -> C (..., k1, k2); the m x n
     update is never formed.
     """
-    named = [("U", U), ("V", V), ("B", B), ("A", A)]
-    for n, t in named:
-        _tensor(t, n, op="project")
-    _same_device(named)
-    if not (U.shape[-2] == B.shape[-2] and B.shape[-1] == A.shape[-2] and A.shape[-1] == V.shape[-2]):
-        raise ValueError(
-            f"project: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): U {tuple(U.shape)}, "
-            f"B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
+    _check_project_args(U, V, B, A, "project")
     return _ops.project(U, V, B, A, float(scaling))
 
 
@@ -233,16 +237,11 @@ def project_perturbed(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torc
     on CUDA), so only U, V, the factors and the k1 x k2 result live in memory. One layer: U (m x k1),
     V (n x k2), B (m x r), A (r x n). On CUDA, r <= 381 (float64) / 765 (float32).
     """
-    named = [("U", U), ("V", V), ("B", B), ("A", A)]
-    for n, t in named:
+    for n, t in [("U", U), ("V", V), ("B", B), ("A", A)]:
         _tensor(t, n, op="project_perturbed")
         if t.dim() != 2:
             raise ValueError(f"project_perturbed: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
-    _same_device(named)
-    if not (U.shape[0] == B.shape[0] and B.shape[1] == A.shape[0] and A.shape[1] == V.shape[0]):
-        raise ValueError(
-            f"project_perturbed: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): "
-            f"U {tuple(U.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
+    _check_project_args(U, V, B, A, "project_perturbed")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return _ops.project_perturbed(U, V, B, A, float(scaling), float(eps), _seed(seed),

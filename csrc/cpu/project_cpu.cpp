@@ -27,16 +27,22 @@ void check_same_dtype(std::initializer_list<std::pair<const char*, const at::Ten
                      t->scalar_type(), ", ", args.begin()->first, " is ", dt);
 }
 
+// Checks of project / project_perturbed: float matrices of one dtype whose shapes chain.
+void check_project_args(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
+                        const char* op) {
+  check_matrix(U, op, "U");
+  check_matrix(V, op, "V");
+  check_matrix(B, op, "B");
+  check_matrix(A, op, "A");
+  check_same_dtype({{"U", &U}, {"V", &V}, {"B", &B}, {"A", &A}}, op);
+  TORCH_CHECK_VALUE(U.size(-2) == B.size(-2) && B.size(-1) == A.size(-2) && A.size(-1) == V.size(-2),
+              op, ": shapes do not chain: U ", U.sizes(), ", B ", B.sizes(), ", A ", A.sizes(),
+              ", V ", V.sizes(), " (need U m x k1, B m x r, A r x n, V n x k2)");
+}
+
 at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B,
                        const at::Tensor& A, double scaling) {
-  check_matrix(U, "project", "U");
-  check_matrix(V, "project", "V");
-  check_matrix(B, "project", "B");
-  check_matrix(A, "project", "A");
-  check_same_dtype({{"U", &U}, {"V", &V}, {"B", &B}, {"A", &A}}, "project");
-  TORCH_CHECK_VALUE(U.size(-2) == B.size(-2) && B.size(-1) == A.size(-2) && A.size(-1) == V.size(-2),
-              "project: shapes do not chain: U ", U.sizes(), ", B ", B.sizes(), ", A ", A.sizes(),
-              ", V ", V.sizes(), " (need U m x k1, B m x r, A r x n, V n x k2)");
+  check_project_args(U, V, B, A, "project");
   at::Tensor left = at::matmul(U.mT(), B);   // k1 x r
   at::Tensor right = at::matmul(A, V);       // r x k2
   at::Tensor C = at::matmul(left, right);
@@ -81,12 +87,11 @@ at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, in
   const int64_t m = U.size(0), k = U.size(1), r = Y.size(1);
   const int64_t chunks = std::max<int64_t>((m + kPerturbRows - 1) / kPerturbRows, 1);
   at::Tensor partial = at::zeros({chunks, k, r}, U.options());
-  if (m > 0 && k > 0 && r > 0) {
+  if (m == 0 || k == 0 || r == 0) return partial.sum(0);
 #ifdef SUBSPACE_EXT_WITH_CUDA
-    if (U.is_cuda()) {
-      perturbed_tn_cuda(U, Y, eps, seed, stream, partial);
-      return partial.sum(0);
-    }
+  if (U.is_cuda())
+    perturbed_tn_cuda(U, Y, eps, seed, stream, partial);
+  else
 #endif
     AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "project_perturbed", [&] {
       const auto Ua = U.accessor<scalar_t, 2>();
@@ -114,7 +119,6 @@ at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, in
         }
       });
     });
-  }
   return partial.sum(0);
 }
 
@@ -124,18 +128,11 @@ at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const
                                  const at::Tensor& A, double scaling, double eps, int64_t seed,
                                  int64_t stream_u, int64_t stream_v) {
   const char* op = "project_perturbed";
-  check_matrix(U, op, "U");
-  check_matrix(V, op, "V");
-  check_matrix(B, op, "B");
-  check_matrix(A, op, "A");
-  check_same_dtype({{"U", &U}, {"V", &V}, {"B", &B}, {"A", &A}}, op);
+  check_project_args(U, V, B, A, op);
   for (const auto* t : {&U, &V, &B, &A})
     TORCH_CHECK_VALUE(t->dim() == 2, op, ": U, V, B and A must be matrices (one layer), got ", t->sizes());
   for (const auto* t : {&V, &B, &A})
     TORCH_CHECK_VALUE(t->device() == U.device(), op, ": all inputs must be on ", U.device());
-  TORCH_CHECK_VALUE(U.size(0) == B.size(0) && B.size(1) == A.size(0) && A.size(1) == V.size(0), op,
-                    ": shapes do not chain: U ", U.sizes(), ", B ", B.sizes(), ", A ", A.sizes(), ", V ",
-                    V.sizes(), " (need U m x k1, B m x r, A r x n, V n x k2)");
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
   const at::Tensor left = perturbed_tn(U, B, eps, seed, stream_u);       // k1 x r
   const at::Tensor right = perturbed_tn(V, A.t(), eps, seed, stream_v);  // k2 x r

@@ -1,9 +1,11 @@
 // CPU kernels of the rsvd family: randomized truncated SVD (single, batched, many shapes) and the
 // SVD of a product given by its factors.
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <map>
 #include <numeric>
 #include <string>
@@ -17,6 +19,13 @@ namespace subspace_ext {
 namespace {
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The shape of a per-matrix result of A (..., m, n): A's leading dimensions, then `tail`.
+std::vector<int64_t> batch_shape(const at::Tensor& A, std::initializer_list<int64_t> tail) {
+  auto s = A.sizes().slice(0, A.dim() - 2).vec();
+  s.insert(s.end(), tail);
+  return s;
+}
 
 // Halko-Martinsson-Tropp randomized SVD of one matrix A (m x n): Gaussian test matrix from
 // Philox (seed, stream 0), l = min(k + p, m, n) columns, `niter` power iterations with
@@ -61,13 +70,11 @@ Triple rsvd_cpu(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_
   const int64_t batch = flat.size(0);
   std::vector<SVDResult> out(batch);
   parallel_tasks(batch, {}, [&](int64_t b) { out[b] = rsvd_one(flat[b], k, p, niter, seed, "rsvd: A"); });
-  auto lead = A.sizes().slice(0, A.dim() - 2).vec();
-  auto stack = [&](auto get, std::vector<int64_t> tail) {
+  auto stack = [&](auto get, std::initializer_list<int64_t> tail) {
     std::vector<at::Tensor> parts;
     parts.reserve(batch);
     for (auto& r : out) parts.push_back(get(r));
-    auto shape = lead;
-    shape.insert(shape.end(), tail.begin(), tail.end());
+    const auto shape = batch_shape(A, tail);
     return batch ? at::stack(parts).reshape(shape) : at::empty(shape, A.options());
   };
   return {stack([](SVDResult& r) { return r.U; }, {m, k}),
@@ -109,18 +116,12 @@ Triple small_svd_op(const at::Tensor& A) {
                     "Jacobi is meant for small ones; use torch.linalg.svd), got ", A.sizes());
   TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "_small_svd: A contains NaN or Inf");
   const int64_t p = A.size(-2), q = A.size(-1), k = std::min(p, q);
-  auto lead = A.sizes().slice(0, A.dim() - 2).vec();
-  auto shape = [&](std::vector<int64_t> tail) {
-    auto s = lead;
-    s.insert(s.end(), tail.begin(), tail.end());
-    return s;
-  };
-  int64_t batch = 1;
-  for (int64_t d : lead) batch *= d;
+  const int64_t batch = c10::multiply_integers(A.sizes().slice(0, A.dim() - 2));
   const SVDResult r = small_svd_batched(A.reshape({batch, p, q}));
   const auto dt = A.scalar_type();
-  return {r.U.to(dt).contiguous().reshape(shape({p, k})), r.S.to(dt).contiguous().reshape(shape({k})),
-          r.V.to(dt).contiguous().reshape(shape({q, k}))};
+  return {r.U.to(dt).contiguous().reshape(batch_shape(A, {p, k})),
+          r.S.to(dt).contiguous().reshape(batch_shape(A, {k})),
+          r.V.to(dt).contiguous().reshape(batch_shape(A, {q, k}))};
 }
 
 // Orthonormal basis of the columns of each Y[b] (Householder QR in float64, batched; sign-free:
@@ -198,19 +199,22 @@ SVDResult small_svd_batched(const at::Tensor& A) {
   at::Tensor u = at::empty({b, q, p}, opt), s = at::empty({b, q}, opt), vout = at::empty({b, q, q}, opt);
   if (b > 0 && q > 0) {
 #ifdef SUBSPACE_EXT_WITH_CUDA
-    if (a.is_cuda()) {
+    if (a.is_cuda())
       small_svd_into_cuda(a, v, norms, u, s, vout);
-      return {u.mT(), s, vout.mT()};
-    }
+    else
 #endif
-    TORCH_CHECK_VALUE(a.is_cpu(), "small SVD: unsupported device ", a.device());
-    double *pa = a.data_ptr<double>(), *pv = v.data_ptr<double>(), *pn = norms.data_ptr<double>();
-    double *pu = u.data_ptr<double>(), *ps = s.data_ptr<double>(), *pvo = vout.data_ptr<double>();
-    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i)
-        small_svd::svd_serial(pa + i * p * q, pv + i * q * q, pn + i * q, pu + i * p * q, ps + i * q,
-                              pvo + i * q * q, static_cast<int>(p), static_cast<int>(q));
-    });
+    {
+      TORCH_CHECK_VALUE(a.is_cpu(), "small SVD: unsupported device ", a.device());
+      double *pa = a.data_ptr<double>(), *pv = v.data_ptr<double>(), *pn = norms.data_ptr<double>();
+      double *pu = u.data_ptr<double>(), *ps = s.data_ptr<double>(), *pvo = vout.data_ptr<double>();
+      at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          int e = 0;
+          small_svd::svd(pa + i * p * q, pv + i * q * q, pn + i * q, pu + i * p * q, ps + i * q, pvo + i * q * q,
+                         static_cast<int>(p), static_cast<int>(q), 0, 1, e, [] {}, [](bool x) { return x; });
+        }
+      });
+    }
   }
   return {u.mT(), s, vout.mT()};
 }
@@ -248,14 +252,8 @@ namespace {
 Triple rsvd_cuda(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
   check_rsvd_args(A, k, p, niter, "rsvd");
   const int64_t m = A.size(-2), n = A.size(-1);
-  auto lead = A.sizes().slice(0, A.dim() - 2).vec();
   auto [U, S, V] = rsvd_batched(A.reshape({-1, m, n}), k, p, niter, seed);
-  auto shape = [&](std::vector<int64_t> tail) {
-    auto s = lead;
-    s.insert(s.end(), tail.begin(), tail.end());
-    return s;
-  };
-  return {U.reshape(shape({m, k})), S.reshape(shape({k})), V.reshape(shape({n, k}))};
+  return {U.reshape(batch_shape(A, {m, k})), S.reshape(batch_shape(A, {k})), V.reshape(batch_shape(A, {n, k}))};
 }
 
 // rsvd_many on CUDA: one batched rsvd per distinct shape (MiniLM: 3 groups for 37 weights).

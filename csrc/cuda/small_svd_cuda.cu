@@ -8,36 +8,19 @@ namespace subspace_ext {
 namespace cuda {
 namespace {
 
+struct BlockSync {
+  __device__ void operator()() const { __syncthreads(); }
+};
+struct BlockAny {
+  __device__ bool operator()(bool x) const { return __syncthreads_or(x) != 0; }
+};
+
 __global__ void small_svd_kernel(double* a, double* v, double* norms, double* u, double* s,
                                  double* vout, int p, int q) {
   const long long b = blockIdx.x;
-  double* A = a + b * p * q;
-  double* V = v + b * q * q;
-  double* N = norms + b * q;
-  const int lane = threadIdx.x, lanes = blockDim.x;
   __shared__ int e;
-  if (lane == 0) e = small_svd::scale_exponent(A, static_cast<long long>(p) * q);
-  __syncthreads();
-  small_svd::scale(A, static_cast<long long>(p) * q, ldexp(1.0, -e), lane, lanes);
-  for (int j = lane; j < q * q; j += lanes) V[j] = (j / q == j % q) ? 1.0 : 0.0;
-  __syncthreads();
-  const int qe = q + (q & 1);
-  for (int sweep = 0; sweep < small_svd::kMaxSweeps; ++sweep) {
-    int rotated = 0;
-    for (int t = 0; t < qe - 1; ++t) {
-      if (small_svd::step(A, V, p, q, t, lane, lanes)) rotated = 1;
-      __syncthreads();
-    }
-    if (!__syncthreads_or(rotated)) break;  // the same decision in every thread
-  }
-  for (int j = lane; j < q; j += lanes)
-    N[j] = sqrt(small_svd::dot(A + static_cast<long long>(j) * p, A + static_cast<long long>(j) * p, p));
-  __syncthreads();
-  double* U = u + b * p * q;
-  double* S = s + b * q;
-  for (int j = lane; j < q; j += lanes) small_svd::emit(A, V, N, U, S, vout + b * q * q, p, q, j, e);
-  __syncthreads();
-  if (lane == 0) small_svd::complete(U, S, p, q);
+  small_svd::svd(a + b * p * q, v + b * q * q, norms + b * q, u + b * p * q, s + b * q, vout + b * q * q,
+                 p, q, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), e, BlockSync{}, BlockAny{});
 }
 
 }  // namespace

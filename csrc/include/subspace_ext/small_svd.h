@@ -152,22 +152,38 @@ SE_SVD_HD void complete(double* u, const double* s, int p, int q) {
   }
 }
 
-// The whole SVD of one matrix by one thread (the CPU kernel). a (p x q, column-major) is
-// overwritten; v (q x q) and norms (q) are scratch; u (p x q), s (q), vout (q x q) the result.
-inline void svd_serial(double* a, double* v, double* norms, double* u, double* s, double* vout,
-                       int p, int q) {
-  const int e = scale_exponent(a, static_cast<long long>(p) * q);
-  scale(a, static_cast<long long>(p) * q, ldexp(1.0, -e), 0, 1);
-  for (int j = 0; j < q * q; ++j) v[j] = (j / q == j % q) ? 1.0 : 0.0;
+// The whole SVD of one matrix by `lanes` cooperating threads, this one being `lane`: the CPU kernel
+// calls it with one lane and no-op barriers, the CUDA kernel with a thread block, `sync` =
+// __syncthreads and `any` = __syncthreads_or, so both run this one sequence of steps. a (p x q,
+// column-major) is overwritten; v (q x q) and norms (q) are scratch; u (p x q), s (q), vout (q x q)
+// the result; `e` must be one variable shared by the lanes (shared memory on CUDA).
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename Sync, typename Any>
+SE_SVD_HD void svd(double* a, double* v, double* norms, double* u, double* s, double* vout, int p,
+                   int q, int lane, int lanes, int& e, Sync sync, Any any) {
+  const long long n = static_cast<long long>(p) * q;
+  if (lane == 0) e = scale_exponent(a, n);
+  sync();
+  scale(a, n, ldexp(1.0, -e), lane, lanes);
+  for (int j = lane; j < q * q; j += lanes) v[j] = (j / q == j % q) ? 1.0 : 0.0;
+  sync();
   const int qe = q + (q & 1);
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
     bool rotated = false;
-    for (int t = 0; t < qe - 1; ++t) rotated = step(a, v, p, q, t, 0, 1) || rotated;
-    if (!rotated) break;
+    for (int t = 0; t < qe - 1; ++t) {
+      if (step(a, v, p, q, t, lane, lanes)) rotated = true;
+      sync();
+    }
+    if (!any(rotated)) break;  // the same decision in every lane
   }
-  for (int j = 0; j < q; ++j) norms[j] = sqrt(dot(a + static_cast<long long>(j) * p, a + static_cast<long long>(j) * p, p));
-  for (int j = 0; j < q; ++j) emit(a, v, norms, u, s, vout, p, q, j, e);
-  complete(u, s, p, q);
+  for (int j = lane; j < q; j += lanes)
+    norms[j] = sqrt(dot(a + static_cast<long long>(j) * p, a + static_cast<long long>(j) * p, p));
+  sync();
+  for (int j = lane; j < q; j += lanes) emit(a, v, norms, u, s, vout, p, q, j, e);
+  sync();
+  if (lane == 0) complete(u, s, p, q);
 }
 
 }  // namespace small_svd
