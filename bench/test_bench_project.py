@@ -30,3 +30,17 @@ def test_project_perturbed(benchmark, shape: tuple[int, int], impl: str) -> None
         benchmark(lambda: ops.project_perturbed(U, V, B, A, eps=bench.PERTURB_EPS, seed=0))
     else:
         benchmark(bench.project_unfused, U, V, B, A)
+
+
+@pytest.mark.parametrize("impl", ["reconstruct_perturbed (fused)", "perturbed_basis + reconstruct", "reconstruct (floor)"])
+@pytest.mark.parametrize("shape", bench.FULL.project_shapes, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_reconstruct_perturbed(benchmark, shape: tuple[int, int], impl: str) -> None:
+    U, V, _, _ = bench.project_inputs(*shape)
+    C = torch.randn(U.shape[1], V.shape[1])
+    benchmark.group = f"reconstruct_perturbed: {shape[0]}x{shape[1]}, eps={bench.PERTURB_EPS}"
+    if impl.startswith("reconstruct_perturbed"):
+        benchmark(lambda: ops.reconstruct_perturbed(U, C, V, eps=bench.PERTURB_EPS, seed=0))
+    elif impl.startswith("perturbed_basis"):
+        benchmark(bench.reconstruct_unfused, U, C, V)
+    else:
+        benchmark(ops.reconstruct, U, C, V)

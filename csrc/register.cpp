@@ -27,6 +27,9 @@ TORCH_LIBRARY(subspace_ext, m) {
         " int stream_u, int stream_v) -> Tensor");
   m.def("project_dense(Tensor U, Tensor V, Tensor D) -> Tensor");
   m.def("reconstruct(Tensor U, Tensor C, Tensor V) -> Tensor");
+  // reconstruct on the same perturbed bases, the noise again generated per tile (one layer).
+  m.def("reconstruct_perturbed(Tensor U, Tensor C, Tensor V, float eps, int seed, int stream_u,"
+        " int stream_v) -> Tensor");
   // importance: AdaLoRA-style pair scores over all layers; in-place fusion / re-initialisation.
   // Scores are written into `scores` (one (r,) tensor per layer): a list return next to mutated
   // list arguments cannot be functionalised for torch.compile.

@@ -106,6 +106,15 @@ def project_unfused(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.
     return ops.project(Ut.to(dt), Vt.to(dt), B.to(dt), A.to(dt))
 
 
+def reconstruct_unfused(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor,
+                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``reconstruct_perturbed``'s result the plain way: materialise both perturbed bases, then
+    ``reconstruct`` (in ``dtype`` when given, as ``project_unfused``)."""
+    Ut, Vt = ops.perturbed_basis(U, PERTURB_EPS, 0, 0), ops.perturbed_basis(V, PERTURB_EPS, 0, 1)
+    dt = dtype or U.dtype
+    return ops.reconstruct(Ut.to(dt), C.to(dt), Vt.to(dt))
+
+
 def rsvd_ours(mats: Sequence[torch.Tensor], rank: int) -> list[Factors]:
     """``ops.rsvd_many`` with the shared settings (oversample, niter)."""
     return ops.rsvd_many(mats, rank, oversample=OVERSAMPLE, niter=NITER)
@@ -373,6 +382,15 @@ def _project_rows(cfg: Config) -> Iterator[Row]:
                   "perturbed_basis ×2 + project", median_ms(lambda: project_unfused(U, V, B, A), cfg),
                   *(rel_error([y], [project_unfused(U, V, B, A, torch.float64)])
                     for y in (fused(), project_unfused(U, V, B, A))))
+        C = torch.randn(U.shape[1], V.shape[1], generator=torch.Generator().manual_seed(1)).to(U)
+        back = lambda: ops.reconstruct_perturbed(U, C, V, eps=PERTURB_EPS, seed=0)  # noqa: E731
+        case = f"{m}×{n}, k={U.shape[1]}, eps={PERTURB_EPS}"
+        yield Row("reconstruct_perturbed", case, median_ms(back, cfg), "perturbed_basis ×2 + reconstruct",
+                  median_ms(lambda: reconstruct_unfused(U, C, V), cfg),
+                  *(rel_error([y], [reconstruct_unfused(U, C, V, torch.float64)])
+                    for y in (back(), reconstruct_unfused(U, C, V))))
+        yield Row("reconstruct_perturbed", case, median_ms(back, cfg), "floor: reconstruct (eps = 0)",
+                  median_ms(lambda: ops.reconstruct(U, C, V), cfg))
 
 
 def _importance_rows(cfg: Config) -> Iterator[Row]:

@@ -31,7 +31,7 @@ _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CUDA_OPS = frozenset({"philox_uint32_", "philox_normal_", "perturbed_basis", "pair_importance_",
                       "fuse_pairs_", "reinit_pairs_", "rsvd", "rsvd_many", "factored_svd", "project",
                       "project_dense", "reconstruct", "solar_basis", "solar_checksum", "solar_decode",
-                      "_rsvd_batched", "_small_svd", "project_perturbed"})
+                      "_rsvd_batched", "_small_svd", "project_perturbed", "reconstruct_perturbed"})
 
 
 def cuda_enabled() -> bool:
@@ -227,6 +227,11 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     return _ops.project(U, V, B, A, float(scaling))
 
 
+def _check_eps(eps):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
 def project_perturbed(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
                       scaling: float = 1.0, *, eps: float, seed: int, stream_u: int = 0,
                       stream_v: int = 1) -> torch.Tensor:
@@ -242,8 +247,7 @@ def project_perturbed(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torc
         if t.dim() != 2:
             raise ValueError(f"project_perturbed: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
     _check_project_args(U, V, B, A, "project_perturbed")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _check_eps(eps)
     return _ops.project_perturbed(U, V, B, A, float(scaling), float(eps), _seed(seed),
                                   _seed(stream_u, "stream_u"), _seed(stream_v, "stream_v"))
 
@@ -268,6 +272,29 @@ def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tens
     if not (U.shape[-1] == C.shape[-2] and C.shape[-1] == V.shape[-1]):
         raise ValueError(f"reconstruct: shapes do not chain: U {tuple(U.shape)}, C {tuple(C.shape)}, V {tuple(V.shape)}")
     return _ops.reconstruct(U, C, V)
+
+
+def reconstruct_perturbed(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor, *, eps: float, seed: int,
+                          stream_u: int = 0, stream_v: int = 1) -> torch.Tensor:
+    """``reconstruct`` on the perturbed bases ``Ũ = perturbed_basis(U, eps, seed, stream_u)`` and
+    ``Ṽ = perturbed_basis(V, eps, seed, stream_v)``: ``Ũ C Ṽ^T``, the way back of
+    ``project_perturbed`` (same defaults), without forming Ũ or Ṽ.
+
+    Two passes, ``T = Ũ C`` (m x k2) then ``T Ṽ^T``; the noise is generated one tile of rows at a
+    time (a thread block's shared-memory strip on CUDA). One layer: U (m x k1), C (k1 x k2),
+    V (n x k2) -> (m x n).
+    """
+    for n, t in [("U", U), ("C", C), ("V", V)]:
+        _tensor(t, n, op="reconstruct_perturbed")
+        if t.dim() != 2:
+            raise ValueError(f"reconstruct_perturbed: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
+    _same_device([("U", U), ("C", C), ("V", V)])
+    if not (U.shape[1] == C.shape[0] and C.shape[1] == V.shape[1]):
+        raise ValueError(f"reconstruct_perturbed: shapes do not chain (need U m x k1, C k1 x k2, V n x k2): "
+                         f"U {tuple(U.shape)}, C {tuple(C.shape)}, V {tuple(V.shape)}")
+    _check_eps(eps)
+    return _ops.reconstruct_perturbed(U, C, V, float(eps), _seed(seed), _seed(stream_u, "stream_u"),
+                                      _seed(stream_v, "stream_v"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,6 +521,10 @@ def _register_fakes():
     @reg(lib + "reconstruct")
     def _(U, C, V):
         return torch.matmul(torch.matmul(U, C), V.mT)
+
+    @reg(lib + "reconstruct_perturbed")
+    def _(U, C, V, eps, seed, stream_u, stream_v):
+        return U.new_empty((U.shape[0], V.shape[0]))
 
     @reg(lib + "pair_importance_")
     def _(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, scores, beta1, beta2):

@@ -137,11 +137,12 @@ def test_project_reconstruct_roundtrip(dtype, device):
 # project_perturbed: project on perturbed_basis(U) / perturbed_basis(V) without storing the noise
 
 
-def _perturbed_ref(X, eps, seed, stream):
-    """X + eps * N(seed, stream) in float64 math (the noise from the pure-Python Philox)."""
+def _perturbed_ref(X, eps, seed, stream, absolute=False):
+    """X + eps * N(seed, stream) in float64 math (the noise from the pure-Python Philox); with
+    ``absolute``, |X| + eps * |N| (the magnitude the rounding of X + eps * N scales with)."""
     bits = 32 if X.dtype == torch.float32 else 64
     N = ref.philox_normals_ref(X.numel(), seed, stream, bits).reshape(X.shape)
-    return d(X) + eps * N
+    return d(X).abs() + eps * N.abs() if absolute else d(X) + eps * N
 
 
 PERTURBED_SHAPES = [(40, 30, 8, 5, 6), (1, 1, 1, 1, 1), (129, 3, 1, 5, 2), (3, 257, 3, 2, 257),
@@ -209,6 +210,86 @@ def test_project_perturbed_errors():
     nan_B[3, 1] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         ops.project_perturbed(U, V, nan_B, A, eps=0.1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruct_perturbed: the way back, U~ C V~^T without forming U~ or V~
+
+# (m, n, k1, k2): a 1 x 1, chunk/strip edges (129 rows, 65 rows: two CUDA strips of 64), k = 1 with
+# many rows, full bases, and a basis row too long for 48 KiB of shared memory (CUDA opt-in path).
+RECON_SHAPES = [(40, 30, 5, 6), (1, 1, 1, 1), (129, 3, 5, 2), (65, 300, 1, 1), (3, 257, 2, 257),
+                (300, 257, 17, 33), (257, 130, 257, 130), (5, 3, 2, 6200)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("m,n,k1,k2", RECON_SHAPES, ids=str)
+def test_reconstruct_perturbed_matches_float64_reference(m, n, k1, k2, eps, dtype, device):
+    U, V = torch.randn(m, k1, dtype=dtype, device=device), torch.randn(n, k2, dtype=dtype, device=device)
+    C = torch.randn(k1, k2, dtype=dtype, device=device)
+    D = ops.reconstruct_perturbed(U, C, V, eps=eps, seed=11, stream_u=4, stream_v=5)
+    assert D.shape == (m, n) and D.dtype == dtype and D.device == U.device and D.is_contiguous()
+    Ut, Vt = _perturbed_ref(U, eps, 11, 4), _perturbed_ref(V, eps, 11, 5)
+    expected = Ut @ d(C) @ Vt.T
+    bound = _perturbed_ref(U, eps, 11, 4, True) @ d(C).abs() @ _perturbed_ref(V, eps, 11, 5, True).T
+    _assert_rounding_close(D, expected, bound, dtype, depth=k1 + k2 + 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reconstruct_perturbed_uses_perturbed_basis_noise(dtype, device):
+    m, n, k1, k2 = 200, 150, 12, 9
+    U, V = _orth(m, k1, dtype=dtype, device=device), _orth(n, k2, dtype=dtype, device=device)
+    C = torch.randn(k1, k2, dtype=dtype, device=device)
+    D = ops.reconstruct_perturbed(U, C, V, eps=0.2, seed=3, stream_u=7, stream_v=2)
+    Ut, Vt = ops.perturbed_basis(U, 0.2, 3, 7), ops.perturbed_basis(V, 0.2, 3, 2)
+    expected = ops.reconstruct(Ut, C, Vt)
+    assert torch.allclose(D, expected, rtol=0, atol=50 * UNIT[dtype] * float(expected.abs().max()) * (k1 + k2))
+    assert (D - ops.reconstruct(U, C, V)).abs().max() > 1e-3
+    other = ops.reconstruct_perturbed(U, C, V, eps=0.2, seed=3, stream_u=2, stream_v=7)
+    assert (D - other).abs().max() > 1e-3
+    # eps = 0 is reconstruct; the default streams are project_perturbed's
+    tol = 50 * UNIT[dtype] * float(expected.abs().max()) * (k1 + k2)
+    assert torch.allclose(ops.reconstruct_perturbed(U, C, V, eps=0.0, seed=3), ops.reconstruct(U, C, V), rtol=0, atol=tol)
+    B, A = U @ torch.randn(k1, 3, dtype=dtype, device=device), torch.randn(3, k2, dtype=dtype, device=device) @ V.mT
+    Cp = ops.project_perturbed(U, V, B, A, eps=0.05, seed=9)
+    Dp = ops.reconstruct_perturbed(U, Cp, V, eps=0.05, seed=9)
+    Ut, Vt = ops.perturbed_basis(U, 0.05, 9, 0), ops.perturbed_basis(V, 0.05, 9, 1)
+    expected = Ut @ (Ut.mT @ B @ A @ Vt) @ Vt.mT
+    assert torch.allclose(Dp, expected, rtol=0, atol=100 * UNIT[dtype] * float(expected.abs().max()) * (m + n))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reconstruct_perturbed_non_contiguous(dtype, device):
+    m, n, k1, k2 = 150, 70, 9, 5
+    U = torch.randn(k1, m, dtype=dtype, device=device).T  # transposed views
+    C = torch.randn(k2, k1, dtype=dtype, device=device).T
+    V = torch.randn(k2, 2 * n, dtype=dtype, device=device).T[::2]
+    D = ops.reconstruct_perturbed(U, C, V, eps=0.1, seed=5)
+    dense = ops.reconstruct_perturbed(U.contiguous(), C.contiguous(), V.contiguous(), eps=0.1, seed=5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(D, dense, rtol=tol, atol=tol)
+
+
+def test_reconstruct_perturbed_errors():
+    U, C, V = torch.randn(10, 3), torch.randn(3, 2), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="do not chain"):
+        ops.reconstruct_perturbed(U, C.T.contiguous(), V, eps=0.1, seed=0)
+    for bad in (-0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="eps"):
+            ops.reconstruct_perturbed(U, C, V, eps=bad, seed=0)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.reconstruct_perturbed(U, C[None], V, eps=0.1, seed=0)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.reconstruct_perturbed(U.double(), C, V, eps=0.1, seed=0)
+    with pytest.raises(TypeError, match="float32, float64"):
+        ops.reconstruct_perturbed(U.half(), C.half(), V.half(), eps=0.1, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        ops.reconstruct_perturbed(U, C, V, eps=0.1, seed=2**64)
+    with pytest.raises(TypeError, match="stream_v"):
+        ops.reconstruct_perturbed(U, C, V, eps=0.1, seed=0, stream_v=1.0)
+    # zero-size operands: an empty or all-zero result, no error
+    assert ops.reconstruct_perturbed(U[:, :0], C[:0], V, eps=0.1, seed=0).abs().max() == 0
+    assert ops.reconstruct_perturbed(U[:0], C, V, eps=0.1, seed=0).shape == (0, 8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,15 +66,19 @@ at::Tensor project_dense_cpu(const at::Tensor& U, const at::Tensor& V, const at:
   return at::matmul(U.mT(), at::matmul(D, V));
 }
 
+// Checks of reconstruct / reconstruct_perturbed: float matrices of one dtype whose shapes chain.
+void check_reconstruct_args(const at::Tensor& U, const at::Tensor& C, const at::Tensor& V, const char* op) {
+  check_matrix(U, op, "U");
+  check_matrix(C, op, "C");
+  check_matrix(V, op, "V");
+  check_same_dtype({{"U", &U}, {"C", &C}, {"V", &V}}, op);
+  TORCH_CHECK_VALUE(U.size(-1) == C.size(-2) && C.size(-1) == V.size(-1), op, ": shapes do not chain: U ",
+                    U.sizes(), ", C ", C.sizes(), ", V ", V.sizes(), " (need U m x k1, C k1 x k2, V n x k2)");
+}
+
 // Delta W = U C V^T.
 at::Tensor reconstruct_cpu(const at::Tensor& U, const at::Tensor& C, const at::Tensor& V) {
-  check_matrix(U, "reconstruct", "U");
-  check_matrix(C, "reconstruct", "C");
-  check_matrix(V, "reconstruct", "V");
-  check_same_dtype({{"U", &U}, {"C", &C}, {"V", &V}}, "reconstruct");
-  TORCH_CHECK_VALUE(U.size(-1) == C.size(-2) && C.size(-1) == V.size(-1),
-              "reconstruct: shapes do not chain: U ", U.sizes(), ", C ", C.sizes(), ", V ",
-              V.sizes(), " (need U m x k1, C k1 x k2, V n x k2)");
+  check_reconstruct_args(U, C, V, "reconstruct");
   return at::matmul(at::matmul(U, C), V.mT());
 }
 
@@ -142,9 +146,66 @@ at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const
   return C;
 }
 
+// out (p x q) = X (p x k) (U + eps N)^T for U (q x k), out any strided view: the way back of
+// perturbed_tn. The noise (perturbed_basis's, same rounding) exists one chunk of rows of U at a
+// time on the CPU (each chunk's columns of out are one BLAS GEMM), one block's strip in shared
+// memory on CUDA.
+void perturbed_nt(const at::Tensor& X, const at::Tensor& U, double eps, int64_t seed, int64_t stream,
+                  const at::Tensor& out) {
+  const int64_t q = U.size(0), k = U.size(1);
+  if (out.numel() == 0) return;
+  if (k == 0) {
+    out.zero_();
+    return;
+  }
+#ifdef SUBSPACE_EXT_WITH_CUDA
+  if (U.is_cuda()) {
+    perturbed_nt_cuda(X, U, eps, seed, stream, out);
+    return;
+  }
+#endif
+  // Chunks of 8 x kPerturbRows rows: GEMMs wide enough for BLAS; the chunk's noise on all threads.
+  constexpr int64_t chunk = 8 * kPerturbRows;
+  for (int64_t r0 = 0; r0 < q; r0 += chunk) {
+    const int64_t rows = std::min(chunk, q - r0);
+    at::Tensor tile = U.narrow(0, r0, rows).clone(at::MemoryFormat::Contiguous);
+    if (eps != 0.0)
+      AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "reconstruct_perturbed", [&] {
+        scalar_t* t = tile.data_ptr<scalar_t>();
+        at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+          philox_add_normals_range<scalar_t>(t + lo * k, (r0 + lo) * k, (r0 + hi) * k, static_cast<uint64_t>(seed),
+                                             static_cast<uint64_t>(stream), static_cast<scalar_t>(eps));
+        });
+      });
+    at::Tensor part = out.narrow(1, r0, rows);
+    at::mm_out(part, X, tile.t());
+  }
+}
+
+// Delta W = (U + eps N_u) C (V + eps N_v)^T: reconstruct on the bases perturbed_basis(U, eps, seed,
+// stream_u) and perturbed_basis(V, eps, seed, stream_v) without forming them. Two passes: T = U~ C
+// (m x k2, written as T^T = C^T U~^T), then Delta W = T V~^T.
+at::Tensor reconstruct_perturbed_cpu(const at::Tensor& U, const at::Tensor& C, const at::Tensor& V, double eps,
+                                     int64_t seed, int64_t stream_u, int64_t stream_v) {
+  const char* op = "reconstruct_perturbed";
+  check_reconstruct_args(U, C, V, op);
+  for (const auto* t : {&U, &C, &V})
+    TORCH_CHECK_VALUE(t->dim() == 2, op, ": U, C and V must be matrices (one layer), got ", t->sizes());
+  for (const auto* t : {&C, &V})
+    TORCH_CHECK_VALUE(t->device() == U.device(), op, ": all inputs must be on ", U.device());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  const int64_t m = U.size(0), n = V.size(0), k2 = V.size(1);
+  at::Tensor T = at::empty({m, k2}, U.options());
+  perturbed_nt(C.t(), U, eps, seed, stream_u, T.t());
+  at::Tensor D = at::empty({m, n}, U.options());
+  perturbed_nt(T, V, eps, seed, stream_v, D);
+  return D;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
+  m.impl("reconstruct_perturbed", &reconstruct_perturbed_cpu);
   m.impl("project_perturbed", &project_perturbed_cpu);
   m.impl("project", &project_cpu);
   m.impl("project_dense", &project_dense_cpu);
@@ -153,8 +214,10 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
 
 #ifdef SUBSPACE_EXT_WITH_CUDA
 // Three GEMMs: cuBLAS through ATen is the floor on CUDA, so the same composition is registered.
-// project_perturbed: the hand-written tile kernel for (U + eps N)^T Y (csrc/cuda/project_cuda.cu).
+// project_perturbed / reconstruct_perturbed: the hand-written kernels for (U + eps N)^T Y and
+// X (U + eps N)^T (csrc/cuda/project_cuda.cu).
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
+  m.impl("reconstruct_perturbed", &reconstruct_perturbed_cpu);
   m.impl("project_perturbed", &project_perturbed_cpu);
   m.impl("project", &project_cpu);
   m.impl("project_dense", &project_dense_cpu);

@@ -110,6 +110,10 @@ void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Ten
 // positions of U. partial: chunks x k x r, contiguous (csrc/cuda/cuda_ops.cpp).
 void perturbed_tn_cuda(const at::Tensor& U, const at::Tensor& Y, double eps, int64_t seed, int64_t stream,
                        const at::Tensor& partial);
+// out (p x q, any strides) = X (p x k) (U + eps N)^T for U (q x k), any strides, one dtype
+// (float32/float64); N as above. The perturbed rows live in a thread block's shared-memory strip.
+void perturbed_nt_cuda(const at::Tensor& X, const at::Tensor& U, double eps, int64_t seed, int64_t stream,
+                       const at::Tensor& out);
 #endif
 
 }  // namespace subspace_ext

@@ -96,6 +96,24 @@ void perturbed_tn_cuda(const at::Tensor& U, const at::Tensor& Y, double eps, int
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void perturbed_nt_cuda(const at::Tensor& X, const at::Tensor& U, double eps, int64_t seed, int64_t stream,
+                       const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(U.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const cuda::NtPlan plan = cuda::perturbed_nt_plan(X.size(0), U.size(1), U.size(0), U.element_size(),
+                                                    prop->sharedMemPerBlockOptin, prop->multiProcessorCount);
+  TORCH_CHECK_VALUE(plan.tq > 0, "reconstruct_perturbed: on CUDA one row of the basis (", U.size(1), " x ",
+                    U.scalar_type(), ") must fit the block's shared memory (", prop->sharedMemPerBlockOptin,
+                    " bytes); got k = ", U.size(1));
+  TORCH_CHECK_VALUE(plan.strips < (int64_t{1} << 31), "reconstruct_perturbed: the basis is too large for one launch");
+  C10_CUDA_CHECK(cuda::perturbed_nt(X.data_ptr(), X.stride(0), X.stride(1), X.size(0), U.size(1), U.data_ptr(),
+                                    U.stride(0), U.stride(1), U.size(0), dtype_of(U.scalar_type()), eps,
+                                    static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), plan,
+                                    out.data_ptr(), out.stride(0), out.stride(1),
+                                    at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 namespace {
 
 // ---- importance ---------------------------------------------------------------------------------

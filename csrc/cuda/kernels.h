@@ -76,5 +76,22 @@ void perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k,
 // Dynamic shared memory the kernel takes for rank r and element size `elem` (must fit 48 KiB).
 size_t perturbed_tn_smem_bytes(int64_t r, size_t elem);
 
+// ---- reconstruct_perturbed (csrc/cuda/project_cuda.cu) ------------------------------------------
+// out (p x q, strides os0/os1) = X (p x k) (U + eps N)^T, U q x k, N as for perturbed_tn. A block
+// holds a strip of tq perturbed rows of U (tq * (k + 1) elements of shared memory) and runs over
+// rows_per_split rows of X; grid (strips, splits). float32 / float64 only.
+struct NtPlan {
+  int tq = 0;                // strip rows; 0: a single row of U does not fit smem_limit
+  size_t smem = 0;           // dynamic shared memory bytes
+  int64_t strips = 0, splits = 0, rows_per_split = 0;
+};
+NtPlan perturbed_nt_plan(int64_t p, int64_t k, int64_t q, size_t elem, size_t smem_limit, int sms);
+// Returns the error of raising the kernel's shared-memory limit (plans above 48 KiB); the launch
+// itself is checked by the caller.
+cudaError_t perturbed_nt(const void* X, int64_t xs0, int64_t xs1, int64_t p, int64_t k, const void* U,
+                         int64_t us0, int64_t us1, int64_t q, DType dt, double eps, uint64_t seed,
+                         uint64_t stream, const NtPlan& plan, void* out, int64_t os0, int64_t os1,
+                         cudaStream_t st);
+
 }  // namespace cuda
 }  // namespace subspace_ext
