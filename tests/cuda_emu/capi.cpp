@@ -1,0 +1,78 @@
+// C entry points (for ctypes) to the launchers of csrc/cuda, compiled for the host emulation in
+// include/cuda_runtime.h. Pointers are host memory standing in for device memory; each call
+// returns 0, or 1 with emu_last_error() describing a launch CUDA would have rejected.
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+namespace cu = subspace_ext::cuda;
+
+namespace {
+int status() { return emu::last_error().empty() ? 0 : 1; }
+}  // namespace
+
+extern "C" {
+
+const char* emu_last_error() { return emu::last_error().c_str(); }
+void emu_reset() {
+  emu::last_error().clear();
+  emu::launches() = 0;
+}
+long emu_launches() { return emu::launches(); }
+
+int emu_philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream) {
+  cu::philox_uint32(out, n, seed, stream, nullptr);
+  return status();
+}
+
+int emu_philox_normal(void* out, int dt, int64_t n, uint64_t seed, uint64_t stream, double eps, int add) {
+  cu::philox_normal(out, static_cast<cu::DType>(dt), n, seed, stream, eps, add != 0, nullptr);
+  return status();
+}
+
+int emu_perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
+                     int64_t ys1, int64_t r, int dt, double eps, uint64_t seed, uint64_t stream,
+                     int64_t rows_per_chunk, void* partial) {
+  cu::perturbed_tn(U, us0, us1, m, k, Y, ys0, ys1, r, static_cast<cu::DType>(dt), eps, seed, stream, rows_per_chunk,
+                   partial, nullptr);
+  return status();
+}
+
+// sms: the streaming multiprocessors the plan spreads the grid over (132 on an H100 SXM).
+int emu_perturbed_nt(const void* X, int64_t xs0, int64_t xs1, int64_t p, int64_t k, const void* U, int64_t us0,
+                     int64_t us1, int64_t q, int dt, double eps, uint64_t seed, uint64_t stream, void* out,
+                     int64_t os0, int64_t os1, int sms, int* tq, int64_t* splits) {
+  const cu::NtPlan plan = cu::perturbed_nt_plan(p, k, q, dt == 0 ? 4 : 8, emu::kOptinSmem, sms);
+  *tq = plan.tq;
+  *splits = plan.splits;
+  if (plan.tq == 0) {
+    emu::last_error() = "perturbed_nt: no plan";
+    return 1;
+  }
+  const cudaError_t err = cu::perturbed_nt(X, xs0, xs1, p, k, U, us0, us1, q, static_cast<cu::DType>(dt), eps, seed,
+                                           stream, plan, out, os0, os1, nullptr);
+  if (err != cudaSuccess) emu::last_error() = "cudaFuncSetAttribute failed";
+  return status();
+}
+
+int emu_small_svd(double* a, double* v, double* norms, double* u, double* s, double* vout, int64_t batch, int p,
+                  int q) {
+  cu::small_svd(a, v, norms, u, s, vout, batch, p, q, nullptr);
+  return status();
+}
+
+int emu_pair_importance(const cu::ImportanceLayer* layers, const int64_t* offsets, int L, int64_t total, int param,
+                        int state, double beta1, double beta2) {
+  cu::pair_importance(layers, offsets, L, total, static_cast<cu::DType>(param), static_cast<cu::DType>(state), beta1,
+                      beta2, nullptr);
+  return status();
+}
+
+int emu_recompose(const cu::RecomposeLayer* layers, const int64_t* tiles, const int64_t* pairs, int L,
+                  int64_t total_tiles, int64_t total_pairs, int rows_per_tile, int w, int f) {
+  cu::recompose(layers, tiles, pairs, L, total_tiles, total_pairs, rows_per_tile, static_cast<cu::DType>(w),
+                static_cast<cu::DType>(f), nullptr);
+  return status();
+}
+
+}  // extern "C"

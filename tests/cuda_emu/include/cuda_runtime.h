@@ -1,0 +1,126 @@
+// Host emulation of the slice of the CUDA runtime and language the kernels in csrc/cuda use, so
+// their index arithmetic, barriers and launch configurations run (and fail) on a machine without a
+// GPU (tests/test_cuda_emulation.py). Each block runs as blockDim real threads with a std::barrier
+// for __syncthreads; blocks run one after another; __shared__ variables are statics (shared by a
+// block's threads); dynamic shared memory is filled with 0xFF bytes (NaN) before each block, so a
+// read of an entry no thread wrote shows. Launch limits are checked as CUDA checks them.
+// Not emulated: device arithmetic (FMA contraction, intrinsics' rounding), warps, memory spaces.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__
+#define __align__(n) alignas(n)
+#define __shared__ static
+
+using std::fabs;
+using std::fma;
+using std::max;
+using std::min;
+using std::sqrt;
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kOptinSmem = 227 * 1024;  // H100 / H200: sharedMemPerBlockOptin
+
+inline std::string& last_error() { static std::string e; return e; }
+inline std::map<const void*, size_t>& smem_optin() { static std::map<const void*, size_t> m; return m; }
+inline std::vector<unsigned char>& dyn() { static std::vector<unsigned char> d; return d; }
+inline unsigned char* dyn_smem() { return dyn().data(); }
+inline long& launches() { static long n = 0; return n; }
+
+struct BlockState {
+  std::barrier<>* bar;
+  std::atomic<int> flag{0};
+};
+inline thread_local BlockState* block = nullptr;
+
+struct Launch {
+  dim3 grid, threads;
+  size_t smem;
+  Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), threads(b), smem(s) {}
+  template <class F, class... A> void operator()(F f, A... args) {
+    ++launches();
+    const unsigned long n = static_cast<unsigned long>(threads.x) * threads.y * threads.z;
+    const auto limit = smem_optin().count(reinterpret_cast<const void*>(f)) ? smem_optin()[reinterpret_cast<const void*>(f)]
+                                                                            : kDefaultSmem;
+    if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
+        smem > limit) {
+      last_error() = "invalid launch: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                     std::to_string(grid.z) + "), block " + std::to_string(n) + ", dynamic smem " +
+                     std::to_string(smem) + " (limit " + std::to_string(limit) + ")";
+      return;
+    }
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          dyn().assign(smem + 16, 0xFF);
+          std::barrier<> bar(static_cast<std::ptrdiff_t>(n));
+          BlockState st{&bar};
+          std::vector<std::thread> ts;
+          ts.reserve(n);
+          for (unsigned long t = 0; t < n; ++t)
+            ts.emplace_back([&, t] {
+              threadIdx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
+              blockIdx = dim3(bx, by, bz);
+              blockDim = threads;
+              gridDim = grid;
+              block = &st;
+              f(args...);
+              bar.arrive_and_drop();  // an exited thread no longer takes part in barriers
+            });
+          for (auto& t : ts) t.join();
+        }
+  }
+};
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
+inline int __syncthreads_or(int pred) {
+  emu::BlockState& b = *emu::block;
+  b.bar->arrive_and_wait();
+  if (pred) b.flag.store(1);
+  b.bar->arrive_and_wait();
+  const int r = b.flag.load();
+  b.bar->arrive_and_wait();
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) b.flag.store(0);
+  return r;
+}
+
+template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int value) {
+  if (value < 0 || static_cast<size_t>(value) > emu::kOptinSmem) return cudaErrorInvalidValue;
+  emu::smem_optin()[reinterpret_cast<const void*>(f)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
+// IEEE round-to-nearest intrinsics: plain host arithmetic (the host build has no FMA contraction).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }

@@ -1,0 +1,239 @@
+"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU under a host emulation of the CUDA execution
+model (tests/cuda_emu: one real thread per CUDA thread, a barrier per __syncthreads, launch limits
+checked), against the CPU ops.
+
+This runs on every machine, GPU or not: it checks what the kernels compute from their indices,
+barriers, tiling and launch plans. It does not replace tests/ on a GPU: the device's arithmetic
+(intrinsics, -fmad=false), memory model, the torch glue in csrc/cuda/cuda_ops.cpp and speed are only
+checked there. Where a kernel claims the CPU's bits (Philox, the small SVD, project_perturbed's
+partial products, the recomposition's W pass) the emulated result must equal the CPU op's exactly.
+"""
+import ctypes
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from subspace_ext import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import build as emu_build  # noqa: E402
+
+import reference as ref  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CUDA emulation")
+
+DT = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+i64, u64, vp = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
+
+
+class ImportanceLayer(ctypes.Structure):
+    _fields_ = [(n, vp) for n in ("A", "B", "gA", "gB", "iA", "iB", "uA", "uB", "scores")] + \
+               [(n, i64) for n in ("r", "n", "m")]
+
+
+class RecomposeLayer(ctypes.Structure):
+    _fields_ = [("W", vp), ("ws0", i64), ("ws1", i64), ("m", i64), ("n", i64),
+                ("B", vp), ("bs0", i64), ("bs1", i64), ("A", vp), ("as0", i64), ("as1", i64),
+                ("Bn", vp), ("bns0", i64), ("bns1", i64), ("An", vp), ("ans0", i64), ("ans1", i64),
+                ("idx", vp), ("q", i64), ("s", ctypes.c_double)]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = ctypes.CDLL(str(emu_build.build(tmp_path_factory.mktemp("cuda_emu"))))
+    lib.emu_last_error.restype = ctypes.c_char_p
+    lib.emu_launches.restype = ctypes.c_long
+    return lib
+
+
+def _call(emu, fn, *args):
+    emu.emu_reset()
+    rc = getattr(emu, fn)(*args)
+    assert rc == 0, emu.emu_last_error().decode()
+    return emu.emu_launches()
+
+
+def _p(t):
+    return vp(t.data_ptr())
+
+
+# ---------------------------------------------------------------------------------------------
+# philox
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 1031])
+def test_philox_kernels_equal_cpu(emu, n, dtype):
+    out = torch.empty(n, dtype=dtype)
+    _call(emu, "emu_philox_normal", _p(out), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.0), 0)
+    assert torch.equal(out, ops.philox_normal((n,), 5, 3, dtype=dtype))
+    base = torch.randn(n, dtype=dtype)
+    added = base.clone()
+    _call(emu, "emu_philox_normal", _p(added), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.25), 1)
+    assert torch.equal(added, ops.perturbed_basis(base[None], 0.25, 5, 3)[0])
+    bits = torch.empty(n, dtype=torch.int32)
+    _call(emu, "emu_philox_uint32", _p(bits), i64(n), u64(9), u64(1))
+    assert torch.equal(bits, ops.philox_uint32((n,), 9, 1).view(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# project_perturbed / reconstruct_perturbed
+
+
+def _perturbed_tn(emu, U, Y, eps, seed, stream):
+    m, k, r = U.shape[0], U.shape[1], Y.shape[1]
+    chunks = max((m + 127) // 128, 1)
+    partial = torch.zeros(chunks, k, r, dtype=U.dtype)
+    _call(emu, "emu_perturbed_tn", _p(U), i64(U.stride(0)), i64(U.stride(1)), i64(m), i64(k), _p(Y),
+          i64(Y.stride(0)), i64(Y.stride(1)), i64(r), DT[U.dtype], ctypes.c_double(eps), u64(seed), u64(stream),
+          i64(128), _p(partial))
+    return partial.sum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,n,r,k1,k2", [(1, 1, 1, 1, 1), (129, 40, 3, 5, 2), (300, 257, 8, 17, 33)], ids=str)
+def test_project_perturbed_kernel_equals_cpu_bits(emu, m, n, r, k1, k2, dtype):
+    U, V = torch.randn(k1, m, dtype=dtype).T, torch.randn(n, k2, dtype=dtype)  # U a transposed view
+    B, A = torch.randn(m, r, dtype=dtype), torch.randn(r, n, dtype=dtype)
+    left = _perturbed_tn(emu, U, B, 0.3, 11, 4)
+    right = _perturbed_tn(emu, V, A.t(), 0.3, 11, 5)
+    C = (left @ right.t()) * 0.7
+    assert torch.equal(C, ops.project_perturbed(U, V, B, A, 0.7, eps=0.3, seed=11, stream_u=4, stream_v=5))
+
+
+def _perturbed_nt(emu, X, U, eps, seed, stream, out, sms):
+    tq, splits = ctypes.c_int(0), i64(0)
+    launches = _call(emu, "emu_perturbed_nt", _p(X), i64(X.stride(0)), i64(X.stride(1)), i64(X.shape[0]),
+                     i64(U.shape[1]), _p(U), i64(U.stride(0)), i64(U.stride(1)), i64(U.shape[0]), DT[U.dtype],
+                     ctypes.c_double(eps), u64(seed), u64(stream), _p(out), i64(out.stride(0)), i64(out.stride(1)),
+                     sms, ctypes.byref(tq), ctypes.byref(splits))
+    return tq.value, splits.value, launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,n,k1,k2,sms", [(1, 1, 1, 1, 132), (65, 300, 1, 1, 132), (300, 70, 17, 33, 1),
+                                           (300, 70, 17, 33, 132), (130, 3, 2, 6200, 132), (5, 200, 3, 1500, 4)],
+                         ids=str)
+def test_reconstruct_perturbed_kernel(emu, m, n, k1, k2, sms, dtype):
+    """The two passes of reconstruct_perturbed's CUDA path (T^T = C^T U~^T, then T V~^T) with the
+    launch plans an H100 (132 SMs) or a small GPU would get: strips of 1 to 64 rows, split rows,
+    the shared-memory opt-in for long basis rows; the result matches the CPU op to rounding."""
+    U, V = torch.randn(m, k1, dtype=dtype), torch.randn(k2, n, dtype=dtype).T
+    C = torch.randn(k1, k2, dtype=dtype)
+    T = torch.empty(m, k2, dtype=dtype)
+    plans = [_perturbed_nt(emu, C.t(), U, 0.3, 11, 4, T.t(), sms)]
+    D = torch.empty(m, n, dtype=dtype)
+    plans.append(_perturbed_nt(emu, T, V, 0.3, 11, 5, D, sms))
+    assert all(launches == 1 for _, _, launches in plans)
+    expected = ops.reconstruct_perturbed(U, C, V, eps=0.3, seed=11, stream_u=4, stream_v=5)
+    unit = 2.0 ** -24 if dtype == torch.float32 else 2.0 ** -53
+    Ua = U.double().abs() + 0.3 * ops.philox_normal(U.shape, 11, 4, dtype=dtype).double().abs()
+    Va = V.double().abs() + 0.3 * ops.philox_normal(V.shape, 11, 5, dtype=dtype).double().abs()
+    bound = 4 * (k1 + k2 + 8) * unit * (Ua @ C.double().abs() @ Va.T)
+    assert ((D.double() - expected.double()).abs() <= bound).all()
+    if k2 >= 1500:
+        assert plans[1][0] < 64  # long basis rows: a narrower strip
+    if sms == 132 and m >= 300:
+        assert plans[1][1] > 1   # rows split across blocks to fill the GPU
+
+
+# ---------------------------------------------------------------------------------------------
+# small SVD: the launcher's thread count gives many lanes per matrix; the CPU runs one
+
+
+@pytest.mark.parametrize("batch,p,q", [(1, 1, 1), (3, 7, 3), (2, 33, 33), (4, 24, 24), (1, 130, 129), (2, 72, 72)])
+def test_small_svd_kernel_equals_cpu_bits(emu, batch, p, q):
+    A = torch.randn(batch, p, q, dtype=torch.float64)
+    if q > 2:
+        A[0, :, 1] = 0.0  # a zero column: completion path
+    a = A.mT.contiguous()  # column-major copies, as small_svd_batched prepares them
+    v, norms = torch.empty(batch, q, q, dtype=torch.float64), torch.empty(batch, q, dtype=torch.float64)
+    u, s, vout = torch.empty(batch, q, p, dtype=torch.float64), torch.empty(batch, q, dtype=torch.float64), \
+        torch.empty(batch, q, q, dtype=torch.float64)
+    _call(emu, "emu_small_svd", _p(a), _p(v), _p(norms), _p(u), _p(s), _p(vout), i64(batch), p, q)
+    U, S, V = ops.small_svd(A)
+    assert torch.equal(u.mT, U) and torch.equal(s, S) and torch.equal(vout.mT, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_importance (all layers in one launch) and fuse / reinit (two launches for all layers)
+
+
+def _table(rows, struct):
+    return (struct * len(rows))(*rows)
+
+
+@pytest.mark.parametrize("param,state", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                         (torch.float16, torch.float32), (torch.float64, torch.float64)])
+def test_pair_importance_kernel(emu, param, state):
+    shapes = [(3, 17, 29), (1, 300, 5), (8, 64, 513)]  # (r, n, m) per layer: mixed, odd, rank 1
+    A = [torch.randn(r, n).to(param) for r, n, _ in shapes]
+    B = [torch.randn(m, r).to(param) for r, _, m in shapes]
+    gA, gB = [torch.randn_like(a) for a in A], [torch.randn_like(b) for b in B]
+    states = [[torch.rand(t.shape, dtype=state) for t in ts] for ts in (A, B, A, B)]
+    cpu_states = [[t.clone() for t in ts] for ts in states]
+    scores = [torch.empty(a.shape[0], dtype=state) for a in A]
+    rows = [ImportanceLayer(_p(A[l]), _p(B[l]), _p(gA[l]), _p(gB[l]), *(_p(st[l]) for st in states), _p(scores[l]),
+                            *shapes[l]) for l in range(len(A))]
+    offsets = torch.tensor([0, 3, 4, 12], dtype=torch.int64)
+    launches = _call(emu, "emu_pair_importance", _table(rows, ImportanceLayer), _p(offsets), len(A), i64(12),
+                     DT[param], DT[state], ctypes.c_double(0.85), ctypes.c_double(0.9))
+    assert launches == 1
+    expected = ops.pair_importance(A, B, gA, gB, *cpu_states, beta1=0.85, beta2=0.9)
+    for got_states, want_states in zip(states, cpu_states):
+        for g, w in zip(got_states, want_states):
+            assert torch.equal(g, w)  # element-wise updates: the same arithmetic
+    tol = 1e-5 if state == torch.float32 else 1e-12
+    for g, w in zip(scores, expected):  # a tree sum on CUDA, a running sum on the CPU
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("wdt,fdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.float16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("reinit", [False, True])
+def test_recompose_kernels_equal_cpu_bits(emu, wdt, fdt, reinit):
+    shapes = [(13, 9, 4), (1, 300, 1), (70, 33, 6)]  # (m, n, r)
+    idxs = [[2, 0], [0], [5, 1, 3]]
+    W = [torch.randn(n, m).to(wdt).T for m, n, _ in shapes]  # transposed views: strided W
+    B = [torch.randn(m, r).to(fdt) for m, _, r in shapes]
+    A = [torch.randn(r, n).to(fdt) for _, n, r in shapes]
+    Bn = [torch.randn(m, len(i)).to(fdt) for (m, _, _), i in zip(shapes, idxs)] if reinit else None
+    An = [torch.randn(len(i), n).to(fdt) for (_, n, _), i in zip(shapes, idxs)] if reinit else None
+    scaling = [0.5, 2.0, 1.25]
+    cpu = [[t.clone() for t in ts] for ts in (W, B, A)]
+    idx_t = [torch.tensor(i, dtype=torch.int64) for i in idxs]
+    rows, tiles, pairs = [], [0], [0]
+    for l, (m, n, _) in enumerate(shapes):
+        bn = (_p(Bn[l]), Bn[l].stride(0), Bn[l].stride(1)) if reinit else (None, 0, 0)
+        an = (_p(An[l]), An[l].stride(0), An[l].stride(1)) if reinit else (None, 0, 0)
+        rows.append(RecomposeLayer(_p(W[l]), W[l].stride(0), W[l].stride(1), m, n, _p(B[l]), B[l].stride(0),
+                                   B[l].stride(1), _p(A[l]), A[l].stride(0), A[l].stride(1), *bn, *an, _p(idx_t[l]),
+                                   len(idxs[l]), scaling[l]))
+        tiles.append(tiles[-1] + (m + 3) // 4)
+        pairs.append(pairs[-1] + len(idxs[l]))
+    tiles_t, pairs_t = torch.tensor(tiles), torch.tensor(pairs)
+    launches = _call(emu, "emu_recompose", _table(rows, RecomposeLayer), _p(tiles_t), _p(pairs_t), len(shapes),
+                     i64(tiles[-1]), i64(pairs[-1]), 4, DT[wdt], DT[fdt])
+    assert launches == 2  # every layer in one W pass and one factor pass
+    if reinit:
+        ops.reinit_pairs_(*cpu, idx_t, Bn, An, scaling)
+    else:
+        ops.fuse_pairs_(*cpu, idx_t, scaling)
+    for got, want in zip((W, B, A), cpu):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def test_emulator_rejects_what_cuda_rejects(emu):
+    """The emulation is only useful if it fails where CUDA fails: a launch beyond 48 KiB of dynamic
+    shared memory without the opt-in is refused (the glue in cuda_ops.cpp guards perturbed_tn's
+    rank against exactly this)."""
+    U, Y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1000, dtype=torch.float64)
+    partial = torch.zeros(1, 2, 1000, dtype=torch.float64)
+    emu.emu_reset()
+    rc = emu.emu_perturbed_tn(_p(U), i64(2), i64(1), i64(4), i64(2), _p(Y), i64(1000), i64(1), i64(1000), 1,
+                              ctypes.c_double(0.1), u64(0), u64(0), i64(128), _p(partial))
+    assert rc == 1 and b"dynamic smem" in emu.emu_last_error()
