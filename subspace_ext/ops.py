@@ -141,8 +141,10 @@ def rsvd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 2, see
 
     Halko-Martinsson-Tropp with ``rank + oversample`` Philox test vectors and ``niter`` power
     iterations (re-orthonormalised after every product). Deterministic for a given ``seed``.
+    float32/float64 in, the same dtype out; bfloat16/float16 weights are computed in float32 (one
+    float32 copy of the matrix at a time) and give float32 factors.
     """
-    _tensor(A, "A", op="rsvd")
+    _tensor(A, "A", dtypes=_WEIGHT, op="rsvd")
     _check_rank(rank, A.shape[-2], A.shape[-1])
     _int(oversample, "oversample", 0)
     _int(niter, "niter", 0)
@@ -153,12 +155,13 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
               seed: int = 0):
     """``rsvd`` of every 2-D matrix in ``mats`` (mixed shapes) in one call, spread over threads.
 
-    Returns a list of ``(U, S, V)``; entry i equals ``rsvd(mats[i], ...)`` exactly.
+    Returns a list of ``(U, S, V)``; entry i equals ``rsvd(mats[i], ...)`` exactly (dtypes as in
+    ``rsvd``: bfloat16/float16 weights need no float32 copy of the whole list first).
     """
     if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
         raise TypeError("mats must be a list or tuple of 2-D tensors")
     for i, A in enumerate(mats):
-        _tensor(A, f"mats[{i}]", op="rsvd_many")
+        _tensor(A, f"mats[{i}]", dtypes=_WEIGHT, op="rsvd_many")
         if A.dim() != 2:
             raise ValueError(f"mats[{i}] must be 2-D, got shape {tuple(A.shape)}")
         _check_rank(rank, A.shape[0], A.shape[1], f"rank (for mats[{i}] of shape {tuple(A.shape)})")
@@ -432,7 +435,7 @@ def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
     perturbed by ``eps / sqrt(dim) * N(seed, stream)`` and re-orthonormalised. A receiver with the
     same W0 and (seed, stream, eps) regenerates the same bases.
     """
-    _tensor(W0, "W0", op="solar_basis")
+    _tensor(W0, "W0", dtypes=_WEIGHT, op="solar_basis")
     if W0.dim() != 2:
         raise ValueError(f"W0 must be 2-D, got shape {tuple(W0.shape)}")
     if not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
@@ -479,9 +482,9 @@ def _register_fakes():
         return torch.empty_like(U, memory_format=torch.contiguous_format)
 
     def _svd_shapes(A, k):
-        lead = A.shape[:-2]
-        return (A.new_empty((*lead, A.shape[-2], k)), A.new_empty((*lead, k)),
-                A.new_empty((*lead, A.shape[-1], k)))
+        lead, dt = A.shape[:-2], (torch.float64 if A.dtype == torch.float64 else torch.float32)
+        return (A.new_empty((*lead, A.shape[-2], k), dtype=dt), A.new_empty((*lead, k), dtype=dt),
+                A.new_empty((*lead, A.shape[-1], k), dtype=dt))
 
     @reg(lib + "rsvd")
     def _(A, rank, oversample, niter, seed):

@@ -124,7 +124,8 @@ class SRLoRA:
         r_max = max(l.A.shape[0] for l in self.layers)
         extra = c.directions if c.directions is not None else 4 * r_max
         with torch.no_grad():  # one batched rsvd over every target weight, cached for the run
-            mats = [l.W.detach().float() for l in self.layers]
+            # bf16/fp16 weights go in as they are (rsvd_many computes each in float32, one at a time)
+            mats = [l.W.detach() if l.W.dtype != torch.float64 else l.W.detach().float() for l in self.layers]
             k = min([r_max + extra] + [min(w.shape) for w in mats])
             factors = ops.rsvd_many(mats, k, oversample=16, niter=4, seed=c.seed)
         for l, (U, S, V) in zip(self.layers, factors):

@@ -38,7 +38,7 @@ class RecomposeLayer(ctypes.Structure):
     _fields_ = [("W", vp), ("ws0", i64), ("ws1", i64), ("m", i64), ("n", i64),
                 ("B", vp), ("bs0", i64), ("bs1", i64), ("A", vp), ("as0", i64), ("as1", i64),
                 ("Bn", vp), ("bns0", i64), ("bns1", i64), ("An", vp), ("ans0", i64), ("ans1", i64),
-                ("idx", vp), ("q", i64), ("s", ctypes.c_double)]
+                ("q", i64), ("s", ctypes.c_double)]
 
 
 @pytest.fixture(scope="module")
@@ -205,17 +205,19 @@ def test_recompose_kernels_equal_cpu_bits(emu, wdt, fdt, reinit):
     scaling = [0.5, 2.0, 1.25]
     cpu = [[t.clone() for t in ts] for ts in (W, B, A)]
     idx_t = [torch.tensor(i, dtype=torch.int64) for i in idxs]
+    idx_all = torch.cat(idx_t)
     rows, tiles, pairs = [], [0], [0]
     for l, (m, n, _) in enumerate(shapes):
         bn = (_p(Bn[l]), Bn[l].stride(0), Bn[l].stride(1)) if reinit else (None, 0, 0)
         an = (_p(An[l]), An[l].stride(0), An[l].stride(1)) if reinit else (None, 0, 0)
         rows.append(RecomposeLayer(_p(W[l]), W[l].stride(0), W[l].stride(1), m, n, _p(B[l]), B[l].stride(0),
-                                   B[l].stride(1), _p(A[l]), A[l].stride(0), A[l].stride(1), *bn, *an, _p(idx_t[l]),
+                                   B[l].stride(1), _p(A[l]), A[l].stride(0), A[l].stride(1), *bn, *an,
                                    len(idxs[l]), scaling[l]))
         tiles.append(tiles[-1] + (m + 3) // 4)
         pairs.append(pairs[-1] + len(idxs[l]))
     tiles_t, pairs_t = torch.tensor(tiles), torch.tensor(pairs)
-    launches = _call(emu, "emu_recompose", _table(rows, RecomposeLayer), _p(tiles_t), _p(pairs_t), len(shapes),
+    launches = _call(emu, "emu_recompose", _table(rows, RecomposeLayer), _p(tiles_t), _p(pairs_t), _p(idx_all),
+                     len(shapes),
                      i64(tiles[-1]), i64(pairs[-1]), 4, DT[wdt], DT[fdt])
     assert launches == 2  # every layer in one W pass and one factor pass
     if reinit:

@@ -35,6 +35,8 @@ def _cases(device):
         "_small_svd": (_o._small_svd, (r(3, 9, 7),)),
         "_small_svd wide f64": (_o._small_svd, (r(2, 4, 6, dtype=torch.float64),)),
         "rsvd_many": (_o.rsvd_many, ([r(12, 9), r(5, 8), r(6, 6)], 2, 3, 1, 0)),
+        "rsvd bf16": (_o.rsvd, (r(12, 9).bfloat16(), 3, 4, 1, 0)),
+        "rsvd_many mixed dtypes": (_o.rsvd_many, ([r(12, 9).half(), r(5, 8, dtype=torch.float64), r(12, 9)], 2, 3, 1, 0)),
         "factored_svd": (_o.factored_svd, (r(10, 4), r(4, 7), 3)),
         "factored_svd mixed": (_o.factored_svd, (r(10, 4), r(4, 7, dtype=torch.float64), 4)),
         "project": (_o.project, (r(10, 3), r(8, 2), r(10, 4), r(4, 8), 0.5)),

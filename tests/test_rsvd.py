@@ -282,3 +282,46 @@ def test_rsvd_batched_rejects_nan(device):
     A[1, 3, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         torch.ops.subspace_ext._rsvd_batched(A, 2, 2, 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# model weights in bfloat16 / float16: computed in float32 (one copy per matrix), float32 factors
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_rsvd_low_precision_weights_compute_in_float32(low, device):
+    A = ref.decaying_matrix(60, 45, dtype=torch.float32)[0].to(low).to(device)
+    U, S, V = ops.rsvd(A, 6, seed=3)
+    assert U.dtype == S.dtype == V.dtype == torch.float32
+    for got, want in zip((U, S, V), ops.rsvd(A.float(), 6, seed=3)):
+        assert torch.equal(got, want)
+    # batched, and the CUDA path's private op on its own
+    Ab = torch.randn(2, 3, 20, 14, device=device).to(low)
+    for got, want in zip(ops.rsvd(Ab, 4, seed=1), ops.rsvd(Ab.float(), 4, seed=1)):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    for got, want in zip(torch.ops.subspace_ext._rsvd_batched(Ab[0], 4, 8, 2, 1),
+                         torch.ops.subspace_ext._rsvd_batched(Ab[0].float(), 4, 8, 2, 1)):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_rsvd_many_mixed_weight_dtypes(device):
+    """Each matrix keeps its own compute dtype: float64 stays float64, the rest compute in float32;
+    entry i equals rsvd(mats[i]) (on CUDA: one group per (shape, compute dtype))."""
+    dts = [torch.bfloat16, torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    shapes = [(30, 20), (30, 20), (30, 20), (17, 40), (17, 40)]
+    mats = [torch.randn(s, device=device).to(dt) for s, dt in zip(shapes, dts)]
+    out = ops.rsvd_many(mats, 5, seed=2)
+    for A, (U, S, V) in zip(mats, out):
+        want = torch.float64 if A.dtype == torch.float64 else torch.float32
+        assert U.dtype == S.dtype == V.dtype == want
+        for got, exp in zip((U, S, V), ops.rsvd(A, 5, seed=2)):
+            if device == "cpu":
+                assert torch.equal(got, exp)
+            else:  # one batched pipeline per group on CUDA: equal to rounding
+                torch.testing.assert_close(got.abs(), exp.abs())
+
+
+def test_solar_basis_low_precision_base(device):
+    W = torch.randn(12, 9, device=device).to(torch.bfloat16)
+    for got, want in zip(ops.solar_basis(W, 4, 1, 0.1), ops.solar_basis(W.double(), 4, 1, 0.1)):
+        assert got.dtype == torch.float64 and torch.equal(got, want)

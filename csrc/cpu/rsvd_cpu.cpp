@@ -30,10 +30,12 @@ std::vector<int64_t> batch_shape(const at::Tensor& A, std::initializer_list<int6
 // Halko-Martinsson-Tropp randomized SVD of one matrix A (m x n): Gaussian test matrix from
 // Philox (seed, stream 0), l = min(k + p, m, n) columns, `niter` power iterations with
 // re-orthonormalisation after every product, then the SVD of the small projected matrix.
-// The GEMMs with A run in A's dtype; the thin QRs and the small SVD in float64.
+// The GEMMs with A run in A's dtype (a bfloat16/float16 A in a float32 copy made here, one matrix
+// at a time); the thin QRs and the small SVD in float64.
 // `what` names the matrix in error messages ("rsvd: A", "rsvd_many: mats[3]").
-SVDResult rsvd_one(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed,
+SVDResult rsvd_one(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter, int64_t seed,
                    const std::string& what) {
+  const at::Tensor A = A_in.to(compute_dtype(A_in));
   const int64_t m = A.size(0), n = A.size(1);
   const int64_t l = std::min(k + p, std::min(m, n));
   const auto dt = A.scalar_type();
@@ -56,7 +58,7 @@ SVDResult rsvd_one(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int
 }
 
 void check_rsvd_args(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, const char* op) {
-  check_float(A, op, "A");
+  check_weight(A, op, "A");
   TORCH_CHECK_VALUE(A.dim() >= 2, op, ": A must have at least 2 dimensions, got ", A.dim());
   TORCH_CHECK_VALUE(k >= 1 && k <= std::min(A.size(-2), A.size(-1)), op, ": rank must be in [1, ",
               std::min(A.size(-2), A.size(-1)), "], got ", k);
@@ -75,7 +77,7 @@ Triple rsvd_cpu(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_
     parts.reserve(batch);
     for (auto& r : out) parts.push_back(get(r));
     const auto shape = batch_shape(A, tail);
-    return batch ? at::stack(parts).reshape(shape) : at::empty(shape, A.options());
+    return batch ? at::stack(parts).reshape(shape) : at::empty(shape, A.options().dtype(compute_dtype(A)));
   };
   return {stack([](SVDResult& r) { return r.U; }, {m, k}),
           stack([](SVDResult& r) { return r.S; }, {k}),
@@ -152,10 +154,12 @@ at::Tensor orth_gram(const at::Tensor& Y) {
 // rsvd_one's algorithm for a batch of equal-shape matrices A (b x m x n): the same Philox test
 // matrix for every b, batched GEMMs, Gram-based orthonormalisation inside the power iteration and
 // batched Householder QR for the two bases that leave it, one batched SVD of the l x l cores.
-// Nothing synchronises with the host but the NaN/Inf check of A @ Omega.
-Triple rsvd_batched(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
-  check_rsvd_args(A, k, p, niter, "_rsvd_batched");
-  TORCH_CHECK_VALUE(A.dim() == 3, "_rsvd_batched: A must be b x m x n, got ", A.sizes());
+// Nothing synchronises with the host but the NaN/Inf check of A @ Omega. A bfloat16/float16 A is
+// computed in a float32 copy.
+Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter, int64_t seed) {
+  check_rsvd_args(A_in, k, p, niter, "_rsvd_batched");
+  TORCH_CHECK_VALUE(A_in.dim() == 3, "_rsvd_batched: A must be b x m x n, got ", A_in.sizes());
+  const at::Tensor A = A_in.to(compute_dtype(A_in));
   const int64_t m = A.size(1), n = A.size(2), l = std::min(k + p, std::min(m, n));
   const auto dt = A.scalar_type();
   at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
@@ -256,20 +260,25 @@ Triple rsvd_cuda(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64
   return {U.reshape(batch_shape(A, {m, k})), S.reshape(batch_shape(A, {k})), V.reshape(batch_shape(A, {n, k}))};
 }
 
-// rsvd_many on CUDA: one batched rsvd per distinct shape (MiniLM: 3 groups for 37 weights).
+// rsvd_many on CUDA: one batched rsvd per distinct (shape, compute dtype) (MiniLM: 3 groups for
+// 37 weights); each group is one copy of its matrices in the compute dtype (bfloat16/float16
+// weights become float32 there, no second copy).
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t seed) {
   for (const auto& A : mats) {
     check_rsvd_args(A, k, p, niter, "rsvd_many");
     TORCH_CHECK_VALUE(A.dim() == 2, "rsvd_many: every matrix must be 2-D, got ", A.sizes());
   }
-  std::map<std::pair<int64_t, int64_t>, std::vector<size_t>> groups;
-  for (size_t i = 0; i < mats.size(); ++i) groups[{mats[i].size(0), mats[i].size(1)}].push_back(i);
+  std::map<std::tuple<int64_t, int64_t, int>, std::vector<size_t>> groups;
+  for (size_t i = 0; i < mats.size(); ++i)
+    groups[{mats[i].size(0), mats[i].size(1), static_cast<int>(compute_dtype(mats[i]))}].push_back(i);
   std::vector<at::Tensor> U(mats.size()), S(mats.size()), V(mats.size());
-  for (const auto& [shape, members] : groups) {
-    std::vector<at::Tensor> parts;
-    for (size_t i : members) parts.push_back(mats[i]);
-    auto [Ub, Sb, Vb] = rsvd_batched(at::stack(parts), k, p, niter, seed);
+  for (const auto& [key, members] : groups) {
+    const at::Tensor& first = mats[members[0]];
+    at::Tensor group = at::empty({static_cast<int64_t>(members.size()), first.size(0), first.size(1)},
+                                 first.options().dtype(compute_dtype(first)));
+    for (size_t j = 0; j < members.size(); ++j) group[j].copy_(mats[members[j]]);
+    auto [Ub, Sb, Vb] = rsvd_batched(group, k, p, niter, seed);
     for (size_t j = 0; j < members.size(); ++j) {
       U[members[j]] = Ub[j];
       S[members[j]] = Sb[j];

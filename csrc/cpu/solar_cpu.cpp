@@ -42,7 +42,7 @@ at::Tensor perturb(const at::Tensor& Q, double eps, int64_t seed, int64_t stream
 
 std::tuple<at::Tensor, at::Tensor> solar_basis_cpu(const at::Tensor& W0, int64_t seed,
                                                    int64_t stream, double eps) {
-  check_float(W0, "solar_basis", "W0");
+  check_weight(W0, "solar_basis", "W0");
   TORCH_CHECK_VALUE(W0.dim() == 2 && W0.numel() > 0, "solar_basis: W0 must be a non-empty matrix");
   TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), "solar_basis: eps must be finite and >= 0");
   const at::Tensor W = W0.to(at::kDouble);

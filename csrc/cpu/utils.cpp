@@ -9,6 +9,12 @@ void check_float(const at::Tensor& t, const char* op, const char* arg) {
               " must be float32 or float64, got ", t.scalar_type());
 }
 
+void check_weight(const at::Tensor& t, const char* op, const char* arg) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", arg,
+                   " must be float32, float64, bfloat16 or float16, got ", dt);
+}
+
 void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorList grad_A,
                                 at::TensorList grad_B, at::TensorList ipt_A, at::TensorList ipt_B,
                                 at::TensorList unc_A, at::TensorList unc_B, at::TensorList scores,

@@ -18,6 +18,12 @@ namespace subspace_ext {
 
 // TORCH_CHECK that t is a float32/float64 tensor (names op and argument in the message).
 void check_float(const at::Tensor& t, const char* op, const char* arg);
+// The same for model weights: float32/float64, or bfloat16/float16 (computed in float32).
+void check_weight(const at::Tensor& t, const char* op, const char* arg);
+// The dtype a weight is computed in: float64 stays float64, everything else is float32.
+inline at::ScalarType compute_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Orthonormal basis of the columns of Y (p x l) and the triangular factor: Y = Q R.
 // Cholesky-QR (Gram matrix and Cholesky in float64, the tall product in Y's dtype), falling back

@@ -173,10 +173,9 @@ void recompose_cuda(const char* op, at::TensorList W, at::TensorList B, at::Tens
       groups[{static_cast<int>(W[l].scalar_type()), static_cast<int>(B[l].scalar_type())}].push_back(l);
   for (const auto& [key, members] : groups) {
     std::vector<cuda::RecomposeLayer> table;
-    std::vector<int64_t> tiles{0}, pairs{0};
+    std::vector<int64_t> tiles{0}, pairs{0}, idx_all;
     for (size_t l : members) {
-      const at::Tensor ix = at::tensor(args.idx[l], at::TensorOptions().dtype(at::kLong)).to(dev, true);
-      keep.push_back(ix);
+      idx_all.insert(idx_all.end(), args.idx[l].begin(), args.idx[l].end());
       cuda::RecomposeLayer u{};
       u.W = W[l].data_ptr();
       u.ws0 = W[l].stride(0); u.ws1 = W[l].stride(1); u.m = W[l].size(0); u.n = W[l].size(1);
@@ -188,21 +187,23 @@ void recompose_cuda(const char* op, at::TensorList W, at::TensorList B, at::Tens
         u.Bn = args.B_new[l].data_ptr(); u.bns0 = args.B_new[l].stride(0); u.bns1 = args.B_new[l].stride(1);
         u.An = args.A_new[l].data_ptr(); u.ans0 = args.A_new[l].stride(0); u.ans1 = args.A_new[l].stride(1);
       }
-      u.idx = ix.data_ptr<int64_t>();
       u.q = static_cast<int64_t>(args.idx[l].size());
       u.s = scaling[l];
       table.push_back(u);
       tiles.push_back(tiles.back() + (u.m + kRowsPerTile - 1) / kRowsPerTile);
       pairs.push_back(pairs.back() + u.q);
     }
-    // offsets: row tiles then pair offsets, one table
+    // One host-to-device copy for the group: the layer table, then row-tile offsets, pair offsets
+    // and every layer's pair indices.
     std::vector<int64_t> offsets(tiles);
     offsets.insert(offsets.end(), pairs.begin(), pairs.end());
+    offsets.insert(offsets.end(), idx_all.begin(), idx_all.end());
     const int64_t* offsets_dev = nullptr;
     auto [table_keep, table_dev] = device_table(table, offsets, dev, &offsets_dev);
     keep.push_back(table_keep);
-    cuda::recompose(table_dev, offsets_dev, offsets_dev + tiles.size(), static_cast<int>(table.size()),
-                    tiles.back(), pairs.back(), kRowsPerTile, dtype_of(static_cast<at::ScalarType>(key.first)),
+    cuda::recompose(table_dev, offsets_dev, offsets_dev + tiles.size(), offsets_dev + tiles.size() + pairs.size(),
+                    static_cast<int>(table.size()), tiles.back(), pairs.back(), kRowsPerTile,
+                    dtype_of(static_cast<at::ScalarType>(key.first)),
                     dtype_of(static_cast<at::ScalarType>(key.second)), at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -93,11 +93,13 @@ __global__ void pair_importance_kernel(const ImportanceLayer* layers, const int6
 //   acc = W[i, j]; acc += (s B[i, idx_t]) * A[idx_t, j] for t < q; acc += (-s Bn[i, t]) * An[t, j];
 // in that order with exact rounding, as the CPU kernel does (csrc/cpu/importance_cpu.cpp).
 template <typename W_t, typename F_t>
-__global__ void recompose_w_kernel(const RecomposeLayer* layers, const int64_t* tiles, int L, int rows) {
+__global__ void recompose_w_kernel(const RecomposeLayer* layers, const int64_t* tiles, const int64_t* pairs,
+                                   const int64_t* idx_all, int L, int rows) {
   using A_t = typename Acc<W_t>::type;
   const int l = segment_of(tiles, L, blockIdx.x);
   const RecomposeLayer& ly = layers[l];
   const int64_t i0 = (blockIdx.x - tiles[l]) * rows;
+  const int64_t* idx = idx_all + pairs[l];
   W_t* W = static_cast<W_t*>(ly.W);
   const F_t* B = static_cast<const F_t*>(ly.B);
   const F_t* A = static_cast<const F_t*>(ly.A);
@@ -109,7 +111,7 @@ __global__ void recompose_w_kernel(const RecomposeLayer* layers, const int64_t* 
       W_t& w = W[i * ly.ws0 + j * ly.ws1];
       A_t acc = cvt<A_t>(w);
       for (int64_t t = 0; t < ly.q; ++t) {
-        const int64_t k = ly.idx[t];
+        const int64_t k = idx[t];
         const A_t coef = fmul(s, cvt<A_t>(B[i * ly.bs0 + k * ly.bs1]));
         const A_t row = static_cast<A_t>(cvt<double>(A[k * ly.as0 + j * ly.as1]));
         acc = fadd(acc, fmul(coef, row));
@@ -128,10 +130,11 @@ __global__ void recompose_w_kernel(const RecomposeLayer* layers, const int64_t* 
 
 // Factor pass: one block per (layer, t): B[:, idx_t] = Bn[:, t] (or 0), A[idx_t, :] = An[t, :].
 template <typename F_t>
-__global__ void recompose_factors_kernel(const RecomposeLayer* layers, const int64_t* pairs, int L) {
+__global__ void recompose_factors_kernel(const RecomposeLayer* layers, const int64_t* pairs, const int64_t* idx_all,
+                                         int L) {
   const int l = segment_of(pairs, L, blockIdx.x);
   const RecomposeLayer& ly = layers[l];
-  const int64_t t = blockIdx.x - pairs[l], k = ly.idx[t];
+  const int64_t t = blockIdx.x - pairs[l], k = idx_all[blockIdx.x];
   F_t* B = static_cast<F_t*>(ly.B);
   F_t* A = static_cast<F_t*>(ly.A);
   const F_t* Bn = static_cast<const F_t*>(ly.Bn);
@@ -169,19 +172,20 @@ void pair_importance(const ImportanceLayer* layers, const int64_t* pair_offsets,
 }
 
 void recompose(const RecomposeLayer* layers, const int64_t* row_tiles, const int64_t* pair_offsets,
-               int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile, DType w,
-               DType f, cudaStream_t s) {
+               const int64_t* idx_all, int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile,
+               DType w, DType f, cudaStream_t s) {
   if (total_pairs == 0) return;
   with_type(w, [&](auto wv) {
     with_type(f, [&](auto fv) {
       using W_t = decltype(wv);
       using F_t = decltype(fv);
-      recompose_w_kernel<W_t, F_t><<<total_tiles, kThreads, 0, s>>>(layers, row_tiles, L, rows_per_tile);
+      recompose_w_kernel<W_t, F_t><<<total_tiles, kThreads, 0, s>>>(layers, row_tiles, pair_offsets, idx_all, L,
+                                                                        rows_per_tile);
     });
   });
   with_type(f, [&](auto fv) {
     using F_t = decltype(fv);
-    recompose_factors_kernel<F_t><<<total_pairs, kThreads, 0, s>>>(layers, pair_offsets, L);
+    recompose_factors_kernel<F_t><<<total_pairs, kThreads, 0, s>>>(layers, pair_offsets, idx_all, L);
   });
 }
 

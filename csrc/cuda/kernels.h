@@ -49,16 +49,16 @@ struct RecomposeLayer {
   int64_t bns0, bns1;
   const void* An;    // q x n or null
   int64_t ans0, ans1;
-  const int64_t* idx;  // q device indices
-  int64_t q;
+  int64_t q;         // pairs; their indices are idx_all[pair_offsets[l] .. + q)
   double s;
 };
 // Two launches for all layers of one (W dtype, factor dtype) group: the W pass (row tiles of
 // every layer; arithmetic in the CPU kernel's order, so the same bits) and the factor pass.
-// `row_tiles` / `pair_offsets`: device prefix sums (L + 1) of each layer's row tiles / q.
+// `row_tiles` / `pair_offsets`: device prefix sums (L + 1) of each layer's row tiles / q;
+// `idx_all`: every layer's pair indices, concatenated (device; layer l's at pair_offsets[l]).
 void recompose(const RecomposeLayer* layers, const int64_t* row_tiles, const int64_t* pair_offsets,
-               int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile, DType w,
-               DType f, cudaStream_t s);
+               const int64_t* idx_all, int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile,
+               DType w, DType f, cudaStream_t s);
 
 // ---- batched small SVD (csrc/include/subspace_ext/small_svd.h): one block per matrix ----------
 // a: batch x (p x q) column-major inputs (overwritten), v: batch x q x q and norms: batch x q

@@ -68,9 +68,9 @@ int emu_pair_importance(const cu::ImportanceLayer* layers, const int64_t* offset
   return status();
 }
 
-int emu_recompose(const cu::RecomposeLayer* layers, const int64_t* tiles, const int64_t* pairs, int L,
-                  int64_t total_tiles, int64_t total_pairs, int rows_per_tile, int w, int f) {
-  cu::recompose(layers, tiles, pairs, L, total_tiles, total_pairs, rows_per_tile, static_cast<cu::DType>(w),
+int emu_recompose(const cu::RecomposeLayer* layers, const int64_t* tiles, const int64_t* pairs, const int64_t* idx,
+                  int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile, int w, int f) {
+  cu::recompose(layers, tiles, pairs, idx, L, total_tiles, total_pairs, rows_per_tile, static_cast<cu::DType>(w),
                 static_cast<cu::DType>(f), nullptr);
   return status();
 }
