@@ -348,7 +348,7 @@ def small_svd_jacobi_emulation(A):
             break
     norms = [math.sqrt(dot(col, col)) for col in a]
     order = sorted(range(q), key=lambda j: (-norms[j], j))
-    S = torch.tensor([norms[j] * math.ldexp(1.0, e) if norms[j] >= 2.2250738585072014e-308 else 0.0
+    S = torch.tensor([math.ldexp(norms[j], e) if norms[j] >= 2.2250738585072014e-308 else 0.0
                       for j in order],
                      dtype=torch.float64)
     U = torch.tensor([[a[j][r] / norms[j] if norms[j] >= 2.2250738585072014e-308 else 0.0 for j in order]

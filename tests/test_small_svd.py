@@ -87,6 +87,16 @@ def test_small_svd_repeated_and_extreme_scales(device):
         _check(A, U, S, V, TOL[torch.float64])
 
 
+def test_small_svd_near_float64_max(device):
+    """Entries near DBL_MAX: S is finite wherever the true singular value is (the scale-back by 2^e
+    must not overflow on its own)."""
+    A = torch.tensor([[1.5e308]], dtype=torch.float64, device=device)
+    U, S, V = ops.small_svd(A)
+    assert S.item() == 1.5e308 and U.abs().item() == 1.0 and V.abs().item() == 1.0
+    B = torch.diag(torch.tensor([1.7e308, 1e308, 1e300], dtype=torch.float64)).to(device)
+    assert torch.equal(ops.small_svd(B)[1].cpu(), torch.tensor([1.7e308, 1e308, 1e300], dtype=torch.float64))
+
+
 def test_small_svd_non_contiguous_input_untouched(device):
     base = torch.randn(3, 20, 14, dtype=torch.float64, device=device)
     A = base.mT[:, ::2, :]  # 3 x 7 x 20 view with odd strides

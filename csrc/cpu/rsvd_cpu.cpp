@@ -256,7 +256,8 @@ namespace {
 Triple rsvd_cuda(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64_t seed) {
   check_rsvd_args(A, k, p, niter, "rsvd");
   const int64_t m = A.size(-2), n = A.size(-1);
-  auto [U, S, V] = rsvd_batched(A.reshape({-1, m, n}), k, p, niter, seed);
+  // Contiguous, as rsvd_many's groups are: the same GEMM layouts for both ops.
+  auto [U, S, V] = rsvd_batched(A.reshape({-1, m, n}).contiguous(), k, p, niter, seed);
   return {U.reshape(batch_shape(A, {m, k})), S.reshape(batch_shape(A, {k})), V.reshape(batch_shape(A, {n, k}))};
 }
 
@@ -269,9 +270,11 @@ rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t
     check_rsvd_args(A, k, p, niter, "rsvd_many");
     TORCH_CHECK_VALUE(A.dim() == 2, "rsvd_many: every matrix must be 2-D, got ", A.sizes());
   }
-  std::map<std::tuple<int64_t, int64_t, int>, std::vector<size_t>> groups;
+  // Key: shape, compute dtype and device (a list may span devices; each group stays on its own).
+  std::map<std::tuple<int64_t, int64_t, int, std::string>, std::vector<size_t>> groups;
   for (size_t i = 0; i < mats.size(); ++i)
-    groups[{mats[i].size(0), mats[i].size(1), static_cast<int>(compute_dtype(mats[i]))}].push_back(i);
+    groups[{mats[i].size(0), mats[i].size(1), static_cast<int>(compute_dtype(mats[i])), mats[i].device().str()}]
+        .push_back(i);
   std::vector<at::Tensor> U(mats.size()), S(mats.size()), V(mats.size());
   for (const auto& [key, members] : groups) {
     const at::Tensor& first = mats[members[0]];
@@ -279,10 +282,10 @@ rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t
                                  first.options().dtype(compute_dtype(first)));
     for (size_t j = 0; j < members.size(); ++j) group[j].copy_(mats[members[j]]);
     auto [Ub, Sb, Vb] = rsvd_batched(group, k, p, niter, seed);
-    for (size_t j = 0; j < members.size(); ++j) {
-      U[members[j]] = Ub[j];
-      S[members[j]] = Sb[j];
-      V[members[j]] = Vb[j];
+    for (size_t j = 0; j < members.size(); ++j) {  // own storage: outputs must not alias (opcheck)
+      U[members[j]] = Ub[j].clone();
+      S[members[j]] = Sb[j].clone();
+      V[members[j]] = Vb[j].clone();
     }
   }
   return {U, S, V};

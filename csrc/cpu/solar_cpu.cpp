@@ -82,8 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
                    "solar_decode: indices must be int32 or int64");
   TORCH_CHECK_VALUE(rank >= 1 && scaling > 0.0, "solar_decode: rank must be >= 1 and scaling > 0");
   const int64_t m = U.size(0), n = V.size(0);
-  const at::Tensor idx = indices.to(at::kLong);
-  const at::Tensor vals = values.to(at::kDouble);
+  TORCH_CHECK_VALUE(V.device() == U.device(), "solar_decode: U and V must be on one device, got ", U.device(),
+                    " and ", V.device());
+  // The package's coefficients may come from a file (CPU) while the bases live on a GPU.
+  const at::Tensor idx = indices.to(U.device(), at::kLong);
+  const at::Tensor vals = values.to(U.device(), at::kDouble);
   TORCH_CHECK_VALUE(vals.isfinite().all().item<bool>(), "solar_decode: coefficients contain NaN or Inf");
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(U.device());
   at::Tensor B = at::zeros({m, rank}, f64);

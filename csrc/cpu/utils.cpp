@@ -53,6 +53,33 @@ void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorLi
   }
 }
 
+namespace {
+
+// Copies of `parts` on the host with one device-to-host transfer when they share a device (the
+// per-layer idx lists and finiteness flags of fuse/reinit: one sync for all layers, not one each).
+std::vector<at::Tensor> to_host(const std::vector<at::Tensor>& parts) {
+  if (parts.empty()) return {};
+  bool one_device = true;
+  for (const auto& t : parts) one_device = one_device && t.device() == parts[0].device();
+  if (!one_device || parts[0].is_cpu()) {
+    std::vector<at::Tensor> out;
+    for (const auto& t : parts) out.push_back(t.to(at::kCPU).contiguous());
+    return out;
+  }
+  std::vector<at::Tensor> flat;
+  for (const auto& t : parts) flat.push_back(t.reshape(-1));
+  const at::Tensor all = at::cat(flat).to(at::kCPU);
+  std::vector<at::Tensor> out;
+  int64_t at = 0;
+  for (const auto& t : parts) {
+    out.push_back(all.narrow(0, at, t.numel()).reshape(t.sizes()));
+    at += t.numel();
+  }
+  return out;
+}
+
+}  // namespace
+
 RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorList B,
                                    at::TensorList A, at::TensorList idx,
                                    at::ArrayRef<double> scaling, at::TensorList Bn,
@@ -62,6 +89,9 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
               ": W, B, A, idx and scaling must have the same length");
   RecomposeArgs out;
   out.idx.resize(L);
+  // Shapes, dtypes and devices first (no host sync), then idx and the new pairs' finiteness flags
+  // of every layer come to the host together.
+  std::vector<at::Tensor> idx_parts, finite;
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor &Wl = W[l], &Bl = B[l], &Al = A[l];
     TORCH_CHECK_VALUE(Wl.dim() == 2 && Bl.dim() == 2 && Al.dim() == 2 && Bl.size(0) == Wl.size(0) &&
@@ -78,9 +108,28 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
     TORCH_CHECK_TYPE(idx[l].scalar_type() == at::kLong && idx[l].dim() == 1, op, ": layer ", l,
                      ": idx must be a 1-D int64 tensor");
     TORCH_CHECK_VALUE(idx[l].device() == Wl.device(), op, ": layer ", l, ": idx must be on W's device");
-    const at::Tensor ix = idx[l].to(at::kCPU).contiguous();
+    idx_parts.push_back(idx[l]);
+    if (!Bn.empty()) {
+      const at::Tensor Bnl = Bn[l].to(Bl.scalar_type()), Anl = An[l].to(Bl.scalar_type());  // no copy if equal
+      const int64_t q = idx[l].numel();
+      TORCH_CHECK_VALUE(Bnl.device() == Wl.device() && Anl.device() == Wl.device(), op, ": layer ", l,
+                        ": B_new and A_new must be on W's device");
+      TORCH_CHECK_VALUE(Bnl.dim() == 2 && Bnl.size(0) == Wl.size(0) && Bnl.size(1) == q &&
+                      Anl.dim() == 2 && Anl.size(0) == q && Anl.size(1) == Wl.size(1),
+                  op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
+                  Bnl.sizes(), " and ", Anl.sizes());
+      finite.push_back(at::logical_and(Bnl.isfinite().all(), Anl.isfinite().all()).reshape({1}));
+      out.B_new.push_back(Bnl);
+      out.A_new.push_back(Anl);
+    }
+  }
+  std::vector<at::Tensor> parts(idx_parts);
+  parts.insert(parts.end(), finite.begin(), finite.end());
+  const std::vector<at::Tensor> host = to_host(parts);
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor& ix = host[l];
     const int64_t* p = ix.data_ptr<int64_t>();
-    const int64_t r = Al.size(0);
+    const int64_t r = A[l].size(0);
     std::vector<char> seen(r, 0);
     for (int64_t t = 0; t < ix.numel(); ++t) {
       TORCH_CHECK_VALUE(p[t] >= 0 && p[t] < r, op, ": layer ", l, ": idx entry ", p[t],
@@ -89,21 +138,10 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       seen[p[t]] = 1;
       out.idx[l].push_back(p[t]);
     }
-    if (!Bn.empty()) {
-      const at::Tensor Bnl = Bn[l].to(Bl.scalar_type()), Anl = An[l].to(Bl.scalar_type());  // no copy if equal
-      const int64_t q = static_cast<int64_t>(out.idx[l].size());
-      TORCH_CHECK_VALUE(Bnl.device() == Wl.device() && Anl.device() == Wl.device(), op, ": layer ", l,
-                        ": B_new and A_new must be on W's device");
-      TORCH_CHECK_VALUE(Bnl.dim() == 2 && Bnl.size(0) == Wl.size(0) && Bnl.size(1) == q &&
-                      Anl.dim() == 2 && Anl.size(0) == q && Anl.size(1) == Wl.size(1),
-                  op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
-                  Bnl.sizes(), " and ", Anl.sizes());
-      TORCH_CHECK_VALUE(Bnl.isfinite().all().item<bool>() && Anl.isfinite().all().item<bool>(), op,
-                        ": layer ", l, ": B_new or A_new contains NaN or Inf");
-      out.B_new.push_back(Bnl);
-      out.A_new.push_back(Anl);
-    }
   }
+  for (size_t l = 0; l < finite.size(); ++l)
+    TORCH_CHECK_VALUE(host[L + l].to(at::kBool).item<bool>(), op, ": layer ", l,
+                      ": B_new or A_new contains NaN or Inf");
   return out;
 }
 

@@ -2,8 +2,8 @@
 // the CPU kernels), device guard, the current stream, descriptor tables for the multi-tensor
 // launches, and a check of every launch. Compiled only in a CUDA build (csrc/sources.txt [cuda]).
 //
-// Host syncs: fuse_pairs_ / reinit_pairs_ copy `idx` to the host to validate it (range, repeats)
-// and check B_new / A_new for NaN/Inf, as the CPU op does; perturbed_basis(orthonormalize=True)
+// Host syncs: fuse_pairs_ / reinit_pairs_ copy every layer's `idx` to the host to validate it
+// (range, repeats) together with B_new / A_new's NaN/Inf flags, in one transfer for all layers; perturbed_basis(orthonormalize=True)
 // (csrc/cpu/philox_cpu.cpp) factors each l x l Gram matrix on the host (csrc/cpu/utils.cpp). Nothing else synchronises here.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -38,6 +38,13 @@ cuda::DType dtype_of(at::ScalarType t) {
 template <typename T>
 std::pair<at::Tensor, const T*> device_table(const std::vector<T>& items, const std::vector<int64_t>& offsets,
                                              const at::Device& dev, const int64_t** offsets_dev) {
+  // The copy reads a pinned buffer that goes back to the allocator after the call: a CUDA graph
+  // replaying it would read freed memory, so capture is refused instead.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "subspace_ext: pair_importance_, fuse_pairs_ and reinit_pairs_ cannot be captured in a CUDA graph "
+              "(their per-layer table is copied from the host on every call); run them outside the graph");
   const size_t item_bytes = items.size() * sizeof(T);
   const size_t pad = (item_bytes + 15) / 16 * 16;
   const size_t bytes = pad + offsets.size() * sizeof(int64_t);
@@ -82,17 +89,19 @@ void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Ten
 
 void perturbed_tn_cuda(const at::Tensor& U, const at::Tensor& Y, double eps, int64_t seed, int64_t stream,
                        const at::Tensor& partial) {
+  const c10::cuda::CUDAGuard guard(U.device());
   const size_t smem = cuda::perturbed_tn_smem_bytes(Y.size(1), U.element_size());
-  TORCH_CHECK_VALUE(smem <= 48 * 1024, "project_perturbed: on CUDA the rank r (B's columns) must be at most ",
-                    48 * 1024 / (16 * U.element_size()) - 3, " for ", U.scalar_type(), ", got ", Y.size(1));
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK_VALUE(smem <= limit, "project_perturbed: on CUDA the rank r = ", Y.size(1), " (B's columns) needs ",
+                    smem, " bytes of shared memory per block for ", U.scalar_type(), ", more than this GPU's ",
+                    limit);
   TORCH_CHECK_VALUE((U.size(0) + kPerturbRows - 1) / kPerturbRows < (int64_t{1} << 31) &&
                         (U.size(1) * Y.size(1) + 255) / 256 < 65536,
                     "project_perturbed: U or the k x r product is too large for one launch");
-  const c10::cuda::CUDAGuard guard(U.device());
-  cuda::perturbed_tn(U.data_ptr(), U.stride(0), U.stride(1), U.size(0), U.size(1), Y.data_ptr(), Y.stride(0),
-                     Y.stride(1), Y.size(1), dtype_of(U.scalar_type()), eps, static_cast<uint64_t>(seed),
-                     static_cast<uint64_t>(stream), kPerturbRows, partial.data_ptr(),
-                     at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda::perturbed_tn(U.data_ptr(), U.stride(0), U.stride(1), U.size(0), U.size(1), Y.data_ptr(),
+                                    Y.stride(0), Y.stride(1), Y.size(1), dtype_of(U.scalar_type()), eps,
+                                    static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), kPerturbRows,
+                                    partial.data_ptr(), at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -175,14 +175,15 @@ void recompose(const RecomposeLayer* layers, const int64_t* row_tiles, const int
                const int64_t* idx_all, int L, int64_t total_tiles, int64_t total_pairs, int rows_per_tile,
                DType w, DType f, cudaStream_t s) {
   if (total_pairs == 0) return;
-  with_type(w, [&](auto wv) {
-    with_type(f, [&](auto fv) {
-      using W_t = decltype(wv);
-      using F_t = decltype(fv);
-      recompose_w_kernel<W_t, F_t><<<total_tiles, kThreads, 0, s>>>(layers, row_tiles, pair_offsets, idx_all, L,
-                                                                        rows_per_tile);
+  if (total_tiles > 0)  // zero when every layer of the group has m == 0: nothing to add to W
+    with_type(w, [&](auto wv) {
+      with_type(f, [&](auto fv) {
+        using W_t = decltype(wv);
+        using F_t = decltype(fv);
+        recompose_w_kernel<W_t, F_t><<<total_tiles, kThreads, 0, s>>>(layers, row_tiles, pair_offsets, idx_all,
+                                                                          L, rows_per_tile);
+      });
     });
-  });
   with_type(f, [&](auto fv) {
     using F_t = decltype(fv);
     recompose_factors_kernel<F_t><<<total_pairs, kThreads, 0, s>>>(layers, pair_offsets, idx_all, L);

@@ -70,10 +70,12 @@ void small_svd(double* a, double* v, double* norms, double* u, double* s, double
 // partial[c] (k x r, chunks x k x r contiguous) = (U + eps N)^T Y over rows [c * rows_per_chunk,
 // ...) of U (m x k, strides us0/us1) and Y (m x r, strides ys0/ys1); N: Philox normals of (seed,
 // stream) at U's row-major positions, generated in the tile loader. float32 / float64 only.
-void perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y,
-                  int64_t ys0, int64_t ys1, int64_t r, DType dt, double eps, uint64_t seed,
-                  uint64_t stream, int64_t rows_per_chunk, void* partial, cudaStream_t st);
-// Dynamic shared memory the kernel takes for rank r and element size `elem` (must fit 48 KiB).
+// Returns the error of raising the kernel's shared-memory limit (ranks needing over 48 KiB).
+cudaError_t perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y,
+                         int64_t ys0, int64_t ys1, int64_t r, DType dt, double eps, uint64_t seed,
+                         uint64_t stream, int64_t rows_per_chunk, void* partial, cudaStream_t st);
+// Dynamic shared memory the kernel takes for rank r and element size `elem` (at most the device's
+// opt-in limit: 227 KiB on H100/H200).
 size_t perturbed_tn_smem_bytes(int64_t r, size_t elem);
 
 // ---- reconstruct_perturbed (csrc/cuda/project_cuda.cu) ------------------------------------------

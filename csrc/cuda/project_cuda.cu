@@ -59,16 +59,22 @@ __global__ void perturbed_tn_kernel(const T* U, int64_t us0, int64_t us1, int64_
 }
 
 template <typename T>
-void launch(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
-            int64_t ys1, int64_t r, double eps, uint64_t seed, uint64_t stream, int64_t rows_per_chunk,
-            void* partial, cudaStream_t st) {
+cudaError_t launch(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
+                   int64_t ys1, int64_t r, double eps, uint64_t seed, uint64_t stream, int64_t rows_per_chunk,
+                   void* partial, cudaStream_t st) {
   const int64_t chunks = (m + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t ranges = (k * r + kThreads - 1) / kThreads;
   const size_t smem = perturbed_tn_smem_bytes(r, sizeof(T));
+  if (smem > 48 * 1024) {  // large ranks: the device's opt-in shared memory (the caller checked it)
+    const cudaError_t err = cudaFuncSetAttribute(perturbed_tn_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(ranges));
   perturbed_tn_kernel<T><<<grid, kThreads, smem, st>>>(
       static_cast<const T*>(U), us0, us1, m, k, static_cast<const T*>(Y), ys0, ys1, r, static_cast<T>(eps),
       seed, stream, rows_per_chunk, static_cast<T*>(partial));
+  return cudaSuccess;
 }
 
 constexpr int kNtRows = 4;  // rows of X per thread and tile in perturbed_nt
@@ -187,14 +193,13 @@ size_t perturbed_tn_smem_bytes(int64_t r, size_t elem) {
   return static_cast<size_t>(kTile * (ncol + r)) * elem;
 }
 
-void perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y,
-                  int64_t ys0, int64_t ys1, int64_t r, DType dt, double eps, uint64_t seed,
-                  uint64_t stream, int64_t rows_per_chunk, void* partial, cudaStream_t st) {
-  if (m == 0 || k == 0 || r == 0) return;
+cudaError_t perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y,
+                         int64_t ys0, int64_t ys1, int64_t r, DType dt, double eps, uint64_t seed,
+                         uint64_t stream, int64_t rows_per_chunk, void* partial, cudaStream_t st) {
+  if (m == 0 || k == 0 || r == 0) return cudaSuccess;
   if (dt == DType::F32)
-    launch<float>(U, us0, us1, m, k, Y, ys0, ys1, r, eps, seed, stream, rows_per_chunk, partial, st);
-  else
-    launch<double>(U, us0, us1, m, k, Y, ys0, ys1, r, eps, seed, stream, rows_per_chunk, partial, st);
+    return launch<float>(U, us0, us1, m, k, Y, ys0, ys1, r, eps, seed, stream, rows_per_chunk, partial, st);
+  return launch<double>(U, us0, us1, m, k, Y, ys0, ys1, r, eps, seed, stream, rows_per_chunk, partial, st);
 }
 
 }  // namespace cuda

@@ -15,7 +15,7 @@ struct BlockAny {
   __device__ bool operator()(bool x) const { return __syncthreads_or(x) != 0; }
 };
 
-__global__ void small_svd_kernel(double* a, double* v, double* norms, double* u, double* s,
+__global__ void __launch_bounds__(1024) small_svd_kernel(double* a, double* v, double* norms, double* u, double* s,
                                  double* vout, int p, int q) {
   const long long b = blockIdx.x;
   __shared__ int e;

@@ -41,5 +41,7 @@ def build(out_dir: Path) -> Path:
     cmd = ["g++", "-std=c++20", "-O1", "-g0", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
            f"-I{HERE / 'include'}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
            *map(str, srcs), str(HERE / "capi.cpp"), "-o", str(lib)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the CUDA emulation failed:\n{done.stderr[-8000:]}")
     return lib

@@ -9,6 +9,11 @@ namespace cu = subspace_ext::cuda;
 
 namespace {
 int status() { return emu::last_error().empty() ? 0 : 1; }
+
+__global__ void count_threads(int* n) {
+  __syncthreads();
+  if (threadIdx.x == 0) n[blockIdx.y * gridDim.x + blockIdx.x] = static_cast<int>(blockDim.x);
+}
 }  // namespace
 
 extern "C" {
@@ -19,6 +24,12 @@ void emu_reset() {
   emu::launches() = 0;
 }
 long emu_launches() { return emu::launches(); }
+
+// The emulator's own launch checks: a trivial kernel on (grid_x, grid_y) blocks of `threads`.
+int emu_selftest_launch(int* out, unsigned grid_x, unsigned grid_y, int threads, size_t smem) {
+  ::emu::Launch(dim3(grid_x, grid_y), threads, smem, nullptr)(count_threads, out);
+  return status();
+}
 
 int emu_philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream) {
   cu::philox_uint32(out, n, seed, stream, nullptr);
@@ -33,8 +44,9 @@ int emu_philox_normal(void* out, int dt, int64_t n, uint64_t seed, uint64_t stre
 int emu_perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
                      int64_t ys1, int64_t r, int dt, double eps, uint64_t seed, uint64_t stream,
                      int64_t rows_per_chunk, void* partial) {
-  cu::perturbed_tn(U, us0, us1, m, k, Y, ys0, ys1, r, static_cast<cu::DType>(dt), eps, seed, stream, rows_per_chunk,
-                   partial, nullptr);
+  const cudaError_t err = cu::perturbed_tn(U, us0, us1, m, k, Y, ys0, ys1, r, static_cast<cu::DType>(dt), eps, seed,
+                                           stream, rows_per_chunk, partial, nullptr);
+  if (err != cudaSuccess) emu::last_error() = "cudaFuncSetAttribute failed";
   return status();
 }
 

@@ -106,22 +106,29 @@ SE_SVD_HD void scale(double* a, long long n, double f, int lane, int lanes) {
   for (long long i = lane; i < n; i += lanes) a[i] = a[i] * f;
 }
 
-// Position of column j in the descending order of the norms (ties: lower index first).
+// Position of column j in the descending order of the norms (ties: lower index first; NaN, from
+// NaN input, ranks above every number): a total order, so the positions are a permutation and
+// every output column is written exactly once.
+SE_SVD_HD bool before(double x, int i, double y, int j) {
+  const bool xn = x != x, yn = y != y;
+  if (xn || yn) return xn && (!yn || i < j);
+  return x > y || (x == y && i < j);
+}
 SE_SVD_HD int rank_of(const double* norms, int q, int j) {
   int pos = 0;
   for (int i = 0; i < q; ++i)
-    if (norms[i] > norms[j] || (norms[i] == norms[j] && i < j)) ++pos;
+    if (before(norms[i], i, norms[j], j)) ++pos;
   return pos;
 }
 
 // Output column pos = rank_of(j): S[pos] = |a_j| * 2^e, U[:, pos] = a_j / |a_j| (zero when |a_j|
-// is 0 or subnormal: completed below), Vout[:, pos] = v_j. Column-major outputs.
+// is 0 or subnormal: completed below; NaN stays NaN), Vout[:, pos] = v_j. Column-major outputs.
 SE_SVD_HD void emit(const double* a, const double* v, const double* norms, double* u, double* s,
                     double* vout, int p, int q, int j, int e) {
   const int pos = rank_of(norms, q, j);
   const double nj = norms[j];
-  const bool zero = !(nj >= DBL_MIN);
-  s[pos] = zero ? 0.0 : nj * ldexp(1.0, e);
+  const bool zero = nj < DBL_MIN;
+  s[pos] = zero ? 0.0 : ldexp(nj, e);  // not nj * 2^e: 2^1024 overflows where the product does not
   for (int r = 0; r < p; ++r)
     u[static_cast<long long>(pos) * p + r] = zero ? 0.0 : a[static_cast<long long>(j) * p + r] / nj;
   for (int r = 0; r < q; ++r) vout[static_cast<long long>(pos) * q + r] = v[static_cast<long long>(j) * q + r];

@@ -24,6 +24,7 @@
 #define __forceinline__ inline
 #define __restrict__
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 
 using std::fabs;
