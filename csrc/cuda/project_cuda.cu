@@ -58,6 +58,14 @@ __global__ void perturbed_tn_kernel(const T* U, int64_t us0, int64_t us1, int64_
   if (e < e_end) partial[chunk * k * r + e] = acc;
 }
 
+// Beyond the default 48 KiB a kernel needs the device's opt-in shared memory (the caller checked
+// the size against the device's limit).
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
 template <typename T>
 cudaError_t launch(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
                    int64_t ys1, int64_t r, double eps, uint64_t seed, uint64_t stream, int64_t rows_per_chunk,
@@ -65,11 +73,7 @@ cudaError_t launch(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k
   const int64_t chunks = (m + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t ranges = (k * r + kThreads - 1) / kThreads;
   const size_t smem = perturbed_tn_smem_bytes(r, sizeof(T));
-  if (smem > 48 * 1024) {  // large ranks: the device's opt-in shared memory (the caller checked it)
-    const cudaError_t err = cudaFuncSetAttribute(perturbed_tn_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_smem(perturbed_tn_kernel<T>, smem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(ranges));
   perturbed_tn_kernel<T><<<grid, kThreads, smem, st>>>(
       static_cast<const T*>(U), us0, us1, m, k, static_cast<const T*>(Y), ys0, ys1, r, static_cast<T>(eps),
@@ -138,11 +142,7 @@ template <typename T>
 cudaError_t launch_nt(const void* X, int64_t xs0, int64_t xs1, int64_t p, int64_t k, const void* U,
                       int64_t us0, int64_t us1, int64_t q, double eps, uint64_t seed, uint64_t stream,
                       const NtPlan& plan, void* out, int64_t os0, int64_t os1, cudaStream_t st) {
-  if (plan.smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(perturbed_nt_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(plan.smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_smem(perturbed_nt_kernel<T>, plan.smem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(plan.strips), static_cast<unsigned>(plan.splits));
   perturbed_nt_kernel<T><<<grid, kThreads, plan.smem, st>>>(
       static_cast<const T*>(X), xs0, xs1, p, k, static_cast<const T*>(U), us0, us1, q, static_cast<T>(eps),
