@@ -231,6 +231,13 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     return _ops.project(U, V, B, A, float(scaling))
 
 
+def _check_one_layer(named, op):
+    for n, t in named:
+        _tensor(t, n, op=op)
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
+
+
 def _check_eps(eps):
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -247,10 +254,7 @@ def project_perturbed(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torc
     V (n x k2), B (m x r), A (r x n). On CUDA r is bounded by the GPU's shared memory per block
     (r <= 1814 float64 / 3630 float32 with the 227 KiB of an H100/H200); beyond, a clear error.
     """
-    for n, t in [("U", U), ("V", V), ("B", B), ("A", A)]:
-        _tensor(t, n, op="project_perturbed")
-        if t.dim() != 2:
-            raise ValueError(f"project_perturbed: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
+    _check_one_layer([("U", U), ("V", V), ("B", B), ("A", A)], "project_perturbed")
     _check_project_args(U, V, B, A, "project_perturbed")
     _check_eps(eps)
     return _ops.project_perturbed(U, V, B, A, float(scaling), float(eps), _seed(seed),
@@ -270,13 +274,18 @@ def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Te
 
 def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``U @ C @ V^T``: the update rebuilt from coefficients C (..., k1, k2) on a basis."""
+    _check_reconstruct_args(U, C, V, "reconstruct")
+    return _ops.reconstruct(U, C, V)
+
+
+def _check_reconstruct_args(U, C, V, op):
     named = [("U", U), ("C", C), ("V", V)]
     for n, t in named:
-        _tensor(t, n, op="reconstruct")
+        _tensor(t, n, op=op)
     _same_device(named)
     if not (U.shape[-1] == C.shape[-2] and C.shape[-1] == V.shape[-1]):
-        raise ValueError(f"reconstruct: shapes do not chain: U {tuple(U.shape)}, C {tuple(C.shape)}, V {tuple(V.shape)}")
-    return _ops.reconstruct(U, C, V)
+        raise ValueError(f"{op}: shapes do not chain (need U m x k1, C k1 x k2, V n x k2): U {tuple(U.shape)}, "
+                         f"C {tuple(C.shape)}, V {tuple(V.shape)}")
 
 
 def reconstruct_perturbed(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor, *, eps: float, seed: int,
@@ -289,14 +298,8 @@ def reconstruct_perturbed(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor, *, 
     time (a thread block's shared-memory strip on CUDA). One layer: U (m x k1), C (k1 x k2),
     V (n x k2) -> (m x n).
     """
-    for n, t in [("U", U), ("C", C), ("V", V)]:
-        _tensor(t, n, op="reconstruct_perturbed")
-        if t.dim() != 2:
-            raise ValueError(f"reconstruct_perturbed: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
-    _same_device([("U", U), ("C", C), ("V", V)])
-    if not (U.shape[1] == C.shape[0] and C.shape[1] == V.shape[1]):
-        raise ValueError(f"reconstruct_perturbed: shapes do not chain (need U m x k1, C k1 x k2, V n x k2): "
-                         f"U {tuple(U.shape)}, C {tuple(C.shape)}, V {tuple(V.shape)}")
+    _check_one_layer([("U", U), ("C", C), ("V", V)], "reconstruct_perturbed")
+    _check_reconstruct_args(U, C, V, "reconstruct_perturbed")
     _check_eps(eps)
     return _ops.reconstruct_perturbed(U, C, V, float(eps), _seed(seed), _seed(stream_u, "stream_u"),
                                       _seed(stream_v, "stream_v"))

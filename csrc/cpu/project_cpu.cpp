@@ -40,6 +40,16 @@ void check_project_args(const at::Tensor& U, const at::Tensor& V, const at::Tens
               ", V ", V.sizes(), " (need U m x k1, B m x r, A r x n, V n x k2)");
 }
 
+// The one-layer arguments of the perturbed ops: matrices on the first one's device, eps finite >= 0.
+void check_perturbed_layer(std::initializer_list<const at::Tensor*> ts, const char* names, double eps, const char* op) {
+  const at::Device dev = (*ts.begin())->device();
+  for (const auto* t : ts) {
+    TORCH_CHECK_VALUE(t->dim() == 2, op, ": ", names, " must be matrices (one layer), got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == dev, op, ": all inputs must be on ", dev);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+}
+
 at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B,
                        const at::Tensor& A, double scaling) {
   check_project_args(U, V, B, A, "project");
@@ -133,11 +143,7 @@ at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const
                                  int64_t stream_u, int64_t stream_v) {
   const char* op = "project_perturbed";
   check_project_args(U, V, B, A, op);
-  for (const auto* t : {&U, &V, &B, &A})
-    TORCH_CHECK_VALUE(t->dim() == 2, op, ": U, V, B and A must be matrices (one layer), got ", t->sizes());
-  for (const auto* t : {&V, &B, &A})
-    TORCH_CHECK_VALUE(t->device() == U.device(), op, ": all inputs must be on ", U.device());
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  check_perturbed_layer({&U, &V, &B, &A}, "U, V, B and A", eps, op);
   const at::Tensor left = perturbed_tn(U, B, eps, seed, stream_u);       // k1 x r
   const at::Tensor right = perturbed_tn(V, A.t(), eps, seed, stream_v);  // k2 x r
   at::Tensor C = at::mm(left, right.t());
@@ -189,11 +195,7 @@ at::Tensor reconstruct_perturbed_cpu(const at::Tensor& U, const at::Tensor& C, c
                                      int64_t seed, int64_t stream_u, int64_t stream_v) {
   const char* op = "reconstruct_perturbed";
   check_reconstruct_args(U, C, V, op);
-  for (const auto* t : {&U, &C, &V})
-    TORCH_CHECK_VALUE(t->dim() == 2, op, ": U, C and V must be matrices (one layer), got ", t->sizes());
-  for (const auto* t : {&C, &V})
-    TORCH_CHECK_VALUE(t->device() == U.device(), op, ": all inputs must be on ", U.device());
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  check_perturbed_layer({&U, &C, &V}, "U, C and V", eps, op);
   const int64_t m = U.size(0), n = V.size(0), k2 = V.size(1);
   at::Tensor T = at::empty({m, k2}, U.options());
   perturbed_nt(C.t(), U, eps, seed, stream_u, T.t());

@@ -10,9 +10,8 @@ void check_float(const at::Tensor& t, const char* op, const char* arg) {
 }
 
 void check_weight(const at::Tensor& t, const char* op, const char* arg) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", arg,
-                   " must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_TYPE(is_weight_dtype(t.scalar_type()), op, ": ", arg, " must be float32, float64, bfloat16 or float16, got ",
+                   t.scalar_type());
 }
 
 void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorList grad_A,
@@ -28,8 +27,7 @@ void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorLi
                     "pair_importance_: beta1 and beta2 must be in [0, 1), got ", beta1, " and ", beta2);
   for (int64_t l = 0; l < L; ++l) {
     const auto pt = A[l].scalar_type();
-    TORCH_CHECK_TYPE(pt == at::kFloat || pt == at::kDouble || pt == at::kBFloat16 || pt == at::kHalf,
-                     "pair_importance_: layer ", l, ": A and B must be floating point, got ", pt);
+    TORCH_CHECK_TYPE(is_weight_dtype(pt), "pair_importance_: layer ", l, ": A and B must be floating point, got ", pt);
     TORCH_CHECK_VALUE(A[l].dim() == 2 && B[l].dim() == 2 && B[l].size(1) == A[l].size(0),
                 "pair_importance: layer ", l, ": expected A (r x n) and B (m x r)");
     for (const auto* t : {&A[l], &B[l], &grad_A[l], &grad_B[l], &ipt_A[l], &ipt_B[l],
@@ -91,7 +89,7 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
   out.idx.resize(L);
   // Shapes, dtypes and devices first (no host sync), then idx and the new pairs' finiteness flags
   // of every layer come to the host together.
-  std::vector<at::Tensor> idx_parts, finite;
+  std::vector<at::Tensor> host_parts, finite;  // every layer's idx, then the finiteness flags
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor &Wl = W[l], &Bl = B[l], &Al = A[l];
     TORCH_CHECK_VALUE(Wl.dim() == 2 && Bl.dim() == 2 && Al.dim() == 2 && Bl.size(0) == Wl.size(0) &&
@@ -100,15 +98,14 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
                 ", ", Bl.sizes(), ", ", Al.sizes());
     for (const auto* t : {&Wl, &Bl}) {
       const auto dt = t->scalar_type();
-      TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                       op, ": layer ", l, ": W, B and A must be floating point, got ", dt);
+      TORCH_CHECK_TYPE(is_weight_dtype(dt), op, ": layer ", l, ": W, B and A must be floating point, got ", dt);
     }
     TORCH_CHECK_TYPE(Bl.scalar_type() == Al.scalar_type(), op, ": layer ", l,
                 ": B and A must share a dtype");
     TORCH_CHECK_TYPE(idx[l].scalar_type() == at::kLong && idx[l].dim() == 1, op, ": layer ", l,
                      ": idx must be a 1-D int64 tensor");
     TORCH_CHECK_VALUE(idx[l].device() == Wl.device(), op, ": layer ", l, ": idx must be on W's device");
-    idx_parts.push_back(idx[l]);
+    host_parts.push_back(idx[l]);
     if (!Bn.empty()) {
       const at::Tensor Bnl = Bn[l].to(Bl.scalar_type()), Anl = An[l].to(Bl.scalar_type());  // no copy if equal
       const int64_t q = idx[l].numel();
@@ -123,9 +120,8 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       out.A_new.push_back(Anl);
     }
   }
-  std::vector<at::Tensor> parts(idx_parts);
-  parts.insert(parts.end(), finite.begin(), finite.end());
-  const std::vector<at::Tensor> host = to_host(parts);
+  host_parts.insert(host_parts.end(), finite.begin(), finite.end());
+  const std::vector<at::Tensor> host = to_host(host_parts);
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& ix = host[l];
     const int64_t* p = ix.data_ptr<int64_t>();

@@ -18,7 +18,11 @@ namespace subspace_ext {
 
 // TORCH_CHECK that t is a float32/float64 tensor (names op and argument in the message).
 void check_float(const at::Tensor& t, const char* op, const char* arg);
-// The same for model weights: float32/float64, or bfloat16/float16 (computed in float32).
+// The dtypes model weights may have: float32/float64, or bfloat16/float16 (computed in float32).
+inline bool is_weight_dtype(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
+}
+// TORCH_CHECK that t has a weight dtype (names op and argument in the message).
 void check_weight(const at::Tensor& t, const char* op, const char* arg);
 // The dtype a weight is computed in: float64 stays float64, everything else is float32.
 inline at::ScalarType compute_dtype(const at::Tensor& t) {
