@@ -93,16 +93,18 @@ def _perturbed_tn(emu, U, Y, eps, seed, stream):
     return partial.sum(0)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("m,n,r,k1,k2", [(1, 1, 1, 1, 1), (129, 40, 3, 5, 2), (300, 257, 8, 17, 33),
+                                         (70, 45, 19, 41, 23),  # tile rows cut mid Philox block
                                          (5, 7, 1000, 3, 2)], ids=str)  # r = 1000: opt-in shared memory
-def test_project_perturbed_kernel_equals_cpu_bits(emu, m, n, r, k1, k2, dtype):
+def test_project_perturbed_kernel_equals_cpu_bits(emu, m, n, r, k1, k2, dtype, eps):
     U, V = torch.randn(k1, m, dtype=dtype).T, torch.randn(n, k2, dtype=dtype)  # U a transposed view
     B, A = torch.randn(m, r, dtype=dtype), torch.randn(r, n, dtype=dtype)
-    left = _perturbed_tn(emu, U, B, 0.3, 11, 4)
-    right = _perturbed_tn(emu, V, A.t(), 0.3, 11, 5)
+    left = _perturbed_tn(emu, U, B, eps, 11, 4)
+    right = _perturbed_tn(emu, V, A.t(), eps, 11, 5)
     C = (left @ right.t()) * 0.7
-    assert torch.equal(C, ops.project_perturbed(U, V, B, A, 0.7, eps=0.3, seed=11, stream_u=4, stream_v=5))
+    assert torch.equal(C, ops.project_perturbed(U, V, B, A, 0.7, eps=eps, seed=11, stream_u=4, stream_v=5))
 
 
 def _perturbed_nt(emu, X, U, eps, seed, stream, out, sms):

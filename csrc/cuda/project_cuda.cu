@@ -3,7 +3,8 @@
 //
 // perturbed_tn: partial[c] = (U + eps N)^T Y over one chunk of rows. Grid: (row chunk, range of
 // 256 output entries); each thread owns one entry (j, t) of the k x r product and accumulates the
-// chunk's rows in order, as the CPU kernel does (so each partial has its bits).
+// chunk's rows in order, as the CPU kernel does (so each partial has its bits). The tile loader
+// computes each Philox block the tile needs once (a block gives 4 float / 2 double normals).
 //
 // perturbed_nt: out = X (U + eps N)^T. Grid: (strip of tq rows of U, split of X's rows). A block
 // builds its strip of perturbed rows once (one Philox block per thread: every normal of the strip
@@ -36,15 +37,31 @@ __global__ void perturbed_tn_kernel(const T* U, int64_t us0, int64_t us1, int64_
   T* tu = smem;                // kTile x ncol
   T* ty = smem + kTile * ncol;  // kTile x r
   const int64_t row0 = chunk * rows_per_chunk, row1 = min(m, row0 + rows_per_chunk);
+  constexpr int per = philox::PerBlock<T>::value;
+  const int64_t nb = (ncol + 2 * per - 2) / per;  // most Philox blocks a row's ncol entries touch
   T acc = T(0);
   for (int64_t t0 = row0; t0 < row1; t0 += kTile) {
     const int64_t rows = min(static_cast<int64_t>(kTile), row1 - t0);
-    for (int64_t x = threadIdx.x; x < rows * ncol; x += blockDim.x) {
-      const int64_t i = t0 + x / ncol, j = j0 + x % ncol;
-      T u = U[i * us0 + j * us1];
-      if (eps != T(0))  // perturbed_basis's element: u + eps * z, rounded as there
-        u = philox::add(u, philox::mul(eps, philox::normal_at<T>(seed, stream, static_cast<uint64_t>(i * k + j))));
-      tu[x] = u;
+    if (eps == T(0)) {
+      for (int64_t x = threadIdx.x; x < rows * ncol; x += blockDim.x)
+        tu[x] = U[(t0 + x / ncol) * us0 + (j0 + x % ncol) * us1];
+    } else {
+      // perturbed_basis's element u + eps * z, rounded as there. Row i of the tile needs normals
+      // [i k + j0, i k + j0 + ncol): thread x takes Philox block x % nb of row x / nb and stores
+      // every element of that block the tile needs (each block computed once per tile).
+      for (int64_t x = threadIdx.x; x < rows * nb; x += blockDim.x) {
+        const int64_t row = x / nb, i = t0 + row, g0 = i * k + j0;
+        const int64_t b = g0 / per + x % nb;
+        if (b * per >= g0 + ncol) continue;
+        T z[per];
+        philox::normals_of_block(seed, stream, static_cast<uint64_t>(b), z);
+#pragma unroll
+        for (int c = 0; c < per; ++c) {
+          const int64_t g = b * per + c - g0;  // position in the row's segment
+          if (g < 0 || g >= ncol) continue;
+          tu[row * ncol + g] = philox::add(U[i * us0 + (j0 + g) * us1], philox::mul(eps, z[c]));
+        }
+      }
     }
     for (int64_t x = threadIdx.x; x < rows * r; x += blockDim.x)
       ty[x] = Y[(t0 + x / r) * ys0 + (x % r) * ys1];
