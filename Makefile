@@ -7,6 +7,7 @@
 #   make cmake-test  CMake build against libtorch and its C++ test program only
 #   make cuda-build  compile + link the CUDA kernels against torch's CUDA 13 build (.venv-cuda; no GPU
 #                    needed) and check the library registers them: CI runs it so a broken .cu fails
+#   make cmake-cuda-build  the same kernels through CMakeLists.txt (libtorch, no Python) + ctest
 #   make clean       remove build outputs (keeps .venv)
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -21,7 +22,7 @@ CUDA_HOME ?= $(shell n=$$(command -v nvcc); if [ -n "$$n" ] && grep -qs '^exec '
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup build run bench-table test cuda-build pytest bench cmake-test clean
+.PHONY: setup build run bench-table test cuda-build cmake-cuda-build pytest bench cmake-test clean
 
 $(VENV)/.deps: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,8 +70,18 @@ cuda-build: $(VENV_CUDA)/.deps
 	  $(VENV_CUDA)/bin/python setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/temp
 	$(VENV_CUDA)/bin/python .ci/check_cuda_build.py build-cuda/lib
 
+# The CMake build with the CUDA kernels (libtorch from torch's CUDA 13 build; no GPU needed): the
+# C++ test program and the edge decoder run (on the CPU) against a CUDA-enabled library.
+cmake-cuda-build: $(VENV_CUDA)/.deps
+	@test -n "$(CUDA_HOME)" || { echo "cmake-cuda-build: no nvcc found (set CUDA_HOME)"; exit 1; }
+	PATH="$(abspath $(VENV_CUDA))/bin:$$PATH" cmake -S . -B cmake-build-cuda -G Ninja -DSUBSPACE_EXT_CUDA=ON \
+	  -DCMAKE_CUDA_COMPILER="$(CUDA_HOME)/bin/nvcc" \
+	  -DCMAKE_PREFIX_PATH="$$($(VENV_CUDA)/bin/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+	PATH="$(abspath $(VENV_CUDA))/bin:$$PATH" cmake --build cmake-build-cuda -j2
+	ctest --test-dir cmake-build-cuda --output-on-failure
+
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q
 
 clean:
-	rm -rf build build-cuda cmake-build subspace_ext/*.so *.egg-info
+	rm -rf build build-cuda cmake-build cmake-build-cuda subspace_ext/*.so *.egg-info
