@@ -70,6 +70,19 @@ def _same_device(named):
         raise ValueError(f"arguments must be on one device, got {desc}")
 
 
+def _device_groups(tensors) -> list:
+    """Indices of ``tensors`` grouped by device, in order of first appearance: the multi-layer ops
+    make one native call per device (a model split over GPUs, or partly offloaded to the CPU)."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return list(groups.values())
+
+
+def _pick(items, idx):
+    return [items[i] for i in idx]
+
+
 def _int(x, name, lo=None):
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
@@ -158,6 +171,7 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
     Returns a list of ``(U, S, V)``; entry i equals ``rsvd(mats[i], ...)`` exactly (dtypes as in
     ``rsvd``: bfloat16/float16 weights need no float32 copy of the whole list first). On CUDA the
     matrices of one shape run as one batch, so where shapes repeat the equality is to rounding.
+    The matrices may live on different devices (one call per device; results stay on each).
     """
     if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
         raise TypeError("mats must be a list or tuple of 2-D tensors")
@@ -170,9 +184,12 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
     _int(niter, "niter", 0)
     if not mats:
         return []
-    _same_device([(f"mats[{i}]", A) for i, A in enumerate(mats)])
-    U, S, V = _ops.rsvd_many(list(mats), rank, oversample, niter, _seed(seed))
-    return list(zip(U, S, V))
+    out = [None] * len(mats)
+    for g in _device_groups(mats):
+        U, S, V = _ops.rsvd_many(_pick(mats, g), rank, oversample, niter, _seed(seed))
+        for i, u, s_, v in zip(g, U, S, V):
+            out[i] = (u, s_, v)
+    return out
 
 
 def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
@@ -331,7 +348,8 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     ``ipt <- beta1 ipt + (1 - beta1) I``, ``unc <- beta2 unc + (1 - beta2) |I - ipt|`` (states
     updated in place), element score ``ipt * unc``; the score of pair j is the mean over row j of A
     plus the mean over column j of B. Returns one (r,) tensor per layer (dtype of the states).
-    An empty list of layers returns ``[]``.
+    An empty list of layers returns ``[]``. Layers may live on different devices (each layer's
+    tensors on one): one launch per device.
     """
     lists = {n: _layers(v, n) for n, v in
              [("A", A), ("B", B), ("grad_A", grad_A), ("grad_B", grad_B), ("ipt_A", ipt_A),
@@ -361,9 +379,10 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     c = lambda ts: [t.contiguous() for t in ts]  # noqa: E731
     scores = [torch.empty(a.shape[0], dtype=s.dtype, device=s.device)
               for a, s in zip(lists["A"], lists["ipt_A"])]
-    _ops.pair_importance_(c(lists["A"]), c(lists["B"]), c(lists["grad_A"]), c(lists["grad_B"]),
-                          lists["ipt_A"], lists["ipt_B"], lists["unc_A"], lists["unc_B"], scores,
-                          float(beta1), float(beta2))
+    for g in _device_groups(lists["A"]):
+        p = {n: _pick(v, g) for n, v in lists.items()}
+        _ops.pair_importance_(c(p["A"]), c(p["B"]), c(p["grad_A"]), c(p["grad_B"]), p["ipt_A"], p["ipt_B"],
+                              p["unc_A"], p["unc_B"], _pick(scores, g), float(beta1), float(beta2))
     return scores
 
 
@@ -399,11 +418,11 @@ def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
 
     The layer's function ``W x + scaling * B A x`` is unchanged (up to W's rounding). Accepts one
     layer (tensors; ``idx`` a tensor) or many (lists, ``idx`` a list of tensors; one pass over each
-    W, all layers in one call). An empty list of layers does nothing.
+    W, all layers of a device in one call). An empty list of layers does nothing.
     """
     W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "fuse_pairs_")
-    if W:
-        _ops.fuse_pairs_(W, B, A, idx, scaling)
+    for g in _device_groups(W):
+        _ops.fuse_pairs_(*(_pick(v, g) for v in (W, B, A, idx, scaling)))
 
 
 def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
@@ -423,10 +442,11 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
         if tuple(B_new[l].shape) != (W[l].shape[0], q) or tuple(A_new[l].shape) != (q, W[l].shape[1]):
             raise ValueError(f"reinit_pairs_: layer {l}: B_new must be {(W[l].shape[0], q)} and A_new "
                              f"{(q, W[l].shape[1])}, got {tuple(B_new[l].shape)} and {tuple(A_new[l].shape)}")
+        _same_device([(f"W[{l}]", W[l]), (f"B_new[{l}]", B_new[l]), (f"A_new[{l}]", A_new[l])])
         _finite(B_new[l], f"B_new[{l}]")
         _finite(A_new[l], f"A_new[{l}]")
-    if W:
-        _ops.reinit_pairs_(W, B, A, idx, B_new, A_new, scaling)
+    for g in _device_groups(W):
+        _ops.reinit_pairs_(*(_pick(v, g) for v in (W, B, A, idx, B_new, A_new, scaling)))
 
 
 # ---------------------------------------------------------------------------------------------

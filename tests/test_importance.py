@@ -376,3 +376,80 @@ def test_pair_importance_cuda_matches_cpu(pdtype, sdtype):
     for sc, sp in zip(st_c, st):  # the element-wise states are the same arithmetic: the same bits
         for g, e in zip(sc, sp):
             assert torch.equal(g.cpu(), e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers on several devices (a model split over GPUs, or partly offloaded): one call per device.
+# The second device is CUDA where present (values checked against the CPU), else "meta" (the
+# registered fakes: devices, shapes and dtypes of the results).
+
+OTHER = [pytest.param("meta", id="meta"),
+         pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or ""))]
+
+
+def _spread(ts, other):
+    """Odd layers moved to `other`, even layers kept (CPU): the CPU copies stay the reference."""
+    return [t.to(other) if l % 2 else t.clone() for l, t in enumerate(ts)]
+
+
+def _check_spread(got, exp, other, exact_cpu=True):
+    for l, (g, e) in enumerate(zip(got, exp)):
+        if l % 2 == 0:
+            assert g.device.type == "cpu" and (torch.equal(g, e) if exact_cpu else torch.allclose(g, e)), l
+            continue
+        assert g.device.type == other and g.shape == e.shape and g.dtype == e.dtype, l
+        if other == "cuda":
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("other", OTHER)
+def test_pair_importance_layers_on_several_devices(other):
+    shapes = MIXED[:5]
+    A, B, gA, gB = _layers(shapes, torch.float32, "cpu")
+    st = ops.importance_state(A, B)
+    st_x = tuple(_spread(s, other) for s in st)
+    for _ in range(2):
+        exp = ops.pair_importance(A, B, gA, gB, *st)
+        got = ops.pair_importance(*(_spread(x, other) for x in (A, B, gA, gB)), *st_x)
+    _check_spread(got, exp, other)
+    for sx, s in zip(st_x, st):
+        _check_spread(sx, s, other)
+
+
+@pytest.mark.parametrize("new", [False, True], ids=["fuse", "reinit"])
+@pytest.mark.parametrize("other", OTHER)
+def test_recompose_layers_on_several_devices(other, new):
+    shapes = MIXED[:5]
+    idx = [[0], [3, 1], [7, 2], [0, 3], [4]]
+    W = [torch.randn(m, n) for m, r, n in shapes]
+    B = [torch.randn(m, r) for m, r, n in shapes]
+    A = [torch.randn(r, n) for m, r, n in shapes]
+    ix = [torch.tensor(i) for i in idx]
+    Bn = [torch.randn(m, len(i)) for (m, r, n), i in zip(shapes, idx)]
+    An = [torch.randn(len(i), n) for (m, r, n), i in zip(shapes, idx)]
+    Wx, Bx, Ax, ixx, Bnx, Anx = (_spread(x, other) for x in (W, B, A, ix, Bn, An))
+    if new:
+        ops.reinit_pairs_(W, B, A, ix, Bn, An, 0.5)
+        ops.reinit_pairs_(Wx, Bx, Ax, ixx, Bnx, Anx, 0.5)
+    else:
+        ops.fuse_pairs_(W, B, A, ix, 0.5)
+        ops.fuse_pairs_(Wx, Bx, Ax, ixx, 0.5)
+    for got, exp in ((Wx, W), (Bx, B), (Ax, A)):
+        _check_spread(got, exp, other)
+
+
+def test_recompose_new_pair_on_another_device_named():
+    W, B, A = torch.randn(5, 6), torch.randn(5, 2), torch.randn(2, 6)
+    with pytest.raises(ValueError, match=r"one device.*B_new\[0\] on meta"):
+        ops.reinit_pairs_([W], [B], [A], [torch.tensor([1])], [torch.randn(5, 1, device="meta")], [torch.randn(1, 6)])
+
+
+@pytest.mark.parametrize("other", OTHER)
+def test_rsvd_many_matrices_on_several_devices(other):
+    mats = [torch.randn(m, n) for m, n in [(40, 30), (17, 64), (40, 30), (9, 9), (64, 17)]]
+    got = ops.rsvd_many(_spread(mats, other), 4, niter=1, seed=3)
+    exp = ops.rsvd_many(mats, 4, niter=1, seed=3)
+    for j in range(3):  # U, S, V
+        # CPU entries: rsvd_many's entries are independent, so the split changes no bit; on CUDA the
+        # factors may differ by a sign-stable rounding only
+        _check_spread([g[j] for g in got], [e[j] for e in exp], other)
