@@ -13,6 +13,7 @@ positive (so the same matrix gives the same factors on every machine).
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -81,6 +82,19 @@ def _device_groups(tensors) -> list:
 
 def _pick(items, idx):
     return [items[i] for i in idx]
+
+
+def _per_device(groups, run, numbered: str) -> None:
+    """``run(g)`` for each device group; an error of a later group names the caller's layer
+    numbers (``numbered``: the regex of a number in the kernels' messages, e.g. ``layer (\\d+)``)."""
+    for g in groups:
+        try:
+            run(g)
+        except (ValueError, TypeError) as e:
+            if len(groups) == 1:
+                raise
+            msg = re.sub(numbered, lambda m: m.group(0).replace(m.group(1), str(g[int(m.group(1))])), str(e))
+            raise type(e)(msg) from None
 
 
 def _int(x, name, lo=None):
@@ -185,10 +199,12 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
     if not mats:
         return []
     out = [None] * len(mats)
-    for g in _device_groups(mats):
+
+    def run(g):
         U, S, V = _ops.rsvd_many(_pick(mats, g), rank, oversample, niter, _seed(seed))
         for i, u, s_, v in zip(g, U, S, V):
             out[i] = (u, s_, v)
+    _per_device(_device_groups(mats), run, r"mats\[(\d+)\]")
     return out
 
 
@@ -379,10 +395,11 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     c = lambda ts: [t.contiguous() for t in ts]  # noqa: E731
     scores = [torch.empty(a.shape[0], dtype=s.dtype, device=s.device)
               for a, s in zip(lists["A"], lists["ipt_A"])]
-    for g in _device_groups(lists["A"]):
+    def run(g):
         p = {n: _pick(v, g) for n, v in lists.items()}
         _ops.pair_importance_(c(p["A"]), c(p["B"]), c(p["grad_A"]), c(p["grad_B"]), p["ipt_A"], p["ipt_B"],
                               p["unc_A"], p["unc_B"], _pick(scores, g), float(beta1), float(beta2))
+    _per_device(_device_groups(lists["A"]), run, r"layer (\d+)")
     return scores
 
 
@@ -413,6 +430,26 @@ def _recompose_args(W, B, A, idx, scaling, op):
     return W, B, A, [i if i.dtype == torch.long else i.long() for i in idx], scaling
 
 
+def _recompose_per_device(op, W, A, idx, args) -> None:
+    """``op`` once per device. The kernel validates its layers' idx before changing any; across
+    devices that is done here first, so that a bad layer on one device leaves every layer as it was."""
+    groups = _device_groups(W)
+    if len(groups) > 1:
+        for l, i in enumerate(idx):
+            if i.device.type == "meta":
+                continue
+            v, r = i.tolist(), A[l].shape[0]
+            bad = [x for x in v if not 0 <= x < r]
+            if bad:
+                raise ValueError(f"{op.__name__}: layer {l}: idx entry {bad[0]} out of range [0, {r})")
+            seen = set()
+            for x in v:
+                if x in seen:
+                    raise ValueError(f"{op.__name__}: layer {l}: idx has repeated entry {x}")
+                seen.add(x)
+    _per_device(groups, lambda g: op(*(_pick(v, g) for v in args)), r"layer (\d+)")
+
+
 def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
     """In place: ``W += scaling * B[:, idx] @ A[idx, :]`` and ``B[:, idx] = 0``.
 
@@ -421,8 +458,7 @@ def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
     W, all layers of a device in one call). An empty list of layers does nothing.
     """
     W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "fuse_pairs_")
-    for g in _device_groups(W):
-        _ops.fuse_pairs_(*(_pick(v, g) for v in (W, B, A, idx, scaling)))
+    _recompose_per_device(_ops.fuse_pairs_, W, A, idx, (W, B, A, idx, scaling))
 
 
 def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
@@ -445,8 +481,7 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
         _same_device([(f"W[{l}]", W[l]), (f"B_new[{l}]", B_new[l]), (f"A_new[{l}]", A_new[l])])
         _finite(B_new[l], f"B_new[{l}]")
         _finite(A_new[l], f"A_new[{l}]")
-    for g in _device_groups(W):
-        _ops.reinit_pairs_(*(_pick(v, g) for v in (W, B, A, idx, B_new, A_new, scaling)))
+    _recompose_per_device(_ops.reinit_pairs_, W, A, idx, (W, B, A, idx, B_new, A_new, scaling))
 
 
 # ---------------------------------------------------------------------------------------------
