@@ -418,10 +418,10 @@ def _recompose_args(W, B, A, idx, scaling, op):
             _tensor(t, n, dtypes=_WEIGHT)
         i = idx[l]
         if not isinstance(i, torch.Tensor):
-            idx[l] = i = torch.as_tensor(i, dtype=torch.long, device=W[l].device)
+            idx[l] = i = torch.as_tensor(i, dtype=torch.long)
         if i.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"idx[{l}] must be an integer tensor, got {i.dtype}")
-        _same_device(named + [(f"idx[{l}]", i)])
+        _same_device(named + ([(f"idx[{l}]", i)] if i.device.type != "cpu" else []))
         m, n = W[l].shape[-2:]
         if W[l].dim() != 2 or B[l].shape[0] != m or A[l].shape[1] != n or B[l].shape[1] != A[l].shape[0]:
             raise ValueError(f"{op}: layer {l}: expected W (m x n), B (m x r), A (r x n), got "
@@ -455,7 +455,8 @@ def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
 
     The layer's function ``W x + scaling * B A x`` is unchanged (up to W's rounding). Accepts one
     layer (tensors; ``idx`` a tensor) or many (lists, ``idx`` a list of tensors; one pass over each
-    W, all layers of a device in one call). An empty list of layers does nothing.
+    W, all layers of a device in one call). An empty list of layers does nothing. ``idx`` may be on
+    W's device or on the CPU; CPU indices (or lists) spare a CUDA call its one device-to-host copy.
     """
     W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "fuse_pairs_")
     _recompose_per_device(_ops.fuse_pairs_, W, A, idx, (W, B, A, idx, scaling))

@@ -147,7 +147,7 @@ class SRLoRA:
             k = min(r, l.S.numel())
             root = (l.S[:k] / l.scaling).sqrt()
             # existing pairs are fused (B A is zero for a fresh LoRA, so this is exact either way)
-            idx.append(torch.arange(k, device=l.W.device))
+            idx.append(torch.arange(k))  # on the host: the kernel validates it without a copy back
             B_new.append((l.U[:, :k] * root).to(l.B.dtype))
             A_new.append((l.V[:, :k] * root).T.to(l.A.dtype))
         ops.reinit_pairs_([l.W for l in self.layers], [l.B.data for l in self.layers],
@@ -206,7 +206,7 @@ class SRLoRA:
             W.append(l.W)
             Bs.append(l.B.data)
             As.append(l.A.data)
-            idx.append(pick_dev)
+            idx.append(pick)  # host indices: no device-to-host copy inside the op
             B_new.append((l.U[:, dirs] * root).to(l.B.dtype))
             A_new.append((l.V[:, dirs] * root).T.to(l.A.dtype))
             scal.append(l.scaling)

@@ -370,6 +370,8 @@ def test_fuse_reinit_idx_errors(op):
         call([torch.tensor([2, 2]), torch.tensor([1])])
     with pytest.raises(TypeError, match=r"idx\[1\]"):
         call([torch.tensor([0]), torch.tensor([1.0])])
+    with pytest.raises(ValueError, match=r"one device.*idx\[1\] on meta"):  # host or W's device only
+        call([torch.tensor([0]), torch.tensor([1], device="meta")])
 
 
 def test_fuse_errors():

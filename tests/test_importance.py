@@ -335,7 +335,8 @@ from conftest import CUDA_SKIP_REASON, HAS_CUDA  # noqa: E402
 @pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
 @pytest.mark.parametrize("wdtype,fdtype", WB_DTYPES)
 @pytest.mark.parametrize("new", [False, True], ids=["fuse", "reinit"])
-def test_recompose_cuda_bit_identical_to_cpu(wdtype, fdtype, new):
+@pytest.mark.parametrize("idx_on", ["cuda", "cpu"], ids=["idx_cuda", "idx_cpu"])
+def test_recompose_cuda_bit_identical_to_cpu(wdtype, fdtype, new, idx_on):
     shapes = [(40, 8, 30), (3, 4, 257), (257, 4, 3), (64, 8, 64)]
     idx = [[1, 5, 6], [3], [0, 1, 2, 3], [7, 0]]
     W = [torch.randn(m, n).to(wdtype) for m, r, n in shapes]
@@ -348,14 +349,38 @@ def test_recompose_cuda_bit_identical_to_cpu(wdtype, fdtype, new):
     on = lambda ts: [t.cuda() for t in ts]  # noqa: E731
     Wc, Bc, Ac = on(W), on(B), on(A)
     ix_cpu = [torch.tensor(i) for i in idx]
+    ix_c = on(ix_cpu) if idx_on == "cuda" else ix_cpu  # CUDA W with host indices: no copy back
     if new:
         ops.reinit_pairs_(W, B, A, ix_cpu, Bn, An, s)
-        ops.reinit_pairs_(Wc, Bc, Ac, on(ix_cpu), on(Bn), on(An), s)
+        ops.reinit_pairs_(Wc, Bc, Ac, ix_c, on(Bn), on(An), s)
     else:
         ops.fuse_pairs_(W, B, A, ix_cpu, s)
-        ops.fuse_pairs_(Wc, Bc, Ac, on(ix_cpu), s)
+        ops.fuse_pairs_(Wc, Bc, Ac, ix_c, s)
     for got, exp in zip(Wc + Bc + Ac, W + B + A):
         assert torch.equal(got.cpu(), exp)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+def test_pair_importance_and_fuse_of_200_layers_take_three_launches():
+    """The issue's target, on the device: pair_importance (1 kernel) + fuse_pairs_ (2 kernels) over
+    200 layers; host indices, so the validation needs no kernel (copies are not launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = (MIXED * 29)[:200]
+    A, B, gA, gB = _layers(shapes, torch.float32, "cuda")
+    W = [torch.randn(m, n, device="cuda") for m, r, n in shapes]
+    idx = [[l % r] for l, (m, r, n) in enumerate(shapes)]
+    st = ops.importance_state(A, B)
+    ops.pair_importance(A, B, gA, gB, *st)  # warm-up (allocator, kernel attributes)
+    ops.fuse_pairs_(W, B, A, idx, 0.5)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ops.pair_importance(A, B, gA, gB, *st)
+        ops.fuse_pairs_(W, B, A, idx, 0.5)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not any(w in e.name.lower() for w in ("memcpy", "memset"))]
+    assert 1 <= len(kernels) <= 3, kernels
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")

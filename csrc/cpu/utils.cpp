@@ -53,25 +53,32 @@ void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorLi
 
 namespace {
 
-// Copies of `parts` on the host with one device-to-host transfer when they share a device (the
-// per-layer idx lists and finiteness flags of fuse/reinit: one sync for all layers, not one each).
+// Copies of `parts` on the host: those already there as they are, the others with one
+// device-to-host transfer when they share a device (the per-layer idx lists and finiteness flags of
+// fuse/reinit: one sync for all layers, not one each; none when every idx is on the host).
 std::vector<at::Tensor> to_host(const std::vector<at::Tensor>& parts) {
-  if (parts.empty()) return {};
+  std::vector<at::Tensor> out(parts.size());
+  std::vector<size_t> away;  // parts not on the host
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (parts[i].is_cpu())
+      out[i] = parts[i].contiguous();
+    else
+      away.push_back(i);
+  }
+  if (away.empty()) return out;
   bool one_device = true;
-  for (const auto& t : parts) one_device = one_device && t.device() == parts[0].device();
-  if (!one_device || parts[0].is_cpu()) {
-    std::vector<at::Tensor> out;
-    for (const auto& t : parts) out.push_back(t.to(at::kCPU).contiguous());
+  for (size_t i : away) one_device = one_device && parts[i].device() == parts[away[0]].device();
+  if (!one_device) {
+    for (size_t i : away) out[i] = parts[i].to(at::kCPU).contiguous();
     return out;
   }
   std::vector<at::Tensor> flat;
-  for (const auto& t : parts) flat.push_back(t.reshape(-1));
+  for (size_t i : away) flat.push_back(parts[i].reshape(-1));
   const at::Tensor all = at::cat(flat).to(at::kCPU);
-  std::vector<at::Tensor> out;
   int64_t at = 0;
-  for (const auto& t : parts) {
-    out.push_back(all.narrow(0, at, t.numel()).reshape(t.sizes()));
-    at += t.numel();
+  for (size_t i : away) {
+    out[i] = all.narrow(0, at, parts[i].numel()).reshape(parts[i].sizes());
+    at += parts[i].numel();
   }
   return out;
 }
@@ -104,7 +111,8 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
                 ": B and A must share a dtype");
     TORCH_CHECK_TYPE(idx[l].scalar_type() == at::kLong && idx[l].dim() == 1, op, ": layer ", l,
                      ": idx must be a 1-D int64 tensor");
-    TORCH_CHECK_VALUE(idx[l].device() == Wl.device(), op, ": layer ", l, ": idx must be on W's device");
+    TORCH_CHECK_VALUE(idx[l].device() == Wl.device() || idx[l].is_cpu(), op, ": layer ", l,
+                      ": idx must be on W's device or on the CPU");
     host_parts.push_back(idx[l]);
     if (!Bn.empty()) {
       const at::Tensor Bnl = Bn[l].to(Bl.scalar_type()), Anl = An[l].to(Bl.scalar_type());  // no copy if equal

@@ -3,7 +3,8 @@
 // launches, and a check of every launch. Compiled only in a CUDA build (csrc/sources.txt [cuda]).
 //
 // Host syncs: fuse_pairs_ / reinit_pairs_ copy every layer's `idx` to the host to validate it
-// (range, repeats) together with B_new / A_new's NaN/Inf flags, in one transfer for all layers;
+// (range, repeats) together with B_new / A_new's NaN/Inf flags, in one transfer for all layers
+// (none for idx given on the host);
 // perturbed_basis(orthonormalize=True) (csrc/cpu/philox_cpu.cpp) factors each l x l Gram matrix on
 // the host (csrc/cpu/utils.cpp). Nothing else synchronises here.
 #include <ATen/ATen.h>
