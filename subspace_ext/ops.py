@@ -112,11 +112,6 @@ def _seed(x, name="seed"):
     return x - 2**64 if x >= 2**63 else x  # the kernels read the 64 bits as unsigned
 
 
-def _finite(x, name):
-    if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
 # ---------------------------------------------------------------------------------------------
 # philox
 
@@ -395,6 +390,7 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     c = lambda ts: [t.contiguous() for t in ts]  # noqa: E731
     scores = [torch.empty(a.shape[0], dtype=s.dtype, device=s.device)
               for a, s in zip(lists["A"], lists["ipt_A"])]
+
     def run(g):
         p = {n: _pick(v, g) for n, v in lists.items()}
         _ops.pair_importance_(c(p["A"]), c(p["B"]), c(p["grad_A"]), c(p["grad_B"]), p["ipt_A"], p["ipt_B"],
@@ -430,12 +426,16 @@ def _recompose_args(W, B, A, idx, scaling, op):
     return W, B, A, [i if i.dtype == torch.long else i.long() for i in idx], scaling
 
 
-def _recompose_per_device(op, W, A, idx, args) -> None:
-    """``op`` once per device. The kernel validates its layers' idx before changing any; across
-    devices that is done here first, so that a bad layer on one device leaves every layer as it was."""
+def _recompose_per_device(op, W, A, idx, args, new_pairs=()) -> None:
+    """``op`` once per device. The kernel validates its layers' idx (and new pairs) before changing
+    any; across devices that is done here first, so that a bad layer on one device leaves every
+    layer as it was."""
     groups = _device_groups(W)
     if len(groups) > 1:
         for l, i in enumerate(idx):
+            for name, t in new_pairs:
+                if t[l].device.type != "meta" and not bool(torch.isfinite(t[l]).all()):
+                    raise ValueError(f"{op.__name__}: layer {l}: {name} contains NaN or Inf")
             if i.device.type == "meta":
                 continue
             v, r = i.tolist(), A[l].shape[0]
@@ -480,9 +480,9 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
             raise ValueError(f"reinit_pairs_: layer {l}: B_new must be {(W[l].shape[0], q)} and A_new "
                              f"{(q, W[l].shape[1])}, got {tuple(B_new[l].shape)} and {tuple(A_new[l].shape)}")
         _same_device([(f"W[{l}]", W[l]), (f"B_new[{l}]", B_new[l]), (f"A_new[{l}]", A_new[l])])
-        _finite(B_new[l], f"B_new[{l}]")
-        _finite(A_new[l], f"A_new[{l}]")
-    _recompose_per_device(_ops.reinit_pairs_, W, A, idx, (W, B, A, idx, B_new, A_new, scaling))
+    # NaN/Inf in the new pairs: checked by the kernel, with idx, in one transfer for all layers
+    _recompose_per_device(_ops.reinit_pairs_, W, A, idx, (W, B, A, idx, B_new, A_new, scaling),
+                          (("B_new", B_new), ("A_new", A_new)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -508,3 +508,23 @@ def test_rsvd_many_on_several_devices_names_the_callers_matrix():
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"mats\[2\] contains NaN"):
         ops.rsvd_many([torch.randn(9, 7, device="meta"), torch.randn(9, 7), bad], 2)
+
+
+@pytest.mark.parametrize("other", OTHER)
+def test_reinit_on_several_devices_checks_new_pairs_first(other):
+    """A NaN new pair on one device leaves every layer untouched (cf. the idx test above)."""
+    shapes = [(6, 8, 5), (6, 8, 5), (7, 8, 4)]
+    W = [torch.randn(m, n) for m, r, n in shapes]
+    B = [torch.randn(m, r) for m, r, n in shapes]
+    A = [torch.randn(r, n) for m, r, n in shapes]
+    idx = [torch.tensor([0]), torch.tensor([1]), torch.tensor([3])]
+    Bn = [torch.randn(m, 1) for m, r, n in shapes]
+    An = [torch.randn(1, n) for m, r, n in shapes]
+    at = 1 if other == "cuda" else 2
+    An[at][0, 1] = float("inf")
+    W[1], B[1], A[1], Bn[1], An[1] = (t.to(other) for t in (W[1], B[1], A[1], Bn[1], An[1]))
+    before = [t.clone() for t in W + B + A]
+    with pytest.raises(ValueError, match=rf"reinit_pairs_: layer {at}: A_new contains NaN or Inf"):
+        ops.reinit_pairs_(W, B, A, idx, Bn, An, 1.0)
+    for t, s in zip(W + B + A, before):
+        assert t.device.type == "meta" or torch.equal(t, s)

@@ -123,7 +123,8 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
                       Anl.dim() == 2 && Anl.size(0) == q && Anl.size(1) == Wl.size(1),
                   op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
                   Bnl.sizes(), " and ", Anl.sizes());
-      finite.push_back(at::logical_and(Bnl.isfinite().all(), Anl.isfinite().all()).reshape({1}));
+      finite.push_back(Bnl.isfinite().all().reshape({1}));
+      finite.push_back(Anl.isfinite().all().reshape({1}));
       out.B_new.push_back(Bnl);
       out.A_new.push_back(Anl);
     }
@@ -143,9 +144,9 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       out.idx[l].push_back(p[t]);
     }
   }
-  for (size_t l = 0; l < finite.size(); ++l)
-    TORCH_CHECK_VALUE(host[L + l].to(at::kBool).item<bool>(), op, ": layer ", l,
-                      ": B_new or A_new contains NaN or Inf");
+  for (size_t f = 0; f < finite.size(); ++f)
+    TORCH_CHECK_VALUE(host[L + f].to(at::kBool).item<bool>(), op, ": layer ", f / 2, ": ",
+                      f % 2 ? "A_new" : "B_new", " contains NaN or Inf");
   return out;
 }
 
