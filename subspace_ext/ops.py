@@ -85,7 +85,7 @@ def _pick(items, idx):
 
 
 def _per_device(groups, run, numbered: str) -> None:
-    """``run(g)`` for each device group; an error of a later group names the caller's layer
+    """``run(g)`` for each device group; with several groups an error names the caller's layer
     numbers (``numbered``: the regex of a number in the kernels' messages, e.g. ``layer (\\d+)``)."""
     for g in groups:
         try:
