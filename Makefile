@@ -79,6 +79,7 @@ cmake-cuda-build: $(VENV_CUDA)/.deps
 	  -DCMAKE_PREFIX_PATH="$$($(VENV_CUDA)/bin/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 	PATH="$(abspath $(VENV_CUDA))/bin:$$PATH" cmake --build cmake-build-cuda -j2
 	ctest --test-dir cmake-build-cuda --output-on-failure
+	$(VENV_CUDA)/bin/python .ci/check_cuda_build.py cmake-build-cuda/libsubspace_ext_core.so
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q

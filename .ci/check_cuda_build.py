@@ -1,5 +1,9 @@
 """Load the CUDA build of subspace_ext._C (no GPU needed) and check that every op of
-subspace_ext.ops.CUDA_OPS has a CUDA implementation registered, and that the others have none."""
+subspace_ext.ops.CUDA_OPS has a CUDA implementation registered, and that the others have none.
+
+    python .ci/check_cuda_build.py BUILD_LIB_DIR          # setup.py's build (subspace_ext/_C*.so)
+    python .ci/check_cuda_build.py path/to/library.so     # e.g. CMake's libsubspace_ext_core.so
+"""
 import ast
 import glob
 import os
@@ -8,7 +12,7 @@ import sys
 import torch
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-lib = glob.glob(os.path.join(sys.argv[1], "subspace_ext", "_C*.so"))
+lib = [sys.argv[1]] if sys.argv[1].endswith(".so") else glob.glob(os.path.join(sys.argv[1], "subspace_ext", "_C*.so"))
 if len(lib) != 1:
     sys.exit(f"check_cuda_build: expected one _C*.so under {sys.argv[1]}, found {lib}")
 torch.ops.load_library(lib[0])
