@@ -192,7 +192,8 @@ def test_perturbed_basis_zero_eps_is_identity(device):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-@pytest.mark.parametrize("shape", [(9, 4), (16, 16), (2, 30, 5)])
+@pytest.mark.parametrize("shape", [(9, 4), (16, 16), (2, 30, 5),
+                                   (150, 65), (2, 301, 200)])  # l > 64: the LAPACK / cuSOLVER Cholesky
 def test_perturbed_basis_orthonormalize(dtype, tol, shape, device):
     U = torch.linalg.qr(torch.randn(shape, dtype=torch.float64)).Q.to(dtype).to(device)
     eps = 0.3
@@ -210,6 +211,17 @@ def test_perturbed_basis_orthonormalize(dtype, tol, shape, device):
         # and it's not just U's space (a square basis spans everything either way)
         assert shape[-2] == shape[-1] or (q @ q.T - U.cpu().double().reshape(-1, *shape[-2:])[b]
                 @ U.cpu().double().reshape(-1, *shape[-2:])[b].T).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("l", [40, 80])  # the host Cholesky and the library one
+def test_perturbed_basis_orthonormalize_rank_deficient(l, device):
+    """Dependent columns fail the Cholesky-QR pivot test: Householder QR still gives an orthonormal
+    basis whose span holds every column."""
+    U = torch.randn(200, l, dtype=torch.float64)
+    U[:, 7] = U[:, 5]
+    Q = ops.perturbed_basis(U.to(device), 0.0, 1, 0, orthonormalize=True).cpu()
+    assert ref.orthonormality_error(Q) <= 1e-12
+    assert (U - Q @ (Q.T @ U)).abs().max().item() <= 1e-10
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,6 +152,14 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
 
 namespace {
 
+// Pivots at or below this fraction of the Gram matrix's largest diagonal entry mean cond(Y) beyond
+// ~1e6, where Cholesky-QR2 would lose orthogonality: such (or NaN) Gram matrices take Householder QR.
+constexpr double kPivotTol = 1e-12;
+// Gram matrices up to this size are factored by the plain loops below on the host (a CPU Y: no
+// library-call overhead, which dominates at rsvd's l = k + p); larger ones, and every one of a CUDA
+// Y, through LAPACK / cuSOLVER (blocked and threaded: SOLAR's d x d bases, d in the thousands).
+constexpr int64_t kHostCholeskyMax = 64;
+
 // Upper Cholesky factor of a small SPD matrix G (l x l, float64, contiguous) in place of R.
 // Returns false when a pivot is not safely positive (relative to the largest diagonal).
 bool cholesky_upper(const at::Tensor& G, at::Tensor& R) {
@@ -162,8 +170,7 @@ bool cholesky_upper(const at::Tensor& G, at::Tensor& R) {
   double dmax = 0.0;
   for (int64_t i = 0; i < l; ++i) dmax = std::max(dmax, g[i * l + i]);
   if (!(dmax > 0.0) || !std::isfinite(dmax)) return false;
-  // A pivot below this means cond(Y) beyond ~1e6: Cholesky-QR2 would lose orthogonality.
-  const double tol = 1e-12 * dmax;
+  const double tol = kPivotTol * dmax;
   for (int64_t j = 0; j < l; ++j) {
     double d = g[j * l + j];
     for (int64_t k = 0; k < j; ++k) d -= r[k * l + j] * r[k * l + j];
@@ -196,15 +203,24 @@ at::Tensor inverse_upper(const at::Tensor& R) {
   return X;
 }
 
-// One Cholesky-QR pass: Y = Q R, the Gram matrix and its Cholesky factor in float64, the tall
-// product Y R^-1 in Y's dtype. False if the Gram matrix is not safely positive definite.
-// The l x l Gram matrix is factored on the host (for CUDA Y: one small device-to-host copy).
+// One Cholesky-QR pass: Y = Q R, the Gram matrix and its upper Cholesky factor in float64, the tall
+// product Y R^-1 in Y's dtype. False if the Gram matrix is not safely positive definite. Through
+// ATen the pivot test is the one host sync (a scalar).
 bool cholesky_qr(const at::Tensor& Y, at::Tensor& Q, at::Tensor& R) {
   const at::Tensor Yd = Y.to(at::kDouble);
-  const at::Tensor G = at::mm(Yd.t(), Yd).to(at::kCPU).contiguous();
-  if (!cholesky_upper(G, R)) return false;
-  Q = at::mm(Y, inverse_upper(R).to(Y.device(), Y.scalar_type()));
-  R = R.to(Y.device());
+  const at::Tensor G = at::mm(Yd.t(), Yd);
+  at::Tensor Rinv;
+  if (Y.is_cpu() && G.size(0) <= kHostCholeskyMax) {
+    if (!cholesky_upper(G.contiguous(), R)) return false;
+    Rinv = inverse_upper(R);
+  } else {
+    auto [U, info] = at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false);
+    const at::Tensor d = U.diagonal();
+    if (!at::logical_and(info == 0, (d * d).min() > G.diagonal().max() * kPivotTol).item<bool>()) return false;
+    R = U;
+    Rinv = at::linalg_solve_triangular(U, at::eye(U.size(0), U.options()), /*upper=*/true);
+  }
+  Q = at::mm(Y, Rinv.to(Y.scalar_type()));
   return true;
 }
 
