@@ -30,7 +30,8 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
 }
 
 // Orthonormal basis of the columns of Y (p x l) and the triangular factor: Y = Q R.
-// Cholesky-QR (Gram matrix and Cholesky in float64, the tall product in Y's dtype), falling back
+// Cholesky-QR (Gram matrix and Cholesky in float64 on Y's device: plain loops for l <= 64 on the
+// CPU, LAPACK / cuSOLVER otherwise; the tall product in Y's dtype), falling back
 // to Householder QR (LAPACK, float64) when Y is ill-conditioned or rank-deficient, so Q is
 // orthonormal in every case. Returns Q (p x min(p,l), Y's dtype) and R (min(p,l) x l, float64).
 // `passes` = 2 gives orthonormality to rounding (Cholesky-QR2); 1 is enough to keep a subspace

@@ -5,8 +5,9 @@
 // Host syncs: fuse_pairs_ / reinit_pairs_ copy every layer's `idx` to the host to validate it
 // (range, repeats) together with B_new / A_new's NaN/Inf flags, in one transfer for all layers
 // (none for idx given on the host);
-// perturbed_basis(orthonormalize=True) (csrc/cpu/philox_cpu.cpp) factors each l x l Gram matrix on
-// the host (csrc/cpu/utils.cpp). Nothing else synchronises here.
+// perturbed_basis(orthonormalize=True) (csrc/cpu/philox_cpu.cpp) reads one scalar per Cholesky-QR
+// pass and matrix (the pivot test, csrc/cpu/utils.cpp; the factorisation runs on the device).
+// Nothing else synchronises here.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
