@@ -206,7 +206,8 @@ at::Tensor reconstruct_perturbed_cpu(const at::Tensor& U, const at::Tensor& C, c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
+// One list of kernels for both devices: each runs on its inputs' device (CPU loops or CUDA kernels/ATen).
+static void register_project_ops(torch::Library& m) {
   m.impl("reconstruct_perturbed", &reconstruct_perturbed_cpu);
   m.impl("project_perturbed", &project_perturbed_cpu);
   m.impl("project", &project_cpu);
@@ -214,17 +215,13 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("reconstruct", &reconstruct_cpu);
 }
 
+TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) { register_project_ops(m); }
+
 #ifdef SUBSPACE_EXT_WITH_CUDA
 // Three GEMMs: cuBLAS through ATen is the floor on CUDA, so the same composition is registered.
 // project_perturbed / reconstruct_perturbed: the hand-written kernels for (U + eps N)^T Y and
 // X (U + eps N)^T (csrc/cuda/project_cuda.cu).
-TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
-  m.impl("reconstruct_perturbed", &reconstruct_perturbed_cpu);
-  m.impl("project_perturbed", &project_perturbed_cpu);
-  m.impl("project", &project_cpu);
-  m.impl("project_dense", &project_dense_cpu);
-  m.impl("reconstruct", &reconstruct_cpu);
-}
+TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) { register_project_ops(m); }
 #endif
 
 }  // namespace subspace_ext

@@ -293,9 +293,9 @@ rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t
 
 }  // namespace
 
-// CUDA: batched over equal shapes through ATen (cuBLAS batched GEMMs, cuSOLVER batched QR and
-// small SVDs, our Philox kernel); one host sync per group (the finite check). factored_svd runs
-// the CPU path's composition (its l x l Cholesky on the host).
+// CUDA: batched over equal shapes through ATen (cuBLAS batched GEMMs, cuSOLVER batched QR) and our
+// kernels (Philox, the batched small SVD); one host sync per group (the finite check).
+// factored_svd runs the CPU path's composition (Cholesky-QR by cuSOLVER, a scalar sync per pass).
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("rsvd", &rsvd_cuda);
   m.impl("rsvd_many", &rsvd_many_cuda);

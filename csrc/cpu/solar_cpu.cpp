@@ -111,19 +111,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
+// One list of kernels for both devices: each runs on its inputs' device (CPU loops or CUDA kernels/ATen).
+static void register_solar_ops(torch::Library& m) {
   m.impl("solar_basis", &solar_basis_cpu);
   m.impl("solar_checksum", &solar_checksum_cpu);
   m.impl("solar_decode", &solar_decode_cpu);
 }
 
+TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) { register_solar_ops(m); }
+
 #ifdef SUBSPACE_EXT_WITH_CUDA
 // The same ATen composition on CUDA tensors (cuSOLVER/cuBLAS through ATen, our Philox kernel).
-TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
-  m.impl("solar_basis", &solar_basis_cpu);
-  m.impl("solar_checksum", &solar_checksum_cpu);
-  m.impl("solar_decode", &solar_decode_cpu);
-}
+TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) { register_solar_ops(m); }
 #endif
 
 }  // namespace subspace_ext
