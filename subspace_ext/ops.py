@@ -499,8 +499,7 @@ def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
     _tensor(W0, "W0", dtypes=_WEIGHT, op="solar_basis")
     if W0.dim() != 2:
         raise ValueError(f"W0 must be 2-D, got shape {tuple(W0.shape)}")
-    if not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _check_eps(eps)
     return _ops.solar_basis(W0, _seed(seed), _seed(stream, "stream"), float(eps))
 
 
