@@ -480,26 +480,36 @@ def test_rsvd_many_matrices_on_several_devices(other):
         _check_spread([g[j] for g in got], [e[j] for e in exp], other)
 
 
-@pytest.mark.parametrize("bad,match", [([0, 9], r"idx entry 9 out of range \[0, 8\)"),
-                                       ([1, 1], r"idx has repeated entry 1")])
+@pytest.mark.parametrize("bad,match", [("range", r"fuse_pairs_: layer {at}: idx entry 9 out of range \[0, 8\)"),
+                                       ("repeat", r"fuse_pairs_: layer {at}: idx has repeated entry 1"),
+                                       ("nan", r"reinit_pairs_: layer {at}: A_new contains NaN or Inf")],
+                         ids=["range", "repeat", "nan"])
 @pytest.mark.parametrize("other", OTHER)
 def test_recompose_on_several_devices_validates_every_layer_first(other, bad, match):
-    """A bad idx on one device leaves the layers of every device untouched, and the message counts
-    the caller's layers (not the position within a device's group). On CUDA the bad layer is the
-    CUDA one (its group runs after the CPU group); meta layers hold no values, so there it is the
-    last CPU layer."""
+    """A bad idx (fuse) or a non-finite new pair (reinit) on one device leaves the layers of every
+    device untouched, and the message counts the caller's layers (not the position within a
+    device's group). On CUDA the bad layer is the CUDA one (its group runs after the CPU group);
+    meta layers hold no values, so there it is the last CPU layer."""
     shapes = [(6, 8, 5), (6, 8, 5), (7, 8, 4)]
     W = [torch.randn(m, n) for m, r, n in shapes]
     B = [torch.randn(m, r) for m, r, n in shapes]
     A = [torch.randn(r, n) for m, r, n in shapes]
     idx = [torch.tensor([0, 2]), torch.tensor([1]), torch.tensor([3])]
+    Bn = [torch.randn(m, len(i)) for (m, r, n), i in zip(shapes, idx)]
+    An = [torch.randn(len(i), n) for (m, r, n), i in zip(shapes, idx)]
     at = 1 if other == "cuda" else 2
-    idx[at] = torch.tensor(bad)
-    W[1], B[1], A[1], idx[1] = W[1].to(other), B[1].to(other), A[1].to(other), idx[1].to(other)
-    before = [t.clone() for t in W + B]
-    with pytest.raises(ValueError, match=rf"fuse_pairs_: layer {at}: " + match):
-        ops.fuse_pairs_(W, B, A, idx, 1.0)
-    for t, s in zip(W + B, before):
+    if bad == "nan":
+        An[at][0, 1] = float("inf")
+    else:
+        idx[at] = torch.tensor([0, 9] if bad == "range" else [1, 1])
+    W[1], B[1], A[1], idx[1], Bn[1], An[1] = (t.to(other) for t in (W[1], B[1], A[1], idx[1], Bn[1], An[1]))
+    before = [t.clone() for t in W + B + A]
+    with pytest.raises(ValueError, match=match.format(at=at)):
+        if bad == "nan":
+            ops.reinit_pairs_(W, B, A, idx, Bn, An, 1.0)
+        else:
+            ops.fuse_pairs_(W, B, A, idx, 1.0)
+    for t, s in zip(W + B + A, before):
         assert t.device.type == "meta" or torch.equal(t, s)
 
 
@@ -508,23 +518,3 @@ def test_rsvd_many_on_several_devices_names_the_callers_matrix():
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"mats\[2\] contains NaN"):
         ops.rsvd_many([torch.randn(9, 7, device="meta"), torch.randn(9, 7), bad], 2)
-
-
-@pytest.mark.parametrize("other", OTHER)
-def test_reinit_on_several_devices_checks_new_pairs_first(other):
-    """A NaN new pair on one device leaves every layer untouched (cf. the idx test above)."""
-    shapes = [(6, 8, 5), (6, 8, 5), (7, 8, 4)]
-    W = [torch.randn(m, n) for m, r, n in shapes]
-    B = [torch.randn(m, r) for m, r, n in shapes]
-    A = [torch.randn(r, n) for m, r, n in shapes]
-    idx = [torch.tensor([0]), torch.tensor([1]), torch.tensor([3])]
-    Bn = [torch.randn(m, 1) for m, r, n in shapes]
-    An = [torch.randn(1, n) for m, r, n in shapes]
-    at = 1 if other == "cuda" else 2
-    An[at][0, 1] = float("inf")
-    W[1], B[1], A[1], Bn[1], An[1] = (t.to(other) for t in (W[1], B[1], A[1], Bn[1], An[1]))
-    before = [t.clone() for t in W + B + A]
-    with pytest.raises(ValueError, match=rf"reinit_pairs_: layer {at}: A_new contains NaN or Inf"):
-        ops.reinit_pairs_(W, B, A, idx, Bn, An, 1.0)
-    for t, s in zip(W + B + A, before):
-        assert t.device.type == "meta" or torch.equal(t, s)
