@@ -67,6 +67,9 @@ if want_cuda():
     archs = os.environ.get("SUBSPACE_EXT_CUDA_ARCHS", "80;90").split(";")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-fmad=false"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # PTX of the newest arch too, so GPUs newer than the list JIT-compile it instead of failing
+    # with "no kernel image is available" (CMake's CMAKE_CUDA_ARCHITECTURES "80 90" does the same).
+    nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     ext = cpp_extension.CUDAExtension(
         "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])

@@ -14,6 +14,9 @@
 #include "subspace_ext/philox.h"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace subspace_ext {
 namespace cuda {
@@ -76,11 +79,23 @@ __global__ void perturbed_tn_kernel(const T* U, int64_t us0, int64_t us1, int64_
 }
 
 // Beyond the default 48 KiB a kernel needs the device's opt-in shared memory (the caller checked
-// the size against the device's limit).
+// the size against the device's limit). The attribute is one value per kernel and device, shared by
+// every host thread: it is only ever raised (under a lock), so a call with a smaller need cannot
+// lower it between another thread's set and launch.
 template <typename K>
 cudaError_t allow_smem(K kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, size_t> raised;
+  const std::lock_guard<std::mutex> hold(lock);
+  size_t& now = raised[{reinterpret_cast<const void*>(kernel), dev}];
+  if (bytes <= now) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) now = bytes;
+  return err;
 }
 
 template <typename T>

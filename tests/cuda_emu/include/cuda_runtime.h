@@ -114,6 +114,7 @@ inline int __syncthreads_or(int pred) {
   return r;
 }
 
+inline cudaError_t cudaGetDevice(int* dev) { *dev = 0; return cudaSuccess; }  // one emulated device
 template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int value) {
   if (value < 0 || static_cast<size_t>(value) > emu::kOptinSmem) return cudaErrorInvalidValue;
   emu::smem_optin()[reinterpret_cast<const void*>(f)] = static_cast<size_t>(value);
