@@ -260,6 +260,71 @@ def test_fuse_pairs_thread_invariant():
         assert torch.equal(x, y)
 
 
+def _shared_memory_case(case, device):
+    """Layers whose written tensors overlap: (W, B, A, new pairs or None, the layers named)."""
+    P = torch.randn(12, 6, device=device)
+    W = [torch.randn(8, 6, device=device) for _ in range(2)]
+    B = [torch.randn(8, 3, device=device) for _ in range(2)]
+    A = [torch.randn(3, 6, device=device) for _ in range(2)]
+    new = None
+    if case == "same W":
+        W[1] = W[0]
+        named = "layer 0's W and layer 1's W"
+    elif case == "same B":
+        B[1] = B[0]
+        named = "layer 0's B and layer 1's B"
+    elif case == "overlapping row slices of W":
+        W = [P[:8], P[4:]]
+        named = "layer 0's W and layer 1's W"
+    elif case == "W and its transpose":
+        S = torch.randn(8, 8, device=device)
+        W, A = [S, S.T], [torch.randn(3, 8, device=device) for _ in range(2)]
+        named = "layer 0's W and layer 1's W"
+    elif case == "B is W":
+        W[0] = torch.randn(8, 3, device=device)
+        A[0] = torch.randn(3, 3, device=device)
+        B[0] = W[0]
+        named = "layer 0's W and layer 0's B"
+    else:  # reinit writes A too
+        A[1] = A[0]
+        new = ([torch.randn(8, 1, device=device)] * 2, [torch.randn(1, 6, device=device)] * 2)
+        named = "layer 0's A and layer 1's A"
+    return W, B, A, new, named
+
+
+@pytest.mark.parametrize("case", ["same W", "same B", "overlapping row slices of W", "W and its transpose",
+                                  "B is W", "same A (reinit)"])
+def test_recompose_refuses_tensors_written_twice(case, device):
+    # Layers are updated concurrently: a weight written for two layers would lose one update.
+    W, B, A, new, named = _shared_memory_case(case, device)
+    before = [t.clone() for t in W + B + A]
+    idx = [torch.tensor([0]), torch.tensor([1])]
+    op = "reinit_pairs_" if new else "fuse_pairs_"
+    with pytest.raises(ValueError, match=f"{op}: {named} share memory"):
+        if new:
+            ops.reinit_pairs_(W, B, A, idx, *new)
+        else:
+            ops.fuse_pairs_(W, B, A, idx)
+    assert all(torch.equal(x, y) for x, y in zip(W + B + A, before))
+
+
+def test_recompose_accepts_disjoint_views_and_shared_read_only_factors(device):
+    # Row slices and (interleaved) column slices of one weight, A read by two layers of a fusion,
+    # and a weight shared with a layer that moves no pair: nothing written twice.
+    P, Q = torch.randn(16, 6, device=device), torch.randn(8, 12, device=device)
+    W = [P[:8], P[8:], Q[:, :6], Q[:, 6:], P[:8]]
+    A_shared = torch.randn(3, 6, device=device)
+    B = [torch.randn(8, 3, device=device) for _ in W]
+    A = [A_shared, A_shared, torch.randn(3, 6, device=device), torch.randn(3, 6, device=device), A_shared]
+    idxs = [[0], [1, 2], [2], [0, 1], []]
+    W0, B0 = [d(w) for w in W], [d(b) for b in B]
+    ops.fuse_pairs_(W, B, A, [torch.tensor(i, dtype=torch.long) for i in idxs], 0.5)
+    for l in range(4):
+        W_ref, B_ref = ref.fuse_pairs_ref(W0[l], B0[l], d(A[l]), idxs[l], 0.5)
+        assert torch.allclose(d(W[l]), W_ref, atol=1e-5), l
+        assert torch.equal(d(B[l]), B_ref), l
+
+
 @pytest.mark.parametrize("wdtype,fdtype", WB_DTYPES)
 def test_reinit_pairs_single_layer(wdtype, fdtype, device):
     m, r, n = 40, 8, 30

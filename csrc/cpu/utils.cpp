@@ -1,6 +1,10 @@
 #include "utils.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
 
 namespace subspace_ext {
 
@@ -83,6 +87,47 @@ std::vector<at::Tensor> to_host(const std::vector<at::Tensor>& parts) {
   return out;
 }
 
+// Refuses tensors that the recomposition writes (W and B; A too for reinit) overlapping any other
+// tensor of the call (the same weight passed for two layers, a B shared by two adapters): their
+// layers' updates run concurrently (threads, CUDA blocks) and one would be lost. Only layers with
+// pairs to move take part. Dense tensors (any order of strides) are compared by address range;
+// strided views that interleave (column slices of one weight) only when they are the same view.
+void check_no_overlap(const char* op, at::TensorList W, at::TensorList B, at::TensorList A,
+                      const std::vector<std::vector<int64_t>>& idx, bool A_written) {
+  struct Span {
+    uintptr_t lo, hi;
+    size_t layer;
+    const char* name;
+    bool written;
+    const at::Tensor* t;
+  };
+  std::vector<Span> spans;
+  for (size_t l = 0; l < W.size(); ++l) {
+    if (idx[l].empty()) continue;
+    for (auto [t, name, written] : {std::tuple{&W[l], "W", true}, std::tuple{&B[l], "B", true},
+                                    std::tuple{&A[l], "A", A_written}}) {
+      if (t->numel() == 0) continue;
+      int64_t extent = 1;
+      for (int64_t d = 0; d < t->dim(); ++d) extent += (t->size(d) - 1) * t->stride(d);
+      const auto lo = reinterpret_cast<uintptr_t>(t->data_ptr());
+      spans.push_back({lo, lo + static_cast<uintptr_t>(extent) * t->element_size(), l, name, written, t});
+    }
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (size_t i = 0; i < spans.size(); ++i)
+    for (size_t j = i + 1; j < spans.size() && spans[j].lo < spans[i].hi; ++j) {
+      const Span &a = spans[i], &b = spans[j];
+      if (!a.written && !b.written) continue;
+      const bool overlap = (a.t->is_non_overlapping_and_dense() && b.t->is_non_overlapping_and_dense()) ||
+                           (a.lo == b.lo && a.t->sizes() == b.t->sizes() && a.t->strides() == b.t->strides());
+      const auto [first, second] = a.layer < b.layer || (a.layer == b.layer && a.name[0] > b.name[0])
+                                       ? std::pair{&a, &b} : std::pair{&b, &a};
+      TORCH_CHECK_VALUE(!overlap, op, ": layer ", first->layer, "'s ", first->name, " and layer ", second->layer,
+                        "'s ", second->name, " share memory (the same tensor passed twice?); the layers are "
+                        "updated in place concurrently, so each tensor the call writes must be passed once");
+    }
+}
+
 }  // namespace
 
 RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorList B,
@@ -147,6 +192,7 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
   for (size_t f = 0; f < finite.size(); ++f)
     TORCH_CHECK_VALUE(host[L + f].to(at::kBool).item<bool>(), op, ": layer ", f / 2, ": ",
                       f % 2 ? "A_new" : "B_new", " contains NaN or Inf");
+  check_no_overlap(op, W, B, A, out.idx, /*A_written=*/!Bn.empty());
   return out;
 }
 

@@ -72,8 +72,8 @@ void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorLi
                                 double beta1, double beta2);
 
 // Checked arguments of fuse_pairs_ / reinit_pairs_: the indices of every layer on the host
-// (validated: in range, no repeats; a device-to-host copy for CUDA idx), and B_new / A_new in
-// B's dtype (empty lists for fusion).
+// (validated: in range, no repeats; a device-to-host copy for CUDA idx), B_new / A_new in B's dtype
+// (empty lists for fusion). Also refuses a tensor the call writes overlapping another of its tensors.
 struct RecomposeArgs {
   std::vector<std::vector<int64_t>> idx;
   std::vector<at::Tensor> B_new, A_new;
