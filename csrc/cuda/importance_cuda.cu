@@ -17,7 +17,9 @@ constexpr int kThreads = 256;
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// Exact conversions (the CPU kernels' static_casts; round-to-nearest-even on narrowing).
+// Exact conversions (the CPU kernels' static_casts; round-to-nearest-even on narrowing). The one
+// difference: a NaN narrowed to bf16/fp16 gets CUDA's canonical payload (0x7FFF), c10's keeps the
+// quiet bit (0x7FC0 / 0x7E00): same bits for every finite or infinite value, not for NaN.
 template <typename To, typename From> __device__ __forceinline__ To cvt(From x) {
   if constexpr (std::is_same_v<From, __nv_bfloat16>) {
     return static_cast<To>(__bfloat162float(x));
