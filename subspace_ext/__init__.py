@@ -2,12 +2,24 @@
 
     import subspace_ext as se
     U, S, V = se.ops.rsvd(W, 8)
+    pkg = se.solar.compress("adapter_dir", "base_model_dir", ratio=0.1)
 
 The kernels are registered as torch.ops.subspace_ext.*; `subspace_ext.ops` is the typed,
-checked Python entry point to them.
+checked Python entry point to them. The methods live in se.solar, se.eigenlorax and se.srlora
+(imported on first use), file formats in se.io.
 """
+import importlib
+
 from . import ops
 from .ops import cuda_enabled
 
 __version__ = "0.1.0"
-__all__ = ["ops", "cuda_enabled", "__version__"]
+_METHODS = ("solar", "eigenlorax", "srlora", "io")
+__all__ = ["ops", "cuda_enabled", "__version__", *_METHODS]
+
+
+def __getattr__(name):
+    # se.solar, se.eigenlorax, se.srlora, se.io: imported on first use (they pull in peft/transformers)
+    if name in _METHODS:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -65,6 +65,43 @@ def _check_writable(path: str) -> None:
         raise UserError(f"--output {path} is not writable")
 
 
+def _read_paths(inputs: Sequence[Optional[str]]) -> set:
+    """Real paths of what a command reads: each input, and the files directly inside input folders."""
+    out = set()
+    for p in filter(None, inputs):
+        out.add(os.path.realpath(p))
+        if os.path.isdir(p):
+            out.update(os.path.realpath(os.path.join(p, f)) for f in os.listdir(p))
+    return out
+
+
+def _check_output_file(path: str, inputs: Sequence[Optional[str]]) -> None:
+    """A file output: writable, and not one of the inputs (it would be replaced before it is read)."""
+    _check_writable(path)
+    if os.path.realpath(path) in _read_paths(inputs):
+        raise UserError(f"--output {path} is one of this command's inputs; choose another path")
+
+
+def _check_output_folder(path: str, inputs: Sequence[Optional[str]], force: bool) -> None:
+    """An adapter-folder output: not an input folder, no input file among the files it gets, and an
+    adapter already there is replaced only with --force."""
+    from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output {path} exists and is not a folder")
+    written = [os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)]
+    read = _read_paths(inputs)
+    if any(os.path.realpath(w) in read for w in [path] + written):
+        raise UserError(f"--output {path} would overwrite this command's input; choose another folder")
+    if not force and any(os.path.exists(w) for w in written):
+        raise UserError(f"--output {path} already holds a peft adapter; pass --force to replace it")
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.access(existing or ".", os.W_OK):
+        raise UserError(f"--output {path} is not writable")
+
+
 # ---------------------------------------------------------------------------------------------
 # bench
 
@@ -113,7 +150,9 @@ def _solar_compress(args: argparse.Namespace) -> int:
     from . import solar
     from .io import ADAPTER_WEIGHTS
 
-    _check_writable(args.output)
+    _check_output_file(args.output, [args.adapter, args.base])
+    if args.rank is not None and not args.dense:
+        raise UserError("--rank applies only with --dense (a LoRA adapter keeps its own ranks)")
     budget = args.budget
     if budget is not None and budget != "full":
         try:
@@ -124,21 +163,21 @@ def _solar_compress(args: argparse.Namespace) -> int:
         raise UserError("give --ratio R (stored numbers / adapter numbers, e.g. 0.1) or --budget N|full")
     t0 = time.perf_counter()
     if args.dense:
-        pkg = solar.compress_dense(args.adapter, args.base, budget=budget, ratio=args.ratio, rank=args.rank,
+        pkg = solar.compress_dense(args.adapter, args.base, budget=budget, ratio=args.ratio, rank=args.rank or 16,
                                    seed=args.seed, eps=args.eps, progress=not args.quiet)
     else:
         pkg = solar.compress(args.adapter, args.base, budget=budget, ratio=args.ratio, seed=args.seed,
                              eps=args.eps, progress=not args.quiet)
-    size = pkg.save(args.output)
-    seconds = time.perf_counter() - t0
     source = os.path.join(args.adapter, ADAPTER_WEIGHTS) if not args.dense else args.adapter
     before = (os.path.getsize(source) if os.path.isfile(source) else
               sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if f.endswith(".safetensors")))
+    size = pkg.save(args.output)
+    seconds = time.perf_counter() - t0
     if pkg.skipped:
         print(f"not carried (changed, but not 2-D Linear weights): {', '.join(pkg.skipped)}", file=sys.stderr)
     errs = [l.rel_error for l in pkg.layers]
     print(f"{len(pkg.layers)} layers: {pkg.lora_numbers()} -> {pkg.numbers()} numbers "
-          f"({1 / max(pkg.ratio(), 1e-12):.1f}x fewer), {before} -> {size} bytes, "
+          f"({pkg.size_change()}), {before} -> {size} bytes, "
           f"mean rel. error {sum(errs) / len(errs):.4f}, {seconds:.2f} s -> {args.output}")
     return 0
 
@@ -148,8 +187,7 @@ def _solar_decompress(args: argparse.Namespace) -> int:
 
     from . import solar
 
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UserError(f"-o {args.output} exists and is not a folder")
+    _check_output_folder(args.output, [args.package, args.base], args.force)
     t0 = time.perf_counter()
     adapter = solar.decompress(args.package, args.base, progress=not args.quiet)
     adapter.save_adapter(args.output)
@@ -180,7 +218,8 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     c.add_argument("adapter", metavar="ADAPTER_DIR",
                    help="peft adapter folder (with --dense: the fine-tuned model folder or .safetensors)")
     c.add_argument("--base", required=True, metavar="BASE", help="the adapter's base model (folder or .safetensors)")
-    c.add_argument("-o", "--output", required=True, metavar="PACKAGE.safetensors")
+    c.add_argument("-o", "--output", required=True, metavar="PACKAGE.safetensors",
+                   help="the package file to write (replaced if it exists; never one of the inputs)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=float, metavar="R",
                    help="stored numbers / adapter numbers (0.1 = 10x fewer; extra tensors included)")
@@ -190,22 +229,25 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--eps", type=float, default=0.0, help="relative basis perturbation (default 0)")
     c.add_argument("--dense", action="store_true",
                    help="the input is a dense fine-tune: compress its Linear-weight deltas from BASE")
-    c.add_argument("--rank", type=_positive_int, default=16,
+    c.add_argument("--rank", type=_positive_int, default=None,
                    help="with --dense: LoRA rank of the decoded adapter (default 16)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_solar_compress)
     d = ss.add_parser("decompress", help="package -> peft adapter folder",
                       description="Rebuild a peft LoRA adapter folder from a package and its base model; "
                                   "fails naming the layer if the base model differs from the sender's.")
-    d.add_argument("package", metavar="PACKAGE")
-    d.add_argument("--base", required=True, metavar="BASE")
-    d.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    d.add_argument("package", metavar="PACKAGE", help="a package written by 'solar compress'")
+    d.add_argument("--base", required=True, metavar="BASE",
+                   help="the same base model the package was made from (folder or .safetensors)")
+    d.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
+                   help="peft adapter folder to write (created; an adapter already there needs --force)")
+    d.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_solar_decompress)
     i = ss.add_parser("inspect", help="per-layer sizes, captured energy, errors",
                       description="Print per-layer sizes, captured energy and relative reconstruction "
                                   "error ||dW - dW_hat|| / ||dW||, and the total compression ratio.")
-    i.add_argument("package", metavar="PACKAGE")
+    i.add_argument("package", metavar="PACKAGE", help="a package written by 'solar compress'")
     i.set_defaults(func=_solar_inspect)
 
 
@@ -217,7 +259,7 @@ def _eigen_build(args: argparse.Namespace) -> int:
 
     from . import eigenlorax
 
-    _check_writable(args.output)
+    _check_output_file(args.output, list(args.adapters) + [args.base])
     t0 = time.perf_counter()
     sub = eigenlorax.build_subspace(args.adapters, components=args.components, variance=args.variance,
                                     augment=args.augment, seed=args.seed, base=args.base)
@@ -231,6 +273,7 @@ def _eigen_build(args: argparse.Namespace) -> int:
 def _eigen_export(args: argparse.Namespace) -> int:
     from . import eigenlorax
 
+    _check_output_folder(args.output, [args.subspace, args.coefficients], args.force)
     sub = eigenlorax.EigenSubspace.load(args.subspace)
     ad = eigenlorax.export_task(sub, args.coefficients, args.output, scaling=args.scaling)
     print(f"{sum(1 for k in ad.tensors if '.lora_A' in k)} layers, rank {ad.config['r']} -> {args.output} (peft adapter folder)")
@@ -247,22 +290,27 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
                           parser_class=_Parser)
     b = ss.add_parser("build", help="adapter folders -> subspace file",
                       description="Build the subspace of N >= 2 peft LoRA adapter folders of one base.")
-    b.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
-    b.add_argument("-o", "--output", required=True, metavar="SUBSPACE.safetensors")
+    b.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more peft LoRA adapter folders of one base")
+    b.add_argument("-o", "--output", required=True, metavar="SUBSPACE.safetensors",
+                   help="the subspace file to write (replaced if it exists; never one of the inputs)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--components", type=_positive_int, metavar="K",
                    help="principal directions per layer and side (default 32, capped at N*r-1)")
     g.add_argument("--variance", type=float, metavar="V", help="keep the directions explaining this fraction (0-1]")
-    b.add_argument("--augment", type=int, default=0, metavar="N", help="extra seeded orthogonal directions")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="extra seeded directions orthogonal to the principal ones, per layer and side (default 0)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the augmentation directions (default 0)")
     b.add_argument("--base", metavar="BASE", help="base model: record weight fingerprints in the subspace")
     b.set_defaults(func=_eigen_build)
     e = ss.add_parser("export", help="subspace + task coefficients -> peft LoRA folder",
                       description="Turn a task trained with EigenLoRAx (its save_coefficients file) into a "
                                   "standard peft LoRA adapter folder (B = P_B alpha_B, A = (P_A alpha_A)^T).")
-    e.add_argument("subspace", metavar="SUBSPACE.safetensors")
-    e.add_argument("--coefficients", required=True, metavar="TASK.safetensors")
-    e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    e.add_argument("subspace", metavar="SUBSPACE.safetensors", help="the subspace file the task was trained on")
+    e.add_argument("--coefficients", required=True, metavar="TASK.safetensors",
+                   help="the task's loadings (EigenLoRAx.save_coefficients)")
+    e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
+                   help="peft adapter folder to write (created; an adapter already there needs --force)")
+    e.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
     e.add_argument("--scaling", type=float, default=None,
                    help="override the scaling recorded in the task file (default: the recorded one)")
     e.set_defaults(func=_eigen_export)

@@ -5,12 +5,14 @@ refused with a message saying how to convert it), and base weights are read from
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -66,12 +68,25 @@ class PeftAdapter:
         return cls(config, read_safetensors(weights))
 
     def save_adapter(self, path: str) -> None:
-        """Write a standard peft folder: adapter_config.json + adapter_model.safetensors."""
+        """Write a standard peft folder: adapter_config.json + adapter_model.safetensors.
+
+        Each file is written beside its final name and renamed into place once complete; if writing
+        fails (a full disk), a folder this call created is removed and existing files stay as they were.
+        """
+        try:
+            config = json.dumps(self.config, indent=2, sort_keys=True, allow_nan=False)
+        except ValueError:
+            raise ValueError(f"{path}: the adapter config holds NaN or Inf (not valid JSON): {self.config}") from None
+        created = not os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-            json.dump(self.config, f, indent=2, sort_keys=True)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, os.path.join(path, ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
+        try:
+            save_safetensors({k: v.contiguous() for k, v in self.tensors.items()}, os.path.join(path, ADAPTER_WEIGHTS),
+                             metadata={"format": "pt"})
+            _write_atomically(os.path.join(path, ADAPTER_CONFIG), lambda tmp: _write_text(tmp, config))
+        except BaseException:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
     # -- contents ------------------------------------------------------------------------------
     @property
@@ -97,6 +112,8 @@ class PeftAdapter:
             if b_key not in self.tensors:
                 raise FormatError(f"{key} has no matching {b_key}")
             A, B = self.tensors[key], self.tensors[b_key]
+            if not (A.is_floating_point() and B.is_floating_point()):
+                raise FormatError(f"{module}: lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}")
             if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
                 raise FormatError(f"{module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
             name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
@@ -128,6 +145,33 @@ class PeftAdapter:
         """Everything that is not a low-rank factor (modules_to_save heads, trained biases, ...)."""
         lowrank = re.compile(r".*\.lora_[ABE](\.weight)?$")
         return {k: v for k, v in self.tensors.items() if not lowrank.fullmatch(k)}
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: readers never
+    see a partial file, and a failed write leaves an existing ``path`` unchanged. Any failure is
+    raised as OSError naming ``path`` (safetensors reports a full disk with its own error type)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, Exception) and not isinstance(e, OSError):
+            raise OSError(f"{path}: could not write ({e})") from None
+        raise
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """``safetensors.torch.save_file``, written atomically (see ``_write_atomically``)."""
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_safetensors(path: str, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:

@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 import torch
-from safetensors.torch import save_file
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, fingerprint, read_safetensors,
-                 safetensors_metadata, tensors_digest)
+from .io import (BaseWeights, FormatError, PeftAdapter, fingerprint, read_safetensors, safetensors_metadata,
+                 save_safetensors, tensors_digest)
 
 FORMAT = "subspace_ext.solar"
 FORMAT_VERSION = 1
@@ -96,6 +95,11 @@ class SolarPackage:
     def ratio(self) -> float:
         return self.numbers() / max(self.lora_numbers(), 1)
 
+    def size_change(self) -> str:
+        """The ratio in words: "10.0x fewer" (or "2.5x more" for a budget above the adapter's size)."""
+        r = self.ratio()
+        return f"{1 / max(r, 1e-12):.1f}x fewer" if r <= 1 else f"{r:.1f}x more"
+
     # -- files ---------------------------------------------------------------------------------
     def _tensors(self) -> Dict[str, torch.Tensor]:
         t = {}
@@ -112,13 +116,15 @@ class SolarPackage:
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
                 "layers": [vars(l) for l in self.layers], "skipped": self.skipped}
         solar_meta = json.dumps(meta)
-        save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                           "solar": solar_meta, "digest": package_digest(tensors, solar_meta)})
+        save_safetensors(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                                  "solar": solar_meta, "digest": package_digest(tensors, solar_meta)})
         return os.path.getsize(path)
 
     @classmethod
     def load(cls, path: str) -> "SolarPackage":
         """Read and verify a package; a truncated, tampered or foreign file raises FormatError."""
+        if os.path.isdir(path):
+            raise FormatError(f"{path} is a folder; expected a SOLAR package file (written by 'solar compress')")
         if not os.path.isfile(path):
             raise FormatError(f"{path}: no such file")
         meta = safetensors_metadata(path)
@@ -154,7 +160,7 @@ class SolarPackage:
         rows.append("")
         rows.append(f"layers: {len(self.layers)}; extra tensors: {len(self.extra)} ({self.extra_numbers()} numbers); "
                     f"stored numbers {self.numbers()} vs adapter {self.lora_numbers()} "
-                    f"(ratio {self.ratio():.4f}, {1 / max(self.ratio(), 1e-12):.1f}x fewer); "
+                    f"(ratio {self.ratio():.4f}, {self.size_change()}); "
                     f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}; seed {self.seed}, eps {self.eps}")
         if self.skipped:
             rows.append(f"not carried (changed, but not 2-D Linear weights): {', '.join(self.skipped)}")
@@ -204,7 +210,13 @@ def _base_weight(bw: BaseWeights, module: str, shape, what: str) -> (str, torch.
     if tuple(W0.shape) != tuple(shape):
         raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(W0.shape)} but the update is "
                                 f"{tuple(shape)}: wrong base model?")
+    _check_finite_base(W0, key)
     return key, W0
+
+
+def _check_finite_base(W0: torch.Tensor, key: str) -> None:
+    if W0.is_floating_point() and not torch.isfinite(W0).all():
+        raise ValueError(f"base weight {key} contains NaN or Inf")
 
 
 def _resolve_budget(budget, candidates: int) -> Optional[int]:
@@ -262,6 +274,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     layers, skipped = [], []
     keys = [k for k in fw.keys() if k in set(bw.keys())]
+    if not keys:
+        raise BaseMismatchError(f"{getattr(fw, 'path', finetuned)} and {getattr(bw, 'path', base)} share no tensor "
+                                "name: wrong base model (or not a checkpoint of the same architecture)?")
     for k in _progress(keys, "solar: deltas", progress):
         Wf, W0 = fw.get(k), bw.get(k)
         if Wf.shape != W0.shape:
@@ -271,6 +286,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         if Wf.dim() != 2 or not k.endswith(".weight") or "embed" in k:
             skipped.append(k)
             continue
+        _check_finite_base(W0, k)
         D = Wf.double() - W0.double()
         if not torch.isfinite(D).all():
             raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
@@ -353,8 +369,10 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
         except FormatError as e:
             raise BaseMismatchError(f"{what}: {e}") from None
         if fingerprint(W0) != info.fingerprint:
-            raise BaseMismatchError(f"{what}: base weight {key} differs from the one the package was made "
-                                    f"from (fingerprint {fingerprint(W0)} != {info.fingerprint}): wrong base model")
+            raise BaseMismatchError(f"{what}: base weight {key} ({str(W0.dtype).replace('torch.', '')}) differs "
+                                    f"from the one the package was made from (fingerprint {fingerprint(W0)} != "
+                                    f"{info.fingerprint}): wrong base model, or the same one changed or saved in "
+                                    "another dtype (the base must be exactly the sender's)")
         U, V = ops.solar_basis(W0, pkg.seed, info.stream, pkg.eps)
         B, A, ck = ops.solar_decode(U, V, vals, idx, info.rank, info.scaling, pkg.seed, info.stream)
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms

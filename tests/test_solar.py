@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -813,3 +814,115 @@ def test_cli_inspect_not_a_package(trained_adapter_dir, capsys):
     rc = cli.main(["solar", "inspect", os.path.join(trained_adapter_dir, io.ADAPTER_WEIGHTS)])
     assert rc != 0
     assert "not a SOLAR package" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs never destroy inputs; failed writes leave nothing half-written
+
+def _copy_adapter(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _bytes_of(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("case", ["package over the adapter's weights", "package over the base",
+                                  "decompress into the package's folder as the package",
+                                  "decompress into an adapter folder"])
+def test_cli_refuses_to_overwrite_inputs(case, trained_adapter_dir, ratio_pkg_with_extra, tmp_path, capsys):
+    ad = _copy_adapter(trained_adapter_dir, tmp_path / "adapter")
+    pkg = str(tmp_path / "pkg.safetensors")
+    ratio_pkg_with_extra.save(pkg)
+    base = str(tmp_path / "base.safetensors")  # any file: the check runs before anything is read
+    shutil.copy(os.path.join(ad, io.ADAPTER_WEIGHTS), base)
+    if case == "package over the adapter's weights":
+        argv = ["solar", "compress", ad, "--base", base, "-o", os.path.join(ad, io.ADAPTER_WEIGHTS), "--ratio", "0.1"]
+        match = "is one of this command's inputs"
+    elif case == "package over the base":
+        argv = ["solar", "compress", ad, "--base", base, "-o", base, "--ratio", "0.1"]
+        match = "is one of this command's inputs"
+    elif case == "decompress into the package's folder as the package":
+        os.rename(pkg, os.path.join(ad, io.ADAPTER_WEIGHTS))  # a package stored under the adapter's file name
+        pkg = os.path.join(ad, io.ADAPTER_WEIGHTS)
+        argv = ["solar", "decompress", pkg, "--base", base, "-o", ad, "--force"]
+        match = "would overwrite this command's input"
+    else:
+        argv = ["solar", "decompress", pkg, "--base", base, "-o", ad]
+        match = "already holds a peft adapter; pass --force"
+    before = {p: open(p, "rb").read() for p in (pkg, base)} | {f"ad/{k}": v for k, v in _bytes_of(ad).items()}
+    assert cli.main(argv + ["-q"]) == 1
+    assert match in _one_error_line(capsys)
+    after = {p: open(p, "rb").read() for p in (pkg, base)} | {f"ad/{k}": v for k, v in _bytes_of(ad).items()}
+    assert after == before
+
+
+def test_cli_decompress_force_replaces_an_adapter(trained_adapter_dir, ratio_pkg_with_extra, minilm_base, tmp_path,
+                                                 capsys):
+    out = _copy_adapter(trained_adapter_dir, tmp_path / "adapter")
+    pkg = str(tmp_path / "pkg.safetensors")
+    ratio_pkg_with_extra.save(pkg)
+    assert cli.main(["solar", "decompress", pkg, "--base", minilm_base, "-o", out, "--force", "-q"]) == 0
+    restored = io.PeftAdapter.load(out)
+    assert restored.config == read_json(os.path.join(out, io.ADAPTER_CONFIG))
+    assert restored.tensors.keys() == solar.decompress(ratio_pkg_with_extra, minilm_base).tensors.keys()
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_cli_rank_needs_dense(trained_adapter_dir, minilm_base, tmp_path, capsys):
+    rc = cli.main(["solar", "compress", trained_adapter_dir, "--base", minilm_base, "-o", str(tmp_path / "p"),
+                   "--ratio", "0.1", "--rank", "4", "-q"])
+    assert rc == 1 and "--rank applies only with --dense" in _one_error_line(capsys)
+
+
+def test_cli_inspect_a_folder(trained_adapter_dir, capsys):
+    assert cli.main(["solar", "inspect", trained_adapter_dir]) == 1
+    assert "is a folder; expected a SOLAR package file" in _one_error_line(capsys)
+
+
+def test_failed_writes_keep_the_old_file_and_leave_no_partial_output(ratio_pkg_with_extra, trained_adapter,
+                                                                    tmp_path, monkeypatch):
+    import safetensors.torch
+
+    pkg = str(tmp_path / "pkg.safetensors")
+    ratio_pkg_with_extra.save(pkg)
+    old = open(pkg, "rb").read()
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(io, "save_file", disk_full)
+    with pytest.raises(OSError, match="pkg.safetensors: could not write .*No space left"):
+        ratio_pkg_with_extra.save(pkg)
+    assert open(pkg, "rb").read() == old and os.listdir(tmp_path) == ["pkg.safetensors"]
+    with pytest.raises(OSError, match="could not write"):
+        trained_adapter.save_adapter(str(tmp_path / "new_adapter"))
+    assert os.listdir(tmp_path) == ["pkg.safetensors"]  # the folder this call created is gone
+    monkeypatch.setattr(io, "save_file", safetensors.torch.save_file)
+    SolarPackage.load(pkg)
+
+
+def test_package_reports_growth_as_more(ratio_pkg_with_extra):
+    big = dataclasses.replace(ratio_pkg_with_extra, values=[v.repeat(40) for v in ratio_pkg_with_extra.values],
+                              indices=[i.repeat(40) for i in ratio_pkg_with_extra.indices])
+    assert ratio_pkg_with_extra.size_change().endswith("x fewer")
+    assert big.ratio() > 1 and big.size_change() == f"{big.ratio():.1f}x more"
+    assert "x more" in big.summary()
+
+
+def test_non_finite_base_weight_named(trained_adapter, minilm_base, tmp_path):
+    base = write_base_copy(minilm_base, str(tmp_path / "nan_base.safetensors"),
+                           modify={BROKEN_KEY: lambda W: W.index_fill_(0, torch.tensor([3]), float("nan"))})
+    with pytest.raises(ValueError, match=f"base weight {BROKEN_KEY} contains NaN or Inf"):
+        solar.compress(trained_adapter, base, ratio=0.1)
+
+
+def test_integer_lora_factors_refused(trained_adapter, minilm_base):
+    t = dict(trained_adapter.tensors)
+    k = next(k for k in t if k.endswith("lora_A.weight"))
+    t[k] = t[k].to(torch.int32)
+    with pytest.raises(io.FormatError, match="lora_A / lora_B must be floating point, got torch.int32"):
+        solar.compress(io.PeftAdapter(trained_adapter.config, t), minilm_base, ratio=0.1)
