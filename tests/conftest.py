@@ -20,6 +20,9 @@ def _cuda_reason():
 
 CUDA_SKIP_REASON = _cuda_reason()
 HAS_CUDA = CUDA_SKIP_REASON is None
+# float32 tolerances assume IEEE float32 GEMMs: TF32 (an environment may switch it on) is ~1e-3.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 # The devices the kernels can run on here.
 devices = ["cpu"] + (["cuda"] if HAS_CUDA else [])

@@ -439,7 +439,8 @@ def test_pair_importance_and_fuse_of_200_layers_take_three_launches():
     ops.pair_importance(A, B, gA, gB, *st)  # warm-up (allocator, kernel attributes)
     ops.fuse_pairs_(W, B, A, idx, 0.5)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CPU activity too: with CUDA alone some torch builds record no kernel events at all
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         ops.pair_importance(A, B, gA, gB, *st)
         ops.fuse_pairs_(W, B, A, idx, 0.5)
         torch.cuda.synchronize()
@@ -482,14 +483,14 @@ def _spread(ts, other):
     return [t.to(other) if l % 2 else t.clone() for l, t in enumerate(ts)]
 
 
-def _check_spread(got, exp, other, exact_cpu=True):
+def _check_spread(got, exp, other, exact_cpu=True, atol=1e-6):
     for l, (g, e) in enumerate(zip(got, exp)):
         if l % 2 == 0:
             assert g.device.type == "cpu" and (torch.equal(g, e) if exact_cpu else torch.allclose(g, e)), l
             continue
         assert g.device.type == other and g.shape == e.shape and g.dtype == e.dtype, l
         if other == "cuda":
-            torch.testing.assert_close(g.cpu(), e, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("other", OTHER)
@@ -540,9 +541,10 @@ def test_rsvd_many_matrices_on_several_devices(other):
     got = ops.rsvd_many(_spread(mats, other), 4, niter=1, seed=3)
     exp = ops.rsvd_many(mats, 4, niter=1, seed=3)
     for j in range(3):  # U, S, V
-        # CPU entries: rsvd_many's entries are independent, so the split changes no bit; on CUDA the
-        # factors may differ by a sign-stable rounding only
-        _check_spread([g[j] for g in got], [e[j] for e in exp], other)
+        # CPU entries: rsvd_many's entries are independent, so the split changes no bit; CUDA
+        # orthonormalises differently (Gram + Cholesky-QR on the device): float32 rounding, amplified
+        # by the singular gaps of these random matrices
+        _check_spread([g[j] for g in got], [e[j] for e in exp], other, atol=2e-5)
 
 
 @pytest.mark.parametrize("bad,match", [("range", r"fuse_pairs_: layer {at}: idx entry 9 out of range \[0, 8\)"),
