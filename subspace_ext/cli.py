@@ -275,9 +275,15 @@ def _eigen_export(args: argparse.Namespace) -> int:
 
     _check_output_folder(args.output, [args.subspace, args.coefficients], args.force)
     sub = eigenlorax.EigenSubspace.load(args.subspace)
-    ad = eigenlorax.export_task(sub, args.coefficients, args.output, scaling=args.scaling)
+    ad = eigenlorax.export_task(sub, args.coefficients, args.output, scaling=args.scaling, task_type=args.task_type)
     print(f"{sum(1 for k in ad.tensors if '.lora_A' in k)} layers, rank {ad.config['r']} -> {args.output} (peft adapter folder)")
     return 0
+
+
+def eigenlorax_task_types() -> tuple:
+    from .eigenlorax import TASK_TYPES
+
+    return TASK_TYPES
 
 
 def _add_eigen(sub: argparse._SubParsersAction) -> None:
@@ -310,6 +316,8 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
                    help="the task's loadings (EigenLoRAx.save_coefficients)")
     e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
                    help="peft adapter folder to write (created; an adapter already there needs --force)")
+    e.add_argument("--task-type", choices=eigenlorax_task_types(), default=None,
+                   help="peft task type of the adapter (e.g. SEQ_CLS; default: the one recorded in the task file)")
     e.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
     e.add_argument("--scaling", type=float, default=None,
                    help="override the scaling recorded in the task file (default: the recorded one)")

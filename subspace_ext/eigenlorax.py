@@ -13,17 +13,74 @@ r x n x K tensor. Trainable per layer: 2 K r (LoRA: (m + n) r).
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 
 from . import ops
-from .io import BaseWeights, FormatError, PeftAdapter, fingerprint, read_safetensors, safetensors_metadata
+from .io import (BaseWeights, FormatError, PeftAdapter, content_digest, fingerprint, read_safetensors,
+                 safetensors_metadata, save_safetensors, tensors_digest)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
+TASK_FORMAT = FORMAT + ".task"
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft's
+_PEFT_PREFIX = "base_model.model."
+
+
+def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    by_dtype: Dict[torch.dtype, list] = {}
+    for v in floats.values():
+        by_dtype.setdefault(v.dtype, []).append(v.detach().reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(vs)).all()) for vs in by_dtype.values()):
+        return  # one check per dtype (a task switch reads ~26 small tensors); the loop below names the culprit
+    bad = next(k for k, v in floats.items() if not bool(torch.isfinite(v).all()))
+    raise FormatError(f"{where}: tensor {bad} holds NaN or Inf")
+
+
+def _check_scaling(value, where: str) -> float:
+    """``value`` (a number, or the string recorded in a task file) as a finite float."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        f = math.nan
+    if isinstance(value, bool) or not math.isfinite(f):
+        raise ValueError(f"{where}: scaling must be a finite number, got {value!r}")
+    return f
+
+
+def _save(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """Write the file (atomically) with a digest of its tensors and metadata (verified by ``_read``)."""
+    digest = content_digest(tensors, json.dumps(metadata, sort_keys=True))
+    save_safetensors(tensors, path, metadata={**metadata, "digest": digest})
+
+
+def _read(path: str, fmt: str, what: str, version: Optional[int] = None) -> tuple:
+    """(tensors, metadata) of an EigenLoRAx file of format ``fmt`` (and ``version``), its digest verified
+    (files written before digests were added have none) and every tensor finite."""
+    meta = safetensors_metadata(path)
+    if meta.get("format") != fmt:
+        raise FormatError(f"{path}: not an EigenLoRAx {what} (format {meta.get('format')!r})")
+    if version is not None and meta.get("format_version") != str(version):
+        raise FormatError(f"{path}: {what} format version {meta.get('format_version')} is not supported")
+    t = read_safetensors(path)
+    digest = meta.pop("digest", None)
+    if digest is not None and content_digest(t, json.dumps(meta, sort_keys=True)) != digest:
+        raise FormatError(f"{path}: corrupt file: its contents do not match the digest recorded when it was saved")
+    _check_finite(t, path)
+    return t, meta
+
+
+def _read_task(source: Union[str, Dict[str, torch.Tensor]]) -> tuple:
+    """(tensors, metadata) of a task: a ``save_coefficients`` file or a dict of its tensors."""
+    if isinstance(source, str):
+        return _read(source, TASK_FORMAT, "task coefficients file")
+    _check_finite(source, "task coefficients")
+    return source, {}
 
 
 @dataclass
@@ -56,17 +113,11 @@ class EigenSubspace:
         meta = dict(self.meta)
         meta["modules"] = self.modules
         meta["n_pc"] = {"A": [self.A[m].n_pc for m in self.modules], "B": [self.B[m].n_pc for m in self.modules]}
-        save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                           "eigenlorax": json.dumps(meta)})
+        _save(tensors, path, {"format": FORMAT, "format_version": str(FORMAT_VERSION), "eigenlorax": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str) -> "EigenSubspace":
-        meta_raw = safetensors_metadata(path)
-        if meta_raw.get("format") != FORMAT:
-            raise FormatError(f"{path}: not an EigenLoRAx subspace (format {meta_raw.get('format')!r})")
-        if meta_raw.get("format_version") != str(FORMAT_VERSION):
-            raise FormatError(f"{path}: subspace format version {meta_raw.get('format_version')} is not supported")
-        t = read_safetensors(path)
+        t, meta_raw = _read(path, FORMAT, "subspace", FORMAT_VERSION)
         try:
             meta = json.loads(meta_raw["eigenlorax"])
             mods = meta.pop("modules")
@@ -76,6 +127,15 @@ class EigenSubspace:
         except (KeyError, IndexError, json.JSONDecodeError) as e:
             raise FormatError(f"{path}: malformed subspace file ({e})") from None
         return cls(A, B, meta)
+
+
+def _refuse_duplicates(names: List[str], keys: list, what: str) -> None:
+    """ValueError if two adapters share a key (None: no key): the same adapter must not count twice."""
+    seen = {}
+    for name, key in zip(names, keys):
+        if key is not None and key in seen:
+            raise ValueError(f"{name} and {seen[key]} are the same adapter (same {what}): give each adapter once")
+        seen.setdefault(key, name)
 
 
 def _principal(M: torch.Tensor, components: Optional[int], variance: Optional[float], augment: int,
@@ -123,14 +183,23 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         raise ValueError(f"components must be a positive int, got {components!r}")
     if not isinstance(augment, int) or augment < 0:
         raise ValueError(f"augment must be an int >= 0, got {augment!r}")
+    names = [a if isinstance(a, str) else f"adapter[{i}]" for i, a in enumerate(adapters)]
+    _refuse_duplicates(names, [os.path.realpath(a) if isinstance(a, str) else None for a in adapters], "folder")
     loaded = [a if isinstance(a, PeftAdapter) else PeftAdapter.load(a) for a in adapters]
     if len(loaded) < 2:
         raise ValueError(f"need at least 2 adapters, got {len(loaded)}")
-    names = [a if isinstance(a, str) else f"adapter[{i}]" for i, a in enumerate(adapters)]
     bases = {a.config.get("base_model_name_or_path") for a in loaded} - {None}
     if len(bases) > 1:
         raise ValueError(f"adapters come from different base models: {sorted(map(str, bases))}")
     per = [{u.module: u for u in a.updates()} for a in loaded]
+    for name, p in zip(names, per):  # rsvd would only say "NaN" without naming the adapter and layer
+        for u in p.values():
+            for side, M in (("lora_A", u.A), ("lora_B", u.B)):
+                if not bool(torch.isfinite(M).all()):
+                    raise ValueError(f"{name}: layer {u.module}: {side} holds NaN or Inf")
+            if not math.isfinite(u.scaling):
+                raise ValueError(f"{name}: layer {u.module}: scaling (from lora_alpha) is {u.scaling}")
+    _refuse_duplicates(names, [tensors_digest(a.tensors) for a in loaded], "weights")
     modules = list(per[0])
     for name, p in zip(names[1:], per[1:]):
         missing, extra = set(modules) - set(p), set(p) - set(modules)
@@ -221,18 +290,25 @@ class EigenModel:
             out[f"{name}.alpha_B"] = l.alpha_B.detach().clone()
         return out
 
-    def save_coefficients(self, path: str, extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """One task: its loadings (and optionally e.g. its head's tensors) as a small safetensors file."""
+    def save_coefficients(self, path: str, extra: Optional[Dict[str, torch.Tensor]] = None, *,
+                          task_type: Optional[str] = None) -> None:
+        """One task: its loadings (and optionally e.g. its head's tensors, keyed by the model's parameter
+        names: ``classifier.weight``) as a small safetensors file. ``task_type`` (peft's, e.g. "SEQ_CLS")
+        is recorded for ``export_task``."""
         t = self.coefficients()
         for k, v in (extra or {}).items():
             t[f"extra.{k}"] = v.detach().contiguous()
+        _check_finite(t, f"{path}: refusing to save")
         scaling = next(iter(self.layers.values())).scaling
-        save_file(t, path, metadata={"format": FORMAT + ".task", "rank": str(self.rank), "scaling": repr(scaling)})
+        meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling)}
+        if task_type is not None:
+            meta["task_type"] = _check_task_type(task_type)
+        _save(t, path, meta)
 
     @torch.no_grad()
     def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Switch task: copy saved loadings into the layers (the basis stays loaded). Returns extras."""
-        t = read_safetensors(source) if isinstance(source, str) else source
+        t, _ = _read_task(source)
         for name, l in self.layers.items():  # check everything before changing anything
             for side in ("alpha_A", "alpha_B"):
                 key = f"{name}.{side}"
@@ -260,13 +336,14 @@ class EigenModel:
             l.unmerge()
 
     def export_peft(self, path: str, *, extra: Optional[Dict[str, torch.Tensor]] = None,
-                    config: Optional[dict] = None) -> PeftAdapter:
+                    task_type: Optional[str] = None, config: Optional[dict] = None) -> PeftAdapter:
         """Write the task as a standard peft LoRA folder (B = P_B α_B, A = (P_A α_A)ᵀ, lora_alpha chosen so
-        peft's scaling equals ours). ``extra``: more tensors to include, keyed as peft saves them."""
+        peft's scaling equals ours). ``extra``: e.g. the head's tensors, keyed by the model's parameter
+        names; written as peft's ``modules_to_save``. ``config``: overrides of adapter_config.json."""
         factors = {name: l.lora_factors() for name, l in self.layers.items()}
         scaling = next(iter(self.layers.values())).scaling
         return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
-                          extra, config)
+                          extra, config, task_type)
 
 
 def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora_weights_file: str, *,
@@ -284,18 +361,39 @@ def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora
     return eigen_s, lora_s
 
 
+def _check_task_type(task_type: Optional[str]) -> Optional[str]:
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of peft's {', '.join(TASK_TYPES)} (or None), got {task_type!r}")
+    return task_type
+
+
 def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, base_name: Optional[str],
-               extra: Optional[Dict[str, torch.Tensor]] = None, config: Optional[dict] = None) -> PeftAdapter:
-    """A peft LoRA folder from per-module factors {module: (B m x r, A r x n)}; update = scaling·B·A."""
+               extra: Optional[Dict[str, torch.Tensor]] = None, config: Optional[dict] = None,
+               task_type: Optional[str] = None) -> PeftAdapter:
+    """A peft LoRA folder from per-module factors {module: (B m x r, A r x n)}; update = scaling·B·A.
+
+    ``extra`` tensors (keyed by the model's parameter names, e.g. ``classifier.weight``; a leading
+    ``base_model.model.`` is accepted) are saved as peft saves ``modules_to_save`` — under
+    ``base_model.model.<name>``, with their modules listed in ``modules_to_save`` — so that
+    ``PeftModel.from_pretrained`` loads them instead of keeping the base model's (e.g. a random head)."""
+    scaling = _check_scaling(scaling, path)
     tensors = {}
     for name, (B, A) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous()
-    tensors.update({k: v.detach() for k, v in (extra or {}).items()})
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().float().contiguous()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().float().contiguous()
+    extra = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v.detach() for k, v in (extra or {}).items()}
+    for k in extra:
+        module = k.rpartition(".")[0]
+        if not module or module in factors:
+            raise ValueError(f"extra tensor {k}: peft can only restore parameters of a module outside the LoRA "
+                             "layers (modules_to_save), such as classifier.weight")
+    tensors.update({_PEFT_PREFIX + k: v for k, v in extra.items()})
+    _check_finite(tensors, f"{path}: refusing to export")
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-           "init_lora_weights": True, "base_model_name_or_path": base_name, "modules_to_save": None,
-           "task_type": None}
+           "init_lora_weights": True, "base_model_name_or_path": base_name,
+           "modules_to_save": sorted({k.rpartition(".")[0] for k in extra}) or None,
+           "task_type": _check_task_type(task_type)}
     cfg.update(config or {})
     ad = PeftAdapter(cfg, tensors)
     ad.save_adapter(path)
@@ -303,17 +401,16 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
 
 
 def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torch.Tensor]], path: str, *,
-                scaling: Optional[float] = None, config: Optional[dict] = None) -> PeftAdapter:
+                scaling: Optional[float] = None, task_type: Optional[str] = None,
+                config: Optional[dict] = None) -> PeftAdapter:
     """A saved task (``save_coefficients`` file) + its subspace -> a peft LoRA folder, without a model.
-    Extra tensors saved with the task (e.g. a head) are included under their saved names. ``scaling``
-    defaults to the one recorded in the task file (1.0 for a dict without it)."""
-    if isinstance(coefficients, str):
-        if scaling is None:
-            scaling = float(safetensors_metadata(coefficients).get("scaling", 1.0))
-        t = read_safetensors(coefficients)
-    else:
-        t = coefficients
-    scaling = 1.0 if scaling is None else scaling
+    Extra tensors saved with the task (e.g. a head) become peft ``modules_to_save`` (see ``write_peft``).
+    ``scaling`` and ``task_type`` default to the ones recorded in the task file (1.0 and None for a dict
+    or a file without them)."""
+    t, meta = _read_task(coefficients)
+    if scaling is None:
+        scaling = _check_scaling(meta.get("scaling", 1.0), str(coefficients))  # only a file records one
+    task_type = task_type if task_type is not None else meta.get("task_type")
     factors, rank = {}, None
     names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
     if not names:
@@ -329,7 +426,8 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         factors[name] = (PB @ aB.float(), (PA @ aA).T)
         rank = aA.shape[1]
     extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
-    return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config)
+    return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config,
+                      task_type)
 
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
@@ -346,6 +444,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     """
     if init not in ("uniform", "lora"):
         raise ValueError(f"init must be 'uniform' or 'lora', got {init!r}")
+    scaling = _check_scaling(scaling, "apply")
     if not isinstance(task_rank, int) or task_rank < 1:
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
     named = dict(model.named_modules())

@@ -251,3 +251,9 @@ def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
     for k in sorted(tensors):
         h.update(k.encode() + b"\0" + fingerprint(tensors[k]).encode())
     return h.hexdigest()
+
+
+def content_digest(tensors: Dict[str, torch.Tensor], meta: str) -> str:
+    """sha256 over the tensors (``tensors_digest``) and a metadata string: any edit of either is caught
+    (SOLAR packages, EigenLoRAx subspace and task files)."""
+    return hashlib.sha256((tensors_digest(tensors) + "\n" + meta).encode()).hexdigest()

@@ -23,7 +23,6 @@ defaults here (complete bases, eps = 0, global top-|c|) are the ones our measure
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,17 +33,13 @@ import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, fingerprint, read_safetensors, safetensors_metadata,
-                 save_safetensors, tensors_digest)
+                 save_safetensors)
+from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 
 FORMAT = "subspace_ext.solar"
 FORMAT_VERSION = 1
 NUMBERS_PER_COEFFICIENT = 2  # value + index
 _CHECKSUM_TOL = 1e-6
-
-
-def package_digest(tensors: Dict[str, torch.Tensor], solar_meta: str) -> str:
-    """sha256 over the tensors (io.tensors_digest) and the JSON metadata: any edit of either is caught."""
-    return hashlib.sha256((tensors_digest(tensors) + "\n" + solar_meta).encode()).hexdigest()
 
 
 class BaseMismatchError(ValueError):

@@ -9,11 +9,15 @@ training run. Whole file: well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import shutil
+import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from subspace_ext import cli, data, eigenlorax, io, models, train
@@ -117,6 +121,28 @@ def minilm_subspace():
 def logits(model, enc):
     model.eval()
     return model(**enc).logits.double()
+
+
+def rewrite(path, tensors=None, **metadata):
+    """Re-save a safetensors file with some tensors / metadata entries replaced (an entry None: dropped),
+    as an older writer, a hand edit or a tamperer would."""
+    with safe_open(path, framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata() or {})
+    t.update(tensors or {})
+    meta.update(metadata)
+    save_file(t, path, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def trained_head_task(minilm, minilm_subspace, scaling=2.0):
+    """(model, em, head): MiniLM with random loadings and a random head (a stand-in for a trained task);
+    head keyed by the model's parameter names, as the README and the demo save it."""
+    model = copy.deepcopy(minilm[0])
+    em = eigenlorax.apply(model, minilm_subspace, 8, scaling=scaling, init="uniform", trainable=("classifier",))
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+        model.classifier.bias.normal_()
+    return model, em, {n: p for n, p in model.named_parameters() if "classifier" in n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,21 +446,14 @@ def test_rejected_load_leaves_model_unchanged():
 
 
 def test_export_peft_loads_in_peft_and_export_task_matches(tmp_path, minilm, minilm_subspace):
-    model, tok = copy.deepcopy(minilm[0]), minilm[1]
-    scaling = 2.0
-    em = eigenlorax.apply(model, minilm_subspace, 8, scaling=scaling, init="uniform", trainable=("classifier",))
-    with torch.no_grad():
-        model.classifier.weight.normal_(0, 0.5)
-        model.classifier.bias.normal_()
-    head = {f"{PEFT_PREFIX}classifier.weight": model.classifier.weight,
-            f"{PEFT_PREFIX}classifier.bias": model.classifier.bias}
-    cfg = {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}
+    tok, scaling = minilm[1], 2.0
+    model, em, head = trained_head_task(minilm, minilm_subspace, scaling)
     out = str(tmp_path / "exported")
-    ad = em.export_peft(out, extra=head, config=cfg)
+    ad = em.export_peft(out, extra=head, task_type="SEQ_CLS")
     assert os.path.isfile(os.path.join(out, io.ADAPTER_CONFIG)) and os.path.isfile(os.path.join(out, io.ADAPTER_WEIGHTS))
     enc, _ = train.encode(tok, [(w, 0) for w in WORDS])
     y = logits(model, enc)
-    peft_model, _ = train.load_adapter_model(out)
+    peft_model, _ = train.load_adapter_model(out, seed=1)   # another random head in the base model
     close(logits(peft_model, enc), y, atol=1e-5, rtol=1e-5)
     # the exported factors are the loadings mapped through the components; scaling via lora_alpha
     for u in PeftAdapter.load(out).updates():
@@ -447,13 +466,166 @@ def test_export_peft_loads_in_peft_and_export_task_matches(tmp_path, minilm, min
     minilm_subspace.save(sub_path)
     em.save_coefficients(coef, extra=head)
     out2 = str(tmp_path / "from_files")
-    eigenlorax.export_task(EigenSubspace.load(sub_path), coef, out2, scaling=scaling, config=cfg)
+    eigenlorax.export_task(EigenSubspace.load(sub_path), coef, out2, scaling=scaling, task_type="SEQ_CLS")
     a1, a2 = PeftAdapter.load(out), PeftAdapter.load(out2)
     assert set(a1.tensors) == set(a2.tensors) == set(ad.tensors)
     for k in a1.tensors:
         close(a2.tensors[k], a1.tensors[k], atol=1e-7, rtol=1e-6)
     assert a2.config["r"] == a1.config["r"] == 8
     assert a2.config["lora_alpha"] == pytest.approx(a1.config["lora_alpha"])
+    # extras already keyed as peft saves them (base_model.model.classifier.weight): the same folder
+    prefixed = eigenlorax.export_task(EigenSubspace.load(sub_path), {**em.coefficients(), **{
+        f"extra.{PEFT_PREFIX}{k}": v for k, v in head.items()}}, str(tmp_path / "prefixed"), scaling=scaling,
+        task_type="SEQ_CLS")
+    assert prefixed.config == a2.config and set(prefixed.tensors) == set(a2.tensors)
+
+
+@pytest.mark.parametrize("task_type", ["recorded", "argument", "none"])
+def test_export_task_head_loads_in_peft(task_type, tmp_path, minilm, minilm_subspace):
+    """`eigen export` of a task saved as the README and the demo save it (head under its model name,
+    ``classifier.weight``): PeftModel.from_pretrained must load the trained head, not keep the base
+    model's random one, and give the EigenLoRAx model's logits."""
+    tok = minilm[1]
+    model, em, head = trained_head_task(minilm, minilm_subspace)
+    coef, sub_path, out = str(tmp_path / "task.safetensors"), str(tmp_path / "sub.safetensors"), str(tmp_path / "out")
+    em.save_coefficients(coef, extra=head, task_type="SEQ_CLS" if task_type == "recorded" else None)
+    minilm_subspace.save(sub_path)
+    ad = eigenlorax.export_task(EigenSubspace.load(sub_path), coef, out,
+                                task_type="SEQ_CLS" if task_type == "argument" else None)
+    with open(os.path.join(out, io.ADAPTER_CONFIG)) as f:
+        cfg = json.load(f)
+    assert cfg["modules_to_save"] == ["classifier"]
+    assert cfg["task_type"] == (None if task_type == "none" else "SEQ_CLS")
+    assert set(ad.extra_tensors()) == {f"{PEFT_PREFIX}classifier.weight", f"{PEFT_PREFIX}classifier.bias"}
+    peft_model, _ = train.load_adapter_model(out, seed=1)   # the base model's head: another random one
+    assert type(peft_model).__name__ == ("PeftModel" if task_type == "none" else "PeftModelForSequenceClassification")
+    loaded = peft_model.get_submodule("base_model.model.classifier.modules_to_save.default")
+    assert torch.equal(loaded.weight, model.classifier.weight) and torch.equal(loaded.bias, model.classifier.bias)
+    enc, _ = train.encode(tok, [(w, 0) for w in WORDS])
+    close(logits(peft_model, enc), logits(model, enc), atol=1e-5, rtol=1e-5)
+
+
+def test_task_types_are_peft_ones():
+    from peft import TaskType
+
+    assert set(eigenlorax.TASK_TYPES) == {t.value for t in TaskType}
+    em = eigenlorax.apply(Toy(), toy_subspace(), 2)
+    with pytest.raises(ValueError, match="task_type"):
+        em.export_peft("unused", task_type="seq_cls")
+
+
+def test_extra_must_be_a_module_outside_the_lora_layers(tmp_path):
+    em = eigenlorax.apply(Toy(), toy_subspace(), 2)
+    for key in ("scale", "enc.q.bias"):   # no module / a LoRA layer: peft could not restore it
+        with pytest.raises(ValueError, match=key):
+            em.export_peft(str(tmp_path / "x"), extra={key: torch.ones(3)})
+    assert not os.path.exists(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: digests, non-finite values
+
+
+def saved_toy_task(tmp_path):
+    """(subspace file, task file) of a toy task, and the task's coefficients."""
+    sub = toy_subspace(augment=2)
+    em = eigenlorax.apply(Toy(), sub, 3, scaling=0.5)
+    randomize(em, 3)
+    sub_path, coef = str(tmp_path / "sub.safetensors"), str(tmp_path / "task.safetensors")
+    sub.save(sub_path)
+    em.save_coefficients(coef, extra={"head.weight": torch.randn(2, 80)})
+    return sub_path, coef, em
+
+
+@pytest.mark.parametrize("which", ["subspace", "coefficients"])
+def test_corrupt_file_refused(which, tmp_path):
+    """4 overwritten bytes in the tensor data (a finite float: only the digest can tell)."""
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    path = sub_path if which == "subspace" else coef
+    data = bytearray(open(path, "rb").read())
+    new = struct.pack("<f", 0.123456)
+    assert data[-4:] != new
+    data[-4:] = new
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(FormatError, match=rf"{path}: corrupt file"):
+        eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "out"))
+    if which == "coefficients":
+        with pytest.raises(FormatError, match="corrupt file"):
+            em.load_coefficients(coef)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_digest_covers_metadata(tmp_path):
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    rewrite(coef, scaling="3.0")
+    with pytest.raises(FormatError, match="corrupt file"):
+        em.load_coefficients(coef)
+    meta = json.loads(safe_open(sub_path, framework="pt").metadata()["eigenlorax"])
+    meta["n_pc"]["A"][0] -= 1
+    rewrite(sub_path, eigenlorax=json.dumps(meta))
+    with pytest.raises(FormatError, match="corrupt file"):
+        EigenSubspace.load(sub_path)
+
+
+def test_files_without_digest_still_load(tmp_path):
+    """Files written before digests were added."""
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    expected = eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "a"))
+    rewrite(sub_path, digest=None)
+    rewrite(coef, digest=None)
+    assert "digest" not in safe_open(coef, framework="pt").metadata()
+    got = eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "b"))
+    assert got.config == expected.config
+    assert all(torch.equal(got.tensors[k], v) for k, v in expected.tensors.items())
+    assert set(em.load_coefficients(coef)) == {"head.weight"}
+
+
+@pytest.mark.parametrize("where", ["loading", "head", "subspace"])
+def test_non_finite_in_files_refused(where, tmp_path):
+    """NaN / Inf in a file (an old one without digest, or written by other code) is refused at load,
+    naming the file and the tensor; nothing is exported."""
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    path, key, value = {"loading": (coef, "enc.v.alpha_B", math.nan),
+                        "head": (coef, "extra.head.weight", math.inf),
+                        "subspace": (sub_path, "B.1.P", math.nan)}[where]
+    t = safe_open(path, framework="pt").get_tensor(key)
+    t.view(-1)[0] = value
+    rewrite(path, {key: t}, digest=None)
+    with pytest.raises(FormatError, match=rf"{path}: tensor {key} holds NaN or Inf"):
+        eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    if path == coef:
+        with pytest.raises(FormatError, match=rf"{key} holds NaN"):
+            em.load_coefficients(coef)
+        t = safe_open(path, framework="pt").get_tensor(key)
+        with pytest.raises(FormatError, match=rf"{key} holds NaN"):
+            em.load_coefficients({**em.coefficients(), key: t})
+
+
+def test_non_finite_scaling_and_loadings_refused(tmp_path):
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    sub = EigenSubspace.load(sub_path)
+    out = str(tmp_path / "out")
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            eigenlorax.export_task(sub, coef, out, scaling=bad)
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            eigenlorax.apply(Toy(), sub, 3, scaling=bad)
+    assert not os.path.exists(out)
+    rewrite(coef, scaling="nan", digest=None)   # a recorded NaN (an older file)
+    with pytest.raises(ValueError, match=rf"{coef}: scaling must be a finite number"):
+        eigenlorax.export_task(sub, coef, out)
+    eigenlorax.export_task(sub, coef, out, scaling=0.5)   # overriding it is fine
+    with open(os.path.join(out, io.ADAPTER_CONFIG)) as f:
+        assert json.load(f)["lora_alpha"] == pytest.approx(1.5)   # strict JSON, finite
+    # a diverged task is neither saved nor exported
+    with torch.no_grad():
+        em.layers["enc.q"].alpha_A[0, 0] = math.nan
+    with pytest.raises(FormatError, match="enc.q.alpha_A holds NaN"):
+        em.save_coefficients(str(tmp_path / "diverged.safetensors"))
+    with pytest.raises(FormatError, match="lora_A.weight holds NaN"):
+        em.export_peft(str(tmp_path / "diverged"))
+    assert not os.path.exists(tmp_path / "diverged.safetensors") and not os.path.exists(tmp_path / "diverged")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +653,40 @@ def test_build_errors():
         eigenlorax.build_subspace(ads, components=0)
     with pytest.raises(ValueError, match="augment"):
         eigenlorax.build_subspace(ads, augment=-1)
+
+
+@pytest.mark.parametrize("side,value", [("lora_A", math.nan), ("lora_B", math.inf)])
+def test_build_names_non_finite_adapter_and_layer(side, value, tmp_path):
+    ads = random_adapters(TOY_LAYERS, 3, 4)
+    key = f"{PEFT_PREFIX}enc.v.{side}.weight"
+    ads[2].tensors[key][1, 2] = value
+    dirs = [str(tmp_path / f"ad{i}") for i in range(3)]
+    for d, ad in zip(dirs, ads):
+        ad.save_adapter(d)
+    with pytest.raises(ValueError, match=rf"{dirs[2]}: layer enc\.v: {side} holds NaN or Inf"):
+        eigenlorax.build_subspace(dirs)
+    with pytest.raises(ValueError, match=rf"adapter\[2\]: layer enc\.v: {side}"):
+        eigenlorax.build_subspace(ads)
+    ads[2].tensors[key][1, 2] = 0.0
+    ads[2].config["lora_alpha"] = math.nan
+    with pytest.raises(ValueError, match=r"adapter\[2\]: layer enc\.q: scaling"):
+        eigenlorax.build_subspace(ads)
+
+
+def test_build_refuses_the_same_adapter_twice(tmp_path):
+    ads = random_adapters(TOY_LAYERS, 2, 4)
+    d0, d1 = str(tmp_path / "ad0"), str(tmp_path / "ad1")
+    ads[0].save_adapter(d0)
+    ads[1].save_adapter(d1)
+    os.symlink(d0, tmp_path / "link")
+    shutil.copytree(d0, tmp_path / "copy")
+    for second in (d0, d0 + "/", str(tmp_path / "link"), str(tmp_path / ".." / tmp_path.name / "ad0")):
+        with pytest.raises(ValueError, match=r"same adapter \(same folder\)"):
+            eigenlorax.build_subspace([d0, d1, second])
+    with pytest.raises(ValueError, match=r"copy and .*ad0 are the same adapter \(same weights\)"):
+        eigenlorax.build_subspace([d0, d1, str(tmp_path / "copy")])
+    with pytest.raises(ValueError, match=r"adapter\[1\] and adapter\[0\] are the same adapter"):
+        eigenlorax.build_subspace([ads[0], ads[0]])
 
 
 def test_apply_errors():
@@ -656,13 +862,28 @@ def test_cli_build_and_export(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["one-adapter", "missing-folder", "variance-range", "both", "not-subspace",
-                                  "bad-output"])
+                                  "bad-output", "same-adapter", "nan-adapter", "corrupt-subspace", "nan-scaling"])
 def test_cli_user_errors(case, tmp_path, capsys):
     dirs = []
     for i, ad in enumerate(random_adapters(TOY_LAYERS, 2, 4)):
         dirs.append(str(tmp_path / f"ad{i}"))
         ad.save_adapter(dirs[-1])
     out = str(tmp_path / "sub.safetensors")
+    if case == "nan-adapter":
+        bad = random_adapters(TOY_LAYERS, 1, 4)[0]
+        bad.tensors[f"{PEFT_PREFIX}enc.q.lora_B.weight"][0, 0] = math.nan
+        dirs.append(str(tmp_path / "ad_nan"))
+        bad.save_adapter(dirs[-1])
+    sub_file, coef = str(tmp_path / "given.safetensors"), str(tmp_path / "task.safetensors")
+    if case in ("corrupt-subspace", "nan-scaling"):
+        sub = eigenlorax.build_subspace(dirs, components=3)
+        sub.save(sub_file)
+        eigenlorax.apply(Toy(), sub, 2).save_coefficients(coef)
+        if case == "corrupt-subspace":
+            with open(sub_file, "r+b") as f:
+                f.seek(-4, os.SEEK_END)
+                f.write(struct.pack("<f", 0.123456))
+    export = ["eigen", "export", sub_file, "--coefficients", coef, "-o", str(tmp_path / "x")]
     argv = {
         "one-adapter": ["eigen", "build", dirs[0], "-o", out],
         "missing-folder": ["eigen", "build", dirs[0], str(tmp_path / "nope"), "-o", out],
@@ -671,9 +892,16 @@ def test_cli_user_errors(case, tmp_path, capsys):
         "not-subspace": ["eigen", "export", os.path.join(dirs[0], io.ADAPTER_WEIGHTS), "--coefficients",
                          os.path.join(dirs[1], io.ADAPTER_WEIGHTS), "-o", str(tmp_path / "x")],
         "bad-output": ["eigen", "build", *dirs, "-o", str(tmp_path / "no" / "such" / "sub.safetensors")],
+        "same-adapter": ["eigen", "build", dirs[0], dirs[1], dirs[0], "-o", out],
+        "nan-adapter": ["eigen", "build", *dirs, "-o", out],
+        "corrupt-subspace": export,
+        "nan-scaling": export + ["--scaling", "nan"],
     }[case]
     rc, _, err = run_cli(argv, capsys)
     assert rc not in (0, None), err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], err
-    assert not os.path.exists(out)
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "x")
+    named = {"same-adapter": "same adapter", "nan-adapter": f"{dirs[-1]}: layer enc.q: lora_B holds NaN",
+             "corrupt-subspace": f"{sub_file}: corrupt file", "nan-scaling": "scaling must be a finite number"}
+    assert named.get(case, "") in lines[0], lines[0]

@@ -1010,7 +1010,7 @@ Package load_package(const std::string& path) {
       tensors[name] = to_tensor(*e, bytes);
     }
   }
-  // The package digest covers the tensors and the solar metadata (solar.package_digest).
+  // The package digest covers the tensors and the solar metadata (io.content_digest).
   Sha256 package_digest;
   package_digest.update(digest.hexdigest());
   package_digest.update("\n", 1);
