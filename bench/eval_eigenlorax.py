@@ -3,9 +3,12 @@ tasks into a shared subspace, then learn the held-out task with loadings only, a
 scratch. Writes a markdown table (default docs/results_eigenlorax.md).
 
     .venv/bin/python bench/eval_eigenlorax.py --held-out vader-intensity --seeds 0 1 2 --steps 150
+    .venv/bin/python bench/eval_eigenlorax.py --held-out sst2 --sst2 ../shared/data/sst2 --seeds 0 1 2 \
+        --steps 200 --source-steps 150 --output docs/results_eigenlorax_sst2.md
 
 1. Train LoRA r=8 (query/value, alpha 16, head trainable) on every task except the held-out one
-   (seed 0; cached under --cache, keyed by task and settings).
+   (seed 0; cached under --cache, keyed by task and settings, and for sst2 by the resolved --sst2
+   folder and the SHA-256 of its files).
 2. Build the EigenLoRAx subspace of those adapters (--components per layer and side, --augment).
 3. On the held-out task, for every seed and with the same steps, batch and data order:
    (a) LoRA r=8 from scratch (lr --lr-lora, head at --lr-head),
@@ -20,10 +23,12 @@ scratch. Writes a markdown table (default docs/results_eigenlorax.md).
 from __future__ import annotations
 
 import argparse
+import getpass
 import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,9 +36,13 @@ import time
 
 import torch
 
-from subspace_ext import data, eigenlorax, models, plots, train
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import evalcommon  # noqa: E402
+from subspace_ext import data, eigenlorax, models, plots, train  # noqa: E402
 
 RANK = 8
 ALPHA = 16
@@ -55,15 +64,34 @@ def load_task(name: str, args) -> data.Task:
     return data.word_task(name, limit=args.limit)
 
 
-def source_adapter(name: str, args) -> str:
-    """Folder of a LoRA adapter trained on ``name`` (trained once, then reused from the cache)."""
+def source_key(name: str, args) -> tuple[dict, str]:
+    """(cache key, cache folder) of the source adapter of ``name``: the task, the training settings and,
+    for sst2, the resolved --sst2 folder and the SHA-256 of its files (main() has checked the folder
+    before any lookup)."""
     key = dict(task=name, steps=args.source_steps, limit=args.limit if name != "sst2" else args.sst2_limit,
-               lr=args.lr_lora, bs=args.batch_size, r=RANK, alpha=ALPHA, seed=0, v=1)
-    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(args.cache, f"{name}-{tag}")
+               lr=args.lr_lora, bs=args.batch_size, r=RANK, alpha=ALPHA, seed=0, v=2)
+    if name == "sst2":
+        key["data"] = evalcommon.sst2_fingerprint(args.sst2)
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return key, os.path.join(args.cache, f"{name}-{tag}")
+
+
+def source_adapter(name: str, args) -> str:
+    """Folder of a LoRA adapter trained on ``name`` (trained once, then reused from the cache; see
+    source_key). The key is also written to key.json in the folder and must match for a cached
+    adapter to be used."""
+    key, folder = source_key(name, args)
     if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
-        log(f"source {name}: cached {folder}")
-        return folder
+        try:
+            with open(os.path.join(folder, "key.json"), encoding="utf-8") as f:
+                hit = json.load(f) == json.loads(json.dumps(key))
+        except (OSError, ValueError):
+            hit = False
+        if hit:
+            log(f"source {name}: cached {folder}")
+            return folder
+        log(f"source {name}: {folder} does not hold this key; retraining")
+        shutil.rmtree(folder)
     task = load_task(name, args)
     t0 = time.perf_counter()
     model, tok, _ = train.train_lora_adapter(task, folder + ".tmp", r=RANK, alpha=ALPHA, targets=TARGETS,
@@ -72,6 +100,8 @@ def source_adapter(name: str, args) -> str:
     acc = train.accuracy(model, tok, task.dev)
     with open(os.path.join(folder + ".tmp", "eval.json"), "w") as f:
         json.dump({"dev_acc": acc, "seconds": time.perf_counter() - t0}, f)
+    with open(os.path.join(folder + ".tmp", "key.json"), "w", encoding="utf-8") as f:
+        json.dump(key, f, sort_keys=True, indent=1)
     os.replace(folder + ".tmp", folder)
     log(f"source {name}: dev acc {acc:.4f}, {time.perf_counter() - t0:.0f} s -> {folder}")
     return folder
@@ -128,7 +158,14 @@ def fmt(values, pct=False):
     return f"{m:.2f} ± {s:.2f}" if pct else f"{m:.4f} ± {s:.4f}"
 
 
-def main(argv=None) -> int:
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in the environment or the password database
+        return str(os.getuid()) if hasattr(os, "getuid") else "user"
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(data.WORD_TASKS), choices=list(data.WORD_TASKS) + ["sst2"],
                     help="the task pool (held-out task + sources); default: the 6 word tasks")
@@ -152,18 +189,42 @@ def main(argv=None) -> int:
                     help="the classifier head's lr, in every method (default %(default)s)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: fastest for these tiny batches, esp. on a busy machine)")
-    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "subspace_ext_eigenlorax_cache"),
-                    help="folder for the source adapters (reused across runs)")
-    ap.add_argument("--output", default="docs/results_eigenlorax.md")
+    ap.add_argument("--cache",
+                    default=os.path.join(tempfile.gettempdir(), f"subspace_ext_eigenlorax_cache-{_user()}"),
+                    help="folder for the source adapters (reused across runs; default: per user, in the temp dir)")
+    ap.add_argument("--output", default="docs/results_eigenlorax.md",
+                    help="the markdown report (default %(default)s; give another for an SST-2 run, e.g. "
+                         "docs/results_eigenlorax_sst2.md)")
     ap.add_argument("--json", default=None, help="also write the raw per-seed results to this JSON file")
+    return ap
+
+
+def cli_args(recorded: dict) -> dict:
+    """Recorded arguments (the JSON's "args") with what main() derives put back to what was typed, so
+    that ``evalcommon.command_from_args`` can quote the command: --source-steps equal to --steps and
+    --tasks holding just the default pool plus the tasks main() appends are dropped."""
+    a = dict(recorded)
+    if a.get("source_steps") == a.get("steps"):
+        a["source_steps"] = None
+    expected = list(data.WORD_TASKS)
+    if a.get("sst2") and "sst2" not in expected:
+        expected.append("sst2")
+    if a.get("held_out") not in expected:
+        expected.append(a.get("held_out"))
+    if a.get("tasks") == expected:
+        a["tasks"] = list(data.WORD_TASKS)
+    return a
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     args.source_steps = args.source_steps or args.steps
     if args.sst2 and "sst2" not in args.tasks:
         args.tasks.append("sst2")
-    if "sst2" in args.tasks + [args.held_out] and not args.sst2:
-        args.sst2 = data.default_sst2_path()
-        if not args.sst2:
-            ap.error("sst2 requested but no --sst2 PATH given (and ../shared/data/sst2 not found)")
+    if "sst2" in args.tasks + [args.held_out]:
+        # before any cache lookup: a missing or unreadable folder is a one-line error, never a cached adapter
+        args.sst2 = evalcommon.require_sst2(ap, args.sst2 or data.default_sst2_path())
     if args.held_out not in args.tasks:
         args.tasks.append(args.held_out)
     sources = [t for t in args.tasks if t != args.held_out]
@@ -174,6 +235,7 @@ def main(argv=None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
+    command = evalcommon.command_line(__file__, argv)
 
     folders = [source_adapter(name, args) for name in sources]
     src_acc = {}
@@ -220,7 +282,7 @@ def main(argv=None) -> int:
     lines = [
         f"# EigenLoRAx leave-one-out on MiniLM-L6: held-out task `{args.held_out}`",
         "",
-        "Command: `.venv/bin/python bench/eval_eigenlorax.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
+        f"Command: `{command}`",
         "",
         f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, {args.threads} thread(s); "
         f"total wall time {time.perf_counter() - t_start:.0f} s.",
@@ -260,7 +322,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": plots.portable_args(vars(args), ROOT), "names": names, "switch_s": {"eigen": eigen_s, "lora": lora_s},
+            recorded = {k: v for k, v in vars(args).items() if k != "cache"}  # a per-user temp path
+            json.dump({"args": plots.portable_args(recorded, ROOT), "command": command, "names": names,
+                       "switch_s": {"eigen": eigen_s, "lora": lora_s},
                        "results": {m: [{k: v for k, v in r.items()} for r in res[m]] for m in methods}}, f, indent=1)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)

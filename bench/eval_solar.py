@@ -18,9 +18,13 @@ import time
 
 import torch
 
-from subspace_ext import data, models, plots, solar, train
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import evalcommon  # noqa: E402
+from subspace_ext import data, models, plots, solar, train  # noqa: E402
 
 
 def evaluate(task, adapter_dir, tok, folder) -> float:
@@ -65,9 +69,10 @@ def fmt(values):
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sst2", default=data.default_sst2_path(), help="folder with train.tsv / dev.tsv")
+    ap.add_argument("--sst2", default=data.default_sst2_path(),
+                    help="folder with train.tsv / dev.tsv (default ../shared/data/sst2 when it exists)")
     ap.add_argument("--train-limit", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -75,9 +80,14 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results_solar.md"))
     ap.add_argument("--json", default=None, help="also write the raw per-seed results to this JSON file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    if not args.sst2:
-        ap.error("SST-2 not found: pass --sst2 FOLDER")
+    args.sst2 = evalcommon.require_sst2(ap, args.sst2)
+    command = evalcommon.command_line(__file__, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [r if r == "full" else float(r) for r in args.ratios]
@@ -89,9 +99,7 @@ def main(argv=None) -> int:
     lines = [
         "# SOLAR vs truncated SVD on SST-2 (MiniLM-L6 + LoRA r=8 on query/value)",
         "",
-        f"Command: `python bench/eval_solar.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} "
-        f"--train-limit {args.train_limit}" + (f" --threads {args.threads}" if args.threads else "")
-        + f"`; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"Command: `{command}`; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Dev accuracy on the {len(task.dev)} SST-2 dev sentences, mean ± std over seeds {args.seeds}. "
         "Ratio = stored numbers / adapter numbers (LoRA factors + classifier head, which both keep); a SOLAR "
         "coefficient costs 2 numbers (value + index), a rank-1 SVD component m + n + 1.",
@@ -112,7 +120,8 @@ def main(argv=None) -> int:
         import json
 
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": plots.portable_args(vars(args), ROOT), "ratios": [str(r) for r in ratios], "dev_size": len(task.dev),
+            json.dump({"args": plots.portable_args(vars(args), ROOT), "command": command,
+                       "ratios": [str(r) for r in ratios], "dev_size": len(task.dev),
                        "results": [{str(k): v for k, v in r.items()} for r in results]}, f, indent=1)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

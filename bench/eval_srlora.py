@@ -30,16 +30,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 
+import evalcommon  # noqa: E402
 from subspace_ext import data, plots, train  # noqa: E402
 from subspace_ext.srlora import SRLoRA, SRLoRAConfig  # noqa: E402
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sst2", default=data.default_sst2_path(), help="folder with SST-2 train.tsv and dev.tsv")
@@ -59,9 +61,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--output", default=os.path.join(ROOT, "docs", "results_srlora.md"))
     p.add_argument("--json", default=None, help="also write the raw per-run results to this JSON file")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    if not args.sst2:
-        p.error("SST-2 not found: pass --sst2 FOLDER (train.tsv, dev.tsv)")
+    args.sst2 = evalcommon.require_sst2(p, args.sst2)
     if args.steps < 1 or args.eval_every < 1:
         p.error("--steps and --eval-every must be >= 1")
     args.interval = args.interval or max(1, args.steps // 10)
@@ -203,9 +209,7 @@ def report(args, res, wall):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.command = " ".join([os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(os.getcwd())
-                             else "python", os.path.relpath(os.path.abspath(__file__), os.getcwd())]
-                            + (sys.argv[1:] if argv is None else list(argv)))
+    args.command = evalcommon.command_line(__file__, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     task = data.sst2(args.sst2, train_limit=args.train_limit, seed=0)

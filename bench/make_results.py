@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """docs/results.md and its PNG plots from the raw JSON of the three SST-2 evaluations.
 
-    python bench/eval_solar.py     --seeds 0 1 2 ... --json docs/data/solar_sst2.json
-    python bench/eval_eigenlorax.py --held-out sst2 ... --json docs/data/eigenlorax_sst2.json
-    python bench/eval_srlora.py    --seeds 0 1 2 ... --json docs/data/srlora_sst2.json
-    python bench/make_results.py   # reads docs/data/*.json, writes docs/results.md + docs/*.png
+    python bench/eval_solar.py      --seeds 0 1 2 ... --json docs/data/solar_sst2.json
+    python bench/eval_eigenlorax.py --held-out sst2 ... --output docs/results_eigenlorax_sst2.md \
+                                    --json docs/data/eigenlorax_sst2.json
+    python bench/eval_srlora.py     --seeds 0 1 2 ... --json docs/data/srlora_sst2.json
+    python bench/make_results.py    # reads docs/data/*.json, writes docs/results.md + docs/*.png
 
-Each section states the command and settings its JSON records; a missing JSON leaves its section out
-(and says so) rather than inventing numbers.
+(each eval script takes --sst2 FOLDER; the default is ../shared/data/sst2 when it exists.)
+
+Each section states the command and settings its JSON records (the command line itself when the JSON
+has one, else one rebuilt from the recorded arguments and the script's parser: every option that
+differs from its default); a missing JSON leaves its section out (and says so) rather than inventing
+numbers.
 """
 from __future__ import annotations
 
@@ -18,9 +23,14 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
+import eval_eigenlorax  # noqa: E402
+import eval_solar  # noqa: E402
+import eval_srlora  # noqa: E402
+import evalcommon  # noqa: E402
 from subspace_ext import plots  # noqa: E402
 from subspace_ext.plots import mean_std, pct  # noqa: E402
 
@@ -54,9 +64,9 @@ def solar_section(d, out_dir):
                      pct(x["svd_acc"] for x in e) if "svd_acc" in e[0] else "—",
                      f"{mean_std([x['svd_err'] for x in e])[0]:.3f}" if "svd_err" in e[0] else "—",
                      f"{mean_std([x['seconds'] for x in e])[0]:.2f}"])
-    cmd = (f"python bench/eval_solar.py --seeds {' '.join(map(str, a['seeds']))} --steps {a['steps']} "
-           f"--train-limit {a['train_limit']}" + (f" --threads {a['threads']}" if a.get("threads") else "")
-           + " --json docs/data/solar_sst2.json")
+    cmd = d.get("command") or evalcommon.command_from_args(
+        "eval_solar.py", eval_solar.build_parser(), dict(a, json="docs/data/solar_sst2.json"),
+        first=("seeds", "steps", "train_limit"), last=("json",), defaults={"sst2": evalcommon.DEFAULT_SST2})
     near = min(ratios, key=lambda k: abs(float(k) - 0.1))
     headline = (f"at ratio {near}: SOLAR {pct(r[near]['solar_acc'] for r in res)}%, truncated SVD "
                 f"{pct(r[near]['svd_acc'] for r in res)}%, uncompressed {pct(lora)}%")
@@ -103,13 +113,14 @@ def eigen_section(d, out_dir):
                      "1×" if m == "lora" else ("—" if n == 0 else f"{res['lora'][0]['adapter'] / n:.1f}×"),
                      pct(r["acc"] for r in rs), f"{100 * mean_std([r['acc'] for r in rs])[0] / lora_acc:.1f}"])
     sources = [t for t in a["tasks"] if t != a["held_out"]]
-    cmd = (f"python bench/eval_eigenlorax.py --held-out {a['held_out']} --seeds {' '.join(map(str, a['seeds']))} "
-           f"--steps {a['steps']} --source-steps {a['source_steps']} --components {a['components']} "
-           "--json docs/data/eigenlorax_sst2.json")
+    cmd = d.get("command") or evalcommon.command_from_args(
+        "eval_eigenlorax.py", eval_eigenlorax.build_parser(),
+        dict(eval_eigenlorax.cli_args(a), json="docs/data/eigenlorax_sst2.json"),
+        first=("held_out", "seeds", "steps", "source_steps", "components"), last=("json",))
     best = max(("eigen-lora", "eigen-uniform"), key=lambda m: mean_std([r["acc"] for r in res[m]])[0])
     headline = (f"{pct(r['acc'] for r in res[best])}% vs LoRA {pct(r['acc'] for r in res['lora'])}% with "
                 f"{res[best][0]['adapter']:,} vs {res['lora'][0]['adapter']:,} trainable adapter parameters; "
-                f"task switch {1e3 * d['switch_s']['eigen']:.2f} ms (peft swap {1e3 * d['switch_s']['lora']:.2f} ms)")
+                f"task switch {1e3 * d['switch_s']['eigen']:.3f} ms (peft swap {1e3 * d['switch_s']['lora']:.3f} ms)")
     text = "\n".join([
         f"## EigenLoRAx: held-out `{a['held_out']}` from a subspace of other tasks' adapters",
         "",
@@ -122,7 +133,8 @@ def eigen_section(d, out_dir):
                      "% of LoRA"], rows),
         "",
         f"Task switch (median of 50): `load_coefficients` {1e3 * d['switch_s']['eigen']:.3f} ms; peft LoRA swap "
-        f"{1e3 * d['switch_s']['lora']:.3f} ms.",
+        f"{1e3 * d['switch_s']['lora']:.3f} ms. This run predates the integrity checks on load (content "
+        "digest + NaN/Inf check of the task file), which add ~0.25 ms per switch from a file (README.md).",
         "",
         "![EigenLoRAx](eigenlorax_sst2.png)",
         "",
@@ -147,12 +159,15 @@ def srlora_section(d, out_dir):
     step_ms = {m: mean_std([1e3 * res[m][s]["step_s"] for s in seeds]) for m in ("lora", "srlora")}
     inside = mean_std([100 * res["srlora"][s]["srlora_step_s"] / res["lora"][s]["step_s"] for s in seeds])
     rows = [[k, pct(curve["lora"][i]), pct(curve["srlora"][i])] for i, k in enumerate(steps)]
+    cmd = a.get("command") or evalcommon.command_from_args(
+        "eval_srlora.py", eval_srlora.build_parser(), dict(a, json="docs/data/srlora_sst2.json"),
+        first=("seeds", "steps"), last=("json",), defaults={"sst2": evalcommon.DEFAULT_SST2})
     headline = (f"final dev {pct(full['srlora'])}% vs LoRA {pct(full['lora'])}%; time inside SRLoRA.step() "
                 f"{inside[0]:.2f}% of a training step")
     text = "\n".join([
         "## SRLoRA vs LoRA on SST-2",
         "",
-        f"Command: `{a['command']}`. LoRA r={a['rank']} (alpha {a['alpha']}) on query/value + head, AdamW lr "
+        f"Command: `{cmd}`. LoRA r={a['rank']} (alpha {a['alpha']}) on query/value + head, AdamW lr "
         f"{a['lr']:g}, batch {a['batch_size']}, {a['steps']} steps on a seeded {a['train_limit']}-sentence subset; "
         f"SRLoRA: PiSSA init, interval {a['interval']}, warm-up {a['warmup']}, fuse_fraction {a['fuse_fraction']}. "
         f"Same seeds {a['seeds']}, data order and learning rate for both.",

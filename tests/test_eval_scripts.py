@@ -1,0 +1,179 @@
+"""The SST-2 evaluation scripts in bench/: a bad --sst2 fails up front with one line (no traceback,
+no cache lookup), the EigenLoRAx source cache is keyed by the data, and the commands the docs quote
+parse with the scripts' own options and write the report that quotes them. No training runs here."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import types
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import evalcommon  # noqa: E402
+
+SCRIPTS = ("eval_eigenlorax.py", "eval_solar.py", "eval_srlora.py")
+
+
+def _sst2(folder, header="sentence\tlabel", files=("train.tsv", "dev.tsv"), rows=("a fine film\t1",)):
+    os.makedirs(folder, exist_ok=True)
+    for name in files:
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write("\n".join([header, *rows]) + "\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_sst2_is_one_line_error(script, tmp_path):
+    missing = str(tmp_path / "no-such-sst2")
+    cache = tmp_path / "cache"
+    extra = ["--cache", str(cache)] if script == "eval_eigenlorax.py" else []
+    p = subprocess.run([sys.executable, os.path.join(BENCH, script), "--sst2", missing, *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: ") and missing in last, last
+    assert not cache.exists()  # failed before any cache lookup
+    assert p.stdout == ""
+
+
+def test_sst2_problem(tmp_path):
+    assert evalcommon.sst2_problem(_sst2(tmp_path / "ok")) is None
+    assert "does not exist" in evalcommon.sst2_problem(str(tmp_path / "none"))
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in evalcommon.sst2_problem(str(tmp_path / "file"))
+    assert "has no dev.tsv" in evalcommon.sst2_problem(_sst2(tmp_path / "half", files=("train.tsv",)))
+    assert "header" in evalcommon.sst2_problem(_sst2(tmp_path / "hdr", header="text\tlabel"))
+
+
+def test_require_sst2(tmp_path, capsys):
+    ap = argparse.ArgumentParser(prog="x")
+    good = _sst2(tmp_path / "ok")
+    assert evalcommon.require_sst2(ap, os.path.relpath(good)) == os.path.abspath(good)
+    for bad, words in ((None, "SST-2 not found"), (str(tmp_path / "none"), str(tmp_path / "none"))):
+        with pytest.raises(SystemExit) as e:
+            evalcommon.require_sst2(ap, bad)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("x: error: ") and words in err[-1]
+
+
+def test_eigenlorax_cache_key_follows_the_data(tmp_path):
+    import eval_eigenlorax
+
+    a, b = _sst2(tmp_path / "a"), _sst2(tmp_path / "b")
+    args = types.SimpleNamespace(source_steps=150, limit=2000, sst2_limit=20000, lr_lora=3e-3, batch_size=32,
+                                 cache=str(tmp_path / "cache"), sst2=a)
+    key_a, folder_a = eval_eigenlorax.source_key("sst2", args)
+    assert key_a["data"]["path"] == os.path.realpath(a)
+    assert eval_eigenlorax.source_key("sst2", args)[1] == folder_a  # stable
+    args.sst2 = b  # same content, another folder
+    assert eval_eigenlorax.source_key("sst2", args)[1] != folder_a
+    args.sst2 = a
+    _sst2(a, rows=("a fine film\t1", "a dull film\t0"))  # same folder, other content
+    assert eval_eigenlorax.source_key("sst2", args)[1] != folder_a
+    # word tasks never read --sst2
+    args.sst2 = None
+    assert "data" not in eval_eigenlorax.source_key("vader-polarity", args)[0]
+
+
+def _quoted_commands(path):
+    """(script, argv) of every `... bench/eval_*.py ...` command quoted in backticks or a code block."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"\\\n\s*", " ", f.read())  # join shell line continuations
+    out = []
+    for m in re.finditer(r"(?:`|^)(?:\S*python\S* )?bench/(eval_\w+\.py)([^`\n]*)", text, re.M):
+        out.append((m.group(1), shlex.split(m.group(2))))
+    return out
+
+
+def _doc_files():
+    docs = os.path.join(ROOT, "docs")
+    return [os.path.join(docs, f) for f in sorted(os.listdir(docs)) if f.endswith(".md")] + \
+        [os.path.join(BENCH, "README.md")]
+
+
+def test_quoted_commands_parse_and_write_the_quoting_report():
+    import eval_eigenlorax
+    import eval_solar
+    import eval_srlora
+
+    parsers = {"eval_eigenlorax.py": eval_eigenlorax.build_parser, "eval_solar.py": eval_solar.build_parser,
+               "eval_srlora.py": eval_srlora.build_parser}
+    seen = 0
+    for doc in _doc_files():
+        for script, argv in _quoted_commands(doc):
+            args = parsers[script]().parse_args(argv)  # exits on an unknown option
+            seen += 1
+            if os.path.basename(doc).startswith("results_"):
+                # a per-script report quotes the command that wrote it
+                assert os.path.abspath(os.path.join(ROOT, args.output)) == doc, (doc, argv)
+            elif os.path.basename(doc) == "results.md":
+                # a section of the summary quotes the run whose report and JSON it stands for
+                report = os.path.join(ROOT, args.output)
+                assert args.json and os.path.isfile(report), (doc, argv)
+                quoted = [a for s, a in _quoted_commands(report) if s == script]
+                assert any(parsers[script]().parse_args(a).json == args.json for a in quoted), (report, argv)
+    assert seen >= 10
+
+
+def test_make_results_rebuilds_the_eigenlorax_command():
+    import eval_eigenlorax
+    import eval_solar
+
+    with open(os.path.join(ROOT, "docs", "data", "eigenlorax_sst2.json"), encoding="utf-8") as f:
+        a = json.load(f)["args"]
+    cmd = evalcommon.command_from_args("eval_eigenlorax.py", eval_eigenlorax.build_parser(),
+                                       dict(eval_eigenlorax.cli_args(a), json="docs/data/eigenlorax_sst2.json"),
+                                       last=("json",))
+    argv = shlex.split(cmd)[2:]
+    args = eval_eigenlorax.build_parser().parse_args(argv)
+    assert args.output == "docs/results_eigenlorax_sst2.md" and args.held_out == "sst2"
+    assert "--tasks" not in argv and args.steps == 200 and args.source_steps == 150
+
+    # a machine-dependent parser default (--sst2 where ../shared/data/sst2 is missing) does not leak in
+    ap = eval_solar.build_parser()
+    ap.set_defaults(sst2=None)
+    sa = {"sst2": os.path.relpath(evalcommon.DEFAULT_SST2, ROOT), "steps": 500, "threads": 1}
+    assert "--sst2" not in evalcommon.command_from_args("eval_solar.py", ap, sa,
+                                                        defaults={"sst2": evalcommon.DEFAULT_SST2})
+
+
+def test_quoted_commands_with_json_match_the_recorded_run():
+    """A quoted command that writes docs/data/X.json has the settings X.json records (so running it
+    as written repeats that run)."""
+    import eval_eigenlorax
+    import eval_solar
+    import eval_srlora
+
+    parsers = {"eval_eigenlorax.py": eval_eigenlorax.build_parser, "eval_solar.py": eval_solar.build_parser,
+               "eval_srlora.py": eval_srlora.build_parser}
+    derived = {"tasks", "source_steps", "interval", "warmup", "sst2", "json", "command", "cache"}
+    rel = lambda v: os.path.relpath(v, ROOT) if isinstance(v, str) and os.path.isabs(v) else v  # noqa: E731
+    checked = 0
+    for doc in _doc_files():
+        for script, argv in _quoted_commands(doc):
+            args = parsers[script]().parse_args(argv)
+            if not args.json:
+                continue
+            with open(os.path.join(ROOT, args.json), encoding="utf-8") as f:
+                rec = json.load(f)["args"]
+            if script == "eval_eigenlorax.py":
+                rec = eval_eigenlorax.cli_args(rec)
+                assert args.tasks == rec["tasks"]
+                assert (args.source_steps or args.steps) == (rec["source_steps"] or rec["steps"])
+            diff = {k: (rel(v), rec[k]) for k, v in vars(args).items() if k in rec and k not in derived
+                    and rel(v) != rec[k]}
+            assert not diff, (doc, script, diff)
+            checked += 1
+    assert checked >= 6
