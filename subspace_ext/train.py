@@ -174,4 +174,6 @@ def load_adapter_model(adapter_dir: str, *, seed: int = 0):
     from peft import PeftModel
 
     model, tok = load_classifier(seed=seed)
-    return PeftModel.from_pretrained(model, adapter_dir), tok
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in transformers 5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(model, adapter_dir), tok
