@@ -14,12 +14,12 @@ from . import ops
 from .ops import cuda_enabled
 
 __version__ = "0.1.0"
-_METHODS = ("solar", "eigenlorax", "srlora", "io")
-__all__ = ["ops", "cuda_enabled", "__version__", *_METHODS]
+_SUBMODULES = ("solar", "eigenlorax", "srlora", "io")
+__all__ = ["ops", "cuda_enabled", "__version__", *_SUBMODULES]
 
 
 def __getattr__(name):
     # se.solar, se.eigenlorax, se.srlora, se.io: imported on first use (they pull in peft/transformers)
-    if name in _METHODS:
+    if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

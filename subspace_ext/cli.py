@@ -280,13 +280,9 @@ def _eigen_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def eigenlorax_task_types() -> tuple:
+def _add_eigen(sub: argparse._SubParsersAction) -> None:
     from .eigenlorax import TASK_TYPES
 
-    return TASK_TYPES
-
-
-def _add_eigen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eigen", help="EigenLoRAx: build a shared principal subspace from adapters; export a task",
         description="EigenLoRAx: per-layer principal subspaces of N LoRA adapters of one base (lora_A "
@@ -316,7 +312,7 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
                    help="the task's loadings (EigenLoRAx.save_coefficients)")
     e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
                    help="peft adapter folder to write (created; an adapter already there needs --force)")
-    e.add_argument("--task-type", choices=eigenlorax_task_types(), default=None,
+    e.add_argument("--task-type", choices=TASK_TYPES, default=None,
                    help="peft task type of the adapter (e.g. SEQ_CLS; default: the one recorded in the task file)")
     e.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
     e.add_argument("--scaling", type=float, default=None,

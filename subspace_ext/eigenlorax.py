@@ -382,8 +382,8 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().float().contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().float().contiguous()
     extra = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v.detach() for k, v in (extra or {}).items()}
-    for k in extra:
-        module = k.rpartition(".")[0]
+    modules = {k: k.rpartition(".")[0] for k in extra}  # classifier.weight -> classifier
+    for k, module in modules.items():
         if not module or module in factors:
             raise ValueError(f"extra tensor {k}: peft can only restore parameters of a module outside the LoRA "
                              "layers (modules_to_save), such as classifier.weight")
@@ -392,7 +392,7 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
            "init_lora_weights": True, "base_model_name_or_path": base_name,
-           "modules_to_save": sorted({k.rpartition(".")[0] for k in extra}) or None,
+           "modules_to_save": sorted(set(modules.values())) or None,
            "task_type": _check_task_type(task_type)}
     cfg.update(config or {})
     ad = PeftAdapter(cfg, tensors)
