@@ -200,6 +200,10 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
             if not math.isfinite(u.scaling):
                 raise ValueError(f"{name}: layer {u.module}: scaling (from lora_alpha) is {u.scaling}")
     _refuse_duplicates(names, [tensors_digest(a.tensors) for a in loaded], "weights")
+    layouts = {bool(a.config.get("fan_in_fan_out")) for a in loaded}
+    if len(layouts) > 1:
+        raise ValueError("adapters disagree on fan_in_fan_out (Conv1D vs Linear layers): "
+                         + ", ".join(f"{n}: {bool(a.config.get('fan_in_fan_out'))}" for n, a in zip(names, loaded)))
     modules = list(per[0])
     for name, p in zip(names[1:], per[1:]):
         missing, extra = set(modules) - set(p), set(p) - set(modules)
@@ -221,18 +225,34 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
             key = bw.key_for_module(mod)
             fps[mod] = fingerprint(bw.get(key))
     meta = {"adapters": len(loaded), "components": components, "variance": variance, "augment": augment,
-            "seed": seed, "fingerprints": fps, "base_model_name_or_path": next(iter(bases), None)}
+            "seed": seed, "fingerprints": fps, "base_model_name_or_path": next(iter(bases), None),
+            "fan_in_fan_out": layouts.pop()}
     return EigenSubspace(subA, subB, meta)
 
 
-class EigenLinear(torch.nn.Module):
-    """A Linear with a frozen base and an EigenLoRAx update over shared components (P_A, P_B are
-    buffers shared, not copied, between tasks)."""
+def _linear_layout(module: torch.nn.Module) -> Optional[tuple]:
+    """(in_features, out_features, fan_in_fan_out) of a torch.nn.Linear or a transformers Conv1D (GPT-2's
+    Linear with its weight stored in x out); None for anything else."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features, False
+    from transformers.pytorch_utils import Conv1D
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1], True
+    return None
 
-    def __init__(self, base: torch.nn.Linear, PA: torch.Tensor, PB: torch.Tensor, rank: int, scaling: float,
+
+class EigenLinear(torch.nn.Module):
+    """A Linear (or transformers Conv1D) with a frozen base and an EigenLoRAx update over shared
+    components (P_A, P_B are buffers shared, not copied, between tasks)."""
+
+    def __init__(self, base: torch.nn.Module, PA: torch.Tensor, PB: torch.Tensor, rank: int, scaling: float,
                  init: str, generator: torch.Generator):
         super().__init__()
         self.base = base
+        layout = _linear_layout(base)
+        if layout is None:
+            raise TypeError(f"EigenLinear wraps a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+        self.fan_in_fan_out = layout[2]  # merge adds ΔWᵀ to a Conv1D's in x out weight
         self.register_buffer("PA", PA, persistent=False)  # n x K
         self.register_buffer("PB", PB, persistent=False)  # m x K
         K_A, K_B = PA.shape[1], PB.shape[1]
@@ -256,18 +276,22 @@ class EigenLinear(torch.nn.Module):
         h = (x.to(self.PA.dtype) @ self.PA) @ self.alpha_A        # ... x r
         return out + (self.scaling * (h @ self.alpha_B.T) @ self.PB.T).to(out.dtype)
 
+    def _delta(self) -> torch.Tensor:
+        """scaling · B A in the base weight's layout and dtype."""
+        B, A = self.lora_factors()
+        delta = self.scaling * B @ A
+        return (delta.T if self.fan_in_fan_out else delta).to(self.base.weight.dtype)
+
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            B, A = self.lora_factors()
-            self.base.weight += (self.scaling * B @ A).to(self.base.weight.dtype)
+            self.base.weight += self._delta()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            B, A = self.lora_factors()
-            self.base.weight -= (self.scaling * B @ A).to(self.base.weight.dtype)
+            self.base.weight -= self._delta()
             self.merged = False
 
 
@@ -342,8 +366,9 @@ class EigenModel:
         names; written as peft's ``modules_to_save``. ``config``: overrides of adapter_config.json."""
         factors = {name: l.lora_factors() for name, l in self.layers.items()}
         scaling = next(iter(self.layers.values())).scaling
+        fan_in_fan_out = any(l.fan_in_fan_out for l in self.layers.values())
         return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
-                          extra, config, task_type)
+                          extra, config, task_type, fan_in_fan_out=fan_in_fan_out)
 
 
 def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora_weights_file: str, *,
@@ -369,8 +394,9 @@ def _check_task_type(task_type: Optional[str]) -> Optional[str]:
 
 def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, base_name: Optional[str],
                extra: Optional[Dict[str, torch.Tensor]] = None, config: Optional[dict] = None,
-               task_type: Optional[str] = None) -> PeftAdapter:
+               task_type: Optional[str] = None, *, fan_in_fan_out: bool = False) -> PeftAdapter:
     """A peft LoRA folder from per-module factors {module: (B m x r, A r x n)}; update = scaling·B·A.
+    ``fan_in_fan_out``: the modules are transformers Conv1D layers (GPT-2); the factors are the same.
 
     ``extra`` tensors (keyed by the model's parameter names, e.g. ``classifier.weight``; a leading
     ``base_model.model.`` is accepted) are saved as peft saves ``modules_to_save`` — under
@@ -390,7 +416,7 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
     tensors.update({_PEFT_PREFIX + k: v for k, v in extra.items()})
     _check_finite(tensors, f"{path}: refusing to export")
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
-           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": bool(fan_in_fan_out), "use_rslora": False,
            "init_lora_weights": True, "base_model_name_or_path": base_name,
            "modules_to_save": sorted(set(modules.values())) or None,
            "task_type": _check_task_type(task_type)}
@@ -427,7 +453,7 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         rank = aA.shape[1]
     extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
     return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config,
-                      task_type)
+                      task_type, fan_in_fan_out=bool(subspace.meta.get("fan_in_fan_out", False)))
 
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
@@ -452,12 +478,13 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     for mod in subspace.modules:  # check every layer before changing the model
         target = _match_module(named, mod)
         lin = named[target]
-        if not isinstance(lin, torch.nn.Linear):
-            raise ValueError(f"{target}: expected a torch.nn.Linear, got {type(lin).__name__}")
+        layout = _linear_layout(lin)
+        if layout is None:
+            raise ValueError(f"{target}: expected a torch.nn.Linear or a transformers Conv1D, got {type(lin).__name__}")
         PA, PB = subspace.A[mod].P, subspace.B[mod].P
-        if PA.shape[0] != lin.in_features or PB.shape[0] != lin.out_features:
-            raise ValueError(f"layer {mod}: subspace is for {PB.shape[0]}x{PA.shape[0]} but {target} is "
-                             f"{lin.out_features}x{lin.in_features}: different base model?")
+        if (PA.shape[0], PB.shape[0]) != layout[:2]:
+            raise ValueError(f"layer {mod}: subspace is for {PB.shape[0]} out x {PA.shape[0]} in but {target} is "
+                             f"{layout[1]} out x {layout[0]} in: different base model?")
         fp = subspace.meta.get("fingerprints", {}).get(mod)
         if fp is not None and fingerprint(lin.weight.detach()) != fp:
             raise ValueError(f"layer {mod}: the model's weight differs from the subspace's base (fingerprint)")

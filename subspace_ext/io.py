@@ -34,10 +34,18 @@ class LowRankUpdate:
     B: torch.Tensor
     A: torch.Tensor
     scaling: float
+    fan_in_fan_out: bool = False  # the base weight is stored n x m (transformers' Conv1D, GPT-2)
 
     @property
     def shape(self):
+        """(m, n) of the update: out_features x in_features, whatever the base weight's layout."""
         return (self.B.shape[0], self.A.shape[1])
+
+
+def as_update_layout(W0: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The m x n (out x in) view of a base weight as stored: a Linear's weight itself, a Conv1D's
+    (stored in x out, peft's ``fan_in_fan_out``) transposed. No copy."""
+    return W0.T if fan_in_fan_out else W0
 
 
 @dataclass
@@ -100,8 +108,7 @@ class PeftAdapter:
             raise FormatError(f"peft_type {kind} is not supported (LORA and ADALORA are)")
         if self.config.get("use_dora"):
             raise FormatError("DoRA adapters are not supported (their update is not scaling * B @ A)")
-        if self.config.get("fan_in_fan_out"):
-            raise FormatError("fan_in_fan_out adapters (Conv1D bases) are not supported yet")
+        fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))  # peft's Conv1D layers (GPT-2): same B, A
         out = []
         for key in self.tensors:
             m = re.fullmatch(r"(.*)\.lora_A(\.weight)?", key)
@@ -127,7 +134,7 @@ class PeftAdapter:
                 scaling = alpha / (r + 1e-5)  # peft's AdaLoRA forward: scaling / (ranknum + 1e-5)
             else:
                 scaling = self.lora_scaling(name, r)
-            out.append(LowRankUpdate(name, B, A, scaling))
+            out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out))
         if not out:
             raise FormatError("the adapter holds no lora_A / lora_B tensors")
         return out

@@ -26,14 +26,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, fingerprint, read_safetensors, safetensors_metadata,
-                 save_safetensors)
+from .io import (BaseWeights, FormatError, PeftAdapter, as_update_layout, fingerprint, read_safetensors,
+                 safetensors_metadata, save_safetensors)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 
 FORMAT = "subspace_ext.solar"
@@ -60,6 +61,7 @@ class LayerInfo:
     energy: float = 0.0    # captured fraction of ‖ΔW‖²
     rel_error: float = 0.0  # ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F of the decoded (rank-r) update
     lora_numbers: int = 0  # (m + n) * r of the original adapter
+    fan_in_fan_out: bool = False  # the base weight is stored n x m (transformers' Conv1D): basis of its transpose
 
 
 @dataclass
@@ -108,8 +110,11 @@ class SolarPackage:
     def save(self, path: str) -> int:
         """Write the package (one .safetensors file); returns its size in bytes."""
         tensors = self._tensors()
+        # fan_in_fan_out is written only where true, so packages without Conv1D layers stay readable by
+        # builds that predate the field
+        layers = [{k: v for k, v in vars(l).items() if k != "fan_in_fan_out" or v} for l in self.layers]
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
-                "layers": [vars(l) for l in self.layers], "skipped": self.skipped}
+                "layers": layers, "skipped": self.skipped}
         solar_meta = json.dumps(meta)
         save_safetensors(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
                                                   "solar": solar_meta, "digest": package_digest(tensors, solar_meta)})
@@ -199,14 +204,28 @@ def relative_errors(original: Union[str, PeftAdapter], restored: Union[str, Peft
     return [_lowrank_rel_error(u.B, u.A, u.scaling, v.B, v.A, v.scaling) for u, v in zip(a, b)]
 
 
-def _base_weight(bw: BaseWeights, module: str, shape, what: str) -> (str, torch.Tensor):
+def _base_weight(bw: BaseWeights, module: str, shape, what: str, fan_in_fan_out: bool,
+                 either: bool = False) -> (str, torch.Tensor, bool):
+    """The base weight's key, the weight as stored (fingerprints are taken as stored) and whether it
+    is stored transposed (n x m, transformers' Conv1D); its m x n view is ``as_update_layout``.
+
+    ``either``: a non-square weight stored the other way round than ``fan_in_fan_out`` says is
+    accepted as such — peft decides the layout per module type, so one adapter of a GPT-2 can hold
+    Conv1D and Linear layers (e.g. lm_head) under one config flag. The decoder is strict: it uses the
+    layout recorded per layer."""
     key = bw.key_for_module(module)
     W0 = bw.get(key)
-    if tuple(W0.shape) != tuple(shape):
-        raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(W0.shape)} but the update is "
-                                f"{tuple(shape)}: wrong base model?")
+    m, n = shape
+    stored = (n, m) if fan_in_fan_out else (m, n)
+    if tuple(W0.shape) != stored:
+        if either and m != n and tuple(W0.shape) == (stored[1], stored[0]):
+            fan_in_fan_out = not fan_in_fan_out
+        else:
+            layout = " (stored in x out, as transformers' Conv1D)" if fan_in_fan_out else ""
+            raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(W0.shape)} but the update "
+                                    f"({m} out x {n} in) needs {stored}{layout}: wrong base model?")
     _check_finite_base(W0, key)
-    return key, W0
+    return key, W0, fan_in_fan_out
 
 
 def _check_finite_base(W0: torch.Tensor, key: str) -> None:
@@ -244,16 +263,58 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     layers = []
     for i, u in enumerate(_progress(updates, "solar: bases", progress)):
         m, n = u.shape
-        key, W0 = _base_weight(bw, u.module, (m, n), f"layer {u.module}")
-        U, V = ops.solar_basis(W0, seed, i, eps)
+        key, W0, transposed = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out, either=True)
+        U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
         C = ops.project(U, V, u.B.double(), u.A.double(), u.scaling)
         r = int(u.A.shape[0])
         info = LayerInfo(u.module, key, [m, n], r, float(u.scaling), i, fingerprint(W0), [0.0, 0.0],
-                         lora_numbers=(m + n) * r)
+                         lora_numbers=(m + n) * r, fan_in_fan_out=transposed)
         err = (lambda B2, A2, s2, u=u: _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, s2))
         layers.append((info, U, V, C, err))
     dtype = str(updates[0].B.dtype).replace("torch.", "")
     return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype)
+
+
+def _weight_kinds(*paths: str) -> Optional[Dict[str, str]]:
+    """{weight key: "linear" | "conv1d" | "other"} from the first transformers folder among ``paths``
+    that has a config.json: the model class named there is built on the meta device (no weights are
+    read or allocated) and each module's parameters are classified by its type. None without one."""
+    folder = next((p for p in paths if isinstance(p, str) and os.path.isfile(os.path.join(p, "config.json"))), None)
+    if folder is None:
+        return None
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        arch = getattr(transformers, (config.architectures or [""])[0], None)
+        with torch.device("meta"):
+            model = arch(config) if arch is not None else transformers.AutoModel.from_config(config)
+    except Exception as e:  # e.g. a remote-code architecture this transformers lacks
+        warnings.warn(f"{folder}/config.json: cannot build the model to find its Linear layers ({e}); "
+                      "counting every 2-D *.weight without 'embed' in its name as a Linear weight")
+        return None
+    kinds = {}
+    for name, mod in model.named_modules():
+        kind = "linear" if isinstance(mod, torch.nn.Linear) else "conv1d" if isinstance(mod, Conv1D) else "other"
+        for pname, _ in mod.named_parameters(recurse=False):
+            kinds[f"{name}.{pname}" if name else pname] = kind if pname == "weight" else "other"
+    return kinds
+
+
+def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
+    """A checkpoint key's kind; checkpoints may drop or add the base-model prefix, so the longest
+    matching dotted suffix decides. Without a model config (or a key it lacks): a 2-D ``*.weight``
+    whose name does not contain "embed" counts as a Linear weight."""
+    if kinds is not None:
+        parts = key.split(".")
+        for start in range(len(parts)):
+            hits = {v for k, v in kinds.items() if k == ".".join(parts[start:]) or k.endswith("." + ".".join(parts[start:]))}
+            if len(hits) == 1:
+                return hits.pop()
+            if hits:
+                break
+    return "linear" if len(shape) == 2 and key.endswith(".weight") and "embed" not in key else "other"
 
 
 def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeights], *,
@@ -261,10 +322,15 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
                    seed: int = 0, eps: float = 0.0, progress: bool = False) -> SolarPackage:
     """Compress a dense fine-tune (``finetuned`` − ``base``, both transformers folders or safetensors
     files) of the 2-D Linear weights; decoding gives a peft LoRA adapter of rank ``rank`` on the
-    changed modules. ``ratio`` is relative to the dense deltas' size (m·n per layer). A changed 2-D
-    ``*.weight`` whose name does not contain "embed" counts as a Linear weight; other changed tensors
-    (biases, norms, embeddings) cannot be carried and are listed in the package's ``skipped``."""
+    changed modules. ``ratio`` is relative to the dense deltas' size (m·n per layer).
+
+    Which weights are Linear: from a folder with config.json (the base's, else the fine-tune's), the
+    module types of that model (torch.nn.Linear, and transformers' Conv1D of GPT-2, whose in x out
+    weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
+    not contain "embed". Other changed tensors (biases, norms, embeddings) cannot be carried and are
+    listed in the package's ``skipped``."""
     fw, bw = _as_base(finetuned), _as_base(base)
+    kinds = _weight_kinds(getattr(bw, "path", None), getattr(fw, "path", None))
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     layers, skipped = [], []
@@ -278,19 +344,22 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             raise BaseMismatchError(f"{k}: fine-tuned shape {tuple(Wf.shape)} != base shape {tuple(W0.shape)}: wrong base model?")
         if not Wf.is_floating_point() or torch.equal(Wf, W0):
             continue
-        if Wf.dim() != 2 or not k.endswith(".weight") or "embed" in k:
+        kind = _kind_of(k, kinds, Wf.shape)
+        if kind == "other" or Wf.dim() != 2:
             skipped.append(k)
             continue
         _check_finite_base(W0, k)
-        D = Wf.double() - W0.double()
+        transposed = kind == "conv1d"
+        D = as_update_layout(Wf.double() - W0.double(), transposed)  # out x in
         if not torch.isfinite(D).all():
             raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
         m, n = D.shape
         i = len(layers)
-        U, V = ops.solar_basis(W0, seed, i, eps)
+        U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
         C = ops.project_dense(U, V, D)
         module = k[: -len(".weight")]
-        info = LayerInfo(module, k, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n)
+        info = LayerInfo(module, k, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n,
+                         fan_in_fan_out=transposed)
         norm = float(torch.linalg.norm(D))
         err = (lambda B2, A2, s2, D=D, norm=norm: float(torch.linalg.norm(D - s2 * B2.double() @ A2.double())) / norm)
         layers.append((info, U, V, C, err))
@@ -300,7 +369,8 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": [l[0].module for l in layers],
               "rank_pattern": {l[0].module: l[0].rank for l in layers},
               "alpha_pattern": {l[0].module: l[0].rank for l in layers}, "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "task_type": None,
+              "fan_in_fan_out": any(l[0].fan_in_fan_out for l in layers), "use_rslora": False,
+              "init_lora_weights": True, "task_type": None,
               "base_model_name_or_path": None, "modules_to_save": None}
     pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32")
     pkg.skipped = skipped
@@ -360,7 +430,7 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
     for info, vals, idx in zip(_progress(pkg.layers, "solar: decode", progress), pkg.values, pkg.indices):
         what = f"layer {info.module}"
         try:
-            key, W0 = _base_weight(bw, info.module, info.shape, what)
+            key, W0, _ = _base_weight(bw, info.module, info.shape, what, info.fan_in_fan_out)
         except FormatError as e:
             raise BaseMismatchError(f"{what}: {e}") from None
         if fingerprint(W0) != info.fingerprint:
@@ -368,7 +438,7 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
                                     f"from the one the package was made from (fingerprint {fingerprint(W0)} != "
                                     f"{info.fingerprint}): wrong base model, or the same one changed or saved in "
                                     "another dtype (the base must be exactly the sender's)")
-        U, V = ops.solar_basis(W0, pkg.seed, info.stream, pkg.eps)
+        U, V = ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed, info.stream, pkg.eps)
         B, A, ck = ops.solar_decode(U, V, vals, idx, info.rank, info.scaling, pkg.seed, info.stream)
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
         if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):

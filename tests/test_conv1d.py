@@ -1,0 +1,228 @@
+"""GPT-2-style bases: transformers' Conv1D stores its weight in x out, and peft marks such adapters
+``fan_in_fan_out``. lora_A / lora_B keep the Linear convention (ΔW = s B A is out x in), so every
+method must read the base weight transposed — and must be checked against the layout, since a
+square layer (GPT-2's attention c_proj) would accept either orientation silently.
+
+A tiny GPT-2 with random weights is built from its config (nothing is downloaded); the Linear twin
+of each test is the same network with every Conv1D weight transposed into a torch.nn.Linear."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from subspace_ext import eigenlorax, io, solar  # noqa: E402
+from subspace_ext.srlora import SRLoRA, SRLoRAConfig  # noqa: E402
+
+TARGETS = ["c_attn", "c_proj", "c_fc"]  # 24 -> 72, 24 -> 24 (square) and 96 -> 24, 24 -> 96
+
+
+def _gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=24, n_layer=2, n_head=2)
+    return transformers.GPT2Model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("gpt2_base"))
+    _gpt2().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _load_base(base_dir):
+    return transformers.GPT2Model.from_pretrained(base_dir).eval()
+
+
+def _adapter(base_dir, folder, seed: int, r: int = 4) -> str:
+    """A peft LoRA adapter of the tiny GPT-2 with random (non-zero) factors, saved in ``folder``."""
+    model = peft.get_peft_model(_load_base(base_dir), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _outputs(base_dir, adapter_dir) -> torch.Tensor:
+    model = peft.PeftModel.from_pretrained(_load_base(base_dir), adapter_dir).eval()
+    ids = torch.arange(12).reshape(2, 6) % 64
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state.double()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base_dir, tmp_path_factory):
+    return _adapter(base_dir, str(tmp_path_factory.mktemp("gpt2_lora")), seed=1)
+
+
+def test_peft_marks_conv1d_adapters_fan_in_fan_out(adapter_dir):
+    ad = io.PeftAdapter.load(adapter_dir)
+    assert ad.config["fan_in_fan_out"] is True
+    ups = ad.updates()
+    assert len(ups) == 2 * len(TARGETS) + 2  # c_proj is in attn and mlp, per block
+    assert all(u.fan_in_fan_out for u in ups)
+    assert {u.shape for u in ups} == {(72, 24), (24, 24), (96, 24), (24, 96)}  # out x in
+
+
+def test_solar_full_roundtrip_gives_peft_the_same_model(base_dir, adapter_dir, tmp_path):
+    pkg = solar.compress(adapter_dir, base_dir, budget="full")
+    assert max(l.rel_error for l in pkg.layers) < 1e-5
+    out = str(tmp_path / "restored")
+    solar.decompress(pkg, base_dir).save_adapter(out)
+    assert io.PeftAdapter.load(out).config["fan_in_fan_out"] is True
+    torch.testing.assert_close(_outputs(base_dir, out), _outputs(base_dir, adapter_dir), atol=2e-5, rtol=0)
+
+
+def _linear_twin(base_dir, adapter_dir, tmp_path):
+    """The same base with every Conv1D weight stored transposed (as a Linear's out x in) and the same
+    adapter marked fan_in_fan_out = False: mathematically the same network and update."""
+    tensors = io.read_safetensors(os.path.join(base_dir, "model.safetensors"))
+    conv = {k for k in tensors if k.endswith(".weight") and any(f".{t}." in k for t in TARGETS)}
+    twin_base = str(tmp_path / "twin_base.safetensors")
+    io.save_safetensors({k: (v.T.contiguous() if k in conv else v) for k, v in tensors.items()}, twin_base)
+    ad = io.PeftAdapter.load(adapter_dir)
+    twin = io.PeftAdapter(dict(ad.config, fan_in_fan_out=False), dict(ad.tensors))
+    return twin_base, twin
+
+
+def test_solar_reads_conv1d_weights_transposed(base_dir, adapter_dir, tmp_path):
+    """The Conv1D adapter and its Linear twin give the same coefficients at a tight budget: the basis
+    comes from W0ᵀ (out x in), not from the stored in x out weight."""
+    twin_base, twin = _linear_twin(base_dir, adapter_dir, tmp_path)
+    got = solar.compress(adapter_dir, base_dir, ratio=0.3)
+    ref = solar.compress(twin, twin_base, ratio=0.3)
+    for g, r in zip(got.indices, ref.indices):
+        assert torch.equal(g, r)
+    for g, r in zip(got.values, ref.values):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert [l.rel_error for l in got.layers] == pytest.approx([l.rel_error for l in ref.layers], rel=1e-5)
+    assert 0.0 < min(l.rel_error for l in got.layers)  # lossy at this ratio: the test can tell layouts apart
+
+
+def test_solar_layout_per_layer(base_dir, adapter_dir, tmp_path):
+    """peft decides the layout per module type (its config flag is global and it flips it per module),
+    so a non-square layer stored the other way round is read as stored; the decoder uses the layout
+    recorded per layer, and a base that fits neither way is refused."""
+    ad = io.PeftAdapter.load(adapter_dir)
+    flagless = io.PeftAdapter(dict(ad.config, fan_in_fan_out=False), dict(ad.tensors))
+    pkg = solar.compress(flagless, base_dir, budget="full")
+    assert [l.fan_in_fan_out for l in pkg.layers] == [l.shape[0] != l.shape[1] for l in pkg.layers]
+    path = str(tmp_path / "p.safetensors")
+    pkg.save(path)
+    out = str(tmp_path / "restored")
+    solar.decompress(path, base_dir).save_adapter(out)
+    torch.testing.assert_close(_outputs(base_dir, out), _outputs(base_dir, adapter_dir), atol=2e-5, rtol=0)
+    tensors = io.read_safetensors(os.path.join(base_dir, "model.safetensors"))
+    key = "h.0.attn.c_attn.weight"
+    wrong = str(tmp_path / "wrong.safetensors")
+    io.save_safetensors(dict(tensors, **{key: torch.randn(24, 70)}), wrong)
+    with pytest.raises(solar.BaseMismatchError, match=r"c_attn.weight has shape \(24, 70\).*needs \(24, 72\)"):
+        solar.compress(adapter_dir, wrong, budget="full")
+    with pytest.raises(solar.BaseMismatchError, match=r"c_attn.weight has shape \(24, 70\)"):
+        solar.decompress(path, wrong)
+
+
+def test_solar_dense_gpt2_reads_module_types(base_dir, tmp_path):
+    """A dense GPT-2 fine-tune: the Conv1D deltas are carried (transposed to out x in, decoded as a
+    fan_in_fan_out LoRA that peft loads); the changed token embedding is skipped, not taken for a
+    Linear weight (its name has no "embed"); the model's config decides, not the names."""
+    tensors = io.read_safetensors(os.path.join(base_dir, "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    ft = dict(tensors)
+    for key in ("h.0.attn.c_attn.weight", "h.1.attn.c_proj.weight", "h.1.mlp.c_fc.weight"):
+        n_in, n_out = ft[key].shape
+        ft[key] = ft[key] + 0.2 * torch.randn(n_in, 2, generator=g) @ torch.randn(2, n_out, generator=g)
+    ft["wte.weight"] = ft["wte.weight"] + 1.0
+    ft_dir = str(tmp_path / "ft")
+    model = _load_base(base_dir)
+    model.load_state_dict(ft)
+    model.save_pretrained(ft_dir, safe_serialization=True)
+    pkg = solar.compress_dense(ft_dir, base_dir, budget="full", rank=2)
+    assert pkg.skipped == ["wte.weight"]
+    assert all(l.fan_in_fan_out for l in pkg.layers) and max(l.rel_error for l in pkg.layers) < 1e-6
+    out = str(tmp_path / "restored")
+    solar.decompress(pkg, base_dir).save_adapter(out)
+    expected = _load_base(base_dir)
+    expected.load_state_dict(dict(ft, **{"wte.weight": tensors["wte.weight"]}))
+    ids = torch.arange(12).reshape(2, 6) % 64
+    with torch.no_grad():
+        want = expected(input_ids=ids).last_hidden_state.double()
+    torch.testing.assert_close(_outputs(base_dir, out), want, atol=2e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def subspace(base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2_sources")
+    sources = [_adapter(base_dir, str(root / f"a{i}"), seed=10 + i) for i in range(3)]
+    return eigenlorax.build_subspace(sources, components=4, augment=2, base=base_dir)
+
+
+def test_eigenlorax_on_conv1d_merge_and_export(base_dir, subspace, tmp_path):
+    assert subspace.meta["fan_in_fan_out"] is True
+    model = _load_base(base_dir)
+    em = eigenlorax.apply(model, subspace, 3, scaling=1.5, seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for l in em.layers.values():
+            l.alpha_B.copy_(torch.randn(l.alpha_B.shape, generator=g))
+    ids = torch.arange(12).reshape(2, 6) % 64
+    with torch.no_grad():
+        before = model(input_ids=ids).last_hidden_state.double()
+        em.merge()
+        merged = model(input_ids=ids).last_hidden_state.double()
+        em.unmerge()
+        after = model(input_ids=ids).last_hidden_state.double()
+    torch.testing.assert_close(merged, before, atol=2e-5, rtol=0)
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=0)
+    out = str(tmp_path / "export")
+    em.export_peft(out)
+    assert io.PeftAdapter.load(out).config["fan_in_fan_out"] is True
+    torch.testing.assert_close(_outputs(base_dir, out), before, atol=2e-5, rtol=0)
+    task = str(tmp_path / "task.safetensors")
+    em.save_coefficients(task)
+    out2 = str(tmp_path / "export_task")
+    eigenlorax.export_task(subspace, task, out2, scaling=1.5)
+    assert io.PeftAdapter.load(out2).config["fan_in_fan_out"] is True
+    torch.testing.assert_close(_outputs(base_dir, out2), before, atol=2e-5, rtol=0)
+
+
+def test_eigenlorax_refuses_mixed_layouts(base_dir, adapter_dir, tmp_path):
+    other = _adapter(base_dir, str(tmp_path / "other"), seed=7)
+    ad = io.PeftAdapter.load(other)
+    flipped = io.PeftAdapter(dict(ad.config, fan_in_fan_out=False), dict(ad.tensors))
+    with pytest.raises(ValueError, match="disagree on fan_in_fan_out"):
+        eigenlorax.build_subspace([io.PeftAdapter.load(adapter_dir), flipped], components=2)
+
+
+def test_srlora_on_conv1d_is_continuous(base_dir):
+    """SRLoRA fuses into and re-initialises from the transposed (in x out) Conv1D weights."""
+    model = peft.get_peft_model(_load_base(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5))
+    ids = torch.arange(24).reshape(3, 8) % 64
+    for step in range(1, 5):
+        loss = model(input_ids=ids).last_hidden_state.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            before = model(input_ids=ids).last_hidden_state.double()
+        ev = sr.step()
+        with torch.no_grad():
+            after = model(input_ids=ids).last_hidden_state.double()
+        if step % 2 == 0:
+            assert ev is not None and ev.pairs == 2 * len(sr.layers)
+            torch.testing.assert_close(after, before, atol=2e-5, rtol=0)
+    changed = [n for n, p in model.named_parameters() if n in weights and not torch.equal(p, weights[n])]
+    assert len(changed) == len(sr.layers)  # every Conv1D weight took fused pairs, in its own layout
+    for l in sr.layers:
+        assert l.W.shape == (l.B.shape[0], l.A.shape[1]) and l.weight.shape == (l.A.shape[1], l.B.shape[0])
