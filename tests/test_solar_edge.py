@@ -35,9 +35,13 @@ MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense
 RANK = 4
 
 
-def _base(tmp_path, sharded=False):
+def _base(tmp_path, sharded=False, conv1d=False):
+    """``conv1d``: the query weight is stored in x out (transformers' Conv1D), the dense one as a Linear."""
     g = torch.Generator().manual_seed(1)
     weights = {k: torch.randn(*s, generator=g) for k, s in BASE_SHAPES.items()}
+    if conv1d:
+        key = MODULES[0] + ".weight"
+        weights[key] = weights[key].T.contiguous()
     if not sharded:
         path = tmp_path / "base.safetensors"
         save_file(weights, str(path))
@@ -50,7 +54,7 @@ def _base(tmp_path, sharded=False):
     return folder, weights
 
 
-def _adapter(tmp_path, kind="LORA", dtype=torch.float32):
+def _adapter(tmp_path, kind="LORA", dtype=torch.float32, fan_in_fan_out=False):
     g = torch.Generator().manual_seed(2)
     tensors = {}
     for module in MODULES:
@@ -65,7 +69,7 @@ def _adapter(tmp_path, kind="LORA", dtype=torch.float32):
     config = {
         "peft_type": kind, "r": RANK, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none",
         "target_modules": ["query", "dense"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS",
-        "fan_in_fan_out": False, "inference_mode": True, "revision": None, "rank_pattern": {},
+        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "revision": None, "rank_pattern": {},
         "alpha_pattern": {}, "base_model_name_or_path": "tiny-b\u00e9rt \"q\"\t\u2603\U0001f600",
         "layer_norm_eps": 1e-12, "big": 12345678901234567890, "scale": 1e22, "neg": -0.0,
     }
@@ -99,15 +103,18 @@ CASES = [
     pytest.param(dict(kind="LORA", budget="full", sharded=True, seed=2**63 + 12345), id="lora-full-sharded-bigseed"),
     pytest.param(dict(kind="ADALORA", ratio=0.5, dtype=torch.bfloat16, eps=0.01), id="adalora-bf16-eps"),
     pytest.param(dict(kind="LORA", budget="full", dtype=torch.float16, seed=7), id="lora-full-fp16"),
+    pytest.param(dict(kind="LORA", ratio=0.5, conv1d=True), id="lora-conv1d-and-linear"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_edge_decoder_matches_python(tmp_path, case):
-    base, _ = _base(tmp_path, sharded=case.get("sharded", False))
-    adapter = _adapter(tmp_path, case["kind"], case.get("dtype", torch.float32))
+    conv1d = case.get("conv1d", False)
+    base, _ = _base(tmp_path, sharded=case.get("sharded", False), conv1d=conv1d)
+    adapter = _adapter(tmp_path, case["kind"], case.get("dtype", torch.float32), fan_in_fan_out=conv1d)
     pkg = solar.compress(str(adapter), str(base), ratio=case.get("ratio"), budget=case.get("budget"),
                          seed=case.get("seed", 0), eps=case.get("eps", 0.0))
+    assert [l.fan_in_fan_out for l in pkg.layers] == [conv1d, False]
     pkg_path = tmp_path / "package.safetensors"
     pkg.save(str(pkg_path))
 
@@ -168,6 +175,9 @@ def test_wrong_shape_and_missing_weight(tmp_path, package):
     save_file(weights, str(wrong))
     r = _run(pkg_path, wrong, tmp_path / "out")
     assert r.returncode == 1 and "layer encoder.layer.0.attention.self.query" in r.stderr and "shape" in r.stderr
+    with pytest.raises(solar.BaseMismatchError) as e:
+        solar.decompress(str(pkg_path), str(wrong))
+    assert r.stderr.strip().endswith(str(e.value))  # the same message from both decoders
     del weights["encoder.layer.0.attention.self.query.weight"]
     missing = tmp_path / "missing.safetensors"
     save_file(weights, str(missing))

@@ -958,6 +958,7 @@ struct Layer {
   int64_t rank = 0, stream = 0;
   double scaling = 0.0, nnz = 0.0;
   std::vector<double> checksum;
+  bool fan_in_fan_out = false;  // base weight stored n x m (transformers' Conv1D): basis of its transpose
 };
 
 struct Package {
@@ -1034,7 +1035,7 @@ Package load_package(const std::string& path) {
     if (layers.type != Json::Type::Array) fail("'layers' is not a list");
     static const char* kRequired[] = {"module", "base_key", "shape", "rank", "scaling", "stream",
                                       "fingerprint", "checksum"};
-    static const char* kOptional[] = {"nnz", "energy", "rel_error", "lora_numbers"};
+    static const char* kOptional[] = {"nnz", "energy", "rel_error", "lora_numbers", "fan_in_fan_out"};
     for (size_t i = 0; i < layers.items.size(); ++i) {
       const Json& l = layers.items[i];
       const std::string where = "layer " + std::to_string(i) + ": ";
@@ -1072,6 +1073,10 @@ Package load_package(const std::string& path) {
       for (const Json& c : ck.items) L.checksum.push_back(as_double(c, where + "checksum"));
       const Json* nnz = l.find("nnz");
       L.nnz = nnz ? as_double(*nnz, where + "nnz") : 0.0;
+      if (const Json* f = l.find("fan_in_fan_out")) {
+        if (f->type != Json::Type::Bool) fail(where + "fan_in_fan_out must be true or false");
+        L.fan_in_fan_out = f->boolean;
+      }
       pkg.layers.push_back(std::move(L));
       for (const char* kind : {"values", "indices"}) {
         const std::string key = "layer." + std::to_string(i) + "." + kind;
@@ -1199,14 +1204,21 @@ void decode(const std::string& package_path, const std::string& base_path, const
       fail(what + ": " + e.what());
     }
     const auto [entry, bytes] = bw.get(key);
-    if (entry.shape != info.shape)
-      fail(what + ": base weight " + key + " has shape " + shape_repr(entry.shape) + " but the update is " +
-           shape_repr(info.shape) + ": wrong base model?");
+    std::vector<int64_t> stored = info.shape;  // solar._base_weight
+    if (info.fan_in_fan_out) std::reverse(stored.begin(), stored.end());
+    if (entry.shape != stored) {
+      const std::string m = info.shape.size() == 2 ? std::to_string(info.shape[0]) : "?";
+      const std::string n = info.shape.size() == 2 ? std::to_string(info.shape[1]) : "?";
+      fail(what + ": base weight " + key + " has shape " + shape_repr(entry.shape) + " but the update (" + m +
+           " out x " + n + " in) needs " + shape_repr(stored) +
+           (info.fan_in_fan_out ? " (stored in x out, as transformers' Conv1D)" : "") + ": wrong base model?");
+    }
     const std::string fp = fingerprint(*entry.dtype, entry.shape, bytes.data(), bytes.size());
     if (fp != info.fingerprint)
       fail(what + ": base weight " + key + " differs from the one the package was made from (fingerprint " +
            fp + " != " + info.fingerprint + "): wrong base model");
-    const at::Tensor W0 = to_tensor(entry, bytes);
+    const at::Tensor stored_W0 = to_tensor(entry, bytes);
+    const at::Tensor W0 = info.fan_in_fan_out ? stored_W0.t() : stored_W0;  // io.as_update_layout
     try {
       auto [U, V] = solar_basis.call(W0, pkg.seed, info.stream, pkg.eps);
       auto [B, A, ck] = solar_decode.call(U, V, pkg.values[i], pkg.indices[i], info.rank, info.scaling, pkg.seed,
