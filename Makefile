@@ -25,6 +25,7 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: setup build run bench-table test cuda-build cmake-cuda-build pytest bench cmake-test clean
 
 $(VENV)/.deps: setup.py Makefile
+	@$(PYTHON) -c 'import sys; sys.exit("$(PYTHON) is Python %d.%d: subspace_ext needs 3.11+ (torch 2.13 needs 3.10, current transformers 3.11); run make PYTHON=python3.11" % sys.version_info[:2]) if sys.version_info < (3, 11) else None'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	# torch first, so nothing below pulls a CUDA build of it

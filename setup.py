@@ -85,7 +85,7 @@ setup(
     packages=find_packages(include=["subspace_ext", "subspace_ext.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors"],
     extras_require={  # the methods read/write peft folders; the demo and evals also train and plot
         "methods": ["transformers", "peft"],

@@ -173,8 +173,8 @@ def _solar_compress(args: argparse.Namespace) -> int:
               sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if f.endswith(".safetensors")))
     size = pkg.save(args.output)
     seconds = time.perf_counter() - t0
-    if pkg.skipped:
-        print(f"not carried (changed, but not 2-D Linear weights): {', '.join(pkg.skipped)}", file=sys.stderr)
+    for note in pkg.notes():
+        print(note, file=sys.stderr)
     errs = [l.rel_error for l in pkg.layers]
     print(f"{len(pkg.layers)} layers: {pkg.lora_numbers()} -> {pkg.numbers()} numbers "
           f"({pkg.size_change()}), {before} -> {size} bytes, "

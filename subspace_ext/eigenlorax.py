@@ -5,8 +5,8 @@ Formulation (as in the authors' public code, see DESIGN.md section 3): per adapt
 separately for lora_A and lora_B, orient each adapter's matrix with the larger dimension as rows
 (B: m x r; A: r x n -> n x r), concatenate the N adapters' columns into M (d x N r), centre M's rows,
 and take its top-K left singular vectors P (d x K) — from an rsvd of the centred stack, never the d x d
-covariance. Optionally add ``augment`` directions: seeded Philox normals orthogonalised against P (one
-batched QR). A task then trains loadings α_A, α_B (K x r): A = (P_A α_A)ᵀ, B = P_B α_B, and the layer
+covariance. Optionally add ``augment`` directions: seeded Philox normals orthogonalised against P (a QR per
+layer and side). A task then trains loadings α_A, α_B (K x r): A = (P_A α_A)ᵀ, B = P_B α_B, and the layer
 computes ``base(x) + scaling · B (A x)`` as ``((x P_A) α_A) α_Bᵀ P_Bᵀ`` — O((m + n) K) per token, no
 r x n x K tensor. Trainable per layer: 2 K r (LoRA: (m + n) r).
 """
@@ -29,6 +29,8 @@ FORMAT_VERSION = 1
 TASK_FORMAT = FORMAT + ".task"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft's
 _PEFT_PREFIX = "base_model.model."
+# peft task types whose model adds its head to modules_to_save, so loading fails without its weights
+_TASKS_WITH_HEAD = {"SEQ_CLS": "classifier / score", "TOKEN_CLS": "classifier / score", "QUESTION_ANS": "qa_outputs"}
 
 
 def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
@@ -326,7 +328,7 @@ class EigenModel:
         scaling = next(iter(self.layers.values())).scaling
         meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling)}
         if task_type is not None:
-            meta["task_type"] = _check_task_type(task_type)
+            meta["task_type"] = _check_task_type(task_type, bool(extra), f"{path}: refusing to save")
         _save(t, path, meta)
 
     @torch.no_grad()
@@ -386,9 +388,15 @@ def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora
     return eigen_s, lora_s
 
 
-def _check_task_type(task_type: Optional[str]) -> Optional[str]:
+def _check_task_type(task_type: Optional[str], has_head: bool = True, where: str = "") -> Optional[str]:
+    """A peft task type (or None); one whose peft model restores a trained head needs the head saved."""
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of peft's {', '.join(TASK_TYPES)} (or None), got {task_type!r}")
+    if task_type in _TASKS_WITH_HEAD and not has_head:
+        raise ValueError(f"{where}: task_type {task_type} makes peft load a trained head "
+                         f"({_TASKS_WITH_HEAD[task_type]}) from the adapter, but none is saved with the task: "
+                         "pass the head's tensors as extra= (e.g. {n: p for n, p in model.named_parameters() "
+                         "if 'classifier' in n}), or give no task type")
     return task_type
 
 
@@ -415,11 +423,12 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
                              "layers (modules_to_save), such as classifier.weight")
     tensors.update({_PEFT_PREFIX + k: v for k, v in extra.items()})
     _check_finite(tensors, f"{path}: refusing to export")
+    task_type = _check_task_type(task_type, bool(extra), f"{path}: refusing to export")
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": bool(fan_in_fan_out), "use_rslora": False,
            "init_lora_weights": True, "base_model_name_or_path": base_name,
            "modules_to_save": sorted(set(modules.values())) or None,
-           "task_type": _check_task_type(task_type)}
+           "task_type": task_type}
     cfg.update(config or {})
     ad = PeftAdapter(cfg, tensors)
     ad.save_adapter(path)
@@ -487,7 +496,9 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
                              f"{layout[1]} out x {layout[0]} in: different base model?")
         fp = subspace.meta.get("fingerprints", {}).get(mod)
         if fp is not None and fingerprint(lin.weight.detach()) != fp:
-            raise ValueError(f"layer {mod}: the model's weight differs from the subspace's base (fingerprint)")
+            raise ValueError(f"layer {mod}: the model's weight ({str(lin.weight.dtype).replace('torch.', '')}) "
+                             "differs from the subspace's base (fingerprint): another base model, or the same one "
+                             "loaded in another dtype than its checkpoint (load it with torch_dtype='auto')")
         targets[target] = (lin, PA, PB)
     for p in model.parameters():
         p.requires_grad_(False)

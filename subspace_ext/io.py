@@ -61,7 +61,10 @@ class PeftAdapter:
             raise FormatError(f"{path}: not a folder (expected a peft adapter folder with {ADAPTER_CONFIG})")
         cfg_path = os.path.join(path, ADAPTER_CONFIG)
         if not os.path.isfile(cfg_path):
-            raise FormatError(f"{path}: no {ADAPTER_CONFIG} (not a peft adapter folder)")
+            subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, ADAPTER_CONFIG)))
+            hint = (f"; it holds the adapter folder(s) {', '.join(d + '/' for d in subs)} (peft saves an adapter "
+                    f"not named 'default' in a subfolder): pass {os.path.join(path, subs[0])}") if subs else ""
+            raise FormatError(f"{path}: no {ADAPTER_CONFIG} (not a peft adapter folder){hint}")
         try:
             with open(cfg_path) as f:
                 config = json.load(f)
@@ -130,22 +133,33 @@ class PeftAdapter:
                 if E is None:
                     raise FormatError(f"{module}: AdaLoRA adapter without lora_E")
                 A = A * E.reshape(-1, 1).to(A.dtype)
-                alpha = float(self.config.get("lora_alpha", r)) or float(r)
-                scaling = alpha / (r + 1e-5)  # peft's AdaLoRA forward: scaling / (ranknum + 1e-5)
+                # peft's AdaLoRA forward: lora_alpha / (ranknum + 1e-5), where ranknum stays init_r when
+                # rank allocation prunes a layer (peft restores a pruned adapter with the old ranknum)
+                alpha = float(self.config.get("lora_alpha", 8))
+                scaling = alpha / (float(self.config.get("init_r", r)) + 1e-5)
             else:
                 scaling = self.lora_scaling(name, r)
             out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out))
         if not out:
-            raise FormatError("the adapter holds no lora_A / lora_B tensors")
+            emb = self.embedding_lora_modules()
+            raise FormatError("the adapter holds no lora_A / lora_B tensors" + (
+                f"; LoRA on embeddings (lora_embedding_A/B of {', '.join(emb[:3])}) is not supported" if emb else ""))
         return out
+
+    def embedding_lora_modules(self) -> List[str]:
+        """Modules with LoRA on an embedding (peft's lora_embedding_A/B): not low-rank updates of a Linear
+        here; SOLAR carries their tensors unchanged, EigenLoRAx ignores them."""
+        return sorted({m.group(1) for k in self.tensors if (m := re.fullmatch(r"(.*)\.lora_embedding_A(\..*)?", k))})
 
     def lora_scaling(self, module: str, r: int) -> float:
         """peft's LoRA scaling for a module: alpha / r (alpha / sqrt(r) with use_rslora), with the
-        config's rank_pattern / alpha_pattern overrides."""
+        config's alpha_pattern override (the first matching key in the file's order, as peft's
+        get_pattern_key; r is the factors' own rank, so rank_pattern needs no lookup)."""
         alpha = float(self.config.get("lora_alpha", 8))
         for pattern, value in (self.config.get("alpha_pattern") or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", module):
                 alpha = float(value)
+                break
         return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
 
     def extra_tensors(self) -> Dict[str, torch.Tensor]:
@@ -227,6 +241,8 @@ class BaseWeights:
             except Exception as e:
                 raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
 
+        self._skeleton = None  # the model built on the meta device from config.json, when asked for
+
     def keys(self) -> List[str]:
         return list(self._where)
 
@@ -235,13 +251,67 @@ class BaseWeights:
 
     def key_for_module(self, module: str) -> str:
         """The weight key of a module path, matched on the longest common dotted suffix
-        (peft's 'bert.encoder.layer.0...query' finds 'encoder.layer.0...query.weight')."""
-        parts = module.split(".")
-        for start in range(len(parts)):
-            key = ".".join(parts[start:]) + ".weight"
-            if key in self._where:
-                return key
-        raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base model?)")
+        (peft's 'bert.encoder.layer.0...query' finds 'encoder.layer.0...query.weight'). An output
+        embedding tied to the input embedding (``tie_word_embeddings``: the checkpoint stores only
+        the latter, e.g. a LLaMA's lm_head) gives the input embedding's key."""
+        key = self._find(module + ".weight")
+        if key is None:
+            tied = self._tied_input_embedding(module)
+            key = self._find(tied) if tied else None
+        if key is None:
+            raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base model?)")
+        return key
+
+    def _find(self, name: str) -> Optional[str]:
+        parts = name.split(".")
+        return next((k for k in (".".join(parts[s:]) for s in range(len(parts) - 1)) if k in self._where), None)
+
+    def skeleton(self) -> Optional[torch.nn.Module]:
+        """The model of the folder's config.json, built on the meta device (no weights read or
+        allocated), for its module types and tied weights; None for a bare .safetensors file, and None
+        with a warning where transformers cannot build it (e.g. a remote-code architecture)."""
+        if self._skeleton is None:
+            self._skeleton = False
+            if os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "config.json")):
+                import warnings
+
+                import transformers
+                try:
+                    config = transformers.AutoConfig.from_pretrained(self.path)
+                    arch = getattr(transformers, (config.architectures or [""])[0], None)
+                    with torch.device("meta"):
+                        self._skeleton = arch(config) if arch is not None else transformers.AutoModel.from_config(config)
+                except Exception as e:
+                    warnings.warn(f"{self.path}/config.json: transformers cannot build this model ({e}); "
+                                  "its module types and tied weights are unknown")
+        return self._skeleton or None
+
+    def _tied_input_embedding(self, module: str) -> Optional[str]:
+        """For the model's output embedding when tied to its input embedding: the latter's weight name."""
+        model = self.skeleton()
+        if model is None or not getattr(model.config, "tie_word_embeddings", False):
+            return None
+        names = {id(m): n for n, m in model.named_modules()}
+        out_name = names.get(id(model.get_output_embeddings())) if hasattr(model, "get_output_embeddings") else None
+        in_name = names.get(id(model.get_input_embeddings())) if hasattr(model, "get_input_embeddings") else None
+        if not out_name or not in_name or not (module == out_name or module.endswith("." + out_name)
+                                               or out_name.endswith("." + module)):
+            return None
+        return in_name + ".weight"
+
+    def weight_kinds(self) -> Optional[Dict[str, str]]:
+        """{parameter name: "linear" | "conv1d" | "other"} by the type of its module in ``skeleton()``
+        (a torch.nn.Linear's or transformers Conv1D's weight; biases and everything else "other")."""
+        model = self.skeleton()
+        if model is None:
+            return None
+        from transformers.pytorch_utils import Conv1D
+        kinds = {}
+        for name, mod in model.named_modules():
+            kind = "linear" if isinstance(mod, torch.nn.Linear) else "conv1d" if isinstance(mod, Conv1D) else "other"
+            for pname, _ in mod.named_parameters(recurse=False):
+                kinds[f"{name}.{pname}" if name else pname] = kind if pname == "weight" else "other"
+        return kinds
 
 
 def fingerprint(t: torch.Tensor) -> str:

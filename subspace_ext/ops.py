@@ -8,7 +8,8 @@ Conventions (peft): a LoRA update is ``scaling * B @ A`` with ``B`` = ``lora_B.w
 ``A`` = ``lora_A.weight`` (r x n); a base weight ``W`` is (m x n) = (out_features x in_features).
 Singular factors are returned as ``U`` (m x k), ``S`` (k), ``V`` (n x k) with ``A ~ U diag(S) V^T``,
 ``S`` descending, and each column pair's sign fixed so the largest-magnitude entry of ``U[:, j]`` is
-positive (so the same matrix gives the same factors on every machine).
+positive (so the same matrix gives the same factors on every machine, up to floating-point rounding:
+GEMM libraries sum in a thread-count-dependent order). ``small_svd`` keeps Jacobi's signs.
 """
 from __future__ import annotations
 
@@ -177,9 +178,11 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
               seed: int = 0):
     """``rsvd`` of every 2-D matrix in ``mats`` (mixed shapes) in one call, spread over threads.
 
-    Returns a list of ``(U, S, V)``; entry i equals ``rsvd(mats[i], ...)`` exactly (dtypes as in
-    ``rsvd``: bfloat16/float16 weights need no float32 copy of the whole list first). On CUDA the
-    matrices of one shape run as one batch, so where shapes repeat the equality is to rounding.
+    Returns a list of ``(U, S, V)``; entry i equals ``rsvd(mats[i], ...)`` (dtypes as in ``rsvd``:
+    bfloat16/float16 weights need no float32 copy of the whole list first): bit-for-bit with one
+    thread; with several, each matrix's GEMMs here may run on fewer threads than ``rsvd``'s, and GEMM
+    libraries sum in a thread-count-dependent order, so the two agree to rounding (~1e-6 in float32).
+    On CUDA the matrices of one shape run as one batch, likewise equal to rounding.
     The matrices may live on different devices (one call per device; results stay on each).
     """
     if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
@@ -228,7 +231,8 @@ def small_svd(A: torch.Tensor):
     k = min(p, q), S descending, ``A = U diag(S) V^T``; rank-deficient inputs still get orthonormal
     U and V. One-sided Jacobi in float64 (results in A's dtype), all matrices of the batch at once:
     one thread block per matrix on CUDA (one launch), the same bits on CPU and CUDA. Meant for the
-    many small problems of randomized SVDs (rsvd's l x l cores); p, q <= 4096.
+    many small problems of randomized SVDs (rsvd's l x l cores); p, q <= 4096. Column signs are
+    Jacobi's, not the canonical ones of ``rsvd`` (callers that need them fix them).
     """
     _tensor(A, "A", op="_small_svd")
     return _ops._small_svd(A)

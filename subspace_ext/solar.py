@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -84,6 +83,19 @@ class SolarPackage:
 
     def extra_numbers(self) -> int:
         return sum(t.numel() for t in self.extra.values())
+
+    def embedding_lora_modules(self) -> List[str]:
+        """Modules whose LoRA is on an embedding (lora_embedding_A/B): carried unchanged in ``extra``."""
+        return PeftAdapter({}, self.extra).embedding_lora_modules()
+
+    def notes(self) -> List[str]:
+        """What the package does not compress, one line each (none for a plain LoRA of Linear layers)."""
+        out = []
+        if self.skipped:
+            out.append(f"not carried (changed, but not 2-D Linear weights): {', '.join(self.skipped)}")
+        if self.embedding_lora_modules():
+            out.append(f"carried unchanged (LoRA on embeddings is not compressed): {', '.join(self.embedding_lora_modules())}")
+        return out
 
     def lora_numbers(self) -> int:
         """Numbers in the original adapter: (m + n) * r per layer + extra tensors."""
@@ -162,8 +174,7 @@ class SolarPackage:
                     f"stored numbers {self.numbers()} vs adapter {self.lora_numbers()} "
                     f"(ratio {self.ratio():.4f}, {self.size_change()}); "
                     f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}; seed {self.seed}, eps {self.eps}")
-        if self.skipped:
-            rows.append(f"not carried (changed, but not 2-D Linear weights): {', '.join(self.skipped)}")
+        rows += self.notes()
         return "\n".join(rows)
 
 
@@ -233,6 +244,19 @@ def _check_finite_base(W0: torch.Tensor, key: str) -> None:
         raise ValueError(f"base weight {key} contains NaN or Inf")
 
 
+def _check_request(budget, ratio, seed, eps) -> None:
+    """Refuse bad arguments before any basis is computed (seconds per layer on a large model)."""
+    if ratio is not None:
+        if budget is not None:
+            raise ValueError("give either budget or ratio, not both")
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < math.inf:
+            raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
+    else:
+        _resolve_budget(budget, 0)
+    ops._seed(seed)
+    ops._check_eps(eps)
+
+
 def _resolve_budget(budget, candidates: int) -> Optional[int]:
     """Number of coefficients to keep (None = all) for a budget in numbers or 'full'."""
     if budget == "full":
@@ -258,8 +282,12 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     ``"full"`` to keep every coefficient (lossless up to rounding). Extra tensors (classifier heads,
     biases) are always kept unchanged and count towards ``ratio``.
     """
+    _check_request(budget, ratio, seed, eps)
     ad, bw = _as_adapter(adapter), _as_base(base)
-    updates = ad.updates()
+    updates = [u for u in ad.updates() if u.A.shape[0] > 0]  # AdaLoRA prunes layers to rank 0: no update
+    if not updates:
+        raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "
+                         "the adapter's update is zero, there is nothing to compress")
     layers = []
     for i, u in enumerate(_progress(updates, "solar: bases", progress)):
         m, n = u.shape
@@ -273,33 +301,6 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         layers.append((info, U, V, C, err))
     dtype = str(updates[0].B.dtype).replace("torch.", "")
     return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype)
-
-
-def _weight_kinds(*paths: str) -> Optional[Dict[str, str]]:
-    """{weight key: "linear" | "conv1d" | "other"} from the first transformers folder among ``paths``
-    that has a config.json: the model class named there is built on the meta device (no weights are
-    read or allocated) and each module's parameters are classified by its type. None without one."""
-    folder = next((p for p in paths if isinstance(p, str) and os.path.isfile(os.path.join(p, "config.json"))), None)
-    if folder is None:
-        return None
-    import transformers
-    from transformers.pytorch_utils import Conv1D
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-        arch = getattr(transformers, (config.architectures or [""])[0], None)
-        with torch.device("meta"):
-            model = arch(config) if arch is not None else transformers.AutoModel.from_config(config)
-    except Exception as e:  # e.g. a remote-code architecture this transformers lacks
-        warnings.warn(f"{folder}/config.json: cannot build the model to find its Linear layers ({e}); "
-                      "counting every 2-D *.weight without 'embed' in its name as a Linear weight")
-        return None
-    kinds = {}
-    for name, mod in model.named_modules():
-        kind = "linear" if isinstance(mod, torch.nn.Linear) else "conv1d" if isinstance(mod, Conv1D) else "other"
-        for pname, _ in mod.named_parameters(recurse=False):
-            kinds[f"{name}.{pname}" if name else pname] = kind if pname == "weight" else "other"
-    return kinds
 
 
 def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
@@ -329,8 +330,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
     not contain "embed". Other changed tensors (biases, norms, embeddings) cannot be carried and are
     listed in the package's ``skipped``."""
+    _check_request(budget, ratio, seed, eps)
     fw, bw = _as_base(finetuned), _as_base(base)
-    kinds = _weight_kinds(getattr(bw, "path", None), getattr(fw, "path", None))
+    kinds = bw.weight_kinds() or fw.weight_kinds()
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     layers, skipped = [], []
@@ -383,15 +385,13 @@ def _package(layers, extra, config, budget, ratio, seed, eps, dtype) -> SolarPac
     extra_numbers = sum(t.numel() for t in extra.values())
     lora_total = sum(l.lora_numbers for l in infos) + extra_numbers
     candidates = sum(C.numel() for _, _, _, C, _ in layers)
-    if ratio is not None:  # extra tensors are stored too: the ratio covers them
-        if budget is not None:
-            raise ValueError("give either budget or ratio, not both")
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < math.inf:
-            raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
+    if ratio is not None:  # extra tensors are stored too: the ratio covers them (checked in _check_request)
         keep_numbers = ratio * lora_total - extra_numbers
         if keep_numbers < NUMBERS_PER_COEFFICIENT:
-            raise ValueError(f"ratio {ratio} leaves no room for coefficients: the extra tensors alone take "
-                             f"{extra_numbers / lora_total:.4f} of the adapter")
+            largest = sorted(extra, key=lambda k: -extra[k].numel())[:3]
+            raise ValueError(f"ratio {ratio} leaves no room for coefficients: the extra tensors, carried "
+                             f"unchanged, alone take {extra_numbers / lora_total:.4f} of the adapter (largest: "
+                             + ", ".join(f"{k} ({extra[k].numel()} numbers)" for k in largest) + ")")
         keep = _resolve_budget(keep_numbers, candidates)
     else:
         keep = _resolve_budget(budget, candidates)
@@ -456,7 +456,8 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
 
 def _adalora_as_lora(config: dict, layers: List[LayerInfo]) -> dict:
     """An AdaLoRA package decodes to a plain LoRA adapter with the same update: per-layer rank and
-    alpha patterns reproduce each layer's scaling."""
+    alpha patterns reproduce each layer's scaling; target_modules lists the decoded layers exactly
+    (layers that rank allocation pruned to rank 0 have no update and are not among them)."""
     out = {k: v for k, v in config.items() if k not in
            ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")}
     out["peft_type"] = "LORA"
@@ -466,6 +467,7 @@ def _adalora_as_lora(config: dict, layers: List[LayerInfo]) -> dict:
     out["rank_pattern"] = {l.module: l.rank for l in layers}
     out["alpha_pattern"] = {l.module: l.scaling * l.rank for l in layers}
     out["use_rslora"] = False
+    out["target_modules"] = [l.module for l in layers]
     return out
 
 

@@ -247,9 +247,14 @@ def test_ratio_counts_extra_tensors(trained_adapter, base_weights):
     (dict(budget=1), "budget"),
     (dict(budget=True), "budget"),
     (dict(), "budget|ratio"),
+    (dict(budget="full", eps=-1.0), "eps"),
+    (dict(budget="full", seed=2**64), "seed"),
 ], ids=["budget+ratio", "full+ratio", "ratio0", "ratio-neg", "ratio-inf", "ratio-nan", "budget-lots",
-        "budget-1", "budget-bool", "neither"])
-def test_bad_budget_arguments(one_layer_adapter, base_weights, kwargs, match):
+        "budget-1", "budget-bool", "neither", "eps-neg", "seed-big"])
+def test_bad_budget_arguments(one_layer_adapter, base_weights, kwargs, match, monkeypatch):
+    def no_basis(*a, **k):
+        raise AssertionError("bad arguments must be refused before any basis is computed")
+    monkeypatch.setattr(solar.ops, "solar_basis", no_basis)
     with pytest.raises(ValueError, match=match):
         solar.compress(one_layer_adapter, base_weights, **kwargs)
 

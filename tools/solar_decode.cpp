@@ -1155,6 +1155,10 @@ Json adalora_as_lora(const Json& config, const std::vector<Layer>& layers) {
   out.set("rank_pattern", rank_pattern);
   out.set("alpha_pattern", alpha_pattern);
   out.set("use_rslora", Json::boolean_value(false));
+  Json targets;  // the decoded layers exactly (AdaLoRA layers pruned to rank 0 are not among them)
+  targets.type = Json::Type::Array;
+  for (const Layer& l : layers) targets.items.push_back(Json::string(l.module));
+  out.set("target_modules", targets);
   return out;
 }
 

@@ -57,9 +57,9 @@ at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tenso
   at::Tensor right = at::matmul(A, V);       // r x k2
   at::Tensor C = at::matmul(left, right);
   if (scaling != 1.0) C.mul_(scaling);
-  // NaN/Inf in B or A reach C (k1 x k2): checked here rather than by a pass over the inputs.
+  // NaN/Inf in any input reach C (k1 x k2): checked here rather than by a pass over the inputs.
   TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(),
-                    "project: the result is not finite: B or A contains NaN or Inf");
+                    "project: the result is not finite: U, V, B or A contains NaN or Inf (or the scaling overflows)");
   return C;
 }
 

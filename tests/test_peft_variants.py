@@ -1,0 +1,180 @@
+"""peft adapter variants that users produce, on tiny random models built from configs (nothing is
+downloaded): the scaling subspace_ext reads must be the one peft applies, and a SOLAR round trip
+at budget 'full' must give peft the same model. Each case here was a defect once:
+
+- AdaLoRA after rank allocation: peft keeps ranknum = init_r for pruned layers (scaling alpha /
+  init_r, not alpha / pruned r) and may prune a layer to rank 0 (ΔW = 0);
+- two alpha_pattern keys matching one module: peft takes the first in the file's order;
+- a LoRA on a tied lm_head (the checkpoint holds only the input embedding);
+- LoRA on embeddings, and an adapter saved under a non-default name (a subfolder): named in errors;
+- EigenLoRAx export with a task type whose peft model restores a head that was not saved."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from subspace_ext import eigenlorax, io, solar  # noqa: E402
+
+IDS = torch.tensor([[5, 17, 3, 42, 8, 61, 2], [9, 1, 33, 70, 12, 4, 50]])
+
+
+def _bert(path: str) -> str:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    transformers.BertForSequenceClassification(cfg).eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _llama_tied(path: str) -> str:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return _bert(str(tmp_path_factory.mktemp("bert")))
+
+
+def _model(base: str):
+    cls = transformers.LlamaForCausalLM if os.path.isfile(os.path.join(base, "generation_config.json")) \
+        else transformers.BertForSequenceClassification
+    return cls.from_pretrained(base).eval()
+
+
+def _randomize(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _save(base: str, config, folder: str, seed: int = 1, **kw) -> str:
+    model = peft.get_peft_model(_model(base), config, **kw)
+    _randomize(model, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _logits(base: str, adapter: str) -> torch.Tensor:
+    model = peft.PeftModel.from_pretrained(_model(base), adapter).eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.double()
+
+
+def _scalings(base: str, adapter: str) -> dict:
+    model = peft.PeftModel.from_pretrained(_model(base), adapter)
+    return {name: mod.scaling["default"] for name, mod in model.base_model.model.named_modules()
+            if isinstance(mod, peft.tuners.lora.LoraLayer)}
+
+
+def _roundtrip(base: str, adapter: str, out: str) -> None:
+    """SOLAR at budget 'full' (lossless), decoded, gives peft the same model."""
+    solar.decompress(solar.compress(adapter, base, budget="full"), base).save_adapter(out)
+    torch.testing.assert_close(_logits(base, out), _logits(base, adapter), atol=1e-5, rtol=0)
+
+
+def test_adalora_after_rank_allocation(bert, tmp_path):
+    cfg = peft.AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, target_modules=["query", "value"], total_step=20,
+                             tinit=1, tfinal=2, deltaT=1)
+    model = peft.get_peft_model(_model(bert), cfg)
+    _randomize(model)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(20):
+        model(input_ids=IDS[:, :5], labels=torch.tensor([0, 1])).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    folder = str(tmp_path / "adalora")
+    model.save_pretrained(folder, safe_serialization=True)
+    ranks = {k: sum(v) for k, v in json.load(open(os.path.join(folder, "adapter_config.json")))["rank_pattern"].items()}
+    assert 0 in ranks.values() and any(0 < r < 6 for r in ranks.values())  # both cases are exercised
+    ups = io.PeftAdapter.load(folder).updates()
+    assert all(u.scaling == pytest.approx(8 / 6, rel=1e-5) for u in ups)  # alpha / init_r, as peft
+    pkg = solar.compress(folder, bert, budget="full")
+    assert len(pkg.layers) == sum(r > 0 for r in ranks.values())  # rank-0 layers: no update, not carried
+    out = str(tmp_path / "restored")
+    solar.decompress(pkg, bert).save_adapter(out)
+    assert io.PeftAdapter.load(out).config["target_modules"] == [l.module for l in pkg.layers]
+    torch.testing.assert_close(_logits(bert, out), _logits(bert, folder), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(alpha_pattern={"query": 1, "layer.0.attention.self.query": 400}),  # both match layer 0's query
+    dict(alpha_pattern={"layer.0.attention.self.query": 400, "query": 1}),
+    dict(use_rslora=True, rank_pattern={"value": 2}, alpha_pattern={"value": 3}),
+], ids=["overlap-generic-first", "overlap-specific-first", "rslora-patterns"])
+def test_scaling_is_the_one_peft_applies(bert, tmp_path, kw):
+    folder = _save(bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], **kw),
+                   str(tmp_path / "a"))
+    ours = {u.module: u.scaling for u in io.PeftAdapter.load(folder).updates()}
+    theirs = _scalings(bert, folder)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name] == pytest.approx(theirs[name], rel=1e-12), name
+    _roundtrip(bert, folder, str(tmp_path / "restored"))
+
+
+def test_tied_lm_head(tmp_path):
+    base = _llama_tied(str(tmp_path / "llama"))
+    assert not any("lm_head" in k for k in io.BaseWeights(base).keys())  # the checkpoint drops it
+    folders = [_save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+                     str(tmp_path / f"a{i}"), seed=i + 1) for i in range(2)]
+    _roundtrip(base, folders[0], str(tmp_path / "restored"))
+    # in a bare .safetensors file the tie is unknown: the error names the module
+    bare = str(tmp_path / "bare.safetensors")
+    io.save_safetensors(io.read_safetensors(os.path.join(base, "model.safetensors")), bare)
+    with pytest.raises(io.FormatError, match="no weight for adapted module lm_head"):
+        solar.compress(folders[0], bare, budget="full")
+    sub = eigenlorax.build_subspace(folders, components=2, base=base)
+    assert "lm_head" in sub.meta["fingerprints"]
+
+
+def test_embedding_lora_is_named(bert, tmp_path):
+    only = _save(bert, peft.LoraConfig(r=4, target_modules=["word_embeddings"]), str(tmp_path / "emb"))
+    with pytest.raises(io.FormatError, match="lora_embedding_A/B of .*word_embeddings.* not supported"):
+        solar.compress(only, bert, budget="full")
+    mixed = _save(bert, peft.LoraConfig(r=4, target_modules=["word_embeddings", "query"]), str(tmp_path / "mixed"))
+    pkg = solar.compress(mixed, bert, budget="full")
+    assert any("LoRA on embeddings is not compressed" in n and "word_embeddings" in n for n in pkg.notes())
+    _roundtrip(bert, mixed, str(tmp_path / "restored"))  # carried unchanged
+    with pytest.raises(ValueError, match=r"extra tensors.*largest: .*lora_embedding"):
+        solar.compress(mixed, bert, ratio=0.1)
+
+
+def test_adapter_in_a_subfolder_is_pointed_to(bert, tmp_path):
+    folder = str(tmp_path / "out")
+    _save(bert, peft.LoraConfig(r=4, target_modules=["query"]), folder, adapter_name="other")
+    assert os.path.isfile(os.path.join(folder, "other", "adapter_config.json"))
+    with pytest.raises(io.FormatError, match=r"adapter folder\(s\) other/.*pass .*other"):
+        io.PeftAdapter.load(folder)
+
+
+def test_eigen_task_type_needs_the_head(bert, tmp_path):
+    folders = [_save(bert, peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+                     str(tmp_path / f"a{i}"), seed=i + 1) for i in range(2)]
+    sub = eigenlorax.build_subspace(folders, components=2)
+    em = eigenlorax.apply(_model(bert), sub, 2)
+    task = str(tmp_path / "task.safetensors")
+    with pytest.raises(ValueError, match="SEQ_CLS makes peft load a trained head"):
+        em.save_coefficients(task, task_type="SEQ_CLS")
+    assert not os.path.exists(task)
+    em.save_coefficients(task)
+    with pytest.raises(ValueError, match="SEQ_CLS makes peft load a trained head"):
+        eigenlorax.export_task(sub, task, str(tmp_path / "export"), task_type="SEQ_CLS")
+    assert not os.path.exists(tmp_path / "export")
+    head = {n: p for n, p in em.model.named_parameters() if "classifier" in n}
+    em.export_peft(str(tmp_path / "ok"), extra=head, task_type="SEQ_CLS")
+    peft.PeftModel.from_pretrained(_model(bert), str(tmp_path / "ok"))  # loads
