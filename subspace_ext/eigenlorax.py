@@ -103,6 +103,20 @@ class EigenSubspace:
     def modules(self) -> List[str]:
         return list(self.A)
 
+    def digest(self) -> str:
+        """sha256 of the components (module names and P of both sides): a task file records the one it
+        was trained on, and loading or exporting it with another subspace is refused."""
+        if "_digest" not in self.__dict__:
+            self.__dict__["_digest"] = tensors_digest({f"{side}:{m}": b.P for side, bases in (("A", self.A), ("B", self.B))
+                                                      for m, b in bases.items()})
+        return self.__dict__["_digest"]
+
+    def check_task(self, meta: dict, source) -> None:
+        """Refuse a task file trained on another subspace (files without the record are accepted)."""
+        if meta.get("subspace") not in (None, self.digest()):
+            raise FormatError(f"{source}: this task was trained on another subspace (digest {meta['subspace'][:12]} "
+                              f"!= {self.digest()[:12]}): use the subspace file it was trained with")
+
     def size(self, module: str) -> int:
         return self.A[module].P.shape[1]
 
@@ -326,7 +340,8 @@ class EigenModel:
             t[f"extra.{k}"] = v.detach().contiguous()
         _check_finite(t, f"{path}: refusing to save")
         scaling = next(iter(self.layers.values())).scaling
-        meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling)}
+        meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling),
+                "subspace": self.subspace.digest()}
         if task_type is not None:
             meta["task_type"] = _check_task_type(task_type, bool(extra), f"{path}: refusing to save")
         _save(t, path, meta)
@@ -334,7 +349,8 @@ class EigenModel:
     @torch.no_grad()
     def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Switch task: copy saved loadings into the layers (the basis stays loaded). Returns extras."""
-        t, _ = _read_task(source)
+        t, meta = _read_task(source)
+        self.subspace.check_task(meta, source if isinstance(source, str) else "task coefficients")
         for name, l in self.layers.items():  # check everything before changing anything
             for side in ("alpha_A", "alpha_B"):
                 key = f"{name}.{side}"
@@ -443,6 +459,7 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
     ``scaling`` and ``task_type`` default to the ones recorded in the task file (1.0 and None for a dict
     or a file without them)."""
     t, meta = _read_task(coefficients)
+    subspace.check_task(meta, coefficients if isinstance(coefficients, str) else "task coefficients")
     if scaling is None:
         scaling = _check_scaling(meta.get("scaling", 1.0), str(coefficients))  # only a file records one
     task_type = task_type if task_type is not None else meta.get("task_type")

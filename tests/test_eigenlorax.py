@@ -425,6 +425,28 @@ def test_load_coefficients_rejects_other_shape(tmp_path):
         em.load_coefficients({})
 
 
+def test_task_from_another_subspace_of_the_same_size_is_refused(tmp_path):
+    """Two subspaces with the same K: a task trained on one fits the other's shapes exactly, so only
+    the subspace digest recorded in the task file tells them apart."""
+    sub, other = toy_subspace(), toy_subspace()
+    em = eigenlorax.apply(Toy(), sub, 4)
+    f = str(tmp_path / "task.safetensors")
+    em.save_coefficients(f)
+    assert safe_open(f, framework="pt").metadata()["subspace"] == sub.digest()
+    path = str(tmp_path / "sub.safetensors")
+    sub.save(path)
+    assert EigenSubspace.load(path).digest() == sub.digest()  # survives a save and a load
+    wrong = eigenlorax.apply(Toy(), other, 4)
+    before = {k: v.clone() for k, v in wrong.coefficients().items()}
+    with pytest.raises(FormatError, match="trained on another subspace"):
+        wrong.load_coefficients(f)
+    assert all(torch.equal(v, before[k]) for k, v in wrong.coefficients().items())
+    with pytest.raises(FormatError, match="trained on another subspace"):
+        eigenlorax.export_task(other, f, str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()
+    eigenlorax.apply(Toy(), EigenSubspace.load(path), 4).load_coefficients(f)  # the right one loads
+
+
 def test_rejected_load_leaves_model_unchanged():
     """A rejected switch (only the last layer's loadings have the wrong shape) must not leave the
     model half switched to the new task."""
