@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, content_digest, fingerprint, read_safetensors,
-                 safetensors_metadata, save_safetensors, tensors_digest)
+from .io import (BaseWeights, FormatError, PeftAdapter, content_digest, fingerprint, linear_layout,
+                 read_safetensors, safetensors_metadata, save_safetensors, tensors_digest)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -98,6 +98,7 @@ class EigenSubspace:
     A: Dict[str, SideBasis]
     B: Dict[str, SideBasis]
     meta: dict = field(default_factory=dict)
+    _digest: Optional[str] = field(default=None, init=False, repr=False, compare=False)  # digest()'s cache
 
     @property
     def modules(self) -> List[str]:
@@ -106,10 +107,10 @@ class EigenSubspace:
     def digest(self) -> str:
         """sha256 of the components (module names and P of both sides): a task file records the one it
         was trained on, and loading or exporting it with another subspace is refused."""
-        if "_digest" not in self.__dict__:
-            self.__dict__["_digest"] = tensors_digest({f"{side}:{m}": b.P for side, bases in (("A", self.A), ("B", self.B))
-                                                      for m, b in bases.items()})
-        return self.__dict__["_digest"]
+        if self._digest is None:
+            self._digest = tensors_digest({f"{side}:{m}": b.P for side, bases in (("A", self.A), ("B", self.B))
+                                           for m, b in bases.items()})
+        return self._digest
 
     def check_task(self, meta: dict, source) -> None:
         """Refuse a task file trained on another subspace (files without the record are accepted)."""
@@ -249,12 +250,11 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
 def _linear_layout(module: torch.nn.Module) -> Optional[tuple]:
     """(in_features, out_features, fan_in_fan_out) of a torch.nn.Linear or a transformers Conv1D (GPT-2's
     Linear with its weight stored in x out); None for anything else."""
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features, False
-    from transformers.pytorch_utils import Conv1D
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1], True
-    return None
+    fan_in_fan_out = linear_layout(module)
+    if fan_in_fan_out is None:
+        return None
+    out_in = module.weight.shape[::-1] if fan_in_fan_out else module.weight.shape
+    return out_in[1], out_in[0], fan_in_fan_out
 
 
 class EigenLinear(torch.nn.Module):

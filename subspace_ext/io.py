@@ -6,11 +6,13 @@ refused with a message saying how to convert it), and base weights are read from
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -46,6 +48,21 @@ def as_update_layout(W0: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """The m x n (out x in) view of a base weight as stored: a Linear's weight itself, a Conv1D's
     (stored in x out, peft's ``fan_in_fan_out``) transposed. No copy."""
     return W0.T if fan_in_fan_out else W0
+
+
+def linear_layout(module: torch.nn.Module) -> Optional[bool]:
+    """Whether a Linear-like module stores its weight in x out (``fan_in_fan_out``): False for a
+    torch.nn.Linear, True for transformers' Conv1D (GPT-2); None for any other module."""
+    if isinstance(module, torch.nn.Linear):
+        return False
+    from transformers.pytorch_utils import Conv1D
+    return True if isinstance(module, Conv1D) else None
+
+
+def embedding_lora_modules(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """Modules with LoRA on an embedding (peft's lora_embedding_A/B) among an adapter's tensors: not
+    low-rank updates of a Linear here; SOLAR carries their tensors unchanged, EigenLoRAx ignores them."""
+    return sorted({m.group(1) for k in tensors if (m := re.fullmatch(r"(.*)\.lora_embedding_A(\..*)?", k))})
 
 
 @dataclass
@@ -141,15 +158,10 @@ class PeftAdapter:
                 scaling = self.lora_scaling(name, r)
             out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out))
         if not out:
-            emb = self.embedding_lora_modules()
+            emb = embedding_lora_modules(self.tensors)
             raise FormatError("the adapter holds no lora_A / lora_B tensors" + (
                 f"; LoRA on embeddings (lora_embedding_A/B of {', '.join(emb[:3])}) is not supported" if emb else ""))
         return out
-
-    def embedding_lora_modules(self) -> List[str]:
-        """Modules with LoRA on an embedding (peft's lora_embedding_A/B): not low-rank updates of a Linear
-        here; SOLAR carries their tensors unchanged, EigenLoRAx ignores them."""
-        return sorted({m.group(1) for k in self.tensors if (m := re.fullmatch(r"(.*)\.lora_embedding_A(\..*)?", k))})
 
     def lora_scaling(self, module: str, r: int) -> float:
         """peft's LoRA scaling for a module: alpha / r (alpha / sqrt(r) with use_rslora), with the
@@ -241,8 +253,6 @@ class BaseWeights:
             except Exception as e:
                 raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
 
-        self._skeleton = None  # the model built on the meta device from config.json, when asked for
-
     def keys(self) -> List[str]:
         return list(self._where)
 
@@ -266,29 +276,28 @@ class BaseWeights:
         parts = name.split(".")
         return next((k for k in (".".join(parts[s:]) for s in range(len(parts) - 1)) if k in self._where), None)
 
+    @functools.cached_property
     def skeleton(self) -> Optional[torch.nn.Module]:
         """The model of the folder's config.json, built on the meta device (no weights read or
-        allocated), for its module types and tied weights; None for a bare .safetensors file, and None
-        with a warning where transformers cannot build it (e.g. a remote-code architecture)."""
-        if self._skeleton is None:
-            self._skeleton = False
-            if os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "config.json")):
-                import warnings
-
-                import transformers
-                try:
-                    config = transformers.AutoConfig.from_pretrained(self.path)
-                    arch = getattr(transformers, (config.architectures or [""])[0], None)
-                    with torch.device("meta"):
-                        self._skeleton = arch(config) if arch is not None else transformers.AutoModel.from_config(config)
-                except Exception as e:
-                    warnings.warn(f"{self.path}/config.json: transformers cannot build this model ({e}); "
-                                  "its module types and tied weights are unknown")
-        return self._skeleton or None
+        allocated) the first time it is asked for, for its module types and tied weights; None for a
+        bare .safetensors file, and None with a warning where transformers cannot build it (e.g. a
+        remote-code architecture)."""
+        if not (os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "config.json"))):
+            return None
+        import transformers
+        try:
+            config = transformers.AutoConfig.from_pretrained(self.path)
+            arch = getattr(transformers, (config.architectures or [""])[0], None)
+            with torch.device("meta"):
+                return arch(config) if arch is not None else transformers.AutoModel.from_config(config)
+        except Exception as e:
+            warnings.warn(f"{self.path}/config.json: transformers cannot build this model ({e}); "
+                          "its module types and tied weights are unknown")
+            return None
 
     def _tied_input_embedding(self, module: str) -> Optional[str]:
         """For the model's output embedding when tied to its input embedding: the latter's weight name."""
-        model = self.skeleton()
+        model = self.skeleton
         if model is None or not getattr(model.config, "tie_word_embeddings", False):
             return None
         names = {id(m): n for n, m in model.named_modules()}
@@ -300,15 +309,14 @@ class BaseWeights:
         return in_name + ".weight"
 
     def weight_kinds(self) -> Optional[Dict[str, str]]:
-        """{parameter name: "linear" | "conv1d" | "other"} by the type of its module in ``skeleton()``
+        """{parameter name: "linear" | "conv1d" | "other"} by the type of its module in ``skeleton``
         (a torch.nn.Linear's or transformers Conv1D's weight; biases and everything else "other")."""
-        model = self.skeleton()
+        model = self.skeleton
         if model is None:
             return None
-        from transformers.pytorch_utils import Conv1D
         kinds = {}
         for name, mod in model.named_modules():
-            kind = "linear" if isinstance(mod, torch.nn.Linear) else "conv1d" if isinstance(mod, Conv1D) else "other"
+            kind = {False: "linear", True: "conv1d", None: "other"}[linear_layout(mod)]
             for pname, _ in mod.named_parameters(recurse=False):
                 kinds[f"{name}.{pname}" if name else pname] = kind if pname == "weight" else "other"
         return kinds

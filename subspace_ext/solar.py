@@ -32,8 +32,8 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, as_update_layout, fingerprint, read_safetensors,
-                 safetensors_metadata, save_safetensors)
+from .io import (BaseWeights, FormatError, PeftAdapter, as_update_layout, embedding_lora_modules, fingerprint,
+                 read_safetensors, safetensors_metadata, save_safetensors)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 
 FORMAT = "subspace_ext.solar"
@@ -84,17 +84,14 @@ class SolarPackage:
     def extra_numbers(self) -> int:
         return sum(t.numel() for t in self.extra.values())
 
-    def embedding_lora_modules(self) -> List[str]:
-        """Modules whose LoRA is on an embedding (lora_embedding_A/B): carried unchanged in ``extra``."""
-        return PeftAdapter({}, self.extra).embedding_lora_modules()
-
     def notes(self) -> List[str]:
         """What the package does not compress, one line each (none for a plain LoRA of Linear layers)."""
         out = []
         if self.skipped:
             out.append(f"not carried (changed, but not 2-D Linear weights): {', '.join(self.skipped)}")
-        if self.embedding_lora_modules():
-            out.append(f"carried unchanged (LoRA on embeddings is not compressed): {', '.join(self.embedding_lora_modules())}")
+        embedded = embedding_lora_modules(self.extra)  # LoRA on embeddings travels in ``extra``
+        if embedded:
+            out.append(f"carried unchanged (LoRA on embeddings is not compressed): {', '.join(embedded)}")
         return out
 
     def lora_numbers(self) -> int:
@@ -310,7 +307,8 @@ def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
     if kinds is not None:
         parts = key.split(".")
         for start in range(len(parts)):
-            hits = {v for k, v in kinds.items() if k == ".".join(parts[start:]) or k.endswith("." + ".".join(parts[start:]))}
+            suffix = ".".join(parts[start:])
+            hits = {v for k, v in kinds.items() if k == suffix or k.endswith("." + suffix)}
             if len(hits) == 1:
                 return hits.pop()
             if hits:
