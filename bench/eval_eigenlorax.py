@@ -142,7 +142,7 @@ def switch_times(em, lora_model, work):
     """(EigenLoRAx load_coefficients from a file, peft LoRA swap from a file), median seconds of 50,
     and the two files' sizes."""
     coef = os.path.join(work, "task.safetensors")
-    em.save_coefficients(coef, extra={n: p for n, p in em.model.named_parameters() if "classifier" in n})
+    em.save_coefficients(coef)  # with the head apply(trainable=) unfroze
     ad = os.path.join(work, "lora_task")
     lora_model.save_pretrained(ad)
     weights = os.path.join(ad, "adapter_model.safetensors")

@@ -188,8 +188,7 @@ def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:
                      progress=progress)
     eigen_acc = train.accuracy(model, tok, task.dev)
     coef_path = os.path.join(out_dir, "eigenlorax", cfg.held_out + ".safetensors")
-    em.save_coefficients(coef_path, extra={n: p for n, p in model.named_parameters() if "classifier" in n},
-                         task_type="SEQ_CLS")
+    em.save_coefficients(coef_path, task_type="SEQ_CLS")  # with the head apply(trainable=) unfroze
     stages.done(f"EigenLoRAx {cfg.held_out}: dev acc {100 * eigen_acc:.2f}% with {em.coefficient_count():,} "
                 f"loadings ({lg.seconds:.0f} s)")
     model, tok = train.load_classifier(seed=cfg.seed)

@@ -205,10 +205,16 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     loaded = [a if isinstance(a, PeftAdapter) else PeftAdapter.load(a) for a in adapters]
     if len(loaded) < 2:
         raise ValueError(f"need at least 2 adapters, got {len(loaded)}")
-    bases = {a.config.get("base_model_name_or_path") for a in loaded} - {None}
+    bases = {_base_name(a.config.get("base_model_name_or_path")) for a in loaded} - {None}
     if len(bases) > 1:
-        raise ValueError(f"adapters come from different base models: {sorted(map(str, bases))}")
-    per = [{u.module: u for u in a.updates()} for a in loaded]
+        raise ValueError(f"adapters come from different base models: {sorted(map(str, bases))} (if these name one "
+                         "model, make base_model_name_or_path in their adapter_config.json agree)")
+    per = []
+    for name, a in zip(names, loaded):
+        try:
+            per.append({u.module: u for u in a.updates()})
+        except FormatError as e:
+            raise FormatError(f"{name}: {e}") from None
     for name, p in zip(names, per):  # rsvd would only say "NaN" without naming the adapter and layer
         for u in p.values():
             for side, M in (("lora_A", u.A), ("lora_B", u.B)):
@@ -240,11 +246,28 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         subB[mod] = _principal(MB, components, variance, augment, seed, 2 * li + 1)
         if bw is not None:
             key = bw.key_for_module(mod)
-            fps[mod] = fingerprint(bw.get(key))
+            W = bw.get(key)
+            m, n = ups[0].shape
+            want = (n, m) if ups[0].fan_in_fan_out else (m, n)
+            if tuple(W.shape) != want:
+                raise ValueError(f"layer {mod}: the base's {key} is {tuple(W.shape)} but the adapters' update is "
+                                 f"{m} x {n}{' (Conv1D: stored in x out)' if ups[0].fan_in_fan_out else ''}: "
+                                 "is this the adapters' base model?")
+            fps[mod] = fingerprint(W)
     meta = {"adapters": len(loaded), "components": components, "variance": variance, "augment": augment,
-            "seed": seed, "fingerprints": fps, "base_model_name_or_path": next(iter(bases), None),
+            "seed": seed, "fingerprints": fps,
+            "base_model_name_or_path": next((a.config["base_model_name_or_path"] for a in loaded
+                                             if a.config.get("base_model_name_or_path")), None),
             "fan_in_fan_out": layouts.pop()}
     return EigenSubspace(subA, subB, meta)
+
+
+def _base_name(name: Optional[str]) -> Optional[str]:
+    """A base_model_name_or_path compared as one model: an existing folder by its real path (so that
+    ``base/``, ``./base`` and ``/abs/base`` agree), anything else (a hub id) as written, minus a trailing /."""
+    if not name:
+        return None
+    return os.path.realpath(name) if os.path.isdir(name) else name.rstrip("/")
 
 
 def _linear_layout(module: torch.nn.Module) -> Optional[tuple]:
@@ -281,6 +304,23 @@ class EigenLinear(torch.nn.Module):
         self.scaling = scaling
         self.merged = False
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (as peft's LoRA layers expose it)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def get_extra_state(self) -> torch.Tensor:
+        # whether base.weight holds the update: a state dict taken while merged, loaded into an unmerged
+        # model (or the reverse), must not count the update twice (or drop it)
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        self.merged = bool(state)
+
     def lora_factors(self):
         """(B m x r, A r x n) of the current loadings."""
         return self.PB @ self.alpha_B, (self.PA @ self.alpha_A).T
@@ -288,6 +328,9 @@ class EigenLinear(torch.nn.Module):
     def forward(self, x):
         out = self.base(x)
         if self.merged:
+            if self.training and torch.is_grad_enabled() and self.alpha_A.requires_grad:
+                raise RuntimeError("EigenLoRAx layer is merged: its loadings would get no gradient; call unmerge() "
+                                   "before training (merge() is for inference)")
             return out
         h = (x.to(self.PA.dtype) @ self.PA) @ self.alpha_A        # ... x r
         return out + (self.scaling * (h @ self.alpha_B.T) @ self.PB.T).to(out.dtype)
@@ -314,8 +357,16 @@ class EigenLinear(torch.nn.Module):
 class EigenModel:
     """Handle returned by ``apply``: the wrapped layers, task coefficients, merge and export."""
 
-    def __init__(self, model, subspace: EigenSubspace, layers: Dict[str, EigenLinear], rank: int):
+    def __init__(self, model, subspace: EigenSubspace, layers: Dict[str, EigenLinear], rank: int,
+                 extra_names: Sequence[str] = ()):
         self.model, self.subspace, self.layers, self.rank = model, subspace, layers, rank
+        self.extra_names = list(extra_names)  # parameters apply(trainable=...) unfroze: the task's head
+
+    def extra(self) -> Dict[str, torch.Tensor]:
+        """The task's own parameters besides the loadings (those ``apply(trainable=...)`` unfroze, e.g. the
+        head), keyed by the model's parameter names: saved with the task by default."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self.extra_names if n in params}
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -332,11 +383,13 @@ class EigenModel:
 
     def save_coefficients(self, path: str, extra: Optional[Dict[str, torch.Tensor]] = None, *,
                           task_type: Optional[str] = None) -> None:
-        """One task: its loadings (and optionally e.g. its head's tensors, keyed by the model's parameter
-        names: ``classifier.weight``) as a small safetensors file. ``task_type`` (peft's, e.g. "SEQ_CLS")
-        is recorded for ``export_task``."""
+        """One task: its loadings and its other trained tensors as a small safetensors file. ``extra``
+        (keyed by the model's parameter names, e.g. ``classifier.weight``) defaults to ``self.extra()``,
+        the parameters ``apply(trainable=...)`` unfroze; pass ``{}`` to save the loadings only.
+        ``task_type`` (peft's, e.g. "SEQ_CLS") is recorded for ``export_task``."""
         t = self.coefficients()
-        for k, v in (extra or {}).items():
+        extra = self.extra() if extra is None else extra
+        for k, v in extra.items():
             t[f"extra.{k}"] = v.detach().contiguous()
         _check_finite(t, f"{path}: refusing to save")
         scaling = next(iter(self.layers.values())).scaling
@@ -347,27 +400,72 @@ class EigenModel:
         _save(t, path, meta)
 
     @torch.no_grad()
-    def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Switch task: copy saved loadings into the layers (the basis stays loaded). Returns extras."""
+    def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]], *,
+                          restore_extra: bool = True) -> Dict[str, torch.Tensor]:
+        """Switch task: copy its saved loadings into the layers (the basis stays loaded), adopt the scaling
+        it was trained with (recorded in the file), and copy the other tensors saved with it (e.g. its
+        head) into the model's parameters of the same names (``restore_extra=False``: leave them to the
+        caller). Everything is checked before anything changes. Returns the extra tensors."""
+        where = source if isinstance(source, str) else "task coefficients"
         t, meta = _read_task(source)
-        self.subspace.check_task(meta, source if isinstance(source, str) else "task coefficients")
-        for name, l in self.layers.items():  # check everything before changing anything
+        self.subspace.check_task(meta, where)
+        names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
+        mapping = _map_modules(names, self.layers, "the model's EigenLoRAx layers", where) if names else {}
+        missing = sorted(set(self.layers) - set(mapping.values()))
+        if missing:
+            raise FormatError(f"{where}: no loadings for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        for name, target in mapping.items():  # check everything before changing anything
+            l = self.layers[target]
             for side in ("alpha_A", "alpha_B"):
                 key = f"{name}.{side}"
                 if key not in t:
-                    raise FormatError(f"task coefficients lack {key}")
+                    raise FormatError(f"{where}: lacks {key}")
                 if t[key].shape != getattr(l, side).shape:
-                    raise FormatError(f"{key}: shape {tuple(t[key].shape)} != {tuple(getattr(l, side).shape)} "
+                    raise FormatError(f"{where}: {key}: shape {tuple(t[key].shape)} != {tuple(getattr(l, side).shape)} "
                                       "(other subspace or rank?)")
-        for name, l in self.layers.items():
+        scaling = _check_scaling(meta["scaling"], where) if "scaling" in meta else None
+        extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+        dests = self._extra_destinations(extra, where) if restore_extra else {}
+        for name, target in mapping.items():
+            l = self.layers[target]
             was = l.merged
             if was:
                 l.unmerge()
             l.alpha_A.copy_(t[f"{name}.alpha_A"])
             l.alpha_B.copy_(t[f"{name}.alpha_B"])
+            if scaling is not None:
+                l.scaling = scaling
             if was:
                 l.merge()
-        return {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+        for k, dst in dests.items():
+            dst.copy_(extra[k])
+        return extra
+
+    def _extra_destinations(self, extra: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
+        """The model's tensor (parameter or buffer) for each extra tensor of a task, shapes checked."""
+        dests = {}
+        for k, v in extra.items():
+            dst = self._model_tensor(k)
+            if dst is None and k.startswith(_PEFT_PREFIX):
+                dst = self._model_tensor(k[len(_PEFT_PREFIX):])
+            if dst is None:
+                raise FormatError(f"{where}: the task's tensor {k} has no parameter of that name in the model "
+                                  "(pass restore_extra=False to load it yourself)")
+            if dst.shape != v.shape:
+                raise FormatError(f"{where}: the task's tensor {k} is {tuple(v.shape)} but the model's is "
+                                  f"{tuple(dst.shape)} (another head size?)")
+            dests[k] = dst
+        return dests
+
+    def _model_tensor(self, name: str) -> Optional[torch.Tensor]:
+        """The model's parameter or buffer ``name`` (None if it has none): an attribute walk, not a scan
+        of every parameter (a task switch is ~1 ms)."""
+        for get in (self.model.get_parameter, self.model.get_buffer):
+            try:
+                return get(name)
+            except AttributeError:
+                pass
+        return None
 
     def merge(self) -> None:
         for l in self.layers.values():
@@ -377,16 +475,31 @@ class EigenModel:
         for l in self.layers.values():
             l.unmerge()
 
+    def unload(self, merge: bool = True) -> torch.nn.Module:
+        """Put the original Linear / Conv1D layers back into the model, with the task's update folded into
+        their weights (``merge=False``: without it), and return the model: a plain transformers model
+        again, which ``save_pretrained`` saves and ``from_pretrained`` loads. The handle is unusable after."""
+        named = dict(self.model.named_modules())
+        for target, l in self.layers.items():
+            l.merge() if merge else l.unmerge()
+            parent_name, _, child = target.rpartition(".")
+            setattr(named[parent_name] if parent_name else self.model, child, l.base)
+        self.layers = {}
+        return self.model
+
     def export_peft(self, path: str, *, extra: Optional[Dict[str, torch.Tensor]] = None,
                     task_type: Optional[str] = None, config: Optional[dict] = None) -> PeftAdapter:
         """Write the task as a standard peft LoRA folder (B = P_B α_B, A = (P_A α_A)ᵀ, lora_alpha chosen so
-        peft's scaling equals ours). ``extra``: e.g. the head's tensors, keyed by the model's parameter
-        names; written as peft's ``modules_to_save``. ``config``: overrides of adapter_config.json."""
+        peft's scaling equals ours). ``extra`` (default ``self.extra()``, the parameters
+        ``apply(trainable=...)`` unfroze, e.g. the head; keyed by the model's parameter names) is written
+        as peft's ``modules_to_save``. ``config``: overrides of adapter_config.json."""
+        if not self.layers:
+            raise RuntimeError("this EigenModel was unloaded: apply the subspace again")
         factors = {name: l.lora_factors() for name, l in self.layers.items()}
         scaling = next(iter(self.layers.values())).scaling
         fan_in_fan_out = any(l.fan_in_fan_out for l in self.layers.values())
         return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
-                          extra, config, task_type, fan_in_fan_out=fan_in_fan_out)
+                          self.extra() if extra is None else extra, config, task_type, fan_in_fan_out=fan_in_fan_out)
 
 
 def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora_weights_file: str, *,
@@ -464,11 +577,15 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         scaling = _check_scaling(meta.get("scaling", 1.0), str(coefficients))  # only a file records one
     task_type = task_type if task_type is not None else meta.get("task_type")
     factors, rank = {}, None
+    where = coefficients if isinstance(coefficients, str) else "task coefficients"
     names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
     if not names:
-        raise FormatError("no task coefficients (*.alpha_A) found")
-    for name in names:
-        mod = _match_module({m: None for m in subspace.modules}, name, reverse=True)
+        raise FormatError(f"{where}: no task coefficients (*.alpha_A) found")
+    mapping = _map_modules(names, subspace.modules, "the subspace", where)
+    missing = sorted(set(subspace.modules) - set(mapping.values()))
+    if missing:
+        raise FormatError(f"{where}: no loadings for the subspace's {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    for name, mod in mapping.items():
         aA, aB = t[f"{name}.alpha_A"].float(), t.get(f"{name}.alpha_B")
         if aB is None:
             raise FormatError(f"task coefficients lack {name}.alpha_B")
@@ -484,15 +601,17 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
           init: str = "uniform", trainable: Sequence[str] = (), seed: int = 0,
-          prefix: str = "") -> EigenModel:
+          check_base: bool = True) -> EigenModel:
     """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers and
     freeze everything but the loadings (and parameters whose name contains one of ``trainable``,
-    e.g. ``("classifier",)`` for a task head).
+    e.g. ``("classifier",)`` for a task head; ``save_coefficients`` / ``export_peft`` save those with the task).
 
     ``init``: "uniform" (the authors' default: both loadings uniform(−0.5, 0.5), so ΔW ≠ 0 at step 0)
     or "lora" (B loadings zero: the model starts as the base model). ``scaling`` multiplies the update
-    (1.0 = the authors' no-scaling forward). Module names are matched on their dotted suffix (a
-    subspace built from ``bert.encoder...`` adapters applies to a ``BertModel``'s ``encoder...``).
+    (1.0 = the authors' no-scaling forward). Module names are matched by one prefix mapping for the whole
+    subspace (a subspace built from ``bert.encoder...`` adapters applies to a ``BertModel``'s
+    ``encoder...``); a layer the model lacks is an error. ``check_base``: compare each weight with the
+    subspace's base fingerprint (when it has one); False accepts e.g. the base loaded in another dtype.
     """
     if init not in ("uniform", "lora"):
         raise ValueError(f"init must be 'uniform' or 'lora', got {init!r}")
@@ -501,21 +620,28 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
     named = dict(model.named_modules())
     targets = {}
-    for mod in subspace.modules:  # check every layer before changing the model
-        target = _match_module(named, mod)
+    for mod, target in _map_modules(subspace.modules, named, "the model").items():  # check all, then change
         lin = named[target]
+        if isinstance(lin, EigenLinear):
+            raise ValueError(f"{target} is already an EigenLoRAx layer: apply once per model "
+                             "(load_coefficients switches tasks)")
+        if hasattr(lin, "base_layer"):
+            raise ValueError(f"{target} is a peft adapter layer ({type(lin).__module__}.{type(lin).__name__}): "
+                             "apply EigenLoRAx to the base model, not to a PeftModel")
         layout = _linear_layout(lin)
         if layout is None:
-            raise ValueError(f"{target}: expected a torch.nn.Linear or a transformers Conv1D, got {type(lin).__name__}")
+            raise ValueError(f"{target}: expected a torch.nn.Linear or a transformers Conv1D, got "
+                             f"{type(lin).__module__}.{type(lin).__name__}")
         PA, PB = subspace.A[mod].P, subspace.B[mod].P
         if (PA.shape[0], PB.shape[0]) != layout[:2]:
             raise ValueError(f"layer {mod}: subspace is for {PB.shape[0]} out x {PA.shape[0]} in but {target} is "
                              f"{layout[1]} out x {layout[0]} in: different base model?")
-        fp = subspace.meta.get("fingerprints", {}).get(mod)
+        fp = subspace.meta.get("fingerprints", {}).get(mod) if check_base else None
         if fp is not None and fingerprint(lin.weight.detach()) != fp:
             raise ValueError(f"layer {mod}: the model's weight ({str(lin.weight.dtype).replace('torch.', '')}) "
                              "differs from the subspace's base (fingerprint): another base model, or the same one "
-                             "loaded in another dtype than its checkpoint (load it with torch_dtype='auto')")
+                             "loaded in another dtype than its checkpoint (load it with torch_dtype='auto', or "
+                             "pass check_base=False)")
         targets[target] = (lin, PA, PB)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -527,21 +653,52 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         parent_name, _, child = target.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, wrapped)
         layers[target] = wrapped
+    extra_names = []
     for name, p in model.named_parameters():
         if any(t in name for t in trainable):
             p.requires_grad_(True)
-    return EigenModel(model, subspace, layers, task_rank)
+            if not name.endswith((".alpha_A", ".alpha_B")):
+                extra_names.append(name)
+    return EigenModel(model, subspace, layers, task_rank, extra_names)
 
 
-def _match_module(named: Dict[str, object], mod: str, reverse: bool = False) -> str:
-    """The one name in ``named`` equal to ``mod`` or sharing its longest dotted suffix."""
+def _suffix_match(named, mod: str) -> tuple:
+    """(name in ``named``, shared dotted suffix) for the longest dotted suffix of ``mod`` naming exactly one
+    module in ``named``; (None, None) if none does or the longest one found names several."""
     if mod in named:
-        return mod
+        return mod, mod
     parts = mod.split(".")
     for start in range(1, len(parts)):
         cand = ".".join(parts[start:])
         hits = [n for n in named if n == cand or n.endswith("." + cand)]
         if len(hits) == 1:
-            return hits[0]
-    where = "the subspace" if reverse else "the model"
-    raise ValueError(f"layer {mod}: no matching module in {where} (different architecture?)")
+            return hits[0], cand
+        if hits:  # shorter suffixes only match more
+            break
+    return None, None
+
+
+def _map_modules(mods: Sequence[str], named, where: str, source: str = "") -> Dict[str, str]:
+    """{mod: name in ``named``} under one prefix rewrite for all of ``mods`` (``P + rest`` -> ``Q + rest``,
+    e.g. ``bert.`` -> ``""``): the rewrite the most modules' longest unique dotted suffix agrees on (ties:
+    the longest suffix). Every module must map; a module matched only by a shorter suffix (layer 1 of a
+    2-layer subspace onto a 1-layer model's layer 0) is an error, not a silent match."""
+    votes: Dict[tuple, int] = {}
+    for m in mods:
+        hit, suffix = _suffix_match(named, m)
+        if hit is not None:
+            key = (m[: len(m) - len(suffix)], hit[: len(hit) - len(suffix)])
+            votes[key] = votes.get(key, 0) + 1
+    src = f"{source}: " if source else ""
+    if not votes:
+        raise ValueError(f"{src}layer {mods[0]}: no matching module in {where} (different architecture?)")
+    P, Q = max(votes, key=lambda k: (votes[k], -len(k[0]) - len(k[1])))
+    out = {}
+    for m in mods:
+        target = Q + m[len(P):] if m.startswith(P) else None
+        if target not in named:
+            rule = f" (the other layers map '{P}...' to '{Q}...')" if P or Q else ""
+            raise ValueError(f"{src}layer {m}: no module {target or m} in {where}{rule}: a different "
+                             "architecture, or a model with fewer layers?")
+        out[m] = target
+    return out

@@ -381,32 +381,153 @@ def test_merge_unmerge_roundtrip():
 
 
 def test_task_switch_with_coefficients(tmp_path):
+    """A switch restores everything saved with the task: loadings, the head apply(trainable=) unfroze
+    (saved by default) and the scaling it was trained with, merged or not."""
     sub = toy_subspace()
     model = Toy()
     em = eigenlorax.apply(model, sub, 4, trainable=("head",))
+    assert em.extra_names == ["head.weight", "head.bias"]
     x = torch.randn(6, 40)
     outs, files = [], []
     for t in range(2):
         randomize(em, 10 + t)
+        for l in em.layers.values():
+            l.scaling = 1.0 + t   # task 1 trained with another scaling
         with torch.no_grad():
             model.head.weight.normal_()
             outs.append(model(x).clone())
         f = str(tmp_path / f"task{t}.safetensors")
-        em.save_coefficients(f, extra={"head.weight": model.head.weight})
+        em.save_coefficients(f)   # extra defaults to the head
         files.append(f)
     assert (outs[0] - outs[1]).abs().max() > 1e-2
     with torch.no_grad():
         for t in (0, 1, 0):
             extra = em.load_coefficients(files[t])
-            model.head.weight.copy_(extra["head.weight"])
+            assert sorted(extra) == ["head.bias", "head.weight"]
             close(model(x), outs[t], atol=1e-6, rtol=1e-6)
         em.merge()   # switching while merged keeps the weights consistent
         for t in (1, 0):
-            extra = em.load_coefficients(files[t])
-            model.head.weight.copy_(extra["head.weight"])
+            em.load_coefficients(files[t])
             close(model(x), outs[t], atol=1e-4, rtol=1e-5)
         em.unmerge()
         close(model(x), outs[0], atol=1e-5, rtol=1e-5)
+        head = model.head.weight.clone()
+        em.load_coefficients(files[1], restore_extra=False)   # the caller keeps its head
+        assert torch.equal(model.head.weight, head)
+
+
+def test_task_extra_not_in_model_refused_before_any_change(tmp_path):
+    sub = toy_subspace()
+    em = eigenlorax.apply(Toy(), sub, 4)
+    randomize(em, 1)
+    f = str(tmp_path / "t.safetensors")
+    em.save_coefficients(f, extra={"head.weight": torch.randn(2, 80), "classifier.weight": torch.randn(2, 80)})
+    g = str(tmp_path / "g.safetensors")
+    em.save_coefficients(g, extra={"head.weight": torch.randn(3, 80)})
+    target = eigenlorax.apply(Toy(), sub, 4)
+    before = {k: v.clone() for k, v in target.coefficients().items()}
+    head = target.model.head.weight.clone()
+    with pytest.raises(FormatError, match="classifier.weight has no parameter"):
+        target.load_coefficients(f)
+    with pytest.raises(FormatError, match=r"head.weight is \(3, 80\) but the model's is \(2, 80\)"):
+        target.load_coefficients(g)
+    assert all(torch.equal(v, before[k]) for k, v in target.coefficients().items())
+    assert torch.equal(target.model.head.weight, head)
+    extra = target.load_coefficients(f, restore_extra=False)
+    assert sorted(extra) == ["classifier.weight", "head.weight"]
+
+
+class Layered(torch.nn.Module):
+    """``layers`` blocks of q/v Linears under ``enc.layer.<i>``."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.enc = torch.nn.Module()
+        self.enc.layer = torch.nn.ModuleList()
+        for _ in range(layers):
+            blk = torch.nn.Module()
+            blk.q, blk.v = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+            self.enc.layer.append(blk)
+
+
+def test_module_mapping_is_one_prefix_rewrite():
+    """A subspace of ``model.enc.layer.{0,1}`` adapters applies to a model named ``enc.layer...`` (one
+    prefix dropped), but not to a 1-layer model: layer 1's only match there ("q" of layer 0) is refused."""
+    layers = {f"model.enc.layer.{i}.{p}": (16, 16) for i in range(2) for p in ("q", "v")}
+    sub = eigenlorax.build_subspace(random_adapters(layers, 3, 2), components=3)
+    em = eigenlorax.apply(Layered(2), sub, 2)
+    assert sorted(em.layers) == sorted(k[len("model."):] for k in layers)
+    one = Layered(1)
+    w = one.enc.layer[0].q.weight.clone()
+    with pytest.raises(ValueError, match=r"layer model.enc.layer.1.q: no module enc.layer.1.q in the model"):
+        eigenlorax.apply(one, sub, 2)
+    assert isinstance(one.enc.layer[0].q, torch.nn.Linear) and torch.equal(one.enc.layer[0].q.weight, w)
+    assert eigenlorax._map_modules(["a.x.q", "a.y.q"], ["x.q", "y.q"], "m") == {"a.x.q": "x.q", "a.y.q": "y.q"}
+
+
+def test_unload_and_state_dict_keep_the_update(tmp_path):
+    sub = toy_subspace()
+    model = Toy()
+    em = eigenlorax.apply(model, sub, 4)
+    randomize(em, 3)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        y = model(x)
+        assert em.layers["enc.q"].weight is em.layers["enc.q"].base.weight   # like peft's layers
+        em.merge()
+        merged_state = copy.deepcopy(model.state_dict())
+        em.unmerge()
+        unmerged_state = copy.deepcopy(model.state_dict())
+        for state, merged in ((merged_state, True), (unmerged_state, False)):
+            for start_merged in (False, True):   # neither counts the update twice nor drops it
+                fresh = Toy()
+                fem = eigenlorax.apply(fresh, sub, 4)
+                if start_merged:
+                    fem.merge()
+                fresh.load_state_dict(state)
+                assert fem.layers["enc.q"].merged is merged
+                close(fresh(x), y, atol=1e-5, rtol=1e-5)
+        plain = em.unload()
+        assert plain is model and type(model.enc.q) is torch.nn.Linear and type(model.enc.v) is torch.nn.Linear
+        close(model(x), y, atol=1e-5, rtol=1e-5)
+        assert set(model.state_dict()) == set(Toy().state_dict())
+    with pytest.raises(RuntimeError, match="unloaded"):
+        em.export_peft(str(tmp_path / "x"))
+
+
+def test_training_while_merged_is_refused():
+    model = Toy()
+    em = eigenlorax.apply(model, toy_subspace(), 4)
+    em.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        model(torch.randn(2, 40)).sum().backward()
+    model.eval()
+    model(torch.randn(2, 40))   # inference while merged is what merge is for
+    em.unmerge()
+    model.train()
+    model(torch.randn(2, 40)).sum().backward()
+    assert em.layers["enc.q"].alpha_A.grad is not None
+
+
+def test_apply_twice_or_to_a_peft_model_says_so():
+    from peft import LoraConfig, get_peft_model
+    sub = toy_subspace()
+    model = Toy()
+    eigenlorax.apply(model, sub, 4)
+    with pytest.raises(ValueError, match="already an EigenLoRAx layer"):
+        eigenlorax.apply(model, sub, 4)
+    pm = get_peft_model(Toy(), LoraConfig(r=2, target_modules=["q", "v"]))
+    with pytest.raises(ValueError, match="peft adapter layer.*not to a PeftModel"):
+        eigenlorax.apply(pm, sub, 4)
+
+
+def test_export_task_refuses_a_task_missing_layers(tmp_path):
+    sub = toy_subspace()
+    em = eigenlorax.apply(Toy(), sub, 4)
+    coef = {k: v for k, v in em.coefficients().items() if k.startswith("enc.q")}
+    with pytest.raises(FormatError, match=r"no loadings for the subspace's \['enc.v'\]"):
+        eigenlorax.export_task(sub, coef, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_coefficients_rejects_other_shape(tmp_path):
@@ -421,7 +542,7 @@ def test_load_coefficients_rejects_other_shape(tmp_path):
     em3 = eigenlorax.apply(Toy(), other_sub, 4)
     with pytest.raises(FormatError):
         em3.load_coefficients(em.coefficients())
-    with pytest.raises(FormatError, match="lack"):
+    with pytest.raises(FormatError, match="no loadings"):
         em.load_coefficients({})
 
 
@@ -675,6 +796,21 @@ def test_build_errors():
         eigenlorax.build_subspace(ads, components=0)
     with pytest.raises(ValueError, match="augment"):
         eigenlorax.build_subspace(ads, augment=-1)
+    dora = random_adapters(TOY_LAYERS, 1, 4)[0]
+    dora.config["use_dora"] = True
+    with pytest.raises(FormatError, match=r"adapter\[1\]: DoRA"):
+        eigenlorax.build_subspace([ads[0], dora])
+    with pytest.raises(ValueError, match="different base models"):
+        eigenlorax.build_subspace([ads[0], random_adapters(TOY_LAYERS, 1, 4, base_name="other")[0]])
+
+
+def test_build_compares_base_folders_by_real_path(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "x").mkdir()
+    names = [str(tmp_path / "base"), str(tmp_path / "base") + "/", str(tmp_path / "x" / ".." / "base")]
+    ads = [random_adapters(TOY_LAYERS, 1, 4, base_name=n)[0] for n in names]
+    sub = eigenlorax.build_subspace(ads, components=2)
+    assert sub.meta["base_model_name_or_path"] == names[0]   # as the first adapter wrote it
 
 
 @pytest.mark.parametrize("side,value", [("lora_A", math.nan), ("lora_B", math.inf)])
@@ -713,7 +849,7 @@ def test_build_refuses_the_same_adapter_twice(tmp_path):
 
 def test_apply_errors():
     sub = toy_subspace()
-    with pytest.raises(ValueError, match=r"enc\.q.*no matching module"):
+    with pytest.raises(ValueError, match=r"layer enc\.q: no module enc\.q in the model"):
         eigenlorax.apply(Toy(q_name="k"), sub, 4)            # the model has no enc.q
     with pytest.raises(ValueError, match=r"enc\.q"):
         eigenlorax.apply(Toy(q_in=41), sub, 4)               # enc.q has another shape
@@ -740,6 +876,13 @@ def test_base_fingerprint_mismatch(tmp_path):
     sub.save(path)
     with pytest.raises(ValueError, match=r"enc\.v.*fingerprint"):
         eigenlorax.apply(copy.deepcopy(other), EigenSubspace.load(path), 4)
+    eigenlorax.apply(copy.deepcopy(other), sub, 4, check_base=False)   # the caller vouches for it
+    wide = Toy(q_in=41)
+    wbase = str(tmp_path / "wide.safetensors")
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, wbase)
+    with pytest.raises(ValueError, match=r"enc\.q: the base's enc\.q\.weight is \(48, 41\) but the adapters' update "
+                                         r"is 48 x 40.*base model"):
+        eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 3, 4), components=4, base=wbase)
 
 
 @pytest.mark.parametrize("case", ["fingerprint", "shape"])
