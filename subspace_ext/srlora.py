@@ -16,17 +16,33 @@ weight W0 = U Σ Vᵀ (one rsvd per weight, computed once and cached):
 Use it with any torch optimizer (call ``.step()`` after ``optimizer.step()``, before the gradients are
 cleared) or with transformers' Trainer through ``SRLoRACallback``. After training, the peft adapter
 (``model.save_pretrained``) holds the LoRA factors and the *modified* base weights hold the fused
-pairs: save both (``SRLoRA.base_state_dict()``), or merge (``model.merge_and_unload()``) and save the
-merged model.
+pairs: save both (``model.save_pretrained(d)`` and ``sr.save(d)``; to use them, load the adapter with
+``PeftModel.from_pretrained(base, d)`` and then ``load_base_weights(peft_model, d)``), or merge
+(``model.merge_and_unload()``) and save the merged model. ``sr.save`` also holds what a resumed run
+needs (``SRLoRA(..., resume_from=d)``; the Trainer callback saves it into every checkpoint).
+
+The base weights are shared by every adapter of the model: after PiSSA and each fusion, other adapters
+and ``disable_adapter()`` no longer see the original base (SRLoRA warns when the model holds several).
+PiSSA moves the top principal part of W0 behind the LoRA branch, so with ``lora_dropout > 0`` the
+function is unchanged only in eval mode.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
 from . import ops
+from .io import FormatError, read_safetensors, safetensors_metadata, save_safetensors
+
+STATE_FILE = "srlora_state.safetensors"
+STATE_FORMAT = "subspace_ext.srlora.state"
 
 
 @dataclass
@@ -39,37 +55,72 @@ class SRLoRAConfig:
     stop: float = 0.9            # no recomposition after this fraction of total_steps
     total_steps: Optional[int] = None  # needed for `stop` (the callback fills it from the Trainer)
     pissa_init: bool = True      # start from PiSSA (the paper's setting)
-    directions: Optional[int] = None   # principal directions cached per layer beyond r (default 4 r)
-    grace: Optional[int] = None  # steps a re-initialised pair cannot be fused (default: interval)
+    directions: Optional[int] = None   # principal directions cached per layer beyond its r (default 4 r)
+    grace: Optional[int] = None  # steps after its re-initialisation during which a pair cannot be fused
+    #                              (default: interval, i.e. it sits out the next recomposition)
     reset_optimizer: bool = True  # zero the optimizer moments of re-initialised pairs
     seed: int = 0                # rsvd seed
     verbose: bool = False        # print one line per recomposition
 
     def validate(self) -> None:
-        if self.interval < 1 or self.warmup < 0:
-            raise ValueError(f"interval must be >= 1 and warmup >= 0, got {self.interval}, {self.warmup}")
-        if not 0.0 <= self.fuse_fraction <= 1.0:
-            raise ValueError(f"fuse_fraction must be in [0, 1], got {self.fuse_fraction}")
-        if not 0.0 < self.stop <= 1.0:
-            raise ValueError(f"stop must be in (0, 1], got {self.stop}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        def whole(name, low, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}{' or None' if optional else ''}, got {v!r}")
+        whole("interval", 1)
+        whole("warmup", 0)
+        whole("total_steps", 1, optional=True)
+        whole("directions", 0, optional=True)
+        whole("grace", 0, optional=True)
+        whole("seed", 0)
+        for name, ok, what in (("fuse_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+                               ("stop", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+                               ("beta1", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                               ("beta2", lambda v: 0.0 <= v < 1.0, "in [0, 1)")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise ValueError(f"{name} must be a number {what}, got {v!r}")
 
 
 @dataclass
 class _Layer:
     name: str
-    weight: torch.nn.Parameter  # the base layer's weight parameter
-    W: torch.Tensor          # its m x n view (a transpose for fan_in_fan_out layers)
-    A: torch.nn.Parameter    # r x n
-    B: torch.nn.Parameter    # m x r
+    module: torch.nn.Module  # the peft LoRA layer; its tensors are looked up on use, so model.to() and
+    adapter: str             # .half() after SRLoRA was built are followed, not written to a stale copy
     scaling: float
     U: torch.Tensor = None   # cached principal directions of the original W0 (m x K), S (K), V (n x K)
     S: torch.Tensor = None
     V: torch.Tensor = None
     next_dir: int = 0        # next unused direction
-    protected_until: torch.Tensor = None  # per pair: first step it may be fused again
+    protected_until: torch.Tensor = None  # per pair: the last step it may not be fused
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        """The base layer's weight parameter."""
+        return self.module.get_base_layer().weight
+
+    @property
+    def W(self) -> torch.Tensor:
+        """Its m x n view (a transpose for fan_in_fan_out layers)."""
+        w = self.weight.data
+        return w.T if getattr(self.module, "fan_in_fan_out", False) else w
+
+    @property
+    def A(self) -> torch.nn.Parameter:  # r x n
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def B(self) -> torch.nn.Parameter:  # m x r
+        return self.module.lora_B[self.adapter].weight
+
+    def directions(self, dirs: torch.Tensor) -> tuple:
+        """(b m x k, a k x n) = (√(σ_j/s) u_j, √(σ_j/s) v_jᵀ) for directions ``dirs``, on B's and A's device."""
+        root = (self.S[dirs] / self.scaling).sqrt()
+        B, A = self.B, self.A
+        return ((self.U[:, dirs] * root).to(device=B.device, dtype=B.dtype),
+                (self.V[:, dirs] * root).T.to(device=A.device, dtype=A.dtype))
 
 
 @dataclass
@@ -85,34 +136,60 @@ class Event:
 
 
 def lora_layers(model) -> List[_Layer]:
-    """The active LoRA Linear layers of a peft model (lora_A/lora_B weights, scaling, base weight)."""
+    """The trainable, active LoRA Linear layers of a peft model. Warns about LoRA layers SRLoRA leaves
+    alone (frozen, embedding LoRA) and about a model holding several adapters (they share the base weights
+    SRLoRA edits)."""
     from peft.tuners.lora import LoraLayer
 
-    out = []
+    out, frozen, embedding, several = [], [], [], False
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
-        for adapter in mod.active_adapters:
-            if adapter not in mod.lora_A:
-                continue
+        several |= len(set(mod.lora_A) | set(getattr(mod, "lora_embedding_A", {}))) > 1
+        active = [a for a in mod.active_adapters if a in mod.lora_A]
+        embedding += [name for a in mod.active_adapters if a in getattr(mod, "lora_embedding_A", {})]
+        if len(active) > 1:
+            raise ValueError(f"{name}: {len(active)} active adapters ({', '.join(active)}): SRLoRA trains one adapter "
+                             "at a time (model.set_adapter(name))")
+        for adapter in active:
             if getattr(mod, "use_dora", {}).get(adapter, False):
                 raise ValueError(f"{name}: DoRA layers are not supported by SRLoRA")
-            A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
-            if A.dim() != 2:
+            if mod.lora_A[adapter].weight.dim() != 2:
                 raise ValueError(f"{name}: only Linear LoRA layers are supported")
-            weight = mod.get_base_layer().weight
-            W = weight.data.T if getattr(mod, "fan_in_fan_out", False) else weight.data
-            out.append(_Layer(name, weight, W, A, B, float(mod.scaling[adapter])))
+            if not (mod.lora_A[adapter].weight.requires_grad and mod.lora_B[adapter].weight.requires_grad):
+                frozen.append(name)
+                continue
+            out.append(_Layer(name, mod, adapter, float(mod.scaling[adapter])))
+    if embedding:
+        warnings.warn(f"SRLoRA leaves embedding LoRA layers as they are: {', '.join(embedding[:3])}"
+                      f"{' ...' if len(embedding) > 3 else ''}", stacklevel=3)
+    if frozen:
+        warnings.warn(f"SRLoRA leaves frozen LoRA layers as they are: {', '.join(frozen[:3])}"
+                      f"{' ...' if len(frozen) > 3 else ''}", stacklevel=3)
+    if several:
+        warnings.warn("the model holds several adapters: SRLoRA's PiSSA init and fusions change the base weights "
+                      "they share, so the other adapters and disable_adapter() no longer see the original base",
+                      stacklevel=3)
     if not out:
-        raise ValueError("the model has no active LoRA layers (expected a peft LoRA model)")
+        what = " (only embedding LoRA layers, which SRLoRA does not handle)" if embedding and not frozen else \
+            " (all frozen)" if frozen else ""
+        raise ValueError(f"the model has no trainable active LoRA Linear layers{what} (expected a peft LoRA model)")
     return out
 
 
 class SRLoRA:
     """Importance-based recomposition of a peft LoRA model's pairs; call ``step()`` after each
-    ``optimizer.step()`` (while the gradients are still there)."""
+    ``optimizer.step()`` (while the gradients are still there).
 
-    def __init__(self, model, optimizer: Optional[torch.optim.Optimizer], config: Optional[SRLoRAConfig] = None):
+    ``resume_from``: a folder written by ``save`` (the Trainer callback writes one into each checkpoint):
+    continue that run instead of starting one. The model must hold the *original* base weights (a model
+    loaded afresh, with the run's adapter weights and optimizer state restored, as the Trainer does on
+    resume): the principal directions are recomputed from them (checked against the saved singular
+    values), then the run's modified base weights, importance states, used directions and step count are
+    restored. No PiSSA init on resume."""
+
+    def __init__(self, model, optimizer: Optional[torch.optim.Optimizer], config: Optional[SRLoRAConfig] = None,
+                 *, resume_from: Optional[str] = None):
         self.config = config or SRLoRAConfig()
         self.config.validate()
         self.model = model
@@ -120,100 +197,163 @@ class SRLoRA:
         self.layers = lora_layers(model)
         self.step_count = 0
         self.log: List[Event] = []
+        self._warned = set()
+        saved = _read_state(resume_from, self.layers) if resume_from is not None else None
         c = self.config
-        r_max = max(l.A.shape[0] for l in self.layers)
-        extra = c.directions if c.directions is not None else 4 * r_max
-        with torch.no_grad():  # one batched rsvd over every target weight, cached for the run
-            # bf16/fp16 weights go in as they are (rsvd_many computes each in float32, one at a time)
-            mats = [l.W.detach() if l.W.dtype != torch.float64 else l.W.detach().float() for l in self.layers]
-            k = min([r_max + extra] + [min(w.shape) for w in mats])
-            factors = ops.rsvd_many(mats, k, oversample=16, niter=4, seed=c.seed)
-        for l, (U, S, V) in zip(self.layers, factors):
-            l.U, l.S, l.V = U, S, V
-            r = l.A.shape[0]
-            l.next_dir = r if c.pissa_init else 0
-            l.protected_until = torch.zeros(r, dtype=torch.long)
-        if c.pissa_init:
+        if c.pissa_init and saved is None:
+            for l in self.layers:
+                drops = getattr(l.module, "lora_dropout", {})
+                drop = drops[l.adapter] if l.adapter in drops else None
+                if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                    warnings.warn(f"{l.name}: lora_dropout {drop.p} with PiSSA init: the principal part of the weight "
+                                  "now passes through dropout, so in train mode the function changes (eval mode: "
+                                  "unchanged); use lora_dropout=0 or pissa_init=False", stacklevel=2)
+                    break
+        self._directions()
+        if saved is not None:
+            self._restore(saved, resume_from)
+        elif c.pissa_init:
             self._pissa_init()
-        self.state = ops.importance_state([l.A for l in self.layers], [l.B for l in self.layers])
+        if saved is None:
+            self.state = ops.importance_state([l.A for l in self.layers], [l.B for l in self.layers])
 
     # -- initialisation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _directions(self) -> None:
+        """Cache each layer's principal directions of W0: r + ``directions`` of them (capped by the weight's
+        shape, per layer: one narrow layer must not limit the others), one rsvd_many per distinct count."""
+        c = self.config
+        want = {}
+        for i, l in enumerate(self.layers):
+            r = l.A.shape[0]
+            extra = c.directions if c.directions is not None else 4 * r
+            want.setdefault(min(r + extra, *l.W.shape), []).append(i)
+        short = [l.name for l in self.layers if min(l.W.shape) <= l.A.shape[0]]
+        if short:
+            warnings.warn(f"SRLoRA: no principal directions beyond the LoRA rank in {', '.join(short[:3])}"
+                          f"{' ...' if len(short) > 3 else ''} (a weight dimension <= r): these layers are never "
+                          "recomposed", stacklevel=3)
+        for k, members in want.items():
+            # bf16/fp16 weights go in as they are (rsvd_many computes each in float32, one at a time)
+            mats = [self.layers[i].W.detach() for i in members]
+            mats = [w.float() if w.dtype == torch.float64 else w for w in mats]
+            for i, (U, S, V) in zip(members, ops.rsvd_many(mats, k, oversample=16, niter=4, seed=c.seed)):
+                l = self.layers[i]
+                l.U, l.S, l.V = U, S, V
+                r = l.A.shape[0]
+                l.next_dir = min(r, k) if c.pissa_init else 0
+                l.protected_until = torch.full((r,), -1, dtype=torch.long)
+
     @torch.no_grad()
     def _pissa_init(self) -> None:
         """A, B on the top r principal directions (scaled by √(σ/s)); W0 −= s B A (one pass per W0)."""
         idx, B_new, A_new = [], [], []
         for l in self.layers:
-            r = l.A.shape[0]
-            k = min(r, l.S.numel())
-            root = (l.S[:k] / l.scaling).sqrt()
+            k = min(l.A.shape[0], l.S.numel())
             # existing pairs are fused (B A is zero for a fresh LoRA, so this is exact either way)
             idx.append(torch.arange(k))  # on the host: the kernel validates it without a copy back
-            B_new.append((l.U[:, :k] * root).to(l.B.dtype))
-            A_new.append((l.V[:, :k] * root).T.to(l.A.dtype))
+            b, a = l.directions(torch.arange(k, device=l.S.device))
+            B_new.append(b)
+            A_new.append(a)
         ops.reinit_pairs_([l.W for l in self.layers], [l.B.data for l in self.layers],
                           [l.A.data for l in self.layers], idx, B_new, A_new, [l.scaling for l in self.layers])
 
     # -- per step ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def update_importance(self) -> List[torch.Tensor]:
-        """One batched AdaLoRA importance update from the current gradients; returns the scores."""
-        grads_A, grads_B = [], []
-        for l in self.layers:
-            if l.A.grad is None or l.B.grad is None:
-                raise RuntimeError(f"{l.name}: no gradient; call SRLoRA.step() after optimizer.step() and "
-                                   "before the gradients are cleared")
-            grads_A.append(l.A.grad)
-            grads_B.append(l.B.grad)
-        return ops.pair_importance([l.A.data for l in self.layers], [l.B.data for l in self.layers],
-                                   grads_A, grads_B, *self.state, beta1=self.config.beta1, beta2=self.config.beta2)
+    def _state_on_device(self) -> None:
+        """Follow a model moved after SRLoRA was built (the states live with the layers' tensors)."""
+        for k, l in enumerate(self.layers):
+            dev = l.A.device
+            if self.state[0][k].device != dev:
+                for st in self.state:
+                    st[k] = st[k].to(dev)
 
-    def step(self) -> Optional[Event]:
-        """Update importance; recompose when due. Returns the recomposition event, if any."""
-        self.step_count += 1
+    @torch.no_grad()
+    def update_importance(self) -> List[Optional[torch.Tensor]]:
+        """One batched AdaLoRA importance update from the current gradients; returns the scores (None for a
+        layer without a gradient this step, e.g. one the loss does not reach: its state is kept)."""
+        have = [k for k, l in enumerate(self.layers) if l.A.grad is not None and l.B.grad is not None]
+        if not have:
+            raise RuntimeError("no LoRA layer has a gradient; call SRLoRA.step() after optimizer.step() and "
+                               "before the gradients are cleared")
+        missing = [self.layers[k].name for k in range(len(self.layers)) if k not in set(have)]
+        if missing and "nograd" not in self._warned:
+            self._warned.add("nograd")
+            warnings.warn(f"SRLoRA: no gradient reached {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                          "(not used by the loss?): their importance is not updated", stacklevel=3)
+        self._state_on_device()
+        pick = lambda ts: [ts[k] for k in have]  # noqa: E731
+        layers = [self.layers[k] for k in have]
+        got = ops.pair_importance([l.A.data for l in layers], [l.B.data for l in layers],
+                                  [l.A.grad for l in layers], [l.B.grad for l in layers],
+                                  *(pick(st) for st in self.state), beta1=self.config.beta1, beta2=self.config.beta2)
+        scores: List[Optional[torch.Tensor]] = [None] * len(self.layers)
+        for k, sc in zip(have, got):
+            scores[k] = sc
+        return scores
+
+    def step(self, optimizer_stepped: bool = True) -> Optional[Event]:
+        """Update importance; recompose when due. Returns the recomposition event, if any.
+
+        ``optimizer_stepped=False``: the optimizer skipped this step (a GradScaler found Inf/NaN gradients;
+        the Trainer callback passes it on): the step counts, its gradients are not scored. With a GradScaler
+        call this after ``scaler.step(optimizer)``, which unscales the gradients."""
         c = self.config
         if c.fuse_fraction == 0.0:
+            self.step_count += 1
             return None
-        scores = self.update_importance()
+        scores = self.update_importance() if optimizer_stepped else None
+        self.step_count += 1
         t = self.step_count
-        if t < c.warmup or (t - c.warmup) % c.interval != 0:
+        if scores is None or t < c.warmup or (t - c.warmup) % c.interval != 0:
             return None
         if c.total_steps is not None and t > c.stop * c.total_steps:
             return None
         return self.recompose(scores)
 
     @torch.no_grad()
-    def recompose(self, scores: List[torch.Tensor]) -> Event:
+    def recompose(self, scores: List[Optional[torch.Tensor]]) -> Event:
         c = self.config
         t = self.step_count
         grace = c.grace if c.grace is not None else c.interval
         W, Bs, As, idx, B_new, A_new, scal, names = [], [], [], [], [], [], [], []
-        chosen_scores, exhausted = [], 0
-        for l, s in zip(self.layers, scores):
+        chosen_scores, exhausted, poisoned = [], 0, []
+        for k, (l, s) in enumerate(zip(self.layers, scores)):
+            if s is None:
+                continue
+            s_host = s.float().cpu()  # the choice is made on the host (small; a recomposition is rare)
+            if not bool(torch.isfinite(s_host).all()):
+                poisoned.append(l.name)  # e.g. an fp16 overflow step scored: restart its non-finite states
+                for st in self.state:
+                    st[k].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                continue
             r = l.A.shape[0]
             n = max(1, int(round(c.fuse_fraction * r)))
-            eligible = torch.nonzero(l.protected_until <= t).flatten()
+            eligible = torch.nonzero(l.protected_until < t).flatten()
             n = min(n, eligible.numel(), l.S.numel() - l.next_dir)
             if n <= 0:
                 exhausted += int(l.S.numel() - l.next_dir <= 0)
                 continue
-            s_host = s.float().cpu()  # the choice is made on the host (small; a recomposition is rare)
             order = torch.argsort(s_host[eligible], stable=True)[:n]
             pick = eligible[order].sort().values
-            pick_dev = pick.to(l.W.device)
             dirs = torch.arange(l.next_dir, l.next_dir + n, device=l.S.device)
             l.next_dir += n
-            root = (l.S[dirs] / l.scaling).sqrt()
+            b, a = l.directions(dirs)
             W.append(l.W)
             Bs.append(l.B.data)
             As.append(l.A.data)
             idx.append(pick)  # host indices: no device-to-host copy inside the op
-            B_new.append((l.U[:, dirs] * root).to(l.B.dtype))
-            A_new.append((l.V[:, dirs] * root).T.to(l.A.dtype))
+            B_new.append(b)
+            A_new.append(a)
             scal.append(l.scaling)
             names.append(l.name)
             chosen_scores.append(s_host[pick])
             l.protected_until[pick] = t + grace
-            self._reset_pairs(l, pick_dev)
+            self._reset_pairs(k, pick.to(l.A.device))
+        if poisoned:
+            warnings.warn(f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers ({poisoned[0]} ...), "
+                          "from Inf/NaN gradients (an fp16 overflow step? pass step(optimizer_stepped=False) when "
+                          "the optimizer skipped): their states were restarted, no pair fused there this time",
+                          stacklevel=3)
         if W:
             ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
         allc = torch.cat(chosen_scores) if chosen_scores else torch.zeros(1)
@@ -226,9 +366,9 @@ class SRLoRA:
                   f"{exhausted} layers out of directions")
         return ev
 
-    def _reset_pairs(self, l: _Layer, pick: torch.Tensor) -> None:
-        """Zero the importance states and optimizer moments of pairs ``pick`` of layer ``l``."""
-        k = self.layers.index(l)
+    def _reset_pairs(self, k: int, pick: torch.Tensor) -> None:
+        """Zero the importance states and optimizer moments of pairs ``pick`` of layer ``k``."""
+        l = self.layers[k]
         ipt_A, ipt_B, unc_A, unc_B = (s[k] for s in self.state)
         for st in (ipt_A, unc_A):
             st[pick] = 0
@@ -237,22 +377,128 @@ class SRLoRA:
         if not (self.config.reset_optimizer and self.optimizer is not None):
             return
         for p, rows in ((l.A, True), (l.B, False)):
-            for v in self.optimizer.state.get(p, {}).values():
+            for name, v in self.optimizer.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
                     if rows:
                         v[pick] = 0
                     else:
                         v[:, pick] = 0
+                elif isinstance(v, torch.Tensor) and v.numel() > 1 and ("optstate", name) not in self._warned:
+                    self._warned.add(("optstate", name))
+                    warnings.warn(f"SRLoRA: optimizer state {name!r} has shape {tuple(v.shape)}, not the parameter's "
+                                  f"{tuple(p.shape)} (a factored optimizer?): not reset for re-initialised pairs",
+                                  stacklevel=4)
 
-    # -- results -------------------------------------------------------------------------------
+    # -- results, saving and resuming -----------------------------------------------------------
     def base_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The modified base weights (name -> tensor), to save next to the peft adapter."""
+        """The modified base weights (name -> tensor), keyed as in the peft model's state dict (load them
+        into a PeftModel, not into the bare base model; ``load_base_weights`` checks every name)."""
         return {l.name + ".base_layer.weight": l.weight.detach().clone() for l in self.layers}
+
+    def save(self, folder: str) -> str:
+        """Write ``folder/srlora_state.safetensors``: the modified base weights (what the peft adapter alone
+        lacks) and the run's state (importance EMAs, used directions, grace, step count, log) for
+        ``SRLoRA(..., resume_from=folder)``. Safetensors + JSON; returns the file's path."""
+        t = {}
+        for k, l in enumerate(self.layers):
+            t[f"base.{k}"] = l.weight.detach().contiguous()
+            t[f"S.{k}"] = l.S.detach().float().contiguous()
+            t[f"protected.{k}"] = l.protected_until.contiguous()
+            for name, st in zip(("ipt_A", "ipt_B", "unc_A", "unc_B"), self.state):
+                t[f"{name}.{k}"] = st[k].detach().contiguous()
+        meta = {"format": STATE_FORMAT, "format_version": "1", "step_count": str(self.step_count),
+                "layers": json.dumps([l.name for l in self.layers]),
+                "next_dir": json.dumps([l.next_dir for l in self.layers]),
+                "config": json.dumps(dataclasses.asdict(self.config)),
+                "log": json.dumps([dataclasses.asdict(e) for e in self.log])}
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, STATE_FILE)
+        save_safetensors(t, path, metadata=meta)
+        return path
+
+    @torch.no_grad()
+    def _restore(self, saved: tuple, folder: str) -> None:
+        t, meta = saved
+        for k, l in enumerate(self.layers):
+            S0 = t[f"S.{k}"]
+            n = min(S0.numel(), l.S.numel())
+            S = l.S[:n].detach().float().cpu()
+            if n == 0 or not torch.allclose(S, S0[:n], rtol=1e-3, atol=1e-6 * float(S0.max())):
+                raise FormatError(f"{folder}: layer {l.name}: the model's base weight is not the run's original one "
+                                  "(its singular values differ): resume on the base model loaded afresh, with the "
+                                  "run's adapter weights")
+        next_dir = json.loads(meta["next_dir"])
+        for k, l in enumerate(self.layers):
+            l.weight.data.copy_(t[f"base.{k}"])
+            l.next_dir = int(next_dir[k])
+            l.protected_until = t[f"protected.{k}"].clone()
+        dev = lambda k: self.layers[k].A.device  # noqa: E731
+        self.state = tuple([t[f"{name}.{k}"].to(dev(k)) for k in range(len(self.layers))]
+                           for name in ("ipt_A", "ipt_B", "unc_A", "unc_B"))
+        self.step_count = int(meta["step_count"])
+        self.log = [Event(**e) for e in json.loads(meta.get("log", "[]"))]
 
     def summary(self) -> str:
         pairs = sum(e.pairs for e in self.log)
         return (f"SRLoRA: {len(self.layers)} layers, {self.step_count} steps, {len(self.log)} recompositions, "
                 f"{pairs} pairs fused and re-initialised")
+
+
+def _state_file(folder: str) -> tuple:
+    """(path, metadata, layer names) of the SRLoRA state in ``folder`` (or the file itself)."""
+    path = os.path.join(folder, STATE_FILE) if os.path.isdir(folder) else folder
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no SRLoRA state (written by SRLoRA.save, or by SRLoRACallback into each "
+                                "checkpoint)")
+    meta = safetensors_metadata(path)
+    if meta.get("format") != STATE_FORMAT:
+        raise FormatError(f"{path}: not an SRLoRA state file (format {meta.get('format')!r})")
+    try:
+        names = json.loads(meta["layers"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: malformed SRLoRA state ({e})") from None
+    return path, meta, names
+
+
+def _read_state(folder: str, layers: List[_Layer]) -> tuple:
+    """(tensors, metadata) of ``folder/srlora_state.safetensors``, checked against the model's layers."""
+    path, meta, names = _state_file(folder)
+    t = read_safetensors(path)
+    if names != [l.name for l in layers]:
+        raise FormatError(f"{path}: saved for the LoRA layers {names[:2]}... ({len(names)}), but the model has "
+                          f"{[l.name for l in layers][:2]}... ({len(layers)}): another model or adapter")
+    for k, l in enumerate(layers):
+        for key, want in ((f"base.{k}", l.weight.shape), (f"ipt_A.{k}", l.A.shape), (f"ipt_B.{k}", l.B.shape)):
+            if key not in t or t[key].shape != want:
+                raise FormatError(f"{path}: layer {l.name}: {key} is {tuple(t[key].shape) if key in t else 'missing'}, "
+                                  f"the model's is {tuple(want)}")
+        if not all(bool(torch.isfinite(t[f"{n}.{k}"]).all()) for n in ("base", "S")):
+            raise FormatError(f"{path}: layer {l.name}: the saved base weight holds NaN or Inf")
+    return t, meta
+
+
+@torch.no_grad()
+def load_base_weights(model, folder: str) -> int:
+    """Copy the modified base weights saved by ``SRLoRA.save`` into a peft model of the same adapter (e.g.
+    ``PeftModel.from_pretrained(base, folder)``), so that it computes what the trained model did. Every
+    saved layer must exist with the same shape (nothing is copied otherwise). Returns the layer count."""
+    path, _, names = _state_file(folder)
+    t = read_safetensors(path, [f"base.{k}" for k in range(len(names))])
+    dests = []
+    for k, name in enumerate(names):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: the model has no layer {name} (load the adapter with "
+                             "PeftModel.from_pretrained first: the names are the peft model's)") from None
+        base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+        if base.weight.shape != t[f"base.{k}"].shape:
+            raise ValueError(f"{path}: layer {name}: saved weight {tuple(t[f'base.{k}'].shape)}, model's "
+                             f"{tuple(base.weight.shape)}")
+        dests.append(base.weight)
+    for k, w in enumerate(dests):
+        w.data.copy_(t[f"base.{k}"])
+    return len(dests)
 
 
 try:
@@ -262,18 +508,43 @@ except Exception:  # transformers is optional for the library itself
 
 
 class SRLoRACallback(_TrainerCallback):
-    """transformers ``Trainer`` callback: builds SRLoRA at train begin and steps it right after
-    each optimizer step (``on_optimizer_step``, before the Trainer clears the gradients)."""
+    """transformers ``Trainer`` callback: builds SRLoRA at train begin and steps it right after each
+    optimizer step (``on_optimizer_step``, before the Trainer clears the gradients; a step the optimizer
+    skipped, e.g. an fp16 overflow, is not scored).
 
-    def __init__(self, config: Optional[SRLoRAConfig] = None):
+    Checkpoints: ``on_save`` writes the SRLoRA state (with the modified base weights, which the adapter in
+    the checkpoint lacks) into each ``checkpoint-N`` folder; ``trainer.train(resume_from_checkpoint=...)``
+    restores it (from ``resume_from``, or ``output_dir/checkpoint-<global step>``), and with
+    ``load_best_model_at_end`` the best checkpoint's base weights come back with its adapter. After
+    training, save the result with ``trainer.save_model(d)`` *and* ``callback.srlora.save(d)``."""
+
+    def __init__(self, config: Optional[SRLoRAConfig] = None, *, resume_from: Optional[str] = None):
         self.config = config or SRLoRAConfig()
+        self.resume_from = resume_from
         self.srlora: Optional[SRLoRA] = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.config.total_steps is None and state.max_steps:
-            self.config.total_steps = state.max_steps
-        self.srlora = SRLoRA(model, optimizer, self.config)
+        config = self.config
+        if config.total_steps is None and state.max_steps:
+            config = dataclasses.replace(config, total_steps=state.max_steps)  # the caller's config is untouched
+        resume = self.resume_from
+        if resume is None and state.global_step > 0:  # the Trainer resumed from a checkpoint
+            resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step}, but {resume} holds no {STATE_FILE}: pass "
+                    "SRLoRACallback(resume_from=the checkpoint folder) (the adapter alone lacks the fused base weights)")
+        self.srlora = SRLoRA(model, optimizer, config, resume_from=resume)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.srlora is not None:
-            self.srlora.step()
+            self.srlora.step(optimizer_stepped=not getattr(optimizer, "step_was_skipped", False))
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.srlora is not None:
+            self.srlora.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, STATE_FILE)):
+            load_base_weights(model, best)  # the Trainer restored the best adapter; its base weights go with it

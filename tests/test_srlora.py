@@ -9,13 +9,15 @@ callback, config/usage errors and a short real training run. Whole file: well un
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from subspace_ext import data, train
-from subspace_ext.srlora import SRLoRA, SRLoRACallback, SRLoRAConfig
+from subspace_ext.io import FormatError
+from subspace_ext.srlora import SRLoRA, SRLoRACallback, SRLoRAConfig, load_base_weights
 
 import reference as ref
 
@@ -290,12 +292,13 @@ def test_grace_period(task):
             for j in ev.detail[l.name]:
                 if j in last:
                     gaps.append(ev.step - last[j])
-                    assert ev.step - last[j] >= grace, (
+                    assert ev.step - last[j] > grace, (
                         f"{l.name}: pair {j} re-chosen at step {ev.step}, {ev.step - last[j]} steps after "
                         f"its re-initialisation (grace {grace})")
                 last[j] = ev.step
         assert l.next_dir == 8 + 12 * 2
     assert gaps  # pairs do get chosen again once their grace is over
+    assert min(gaps) == grace + 1
 
     # a grace longer than the run: no pair is ever fused twice
     model, tok = make_model(r=8)
@@ -512,7 +515,12 @@ def test_trainer_callback(task, tmp_path):
 
 @pytest.mark.parametrize("field,kwargs", [("fuse_fraction", dict(fuse_fraction=1.5)), ("interval", dict(interval=0)),
                                           ("beta1", dict(beta1=1.0)), ("beta2", dict(beta2=-0.1)),
-                                          ("stop", dict(stop=0.0)), ("warmup", dict(warmup=-1))])
+                                          ("stop", dict(stop=0.0)), ("warmup", dict(warmup=-1)),
+                                          ("interval", dict(interval=2.5)), ("interval", dict(interval="10")),
+                                          ("warmup", dict(warmup=math.nan)), ("total_steps", dict(total_steps=0)),
+                                          ("grace", dict(grace=-3)), ("directions", dict(directions=-100)),
+                                          ("fuse_fraction", dict(fuse_fraction=math.nan)),
+                                          ("interval", dict(interval=True))])
 def test_config_validation(task, field, kwargs):
     cfg = SRLoRAConfig(**kwargs)
     with pytest.raises(ValueError, match=field):
@@ -614,3 +622,211 @@ def test_srlora_toy_model_is_continuous(device):
             fused += ev.pairs
             torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     assert fused == 12 and all(math.isfinite(float(p.sum())) for p in trainable(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# real training loops: resuming, odd layers, moved models, overflow steps
+
+
+def toy_lora(r=4, targets=("fc1", "fc2"), seed=0, **kw):
+    import peft
+
+    torch.manual_seed(seed)
+    return peft.get_peft_model(_Toy(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **kw))
+
+
+def toy_batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 24, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(n)]
+
+
+def toy_steps(model, opt, sr, batches):
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sr.step()
+
+
+def test_resume_from_saved_state_equals_an_uninterrupted_run(tmp_path):
+    """save() mid-run, then a fresh model (original base) + the adapter + optimizer state + resume_from
+    continues exactly: same recompositions, same directions, same final function."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    cfg = SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=8)
+    batches = toy_batches(8)
+    x = torch.randn(16, 24)
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, cfg)
+    toy_steps(model, opt, sr, batches)
+    want = model(x).detach()
+
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, cfg)
+    toy_steps(model, opt, sr, batches[:4])
+    sr.save(str(tmp_path / "ckpt"))
+    adapter, opt_state = copy.deepcopy(get_peft_model_state_dict(model)), copy.deepcopy(opt.state_dict())
+
+    fresh = toy_lora()
+    set_peft_model_state_dict(fresh, adapter)
+    opt2 = adamw(fresh, lr=1e-2)
+    opt2.load_state_dict(opt_state)
+    sr2 = SRLoRA(fresh, opt2, cfg, resume_from=str(tmp_path / "ckpt"))
+    assert sr2.step_count == 4 and [e.step for e in sr2.log] == [2, 4]
+    assert [l.next_dir for l in sr2.layers] == [l.next_dir for l in sr.layers]
+    toy_steps(fresh, opt2, sr2, batches[4:])
+    assert [e.step for e in sr2.log] == [2, 4, 6]   # 8 > stop * total_steps
+    torch.testing.assert_close(fresh(x).detach(), want, atol=1e-5, rtol=0)
+
+    # resuming on a model whose base was already modified (not the original) is refused
+    with pytest.raises(FormatError, match="not the run's original"):
+        SRLoRA(fresh, opt2, cfg, resume_from=str(tmp_path / "ckpt"))
+    with pytest.raises(FormatError, match="another model or adapter"):
+        SRLoRA(toy_lora(targets=("fc1",)), None, cfg, resume_from=str(tmp_path / "ckpt"))
+    with pytest.raises(FileNotFoundError, match="no SRLoRA state"):
+        SRLoRA(toy_lora(), None, cfg, resume_from=str(tmp_path))
+
+
+def test_saved_adapter_and_state_load_into_a_fresh_peft_model(tmp_path):
+    from peft import PeftModel
+
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5))
+    toy_steps(model, opt, sr, toy_batches(4))
+    x = torch.randn(16, 24)
+    want = model(x).detach()
+    out = str(tmp_path / "trained")
+    model.save_pretrained(out)
+    sr.save(out)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(_Toy(), out)
+    assert not torch.allclose(loaded(x), want, atol=1e-3)   # the adapter alone lacks the fused pairs
+    assert load_base_weights(loaded, out) == 2
+    torch.testing.assert_close(loaded(x).detach(), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no layer .*PeftModel.from_pretrained first"):
+        load_base_weights(_Toy(), out)
+
+
+def test_trainer_checkpoint_resume_equals_an_uninterrupted_run(task, tmp_path):
+    """trainer.train(resume_from_checkpoint=checkpoint-4) on a freshly loaded model ends where the
+    uninterrupted run ended (the checkpoint's adapter alone would not: it lacks the fused base weights)."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    cfg = SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5)
+
+    def trainer(model, tok, cb):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
+                                 use_cpu=True, seed=0, disable_tqdm=True, logging_steps=100)
+        return Trainer(model=model, args=args, train_dataset=train.TokenizedTask(tok, task.train, max_length=16),
+                       data_collator=DataCollatorWithPadding(tok), callbacks=[cb])
+
+    model, tok = make_model(r=4)
+    enc = probe(tok, task)
+    cb = SRLoRACallback(cfg)
+    trainer(model, tok, cb).train()
+    assert cfg.total_steps is None and cb.srlora.config.total_steps == 8   # the caller's config untouched
+    want = logits(model, enc)
+    assert (tmp_path / "checkpoint-4" / "srlora_state.safetensors").is_file()
+
+    model, tok = make_model(r=4)
+    cb2 = SRLoRACallback(cfg)
+    trainer(model, tok, cb2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert [e.step for e in cb2.srlora.log] == [e.step for e in cb.srlora.log]
+    torch.testing.assert_close(logits(model, enc), want, atol=1e-5, rtol=0)
+
+
+def test_each_layer_caches_its_own_directions():
+    """A narrow target (a 3-output head) must not cap the other layers' directions (nor stop them from
+    being recomposed); the narrow one is named in a warning."""
+    with pytest.warns(UserWarning, match="no principal directions beyond the LoRA rank in base_model.model.out"):
+        sr = SRLoRA(toy_lora(r=4, targets=("fc1", "fc2", "out")), None, SRLoRAConfig())
+    k = {l.name.rsplit(".", 1)[-1]: l.U.shape[1] for l in sr.layers}
+    assert k == {"fc1": 20, "fc2": 17, "out": 3}
+
+
+def test_layer_without_gradient_is_skipped_with_a_warning():
+    model = toy_lora(targets=("fc1", "fc2"))
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5))
+    fc2 = next(l for l in sr.layers if l.name.endswith("fc2"))
+    before = [st[1].clone() for st in sr.state]
+    x, y = toy_batches(1)[0]
+    with pytest.warns(UserWarning, match="no gradient reached base_model.model.fc2"):
+        for step in range(2):
+            h = model.base_model.model.fc1(x)   # a loss that never reaches fc2
+            loss = torch.nn.functional.cross_entropy(h[:, :3], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ev = sr.step()
+    assert ev is not None and list(ev.detail) == ["base_model.model.fc1"] and fc2.next_dir == 4
+    assert all(torch.equal(a, st[1]) for a, st in zip(before, sr.state))
+    assert sr.step_count == 2
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="all frozen"):
+        SRLoRA(model, None, SRLoRAConfig())
+
+
+def test_model_moved_after_srlora_is_followed():
+    """model.double() after SRLoRA was built: the recomposition writes into the live weights."""
+    model = toy_lora()
+    opt_cfg = SRLoRAConfig(interval=1, warmup=1, fuse_fraction=0.5)
+    sr = SRLoRA(model, None, opt_cfg)
+    model.double()
+    opt = adamw(model, lr=1e-2)
+    sr.optimizer = opt
+    x, y = torch.randn(32, 24, dtype=torch.float64), torch.randint(0, 3, (32,))
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        before = model(x)
+    assert sr.step() is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
+    assert all(l.W.dtype == torch.float64 for l in sr.layers)
+
+
+def test_overflow_step_does_not_poison_importance():
+    model = toy_lora(r=4)
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=4, fuse_fraction=0.25))
+    batches = toy_batches(8)
+    x, y = batches[0]
+    # a skipped step (as a GradScaler skips an overflow) is counted but not scored
+    model(x).sum().backward()
+    for p in trainable(model):
+        p.grad.fill_(math.inf)
+    before = [[t.clone() for t in st] for st in sr.state]
+    sr.step(optimizer_stepped=False)
+    assert sr.step_count == 1 and all(torch.equal(a, b) for sa, sb in zip(before, sr.state) for a, b in zip(sa, sb))
+    # scored anyway: the layers' states are restarted at the next recomposition, with a warning
+    sr.step()
+    assert not all(bool(torch.isfinite(t).all()) for st in sr.state for t in st)   # the poison
+    opt.zero_grad()
+    with pytest.warns(UserWarning, match="non-finite importance"):
+        toy_steps(model, opt, sr, batches[1:3])   # steps 3 and 4 (a recomposition)
+    assert sr.log[-1].step == 4 and sr.log[-1].pairs == 0
+    assert all(bool(torch.isfinite(t).all()) for st in sr.state for t in st)
+    toy_steps(model, opt, sr, batches[3:7])   # recompositions at 6 and 8 choose on finite scores again
+    assert [e.step for e in sr.log] == [4, 6, 8]
+    assert all(e.pairs == 2 and math.isfinite(e.score_mean) for e in sr.log[1:])
+
+
+def test_peft_setups_srlora_warns_about_or_refuses():
+    import peft
+
+    with pytest.warns(UserWarning, match="lora_dropout 0.1 with PiSSA"):
+        SRLoRA(toy_lora(lora_dropout=0.1), None, SRLoRAConfig())
+    model = toy_lora()
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.warns(UserWarning, match="several adapters"):
+        SRLoRA(model, None, SRLoRAConfig())
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="2 active adapters"):
+        SRLoRA(model, None, SRLoRAConfig())
