@@ -26,15 +26,21 @@ examples:
   {PROG} solar decompress pkg.safetensors --base MODEL_DIR -o restored_adapter/
   {PROG} solar inspect pkg.safetensors
   {PROG} eigen build ADAPTER_DIR1 ADAPTER_DIR2 ... -o subspace.safetensors --components 16
+  {PROG} eigen export subspace.safetensors --coefficients task.safetensors -o task_adapter/
   {PROG} bench --quick                        # seconds: smoke test
   {PROG} bench --threads 8 --output bench.md  # the full table, also to a file
   {PROG} bench --device cuda --large          # on a GPU (CUDA build), with a 7B-shaped rsvd_many set
 
-Run '{PROG} COMMAND --help' for the options of a command."""
+Run '{PROG} COMMAND --help' for the options of a command. Exit status: 0 done, 1 bad input (the
+message names the file, layer or option), 2 bad usage (options), 130 interrupted."""
 
 
 class UserError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback."""
+
+
+class UsageError(UserError):
+    """A bad combination of options (exit status 2, like argparse's own usage errors)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,15 +60,54 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number(low: float, high: float = float("inf"), *, low_open: bool = False, high_open: bool = False,
+            whole: bool = False) -> Callable[[str], float]:
+    """An argparse ``type=`` for a finite number in a range (a bad value is a usage error, exit 2)."""
+    lo, hi = "(" if low_open else "[", ")" if high_open or high == float("inf") else "]"
+    what = f"{'an integer' if whole else 'a number'} in {lo}{low:g}, {high:g}{hi}".replace("inf", "∞")
+
+    def parse(text: str):
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (value != value or abs(value) == float("inf") or not (low < value if low_open else low <= value)
+                or not (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+def _budget(text: str):
+    """--budget: 'full' or a whole number of stored numbers >= 2 (one coefficient: value + index)."""
+    if text == "full":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 2 or 'full', got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 2 (a coefficient is 2 numbers) or 'full', "
+                                         f"got {value}")
+    return value
+
+
 def _check_writable(path: str) -> None:
-    """Fail before a long run if ``path`` cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Fail before a long run if ``path`` cannot be written (missing parent folders are created when the
+    file is written)."""
     if os.path.isdir(path):
         raise UserError(f"--output {path} is a directory")
-    if not os.path.isdir(folder):
-        raise UserError(f"--output {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"--output {path} is not writable")
+
+
+def _make_parent(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
 def _read_paths(inputs: Sequence[Optional[str]]) -> set:
@@ -75,11 +120,22 @@ def _read_paths(inputs: Sequence[Optional[str]]) -> set:
     return out
 
 
-def _check_output_file(path: str, inputs: Sequence[Optional[str]]) -> None:
-    """A file output: writable, and not one of the inputs (it would be replaced before it is read)."""
+def _check_output_file(path: str, inputs: Sequence[Optional[str]], fmt: str, what: str) -> None:
+    """A file output: writable, not one of the inputs (it would be replaced before it is read), and if it
+    exists, a file of the kind this command writes (``fmt``: its safetensors "format" metadata), so that
+    a mistyped path does not replace e.g. a model's weights."""
     _check_writable(path)
     if os.path.realpath(path) in _read_paths(inputs):
         raise UserError(f"--output {path} is one of this command's inputs; choose another path")
+    if os.path.isfile(path):
+        from .io import FormatError, safetensors_metadata
+        try:
+            kind = safetensors_metadata(path).get("format")
+        except FormatError:
+            kind = None
+        if kind != fmt:
+            raise UserError(f"--output {path} exists and is not {what}: not replaced (remove it or choose another "
+                            "path)")
 
 
 def _check_output_folder(path: str, inputs: Sequence[Optional[str]], force: bool) -> None:
@@ -150,17 +206,10 @@ def _solar_compress(args: argparse.Namespace) -> int:
     from . import solar
     from .io import ADAPTER_WEIGHTS
 
-    _check_output_file(args.output, [args.adapter, args.base])
     if args.rank is not None and not args.dense:
-        raise UserError("--rank applies only with --dense (a LoRA adapter keeps its own ranks)")
+        raise UsageError("--rank applies only with --dense (a LoRA adapter keeps its own ranks)")
+    _check_output_file(args.output, [args.adapter, args.base], solar.FORMAT, "a SOLAR package")
     budget = args.budget
-    if budget is not None and budget != "full":
-        try:
-            budget = int(budget)
-        except ValueError:
-            raise UserError(f"--budget must be a whole number or 'full', got {budget!r}") from None
-    if budget is None and args.ratio is None:
-        raise UserError("give --ratio R (stored numbers / adapter numbers, e.g. 0.1) or --budget N|full")
     t0 = time.perf_counter()
     if args.dense:
         pkg = solar.compress_dense(args.adapter, args.base, budget=budget, ratio=args.ratio, rank=args.rank or 16,
@@ -171,6 +220,7 @@ def _solar_compress(args: argparse.Namespace) -> int:
     source = os.path.join(args.adapter, ADAPTER_WEIGHTS) if not args.dense else args.adapter
     before = (os.path.getsize(source) if os.path.isfile(source) else
               sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if f.endswith(".safetensors")))
+    _make_parent(args.output)
     size = pkg.save(args.output)
     seconds = time.perf_counter() - t0
     for note in pkg.notes():
@@ -219,14 +269,17 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                    help="peft adapter folder (with --dense: the fine-tuned model folder or .safetensors)")
     c.add_argument("--base", required=True, metavar="BASE", help="the adapter's base model (folder or .safetensors)")
     c.add_argument("-o", "--output", required=True, metavar="PACKAGE.safetensors",
-                   help="the package file to write (replaced if it exists; never one of the inputs)")
-    g = c.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, metavar="R",
+                   help="the package file to write (folders created; an existing package is replaced, any "
+                        "other existing file is refused; never one of the inputs)")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=_number(0, low_open=True), metavar="R",
                    help="stored numbers / adapter numbers (0.1 = 10x fewer; extra tensors included)")
-    g.add_argument("--budget", metavar="N|full",
-                   help="coefficient numbers to store (value + index = 2 each), or 'full' (lossless)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the basis completion/perturbation (default 0)")
-    c.add_argument("--eps", type=float, default=0.0, help="relative basis perturbation (default 0)")
+    g.add_argument("--budget", type=_budget, metavar="N|full",
+                   help="coefficient numbers to store (value + index = 2 each), or 'full' (lossless, but "
+                        "larger than the adapter: every coefficient of every layer's k x k core)")
+    c.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
+                   help="seed of the basis completion/perturbation (default 0)")
+    c.add_argument("--eps", type=_number(0), default=0.0, help="relative basis perturbation (default 0)")
     c.add_argument("--dense", action="store_true",
                    help="the input is a dense fine-tune: compress its Linear-weight deltas from BASE")
     c.add_argument("--rank", type=_positive_int, default=None,
@@ -259,10 +312,11 @@ def _eigen_build(args: argparse.Namespace) -> int:
 
     from . import eigenlorax
 
-    _check_output_file(args.output, list(args.adapters) + [args.base])
+    _check_output_file(args.output, list(args.adapters) + [args.base], eigenlorax.FORMAT, "an EigenLoRAx subspace")
     t0 = time.perf_counter()
     sub = eigenlorax.build_subspace(args.adapters, components=args.components, variance=args.variance,
                                     augment=args.augment, seed=args.seed, base=args.base)
+    _make_parent(args.output)
     sub.save(args.output)
     ks = [sub.size(m) for m in sub.modules]
     print(f"{len(args.adapters)} adapters, {len(sub.modules)} layers, K per layer {min(ks)}..{max(ks)} "
@@ -294,22 +348,27 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
                       description="Build the subspace of N >= 2 peft LoRA adapter folders of one base.")
     b.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more peft LoRA adapter folders of one base")
     b.add_argument("-o", "--output", required=True, metavar="SUBSPACE.safetensors",
-                   help="the subspace file to write (replaced if it exists; never one of the inputs)")
+                   help="the subspace file to write (folders created; an existing subspace file is replaced, "
+                        "any other existing file is refused; never one of the inputs)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--components", type=_positive_int, metavar="K",
                    help="principal directions per layer and side (default 32, capped at N*r-1)")
-    g.add_argument("--variance", type=float, metavar="V", help="keep the directions explaining this fraction (0-1]")
-    b.add_argument("--augment", type=int, default=0, metavar="N",
+    g.add_argument("--variance", type=_number(0, 1, low_open=True), metavar="V",
+                   help="keep the directions explaining this fraction (0-1]")
+    b.add_argument("--augment", type=_number(0, whole=True), default=0, metavar="N",
                    help="extra seeded directions orthogonal to the principal ones, per layer and side (default 0)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the augmentation directions (default 0)")
+    b.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
+                   help="seed of the augmentation directions (default 0)")
     b.add_argument("--base", metavar="BASE", help="base model: record weight fingerprints in the subspace")
     b.set_defaults(func=_eigen_build)
     e = ss.add_parser("export", help="subspace + task coefficients -> peft LoRA folder",
-                      description="Turn a task trained with EigenLoRAx (its save_coefficients file) into a "
-                                  "standard peft LoRA adapter folder (B = P_B alpha_B, A = (P_A alpha_A)^T).")
+                      description="Turn a task trained with EigenLoRAx into a standard peft LoRA adapter folder "
+                                  "(B = P_B alpha_B, A = (P_A alpha_A)^T). Task files are written in Python: "
+                                  "em = subspace_ext.eigenlorax.apply(model, subspace, rank); train; "
+                                  "em.save_coefficients('task.safetensors').")
     e.add_argument("subspace", metavar="SUBSPACE.safetensors", help="the subspace file the task was trained on")
     e.add_argument("--coefficients", required=True, metavar="TASK.safetensors",
-                   help="the task's loadings (EigenLoRAx.save_coefficients)")
+                   help="the task file (written by em.save_coefficients, em = eigenlorax.apply(...))")
     e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
                    help="peft adapter folder to write (created; an adapter already there needs --force)")
     e.add_argument("--task-type", choices=TASK_TYPES, default=None,
@@ -347,7 +406,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "train one task with SRLoRA vs LoRA. Writes results.md, results.json and PNG plots to "
                     "--output, next to the adapters, packages and subspace it made. About 2.5 minutes on 2 CPU "
                     "cores; no network.")
-    p.add_argument("-o", "--output", default="demo_out", help="output folder (created; default %(default)s)")
+    p.add_argument("-o", "--output", default="demo_out",
+                   help="output folder (created; files of an earlier demo there are replaced; default %(default)s)")
     p.add_argument("--steps", type=_positive_int, help="training steps per run (default 150)")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default 1: fastest for these batches)")
     p.add_argument("--quick", action="store_true", help="seconds-scale smoke run of every stage (numbers meaningless)")
@@ -380,6 +440,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `subspace-ext solar inspect p | head -1`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     except (UserError, OSError, ValueError) as e:  # bad input: FormatError, BaseMismatchError, ...
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

@@ -141,7 +141,7 @@ class EigenSubspace:
             n_pc = meta.pop("n_pc")
             A = {m: SideBasis(t[f"A.{i}.P"], t[f"A.{i}.explained"], n_pc["A"][i]) for i, m in enumerate(mods)}
             B = {m: SideBasis(t[f"B.{i}.P"], t[f"B.{i}.explained"], n_pc["B"][i]) for i, m in enumerate(mods)}
-        except (KeyError, IndexError, json.JSONDecodeError) as e:
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise FormatError(f"{path}: malformed subspace file ({e})") from None
         return cls(A, B, meta)
 
@@ -213,15 +213,8 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     for name, a in zip(names, loaded):
         try:
             per.append({u.module: u for u in a.updates()})
-        except FormatError as e:
-            raise FormatError(f"{name}: {e}") from None
-    for name, p in zip(names, per):  # rsvd would only say "NaN" without naming the adapter and layer
-        for u in p.values():
-            for side, M in (("lora_A", u.A), ("lora_B", u.B)):
-                if not bool(torch.isfinite(M).all()):
-                    raise ValueError(f"{name}: layer {u.module}: {side} holds NaN or Inf")
-            if not math.isfinite(u.scaling):
-                raise ValueError(f"{name}: layer {u.module}: scaling (from lora_alpha) is {u.scaling}")
+        except FormatError as e:  # names the layer (and the folder, for a loaded adapter)
+            raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
     _refuse_duplicates(names, [tensors_digest(a.tensors) for a in loaded], "weights")
     layouts = {bool(a.config.get("fan_in_fan_out")) for a in loaded}
     if len(layouts) > 1:
@@ -590,6 +583,9 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         if aB is None:
             raise FormatError(f"task coefficients lack {name}.alpha_B")
         PA, PB = subspace.A[mod].P, subspace.B[mod].P
+        if aA.dim() != 2 or aB.dim() != 2 or aA.shape[1] != aB.shape[1]:
+            raise FormatError(f"{where}: {name}: loadings must be K x r matrices of one rank, got alpha_A "
+                              f"{tuple(aA.shape)}, alpha_B {tuple(aB.shape)}")
         if aA.shape[0] != PA.shape[1] or aB.shape[0] != PB.shape[1]:
             raise FormatError(f"{name}: coefficients do not fit the subspace (K {aA.shape[0]} vs {PA.shape[1]})")
         factors[name] = (PB @ aB.float(), (PA @ aA).T)

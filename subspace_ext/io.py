@@ -9,6 +9,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -70,6 +71,7 @@ class PeftAdapter:
     """A peft adapter in memory: its config (adapter_config.json) and tensors (adapter_model.safetensors)."""
     config: dict
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    source: Optional[str] = field(default=None, compare=False)  # the folder it was loaded from (for errors)
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
@@ -87,19 +89,22 @@ class PeftAdapter:
                 config = json.load(f)
         except json.JSONDecodeError as e:
             raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise FormatError(f"{cfg_path}: not a JSON object (a peft adapter config is one)")
         weights = os.path.join(path, ADAPTER_WEIGHTS)
         if not os.path.isfile(weights):
             if os.path.isfile(os.path.join(path, "adapter_model.bin")):
                 raise FormatError(f"{path}: only adapter_model.bin (pickle) is present; subspace_ext reads "
                                   "safetensors only: re-save it with save_pretrained(..., safe_serialization=True)")
             raise FormatError(f"{path}: no {ADAPTER_WEIGHTS}")
-        return cls(config, read_safetensors(weights))
+        return cls(config, read_safetensors(weights), source=path)
 
     def save_adapter(self, path: str) -> None:
         """Write a standard peft folder: adapter_config.json + adapter_model.safetensors.
 
-        Each file is written beside its final name and renamed into place once complete; if writing
-        fails (a full disk), a folder this call created is removed and existing files stay as they were.
+        Both files are written beside their final names and renamed into place once both are complete;
+        if writing fails (a full disk), a folder this call created is removed and existing files stay as
+        they were.
         """
         try:
             config = json.dumps(self.config, indent=2, sort_keys=True, allow_nan=False)
@@ -108,9 +113,10 @@ class PeftAdapter:
         created = not os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
         try:
-            save_safetensors({k: v.contiguous() for k, v in self.tensors.items()}, os.path.join(path, ADAPTER_WEIGHTS),
-                             metadata={"format": "pt"})
-            _write_atomically(os.path.join(path, ADAPTER_CONFIG), lambda tmp: _write_text(tmp, config))
+            tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+            _write_files_atomically({
+                os.path.join(path, ADAPTER_WEIGHTS): lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                os.path.join(path, ADAPTER_CONFIG): lambda tmp: _write_text(tmp, config)})
         except BaseException:
             if created:
                 shutil.rmtree(path, ignore_errors=True)
@@ -122,7 +128,22 @@ class PeftAdapter:
         return str(self.config.get("peft_type", "LORA")).upper()
 
     def updates(self) -> List[LowRankUpdate]:
-        """The low-rank updates of every adapted Linear (LoRA and AdaLoRA), in file order."""
+        """The low-rank updates of every adapted Linear (LoRA and AdaLoRA), in file order; factors and
+        scalings checked finite (an error names the layer, and the folder the adapter came from)."""
+        try:
+            return self._updates()
+        except FormatError as e:
+            if self.source and not str(e).startswith(self.source):
+                raise FormatError(f"{self.source}: {e}") from None
+            raise
+
+    def _number(self, key: str, value) -> float:
+        """A number of the config (lora_alpha, init_r, an alpha_pattern value) as a float."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FormatError(f"{ADAPTER_CONFIG}: {key} must be a number, got {value!r}")
+        return float(value)
+
+    def _updates(self) -> List[LowRankUpdate]:
         kind = self.peft_type
         if kind not in ("LORA", "ADALORA"):
             raise FormatError(f"peft_type {kind} is not supported (LORA and ADALORA are)")
@@ -152,10 +173,15 @@ class PeftAdapter:
                 A = A * E.reshape(-1, 1).to(A.dtype)
                 # peft's AdaLoRA forward: lora_alpha / (ranknum + 1e-5), where ranknum stays init_r when
                 # rank allocation prunes a layer (peft restores a pruned adapter with the old ranknum)
-                alpha = float(self.config.get("lora_alpha", 8))
-                scaling = alpha / (float(self.config.get("init_r", r)) + 1e-5)
+                alpha = self._number("lora_alpha", self.config.get("lora_alpha", 8))
+                scaling = alpha / (self._number("init_r", self.config.get("init_r", r)) + 1e-5)
             else:
                 scaling = self.lora_scaling(name, r)
+            for side, M in (("lora_A", A), ("lora_B", B)):
+                if not bool(torch.isfinite(M).all()):
+                    raise FormatError(f"layer {name}: {side} holds NaN or Inf")
+            if not math.isfinite(scaling):
+                raise FormatError(f"layer {name}: scaling (from lora_alpha) is {scaling}")
             out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out))
         if not out:
             emb = embedding_lora_modules(self.tensors)
@@ -167,10 +193,10 @@ class PeftAdapter:
         """peft's LoRA scaling for a module: alpha / r (alpha / sqrt(r) with use_rslora), with the
         config's alpha_pattern override (the first matching key in the file's order, as peft's
         get_pattern_key; r is the factors' own rank, so rank_pattern needs no lookup)."""
-        alpha = float(self.config.get("lora_alpha", 8))
+        alpha = self._number("lora_alpha", self.config.get("lora_alpha", 8))
         for pattern, value in (self.config.get("alpha_pattern") or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = float(value)
+                alpha = self._number(f"alpha_pattern[{pattern!r}]", value)
                 break
         return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
 
@@ -189,14 +215,27 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: readers never
     see a partial file, and a failed write leaves an existing ``path`` unchanged. Any failure is
     raised as OSError naming ``path`` (safetensors reports a full disk with its own error type)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    _write_files_atomically({path: write})
+
+
+def _write_files_atomically(files: Dict[str, Callable[[str], None]]) -> None:
+    """``_write_atomically`` for several files that belong together (an adapter's weights and config):
+    every file is written to its temporary name first and only then are all renamed into place, so a
+    failed write leaves none of the old files replaced."""
+    tmps: Dict[str, str] = {}
+    path = next(iter(files), "")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in files.items():
+            folder, name = os.path.split(os.path.abspath(path))
+            tmps[path] = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+            write(tmps[path])
+        for path, tmp in list(tmps.items()):
+            os.replace(tmp, path)
+            del tmps[path]
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         if isinstance(e, Exception) and not isinstance(e, OSError):
             raise OSError(f"{path}: could not write ({e})") from None
         raise
@@ -207,8 +246,14 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Opti
     _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def _not_a_folder(path: str) -> None:
+    if os.path.isdir(path):
+        raise FormatError(f"{path} is a folder; expected a .safetensors file")
+
+
 def read_safetensors(path: str, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Tensors of a safetensors file (all, or ``keys``); a damaged file raises FormatError naming it."""
+    _not_a_folder(path)
     try:
         with safe_open(path, framework="pt") as f:
             names = list(f.keys()) if keys is None else list(keys)
@@ -220,6 +265,7 @@ def read_safetensors(path: str, keys: Optional[Iterable[str]] = None) -> Dict[st
 
 
 def safetensors_metadata(path: str) -> Dict[str, str]:
+    _not_a_folder(path)
     try:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})

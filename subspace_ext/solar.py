@@ -23,6 +23,7 @@ defaults here (complete bases, eps = 0, global top-|c|) are the ones our measure
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,10 @@ _CHECKSUM_TOL = 1e-6
 
 class BaseMismatchError(ValueError):
     """The base model given to the decoder is not the one the package was made from."""
+
+
+# dtype names a package may give its decoded adapter (those the C++ decoder maps too)
+_PACKAGE_DTYPES = ("float32", "float", "float64", "double", "float16", "half", "bfloat16")
 
 
 @dataclass
@@ -146,15 +151,66 @@ class SolarPackage:
         if package_digest(tensors, meta.get("solar", "")) != meta.get("digest"):
             raise FormatError(f"{path}: contents do not match the package digest (corrupted or tampered)")
         try:
-            info = json.loads(meta["solar"])
-            layers = [LayerInfo(**l) for l in info["layers"]]
-            values = [tensors[f"layer.{i}.values"] for i in range(len(layers))]
-            indices = [tensors[f"layer.{i}.indices"] for i in range(len(layers))]
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            pkg = cls._parse(json.loads(meta["solar"]), tensors)
+        except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise FormatError(f"{path}: malformed package metadata ({e})") from None
+        return pkg
+
+    @classmethod
+    def _parse(cls, info, tensors: Dict[str, torch.Tensor]) -> "SolarPackage":
+        """The package from its metadata and tensors, every field's type checked as the C++ decoder checks
+        it (the digest detects damage, not a deliberate edit with a recomputed digest)."""
+        def need(obj, key, types, what=None):
+            if key not in obj:
+                raise KeyError(key)
+            v = obj[key]
+            if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+                raise TypeError(f"{what or key} must be {' or '.join(t.__name__ for t in types)}, got {v!r}")
+            return v
+
+        if not isinstance(info, dict):
+            raise TypeError("the solar metadata is not an object")
+        raw_layers = need(info, "layers", (list,))
+        layers, values, indices = [], [], []
+        known = {f.name for f in dataclasses.fields(LayerInfo)}
+        for i, l in enumerate(raw_layers):
+            where = f"layer {i}: "
+            if not isinstance(l, dict):
+                raise TypeError(where + "not an object")
+            unknown = set(l) - known
+            if unknown:
+                raise ValueError(where + f"unexpected field {sorted(unknown)[0]!r}")
+            for key in ("module", "base_key", "fingerprint"):
+                need(l, key, (str,), where + key)
+            shape = need(l, "shape", (list,), where + "shape")
+            if len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+                raise ValueError(where + f"invalid shape {shape!r}")
+            if need(l, "rank", (int,), where + "rank") < 1:
+                raise ValueError(where + "rank must be an integer >= 1")
+            need(l, "scaling", (int, float), where + "scaling")
+            need(l, "stream", (int,), where + "stream")
+            if not all(isinstance(c, (int, float)) for c in need(l, "checksum", (list,), where + "checksum")):
+                raise TypeError(where + "checksum must be a list of numbers")
+            if "fan_in_fan_out" in l:
+                need(l, "fan_in_fan_out", (bool,), where + "fan_in_fan_out")
+            v, ix = tensors[f"layer.{i}.values"], tensors[f"layer.{i}.indices"]
+            if not v.is_floating_point() or v.dim() != 1:
+                raise TypeError(where + f"values must be a 1-D floating-point tensor, got {v.dtype} {tuple(v.shape)}")
+            if ix.dtype not in (torch.int32, torch.int64) or ix.shape != v.shape:
+                raise TypeError(where + f"indices must be int32/int64 of the values' length, got {ix.dtype} "
+                                f"{tuple(ix.shape)}")
+            layers.append(LayerInfo(**l))
+            values.append(v)
+            indices.append(ix)
+        seed = need(info, "seed", (int,))
+        eps = need(info, "eps", (int, float))
+        peft_config = need(info, "peft_config", (dict,))
+        dtype = need(info, "dtype", (str,)) if "dtype" in info else "float32"
+        if dtype not in _PACKAGE_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")
+        skipped = need(info, "skipped", (list,)) if "skipped" in info else []
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return cls(info["seed"], info["eps"], info["peft_config"], layers, values, indices, extra,
-                   info.get("dtype", "float32"), info.get("skipped", []))
+        return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped)
 
     # -- report --------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -297,7 +353,7 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         err = (lambda B2, A2, s2, u=u: _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, s2))
         layers.append((info, U, V, C, err))
     dtype = str(updates[0].B.dtype).replace("torch.", "")
-    return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype)
+    return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype, progress)
 
 
 def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
@@ -372,12 +428,12 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
               "fan_in_fan_out": any(l[0].fan_in_fan_out for l in layers), "use_rslora": False,
               "init_lora_weights": True, "task_type": None,
               "base_model_name_or_path": None, "modules_to_save": None}
-    pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32")
+    pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", progress)
     pkg.skipped = skipped
     return pkg
 
 
-def _package(layers, extra, config, budget, ratio, seed, eps, dtype) -> SolarPackage:
+def _package(layers, extra, config, budget, ratio, seed, eps, dtype, progress: bool = False) -> SolarPackage:
     """Budget, global top-|c| selection, per-layer decode check and the package (shared by both inputs)."""
     infos = [l[0] for l in layers]
     extra_numbers = sum(t.numel() for t in extra.values())
@@ -386,6 +442,9 @@ def _package(layers, extra, config, budget, ratio, seed, eps, dtype) -> SolarPac
     if ratio is not None:  # extra tensors are stored too: the ratio covers them (checked in _check_request)
         keep_numbers = ratio * lora_total - extra_numbers
         if keep_numbers < NUMBERS_PER_COEFFICIENT:
+            if not extra:
+                raise ValueError(f"ratio {ratio} leaves no room for one coefficient ({NUMBERS_PER_COEFFICIENT} "
+                                 f"numbers of the adapter's {lora_total}): ask for a larger ratio")
             largest = sorted(extra, key=lambda k: -extra[k].numel())[:3]
             raise ValueError(f"ratio {ratio} leaves no room for coefficients: the extra tensors, carried "
                              f"unchanged, alone take {extra_numbers / lora_total:.4f} of the adapter (largest: "
@@ -398,7 +457,7 @@ def _package(layers, extra, config, budget, ratio, seed, eps, dtype) -> SolarPac
     chosen = torch.arange(flat.numel()) if keep is None else torch.topk(flat, keep, sorted=False).indices.sort().values
     bounds = torch.tensor([0] + [C.numel() for _, _, _, C, _ in layers]).cumsum(0)
     values, indices = [], []
-    for li, (info, U, V, C, err) in enumerate(layers):
+    for li, (info, U, V, C, err) in enumerate(_progress(layers, "solar: coefficients", progress)):
         lo, hi = int(bounds[li]), int(bounds[li + 1])
         sel = chosen[(chosen >= lo) & (chosen < hi)] - lo
         vals = C.flatten()[sel].float()

@@ -1039,6 +1039,8 @@ def test_cli_user_errors(case, tmp_path, capsys):
         bad.tensors[f"{PEFT_PREFIX}enc.q.lora_B.weight"][0, 0] = math.nan
         dirs.append(str(tmp_path / "ad_nan"))
         bad.save_adapter(dirs[-1])
+    if case == "bad-output":   # an existing file of another kind is not replaced
+        shutil.copy(os.path.join(dirs[0], io.ADAPTER_WEIGHTS), str(tmp_path / "model.safetensors"))
     sub_file, coef = str(tmp_path / "given.safetensors"), str(tmp_path / "task.safetensors")
     if case in ("corrupt-subspace", "nan-scaling"):
         sub = eigenlorax.build_subspace(dirs, components=3)
@@ -1056,7 +1058,7 @@ def test_cli_user_errors(case, tmp_path, capsys):
         "both": ["eigen", "build", *dirs, "-o", out, "--variance", "0.5", "--components", "3"],
         "not-subspace": ["eigen", "export", os.path.join(dirs[0], io.ADAPTER_WEIGHTS), "--coefficients",
                          os.path.join(dirs[1], io.ADAPTER_WEIGHTS), "-o", str(tmp_path / "x")],
-        "bad-output": ["eigen", "build", *dirs, "-o", str(tmp_path / "no" / "such" / "sub.safetensors")],
+        "bad-output": ["eigen", "build", *dirs, "-o", str(tmp_path / "model.safetensors")],
         "same-adapter": ["eigen", "build", dirs[0], dirs[1], dirs[0], "-o", out],
         "nan-adapter": ["eigen", "build", *dirs, "-o", out],
         "corrupt-subspace": export,
@@ -1068,5 +1070,9 @@ def test_cli_user_errors(case, tmp_path, capsys):
     assert len(lines) == 1 and "error" in lines[0], err
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "x")
     named = {"same-adapter": "same adapter", "nan-adapter": f"{dirs[-1]}: layer enc.q: lora_B holds NaN",
-             "corrupt-subspace": f"{sub_file}: corrupt file", "nan-scaling": "scaling must be a finite number"}
+             "corrupt-subspace": f"{sub_file}: corrupt file", "nan-scaling": "scaling must be a finite number",
+             "bad-output": "exists and is not an EigenLoRAx subspace"}
+    if case == "bad-output":
+        with open(os.path.join(dirs[0], io.ADAPTER_WEIGHTS), "rb") as a, open(argv[-1], "rb") as b:
+            assert a.read() == b.read()
     assert named.get(case, "") in lines[0], lines[0]

@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from subspace_ext import cli, io, ops, solar, train
 from subspace_ext.io import FormatError
@@ -360,6 +361,71 @@ def test_tampered_metadata_does_not_silently_change_the_adapter(ratio_pkg_with_e
     got, ref = dense_updates(decoded), dense_updates(honest)
     assert rel_err(got[info.module], ref[info.module]) < ROUNDING, \
         f"tampered metadata of {info.module} loaded and decoded into a different update"
+
+
+def _resigned(pkg_path, tmp_path, edit_meta=None, edit_tensors=None):
+    """The package with its metadata / tensors edited and the digest recomputed (a deliberate edit, which
+    the digest cannot catch: the field checks must)."""
+    from safetensors import safe_open
+
+    with safe_open(pkg_path, framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["solar"])
+    if edit_meta:
+        edit_meta(info)
+    if edit_tensors:
+        edit_tensors(tensors)
+    meta["solar"] = json.dumps(info)
+    meta["digest"] = io.content_digest(tensors, meta["solar"])
+    out = str(tmp_path / "edited.safetensors")
+    save_file(tensors, out, metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dtype-int8", "dtype 'int8' is not one of"),
+    ("dtype-os", "dtype 'os' is not one of"),
+    ("no-peft-config", "peft_config"),
+    ("seed-string", "seed must be int"),
+    ("rank-string", "layer 0: rank must be int"),
+    ("float-indices", "layer 0: indices must be int32/int64"),
+    ("unknown-field", "layer 0: unexpected field 'evil'"),
+    ("layers-not-list", "layers must be list"),
+])
+def test_edited_package_metadata_is_refused(saved_pkg, tmp_path, case, match):
+    """The Python decoder checks every field as the C++ decoder does (both refuse, neither writes a broken
+    adapter or dies with a traceback)."""
+    def meta(info):
+        if case.startswith("dtype"):
+            info["dtype"] = case.split("-")[1]
+        elif case == "no-peft-config":
+            del info["peft_config"]
+        elif case == "seed-string":
+            info["seed"] = str(info["seed"])
+        elif case == "rank-string":
+            info["layers"][0]["rank"] = "4"
+        elif case == "unknown-field":
+            info["layers"][0]["evil"] = 1
+        elif case == "layers-not-list":
+            info["layers"] = {}
+
+    def tens(t):
+        if case == "float-indices":
+            t["layer.0.indices"] = t["layer.0.indices"].float()
+    path = _resigned(saved_pkg, tmp_path, meta, tens)
+    with pytest.raises(FormatError, match="malformed package metadata.*" + match):
+        SolarPackage.load(path)
+
+
+def test_repeated_coefficient_indices_are_refused(saved_pkg, base_weights, tmp_path):
+    def tens(t):
+        k = next(k for k in t if k.endswith(".indices") and t[k].numel() > 1)
+        t[k] = t[k].clone()
+        t[k][1] = t[k][0]
+    path = _resigned(saved_pkg, tmp_path, edit_tensors=tens)
+    with pytest.raises(ValueError, match="coefficient indices repeat"):
+        solar.decompress(path, base_weights)
 
 
 def test_foreign_files_are_not_packages(trained_adapter_dir, minilm_base, tmp_path):
@@ -766,18 +832,52 @@ def test_cli_compress_inspect_decompress(trained_adapter_dir, minilm_base, base_
 @pytest.mark.parametrize("extra,match", [
     ([], "--ratio|--budget"),
     (["--budget", "lots"], "budget"),
+    (["--budget", "1"], "budget.*>= 2"),
+    (["--budget", "1e3"], "budget"),
     (["--ratio", "0"], "ratio"),
     (["--ratio", "inf"], "ratio"),
-], ids=["no-budget", "budget-lots", "ratio0", "ratio-inf"])
-def test_cli_compress_user_errors(trained_adapter_dir, minilm_base, tmp_path, capsys, extra, match):
+    (["--ratio", "0.1", "--eps", "-1"], "eps"),
+    (["--ratio", "0.1", "--rank", "4"], "--rank applies only with --dense"),
+], ids=["no-budget", "budget-lots", "budget-1", "budget-float", "ratio0", "ratio-inf", "eps-negative", "rank-not-dense"])
+def test_cli_compress_usage_errors(trained_adapter_dir, minilm_base, tmp_path, capsys, extra, match):
+    """Bad options are usage errors: one line naming the option, exit status 2, nothing written."""
     import re
 
-    rc = cli.main(["solar", "compress", trained_adapter_dir, "--base", minilm_base,
-                   "-o", str(tmp_path / "p.safetensors"), "-q", *extra])
-    assert rc != 0
+    try:
+        rc = cli.main(["solar", "compress", trained_adapter_dir, "--base", minilm_base,
+                       "-o", str(tmp_path / "p.safetensors"), "-q", *extra])
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
+    assert rc == 2
     line = _one_error_line(capsys)
     assert re.search(match, line), line
     assert not os.path.exists(tmp_path / "p.safetensors")
+
+
+def test_cli_compress_output_policy(trained_adapter_dir, minilm_base, tmp_path, capsys):
+    """-o creates missing folders and replaces an earlier package, but never another kind of file."""
+    other = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(3)}, str(other))
+    before = other.read_bytes()
+    argv = ["solar", "compress", trained_adapter_dir, "--base", minilm_base, "--ratio", "0.1", "-q", "-o"]
+    assert cli.main(argv + [str(other)]) == 1
+    assert "exists and is not a SOLAR package" in _one_error_line(capsys)
+    assert other.read_bytes() == before
+    nested = tmp_path / "new" / "dir" / "p.safetensors"
+    assert cli.main(argv + [str(nested)]) == 0
+    assert cli.main(argv + [str(nested)]) == 0   # an earlier package is replaced
+    capsys.readouterr()
+
+
+def test_cli_inspect_into_a_closed_pipe_is_quiet(ratio_pkg_with_extra, tmp_path):
+    import subprocess
+    import sys
+
+    pkg = str(tmp_path / "p.safetensors")
+    ratio_pkg_with_extra.save(pkg)
+    r = subprocess.run(f"'{sys.executable}' -m subspace_ext.cli solar inspect '{pkg}' | head -c 10", shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert len(r.stdout) == 10 and r.stderr == "", r.stderr
 
 
 def test_cli_both_budget_and_ratio(trained_adapter_dir, minilm_base, tmp_path, capsys):
@@ -873,12 +973,6 @@ def test_cli_decompress_force_replaces_an_adapter(trained_adapter_dir, ratio_pkg
     assert restored.config == read_json(os.path.join(out, io.ADAPTER_CONFIG))
     assert restored.tensors.keys() == solar.decompress(ratio_pkg_with_extra, minilm_base).tensors.keys()
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-
-
-def test_cli_rank_needs_dense(trained_adapter_dir, minilm_base, tmp_path, capsys):
-    rc = cli.main(["solar", "compress", trained_adapter_dir, "--base", minilm_base, "-o", str(tmp_path / "p"),
-                   "--ratio", "0.1", "--rank", "4", "-q"])
-    assert rc == 1 and "--rank applies only with --dense" in _one_error_line(capsys)
 
 
 def test_cli_inspect_a_folder(trained_adapter_dir, capsys):

@@ -95,6 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
   TORCH_CHECK_VALUE(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < U.size(1) * V.size(1),
                     "solar_decode: coefficient index out of range for a ", U.size(1), " x ",
                     V.size(1), " coefficient matrix");
+  TORCH_CHECK_VALUE(std::get<0>(at::_unique(idx, /*sorted=*/false)).numel() == idx.numel(),
+                    "solar_decode: coefficient indices repeat (an encoder writes each position once: a damaged "
+                    "or edited package?)");
   auto [I, ri] = at::_unique(at::floor_divide(idx, V.size(1)), /*sorted=*/true, /*return_inverse=*/true);
   auto [J, cj] = at::_unique(at::remainder(idx, V.size(1)), true, true);
   at::Tensor C = at::zeros({I.numel(), J.numel()}, vals.options());
