@@ -32,7 +32,8 @@ examples:
   {PROG} bench --device cuda --large          # on a GPU (CUDA build), with a 7B-shaped rsvd_many set
 
 Run '{PROG} COMMAND --help' for the options of a command. Exit status: 0 done, 1 bad input (the
-message names the file, layer or option), 2 bad usage (options), 130 interrupted."""
+message names the file, layer or option), 2 bad usage (options), 130 interrupted, 141 stdout closed
+early (e.g. piped into head; nothing is printed)."""
 
 
 class UserError(Exception):
@@ -65,6 +66,8 @@ def _number(low: float, high: float = float("inf"), *, low_open: bool = False, h
     """An argparse ``type=`` for a finite number in a range (a bad value is a usage error, exit 2)."""
     lo, hi = "(" if low_open else "[", ")" if high_open or high == float("inf") else "]"
     what = f"{'an integer' if whole else 'a number'} in {lo}{low:g}, {high:g}{hi}".replace("inf", "∞")
+    if low == -float("inf") and high == float("inf"):
+        what = "a finite number"
 
     def parse(text: str):
         try:
@@ -166,14 +169,21 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.output:
         _check_writable(args.output)
+        if os.path.isfile(args.output):
+            with open(args.output, "rb") as f:
+                head = f.read(64)
+            if not head.startswith(b"## subspace_ext "):
+                raise UserError(f"--output {args.output} exists and is not a benchmark report: not replaced (remove "
+                                "it or choose another path)")
     try:
         report = bench.run(quick=args.quick, threads=args.threads, device=args.device, large=args.large,
                            out=lambda line: print(line, flush=True))
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(report)
+        from .io import _write_atomically, _write_text
+        _make_parent(args.output)
+        _write_atomically(args.output, lambda tmp: _write_text(tmp, report))
         print(f"\nwrote {args.output}", file=sys.stderr)
     return 0
 
@@ -193,7 +203,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--large", action="store_true",
                    help="add rsvd_many over a 7B-shaped layer set (32 x {4096², 4096×11008, 11008×4096}, "
                         "about 14 GB: for a GPU)")
-    p.add_argument("--output", metavar="FILE.md", help="also write the report to this file")
+    p.add_argument("--output", metavar="FILE.md",
+                   help="also write the report to this file (folders created; an earlier report is replaced, any "
+                        "other existing file is refused)")
     p.set_defaults(func=_bench)
 
 
@@ -374,7 +386,7 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--task-type", choices=TASK_TYPES, default=None,
                    help="peft task type of the adapter (e.g. SEQ_CLS; default: the one recorded in the task file)")
     e.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
-    e.add_argument("--scaling", type=float, default=None,
+    e.add_argument("--scaling", type=_number(-float("inf")), default=None,
                    help="override the scaling recorded in the task file (default: the recorded one)")
     e.set_defaults(func=_eigen_export)
 
@@ -411,7 +423,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, help="training steps per run (default 150)")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default 1: fastest for these batches)")
     p.add_argument("--quick", action="store_true", help="seconds-scale smoke run of every stage (numbers meaningless)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per stage instead)")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bars (one line per stage instead)")
     p.set_defaults(func=_demo)
 
 

@@ -354,6 +354,7 @@ class EigenModel:
                  extra_names: Sequence[str] = ()):
         self.model, self.subspace, self.layers, self.rank = model, subspace, layers, rank
         self.extra_names = list(extra_names)  # parameters apply(trainable=...) unfroze: the task's head
+        self._grad_before: Dict[str, bool] = {}  # requires_grad of the model's parameters before apply
 
     def extra(self) -> Dict[str, torch.Tensor]:
         """The task's own parameters besides the loadings (those ``apply(trainable=...)`` unfroze, e.g. the
@@ -470,14 +471,18 @@ class EigenModel:
 
     def unload(self, merge: bool = True) -> torch.nn.Module:
         """Put the original Linear / Conv1D layers back into the model, with the task's update folded into
-        their weights (``merge=False``: without it), and return the model: a plain transformers model
-        again, which ``save_pretrained`` saves and ``from_pretrained`` loads. The handle is unusable after."""
+        their weights (``merge=False``: without it), every parameter's ``requires_grad`` as it was before
+        ``apply``, and return the model: a plain transformers model again, which ``save_pretrained`` saves
+        and ``from_pretrained`` loads. The handle is unusable after."""
         named = dict(self.model.named_modules())
         for target, l in self.layers.items():
             l.merge() if merge else l.unmerge()
             parent_name, _, child = target.rpartition(".")
             setattr(named[parent_name] if parent_name else self.model, child, l.base)
         self.layers = {}
+        for name, p in self.model.named_parameters():
+            if name in self._grad_before:
+                p.requires_grad_(self._grad_before[name])
         return self.model
 
     def export_peft(self, path: str, *, extra: Optional[Dict[str, torch.Tensor]] = None,
@@ -639,6 +644,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
                              "loaded in another dtype than its checkpoint (load it with torch_dtype='auto', or "
                              "pass check_base=False)")
         targets[target] = (lin, PA, PB)
+    grad_before = {name: p.requires_grad for name, p in model.named_parameters()}  # unload() restores them
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
@@ -655,7 +661,9 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
             p.requires_grad_(True)
             if not name.endswith((".alpha_A", ".alpha_B")):
                 extra_names.append(name)
-    return EigenModel(model, subspace, layers, task_rank, extra_names)
+    em = EigenModel(model, subspace, layers, task_rank, extra_names)
+    em._grad_before = grad_before
+    return em
 
 
 def _suffix_match(named, mod: str) -> tuple:

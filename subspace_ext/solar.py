@@ -136,7 +136,7 @@ class SolarPackage:
 
     @classmethod
     def load(cls, path: str) -> "SolarPackage":
-        """Read and verify a package; a truncated, tampered or foreign file raises FormatError."""
+        """Read and verify a package; a truncated, damaged, malformed or foreign file raises FormatError."""
         if os.path.isdir(path):
             raise FormatError(f"{path} is a folder; expected a SOLAR package file (written by 'solar compress')")
         if not os.path.isfile(path):
@@ -149,7 +149,7 @@ class SolarPackage:
                               f"supported (this build reads version {FORMAT_VERSION})")
         tensors = read_safetensors(path)
         if package_digest(tensors, meta.get("solar", "")) != meta.get("digest"):
-            raise FormatError(f"{path}: contents do not match the package digest (corrupted or tampered)")
+            raise FormatError(f"{path}: contents do not match the package digest (damaged)")
         try:
             pkg = cls._parse(json.loads(meta["solar"]), tensors)
         except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
@@ -185,9 +185,11 @@ class SolarPackage:
             shape = need(l, "shape", (list,), where + "shape")
             if len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
                 raise ValueError(where + f"invalid shape {shape!r}")
-            if need(l, "rank", (int,), where + "rank") < 1:
-                raise ValueError(where + "rank must be an integer >= 1")
-            need(l, "scaling", (int, float), where + "scaling")
+            if not 1 <= need(l, "rank", (int,), where + "rank") <= min(shape):
+                raise ValueError(where + f"rank must be an integer in [1, {min(shape)}] for a {shape[0]} x {shape[1]} "
+                                 "layer")
+            if not 0 < need(l, "scaling", (int, float), where + "scaling") < math.inf:
+                raise ValueError(where + f"scaling must be a finite number > 0, got {l['scaling']!r}")
             need(l, "stream", (int,), where + "stream")
             if not all(isinstance(c, (int, float)) for c in need(l, "checksum", (list,), where + "checksum")):
                 raise TypeError(where + "checksum must be a list of numbers")
@@ -199,12 +201,17 @@ class SolarPackage:
             if ix.dtype not in (torch.int32, torch.int64) or ix.shape != v.shape:
                 raise TypeError(where + f"indices must be int32/int64 of the values' length, got {ix.dtype} "
                                 f"{tuple(ix.shape)}")
+            if "nnz" in l and need(l, "nnz", (int,), where + "nnz") != v.numel():
+                raise ValueError(where + f"nnz {l['nnz']} != the {v.numel()} stored coefficients")
             layers.append(LayerInfo(**l))
             values.append(v)
             indices.append(ix)
         seed = need(info, "seed", (int,))
         eps = need(info, "eps", (int, float))
         peft_config = need(info, "peft_config", (dict,))
+        for key in ("r", "lora_alpha", "init_r"):
+            if key in peft_config:
+                need(peft_config, key, (int, float), f"peft_config {key}")
         dtype = need(info, "dtype", (str,)) if "dtype" in info else "float32"
         if dtype not in _PACKAGE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")

@@ -31,3 +31,13 @@ def test_bad_arguments():
         bench.run(quick=True, device="tpu")
     with pytest.raises(ValueError, match="threads"):
         bench.run(quick=True, threads=0)
+
+
+def test_output_never_replaces_another_kind_of_file(tmp_path, capsys):
+    """--output refuses an existing file that is not a benchmark report, before any timing runs."""
+    other = tmp_path / "weights.safetensors"
+    other.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    before = other.read_bytes()
+    assert cli.main(["bench", "--quick", "--output", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "exists and is not a benchmark report" in err and other.read_bytes() == before

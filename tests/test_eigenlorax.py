@@ -489,6 +489,7 @@ def test_unload_and_state_dict_keep_the_update(tmp_path):
                 close(fresh(x), y, atol=1e-5, rtol=1e-5)
         plain = em.unload()
         assert plain is model and type(model.enc.q) is torch.nn.Linear and type(model.enc.v) is torch.nn.Linear
+        assert all(p.requires_grad for p in model.parameters())   # as before apply
         close(model(x), y, atol=1e-5, rtol=1e-5)
         assert set(model.state_dict()) == set(Toy().state_dict())
     with pytest.raises(RuntimeError, match="unloaded"):
@@ -1070,7 +1071,7 @@ def test_cli_user_errors(case, tmp_path, capsys):
     assert len(lines) == 1 and "error" in lines[0], err
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "x")
     named = {"same-adapter": "same adapter", "nan-adapter": f"{dirs[-1]}: layer enc.q: lora_B holds NaN",
-             "corrupt-subspace": f"{sub_file}: corrupt file", "nan-scaling": "scaling must be a finite number",
+             "corrupt-subspace": f"{sub_file}: corrupt file", "nan-scaling": "argument --scaling: expected a finite number, got 'nan'",
              "bad-output": "exists and is not an EigenLoRAx subspace"}
     if case == "bad-output":
         with open(os.path.join(dirs[0], io.ADAPTER_WEIGHTS), "rb") as a, open(argv[-1], "rb") as b:

@@ -392,6 +392,10 @@ def _resigned(pkg_path, tmp_path, edit_meta=None, edit_tensors=None):
     ("float-indices", "layer 0: indices must be int32/int64"),
     ("unknown-field", "layer 0: unexpected field 'evil'"),
     ("layers-not-list", "layers must be list"),
+    ("rank-too-large", r"layer 0: rank must be an integer in \[1, "),
+    ("scaling-inf", "layer 0: scaling must be a finite number > 0"),
+    ("nnz-mismatch", "layer 0: nnz .* != the .* stored coefficients"),
+    ("peft-r-string", "peft_config r must be"),
 ])
 def test_edited_package_metadata_is_refused(saved_pkg, tmp_path, case, match):
     """The Python decoder checks every field as the C++ decoder does (both refuse, neither writes a broken
@@ -409,6 +413,14 @@ def test_edited_package_metadata_is_refused(saved_pkg, tmp_path, case, match):
             info["layers"][0]["evil"] = 1
         elif case == "layers-not-list":
             info["layers"] = {}
+        elif case == "rank-too-large":
+            info["layers"][0]["rank"] = min(info["layers"][0]["shape"]) + 1
+        elif case == "scaling-inf":
+            info["layers"][0]["scaling"] = math.inf
+        elif case == "nnz-mismatch":
+            info["layers"][0]["nnz"] += 5
+        elif case == "peft-r-string":
+            info["peft_config"]["r"] = "x"
 
     def tens(t):
         if case == "float-indices":

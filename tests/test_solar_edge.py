@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from subspace_ext import solar
+from subspace_ext import io, solar
 from subspace_ext.io import PeftAdapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,3 +196,39 @@ def test_usage_and_foreign_files(tmp_path, package):
     assert r.returncode == 1 and "not a readable safetensors file" in r.stderr
     r = _run(tmp_path / "nope.safetensors", base, tmp_path / "out")
     assert r.returncode == 1 and "no such file" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["rank-too-large", "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8"])
+def test_edited_package_refused_by_both_decoders(tmp_path, package, case):
+    """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
+    refuse the edits that would otherwise decode into a broken adapter, and write nothing."""
+    from safetensors import safe_open
+
+    pkg_path, base, _ = package
+    with safe_open(str(pkg_path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["solar"])
+    layer = next(i for i, l in enumerate(info["layers"]) if tensors[f"layer.{i}.indices"].numel() > 1)
+    L = info["layers"][layer]
+    if case == "rank-too-large":
+        L["rank"] = min(L["shape"]) + 1
+    elif case == "scaling-inf":
+        L["scaling"] = float("inf")
+    elif case == "nnz-mismatch":
+        L["nnz"] = L["nnz"] + 5
+    elif case == "repeated-index":
+        ix = tensors[f"layer.{layer}.indices"].clone()
+        ix[1] = ix[0]
+        tensors[f"layer.{layer}.indices"] = ix
+    elif case == "dtype-int8":
+        info["dtype"] = "int8"
+    meta["solar"] = json.dumps(info)
+    meta["digest"] = io.content_digest(tensors, meta["solar"])
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata=meta)
+    with pytest.raises(ValueError):
+        solar.decompress(str(edited), str(base))
+    r = _run(edited, base, tmp_path / "out")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -1018,7 +1018,7 @@ Package load_package(const std::string& path) {
   if (const std::string* solar_meta = h.meta("solar")) package_digest.update(*solar_meta);
   const std::string* stored = h.meta("digest");
   if (!stored || package_digest.hexdigest() != *stored)
-    fail(path + ": contents do not match the package digest (corrupted or tampered)");
+    fail(path + ": contents do not match the package digest (damaged)");
 
   Package pkg;
   try {
@@ -1061,12 +1061,15 @@ Package load_package(const std::string& path) {
         if (!json_to_int128(d, v) || v < 0 || v > (__int128{1} << 62)) fail(where + "invalid shape");
         L.shape.push_back(static_cast<int64_t>(v));
       }
+      if (L.shape.size() != 2 || L.shape[0] < 1 || L.shape[1] < 1) fail(where + "invalid shape");
       L.rank_json = need(l, "rank");
       __int128 r;
-      if (!json_to_int128(L.rank_json, r) || r < 1 || r > (__int128{1} << 40)) fail(where + "rank must be an integer >= 1");
+      if (!json_to_int128(L.rank_json, r) || r < 1 || r > std::min(L.shape[0], L.shape[1]))
+        fail(where + "rank must be an integer in [1, " + std::to_string(std::min(L.shape[0], L.shape[1])) + "]");
       L.rank = static_cast<int64_t>(r);
       L.scaling_json = need(l, "scaling");
       L.scaling = as_double(L.scaling_json, where + "scaling");
+      if (!(L.scaling > 0.0 && std::isfinite(L.scaling))) fail(where + "scaling must be a finite number > 0");
       L.stream = as_seed(need(l, "stream"), where + "stream");
       const Json& ck = need(l, "checksum");
       if (ck.type != Json::Type::Array) fail(where + "checksum must be a list");
@@ -1084,6 +1087,8 @@ Package load_package(const std::string& path) {
         if (it == tensors.end()) fail("KeyError: '" + key + "'");
         (std::strcmp(kind, "values") == 0 ? pkg.values : pkg.indices).push_back(it->second);
       }
+      if (nnz && pkg.layers.back().nnz != static_cast<double>(pkg.values.back().numel()))
+        fail(where + "nnz does not match the stored coefficients");
     }
     pkg.seed = as_seed(need(info, "seed"), "seed");
     pkg.eps = as_double(need(info, "eps"), "eps");

@@ -80,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
                     "solar_decode: values and indices must be 1-D and of equal length");
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
                    "solar_decode: indices must be int32 or int64");
-  TORCH_CHECK_VALUE(rank >= 1 && scaling > 0.0, "solar_decode: rank must be >= 1 and scaling > 0");
+  TORCH_CHECK_VALUE(rank >= 1 && scaling > 0.0 && std::isfinite(scaling),
+                    "solar_decode: rank must be >= 1 and scaling a finite number > 0");
   const int64_t m = U.size(0), n = V.size(0);
   TORCH_CHECK_VALUE(V.device() == U.device(), "solar_decode: U and V must be on one device, got ", U.device(),
                     " and ", V.device());
