@@ -13,6 +13,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -177,3 +178,25 @@ def test_quoted_commands_with_json_match_the_recorded_run():
             assert not diff, (doc, script, diff)
             checked += 1
     assert checked >= 6
+
+
+def test_solar_alignment_matches_the_dense_computation():
+    """bench/solar_alignment.py's factored shares equal the ones computed from the dense ΔW (float64)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "solar_alignment", os.path.join(os.path.dirname(__file__), "..", "bench", "solar_alignment.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(37, 29, generator=g, dtype=torch.float64)
+    B, A = torch.randn(37, 3, generator=g, dtype=torch.float64), torch.randn(3, 29, generator=g, dtype=torch.float64)
+    got = mod.layer_alignment(W0, B, A, 5)
+    dW = B @ A
+    U, _, Vh = torch.linalg.svd(W0)
+    total = float((dW * dW).sum())
+    s = torch.linalg.svdvals(dW)
+    assert abs(got["left"] - float((U[:, :5].T @ dW).pow(2).sum()) / total) < 1e-12
+    assert abs(got["both"] - float((U[:, :5].T @ dW @ Vh[:5].T).pow(2).sum()) / total) < 1e-12
+    assert abs(got["top1"] - float(s[0] ** 2 / (s ** 2).sum())) < 1e-12
+    assert got["random_left"] == 5 / 37 and abs(got["random_both"] - 25 / (37 * 29)) < 1e-15
