@@ -1,7 +1,13 @@
 // The one registration file: every op's schema, in the `subspace_ext` namespace.
 // Kernels are registered per dispatch key next to their code: csrc/cpu/*_cpu.cpp (CPU) and
 // csrc/cuda/*_cuda.cu (CUDA). Python-side fake (meta) kernels live in subspace_ext/ops.py.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
+
+#include <vector>
 
 TORCH_LIBRARY(subspace_ext, m) {
   // philox: counter-based Philox4x32-10 numbers, identical on every device and thread count.
@@ -45,4 +51,54 @@ TORCH_LIBRARY(subspace_ext, m) {
   m.def("solar_checksum(Tensor UI, Tensor VJ, int seed, int stream) -> Tensor");
   m.def("solar_decode(Tensor U, Tensor V, Tensor values, Tensor indices, int rank, float scaling,"
         " int seed, int stream) -> (Tensor B, Tensor A, Tensor checksum)");
+}
+
+namespace {
+
+// Autograd kernel of the in-place ops: they have no derivative, so a tensor they write must not
+// require grad while grad mode is on (a leaf is refused with torch's own message); after the kernel,
+// every written tensor's version counter is bumped, so autograd refuses a backward that saved one.
+void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size(), start = stack->size() - n;
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& alias = args[i].alias_info();
+    if (!alias || !alias->isWrite()) continue;
+    const c10::IValue& v = (*stack)[start + i];
+    auto add = [&](const at::Tensor& t) {
+      if (!t.defined()) return;
+      if (at::GradMode::is_enabled() && t.requires_grad()) {
+        TORCH_CHECK(!t.is_leaf(), op.schema().name(), ": a leaf Variable that requires grad is being used in an "
+                    "in-place operation (call it under torch.no_grad())");
+        TORCH_CHECK(false, op.schema().name(), ": writes in place into a tensor that requires grad, and has no "
+                    "derivative: call it under torch.no_grad()");
+      }
+      written.push_back(t);
+    };
+    if (v.isTensor()) add(v.toTensor());
+    else if (v.isTensorList()) for (const at::Tensor& t : v.toTensorList()) add(t);
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  if (!c10::InferenceMode::is_enabled())
+    for (const at::Tensor& t : written)
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+// No op has a derivative. Under autograd the out-of-place ops raise a clear "not implemented" error on
+// backward (instead of recording their internal ATen calls, which gave wrong gradients through rsvd),
+// and the in-place ops refuse tensors that require grad and bump the version counters of what they
+// write, as torch's own in-place ops do.
+TORCH_LIBRARY_IMPL(subspace_ext, Autograd, m) {
+  for (const char* op : {"perturbed_basis", "rsvd", "rsvd_many", "factored_svd", "_rsvd_batched", "_small_svd",
+                         "project", "project_perturbed", "project_dense", "reconstruct", "reconstruct_perturbed",
+                         "solar_basis", "solar_checksum", "solar_decode"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  for (const char* op : {"philox_uint32_", "philox_normal_", "pair_importance_", "fuse_pairs_", "reinit_pairs_"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&inplace_autograd>());
 }

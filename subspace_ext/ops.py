@@ -14,6 +14,8 @@ GEMM libraries sum in a thread-count-dependent order). ``small_svd`` keeps Jacob
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import re
 from typing import Optional, Sequence
 
@@ -107,10 +109,17 @@ def _int(x, name, lo=None):
 
 
 def _seed(x, name="seed"):
+    if not isinstance(x, (int, bool)) and hasattr(x, "__index__"):
+        x = operator.index(x)  # numpy integers
     _int(x, name)
     if not -(2**63) <= x < 2**64:
         raise ValueError(f"{name} must fit in 64 bits, got {x}")
     return x - 2**64 if x >= 2**63 else x  # the kernels read the 64 bits as unsigned
+
+
+def _shape(shape) -> tuple:
+    """A shape given as an int or a sequence of ints."""
+    return (operator.index(shape),) if not isinstance(shape, (tuple, list, torch.Size)) else tuple(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +133,7 @@ def philox_normal(shape, seed: int, stream: int = 0, *, dtype=torch.float32, dev
     """
     if dtype not in _FLOAT:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    out = torch.empty(_shape(shape), dtype=dtype, device=device)
     _tensor(out, "out", min_dim=0)
     _ops.philox_normal_(out, _seed(seed), _seed(stream, "stream"))
     return out
@@ -132,7 +141,7 @@ def philox_normal(shape, seed: int, stream: int = 0, *, dtype=torch.float32, dev
 
 def philox_uint32(shape, seed: int, stream: int = 0, *, device="cpu") -> torch.Tensor:
     """The raw Philox4x32-10 words of (seed, stream) as int32 (word i = block i//4, lane i%4)."""
-    out = torch.empty(tuple(shape), dtype=torch.int32, device=device)
+    out = torch.empty(_shape(shape), dtype=torch.int32, device=device)
     _tensor(out, "out", dtypes=(torch.int32,), min_dim=0)
     _ops.philox_uint32_(out, _seed(seed), _seed(stream, "stream"))
     return out
@@ -145,8 +154,7 @@ def perturbed_basis(U: torch.Tensor, eps: float, seed: int, stream: int = 0, *,
     The noise is generated inside the kernel and never stored.
     """
     _tensor(U, "U")
-    if not isinstance(eps, (int, float)) or eps != eps or abs(eps) == float("inf"):
-        raise ValueError(f"eps must be a finite number, got {eps!r}")
+    _check_eps(eps)
     return _ops.perturbed_basis(U, float(eps), _seed(seed), _seed(stream, "stream"), bool(orthonormalize))
 
 
@@ -404,11 +412,16 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
 
 
 def _recompose_args(W, B, A, idx, scaling, op):
+    if isinstance(W, torch.Tensor) and isinstance(idx, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in idx):
+        idx = [idx]  # one layer's indices as a plain list
     W, B, A, idx = (_layers(v, n) for v, n in ((W, "W"), (B, "B"), (A, "A"), (idx, "idx")))
     L = len(W)
-    if isinstance(scaling, (int, float)):
+    if isinstance(scaling, numbers.Real) or (isinstance(scaling, torch.Tensor) and scaling.dim() == 0):
         scaling = [float(scaling)] * L
     scaling = [float(s) for s in scaling]
+    if not all(math.isfinite(s) for s in scaling):
+        raise ValueError(f"{op}: scaling must be finite, got {scaling}")
     for n, v in (("B", B), ("A", A), ("idx", idx), ("scaling", scaling)):
         if len(v) != L:
             raise ValueError(f"{op}: {n} has {len(v)} layers but W has {L}")

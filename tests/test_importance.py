@@ -585,3 +585,91 @@ def test_rsvd_many_on_several_devices_names_the_callers_matrix():
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"mats\[2\] contains NaN"):
         ops.rsvd_many([torch.randn(9, 7, device="meta"), torch.randn(9, 7), bad], 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd and memory-safety of the in-place ops (as torch's own in-place ops behave)
+
+
+def test_ops_under_autograd_raise_instead_of_wrong_gradients():
+    """No op has a derivative: backward through one raises (rsvd used to record its internal ATen calls
+    and return a wrong gradient; project's gradient vanished under torch.compile)."""
+    W = torch.randn(12, 9, dtype=torch.float64, requires_grad=True)
+    U, S, V = ops.rsvd(W, 3)
+    with pytest.raises(RuntimeError, match="derivative for subspace_ext::rsvd is not implemented"):
+        U.sum().backward()
+    B = torch.randn(12, 2, dtype=torch.float64, requires_grad=True)
+    C = ops.project(torch.linalg.qr(torch.randn(12, 4, dtype=torch.float64))[0],
+                    torch.linalg.qr(torch.randn(9, 4, dtype=torch.float64))[0], B, torch.randn(2, 9, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="derivative for subspace_ext::project is not implemented"):
+        C.sum().backward()
+    with torch.no_grad():   # what callers do: no graph, no error
+        ops.rsvd(W, 3)
+
+
+def test_in_place_ops_refuse_leaves_that_require_grad_and_bump_versions():
+    W = torch.randn(10, 8)
+    B = torch.nn.Parameter(torch.randn(10, 4))
+    A = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ops.fuse_pairs_(W, B, A, torch.tensor([1]), 1.0)
+    loss = (B * B).sum()   # saves B for backward
+    with torch.no_grad():
+        v = (W._version, B._version)
+        ops.fuse_pairs_(W, B, A, [1, 2], 1.0)   # one layer's idx as a plain list
+        assert W._version > v[0] and B._version > v[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()   # instead of a gradient computed from the zeroed B
+    out = torch.empty(5)
+    v = out._version
+    ops._ops.philox_normal_(out, 1, 0)
+    assert out._version > v
+
+
+@pytest.mark.parametrize("case", ["expanded-W", "expanded-B", "B_new-view-of-B", "A_new-view-of-A"])
+def test_recompose_refuses_self_overlapping_and_aliased_arguments(case):
+    W, B, A = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+    Bn, An = torch.randn(6, 2), torch.randn(2, 5)
+    if case == "expanded-W":
+        W = torch.randn(1, 5).expand(6, 5)
+    elif case == "expanded-B":
+        B = torch.randn(6, 1).expand(6, 3)
+    elif case == "B_new-view-of-B":
+        Bn = B[:, 0:2]
+    else:
+        An = A[0:2]
+    before = [t.clone() for t in (W, B, A)]
+    match = "sharing memory" if case.startswith("expanded") else "shares memory with"
+    with pytest.raises(ValueError, match=match):
+        ops.reinit_pairs_(W, B, A, torch.tensor([1, 0]), Bn, An, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, (W, B, A)))
+
+
+def test_pair_importance_refuses_aliased_states_and_empty_layers():
+    A, B = torch.randn(3, 7), torch.randn(5, 3)
+    gA, gB = torch.randn_like(A), torch.randn_like(B)
+    ipt_A, ipt_B, unc_A, unc_B = ops.importance_state([A], [B])
+    with pytest.raises(ValueError, match="unc_A and layer 0's ipt_A share memory"):
+        ops.pair_importance([A], [B], [gA], [gB], ipt_A, ipt_B, ipt_A, unc_B)
+    with pytest.raises(ValueError, match="share memory"):   # one state for two layers
+        ops.pair_importance([A, A.clone()], [B, B.clone()], [gA, gA], [gB, gB], ipt_A * 2, ipt_B * 2,
+                            [unc_A[0], unc_A[0]], unc_B * 2)
+    E = torch.randn(3, 0)
+    with pytest.raises(ValueError, match="must not be empty"):
+        ops.pair_importance([E], [B], [E], [gB], *ops.importance_state([E], [B]))
+
+
+def test_recompose_argument_forms():
+    import numpy as np
+
+    W, B, A = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64), \
+        torch.randn(3, 5, dtype=torch.float64)
+    W2, B2 = W.clone(), B.clone()
+    ops.fuse_pairs_(W, B, A, [0], torch.tensor(2.0))   # 0-d tensor scaling
+    ops.fuse_pairs_(W2, B2, A, [0], np.float32(2.0))
+    assert torch.equal(W, W2)
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        ops.fuse_pairs_(W, B, A, [1], float("nan"))
+    assert torch.equal(ops.philox_normal(4, np.int64(3)), ops.philox_normal((4,), 3))
+    with pytest.raises(ValueError, match="eps"):
+        ops.perturbed_basis(torch.randn(4, 2), -0.1, 0)

@@ -45,6 +45,9 @@ std::tuple<at::Tensor, at::Tensor> solar_basis_cpu(const at::Tensor& W0, int64_t
   check_weight(W0, "solar_basis", "W0");
   TORCH_CHECK_VALUE(W0.dim() == 2 && W0.numel() > 0, "solar_basis: W0 must be a non-empty matrix");
   TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), "solar_basis: eps must be finite and >= 0");
+  // 4 Philox streams per layer (4 * stream + 0..3): a larger stream would wrap onto another's
+  TORCH_CHECK_VALUE(stream >= 0 && stream < (int64_t{1} << 61), "solar_basis: stream must be in [0, 2^61), got ",
+                    stream);
   const at::Tensor W = W0.to(at::kDouble);
   TORCH_CHECK_VALUE(W.isfinite().all().item<bool>(), "solar_basis: W0 contains NaN or Inf");
   auto svd = at::linalg_svd(W, /*full_matrices=*/false);

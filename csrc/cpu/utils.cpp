@@ -1,12 +1,63 @@
 #include "utils.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace subspace_ext {
+
+namespace {
+
+// One tensor of a call, for the overlap check below.
+struct Span {
+  const at::Tensor* t;
+  size_t layer;
+  const char* name;
+  bool written;
+};
+
+// Refuses two tensors of a call sharing memory when the call writes one of them (a weight passed for
+// two layers, a B shared by two adapters, one state passed as both ipt and unc): the layers are
+// updated concurrently (threads, CUDA blocks) and reads would see half-written values. Dense tensors
+// (any order of strides) are compared by address range; strided views that interleave (column
+// slices of one weight) only when they are the same view. O(n log n) in the number of tensors.
+void check_disjoint(const char* op, std::vector<Span> in) {
+  struct Range {
+    uintptr_t lo, hi;
+    const Span* s;
+  };
+  std::vector<Range> spans;
+  for (const Span& s : in) {
+    const at::Tensor& t = *s.t;
+    if (t.numel() == 0) continue;
+    int64_t extent = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.push_back({lo, lo + static_cast<uintptr_t>(extent) * t.element_size(), &s});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+  for (size_t i = 0; i < spans.size(); ++i)
+    for (size_t j = i + 1; j < spans.size() && spans[j].lo < spans[i].hi; ++j) {
+      const Span &a = *spans[i].s, &b = *spans[j].s;
+      if (!a.written && !b.written) continue;
+      const bool overlap = (a.t->is_non_overlapping_and_dense() && b.t->is_non_overlapping_and_dense()) ||
+                           (spans[i].lo == spans[j].lo && a.t->sizes() == b.t->sizes() &&
+                            a.t->strides() == b.t->strides());
+      const auto [first, second] = a.layer < b.layer || (a.layer == b.layer && std::string(a.name) > b.name)
+                                       ? std::pair{&a, &b} : std::pair{&b, &a};
+      TORCH_CHECK_VALUE(!overlap, op, ": layer ", first->layer, "'s ", first->name, " and layer ", second->layer,
+                        "'s ", second->name, " share memory (the same tensor passed twice?); the call updates ",
+                        "tensors in place, so each tensor it writes must be passed once");
+    }
+}
+
+}  // namespace
 
 void check_float(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", arg,
@@ -52,7 +103,21 @@ void check_pair_importance_args(at::TensorList A, at::TensorList B, at::TensorLi
     TORCH_CHECK_VALUE(scores[l].dim() == 1 && scores[l].size(0) == A[l].size(0) &&
                           scores[l].scalar_type() == st && scores[l].is_contiguous(),
                       "pair_importance_: layer ", l, ": scores must be a contiguous (r,) tensor of the states' dtype");
+    TORCH_CHECK_VALUE(A[l].numel() > 0 && B[l].numel() > 0, "pair_importance_: layer ", l,
+                      ": A and B must not be empty (a pair's score is a mean over its entries), got ", A[l].sizes(),
+                      " and ", B[l].sizes());
   }
+  std::vector<Span> spans;
+  for (size_t l = 0; l < A.size(); ++l) {
+    for (auto [t, name] : {std::pair{&A[l], "A"}, std::pair{&B[l], "B"}, std::pair{&grad_A[l], "grad_A"},
+                           std::pair{&grad_B[l], "grad_B"}})
+      spans.push_back({t, l, name, false});
+    for (auto [t, name] : {std::pair{&ipt_A[l], "ipt_A"}, std::pair{&ipt_B[l], "ipt_B"},
+                           std::pair{&unc_A[l], "unc_A"}, std::pair{&unc_B[l], "unc_B"},
+                           std::pair{&scores[l], "scores"}})
+      spans.push_back({t, l, name, true});
+  }
+  check_disjoint("pair_importance_", std::move(spans));
 }
 
 namespace {
@@ -88,44 +153,17 @@ std::vector<at::Tensor> to_host(const std::vector<at::Tensor>& parts) {
 }
 
 // Refuses tensors that the recomposition writes (W and B; A too for reinit) overlapping any other
-// tensor of the call (the same weight passed for two layers, a B shared by two adapters): their
-// layers' updates run concurrently (threads, CUDA blocks) and one would be lost. Only layers with
-// pairs to move take part. Dense tensors (any order of strides) are compared by address range;
-// strided views that interleave (column slices of one weight) only when they are the same view.
+// tensor of the call (check_disjoint). Only layers with pairs to move take part.
 void check_no_overlap(const char* op, at::TensorList W, at::TensorList B, at::TensorList A,
                       const std::vector<std::vector<int64_t>>& idx, bool A_written) {
-  struct Span {
-    uintptr_t lo, hi;
-    size_t layer;
-    const char* name;
-    bool written;
-    const at::Tensor* t;
-  };
   std::vector<Span> spans;
   for (size_t l = 0; l < W.size(); ++l) {
     if (idx[l].empty()) continue;
-    for (auto [t, name, written] : {std::tuple{&W[l], "W", true}, std::tuple{&B[l], "B", true},
-                                    std::tuple{&A[l], "A", A_written}}) {
-      if (t->numel() == 0) continue;
-      int64_t extent = 1;
-      for (int64_t d = 0; d < t->dim(); ++d) extent += (t->size(d) - 1) * t->stride(d);
-      const auto lo = reinterpret_cast<uintptr_t>(t->data_ptr());
-      spans.push_back({lo, lo + static_cast<uintptr_t>(extent) * t->element_size(), l, name, written, t});
-    }
+    spans.push_back({&W[l], l, "W", true});
+    spans.push_back({&B[l], l, "B", true});
+    spans.push_back({&A[l], l, "A", A_written});
   }
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
-  for (size_t i = 0; i < spans.size(); ++i)
-    for (size_t j = i + 1; j < spans.size() && spans[j].lo < spans[i].hi; ++j) {
-      const Span &a = spans[i], &b = spans[j];
-      if (!a.written && !b.written) continue;
-      const bool overlap = (a.t->is_non_overlapping_and_dense() && b.t->is_non_overlapping_and_dense()) ||
-                           (a.lo == b.lo && a.t->sizes() == b.t->sizes() && a.t->strides() == b.t->strides());
-      const auto [first, second] = a.layer < b.layer || (a.layer == b.layer && a.name[0] > b.name[0])
-                                       ? std::pair{&a, &b} : std::pair{&b, &a};
-      TORCH_CHECK_VALUE(!overlap, op, ": layer ", first->layer, "'s ", first->name, " and layer ", second->layer,
-                        "'s ", second->name, " share memory (the same tensor passed twice?); the layers are "
-                        "updated in place concurrently, so each tensor the call writes must be passed once");
-    }
+  check_disjoint(op, std::move(spans));
 }
 
 }  // namespace
@@ -154,6 +192,13 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
     }
     TORCH_CHECK_TYPE(Bl.scalar_type() == Al.scalar_type(), op, ": layer ", l,
                 ": B and A must share a dtype");
+    TORCH_CHECK_VALUE(std::isfinite(scaling[l]), op, ": layer ", l, ": scaling must be finite, got ", scaling[l]);
+    for (auto [t, name] : {std::pair{&Wl, "W"}, std::pair{&Bl, "B"}, std::pair{&Al, "A"}}) {
+      if (name[0] == 'A' && Bn.empty()) continue;  // fusion only reads A
+      TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, op, ": layer ", l, ": ", name,
+                        " has elements sharing memory (an expanded tensor?); it is written in place: pass a "
+                        "tensor with its own memory (.contiguous())");
+    }
     TORCH_CHECK_TYPE(idx[l].scalar_type() == at::kLong && idx[l].dim() == 1, op, ": layer ", l,
                      ": idx must be a 1-D int64 tensor");
     TORCH_CHECK_VALUE(idx[l].device() == Wl.device() || idx[l].is_cpu(), op, ": layer ", l,
@@ -168,6 +213,12 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
                       Anl.dim() == 2 && Anl.size(0) == q && Anl.size(1) == Wl.size(1),
                   op, ": layer ", l, ": B_new must be (m x len(idx)) and A_new (len(idx) x n), got ",
                   Bnl.sizes(), " and ", Anl.sizes());
+      for (auto [nt, nname] : {std::pair{&Bnl, "B_new"}, std::pair{&Anl, "A_new"}})
+        for (auto [t, name] : {std::pair{&Wl, "W"}, std::pair{&Bl, "B"}, std::pair{&Al, "A"}})
+          TORCH_CHECK_VALUE(at::get_overlap_status(*nt, *t) == at::MemOverlapStatus::No,  // TooHard: a
+                            // strided view of the same storage, as good as certain to alias
+                            op, ": layer ", l, ": ", nname, " shares memory with ", name,
+                            ", which the call overwrites while reading it: pass a copy (", nname, ".clone())");
       finite.push_back(Bnl.isfinite().all().reshape({1}));
       finite.push_back(Anl.isfinite().all().reshape({1}));
       out.B_new.push_back(Bnl);
