@@ -90,13 +90,14 @@ void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, tor
 
 }  // namespace
 
-// No op has a derivative. Under autograd the out-of-place ops raise a clear "not implemented" error on
+// project and reconstruct have derivatives (subspace_ext/ops.py, torch.library.register_autograd).
+// The other ops have none. Under autograd the out-of-place ops raise a clear "not implemented" error on
 // backward (instead of recording their internal ATen calls, which gave wrong gradients through rsvd),
 // and the in-place ops refuse tensors that require grad and bump the version counters of what they
 // write, as torch's own in-place ops do.
 TORCH_LIBRARY_IMPL(subspace_ext, Autograd, m) {
   for (const char* op : {"perturbed_basis", "rsvd", "rsvd_many", "factored_svd", "_rsvd_batched", "_small_svd",
-                         "project", "project_perturbed", "project_dense", "reconstruct", "reconstruct_perturbed",
+                         "project_perturbed", "project_dense", "reconstruct_perturbed",
                          "solar_basis", "solar_checksum", "solar_decode"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   for (const char* op : {"philox_uint32_", "philox_normal_", "pair_importance_", "fuse_pairs_", "reinit_pairs_"})

@@ -592,16 +592,16 @@ def test_rsvd_many_on_several_devices_names_the_callers_matrix():
 
 
 def test_ops_under_autograd_raise_instead_of_wrong_gradients():
-    """No op has a derivative: backward through one raises (rsvd used to record its internal ATen calls
-    and return a wrong gradient; project's gradient vanished under torch.compile)."""
+    """Ops without a derivative raise on backward (rsvd used to record its internal ATen calls and return
+    a wrong gradient); project and reconstruct have one (tests/test_project.py)."""
     W = torch.randn(12, 9, dtype=torch.float64, requires_grad=True)
     U, S, V = ops.rsvd(W, 3)
     with pytest.raises(RuntimeError, match="derivative for subspace_ext::rsvd is not implemented"):
         U.sum().backward()
-    B = torch.randn(12, 2, dtype=torch.float64, requires_grad=True)
-    C = ops.project(torch.linalg.qr(torch.randn(12, 4, dtype=torch.float64))[0],
-                    torch.linalg.qr(torch.randn(9, 4, dtype=torch.float64))[0], B, torch.randn(2, 9, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="derivative for subspace_ext::project is not implemented"):
+    D = torch.randn(12, 9, dtype=torch.float64, requires_grad=True)
+    C = ops.project_dense(torch.linalg.qr(torch.randn(12, 4, dtype=torch.float64))[0],
+                          torch.linalg.qr(torch.randn(9, 4, dtype=torch.float64))[0], D)
+    with pytest.raises(RuntimeError, match="derivative for subspace_ext::project_dense is not implemented"):
         C.sum().backward()
     with torch.no_grad():   # what callers do: no graph, no error
         ops.rsvd(W, 3)
