@@ -225,10 +225,10 @@ def _solar_compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.dense:
         pkg = solar.compress_dense(args.adapter, args.base, budget=budget, ratio=args.ratio, rank=args.rank or 16,
-                                   seed=args.seed, eps=args.eps, progress=not args.quiet)
+                                   seed=args.seed, eps=args.eps, method=args.method, progress=not args.quiet)
     else:
         pkg = solar.compress(args.adapter, args.base, budget=budget, ratio=args.ratio, seed=args.seed,
-                             eps=args.eps, progress=not args.quiet)
+                             eps=args.eps, method=args.method, progress=not args.quiet)
     source = os.path.join(args.adapter, ADAPTER_WEIGHTS) if not args.dense else args.adapter
     before = (os.path.getsize(source) if os.path.isfile(source) else
               sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if f.endswith(".safetensors")))
@@ -240,7 +240,7 @@ def _solar_compress(args: argparse.Namespace) -> int:
     errs = [l.rel_error for l in pkg.layers]
     print(f"{len(pkg.layers)} layers: {pkg.lora_numbers()} -> {pkg.numbers()} numbers "
           f"({pkg.size_change()}), {before} -> {size} bytes, "
-          f"mean rel. error {sum(errs) / len(errs):.4f}, {seconds:.2f} s -> {args.output}")
+          f"mean rel. error {sum(errs) / len(errs):.4f}, {pkg.encodings()}, {seconds:.2f} s -> {args.output}")
     return 0
 
 
@@ -266,6 +266,8 @@ def _solar_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_solar(sub: argparse._SubParsersAction) -> None:
+    from .solar import METHODS
+
     p = sub.add_parser(
         "solar", help="compress a peft LoRA/AdaLoRA adapter into a SOLAR package, restore, inspect",
         description="SOLAR: re-express each adapted layer's update as sparse coefficients over bases "
@@ -287,8 +289,14 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ratio", type=_number(0, low_open=True), metavar="R",
                    help="stored numbers / adapter numbers (0.1 = 10x fewer; extra tensors included)")
     g.add_argument("--budget", type=_budget, metavar="N|full",
-                   help="coefficient numbers to store (value + index = 2 each), or 'full' (lossless, but "
-                        "larger than the adapter: every coefficient of every layer's k x k core)")
+                   help="numbers to store (a SOLAR coefficient is 2: value + index; a low-rank pair m + n), or "
+                        "'full' (lossless; with --method solar larger than the adapter: every coefficient of every "
+                        "layer's k x k core)")
+    c.add_argument("--method", choices=METHODS, default="solar",
+                   help="each layer's encoding: 'solar' (sparse coefficients over the base weight's singular "
+                        "bases, the paper's method; default), 'lowrank' (the update's own leading singular pairs: "
+                        "truncated SVD) or 'auto' (per layer whichever keeps more of the update for its numbers; "
+                        "on the adapters we measured it picks low-rank nearly everywhere, see README)")
     c.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
                    help="seed of the basis completion/perturbation (default 0)")
     c.add_argument("--eps", type=_number(0), default=0.0, help="relative basis perturbation (default 0)")

@@ -90,6 +90,15 @@ def write_base_copy(src_dir, dst: str, *, modify=None, drop=(), replace=None) ->
 # ---------------------------------------------------------------------------------------------
 # fixtures
 
+@pytest.fixture(scope="module", autouse=True)
+def basis_memo():
+    """``ops.solar_basis`` memoised for the whole module that imports this fixture (autouse there)."""
+    memo = BasisMemo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "solar_basis", memo)
+        yield memo
+
+
 @pytest.fixture(scope="session")
 def minilm_base() -> str:
     return str(models.minilm_dir())

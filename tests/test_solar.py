@@ -22,7 +22,7 @@ from subspace_ext.io import FormatError
 from subspace_ext.solar import BaseMismatchError, SolarPackage
 
 from solar_fixtures import (  # noqa: F401  (fixtures)
-    PEFT_PREFIX, REAL_SOLAR_BASIS, SMALL_MODULES, BasisMemo, base_weights, dense_updates, lora_only_adapter,
+    PEFT_PREFIX, REAL_SOLAR_BASIS, SMALL_MODULES, base_weights, basis_memo, dense_updates, lora_only_adapter,
     minilm_base, one_layer_adapter, read_json, rel_err, safetensors_data_start, trained_adapter,
     trained_adapter_dir, write_base_copy)
 
@@ -33,14 +33,6 @@ Q_KEY = "encoder.layer.0.attention.self.query.weight"
 # the layer the "wrong base" tests break: one in the middle, so that earlier layers decode fine first
 BROKEN = "bert.encoder.layer.3.attention.self.value"
 BROKEN_KEY = "encoder.layer.3.attention.self.value.weight"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def basis_memo():
-    memo = BasisMemo()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "solar_basis", memo)
-        yield memo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +451,7 @@ def test_unsupported_format_version(saved_pkg, tmp_path):
     with safe_open(saved_pkg, framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["format_version"] = str(solar.FORMAT_VERSION + 1)
+    meta["format_version"] = str(solar.FORMAT_VERSION_LOWRANK + 1)
     path = str(tmp_path / "future.safetensors")
     save_file(tensors, path, metadata=meta)
     with pytest.raises(FormatError, match="version"):

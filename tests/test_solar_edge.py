@@ -104,6 +104,11 @@ CASES = [
     pytest.param(dict(kind="ADALORA", ratio=0.5, dtype=torch.bfloat16, eps=0.01), id="adalora-bf16-eps"),
     pytest.param(dict(kind="LORA", budget="full", dtype=torch.float16, seed=7), id="lora-full-fp16"),
     pytest.param(dict(kind="LORA", ratio=0.5, conv1d=True), id="lora-conv1d-and-linear"),
+    # low-rank layers (format version 2): the factors padded to the layer's rank, no basis
+    pytest.param(dict(kind="LORA", ratio=0.3, method="lowrank", dtype=torch.bfloat16), id="lowrank-bf16"),
+    pytest.param(dict(kind="LORA", budget="full", method="lowrank", conv1d=True), id="lowrank-full-conv1d"),
+    pytest.param(dict(kind="ADALORA", ratio=0.3, method="auto"), id="adalora-auto"),
+    pytest.param(dict(kind="LORA", budget=200, method="auto", sharded=True), id="auto-budget-sharded"),
 ]
 
 
@@ -112,9 +117,12 @@ def test_edge_decoder_matches_python(tmp_path, case):
     conv1d = case.get("conv1d", False)
     base, _ = _base(tmp_path, sharded=case.get("sharded", False), conv1d=conv1d)
     adapter = _adapter(tmp_path, case["kind"], case.get("dtype", torch.float32), fan_in_fan_out=conv1d)
+    method = case.get("method", "solar")
     pkg = solar.compress(str(adapter), str(base), ratio=case.get("ratio"), budget=case.get("budget"),
-                         seed=case.get("seed", 0), eps=case.get("eps", 0.0))
+                         seed=case.get("seed", 0), eps=case.get("eps", 0.0), method=method)
     assert [l.fan_in_fan_out for l in pkg.layers] == [conv1d, False]
+    if method != "solar":
+        assert "lowrank" in [l.kind for l in pkg.layers]
     pkg_path = tmp_path / "package.safetensors"
     pkg.save(str(pkg_path))
 
@@ -198,20 +206,54 @@ def test_usage_and_foreign_files(tmp_path, package):
     assert r.returncode == 1 and "no such file" in r.stderr
 
 
-@pytest.mark.parametrize("case", ["rank-too-large", "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8"])
-def test_edited_package_refused_by_both_decoders(tmp_path, package, case):
+@pytest.fixture
+def lowrank_package(tmp_path):
+    base, _ = _base(tmp_path)
+    pkg_path = tmp_path / "lowrank.safetensors"
+    solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method="lowrank").save(str(pkg_path))
+    return pkg_path, base
+
+
+LOWRANK_EDITS = ["lowrank-kind-unknown", "lowrank-rank-below-pairs", "lowrank-wrong-shape", "lowrank-nan",
+                 "lowrank-nnz-mismatch", "lowrank-missing-factor"]
+
+
+@pytest.mark.parametrize("case", ["rank-too-large", "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8"]
+                         + LOWRANK_EDITS)
+def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
     refuse the edits that would otherwise decode into a broken adapter, and write nothing."""
     from safetensors import safe_open
 
-    pkg_path, base, _ = package
+    pkg_path, base = lowrank_package if case.startswith("lowrank") else package[:2]
     with safe_open(str(pkg_path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(meta["solar"])
-    layer = next(i for i, l in enumerate(info["layers"]) if tensors[f"layer.{i}.indices"].numel() > 1)
-    L = info["layers"][layer]
-    if case == "rank-too-large":
+    if case.startswith("lowrank"):
+        layer = next(i for i, l in enumerate(info["layers"]) if l.get("nnz", 0) >= 1)
+        L = info["layers"][layer]
+        assert L["kind"] == "lowrank"
+    else:
+        layer = next(i for i, l in enumerate(info["layers"]) if tensors[f"layer.{i}.indices"].numel() > 1)
+        L = info["layers"][layer]
+    B_key, A_key = f"layer.{layer}.lora_B", f"layer.{layer}.lora_A"
+    if case == "lowrank-kind-unknown":
+        L["kind"] = "dense"
+    elif case == "lowrank-rank-below-pairs":
+        tensors[B_key] = torch.randn(L["shape"][0], 2)
+        tensors[A_key] = torch.randn(2, L["shape"][1])
+        L["nnz"], L["rank"] = 2, 1
+    elif case == "lowrank-wrong-shape":
+        tensors[A_key] = tensors[A_key][:, :-1].contiguous()
+    elif case == "lowrank-nan":
+        tensors[B_key] = tensors[B_key].clone()
+        tensors[B_key][0, 0] = float("nan")
+    elif case == "lowrank-nnz-mismatch":
+        L["nnz"] = L["nnz"] + 1
+    elif case == "lowrank-missing-factor":
+        del tensors[A_key]
+    elif case == "rank-too-large":
         L["rank"] = min(L["shape"]) + 1
     elif case == "scaling-inf":
         L["scaling"] = float("inf")

@@ -6,7 +6,9 @@
 // verifies the package (format, version, digest), regenerates each layer's basis from the base
 // weight (BASE: a .safetensors file or a folder of them) through the subspace_ext::solar_basis op,
 // decodes the coefficients through subspace_ext::solar_decode, checks the basis checksum, and writes
-// a standard peft folder (adapter_config.json + adapter_model.safetensors).
+// a standard peft folder (adapter_config.json + adapter_model.safetensors). Layers stored as low-rank
+// factors (format version 2, `--method lowrank|auto`) are checked against the base weight's
+// fingerprint and written as they are (zero pairs up to the layer's rank), without a basis.
 //
 // Self-contained apart from libtorch: the safetensors reader/writer, the JSON parser/writer (Python
 // json.dump(indent=2, sort_keys=True) output) and SHA-256 are implemented here.
@@ -948,7 +950,8 @@ class BaseWeights {
 // the package (solar.SolarPackage.load)
 
 constexpr const char* kFormat = "subspace_ext.solar";
-constexpr const char* kFormatVersion = "1";
+constexpr const char* kFormatVersion = "1";         // every layer SOLAR-encoded
+constexpr const char* kFormatVersionLowrank = "2";  // with low-rank (truncated-SVD) layers
 constexpr double kChecksumTol = 1e-6;
 
 struct Layer {
@@ -959,6 +962,7 @@ struct Layer {
   double scaling = 0.0, nnz = 0.0;
   std::vector<double> checksum;
   bool fan_in_fan_out = false;  // base weight stored n x m (transformers' Conv1D): basis of its transpose
+  bool lowrank = false;         // kind "lowrank": the factors lora_B (m x t), lora_A (t x n) are stored
 };
 
 struct Package {
@@ -967,7 +971,8 @@ struct Package {
   std::string dtype = "float32";
   Json peft_config;
   std::vector<Layer> layers;
-  std::vector<at::Tensor> values, indices;
+  std::vector<at::Tensor> values, indices;  // SOLAR layers (undefined for low-rank ones)
+  std::vector<at::Tensor> lora_B, lora_A;   // low-rank layers (undefined for SOLAR ones)
   std::vector<std::pair<std::string, at::Tensor>> extra;  // name without "extra."
 };
 
@@ -993,9 +998,9 @@ Package load_package(const std::string& path) {
   if (!format || *format != kFormat)
     fail(path + ": not a SOLAR package (format " + (format ? "'" + *format + "'" : std::string("None")) + ")");
   const std::string* version = h.meta("format_version");
-  if (!version || *version != kFormatVersion)
+  if (!version || (*version != kFormatVersion && *version != kFormatVersionLowrank))
     fail(path + ": package format version " + (version ? *version : std::string("None")) +
-         " is not supported (this build reads version " + kFormatVersion + ")");
+         " is not supported (this build reads versions " + kFormatVersion + " and " + kFormatVersionLowrank + ")");
 
   // All tensors, and the digest over them (io.tensors_digest), then the package digest.
   std::map<std::string, at::Tensor> tensors;  // sorted by name = Python sorted()
@@ -1035,7 +1040,7 @@ Package load_package(const std::string& path) {
     if (layers.type != Json::Type::Array) fail("'layers' is not a list");
     static const char* kRequired[] = {"module", "base_key", "shape", "rank", "scaling", "stream",
                                       "fingerprint", "checksum"};
-    static const char* kOptional[] = {"nnz", "energy", "rel_error", "lora_numbers", "fan_in_fan_out"};
+    static const char* kOptional[] = {"nnz", "energy", "rel_error", "lora_numbers", "fan_in_fan_out", "kind"};
     for (size_t i = 0; i < layers.items.size(); ++i) {
       const Json& l = layers.items[i];
       const std::string where = "layer " + std::to_string(i) + ": ";
@@ -1080,15 +1085,45 @@ Package load_package(const std::string& path) {
         if (f->type != Json::Type::Bool) fail(where + "fan_in_fan_out must be true or false");
         L.fan_in_fan_out = f->boolean;
       }
+      if (const Json* k = l.find("kind")) {
+        if (k->type != Json::Type::String || (k->text != "solar" && k->text != "lowrank"))
+          fail(where + "kind must be 'solar' or 'lowrank'");
+        L.lowrank = k->text == "lowrank";
+      }
       pkg.layers.push_back(std::move(L));
-      for (const char* kind : {"values", "indices"}) {
+      const Layer& added = pkg.layers.back();
+      auto tensor = [&](const char* kind) -> at::Tensor {
         const std::string key = "layer." + std::to_string(i) + "." + kind;
         auto it = tensors.find(key);
         if (it == tensors.end()) fail("KeyError: '" + key + "'");
-        (std::strcmp(kind, "values") == 0 ? pkg.values : pkg.indices).push_back(it->second);
+        return it->second;
+      };
+      double stored_items;
+      if (added.lowrank) {  // solar._parse_factors
+        at::Tensor B = tensor("lora_B"), A = tensor("lora_A");
+        if (!B.is_floating_point() || !A.is_floating_point() || B.dim() != 2 || A.dim() != 2)
+          fail(where + "lora_B and lora_A must be 2-D floating-point tensors");
+        const int64_t t = B.size(1);
+        if (B.size(0) != added.shape[0] || A.size(0) != t || A.size(1) != added.shape[1] || t > added.rank)
+          fail(where + "low-rank factors do not fit a " + std::to_string(added.shape[0]) + " x " +
+               std::to_string(added.shape[1]) + " layer of rank " + std::to_string(added.rank));
+        if (!at::isfinite(B).all().item<bool>() || !at::isfinite(A).all().item<bool>())
+          fail(where + "low-rank factors contain NaN or Inf");
+        pkg.values.emplace_back();
+        pkg.indices.emplace_back();
+        pkg.lora_B.push_back(B);
+        pkg.lora_A.push_back(A);
+        stored_items = static_cast<double>(t);
+      } else {
+        pkg.values.push_back(tensor("values"));
+        pkg.indices.push_back(tensor("indices"));
+        pkg.lora_B.emplace_back();
+        pkg.lora_A.emplace_back();
+        stored_items = static_cast<double>(pkg.values.back().numel());
       }
-      if (nnz && pkg.layers.back().nnz != static_cast<double>(pkg.values.back().numel()))
-        fail(where + "nnz does not match the stored coefficients");
+      if (nnz && added.nnz != stored_items)
+        fail(where + (added.lowrank ? "nnz does not match the stored factor pairs"
+                                    : "nnz does not match the stored coefficients"));
     }
     pkg.seed = as_seed(need(info, "seed"), "seed");
     pkg.eps = as_double(need(info, "eps"), "eps");
@@ -1226,6 +1261,18 @@ void decode(const std::string& package_path, const std::string& base_path, const
     if (fp != info.fingerprint)
       fail(what + ": base weight " + key + " differs from the one the package was made from (fingerprint " +
            fp + " != " + info.fingerprint + "): wrong base model");
+    const std::string prefix = "base_model.model." + info.module;
+    if (info.lowrank) {  // solar._pad_factors: the factors themselves, zero pairs after t; no basis
+      const at::Tensor& Bs = pkg.lora_B[i];
+      const at::Tensor& As = pkg.lora_A[i];
+      at::Tensor B = at::zeros({info.shape[0], info.rank}, at::kFloat);
+      at::Tensor A = at::zeros({info.rank, info.shape[1]}, at::kFloat);
+      B.narrow(1, 0, Bs.size(1)).copy_(Bs);
+      A.narrow(0, 0, As.size(0)).copy_(As);
+      put(prefix + ".lora_A.weight", A.to(dtype));
+      put(prefix + ".lora_B.weight", B.to(dtype));
+      continue;
+    }
     const at::Tensor stored_W0 = to_tensor(entry, bytes);
     const at::Tensor W0 = info.fan_in_fan_out ? stored_W0.t() : stored_W0;  // io.as_update_layout
     try {
@@ -1243,7 +1290,6 @@ void decode(const std::string& package_path, const std::string& base_path, const
                " != " + python_float_list(info.checksum) + "); singular values of " + key +
                " may be too close to define the basis on this machine");
       }
-      const std::string prefix = "base_model.model." + info.module;
       put(prefix + ".lora_A.weight", A.to(dtype));
       put(prefix + ".lora_B.weight", B.to(dtype));
     } catch (const c10::Error& e) {
