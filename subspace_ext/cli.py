@@ -225,10 +225,11 @@ def _solar_compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.dense:
         pkg = solar.compress_dense(args.adapter, args.base, budget=budget, ratio=args.ratio, rank=args.rank or 16,
-                                   seed=args.seed, eps=args.eps, method=args.method, progress=not args.quiet)
+                                   seed=args.seed, eps=args.eps, method=args.method, storage=args.storage,
+                                   progress=not args.quiet)
     else:
         pkg = solar.compress(args.adapter, args.base, budget=budget, ratio=args.ratio, seed=args.seed,
-                             eps=args.eps, method=args.method, progress=not args.quiet)
+                             eps=args.eps, method=args.method, storage=args.storage, progress=not args.quiet)
     source = os.path.join(args.adapter, ADAPTER_WEIGHTS) if not args.dense else args.adapter
     before = (os.path.getsize(source) if os.path.isfile(source) else
               sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if f.endswith(".safetensors")))
@@ -266,7 +267,7 @@ def _solar_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_solar(sub: argparse._SubParsersAction) -> None:
-    from .solar import METHODS
+    from .solar import METHODS, STORAGE
 
     p = sub.add_parser(
         "solar", help="compress a peft LoRA/AdaLoRA adapter into a SOLAR package, restore, inspect",
@@ -297,6 +298,9 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                         "bases, the paper's method; default), 'lowrank' (the update's own leading singular pairs: "
                         "truncated SVD) or 'auto' (per layer whichever keeps more of the update for its numbers; "
                         "on the adapters we measured it picks low-rank nearly everywhere, see README)")
+    c.add_argument("--storage", choices=tuple(STORAGE), default="float32",
+                   help="dtype of the stored coefficients / factors (default float32; float16 or bfloat16 "
+                        "halve the package's bytes for a rounding error ~1e-3 / ~4e-3 of each number)")
     c.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
                    help="seed of the basis completion/perturbation (default 0)")
     c.add_argument("--eps", type=_number(0), default=0.0, help="relative basis perturbation (default 0)")

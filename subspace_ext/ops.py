@@ -533,7 +533,7 @@ def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, st
     ``scaling * B @ A`` is its best rank-``rank`` approximation, computed from factors."""
     _tensor(U, "U", op="solar_decode")
     _tensor(V, "V", op="solar_decode")
-    _tensor(values, "values", min_dim=1, op="solar_decode")
+    _tensor(values, "values", dtypes=_WEIGHT, min_dim=1, op="solar_decode")  # a package may store float16
     _tensor(indices, "indices", dtypes=(torch.int32, torch.int64), min_dim=1, op="solar_decode")
     _int(rank, "rank", 1)
     return _ops.solar_decode(U, V, values, indices, rank, float(scaling), _seed(seed), _seed(stream, "stream"))

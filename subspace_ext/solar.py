@@ -48,6 +48,7 @@ FORMAT_VERSION = 1           # packages whose layers are all SOLAR-encoded (read
 FORMAT_VERSION_LOWRANK = 2   # packages with low-rank (truncated-SVD) layers
 NUMBERS_PER_COEFFICIENT = 2  # value + index
 METHODS = ("solar", "lowrank", "auto")
+STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # stored values
 _CHECKSUM_TOL = 1e-6
 
 
@@ -266,6 +267,12 @@ class SolarPackage:
         parts = [f"{n} {name}" for n, name in ((len(self.layers) - low, "SOLAR"), (low, "low-rank")) if n]
         return " + ".join(parts) + " layers"
 
+    def storage(self) -> str:
+        """The dtype(s) the coefficients / factors are stored in ("float32", "float16", ...)."""
+        dts = {t.dtype for i, f in enumerate(self.factors)
+               for t in (f if f is not None else (self.values[i],))}
+        return "/".join(sorted(str(d).replace("torch.", "") for d in dts)) or "float32"
+
     def summary(self) -> str:
         """Per-layer table (sizes, captured energy, relative error) and totals, as markdown."""
         rows = ["| layer | shape | rank | encoding | numbers | LoRA numbers | energy | rel. error |",
@@ -281,7 +288,7 @@ class SolarPackage:
                     f"stored numbers {self.numbers()} vs adapter {self.lora_numbers()} "
                     f"(ratio {self.ratio():.4f}, {self.size_change()}); "
                     f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}; seed {self.seed}, eps {self.eps}; "
-                    f"{self.encodings()}")
+                    f"{self.encodings()}, stored as {self.storage()}")
         rows += self.notes()
         return "\n".join(rows)
 
@@ -352,10 +359,12 @@ def _check_finite_base(W0: torch.Tensor, key: str) -> None:
         raise ValueError(f"base weight {key} contains NaN or Inf")
 
 
-def _check_request(budget, ratio, seed, eps, method="solar") -> None:
+def _check_request(budget, ratio, seed, eps, method="solar", storage="float32") -> None:
     """Refuse bad arguments before any basis is computed (seconds per layer on a large model)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGE))}, got {storage!r}")
     if ratio is not None:
         if budget is not None:
             raise ValueError("give either budget or ratio, not both")
@@ -528,7 +537,8 @@ def _lagrangian(layers: List[_Layer], keep_numbers: float, kinds, gains) -> List
 
 def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
              budget: Union[None, int, str] = None, ratio: Optional[float] = None, seed: int = 0,
-             eps: float = 0.0, method: str = "solar", progress: bool = False) -> SolarPackage:
+             eps: float = 0.0, method: str = "solar", storage: str = "float32",
+             progress: bool = False) -> SolarPackage:
     """Compress a peft LoRA/AdaLoRA adapter (folder or PeftAdapter) against its base model.
 
     ``ratio``: stored numbers ÷ the adapter's numbers (``0.1`` = 10× fewer, extra tensors included);
@@ -536,9 +546,11 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     pair m + n), or ``"full"`` to keep everything (lossless up to rounding). Extra tensors (classifier
     heads, biases) are always kept unchanged and count towards ``ratio``. ``method``: each layer's
     encoding, ``"solar"`` (coefficients over W0's bases), ``"lowrank"`` (ΔW's leading singular pairs)
-    or ``"auto"`` (per layer whichever captures more energy for its numbers).
+    or ``"auto"`` (per layer whichever captures more energy for its numbers). ``storage``: the dtype of
+    the stored coefficients / factors (``"float16"`` or ``"bfloat16"`` halve the package's bytes; the
+    reported errors are those of the stored, rounded numbers).
     """
-    _check_request(budget, ratio, seed, eps, method)
+    _check_request(budget, ratio, seed, eps, method, storage)
     ad, bw = _as_adapter(adapter), _as_base(base)
     updates = [u for u in ad.updates() if u.A.shape[0] > 0]  # AdaLoRA prunes layers to rank 0: no update
     if not updates:
@@ -563,7 +575,8 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
             layer.svd = ops.factored_svd(B64 * u.scaling, A64)
         layers.append(layer)
     dtype = str(updates[0].B.dtype).replace("torch.", "")
-    return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype, method, progress)
+    return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype, method, storage,
+                    progress)
 
 
 def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
@@ -584,7 +597,8 @@ def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
 
 def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeights], *,
                    budget: Union[None, int, str] = None, ratio: Optional[float] = None, rank: int = 16,
-                   seed: int = 0, eps: float = 0.0, method: str = "solar", progress: bool = False) -> SolarPackage:
+                   seed: int = 0, eps: float = 0.0, method: str = "solar", storage: str = "float32",
+                   progress: bool = False) -> SolarPackage:
     """Compress a dense fine-tune (``finetuned`` − ``base``, both transformers folders or safetensors
     files) of the 2-D Linear weights; decoding gives a peft LoRA adapter of rank ``rank`` on the
     changed modules. ``ratio`` is relative to the dense deltas' size (m·n per layer).
@@ -593,9 +607,10 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     module types of that model (torch.nn.Linear, and transformers' Conv1D of GPT-2, whose in x out
     weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
     not contain "embed". Other changed tensors (biases, norms, embeddings) cannot be carried and are
-    listed in the package's ``skipped``. ``method`` as for ``compress`` (the low-rank encoding keeps
-    the delta's leading ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power iterations)."""
-    _check_request(budget, ratio, seed, eps, method)
+    listed in the package's ``skipped``. ``method`` and ``storage`` as for ``compress`` (the low-rank
+    encoding keeps the delta's leading ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power
+    iterations)."""
+    _check_request(budget, ratio, seed, eps, method, storage)
     fw, bw = _as_base(finetuned), _as_base(base)
     kinds = bw.weight_kinds() or fw.weight_kinds()
     if not isinstance(rank, int) or rank < 1:
@@ -645,14 +660,21 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
               "fan_in_fan_out": any(l.fan_in_fan_out for l in infos), "use_rslora": False,
               "init_lora_weights": True, "task_type": None,
               "base_model_name_or_path": None, "modules_to_save": None}
-    pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", method, progress)
+    pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", method, storage, progress)
     pkg.skipped = skipped
     return pkg
 
 
 def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtype, method: str = "solar",
-             progress: bool = False) -> SolarPackage:
+             storage: str = "float32", progress: bool = False) -> SolarPackage:
     """Budget, selection, per-layer decode check and the package (shared by both inputs)."""
+    def stored(t: torch.Tensor, what: str, module: str) -> torch.Tensor:
+        out = t.to(STORAGE[storage])
+        if not torch.isfinite(out).all():
+            raise ValueError(f"layer {module}: {what} exceed {storage}'s range (largest magnitude "
+                             f"{float(t.abs().max()):.4g}): store them as bfloat16 or float32")
+        return out
+
     infos = [l.info for l in layers]
     extra_numbers = sum(t.numel() for t in extra.values())
     lora_total = sum(l.lora_numbers for l in infos) + extra_numbers
@@ -689,7 +711,7 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
         info = l.info
         info.kind = kind
         if kind == "solar":
-            vals = l.C.flatten()[sel].float()
+            vals = stored(l.C.flatten()[sel], "coefficients", info.module)
             values.append(vals)
             indices.append(sel.to(torch.int32))
             factors.append(None)
@@ -700,7 +722,8 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
         else:
             U, S, V = l.svd
             root = (S[:sel] / info.scaling).sqrt()
-            Bt, At = (U[:, :sel] * root).float(), (V[:, :sel] * root).T.float().contiguous()
+            Bt = stored(U[:, :sel] * root, "factors", info.module)
+            At = stored((V[:, :sel] * root).T.contiguous(), "factors", info.module)
             values.append(torch.zeros(0))
             indices.append(torch.zeros(0, dtype=torch.int32))
             factors.append((Bt, At))

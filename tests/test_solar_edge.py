@@ -109,6 +109,9 @@ CASES = [
     pytest.param(dict(kind="LORA", budget="full", method="lowrank", conv1d=True), id="lowrank-full-conv1d"),
     pytest.param(dict(kind="ADALORA", ratio=0.3, method="auto"), id="adalora-auto"),
     pytest.param(dict(kind="LORA", budget=200, method="auto", sharded=True), id="auto-budget-sharded"),
+    # coefficients / factors stored in half precision
+    pytest.param(dict(kind="LORA", ratio=0.3, method="auto", storage="float16"), id="auto-float16"),
+    pytest.param(dict(kind="LORA", ratio=0.5, storage="bfloat16", eps=0.01), id="solar-bfloat16"),
 ]
 
 
@@ -119,7 +122,8 @@ def test_edge_decoder_matches_python(tmp_path, case):
     adapter = _adapter(tmp_path, case["kind"], case.get("dtype", torch.float32), fan_in_fan_out=conv1d)
     method = case.get("method", "solar")
     pkg = solar.compress(str(adapter), str(base), ratio=case.get("ratio"), budget=case.get("budget"),
-                         seed=case.get("seed", 0), eps=case.get("eps", 0.0), method=method)
+                         seed=case.get("seed", 0), eps=case.get("eps", 0.0), method=method,
+                         storage=case.get("storage", "float32"))
     assert [l.fan_in_fan_out for l in pkg.layers] == [conv1d, False]
     if method != "solar":
         assert "lowrank" in [l.kind for l in pkg.layers]

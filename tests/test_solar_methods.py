@@ -208,6 +208,45 @@ def test_bad_method_refused_before_any_work(lora_only_adapter, base_weights):
 
 
 # ---------------------------------------------------------------------------------------------
+# storage dtype
+
+@pytest.mark.parametrize("method", ["solar", "auto"])
+def test_half_precision_storage(lora_only_adapter, base_weights, tmp_path, method):
+    """float16 storage halves the bytes of every stored value (SOLAR indices stay int32) and changes
+    each layer's error by rounding only; the reported errors are those of the stored numbers."""
+    pkgs = {st: solar.compress(lora_only_adapter, base_weights, ratio=0.1, method=method, storage=st)
+            for st in ("float32", "float16")}
+    sizes = {st: p.save(str(tmp_path / f"{st}.safetensors")) for st, p in pkgs.items()}
+    floats = sum(v.numel() for v in pkgs["float32"].values) + sum(
+        f[0].numel() + f[1].numel() for f in pkgs["float32"].factors if f is not None)
+    assert abs((sizes["float32"] - sizes["float16"]) - 2 * floats) < 400  # the headers differ a little
+    assert pkgs["float16"].numbers() == pkgs["float32"].numbers() and pkgs["float16"].storage() == "float16"
+    dec = solar.decompress(str(tmp_path / "float16.safetensors"), base_weights)
+    for l16, l32, e in zip(pkgs["float16"].layers, pkgs["float32"].layers,
+                           solar.relative_errors(lora_only_adapter, dec)):
+        assert abs(l16.rel_error - l32.rel_error) < 2e-3, l16.module
+        assert math.isclose(e, l16.rel_error, rel_tol=1e-4, abs_tol=1e-6), l16.module
+    assert "stored as float16" in pkgs["float16"].summary()
+
+
+def test_float16_overflow_is_refused_naming_the_layer(base_weights, lora_only_adapter):
+    pkg = solar.compress(lora_only_adapter, base_weights, ratio=0.1, method="lowrank")
+    largest = max(float(t.abs().max()) for f in pkg.factors if f is not None for t in f if t.numel())
+    grow = 2 * torch.finfo(torch.float16).max / largest  # ΔW grows by grow^2, its stored factors by grow
+    big = io.PeftAdapter(dict(lora_only_adapter.config), {
+        k: (v * grow if ".lora_" in k else v) for k, v in lora_only_adapter.tensors.items()})
+    with pytest.raises(ValueError, match=r"layer bert\..*: factors exceed float16's range .*bfloat16 or float32"):
+        solar.compress(big, base_weights, ratio=0.1, method="lowrank", storage="float16")
+    pkg = solar.compress(big, base_weights, ratio=0.1, method="lowrank", storage="bfloat16")
+    assert pkg.storage() == "bfloat16"
+
+
+def test_bad_storage_refused(lora_only_adapter, base_weights):
+    with pytest.raises(ValueError, match="storage must be one of 'float32', 'float16', 'bfloat16'"):
+        solar.compress(lora_only_adapter, base_weights, ratio=0.1, storage="float64")
+
+
+# ---------------------------------------------------------------------------------------------
 # the package file
 
 @pytest.fixture(scope="module")
