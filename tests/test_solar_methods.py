@@ -7,7 +7,8 @@ exactly what the dropped singular values hold); "auto" picks the encoding that s
 (a layer built from W0's singular vectors -> SOLAR, a random rank-1 layer -> low-rank) and never
 captures less energy than either method alone at the same budget; budgets are respected; the file
 format (version 2 only when a low-rank layer is present) round-trips, and edited or damaged
-low-rank layers are refused naming the layer.
+low-rank layers are refused naming the layer; half-precision storage halves the stored values' bytes
+at rounding-level cost and refuses values beyond float16's range.
 """
 import json
 import math
