@@ -4,8 +4,9 @@ at the same number of stored numbers. Writes a markdown table (default docs/resu
     .venv/bin/python bench/eval_solar.py --sst2 ../shared/data/sst2 --seeds 0 1 2
 
 For each seed: train MiniLM + LoRA (r=8, query/value) on an SST-2 subset, then compress with SOLAR
-and with the baseline at each ratio, decode, and measure SST-2 dev accuracy; also the time of
-compress + decompress.
+(the paper's method, and ``--method auto``: per layer SOLAR coefficients or ΔW's leading singular
+pairs) and with the truncated-SVD baseline at each ratio, decode, and measure SST-2 dev accuracy;
+also the time of compress + decompress.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def run_seed(task, seed: int, ratios, steps: int, work: str, log=print):
         acc = evaluate(task, adapter, tok, out)
         entry = {"solar_acc": acc, "solar_err": err, "seconds": seconds, "ratio": pkg.ratio()}
         if ratio != "full":
+            auto = solar.compress(adapter, base, ratio=ratio, seed=seed, method="auto")
+            aout = os.path.join(work, f"auto_{seed}_{ratio}")
+            solar.decompress(auto, base).save_adapter(aout)
+            entry.update(auto_acc=evaluate(task, adapter, tok, aout), auto_ratio=auto.ratio(),
+                         auto_err=statistics.mean(l.rel_error for l in auto.layers), auto_encodings=auto.encodings())
             bl, _ = solar.truncated_svd_baseline(adapter, ratio=ratio)
             bout = os.path.join(work, f"svd_{seed}_{ratio}")
             bl.save_adapter(bout)
@@ -57,7 +63,8 @@ def run_seed(task, seed: int, ratios, steps: int, work: str, log=print):
             entry["svd_err"] = statistics.mean(solar.relative_errors(adapter, bl))
         rows[ratio] = entry
         log(f"  ratio {ratio}: solar acc {acc:.4f} err {err:.3f}" +
-            (f" | svd acc {entry['svd_acc']:.4f} err {entry['svd_err']:.3f}" if "svd_acc" in entry else "") +
+            (f" | auto acc {entry['auto_acc']:.4f} err {entry['auto_err']:.3f} ({entry['auto_encodings']})"
+             f" | svd acc {entry['svd_acc']:.4f} err {entry['svd_err']:.3f}" if "svd_acc" in entry else "") +
             f" | {seconds:.2f} s")
     return rows
 
@@ -102,19 +109,22 @@ def main(argv=None) -> int:
         f"Command: `{command}`; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Dev accuracy on the {len(task.dev)} SST-2 dev sentences, mean ± std over seeds {args.seeds}. "
         "Ratio = stored numbers / adapter numbers (LoRA factors + classifier head, which both keep); a SOLAR "
-        "coefficient costs 2 numbers (value + index), a rank-1 SVD component m + n + 1.",
+        "coefficient costs 2 numbers (value + index), a rank-1 SVD component m + n + 1 (a low-rank pair of an "
+        "`auto` package m + n). `auto`: `--method auto` packages (each layer SOLAR coefficients or ΔW's leading "
+        "singular pairs, whichever keeps more of ΔW for its numbers).",
         "",
         f"Uncompressed LoRA: {fmt(r['lora'] for r in results)}",
         "",
-        "| ratio | SOLAR acc | SOLAR rel. error | truncated-SVD acc | truncated-SVD rel. error | SOLAR compress+decompress (s) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| ratio | SOLAR acc | SOLAR rel. error | auto acc | auto rel. error | truncated-SVD acc | "
+        "truncated-SVD rel. error | SOLAR compress+decompress (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for ratio in ratios:
         es = [r[ratio] for r in results]
-        svd_acc = fmt(e["svd_acc"] for e in es) if "svd_acc" in es[0] else "—"
-        svd_err = fmt(e["svd_err"] for e in es) if "svd_err" in es[0] else "—"
+        opt = lambda key: fmt(e[key] for e in es) if key in es[0] else "—"  # noqa: E731
         lines.append(f"| {ratio} | {fmt(e['solar_acc'] for e in es)} | {fmt(e['solar_err'] for e in es)} | "
-                     f"{svd_acc} | {svd_err} | {fmt(e['seconds'] for e in es)} |")
+                     f"{opt('auto_acc')} | {opt('auto_err')} | {opt('svd_acc')} | {opt('svd_err')} | "
+                     f"{fmt(e['seconds'] for e in es)} |")
     text = "\n".join(lines) + "\n"
     if args.json:
         import json

@@ -144,21 +144,28 @@ def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:
     _, tok = train.load_classifier(seed=cfg.seed)
     rows = []
     os.makedirs(os.path.join(out_dir, "solar"), exist_ok=True)
-    for ratio in [*cfg.ratios, "full"]:
-        tag = f"{cfg.solar_task}-{'full' if ratio == 'full' else f'r{ratio:g}'}"
+    def package(ratio, method: str, tag: str) -> Dict:
+        """Compress ``src`` at ``ratio``, save, load, decode, and measure the decoded adapter."""
         pkg_path = os.path.join(out_dir, "solar", tag + ".safetensors")
         t0 = time.perf_counter()
         pkg = solar.compress(src, base, ratio=None if ratio == "full" else ratio,
-                             budget="full" if ratio == "full" else None, seed=cfg.seed)
+                             budget="full" if ratio == "full" else None, seed=cfg.seed, method=method)
         nbytes = pkg.save(pkg_path)
         restored = solar.decompress(solar.SolarPackage.load(pkg_path), base)
         seconds = time.perf_counter() - t0
         restored_dir = os.path.join(out_dir, "solar", tag)
         restored.save_adapter(restored_dir)
-        row = dict(ratio=ratio, actual_ratio=pkg.ratio(), bytes=nbytes, seconds=seconds,
-                   error=statistics.mean(solar.relative_errors(src, restored)),
-                   acc=train.accuracy(train.load_adapter_model(restored_dir, seed=cfg.seed)[0], tok, task.dev))
+        return dict(actual_ratio=pkg.ratio(), bytes=nbytes, seconds=seconds, encodings=pkg.encodings(),
+                    error=statistics.mean(solar.relative_errors(src, restored)),
+                    acc=train.accuracy(train.load_adapter_model(restored_dir, seed=cfg.seed)[0], tok, task.dev))
+
+    for ratio in [*cfg.ratios, "full"]:
+        tag = f"{cfg.solar_task}-{'full' if ratio == 'full' else f'r{ratio:g}'}"
+        row = dict(ratio=ratio, **package(ratio, "solar", tag))
         if ratio != "full":
+            auto = package(ratio, "auto", tag + "-auto")
+            row.update(auto_ratio=auto["actual_ratio"], auto_bytes=auto["bytes"], auto_error=auto["error"],
+                       auto_acc=auto["acc"], auto_encodings=auto["encodings"])
             svd, _ = solar.truncated_svd_baseline(src, ratio=ratio)
             svd_dir = os.path.join(out_dir, "solar", tag + "-svd")
             svd.save_adapter(svd_dir)
@@ -166,7 +173,8 @@ def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:
             row["svd_acc"] = train.accuracy(train.load_adapter_model(svd_dir, seed=cfg.seed)[0], tok, task.dev)
         rows.append(row)
         stages.done(f"SOLAR ratio {ratio}: error {row['error']:.3f}, acc {100 * row['acc']:.2f}%"
-                    + (f" (truncated SVD {100 * row['svd_acc']:.2f}%)" if "svd_acc" in row else ""))
+                    + (f" (--method auto {100 * row['auto_acc']:.2f}%, truncated SVD {100 * row['svd_acc']:.2f}%)"
+                       if "svd_acc" in row else ""))
     res["solar"] = {"task": cfg.solar_task, "lora_acc": lora[cfg.solar_task]["acc"],
                     "adapter_bytes": os.path.getsize(os.path.join(src, "adapter_model.safetensors")), "rows": rows}
 
@@ -244,7 +252,10 @@ def write_report(out_dir: str, res: Dict) -> str:
         [plots.Series("SOLAR", [r["ratio"] for r in rows if r["ratio"] != "full"],
                       [100 * r["acc"] for r in rows if r["ratio"] != "full"]),
          plots.Series("truncated SVD of each ΔW", [r["ratio"] for r in rows if r["ratio"] != "full"],
-                      [100 * r["svd_acc"] for r in rows if r["ratio"] != "full"], style="s--")],
+                      [100 * r["svd_acc"] for r in rows if r["ratio"] != "full"], style="s--"),
+         *([plots.Series("package, --method auto", [r["ratio"] for r in rows if "auto_acc" in r],
+                         [100 * r["auto_acc"] for r in rows if "auto_acc" in r], style="^:")]
+           if any("auto_acc" in r for r in rows) else [])],
         hlines=[(100 * so["lora_acc"], "uncompressed LoRA")], logx=True), os.path.join(out_dir, "solar.png"))
     plots.save_png(plots.Figure(
         f"EigenLoRAx, held-out {ei['held_out']}", "trainable adapter parameters (log)", "dev accuracy (%)",
@@ -258,6 +269,8 @@ def write_report(out_dir: str, res: Dict) -> str:
         os.path.join(out_dir, "srlora.png"))
 
     solar_rows = [[r["ratio"], f"{r['actual_ratio']:.4f}", f"{r['bytes']:,}", f"{r['error']:.4f}", acc(r["acc"]),
+                   f"{r['auto_error']:.4f}" if "auto_error" in r else "—", acc(r["auto_acc"]) if "auto_acc" in r else "—",
+                   r.get("auto_encodings", "—"),
                    f"{r['svd_error']:.4f}" if "svd_error" in r else "—", acc(r["svd_acc"]) if "svd_acc" in r else "—",
                    f"{r['seconds']:.2f}"] for r in rows]
     text = "\n".join([
@@ -283,11 +296,14 @@ def write_report(out_dir: str, res: Dict) -> str:
         f"## SOLAR: compress the `{so['task']}` adapter (LoRA dev accuracy {acc(so['lora_acc'])}%, "
         f"adapter file {so['adapter_bytes']:,} bytes)",
         "",
-        "Ratio = stored numbers / adapter numbers (the head is stored as is by both methods). Error = mean over "
-        "layers of ‖ΔW − ΔŴ‖/‖ΔW‖. Seconds = compress + save + load + decompress.",
+        "Ratio = stored numbers / adapter numbers (the head is stored as is by every method). Error = mean over "
+        "layers of ‖ΔW − ΔŴ‖/‖ΔW‖. Seconds = SOLAR compress + save + load + decompress. `--method auto`: the "
+        "same package format with each layer stored as SOLAR coefficients or as ΔW's leading singular pairs, "
+        "whichever keeps more of ΔW for its numbers; the truncated-SVD baseline is not a package.",
         "",
-        plots.table(["ratio asked", "ratio", "package bytes", "SOLAR error", "SOLAR acc (%)", "trunc. SVD error",
-                     "trunc. SVD acc (%)", "seconds"], solar_rows),
+        plots.table(["ratio asked", "ratio", "package bytes", "SOLAR error", "SOLAR acc (%)", "auto error",
+                     "auto acc (%)", "auto encodings", "trunc. SVD error", "trunc. SVD acc (%)", "seconds"],
+                    solar_rows),
         "",
         "![SOLAR](solar.png)",
         "",
@@ -328,4 +344,5 @@ def _solar_headline(so: Dict) -> str:
     rows = [r for r in so["rows"] if r["ratio"] != "full"]
     r = min(rows, key=lambda r: abs(r["ratio"] - 0.1))
     return (f"ratio {r['actual_ratio']:.3f}: {100 * r['acc']:.2f}% vs uncompressed {100 * so['lora_acc']:.2f}% "
-            f"(truncated SVD at the same size {100 * r['svd_acc']:.2f}%)")
+            + (f"(`--method auto` {100 * r['auto_acc']:.2f}%, " if "auto_acc" in r else "(")
+            + f"truncated SVD at the same size {100 * r['svd_acc']:.2f}%)")

@@ -262,10 +262,12 @@ class SolarPackage:
 
     # -- report --------------------------------------------------------------------------------
     def encodings(self) -> str:
-        """How many layers use each encoding, in words: "12 SOLAR layers", "3 SOLAR + 9 low-rank layers"."""
-        low = sum(l.kind == "lowrank" for l in self.layers)
-        parts = [f"{n} {name}" for n, name in ((len(self.layers) - low, "SOLAR"), (low, "low-rank")) if n]
-        return " + ".join(parts) + " layers"
+        """How many layers use each encoding, in words: "12 SOLAR layers", "3 SOLAR + 9 low-rank layers",
+        "1 SOLAR + 11 empty layers" (a layer the budget gave nothing: its update decodes to zero)."""
+        empty = sum(l.nnz == 0 for l in self.layers)
+        low = sum(l.kind == "lowrank" and l.nnz > 0 for l in self.layers)
+        counts = ((len(self.layers) - low - empty, "SOLAR"), (low, "low-rank"), (empty, "empty"))
+        return " + ".join(f"{n} {name}" for n, name in counts if n) + " layers"
 
     def storage(self) -> str:
         """The dtype(s) the coefficients / factors are stored in ("float32", "float16", ...)."""

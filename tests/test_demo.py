@@ -35,7 +35,8 @@ def test_demo_writes_report_plots_and_artifacts(quick_run):
         assert ad.config["r"] == cfg.rank
     assert os.path.isfile(os.path.join(out, "eigenlorax", "subspace.safetensors"))
     assert os.path.isfile(os.path.join(out, "eigenlorax", cfg.held_out + ".safetensors"))
-    assert len([f for f in os.listdir(os.path.join(out, "solar")) if f.endswith(".safetensors")]) == len(cfg.ratios) + 1
+    # a SOLAR package per ratio and 'full', and a --method auto package per ratio
+    assert len([f for f in os.listdir(os.path.join(out, "solar")) if f.endswith(".safetensors")]) == 2 * len(cfg.ratios) + 1
 
 
 def test_demo_numbers_are_consistent(quick_run):
@@ -51,6 +52,8 @@ def test_demo_numbers_are_consistent(quick_run):
         if r["ratio"] != "full":
             assert abs(r["actual_ratio"] - r["ratio"]) <= 0.01 and 0 < r["error"] <= 1.0 + 1e-6
             assert 0 < r["svd_error"] < 1.0
+            assert r["auto_ratio"] <= r["ratio"] + 1e-9 and 0 < r["auto_error"] <= 1.0 + 1e-6
+            assert r["auto_encodings"].endswith(" layers") and 0 <= r["auto_acc"] <= 1
     ei = res["eigenlorax"]
     # 12 layers (6 blocks x query, value) x 2 sides x K x r
     assert ei["eigen_params"] == 12 * 2 * cfg.components * cfg.rank

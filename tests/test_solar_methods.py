@@ -88,6 +88,16 @@ def test_auto_picks_the_encoding_that_suits_each_layer(tmp_path):
         assert max(l.rel_error for l in alone.layers) > 0.3, method
 
 
+def test_layers_given_nothing_are_reported_as_empty(tmp_path):
+    base, ad = _aligned_and_rank1(tmp_path)
+    pkg = solar.compress(ad, base, budget=3 * solar.NUMBERS_PER_COEFFICIENT, method="auto")  # no room for a pair
+    assert sorted(l.nnz for l in pkg.layers) == [0, 3]
+    assert pkg.encodings() == "1 SOLAR + 1 empty layers"
+    empty = next(l.module for l in pkg.layers if l.nnz == 0)
+    B = solar.decompress(pkg, base).tensors[f"base_model.model.{empty}.lora_B.weight"]
+    assert not B.any()  # an empty layer decodes to a zero update
+
+
 @pytest.mark.parametrize("ratio", [0.03, 0.1, 0.3])
 def test_auto_captures_at_least_either_method(lora_only_adapter, base_weights, ratio):
     energies = _energies(lora_only_adapter)
@@ -350,7 +360,7 @@ def test_cli_method_auto(trained_adapter_dir, minilm_base, tmp_path, capsys):
     assert cli.main(["solar", "compress", trained_adapter_dir, "--base", minilm_base, "-o", str(out),
                      "--ratio", "0.1", "--method", "auto", "-q"]) == 0
     line = capsys.readouterr().out
-    assert "low-rank layers" in line and "x fewer" in line
+    assert "low-rank" in line and "x fewer" in line
     assert cli.main(["solar", "inspect", str(out)]) == 0
     assert "factors" in capsys.readouterr().out
     restored = tmp_path / "restored"
