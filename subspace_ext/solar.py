@@ -458,8 +458,8 @@ def _allocate(layers: List[_Layer], keep_numbers: Optional[float], method: str) 
         kind = "lowrank" if "lowrank" in kinds else "solar"
         return [(kind, int(l.gains(kind).numel())) for l in layers]
     gains = [{k: l.gains(k) for k in kinds} for l in layers]
-    plans = [_lagrangian(layers, keep_numbers, ks, gains) for ks in ([kinds] + ([(k,) for k in kinds]
-                                                                             if len(kinds) > 1 else []))]
+    alone = [(k,) for k in kinds] if len(kinds) > 1 else []
+    plans = [_lagrangian(layers, keep_numbers, ks, gains) for ks in [kinds, *alone]]
     captured = lambda plan: sum(float(g[k][:c].sum()) for g, (k, c) in zip(gains, plan))  # noqa: E731
     return max(plans, key=captured)  # the first (the joint allocation) on a tie
 
@@ -567,14 +567,14 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         info = LayerInfo(u.module, key, [m, n], r, float(u.scaling), i, fingerprint(W0), [0.0, 0.0],
                          lora_numbers=(m + n) * r, fan_in_fan_out=transposed)
         B64, A64 = u.B.double(), u.A.double()
-        layer = _Layer(info, lambda B2, A2, s2, u=u: _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, s2),
-                       u.scaling ** 2 * float(((B64.T @ B64) * (A64 @ A64.T)).sum()))
+        layer = _Layer(info, lambda B2, A2, s2, u=u: _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, s2), 0.0)
+        if "lowrank" in kinds:
+            layer.svd = ops.factored_svd(B64 * u.scaling, A64)
+            layer.energy = float((layer.svd[1] ** 2).sum())  # every singular value of the rank-r ΔW
         if "solar" in kinds:
             layer.U, layer.V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
             layer.C = ops.project(layer.U, layer.V, B64, A64, u.scaling)
             layer.energy = float((layer.C * layer.C).sum())  # ‖C‖ = ‖ΔW‖ (orthonormal bases)
-        if "lowrank" in kinds:
-            layer.svd = ops.factored_svd(B64 * u.scaling, A64)
         layers.append(layer)
     dtype = str(updates[0].B.dtype).replace("torch.", "")
     return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype, method, storage,
@@ -613,6 +613,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     encoding keeps the delta's leading ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power
     iterations)."""
     _check_request(budget, ratio, seed, eps, method, storage)
+    encodings = _encodings(method)
     fw, bw = _as_base(finetuned), _as_base(base)
     kinds = bw.weight_kinds() or fw.weight_kinds()
     if not isinstance(rank, int) or rank < 1:
@@ -645,11 +646,11 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         norm = float(torch.linalg.norm(D))
         layer = _Layer(info, lambda B2, A2, s2, D=D, norm=norm: float(
             torch.linalg.norm(D - s2 * B2.double() @ A2.double())) / norm, norm * norm)
-        if method != "lowrank":
+        if "solar" in encodings:
             layer.U, layer.V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
             layer.C = ops.project_dense(layer.U, layer.V, D)
             layer.energy = float((layer.C * layer.C).sum())
-        if method != "solar":
+        if "lowrank" in encodings:
             layer.svd = ops.rsvd(D, info.rank, niter=4, seed=seed)
         layers.append(layer)
     if not layers:
