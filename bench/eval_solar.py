@@ -6,7 +6,8 @@ at the same number of stored numbers. Writes a markdown table (default docs/resu
 For each seed: train MiniLM + LoRA (r=8, query/value) on an SST-2 subset, then compress with SOLAR
 (the paper's method, and ``--method auto``: per layer SOLAR coefficients or ΔW's leading singular
 pairs) and with the truncated-SVD baseline at each ratio, decode, and measure SST-2 dev accuracy;
-also the time of compress + decompress.
+also the time of compress + decompress. ``--storage float16 int8`` also makes the ``auto`` packages
+with those stored dtypes and reports their accuracy and file bytes against the adapter's.
 """
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ def evaluate(task, adapter_dir, tok, folder) -> float:
     return train.accuracy(model, tok, task.dev)
 
 
-def run_seed(task, seed: int, ratios, steps: int, work: str, log=print):
+def run_seed(task, seed: int, ratios, steps: int, work: str, storages=(), log=print):
     adapter = os.path.join(work, f"lora_seed{seed}")
     t0 = time.perf_counter()
     model, tok, _ = train.train_lora_adapter(task, adapter, steps=steps, lr=1e-3, seed=seed)
     log(f"seed {seed}: trained in {time.perf_counter() - t0:.0f} s")
     base = models.minilm_dir()
-    rows = {"lora": train.accuracy(model, tok, task.dev)}
+    rows = {"lora": train.accuracy(model, tok, task.dev),
+            "adapter_bytes": os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))}
     for ratio in ratios:
         t0 = time.perf_counter()
         pkg = solar.compress(adapter, base, budget="full" if ratio == "full" else None,
@@ -51,11 +53,15 @@ def run_seed(task, seed: int, ratios, steps: int, work: str, log=print):
         acc = evaluate(task, adapter, tok, out)
         entry = {"solar_acc": acc, "solar_err": err, "seconds": seconds, "ratio": pkg.ratio()}
         if ratio != "full":
-            auto = solar.compress(adapter, base, ratio=ratio, seed=seed, method="auto")
-            aout = os.path.join(work, f"auto_{seed}_{ratio}")
-            solar.decompress(auto, base).save_adapter(aout)
-            entry.update(auto_acc=evaluate(task, adapter, tok, aout), auto_ratio=auto.ratio(),
-                         auto_err=statistics.mean(l.rel_error for l in auto.layers), auto_encodings=auto.encodings())
+            for st in ("float32", *storages):
+                key = "auto" if st == "float32" else f"auto_{st}"
+                auto = solar.compress(adapter, base, ratio=ratio, seed=seed, method="auto", storage=st)
+                aout = os.path.join(work, f"{key}_{seed}_{ratio}")
+                nbytes = auto.save(aout + ".safetensors")
+                solar.decompress(aout + ".safetensors", base).save_adapter(aout)
+                entry.update({f"{key}_acc": evaluate(task, adapter, tok, aout), f"{key}_ratio": auto.ratio(),
+                              f"{key}_err": statistics.mean(l.rel_error for l in auto.layers),
+                              f"{key}_bytes": nbytes, f"{key}_encodings": auto.encodings()})
             bl, _ = solar.truncated_svd_baseline(adapter, ratio=ratio)
             bout = os.path.join(work, f"svd_{seed}_{ratio}")
             bl.save_adapter(bout)
@@ -65,6 +71,8 @@ def run_seed(task, seed: int, ratios, steps: int, work: str, log=print):
         log(f"  ratio {ratio}: solar acc {acc:.4f} err {err:.3f}" +
             (f" | auto acc {entry['auto_acc']:.4f} err {entry['auto_err']:.3f} ({entry['auto_encodings']})"
              f" | svd acc {entry['svd_acc']:.4f} err {entry['svd_err']:.3f}" if "svd_acc" in entry else "") +
+            "".join(f" | auto {st} acc {entry[f'auto_{st}_acc']:.4f} ({entry[f'auto_{st}_bytes']} bytes)"
+                    for st in storages if f"auto_{st}_acc" in entry) +
             f" | {seconds:.2f} s")
     return rows
 
@@ -74,6 +82,28 @@ def fmt(values):
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def bytes_table(results, ratios, storages):
+    """Markdown lines: the auto packages' file bytes (and the adapter's / theirs) and accuracy per storage."""
+    if "adapter_bytes" not in results[0]:
+        return []
+    adapter = results[0]["adapter_bytes"]
+    out = ["", f"`--method auto` packages by stored dtype: file bytes (the first seed's package; the adapter file "
+           f"is {adapter:,} bytes), adapter bytes / package bytes, dev accuracy over the seeds:", "",
+           "| ratio | storage | package bytes | bytes fewer | auto acc | auto rel. error |", "| --- | --- | --- | --- | --- | --- |"]
+    for ratio in ratios:
+        if ratio == "full":
+            continue
+        es = [r[ratio] for r in results]
+        for st in ("float32", *storages):
+            key = "auto" if st == "float32" else f"auto_{st}"
+            if f"{key}_bytes" not in es[0]:
+                continue
+            nbytes = es[0][f"{key}_bytes"]
+            out.append(f"| {ratio} | {st} | {nbytes:,} | {adapter / nbytes:.1f}× | {fmt(e[f'{key}_acc'] for e in es)} | "
+                       f"{fmt(e[f'{key}_err'] for e in es)} |")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results_solar.md"))
     ap.add_argument("--json", default=None, help="also write the raw per-seed results to this JSON file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--storage", nargs="*", default=[], choices=[s for s in solar.STORAGE if s != "float32"],
+                    help="also make the auto packages with these stored dtypes (accuracy and bytes)")
     return ap
 
 
@@ -102,7 +134,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
-            results.append(run_seed(task, seed, ratios, args.steps, work))
+            results.append(run_seed(task, seed, ratios, args.steps, work, args.storage))
     lines = [
         "# SOLAR vs truncated SVD on SST-2 (MiniLM-L6 + LoRA r=8 on query/value)",
         "",
@@ -125,6 +157,7 @@ def main(argv=None) -> int:
         lines.append(f"| {ratio} | {fmt(e['solar_acc'] for e in es)} | {fmt(e['solar_err'] for e in es)} | "
                      f"{opt('auto_acc')} | {opt('auto_err')} | {opt('svd_acc')} | {opt('svd_err')} | "
                      f"{fmt(e['seconds'] for e in es)} |")
+    lines += bytes_table(results, ratios, args.storage)
     text = "\n".join(lines) + "\n"
     if args.json:
         import json

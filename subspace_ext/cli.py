@@ -300,7 +300,9 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                         "on the adapters we measured it picks low-rank nearly everywhere, see README)")
     c.add_argument("--storage", choices=tuple(STORAGE), default="float32",
                    help="dtype of the stored coefficients / factors (default float32; float16 or bfloat16 "
-                        "halve the package's bytes for a rounding error ~1e-3 / ~4e-3 of each number)")
+                        "halve the package's bytes for a rounding error ~1e-3 / ~4e-3 of each number; int8 "
+                        "quarters them: codes with one float32 scale per factor column / row (per layer for "
+                        "SOLAR coefficients), a rounding error up to 1/254 of each vector's largest entry)")
     c.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
                    help="seed of the basis completion/perturbation (default 0)")
     c.add_argument("--eps", type=_number(0), default=0.0, help="relative basis perturbation (default 0)")

@@ -372,7 +372,8 @@ def fingerprint(t: torch.Tensor) -> str:
     """A short content hash of a tensor: dtype, shape and bytes (sha256, 16 hex digits)."""
     h = hashlib.sha256()
     h.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if t.numel():  # (an empty tensor has no bytes, and may have strides a byte view refuses)
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -46,9 +46,14 @@ from .io import content_digest as package_digest  # the package digest: tensors 
 FORMAT = "subspace_ext.solar"
 FORMAT_VERSION = 1           # packages whose layers are all SOLAR-encoded (readable by older builds)
 FORMAT_VERSION_LOWRANK = 2   # packages with low-rank (truncated-SVD) layers
+FORMAT_VERSION_INT8 = 3      # packages with int8-quantised values or factors (and their float32 scales)
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_LOWRANK, FORMAT_VERSION_INT8)
 NUMBERS_PER_COEFFICIENT = 2  # value + index
 METHODS = ("solar", "lowrank", "auto")
-STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # stored values
+# dtype of the stored values; int8: symmetric absmax codes with a float32 scale per factor column / row
+# (per SOLAR layer for coefficients), stored as "<tensor>_scale" and counted as stored numbers
+STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+SCALE = "_scale"  # suffix of an int8 tensor's scales
 _CHECKSUM_TOL = 1e-6
 
 
@@ -84,7 +89,9 @@ class SolarPackage:
     extra tensors).
 
     Layer i of kind "solar" has ``values[i]`` / ``indices[i]``; of kind "lowrank" ``factors[i]`` =
-    (B m x t, A t x n) with ``scaling * B @ A`` its update (and empty values/indices)."""
+    (B m x t, A t x n) with ``scaling * B @ A`` its update (and empty values/indices). Tensors stored as
+    int8 have their float32 scales in ``scales``, under the tensor's package name ("layer.3.lora_B");
+    ``stored_values`` / ``stored_factors`` give the numbers they stand for."""
     seed: int
     eps: float
     peft_config: dict
@@ -95,16 +102,32 @@ class SolarPackage:
     dtype: str = "float32"  # dtype of the decoded adapter's tensors
     skipped: List[str] = field(default_factory=list)  # dense input: changed tensors not carried
     factors: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    scales: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.factors:
             self.factors = [None] * len(self.layers)
 
+    def _dequantized(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return _dequantize(t, self.scales[name]) if name in self.scales else t
+
+    def stored_values(self, i: int) -> torch.Tensor:
+        """Layer i's coefficient values as the numbers they stand for (int8 codes times their scale)."""
+        return self._dequantized(f"layer.{i}.values", self.values[i])
+
+    def stored_factors(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's low-rank factors (B, A) as the numbers they stand for."""
+        B, A = self.factors[i]
+        return self._dequantized(f"layer.{i}.lora_B", B), self._dequantized(f"layer.{i}.lora_A", A)
+
     # -- sizes ---------------------------------------------------------------------------------
     def layer_numbers(self, i: int) -> int:
-        """Numbers stored for layer i: 2 per coefficient, or the low-rank factors' elements."""
+        """Numbers stored for layer i: 2 per coefficient, or the low-rank factors' elements (+ int8 scales)."""
         f = self.factors[i]
-        return f[0].numel() + f[1].numel() if f is not None else NUMBERS_PER_COEFFICIENT * self.values[i].numel()
+        names = (f"layer.{i}.lora_B", f"layer.{i}.lora_A") if f is not None else (f"layer.{i}.values",)
+        scales = sum(self.scales[k].numel() for k in names if k in self.scales)
+        return scales + (f[0].numel() + f[1].numel() if f is not None
+                         else NUMBERS_PER_COEFFICIENT * self.values[i].numel())
 
     def numbers(self) -> int:
         """Stored numbers: coefficient values + indices (or low-rank factors) + extra tensors' elements."""
@@ -144,6 +167,8 @@ class SolarPackage:
             else:
                 t[f"layer.{i}.values"] = v.contiguous()
                 t[f"layer.{i}.indices"] = ix.contiguous()
+        for k, s in self.scales.items():
+            t[k + SCALE] = s.contiguous()
         for k, v in self.extra.items():
             t[f"extra.{k}"] = v.contiguous()
         return t
@@ -158,7 +183,8 @@ class SolarPackage:
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
                 "layers": layers, "skipped": self.skipped}
         solar_meta = json.dumps(meta)
-        version = FORMAT_VERSION_LOWRANK if any(l.kind == "lowrank" for l in self.layers) else FORMAT_VERSION
+        version = (FORMAT_VERSION_INT8 if self.scales else
+                   FORMAT_VERSION_LOWRANK if any(l.kind == "lowrank" for l in self.layers) else FORMAT_VERSION)
         save_safetensors(tensors, path, metadata={"format": FORMAT, "format_version": str(version),
                                                   "solar": solar_meta, "digest": package_digest(tensors, solar_meta)})
         return os.path.getsize(path)
@@ -173,9 +199,9 @@ class SolarPackage:
         meta = safetensors_metadata(path)
         if meta.get("format") != FORMAT:
             raise FormatError(f"{path}: not a SOLAR package (format {meta.get('format')!r})")
-        if meta.get("format_version") not in (str(FORMAT_VERSION), str(FORMAT_VERSION_LOWRANK)):
+        if meta.get("format_version") not in map(str, FORMAT_VERSIONS):
             raise FormatError(f"{path}: package format version {meta.get('format_version')} is not "
-                              f"supported (this build reads versions {FORMAT_VERSION} and {FORMAT_VERSION_LOWRANK})")
+                              f"supported (this build reads versions {', '.join(map(str, FORMAT_VERSIONS))})")
         tensors = read_safetensors(path)
         if package_digest(tensors, meta.get("solar", "")) != meta.get("digest"):
             raise FormatError(f"{path}: contents do not match the package digest (damaged)")
@@ -200,7 +226,7 @@ class SolarPackage:
         if not isinstance(info, dict):
             raise TypeError("the solar metadata is not an object")
         raw_layers = need(info, "layers", (list,))
-        layers, values, indices, factors = [], [], [], []
+        layers, values, indices, factors, scales = [], [], [], [], {}
         known = {f.name for f in dataclasses.fields(LayerInfo)}
         for i, l in enumerate(raw_layers):
             where = f"layer {i}: "
@@ -226,14 +252,15 @@ class SolarPackage:
                 need(l, "fan_in_fan_out", (bool,), where + "fan_in_fan_out")
             kind = need(l, "kind", (str,), where + "kind") if "kind" in l else "solar"
             if kind == "lowrank":
-                f = _parse_factors(tensors, i, shape, l["rank"], where)
+                f = _parse_factors(tensors, i, shape, l["rank"], where, scales)
                 v, ix, stored = torch.zeros(0), torch.zeros(0, dtype=torch.int32), f[0].shape[1]
             elif kind == "solar":
                 f = None
                 v, ix = tensors[f"layer.{i}.values"], tensors[f"layer.{i}.indices"]
-                if not v.is_floating_point() or v.dim() != 1:
-                    raise TypeError(where + f"values must be a 1-D floating-point tensor, got {v.dtype} "
+                if not (v.is_floating_point() or v.dtype == torch.int8) or v.dim() != 1:
+                    raise TypeError(where + f"values must be a 1-D floating-point or int8 tensor, got {v.dtype} "
                                     f"{tuple(v.shape)}")
+                _parse_scale(tensors, f"layer.{i}.values", v, (1,), where, scales)
                 if ix.dtype not in (torch.int32, torch.int64) or ix.shape != v.shape:
                     raise TypeError(where + f"indices must be int32/int64 of the values' length, got {ix.dtype} "
                                     f"{tuple(ix.shape)}")
@@ -258,7 +285,7 @@ class SolarPackage:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")
         skipped = need(info, "skipped", (list,)) if "skipped" in info else []
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors)
+        return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales)
 
     # -- report --------------------------------------------------------------------------------
     def encodings(self) -> str:
@@ -390,12 +417,14 @@ def _resolve_budget(budget, candidates: int) -> Optional[int]:
     return min(int(budget) // NUMBERS_PER_COEFFICIENT, candidates)
 
 
-def _parse_factors(tensors: Dict[str, torch.Tensor], i: int, shape, rank: int, where: str):
-    """A low-rank layer's stored factors (B m x t, A t x n, 0 <= t <= rank), checked."""
+def _parse_factors(tensors: Dict[str, torch.Tensor], i: int, shape, rank: int, where: str,
+                   scales: Dict[str, torch.Tensor]):
+    """A low-rank layer's stored factors (B m x t, A t x n, 0 <= t <= rank), checked; the scales of int8
+    factors go to ``scales``."""
     B, A = tensors[f"layer.{i}.lora_B"], tensors[f"layer.{i}.lora_A"]
     m, n = shape
-    if not (B.is_floating_point() and A.is_floating_point()) or B.dim() != 2 or A.dim() != 2:
-        raise TypeError(where + f"lora_B and lora_A must be 2-D floating-point tensors, got {B.dtype} "
+    if not all(x.is_floating_point() or x.dtype == torch.int8 for x in (B, A)) or B.dim() != 2 or A.dim() != 2:
+        raise TypeError(where + f"lora_B and lora_A must be 2-D floating-point or int8 tensors, got {B.dtype} "
                         f"{tuple(B.shape)} and {A.dtype} {tuple(A.shape)}")
     t = B.shape[1]
     if B.shape[0] != m or tuple(A.shape) != (t, n) or t > rank:
@@ -403,7 +432,40 @@ def _parse_factors(tensors: Dict[str, torch.Tensor], i: int, shape, rank: int, w
                          f"layer of rank {rank} (need {m} x t and t x {n}, t <= {rank})")
     if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
         raise ValueError(where + "low-rank factors contain NaN or Inf")
+    _parse_scale(tensors, f"layer.{i}.lora_B", B, (1, t), where, scales)
+    _parse_scale(tensors, f"layer.{i}.lora_A", A, (t, 1), where, scales)
     return B, A
+
+
+def _parse_scale(tensors: Dict[str, torch.Tensor], name: str, t: torch.Tensor, shape, where: str,
+                 scales: Dict[str, torch.Tensor]) -> None:
+    """An int8 tensor's scales (float32 of ``shape``, finite, >= 0), checked, into ``scales``."""
+    if t.dtype != torch.int8:
+        return
+    key = name + SCALE
+    if key not in tensors:
+        raise ValueError(where + f"int8 tensor {name} has no scales ({key})")
+    s = tensors[key]
+    if s.dtype != torch.float32 or tuple(s.shape) != tuple(shape):
+        raise ValueError(where + f"{key} must be float32 of shape {tuple(shape)}, got {s.dtype} {tuple(s.shape)}")
+    if not (torch.isfinite(s).all() and (s >= 0).all()):
+        raise ValueError(where + f"{key} must be finite and >= 0")
+    scales[name] = s
+
+
+def _quantize(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of ``x`` and their float32 scales (absmax / 127 over ``dim``, kept as a size-1
+    dimension so that codes * scales broadcasts): x ≈ codes * scales, each code within ±127."""
+    amax = (x.abs().amax(dim=dim, keepdim=True) if x.shape[dim]
+            else x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:]))
+    scale = (amax.double() / 127).float()
+    codes = torch.round(x.double() / torch.where(scale > 0, scale, 1).double()).clamp_(-127, 127)
+    return codes.to(torch.int8), scale
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What int8 codes stand for: codes * scales, in float32 (the C++ decoder computes the same)."""
+    return codes.to(torch.float32) * scale
 
 
 def _pad_factors(B: torch.Tensor, A: torch.Tensor, rank: int):
@@ -425,6 +487,7 @@ class _Layer:
     V: Optional[torch.Tensor] = None
     C: Optional[torch.Tensor] = None
     svd: Optional[tuple] = None          # lowrank: (U, S, V) of ΔW's leading singular pairs, float64
+    pair_scales: int = 0                 # lowrank: scale numbers a pair stores besides its m + n (int8: 2)
 
     def gains(self, kind: str) -> torch.Tensor:
         """Energy of each item of an encoding, descending (a coefficient's c², a pair's σ²)."""
@@ -434,7 +497,7 @@ class _Layer:
 
     def cost(self, kind: str) -> int:
         """Numbers one item of an encoding stores."""
-        return NUMBERS_PER_COEFFICIENT if kind == "solar" else sum(self.info.shape)
+        return NUMBERS_PER_COEFFICIENT if kind == "solar" else sum(self.info.shape) + self.pair_scales
 
 
 def _encodings(method: str):
@@ -549,8 +612,10 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     heads, biases) are always kept unchanged and count towards ``ratio``. ``method``: each layer's
     encoding, ``"solar"`` (coefficients over W0's bases), ``"lowrank"`` (ΔW's leading singular pairs)
     or ``"auto"`` (per layer whichever captures more energy for its numbers). ``storage``: the dtype of
-    the stored coefficients / factors (``"float16"`` or ``"bfloat16"`` halve the package's bytes; the
-    reported errors are those of the stored, rounded numbers).
+    the stored coefficients / factors (``"float16"`` or ``"bfloat16"`` halve the package's bytes,
+    ``"int8"`` quarters them: symmetric absmax codes with one float32 scale per factor column / row, or
+    per layer for SOLAR coefficients, the scales counted as stored numbers; the reported errors are
+    those of the stored, rounded numbers).
     """
     _check_request(budget, ratio, seed, eps, method, storage)
     ad, bw = _as_adapter(adapter), _as_base(base)
@@ -671,12 +736,18 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
 def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtype, method: str = "solar",
              storage: str = "float32", progress: bool = False) -> SolarPackage:
     """Budget, selection, per-layer decode check and the package (shared by both inputs)."""
-    def stored(t: torch.Tensor, what: str, module: str) -> torch.Tensor:
+    scales: Dict[str, torch.Tensor] = {}
+
+    def stored(t: torch.Tensor, name: str, dim: int, what: str, module: str) -> (torch.Tensor, torch.Tensor):
+        """The tensor as stored under ``name`` and the numbers it stands for (int8: scales over ``dim``)."""
+        if storage == "int8":
+            codes, scales[name] = _quantize(t, dim)
+            return codes, _dequantize(codes, scales[name])
         out = t.to(STORAGE[storage])
         if not torch.isfinite(out).all():
             raise ValueError(f"layer {module}: {what} exceed {storage}'s range (largest magnitude "
                              f"{float(t.abs().max()):.4g}): store them as bfloat16 or float32")
-        return out
+        return out, out
 
     infos = [l.info for l in layers]
     extra_numbers = sum(t.numel() for t in extra.values())
@@ -694,6 +765,14 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
                              + ", ".join(f"{k} ({extra[k].numel()} numbers)" for k in largest) + ")")
     else:
         keep_numbers = None if budget == "full" else budget
+    if storage == "int8":  # a pair's codes carry 2 scales; a SOLAR layer's coefficients 1 (reserved up front)
+        for l in layers:
+            l.pair_scales = 2
+        if keep_numbers is not None and method != "lowrank":
+            keep_numbers -= len(layers)
+            if keep_numbers < NUMBERS_PER_COEFFICIENT:
+                raise ValueError(f"the budget leaves no room for a coefficient and the {len(layers)} int8 scales "
+                                 "of the layers: ask for a larger budget or ratio")
     if method == "solar":
         # Global top-|c|: the kept set with the most captured energy for the budget.
         keep = _resolve_budget("full" if keep_numbers is None else keep_numbers, candidates)
@@ -713,30 +792,32 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
     for l, (kind, sel) in zip(_progress(layers, "solar: coefficients", progress), plan):
         info = l.info
         info.kind = kind
+        i = len(values)
         if kind == "solar":
-            vals = stored(l.C.flatten()[sel], "coefficients", info.module)
+            vals, vals_f = stored(l.C.flatten()[sel], f"layer.{i}.values", 0, "coefficients", info.module)
             values.append(vals)
             indices.append(sel.to(torch.int32))
             factors.append(None)
-            B2, A2, ck = ops.solar_decode(l.U, l.V, vals, sel, info.rank, info.scaling, seed, info.stream)
+            B2, A2, ck = ops.solar_decode(l.U, l.V, vals_f, sel, info.rank, info.scaling, seed, info.stream)
             info.nnz = int(sel.numel())
-            kept = float((vals.double() ** 2).sum())
+            kept = float((vals_f.double() ** 2).sum())
             info.checksum = [float(c) for c in ck]
         else:
             U, S, V = l.svd
             root = (S[:sel] / info.scaling).sqrt()
-            Bt = stored(U[:, :sel] * root, "factors", info.module)
-            At = stored((V[:, :sel] * root).T.contiguous(), "factors", info.module)
+            Bt, Bf = stored(U[:, :sel] * root, f"layer.{i}.lora_B", 0, "factors", info.module)
+            At, Af = stored((V[:, :sel] * root).T.contiguous(), f"layer.{i}.lora_A", 1, "factors", info.module)
             values.append(torch.zeros(0))
             indices.append(torch.zeros(0, dtype=torch.int32))
             factors.append((Bt, At))
-            B2, A2 = _pad_factors(Bt, At, info.rank)
+            B2, A2 = _pad_factors(Bf, Af, info.rank)
             info.nnz = int(sel)
             kept = float((S[:sel].double() ** 2).sum())
             info.checksum = []
         info.energy = min(kept / l.energy, 1.0) if l.energy > 0 else 1.0
         info.rel_error = l.err(B2, A2, info.scaling)
-    return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype, factors=factors)
+    return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype, factors=factors,
+                        scales=scales)
 
 
 def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights], *,
@@ -751,8 +832,7 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
     dtype = getattr(torch, pkg.dtype)
     tensors: Dict[str, torch.Tensor] = {}
     config = dict(pkg.peft_config)
-    for info, vals, idx, f in zip(_progress(pkg.layers, "solar: decode", progress), pkg.values, pkg.indices,
-                                  pkg.factors):
+    for i, info in enumerate(_progress(pkg.layers, "solar: decode", progress)):
         what = f"layer {info.module}"
         try:
             key, W0, _ = _base_weight(bw, info.module, info.shape, what, info.fan_in_fan_out)
@@ -764,13 +844,14 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
                                     f"{info.fingerprint}): wrong base model, or the same one changed or saved in "
                                     "another dtype (the base must be exactly the sender's)")
         prefix = f"base_model.model.{info.module}"
-        if f is not None:  # low-rank layer: the factors themselves, no basis
-            B, A = _pad_factors(*f, info.rank)
+        if pkg.factors[i] is not None:  # low-rank layer: the factors themselves, no basis
+            B, A = _pad_factors(*pkg.stored_factors(i), info.rank)
             tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
             continue
         U, V = ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed, info.stream, pkg.eps)
-        B, A, ck = ops.solar_decode(U, V, vals, idx, info.rank, info.scaling, pkg.seed, info.stream)
+        B, A, ck = ops.solar_decode(U, V, pkg.stored_values(i), pkg.indices[i], info.rank, info.scaling, pkg.seed,
+                                    info.stream)
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
         if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
             raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "

@@ -112,6 +112,11 @@ CASES = [
     # coefficients / factors stored in half precision
     pytest.param(dict(kind="LORA", ratio=0.3, method="auto", storage="float16"), id="auto-float16"),
     pytest.param(dict(kind="LORA", ratio=0.5, storage="bfloat16", eps=0.01), id="solar-bfloat16"),
+    # int8 codes + float32 scales (format version 3)
+    pytest.param(dict(kind="LORA", ratio=0.3, method="auto", storage="int8", dtype=torch.bfloat16), id="auto-int8"),
+    pytest.param(dict(kind="LORA", ratio=0.5, storage="int8", eps=0.01), id="solar-int8"),
+    pytest.param(dict(kind="ADALORA", budget="full", method="lowrank", storage="int8", conv1d=True),
+                 id="adalora-lowrank-int8-conv1d"),
 ]
 
 
@@ -222,19 +227,32 @@ LOWRANK_EDITS = ["lowrank-kind-unknown", "lowrank-rank-below-pairs", "lowrank-wr
                  "lowrank-nnz-mismatch", "lowrank-missing-factor"]
 
 
+@pytest.fixture
+def int8_package(tmp_path):
+    base, _ = _base(tmp_path)
+    pkg_path = tmp_path / "int8.safetensors"
+    solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method="lowrank", storage="int8").save(str(pkg_path))
+    return pkg_path, base
+
+
+INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shape", "int8-scale-negative",
+              "int8-scale-nan", "int8-values-int16"]
+
+
 @pytest.mark.parametrize("case", ["rank-too-large", "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8"]
-                         + LOWRANK_EDITS)
-def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, case):
+                         + LOWRANK_EDITS + INT8_EDITS)
+def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
     refuse the edits that would otherwise decode into a broken adapter, and write nothing."""
     from safetensors import safe_open
 
-    pkg_path, base = lowrank_package if case.startswith("lowrank") else package[:2]
+    pkg_path, base = (lowrank_package if case.startswith("lowrank") else int8_package if case.startswith("int8")
+                      else package[:2])
     with safe_open(str(pkg_path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(meta["solar"])
-    if case.startswith("lowrank"):
+    if case.startswith(("lowrank", "int8")):
         layer = next(i for i, l in enumerate(info["layers"]) if l.get("nnz", 0) >= 1)
         L = info["layers"][layer]
         assert L["kind"] == "lowrank"
@@ -269,6 +287,18 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         tensors[f"layer.{layer}.indices"] = ix
     elif case == "dtype-int8":
         info["dtype"] = "int8"
+    elif case == "int8-missing-scale":
+        del tensors[B_key + "_scale"]
+    elif case == "int8-scale-float64":
+        tensors[A_key + "_scale"] = tensors[A_key + "_scale"].double()
+    elif case == "int8-scale-wrong-shape":
+        tensors[B_key + "_scale"] = tensors[B_key + "_scale"].flatten().contiguous()
+    elif case == "int8-scale-negative":
+        tensors[A_key + "_scale"] = -tensors[A_key + "_scale"]
+    elif case == "int8-scale-nan":
+        tensors[B_key + "_scale"] = torch.full_like(tensors[B_key + "_scale"], float("nan"))
+    elif case == "int8-values-int16":
+        tensors[B_key] = tensors[B_key].to(torch.int16)
     meta["solar"] = json.dumps(info)
     meta["digest"] = io.content_digest(tensors, meta["solar"])
     edited = tmp_path / "edited.safetensors"
@@ -277,4 +307,6 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         solar.decompress(str(edited), str(base))
     r = _run(edited, base, tmp_path / "out")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if "scale" in case:  # refused for the scales (not some other check the edit tripped)
+        assert "_scale" in r.stderr, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -8,7 +8,9 @@ exactly what the dropped singular values hold); "auto" picks the encoding that s
 captures less energy than either method alone at the same budget; budgets are respected; the file
 format (version 2 only when a low-rank layer is present) round-trips, and edited or damaged
 low-rank layers are refused naming the layer; half-precision storage halves the stored values' bytes
-at rounding-level cost and refuses values beyond float16's range.
+at rounding-level cost and refuses values beyond float16's range; int8 storage (absmax codes with
+float32 scales, format version 3) quarters them within the quantisation bound, counts its scales in
+the budget, and round-trips.
 """
 import json
 import math
@@ -253,8 +255,106 @@ def test_float16_overflow_is_refused_naming_the_layer(base_weights, lora_only_ad
 
 
 def test_bad_storage_refused(lora_only_adapter, base_weights):
-    with pytest.raises(ValueError, match="storage must be one of 'float32', 'float16', 'bfloat16'"):
+    with pytest.raises(ValueError, match="storage must be one of 'float32', 'float16', 'bfloat16', 'int8'"):
         solar.compress(lora_only_adapter, base_weights, ratio=0.1, storage="float64")
+
+
+@pytest.mark.parametrize("shape,dim", [((37,), 0), ((53, 3), 0), ((3, 29), 1), ((7, 1), 0), ((0,), 0),
+                                       ((11, 0), 0), ((0, 9), 1)])
+def test_quantize_int8_against_reference(shape, dim):
+    """Codes within ±127 that round x / scale to nearest, scale = absmax / 127 per vector (kept as a size-1
+    dimension), so |x - codes * scale| <= scale / 2; an all-zero vector gets scale 0 and codes 0."""
+    g = torch.Generator().manual_seed(sum(shape) + dim)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, shape[-1] or 1,
+                                                                               dtype=torch.float64)
+    if x.dim() == 2 and x.shape[1 - dim] > 1 and x.shape[dim]:
+        x.select(1 - dim, 0).zero_()  # one all-zero vector
+    codes, scale = solar._quantize(x, dim)
+    want_shape = list(shape)
+    want_shape[dim] = 1
+    assert codes.dtype == torch.int8 and codes.shape == x.shape
+    assert scale.dtype == torch.float32 and list(scale.shape) == want_shape
+    amax = x.abs().amax(dim=dim, keepdim=True) if x.shape[dim] else torch.zeros(want_shape, dtype=torch.float64)
+    assert torch.equal(scale, (amax / 127).float())
+    safe = torch.where(scale > 0, scale, 1).double()
+    assert torch.equal(codes.double(), torch.round(x / safe).clamp(-127, 127))
+    back = solar._dequantize(codes, scale)
+    assert back.dtype == torch.float32
+    assert ((back.double() - x).abs() <= scale.double() / 2 * (1 + 1e-6) + 1e-30).all()
+    if x.numel():
+        assert int(codes.abs().max()) <= 127 and (codes.abs().amax(dim=dim) == 127).sum() >= 1
+
+
+@pytest.mark.parametrize("method", ["solar", "lowrank", "auto"])
+def test_int8_storage(lora_only_adapter, base_weights, tmp_path, method):
+    """int8 stores a byte per value plus a float32 scale per factor column / row (per layer for SOLAR
+    coefficients), counted as stored numbers within the ratio; each layer's error moves by the
+    quantisation only, the reported errors are the stored numbers' ones (the decoded adapter's), and the
+    package (format version 3) loads back unchanged."""
+    pkgs = {st: solar.compress(lora_only_adapter, base_weights, ratio=0.1, method=method, storage=st)
+            for st in ("float32", "int8")}
+    q = pkgs["int8"]
+    assert q.storage() == "int8" and "stored as int8" in q.summary()
+    assert q.ratio() <= 0.1 + 1e-12
+    for i, l in enumerate(q.layers):
+        f = q.factors[i]
+        names = [f"layer.{i}.lora_B", f"layer.{i}.lora_A"] if f is not None else [f"layer.{i}.values"]
+        assert set(names) <= set(q.scales), l.module
+        codes = list(f) if f is not None else [q.values[i]]
+        assert all(c.dtype == torch.int8 for c in codes)
+        assert q.layer_numbers(i) == sum(q.scales[k].numel() for k in names) + (
+            sum(c.numel() for c in codes) if f is not None else 2 * codes[0].numel())
+    path = tmp_path / "int8.safetensors"
+    size = q.save(str(path))
+    size32 = pkgs["float32"].save(str(tmp_path / "f32.safetensors"))
+    values32 = sum(v.numel() for v in pkgs["float32"].values) + sum(
+        f[0].numel() + f[1].numel() for f in pkgs["float32"].factors if f is not None)
+    if method == "lowrank":  # same pairs (the scales take a few numbers: at most one pair fewer per layer)
+        assert size32 - size > 2.5 * values32 - 400
+    else:
+        assert size < size32
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata()["format_version"] == "3"
+    back = SolarPackage.load(str(path))
+    assert sorted(back.scales) == sorted(q.scales)
+    assert all(torch.equal(back.scales[k], q.scales[k]) for k in q.scales)
+    assert all(torch.equal(a, b) for a, b in zip(back.values, q.values))
+    assert back.numbers() == q.numbers()
+    dec = solar.decompress(str(path), base_weights)
+    for l8, e in zip(q.layers, solar.relative_errors(lora_only_adapter, dec)):
+        assert math.isclose(e, l8.rel_error, rel_tol=1e-4, abs_tol=1e-6), l8.module
+    if method == "lowrank":  # same pairs kept, quantisation only (pairs are ~1e-2 of the error)
+        for l8, l32 in zip(q.layers, pkgs["float32"].layers):
+            assert l8.nnz >= l32.nnz - 1
+            if l8.nnz == l32.nnz:
+                assert abs(l8.rel_error - l32.rel_error) < 1e-2, l8.module
+
+
+def test_int8_full_budget_is_near_lossless(lora_only_adapter, base_weights):
+    """budget 'full' at int8: every pair kept, each layer's error is the quantisation's: within the bound
+    that |code * scale - x| <= scale / 2 per entry gives, ‖s Σ_j (b_j a_j − b̂_j â_j)‖ <= s Σ_j (‖δb_j‖ ‖a_j‖ +
+    ‖b̂_j‖ ‖δa_j‖), with ‖δb_j‖ <= √m scale_j / 2 (about 1% here: a few times 1/254 of each vector)."""
+    pkg = solar.compress(lora_only_adapter, base_weights, budget="full", method="lowrank", storage="int8")
+    assert all(l.nnz == l.rank for l in pkg.layers)
+    for i, (l, u) in enumerate(zip(pkg.layers, lora_only_adapter.updates())):
+        B, A = pkg.stored_factors(i)
+        m, n = l.shape
+        dB = math.sqrt(m) * pkg.scales[f"layer.{i}.lora_B"].double().flatten() / 2
+        dA = math.sqrt(n) * pkg.scales[f"layer.{i}.lora_A"].double().flatten() / 2
+        a_true = A.double().norm(dim=1) + dA  # ‖a_j‖ <= ‖â_j‖ + ‖δa_j‖
+        bound = l.scaling * float((dB * a_true + B.double().norm(dim=0) * dA).sum())
+        norm = float(ops.factored_svd(u.B.double() * u.scaling, u.A.double())[1].norm())
+        assert 0 < l.rel_error <= bound / norm, l.module  # rounded: not the float32 factors
+    assert max(l.rel_error for l in pkg.layers) < 2e-2
+
+
+def test_int8_budget_too_small_for_the_scales(lora_only_adapter, base_weights):
+    n = len(lora_only_adapter.updates())
+    with pytest.raises(ValueError, match=f"no room for a coefficient and the {n} int8 scales"):
+        solar.compress(lora_only_adapter, base_weights, budget=n + 1, method="auto", storage="int8")
+    pkg = solar.compress(lora_only_adapter, base_weights, budget=n + 4, method="auto", storage="int8")
+    assert pkg.numbers() - pkg.extra_numbers() <= n + 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +464,20 @@ def test_cli_method_auto(trained_adapter_dir, minilm_base, tmp_path, capsys):
     assert cli.main(["solar", "inspect", str(out)]) == 0
     assert "factors" in capsys.readouterr().out
     restored = tmp_path / "restored"
+    assert cli.main(["solar", "decompress", str(out), "--base", minilm_base, "-o", str(restored), "-q"]) == 0
+    assert (restored / "adapter_model.safetensors").is_file()
+
+
+def test_cli_storage_int8(trained_adapter_dir, minilm_base, tmp_path, capsys):
+    out = tmp_path / "pkg8.safetensors"
+    assert cli.main(["solar", "compress", trained_adapter_dir, "--base", minilm_base, "-o", str(out),
+                     "--ratio", "0.2", "--method", "auto", "--storage", "int8", "-q"]) == 0
+    line = capsys.readouterr().out
+    before, after = (int(x) for x in line.split(" bytes")[0].split(", ")[-1].split(" -> "))
+    assert after * 8 < before  # 0.2 of the numbers at a byte each (+ the float32 head and the header)
+    assert cli.main(["solar", "inspect", str(out)]) == 0
+    assert "stored as int8" in capsys.readouterr().out
+    restored = tmp_path / "restored8"
     assert cli.main(["solar", "decompress", str(out), "--base", minilm_base, "-o", str(restored), "-q"]) == 0
     assert (restored / "adapter_model.safetensors").is_file()
 

@@ -9,6 +9,8 @@
 // a standard peft folder (adapter_config.json + adapter_model.safetensors). Layers stored as low-rank
 // factors (format version 2, `--method lowrank|auto`) are checked against the base weight's
 // fingerprint and written as they are (zero pairs up to the layer's rank), without a basis.
+// Values or factors stored as int8 codes (format version 3, `--storage int8`) are decoded as
+// codes * their float32 scales ("<tensor>_scale"), as solar._dequantize does.
 //
 // Self-contained apart from libtorch: the safetensors reader/writer, the JSON parser/writer (Python
 // json.dump(indent=2, sort_keys=True) output) and SHA-256 are implemented here.
@@ -952,6 +954,7 @@ class BaseWeights {
 constexpr const char* kFormat = "subspace_ext.solar";
 constexpr const char* kFormatVersion = "1";         // every layer SOLAR-encoded
 constexpr const char* kFormatVersionLowrank = "2";  // with low-rank (truncated-SVD) layers
+constexpr const char* kFormatVersionInt8 = "3";     // with int8 codes (and their float32 scales)
 constexpr double kChecksumTol = 1e-6;
 
 struct Layer {
@@ -998,9 +1001,10 @@ Package load_package(const std::string& path) {
   if (!format || *format != kFormat)
     fail(path + ": not a SOLAR package (format " + (format ? "'" + *format + "'" : std::string("None")) + ")");
   const std::string* version = h.meta("format_version");
-  if (!version || (*version != kFormatVersion && *version != kFormatVersionLowrank))
+  if (!version || (*version != kFormatVersion && *version != kFormatVersionLowrank && *version != kFormatVersionInt8))
     fail(path + ": package format version " + (version ? *version : std::string("None")) +
-         " is not supported (this build reads versions " + kFormatVersion + " and " + kFormatVersionLowrank + ")");
+         " is not supported (this build reads versions " + kFormatVersion + ", " + kFormatVersionLowrank + ", " +
+         kFormatVersionInt8 + ")");
 
   // All tensors, and the digest over them (io.tensors_digest), then the package digest.
   std::map<std::string, at::Tensor> tensors;  // sorted by name = Python sorted()
@@ -1098,11 +1102,25 @@ Package load_package(const std::string& path) {
         if (it == tensors.end()) fail("KeyError: '" + key + "'");
         return it->second;
       };
+      // solar._parse_scale + solar._dequantize: an int8 tensor stands for codes * scales (float32)
+      auto dequantized = [&](const char* kind, const at::Tensor& codes, at::IntArrayRef scale_shape) {
+        if (codes.scalar_type() != at::kChar) return codes;
+        const std::string name = "layer." + std::to_string(i) + "." + kind;
+        auto it = tensors.find(name + "_scale");
+        if (it == tensors.end()) fail(where + "int8 tensor " + name + " has no scales (" + name + "_scale)");
+        const at::Tensor& s = it->second;
+        if (s.scalar_type() != at::kFloat || s.sizes() != scale_shape)
+          fail(where + name + "_scale must be float32 of shape " + shape_repr(scale_shape.vec()));
+        if (!at::isfinite(s).all().item<bool>() || !(s >= 0).all().item<bool>())
+          fail(where + name + "_scale must be finite and >= 0");
+        return codes.to(at::kFloat) * s;
+      };
+      auto float_or_int8 = [](const at::Tensor& t) { return t.is_floating_point() || t.scalar_type() == at::kChar; };
       double stored_items;
       if (added.lowrank) {  // solar._parse_factors
         at::Tensor B = tensor("lora_B"), A = tensor("lora_A");
-        if (!B.is_floating_point() || !A.is_floating_point() || B.dim() != 2 || A.dim() != 2)
-          fail(where + "lora_B and lora_A must be 2-D floating-point tensors");
+        if (!float_or_int8(B) || !float_or_int8(A) || B.dim() != 2 || A.dim() != 2)
+          fail(where + "lora_B and lora_A must be 2-D floating-point or int8 tensors");
         const int64_t t = B.size(1);
         if (B.size(0) != added.shape[0] || A.size(0) != t || A.size(1) != added.shape[1] || t > added.rank)
           fail(where + "low-rank factors do not fit a " + std::to_string(added.shape[0]) + " x " +
@@ -1111,11 +1129,13 @@ Package load_package(const std::string& path) {
           fail(where + "low-rank factors contain NaN or Inf");
         pkg.values.emplace_back();
         pkg.indices.emplace_back();
-        pkg.lora_B.push_back(B);
-        pkg.lora_A.push_back(A);
+        pkg.lora_B.push_back(dequantized("lora_B", B, {1, t}));
+        pkg.lora_A.push_back(dequantized("lora_A", A, {t, 1}));
         stored_items = static_cast<double>(t);
       } else {
-        pkg.values.push_back(tensor("values"));
+        at::Tensor v = tensor("values");
+        if (!float_or_int8(v) || v.dim() != 1) fail(where + "values must be a 1-D floating-point or int8 tensor");
+        pkg.values.push_back(dequantized("values", v, {1}));
         pkg.indices.push_back(tensor("indices"));
         pkg.lora_B.emplace_back();
         pkg.lora_A.emplace_back();
