@@ -551,7 +551,8 @@ def _lagrangian(layers: List[_Layer], keep_numbers: float, kinds, gains) -> List
 
     hi = max((float(g[0]) / l.cost(k) for l, gl in zip(layers, gains) for k, g in gl.items() if g.numel()),
              default=0.0)
-    picks, total = choose(hi)  # keeps nothing
+    # keeping nothing always fits; choose(hi) need not keep nothing: (g / cost) * cost can round below g
+    picks, total = [(kinds[0], 0)] * len(layers), 0
     if choose(0.0)[1] <= keep_numbers:
         picks, total = choose(0.0)
     else:
@@ -574,6 +575,7 @@ def _lagrangian(layers: List[_Layer], keep_numbers: float, kinds, gains) -> List
         nexts += [(float(g) / cost, li, cost) for g in extra]
     nexts.sort(key=lambda x: -x[0])
     plan = [list(p) for p in picks]
+    assert left >= 0, "allocation above the budget"
     for _, li, cost in nexts:
         if cost <= left:
             plan[li][1] += 1

@@ -184,6 +184,26 @@ def _exact_optimum(layers, budget: int) -> float:
     return max(best)
 
 
+@pytest.mark.parametrize("method", ["lowrank", "auto"])
+def test_allocation_below_one_item_keeps_nothing(method):
+    """A budget below the one pair a layer could keep: nothing is kept. Regression: the bisection's upper
+    price g / cost, times cost, can round below g, so the "keep nothing" start kept that pair, over the
+    budget (seen on a real adapter at ratio 0.02: a layer's count became -1 and the package unreadable)."""
+    m, n = 60, 40
+    s = next(x for x in (0.37 + 0.001 * i for i in range(10000))
+             if (x * x / (m + n)) * (m + n) < torch.tensor(x, dtype=torch.float64) ** 2)
+    info = solar.LayerInfo("l0", "l0.weight", [m, n], 4, 1.0, 0, "", [])
+    C = torch.zeros(m, n, dtype=torch.float64)
+    C[0, 0] = 1e-9  # a coefficient too small to be worth anything
+    S = torch.tensor([s, s / 2], dtype=torch.float64)
+    assert float(S[0] ** 2) / (m + n) * (m + n) < float(S[0] ** 2)  # the rounding case
+    layer = solar._Layer(info, None, float((S * S).sum()), C=C, svd=(None, S, None))
+    plan = solar._allocate([layer], m + n - 1, method)
+    assert sum(layer.cost(k) * c for k, c in plan) <= m + n - 1
+    assert all(c >= 0 for _, c in plan)
+    assert plan[0] == ("lowrank", 0) if method == "lowrank" else plan[0][0] == "solar"
+
+
 @pytest.mark.parametrize("trial", range(8))
 def test_allocation_is_near_the_exact_optimum(trial):
     """On small layer sets (some sparse in their basis, some low-rank) the allocation keeps within 3% of
