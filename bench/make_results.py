@@ -100,6 +100,8 @@ def solar_section(d, out_dir):
         "on the machine; alone (2 threads, a MiniLM r=8 adapter at ratio 0.1, min of 3): SOLAR 0.86 s, auto "
         "0.72 s, `--method lowrank` 0.04 s (no basis).",
         "",
+        *eval_solar.bytes_table(res, d["ratios"], a.get("storage", [])),
+        "",
         "![SOLAR vs truncated SVD](solar_sst2.png)",
         "",
     ])
