@@ -99,8 +99,7 @@ def solar_section(d, out_dir):
         "`auto` are within 0.5 points at 5× (ratio 0.2). The seconds of this run were measured with other jobs "
         "on the machine; alone (2 threads, a MiniLM r=8 adapter at ratio 0.1, min of 3): SOLAR 0.86 s, auto "
         "0.72 s, `--method lowrank` 0.04 s (no basis).",
-        "",
-        *eval_solar.bytes_table(res, d["ratios"], a.get("storage", [])),
+        *eval_solar.bytes_table(res, d["ratios"], a.get("storage", [])),  # (starts with a blank line)
         "",
         "![SOLAR vs truncated SVD](solar_sst2.png)",
         "",
