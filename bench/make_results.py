@@ -94,9 +94,10 @@ def solar_section(d, out_dir):
         "baseline keeps nothing there. `--method auto` (the same package format, each layer stored as SOLAR "
         "coefficients or as ΔW's leading singular pairs) matches the better of the two at every ratio: SOLAR at "
         "0.02, where no low-rank pair fits, low rank elsewhere, with one SOLAR layer using the numbers a pair "
-        "cannot at 0.05 and 0.1 (this run's encoding labels count a layer given nothing as SOLAR; `encodings()` now "
-        "calls it empty). Every method fails the \"≥ 10× at ≤ 0.5 points\" target; truncated SVD and "
-        "`auto` are within 0.5 points at 5× (ratio 0.2). The seconds of this run were measured with other jobs "
+        "cannot at 0.05 and 0.1 (\"empty\": a layer the budget gave nothing). In stored numbers every method fails "
+        "the \"≥ 10× at ≤ 0.5 points\" target; truncated SVD and `auto` are within 0.5 points at 5× (ratio "
+        "0.2). In bytes it is met where the JSON has the int8 packages (table below): `--storage int8` stores a "
+        "byte per value. The seconds of this run were measured with other jobs "
         "on the machine; alone (2 threads, a MiniLM r=8 adapter at ratio 0.1, min of 3): SOLAR 0.86 s, auto "
         "0.72 s, `--method lowrank` 0.04 s (no basis).",
         *eval_solar.bytes_table(res, d["ratios"], a.get("storage", [])),  # (starts with a blank line)
