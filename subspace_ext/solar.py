@@ -791,10 +791,9 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
             plan.append((kind, torch.topk(l.C.abs().flatten(), count).indices.sort().values if kind == "solar"
                          else count))
     values, indices, factors = [], [], []
-    for l, (kind, sel) in zip(_progress(layers, "solar: coefficients", progress), plan):
+    for i, (l, (kind, sel)) in enumerate(zip(_progress(layers, "solar: coefficients", progress), plan)):
         info = l.info
         info.kind = kind
-        i = len(values)
         if kind == "solar":
             vals, vals_f = stored(l.C.flatten()[sel], f"layer.{i}.values", 0, "coefficients", info.module)
             values.append(vals)
