@@ -305,6 +305,11 @@ class BaseWeights:
     def get(self, key: str) -> torch.Tensor:
         return read_safetensors(self._where[key], [key])[key]
 
+    def shape(self, key: str) -> List[int]:
+        """A tensor's shape, from the file's header (no data read)."""
+        with safe_open(self._where[key], framework="pt") as f:
+            return list(f.get_slice(key).get_shape())
+
     def key_for_module(self, module: str) -> str:
         """The weight key of a module path, matched on the longest common dotted suffix
         (peft's 'bert.encoder.layer.0...query' finds 'encoder.layer.0...query.weight'). An output

@@ -55,6 +55,10 @@ METHODS = ("solar", "lowrank", "auto")
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 SCALE = "_scale"  # suffix of an int8 tensor's scales
 _CHECKSUM_TOL = 1e-6
+# The encoder keeps the layers' SOLAR bases (float64, m² + n² numbers a layer) while they fit in this
+# many bytes; the others are regenerated (the same op on the same weight: the same bits) when the
+# package is assembled. So compressing a 7B-shaped model holds one layer's bases at a time, not all.
+BASIS_CACHE_BYTES = 1 << 30
 
 
 class BaseMismatchError(ValueError):
@@ -483,21 +487,61 @@ class _Layer:
     info: LayerInfo
     err: Callable                        # (B2, A2, s2) -> ‖ΔW − s2 B2 A2‖ / ‖ΔW‖
     energy: float                        # ‖ΔW‖²
-    U: Optional[torch.Tensor] = None     # solar: the bases and C = Uᵀ ΔW V
-    V: Optional[torch.Tensor] = None
-    C: Optional[torch.Tensor] = None
+    top: Optional[tuple] = None          # solar: C = Uᵀ ΔW V's largest coefficients (|c| descending) and
+    #                                      their flat positions: as many as the budget could keep, not C
+    basis: Optional[Callable] = None     # solar: () -> (U, V), kept or regenerated (BASIS_CACHE_BYTES)
     svd: Optional[tuple] = None          # lowrank: (U, S, V) of ΔW's leading singular pairs, float64
     pair_scales: int = 0                 # lowrank: scale numbers a pair stores besides its m + n (int8: 2)
 
     def gains(self, kind: str) -> torch.Tensor:
         """Energy of each item of an encoding, descending (a coefficient's c², a pair's σ²)."""
         if kind == "solar":
-            return (self.C.flatten() ** 2).sort(descending=True).values
+            return self.top[0] ** 2
         return self.svd[1].double() ** 2
+
+    def set_solar(self, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor, cap: Optional[int], bases: "_Bases",
+                  regenerate: Callable) -> None:
+        """Keep what the SOLAR encoding needs of C = Uᵀ ΔW V: its energy and its ``cap`` largest
+        coefficients (None: all); C itself and (past the cache) the bases are let go."""
+        self.energy = float((C * C).sum())  # ‖C‖ = ‖ΔW‖ (orthonormal bases)
+        self.top = _top_coefficients(C, cap)
+        self.basis = bases.keep(U, V, regenerate)
 
     def cost(self, kind: str) -> int:
         """Numbers one item of an encoding stores."""
         return NUMBERS_PER_COEFFICIENT if kind == "solar" else sum(self.info.shape) + self.pair_scales
+
+
+def _top_coefficients(C: torch.Tensor, cap: Optional[int]) -> (torch.Tensor, torch.Tensor):
+    """The ``cap`` (None: all) largest-magnitude entries of C, descending, and their flat positions.
+    A layer never keeps more coefficients than the budget holds, so the allocation over these is the
+    allocation over all of C: a layer keeps a prefix by |c| whatever the other layers do."""
+    flat = C.flatten()
+    k = flat.numel() if cap is None else min(max(cap, 0), flat.numel())
+    positions = torch.topk(flat.abs(), k, sorted=True).indices
+    return flat[positions], positions
+
+
+class _Bases:
+    """Which layers' SOLAR bases stay in memory until the package is assembled: the first ones that
+    fit in ``limit`` bytes; a layer past it gets ``regenerate`` instead."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def keep(self, U: torch.Tensor, V: torch.Tensor, regenerate: Callable) -> Callable:
+        size = U.numel() * U.element_size() + V.numel() * V.element_size()
+        if size > self.left:
+            return regenerate
+        self.left -= size
+        return lambda: (U, V)
+
+
+def _coefficient_cap(budget, ratio, numbers: int) -> Optional[int]:
+    """The most coefficients a budget can keep (None: all) when the adapter stores at most ``numbers``."""
+    if ratio is not None:
+        return int(ratio * numbers) // NUMBERS_PER_COEFFICIENT
+    return None if budget == "full" else int(budget) // NUMBERS_PER_COEFFICIENT
 
 
 def _encodings(method: str):
@@ -618,6 +662,10 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     ``"int8"`` quarters them: symmetric absmax codes with one float32 scale per factor column / row, or
     per layer for SOLAR coefficients, the scales counted as stored numbers; the reported errors are
     those of the stored, rounded numbers).
+
+    Memory: one layer's bases and coefficient matrix at a time, plus the bases that fit in
+    ``BASIS_CACHE_BYTES`` (the others are regenerated for the decode check) and each layer's largest
+    coefficients, as many as the budget could keep.
     """
     _check_request(budget, ratio, seed, eps, method, storage)
     ad, bw = _as_adapter(adapter), _as_base(base)
@@ -626,6 +674,12 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "
                          "the adapter's update is zero, there is nothing to compress")
     kinds = _encodings(method)
+    extra = ad.extra_tensors()
+    cap = _coefficient_cap(budget, ratio, sum(sum(u.shape) * int(u.A.shape[0]) for u in updates)
+                           + sum(t.numel() for t in extra.values()))
+    if cap is None and "lowrank" in kinds:  # lossless: every layer low-rank, no basis needed
+        kinds = ("lowrank",)
+    bases = _Bases(BASIS_CACHE_BYTES)
     layers = []
     for i, u in enumerate(_progress(updates, "solar: bases" if "solar" in kinds else "solar: layers", progress)):
         m, n = u.shape
@@ -639,13 +693,19 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
             layer.svd = ops.factored_svd(B64 * u.scaling, A64)
             layer.energy = float((layer.svd[1] ** 2).sum())  # every singular value of the rank-r ΔW
         if "solar" in kinds:
-            layer.U, layer.V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
-            layer.C = ops.project(layer.U, layer.V, B64, A64, u.scaling)
-            layer.energy = float((layer.C * layer.C).sum())  # ‖C‖ = ‖ΔW‖ (orthonormal bases)
+            U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
+            layer.set_solar(U, V, ops.project(U, V, B64, A64, u.scaling), cap, bases,
+                            _basis_of(bw, key, transposed, seed, i, eps))
+            del U, V
         layers.append(layer)
     dtype = str(updates[0].B.dtype).replace("torch.", "")
-    return _package(layers, ad.extra_tensors(), dict(ad.config), budget, ratio, seed, eps, dtype, method, storage,
+    return _package(layers, extra, dict(ad.config), budget, ratio, seed, eps, dtype, method, storage,
                     progress)
+
+
+def _basis_of(bw: BaseWeights, key: str, transposed: bool, seed: int, stream: int, eps: float) -> Callable:
+    """() -> the SOLAR bases of ``bw[key]``, regenerated from the weight (read again) when called."""
+    return lambda: ops.solar_basis(as_update_layout(bw.get(key), transposed), seed, stream, eps)
 
 
 def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
@@ -690,6 +750,11 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     if not keys:
         raise BaseMismatchError(f"{getattr(fw, 'path', finetuned)} and {getattr(bw, 'path', base)} share no tensor "
                                 "name: wrong base model (or not a checkpoint of the same architecture)?")
+    # the deltas' size is known once they are read: bound it by every shared 2-D tensor's
+    cap = _coefficient_cap(budget, ratio, sum(math.prod(s) for s in map(fw.shape, keys) if len(s) == 2))
+    if cap is None and "lowrank" in encodings:
+        encodings = ("lowrank",)
+    bases = _Bases(BASIS_CACHE_BYTES)
     for k in _progress(keys, "solar: deltas", progress):
         Wf, W0 = fw.get(k), bw.get(k)
         if Wf.shape != W0.shape:
@@ -702,7 +767,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             continue
         _check_finite_base(W0, k)
         transposed = kind == "conv1d"
+        delta = _delta_of(fw, bw, k, transposed)
         D = as_update_layout(Wf.double() - W0.double(), transposed)  # out x in
+        del Wf
         if not torch.isfinite(D).all():
             raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
         m, n = D.shape
@@ -711,14 +778,16 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         info = LayerInfo(module, k, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n,
                          fan_in_fan_out=transposed)
         norm = float(torch.linalg.norm(D))
-        layer = _Layer(info, lambda B2, A2, s2, D=D, norm=norm: float(
-            torch.linalg.norm(D - s2 * B2.double() @ A2.double())) / norm, norm * norm)
+        # the error is measured against the delta read again: no layer's m x n delta is kept
+        layer = _Layer(info, lambda B2, A2, s2, delta=delta, norm=norm: float(
+            torch.linalg.norm(delta() - s2 * B2.double() @ A2.double())) / norm, norm * norm)
         if "solar" in encodings:
-            layer.U, layer.V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
-            layer.C = ops.project_dense(layer.U, layer.V, D)
-            layer.energy = float((layer.C * layer.C).sum())
+            U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
+            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, k, transposed, seed, i, eps))
+            del U, V
         if "lowrank" in encodings:
             layer.svd = ops.rsvd(D, info.rank, niter=4, seed=seed)
+        del D, W0
         layers.append(layer)
     if not layers:
         raise ValueError(f"{getattr(fw, 'path', finetuned)}: no 2-D Linear weight differs from the base")
@@ -733,6 +802,11 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", method, storage, progress)
     pkg.skipped = skipped
     return pkg
+
+
+def _delta_of(fw: BaseWeights, bw: BaseWeights, key: str, transposed: bool) -> Callable:
+    """() -> the fine-tune's float64 delta of ``key`` (out x in), read again from both checkpoints."""
+    return lambda: as_update_layout(fw.get(key).double() - bw.get(key).double(), transposed)
 
 
 def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtype, method: str = "solar",
@@ -754,7 +828,7 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
     infos = [l.info for l in layers]
     extra_numbers = sum(t.numel() for t in extra.values())
     lora_total = sum(l.lora_numbers for l in infos) + extra_numbers
-    candidates = sum(l.C.numel() for l in layers) if method == "solar" else None
+    candidates = sum(math.prod(l.info.shape) for l in layers) if method == "solar" else None
     if ratio is not None:  # extra tensors are stored too: the ratio covers them (checked in _check_request)
         keep_numbers = ratio * lora_total - extra_numbers
         if keep_numbers < NUMBERS_PER_COEFFICIENT:
@@ -776,31 +850,34 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
                 raise ValueError(f"the budget leaves no room for a coefficient and the {len(layers)} int8 scales "
                                  "of the layers: ask for a larger budget or ratio")
     if method == "solar":
-        # Global top-|c|: the kept set with the most captured energy for the budget.
+        # Global top-|c|: the kept set with the most captured energy for the budget (each layer's
+        # candidates hold at least min(its m·n, keep) coefficients, so the top `keep` are among them).
         keep = _resolve_budget("full" if keep_numbers is None else keep_numbers, candidates)
-        flat = torch.cat([l.C.abs().flatten() for l in layers])
+        flat = torch.cat([l.top[0].abs() for l in layers])
+        assert keep is None or keep <= flat.numel(), "fewer candidate coefficients than the budget keeps"
         chosen = (torch.arange(flat.numel()) if keep is None
                   else torch.topk(flat, keep, sorted=False).indices.sort().values)
-        bounds = torch.tensor([0] + [l.C.numel() for l in layers]).cumsum(0)
+        bounds = torch.tensor([0] + [l.top[0].numel() for l in layers]).cumsum(0)
         plan = [("solar", chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i])
                 for i in range(len(layers))]
-    else:
-        plan = []
-        for l, (kind, count) in zip(layers, _allocate(layers, keep_numbers, method)):
-            # a coefficient set is kept as its positions in C (the prefix of C sorted by |c|)
-            plan.append((kind, torch.topk(l.C.abs().flatten(), count).indices.sort().values if kind == "solar"
-                         else count))
+    else:  # a coefficient set is the prefix of the layer's candidates (C's entries by |c|)
+        plan = [(kind, torch.arange(count) if kind == "solar" else count)
+                for kind, count in _allocate(layers, keep_numbers, method)]
     values, indices, factors = [], [], []
     for i, (l, (kind, sel)) in enumerate(zip(_progress(layers, "solar: coefficients", progress), plan)):
         info = l.info
         info.kind = kind
-        if kind == "solar":
-            vals, vals_f = stored(l.C.flatten()[sel], f"layer.{i}.values", 0, "coefficients", info.module)
+        if kind == "solar":  # sel: which candidates; stored in the order of their positions in C
+            positions, order = l.top[1][sel].sort()
+            vals, vals_f = stored(l.top[0][sel][order], f"layer.{i}.values", 0, "coefficients", info.module)
             values.append(vals)
-            indices.append(sel.to(torch.int32))
+            indices.append(positions.to(torch.int32))
             factors.append(None)
-            B2, A2, ck = ops.solar_decode(l.U, l.V, vals_f, sel, info.rank, info.scaling, seed, info.stream)
-            info.nnz = int(sel.numel())
+            U, V = l.basis()
+            l.basis = None  # let a cached basis go once its layer is decoded
+            B2, A2, ck = ops.solar_decode(U, V, vals_f, positions, info.rank, info.scaling, seed, info.stream)
+            del U, V
+            info.nnz = int(positions.numel())
             kept = float((vals_f.double() ** 2).sum())
             info.checksum = [float(c) for c in ck]
         else:

@@ -197,7 +197,7 @@ def test_allocation_below_one_item_keeps_nothing(method):
     C[0, 0] = 1e-9  # a coefficient too small to be worth anything
     S = torch.tensor([s, s / 2], dtype=torch.float64)
     assert float(S[0] ** 2) / (m + n) * (m + n) < float(S[0] ** 2)  # the rounding case
-    layer = solar._Layer(info, None, float((S * S).sum()), C=C, svd=(None, S, None))
+    layer = solar._Layer(info, None, float((S * S).sum()), top=solar._top_coefficients(C, None), svd=(None, S, None))
     plan = solar._allocate([layer], m + n - 1, method)
     assert sum(layer.cost(k) * c for k, c in plan) <= m + n - 1
     assert all(c >= 0 for _, c in plan)
@@ -223,7 +223,7 @@ def test_allocation_is_near_the_exact_optimum(trial):
             w = torch.tensor([3.0, 1.0, 0.5, 0.2], dtype=torch.float64)
             C = (torch.randn(m, 4, generator=g, dtype=torch.float64) * w) @ torch.randn(4, n, generator=g,
                                                                                         dtype=torch.float64)
-        layers.append(solar._Layer(info, None, float((C * C).sum()), C=C, svd=(None, torch.linalg.svdvals(C)[:4], None)))
+        layers.append(solar._Layer(info, None, float((C * C).sum()), top=solar._top_coefficients(C, None), svd=(None, torch.linalg.svdvals(C)[:4], None)))
     budget = int(torch.randint(100, 400, (1,), generator=g))  # room for 3-15 low-rank pairs
     kept = lambda plan: sum(float(l.gains(k)[:c].sum()) for l, (k, c) in zip(layers, plan))  # noqa: E731
     plan = solar._allocate(layers, budget, "auto")
@@ -510,3 +510,115 @@ def test_cli_unknown_method_is_a_usage_error(trained_adapter_dir, minilm_base, t
         rc = e.code
     assert rc == 2
     assert "invalid choice: 'svd'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: the encoder holds one layer's m x n work at a time
+
+MEMORY_SHAPES = {"blk.0.q": (33, 17), "blk.0.o": (17, 33), "blk.1.q": (40, 40), "blk.1.o": (1, 29)}
+
+
+def _random_model(tmp_path, seed: int = 11):
+    """A base of awkward shapes (non-square, a single row), a LoRA adapter of rank 3 on it and a dense
+    fine-tune of it (the adapter merged in). The adapter is random but on the square layer, where it
+    is 3 coefficients over W0's singular vectors (SOLAR's case, so "auto" picks both encodings)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {f"{m}.weight": torch.randn(*s, generator=g) for m, s in MEMORY_SHAPES.items()}
+    tensors, tuned = {}, dict(weights)
+    for m, (o, i) in MEMORY_SHAPES.items():
+        B, A = 0.1 * torch.randn(o, 3, generator=g), torch.randn(3, i, generator=g)
+        if o == i:  # full-rank square W0: its bases are its singular vectors, whatever the stream
+            U, V = ops.solar_basis(weights[f"{m}.weight"], 0, 0, 0.0)
+            B, A = (U[:, [0, 7, 20]] * torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)).float(), V[:, [4, 9, 1]].T.float()
+        tensors[f"base_model.model.{m}.lora_B.weight"], tensors[f"base_model.model.{m}.lora_A.weight"] = B, A
+        tuned[f"{m}.weight"] = weights[f"{m}.weight"] + B @ A
+    base, tuned_path = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    save_file(weights, str(base))
+    save_file(tuned, str(tuned_path))
+    config = {"peft_type": "LORA", "r": 3, "lora_alpha": 3, "target_modules": sorted(MEMORY_SHAPES),
+              "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "task_type": None}
+    return str(base), io.PeftAdapter(config, tensors), str(tuned_path)
+
+
+def _package_content(pkg, path):
+    """A saved package's metadata and tensors (safetensors orders the metadata keys at random)."""
+    pkg.save(str(path))
+    tensors = io.read_safetensors(str(path))
+    return io.safetensors_metadata(str(path)), {k: (t.dtype, t.shape, t.numpy().tobytes()) for k, t in tensors.items()}
+
+
+@pytest.mark.parametrize("method,storage,ratio", [("solar", "float32", 0.3), ("auto", "int8", 0.2),
+                                                  ("auto", "float32", 0.05), ("solar", "float16", 3.0)])
+@pytest.mark.parametrize("dense", [False, True], ids=["adapter", "dense"])
+def test_regenerated_bases_give_the_same_package(tmp_path, monkeypatch, method, storage, ratio, dense):
+    """With no room to keep bases, every SOLAR layer's basis is regenerated when the package is
+    assembled: the package (tensor bytes and metadata) is identical to the one made from kept bases, at small and large ratios
+    (3.0: the budget holds every coefficient)."""
+    base, ad, tuned = _random_model(tmp_path)
+    make = ((lambda: solar.compress_dense(tuned, base, ratio=ratio, rank=3, method=method, storage=storage))
+            if dense else (lambda: solar.compress(ad, base, ratio=ratio, method=method, storage=storage)))
+    kept = _package_content(make(), tmp_path / "kept.safetensors")
+    calls = []
+    real = ops.solar_basis
+    monkeypatch.setattr(ops, "solar_basis", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(solar, "BASIS_CACHE_BYTES", 0)
+    pkg = make()
+    assert _package_content(pkg, tmp_path / "regen.safetensors") == kept
+    solar_layers = [l.stream for l in pkg.layers if l.kind == "solar"]
+    assert solar_layers, "no SOLAR layer: the case tests nothing"
+    assert sorted(calls) == sorted(list(range(len(pkg.layers))) + solar_layers)  # once more per SOLAR layer
+
+
+@pytest.mark.parametrize("method", ["solar", "auto"])
+@pytest.mark.parametrize("dense", [False, True], ids=["adapter", "dense"])
+def test_compress_holds_one_layer_at_a_time(tmp_path, monkeypatch, method, dense):
+    """Past the basis cache, no basis and no coefficient matrix C of an earlier layer is alive when the
+    next layer's basis is made (before the change every layer's U, V and C were kept to the end)."""
+    import weakref
+    base, ad, tuned = _random_model(tmp_path)
+    alive, worst = [], []
+    real_basis, real_project, real_dense = ops.solar_basis, ops.project, ops.project_dense
+
+    def track(real):
+        def wrapped(*a):
+            worst.append(sum(r() is not None for r in alive))
+            out = real(*a)
+            alive.extend(weakref.ref(t) for t in (out if isinstance(out, tuple) else (out,)))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(ops, "solar_basis", track(real_basis))
+    monkeypatch.setattr(ops, "project", track(real_project))
+    monkeypatch.setattr(ops, "project_dense", track(real_dense))
+    monkeypatch.setattr(solar, "BASIS_CACHE_BYTES", 0)
+    if dense:
+        solar.compress_dense(tuned, base, ratio=0.3, rank=3, method=method)
+    else:
+        solar.compress(ad, base, ratio=0.3, method=method)
+    assert len(worst) >= 2 * len(MEMORY_SHAPES)
+    assert max(worst) <= 2, worst  # at a projection: that layer's U and V; at a basis: nothing
+    # and with the default cache these small bases are all kept (nothing regenerated)
+    monkeypatch.setattr(solar, "BASIS_CACHE_BYTES", 1 << 30)
+    worst.clear()
+    solar.compress(ad, base, ratio=0.3, method=method)
+    assert len(worst) == 2 * len(MEMORY_SHAPES)
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_candidate_cap_keeps_the_allocation(trial):
+    """Each layer keeps only as many of C's largest coefficients as the budget holds: the allocation
+    (every method) is the one over all of C."""
+    g = torch.Generator().manual_seed(200 + trial)
+    full, capped = [], []
+    budget = int(torch.randint(20, 120, (1,), generator=g))  # at most 60 coefficients: below most layers
+    for j in range(4):
+        m, n = (int(x) for x in torch.randint(1, 21, (2,), generator=g))
+        info = solar.LayerInfo(f"l{j}", f"l{j}.weight", [m, n], 2, 1.0, j, "", [])
+        C = torch.randn(m, n, generator=g, dtype=torch.float64) * torch.rand(m, 1, generator=g, dtype=torch.float64)
+        S = torch.linalg.svdvals(C)[:2]
+        for out, cap in ((full, None), (capped, budget // solar.NUMBERS_PER_COEFFICIENT)):
+            out.append(solar._Layer(info, None, float((C * C).sum()), top=solar._top_coefficients(C, cap),
+                                    svd=(None, S, None)))
+    assert any(l.top[0].numel() < f.top[0].numel() for l, f in zip(capped, full)), "no layer was capped"
+    for method in ("solar", "lowrank", "auto"):
+        assert solar._allocate(capped, budget, method) == solar._allocate(full, budget, method)
