@@ -537,6 +537,21 @@ class _Bases:
         return lambda: (U, V)
 
 
+def _prune_candidates(layers: List[_Layer], keep: Optional[int]) -> None:
+    """Method "solar" keeps the ``keep`` largest |c| of all layers: drop every candidate below the
+    ``keep``-th largest so far (that threshold only rises), so the candidates of all layers together
+    stay within about 2 x ``keep`` (ties at the threshold are kept)."""
+    tops = [l.top for l in layers if l.top is not None]
+    total = sum(v.numel() for v, _ in tops)
+    if keep is None or total <= 2 * keep:  # prune once the candidates have doubled: O(total) work a time
+        return
+    threshold = torch.topk(torch.cat([v.abs() for v, _ in tops]), max(keep, 1), sorted=False).values.min()
+    for l in layers:
+        if l.top is not None:
+            n = int((l.top[0].abs() >= threshold).sum())  # a prefix: the candidates are sorted by |c|
+            l.top = (l.top[0][:n].clone(), l.top[1][:n].clone())
+
+
 def _coefficient_cap(budget, ratio, numbers: int) -> Optional[int]:
     """The most coefficients a budget can keep (None: all) when the adapter stores at most ``numbers``."""
     if ratio is not None:
@@ -664,8 +679,9 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     those of the stored, rounded numbers).
 
     Memory: one layer's bases and coefficient matrix at a time, plus the bases that fit in
-    ``BASIS_CACHE_BYTES`` (the others are regenerated for the decode check) and each layer's largest
-    coefficients, as many as the budget could keep.
+    ``BASIS_CACHE_BYTES`` (the others are regenerated for the decode check) and the largest
+    coefficients: for "solar" at most about twice what the budget keeps over all layers, for "auto"
+    as many a layer as the budget could keep.
     """
     _check_request(budget, ratio, seed, eps, method, storage)
     ad, bw = _as_adapter(adapter), _as_base(base)
@@ -698,6 +714,8 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
                             _basis_of(bw, key, transposed, seed, i, eps))
             del U, V
         layers.append(layer)
+        if method == "solar":
+            _prune_candidates(layers, cap)
     dtype = str(updates[0].B.dtype).replace("torch.", "")
     return _package(layers, extra, dict(ad.config), budget, ratio, seed, eps, dtype, method, storage,
                     progress)
@@ -789,6 +807,8 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             layer.svd = ops.rsvd(D, info.rank, niter=4, seed=seed)
         del D, W0
         layers.append(layer)
+        if method == "solar":
+            _prune_candidates(layers, cap)
     if not layers:
         raise ValueError(f"{getattr(fw, 'path', finetuned)}: no 2-D Linear weight differs from the base")
     infos = [l.info for l in layers]

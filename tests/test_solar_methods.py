@@ -622,3 +622,28 @@ def test_candidate_cap_keeps_the_allocation(trial):
     assert any(l.top[0].numel() < f.top[0].numel() for l, f in zip(capped, full)), "no layer was capped"
     for method in ("solar", "lowrank", "auto"):
         assert solar._allocate(capped, budget, method) == solar._allocate(full, budget, method)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["adapter", "dense"])
+@pytest.mark.parametrize("ratio", [0.02, 0.2, 0.6])
+def test_solar_candidates_stay_within_twice_the_budget(tmp_path, monkeypatch, dense, ratio):
+    """Method "solar": candidates below the running global top-`keep` are dropped as layers come in,
+    so all layers' candidates together stay within 2 x keep + one layer's, and the package is the one
+    made without the pruning."""
+    base, ad, tuned = _random_model(tmp_path)
+    make = ((lambda: solar.compress_dense(tuned, base, ratio=ratio, rank=3)) if dense
+            else (lambda: solar.compress(ad, base, ratio=ratio)))
+    seen, real_package, real_prune = [], solar._package, solar._prune_candidates
+
+    def prune(layers, keep):
+        real_prune(layers, keep)
+        seen.append((sum(l.top[0].numel() for l in layers), layers[-1].top[0].numel(), keep))
+
+    monkeypatch.setattr(solar, "_prune_candidates", prune)
+    pruned = _package_content(make(), tmp_path / "pruned.safetensors")
+    assert len(seen) == len(MEMORY_SHAPES)
+    assert all(total <= 2 * keep + last for total, last, keep in seen), seen
+    if ratio < 0.5:
+        assert seen[-1][0] < sum(m * n for m, n in MEMORY_SHAPES.values()), "nothing was pruned: the case tests nothing"
+    monkeypatch.setattr(solar, "_prune_candidates", lambda layers, keep: None)
+    assert _package_content(make(), tmp_path / "unpruned.safetensors") == pruned
