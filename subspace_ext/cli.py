@@ -234,7 +234,7 @@ def _solar_compress(args: argparse.Namespace) -> int:
     before = (os.path.getsize(source) if os.path.isfile(source) else
               sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if f.endswith(".safetensors")))
     _make_parent(args.output)
-    size = pkg.save(args.output)
+    size = pkg.save(args.output, layout=args.layout)
     seconds = time.perf_counter() - t0
     for note in pkg.notes():
         print(note, file=sys.stderr)
@@ -267,7 +267,7 @@ def _solar_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_solar(sub: argparse._SubParsersAction) -> None:
-    from .solar import METHODS, STORAGE
+    from .solar import LAYOUTS, METHODS, STORAGE
 
     p = sub.add_parser(
         "solar", help="compress a peft LoRA/AdaLoRA adapter into a SOLAR package, restore, inspect",
@@ -303,6 +303,10 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                         "halve the package's bytes for a rounding error ~1e-3 / ~4e-3 of each number; int8 "
                         "quarters them: codes with one float32 scale per factor column / row (per layer for "
                         "SOLAR coefficients), a rounding error up to 1/254 of each vector's largest entry)")
+    c.add_argument("--layout", choices=LAYOUTS, default="packed",
+                   help="file layout: 'packed' (default; format version 4: every layer's numbers in 3 tensors, "
+                        "the smallest header) or 'layers' (tensors per layer, format versions 1-3: for receivers "
+                        "whose build predates version 4)")
     c.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
                    help="seed of the basis completion/perturbation (default 0)")
     c.add_argument("--eps", type=_number(0), default=0.0, help="relative basis perturbation (default 0)")

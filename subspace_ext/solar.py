@@ -47,7 +47,13 @@ FORMAT = "subspace_ext.solar"
 FORMAT_VERSION = 1           # packages whose layers are all SOLAR-encoded (readable by older builds)
 FORMAT_VERSION_LOWRANK = 2   # packages with low-rank (truncated-SVD) layers
 FORMAT_VERSION_INT8 = 3      # packages with int8-quantised values or factors (and their float32 scales)
-FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_LOWRANK, FORMAT_VERSION_INT8)
+FORMAT_VERSION_PACKED = 4    # layout "packed": every layer's stored numbers in three tensors (PACKED)
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_LOWRANK, FORMAT_VERSION_INT8, FORMAT_VERSION_PACKED)
+# Layout "packed": all layers' values / factors (B then A, row-major), in layer order; all SOLAR layers'
+# int32 indices; all int8 scales (a SOLAR layer's one, then B's t and A's t). A layer's extent follows
+# from its kind, nnz and shape, so the header lists 3 tensors instead of 2 to 4 a layer.
+PACKED = ("packed.values", "packed.indices", "packed.scales")
+LAYOUTS = ("packed", "layers")
 NUMBERS_PER_COEFFICIENT = 2  # value + index
 METHODS = ("solar", "lowrank", "auto")
 # dtype of the stored values; int8: symmetric absmax codes with a float32 scale per factor column / row
@@ -177,9 +183,33 @@ class SolarPackage:
             t[f"extra.{k}"] = v.contiguous()
         return t
 
-    def save(self, path: str) -> int:
-        """Write the package (one .safetensors file); returns its size in bytes."""
-        tensors = self._tensors()
+    def _packed_tensors(self) -> Dict[str, torch.Tensor]:
+        per = self._tensors()
+        values, indices, scales = [], [], []
+        for i, f in enumerate(self.factors):
+            names = (f"layer.{i}.lora_B", f"layer.{i}.lora_A") if f is not None else (f"layer.{i}.values",)
+            values += [per.pop(k).flatten() for k in names]
+            scales += [per.pop(k + SCALE).flatten() for k in names if k + SCALE in per]
+            if f is None:
+                indices.append(per.pop(f"layer.{i}.indices").to(torch.int32))
+        dtypes = {v.dtype for v in values}
+        if len(dtypes) > 1:
+            raise ValueError(f"the packed layout stores one dtype for all values, this package has "
+                             f"{sorted(str(d) for d in dtypes)}: save it with layout='layers'")
+        empty = torch.zeros(0, dtype=dtypes.pop() if dtypes else torch.float32)
+        packed = {PACKED[0]: torch.cat([empty, *values]), PACKED[1]: torch.cat([torch.zeros(0, dtype=torch.int32),
+                                                                               *indices])}
+        if scales:
+            packed[PACKED[2]] = torch.cat(scales)
+        return {**packed, **per}  # per: the extra tensors
+
+    def save(self, path: str, layout: str = "packed") -> int:
+        """Write the package (one .safetensors file); returns its size in bytes. ``layout``: "packed"
+        (format version 4: all layers' numbers in 3 tensors, the smallest header) or "layers" (2 to 4
+        tensors a layer, format versions 1 to 3, for receivers with builds that predate version 4)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+        tensors = self._tensors() if layout == "layers" else self._packed_tensors()
         # fan_in_fan_out and kind are written only where they differ from the default, so packages
         # without Conv1D or low-rank layers stay readable by builds that predate the fields
         defaults = {"fan_in_fan_out": False, "kind": "solar"}
@@ -187,7 +217,7 @@ class SolarPackage:
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
                 "layers": layers, "skipped": self.skipped}
         solar_meta = json.dumps(meta)
-        version = (FORMAT_VERSION_INT8 if self.scales else
+        version = (FORMAT_VERSION_PACKED if layout == "packed" else FORMAT_VERSION_INT8 if self.scales else
                    FORMAT_VERSION_LOWRANK if any(l.kind == "lowrank" for l in self.layers) else FORMAT_VERSION)
         save_safetensors(tensors, path, metadata={"format": FORMAT, "format_version": str(version),
                                                   "solar": solar_meta, "digest": package_digest(tensors, solar_meta)})
@@ -210,7 +240,11 @@ class SolarPackage:
         if package_digest(tensors, meta.get("solar", "")) != meta.get("digest"):
             raise FormatError(f"{path}: contents do not match the package digest (damaged)")
         try:
-            pkg = cls._parse(json.loads(meta["solar"]), tensors)
+            info = json.loads(meta["solar"])
+            if meta["format_version"] == str(FORMAT_VERSION_PACKED) and isinstance(info, dict) and isinstance(
+                    info.get("layers"), list):  # (else _parse names the problem)
+                tensors = _unpack(tensors, info)
+            pkg = cls._parse(info, tensors)
         except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise FormatError(f"{path}: malformed package metadata ({e})") from None
         return pkg
@@ -230,6 +264,7 @@ class SolarPackage:
         if not isinstance(info, dict):
             raise TypeError("the solar metadata is not an object")
         raw_layers = need(info, "layers", (list,))
+        config_rank = _config_rank(info.get("peft_config"))
         layers, values, indices, factors, scales = [], [], [], [], {}
         known = {f.name for f in dataclasses.fields(LayerInfo)}
         for i, l in enumerate(raw_layers):
@@ -244,9 +279,10 @@ class SolarPackage:
             shape = need(l, "shape", (list,), where + "shape")
             if len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
                 raise ValueError(where + f"invalid shape {shape!r}")
-            if not 1 <= need(l, "rank", (int,), where + "rank") <= min(shape):
-                raise ValueError(where + f"rank must be an integer in [1, {min(shape)}] for a {shape[0]} x {shape[1]} "
-                                 "layer")
+            top = max(min(shape), config_rank)  # peft allows a LoRA rank above min(m, n)
+            if not 1 <= need(l, "rank", (int,), where + "rank") <= top:
+                raise ValueError(where + f"rank must be an integer in [1, {top}] for a {shape[0]} x {shape[1]} "
+                                 "layer (the larger of min(m, n) and the peft config's largest rank)")
             if not 0 < need(l, "scaling", (int, float), where + "scaling") < math.inf:
                 raise ValueError(where + f"scaling must be a finite number > 0, got {l['scaling']!r}")
             need(l, "stream", (int,), where + "stream")
@@ -419,6 +455,74 @@ def _resolve_budget(budget, candidates: int) -> Optional[int]:
             or budget < NUMBERS_PER_COEFFICIENT):
         raise ValueError(f"budget must be 'full' or a finite number >= {NUMBERS_PER_COEFFICIENT}, got {budget!r}")
     return min(int(budget) // NUMBERS_PER_COEFFICIENT, candidates)
+
+
+def _config_rank(config) -> int:
+    """The largest LoRA rank a peft config names (r, AdaLoRA's init_r, rank_pattern values); 0 if none."""
+    if not isinstance(config, dict):
+        return 0
+    pattern = config.get("rank_pattern")
+    ranks = [config.get("r"), config.get("init_r"), *(pattern.values() if isinstance(pattern, dict) else ())]
+    return max([r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and 0 < r <= 1 << 30], default=0)
+
+
+def _unpack(tensors: Dict[str, torch.Tensor], info) -> Dict[str, torch.Tensor]:
+    """A packed package's tensors under the per-layer names ("layer.3.lora_B", ...), each layer's share
+    cut by its kind, nnz and shape (``_parse`` then checks them as for the per-layer layout)."""
+    unexpected = sorted(k for k in tensors if k not in PACKED and not k.startswith("extra."))
+    if unexpected:
+        raise ValueError(f"unexpected tensor {unexpected[0]!r} in a packed package")
+    for name in PACKED[:2]:
+        if name not in tensors:
+            raise KeyError(name)
+    values, indices, scales = tensors[PACKED[0]], tensors[PACKED[1]], tensors.get(PACKED[2])
+    if values.dim() != 1 or not (values.is_floating_point() or values.dtype == torch.int8):
+        raise TypeError(f"{PACKED[0]} must be a 1-D floating-point or int8 tensor, got {values.dtype} "
+                        f"{tuple(values.shape)}")
+    if indices.dim() != 1 or indices.dtype != torch.int32:
+        raise TypeError(f"{PACKED[1]} must be a 1-D int32 tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if (scales is not None) != (values.dtype == torch.int8):
+        raise ValueError(f"{PACKED[2]} must be present exactly when {PACKED[0]} is int8 (it is {values.dtype}, "
+                         f"scales {'present' if scales is not None else 'absent'})")
+    if scales is not None and (scales.dim() != 1 or scales.dtype != torch.float32):
+        raise TypeError(f"{PACKED[2]} must be a 1-D float32 tensor, got {scales.dtype} {tuple(scales.shape)}")
+    out = {k: v for k, v in tensors.items() if k.startswith("extra.")}
+    at = {name: 0 for name in PACKED}
+
+    def take(name: str, shape, where: str):
+        t, count = tensors[name], math.prod(shape)
+        if at[name] + count > t.numel():
+            raise ValueError(f"{where}{name} ends before this layer's {count} numbers (it holds {t.numel()}): "
+                             "nnz or shape edited, or a damaged package")
+        at[name] += count
+        return t[at[name] - count: at[name]].reshape(shape)
+
+    for i, l in enumerate(info["layers"]):
+        where = f"layer {i}: "
+        if not isinstance(l, dict):
+            raise TypeError(where + "not an object")
+        kind, nnz, shape = l.get("kind", "solar"), l.get("nnz"), l.get("shape")
+        if kind not in ("solar", "lowrank"):
+            raise ValueError(where + f"kind must be 'solar' or 'lowrank', got {kind!r}")
+        if isinstance(nnz, bool) or not isinstance(nnz, int) or nnz < 0:
+            raise ValueError(where + f"nnz must be an integer >= 0 in a packed package, got {nnz!r}")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise ValueError(where + f"invalid shape {shape!r}")
+        m, n = shape
+        parts = ({"lora_B": ((m, nnz), (1, nnz)), "lora_A": ((nnz, n), (nnz, 1))} if kind == "lowrank"
+                 else {"values": ((nnz,), (1,))})
+        for part, (shape_v, shape_s) in parts.items():
+            out[f"layer.{i}.{part}"] = take(PACKED[0], shape_v, where)
+            if scales is not None:
+                out[f"layer.{i}.{part}{SCALE}"] = take(PACKED[2], shape_s, where)
+        if kind != "lowrank":
+            out[f"layer.{i}.indices"] = take(PACKED[1], (nnz,), where)
+    for name in PACKED:
+        if name in tensors and at[name] != tensors[name].numel():
+            raise ValueError(f"{name} holds {tensors[name].numel()} numbers, the layers use {at[name]}: nnz or "
+                             "shape edited, or a damaged package")
+    return out
 
 
 def _parse_factors(tensors: Dict[str, torch.Tensor], i: int, shape, rank: int, where: str,

@@ -200,3 +200,19 @@ def test_solar_alignment_matches_the_dense_computation():
     assert abs(got["both"] - float((U[:, :5].T @ dW @ Vh[:5].T).pow(2).sum()) / total) < 1e-12
     assert abs(got["top1"] - float(s[0] ** 2 / (s ** 2).sum())) < 1e-12
     assert got["random_left"] == 5 / 37 and abs(got["random_both"] - 25 / (37 * 29)) < 1e-15
+
+
+def test_solar_memory_script_runs_and_the_cache_does_not_change_the_package(tmp_path):
+    """bench/solar_memory.py (the README's memory numbers) on a tiny model, in its own processes: the
+    package digest is the same with the basis cache off, and the report has every field."""
+    outs = []
+    for cache in ("1024", "0"):
+        p = subprocess.run([sys.executable, os.path.join(BENCH, "solar_memory.py"), "--layers", "3", "--shape", "24",
+                            "17", "--rank", "2", "--ratio", "0.3", "--cache-mib", cache, "--work", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        outs.append(dict(kv.split("=", 1) for kv in p.stdout.split()))
+    assert outs[0]["digest"] == outs[1]["digest"]
+    assert float(outs[1]["cache_mib"]) == 0 and int(outs[0]["peak_rss_mib"]) > 0
+    assert set(outs[0]) == {"layers", "shape", "method", "ratio", "cache_mib", "seconds", "peak_rss_mib",
+                            "layer_u_v_c_mib", "digest"}

@@ -274,11 +274,13 @@ def ratio_pkg_with_extra(trained_adapter, base_weights):
     return solar.compress(trained_adapter, base_weights, ratio=0.3, seed=5)
 
 
-@pytest.fixture
-def saved_pkg(ratio_pkg_with_extra, tmp_path):
+@pytest.fixture(params=solar.LAYOUTS)
+def saved_pkg(ratio_pkg_with_extra, tmp_path, request):
+    """The package saved in each layout: "packed" (version 4, the default) and "layers" (version 1)."""
     path = str(tmp_path / "pkg.safetensors")
-    size = ratio_pkg_with_extra.save(path)
+    size = ratio_pkg_with_extra.save(path, layout=request.param)
     assert size == os.path.getsize(path) > 0
+    assert io.safetensors_metadata(path)["format_version"] == ("4" if request.param == "packed" else "1")
     return path
 
 
@@ -414,9 +416,14 @@ def test_edited_package_metadata_is_refused(saved_pkg, tmp_path, case, match):
         elif case == "peft-r-string":
             info["peft_config"]["r"] = "x"
 
+    packed = io.safetensors_metadata(saved_pkg)["format_version"] == "4"
+    name = "packed.indices" if packed else "layer.0.indices"
+    if packed:  # the per-layer checks, where the packed layout has its own
+        match = {"float-indices": "packed.indices must be a 1-D int32", "nnz-mismatch": "packed.values ends before"}.get(case, match)
+
     def tens(t):
         if case == "float-indices":
-            t["layer.0.indices"] = t["layer.0.indices"].float()
+            t[name] = t[name].float()
     path = _resigned(saved_pkg, tmp_path, meta, tens)
     with pytest.raises(FormatError, match="malformed package metadata.*" + match):
         SolarPackage.load(path)

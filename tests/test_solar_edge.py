@@ -6,6 +6,7 @@ inputs, and the casts to the package dtype are torch's own, so the tensors are c
 """
 import json
 import os
+import re
 import struct
 import subprocess
 from pathlib import Path
@@ -54,20 +55,21 @@ def _base(tmp_path, sharded=False, conv1d=False):
     return folder, weights
 
 
-def _adapter(tmp_path, kind="LORA", dtype=torch.float32, fan_in_fan_out=False):
+def _adapter(tmp_path, kind="LORA", dtype=torch.float32, fan_in_fan_out=False, rank=RANK):
+    """``rank`` may exceed a layer's min(m, n): peft allows it (the update's rank is min(m, n) at most)."""
     g = torch.Generator().manual_seed(2)
     tensors = {}
     for module in MODULES:
         m, n = BASE_SHAPES[module + ".weight"]
         prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = torch.randn(RANK, n, generator=g).to(dtype)
-        tensors[f"{prefix}.lora_B.weight"] = (0.1 * torch.randn(m, RANK, generator=g)).to(dtype)
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, n, generator=g).to(dtype)
+        tensors[f"{prefix}.lora_B.weight"] = (0.1 * torch.randn(m, rank, generator=g)).to(dtype)
         if kind == "ADALORA":
-            tensors[f"{prefix}.lora_E.weight"] = torch.randn(RANK, 1, generator=g).to(dtype)
+            tensors[f"{prefix}.lora_E.weight"] = torch.randn(rank, 1, generator=g).to(dtype)
     tensors["base_model.model.classifier.weight"] = torch.randn(3, 48, generator=g)
     tensors["base_model.model.classifier.bias"] = torch.randn(3, generator=g).double()
     config = {
-        "peft_type": kind, "r": RANK, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none",
+        "peft_type": kind, "r": rank, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none",
         "target_modules": ["query", "dense"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS",
         "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "revision": None, "rank_pattern": {},
         "alpha_pattern": {}, "base_model_name_or_path": "tiny-b\u00e9rt \"q\"\t\u2603\U0001f600",
@@ -117,6 +119,11 @@ CASES = [
     pytest.param(dict(kind="LORA", ratio=0.5, storage="int8", eps=0.01), id="solar-int8"),
     pytest.param(dict(kind="ADALORA", budget="full", method="lowrank", storage="int8", conv1d=True),
                  id="adalora-lowrank-int8-conv1d"),
+    # the per-layer layout (format versions 1-3) that builds before version 4 wrote
+    pytest.param(dict(kind="LORA", ratio=0.5, layout="layers"), id="layers-solar"),
+    pytest.param(dict(kind="LORA", ratio=0.3, method="auto", storage="int8", layout="layers"), id="layers-auto-int8"),
+    # a LoRA rank above a layer's min(m, n) (r = 48 on 48 x 40 and 40 x 64 layers)
+    pytest.param(dict(kind="LORA", ratio=0.5, rank=48, method="auto"), id="rank-above-min-mn"),
 ]
 
 
@@ -124,7 +131,8 @@ CASES = [
 def test_edge_decoder_matches_python(tmp_path, case):
     conv1d = case.get("conv1d", False)
     base, _ = _base(tmp_path, sharded=case.get("sharded", False), conv1d=conv1d)
-    adapter = _adapter(tmp_path, case["kind"], case.get("dtype", torch.float32), fan_in_fan_out=conv1d)
+    adapter = _adapter(tmp_path, case["kind"], case.get("dtype", torch.float32), fan_in_fan_out=conv1d,
+                       rank=case.get("rank", RANK))
     method = case.get("method", "solar")
     pkg = solar.compress(str(adapter), str(base), ratio=case.get("ratio"), budget=case.get("budget"),
                          seed=case.get("seed", 0), eps=case.get("eps", 0.0), method=method,
@@ -133,7 +141,8 @@ def test_edge_decoder_matches_python(tmp_path, case):
     if method != "solar":
         assert "lowrank" in [l.kind for l in pkg.layers]
     pkg_path = tmp_path / "package.safetensors"
-    pkg.save(str(pkg_path))
+    pkg.save(str(pkg_path), layout=case.get("layout", "packed"))
+    assert (io.safetensors_metadata(str(pkg_path))["format_version"] == "4") == ("layout" not in case)
 
     py_dir, cpp_dir = tmp_path / "py", tmp_path / "cpp"
     solar.decompress(str(pkg_path), str(base)).save_adapter(str(py_dir))
@@ -149,7 +158,7 @@ def package(tmp_path):
     base, weights = _base(tmp_path)
     adapter = _adapter(tmp_path)
     pkg_path = tmp_path / "package.safetensors"
-    solar.compress(str(adapter), str(base), ratio=0.5).save(str(pkg_path))
+    solar.compress(str(adapter), str(base), ratio=0.5).save(str(pkg_path), layout="layers")  # edits by layer
     return pkg_path, base, weights
 
 
@@ -219,7 +228,7 @@ def test_usage_and_foreign_files(tmp_path, package):
 def lowrank_package(tmp_path):
     base, _ = _base(tmp_path)
     pkg_path = tmp_path / "lowrank.safetensors"
-    solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method="lowrank").save(str(pkg_path))
+    solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method="lowrank").save(str(pkg_path), layout="layers")
     return pkg_path, base
 
 
@@ -231,7 +240,8 @@ LOWRANK_EDITS = ["lowrank-kind-unknown", "lowrank-rank-below-pairs", "lowrank-wr
 def int8_package(tmp_path):
     base, _ = _base(tmp_path)
     pkg_path = tmp_path / "int8.safetensors"
-    solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method="lowrank", storage="int8").save(str(pkg_path))
+    solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method="lowrank", storage="int8").save(
+        str(pkg_path), layout="layers")
     return pkg_path, base
 
 
@@ -309,4 +319,60 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     if "scale" in case:  # refused for the scales (not some other check the edit tripped)
         assert "_scale" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+PACKED_EDITS = {  # case -> (storage, edit(info, tensors), what both decoders' messages contain); method solar
+    # but for "shape-edited" (a low-rank layer's share depends on its shape)
+    "nnz-up": ("float32", lambda i, t: i["layers"][0].update(nnz=i["layers"][0]["nnz"] + 1), "packed.values ends before"),
+    "nnz-down": ("float32", lambda i, t: i["layers"][0].update(nnz=i["layers"][0]["nnz"] - 1), "packed.values holds"),
+    "nnz-missing": ("float32", lambda i, t: i["layers"][0].pop("nnz"), "nnz must be an integer >= 0"),
+    "nnz-negative": ("float32", lambda i, t: i["layers"][0].update(nnz=-1), "nnz must be an integer >= 0"),
+    "values-cut": ("float32", lambda i, t: t.update({"packed.values": t["packed.values"][:-1].clone()}),
+                   "packed.values holds|packed.values ends before"),
+    "indices-int64": ("float32", lambda i, t: t.update({"packed.indices": t["packed.indices"].long()}),
+                      "packed.indices must be a 1-D int32"),
+    "indices-missing": ("float32", lambda i, t: t.pop("packed.indices"), "packed.indices"),
+    "per-layer-tensor": ("float32", lambda i, t: t.update({"layer.0.values": t["packed.values"][:1].clone()}),
+                         "unexpected tensor 'layer.0.values'"),
+    "kind-unknown": ("float32", lambda i, t: i["layers"][0].update(kind="dense"), "kind must be 'solar' or 'lowrank'"),
+    "shape-edited": ("float32", lambda i, t: i["layers"][0].update(shape=[48, 41]), "packed.values"),
+    "scales-missing": ("int8", lambda i, t: t.pop("packed.scales"), "packed.scales must be present"),
+    "scales-float64": ("int8", lambda i, t: t.update({"packed.scales": t["packed.scales"].double()}),
+                       "packed.scales must be a 1-D float32"),
+    "scales-cut": ("int8", lambda i, t: t.update({"packed.scales": t["packed.scales"][:-1].clone()}),
+                   "packed.scales ends before|packed.scales holds"),
+    "scales-on-float": ("float32", lambda i, t: t.update({"packed.scales": torch.ones(3)}),
+                        "packed.scales must be present exactly when"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PACKED_EDITS))
+def test_edited_packed_package_refused_by_both_decoders(tmp_path, case):
+    """Packed layout (version 4): each layer's share of the 3 tensors follows from its kind, nnz and shape, so
+    an edit of those (digest recomputed) or of the tensors is refused by both decoders, naming the tensor."""
+    from safetensors import safe_open
+
+    storage, edit, match = PACKED_EDITS[case]
+    base, _ = _base(tmp_path)
+    pkg_path = tmp_path / "packed.safetensors"
+    method = "lowrank" if case == "shape-edited" else "solar"
+    solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method=method, storage=storage).save(str(pkg_path))
+    with safe_open(str(pkg_path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format_version"] == "4" and {k for k in tensors if not k.startswith("extra.")} == (
+        {"packed.values", "packed.indices"} | ({"packed.scales"} if storage == "int8" else set()))
+    info = json.loads(meta["solar"])
+    assert info["layers"][0]["nnz"] >= 1 and info["layers"][0].get("kind", "solar") == method
+    edit(info, tensors)
+    meta["solar"] = json.dumps(info)
+    meta["digest"] = io.content_digest(tensors, meta["solar"])
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata=meta)
+    with pytest.raises(ValueError, match=match):
+        solar.decompress(str(edited), str(base))
+    r = _run(edited, base, tmp_path / "out")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(match, r.stderr), r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -324,23 +324,24 @@ def test_int8_storage(lora_only_adapter, base_weights, tmp_path, method):
         assert all(c.dtype == torch.int8 for c in codes)
         assert q.layer_numbers(i) == sum(q.scales[k].numel() for k in names) + (
             sum(c.numel() for c in codes) if f is not None else 2 * codes[0].numel())
-    path = tmp_path / "int8.safetensors"
-    size = q.save(str(path))
-    size32 = pkgs["float32"].save(str(tmp_path / "f32.safetensors"))
-    values32 = sum(v.numel() for v in pkgs["float32"].values) + sum(
-        f[0].numel() + f[1].numel() for f in pkgs["float32"].factors if f is not None)
-    if method == "lowrank":  # same pairs (the scales take a few numbers: at most one pair fewer per layer)
-        assert size32 - size > 2.5 * values32 - 400
-    else:
-        assert size < size32
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as fh:
-        assert fh.metadata()["format_version"] == "3"
-    back = SolarPackage.load(str(path))
-    assert sorted(back.scales) == sorted(q.scales)
-    assert all(torch.equal(back.scales[k], q.scales[k]) for k in q.scales)
-    assert all(torch.equal(a, b) for a, b in zip(back.values, q.values))
-    assert back.numbers() == q.numbers()
+    for layout, version in (("packed", "4"), ("layers", "3")):
+        path = tmp_path / f"int8-{layout}.safetensors"
+        size = q.save(str(path), layout=layout)
+        size32 = pkgs["float32"].save(str(tmp_path / "f32.safetensors"), layout=layout)
+        values32 = sum(v.numel() for v in pkgs["float32"].values) + sum(
+            f[0].numel() + f[1].numel() for f in pkgs["float32"].factors if f is not None)
+        if method == "lowrank":  # same pairs (the scales take a few numbers: at most one pair fewer per layer)
+            assert size32 - size > 2.5 * values32 - 400
+        else:
+            assert size < size32
+        assert io.safetensors_metadata(str(path))["format_version"] == version
+        back = SolarPackage.load(str(path))
+        assert sorted(back.scales) == sorted(q.scales)
+        assert all(torch.equal(back.scales[k], q.scales[k]) for k in q.scales)
+        assert all(torch.equal(a, b) for a, b in zip(back.values, q.values))
+        assert all(f is None and g is None or all(torch.equal(x, y) for x, y in zip(f, g))
+                   for f, g in zip(back.factors, q.factors))
+        assert back.numbers() == q.numbers()
     dec = solar.decompress(str(path), base_weights)
     for l8, e in zip(q.layers, solar.relative_errors(lora_only_adapter, dec)):
         assert math.isclose(e, l8.rel_error, rel_tol=1e-4, abs_tol=1e-6), l8.module
@@ -387,17 +388,67 @@ def auto_pkg_path(tmp_path_factory):
     (md, nd) = SHAPES["layer.0.d"]
     pkg = solar.compress(ad, base, budget=6 + md + nd, method="auto")
     path = tmp / "pkg.safetensors"
-    pkg.save(str(path))
+    pkg.save(str(path), layout="layers")  # the edits below are of per-layer tensors
     return str(path), base, ad
 
 
 def test_format_version_is_2_only_with_lowrank_layers(auto_pkg_path, lora_only_adapter, base_weights, tmp_path):
+    """Layout "layers" writes the oldest version that holds the package (1: SOLAR layers only, readable
+    by the first builds; 2: with low-rank layers); the default layout "packed" is version 4 for all."""
     path, base, ad = auto_pkg_path
     assert io.safetensors_metadata(path)["format_version"] == "2"
     solar_only = tmp_path / "solar.safetensors"
-    solar.compress(ad, base, budget=50, method="solar").save(str(solar_only))
+    pkg = solar.compress(ad, base, budget=50, method="solar")
+    pkg.save(str(solar_only), layout="layers")
     meta = io.safetensors_metadata(str(solar_only))
     assert meta["format_version"] == "1" and '"kind"' not in meta["solar"]
+    pkg.save(str(solar_only))
+    assert io.safetensors_metadata(str(solar_only))["format_version"] == "4"
+    with pytest.raises(ValueError, match="layout must be one of 'packed', 'layers'"):
+        pkg.save(str(solar_only), layout="zip")
+
+
+def test_packed_layout_holds_the_same_package_in_fewer_header_bytes(tmp_path):
+    """Every method x storage: the packed file loads back into the same numbers as the per-layer one, decodes
+    to the same adapter, lists 3 tensors (+ extra) instead of 2-4 a layer, and is smaller by its header."""
+    base, ad, tuned = _random_model(tmp_path)
+    for method in solar.METHODS:
+        for storage in ("float32", "float16", "int8"):
+            pkg = solar.compress(ad, base, ratio=0.3, method=method, storage=storage)
+            sizes, decoded = {}, {}
+            for layout in solar.LAYOUTS:
+                path = tmp_path / f"{layout}.safetensors"
+                sizes[layout] = pkg.save(str(path), layout=layout)
+                back = SolarPackage.load(str(path))
+                assert back.numbers() == pkg.numbers() and back.layers == pkg.layers
+                for i in range(len(pkg.layers)):
+                    if pkg.factors[i] is None:
+                        assert torch.equal(back.stored_values(i), pkg.stored_values(i))
+                        assert torch.equal(back.indices[i], pkg.indices[i])
+                    else:
+                        assert all(torch.equal(x, y) for x, y in zip(back.stored_factors(i), pkg.stored_factors(i)))
+                decoded[layout] = solar.decompress(back, base).tensors
+            with open(tmp_path / "packed.safetensors", "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            assert sorted(k for k in header if k != "__metadata__") == (
+                ["packed.indices", "packed.scales", "packed.values"] if storage == "int8"
+                else ["packed.indices", "packed.values"])
+            assert sizes["packed"] < sizes["layers"], (method, storage, sizes)
+            assert decoded["packed"].keys() == decoded["layers"].keys()
+            assert all(torch.equal(decoded["packed"][k], decoded["layers"][k]) for k in decoded["layers"])
+
+
+def test_lora_rank_above_min_mn_round_trips(tmp_path):
+    """peft allows a LoRA rank above a layer's min(m, n) (here r = 3 on a 1 x 29 layer): the package loads
+    (its rank is bounded by the config's largest rank, not min(m, n) alone) and decodes exactly."""
+    base, ad, _ = _random_model(tmp_path)
+    assert any(min(u.shape) < u.A.shape[0] for u in ad.updates())
+    for layout in solar.LAYOUTS:
+        path = tmp_path / f"{layout}.safetensors"
+        solar.compress(ad, base, budget="full", method="lowrank").save(str(path), layout=layout)
+        dec = solar.decompress(str(path), base)
+        for e in solar.relative_errors(ad, dec):
+            assert e < ROUNDING
 
 
 def test_save_load_round_trip(auto_pkg_path):

@@ -955,6 +955,7 @@ constexpr const char* kFormat = "subspace_ext.solar";
 constexpr const char* kFormatVersion = "1";         // every layer SOLAR-encoded
 constexpr const char* kFormatVersionLowrank = "2";  // with low-rank (truncated-SVD) layers
 constexpr const char* kFormatVersionInt8 = "3";     // with int8 codes (and their float32 scales)
+constexpr const char* kFormatVersionPacked = "4";   // layout "packed": all layers' numbers in 3 tensors
 constexpr double kChecksumTol = 1e-6;
 
 struct Layer {
@@ -993,6 +994,102 @@ double as_double(const Json& j, const std::string& what) {
   return j.number;
 }
 
+// solar._config_rank: the largest LoRA rank a peft config names (r, init_r, rank_pattern values); 0 if none.
+int64_t largest_config_rank(const Json* config) {
+  int64_t best = 0;
+  if (!config || config->type != Json::Type::Object) return best;
+  auto consider = [&](const Json* v) {
+    __int128 x;
+    if (v && v->type == Json::Type::Int && json_to_int128(*v, x) && x > best && x <= (__int128{1} << 30))
+      best = static_cast<int64_t>(x);
+  };
+  consider(config->find("r"));
+  consider(config->find("init_r"));
+  if (const Json* pattern = config->find("rank_pattern"); pattern && pattern->type == Json::Type::Object)
+    for (const auto& kv : pattern->members) consider(&kv.second);
+  return best;
+}
+
+// solar._unpack: a packed package's tensors under the per-layer names, each layer's share cut by its
+// kind, nnz and shape (the per-layer checks then run as for the per-layer layout).
+std::map<std::string, at::Tensor> unpack(const std::map<std::string, at::Tensor>& tensors, const Json& layers) {
+  static const char* kPacked[] = {"packed.values", "packed.indices", "packed.scales"};
+  for (const auto& kv : tensors)
+    if (kv.first.rfind("extra.", 0) != 0 && kv.first != kPacked[0] && kv.first != kPacked[1] && kv.first != kPacked[2])
+      fail("unexpected tensor '" + kv.first + "' in a packed package");
+  for (int k = 0; k < 2; ++k)
+    if (!tensors.count(kPacked[k])) fail(std::string("KeyError: '") + kPacked[k] + "'");
+  const at::Tensor& values = tensors.at(kPacked[0]);
+  const at::Tensor& indices = tensors.at(kPacked[1]);
+  const bool has_scales = tensors.count(kPacked[2]) > 0;
+  if (values.dim() != 1 || !(values.is_floating_point() || values.scalar_type() == at::kChar))
+    fail("packed.values must be a 1-D floating-point or int8 tensor");
+  if (indices.dim() != 1 || indices.scalar_type() != at::kInt) fail("packed.indices must be a 1-D int32 tensor");
+  if (has_scales != (values.scalar_type() == at::kChar))
+    fail("packed.scales must be present exactly when packed.values is int8");
+  if (has_scales && (tensors.at(kPacked[2]).dim() != 1 || tensors.at(kPacked[2]).scalar_type() != at::kFloat))
+    fail("packed.scales must be a 1-D float32 tensor");
+  std::map<std::string, at::Tensor> out;
+  for (const auto& kv : tensors)
+    if (kv.first.rfind("extra.", 0) == 0) out[kv.first] = kv.second;
+  std::map<std::string, int64_t> at_;
+  auto take = [&](const char* name, std::vector<int64_t> shape, const std::string& where) {
+    const at::Tensor& t = tensors.at(name);
+    __int128 count = 1;  // nnz < 2^62 and m, n < 2^31: no overflow
+    for (int64_t d : shape) count *= d;
+    int64_t& pos = at_[name];
+    if (pos + count > t.numel())
+      fail(where + name + " ends before this layer's " +
+           (count < (__int128{1} << 62) ? std::to_string(static_cast<int64_t>(count)) : std::string("> 2^62")) +
+           " numbers (it holds " + std::to_string(t.numel()) + "): nnz or shape edited, or a damaged package");
+    pos += static_cast<int64_t>(count);
+    return t.narrow(0, pos - static_cast<int64_t>(count), static_cast<int64_t>(count)).reshape(shape);
+  };
+  for (size_t i = 0; i < layers.items.size(); ++i) {
+    const Json& l = layers.items[i];
+    const std::string where = "layer " + std::to_string(i) + ": ", prefix = "layer." + std::to_string(i) + ".";
+    if (l.type != Json::Type::Object) fail(where + "not an object");
+    bool lowrank = false;
+    if (const Json* k = l.find("kind")) {
+      if (k->type != Json::Type::String || (k->text != "solar" && k->text != "lowrank"))
+        fail(where + "kind must be 'solar' or 'lowrank'");
+      lowrank = k->text == "lowrank";
+    }
+    const Json* nnz_json = l.find("nnz");
+    __int128 nnz128;
+    if (!nnz_json || nnz_json->type != Json::Type::Int || !json_to_int128(*nnz_json, nnz128) || nnz128 < 0 ||
+        nnz128 > (__int128{1} << 62))
+      fail(where + "nnz must be an integer >= 0 in a packed package");
+    const int64_t nnz = static_cast<int64_t>(nnz128);
+    const Json* shape = l.find("shape");
+    std::vector<int64_t> mn;
+    if (shape && shape->type == Json::Type::Array)
+      for (const Json& d : shape->items) {
+        __int128 v;
+        if (d.type == Json::Type::Int && json_to_int128(d, v) && v >= 1 && v <= (__int128{1} << 31))
+          mn.push_back(static_cast<int64_t>(v));
+      }
+    if (!shape || shape->type != Json::Type::Array || shape->items.size() != 2 || mn.size() != 2)
+      fail(where + "invalid shape");
+    auto part = [&](const char* kind, std::vector<int64_t> value_shape, std::vector<int64_t> scale_shape) {
+      out[prefix + kind] = take(kPacked[0], value_shape, where);
+      if (has_scales) out[prefix + kind + "_scale"] = take(kPacked[2], scale_shape, where);
+    };
+    if (lowrank) {
+      part("lora_B", {mn[0], nnz}, {1, nnz});
+      part("lora_A", {nnz, mn[1]}, {nnz, 1});
+    } else {
+      part("values", {nnz}, {1});
+      out[prefix + "indices"] = take(kPacked[1], {nnz}, where);
+    }
+  }
+  for (const char* name : kPacked)
+    if (tensors.count(name) && at_[name] != tensors.at(name).numel())
+      fail(std::string(name) + " holds " + std::to_string(tensors.at(name).numel()) + " numbers, the layers use " +
+           std::to_string(at_[name]) + ": nnz or shape edited, or a damaged package");
+  return out;
+}
+
 Package load_package(const std::string& path) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) fail(path + ": no such file");
@@ -1001,10 +1098,11 @@ Package load_package(const std::string& path) {
   if (!format || *format != kFormat)
     fail(path + ": not a SOLAR package (format " + (format ? "'" + *format + "'" : std::string("None")) + ")");
   const std::string* version = h.meta("format_version");
-  if (!version || (*version != kFormatVersion && *version != kFormatVersionLowrank && *version != kFormatVersionInt8))
+  if (!version || (*version != kFormatVersion && *version != kFormatVersionLowrank && *version != kFormatVersionInt8 &&
+                   *version != kFormatVersionPacked))
     fail(path + ": package format version " + (version ? *version : std::string("None")) +
          " is not supported (this build reads versions " + kFormatVersion + ", " + kFormatVersionLowrank + ", " +
-         kFormatVersionInt8 + ")");
+         kFormatVersionInt8 + ", " + kFormatVersionPacked + ")");
 
   // All tensors, and the digest over them (io.tensors_digest), then the package digest.
   std::map<std::string, at::Tensor> tensors;  // sorted by name = Python sorted()
@@ -1042,6 +1140,8 @@ Package load_package(const std::string& path) {
     };
     const Json& layers = need(info, "layers");
     if (layers.type != Json::Type::Array) fail("'layers' is not a list");
+    if (*version == kFormatVersionPacked) tensors = unpack(tensors, layers);
+    const int64_t config_rank = largest_config_rank(info.find("peft_config"));
     static const char* kRequired[] = {"module", "base_key", "shape", "rank", "scaling", "stream",
                                       "fingerprint", "checksum"};
     static const char* kOptional[] = {"nnz", "energy", "rel_error", "lora_numbers", "fan_in_fan_out", "kind"};
@@ -1073,8 +1173,9 @@ Package load_package(const std::string& path) {
       if (L.shape.size() != 2 || L.shape[0] < 1 || L.shape[1] < 1) fail(where + "invalid shape");
       L.rank_json = need(l, "rank");
       __int128 r;
-      if (!json_to_int128(L.rank_json, r) || r < 1 || r > std::min(L.shape[0], L.shape[1]))
-        fail(where + "rank must be an integer in [1, " + std::to_string(std::min(L.shape[0], L.shape[1])) + "]");
+      const int64_t top = std::max(std::min(L.shape[0], L.shape[1]), config_rank);  // peft allows r > min(m, n)
+      if (!json_to_int128(L.rank_json, r) || r < 1 || r > top)
+        fail(where + "rank must be an integer in [1, " + std::to_string(top) + "]");
       L.rank = static_cast<int64_t>(r);
       L.scaling_json = need(l, "scaling");
       L.scaling = as_double(L.scaling_json, where + "scaling");
