@@ -191,7 +191,11 @@ class SolarPackage:
             values += [per.pop(k).flatten() for k in names]
             scales += [per.pop(k + SCALE).flatten() for k in names if k + SCALE in per]
             if f is None:
-                indices.append(per.pop(f"layer.{i}.indices").to(torch.int32))
+                ix = per.pop(f"layer.{i}.indices")
+                if ix.numel() and int(ix.max()) > torch.iinfo(torch.int32).max:
+                    raise ValueError(f"layer {self.layers[i].module}: coefficient positions beyond int32 (a layer of "
+                                     f"{math.prod(self.layers[i].shape)} entries): save it with layout='layers'")
+                indices.append(ix.to(torch.int32))
         dtypes = {v.dtype for v in values}
         if len(dtypes) > 1:
             raise ValueError(f"the packed layout stores one dtype for all values, this package has "
@@ -995,7 +999,7 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
             positions, order = l.top[1][sel].sort()
             vals, vals_f = stored(l.top[0][sel][order], f"layer.{i}.values", 0, "coefficients", info.module)
             values.append(vals)
-            indices.append(positions.to(torch.int32))
+            indices.append(positions.to(torch.int32 if math.prod(info.shape) <= 2 ** 31 else torch.int64))
             factors.append(None)
             U, V = l.basis()
             l.basis = None  # let a cached basis go once its layer is decoded

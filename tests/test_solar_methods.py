@@ -698,3 +698,15 @@ def test_solar_candidates_stay_within_twice_the_budget(tmp_path, monkeypatch, de
         assert seen[-1][0] < sum(m * n for m, n in MEMORY_SHAPES.values()), "nothing was pruned: the case tests nothing"
     monkeypatch.setattr(solar, "_prune_candidates", lambda layers, keep: None)
     assert _package_content(make(), tmp_path / "unpruned.safetensors") == pruned
+
+
+def test_packed_layout_refuses_positions_beyond_int32(tmp_path):
+    """A layer of more than 2^31 entries keeps int64 coefficient positions: the packed layout (int32
+    indices) refuses it, naming the layer, instead of wrapping them; the per-layer layout stores them."""
+    info = solar.LayerInfo("huge", "huge.weight", [65536, 65537], 1, 1.0, 0, "0" * 16, [0.0, 0.0], nnz=1)
+    pkg = SolarPackage(0, 0.0, _config(["huge"]), [info], [torch.ones(1)],
+                       [torch.tensor([2 ** 31 + 5], dtype=torch.int64)])
+    with pytest.raises(ValueError, match="layer huge: coefficient positions beyond int32.*layout='layers'"):
+        pkg.save(str(tmp_path / "p.safetensors"))
+    pkg.save(str(tmp_path / "l.safetensors"), layout="layers")
+    assert int(SolarPackage.load(str(tmp_path / "l.safetensors")).indices[0][0]) == 2 ** 31 + 5
