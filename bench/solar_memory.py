@@ -75,7 +75,9 @@ def main(argv=None) -> dict:
     for t in [*pkg.values, *pkg.indices, *(x for f in pkg.factors if f for x in f)]:
         digest.update(t.contiguous().numpy().tobytes())
     out = {"layers": a.layers, "shape": f"{m}x{n}", "method": a.method, "ratio": a.ratio,
-           "cache_mib": solar.BASIS_CACHE_BYTES / 2 ** 20, "seconds": round(seconds, 2),
+           "cache_mib": (solar.BASIS_CACHE_BYTES / 2 ** 20 if hasattr(solar, "BASIS_CACHE_BYTES")
+                         else None),  # None: a build before the basis cache (it kept every layer's)
+           "seconds": round(seconds, 2),
            "peak_rss_mib": round(peak_mib), "layer_u_v_c_mib": round((m * m + n * n + m * n) * 8 / 2 ** 20, 1),
            "digest": digest.hexdigest()[:16]}
     print(" ".join(f"{k}={v}" for k, v in out.items()))
