@@ -130,11 +130,15 @@ class SolarPackage:
         B, A = self.factors[i]
         return self._dequantized(f"layer.{i}.lora_B", B), self._dequantized(f"layer.{i}.lora_A", A)
 
+    def _value_names(self, i: int) -> Tuple[str, ...]:
+        """The package names of layer i's stored values: its factors B, A, or its coefficient values."""
+        return (f"layer.{i}.lora_B", f"layer.{i}.lora_A") if self.factors[i] is not None else (f"layer.{i}.values",)
+
     # -- sizes ---------------------------------------------------------------------------------
     def layer_numbers(self, i: int) -> int:
         """Numbers stored for layer i: 2 per coefficient, or the low-rank factors' elements (+ int8 scales)."""
         f = self.factors[i]
-        names = (f"layer.{i}.lora_B", f"layer.{i}.lora_A") if f is not None else (f"layer.{i}.values",)
+        names = self._value_names(i)
         scales = sum(self.scales[k].numel() for k in names if k in self.scales)
         return scales + (f[0].numel() + f[1].numel() if f is not None
                          else NUMBERS_PER_COEFFICIENT * self.values[i].numel())
@@ -187,7 +191,7 @@ class SolarPackage:
         per = self._tensors()
         values, indices, scales = [], [], []
         for i, f in enumerate(self.factors):
-            names = (f"layer.{i}.lora_B", f"layer.{i}.lora_A") if f is not None else (f"layer.{i}.values",)
+            names = self._value_names(i)
             values += [per.pop(k).flatten() for k in names]
             scales += [per.pop(k + SCALE).flatten() for k in names if k + SCALE in per]
             if f is None:
@@ -281,7 +285,7 @@ class SolarPackage:
             for key in ("module", "base_key", "fingerprint"):
                 need(l, key, (str,), where + key)
             shape = need(l, "shape", (list,), where + "shape")
-            if len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+            if not _is_shape(shape):
                 raise ValueError(where + f"invalid shape {shape!r}")
             top = max(min(shape), config_rank)  # peft allows a LoRA rank above min(m, n)
             if not 1 <= need(l, "rank", (int,), where + "rank") <= top:
@@ -461,6 +465,12 @@ def _resolve_budget(budget, candidates: int) -> Optional[int]:
     return min(int(budget) // NUMBERS_PER_COEFFICIENT, candidates)
 
 
+def _is_shape(shape) -> bool:
+    """A layer's metadata shape: a list of two ints >= 1 (m out, n in)."""
+    return (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
+
+
 def _config_rank(config) -> int:
     """The largest LoRA rank a peft config names (r, AdaLoRA's init_r, rank_pattern values); 0 if none."""
     if not isinstance(config, dict):
@@ -510,8 +520,7 @@ def _unpack(tensors: Dict[str, torch.Tensor], info) -> Dict[str, torch.Tensor]:
             raise ValueError(where + f"kind must be 'solar' or 'lowrank', got {kind!r}")
         if isinstance(nnz, bool) or not isinstance(nnz, int) or nnz < 0:
             raise ValueError(where + f"nnz must be an integer >= 0 in a packed package, got {nnz!r}")
-        if not (isinstance(shape, list) and len(shape) == 2
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        if not _is_shape(shape):
             raise ValueError(where + f"invalid shape {shape!r}")
         m, n = shape
         parts = ({"lora_B": ((m, nnz), (1, nnz)), "lora_A": ((nnz, n), (nnz, 1))} if kind == "lowrank"
@@ -649,15 +658,12 @@ def _prune_candidates(layers: List[_Layer], keep: Optional[int]) -> None:
     """Method "solar" keeps the ``keep`` largest |c| of all layers: drop every candidate below the
     ``keep``-th largest so far (that threshold only rises), so the candidates of all layers together
     stay within about 2 x ``keep`` (ties at the threshold are kept)."""
-    tops = [l.top for l in layers if l.top is not None]
-    total = sum(v.numel() for v, _ in tops)
-    if keep is None or total <= 2 * keep:  # prune once the candidates have doubled: O(total) work a time
-        return
-    threshold = torch.topk(torch.cat([v.abs() for v, _ in tops]), max(keep, 1), sorted=False).values.min()
+    if keep is None or sum(l.top[0].numel() for l in layers) <= 2 * keep:  # prune once they have doubled:
+        return                                                               # O(total) work a time
+    threshold = torch.topk(torch.cat([l.top[0].abs() for l in layers]), max(keep, 1), sorted=False).values.min()
     for l in layers:
-        if l.top is not None:
-            n = int((l.top[0].abs() >= threshold).sum())  # a prefix: the candidates are sorted by |c|
-            l.top = (l.top[0][:n].clone(), l.top[1][:n].clone())
+        n = int((l.top[0].abs() >= threshold).sum())  # a prefix: the candidates are sorted by |c|
+        l.top = (l.top[0][:n].clone(), l.top[1][:n].clone())
 
 
 def _coefficient_cap(budget, ratio, numbers: int) -> Optional[int]:
@@ -894,7 +900,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         _check_finite_base(W0, k)
         transposed = kind == "conv1d"
         delta = _delta_of(fw, bw, k, transposed)
-        D = as_update_layout(Wf.double() - W0.double(), transposed)  # out x in
+        D = _delta(Wf, W0, transposed)
         del Wf
         if not torch.isfinite(D).all():
             raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
@@ -932,9 +938,14 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     return pkg
 
 
+def _delta(Wf: torch.Tensor, W0: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The fine-tune's float64 delta, out x in."""
+    return as_update_layout(Wf.double() - W0.double(), transposed)
+
+
 def _delta_of(fw: BaseWeights, bw: BaseWeights, key: str, transposed: bool) -> Callable:
-    """() -> the fine-tune's float64 delta of ``key`` (out x in), read again from both checkpoints."""
-    return lambda: as_update_layout(fw.get(key).double() - bw.get(key).double(), transposed)
+    """() -> the delta of ``key``, read again from both checkpoints."""
+    return lambda: _delta(fw.get(key), bw.get(key), transposed)
 
 
 def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtype, method: str = "solar",

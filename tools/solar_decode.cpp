@@ -1010,6 +1010,28 @@ int64_t largest_config_rank(const Json* config) {
   return best;
 }
 
+// A layer's "shape": a list of two integers >= 1 (solar._is_shape).
+std::vector<int64_t> layer_shape(const Json& shape, const std::string& where) {
+  if (shape.type != Json::Type::Array) fail(where + "shape must be a list");
+  std::vector<int64_t> out;
+  for (const Json& d : shape.items) {
+    __int128 v;
+    if (!json_to_int128(d, v) || v < 0 || v > (__int128{1} << 62)) fail(where + "invalid shape");
+    out.push_back(static_cast<int64_t>(v));
+  }
+  if (out.size() != 2 || out[0] < 1 || out[1] < 1) fail(where + "invalid shape");
+  return out;
+}
+
+// A layer's "kind" ("solar" when absent): whether it is "lowrank".
+bool is_lowrank(const Json& layer, const std::string& where) {
+  const Json* k = layer.find("kind");
+  if (!k) return false;
+  if (k->type != Json::Type::String || (k->text != "solar" && k->text != "lowrank"))
+    fail(where + "kind must be 'solar' or 'lowrank'");
+  return k->text == "lowrank";
+}
+
 // solar._unpack: a packed package's tensors under the per-layer names, each layer's share cut by its
 // kind, nnz and shape (the per-layer checks then run as for the per-layer layout).
 std::map<std::string, at::Tensor> unpack(const std::map<std::string, at::Tensor>& tensors, const Json& layers) {
@@ -1035,7 +1057,7 @@ std::map<std::string, at::Tensor> unpack(const std::map<std::string, at::Tensor>
   std::map<std::string, int64_t> at_;
   auto take = [&](const char* name, std::vector<int64_t> shape, const std::string& where) {
     const at::Tensor& t = tensors.at(name);
-    __int128 count = 1;  // nnz < 2^62 and m, n < 2^31: no overflow
+    __int128 count = 1;  // nnz, m, n <= 2^62: no overflow
     for (int64_t d : shape) count *= d;
     int64_t& pos = at_[name];
     if (pos + count > t.numel())
@@ -1049,12 +1071,7 @@ std::map<std::string, at::Tensor> unpack(const std::map<std::string, at::Tensor>
     const Json& l = layers.items[i];
     const std::string where = "layer " + std::to_string(i) + ": ", prefix = "layer." + std::to_string(i) + ".";
     if (l.type != Json::Type::Object) fail(where + "not an object");
-    bool lowrank = false;
-    if (const Json* k = l.find("kind")) {
-      if (k->type != Json::Type::String || (k->text != "solar" && k->text != "lowrank"))
-        fail(where + "kind must be 'solar' or 'lowrank'");
-      lowrank = k->text == "lowrank";
-    }
+    const bool lowrank = is_lowrank(l, where);
     const Json* nnz_json = l.find("nnz");
     __int128 nnz128;
     if (!nnz_json || nnz_json->type != Json::Type::Int || !json_to_int128(*nnz_json, nnz128) || nnz128 < 0 ||
@@ -1062,15 +1079,8 @@ std::map<std::string, at::Tensor> unpack(const std::map<std::string, at::Tensor>
       fail(where + "nnz must be an integer >= 0 in a packed package");
     const int64_t nnz = static_cast<int64_t>(nnz128);
     const Json* shape = l.find("shape");
-    std::vector<int64_t> mn;
-    if (shape && shape->type == Json::Type::Array)
-      for (const Json& d : shape->items) {
-        __int128 v;
-        if (d.type == Json::Type::Int && json_to_int128(d, v) && v >= 1 && v <= (__int128{1} << 31))
-          mn.push_back(static_cast<int64_t>(v));
-      }
-    if (!shape || shape->type != Json::Type::Array || shape->items.size() != 2 || mn.size() != 2)
-      fail(where + "invalid shape");
+    if (!shape) fail(where + "invalid shape");
+    const std::vector<int64_t> mn = layer_shape(*shape, where);
     auto part = [&](const char* kind, std::vector<int64_t> value_shape, std::vector<int64_t> scale_shape) {
       out[prefix + kind] = take(kPacked[0], value_shape, where);
       if (has_scales) out[prefix + kind + "_scale"] = take(kPacked[2], scale_shape, where);
@@ -1163,14 +1173,7 @@ Package load_package(const std::string& path) {
       L.module = module.text;
       L.base_key = base_key.text;
       L.fingerprint = fp.text;
-      const Json& shape = need(l, "shape");
-      if (shape.type != Json::Type::Array) fail(where + "shape must be a list");
-      for (const Json& d : shape.items) {
-        __int128 v;
-        if (!json_to_int128(d, v) || v < 0 || v > (__int128{1} << 62)) fail(where + "invalid shape");
-        L.shape.push_back(static_cast<int64_t>(v));
-      }
-      if (L.shape.size() != 2 || L.shape[0] < 1 || L.shape[1] < 1) fail(where + "invalid shape");
+      L.shape = layer_shape(need(l, "shape"), where);
       L.rank_json = need(l, "rank");
       __int128 r;
       const int64_t top = std::max(std::min(L.shape[0], L.shape[1]), config_rank);  // peft allows r > min(m, n)
@@ -1190,11 +1193,7 @@ Package load_package(const std::string& path) {
         if (f->type != Json::Type::Bool) fail(where + "fan_in_fan_out must be true or false");
         L.fan_in_fan_out = f->boolean;
       }
-      if (const Json* k = l.find("kind")) {
-        if (k->type != Json::Type::String || (k->text != "solar" && k->text != "lowrank"))
-          fail(where + "kind must be 'solar' or 'lowrank'");
-        L.lowrank = k->text == "lowrank";
-      }
+      L.lowrank = is_lowrank(l, where);
       pkg.layers.push_back(std::move(L));
       const Layer& added = pkg.layers.back();
       auto tensor = [&](const char* kind) -> at::Tensor {
