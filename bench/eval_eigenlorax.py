@@ -19,6 +19,12 @@ scratch. Writes a markdown table (default docs/results_eigenlorax.md).
    Report dev accuracy (mean ± std over seeds), trainable parameters (adapter part and head
    separately), the ratio, accuracy as % of LoRA's, and the task-switch time (load_coefficients
    from a file, median of 50) next to a peft LoRA adapter swap.
+
+With --select-lr, step 3 first chooses each method's lr (LoRA factors; loadings, per init) from a
+grid (--lr-grid-lora, --lr-grid-eigen): one pilot seed (--pilot-seed, not a reported seed) trains on
+the held-out task's training set less a validation split (--val-fraction), and the lr with the best
+accuracy on that split wins (ties: the first in the grid). The dev set is never looked at to choose;
+the reported runs then train on the whole training set with the chosen lrs.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -107,24 +114,24 @@ def source_adapter(name: str, args) -> str:
     return folder
 
 
-def run_lora(task, seed, args):
+def run_lora(task, seed, lr, args):
     model, tok = train.load_classifier(seed=seed)
     model = train.lora_model(model, r=RANK, alpha=ALPHA, targets=TARGETS)
     lora, head = train.trainable(model, "lora_"), train.trainable(model, "classifier")
     assert train.count(lora) + train.count(head) == train.count(train.trainable(model))
-    opt = train.adamw([{"params": lora, "lr": args.lr_lora}, {"params": head, "lr": args.lr_head}])
+    opt = train.adamw([{"params": lora, "lr": lr}, {"params": head, "lr": args.lr_head}])
     lg = train.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, seed=seed, optimizer=opt)
     return dict(acc=train.accuracy(model, tok, task.dev), adapter=train.count(lora), head=train.count(head),
                 seconds=lg.seconds, model=model)
 
 
-def run_eigen(task, sub, seed, init, args):
+def run_eigen(task, sub, seed, init, lr, args):
     model, tok = train.load_classifier(seed=seed)
     em = eigenlorax.apply(model, sub, RANK, scaling=args.scaling, init=init, trainable=("classifier",), seed=seed)
     loadings, head = train.trainable(model, ".alpha_"), train.trainable(model, "classifier")
     assert train.count(loadings) == em.coefficient_count()
     assert train.count(loadings) + train.count(head) == em.trainable_parameters()
-    opt = train.adamw([{"params": loadings, "lr": args.lr_eigen}, {"params": head, "lr": args.lr_head}])
+    opt = train.adamw([{"params": loadings, "lr": lr}, {"params": head, "lr": args.lr_head}])
     lg = train.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, seed=seed, optimizer=opt)
     return dict(acc=train.accuracy(model, tok, task.dev), adapter=train.count(loadings), head=train.count(head),
                 seconds=lg.seconds, em=em, model=model)
@@ -136,6 +143,46 @@ def run_head(task, seed, args):
     opt = train.adamw([{"params": head, "lr": args.lr_head}])
     lg = train.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, seed=seed, optimizer=opt)
     return dict(acc=train.accuracy(model, tok, task.dev), adapter=0, head=train.count(head), seconds=lg.seconds)
+
+
+def validation_split(task: data.Task, fraction: float, seed: int) -> data.Task:
+    """The task with ``fraction`` of its training examples (at least 1, seeded shuffle) moved to
+    ``dev``: the pilot's data, disjoint from the real dev set."""
+    order = list(range(len(task.train)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(order)))
+    if n_val >= len(order):
+        raise ValueError(f"--val-fraction {fraction} leaves no training examples of {task.name}")
+    return data.Task(task.name, [task.train[i] for i in order[n_val:]], [task.train[i] for i in order[:n_val]],
+                     task.labels)
+
+
+def select_lrs(task: data.Task, sub, args) -> dict:
+    """{method: {"grid": {lr: validation accuracy}, "lr": the chosen lr}} for LoRA and both
+    EigenLoRAx inits (see --select-lr)."""
+    pilot = validation_split(task, args.val_fraction, args.pilot_seed)
+    runs = {"lora": (args.lr_grid_lora, lambda lr: run_lora(pilot, args.pilot_seed, lr, args)),
+            **{f"eigen-{init}": (args.lr_grid_eigen,
+                                 lambda lr, init=init: run_eigen(pilot, sub, args.pilot_seed, init, lr, args))
+               for init in ("lora", "uniform")}}
+    chosen = {}
+    for method, (grid, run) in runs.items():
+        scores = {}
+        for lr in grid:
+            scores[lr] = run(lr)["acc"]
+            log(f"lr selection {method}: lr {lr:g} -> validation acc {scores[lr]:.4f}")
+        chosen[method] = {"grid": scores, "lr": max(grid, key=lambda lr: (scores[lr], -grid.index(lr)))}
+    chosen["split"] = {"train": len(pilot.train), "validation": len(pilot.dev), "seed": args.pilot_seed}
+    return chosen
+
+
+def selection_line(selection: dict) -> str:
+    split = selection["split"]
+    parts = [f"{m}: " + ", ".join(f"{lr:g} → {100 * acc:.2f}%" for lr, acc in v["grid"].items()) + f" (chose {v['lr']:g})"
+             for m, v in selection.items() if m != "split"]
+    return (f"- lr chosen per method (--select-lr) by accuracy on a validation split of the training data "
+            f"({split['validation']:,} examples; the pilot trains on the other {split['train']:,}, seed "
+            f"{split['seed']}, not a reported seed; the dev set is not used): " + "; ".join(parts) + ".")
 
 
 def switch_times(em, lora_model, work):
@@ -187,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="EigenLoRAx loadings' lr (default %(default)s)")
     ap.add_argument("--lr-head", type=float, default=DEFAULT_LR["head"],
                     help="the classifier head's lr, in every method (default %(default)s)")
+    ap.add_argument("--select-lr", action="store_true",
+                    help="choose each method's lr from the grids below by accuracy on a validation split of "
+                         "the held-out task's training data (see the top of this help); --lr-lora still "
+                         "trains the source adapters and --lr-head the head")
+    ap.add_argument("--lr-grid-lora", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], metavar="LR",
+                    help="LoRA factors' lrs tried by --select-lr (default %(default)s)")
+    ap.add_argument("--lr-grid-eigen", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1], metavar="LR",
+                    help="loadings' lrs tried by --select-lr, per init (default %(default)s)")
+    ap.add_argument("--val-fraction", type=float, default=0.1,
+                    help="share of the held-out task's training examples --select-lr validates on (default 0.1)")
+    ap.add_argument("--pilot-seed", type=int, default=100,
+                    help="seed of the --select-lr runs (default 100; keep it out of --seeds)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: fastest for these tiny batches, esp. on a busy machine)")
     ap.add_argument("--cache",
@@ -230,6 +289,15 @@ def main(argv=None) -> int:
     sources = [t for t in args.tasks if t != args.held_out]
     if len(sources) < 2:
         ap.error(f"need at least 2 source tasks besides {args.held_out}, got {sources}")
+    if args.select_lr:
+        if not 0 < args.val_fraction < 1:
+            ap.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        if args.pilot_seed in args.seeds:
+            ap.error(f"--pilot-seed {args.pilot_seed} is one of --seeds: the lr would be chosen on a reported run")
+        for name in ("lr_grid_lora", "lr_grid_eigen"):
+            grid = getattr(args, name)
+            if any(not lr > 0 for lr in grid) or len(set(grid)) != len(grid):
+                ap.error(f"--{name.replace('_', '-')} needs distinct positive lrs, got {grid}")
     torch.set_num_threads(args.threads)
     os.makedirs(args.cache, exist_ok=True)
     out_dir = os.path.dirname(os.path.abspath(args.output))
@@ -256,15 +324,19 @@ def main(argv=None) -> int:
 
     task = load_task(args.held_out, args)
     methods = ["lora", "eigen-lora", "eigen-uniform", "head"]
+    selection = select_lrs(task, sub, args) if args.select_lr else None
+    lrs = {"lora": args.lr_lora, "eigen-lora": args.lr_eigen, "eigen-uniform": args.lr_eigen, "head": None}
+    if selection:
+        lrs.update({m: selection[m]["lr"] for m in methods if m in selection})
     res = {m: [] for m in methods}
     switch = None
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
-            r = run_lora(task, seed, args)
+            r = run_lora(task, seed, lrs["lora"], args)
             lora_model = r.pop("model")
             res["lora"].append(r)
             for init in ("lora", "uniform"):
-                e = run_eigen(task, sub, seed, init, args)
+                e = run_eigen(task, sub, seed, init, lrs[f"eigen-{init}"], args)
                 em, _ = e.pop("em"), e.pop("model")
                 res[f"eigen-{init}"].append(e)
             res["head"].append(run_head(task, seed, args))
@@ -294,22 +366,25 @@ def main(argv=None) -> int:
         f"A {ev_A:.3f}, B {ev_B:.3f}; built in {build_s:.2f} s.",
         f"- Held-out `{args.held_out}`: {len(task.train)} train / {len(task.dev)} dev examples; every method trains "
         f"{args.steps} steps, batch {args.batch_size}, AdamW (no weight decay), same seeds {args.seeds} "
-        f"(same head init and data order per seed). lr: LoRA factors {args.lr_lora}, EigenLoRAx loadings "
-        f"{args.lr_eigen} (task rank {RANK}, scaling {args.scaling}), head {args.lr_head} in every method.",
+        f"(same head init and data order per seed). lr: LoRA factors {lrs['lora']:g}, EigenLoRAx loadings "
+        f"{lrs['eigen-lora']:g} (init lora) / {lrs['eigen-uniform']:g} (init uniform) (task rank {RANK}, scaling "
+        f"{args.scaling}), head {args.lr_head:g} in every method.",
         "- Accuracy: dev accuracy after the last step (no checkpoint selection), mean ± std over seeds.",
-        *(["- The default lrs come from a one-seed pilot (seed 100, not a reported seed) on vader-intensity: "
+        *([selection_line(selection)] if selection else
+          ["- The default lrs come from a one-seed pilot (seed 100, not a reported seed) on vader-intensity: "
            "LoRA {1e-3, 3e-3, 1e-2}, loadings {3e-3, 1e-2, 3e-2}; see DEFAULT_LR in the script."]
           if (args.lr_lora, args.lr_eigen, args.lr_head) == tuple(DEFAULT_LR.values()) else []),
         "",
-        "| method | trainable adapter params | head params | LoRA params / these | dev accuracy (%) | % of LoRA | train s / run |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | trainable adapter params | head params | LoRA params / these | lr | dev accuracy (%) | % of LoRA | train s / run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in methods:
         rs = res[m]
         n = rs[0]["adapter"]
         ratio = "1×" if m == "lora" else ("—" if n == 0 else f"{lora_n / n:.1f}×")
         pct = 100 * statistics.mean(r["acc"] for r in rs) / lora_acc
-        lines.append(f"| {names[m]} | {n:,} | {rs[0]['head']:,} | {ratio} | {fmt((r['acc'] for r in rs), pct=True)} | "
+        lr = f"{lrs[m]:g}" if lrs[m] is not None else f"{args.lr_head:g} (head)"
+        lines.append(f"| {names[m]} | {n:,} | {rs[0]['head']:,} | {ratio} | {lr} | {fmt((r['acc'] for r in rs), pct=True)} | "
                      f"{pct:.1f} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
     eigen_s, lora_s, coef_bytes, lora_bytes = switch
     lines += [
@@ -324,7 +399,10 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             recorded = {k: v for k, v in vars(args).items() if k != "cache"}  # a per-user temp path
             json.dump({"args": plots.portable_args(recorded, ROOT), "command": command, "names": names,
-                       "switch_s": {"eigen": eigen_s, "lora": lora_s},
+                       "switch_s": {"eigen": eigen_s, "lora": lora_s}, "lrs": lrs,
+                       "selection": selection and {m: ({"grid": [[lr, acc] for lr, acc in v["grid"].items()],
+                                                        "lr": v["lr"]} if m != "split" else v)
+                                                   for m, v in selection.items()},
                        "results": {m: [{k: v for k, v in r.items()} for r in res[m]] for m in methods}}, f, indent=1)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)

@@ -108,7 +108,29 @@ def solar_section(d, out_dir):
     return text, ["SOLAR", "compress a trained SST-2 adapter", headline]
 
 
-def eigen_section(d, out_dir):
+def _eigen_lrs(d) -> dict:
+    """The lrs an eval_eigenlorax.py run used per method (older JSON: from its args)."""
+    a = d["args"]
+    return d.get("lrs") or {"lora": a["lr_lora"], "eigen-lora": a["lr_eigen"], "eigen-uniform": a["lr_eigen"]}
+
+
+def augment_line(aug, base) -> str:
+    """One sentence on the --augment run (docs/data/eigenlorax_sst2_augment.json) next to the main run."""
+    a, res = aug["args"], aug["results"]
+    lrs = _eigen_lrs(aug)
+    lora_acc = mean_std([r["acc"] for r in res["lora"]])[0]
+    parts = [f"init {m.split('-')[1]} {pct(r['acc'] for r in res[m])}% "
+             f"({100 * mean_std([r['acc'] for r in res[m]])[0] / lora_acc:.1f}% of LoRA)"
+             for m in ("eigen-lora", "eigen-uniform")]
+    return (f"With `--augment {a['augment']}` (K = {a['components'] + a['augment']} per layer and side, "
+            f"{res['eigen-lora'][0]['adapter']:,} trainable loadings; otherwise the same settings, with lr LoRA "
+            f"{lrs['lora']:g}, loadings {lrs['eigen-lora']:g} / {lrs['eigen-uniform']:g}; "
+            f"docs/results_eigenlorax_sst2_augment.md): {'; '.join(parts)}, against "
+            f"{base['eigen-lora']} / {base['eigen-uniform']}% without: doubling the subspace with orthogonal "
+            "directions does not close the gap to LoRA on this task.")
+
+
+def eigen_section(d, out_dir, augment=None):
     a, res, names = d["args"], d["results"], d["names"]
     lora_acc = mean_std([r["acc"] for r in res["lora"]])[0]
     series = []
@@ -133,6 +155,14 @@ def eigen_section(d, out_dir):
         dict(eval_eigenlorax.cli_args(a), json="docs/data/eigenlorax_sst2.json"),
         first=("held_out", "seeds", "steps", "source_steps", "components"), last=("json",))
     best = max(("eigen-lora", "eigen-uniform"), key=lambda m: mean_std([r["acc"] for r in res[m]])[0])
+    lrs = _eigen_lrs(d)
+    lr_text = (f"lr LoRA {lrs['lora']:g}, loadings {lrs['eigen-lora']:g} (init lora) / {lrs['eigen-uniform']:g} "
+               f"(init uniform), head {a['lr_head']:g}")
+    if d.get("selection"):
+        split = d["selection"]["split"]
+        lr_text += (f" (LoRA's and the loadings' lrs chosen by `--select-lr` on a {split['validation']:,}-example "
+                    f"validation split of the training data, pilot seed {split['seed']}; the dev set is not used "
+                    "to choose)")
     headline = (f"{pct(r['acc'] for r in res[best])}% vs LoRA {pct(r['acc'] for r in res['lora'])}% with "
                 f"{res[best][0]['adapter']:,} vs {res['lora'][0]['adapter']:,} trainable adapter parameters; "
                 f"task switch {1e3 * d['switch_s']['eigen']:.3f} ms (peft swap {1e3 * d['switch_s']['lora']:.3f} ms)")
@@ -141,16 +171,19 @@ def eigen_section(d, out_dir):
         "",
         f"Command: `{cmd}`. Subspace from LoRA r=8 adapters of {', '.join(sources)} (K = {a['components']} per "
         f"layer and side); every method then trains {a['steps']} steps (batch {a['batch_size']}) on "
-        f"{a['held_out']} with the same seeds {a['seeds']}; lr LoRA {a['lr_lora']}, loadings {a['lr_eigen']}, head "
-        f"{a['lr_head']}. Dev accuracy after the last step, mean ± std over seeds.",
+        f"{a['held_out']} with the same seeds {a['seeds']}; {lr_text}. Dev accuracy after the last step, mean ± std "
+        "over seeds.",
         "",
         plots.table(["method", "trainable adapter params", "head params", "LoRA params / these", "dev acc (%)",
                      "% of LoRA"], rows),
         "",
         f"Task switch (median of 50): `load_coefficients` {1e3 * d['switch_s']['eigen']:.3f} ms; peft LoRA swap "
-        f"{1e3 * d['switch_s']['lora']:.3f} ms. This run predates the integrity checks on load (content "
-        "digest + NaN/Inf check of the task file), which add ~0.25 ms per switch from a file (README.md).",
+        f"{1e3 * d['switch_s']['lora']:.3f} ms." + (
+            "" if "lrs" in d else  # a JSON without "lrs" was written before the checks on load existed
+            " This run predates the integrity checks on load (content digest + NaN/Inf check of the task "
+            "file), which add ~0.25 ms per switch from a file (README.md)."),
         "",
+        *([augment_line(augment, {m: pct(r["acc"] for r in res[m]) for m in res}), ""] if augment else []),
         "![EigenLoRAx](eigenlorax_sst2.png)",
         "",
     ])
@@ -220,7 +253,10 @@ def main(argv=None) -> int:
         if d is None:
             missing.append(name)
             continue
-        text, head = fn(d, out_dir)
+        extra = {}
+        if fn is eigen_section:  # the --augment companion run, when it was made
+            extra["augment"] = _load(os.path.join(args.data, "eigenlorax_sst2_augment.json"))
+        text, head = fn(d, out_dir, **extra)
         sections.append(text)
         heads.append(head)
     lines = [

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -251,10 +252,19 @@ def _not_a_folder(path: str) -> None:
         raise FormatError(f"{path} is a folder; expected a .safetensors file")
 
 
+_READ_WHOLE_BYTES = 64 << 20  # files up to this size are read in one go (read_safetensors)
+
+
 def read_safetensors(path: str, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Tensors of a safetensors file (all, or ``keys``); a damaged file raises FormatError naming it."""
     _not_a_folder(path)
     try:
+        if keys is None and os.path.getsize(path) <= _READ_WHOLE_BYTES:
+            # one read + one parse: ~4x faster than safe_open's per-tensor get_tensor for the ~26 small
+            # tensors of a task switch; big files stay memory-mapped and are read tensor by tensor
+            with open(path, "rb") as f:
+                t = safetensors_load(f.read())
+            return {k: t[k] for k in sorted(t)}  # in safe_open's (sorted) key order, as below
         with safe_open(path, framework="pt") as f:
             names = list(f.keys()) if keys is None else list(keys)
             return {k: f.get_tensor(k) for k in names}

@@ -216,3 +216,69 @@ def test_solar_memory_script_runs_and_the_cache_does_not_change_the_package(tmp_
     assert float(outs[1]["cache_mib"]) == 0 and int(outs[0]["peak_rss_mib"]) > 0
     assert set(outs[0]) == {"layers", "shape", "method", "ratio", "cache_mib", "seconds", "peak_rss_mib",
                             "layer_u_v_c_mib", "digest"}
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+    (["--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
+    (["--pilot-seed", "1"], "--pilot-seed 1 is one of --seeds"),
+    (["--lr-grid-lora", "1e-3", "1e-3"], "--lr-grid-lora needs distinct positive lrs"),
+    (["--lr-grid-eigen", "0.01", "-0.1"], "--lr-grid-eigen needs distinct positive lrs"),
+])
+def test_select_lr_bad_settings_fail_before_any_training(extra, words, tmp_path, capsys):
+    import eval_eigenlorax
+
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit) as e:
+        eval_eigenlorax.main(["--select-lr", "--seeds", "0", "1", "--cache", str(cache), *extra])
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not cache.exists()
+
+
+def test_validation_split_is_disjoint_and_seeded():
+    import eval_eigenlorax
+    from subspace_ext import data
+
+    task = data.Task("t", [(f"w{i}", i % 2) for i in range(101)], [("dev", 0)], ("a", "b"))
+    pilot = eval_eigenlorax.validation_split(task, 0.1, seed=100)
+    assert len(pilot.dev) == 10 and len(pilot.train) == 91
+    assert sorted(pilot.train + pilot.dev) == sorted(task.train)  # a partition of train; dev never enters
+    assert ("dev", 0) not in pilot.train + pilot.dev
+    assert eval_eigenlorax.validation_split(task, 0.1, seed=100) == pilot
+    assert eval_eigenlorax.validation_split(task, 0.1, seed=101).dev != pilot.dev
+    assert len(eval_eigenlorax.validation_split(task, 1e-6, seed=0).dev) == 1
+    with pytest.raises(ValueError, match="leaves no training examples"):
+        eval_eigenlorax.validation_split(data.Task("t", [("x", 0)], [], ("a", "b")), 0.5, seed=0)
+
+
+def test_select_lrs_takes_the_best_validation_accuracy(monkeypatch):
+    """Each method gets the lr its pilot run scores best on the validation split (ties: the first in
+    the grid); every pilot run uses the pilot seed and the split, never the dev set."""
+    import eval_eigenlorax
+    from subspace_ext import data
+
+    task = data.Task("t", [(f"w{i}", i % 2) for i in range(50)], [("dev", 0)], ("a", "b"))
+    scores = {"lora": {1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.7},
+              "eigen-lora": {1e-2: 0.5, 3e-2: 0.8}, "eigen-uniform": {1e-2: 0.9, 3e-2: 0.8}}
+    seen = []
+
+    def fake(method):
+        def run(pilot, *rest):
+            seed, lr = (rest[0], rest[1]) if method == "lora" else (rest[1], rest[3])
+            assert seed == 100 and ("dev", 0) not in pilot.train + pilot.dev and len(pilot.dev) == 5
+            seen.append((method, lr))
+            return {"acc": scores[method][lr]}
+        return run
+
+    monkeypatch.setattr(eval_eigenlorax, "run_lora", fake("lora"))
+    monkeypatch.setattr(eval_eigenlorax, "run_eigen",
+                        lambda pilot, sub, seed, init, lr, args: fake(f"eigen-{init}")(pilot, sub, seed, init, lr))
+    args = eval_eigenlorax.build_parser().parse_args(
+        ["--select-lr", "--lr-grid-lora", "1e-3", "3e-3", "1e-2", "--lr-grid-eigen", "1e-2", "3e-2"])
+    chosen = eval_eigenlorax.select_lrs(task, None, args)
+    assert {m: chosen[m]["lr"] for m in scores} == {"lora": 3e-3, "eigen-lora": 3e-2, "eigen-uniform": 1e-2}
+    assert chosen["lora"]["grid"] == scores["lora"]
+    assert chosen["split"] == {"train": 45, "validation": 5, "seed": 100}
+    assert len(seen) == 7
+    assert "chose 0.003" in eval_eigenlorax.selection_line(chosen)

@@ -304,8 +304,25 @@ def test_package_file_is_smaller_than_the_adapter_at_low_ratio(ratio_pkgs, train
     assert size < os.path.getsize(os.path.join(trained_adapter_dir, io.ADAPTER_WEIGHTS))
 
 
+@pytest.fixture(params=["whole-file", "memory-mapped"])
+def read_path(request, monkeypatch):
+    """Both ways io.read_safetensors reads a file: small files in one read, big ones via safe_open."""
+    if request.param == "memory-mapped":
+        monkeypatch.setattr(io, "_READ_WHOLE_BYTES", -1)
+    return request.param
+
+
+def test_read_paths_agree(saved_pkg, monkeypatch):
+    whole = io.read_safetensors(saved_pkg)
+    monkeypatch.setattr(io, "_READ_WHOLE_BYTES", -1)
+    mapped = io.read_safetensors(saved_pkg)
+    assert list(whole) == list(mapped) == sorted(mapped)
+    for k in whole:
+        assert whole[k].dtype == mapped[k].dtype and torch.equal(whole[k], mapped[k]), k
+
+
 @pytest.mark.parametrize("cut", ["4-bytes", "in-header", "first-data-byte", "last-byte"])
-def test_truncated_package_raises_format_error(saved_pkg, tmp_path, cut, base_weights):
+def test_truncated_package_raises_format_error(saved_pkg, tmp_path, cut, base_weights, read_path):
     raw = open(saved_pkg, "rb").read()
     start = safetensors_data_start(saved_pkg)
     n = {"4-bytes": 4, "in-header": start // 2, "first-data-byte": start + 1, "last-byte": len(raw) - 1}[cut]
@@ -318,7 +335,7 @@ def test_truncated_package_raises_format_error(saved_pkg, tmp_path, cut, base_we
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_tampered_package_raises_format_error(saved_pkg, tmp_path, where):
+def test_tampered_package_raises_format_error(saved_pkg, tmp_path, where, read_path):
     raw = bytearray(open(saved_pkg, "rb").read())
     start = safetensors_data_start(saved_pkg)
     pos = {"first": start, "middle": (start + len(raw)) // 2, "last": len(raw) - 1}[where]
