@@ -119,7 +119,8 @@ at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, in
           const int64_t r0 = c * kPerturbRows, r1 = std::min(m, r0 + kPerturbRows);
           for (int64_t i = r0; i < r1; ++i)
             for (int64_t j = 0; j < k; ++j) tile[(i - r0) * k + j] = Ua[i][j];
-          if (eps != 0.0) philox_add_normals_range<scalar_t>(tile.data(), r0 * k, r1 * k, s, st, e);
+          if (e != scalar_t(0))  // eps as rounded to the dtype, as the CUDA kernels test it
+            philox_add_normals_range<scalar_t>(tile.data(), r0 * k, r1 * k, s, st, e);
           scalar_t* acc = P + c * k * r;
           for (int64_t i = r0; i < r1; ++i) {
             for (int64_t t = 0; t < r; ++t) y[t] = Ya[i][t];
@@ -175,14 +176,14 @@ void perturbed_nt(const at::Tensor& X, const at::Tensor& U, double eps, int64_t 
   for (int64_t r0 = 0; r0 < q; r0 += chunk) {
     const int64_t rows = std::min(chunk, q - r0);
     at::Tensor tile = U.narrow(0, r0, rows).clone(at::MemoryFormat::Contiguous);
-    if (eps != 0.0)
-      AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "reconstruct_perturbed", [&] {
-        scalar_t* t = tile.data_ptr<scalar_t>();
-        at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-          philox_add_normals_range<scalar_t>(t + lo * k, (r0 + lo) * k, (r0 + hi) * k, static_cast<uint64_t>(seed),
-                                             static_cast<uint64_t>(stream), static_cast<scalar_t>(eps));
-        });
+    AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "reconstruct_perturbed", [&] {
+      if (static_cast<scalar_t>(eps) == scalar_t(0)) return;  // eps as rounded to the dtype (as on CUDA)
+      scalar_t* t = tile.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+        philox_add_normals_range<scalar_t>(t + lo * k, (r0 + lo) * k, (r0 + hi) * k, static_cast<uint64_t>(seed),
+                                           static_cast<uint64_t>(stream), static_cast<scalar_t>(eps));
       });
+    });
     at::Tensor part = out.narrow(1, r0, rows);
     at::mm_out(part, X, tile.t());
   }

@@ -35,6 +35,12 @@ cuda::DType dtype_of(at::ScalarType t) {
   }
 }
 
+// A kernel with one block per item (pair, row tile) takes at most 2^31 - 1 of them (gridDim.x).
+void check_grid_x(const char* op, int64_t blocks, const char* what) {
+  TORCH_CHECK_VALUE(blocks < (int64_t{1} << 31), op, ": ", blocks, " ", what, " in one dtype group is more than one "
+                    "CUDA launch takes (2^31 - 1); split the layers over calls");
+}
+
 // Copies `items` (trivially copyable structs) and `offsets` to the device, in one pinned buffer
 // copied asynchronously on the current stream; the caching host allocator keeps the pinned
 // buffer alive until the copy has run.
@@ -155,6 +161,7 @@ void pair_importance_cuda_(at::TensorList A, at::TensorList B, at::TensorList gr
                        scores[l].data_ptr(), A[l].size(0), A[l].size(1), B[l].size(0)});
       offsets.push_back(offsets.back() + A[l].size(0));
     }
+    check_grid_x("pair_importance_", offsets.back(), "pairs");
     const int64_t* offsets_dev = nullptr;
     auto [keep, table_dev] = device_table(table, offsets, dev, &offsets_dev);
     cuda::pair_importance(table_dev, offsets_dev, static_cast<int>(table.size()), offsets.back(),
@@ -205,6 +212,8 @@ void recompose_cuda(const char* op, at::TensorList W, at::TensorList B, at::Tens
       tiles.push_back(tiles.back() + (u.m + kRowsPerTile - 1) / kRowsPerTile);
       pairs.push_back(pairs.back() + u.q);
     }
+    check_grid_x(op, tiles.back(), "row tiles");
+    check_grid_x(op, pairs.back(), "pairs");
     // One host-to-device copy for the group: the layer table, then row-tile offsets, pair offsets
     // and every layer's pair indices.
     std::vector<int64_t> offsets(tiles);
