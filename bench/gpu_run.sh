@@ -31,6 +31,18 @@ start=$(date +%s)
 DEADLINE=${DEADLINE:-560}
 # limit SECONDS: the step's own limit, cut to what the deadline leaves (at least 1)
 limit() { local left=$(( DEADLINE - ($(date +%s) - start) )); (( left < $1 )) && set -- "$left"; (( $1 < 1 )) && set -- 1; echo "$1"; }
+# run_tests NAME CAP LOG TAIL PYTEST_ARGS...: one pytest run under the deadline, its log under $OUT;
+# a failure or timeout is reported in the stage line and the script goes on to the next stage
+run_tests() {
+  local name=$1 cap=$2 log=$3 n=$4 rc
+  shift 4
+  set +e
+  timeout "$(limit "$cap")" $PY -m pytest "$@" -q -rs -p no:cacheprovider > "$OUT/$log" 2>&1
+  rc=$?
+  set -e
+  tail -"$n" "$OUT/$log"
+  stage "$name (rc=$rc; 124 = timed out)"
+}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 $PY -c 'import torch; c = torch.cuda.is_available(); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if c else "NO GPU VISIBLE")' \
   | tee -a "$OUT/env.txt"
@@ -45,14 +57,8 @@ $PY -c 'import subspace_ext as se; assert se.cuda_enabled(), "not a CUDA build: 
 # Order: op tests, then the bench (the table issue 3 needs), then the method tests with what is left.
 if [[ " $STAGES " == *" tests "* ]]; then
   # Every op test on both devices.
-  set +e
-  timeout "$(limit 200)" $PY -m pytest tests/test_philox.py tests/test_importance.py tests/test_rsvd.py tests/test_small_svd.py \
-    tests/test_project.py tests/test_opcheck.py tests/test_errors.py -q -rs -p no:cacheprovider \
-    > "$OUT/tests.txt" 2>&1
-  rc=$?
-  set -e
-  tail -15 "$OUT/tests.txt"
-  stage "op tests (rc=$rc; 124 = timed out)"
+  run_tests "op tests" 200 tests.txt 15 tests/test_philox.py tests/test_importance.py tests/test_rsvd.py \
+    tests/test_small_svd.py tests/test_project.py tests/test_opcheck.py tests/test_errors.py
 fi
 
 bench_rc=0
@@ -66,13 +72,7 @@ fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # The CUDA cases of the method tests (they skip what the machine lacks, e.g. the bundled MiniLM
   # package, with the reason in the log).
-  set +e
-  timeout "$(limit 120)" $PY -m pytest tests/test_eigenlorax.py tests/test_srlora.py tests/test_solar.py -k cuda -q -rs \
-    -p no:cacheprovider > "$OUT/tests_methods.txt" 2>&1
-  rc_methods=$?
-  set -e
-  tail -5 "$OUT/tests_methods.txt"
-  stage "method tests (rc=$rc_methods; 124 = timed out)"
+  run_tests "method tests" 120 tests_methods.txt 5 tests/test_eigenlorax.py tests/test_srlora.py tests/test_solar.py -k cuda
 fi
 
 if [[ " $STAGES " == *" bench-cpu "* ]]; then

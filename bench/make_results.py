@@ -114,25 +114,30 @@ def _eigen_lrs(d) -> dict:
     return d.get("lrs") or {"lora": a["lr_lora"], "eigen-lora": a["lr_eigen"], "eigen-uniform": a["lr_eigen"]}
 
 
-def augment_line(aug, base) -> str:
-    """One sentence on the --augment run (docs/data/eigenlorax_sst2_augment.json) next to the main run."""
+def _of_lora(res, m) -> str:
+    """Method m's mean accuracy as % of LoRA's in the same run (one decimal)."""
+    mean = lambda k: mean_std([r["acc"] for r in res[k]])[0]  # noqa: E731
+    return f"{100 * mean(m) / mean('lora'):.1f}"
+
+
+def augment_line(aug, base_res) -> str:
+    """One sentence on the --augment run (docs/data/eigenlorax_sst2_augment.json) next to the main run
+    (``base_res``: its results)."""
     a, res = aug["args"], aug["results"]
     lrs = _eigen_lrs(aug)
-    lora_acc = mean_std([r["acc"] for r in res["lora"]])[0]
-    parts = [f"init {m.split('-')[1]} {pct(r['acc'] for r in res[m])}% "
-             f"({100 * mean_std([r['acc'] for r in res[m]])[0] / lora_acc:.1f}% of LoRA)"
+    parts = [f"init {m.split('-')[1]} {pct(r['acc'] for r in res[m])}% ({_of_lora(res, m)}% of LoRA)"
              for m in ("eigen-lora", "eigen-uniform")]
     return (f"With `--augment {a['augment']}` (K = {a['components'] + a['augment']} per layer and side, "
             f"{res['eigen-lora'][0]['adapter']:,} trainable loadings; otherwise the same settings, with lr LoRA "
             f"{lrs['lora']:g}, loadings {lrs['eigen-lora']:g} / {lrs['eigen-uniform']:g}; "
             f"docs/results_eigenlorax_sst2_augment.md): {'; '.join(parts)}, against "
-            f"{base['eigen-lora']} / {base['eigen-uniform']}% without: doubling the subspace with orthogonal "
+            f"{pct(r['acc'] for r in base_res['eigen-lora'])} / {pct(r['acc'] for r in base_res['eigen-uniform'])}% "
+            "without: doubling the subspace with orthogonal "
             "directions does not close the gap to LoRA on this task.")
 
 
 def eigen_section(d, out_dir, augment=None):
     a, res, names = d["args"], d["results"], d["names"]
-    lora_acc = mean_std([r["acc"] for r in res["lora"]])[0]
     series = []
     for m, style in (("lora", "o"), ("eigen-lora", "s"), ("eigen-uniform", "^")):
         accs = [r["acc"] for r in res[m]]
@@ -148,7 +153,7 @@ def eigen_section(d, out_dir, augment=None):
         n = rs[0]["adapter"]
         rows.append([names[m], f"{n:,}", f"{rs[0]['head']:,}",
                      "1×" if m == "lora" else ("—" if n == 0 else f"{res['lora'][0]['adapter'] / n:.1f}×"),
-                     pct(r["acc"] for r in rs), f"{100 * mean_std([r['acc'] for r in rs])[0] / lora_acc:.1f}"])
+                     pct(r["acc"] for r in rs), _of_lora(res, m)])
     sources = [t for t in a["tasks"] if t != a["held_out"]]
     cmd = d.get("command") or evalcommon.command_from_args(
         "eval_eigenlorax.py", eval_eigenlorax.build_parser(),
@@ -183,7 +188,7 @@ def eigen_section(d, out_dir, augment=None):
             " This run predates the integrity checks on load (content digest + NaN/Inf check of the task "
             "file), which add ~0.25 ms per switch from a file (README.md)."),
         "",
-        *([augment_line(augment, {m: pct(r["acc"] for r in res[m]) for m in res}), ""] if augment else []),
+        *([augment_line(augment, res), ""] if augment else []),
         "![EigenLoRAx](eigenlorax_sst2.png)",
         "",
     ])
@@ -247,16 +252,15 @@ def main(argv=None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
     sections, heads, missing = [], [], []
-    for name, fn in (("solar_sst2.json", solar_section), ("eigenlorax_sst2.json", eigen_section),
-                     ("srlora_sst2.json", srlora_section)):
+    # (JSON, section, {keyword: a companion run's JSON, passed as None when it was not made})
+    for name, fn, companions in (("solar_sst2.json", solar_section, {}),
+                                 ("eigenlorax_sst2.json", eigen_section, {"augment": "eigenlorax_sst2_augment.json"}),
+                                 ("srlora_sst2.json", srlora_section, {})):
         d = _load(os.path.join(args.data, name))
         if d is None:
             missing.append(name)
             continue
-        extra = {}
-        if fn is eigen_section:  # the --augment companion run, when it was made
-            extra["augment"] = _load(os.path.join(args.data, "eigenlorax_sst2_augment.json"))
-        text, head = fn(d, out_dir, **extra)
+        text, head = fn(d, out_dir, **{k: _load(os.path.join(args.data, v)) for k, v in companions.items()})
         sections.append(text)
         heads.append(head)
     lines = [

@@ -177,11 +177,12 @@ void perturbed_nt(const at::Tensor& X, const at::Tensor& U, double eps, int64_t 
     const int64_t rows = std::min(chunk, q - r0);
     at::Tensor tile = U.narrow(0, r0, rows).clone(at::MemoryFormat::Contiguous);
     AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "reconstruct_perturbed", [&] {
-      if (static_cast<scalar_t>(eps) == scalar_t(0)) return;  // eps as rounded to the dtype (as on CUDA)
+      const auto e = static_cast<scalar_t>(eps);
+      if (e == scalar_t(0)) return;  // eps as rounded to the dtype, as the CUDA kernels test it
       scalar_t* t = tile.data_ptr<scalar_t>();
       at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
         philox_add_normals_range<scalar_t>(t + lo * k, (r0 + lo) * k, (r0 + hi) * k, static_cast<uint64_t>(seed),
-                                           static_cast<uint64_t>(stream), static_cast<scalar_t>(eps));
+                                           static_cast<uint64_t>(stream), e);
       });
     });
     at::Tensor part = out.narrow(1, r0, rows);
