@@ -66,14 +66,20 @@ def _p(t):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 7, 1031])
-def test_philox_kernels_equal_cpu(emu, n, dtype):
-    out = torch.empty(n, dtype=dtype)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_philox_kernels_equal_cpu(emu, n, dtype, offset):
+    """offset 0: a 16-byte aligned output (whole Philox blocks as one vector store); 1: unaligned
+    (element stores). Poisoned buffers: every element written, nothing outside."""
+    buf = torch.full((n + offset + 1,), float("nan"), dtype=dtype)
+    out = buf[offset:offset + n]
     _call(emu, "emu_philox_normal", _p(out), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.0), 0)
     assert torch.equal(out, ops.philox_normal((n,), 5, 3, dtype=dtype))
-    base = torch.randn(n, dtype=dtype)
+    assert buf[:offset].isnan().all() and buf[offset + n:].isnan().all()
+    base = torch.randn(n + offset, dtype=dtype)
     added = base.clone()
-    _call(emu, "emu_philox_normal", _p(added), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.25), 1)
-    assert torch.equal(added, ops.perturbed_basis(base[None], 0.25, 5, 3)[0])
+    _call(emu, "emu_philox_normal", _p(added[offset:]), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.25), 1)
+    assert torch.equal(added[offset:], ops.perturbed_basis(base[None, offset:], 0.25, 5, 3)[0])
+    assert torch.equal(added[:offset], base[:offset])
     bits = torch.empty(n, dtype=torch.int32)
     _call(emu, "emu_philox_uint32", _p(bits), i64(n), u64(9), u64(1))
     assert torch.equal(bits, ops.philox_uint32((n,), 9, 1).view(torch.int32))

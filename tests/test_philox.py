@@ -261,3 +261,21 @@ def test_philox_normal_bit_exact_against_op_by_op_emulation(dtype, n, seed, stre
         got = ops.philox_normal((n,), seed, stream, dtype=dtype, device=device).cpu()
         mismatch = (got != want).nonzero()
         assert mismatch.numel() == 0, (threads, mismatch[:5].flatten().tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("n", [1, 7, 1029])
+def test_philox_normal_into_offset_views(dtype, offset, n, device):
+    """The raw op fills contiguous views at any element offset: the CUDA kernel's 16-byte vector
+    stores apply only where the view is aligned, and the unaligned and partial-block paths give
+    the same bits; perturbed_basis (the adding path) likewise for a view of U."""
+    want = ops.philox_normal((n,), 5, 2, dtype=dtype)
+    buf = torch.full((n + offset + 1,), float("nan"), dtype=dtype, device=device)
+    view = buf[offset:offset + n]
+    torch.ops.subspace_ext.philox_normal_(view, 5, 2)
+    assert torch.equal(view.cpu(), want)
+    assert buf[:offset].isnan().all() and buf[offset + n:].isnan().all()  # nothing written outside
+    U = torch.randn(n + offset, dtype=dtype)
+    got = ops.perturbed_basis(U.to(device)[offset:].reshape(n, 1), 0.25, 5, 2)  # 0.25: exact
+    assert torch.equal(got.cpu().flatten(), U[offset:] + 0.25 * want)

@@ -26,20 +26,46 @@ __global__ void philox_uint32_kernel(uint32_t* out, int64_t n, uint64_t seed, ui
 }
 
 // One thread per Philox block: out[i] = z (or out[i] + eps * z, rounded as the CPU rounds it).
-template <typename T>
-__global__ void normal_kernel(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps, bool add) {
+// A block's `per` outputs are 16 bytes; where `out` is 16-byte aligned (Vec) every whole block is
+// one vector store (and load, when adding), and only the last, partial block checks each index.
+template <typename T> struct Vec16;
+template <> struct Vec16<float> { using type = float4; };
+template <> struct Vec16<double> { using type = double2; };
+
+template <typename T, bool Add, bool Vec>
+__global__ void normal_kernel(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps) {
   constexpr int per = philox::PerBlock<T>::value;
-  const int64_t blocks = (n + per - 1) / per;
+  using V = typename Vec16<T>::type;
+  static_assert(sizeof(V) == per * sizeof(T), "one Philox block of normals is 16 bytes");
+  const int64_t blocks = (n + per - 1) / per, whole = n / per;
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < blocks;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     T z[per];
     philox::normals_of_block(seed, stream, static_cast<uint64_t>(b), z);
+    T* o = out + b * per;
+    if (Vec && b < whole) {
+      V v;
+      T* w = reinterpret_cast<T*>(&v);
+      if (Add) v = *reinterpret_cast<const V*>(o);
 #pragma unroll
-    for (int j = 0; j < per; ++j) {
-      const int64_t i = b * per + j;
-      if (i < n) out[i] = add ? philox::add(out[i], philox::mul(eps, z[j])) : z[j];
+      for (int j = 0; j < per; ++j) w[j] = Add ? philox::add(w[j], philox::mul(eps, z[j])) : z[j];
+      *reinterpret_cast<V*>(o) = v;
+    } else {
+#pragma unroll
+      for (int j = 0; j < per; ++j)
+        if (b < whole || b * per + j < n) o[j] = Add ? philox::add(o[j], philox::mul(eps, z[j])) : z[j];
     }
   }
+}
+
+template <typename T>
+void launch_normal(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps, bool add, cudaStream_t s) {
+  const int grid = grid_for((n + philox::PerBlock<T>::value - 1) / philox::PerBlock<T>::value);
+  const bool vec = reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  if (add && vec) normal_kernel<T, true, true><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
+  else if (add) normal_kernel<T, true, false><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
+  else if (vec) normal_kernel<T, false, true><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
+  else normal_kernel<T, false, false><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
 }
 
 }  // namespace
@@ -52,13 +78,10 @@ void philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, cud
 void philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps,
                    bool add, cudaStream_t s) {
   if (n == 0) return;
-  if (dt == DType::F32) {
-    normal_kernel<float><<<grid_for((n + 3) / 4), kThreads, 0, s>>>(
-        static_cast<float*>(out), n, seed, stream, static_cast<float>(eps), add);
-  } else {
-    normal_kernel<double><<<grid_for((n + 1) / 2), kThreads, 0, s>>>(
-        static_cast<double*>(out), n, seed, stream, eps, add);
-  }
+  if (dt == DType::F32)
+    launch_normal(static_cast<float*>(out), n, seed, stream, static_cast<float>(eps), add, s);
+  else
+    launch_normal(static_cast<double*>(out), n, seed, stream, eps, add, s);
 }
 
 }  // namespace cuda

@@ -35,9 +35,16 @@ struct U32x4 {
 };
 
 SE_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  // The 64-bit product below becomes a mul.lo.s64 whose SASS adds a zero high part to every
+  // result (one extra instruction per multiply); the 32-bit pair compiles to one IMAD.WIDE.U32.
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
   const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   hi = static_cast<uint32_t>(p >> 32);
   lo = static_cast<uint32_t>(p);
+#endif
 }
 
 // Philox4x32 with 10 rounds (Salmon et al., SC'11; the Random123 reference).
@@ -133,11 +140,13 @@ SE_HD constexpr double signed_inv_factorial(int n, int k) {
 template <typename T, int K, int N> struct Atanh {
   static SE_HD T eval(T s2) {
     constexpr double c = 1.0 / (2 * K + 1);
-    return add(mul(Atanh<T, K + 1, N>::eval(s2), s2), static_cast<T>(c));
+    // The last term is its constant: 0 * s2 + c would be c exactly (s2 is finite), but IEEE rules
+    // keep a compiler from folding that multiply-add, which cost two operations per logarithm.
+    if constexpr (K + 1 == N)
+      return static_cast<T>(c);
+    else
+      return add(mul(Atanh<T, K + 1, N>::eval(s2), s2), static_cast<T>(c));
   }
-};
-template <typename T, int N> struct Atanh<T, N, N> {
-  static SE_HD T eval(T) { return T(0); }
 };
 template <typename T, int K, int N> struct Sin {
   static SE_HD T eval(T x2) {
