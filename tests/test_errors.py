@@ -400,6 +400,26 @@ def test_fuse_errors():
         assert torch.equal(t, s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_reinit_new_pairs_non_finite_in_every_dtype(dtype, value):
+    """The host check of B_new / A_new (a plain loop per dtype) sees NaN and +-Inf in every weight
+    dtype, at any position, and nothing is modified."""
+    W = [torch.randn(6, 4, dtype=dtype) for _ in range(2)]
+    B = [torch.randn(6, 3, dtype=dtype) for _ in range(2)]
+    A = [torch.randn(3, 4, dtype=dtype) for _ in range(2)]
+    idx = [torch.tensor([0, 2]), torch.tensor([1])]
+    snapshot = [t.clone() for t in W + B + A]
+    for which, layer, pos in [("B_new", 0, (5, 1)), ("A_new", 1, (0, 3)), ("B_new", 1, (0, 0))]:
+        Bn = [torch.randn(6, len(i), dtype=dtype) for i in idx]
+        An = [torch.randn(len(i), 4, dtype=dtype) for i in idx]
+        (Bn if which == "B_new" else An)[layer][pos] = value
+        with pytest.raises(ValueError, match=rf"layer {layer}: {which} contains NaN or Inf"):
+            ops.reinit_pairs_(W, B, A, idx, Bn, An)
+    for t, s in zip(W + B + A, snapshot):
+        assert torch.equal(t, s)
+
+
 def test_reinit_errors():
     W, B, A, idx = _fuse_args()
     Bn = [f32(6, 2), f32(5, 1)]

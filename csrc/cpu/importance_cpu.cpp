@@ -83,10 +83,11 @@ void pack_rows(LayerUpdate& u) {
     for (int64_t j = 0; j < n; ++j) u.rows[t * n + j] = static_cast<double>(a[u.idx[t] * as0 + j * as1]);
   if (!has_new) return;
   const F_t* an = u.An.data_ptr<F_t>();
+  const int64_t ans0 = u.An.stride(0), ans1 = u.An.stride(1);
   F_t* aw = u.A.data_ptr<F_t>();
   for (int64_t t = 0; t < q; ++t)
     for (int64_t j = 0; j < n; ++j) {
-      const F_t v = an[t * u.An.stride(0) + j * u.An.stride(1)];
+      const F_t v = an[t * ans0 + j * ans1];
       u.rows[(q + t) * n + j] = static_cast<double>(v);
       aw[u.idx[t] * as0 + j * as1] = v;  // the old row is already packed
     }
@@ -124,13 +125,14 @@ void recompose_rows(LayerUpdate& u, int64_t row0, int64_t row1) {
   F_t* b = u.B.data_ptr<F_t>();
   const int64_t bs0 = u.B.stride(0), bs1 = u.B.stride(1);
   const F_t* bn = has_new ? u.Bn.data_ptr<F_t>() : nullptr;
+  const int64_t bns0 = has_new ? u.Bn.stride(0) : 0, bns1 = has_new ? u.Bn.stride(1) : 0;
   const Acc s = static_cast<Acc>(u.s);
   for (int64_t i = row0; i < row1; ++i) {
     for (int64_t t = 0; t < q; ++t) {
       F_t& b_it = b[i * bs0 + u.idx[t] * bs1];
       coef[t] = s * static_cast<Acc>(b_it);
       if (has_new) {
-        const F_t v = bn[i * u.Bn.stride(0) + t * u.Bn.stride(1)];
+        const F_t v = bn[i * bns0 + t * bns1];
         coef[q + t] = -s * static_cast<Acc>(v);
         b_it = v;
       } else {

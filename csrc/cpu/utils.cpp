@@ -166,6 +166,18 @@ void check_no_overlap(const char* op, at::TensorList W, at::TensorList B, at::Te
   check_disjoint(op, std::move(spans));
 }
 
+// Every element of a CPU tensor finite? A plain loop: the ATen isfinite().all() it replaces cost
+// ~8 us per tensor, ~3 ms for the 400 small B_new / A_new of a 200-layer reinit_pairs_.
+bool all_finite_host(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "all_finite", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = c.numel(); i < n; ++i) ok = ok && std::isfinite(static_cast<double>(p[i]));
+  });
+  return ok;
+}
+
 }  // namespace
 
 RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorList B,
@@ -179,7 +191,9 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
   out.idx.resize(L);
   // Shapes, dtypes and devices first (no host sync), then idx and the new pairs' finiteness flags
   // of every layer come to the host together.
-  std::vector<at::Tensor> host_parts, finite;  // every layer's idx, then the finiteness flags
+  std::vector<at::Tensor> host_parts, finite;  // every layer's idx, then the device tensors' finiteness flags
+  std::vector<char> new_finite;                // per layer with new pairs: B_new, A_new all finite?
+  std::vector<size_t> flag_slot;               // new_finite's entry of each flag in `finite`
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor &Wl = W[l], &Bl = B[l], &Al = A[l];
     TORCH_CHECK_VALUE(Wl.dim() == 2 && Bl.dim() == 2 && Al.dim() == 2 && Bl.size(0) == Wl.size(0) &&
@@ -219,8 +233,15 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
                             // strided view of the same storage, as good as certain to alias
                             op, ": layer ", l, ": ", nname, " shares memory with ", name,
                             ", which the call overwrites while reading it: pass a copy (", nname, ".clone())");
-      finite.push_back(Bnl.isfinite().all().reshape({1}));
-      finite.push_back(Anl.isfinite().all().reshape({1}));
+      for (const at::Tensor* nt : {&Bnl, &Anl}) {
+        if (nt->is_cpu()) {
+          new_finite.push_back(all_finite_host(*nt));
+        } else {  // read with idx, in one transfer for all layers
+          flag_slot.push_back(new_finite.size());
+          finite.push_back(nt->isfinite().all().reshape({1}));
+          new_finite.push_back(1);
+        }
+      }
       out.B_new.push_back(Bnl);
       out.A_new.push_back(Anl);
     }
@@ -240,9 +261,9 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       out.idx[l].push_back(p[t]);
     }
   }
-  for (size_t f = 0; f < finite.size(); ++f)
-    TORCH_CHECK_VALUE(host[L + f].to(at::kBool).item<bool>(), op, ": layer ", f / 2, ": ",
-                      f % 2 ? "A_new" : "B_new", " contains NaN or Inf");
+  for (size_t f = 0; f < finite.size(); ++f) new_finite[flag_slot[f]] = host[L + f].to(at::kBool).item<bool>();
+  for (size_t f = 0; f < new_finite.size(); ++f)
+    TORCH_CHECK_VALUE(new_finite[f], op, ": layer ", f / 2, ": ", f % 2 ? "A_new" : "B_new", " contains NaN or Inf");
   check_no_overlap(op, W, B, A, out.idx, /*A_written=*/!Bn.empty());
   return out;
 }
