@@ -238,22 +238,32 @@ FULL = Config(None, 200, ((1536, 1536), (384, 384), (1536, 384)), 24, 1.0, 5, 10
 QUICK = Config(6, 20, ((384, 384),), 18, 0.02, 2, 20)
 # (out, in) of one 7B-style decoder block's Linear weights: q, k, v, o (4096²), up/gate, down.
 LARGE_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+CUDA_PHILOX_LOG2 = 28
 
 
 def median_ms(fn: Callable[[], object], cfg: Config, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in ms (``time.perf_counter``), after ``warmup`` untimed calls."""
-    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    """Median time of ``fn()`` in ms (``time.perf_counter``; on CUDA, device events around the call),
+    after ``warmup`` untimed calls."""
+    cuda = cfg.device.startswith("cuda")
     for _ in range(warmup):
         fn()
-    sync()
+    if cuda:
+        torch.cuda.synchronize()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < cfg.max_repeats and (len(times) < cfg.min_repeats
                                             or time.perf_counter() - start < cfg.target_s):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+        if cuda:  # device time between two events: no host-sync latency in short kernels' times
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -441,7 +451,7 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
 
     ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards); ``quick`` uses
     small workloads and few repeats (a few seconds; for tests, not for numbers). ``device``:
-    "cpu" or "cuda" (every timing then synchronises the device); ``large`` adds rsvd_many over a
+    "cpu" or "cuda" (timed by CUDA events; philox_normal at 2^28 numbers); ``large`` adds rsvd_many over a
     7B-shaped layer set (about 14 GB of float32 weights: for a GPU).
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -453,6 +463,8 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
                          f"(torch.cuda.is_available() = {torch.cuda.is_available()}, "
                          f"subspace_ext.cuda_enabled() = {ops.cuda_enabled()})")
     cfg = dataclasses.replace(QUICK if quick else FULL, device=device, large_rsvd=large)
+    if device == "cuda" and not quick:  # 1 GiB of output, far past the L2, so the kernel fills the chip
+        cfg = dataclasses.replace(cfg, philox_log2=CUDA_PHILOX_LOG2)
     lines: list[str] = []
 
     def emit(line: str) -> None:
