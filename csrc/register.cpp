@@ -19,8 +19,8 @@ TORCH_LIBRARY(subspace_ext, m) {
   m.def("rsvd_many(Tensor[] mats, int rank, int oversample, int niter, int seed)"
         " -> (Tensor[], Tensor[], Tensor[])");
   m.def("factored_svd(Tensor B, Tensor A, int rank) -> (Tensor, Tensor, Tensor)");
-  // The same randomized SVD as rsvd, batched over equal shapes with no host sync but one finite
-  // check (Householder QR, batched small SVD): the CUDA path of rsvd / rsvd_many; on CPU for tests.
+  // The same randomized SVD as rsvd, batched over equal shapes (Gram orthonormalisation and the
+  // batched small SVD; two host syncs): the CUDA path of rsvd / rsvd_many; on CPU for tests.
   m.def("_rsvd_batched(Tensor A, int rank, int oversample, int niter, int seed) -> (Tensor, Tensor, Tensor)");
   // Batched SVD of small matrices (..., p, q) -> U (..., p, k), S (..., k), V (..., q, k): one-sided
   // Jacobi, one thread block per matrix on CUDA, the same bits on CPU and CUDA (rsvd's l x l cores).

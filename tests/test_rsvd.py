@@ -242,8 +242,8 @@ def test_rsvd_scale_equivariance():
 # ---------------------------------------------------------------------------------------------
 # _rsvd_batched: the CUDA path of rsvd / rsvd_many (batched over equal shapes), checked on every
 # device present: the same algorithm as rsvd, with Gram-based orthonormalisation (the batched
-# small SVD) inside the power iteration, Householder QR for the bases leaving it, and the Jacobi
-# small SVD for the cores.
+# small SVD) for every basis (Householder QR for the two final ones only where a direction was
+# lost: rank-deficient inputs), and the Jacobi small SVD for the cores.
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("b,m,n,k", [(3, 40, 25, 5), (1, 17, 60, 1), (4, 33, 33, 33), (2, 257, 3, 2)])
@@ -325,3 +325,24 @@ def test_solar_basis_low_precision_base(device):
     W = torch.randn(12, 9, device=device).to(torch.bfloat16)
     for got, want in zip(ops.solar_basis(W, 4, 1, 0.1), ops.solar_basis(W.double(), 4, 1, 0.1)):
         assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def _qr_calls(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::linalg_qr")
+
+
+@pytest.mark.parametrize("niter", [0, 2])
+def test_rsvd_batched_takes_householder_only_for_lost_directions(niter, device):
+    """Full-rank groups orthonormalise every basis through the Gram passes (batched GEMMs and the
+    small-SVD kernel): no linalg_qr, which ATen's CUDA path runs as one cuSOLVER call per matrix.
+    A group with a rank-deficient matrix takes Householder QR for its two final bases."""
+    full = torch.randn(3, 70, 50, device=device)
+    assert _qr_calls(lambda: torch.ops.subspace_ext._rsvd_batched(full, 6, 8, niter, 1)) == 0
+    low = full.clone()
+    low[1] = (torch.randn(70, 2) @ torch.randn(2, 50)).to(device)
+    U, S, V = torch.ops.subspace_ext._rsvd_batched(low, 6, 8, niter, 1)
+    assert _qr_calls(lambda: torch.ops.subspace_ext._rsvd_batched(low, 6, 8, niter, 1)) == 2
+    _check_factors(low, U, S, V, 6)

@@ -127,24 +127,27 @@ Triple small_svd_op(const at::Tensor& A) {
 }
 
 // Orthonormal basis of the columns of each Y[b] (Householder QR in float64, batched; sign-free:
-// the final factors get canonical signs).
+// the final factors get canonical signs). On CUDA ATen runs it as one cuSOLVER geqrf + orgqr per
+// matrix (tall matrices take no batched path), so rsvd_batched keeps it for rank-deficient inputs.
 at::Tensor orth_batched(const at::Tensor& Y) {
   return std::get<0>(at::linalg_qr(Y.to(at::kDouble), "reduced")).to(Y.scalar_type());
 }
 
-// Orthonormal columns spanning each Y[b] (b x p x l) from its Gram matrix, for the inside of the
-// power iteration: G = Y^T Y = W diag(lam) W^T (the batched small SVD), Q = Y W diag(lam^-1/2),
-// twice (the second pass restores orthonormality to rounding, as in Cholesky-QR2). Batched GEMMs
-// and one small-SVD launch per pass, no host sync and no cuSOLVER loop over the batch. Directions
-// with lam <= l * eps * lam_max (numerically absent from Y) become zero columns: harmless inside
-// the iteration, whose bases leaving the loop get Householder QR.
-at::Tensor orth_gram(const at::Tensor& Y) {
+// Orthonormal columns spanning each Y[b] (b x p x l) from its Gram matrix: G = Y^T Y =
+// W diag(lam) W^T (the batched small SVD), Q = Y W diag(lam^-1/2), twice (the second pass restores
+// orthonormality to rounding, as in Cholesky-QR2). Batched GEMMs and one small-SVD launch per pass,
+// no host sync and no cuSOLVER loop over the batch. Directions with lam <= l * eps * lam_max
+// (numerically absent from Y) become zero columns: harmless inside the power iteration. `complete`
+// (when given) receives a device bool: no direction of any Y[b] was dropped, i.e. Q has l
+// orthonormal columns.
+at::Tensor orth_gram(const at::Tensor& Y, at::Tensor* complete = nullptr) {
   const double tol = static_cast<double>(Y.size(-1)) * 2.220446049250313e-16;
   at::Tensor Q = Y;
   for (int pass = 0; pass < 2; ++pass) {
     const at::Tensor Yd = Q.to(at::kDouble);
     const SVDResult g = small_svd_batched(at::matmul(Yd.mT(), Yd));
     const at::Tensor keep = g.S > g.S.narrow(-1, 0, 1) * tol;
+    if (complete != nullptr) *complete = pass == 0 ? keep.all() : at::logical_and(*complete, keep.all());
     const at::Tensor scale = at::where(keep, g.S.clamp_min(1e-300).rsqrt(), at::zeros_like(g.S));
     Q = at::matmul(Q, (g.U * scale.unsqueeze(-2)).to(Y.scalar_type()));
   }
@@ -152,10 +155,12 @@ at::Tensor orth_gram(const at::Tensor& Y) {
 }
 
 // rsvd_one's algorithm for a batch of equal-shape matrices A (b x m x n): the same Philox test
-// matrix for every b, batched GEMMs, Gram-based orthonormalisation inside the power iteration and
-// batched Householder QR for the two bases that leave it, one batched SVD of the l x l cores.
-// Nothing synchronises with the host but the NaN/Inf check of A @ Omega. A bfloat16/float16 A is
-// computed in a float32 copy.
+// matrix for every b, batched GEMMs, Gram-based orthonormalisation (orth_gram) for every basis, one
+// batched SVD of the l x l cores. The two bases that leave the iteration must keep all l columns:
+// where the Gram passes dropped a direction (a rank-deficient A) the group is redone with
+// Householder QR for those two bases, which completes them. Host syncs: the NaN/Inf check of
+// A @ Omega and the one completeness flag of both bases. A bfloat16/float16 A is computed in a
+// float32 copy.
 Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter, int64_t seed) {
   check_rsvd_args(A_in, k, p, niter, "_rsvd_batched");
   TORCH_CHECK_VALUE(A_in.dim() == 3, "_rsvd_batched: A must be b x m x n, got ", A_in.sizes());
@@ -165,17 +170,31 @@ Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter,
   at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
   philox_normal_fill(omega, seed, 0);
   const at::Tensor Y = at::matmul(A, omega);
-  TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),  // the one host sync
+  TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),  // host sync 1
                     "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
-  at::Tensor Q = niter > 0 ? orth_gram(Y) : orth_batched(Y);
-  for (int64_t it = 0; it < niter; ++it) {
-    const at::Tensor AZ = at::matmul(A, orth_gram(at::matmul(A.mT(), Q)));
-    Q = it + 1 < niter ? orth_gram(AZ) : orth_batched(AZ);
+  // The last product of the iteration (Y itself when niter = 0), still to be orthonormalised.
+  at::Tensor last = Y;
+  if (niter > 0) {
+    at::Tensor Q = orth_gram(Y);
+    for (int64_t it = 0; it < niter; ++it) {
+      last = at::matmul(A, orth_gram(at::matmul(A.mT(), Q)));
+      if (it + 1 < niter) Q = orth_gram(last);
+    }
   }
-  auto [Qb, Rb] = at::linalg_qr(at::matmul(A.mT(), Q).to(at::kDouble), "reduced");  // A ~ Q Rb^T Qb^T
+  // A ~ Q Q^T A = Q Bt^T with Bt = A^T Q = Qb Rb, so A ~ Q Rb^T Qb^T.
+  at::Tensor complete_q, complete_b;
+  at::Tensor Q = orth_gram(last, &complete_q);
+  at::Tensor Bt = at::matmul(A.mT(), Q);
+  at::Tensor Qb = orth_gram(Bt, &complete_b);
+  if (!at::logical_and(complete_q, complete_b).item<bool>()) {  // host sync 2
+    Q = orth_batched(last);
+    Bt = at::matmul(A.mT(), Q);
+    Qb = orth_batched(Bt);
+  }
+  const at::Tensor Rb = at::matmul(Qb.mT().to(at::kDouble), Bt.to(at::kDouble));  // Bt = Qb Rb
   const SVDResult core = small_svd_batched(Rb.mT());  // all l x l cores in one launch
   at::Tensor U = at::matmul(Q, core.U.narrow(-1, 0, k).to(dt));
-  at::Tensor V = at::matmul(Qb.to(dt), core.V.narrow(-1, 0, k).to(dt));
+  at::Tensor V = at::matmul(Qb, core.V.narrow(-1, 0, k).to(dt));
   at::Tensor S = core.S.narrow(-1, 0, k).to(dt);
   canonicalize_signs_(U, V);
   return {U.contiguous(), S.contiguous(), V.contiguous()};
@@ -293,8 +312,9 @@ rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t
 
 }  // namespace
 
-// CUDA: batched over equal shapes through ATen (cuBLAS batched GEMMs, cuSOLVER batched QR) and our
-// kernels (Philox, the batched small SVD); one host sync per group (the finite check).
+// CUDA: batched over equal shapes through ATen (cuBLAS batched GEMMs) and our kernels (Philox, the
+// batched small SVD for every orthonormalisation and the cores); two host syncs per group (the
+// finite check, the completeness of the two final bases; cuSOLVER QR only for rank-deficient groups).
 // factored_svd runs the CPU path's composition (Cholesky-QR by cuSOLVER, a scalar sync per pass).
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("rsvd", &rsvd_cuda);
