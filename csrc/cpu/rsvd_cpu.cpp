@@ -134,16 +134,16 @@ at::Tensor orth_batched(const at::Tensor& Y) {
 }
 
 // Orthonormal columns spanning each Y[b] (b x p x l) from its Gram matrix: G = Y^T Y =
-// W diag(lam) W^T (the batched small SVD), Q = Y W diag(lam^-1/2), twice (the second pass restores
-// orthonormality to rounding, as in Cholesky-QR2). Batched GEMMs and one small-SVD launch per pass,
+// W diag(lam) W^T (the batched small SVD), Q = Y W diag(lam^-1/2), `passes` times (a second pass
+// restores orthonormality to rounding, as in Cholesky-QR2). Batched GEMMs and one small-SVD launch per pass,
 // no host sync and no cuSOLVER loop over the batch. Directions with lam <= l * eps * lam_max
 // (numerically absent from Y) become zero columns: harmless inside the power iteration. `complete`
 // (when given) receives a device bool: no direction of any Y[b] was dropped, i.e. Q has l
 // orthonormal columns.
-at::Tensor orth_gram(const at::Tensor& Y, at::Tensor* complete = nullptr) {
+at::Tensor orth_gram(const at::Tensor& Y, int passes, at::Tensor* complete = nullptr) {
   const double tol = static_cast<double>(Y.size(-1)) * 2.220446049250313e-16;
   at::Tensor Q = Y;
-  for (int pass = 0; pass < 2; ++pass) {
+  for (int pass = 0; pass < passes; ++pass) {
     const at::Tensor Yd = Q.to(at::kDouble);
     const SVDResult g = small_svd_batched(at::matmul(Yd.mT(), Yd));
     const at::Tensor keep = g.S > g.S.narrow(-1, 0, 1) * tol;
@@ -173,19 +173,21 @@ Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter,
   TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),  // host sync 1
                     "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
   // The last product of the iteration (Y itself when niter = 0), still to be orthonormalised.
+  // Inside the iteration one pass per basis keeps it well conditioned, as in rsvd_one: only its span
+  // matters there (4 of the 13 small-SVD launches of niter = 2 saved); the bases leaving it get two.
   at::Tensor last = Y;
   if (niter > 0) {
-    at::Tensor Q = orth_gram(Y);
+    at::Tensor Q = orth_gram(Y, 1);
     for (int64_t it = 0; it < niter; ++it) {
-      last = at::matmul(A, orth_gram(at::matmul(A.mT(), Q)));
-      if (it + 1 < niter) Q = orth_gram(last);
+      last = at::matmul(A, orth_gram(at::matmul(A.mT(), Q), 1));
+      if (it + 1 < niter) Q = orth_gram(last, 1);
     }
   }
   // A ~ Q Q^T A = Q Bt^T with Bt = A^T Q = Qb Rb, so A ~ Q Rb^T Qb^T.
   at::Tensor complete_q, complete_b;
-  at::Tensor Q = orth_gram(last, &complete_q);
+  at::Tensor Q = orth_gram(last, 2, &complete_q);
   at::Tensor Bt = at::matmul(A.mT(), Q);
-  at::Tensor Qb = orth_gram(Bt, &complete_b);
+  at::Tensor Qb = orth_gram(Bt, 2, &complete_b);
   if (!at::logical_and(complete_q, complete_b).item<bool>()) {  // host sync 2
     Q = orth_batched(last);
     Bt = at::matmul(A.mT(), Q);
