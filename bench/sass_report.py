@@ -62,6 +62,10 @@ def ptxas_report(text: str) -> dict[str, dict[str, int]]:
             name = m.group(1)
             out[name] = {}
             continue
+        # a called (non-entry) function's block follows its caller's: its numbers are not the kernel's
+        if m := re.search(r"Function properties for (\S+)", line):
+            name = m.group(1) if m.group(1) in out else None
+            continue
         if name is None:
             continue
         if m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):

@@ -269,7 +269,8 @@ def test_philox_normal_bit_exact_against_op_by_op_emulation(dtype, n, seed, stre
 def test_philox_normal_into_offset_views(dtype, offset, n, device):
     """The raw op fills contiguous views at any element offset: the CUDA kernel's 16-byte vector
     stores apply only where the view is aligned, and the unaligned and partial-block paths give
-    the same bits; perturbed_basis (the adding path) likewise for a view of U."""
+    the same bits. perturbed_basis (the adding path) gets a view of U but adds into its own
+    (aligned) copy; the unaligned adding kernel runs in tests/test_cuda_emulation.py."""
     want = ops.philox_normal((n,), 5, 2, dtype=dtype)
     buf = torch.full((n + offset + 1,), float("nan"), dtype=dtype, device=device)
     view = buf[offset:offset + n]

@@ -20,6 +20,8 @@ PTXAS = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
 ptxas info    : Function properties for _Z3fooPf
     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
 ptxas info    : Used 26 registers, used 0 barriers
+ptxas info    : Function properties for _Z6calleed
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Compiling entry function '_Z3barPd' for 'sm_90'
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 40 registers, used 1 barriers
@@ -43,6 +45,7 @@ SASS = """
 
 
 def test_ptxas_report_parses_registers_stack_and_spills():
+    # the callee's block after _Z3fooPf's must not overwrite the kernel's stack and spill numbers
     got = sass_report.ptxas_report(PTXAS)
     assert got == {"_Z3fooPf": {"stack": 8, "spill": 8, "regs": 26},
                    "_Z3barPd": {"stack": 0, "spill": 0, "regs": 40}}
@@ -70,6 +73,8 @@ def test_philox_kernels_compile_without_spills():
                            "--cuobjdump", ""], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| `")]
-    assert len(rows) == 9  # philox_uint32 + normal_kernel for 2 dtypes x add x vector store
+    names = [r[0] for r in rows]  # demangled where c++filt is installed, mangled otherwise
+    assert sum("philox_uint32_kernel" in n for n in names) == 1
+    assert sum("normal_kernel" in n for n in names) == 8  # 2 dtypes x add x vector store
     for r in rows:
         assert r[2].strip() == "0" and r[3].strip() == "0", r  # no stack frame, no spills

@@ -138,6 +138,7 @@ SE_HD constexpr double signed_inv_factorial(int n, int k) {
 //   Sin<T,K,N>:   sum_{k>=K}^{N}   (-1)^k x^{2(k-K)} / (2k+1)!     (times x outside)
 //   Cos<T,K,N>:   sum_{k>=K}^{N}   (-1)^k x^{2(k-K)} / (2k)!
 template <typename T, int K, int N> struct Atanh {
+  static_assert(K < N, "Atanh needs at least one term");
   static SE_HD T eval(T s2) {
     constexpr double c = 1.0 / (2 * K + 1);
     // The last term is its constant: 0 * s2 + c would be c exactly (s2 is finite), but IEEE rules
