@@ -319,6 +319,18 @@ def small_svd_jacobi_emulation(A):
             s = s + xi * yi
         return s
 
+    def parted_dot(x, y, parts=16):
+        """small_svd::kParts: row r into partial r % parts, then the halving tree."""
+        s = [0.0] * parts
+        for r, (xi, yi) in enumerate(zip(x, y)):
+            s[r % parts] = s[r % parts] + xi * yi
+        h = parts // 2
+        while h >= 1:
+            for j in range(h):
+                s[j] = s[j] + s[j + h]
+            h //= 2
+        return s[0]
+
     qe = q + (q & 1)
     for _ in range(40):
         rotated = False
@@ -329,7 +341,7 @@ def small_svd_jacobi_emulation(A):
                 if cb >= q:
                     continue
                 X, Y = a[ca], a[cb]
-                alpha, beta, gamma = dot(X, X), dot(Y, Y), dot(X, Y)
+                alpha, beta, gamma = parted_dot(X, X), parted_dot(Y, Y), parted_dot(X, Y)
                 if gamma == 0.0 or abs(gamma) <= (p * eps) * (math.sqrt(alpha) * math.sqrt(beta)):
                     continue
                 zeta = (beta - alpha) / (2.0 * gamma)

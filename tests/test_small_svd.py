@@ -55,7 +55,9 @@ def test_small_svd_singular_vectors_match_reference(device):
     assert torch.allclose(V.cpu() * sign, V_ref, atol=1e-10)
 
 
-@pytest.mark.parametrize("shape", [(6, 5), (5, 6), (4, 4), (9, 2)], ids=str)
+# Rows: fewer than small_svd::kParts (16) partials, whole blocks of 16 plus an even (40) or odd (37)
+# last block: the CPU's vector partials against the emulation's plain 16-partial order.
+@pytest.mark.parametrize("shape", [(6, 5), (5, 6), (4, 4), (9, 2), (37, 5), (40, 17), (7, 32)], ids=str)
 def test_small_svd_bit_exact_against_op_by_op_emulation(shape, device):
     A = torch.randn(shape, dtype=torch.float64)
     A[..., 0] *= 1e3  # unequal column scales: more sweeps, both branches of the rotation

@@ -236,7 +236,8 @@ SVDResult small_svd_batched(const at::Tensor& A) {
         for (int64_t i = lo; i < hi; ++i) {
           int e = 0;
           small_svd::svd(pa + i * p * q, pv + i * q * q, pn + i * q, pu + i * p * q, ps + i * q, pvo + i * q * q,
-                         static_cast<int>(p), static_cast<int>(q), 0, 1, e, [] {}, [](bool x) { return x; });
+                         static_cast<int>(p), static_cast<int>(q), 0, 1, 0, 1, small_svd::SerialGroup{}, e, [] {},
+                         [](bool x) { return x; });
         }
       });
     }

@@ -3,9 +3,11 @@
 //
 // Written once for host and device, like philox.h. One sweep is q' - 1 steps (q' = q rounded up to
 // even); a step rotates q'/2 disjoint column pairs, so the pairs of a step can run in any order or
-// all at once: the CPU runs them one after the other, the CUDA kernel gives each pair a thread.
+// all at once: the CPU runs them one after the other, the CUDA kernel gives each pair a group of
+// kParts threads (a half warp).
 // Every number depends only on the input (IEEE +, -, *, /, sqrt, all correctly rounded; no FMA:
-// -ffp-contract=off on the host, -fmad=false for nvcc), so CPU and GPU give the same bits.
+// -ffp-contract=off on the host, -fmad=false for nvcc), so CPU and GPU give the same bits. The
+// rotations' dot products are summed in one fixed order on both (see kParts).
 //
 // Work layout: column-major, column j of the p x q matrix at a + j * p (p >= q); V is q x q.
 // Result: A V = U diag(S), S descending, U (p x q) and V orthonormal columns.
@@ -21,6 +23,83 @@
 
 namespace subspace_ext {
 namespace small_svd {
+
+// The order of a rotation's dot products: row r of a column goes to partial sum r % kParts (each
+// partial adds its rows in increasing order, starting from 0.0), and the partials combine in a
+// fixed tree: for h = kParts / 2, ..., 2, 1: s[j] = s[j] + s[j + h] for j < h; the sum is s[0].
+// The CPU keeps all kParts partials in one thread (serial_dot3: vector-friendly), the CUDA kernel
+// gives each partial one thread of a kParts-thread group and runs the tree as a shuffle butterfly
+// (lane j adds lane j ^ h: the same additions, as x + y == y + x in IEEE arithmetic).
+constexpr int kParts = 16;
+
+SE_SVD_HD void tree_sum(double* s) {
+  for (int h = kParts / 2; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) s[j] = s[j] + s[j + h];
+}
+
+#if defined(__GNUC__) && !defined(__CUDACC__)
+// Host: alpha, beta, gamma in one pass over the columns, the 16 partials of each as 8 two-lane
+// vectors (SSE2, the x86-64 baseline; the compiler's vectorisation of the generic loops keeps them
+// on the stack): lane pair k (partials 2k, 2k + 1) walks the blocks of 16 rows for all three sums
+// at once, the last block's missing rows read as 0 (0 * 0 = +0.0 leaves a partial unchanged: a
+// partial is never -0.0, as it starts at +0.0 and a sum is -0.0 only if both terms are). The tree
+// runs on vectors: s[j] + s[j + h] for h = 8, 4, 2 is vector k plus vector k + h / 2, then the two
+// lanes. The additions and their order are the generic loops'.
+SE_SVD_HD void serial_dot3(const double* x, const double* y, int p, double& alpha, double& beta, double& gamma) {
+  typedef double v2 __attribute__((vector_size(16)));
+  static_assert(kParts == 16, "the vector layout below holds 16 partials");
+  v2 sa[8], sb[8], sg[8];
+  for (int k = 0; k < 8; ++k) {
+    v2 a{0.0, 0.0}, b{0.0, 0.0}, g{0.0, 0.0};
+    for (int r = 2 * k; r < p; r += kParts) {
+      const bool two = r + 1 < p;
+      const v2 xv{x[r], two ? x[r + 1] : 0.0}, yv{y[r], two ? y[r + 1] : 0.0};
+      a = a + xv * xv;
+      b = b + yv * yv;
+      g = g + xv * yv;
+    }
+    sa[k] = a;
+    sb[k] = b;
+    sg[k] = g;
+  }
+  for (int h = 4; h >= 1; h /= 2)
+    for (int k = 0; k < h; ++k) {
+      sa[k] = sa[k] + sa[k + h];
+      sb[k] = sb[k] + sb[k + h];
+      sg[k] = sg[k] + sg[k + h];
+    }
+  alpha = sa[0][0] + sa[0][1];
+  beta = sb[0][0] + sb[0][1];
+  gamma = sg[0][0] + sg[0][1];
+}
+#else
+// x.y over p rows in the kParts order, by one thread.
+SE_SVD_HD double parted_dot(const double* x, const double* y, int p) {
+  double s[kParts];
+  for (int j = 0; j < kParts; ++j) s[j] = 0.0;
+  const int whole = p - p % kParts;
+  for (int r0 = 0; r0 < whole; r0 += kParts)
+    for (int j = 0; j < kParts; ++j) s[j] = s[j] + x[r0 + j] * y[r0 + j];
+  for (int j = 0; whole + j < p; ++j) s[j] = s[j] + x[whole + j] * y[whole + j];
+  tree_sum(s);
+  return s[0];
+}
+
+// alpha = x.x, beta = y.y, gamma = x.y, one pass each.
+SE_SVD_HD void serial_dot3(const double* x, const double* y, int p, double& alpha, double& beta, double& gamma) {
+  alpha = parted_dot(x, x, p);
+  beta = parted_dot(y, y, p);
+  gamma = parted_dot(x, y, p);
+}
+#endif
+
+// A rotation's team on the CPU: one thread that does all rows (part 0, stride 1) and all partials.
+struct SerialGroup {
+  static constexpr int part = 0, stride = 1;
+  SE_SVD_HD void dot3(const double* x, const double* y, int p, double& a, double& b, double& g) const {
+    serial_dot3(x, y, p, a, b, g);
+  }
+};
 
 // Sweeps at most; Jacobi converges quadratically, typically in 6-10 sweeps for l <= 128.
 constexpr int kMaxSweeps = 40;
@@ -46,17 +125,16 @@ SE_SVD_HD void pair_of(int t, int i, int qe, int& a, int& b) {
   b = x < y ? y : x;
 }
 
-// Orthogonalise columns ca < cb of a (p rows) by one plane rotation, applied to v (q rows) too.
+// Orthogonalise columns ca < cb of a (p rows) by one plane rotation, applied to v (q rows) too, by
+// the threads of group g (rows g.part, g.part + g.stride, ...; every thread of g gets the same
+// dot products, so the same decision and the same rotation).
 // Returns whether the pair was rotated (false: already orthogonal to the tolerance).
-SE_SVD_HD bool rotate(double* a, double* v, int p, int q, int ca, int cb) {
+template <typename Group>
+SE_SVD_HD bool rotate(double* a, double* v, int p, int q, int ca, int cb, const Group& g) {
   double* x = a + static_cast<long long>(ca) * p;
   double* y = a + static_cast<long long>(cb) * p;
-  double alpha = 0.0, beta = 0.0, gamma = 0.0;  // one pass; each sum in dot()'s order
-  for (int r = 0; r < p; ++r) {
-    alpha = alpha + x[r] * x[r];
-    beta = beta + y[r] * y[r];
-    gamma = gamma + x[r] * y[r];
-  }
+  double alpha, beta, gamma;
+  g.dot3(x, y, p, alpha, beta, gamma);
   const double tol = static_cast<double>(p) * DBL_EPSILON;
   if (gamma == 0.0 || fabs(gamma) <= tol * (sqrt(alpha) * sqrt(beta))) return false;
   // t = tan(theta) zeroes the off-diagonal of [[alpha, gamma], [gamma, beta]] (the smaller root).
@@ -64,14 +142,14 @@ SE_SVD_HD bool rotate(double* a, double* v, int p, int q, int ca, int cb) {
   const double t = fabs(zeta) > 1e150 ? 0.5 / zeta
                                       : copysign(1.0, zeta) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
   const double c = 1.0 / sqrt(1.0 + t * t), s = c * t;
-  for (int r = 0; r < p; ++r) {
+  for (int r = g.part; r < p; r += g.stride) {
     const double xr = x[r], yr = y[r];
     x[r] = c * xr - s * yr;
     y[r] = s * xr + c * yr;
   }
   double* vx = v + static_cast<long long>(ca) * q;
   double* vy = v + static_cast<long long>(cb) * q;
-  for (int r = 0; r < q; ++r) {
+  for (int r = g.part; r < q; r += g.stride) {
     const double xr = vx[r], yr = vy[r];
     vx[r] = c * xr - s * yr;
     vy[r] = s * xr + c * yr;
@@ -79,14 +157,15 @@ SE_SVD_HD bool rotate(double* a, double* v, int p, int q, int ca, int cb) {
   return true;
 }
 
-// The pairs of step t with index i = lane, lane + lanes, ... (lanes = 1: all of them).
-SE_SVD_HD bool step(double* a, double* v, int p, int q, int t, int lane, int lanes) {
+// The pairs of step t with index i = group, group + groups, ... (groups = 1: all of them).
+template <typename Group>
+SE_SVD_HD bool step(double* a, double* v, int p, int q, int t, int group, int groups, const Group& g) {
   const int qe = q + (q & 1);
   bool rotated = false;
-  for (int i = lane; i < qe / 2; i += lanes) {
+  for (int i = group; i < qe / 2; i += groups) {
     int ca, cb;
     pair_of(t, i, qe, ca, cb);
-    if (cb < q && rotate(a, v, p, q, ca, cb)) rotated = true;
+    if (cb < q && rotate(a, v, p, q, ca, cb, g)) rotated = true;
   }
   return rotated;
 }
@@ -159,17 +238,20 @@ SE_SVD_HD void complete(double* u, const double* s, int p, int q) {
   }
 }
 
-// The whole SVD of one matrix by `lanes` cooperating threads, this one being `lane`: the CPU kernel
-// calls it with one lane and no-op barriers, the CUDA kernel with a thread block, `sync` =
-// __syncthreads and `any` = __syncthreads_or, so both run this one sequence of steps. a (p x q,
-// column-major) is overwritten; v (q x q) and norms (q) are scratch; u (p x q), s (q), vout (q x q)
-// the result; `e` must be one variable shared by the lanes (shared memory on CUDA).
+// The whole SVD of one matrix by `lanes` cooperating threads, this one being `lane`; the rotations
+// by `groups` teams, this thread being in team `group` as g (see rotate). The CPU kernel calls it
+// with one lane, one group (SerialGroup) and no-op barriers, the CUDA kernel with a thread block in
+// half-warp groups, `sync` = __syncthreads and `any` = __syncthreads_or, so both run this one
+// sequence of steps. a (p x q, column-major) is overwritten; v (q x q) and norms (q) are scratch;
+// u (p x q), s (q), vout (q x q) the result; `e` must be one variable shared by the lanes (shared
+// memory on CUDA).
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <typename Sync, typename Any>
+template <typename Group, typename Sync, typename Any>
 SE_SVD_HD void svd(double* a, double* v, double* norms, double* u, double* s, double* vout, int p,
-                   int q, int lane, int lanes, int& e, Sync sync, Any any) {
+                   int q, int lane, int lanes, int group, int groups, const Group& g, int& e, Sync sync,
+                   Any any) {
   const long long n = static_cast<long long>(p) * q;
   if (lane == 0) e = scale_exponent(a, n);
   sync();
@@ -180,7 +262,7 @@ SE_SVD_HD void svd(double* a, double* v, double* norms, double* u, double* s, do
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
     bool rotated = false;
     for (int t = 0; t < qe - 1; ++t) {
-      if (step(a, v, p, q, t, lane, lanes)) rotated = true;
+      if (step(a, v, p, q, t, group, groups, g)) rotated = true;
       sync();
     }
     if (!any(rotated)) break;  // the same decision in every lane

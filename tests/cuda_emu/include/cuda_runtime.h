@@ -4,7 +4,10 @@
 // for __syncthreads; blocks run one after another; __shared__ variables are statics (shared by a
 // block's threads); dynamic shared memory is filled with 0xFF bytes (NaN) before each block, so a
 // read of an entry no thread wrote shows. Launch limits are checked as CUDA checks them.
-// Not emulated: device arithmetic (FMA contraction, intrinsics' rounding), warps, memory spaces.
+// __shfl_xor_sync exchanges values within an aligned segment of `width` lanes of a warp (the
+// masks the kernels use: the whole segment; any other mask is reported as an error).
+// Not emulated: device arithmetic (FMA contraction, intrinsics' rounding), warp scheduling,
+// memory spaces.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -14,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -57,10 +62,32 @@ inline std::vector<unsigned char>& dyn() { static std::vector<unsigned char> d; 
 inline unsigned char* dyn_smem() { return dyn().data(); }
 inline long& launches() { static long n = 0; return n; }
 
+// The lanes of one shuffle segment: a barrier for them and a slot per lane.
+struct Segment {
+  std::barrier<> bar;
+  unsigned char slot[32][8];
+  explicit Segment(std::ptrdiff_t width) : bar(width) {}
+};
+
 struct BlockState {
   std::barrier<>* bar;
+  unsigned long threads;
   std::atomic<int> flag{0};
+  std::mutex m;
+  std::map<std::pair<int, unsigned long>, std::unique_ptr<Segment>> segments;  // (width, index)
+  Segment& segment(int width, unsigned long index) {
+    std::lock_guard<std::mutex> lock(m);
+    auto& s = segments[{width, index}];
+    if (!s) s = std::make_unique<Segment>(width);
+    return *s;
+  }
 };
+
+inline void fail(const std::string& what) {
+  static std::mutex m;
+  std::lock_guard<std::mutex> lock(m);
+  if (last_error().empty()) last_error() = what;
+}
 inline thread_local BlockState* block = nullptr;
 
 struct Launch {
@@ -84,7 +111,7 @@ struct Launch {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           dyn().assign(smem + 16, 0xFF);
           std::barrier<> bar(static_cast<std::ptrdiff_t>(n));
-          BlockState st{&bar};
+          BlockState st{&bar, n};
           std::vector<std::thread> ts;
           ts.reserve(n);
           for (unsigned long t = 0; t < n; ++t)
@@ -113,6 +140,31 @@ inline int __syncthreads_or(int pred) {
   const int r = b.flag.load();
   b.bar->arrive_and_wait();
   if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) b.flag.store(0);
+  return r;
+}
+
+// Lane l of a `width`-lane segment gets `var` of lane l ^ lane_mask; every lane of the segment
+// must call it (mask: exactly the segment's lanes), as CUDA requires.
+template <class T> T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+  emu::BlockState& b = *emu::block;
+  const unsigned long t = threadIdx.x + blockDim.x * (threadIdx.y + static_cast<unsigned long>(blockDim.y) * threadIdx.z);
+  const unsigned lane = static_cast<unsigned>(t % 32);
+  const bool shape = width >= 1 && width <= 32 && (width & (width - 1)) == 0 && lane_mask >= 0 && lane_mask < width;
+  const unsigned base = shape ? lane / width * width : 0;
+  const unsigned want = width == 32 ? 0xFFFFFFFFu : ((1u << (shape ? width : 1)) - 1u) << base;
+  if (!shape || mask != want || t - lane + base + width > b.threads) {
+    emu::fail("__shfl_xor_sync: mask " + std::to_string(mask) + ", width " + std::to_string(width) + ", lane_mask " +
+              std::to_string(lane_mask) + " (the emulator takes whole segments of a full warp)");
+    return var;
+  }
+  emu::Segment& seg = b.segment(width, t / width);
+  const unsigned me = static_cast<unsigned>(t % width);
+  std::memcpy(seg.slot[me], &var, sizeof(T));
+  seg.bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, seg.slot[me ^ static_cast<unsigned>(lane_mask)], sizeof(T));
+  seg.bar.arrive_and_wait();
   return r;
 }
 
