@@ -34,7 +34,7 @@ struct HalfWarp {
       sb = sb + yr * yr;
       sg = sg + xr * yr;
     }
-    for (int h = kParts / 2; h >= 1; h /= 2) {  // small_svd::tree_sum, lane j adding lane j ^ h
+    for (int h = kParts / 2; h >= 1; h /= 2) {  // the header's tree, lane j adding lane j ^ h
       sa = sa + __shfl_xor_sync(mask, sa, h, kParts);
       sb = sb + __shfl_xor_sync(mask, sb, h, kParts);
       sg = sg + __shfl_xor_sync(mask, sg, h, kParts);

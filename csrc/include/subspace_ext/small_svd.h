@@ -27,79 +27,52 @@ namespace small_svd {
 // The order of a rotation's dot products: row r of a column goes to partial sum r % kParts (each
 // partial adds its rows in increasing order, starting from 0.0), and the partials combine in a
 // fixed tree: for h = kParts / 2, ..., 2, 1: s[j] = s[j] + s[j + h] for j < h; the sum is s[0].
-// The CPU keeps all kParts partials in one thread (serial_dot3: vector-friendly), the CUDA kernel
-// gives each partial one thread of a kParts-thread group and runs the tree as a shuffle butterfly
-// (lane j adds lane j ^ h: the same additions, as x + y == y + x in IEEE arithmetic).
+// The CPU keeps all kParts partials in one thread (SerialGroup), the CUDA kernel gives each partial
+// one thread of a kParts-thread group and runs the tree as a shuffle butterfly (lane j adds lane
+// j ^ h: the same additions, as x + y == y + x in IEEE arithmetic); tests/reference.py spells the
+// order out in plain loops.
 constexpr int kParts = 16;
 
-SE_SVD_HD void tree_sum(double* s) {
-  for (int h = kParts / 2; h >= 1; h /= 2)
-    for (int j = 0; j < h; ++j) s[j] = s[j] + s[j + h];
-}
-
-#if defined(__GNUC__) && !defined(__CUDACC__)
-// Host: alpha, beta, gamma in one pass over the columns, the 16 partials of each as 8 two-lane
-// vectors (SSE2, the x86-64 baseline; the compiler's vectorisation of the generic loops keeps them
-// on the stack): lane pair k (partials 2k, 2k + 1) walks the blocks of 16 rows for all three sums
-// at once, the last block's missing rows read as 0 (0 * 0 = +0.0 leaves a partial unchanged: a
-// partial is never -0.0, as it starts at +0.0 and a sum is -0.0 only if both terms are). The tree
-// runs on vectors: s[j] + s[j + h] for h = 8, 4, 2 is vector k plus vector k + h / 2, then the two
-// lanes. The additions and their order are the generic loops'.
-SE_SVD_HD void serial_dot3(const double* x, const double* y, int p, double& alpha, double& beta, double& gamma) {
-  typedef double v2 __attribute__((vector_size(16)));
-  static_assert(kParts == 16, "the vector layout below holds 16 partials");
-  v2 sa[8], sb[8], sg[8];
-  for (int k = 0; k < 8; ++k) {
-    v2 a{0.0, 0.0}, b{0.0, 0.0}, g{0.0, 0.0};
-    for (int r = 2 * k; r < p; r += kParts) {
-      const bool two = r + 1 < p;
-      const v2 xv{x[r], two ? x[r + 1] : 0.0}, yv{y[r], two ? y[r + 1] : 0.0};
-      a = a + xv * xv;
-      b = b + yv * yv;
-      g = g + xv * yv;
-    }
-    sa[k] = a;
-    sb[k] = b;
-    sg[k] = g;
-  }
-  for (int h = 4; h >= 1; h /= 2)
-    for (int k = 0; k < h; ++k) {
-      sa[k] = sa[k] + sa[k + h];
-      sb[k] = sb[k] + sb[k + h];
-      sg[k] = sg[k] + sg[k + h];
-    }
-  alpha = sa[0][0] + sa[0][1];
-  beta = sb[0][0] + sb[0][1];
-  gamma = sg[0][0] + sg[0][1];
-}
-#else
-// x.y over p rows in the kParts order, by one thread.
-SE_SVD_HD double parted_dot(const double* x, const double* y, int p) {
-  double s[kParts];
-  for (int j = 0; j < kParts; ++j) s[j] = 0.0;
-  const int whole = p - p % kParts;
-  for (int r0 = 0; r0 < whole; r0 += kParts)
-    for (int j = 0; j < kParts; ++j) s[j] = s[j] + x[r0 + j] * y[r0 + j];
-  for (int j = 0; whole + j < p; ++j) s[j] = s[j] + x[whole + j] * y[whole + j];
-  tree_sum(s);
-  return s[0];
-}
-
-// alpha = x.x, beta = y.y, gamma = x.y, one pass each.
-SE_SVD_HD void serial_dot3(const double* x, const double* y, int p, double& alpha, double& beta, double& gamma) {
-  alpha = parted_dot(x, x, p);
-  beta = parted_dot(y, y, p);
-  gamma = parted_dot(x, y, p);
-}
-#endif
-
+#if !defined(__CUDACC__)
 // A rotation's team on the CPU: one thread that does all rows (part 0, stride 1) and all partials.
+// dot3: alpha = x.x, beta = y.y, gamma = x.y in one pass over the columns, the 16 partials of each
+// as 8 two-lane vectors (SSE2, the x86-64 baseline; the compiler's vectorisation of plain loops
+// over 16 partials keeps them on the stack): lane pair k (partials 2k, 2k + 1) walks the blocks of
+// 16 rows for all three sums at once, the last block's missing rows read as 0 (0 * 0 = +0.0 leaves
+// a partial unchanged: a partial is never -0.0, as it starts at +0.0 and a sum is -0.0 only if both
+// terms are). The tree runs on vectors: s[j] + s[j + h] for h = 8, 4, 2 is vector k plus vector
+// k + h / 2, then the two lanes.
 struct SerialGroup {
   static constexpr int part = 0, stride = 1;
-  SE_SVD_HD void dot3(const double* x, const double* y, int p, double& a, double& b, double& g) const {
-    serial_dot3(x, y, p, a, b, g);
+  void dot3(const double* x, const double* y, int p, double& alpha, double& beta, double& gamma) const {
+    typedef double v2 __attribute__((vector_size(16)));
+    static_assert(kParts == 16, "the vector layout below holds 16 partials");
+    v2 sa[8], sb[8], sg[8];
+    for (int k = 0; k < 8; ++k) {
+      v2 a{0.0, 0.0}, b{0.0, 0.0}, g{0.0, 0.0};
+      for (int r = 2 * k; r < p; r += kParts) {
+        const bool two = r + 1 < p;
+        const v2 xv{x[r], two ? x[r + 1] : 0.0}, yv{y[r], two ? y[r + 1] : 0.0};
+        a = a + xv * xv;
+        b = b + yv * yv;
+        g = g + xv * yv;
+      }
+      sa[k] = a;
+      sb[k] = b;
+      sg[k] = g;
+    }
+    for (int h = 4; h >= 1; h /= 2)
+      for (int k = 0; k < h; ++k) {
+        sa[k] = sa[k] + sa[k + h];
+        sb[k] = sb[k] + sb[k + h];
+        sg[k] = sg[k] + sg[k + h];
+      }
+    alpha = sa[0][0] + sa[0][1];
+    beta = sb[0][0] + sb[0][1];
+    gamma = sg[0][0] + sg[0][1];
   }
 };
+#endif
 
 // Sweeps at most; Jacobi converges quadratically, typically in 6-10 sweeps for l <= 128.
 constexpr int kMaxSweeps = 40;
