@@ -480,9 +480,9 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
         emit(f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
         emit(f"- CPU: {cpu_model()}")
         if device == "cuda":
-            emit(f"- device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); timings synchronise")
-        emit("- times: median of repeated time.perf_counter timings after a warm-up call; "
-             "speed-up = baseline / ours")
+            emit(f"- device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+        clock = "CUDA event pairs around each call" if device == "cuda" else "time.perf_counter"
+        emit(f"- times: median of repeated timings ({clock}) after a warm-up call; speed-up = baseline / ours")
         emit("- error: rsvd_many = Σ over weights of ‖W − U S Vᵀ‖_F; small_svd = relative error of S "
              "against LAPACK's (CPU); other ops = relative error against the same math in float64")
         emit("")

@@ -46,6 +46,7 @@ def emu(tmp_path_factory):
     lib = ctypes.CDLL(str(emu_build.build(tmp_path_factory.mktemp("cuda_emu"))))
     lib.emu_last_error.restype = ctypes.c_char_p
     lib.emu_launches.restype = ctypes.c_long
+    lib.emu_last_smem.restype = ctypes.c_size_t
     return lib
 
 
@@ -153,30 +154,45 @@ def test_reconstruct_perturbed_kernel(emu, m, n, k1, k2, sms, dtype):
 # small SVD: the launcher's thread count gives many lanes per matrix; the CPU runs one
 
 
-@pytest.mark.parametrize("batch,p,q", [(1, 1, 1), (3, 7, 3), (2, 33, 33), (4, 24, 24), (1, 130, 129), (2, 72, 72)])
-def test_small_svd_kernel_equals_cpu_bits(emu, batch, p, q):
+OPTIN_SMEM = 227 * 1024  # H100 / H200 (the emulator's limit too)
+
+
+_SVD_SHAPES = [(1, 1, 1), (3, 7, 3), (2, 33, 33), (4, 24, 24), (2, 72, 72)]
+
+
+@pytest.mark.parametrize("batch,p,q,smem", [(*b, OPTIN_SMEM) for b in _SVD_SHAPES + [(2, 300, 24), (1, 2000, 24)]] +
+                         [(*b, 0) for b in _SVD_SHAPES + [(1, 130, 129)]])
+def test_small_svd_kernel_equals_cpu_bits(emu, batch, p, q, smem):
+    # smem: the opt-in shared memory per block the launcher plans with. Where the matrix, V and the
+    # norms fit (with 1 KiB kept for the kernel's static shared memory) the blocks work on them in
+    # shared memory (72 x 72: 83,520 bytes, above the 48 KiB default), else in global memory
+    # (smem 0; 2000 x 24 does not fit 227 KiB): the same bits either way.
     A = torch.randn(batch, p, q, dtype=torch.float64)
     if q > 2:
         A[0, :, 1] = 0.0  # a zero column: completion path
-    a = A.mT.contiguous()  # column-major copies, as small_svd_batched prepares them
+    a = A.mT.contiguous().clone()  # column-major copies, as small_svd_batched prepares them (the kernel
+    # scales them in place: for 1 x 1 matrices .contiguous() alone would return A itself)
     v, norms = torch.empty(batch, q, q, dtype=torch.float64), torch.empty(batch, q, dtype=torch.float64)
     u, s, vout = torch.empty(batch, q, p, dtype=torch.float64), torch.empty(batch, q, dtype=torch.float64), \
         torch.empty(batch, q, q, dtype=torch.float64)
-    _call(emu, "emu_small_svd", _p(a), _p(v), _p(norms), _p(u), _p(s), _p(vout), i64(batch), p, q)
+    _call(emu, "emu_small_svd", _p(a), _p(v), _p(norms), _p(u), _p(s), _p(vout), i64(batch), p, q, i64(smem))
+    need = 8 * (p * q + q * q + q)
+    assert emu.emu_last_smem() == (need if need + 1024 <= smem else 0)
     U, S, V = ops.small_svd(A)
     assert torch.equal(u.mT, U) and torch.equal(s, S) and torch.equal(vout.mT, V)
 
 
-def test_small_svd_kernel_nan_in_nan_out(emu):
+@pytest.mark.parametrize("smem", [OPTIN_SMEM, 0], ids=["staged", "global"])
+def test_small_svd_kernel_nan_in_nan_out(emu, smem):
     """The op rejects NaN, but rsvd's Gram orthonormalisation feeds the kernel unchecked: a NaN
     column must give NaN results, and every output entry must be written (no stale memory)."""
     batch, p, q = 2, 9, 4
     A = torch.randn(batch, p, q, dtype=torch.float64)
     A[0, 3, 2] = float("nan")
-    a = A.mT.contiguous()
+    a = A.mT.contiguous().clone()
     v, norms = torch.empty(batch, q, q, dtype=torch.float64), torch.empty(batch, q, dtype=torch.float64)
     u, s, vout = (torch.full(shape, 7.0, dtype=torch.float64) for shape in ((batch, q, p), (batch, q), (batch, q, q)))
-    _call(emu, "emu_small_svd", _p(a), _p(v), _p(norms), _p(u), _p(s), _p(vout), i64(batch), p, q)
+    _call(emu, "emu_small_svd", _p(a), _p(v), _p(norms), _p(u), _p(s), _p(vout), i64(batch), p, q, i64(smem))
     assert not (s == 7.0).any() and not (u == 7.0).any() and not (vout == 7.0).any()
     assert s[0].isnan().any() and u[0].isnan().any()
     assert torch.equal(s[1], ops.small_svd(A[1])[1])  # the other matrix is unaffected

@@ -90,9 +90,11 @@ void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t strea
 void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Tensor& norms,
                          const at::Tensor& u, const at::Tensor& s, const at::Tensor& vout) {
   const c10::cuda::CUDAGuard guard(a.device());
-  cuda::small_svd(a.data_ptr<double>(), v.data_ptr<double>(), norms.data_ptr<double>(), u.data_ptr<double>(),
-                  s.data_ptr<double>(), vout.data_ptr<double>(), a.size(0), static_cast<int>(a.size(2)),
-                  static_cast<int>(a.size(1)), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda::small_svd(a.data_ptr<double>(), v.data_ptr<double>(), norms.data_ptr<double>(),
+                                 u.data_ptr<double>(), s.data_ptr<double>(), vout.data_ptr<double>(), a.size(0),
+                                 static_cast<int>(a.size(2)), static_cast<int>(a.size(1)),
+                                 at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
+                                 at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -11,12 +11,10 @@
 // is computed once per split, not once per output tile) and then streams its split of X's rows
 // through it; each thread owns one strip row j and kNtRows rows of X per tile.
 #include "kernels.h"
+#include "smem.h"
 #include "subspace_ext/philox.h"
 
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <utility>
 
 namespace subspace_ext {
 namespace cuda {
@@ -82,22 +80,6 @@ __global__ void perturbed_tn_kernel(const T* U, int64_t us0, int64_t us1, int64_
 // the size against the device's limit). The attribute is one value per kernel and device, shared by
 // every host thread: it is only ever raised (under a lock), so a call with a smaller need cannot
 // lower it between another thread's set and launch.
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  int dev = 0;
-  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
-  static std::mutex lock;
-  static std::map<std::pair<const void*, int>, size_t> raised;
-  const std::lock_guard<std::mutex> hold(lock);
-  size_t& now = raised[{reinterpret_cast<const void*>(kernel), dev}];
-  if (bytes <= now) return cudaSuccess;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (err == cudaSuccess) now = bytes;
-  return err;
-}
-
 template <typename T>
 cudaError_t launch(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
                    int64_t ys1, int64_t r, double eps, uint64_t seed, uint64_t stream, int64_t rows_per_chunk,

@@ -26,7 +26,7 @@ def rewrite(text: str) -> str:
 
 def build(out_dir: Path) -> Path:
     """Compile (cached by the sources' hash) and return the library's path."""
-    inputs = SOURCES + [HERE / "capi.cpp", ROOT / "csrc" / "cuda" / "kernels.h", *sorted((HERE / "include").glob("*.h")),
+    inputs = SOURCES + [HERE / "capi.cpp", *sorted((ROOT / "csrc" / "cuda").glob("*.h")), *sorted((HERE / "include").glob("*.h")),
                         *sorted((ROOT / "csrc" / "include" / "subspace_ext").glob("*.h")), Path(__file__)]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()[:16]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ void emu_reset() {
   emu::launches() = 0;
 }
 long emu_launches() { return emu::launches(); }
+size_t emu_last_smem() { return emu::last_smem(); }
 
 // The emulator's own launch checks: a trivial kernel on (grid_x, grid_y) blocks of `threads`.
 int emu_selftest_launch(int* out, unsigned grid_x, unsigned grid_y, int threads, size_t smem) {
@@ -68,8 +69,9 @@ int emu_perturbed_nt(const void* X, int64_t xs0, int64_t xs1, int64_t p, int64_t
 }
 
 int emu_small_svd(double* a, double* v, double* norms, double* u, double* s, double* vout, int64_t batch, int p,
-                  int q) {
-  cu::small_svd(a, v, norms, u, s, vout, batch, p, q, nullptr);
+                  int q, int64_t smem_limit) {
+  if (cu::small_svd(a, v, norms, u, s, vout, batch, p, q, static_cast<size_t>(smem_limit), nullptr) != cudaSuccess)
+    emu::last_error() = "cudaFuncSetAttribute failed";
   return status();
 }
 

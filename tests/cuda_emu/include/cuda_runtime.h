@@ -61,6 +61,7 @@ inline std::map<const void*, size_t>& smem_optin() { static std::map<const void*
 inline std::vector<unsigned char>& dyn() { static std::vector<unsigned char> d; return d; }
 inline unsigned char* dyn_smem() { return dyn().data(); }
 inline long& launches() { static long n = 0; return n; }
+inline size_t& last_smem() { static size_t n = 0; return n; }  // dynamic smem of the latest launch
 
 // The lanes of one shuffle segment: a barrier for them and a slot per lane.
 struct Segment {
@@ -96,6 +97,7 @@ struct Launch {
   Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), threads(b), smem(s) {}
   template <class F, class... A> void operator()(F f, A... args) {
     ++launches();
+    last_smem() = smem;
     const unsigned long n = static_cast<unsigned long>(threads.x) * threads.y * threads.z;
     const auto limit = smem_optin().count(reinterpret_cast<const void*>(f)) ? smem_optin()[reinterpret_cast<const void*>(f)]
                                                                             : kDefaultSmem;
