@@ -371,6 +371,28 @@ def test_reinit_pairs_many_layers_transposed_w(device):
         assert torch.equal(d(B[l]), B_ref) and torch.equal(d(A[l]), A_ref), l
 
 
+@pytest.mark.parametrize("where,bad", [(0, float("nan")), (3, float("inf")), (7, -float("inf")), (10, float("nan"))],
+                         ids=["B_new0-nan", "A_new1-inf", "A_new3--inf", "B_new5-nan"])
+def test_reinit_names_the_first_non_finite_new_pair_of_many(device, where, bad):
+    """The new pairs' NaN/Inf flags of all layers come back together (on CUDA: one batched check
+    of every B_new, A_new): the message names the right layer and factor, and nothing changes.
+    Flag order: B_new of layer 0, A_new of layer 0, B_new of layer 1, ..., over mixed dtypes and a
+    layer with no pairs."""
+    dts = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32, torch.float32]
+    idxs = [[1], [0, 2], [], [3], [0], [2, 1]]
+    W = [torch.randn(6, 5, device=device, dtype=torch.float32) for _ in dts]
+    B = [torch.randn(6, 4, device=device, dtype=t) for t in dts]
+    A = [torch.randn(4, 5, device=device, dtype=t) for t in dts]
+    Bn = [torch.randn(6, len(i), device=device, dtype=t) for i, t in zip(idxs, dts)]
+    An = [torch.randn(len(i), 5, device=device, dtype=t) for i, t in zip(idxs, dts)]
+    layer, factor = where // 2, ("B_new", "A_new")[where % 2]  # flag `where` of the list above
+    (Bn if factor == "B_new" else An)[layer].view(-1)[0] = bad
+    before = [t.clone() for t in W + B + A]
+    with pytest.raises(ValueError, match=f"reinit_pairs_: layer {layer}: {factor} contains NaN or Inf"):
+        ops.reinit_pairs_(W, B, A, idxs, Bn, An, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(W + B + A, before))
+
+
 def test_reinit_with_own_pairs_is_identity_on_w():
     """Re-initialising pairs with themselves leaves W unchanged (to rounding)."""
     W = torch.randn(20, 15, dtype=torch.float64)

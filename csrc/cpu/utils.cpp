@@ -180,6 +180,21 @@ bool all_finite_host(const at::Tensor& t) {
 
 }  // namespace
 
+// Per tensor of `ts` (not on the host): are all its elements finite? One bool tensor, from a few
+// multi-tensor launches whatever the count (a per-tensor isfinite().all() was two launches each:
+// 800 for 200 layers of new pairs, 34 ms on an H200). sum |x * 0| is 0 for finite entries and NaN
+// for any Inf or NaN, and cannot overflow. Tensors on several devices are checked one by one.
+static at::Tensor all_finite_flags(const std::vector<at::Tensor>& ts) {
+  bool one_device = true;
+  for (const at::Tensor& t : ts) one_device = one_device && t.device() == ts[0].device();
+  if (!one_device) {
+    std::vector<at::Tensor> flags;
+    for (const at::Tensor& t : ts) flags.push_back(t.isfinite().all().to(at::kCPU).reshape({1}));
+    return at::cat(flags);
+  }
+  return at::stack(at::_foreach_norm(at::_foreach_mul(ts, 0.0), 1)).isfinite();  // stack promotes dtypes
+}
+
 RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorList B,
                                    at::TensorList A, at::TensorList idx,
                                    at::ArrayRef<double> scaling, at::TensorList Bn,
@@ -191,9 +206,10 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
   out.idx.resize(L);
   // Shapes, dtypes and devices first (no host sync), then idx and the new pairs' finiteness flags
   // of every layer come to the host together.
-  std::vector<at::Tensor> host_parts, finite;  // every layer's idx, then the device tensors' finiteness flags
-  std::vector<char> new_finite;                // per layer with new pairs: B_new, A_new all finite?
-  std::vector<size_t> flag_slot;               // new_finite's entry of each flag in `finite`
+  std::vector<at::Tensor> host_parts;  // every layer's idx, then the device tensors' finiteness flags
+  std::vector<char> new_finite;        // per layer with new pairs: B_new, A_new all finite?
+  std::vector<at::Tensor> on_device;   // the new pairs not on the host, checked together below
+  std::vector<size_t> flag_slot;       // new_finite's entry of each of them
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor &Wl = W[l], &Bl = B[l], &Al = A[l];
     TORCH_CHECK_VALUE(Wl.dim() == 2 && Bl.dim() == 2 && Al.dim() == 2 && Bl.size(0) == Wl.size(0) &&
@@ -236,9 +252,9 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       for (const at::Tensor* nt : {&Bnl, &Anl}) {
         if (nt->is_cpu()) {
           new_finite.push_back(all_finite_host(*nt));
-        } else {  // read with idx, in one transfer for all layers
+        } else {
           flag_slot.push_back(new_finite.size());
-          finite.push_back(nt->isfinite().all().reshape({1}));
+          on_device.push_back(*nt);
           new_finite.push_back(1);
         }
       }
@@ -246,7 +262,8 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       out.A_new.push_back(Anl);
     }
   }
-  host_parts.insert(host_parts.end(), finite.begin(), finite.end());
+  // The device tensors' flags are read with idx, in one transfer for all layers.
+  if (!on_device.empty()) host_parts.push_back(all_finite_flags(on_device));
   const std::vector<at::Tensor> host = to_host(host_parts);
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& ix = host[l];
@@ -261,7 +278,10 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
       out.idx[l].push_back(p[t]);
     }
   }
-  for (size_t f = 0; f < finite.size(); ++f) new_finite[flag_slot[f]] = host[L + f].to(at::kBool).item<bool>();
+  if (!on_device.empty()) {
+    const at::Tensor flags = host[L].to(at::kBool).contiguous();
+    for (size_t f = 0; f < flag_slot.size(); ++f) new_finite[flag_slot[f]] = flags.data_ptr<bool>()[f];
+  }
   for (size_t f = 0; f < new_finite.size(); ++f)
     TORCH_CHECK_VALUE(new_finite[f], op, ": layer ", f / 2, ": ", f % 2 ? "A_new" : "B_new", " contains NaN or Inf");
   check_no_overlap(op, W, B, A, out.idx, /*A_written=*/!Bn.empty());
