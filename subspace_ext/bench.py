@@ -333,8 +333,19 @@ def _rsvd_rows(cfg: Config) -> Iterator[Row]:
     if cfg.large_rsvd:
         g = torch.Generator(device=cfg.device).manual_seed(0)
         large = [torch.randn(m, n, generator=g, device=cfg.device) for _ in range(32) for m, n in LARGE_SHAPES]
-        yield from _rsvd_set_rows(cfg, large, "7B-shaped, 32 x {4096², 4096×11008, 11008×4096}", (16, 64),
-                                  with_full=False)
+        name = "7B-shaped, 32 x {4096², 4096×11008, 11008×4096}"
+        yield from _rsvd_set_rows(cfg, large, name, (16, 64), with_full=False)
+        if cfg.device.startswith("cuda"):
+            # The same rows with TF32 GEMMs on both sides (torch's allow_tf32; off by default). In
+            # float32 the svd_lowrank loop is only ~6x its GEMM floor (H200, 2026-12-04), so 10x it
+            # needs a cheaper floor: these rows show how far TF32 gets, with both sides' errors.
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                rows = list(_rsvd_set_rows(cfg, large, name + ", TF32 GEMMs (both sides)", (16, 64), with_full=False))
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            yield from rows
 
 
 def _rsvd_set_rows(cfg: Config, mats, name: str, ranks, with_full: bool) -> Iterator[Row]:

@@ -18,6 +18,19 @@ def test_quick_report_has_every_op_and_baseline():
     assert any("floor: its GEMMs with W only" in r for r in rows)
 
 
+def test_large_set_rows(monkeypatch):
+    """--large: the 7B-shaped set's rows (here at toy shapes: the real set is 14 GB), each rank with
+    the svd_lowrank loop and the GEMM floor at equal error; the TF32 variant only on CUDA."""
+    monkeypatch.setattr(bench, "LARGE_SHAPES", [(80, 72), (72, 100)])  # rank 64 needs min(m, n) >= 64
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    rows = [r for r in bench.run(quick=True, out=lambda _: None, large=True).splitlines() if "7B-shaped" in r]
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32  # restored
+    for rank in (16, 64):
+        mine = [r for r in rows if f"rank {rank} |" in r and "TF32" not in r]
+        assert any("svd_lowrank loop" in r for r in mine) and any("floor: its GEMMs" in r for r in mine)
+    assert not any("TF32" in r for r in rows)  # a CPU run
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_device_without_gpu_is_a_clear_error(capsys):
     with pytest.raises(ValueError, match="needs a GPU"):
