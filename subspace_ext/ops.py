@@ -43,6 +43,9 @@ def cuda_enabled() -> bool:
     return bool(_C.cuda_enabled())
 
 
+_CUDA_BUILD = cuda_enabled()
+
+
 # ---------------------------------------------------------------------------------------------
 # argument checks
 
@@ -65,6 +68,29 @@ def _tensor(x, name, dtypes=_FLOAT, min_dim=2, op=None):
     if x.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{name} is on device {x.device}; subspace_ext supports cpu and cuda")
     return x
+
+
+def _plain_layers(lists, dtypes_of) -> bool:
+    """The common case in one cheap pass (no names formatted, no per-tensor calls): every entry a
+    tensor of its list's dtypes (``dtypes_of(list name)``), at least 2-D, on CPU, meta or (in a
+    CUDA build) CUDA, and each layer's tensors on one device. False sends the caller through its
+    per-tensor checks, which name what is wrong. A per-step op over hundreds of layers (SRLoRA calls
+    pair_importance every step) otherwise spends milliseconds here."""
+    cuda_ok = _CUDA_BUILD
+    first = None
+    for n, v in lists.items():
+        dtypes = dtypes_of(n)
+        if first is None:
+            first = v
+        for t, t0 in zip(v, first):  # t0: the layer's A (tensor.device would build an object each time)
+            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() < 2:
+                return False
+            if t.is_cuda:
+                if not (cuda_ok and t0.is_cuda and t.get_device() == t0.get_device()):
+                    return False
+            elif not ((t.is_cpu and t0.is_cpu) or (t.is_meta and t0.is_meta)):
+                return False
+    return True
 
 
 def _same_device(named):
@@ -381,7 +407,12 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     for n, v in lists.items():
         if len(v) != L:
             raise ValueError(f"{n} has {len(v)} layers but A has {L}")
+    plain = _plain_layers(lists, lambda n: _FLOAT if n.startswith(("ipt", "unc")) else _WEIGHT)
     for l in range(L):
+        a, b = lists["A"][l], lists["B"][l]
+        if plain and a.dim() == 2 and b.dim() == 2 and b.shape[1] == a.shape[0] and all(
+                lists[n][l].is_contiguous() for n in ("ipt_A", "ipt_B", "unc_A", "unc_B")):
+            continue  # what the checks below would find (the kernel checks the rest, naming the layer)
         named = [(f"{n}[{l}]", v[l]) for n, v in lists.items()]
         for n, t in named:
             if t is None:
@@ -425,13 +456,19 @@ def _recompose_args(W, B, A, idx, scaling, op):
     for n, v in (("B", B), ("A", A), ("idx", idx), ("scaling", scaling)):
         if len(v) != L:
             raise ValueError(f"{op}: {n} has {len(v)} layers but W has {L}")
+    plain = _plain_layers({"W": W, "B": B, "A": A}, lambda n: _WEIGHT)
     for l in range(L):
-        named = [(f"W[{l}]", W[l]), (f"B[{l}]", B[l]), (f"A[{l}]", A[l])]
-        for n, t in named:
-            _tensor(t, n, dtypes=_WEIGHT)
         i = idx[l]
         if not isinstance(i, torch.Tensor):
             idx[l] = i = torch.as_tensor(i, dtype=torch.long)
+        w, b, a = W[l], B[l], A[l]
+        if (plain and i.dtype in (torch.int32, torch.int64) and w.dim() == 2 and b.shape[0] == w.shape[0]
+                and a.shape[1] == w.shape[1] and b.shape[1] == a.shape[0]
+                and (i.is_cpu or (i.is_cuda == w.is_cuda and i.is_meta == w.is_meta and i.get_device() == w.get_device()))):
+            continue  # what the checks below would find
+        named = [(f"W[{l}]", W[l]), (f"B[{l}]", B[l]), (f"A[{l}]", A[l])]
+        for n, t in named:
+            _tensor(t, n, dtypes=_WEIGHT)
         if i.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"idx[{l}] must be an integer tensor, got {i.dtype}")
         _same_device(named + ([(f"idx[{l}]", i)] if i.device.type != "cpu" else []))

@@ -536,3 +536,54 @@ def test_direct_op_checks(case):
     fn, exc, match = DIRECT[case]
     with pytest.raises(exc, match=match):
         fn()
+
+
+@pytest.mark.parametrize("bad", ["meta grad_B", "strided unc_A", "int ipt_B", "B shape", "None grad_A", "1-D A"])
+def test_pair_importance_names_a_bad_later_layer(bad):
+    """The wrapper's one-pass check of the common case must send every bad layer, here the last of
+    three, to the checks that name it (not let it through to the kernel)."""
+    A = [torch.randn(4, 6) for _ in range(3)]
+    B = [torch.randn(5, 4) for _ in range(3)]
+    gA, gB = [torch.randn_like(a) for a in A], [torch.randn_like(b) for b in B]
+    iA, iB, uA, uB = ops.importance_state(A, B)
+    match = {"meta grad_B": r"one device.*grad_B\[2\] on meta", "strided unc_A": r"unc_A\[2\] must be contiguous",
+             "int ipt_B": r"ipt_B\[2\] must have dtype", "B shape": r"layer 2: expected A \(r x n\) and B \(m x r\)",
+             "None grad_A": r"grad_A\[2\] is None", "1-D A": r"A\[2\] must have at least 2 dimensions"}[bad]
+    if bad == "meta grad_B":
+        gB[2] = gB[2].to("meta")
+    elif bad == "strided unc_A":
+        uA[2] = torch.zeros(6, 4).t()
+    elif bad == "int ipt_B":
+        iB[2] = iB[2].to(torch.int32)
+    elif bad == "B shape":
+        B[2], gB[2], iB[2], uB[2] = (torch.randn(5, 3) for _ in range(4))
+    elif bad == "None grad_A":
+        gA[2] = None
+    else:
+        A[2] = torch.randn(24)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.pair_importance(A, B, gA, gB, iA, iB, uA, uB)
+
+
+@pytest.mark.parametrize("bad", ["meta W", "3-D W", "B rows", "float idx", "int8 B"])
+def test_fuse_pairs_names_a_bad_later_layer(bad):
+    W = [torch.randn(5, 6) for _ in range(3)]
+    B, A = [torch.randn(5, 4) for _ in range(3)], [torch.randn(4, 6) for _ in range(3)]
+    idx = [torch.tensor([0]) for _ in range(3)]
+    match = {"meta W": r"one device.*W\[2\] on meta", "3-D W": r"layer 2: expected W \(m x n\)",
+             "B rows": r"layer 2: expected W \(m x n\)", "float idx": r"idx\[2\] must be an integer tensor",
+             "int8 B": r"B\[2\] must have dtype"}[bad]
+    if bad == "meta W":
+        W[2] = W[2].to("meta")
+    elif bad == "3-D W":
+        W[2] = torch.randn(1, 5, 6)
+    elif bad == "B rows":
+        B[2] = torch.randn(4, 4)
+    elif bad == "float idx":
+        idx[2] = torch.tensor([0.0])
+    else:
+        B[2] = B[2].to(torch.int8)
+    before = [t.clone() for t in W[:2] + B[:2]]
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.fuse_pairs_(W, B, A, idx)
+    assert all(torch.equal(x, y) for x, y in zip(W[:2] + B[:2], before))
