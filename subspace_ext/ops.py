@@ -43,9 +43,6 @@ def cuda_enabled() -> bool:
     return bool(_C.cuda_enabled())
 
 
-_CUDA_BUILD = cuda_enabled()
-
-
 # ---------------------------------------------------------------------------------------------
 # argument checks
 
@@ -76,7 +73,7 @@ def _plain_layers(lists, dtypes_of) -> bool:
     CUDA build) CUDA, and each layer's tensors on one device. False sends the caller through its
     per-tensor checks, which name what is wrong. A per-step op over hundreds of layers (SRLoRA calls
     pair_importance every step) otherwise spends milliseconds here."""
-    cuda_ok = _CUDA_BUILD
+    cuda_ok = cuda_enabled()
     first = None
     for n, v in lists.items():
         dtypes = dtypes_of(n)
