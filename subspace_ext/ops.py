@@ -416,7 +416,6 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
                 raise ValueError(f"{n} is None (a LoRA layer without a gradient: run backward first)")
             _tensor(t, n, dtypes=_WEIGHT if not n.startswith(("ipt", "unc")) else _FLOAT)
         _same_device(named)
-        a, b = lists["A"][l], lists["B"][l]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(f"layer {l}: expected A (r x n) and B (m x r), got {tuple(a.shape)} and {tuple(b.shape)}")
         for n in ("ipt_A", "ipt_B", "unc_A", "unc_B"):

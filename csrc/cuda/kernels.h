@@ -63,9 +63,9 @@ void recompose(const RecomposeLayer* layers, const int64_t* row_tiles, const int
 // ---- batched small SVD (csrc/include/subspace_ext/small_svd.h): one block per matrix ----------
 // a: batch x (p x q) column-major inputs (overwritten), v: batch x q x q and norms: batch x q
 // scratch; u (batch x p x q), s (batch x q), vout (batch x q x q) column-major results; p >= q.
-// Where small_svd_smem_bytes(p, q) fits `smem_limit` (the device's opt-in shared memory per block)
-// the blocks work in shared memory. Returns the error of raising the kernel's shared-memory limit.
-size_t small_svd_smem_bytes(int p, int q);
+// Where a matrix, its V and norms (8 (p q + q^2 + q) bytes) fit `smem_limit` (the device's opt-in
+// shared memory per block) the blocks work in shared memory. Returns the error of raising the
+// kernel's shared-memory limit.
 cudaError_t small_svd(double* a, double* v, double* norms, double* u, double* s, double* vout,
                       int64_t batch, int p, int q, size_t smem_limit, cudaStream_t st);
 

@@ -76,10 +76,6 @@ __global__ void perturbed_tn_kernel(const T* U, int64_t us0, int64_t us1, int64_
   if (e < e_end) partial[chunk * k * r + e] = acc;
 }
 
-// Beyond the default 48 KiB a kernel needs the device's opt-in shared memory (the caller checked
-// the size against the device's limit). The attribute is one value per kernel and device, shared by
-// every host thread: it is only ever raised (under a lock), so a call with a smaller need cannot
-// lower it between another thread's set and launch.
 template <typename T>
 cudaError_t launch(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
                    int64_t ys1, int64_t r, double eps, uint64_t seed, uint64_t stream, int64_t rows_per_chunk,

@@ -78,19 +78,19 @@ __global__ void __launch_bounds__(1024) small_svd_kernel(double* a, double* v, d
                  g, e, BlockSync{}, BlockAny{});
 }
 
-}  // namespace
-
-// Threads: a half warp per pair of a step, at most 64 pairs at once (1024 threads), in whole warps.
-size_t small_svd_smem_bytes(int p, int q) {
+size_t smem_bytes(int p, int q) {  // a, v and norms of one matrix
   return sizeof(double) * (static_cast<size_t>(p) * q + static_cast<size_t>(q) * q + q);
 }
 
+}  // namespace
+
+// Threads: a half warp per pair of a step, at most 64 pairs at once (1024 threads), in whole warps.
 cudaError_t small_svd(double* a, double* v, double* norms, double* u, double* s, double* vout, int64_t batch, int p,
                       int q, size_t smem_limit, cudaStream_t st) {
   if (batch == 0 || q == 0) return cudaSuccess;
   const int pairs = (q + 1) / 2;
   const int groups = pairs >= 64 ? 64 : (pairs + 1) / 2 * 2;
-  const size_t bytes = small_svd_smem_bytes(p, q);
+  const size_t bytes = smem_bytes(p, q);
   const auto grid = static_cast<unsigned>(batch);
   if (bytes + kStaticSmemReserve <= smem_limit) {
     if (const cudaError_t err = allow_smem(small_svd_kernel<true>, bytes); err != cudaSuccess) return err;

@@ -10,8 +10,11 @@
 namespace subspace_ext {
 namespace cuda {
 
-// Raise `kernel`'s dynamic shared-memory limit to `bytes` on the current device (once per kernel,
-// device and size; a no-op up to 48 KiB). Returns cudaFuncSetAttribute's error.
+// Raise `kernel`'s dynamic shared-memory limit to `bytes` on the current device (a no-op up to the
+// default 48 KiB; the caller checked `bytes` against the device's opt-in limit). Returns
+// cudaFuncSetAttribute's error. The attribute is one value per kernel and device, shared by every
+// host thread: it is only ever raised (under a lock), so a call with a smaller need cannot lower it
+// between another thread's set and launch.
 template <typename K>
 cudaError_t allow_smem(K kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
