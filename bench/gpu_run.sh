@@ -2,8 +2,9 @@
 # Everything one GPU session needs, in one command (run from the repository root, e.g. through the
 # device tool): build the extension with CUDA on that machine, run the op tests (CUDA cases
 # included), and write the benchmark table. Results go to $OUT (default bench/results/gpu-run).
-#   bash bench/gpu_run.sh                  # build, tests, bench: one device command (timeout_s 600)
+#   bash bench/gpu_run.sh                  # build, probe, tests, bench: one device command (timeout_s 600)
 #   bash bench/gpu_run.sh tests bench      # rerun stages on a still-warm build
+#   bash bench/gpu_run.sh probe            # only: do C++ exceptions reach Python here (after a build)?
 #   bash bench/gpu_run.sh bench-cpu        # the CPU table on that machine's cores (not by default)
 # A session has 15 device-minutes in all (the machine's start included), so the default is one call:
 # the whole script keeps within DEADLINE seconds (default 560, under the tool's 600 s per command),
@@ -17,7 +18,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # the machine has no network: ne
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS (bitwise tests)
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench/results/gpu-run}
-STAGES=${*:-build tests bench}
+STAGES=${*:-build probe tests bench}
 mkdir -p "$OUT"
 if [ -z "${CUDA_HOME:-}" ]; then
   nvcc_path=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
@@ -54,6 +55,73 @@ if [[ " $STAGES " == *" build "* ]]; then
 fi
 $PY -c 'import subspace_ext as se; assert se.cuda_enabled(), "not a CUDA build: run the build stage"'
 
+# A debugger for native backtraces: gdb, else cuda-gdb (the device image has only cuda-gdb, which
+# also debugs host code). debug_run LOG CMD...: CMD under it, the backtrace of its first signal.
+DBG=$(command -v gdb || command -v cuda-gdb || true)
+debug_run() {
+  local log=$1
+  shift
+  [ -n "$DBG" ] || { echo "no gdb or cuda-gdb here: no native backtrace" > "$log"; return 0; }
+  timeout "$(limit 90)" "$DBG" -q -batch -ex run -ex bt -ex 'info sharedlibrary' --args "$@" > "$log" 2>&1 || true
+  grep -A30 -m1 'SIG' "$log" | head -40 || true
+}
+
+# The first run died at the first test whose kernel throws a C++ exception (bench/probe_exceptions.py
+# says why that matters). The probe throws one from torch's code and one from ours, before and after
+# CUDA work, each in its own process, and records the toolchain that built ours. If only ours crash
+# and another g++ is here, the extension is rebuilt with it (the link too: crtbegin, libgcc) and
+# probed again. If ours still crash, the op tests skip the tests that expect an exception
+# (SUBSPACE_EXT_NO_RAISES, tests/conftest.py) so the rest can run.
+probe() {  # probe LOG: rc 0 when no case crashed
+  local rc=0
+  timeout "$(limit 60)" $PY bench/probe_exceptions.py > "$OUT/$1" 2>&1 || rc=$?
+  cat "$OUT/$1"
+  return $rc
+}
+toolchain() {
+  local so
+  so=$(ls subspace_ext/_C*.so)
+  echo "CC=${CC:-} CXX=${CXX:-} LDSHARED=${LDSHARED:-}"
+  for c in "${CXX:-c++}" /usr/bin/g++ /usr/bin/c++; do command -v "$c" > /dev/null && { echo "$c: $("$c" --version | head -1)"; "$c" -v 2>&1 | grep -E '^Configured' | cut -c1-600; }; done
+  ls /usr/bin/g++* /usr/bin/clang++* 2>/dev/null | tr '\n' ' '; echo
+  echo "objects' compilers (.comment):"; readelf -p .comment "$so" | grep -o 'GCC:.*\|clang.*' | sort -u
+  echo "frame registration symbols (crtbegin without PT_GNU_EH_FRAME):"; nm -D "$so" | grep -i register_frame || echo "  none"
+  readelf -lW "$so" | grep -i eh_frame || echo "no PT_GNU_EH_FRAME"
+  readelf -dW "$so" | grep -E 'NEEDED|RPATH|RUNPATH'
+}
+no_raises=0
+if [[ " $STAGES " == *" probe "* ]]; then
+  toolchain > "$OUT/toolchain.txt" 2>&1 || true
+  if ! probe probe.txt; then
+    first=$(grep -m1 'CRASH' "$OUT/probe.txt" | cut -d' ' -f1)
+    debug_run "$OUT/gdb-probe.txt" $PY bench/probe_exceptions.py "$first"
+    used=$(readlink -f "$(command -v "${CXX:-c++}")" || true)
+    alt=""
+    for c in /usr/bin/g++ /usr/bin/g++-1[0-9]; do
+      [ -x "$c" ] && [ "$(readlink -f "$c")" != "$used" ] && { alt=$c; break; }
+    done
+    if grep -Eq '^ours-cpu +CRASH|^cuda-init\+ours-cpu +CRASH' "$OUT/probe.txt" && \
+       ! grep -Eq '^torch-cpu +CRASH|^cuda-init\+torch-cpu +CRASH' "$OUT/probe.txt" && [ -n "$alt" ]; then
+      so=$(ls subspace_ext/_C*.so); first_build=$(mktemp); cp "$so" "$first_build"
+      rm -rf build
+      if CXX=$alt LDSHARED="$alt -shared" LDCXXSHARED="$alt -shared" SUBSPACE_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+           timeout "$(limit 240)" $PY setup.py -q build_ext --inplace > "$OUT/build-$(basename "$alt").log" 2>&1; then
+        stage "rebuilt with $alt"
+        toolchain > "$OUT/toolchain-$(basename "$alt").txt" 2>&1 || true
+        probe probe-$(basename "$alt").txt || no_raises=1
+      else
+        tail -20 "$OUT/build-$(basename "$alt").log"; cp "$first_build" "$so"; no_raises=1
+        stage "rebuild with $alt failed: the first build stays"
+      fi
+      rm -f "$first_build"
+    else
+      no_raises=1
+    fi
+  fi
+  stage "probe (tests expecting an exception skipped: $no_raises)"
+fi
+if (( no_raises )); then export SUBSPACE_EXT_NO_RAISES=1; fi
+
 # Order: op tests, then the bench (the table issue 3 needs), then the method tests with what is left.
 # run_file FILE: the op tests of one file. If pytest crashes (segfault, abort), the test it was in
 # (tests/conftest.py writes each test's id to $SUBSPACE_EXT_TEST_TRACE as it starts) is deselected
@@ -88,12 +156,10 @@ if [[ " $STAGES " == *" tests "* ]]; then
   ops_end=$(( $(date +%s) + 240 ))
   for f in tests/test_philox.py tests/test_importance.py tests/test_rsvd.py tests/test_small_svd.py \
            tests/test_project.py tests/test_opcheck.py tests/test_errors.py; do run_file "$f"; done
-  if (( ${#crashed[@]} )) && command -v gdb > /dev/null; then
+  if (( ${#crashed[@]} )); then
     unset SUBSPACE_EXT_TEST_TRACE
     # the whole file up to the crash: it may need the tests before it (CUDA state, the heap)
-    timeout "$(limit 60)" gdb -q -batch -ex run -ex bt -ex 'info sharedlibrary' --args $PY -m pytest -x -q \
-      -p no:cacheprovider "${crashed[0]%%::*}" > "$OUT/gdb.txt" 2>&1 || true
-    grep -A30 -m1 'SIG' "$OUT/gdb.txt" | head -40 || true
+    debug_run "$OUT/gdb.txt" $PY -m pytest -x -q -p no:cacheprovider "${crashed[0]%%::*}"
   fi
 fi
 

@@ -69,3 +69,23 @@ def pytest_runtest_logstart(nodeid, location):
     if _TRACE:
         with open(_TRACE, "w") as f:
             f.write(nodeid)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With SUBSPACE_EXT_NO_RAISES=1 (set by bench/gpu_run.sh where bench/probe_exceptions.py saw a C++
+    exception crash the process), tests that expect an exception are skipped, so that one broken
+    toolchain does not stop every other test of the file."""
+    if os.environ.get("SUBSPACE_EXT_NO_RAISES") != "1":
+        return
+    import inspect
+
+    skip = pytest.mark.skip(reason="a C++ exception crashes the process on this machine "
+                                   "(bench/probe_exceptions.py); SUBSPACE_EXT_NO_RAISES=1")
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            src = ""
+        if "pytest.raises" in src or "raises(" in src:
+            item.add_marker(skip)

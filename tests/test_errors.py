@@ -587,3 +587,18 @@ def test_fuse_pairs_names_a_bad_later_layer(bad):
     with pytest.raises((ValueError, TypeError), match=match):
         ops.fuse_pairs_(W, B, A, idx)
     assert all(torch.equal(x, y) for x, y in zip(W[:2] + B[:2], before))
+
+
+def test_exception_probe_sees_each_error_arrive_as_a_python_exception():
+    # bench/probe_exceptions.py (run by bench/gpu_run.sh) forks a child per case; here, the CPU cases.
+    import os
+    import subprocess
+    import sys
+
+    probe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "probe_exceptions.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, probe], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {l.split()[0]: l for l in out.stdout.splitlines() if l and not l.startswith(" ")}
+    assert "ok: RuntimeError" in lines["torch-cpu"]
+    assert "ok: ValueError: fuse_pairs_: layer 0's W and layer 1's W share memory" in lines["ours-cpu"]
