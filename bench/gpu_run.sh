@@ -62,7 +62,7 @@ debug_run() {
   local log=$1
   shift
   [ -n "$DBG" ] || { echo "no gdb or cuda-gdb here: no native backtrace" > "$log"; return 0; }
-  timeout "$(limit 90)" "$DBG" -q -batch -ex run -ex bt -ex 'info sharedlibrary' --args "$@" > "$log" 2>&1 || true
+  timeout "$(limit 60)" "$DBG" -q -batch -ex run -ex bt -ex 'info sharedlibrary' --args "$@" > "$log" 2>&1 || true
   grep -A30 -m1 'SIG' "$log" | head -40 || true
 }
 

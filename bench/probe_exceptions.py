@@ -79,33 +79,42 @@ def run_case(name) -> str:
     return "NO EXCEPTION (the call was expected to raise)"
 
 
+def _in_child(fn) -> tuple:
+    """fn() in a forked child: (its string result, crashed?). The parent never touches CUDA, so each
+    child initialises it afresh (the CUDA driver does not survive a fork once initialised)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            msg = fn()
+        except BaseException as e:  # noqa: BLE001 - report anything the setup raised
+            msg = f"setup failed: {type(e).__name__}: {e}"
+        os.write(w, msg.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        msg = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"CRASH: {signal.Signals(os.WTERMSIG(status)).name}", True
+    return msg, False
+
+
 def main(argv) -> int:
     if argv:
         print(run_case(argv[0]))
         return 0
-    names = list(CASES) if torch.cuda.is_available() and subspace_ext.cuda_enabled() else list(CPU_ONLY)
+    has_cuda, _ = _in_child(lambda: str(torch.cuda.is_available() and subspace_ext.cuda_enabled()))
+    names = list(CASES) if has_cuda == "True" else list(CPU_ONLY)
     with open("/proc/self/maps") as f:  # which runtime libraries the process really uses
         libs = sorted({line.split()[-1] for line in f if any(k in line for k in ("libgcc_s", "libstdc++", "libgomp"))})
     print("runtime libraries:", *libs, sep="\n  ")
+    print(f"CUDA cases: {has_cuda == 'True'} ({has_cuda})")
     bad = 0
     for name in names:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: one case, its verdict through the pipe
-            os.close(r)
-            try:
-                msg = run_case(name)
-            except BaseException as e:  # noqa: BLE001 - report anything the setup raised
-                msg = f"setup failed: {type(e).__name__}: {e}"
-            os.write(w, msg.encode())
-            os._exit(0)
-        os.close(w)
-        with os.fdopen(r) as f:
-            msg = f.read()
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            msg = f"CRASH: {signal.Signals(os.WTERMSIG(status)).name}"
-            bad += 1
+        msg, crashed = _in_child(lambda: run_case(name))
+        bad += crashed
         print(f"{name:28s} {msg}", flush=True)
     return 1 if bad else 0
 
