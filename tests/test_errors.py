@@ -1,6 +1,10 @@
 """Every bad argument raises TypeError / ValueError whose message names the argument, both through
 subspace_ext.ops and (for the kernels' own checks) through torch.ops.subspace_ext directly."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -591,10 +595,6 @@ def test_fuse_pairs_names_a_bad_later_layer(bad):
 
 def test_exception_probe_sees_each_error_arrive_as_a_python_exception():
     # bench/probe_exceptions.py (run by bench/gpu_run.sh) forks a child per case; here, the CPU cases.
-    import os
-    import subprocess
-    import sys
-
     probe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "probe_exceptions.py")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, probe], capture_output=True, text=True, timeout=120, env=env)
@@ -602,3 +602,16 @@ def test_exception_probe_sees_each_error_arrive_as_a_python_exception():
     lines = {l.split()[0]: l for l in out.stdout.splitlines() if l and not l.startswith(" ")}
     assert "ok: RuntimeError" in lines["torch-cpu"]
     assert "ok: ValueError: fuse_pairs_: layer 0's W and layer 1's W share memory" in lines["ours-cpu"]
+
+
+def test_no_raises_mode_skips_only_the_tests_that_expect_an_exception():
+    # gpu_run.sh sets SUBSPACE_EXT_NO_RAISES=1 where the probe saw a C++ exception crash the process.
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SUBSPACE_EXT_NO_RAISES="1")
+    env.pop("SUBSPACE_EXT_TEST_TRACE", None)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          os.path.join(here, "test_importance.py"), "-k",
+                          "cpu and (recompose_refuses_tensors_written_twice or fuse_pairs_transposed_and_strided_w)"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=os.path.dirname(here))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "passed, 6 skipped" in out.stdout and "a C++ exception crashes the process" in out.stdout, out.stdout
