@@ -103,14 +103,15 @@ if [[ " $STAGES " == *" probe "* ]]; then
     if grep -Eq '^ours-cpu +CRASH|^cuda-init\+ours-cpu +CRASH' "$OUT/probe.txt" && \
        ! grep -Eq '^torch-cpu +CRASH|^cuda-init\+torch-cpu +CRASH' "$OUT/probe.txt" && [ -n "$alt" ]; then
       so=$(ls subspace_ext/_C*.so); first_build=$(mktemp); cp "$so" "$first_build"
+      tag=$(basename "$alt")  # names the second build's logs
       rm -rf build
       if CXX=$alt LDSHARED="$alt -shared" LDCXXSHARED="$alt -shared" SUBSPACE_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-           timeout "$(limit 240)" $PY setup.py -q build_ext --inplace > "$OUT/build-$(basename "$alt").log" 2>&1; then
+           timeout "$(limit 240)" $PY setup.py -q build_ext --inplace > "$OUT/build-$tag.log" 2>&1; then
         stage "rebuilt with $alt"
-        toolchain > "$OUT/toolchain-$(basename "$alt").txt" 2>&1 || true
-        probe probe-$(basename "$alt").txt || no_raises=1
+        toolchain > "$OUT/toolchain-$tag.txt" 2>&1 || true
+        probe "probe-$tag.txt" || no_raises=1
       else
-        tail -20 "$OUT/build-$(basename "$alt").log"; cp "$first_build" "$so"; no_raises=1
+        tail -20 "$OUT/build-$tag.log"; cp "$first_build" "$so"; no_raises=1
         stage "rebuild with $alt failed: the first build stays"
       fi
       rm -f "$first_build"
@@ -125,8 +126,8 @@ if (( no_raises )); then export SUBSPACE_EXT_NO_RAISES=1; fi
 # Order: op tests, then the bench (the table issue 3 needs), then the method tests with what is left.
 # run_file FILE: the op tests of one file. If pytest crashes (segfault, abort), the test it was in
 # (tests/conftest.py writes each test's id to $SUBSPACE_EXT_TEST_TRACE as it starts) is deselected
-# and the rest of the file runs again, at most 3 times a file. Where gdb is present, the first
-# crashed test is re-run under it afterwards for a native backtrace ($OUT/gdb.txt).
+# and the rest of the file runs again, at most 3 times a file. The first crashed test's file is
+# re-run under debug_run afterwards for a native backtrace ($OUT/gdb.txt).
 crashed=()
 export SUBSPACE_EXT_TEST_TRACE="$OUT/.current-test"
 run_file() {

@@ -8,7 +8,7 @@ crash is reported instead of ending the probe. The cases tell apart what is at f
   torch-cpu / ours-cpu              a fresh process: ATen's own error vs one thrown by our build
   cuda-init + ...                   the same after CUDA is initialised
   our-cuda-kernels + ours-cpu       the same after our CUDA kernels ran (what the test suite did)
-  ours-cuda                         our CUDA op's own argument check
+  ours-cuda / torch-cuda            our CUDA op's own argument check / ATen's on CUDA tensors
 
 Run: python bench/probe_exceptions.py            (every case; exit status 1 if any crashed)
      python bench/probe_exceptions.py CASE       (one case in this process, e.g. under a debugger)
