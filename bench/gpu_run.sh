@@ -2,9 +2,10 @@
 # Everything one GPU session needs, in one command (run from the repository root, e.g. through the
 # device tool): build the extension with CUDA on that machine, run the op tests (CUDA cases
 # included), and write the benchmark table. Results go to $OUT (default bench/results/gpu-run).
-#   bash bench/gpu_run.sh                  # build, probe, tests, bench: one device command (timeout_s 600)
+#   bash bench/gpu_run.sh                  # build, probe, tests, bench, memcheck: one device command (timeout_s 600)
 #   bash bench/gpu_run.sh tests bench      # rerun stages on a still-warm build
 #   bash bench/gpu_run.sh probe            # only: do C++ exceptions reach Python here (after a build)?
+#   bash bench/gpu_run.sh memcheck         # only: our CUDA kernels under compute-sanitizer (after a build)
 #   bash bench/gpu_run.sh bench-cpu        # the CPU table on that machine's cores (not by default)
 # A session has 15 device-minutes in all (the machine's start included), so the default is one call:
 # the whole script keeps within DEADLINE seconds (default 560, under the tool's 600 s per command),
@@ -18,7 +19,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # the machine has no network: ne
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS (bitwise tests)
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench/results/gpu-run}
-STAGES=${*:-build probe tests bench}
+STAGES=${*:-build probe tests bench memcheck}
 mkdir -p "$OUT"
 if [ -z "${CUDA_HOME:-}" ]; then
   nvcc_path=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
@@ -176,6 +177,32 @@ if [[ " $STAGES " == *" tests "* ]]; then
   # The CUDA cases of the method tests (they skip what the machine lacks, e.g. the bundled MiniLM
   # package, with the reason in the log).
   run_tests "method tests" 120 tests_methods.txt 5 tests/test_eigenlorax.py tests/test_srlora.py tests/test_solar.py -k cuda
+fi
+
+# Last, with the time left: the CUDA cases of the op tests under compute-sanitizer: memcheck (out of
+# bounds, misaligned, bad frees) without torch's caching allocator, so an access past a tensor lands
+# outside any allocation; then racecheck on the shared-memory kernels (small_svd's staged Jacobi,
+# the fused perturbed products). cuBLAS/cuSOLVER-heavy rsvd tests are left out: the tool slows
+# library kernels most. On a gVisor machine the tool refuses the device (KINDS.md): the log says so.
+sanitizer() {  # sanitizer TOOL CAP LOG TEST_FILES...
+  local tool=$1 cap=$2 log=$3 rc=0
+  shift 3
+  set +e
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$(limit "$cap")" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+    --print-limit 20 $PY -m pytest "$@" -k cuda -q -x -p no:cacheprovider > "$OUT/$log" 2>&1
+  rc=$?
+  set -e
+  grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not supported|passed|failed|skipped' "$OUT/$log" | tail -4 || true
+  stage "$tool (rc=$rc; 99 = errors found, 124 = timed out)"
+}
+if [[ " $STAGES " == *" memcheck "* ]]; then
+  if command -v compute-sanitizer > /dev/null; then
+    sanitizer memcheck 150 memcheck.txt tests/test_philox.py tests/test_importance.py tests/test_small_svd.py \
+      tests/test_project.py
+    sanitizer racecheck 60 racecheck.txt tests/test_small_svd.py tests/test_project.py
+  else
+    stage "memcheck: no compute-sanitizer on PATH"
+  fi
 fi
 
 if [[ " $STAGES " == *" bench-cpu "* ]]; then
