@@ -462,16 +462,16 @@ def _recompose_args(W, B, A, idx, scaling, op):
                 and a.shape[1] == w.shape[1] and b.shape[1] == a.shape[0]
                 and (i.is_cpu or (i.is_cuda == w.is_cuda and i.is_meta == w.is_meta and i.get_device() == w.get_device()))):
             continue  # what the checks below would find
-        named = [(f"W[{l}]", W[l]), (f"B[{l}]", B[l]), (f"A[{l}]", A[l])]
+        named = [(f"W[{l}]", w), (f"B[{l}]", b), (f"A[{l}]", a)]
         for n, t in named:
             _tensor(t, n, dtypes=_WEIGHT)
         if i.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"idx[{l}] must be an integer tensor, got {i.dtype}")
         _same_device(named + ([(f"idx[{l}]", i)] if i.device.type != "cpu" else []))
-        m, n = W[l].shape[-2:]
-        if W[l].dim() != 2 or B[l].shape[0] != m or A[l].shape[1] != n or B[l].shape[1] != A[l].shape[0]:
+        m, n = w.shape[-2:]
+        if w.dim() != 2 or b.shape[0] != m or a.shape[1] != n or b.shape[1] != a.shape[0]:
             raise ValueError(f"{op}: layer {l}: expected W (m x n), B (m x r), A (r x n), got "
-                             f"{tuple(W[l].shape)}, {tuple(B[l].shape)}, {tuple(A[l].shape)}")
+                             f"{tuple(w.shape)}, {tuple(b.shape)}, {tuple(a.shape)}")
         # range and repeats of idx are checked by the kernel (ValueError naming the layer)
     return W, B, A, [i if i.dtype == torch.long else i.long() for i in idx], scaling
 
