@@ -62,7 +62,8 @@ test: build cmake-test
 	$(PY) -m pytest tests -q
 
 # A copy of the tracked tree in build-asan/src, built in place there, so the tests import the sanitized
-# _C and the normal build in subspace_ext/ is left alone. The runtimes are preloaded (Python itself is
+# _C and the normal build in subspace_ext/ is left alone; the CMake build (the C++ test program and
+# the edge decoder the SOLAR edge tests run) is sanitized too, in build-asan/cmake. The runtimes are preloaded (Python itself is
 # not sanitized); leaks are not checked (CPython keeps objects to exit by design). test_sass_report
 # runs nvcc, which does not survive the preloaded runtime; it gains nothing from the sanitizers.
 # --capture=sys leaves fd 2 alone, so a report reaches the log (pytest's fd capture would swallow it
@@ -73,7 +74,12 @@ sanitize: setup
 	git ls-files -z | tar --null -cf - -T - | tar -xf - -C build-asan/src
 	cd build-asan/src && CFLAGS="$(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" PATH="$(abspath $(VENV))/bin:$$PATH" \
 	  $(abspath $(PY)) setup.py -q build_ext --inplace
-	cd build-asan/src && c=$${CXX:-c++} && \
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S build-asan/src -B build-asan/cmake -G Ninja \
+	  -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)" \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build build-asan/cmake -j2
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 ctest --test-dir build-asan/cmake --output-on-failure
+	cd build-asan/src && c=$${CXX:-c++} && SUBSPACE_EXT_SOLAR_DECODE=$(abspath build-asan/cmake/solar_decode) \
 	  LD_PRELOAD="$$($$c -print-file-name=libasan.so) $$($$c -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
