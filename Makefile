@@ -5,9 +5,10 @@
 #                    (after the CMake build, so tests/test_solar_edge.py finds cmake-build/solar_decode)
 #   make bench       pytest-benchmark suite (bench/)
 #   make cmake-test  CMake build against libtorch and its C++ test program only
-#   make sanitize    the CPU kernels built with AddressSanitizer + UBSan (build-asan/, out of tree), then the
-#                    Python test suite against that build: any out-of-bounds access, use-after-free or
-#                    undefined behaviour in csrc/ stops the run with a report
+#   make sanitize    the CPU kernels, the C++ test program and the edge decoder built with
+#                    AddressSanitizer + UBSan (build-asan/, out of tree), then ctest and the Python test
+#                    suite against that build: any out-of-bounds access, use-after-free or undefined
+#                    behaviour in csrc/ or tools/ stops the run with a report
 #   make cuda-build  compile + link the CUDA kernels against torch's CUDA 13 build (.venv-cuda; no GPU
 #                    needed) and check the library registers them: CI runs it so a broken .cu fails
 #   make cmake-cuda-build  the same kernels through CMakeLists.txt (libtorch, no Python) + ctest
@@ -51,11 +52,16 @@ bench-table: build
 pytest: build
 	$(PY) -m pytest tests -q
 
-cmake-test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B cmake-build -G Ninja \
+# cmake_build SOURCE,BUILD_DIR,EXTRA_ARGS: configure and build against .venv's libtorch, then ctest.
+define cmake_build
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S $(1) -B $(2) -G Ninja $(3) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')"
-	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build cmake-build -j2
-	ctest --test-dir cmake-build --output-on-failure
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build $(2) -j2
+	ctest --test-dir $(2) --output-on-failure
+endef
+
+cmake-test: setup
+	$(call cmake_build,.,cmake-build,)
 
 # Not `test: pytest cmake-test`: the Python tests need the CMake build first (also under make -j).
 test: build cmake-test
@@ -63,26 +69,25 @@ test: build cmake-test
 
 # A copy of the tracked tree in build-asan/src, built in place there, so the tests import the sanitized
 # _C and the normal build in subspace_ext/ is left alone; the CMake build (the C++ test program and
-# the edge decoder the SOLAR edge tests run) is sanitized too, in build-asan/cmake. The runtimes are preloaded (Python itself is
-# not sanitized); leaks are not checked (CPython keeps objects to exit by design). test_sass_report
-# runs nvcc, which does not survive the preloaded runtime; it gains nothing from the sanitizers.
-# --capture=sys leaves fd 2 alone, so a report reaches the log (pytest's fd capture would swallow it
-# with the process); abort_on_error lets faulthandler name the test.
+# the edge decoder the SOLAR edge tests run) is sanitized too, in build-asan/cmake. The runtimes are
+# preloaded for Python (not itself sanitized); leaks are not checked (CPython keeps objects to exit
+# by design). test_sass_report runs nvcc, which does not survive the preloaded runtime; it gains
+# nothing from the sanitizers. --capture=sys leaves fd 2 alone, so a report reaches the log
+# (pytest's fd capture would swallow it with the process); abort_on_error lets faulthandler name
+# the test.
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SAN_CMAKE := -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" \
+  -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"
+sanitize: export ASAN_OPTIONS := detect_leaks=0:halt_on_error=1:abort_on_error=1
+sanitize: export UBSAN_OPTIONS := print_stacktrace=1:halt_on_error=1:abort_on_error=1
 sanitize: setup
 	rm -rf build-asan && mkdir -p build-asan/src
 	git ls-files -z | tar --null -cf - -T - | tar -xf - -C build-asan/src
 	cd build-asan/src && CFLAGS="$(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" PATH="$(abspath $(VENV))/bin:$$PATH" \
 	  $(abspath $(PY)) setup.py -q build_ext --inplace
-	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S build-asan/src -B build-asan/cmake -G Ninja \
-	  -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)" \
-	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')"
-	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build build-asan/cmake -j2
-	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 ctest --test-dir build-asan/cmake --output-on-failure
+	$(call cmake_build,build-asan/src,build-asan/cmake,$(SAN_CMAKE))
 	cd build-asan/src && c=$${CXX:-c++} && SUBSPACE_EXT_SOLAR_DECODE=$(abspath build-asan/cmake/solar_decode) \
 	  LD_PRELOAD="$$($$c -print-file-name=libasan.so) $$($$c -print-file-name=libubsan.so)" \
-	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
 	  $(abspath $(PY)) -m pytest tests -q -p no:cacheprovider --capture=sys --ignore tests/test_sass_report.py
 
 $(VENV_CUDA)/.deps:

@@ -34,12 +34,13 @@ DEADLINE=${DEADLINE:-560}
 # limit SECONDS: the step's own limit, cut to what the deadline leaves (at least 1)
 limit() { local left=$(( DEADLINE - ($(date +%s) - start) )); (( left < $1 )) && set -- "$left"; (( $1 < 1 )) && set -- 1; echo "$1"; }
 # run_tests NAME CAP LOG TAIL PYTEST_ARGS...: one pytest run under the deadline, its log under $OUT;
-# a failure or timeout is reported in the stage line and the script goes on to the next stage
+# a failure or timeout is reported in the stage line and the script goes on to the next stage.
+# WRAP, if set, is the command pytest runs under (compute-sanitizer below).
 run_tests() {
   local name=$1 cap=$2 log=$3 n=$4 rc
   shift 4
   set +e
-  timeout "$(limit "$cap")" $PY -m pytest "$@" -q -rs -p no:cacheprovider > "$OUT/$log" 2>&1
+  timeout -k 10 "$(limit "$cap")" ${WRAP:-} $PY -m pytest "$@" -q -rs -p no:cacheprovider > "$OUT/$log" 2>&1
   rc=$?
   set -e
   tail -"$n" "$OUT/$log"
@@ -184,22 +185,16 @@ fi
 # outside any allocation; then racecheck on the shared-memory kernels (small_svd's staged Jacobi,
 # the fused perturbed products). cuBLAS/cuSOLVER-heavy rsvd tests are left out: the tool slows
 # library kernels most. On a gVisor machine the tool refuses the device (KINDS.md): the log says so.
-sanitizer() {  # sanitizer TOOL CAP LOG TEST_FILES...
-  local tool=$1 cap=$2 log=$3 rc=0
-  shift 3
-  set +e
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$(limit "$cap")" compute-sanitizer --tool "$tool" --error-exitcode 99 \
-    --print-limit 20 $PY -m pytest "$@" -k cuda -q -x -p no:cacheprovider > "$OUT/$log" 2>&1
-  rc=$?
-  set -e
-  grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not supported|passed|failed|skipped' "$OUT/$log" | tail -4 || true
-  stage "$tool (rc=$rc; 99 = errors found, 124 = timed out)"
+sanitizer() {  # sanitizer TOOL CAP TEST_FILES...: the files' CUDA cases under compute-sanitizer --tool TOOL
+  local tool=$1 cap=$2
+  shift 2
+  WRAP="compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    run_tests "$tool (99 = errors found)" "$cap" "$tool.txt" 4 "$@" -k cuda -x
 }
 if [[ " $STAGES " == *" memcheck "* ]]; then
   if command -v compute-sanitizer > /dev/null; then
-    sanitizer memcheck 150 memcheck.txt tests/test_philox.py tests/test_importance.py tests/test_small_svd.py \
-      tests/test_project.py
-    sanitizer racecheck 60 racecheck.txt tests/test_small_svd.py tests/test_project.py
+    sanitizer memcheck 150 tests/test_philox.py tests/test_importance.py tests/test_small_svd.py tests/test_project.py
+    sanitizer racecheck 60 tests/test_small_svd.py tests/test_project.py
   else
     stage "memcheck: no compute-sanitizer on PATH"
   fi

@@ -79,7 +79,9 @@ def _plain_layers(lists, dtypes_of) -> bool:
         dtypes = dtypes_of(n)
         if first is None:
             first = v
-        for t, t0 in zip(v, first):  # t0: the layer's A (tensor.device would build an object each time)
+        # t0: the same layer's tensor of the first list; is_cuda/get_device compare devices without
+        # building a torch.device per tensor
+        for t, t0 in zip(v, first):
             if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() < 2:
                 return False
             if t.is_cuda:
