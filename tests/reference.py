@@ -367,3 +367,43 @@ def small_svd_jacobi_emulation(A):
                       for r in range(p)], dtype=torch.float64)
     V = torch.tensor([[v[j][r] for j in order] for r in range(q)], dtype=torch.float64)
     return U, S, V
+
+
+# ---------------------------------------------------------------------------------------------
+# philox_normal(method="icdf"): one float32 normal per Philox word
+
+def icdf_cell_mid(words):
+    """The middle of word w's cell, as the p in (0, 1/2) whose quantile |z| is (int64 tensor).
+
+    w's low 31 bits r give a = 2 r + 1, p = a / 2^33. For a >= 2^26 (p >= 2^-7, |z| < 2.42) the
+    transform keeps the top 26 significant bits of a only: the 2^d neighbouring cells that share
+    them (d = bits of a - 26) stand for the middle of their common range."""
+    a = ((words.to(torch.int64) & 0x7FFFFFFF) << 1) | 1
+    bits = torch.floor(torch.log2(a.double())).to(torch.int64) + 1  # a < 2^bits, exactly
+    d = (bits - 26).clamp(min=0)
+    base = (a >> d) << d
+    return torch.where(d == 0, a, base + (1 << (d - 1).clamp(min=0))).double() / 2.0**33
+
+
+def philox_normals_icdf_ref(words):
+    """float64 standard normals of the icdf method: the exact quantile of each word's cell,
+    negative where the word's top bit is set."""
+    z = -torch.special.ndtri(icdf_cell_mid(words))
+    return torch.where(words.to(torch.int64) & 0x80000000 != 0, -z, z)
+
+
+def philox_normals_icdf_exact(words, table):
+    """philox.h's icdf_normal, op by op in float32 (each * and + rounded, no FMA), for int32 words
+    and the (128, 8) float32 coefficient table: the bits every kernel must produce."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    a = ((w << 1) | 1) & 0xFFFFFFFF
+    e = 31 - torch.floor(torch.log2(a.double())).to(torch.int64)
+    n = (a << e) & 0xFFFFFFFF
+    seg = 4 * e + ((n >> 29) & 3)
+    m = ((~n) >> 6) & 0x7FFFFF
+    v = ((0x3F800000 | m).to(torch.int32).view(torch.float32) - 1.0)
+    c = table[seg]
+    z = c[:, 5].clone()
+    for k in range(4, -1, -1):
+        z = z * v + c[:, k]  # torch's CPU float32 * and + round separately
+    return torch.where(w & 0x80000000 != 0, -z, z)

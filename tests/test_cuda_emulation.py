@@ -81,6 +81,11 @@ def test_philox_kernels_equal_cpu(emu, n, dtype, offset):
     _call(emu, "emu_philox_normal", _p(added[offset:]), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.25), 1)
     assert torch.equal(added[offset:], ops.perturbed_basis(base[None, offset:], 0.25, 5, 3)[0])
     assert torch.equal(added[:offset], base[:offset])
+    if dtype == torch.float32:  # the icdf transform (float32 only): shared-memory table, same checks
+        buf.fill_(float("nan"))
+        _call(emu, "emu_philox_normal_icdf", _p(out), i64(n), u64(5), u64(3))
+        assert torch.equal(out, ops.philox_normal((n,), 5, 3, method="icdf"))
+        assert buf[:offset].isnan().all() and buf[offset + n:].isnan().all()
     bits = torch.empty(n, dtype=torch.int32)
     _call(emu, "emu_philox_uint32", _p(bits), i64(n), u64(9), u64(1))
     assert torch.equal(bits, ops.philox_uint32((n,), 9, 1).view(torch.int32))

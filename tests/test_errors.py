@@ -44,6 +44,18 @@ def test_philox_normal_bad_dtype(dtype):
         ops.philox_normal((3,), 0, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_philox_normal_icdf_float32_only(dtype):
+    with pytest.raises(TypeError, match="float32"):
+        ops.philox_normal((3,), 0, dtype=dtype, method="icdf")
+
+
+@pytest.mark.parametrize("method", ["ICDF", "ziggurat", "", None])
+def test_philox_normal_bad_method(method):
+    with pytest.raises(ValueError, match="method"):
+        ops.philox_normal((3,), 0, method=method)
+
+
 @pytest.mark.parametrize("eps", [NAN, INF, -INF, "0.1", None])
 def test_perturbed_basis_bad_eps(eps):
     with pytest.raises(ValueError, match="eps"):
@@ -480,6 +492,10 @@ DIRECT = {
                                       (TypeError, ValueError), "out"),
     "philox_normal_ int out": (lambda: _o.philox_normal_(torch.empty(4, dtype=torch.int32), 0, 0), TypeError, "out"),
     "philox_normal_ non-contiguous": (lambda: _o.philox_normal_(torch.empty(4, 4).t(), 0, 0), ValueError, "out"),
+    "philox_normal_icdf_ float64 out": (lambda: _o.philox_normal_icdf_(torch.empty(4, dtype=torch.float64), 0, 0),
+                                        TypeError, "float32"),
+    "philox_normal_icdf_ non-contiguous": (lambda: _o.philox_normal_icdf_(torch.empty(4, 4).t(), 0, 0),
+                                           ValueError, "contiguous"),
     "perturbed_basis int U": (lambda: _o.perturbed_basis(torch.ones(4, 2, dtype=torch.int32), 0.1, 0, 0, False),
                               TypeError, "U"),
     "perturbed_basis 1-D U": (lambda: _o.perturbed_basis(f32(3), 0.1, 0, 0, False), ValueError, "U"),

@@ -27,6 +27,7 @@ def _cases(device):
         "philox_uint32_": (_o.philox_uint32_, (torch.empty(3, 5, dtype=torch.int32, device=device), 7, 2)),
         "philox_normal_ f32": (_o.philox_normal_, (torch.empty(11, device=device), 2**40, 1)),
         "philox_normal_ f64": (_o.philox_normal_, (torch.empty(2, 3, dtype=torch.float64, device=device), -5, 0)),
+        "philox_normal_icdf_": (_o.philox_normal_icdf_, (torch.empty(3, 7, device=device), -(2**62) - 1, 4)),
         "perturbed_basis": (_o.perturbed_basis, (r(9, 4), 0.1, 3, 1, False)),
         "perturbed_basis orth": (_o.perturbed_basis, (r(2, 9, 4, dtype=torch.float64), 0.1, 3, 1, True)),
         "rsvd": (_o.rsvd, (r(12, 9), 3, 4, 1, 0)),

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,3 +281,133 @@ def test_philox_normal_into_offset_views(dtype, offset, n, device):
     U = torch.randn(n + offset, dtype=dtype)
     got = ops.perturbed_basis(U.to(device)[offset:].reshape(n, 1), 0.25, 5, 2)  # 0.25: exact
     assert torch.equal(got.cpu().flatten(), U[offset:] + 0.25 * want)
+
+
+# ---------------------------------------------------------------------------------------------
+# method="icdf": one float32 normal per Philox word, by the piecewise-polynomial inverse CDF
+
+def _icdf_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "fit_normal_icdf.py"
+    spec = importlib.util.spec_from_file_location("fit_normal_icdf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def icdf_table():
+    return torch.from_numpy(_icdf_tool().read_header())
+
+
+def _ulps(got, want):
+    """|got - want| in float32 ulps of the float64 value want."""
+    spacing = torch.from_numpy(np.spacing(want.abs().float().numpy())).double()
+    return ((got.double() - want).abs() / spacing)
+
+
+@pytest.mark.parametrize("seed,stream", [(0, 0), (42, 7), (2**63 + 5, 1), (2**64 - 1, 2**64 - 1)])
+def test_philox_normal_icdf_within_2_ulp_of_the_quantile(seed, stream, device):
+    """Element i is the quantile of word i's cell (float64 ndtri), to 2 float32 ulps."""
+    for n in (1, 3, 257, 100_003):
+        got = ops.philox_normal((n,), seed, stream, device=device, method="icdf").cpu()
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        want = ref.philox_normals_icdf_ref(ref.philox_uint32_ref((n,), seed, stream) if n < 300
+                                           else ops.philox_uint32((n,), seed, stream))
+        err = _ulps(got, want)
+        assert err.max().item() <= 2.0, (n, err.max().item(), int(err.argmax()))
+
+
+@pytest.mark.parametrize("n,seed,stream", [(1, 3, 0), (63, 1, 0), (64 * 5 + 3, 77, 3), (100_003, 2**63 + 5, 2**40)])
+def test_philox_normal_icdf_bit_exact_against_op_by_op_emulation(n, seed, stream, icdf_table, device):
+    """Every element, whichever path made it (the vectorised lanes, the scalar blocks at the edges
+    of a thread's range and the tensor's end, the CUDA kernel), has philox.h's float32 bits."""
+    want = ref.philox_normals_icdf_exact(ops.philox_uint32((n,), seed, stream), icdf_table)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        got = ops.philox_normal((n,), seed, stream, device=device, method="icdf").cpu()
+        mismatch = (got != want).nonzero()
+        assert mismatch.numel() == 0, (threads, mismatch[:5].flatten().tolist())
+
+
+def test_icdf_table_accuracy_in_every_segment():
+    """The committed table against float64 ndtri in all 128 segments, the far tails included
+    (|z| up to 6.3, which random words reach too rarely to test through the op)."""
+    tool = _icdf_tool()
+    worst, smallest = tool.ulp_errors(tool.read_header(), samples=512)
+    assert worst.max() <= 2.0, (worst.max(), int(worst.argmax()))
+    assert smallest > 0
+    seg, v = tool.seg_and_v(np.array([1], np.uint64))  # the last cell (a = 1, p = 2^-33)
+    top = tool.horner32(tool.read_header()[seg[0]], v)[0]
+    assert top == pytest.approx(-float(torch.special.ndtri(torch.tensor(2.0**-33, dtype=torch.float64))), rel=3e-7)
+
+
+def test_philox_normal_icdf_emulation_is_the_tool_definition(icdf_table):
+    """reference.py's emulation and the fitting tool's (numpy) steps agree on random words."""
+    tool = _icdf_tool()
+    words = ops.philox_uint32((50_000,), 8, 1)
+    a = ((words.to(torch.int64) & 0x7FFFFFFF) << 1 | 1).numpy().astype(np.uint64)
+    seg, v = tool.seg_and_v(a)
+    table = tool.read_header()
+    z = np.empty(a.size, np.float32)
+    for s in np.unique(seg):
+        z[seg == s] = tool.horner32(table[s], v[seg == s])
+    want = ref.philox_normals_icdf_exact(words, icdf_table)
+    assert torch.equal(want.abs(), torch.from_numpy(z))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (3, 5), (2, 3, 7)])
+def test_philox_normal_icdf_shapes_row_major(shape, device):
+    got = ops.philox_normal(shape, 9, 4, device=device, method="icdf")
+    assert got.shape == torch.Size(shape) and got.is_contiguous() and got.dtype == torch.float32
+    flat = ops.philox_normal((math.prod(shape),), 9, 4, device=device, method="icdf")
+    assert torch.equal(got.flatten(), flat)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("n", [1, 7, 1029])
+def test_philox_normal_icdf_into_offset_views(offset, n, device):
+    """The raw op fills a contiguous view at any element offset with the same bits, and writes
+    nothing outside it (the CUDA kernel's vector stores apply only where aligned)."""
+    want = ops.philox_normal((n,), 5, 2, method="icdf")
+    buf = torch.full((n + offset + 1,), float("nan"), device=device)
+    view = buf[offset:offset + n]
+    torch.ops.subspace_ext.philox_normal_icdf_(view, 5, 2)
+    assert torch.equal(view.cpu(), want)
+    assert buf[:offset].isnan().all() and buf[offset + n:].isnan().all()
+
+
+def test_philox_normal_icdf_prefix_and_differs_from_box_muller(device):
+    n = 20_001
+    a = ops.philox_normal((n,), 5, 2, device=device, method="icdf")
+    for k in (1, 2, 3, 5, 4097, 20_000):
+        assert torch.equal(ops.philox_normal((k,), 5, 2, device=device, method="icdf"), a[:k]), k
+    bm = ops.philox_normal((n,), 5, 2, device=device)
+    assert (a != bm).float().mean() > 0.99
+    assert (a != ops.philox_normal((n,), 5, 3, device=device, method="icdf")).float().mean() > 0.99
+
+
+def test_philox_normal_icdf_distribution():
+    z = ops.philox_normal((1 << 21,), 2024, 1, method="icdf").double()
+    n = z.numel()
+    assert abs(z.mean().item()) < 4 / n ** 0.5
+    assert abs(z.var().item() - 1) < 6 * (2 / n) ** 0.5
+    assert abs((z ** 3).mean().item()) < 2e-2
+    assert abs((z ** 4).mean().item() - 3) < 3e-2
+    # Kolmogorov-Smirnov distance to the normal CDF: 1.95 / sqrt(n) is its 0.1% level
+    zs = z.sort().values
+    cdf = 0.5 * torch.erfc(-zs / math.sqrt(2))
+    k = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert torch.maximum((k - cdf).abs(), (k - 1 / n - cdf).abs()).max().item() < 1.95 / n ** 0.5
+    assert (z > 0).double().mean().item() == pytest.approx(0.5, abs=2e-3)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+@pytest.mark.parametrize("n", [1, 3, 257, 4099, 1 << 20])
+def test_philox_normal_icdf_cuda_bit_identical_to_cpu(n):
+    for seed, stream in [(0, 0), (2**63 + 5, 3), (-1, 2**40)]:
+        cpu = ops.philox_normal((n,), seed, stream, method="icdf")
+        gpu = ops.philox_normal((n,), seed, stream, device="cuda", method="icdf")
+        assert torch.equal(gpu.cpu(), cpu), (n, seed, stream)

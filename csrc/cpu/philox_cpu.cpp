@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "subspace_ext/normal_icdf_table.h"
 #include "subspace_ext/philox.h"
 #include "utils.h"
 
@@ -116,7 +117,58 @@ void for_each_normal_fast(uint64_t seed, uint64_t stream, int64_t i0, int64_t i1
   philox::for_each_normal<T>(seed, stream, b * per, i1, f);
 }
 
+// ---- the "icdf" transform: one float32 normal per Philox word (philox::icdf_normal) --------------
+
+alignas(64) constexpr float kIcdfTable[] = {SUBSPACE_EXT_NORMAL_ICDF_COEFFS};
+static_assert(sizeof(kIcdfTable) == SUBSPACE_EXT_NORMAL_ICDF_SEGMENTS * SUBSPACE_EXT_NORMAL_ICDF_STRIDE * sizeof(float),
+              "normal_icdf_table.h: 128 segments of 8 floats");
+
+// Blocks [b, b + kLanes) of (seed, stream) -> out[4b .. 4b + 4 kLanes). philox::icdf_normal's steps,
+// each a loop over the lanes: the table lookups are staged by scalar loads (GCC's generic tuning
+// does not emit gathers), so the integer and polynomial loops vectorise.
+SE_TARGET_CLONES void icdf_lanes(uint64_t seed, uint64_t stream, uint64_t b, float* out) {
+  constexpr int kN = 4 * kLanes;
+  uint32_t x[4][kLanes], w[kN], seg[kN];
+  philox_lanes(seed, stream, b, x[0], x[1], x[2], x[3]);
+  for (int j = 0; j < kLanes; ++j)
+    for (int q = 0; q < 4; ++q) w[4 * j + q] = x[q][j];
+  float v[kN], c[6][kN];
+  for (int i = 0; i < kN; ++i) philox::icdf_reduce(w[i], seg[i], v[i]);
+  for (int i = 0; i < kN; ++i)
+    for (int k = 0; k < 6; ++k) c[k][i] = kIcdfTable[8 * seg[i] + k];
+  for (int i = 0; i < kN; ++i)
+    out[i] = philox::icdf_sign(philox::icdf_poly(v[i], [&](int k) { return c[k][i]; }), w[i]);
+}
+
+void philox_normal_icdf_cpu(float* p, int64_t n, uint64_t seed, uint64_t stream) {
+  at::parallel_for(0, (n + 3) / 4, 2048, [&](int64_t b0, int64_t b1) {
+    int64_t b = b0;
+    for (; b + kLanes <= b1 && 4 * (b + kLanes) <= n; b += kLanes)
+      icdf_lanes(seed, stream, static_cast<uint64_t>(b), p + 4 * b);
+    for (; b < b1; ++b) {  // the chunk's last blocks, and the tensor's partial one
+      const auto x = philox::block_bits(seed, stream, static_cast<uint64_t>(b));
+      for (int j = 0; j < 4 && 4 * b + j < n; ++j) p[4 * b + j] = philox::icdf_normal(x.v[j], kIcdfTable);
+    }
+  });
+}
+
 }  // namespace
+
+void philox_normal_icdf_fill(const at::Tensor& out, int64_t seed, int64_t stream) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat,
+                   "philox_normal_icdf_: out must be float32 (the icdf transform has no float64 table), got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "philox_normal_icdf_: out must be contiguous");
+  if (out.is_cuda()) {
+#ifdef SUBSPACE_EXT_WITH_CUDA
+    return philox_normal_icdf_into_cuda(out, seed, stream);
+#else
+    TORCH_CHECK_VALUE(false, "philox_normal_icdf_: a CUDA tensor, but this build has no CUDA kernels");
+#endif
+  }
+  philox_normal_icdf_cpu(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed),
+                         static_cast<uint64_t>(stream));
+}
 
 void philox_normals_into(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
@@ -177,6 +229,7 @@ at::Tensor perturbed_basis(const at::Tensor& U, double eps, int64_t seed, int64_
 TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("philox_uint32_", &philox_uint32_cpu_);
   m.impl("philox_normal_", &philox_normal_fill);
+  m.impl("philox_normal_icdf_", &philox_normal_icdf_fill);
   m.impl("perturbed_basis", &perturbed_basis);
 }
 

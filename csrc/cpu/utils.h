@@ -63,6 +63,7 @@ SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank);
 // (seed, stream), element i of its row-major order being normal number i of the stream.
 // Defined in philox_cpu.cpp.
 void philox_normal_fill(const at::Tensor& out, int64_t seed, int64_t stream);
+void philox_normal_icdf_fill(const at::Tensor& out, int64_t seed, int64_t stream);
 
 // Argument checks shared by the CPU and CUDA kernels of pair_importance_ (every layer: shapes,
 // dtypes, contiguity, beta ranges), with the same messages on both devices.
@@ -112,6 +113,8 @@ SVDResult small_svd_batched(const at::Tensor& A);
 #ifdef SUBSPACE_EXT_WITH_CUDA
 // philox_normals_into for a CUDA tensor (csrc/cuda/cuda_ops.cpp).
 void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add);
+// philox_normal_icdf_fill for a CUDA tensor (csrc/cuda/cuda_ops.cpp).
+void philox_normal_icdf_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream);
 // The CUDA launch of small_svd_batched on its work tensors (float64, contiguous, column-major
 // matrices: a b x q x p, v b x q x q, norms b x q; results u b x q x p, s b x q, vout b x q x q).
 void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Tensor& norms,

@@ -87,6 +87,14 @@ void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t strea
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The CUDA branch of philox_normal_icdf_fill (csrc/cpu/philox_cpu.cpp checks dtype and layout).
+void philox_normal_icdf_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  cuda::philox_normal_icdf(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed),
+                           static_cast<uint64_t>(stream), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Tensor& norms,
                          const at::Tensor& u, const at::Tensor& s, const at::Tensor& vout) {
   const c10::cuda::CUDAGuard guard(a.device());
@@ -251,6 +259,7 @@ void reinit_pairs_cuda_(at::TensorList W, at::TensorList B, at::TensorList A, at
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("philox_uint32_", &philox_uint32_cuda_);
   m.impl("philox_normal_", &philox_normal_fill);
+  m.impl("philox_normal_icdf_", &philox_normal_icdf_fill);
   m.impl("pair_importance_", &pair_importance_cuda_);
   m.impl("fuse_pairs_", &fuse_pairs_cuda_);
   m.impl("reinit_pairs_", &reinit_pairs_cuda_);

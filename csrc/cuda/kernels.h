@@ -18,6 +18,8 @@ void philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, cud
 // out[i] = z_i, or out[i] += eps * z_i when add (z_i: normal number i of (seed, stream)).
 void philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps,
                    bool add, cudaStream_t s);
+// out[i] = philox::icdf_normal(word i of (seed, stream)), float32.
+void philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s);
 
 // ---- importance: all layers of one (parameter dtype, state dtype) group in one launch --------
 struct ImportanceLayer {

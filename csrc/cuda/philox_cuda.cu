@@ -1,6 +1,7 @@
 // CUDA kernels of the philox family. The arithmetic is the shared header's (philox.h): the device
 // pass uses the _rn intrinsics and the build passes -fmad=false, so every number equals the CPU's.
 #include "kernels.h"
+#include "subspace_ext/normal_icdf_table.h"
 #include "subspace_ext/philox.h"
 
 namespace subspace_ext {
@@ -68,11 +69,50 @@ void launch_normal(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps, boo
   else normal_kernel<T, false, false><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
 }
 
+// The icdf transform: one thread per Philox block, 4 words -> 4 normals, one 16-byte store where
+// `out` is aligned. The 4 KB coefficient table is copied to shared memory once per thread block:
+// each number reads its segment's 6 coefficients there (two vector loads).
+constexpr int kIcdfFloats = SUBSPACE_EXT_NORMAL_ICDF_SEGMENTS * SUBSPACE_EXT_NORMAL_ICDF_STRIDE;
+__align__(16) __constant__ float kIcdfTable[kIcdfFloats] = {SUBSPACE_EXT_NORMAL_ICDF_COEFFS};
+
+template <bool Vec>
+__global__ void normal_icdf_kernel(float* out, int64_t n, uint64_t seed, uint64_t stream) {
+  __shared__ float4 tab4[kIcdfFloats / 4];  // float4: 16-byte aligned for the vector loads
+  for (int i = threadIdx.x; i < kIcdfFloats / 4; i += blockDim.x)
+    tab4[i] = reinterpret_cast<const float4*>(kIcdfTable)[i];
+  __syncthreads();
+  const float* tab = reinterpret_cast<const float*>(tab4);
+  const int64_t blocks = (n + 3) / 4, whole = n / 4;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < blocks;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const philox::U32x4 x = philox::block_bits(seed, stream, static_cast<uint64_t>(b));
+    float z[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) z[j] = philox::icdf_normal(x.v[j], tab);
+    if (Vec && b < whole) {
+      reinterpret_cast<float4*>(out)[b] = make_float4(z[0], z[1], z[2], z[3]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (4 * b + j < n) out[4 * b + j] = z[j];
+    }
+  }
+}
+
 }  // namespace
 
 void philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s) {
   if (n == 0) return;
   philox_uint32_kernel<<<grid_for((n + 3) / 4), kThreads, 0, s>>>(out, n, seed, stream);
+}
+
+void philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s) {
+  if (n == 0) return;
+  const int grid = grid_for((n + 3) / 4);
+  if (reinterpret_cast<uintptr_t>(out) % 16 == 0)
+    normal_icdf_kernel<true><<<grid, kThreads, 0, s>>>(out, n, seed, stream);
+  else
+    normal_icdf_kernel<false><<<grid, kThreads, 0, s>>>(out, n, seed, stream);
 }
 
 void philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps,

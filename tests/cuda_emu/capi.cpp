@@ -42,6 +42,11 @@ int emu_philox_normal(void* out, int dt, int64_t n, uint64_t seed, uint64_t stre
   return status();
 }
 
+int emu_philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream) {
+  cu::philox_normal_icdf(out, n, seed, stream, nullptr);
+  return status();
+}
+
 int emu_perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
                      int64_t ys1, int64_t r, int dt, double eps, uint64_t seed, uint64_t stream,
                      int64_t rows_per_chunk, void* partial) {

@@ -31,6 +31,7 @@
 #define __align__(n) alignas(n)
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __constant__
 
 using std::fabs;
 using std::fma;
@@ -44,6 +45,7 @@ struct dim3 {
 };
 using uint3 = dim3;
 struct alignas(16) float4 { float x, y, z, w; };  // CUDA's 16-byte vector types
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct alignas(16) double2 { double x, y; };
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
