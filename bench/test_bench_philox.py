@@ -1,4 +1,4 @@
-"""philox_normal vs torch.randn: 2^24 float32 standard normals."""
+"""philox_normal (Box-Muller and icdf methods) vs torch.randn: 2^24 float32 standard normals."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,9 @@ import torch
 from subspace_ext import ops
 
 NUMEL = 2 ** 24
-IMPLS = {"philox_normal": lambda: ops.philox_normal((NUMEL,), seed=0), "torch.randn": lambda: torch.randn(NUMEL)}
+IMPLS = {"philox_normal": lambda: ops.philox_normal((NUMEL,), seed=0),
+         "philox_normal icdf": lambda: ops.philox_normal((NUMEL,), seed=0, method="icdf"),
+         "torch.randn": lambda: torch.randn(NUMEL)}
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

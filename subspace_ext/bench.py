@@ -440,17 +440,20 @@ def _importance_rows(cfg: Config) -> Iterator[Row]:
 
 def _philox_rows(cfg: Config) -> Iterator[Row]:
     numel = 2 ** cfg.philox_log2
-    t_ours = median_ms(lambda: ops.philox_normal((numel,), seed=0, device=cfg.device), cfg)
-    t_randn = median_ms(lambda: torch.randn(numel, device=cfg.device), cfg)
     gbps = lambda ms: numel * 4 / (ms * 1e-3) / 1e9  # noqa: E731
-    case = f"2^{cfg.philox_log2} float32 (ours {gbps(t_ours):.2f} GB/s, randn {gbps(t_randn):.2f} GB/s)"
-    yield Row("philox_normal", case, t_ours, "torch.randn", t_randn)
+    t_randn = median_ms(lambda: torch.randn(numel, device=cfg.device), cfg)
     if cfg.device.startswith("cuda"):  # the bandwidth floor: writing the same bytes
         buf = torch.empty(numel, device=cfg.device)
         src = torch.randn(numel, device=cfg.device)  # real data: never time on zeros
         t_copy = median_ms(lambda: buf.copy_(src), cfg)
-        yield Row("philox_normal", f"2^{cfg.philox_log2} float32 (copy {2 * gbps(t_copy):.0f} GB/s read+write)",
-                  t_ours, "floor: device copy of the same size", t_copy)
+    for method in ("box_muller", "icdf"):
+        t_ours = median_ms(lambda: ops.philox_normal((numel,), seed=0, device=cfg.device, method=method), cfg)
+        name = "philox_normal" + ("" if method == "box_muller" else " icdf")
+        case = f"2^{cfg.philox_log2} float32 (ours {gbps(t_ours):.2f} GB/s, randn {gbps(t_randn):.2f} GB/s)"
+        yield Row(name, case, t_ours, "torch.randn", t_randn)
+        if cfg.device.startswith("cuda"):
+            yield Row(name, f"2^{cfg.philox_log2} float32 (copy {2 * gbps(t_copy):.0f} GB/s read+write)",
+                      t_ours, "floor: device copy of the same size", t_copy)
 
 
 SECTIONS = (_rsvd_rows, _small_svd_rows, _project_rows, _importance_rows, _philox_rows)
