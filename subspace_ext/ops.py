@@ -161,7 +161,8 @@ def philox_normal(shape, seed: int, stream: int = 0, *, dtype=torch.float32, dev
     exactly rounded Box-Muller transform; float32 uses 4 normals per Philox block, float64 2.
     method="icdf" (float32 only): one normal per Philox word (element i from word i of
     philox_uint32), by a piecewise-polynomial inverse normal CDF of the word's cell, within 2 ulp of
-    the exact quantile and reaching |z| = 6.3; about a third of Box-Muller's arithmetic, for GPUs.
+    the exact quantile and reaching |z| = 6.3; about half of Box-Muller's instructions on a GPU
+    (on a CPU it is slower: the table reads do not vectorise).
     The two methods give different numbers.
     """
     if dtype not in _FLOAT:

@@ -392,9 +392,22 @@ def philox_normals_icdf_ref(words):
     return torch.where(words.to(torch.int64) & 0x80000000 != 0, -z, z)
 
 
+def icdf_tool():
+    """tools/fit_normal_icdf.py as a module: the table's definition (and its exact float32 fma)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "fit_normal_icdf.py"
+    spec = importlib.util.spec_from_file_location("fit_normal_icdf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def philox_normals_icdf_exact(words, table):
-    """philox.h's icdf_normal, op by op in float32 (each * and + rounded, no FMA), for int32 words
-    and the (128, 8) float32 coefficient table: the bits every kernel must produce."""
+    """philox.h's icdf_normal, op by op in float32 (each Horner step one exactly rounded fma), for
+    int32 words and the (128, 8) float32 coefficient table: the bits every kernel must produce."""
+    fma32 = icdf_tool().fma32
     w = words.to(torch.int64) & 0xFFFFFFFF
     a = ((w << 1) | 1) & 0xFFFFFFFF
     e = 31 - torch.floor(torch.log2(a.double())).to(torch.int64)
@@ -405,5 +418,5 @@ def philox_normals_icdf_exact(words, table):
     c = table[seg]
     z = c[:, 5].clone()
     for k in range(4, -1, -1):
-        z = z * v + c[:, k]  # torch's CPU float32 * and + round separately
+        z = torch.from_numpy(fma32(z.numpy(), v.numpy(), c[:, k].contiguous().numpy()))
     return torch.where(w & 0x80000000 != 0, -z, z)

@@ -286,20 +286,9 @@ def test_philox_normal_into_offset_views(dtype, offset, n, device):
 # ---------------------------------------------------------------------------------------------
 # method="icdf": one float32 normal per Philox word, by the piecewise-polynomial inverse CDF
 
-def _icdf_tool():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "fit_normal_icdf.py"
-    spec = importlib.util.spec_from_file_location("fit_normal_icdf", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def icdf_table():
-    return torch.from_numpy(_icdf_tool().read_header())
+    return torch.from_numpy(ref.icdf_tool().read_header())
 
 
 def _ulps(got, want):
@@ -335,7 +324,7 @@ def test_philox_normal_icdf_bit_exact_against_op_by_op_emulation(n, seed, stream
 def test_icdf_table_accuracy_in_every_segment():
     """The committed table against float64 ndtri in all 128 segments, the far tails included
     (|z| up to 6.3, which random words reach too rarely to test through the op)."""
-    tool = _icdf_tool()
+    tool = ref.icdf_tool()
     worst, smallest = tool.ulp_errors(tool.read_header(), samples=512)
     assert worst.max() <= 2.0, (worst.max(), int(worst.argmax()))
     assert smallest > 0
@@ -344,9 +333,37 @@ def test_icdf_table_accuracy_in_every_segment():
     assert top == pytest.approx(-float(torch.special.ndtri(torch.tensor(2.0**-33, dtype=torch.float64))), rel=3e-7)
 
 
+def _fma_exact(a, b, c):
+    """float32 a * b + c by exact rational arithmetic, rounded to nearest, ties to even."""
+    from fractions import Fraction
+
+    x = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    f = np.float32(float(x))
+    near = [f, np.nextafter(f, np.float32(np.inf)), np.nextafter(f, np.float32(-np.inf))]
+    return min(near, key=lambda y: (abs(Fraction(float(y)) - x), int(np.array(y).view(np.uint32)) & 1))
+
+
+def test_icdf_fma32_is_exactly_rounded():
+    """The tool's float32 fma (which defines the Horner steps) against rational arithmetic, on
+    random operands over wide exponent ranges and on the halfway cases where rounding the float64
+    sum again would be wrong: 2^-24 (1 + 2^-15) (1 - 2^-15) + (1 + 2^-23) is just below the
+    midpoint of 1 + 2^-23 and 1 + 2^-22."""
+    g = torch.Generator().manual_seed(11)
+    a, b, c = (torch.randn(3000, generator=g) for _ in range(3))
+    c = c * torch.tensor([1e-6, 1.0, 1e6])[torch.randint(0, 3, (3000,), generator=g)]
+    q, r = 2.0**-24 * (1 + 2.0**-15), 1 - 2.0**-15
+    a = torch.cat([a, torch.tensor([q, -q, q])]).numpy()
+    b = torch.cat([b, torch.tensor([r, r, r])]).numpy()
+    c = torch.cat([c, torch.tensor([1 + 2.0**-23, -(1 + 2.0**-23), 1.0])]).numpy()
+    got = ref.icdf_tool().fma32(a, b, c)
+    want = np.array([_fma_exact(*t) for t in zip(a, b, c)], np.float32)
+    assert (got.view(np.uint32) == want.view(np.uint32)).all(), np.flatnonzero(got != want)[:5]
+    assert got[-3] == np.float32(1 + 2.0**-23) and got[-2] == -np.float32(1 + 2.0**-23)
+
+
 def test_philox_normal_icdf_emulation_is_the_tool_definition(icdf_table):
     """reference.py's emulation and the fitting tool's (numpy) steps agree on random words."""
-    tool = _icdf_tool()
+    tool = ref.icdf_tool()
     words = ops.philox_uint32((50_000,), 8, 1)
     a = ((words.to(torch.int64) & 0x7FFFFFFF) << 1 | 1).numpy().astype(np.uint64)
     seg, v = tool.seg_and_v(a)

@@ -126,7 +126,7 @@ static_assert(sizeof(kIcdfTable) == SUBSPACE_EXT_NORMAL_ICDF_SEGMENTS * SUBSPACE
 // Blocks [b, b + kLanes) of (seed, stream) -> out[4b .. 4b + 4 kLanes). philox::icdf_normal's steps,
 // each a loop over the lanes: the table lookups are staged by scalar loads (GCC's generic tuning
 // does not emit gathers), so the integer and polynomial loops vectorise.
-SE_TARGET_CLONES void icdf_lanes(uint64_t seed, uint64_t stream, uint64_t b, float* out) {
+SE_TARGET_CLONES_FMA void icdf_lanes(uint64_t seed, uint64_t stream, uint64_t b, float* out) {
   constexpr int kN = 4 * kLanes;
   uint32_t x[4][kLanes], w[kN], seg[kN];
   philox_lanes(seed, stream, b, x[0], x[1], x[2], x[3]);

@@ -10,8 +10,12 @@
 // FMA contraction stays off (-ffp-contract=off), so every clone computes the same bits.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define SE_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// For loops that call philox::fma_rn: GCC's avx2 target has no FMA (std::fma would be a libm
+// call), its fma target has AVX + FMA; avx512f includes FMA.
+#define SE_TARGET_CLONES_FMA __attribute__((target_clones("avx512f", "fma", "default")))
 #else
 #define SE_TARGET_CLONES
+#define SE_TARGET_CLONES_FMA
 #endif
 
 namespace subspace_ext {

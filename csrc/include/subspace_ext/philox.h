@@ -2,7 +2,8 @@
 //
 // Written once for host and device: the same source compiles in the CPU kernels (g++) and in the
 // CUDA kernels (nvcc), and must produce the same bits on both. To make that hold:
-//   * only integer ops, IEEE +, -, *, / and sqrt are used (all correctly rounded on both sides);
+//   * only integer ops, IEEE +, -, *, /, sqrt and fused multiply-add are used (all correctly
+//     rounded on both sides; the fused one only where written as fma_rn);
 //   * on the device every float op goes through the _rn intrinsics, which nvcc never fuses into
 //     an FMA; on the host the files that include this header are compiled with -ffp-contract=off;
 //   * log, sin and cos are our own polynomials below, not libm / CUDA math (which differ).
@@ -90,12 +91,16 @@ SE_HD double sub(double a, double b) { return __dsub_rn(a, b); }
 SE_HD double mul(double a, double b) { return __dmul_rn(a, b); }
 SE_HD double div(double a, double b) { return __ddiv_rn(a, b); }
 SE_HD double sqrt_rn(double a) { return __dsqrt_rn(a); }
+SE_HD float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 #else
 template <typename T> SE_HD T add(T a, T b) { return a + b; }
 template <typename T> SE_HD T sub(T a, T b) { return a - b; }
 template <typename T> SE_HD T mul(T a, T b) { return a * b; }
 template <typename T> SE_HD T div(T a, T b) { return a / b; }
 template <typename T> SE_HD T sqrt_rn(T a) { return std::sqrt(a); }
+// a * b + c rounded once: an FMA instruction where the target has one (x86 FMA/AVX-512 clones,
+// AArch64), else libm's fmaf, which is exactly rounded too.
+SE_HD float fma_rn(float a, float b, float c) { return std::fma(a, b, c); }
 #endif
 
 // Split x > 0 (normal) into m in [sqrt(1/2), sqrt(2)) and e with x = m * 2^e, by bit manipulation.
@@ -240,8 +245,8 @@ SE_HD void normals_of_block(uint64_t seed, uint64_t stream, uint64_t block, doub
 
 // ---- the "icdf" transform (float32 only): one normal per Philox word, by the inverse normal CDF
 // of the word's cell, piecewise polynomial (tools/fit_normal_icdf.py defines the table and
-// documents the steps; worst error 1.73 ulp of the exact quantile). About a third of
-// box_muller's operations per number, and no division or square root; the numbers differ from
+// documents the steps; worst error 1.31 ulp of the exact quantile). About half of
+// box_muller's instructions per number on sm_90, and no division or square root; the numbers differ from
 // box_muller's, so it is its own method of philox_normal, not a drop-in.
 // `tab` is normal_icdf_table.h's coefficients: the host's array or a device (shared) copy.
 // clz of a = 2r + 1 (r < 2^31), i.e. 30 - floor(log2 r), and 31 for r = 0. On the host from the
@@ -270,11 +275,12 @@ SE_HD void icdf_reduce(uint32_t w, uint32_t& seg, float& v) {
   v = sub(v, 1.0f);  // exact
 }
 
-// |z| = c0 + v (c1 + v (c2 + v (c3 + v (c4 + v c5)))), each step rounded (c: the segment's row).
+// |z| = c0 + v (c1 + v (c2 + v (c3 + v (c4 + v c5)))), each step one fused multiply-add
+// (c: the segment's row).
 template <typename Coef> SE_HD float icdf_poly(float v, Coef c) {
   float z = c(5);
 SE_UNROLL
-  for (int k = 4; k >= 0; --k) z = add(mul(z, v), c(k));
+  for (int k = 4; k >= 0; --k) z = fma_rn(z, v, c(k));
   return z;
 }
 
