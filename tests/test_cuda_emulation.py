@@ -66,29 +66,34 @@ def _p(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 7, 1031])
+@pytest.mark.parametrize("n", [1, 7, 1031, 4099])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_philox_kernels_equal_cpu(emu, n, dtype, offset):
+@pytest.mark.parametrize("sms", [1, 3])
+def test_philox_kernels_equal_cpu(emu, n, dtype, offset, sms):
     """offset 0: a 16-byte aligned output (whole Philox blocks as one vector store); 1: unaligned
-    (element stores). Poisoned buffers: every element written, nothing outside."""
+    (element stores). sms: the grid is at most that many blocks of 256 threads, so at n = 1031 and
+    4099 threads step over several Philox blocks (in pairs, then one, then the partial last block).
+    Poisoned buffers: every element written, nothing outside."""
     buf = torch.full((n + offset + 1,), float("nan"), dtype=dtype)
     out = buf[offset:offset + n]
-    _call(emu, "emu_philox_normal", _p(out), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.0), 0)
+    _call(emu, "emu_philox_normal", _p(out), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.0), 0, sms)
     assert torch.equal(out, ops.philox_normal((n,), 5, 3, dtype=dtype))
     assert buf[:offset].isnan().all() and buf[offset + n:].isnan().all()
     base = torch.randn(n + offset, dtype=dtype)
     added = base.clone()
-    _call(emu, "emu_philox_normal", _p(added[offset:]), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.25), 1)
+    _call(emu, "emu_philox_normal", _p(added[offset:]), DT[dtype], i64(n), u64(5), u64(3), ctypes.c_double(0.25), 1,
+          sms)
     assert torch.equal(added[offset:], ops.perturbed_basis(base[None, offset:], 0.25, 5, 3)[0])
     assert torch.equal(added[:offset], base[:offset])
     if dtype == torch.float32:  # the icdf transform (float32 only): shared-memory table, same checks
         buf.fill_(float("nan"))
-        _call(emu, "emu_philox_normal_icdf", _p(out), i64(n), u64(5), u64(3))
+        _call(emu, "emu_philox_normal_icdf", _p(out), i64(n), u64(5), u64(3), sms)
         assert torch.equal(out, ops.philox_normal((n,), 5, 3, method="icdf"))
         assert buf[:offset].isnan().all() and buf[offset + n:].isnan().all()
-    bits = torch.empty(n, dtype=torch.int32)
-    _call(emu, "emu_philox_uint32", _p(bits), i64(n), u64(9), u64(1))
-    assert torch.equal(bits, ops.philox_uint32((n,), 9, 1).view(torch.int32))
+    bits = torch.zeros(n + offset + 1, dtype=torch.int32)
+    _call(emu, "emu_philox_uint32", _p(bits[offset:]), i64(n), u64(9), u64(1), sms)
+    assert torch.equal(bits[offset:offset + n], ops.philox_uint32((n,), 9, 1).view(torch.int32))
+    assert not bits[:offset].any() and not bits[offset + n:].any()
 
 
 # ---------------------------------------------------------------------------------------------

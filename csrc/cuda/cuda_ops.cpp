@@ -25,6 +25,9 @@
 namespace subspace_ext {
 namespace {
 
+// The current device's SMs (ATen caches the device properties).
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 cuda::DType dtype_of(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return cuda::DType::F32;
@@ -71,9 +74,9 @@ void philox_uint32_cuda_(const at::Tensor& out, int64_t seed, int64_t stream) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kInt && out.is_contiguous(),
                    "philox_uint32_: out must be a contiguous int32 tensor");
   const c10::cuda::CUDAGuard guard(out.device());
-  cuda::philox_uint32(reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), out.numel(),
-                      static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
-                      at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda::philox_uint32(reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), out.numel(),
+                                     static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), sm_count(),
+                                     at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -82,16 +85,17 @@ void philox_uint32_cuda_(const at::Tensor& out, int64_t seed, int64_t stream) {
 // The CUDA branch of philox_normals_into (csrc/cpu/philox_cpu.cpp checks dtype and layout).
 void philox_normals_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream, double eps, bool add) {
   const c10::cuda::CUDAGuard guard(out.device());
-  cuda::philox_normal(out.data_ptr(), dtype_of(out.scalar_type()), out.numel(), static_cast<uint64_t>(seed),
-                      static_cast<uint64_t>(stream), eps, add, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda::philox_normal(out.data_ptr(), dtype_of(out.scalar_type()), out.numel(),
+                                     static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), eps, add, sm_count(),
+                                     at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The CUDA branch of philox_normal_icdf_fill (csrc/cpu/philox_cpu.cpp checks dtype and layout).
 void philox_normal_icdf_into_cuda(const at::Tensor& out, int64_t seed, int64_t stream) {
   const c10::cuda::CUDAGuard guard(out.device());
-  cuda::philox_normal_icdf(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed),
-                           static_cast<uint64_t>(stream), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda::philox_normal_icdf(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed),
+                                          static_cast<uint64_t>(stream), sm_count(), at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

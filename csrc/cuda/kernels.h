@@ -14,12 +14,14 @@ namespace cuda {
 enum class DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
 // ---- philox (bit-identical to the CPU kernels: csrc/include/subspace_ext/philox.h) -----------
-void philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s);
+// sms: the device's streaming multiprocessors (the grid is at most one resident wave of them).
+// Each returns the error of the occupancy query it makes once per kernel and device.
+cudaError_t philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, int sms, cudaStream_t s);
 // out[i] = z_i, or out[i] += eps * z_i when add (z_i: normal number i of (seed, stream)).
-void philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps,
-                   bool add, cudaStream_t s);
+cudaError_t philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps,
+                          bool add, int sms, cudaStream_t s);
 // out[i] = philox::icdf_normal(word i of (seed, stream)), float32.
-void philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s);
+cudaError_t philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream, int sms, cudaStream_t s);
 
 // ---- importance: all layers of one (parameter dtype, state dtype) group in one launch --------
 struct ImportanceLayer {

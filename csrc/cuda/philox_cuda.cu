@@ -1,5 +1,18 @@
 // CUDA kernels of the philox family. The arithmetic is the shared header's (philox.h): the device
 // pass uses the _rn intrinsics and the build passes -fmad=false, so every number equals the CPU's.
+//
+// Shape of every kernel here: one Philox block (4 words) per step, 16 bytes of output. The grid is
+// one wave of resident thread blocks (the kernel's occupancy x the SMs), each thread stepping over
+// the Philox blocks by the grid's thread count, two per iteration (independent chains to overlap,
+// one loop test per two). So the fixed start of a thread (the 20 round keys, the icdf table copy)
+// is paid once per thread, not once per block, and the loop carries no tail tests: the whole
+// blocks are the loop, the partial last block (n not a multiple of 4 numbers) is the grid's first
+// thread's, after it.
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "kernels.h"
 #include "subspace_ext/normal_icdf_table.h"
 #include "subspace_ext/philox.h"
@@ -10,68 +23,118 @@ namespace {
 
 constexpr int kThreads = 256;
 
-inline int grid_for(int64_t items) {
-  const int64_t blocks = (items + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);  // grid-stride beyond
-}
-
-__global__ void philox_uint32_kernel(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream) {
-  const int64_t blocks = (n + 3) / 4;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < blocks;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const philox::U32x4 x = philox::block_bits(seed, stream, static_cast<uint64_t>(b));
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (4 * b + j < n) out[4 * b + j] = x.v[j];
+// Thread blocks of `kernel` (kThreads each, no dynamic shared memory) resident on one SM of the
+// current device, asked once per kernel and device.
+template <typename K>
+cudaError_t resident_per_sm(K kernel, int* per_sm) {
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> hold(lock);
+  int& k = known[{reinterpret_cast<const void*>(kernel), dev}];
+  if (k == 0) {
+    if (const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, kernel, kThreads, 0);
+        err != cudaSuccess) {
+      k = 0;
+      return err;
+    }
   }
+  *per_sm = std::max(k, 1);
+  return cudaSuccess;
 }
 
-// One thread per Philox block: out[i] = z (or out[i] + eps * z, rounded as the CPU rounds it).
-// A block's `per` outputs are 16 bytes; where `out` is 16-byte aligned (Vec) every whole block is
-// one vector store (and load, when adding), and only the last, partial block checks each index.
-template <typename T> struct Vec16;
+// Launch `kernel` for `blocks` Philox blocks: one thread each, at most one resident wave.
+template <typename K, typename... A>
+cudaError_t launch_wave(K kernel, int64_t blocks, int sms, cudaStream_t s, A... args) {
+  int per_sm = 1;
+  if (const cudaError_t err = resident_per_sm(kernel, &per_sm); err != cudaSuccess) return err;
+  const int64_t wave = static_cast<int64_t>(std::max(sms, 1)) * per_sm;
+  const int64_t need = std::max<int64_t>((blocks + kThreads - 1) / kThreads, 1);
+  kernel<<<static_cast<int>(std::min(need, wave)), kThreads, 0, s>>>(args...);
+  return cudaSuccess;
+}
+
+// f(b, count) for this thread's Philox blocks: the whole ones b < whole (count 4 numbers' worth,
+// i.e. `per`), two per iteration, then, on the grid's first thread, the partial block `whole` with
+// its `rest` elements (0: none).
+template <int Per, typename F>
+__device__ __forceinline__ void for_my_blocks(int64_t whole, int rest, F&& f) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; b + step < whole; b += 2 * step) {
+    f(b, Per);
+    f(b + step, Per);
+  }
+  if (b < whole) f(b, Per);
+  if (rest != 0 && blockIdx.x == 0 && threadIdx.x == 0) f(whole, rest);
+}
+
+// Write (or, with Add, add eps times) the `count` values z of a block to o: one 16-byte access for a
+// whole block where `o` is aligned (Vec), else element by element.
+template <typename V> struct Vec16;
 template <> struct Vec16<float> { using type = float4; };
 template <> struct Vec16<double> { using type = double2; };
+template <> struct Vec16<uint32_t> { using type = uint4; };
 
-template <typename T, bool Add, bool Vec>
-__global__ void normal_kernel(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps) {
-  constexpr int per = philox::PerBlock<T>::value;
+template <bool Add, bool Vec, int Per, typename T>
+__device__ __forceinline__ void put(T* o, const T (&z)[Per], int count, T eps) {
   using V = typename Vec16<T>::type;
-  static_assert(sizeof(V) == per * sizeof(T), "one Philox block of normals is 16 bytes");
-  const int64_t blocks = (n + per - 1) / per, whole = n / per;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < blocks;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    T z[per];
-    philox::normals_of_block(seed, stream, static_cast<uint64_t>(b), z);
-    T* o = out + b * per;
-    if (Vec && b < whole) {
-      V v;
-      T* w = reinterpret_cast<T*>(&v);
-      if (Add) v = *reinterpret_cast<const V*>(o);
+  static_assert(sizeof(V) == Per * sizeof(T), "one Philox block of output is 16 bytes");
+  if (Vec && count == Per) {
+    V v;
+    T* w = reinterpret_cast<T*>(&v);
+    if constexpr (Add) v = *reinterpret_cast<const V*>(o);
 #pragma unroll
-      for (int j = 0; j < per; ++j) w[j] = Add ? philox::add(w[j], philox::mul(eps, z[j])) : z[j];
-      *reinterpret_cast<V*>(o) = v;
-    } else {
+    for (int j = 0; j < Per; ++j) {
+      if constexpr (Add) w[j] = philox::add(w[j], philox::mul(eps, z[j]));
+      else w[j] = z[j];
+    }
+    *reinterpret_cast<V*>(o) = v;
+  } else {
 #pragma unroll
-      for (int j = 0; j < per; ++j)
-        if (b < whole || b * per + j < n) o[j] = Add ? philox::add(o[j], philox::mul(eps, z[j])) : z[j];
+    for (int j = 0; j < Per; ++j) {
+      if (j < count) {
+        if constexpr (Add) o[j] = philox::add(o[j], philox::mul(eps, z[j]));
+        else o[j] = z[j];
+      }
     }
   }
 }
 
-template <typename T>
-void launch_normal(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps, bool add, cudaStream_t s) {
-  const int grid = grid_for((n + philox::PerBlock<T>::value - 1) / philox::PerBlock<T>::value);
-  const bool vec = reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  if (add && vec) normal_kernel<T, true, true><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
-  else if (add) normal_kernel<T, true, false><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
-  else if (vec) normal_kernel<T, false, true><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
-  else normal_kernel<T, false, false><<<grid, kThreads, 0, s>>>(out, n, seed, stream, eps);
+template <bool Vec>
+__global__ void philox_uint32_kernel(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream) {
+  for_my_blocks<4>(n / 4, static_cast<int>(n % 4), [&](int64_t b, int count) {
+    const philox::U32x4 x = philox::block_bits(seed, stream, static_cast<uint64_t>(b));
+    const uint32_t z[4] = {x.v[0], x.v[1], x.v[2], x.v[3]};
+    put<false, Vec>(out + 4 * b, z, count, 0u);
+  });
 }
 
-// The icdf transform: one thread per Philox block, 4 words -> 4 normals, one 16-byte store where
-// `out` is aligned. The 4 KB coefficient table is copied to shared memory once per thread block:
-// each number reads its segment's 6 coefficients there (two vector loads).
+// out[i] = z (or out[i] + eps * z, rounded as the CPU rounds it).
+template <typename T, bool Add, bool Vec>
+__global__ void normal_kernel(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps) {
+  constexpr int per = philox::PerBlock<T>::value;
+  for_my_blocks<per>(n / per, static_cast<int>(n % per), [&](int64_t b, int count) {
+    T z[per];
+    philox::normals_of_block(seed, stream, static_cast<uint64_t>(b), z);
+    put<Add, Vec>(out + b * per, z, count, eps);
+  });
+}
+
+template <typename T>
+cudaError_t launch_normal(T* out, int64_t n, uint64_t seed, uint64_t stream, T eps, bool add, int sms,
+                          cudaStream_t s) {
+  const int64_t blocks = (n + philox::PerBlock<T>::value - 1) / philox::PerBlock<T>::value;
+  const bool vec = reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  if (add && vec) return launch_wave(normal_kernel<T, true, true>, blocks, sms, s, out, n, seed, stream, eps);
+  if (add) return launch_wave(normal_kernel<T, true, false>, blocks, sms, s, out, n, seed, stream, eps);
+  if (vec) return launch_wave(normal_kernel<T, false, true>, blocks, sms, s, out, n, seed, stream, eps);
+  return launch_wave(normal_kernel<T, false, false>, blocks, sms, s, out, n, seed, stream, eps);
+}
+
+// The icdf transform: 4 words -> 4 normals. The 4 KB coefficient table is copied to shared memory
+// once per thread block: each number reads its segment's 6 coefficients there (two vector loads).
 constexpr int kIcdfFloats = SUBSPACE_EXT_NORMAL_ICDF_SEGMENTS * SUBSPACE_EXT_NORMAL_ICDF_STRIDE;
 __align__(16) __constant__ float kIcdfTable[kIcdfFloats] = {SUBSPACE_EXT_NORMAL_ICDF_COEFFS};
 
@@ -82,46 +145,37 @@ __global__ void normal_icdf_kernel(float* out, int64_t n, uint64_t seed, uint64_
     tab4[i] = reinterpret_cast<const float4*>(kIcdfTable)[i];
   __syncthreads();
   const float* tab = reinterpret_cast<const float*>(tab4);
-  const int64_t blocks = (n + 3) / 4, whole = n / 4;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < blocks;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for_my_blocks<4>(n / 4, static_cast<int>(n % 4), [&](int64_t b, int count) {
     const philox::U32x4 x = philox::block_bits(seed, stream, static_cast<uint64_t>(b));
     float z[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) z[j] = philox::icdf_normal(x.v[j], tab);
-    if (Vec && b < whole) {
-      reinterpret_cast<float4*>(out)[b] = make_float4(z[0], z[1], z[2], z[3]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (4 * b + j < n) out[4 * b + j] = z[j];
-    }
-  }
+    put<false, Vec>(out + 4 * b, z, count, 0.0f);
+  });
 }
 
 }  // namespace
 
-void philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s) {
-  if (n == 0) return;
-  philox_uint32_kernel<<<grid_for((n + 3) / 4), kThreads, 0, s>>>(out, n, seed, stream);
-}
-
-void philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream, cudaStream_t s) {
-  if (n == 0) return;
-  const int grid = grid_for((n + 3) / 4);
+cudaError_t philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, int sms, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
   if (reinterpret_cast<uintptr_t>(out) % 16 == 0)
-    normal_icdf_kernel<true><<<grid, kThreads, 0, s>>>(out, n, seed, stream);
-  else
-    normal_icdf_kernel<false><<<grid, kThreads, 0, s>>>(out, n, seed, stream);
+    return launch_wave(philox_uint32_kernel<true>, (n + 3) / 4, sms, s, out, n, seed, stream);
+  return launch_wave(philox_uint32_kernel<false>, (n + 3) / 4, sms, s, out, n, seed, stream);
 }
 
-void philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps,
-                   bool add, cudaStream_t s) {
-  if (n == 0) return;
+cudaError_t philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream, int sms, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  if (reinterpret_cast<uintptr_t>(out) % 16 == 0)
+    return launch_wave(normal_icdf_kernel<true>, (n + 3) / 4, sms, s, out, n, seed, stream);
+  return launch_wave(normal_icdf_kernel<false>, (n + 3) / 4, sms, s, out, n, seed, stream);
+}
+
+cudaError_t philox_normal(void* out, DType dt, int64_t n, uint64_t seed, uint64_t stream, double eps, bool add,
+                          int sms, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
   if (dt == DType::F32)
-    launch_normal(static_cast<float*>(out), n, seed, stream, static_cast<float>(eps), add, s);
-  else
-    launch_normal(static_cast<double*>(out), n, seed, stream, eps, add, s);
+    return launch_normal(static_cast<float*>(out), n, seed, stream, static_cast<float>(eps), add, sms, s);
+  return launch_normal(static_cast<double*>(out), n, seed, stream, eps, add, sms, s);
 }
 
 }  // namespace cuda

@@ -9,6 +9,11 @@ namespace cu = subspace_ext::cuda;
 
 namespace {
 int status() { return emu::last_error().empty() ? 0 : 1; }
+// status() after a launcher that returns a CUDA runtime call's error (`what` names the call).
+int status(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) emu::last_error() = what;
+  return status();
+}
 
 __global__ void count_threads(int* n) {
   __syncthreads();
@@ -32,28 +37,28 @@ int emu_selftest_launch(int* out, unsigned grid_x, unsigned grid_y, int threads,
   return status();
 }
 
-int emu_philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream) {
-  cu::philox_uint32(out, n, seed, stream, nullptr);
-  return status();
+// sms: the emulated device's SMs; each holds one thread block of a philox kernel
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor's emulation), so the grid is at most sms blocks.
+
+int emu_philox_uint32(uint32_t* out, int64_t n, uint64_t seed, uint64_t stream, int sms) {
+  return status(cu::philox_uint32(out, n, seed, stream, sms, nullptr), "occupancy query failed");
 }
 
-int emu_philox_normal(void* out, int dt, int64_t n, uint64_t seed, uint64_t stream, double eps, int add) {
-  cu::philox_normal(out, static_cast<cu::DType>(dt), n, seed, stream, eps, add != 0, nullptr);
-  return status();
+int emu_philox_normal(void* out, int dt, int64_t n, uint64_t seed, uint64_t stream, double eps, int add, int sms) {
+  return status(cu::philox_normal(out, static_cast<cu::DType>(dt), n, seed, stream, eps, add != 0, sms, nullptr),
+                "occupancy query failed");
 }
 
-int emu_philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream) {
-  cu::philox_normal_icdf(out, n, seed, stream, nullptr);
-  return status();
+int emu_philox_normal_icdf(float* out, int64_t n, uint64_t seed, uint64_t stream, int sms) {
+  return status(cu::philox_normal_icdf(out, n, seed, stream, sms, nullptr), "occupancy query failed");
 }
 
 int emu_perturbed_tn(const void* U, int64_t us0, int64_t us1, int64_t m, int64_t k, const void* Y, int64_t ys0,
                      int64_t ys1, int64_t r, int dt, double eps, uint64_t seed, uint64_t stream,
                      int64_t rows_per_chunk, void* partial) {
-  const cudaError_t err = cu::perturbed_tn(U, us0, us1, m, k, Y, ys0, ys1, r, static_cast<cu::DType>(dt), eps, seed,
-                                           stream, rows_per_chunk, partial, nullptr);
-  if (err != cudaSuccess) emu::last_error() = "cudaFuncSetAttribute failed";
-  return status();
+  return status(cu::perturbed_tn(U, us0, us1, m, k, Y, ys0, ys1, r, static_cast<cu::DType>(dt), eps, seed, stream,
+                                 rows_per_chunk, partial, nullptr),
+                "cudaFuncSetAttribute failed");
 }
 
 // sms: the streaming multiprocessors the plan spreads the grid over (132 on an H100 SXM).
@@ -67,17 +72,15 @@ int emu_perturbed_nt(const void* X, int64_t xs0, int64_t xs1, int64_t p, int64_t
     emu::last_error() = "perturbed_nt: no plan";
     return 1;
   }
-  const cudaError_t err = cu::perturbed_nt(X, xs0, xs1, p, k, U, us0, us1, q, static_cast<cu::DType>(dt), eps, seed,
-                                           stream, plan, out, os0, os1, nullptr);
-  if (err != cudaSuccess) emu::last_error() = "cudaFuncSetAttribute failed";
-  return status();
+  return status(cu::perturbed_nt(X, xs0, xs1, p, k, U, us0, us1, q, static_cast<cu::DType>(dt), eps, seed, stream, plan,
+                                 out, os0, os1, nullptr),
+                "cudaFuncSetAttribute failed");
 }
 
 int emu_small_svd(double* a, double* v, double* norms, double* u, double* s, double* vout, int64_t batch, int p,
                   int q, int64_t smem_limit) {
-  if (cu::small_svd(a, v, norms, u, s, vout, batch, p, q, static_cast<size_t>(smem_limit), nullptr) != cudaSuccess)
-    emu::last_error() = "cudaFuncSetAttribute failed";
-  return status();
+  return status(cu::small_svd(a, v, norms, u, s, vout, batch, p, q, static_cast<size_t>(smem_limit), nullptr),
+                "cudaFuncSetAttribute failed");
 }
 
 int emu_pair_importance(const cu::ImportanceLayer* layers, const int64_t* offsets, int L, int64_t total, int param,

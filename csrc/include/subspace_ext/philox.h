@@ -254,7 +254,11 @@ SE_HD void normals_of_block(uint64_t seed, uint64_t stream, uint64_t block, doub
 // the CPU loops vectorise; bit scans do not.
 SE_HD uint32_t clz_odd(uint32_t a) {
 #if defined(__CUDA_ARCH__)
-  return static_cast<uint32_t>(__clz(static_cast<int>(a)));
+  // The shift that brings the top set bit to bit 31: one FLO.SH (__clz is FLO and a subtraction,
+  // to give 32 for a zero, which a = 2r + 1 never is).
+  uint32_t e;
+  asm("bfind.shiftamt.u32 %0, %1;" : "=r"(e) : "r"(a));
+  return e;
 #else
   const uint32_t r = a >> 1;
   const float f = static_cast<float>(static_cast<int32_t>(r >= 128u ? (r & ~127u) : r));
@@ -268,9 +272,16 @@ SE_HD uint32_t clz_odd(uint32_t a) {
 SE_HD void icdf_reduce(uint32_t w, uint32_t& seg, float& v) {
   const uint32_t a = (w << 1) | 1u;  // p = a / 2^33
   const uint32_t e = clz_odd(a);
-  const uint32_t n = a << e;
-  seg = 4u * e + ((n >> 29) & 3u);
-  const uint32_t vb = 0x3F800000u | ((~n >> 6) & 0x7FFFFFu);
+  const uint32_t n = a << e;  // bit 31 set: n >> 29 is 4 + the next two bits
+  seg = 4u * e + (n >> 29) - 4u;
+  // 0x3F800000 | (~n >> 6 & 0x7FFFFF): the 23 bits after those two, complemented, as the mantissa
+  // of a float in [1, 2); the exponent bits go in with the complement's xor mask.
+#if defined(__CUDA_ARCH__)
+  uint32_t vb;  // one LOP3 (the compiler makes two of and-then-xor with two constants)
+  asm("lop3.b32 %0, %1, 0x7FFFFF, %2, 0x6A;" : "=r"(vb) : "r"(n >> 6), "r"(0x3FFFFFFFu));
+#else
+  const uint32_t vb = ((n >> 6) & 0x7FFFFFu) ^ 0x3FFFFFFFu;
+#endif
   memcpy(&v, &vb, sizeof v);
   v = sub(v, 1.0f);  // exact
 }

@@ -47,6 +47,7 @@ using uint3 = dim3;
 struct alignas(16) float4 { float x, y, z, w; };  // CUDA's 16-byte vector types
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct alignas(16) double2 { double x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -173,6 +174,12 @@ template <class T> T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int wi
 }
 
 inline cudaError_t cudaGetDevice(int* dev) { *dev = 0; return cudaSuccess; }  // one emulated device
+// One resident thread block per SM whatever the kernel: the launches run their blocks one by one.
+template <class F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int threads, size_t smem) {
+  if (threads <= 0 || threads > 1024 || smem > emu::kOptinSmem) return cudaErrorInvalidValue;
+  *n = 1;
+  return cudaSuccess;
+}
 template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int value) {
   if (value < 0 || static_cast<size_t>(value) > emu::kOptinSmem) return cudaErrorInvalidValue;
   emu::smem_optin()[reinterpret_cast<const void*>(f)] = static_cast<size_t>(value);
