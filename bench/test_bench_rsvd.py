@@ -1,7 +1,9 @@
-"""rsvd_many vs a loop of torch.svd_lowrank vs a loop of torch.linalg.svd on the MiniLM weights."""
+"""rsvd_many vs a loop of torch.svd_lowrank vs a loop of torch.linalg.svd on the MiniLM weights; the
+batched small problems inside it (the cores' SVD, the bases' Gram transform) vs torch's batched ops."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from subspace_ext import bench, ops
 
@@ -24,3 +26,13 @@ def test_small_svd(benchmark, batch: int, l: int, impl: str) -> None:
     A = bench.small_svd_inputs(batch, l)
     fn = ops.small_svd if impl == "small_svd" else bench.linalg_svd_batched
     benchmark(fn, A)
+
+
+@pytest.mark.parametrize("impl", ["gram_orth", "cholesky + solve_triangular", "small_svd of G"])
+@pytest.mark.parametrize("batch,l", bench.SMALL_SVD_CASES)
+def test_gram_orth(benchmark, batch: int, l: int, impl: str) -> None:
+    benchmark.group = f"Gram orthonormalising transform: {batch} x ({l}x{l}) float64 (rsvd's bases)"
+    G = bench.gram_inputs(batch, l)
+    fn = {"gram_orth": torch.ops.subspace_ext._gram_orth, "cholesky + solve_triangular": bench.cholesky_inverse_batched,
+          "small_svd of G": ops.small_svd}[impl]
+    benchmark(fn, G)

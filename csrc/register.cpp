@@ -28,6 +28,11 @@ TORCH_LIBRARY(subspace_ext, m) {
   // Batched SVD of small matrices (..., p, q) -> U (..., p, k), S (..., k), V (..., q, k): one-sided
   // Jacobi, one thread block per matrix on CUDA, the same bits on CPU and CUDA (rsvd's l x l cores).
   m.def("_small_svd(Tensor A) -> (Tensor U, Tensor S, Tensor V)");
+  // rsvd_batched's orthonormalising transform: Gram matrices G (..., q, q) of columns Y -> T (..., q,
+  // q) upper triangular with Y T orthonormal (Cholesky, T = R^-1; a column in the span of the ones
+  // before it gets a zero column) and complete (...): no column dropped. Float64 inside, the same
+  // bits on CPU and CUDA.
+  m.def("_gram_orth(Tensor G) -> (Tensor T, Tensor complete)");
   // project: coefficients on a basis without forming the update, and reconstruction.
   m.def("project(Tensor U, Tensor V, Tensor B, Tensor A, float scaling) -> Tensor");
   // project on the perturbed bases perturbed_basis(U, eps, seed, stream_u) / (V, ..., stream_v)
@@ -99,7 +104,7 @@ void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, tor
 // and the in-place ops refuse tensors that require grad and bump the version counters of what they
 // write, as torch's own in-place ops do.
 TORCH_LIBRARY_IMPL(subspace_ext, Autograd, m) {
-  for (const char* op : {"perturbed_basis", "rsvd", "rsvd_many", "factored_svd", "_rsvd_batched", "_small_svd",
+  for (const char* op : {"perturbed_basis", "rsvd", "rsvd_many", "factored_svd", "_rsvd_batched", "_small_svd", "_gram_orth",
                          "project_perturbed", "project_dense", "reconstruct_perturbed",
                          "solar_basis", "solar_checksum", "solar_decode"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());

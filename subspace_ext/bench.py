@@ -388,6 +388,35 @@ def _small_svd_rows(cfg: Config) -> Iterator[Row]:
                   t_theirs, err(ours[1]), err(theirs[1]))
 
 
+def gram_inputs(batch: int, l: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    """Gram matrices Y^T Y of Gaussian Y (2 l x l): rsvd's orthonormalisation problems."""
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randn(batch, 2 * l, l, generator=g, dtype=torch.float64)
+    return (Y.mT @ Y).to(device)
+
+
+def cholesky_inverse_batched(G: torch.Tensor) -> torch.Tensor:
+    """torch's way to the same T: batched Cholesky, then a triangular solve against I."""
+    R = torch.linalg.cholesky(G).mT
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device).expand_as(G)
+    return torch.linalg.solve_triangular(R, eye, upper=True)
+
+
+def _gram_orth_rows(cfg: Config) -> Iterator[Row]:
+    """_gram_orth (every orthonormalisation of rsvd's batched path) against torch's batched Cholesky
+    + triangular solve, and against the small SVD of G that it replaced there."""
+    for batch, l in SMALL_SVD_CASES[:1] if cfg.minilm_limit else SMALL_SVD_CASES:
+        G = gram_inputs(batch, l, cfg.device)
+        T_ref = cholesky_inverse_batched(G.cpu())
+        err = lambda T: rel_error([T.cpu()], [T_ref])  # noqa: E731
+        ours, t_ours = torch.ops.subspace_ext._gram_orth(G)[0], median_ms(lambda: torch.ops.subspace_ext._gram_orth(G), cfg)
+        theirs, t_theirs = cholesky_inverse_batched(G), median_ms(lambda: cholesky_inverse_batched(G), cfg)
+        case = f"{batch} x ({l}×{l}) float64"
+        yield Row("gram_orth", case, t_ours, "linalg.cholesky + solve_triangular (batched)", t_theirs, err(ours),
+                  err(theirs))
+        yield Row("gram_orth", case, t_ours, "small_svd of G (what it replaced)", median_ms(lambda: ops.small_svd(G), cfg))
+
+
 def _project_rows(cfg: Config) -> Iterator[Row]:
     for m, n in cfg.project_shapes:
         U, V, B, A = x = [t.to(cfg.device) for t in project_inputs(m, n)]
@@ -456,7 +485,7 @@ def _philox_rows(cfg: Config) -> Iterator[Row]:
                       t_ours, "floor: device copy of the same size", t_copy)
 
 
-SECTIONS = (_rsvd_rows, _small_svd_rows, _project_rows, _importance_rows, _philox_rows)
+SECTIONS = (_rsvd_rows, _small_svd_rows, _gram_orth_rows, _project_rows, _importance_rows, _philox_rows)
 
 
 def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str], object] = print,
@@ -498,7 +527,8 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
         clock = "CUDA event pairs around each call" if device == "cuda" else "time.perf_counter"
         emit(f"- times: median of repeated timings ({clock}) after a warm-up call; speed-up = baseline / ours")
         emit("- error: rsvd_many = Σ over weights of ‖W − U S Vᵀ‖_F; small_svd = relative error of S "
-             "against LAPACK's (CPU); other ops = relative error against the same math in float64")
+             "against LAPACK's (CPU); gram_orth = relative error of T against torch's Cholesky route "
+             "on the CPU; other ops = relative error against the same math in float64")
         emit("")
         emit(_md_line(COLUMNS))
         emit(_md_line(["---"] * len(COLUMNS)))

@@ -35,7 +35,8 @@ _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CUDA_OPS = frozenset({"philox_uint32_", "philox_normal_", "philox_normal_icdf_", "perturbed_basis",
                       "pair_importance_", "fuse_pairs_", "reinit_pairs_", "rsvd", "rsvd_many", "factored_svd", "project",
                       "project_dense", "reconstruct", "solar_basis", "solar_checksum", "solar_decode",
-                      "_rsvd_batched", "_small_svd", "project_perturbed", "reconstruct_perturbed"})
+                      "_rsvd_batched", "_small_svd", "_gram_orth", "project_perturbed",
+                      "reconstruct_perturbed"})
 
 
 def cuda_enabled() -> bool:
@@ -627,6 +628,10 @@ def _register_fakes():
     @reg(lib + "_small_svd")
     def _(A):
         return _svd_shapes(A, min(A.shape[-2], A.shape[-1]))
+
+    @reg(lib + "_gram_orth")
+    def _(G):
+        return G.new_empty(G.shape), G.new_empty(G.shape[:-2], dtype=torch.bool)
 
     @reg(lib + "rsvd_many")
     def _(mats, rank, oversample, niter, seed):

@@ -369,6 +369,44 @@ def small_svd_jacobi_emulation(A):
     return U, S, V
 
 
+def gram_orth_ref(G):
+    """float64 reference of _gram_orth for full-rank Gram matrices G = Y^T Y (..., q, q): the upper
+    triangular T = R^-1 of the Cholesky factor G = R^T R (so Y T has orthonormal columns)."""
+    R = torch.linalg.cholesky(G.double()).mT
+    return torch.linalg.solve_triangular(R, torch.eye(G.shape[-1], dtype=torch.float64).expand_as(R), upper=True)
+
+
+def gram_orth_emulation(G):
+    """Op-by-op emulation, in Python floats (IEEE double, one rounding per op, no FMA), of
+    csrc/include/subspace_ext/gram_orth.h for one q x q matrix (its upper triangle is read).
+    The CPU and CUDA kernels must reproduce these bits exactly. Returns (T, complete)."""
+    q = G.shape[0]
+    g = [[float(G[i, k]) for k in range(q)] for i in range(q)]  # g[i][k], upper triangle i <= k
+    tol = float(q) * 2.0 ** -52 * max([0.0] + [g[i][i] for i in range(q)])  # the kernel's maximum starts at 0
+    r = [0.0] * q  # R's diagonal
+    complete = True
+    for j in range(q):
+        dj = g[j][j]
+        kept = dj > tol
+        complete = complete and kept
+        r[j] = math.sqrt(dj) if kept else 0.0
+        for i in range(j + 1, q):
+            g[j][i] = g[j][i] / r[j] if kept else 0.0
+        for k in range(j + 1, q):
+            for i in range(j + 1, k + 1):
+                g[i][k] = g[i][k] - g[j][i] * g[j][k]
+    T = [[0.0] * q for _ in range(q)]
+    for j in range(q):
+        tjj = 1.0 / r[j] if r[j] > 0.0 else 0.0
+        T[j][j] = tjj
+        for i in range(j - 1, -1, -1):
+            s = 0.0
+            for m in range(i + 1, j + 1):
+                s = s + g[i][m] * T[m][j]
+            T[i][j] = -s / r[i] if r[i] > 0.0 and tjj != 0.0 else 0.0
+    return torch.tensor(T, dtype=torch.float64).reshape(q, q), complete
+
+
 # ---------------------------------------------------------------------------------------------
 # philox_normal(method="icdf"): one float32 normal per Philox word
 

@@ -11,7 +11,7 @@ def test_quick_report_has_every_op_and_baseline():
     assert report.splitlines() == lines
     rows = [l for l in lines if l.startswith("| ") and not l.startswith("| op") and "---" not in l]
     ops_seen = {r.split(" | ")[0].strip("| ") for r in rows}
-    assert ops_seen == {"rsvd_many", "small_svd", "project", "project_perturbed", "reconstruct_perturbed", "pair_importance", "fuse_pairs_", "reinit_pairs_", "philox_normal",
+    assert ops_seen == {"rsvd_many", "small_svd", "gram_orth", "project", "project_perturbed", "reconstruct_perturbed", "pair_importance", "fuse_pairs_", "reinit_pairs_", "philox_normal",
                         "philox_normal icdf"}
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]

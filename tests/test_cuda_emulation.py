@@ -192,6 +192,33 @@ def test_small_svd_kernel_equals_cpu_bits(emu, batch, p, q, smem):
     assert torch.equal(u.mT, U) and torch.equal(s, S) and torch.equal(vout.mT, V)
 
 
+@pytest.mark.parametrize("q, smem", [(1, OPTIN_SMEM), (5, 0), (33, OPTIN_SMEM), (72, OPTIN_SMEM), (72, 0),
+                                     (90, OPTIN_SMEM)])
+def test_gram_orth_kernel_equals_cpu_bits(emu, q, smem):
+    """The Gram-Cholesky transform: one block per matrix, staged in shared memory where g and d fit
+    (72: 42,048 bytes, under the 48 KiB default; 90: 65,520, opt-in) or in global memory (smem 0).
+    The same bits as the CPU op, a dropped pivot included; a NaN (unchecked inside rsvd) reaches the
+    same outputs as on the CPU, and every output is written."""
+    batch = 3
+    Y = torch.randn(batch, q + 3, q, dtype=torch.float64)
+    Y[1, :, q // 2] = Y[1, :, 0] * 3.0  # matrix 1: a dependent column (q == 1: the column itself)
+    G = Y.mT @ Y
+    G[2, 0, q - 1] = float("nan")  # matrix 2: NaN (its upper triangle, which the kernel reads)
+    g = G.mT.contiguous().clone()  # column-major copies, as gram_orth_batched prepares them
+    d = torch.empty(batch, q, dtype=torch.float64)
+    t = torch.full((batch, q, q), 7.0, dtype=torch.float64)
+    complete = torch.zeros(batch, dtype=torch.bool)
+    _call(emu, "emu_gram_orth", _p(g), _p(d), _p(t), _p(complete), i64(batch), q, i64(smem))
+    need = 8 * (q * q + q)
+    assert emu.emu_last_smem() == (need if need + 1024 <= smem else 0)
+    T, complete_cpu = torch.ops.subspace_ext._gram_orth(G[:2])
+    assert torch.equal(t.mT[:2], T) and torch.equal(complete[:2], complete_cpu)
+    assert complete.tolist()[:2] == [True, q == 1]
+    assert not (t[2] == 7.0).any() and not complete[2]
+    want = ref.gram_orth_emulation(G[2])[0]
+    assert torch.equal(t.mT[2].view(torch.int64), want.view(torch.int64))
+
+
 @pytest.mark.parametrize("smem", [OPTIN_SMEM, 0], ids=["staged", "global"])
 def test_small_svd_kernel_nan_in_nan_out(emu, smem):
     """The op rejects NaN, but rsvd's Gram orthonormalisation feeds the kernel unchecked: a NaN

@@ -35,6 +35,8 @@ def _cases(device):
         "_rsvd_batched": (_o._rsvd_batched, (r(3, 12, 9), 3, 4, 1, 0)),
         "_small_svd": (_o._small_svd, (r(3, 9, 7),)),
         "_small_svd wide f64": (_o._small_svd, (r(2, 4, 6, dtype=torch.float64),)),
+        "_gram_orth": (_o._gram_orth, ((lambda y: y.mT @ y)(r(3, 11, 6, dtype=torch.float64)),)),
+        "_gram_orth f32 2-D": (_o._gram_orth, ((lambda y: y.mT @ y)(r(9, 4)),)),
         "rsvd_many": (_o.rsvd_many, ([r(12, 9), r(5, 8), r(6, 6)], 2, 3, 1, 0)),
         "rsvd bf16": (_o.rsvd, (r(12, 9).bfloat16(), 3, 4, 1, 0)),
         "rsvd_many mixed dtypes": (_o.rsvd_many, ([r(12, 9).half(), r(5, 8, dtype=torch.float64), r(12, 9)], 2, 3, 1, 0)),

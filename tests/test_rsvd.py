@@ -4,6 +4,7 @@ import torch
 from subspace_ext import ops
 
 import reference as ref
+from conftest import CUDA_SKIP_REASON, HAS_CUDA
 
 
 DTYPES = [torch.float32, torch.float64]
@@ -337,7 +338,7 @@ def _qr_calls(fn):
 @pytest.mark.parametrize("niter", [0, 2])
 def test_rsvd_batched_takes_householder_only_for_lost_directions(niter, device):
     """Full-rank groups orthonormalise every basis through the Gram passes (batched GEMMs and the
-    small-SVD kernel): no linalg_qr, which ATen's CUDA path runs as one cuSOLVER call per matrix.
+    Gram-Cholesky kernel): no linalg_qr, which ATen's CUDA path runs as one cuSOLVER call per matrix.
     A group with a rank-deficient matrix takes Householder QR for its two final bases."""
     full = torch.randn(3, 70, 50, device=device)
     assert _qr_calls(lambda: torch.ops.subspace_ext._rsvd_batched(full, 6, 8, niter, 1)) == 0
@@ -346,3 +347,21 @@ def test_rsvd_batched_takes_householder_only_for_lost_directions(niter, device):
     U, S, V = torch.ops.subspace_ext._rsvd_batched(low, 6, 8, niter, 1)
     assert _qr_calls(lambda: torch.ops.subspace_ext._rsvd_batched(low, 6, 8, niter, 1)) == 2
     _check_factors(low, U, S, V, 6)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+@pytest.mark.parametrize("niter, passes", [(0, 4), (2, 8)])
+def test_rsvd_batched_cuda_kernel_launches(niter, passes):
+    """On CUDA a group's orthonormalisations are one Gram-Cholesky launch per pass (niter 2: one
+    pass for each of the 4 bases inside the iteration, two for each of the 2 final bases) and the
+    only Jacobi SVD launch is the cores': 9 Jacobi launches per group before."""
+    from torch.profiler import ProfilerActivity, profile
+    A = torch.randn(3, 70, 50, device="cuda")
+    torch.ops.subspace_ext._rsvd_batched(A, 6, 8, niter, 1)  # warm-up
+    # CPU activity too: with CUDA alone some torch builds record no kernel events at all
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.ops.subspace_ext._rsvd_batched(A, 6, 8, niter, 1)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("gram_orth_kernel" in n for n in names) == passes, names
+    assert sum("small_svd_kernel" in n for n in names) == 1, names

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "subspace_ext/gram_orth.h"
 #include "subspace_ext/small_svd.h"
 #include "utils.h"
 
@@ -126,6 +127,53 @@ Triple small_svd_op(const at::Tensor& A) {
           r.V.to(dt).contiguous().reshape(batch_shape(A, {q, k}))};
 }
 
+// T (b x q x q, upper triangular, float64) with Y[b] T[b] orthonormal columns from each Gram matrix
+// G[b] = Y[b]^T Y[b] (b x q x q, any float dtype and strides), and complete (b, bool): no column of
+// Y[b] was dropped as dependent (csrc/include/subspace_ext/gram_orth.h: Cholesky with dropped
+// pivots, the same bits on CPU and CUDA). One launch for the batch on CUDA; no checks, no host sync.
+std::pair<at::Tensor, at::Tensor> gram_orth_batched(const at::Tensor& G) {
+  const int64_t b = G.size(0), q = G.size(1);
+  TORCH_CHECK_VALUE(b < (int64_t{1} << 31), "gram_orth: at most 2^31 - 1 matrices in one batch");
+  const auto opt = G.options().dtype(at::kDouble);
+  at::Tensor g = at::empty({b, q, q}, opt);
+  g.copy_(G.mT());  // column-major work copy (G symmetric: only its upper triangle is read)
+  at::Tensor d = at::empty({b, q}, opt), t = at::empty({b, q, q}, opt);
+  at::Tensor complete = at::empty({b}, opt.dtype(at::kBool));
+  if (b > 0 && q > 0) {
+#ifdef SUBSPACE_EXT_WITH_CUDA
+    if (g.is_cuda())
+      gram_orth_into_cuda(g, d, t, complete);
+    else
+#endif
+    {
+      TORCH_CHECK_VALUE(g.is_cpu(), "gram_orth: unsupported device ", g.device());
+      double *pg = g.data_ptr<double>(), *pd = d.data_ptr<double>(), *pt = t.data_ptr<double>();
+      bool* pc = complete.data_ptr<bool>();
+      at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i)
+          pc[i] = gram_orth::transform(pg + i * q * q, pd + i * q, pt + i * q * q, static_cast<int>(q), 0, 1, 1,
+                                       [] {});
+      });
+    }
+  } else {
+    complete.fill_(true);
+  }
+  return {t.mT(), complete};
+}
+
+// The _gram_orth op: checked arguments, (..., q, q) batches, T in G's dtype.
+std::tuple<at::Tensor, at::Tensor> gram_orth_op(const at::Tensor& G) {
+  check_float(G, "_gram_orth", "G");
+  TORCH_CHECK_VALUE(G.dim() >= 2 && G.size(-1) == G.size(-2),
+                    "_gram_orth: G must be (..., q, q) Gram matrices, got ", G.sizes());
+  TORCH_CHECK_VALUE(G.size(-1) <= 4096, "_gram_orth: matrices of at most 4096 x 4096, got ", G.sizes());
+  TORCH_CHECK_VALUE(G.isfinite().all().item<bool>(), "_gram_orth: G contains NaN or Inf");
+  const int64_t q = G.size(-1);
+  const auto lead = G.sizes().slice(0, G.dim() - 2);
+  auto [T, complete] = gram_orth_batched(G.reshape({c10::multiply_integers(lead), q, q}));
+  return {T.to(G.scalar_type()).contiguous().reshape(G.sizes()), complete.reshape(lead)};
+}
+
 // Orthonormal basis of the columns of each Y[b] (Householder QR in float64, batched; sign-free:
 // the final factors get canonical signs). On CUDA ATen runs it as one cuSOLVER geqrf + orgqr per
 // matrix (tall matrices take no batched path), so rsvd_batched keeps it for rank-deficient inputs.
@@ -133,23 +181,20 @@ at::Tensor orth_batched(const at::Tensor& Y) {
   return std::get<0>(at::linalg_qr(Y.to(at::kDouble), "reduced")).to(Y.scalar_type());
 }
 
-// Orthonormal columns spanning each Y[b] (b x p x l) from its Gram matrix: G = Y^T Y =
-// W diag(lam) W^T (the batched small SVD), Q = Y W diag(lam^-1/2), `passes` times (a second pass
-// restores orthonormality to rounding, as in Cholesky-QR2). Batched GEMMs and one small-SVD launch per pass,
-// no host sync and no cuSOLVER loop over the batch. Directions with lam <= l * eps * lam_max
-// (numerically absent from Y) become zero columns: harmless inside the power iteration. `complete`
-// (when given) receives a device bool: no direction of any Y[b] was dropped, i.e. Q has l
+// Orthonormal columns spanning each Y[b] (b x p x l) from its Gram matrix G = Y^T Y (float64):
+// Q = Y T with T from gram_orth_batched (Cholesky of G, T = R^-1), `passes` times (a second pass
+// restores orthonormality to rounding: Cholesky-QR2). Batched GEMMs and one small launch per pass,
+// no host sync and no cuSOLVER loop over the batch. A column of Y in the span of the ones before it
+// (pivot <= l * eps * max diag G) becomes a zero column: harmless inside the power iteration.
+// `complete` (when given) receives a device bool: no column of any Y[b] was dropped, i.e. Q has l
 // orthonormal columns.
 at::Tensor orth_gram(const at::Tensor& Y, int passes, at::Tensor* complete = nullptr) {
-  const double tol = static_cast<double>(Y.size(-1)) * 2.220446049250313e-16;
   at::Tensor Q = Y;
   for (int pass = 0; pass < passes; ++pass) {
     const at::Tensor Yd = Q.to(at::kDouble);
-    const SVDResult g = small_svd_batched(at::matmul(Yd.mT(), Yd));
-    const at::Tensor keep = g.S > g.S.narrow(-1, 0, 1) * tol;
-    if (complete != nullptr) *complete = pass == 0 ? keep.all() : at::logical_and(*complete, keep.all());
-    const at::Tensor scale = at::where(keep, g.S.clamp_min(1e-300).rsqrt(), at::zeros_like(g.S));
-    Q = at::matmul(Q, (g.U * scale.unsqueeze(-2)).to(Y.scalar_type()));
+    auto [T, kept] = gram_orth_batched(at::matmul(Yd.mT(), Yd));
+    if (complete != nullptr) *complete = pass == 0 ? kept.all() : at::logical_and(*complete, kept.all());
+    Q = at::matmul(Q, T.to(Y.scalar_type()));
   }
   return Q;
 }
@@ -174,7 +219,7 @@ Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter,
                     "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
   // The last product of the iteration (Y itself when niter = 0), still to be orthonormalised.
   // Inside the iteration one pass per basis keeps it well conditioned, as in rsvd_one: only its span
-  // matters there (4 of the 13 small-SVD launches of niter = 2 saved); the bases leaving it get two.
+  // matters there (4 of the 12 orth_gram passes of niter = 2 saved); the bases leaving it get two.
   at::Tensor last = Y;
   if (niter > 0) {
     at::Tensor Q = orth_gram(Y, 1);
@@ -269,6 +314,7 @@ TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {
   m.impl("factored_svd", &factored_svd_cpu);
   m.impl("_rsvd_batched", &rsvd_batched);
   m.impl("_small_svd", &small_svd_op);
+  m.impl("_gram_orth", &gram_orth_op);
 }
 
 #ifdef SUBSPACE_EXT_WITH_CUDA
@@ -316,7 +362,8 @@ rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t
 }  // namespace
 
 // CUDA: batched over equal shapes through ATen (cuBLAS batched GEMMs) and our kernels (Philox, the
-// batched small SVD for every orthonormalisation and the cores); two host syncs per group (the
+// Gram-Cholesky transform of every orthonormalisation, the batched small SVD of the cores); two
+// host syncs per group (the
 // finite check, the completeness of the two final bases; cuSOLVER QR only for rank-deficient groups).
 // factored_svd runs the CPU path's composition (Cholesky-QR by cuSOLVER, a scalar sync per pass).
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
@@ -325,6 +372,7 @@ TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("factored_svd", &factored_svd_cpu);
   m.impl("_rsvd_batched", &rsvd_batched);
   m.impl("_small_svd", &small_svd_op);
+  m.impl("_gram_orth", &gram_orth_op);
 }
 #endif
 

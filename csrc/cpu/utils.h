@@ -123,6 +123,9 @@ void philox_normal_icdf_into_cuda(const at::Tensor& out, int64_t seed, int64_t s
 // matrices: a b x q x p, v b x q x q, norms b x q; results u b x q x p, s b x q, vout b x q x q).
 void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Tensor& norms,
                          const at::Tensor& u, const at::Tensor& s, const at::Tensor& vout);
+// The CUDA launch of rsvd_cpu.cpp's gram_orth_batched on its work tensors (float64, contiguous:
+// g b x q x q, overwritten; d b x q scratch; t b x q x q, column-major T; complete b, bool).
+void gram_orth_into_cuda(const at::Tensor& g, const at::Tensor& d, const at::Tensor& t, const at::Tensor& complete);
 // partial[c] = (U + eps N)^T Y over rows [c * kPerturbRows, ...) of U (m x k) and Y (m x r), any
 // strides, U's dtype (float32/float64); N = Philox normals of (seed, stream) at row-major
 // positions of U. partial: chunks x k x r, contiguous (csrc/cuda/cuda_ops.cpp).

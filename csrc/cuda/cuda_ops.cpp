@@ -110,6 +110,15 @@ void small_svd_into_cuda(const at::Tensor& a, const at::Tensor& v, const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void gram_orth_into_cuda(const at::Tensor& g, const at::Tensor& d, const at::Tensor& t, const at::Tensor& complete) {
+  const c10::cuda::CUDAGuard guard(g.device());
+  C10_CUDA_CHECK(cuda::gram_orth(g.data_ptr<double>(), d.data_ptr<double>(), t.data_ptr<double>(),
+                                 complete.data_ptr<bool>(), g.size(0), static_cast<int>(g.size(1)),
+                                 at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
+                                 at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void perturbed_tn_cuda(const at::Tensor& U, const at::Tensor& Y, double eps, int64_t seed, int64_t stream,
                        const at::Tensor& partial) {
   const c10::cuda::CUDAGuard guard(U.device());

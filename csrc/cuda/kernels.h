@@ -73,6 +73,14 @@ void recompose(const RecomposeLayer* layers, const int64_t* row_tiles, const int
 cudaError_t small_svd(double* a, double* v, double* norms, double* u, double* s, double* vout,
                       int64_t batch, int p, int q, size_t smem_limit, cudaStream_t st);
 
+// ---- Gram-Cholesky transform (csrc/include/subspace_ext/gram_orth.h): one block per matrix -------
+// g: batch x q x q column-major Gram matrices (upper triangles read; overwritten), d: batch x q
+// scratch; t: batch x q x q column-major T (Y T orthonormal for G = Y^T Y), complete: batch flags
+// (no pivot dropped). Where g and d of a matrix (8 (q^2 + q) bytes) fit `smem_limit` the blocks
+// work in shared memory. Returns the error of raising the kernel's shared-memory limit.
+cudaError_t gram_orth(double* g, double* d, double* t, bool* complete, int64_t batch, int q, size_t smem_limit,
+                      cudaStream_t st);
+
 // ---- project_perturbed (csrc/cuda/project_cuda.cu) ----------------------------------------------
 // partial[c] (k x r, chunks x k x r contiguous) = (U + eps N)^T Y over rows [c * rows_per_chunk,
 // ...) of U (m x k, strides us0/us1) and Y (m x r, strides ys0/ys1); N: Philox normals of (seed,

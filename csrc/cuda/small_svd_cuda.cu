@@ -1,4 +1,6 @@
-// CUDA kernel of the batched small SVD (csrc/include/subspace_ext/small_svd.h): one block per
+// CUDA kernels of rsvd's batched small problems: the Gram-Cholesky transform of every
+// orthonormalisation (csrc/include/subspace_ext/gram_orth.h, at the end of this file) and the
+// batched small SVD of the cores (csrc/include/subspace_ext/small_svd.h): one block per
 // matrix, one half warp (small_svd::kParts threads) per column pair of a round-robin step, a
 // barrier between steps. Each thread of a pair's group keeps one of the header's partial sums and
 // the group adds them in the header's tree by shuffles, so the result has the CPU kernel's bits
@@ -12,6 +14,7 @@
 // arithmetic, same bits either way.
 #include "kernels.h"
 #include "smem.h"
+#include "subspace_ext/gram_orth.h"
 #include "subspace_ext/small_svd.h"
 
 namespace subspace_ext {
@@ -55,6 +58,16 @@ struct HalfWarp {
   }
 };
 
+// The block's dynamic shared memory as doubles, its first n filled from `from` by all the block's
+// threads (a barrier follows): the staged kernels' working copy.
+__device__ __forceinline__ double* stage(const double* from, long long n) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  double* to = reinterpret_cast<double*>(smem_raw);
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) to[i] = from[i];
+  __syncthreads();
+  return to;
+}
+
 // Staged: a (p x q), v (q x q) and norms (q) of this block's matrix live in dynamic shared memory
 // (a copied in first); the global a, v, norms are then untouched scratch.
 template <bool Staged>
@@ -66,13 +79,9 @@ __global__ void __launch_bounds__(1024) small_svd_kernel(double* a, double* v, d
   __shared__ int e;
   double *ab = a + b * pq, *vb = v + b * q * q, *nb = norms + b * q;
   if (Staged) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    double* as = reinterpret_cast<double*>(smem_raw);
-    for (long long i = t; i < pq; i += lanes) as[i] = ab[i];
-    ab = as;
-    vb = as + pq;
+    ab = stage(ab, pq);
+    vb = ab + pq;
     nb = vb + static_cast<long long>(q) * q;
-    __syncthreads();
   }
   small_svd::svd(ab, vb, nb, u + b * pq, s + b * q, vout + b * q * q, p, q, t, lanes, t / kParts, lanes / kParts,
                  g, e, BlockSync{}, BlockAny{});
@@ -80,6 +89,26 @@ __global__ void __launch_bounds__(1024) small_svd_kernel(double* a, double* v, d
 
 size_t smem_bytes(int p, int q) {  // a, v and norms of one matrix
   return sizeof(double) * (static_cast<size_t>(p) * q + static_cast<size_t>(q) * q + q);
+}
+
+// The Gram-Cholesky transform: one block of kGramThreads per matrix, the trailing update as a warp
+// along the rows by the block's 8 warps along the columns. Staged: the work copy g (q x q) and d
+// (q) in dynamic shared memory (to q = 76 in the default 48 KiB, 167 on 227 KiB); else in the
+// global work tensors. Same arithmetic, same bits either way.
+constexpr int kGramThreads = 256;
+
+template <bool Staged>
+__global__ void __launch_bounds__(kGramThreads) gram_orth_kernel(double* g, double* d, double* t, bool* complete,
+                                                                 int q) {
+  const long long b = blockIdx.x, qq = static_cast<long long>(q) * q;
+  const int lane = static_cast<int>(threadIdx.x), lanes = static_cast<int>(blockDim.x);
+  double *gb = g + b * qq, *db = d + b * q;
+  if (Staged) {
+    gb = stage(gb, qq);
+    db = gb + qq;
+  }
+  const bool ok = gram_orth::transform(gb, db, t + b * qq, q, lane, lanes, 32, BlockSync{});
+  if (lane == 0) complete[b] = ok;
 }
 
 }  // namespace
@@ -97,6 +126,20 @@ cudaError_t small_svd(double* a, double* v, double* norms, double* u, double* s,
     small_svd_kernel<true><<<grid, groups * kParts, bytes, st>>>(a, v, norms, u, s, vout, p, q);
   } else {
     small_svd_kernel<false><<<grid, groups * kParts, 0, st>>>(a, v, norms, u, s, vout, p, q);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t gram_orth(double* g, double* d, double* t, bool* complete, int64_t batch, int q, size_t smem_limit,
+                      cudaStream_t st) {
+  if (batch == 0 || q == 0) return cudaSuccess;
+  const size_t bytes = sizeof(double) * (static_cast<size_t>(q) * q + q);
+  const auto grid = static_cast<unsigned>(batch);
+  if (bytes + kStaticSmemReserve <= smem_limit) {
+    if (const cudaError_t err = allow_smem(gram_orth_kernel<true>, bytes); err != cudaSuccess) return err;
+    gram_orth_kernel<true><<<grid, kGramThreads, bytes, st>>>(g, d, t, complete, q);
+  } else {
+    gram_orth_kernel<false><<<grid, kGramThreads, 0, st>>>(g, d, t, complete, q);
   }
   return cudaSuccess;
 }

@@ -83,6 +83,11 @@ int emu_small_svd(double* a, double* v, double* norms, double* u, double* s, dou
                 "cudaFuncSetAttribute failed");
 }
 
+int emu_gram_orth(double* g, double* d, double* t, bool* complete, int64_t batch, int q, int64_t smem_limit) {
+  return status(cu::gram_orth(g, d, t, complete, batch, q, static_cast<size_t>(smem_limit), nullptr),
+                "cudaFuncSetAttribute failed");
+}
+
 int emu_pair_importance(const cu::ImportanceLayer* layers, const int64_t* offsets, int L, int64_t total, int param,
                         int state, double beta1, double beta2) {
   cu::pair_importance(layers, offsets, L, total, static_cast<cu::DType>(param), static_cast<cu::DType>(state), beta1,
