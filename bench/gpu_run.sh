@@ -158,7 +158,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
     > "$OUT/libs.txt" 2>&1 || true
   ops_end=$(( $(date +%s) + 240 ))
   for f in tests/test_philox.py tests/test_importance.py tests/test_rsvd.py tests/test_small_svd.py \
-           tests/test_project.py tests/test_opcheck.py tests/test_errors.py; do run_file "$f"; done
+           tests/test_gram_orth.py tests/test_project.py tests/test_opcheck.py tests/test_errors.py; do run_file "$f"; done
   if (( ${#crashed[@]} )); then
     unset SUBSPACE_EXT_TEST_TRACE
     # the whole file up to the crash: it may need the tests before it (CUDA state, the heap)
@@ -183,7 +183,7 @@ fi
 # Last, with the time left: the CUDA cases of the op tests under compute-sanitizer: memcheck (out of
 # bounds, misaligned, bad frees) without torch's caching allocator, so an access past a tensor lands
 # outside any allocation; then racecheck on the shared-memory kernels (small_svd's staged Jacobi,
-# the fused perturbed products). cuBLAS/cuSOLVER-heavy rsvd tests are left out: the tool slows
+# the staged Gram-Cholesky transform, the fused perturbed products). cuBLAS/cuSOLVER-heavy rsvd tests are left out: the tool slows
 # library kernels most. On a gVisor machine the tool refuses the device (KINDS.md): the log says so.
 sanitizer() {  # sanitizer TOOL CAP TEST_FILES...: the files' CUDA cases under compute-sanitizer --tool TOOL
   local tool=$1 cap=$2
@@ -193,8 +193,9 @@ sanitizer() {  # sanitizer TOOL CAP TEST_FILES...: the files' CUDA cases under c
 }
 if [[ " $STAGES " == *" memcheck "* ]]; then
   if command -v compute-sanitizer > /dev/null; then
-    sanitizer memcheck 150 tests/test_philox.py tests/test_importance.py tests/test_small_svd.py tests/test_project.py
-    sanitizer racecheck 60 tests/test_small_svd.py tests/test_project.py
+    sanitizer memcheck 150 tests/test_philox.py tests/test_importance.py tests/test_small_svd.py tests/test_gram_orth.py \
+      tests/test_project.py
+    sanitizer racecheck 60 tests/test_small_svd.py tests/test_gram_orth.py tests/test_project.py
   else
     stage "memcheck: no compute-sanitizer on PATH"
   fi
