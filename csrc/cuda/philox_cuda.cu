@@ -55,9 +55,9 @@ cudaError_t launch_wave(K kernel, int64_t blocks, int sms, cudaStream_t s, A... 
   return cudaSuccess;
 }
 
-// f(b, count) for this thread's Philox blocks: the whole ones b < whole (count 4 numbers' worth,
-// i.e. `per`), two per iteration, then, on the grid's first thread, the partial block `whole` with
-// its `rest` elements (0: none).
+// f(b, count) for this thread's Philox blocks: each whole block b < whole with count = Per (its
+// output elements), two per iteration; then, on the grid's first thread, the partial block `whole`
+// with count = rest (none when rest is 0).
 template <int Per, typename F>
 __device__ __forceinline__ void for_my_blocks(int64_t whole, int rest, F&& f) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
