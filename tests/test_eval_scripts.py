@@ -282,3 +282,25 @@ def test_select_lrs_takes_the_best_validation_accuracy(monkeypatch):
     assert chosen["split"] == {"train": 45, "validation": 5, "seed": 100}
     assert len(seen) == 7
     assert "chose 0.003" in eval_eigenlorax.selection_line(chosen)
+
+
+def test_tf32_rounding_and_quick_report(capsys):
+    """bench/tf32_error.py: tf32() rounds float32 to 10 explicit mantissa bits (to nearest, ties to
+    even; or truncated), symmetric in the sign; its TF32 variants change only the GEMM precision (a
+    matrix of TF32-exact entries gives the float32 result) and the quick report has every row."""
+    import tf32_error
+
+    u = 2.0 ** -10  # TF32's unit in the last place at 1
+    x = torch.tensor([1 + u / 2, 1 + 3 * u / 2, 1 + u / 2 + 2.0 ** -20, 1 + 5 * u / 2, 3.0, 2.0 ** -100, 0.0])
+    want_rn = torch.tensor([1.0, 1 + 2 * u, 1 + u, 1 + 2 * u, 3.0, 2.0 ** -100, 0.0])
+    want_tr = torch.tensor([1.0, 1 + u, 1.0, 1 + 2 * u, 3.0, 2.0 ** -100, 0.0])
+    assert torch.equal(tf32_error.tf32(x), want_rn) and torch.equal(tf32_error.tf32(-x), -want_rn)
+    assert torch.equal(tf32_error.tf32(x, truncate=True), want_tr)
+    g = torch.Generator().manual_seed(0)
+    A = tf32_error.tf32(torch.randn(30, 20, generator=g))
+    assert torch.equal(tf32_error.tf32(A), A)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        tf32_error.rsvd(A, 3, "bf16")
+    assert tf32_error.main(["--quick", "--ranks", "4"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| synthetic")]
+    assert len(rows) == 1 and rows[0].count("ppm") == 0 and rows[0].count("(") == 3
