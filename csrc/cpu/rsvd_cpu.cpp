@@ -130,7 +130,8 @@ Triple small_svd_op(const at::Tensor& A) {
 // T (b x q x q, upper triangular, float64) with Y[b] T[b] orthonormal columns from each Gram matrix
 // G[b] = Y[b]^T Y[b] (b x q x q, any float dtype and strides), and complete (b, bool): no column of
 // Y[b] was dropped as dependent (csrc/include/subspace_ext/gram_orth.h: Cholesky with dropped
-// pivots, the same bits on CPU and CUDA). One launch for the batch on CUDA; no checks, no host sync.
+// pivots, the same bits on CPU and CUDA). One launch for the batch on CUDA; no NaN/Inf check (a NaN
+// in G's upper triangle always drops a column, so it clears the flag), no host sync.
 std::pair<at::Tensor, at::Tensor> gram_orth_batched(const at::Tensor& G) {
   const int64_t b = G.size(0), q = G.size(1);
   TORCH_CHECK_VALUE(b < (int64_t{1} << 31), "gram_orth: at most 2^31 - 1 matrices in one batch");
@@ -363,8 +364,8 @@ rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t
 
 // CUDA: batched over equal shapes through ATen (cuBLAS batched GEMMs) and our kernels (Philox, the
 // Gram-Cholesky transform of every orthonormalisation, the batched small SVD of the cores); two
-// host syncs per group (the
-// finite check, the completeness of the two final bases; cuSOLVER QR only for rank-deficient groups).
+// host syncs per group (the finite check, the completeness of the two final bases; cuSOLVER QR
+// only for rank-deficient groups).
 // factored_svd runs the CPU path's composition (Cholesky-QR by cuSOLVER, a scalar sync per pass).
 TORCH_LIBRARY_IMPL(subspace_ext, CUDA, m) {
   m.impl("rsvd", &rsvd_cuda);
