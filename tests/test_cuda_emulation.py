@@ -170,13 +170,14 @@ OPTIN_SMEM = 227 * 1024  # H100 / H200 (the emulator's limit too)
 _SVD_SHAPES = [(1, 1, 1), (3, 7, 3), (2, 33, 33), (4, 24, 24), (2, 72, 72)]
 
 
-@pytest.mark.parametrize("batch,p,q,smem", [(*b, OPTIN_SMEM) for b in _SVD_SHAPES + [(2, 300, 24), (1, 2000, 24)]] +
+@pytest.mark.parametrize("batch,p,q,smem", [(*b, OPTIN_SMEM) for b in _SVD_SHAPES + [(2, 300, 24), (1, 2000, 24), (1, 79, 48)]] +
                          [(*b, 0) for b in _SVD_SHAPES + [(1, 130, 129)]])
 def test_small_svd_kernel_equals_cpu_bits(emu, batch, p, q, smem):
     # smem: the opt-in shared memory per block the launcher plans with. Where the matrix, V and the
     # norms fit (with 1 KiB kept for the kernel's static shared memory) the blocks work on them in
     # shared memory (72 x 72: 83,520 bytes, above the 48 KiB default), else in global memory
-    # (smem 0; 2000 x 24 does not fit 227 KiB): the same bits either way.
+    # (smem 0; 2000 x 24 does not fit 227 KiB): the same bits either way. 79 x 48 needs exactly
+    # 48 KiB, which a kernel with static shared memory only gets through the opt-in attribute.
     A = torch.randn(batch, p, q, dtype=torch.float64)
     if q > 2:
         A[0, :, 1] = 0.0  # a zero column: completion path

@@ -229,7 +229,7 @@ SE_SVD_HD void svd(double* a, double* v, double* norms, double* u, double* s, do
   if (lane == 0) e = scale_exponent(a, n);
   sync();
   scale(a, n, ldexp(1.0, -e), lane, lanes);
-  for (int j = lane; j < q * q; j += lanes) v[j] = (j / q == j % q) ? 1.0 : 0.0;
+  for (long long j = lane; j < static_cast<long long>(q) * q; j += lanes) v[j] = (j / q == j % q) ? 1.0 : 0.0;
   sync();
   const int qe = q + (q & 1);
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {

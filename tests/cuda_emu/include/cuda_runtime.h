@@ -3,7 +3,10 @@
 // GPU (tests/test_cuda_emulation.py). Each block runs as blockDim real threads with a std::barrier
 // for __syncthreads; blocks run one after another; __shared__ variables are statics (shared by a
 // block's threads); dynamic shared memory is filled with 0xFF bytes (NaN) before each block, so a
-// read of an entry no thread wrote shows. Launch limits are checked as CUDA checks them.
+// read of an entry no thread wrote shows. Launch limits are checked as CUDA checks them. The
+// emulation cannot see a kernel's static __shared__ size, so it takes every kernel to have
+// kStaticSmem bytes of it: the default dynamic limit is 48 KiB less that, as on a GPU for a kernel
+// with that much, so a launcher that takes a kernel's limit to be a flat 48 KiB fails here.
 // __shfl_xor_sync exchanges values within an aligned segment of `width` lanes of a warp (the
 // masks the kernels use: the whole segment; any other mask is reported as an error).
 // Not emulated: device arithmetic (FMA contraction, intrinsics' rounding), warp scheduling,
@@ -58,6 +61,7 @@ namespace emu {
 
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kOptinSmem = 227 * 1024;  // H100 / H200: sharedMemPerBlockOptin
+constexpr size_t kStaticSmem = 64;         // taken as every kernel's static __shared__ bytes
 
 inline std::string& last_error() { static std::string e; return e; }
 inline std::map<const void*, size_t>& smem_optin() { static std::map<const void*, size_t> m; return m; }
@@ -103,7 +107,7 @@ struct Launch {
     last_smem() = smem;
     const unsigned long n = static_cast<unsigned long>(threads.x) * threads.y * threads.z;
     const auto limit = smem_optin().count(reinterpret_cast<const void*>(f)) ? smem_optin()[reinterpret_cast<const void*>(f)]
-                                                                            : kDefaultSmem;
+                                                                            : kDefaultSmem - kStaticSmem;
     if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
         smem > limit) {
       last_error() = "invalid launch: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
@@ -180,8 +184,19 @@ template <class F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int
   *n = 1;
   return cudaSuccess;
 }
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+  int maxDynamicSharedSizeBytes;
+};
+template <class F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F f) {
+  const auto it = emu::smem_optin().find(reinterpret_cast<const void*>(f));
+  attr->sharedSizeBytes = emu::kStaticSmem;
+  attr->maxDynamicSharedSizeBytes =
+      static_cast<int>(it != emu::smem_optin().end() ? it->second : emu::kDefaultSmem - emu::kStaticSmem);
+  return cudaSuccess;
+}
 template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int value) {
-  if (value < 0 || static_cast<size_t>(value) > emu::kOptinSmem) return cudaErrorInvalidValue;
+  if (value < 0 || static_cast<size_t>(value) + emu::kStaticSmem > emu::kOptinSmem) return cudaErrorInvalidValue;
   emu::smem_optin()[reinterpret_cast<const void*>(f)] = static_cast<size_t>(value);
   return cudaSuccess;
 }
