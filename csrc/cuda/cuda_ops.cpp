@@ -44,19 +44,25 @@ void check_grid_x(const char* op, int64_t blocks, const char* what) {
                     "CUDA launch takes (2^31 - 1); split the layers over calls");
 }
 
+// pair_importance_, fuse_pairs_ and reinit_pairs_ copy a per-layer table from a pinned host buffer
+// that goes back to the allocator after the call (a CUDA graph replaying the copy would read freed
+// memory), and fuse/reinit read `idx` and the finite flags of the new pairs on the host: capture is
+// refused with this error, before any of that, instead of failing inside the capture.
+void refuse_capture(const at::Device& dev) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(dev.index()), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "subspace_ext: pair_importance_, fuse_pairs_ and reinit_pairs_ cannot be captured in a CUDA graph "
+              "(their per-layer table is copied from the host on every call); run them outside the graph");
+}
+
 // Copies `items` (trivially copyable structs) and `offsets` to the device, in one pinned buffer
 // copied asynchronously on the current stream; the caching host allocator keeps the pinned
 // buffer alive until the copy has run.
 template <typename T>
 std::pair<at::Tensor, const T*> device_table(const std::vector<T>& items, const std::vector<int64_t>& offsets,
                                              const at::Device& dev, const int64_t** offsets_dev) {
-  // The copy reads a pinned buffer that goes back to the allocator after the call: a CUDA graph
-  // replaying it would read freed memory, so capture is refused instead.
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
-  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
-              "subspace_ext: pair_importance_, fuse_pairs_ and reinit_pairs_ cannot be captured in a CUDA graph "
-              "(their per-layer table is copied from the host on every call); run them outside the graph");
+  refuse_capture(dev);
   const size_t item_bytes = items.size() * sizeof(T);
   const size_t pad = (item_bytes + 15) / 16 * 16;
   const size_t bytes = pad + offsets.size() * sizeof(int64_t);
@@ -201,6 +207,7 @@ constexpr int kRowsPerTile = 4;
 
 void recompose_cuda(const char* op, at::TensorList W, at::TensorList B, at::TensorList A,
                     at::TensorList idx, at::ArrayRef<double> scaling, at::TensorList Bn, at::TensorList An) {
+  if (!W.empty() && W[0].is_cuda()) refuse_capture(W[0].device());  // before the argument checks' host reads
   const RecomposeArgs args = check_recompose_args(op, W, B, A, idx, scaling, Bn, An);
   if (W.empty()) return;
   const at::Device dev = W[0].device();
