@@ -280,6 +280,10 @@ def _shared_memory_case(case, device):
         S = torch.randn(8, 8, device=device)
         W, A = [S, S.T], [torch.randn(3, 8, device=device) for _ in range(2)]
         named = "layer 0's W and layer 1's W"
+    elif case == "B a column slice of W":  # strided views of one buffer that share columns 4 and 5
+        X = torch.randn(8, 10, device=device)
+        W[0], B[0] = X[:, :6], X[:, 4:7]
+        named = "layer 0's W and layer 0's B"
     elif case == "B is W":
         W[0] = torch.randn(8, 3, device=device)
         A[0] = torch.randn(3, 3, device=device)
@@ -293,7 +297,7 @@ def _shared_memory_case(case, device):
 
 
 @pytest.mark.parametrize("case", ["same W", "same B", "overlapping row slices of W", "W and its transpose",
-                                  "B is W", "same A (reinit)"])
+                                  "B a column slice of W", "B is W", "same A (reinit)"])
 def test_recompose_refuses_tensors_written_twice(case, device):
     # Layers are updated concurrently: a weight written for two layers would lose one update.
     W, B, A, new, named = _shared_memory_case(case, device)
@@ -309,20 +313,68 @@ def test_recompose_refuses_tensors_written_twice(case, device):
 
 
 def test_recompose_accepts_disjoint_views_and_shared_read_only_factors(device):
-    # Row slices and (interleaved) column slices of one weight, A read by two layers of a fusion,
+    # Row slices and column slices of one weight (halves, and even / odd columns), A read by two layers of a fusion,
     # and a weight shared with a layer that moves no pair: nothing written twice.
-    P, Q = torch.randn(16, 6, device=device), torch.randn(8, 12, device=device)
-    W = [P[:8], P[8:], Q[:, :6], Q[:, 6:], P[:8]]
+    P, Q, R = torch.randn(16, 6, device=device), torch.randn(8, 12, device=device), torch.randn(8, 12, device=device)
+    W = [P[:8], P[8:], Q[:, :6], Q[:, 6:], P[:8], R[:, ::2], R[:, 1::2]]
     A_shared = torch.randn(3, 6, device=device)
     B = [torch.randn(8, 3, device=device) for _ in W]
-    A = [A_shared, A_shared, torch.randn(3, 6, device=device), torch.randn(3, 6, device=device), A_shared]
-    idxs = [[0], [1, 2], [2], [0, 1], []]
+    A = [A_shared, A_shared, torch.randn(3, 6, device=device), torch.randn(3, 6, device=device), A_shared,
+         torch.randn(3, 6, device=device), torch.randn(3, 6, device=device)]
+    idxs = [[0], [1, 2], [2], [0, 1], [], [1], [2, 0]]
     W0, B0 = [d(w) for w in W], [d(b) for b in B]
     ops.fuse_pairs_(W, B, A, [torch.tensor(i, dtype=torch.long) for i in idxs], 0.5)
-    for l in range(4):
+    for l in [0, 1, 2, 3, 5, 6]:
         W_ref, B_ref = ref.fuse_pairs_ref(W0[l], B0[l], d(A[l]), idxs[l], 0.5)
         assert torch.allclose(d(W[l]), W_ref, atol=1e-5), l
         assert torch.equal(d(B[l]), B_ref), l
+
+
+def _offsets(t):
+    """The storage offsets (in elements) of every element of a view."""
+    i = torch.arange(t.shape[0]).reshape(-1, 1) * t.stride(0)
+    j = torch.arange(t.shape[1]).reshape(1, -1) * t.stride(1)
+    return set((t.storage_offset() + i + j).flatten().tolist())
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_recompose_overlap_check_is_exact_for_views_of_one_weight(trial, device):
+    """W and B as random slices of one buffer (row and column ranges, a column step of 1 or 2 shared
+    by both, either one transposed): the op refuses exactly the pairs that share an element, as a
+    brute-force comparison of their storage offsets says, and computes the others."""
+    g = torch.Generator().manual_seed(trial)
+    P = torch.randn(8, 11, device=device)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    refused = computed = 0
+    for _ in range(60):
+        step, m = pick(1, 2), pick(1, 6)
+        views = []
+        for cols in (pick(1, 4), pick(1, 3)):
+            if pick(0, 1):  # rows r0.. of P, columns c0, c0 + step, ...
+                r0, c0 = pick(0, 8 - m), pick(0, 11 - step * (cols - 1) - 1)
+                views.append(P[r0:r0 + m, c0:c0 + step * (cols - 1) + 1:step])
+            else:  # the transpose of a (cols x m) slice: columns of P as rows of the view
+                r0, c0 = pick(0, 8 - cols), pick(0, 11 - step * (m - 1) - 1)
+                views.append(P[r0:r0 + cols, c0:c0 + step * (m - 1) + 1:step].T)
+        W, B = views
+        A = torch.randn(B.shape[1], W.shape[1], device=device)
+        shares = bool(_offsets(W) & _offsets(B))
+        W0, B0 = d(W), d(B)
+        try:
+            ops.fuse_pairs_([W], [B], [A], [torch.tensor([0])], 0.5)
+        except ValueError as e:
+            assert shares and "share memory" in str(e), (W.shape, W.stride(), W.storage_offset(), B.shape,
+                                                          B.stride(), B.storage_offset())
+            refused += 1
+            continue
+        assert not shares, (W.shape, W.stride(), W.storage_offset(), B.shape, B.stride(), B.storage_offset())
+        W_ref, B_ref = ref.fuse_pairs_ref(W0, B0, d(A), [0], 0.5)
+        assert torch.allclose(d(W), W_ref, atol=1e-5) and torch.equal(d(B), B_ref)
+        computed += 1
+    assert refused >= 10 and computed >= 10, (refused, computed)  # both sides of the check were met
 
 
 @pytest.mark.parametrize("wdtype,fdtype", WB_DTYPES)
@@ -661,10 +713,31 @@ def test_recompose_refuses_self_overlapping_and_aliased_arguments(case):
     else:
         An = A[0:2]
     before = [t.clone() for t in (W, B, A)]
-    match = "sharing memory" if case.startswith("expanded") else "shares memory with"
-    with pytest.raises(ValueError, match=match):
+    match = {"B_new-view-of-B": "B_new shares memory with B,", "A_new-view-of-A": "A_new shares memory with A,"}
+    with pytest.raises(ValueError, match=match.get(case, "sharing memory")):
         ops.reinit_pairs_(W, B, A, torch.tensor([1, 0]), Bn, An, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, (W, B, A)))
+
+
+@pytest.mark.parametrize("case", ["strided B_new of its own", "column slice W", "B_new beside B in one buffer"])
+def test_reinit_accepts_strided_arguments_that_share_nothing(case):
+    """Strided views are compared element by element: new pairs that are slices of their own buffer,
+    a column slice of a weight, or a B_new in the same buffer as B but in other columns are taken
+    (and computed as the reference says), not refused as aliases."""
+    m, n, r, q = 9, 7, 4, 2
+    W, B, A = torch.randn(m, n, dtype=torch.float64), torch.randn(m, r, dtype=torch.float64), \
+        torch.randn(r, n, dtype=torch.float64)
+    Bn, An = torch.randn(m, 5, dtype=torch.float64)[:, :q], torch.randn(q, n, dtype=torch.float64)
+    if case == "column slice W":
+        W, Bn = torch.randn(m, n + 3, dtype=torch.float64)[:, :n], Bn.contiguous()
+    elif case == "B_new beside B in one buffer":
+        X = torch.randn(m, r + q, dtype=torch.float64)
+        B, Bn = X[:, :r], X[:, r:]
+    idx = [3, 0]
+    W_ref, B_ref, A_ref = ref.reinit_pairs_ref(W.clone(), B.clone(), A.clone(), idx, Bn.clone(), An.clone(), 0.5)
+    ops.reinit_pairs_(W, B, A, torch.tensor(idx), Bn, An, 0.5)
+    torch.testing.assert_close(W, W_ref, rtol=0, atol=1e-12)
+    assert torch.equal(B, B_ref) and torch.equal(A, A_ref)
 
 
 def test_pair_importance_refuses_aliased_states_and_empty_layers():

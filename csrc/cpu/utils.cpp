@@ -22,33 +22,98 @@ struct Span {
   bool written;
 };
 
+// A strided view of at most 2 dimensions as `rows` runs of `cols` elements: element (i, j) at
+// byte offset i * outer + j * inner from its first one (inner <= outer; size-1 dimensions dropped,
+// so a transposed view has the same form as its original).
+struct Grid {
+  int64_t rows = 1, cols = 1, outer = 0, inner = 0;
+};
+
+bool as_grid(const at::Tensor& t, Grid& g) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride in bytes, size)
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.push_back({t.stride(d) * t.element_size(), t.size(d)});
+  if (dims.size() > 2) return false;
+  std::sort(dims.begin(), dims.end());
+  if (dims.size() == 2) g = {dims[1].second, dims[0].second, dims[1].first, dims[0].first};
+  if (dims.size() == 1) g = {1, dims[0].second, 0, dims[0].first};
+  return true;
+}
+
+// A single run of b that steps by a's row pitch is a column: the form a's lattice has for it.
+void as_column_of(Grid& b, const Grid& a) {
+  if (b.rows == 1 && b.cols > 1 && a.rows > 1 && b.inner == a.outer) b = {b.cols, 1, b.inner, a.inner};
+}
+
+// Whether a and b, whose address ranges overlap, may share a byte. Exact for two views of at most
+// 2 dimensions with one element size and the same strides, or where one is a single row or column
+// of the other's lattice (slices of one weight, with or without a step, a view and its transpose:
+// the cases the ops meet). Their elements are then i L + j c bytes from a's first, and b's first is
+// d bytes on: they share a byte iff some row difference t and column difference u put
+// |t L + u c - d| < e. Any other pair whose ranges overlap counts as sharing.
+bool may_share(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense()) return true;
+  Grid ga, gb;
+  if (a.element_size() != b.element_size() || !as_grid(a, ga) || !as_grid(b, gb)) return true;
+  const int64_t e = a.element_size();
+  const int64_t d = reinterpret_cast<intptr_t>(b.data_ptr()) - reinterpret_cast<intptr_t>(a.data_ptr());
+  as_column_of(ga, gb);
+  as_column_of(gb, ga);
+  if (ga.rows == 1 && gb.rows == 1 && ga.inner != gb.inner) gb = {gb.cols, 1, gb.inner, ga.inner};  // 1-D, 1-D
+  if (ga.cols > 1 && gb.cols > 1 && ga.inner != gb.inner) return true;
+  if (ga.rows > 1 && gb.rows > 1 && ga.outer != gb.outer) return true;
+  const int64_t c = ga.cols > 1 ? ga.inner : gb.cols > 1 ? gb.inner : e;
+  const int64_t L = ga.rows > 1 ? ga.outer : gb.outer;
+  if (c < e || ((ga.rows > 1 || gb.rows > 1) && L < e)) return true;  // a stride of 0: repeated elements
+  if (ga.rows + gb.rows > (int64_t{1} << 24)) return true;            // too many rows to walk
+  for (int64_t t = 1 - gb.rows; t < ga.rows; ++t) {
+    const int64_t x = d - t * L;  // u c must come within e of x, for u in (-gb.cols, ga.cols)
+    const int64_t u0 = x >= 0 ? x / c : -((-x + c - 1) / c);  // floor(x / c)
+    for (int64_t u = u0; u <= u0 + 1; ++u)
+      if (u > -gb.cols && u < ga.cols && u * c - x < e && x - u * c < e) return true;
+  }
+  return false;
+}
+
+// The bytes [lo, hi) a non-empty tensor's elements lie in.
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {lo, lo + static_cast<uintptr_t>(extent) * t.element_size()};
+}
+
+// Whether a and b share a byte (exactly where may_share is exact; else whether their ranges meet).
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [alo, ahi] = byte_range(a);
+  const auto [blo, bhi] = byte_range(b);
+  return alo < bhi && blo < ahi && may_share(a, b);
+}
+
 // Refuses two tensors of a call sharing memory when the call writes one of them (a weight passed for
 // two layers, a B shared by two adapters, one state passed as both ipt and unc): the layers are
-// updated concurrently (threads, CUDA blocks) and reads would see half-written values. Dense tensors
-// (any order of strides) are compared by address range; strided views that interleave (column
-// slices of one weight) only when they are the same view. O(n log n) in the number of tensors.
+// updated concurrently (threads, CUDA blocks) and reads would see half-written values. Tensors whose
+// address ranges overlap are compared by may_share: dense ones always share; strided views of one
+// buffer (row or column slices of one weight, interleaved or not) only if an element is in both.
+// O(n log n) in the number of tensors, plus the pairs whose ranges overlap.
 void check_disjoint(const char* op, std::vector<Span> in) {
   struct Range {
     uintptr_t lo, hi;
     const Span* s;
   };
   std::vector<Range> spans;
-  for (const Span& s : in) {
-    const at::Tensor& t = *s.t;
-    if (t.numel() == 0) continue;
-    int64_t extent = 1;
-    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-    spans.push_back({lo, lo + static_cast<uintptr_t>(extent) * t.element_size(), &s});
-  }
+  for (const Span& s : in)
+    if (s.t->numel() > 0) {
+      const auto [lo, hi] = byte_range(*s.t);
+      spans.push_back({lo, hi, &s});
+    }
   std::sort(spans.begin(), spans.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
   for (size_t i = 0; i < spans.size(); ++i)
     for (size_t j = i + 1; j < spans.size() && spans[j].lo < spans[i].hi; ++j) {
       const Span &a = *spans[i].s, &b = *spans[j].s;
       if (!a.written && !b.written) continue;
-      const bool overlap = (a.t->is_non_overlapping_and_dense() && b.t->is_non_overlapping_and_dense()) ||
-                           (spans[i].lo == spans[j].lo && a.t->sizes() == b.t->sizes() &&
-                            a.t->strides() == b.t->strides());
+      const bool overlap = may_share(*a.t, *b.t);
       const auto [first, second] = a.layer < b.layer || (a.layer == b.layer && std::string(a.name) > b.name)
                                        ? std::pair{&a, &b} : std::pair{&b, &a};
       TORCH_CHECK_VALUE(!overlap, op, ": layer ", first->layer, "'s ", first->name, " and layer ", second->layer,
@@ -245,9 +310,7 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
                   Bnl.sizes(), " and ", Anl.sizes());
       for (auto [nt, nname] : {std::pair{&Bnl, "B_new"}, std::pair{&Anl, "A_new"}})
         for (auto [t, name] : {std::pair{&Wl, "W"}, std::pair{&Bl, "B"}, std::pair{&Al, "A"}})
-          TORCH_CHECK_VALUE(at::get_overlap_status(*nt, *t) == at::MemOverlapStatus::No,  // TooHard: a
-                            // strided view of the same storage, as good as certain to alias
-                            op, ": layer ", l, ": ", nname, " shares memory with ", name,
+          TORCH_CHECK_VALUE(!shares_memory(*nt, *t), op, ": layer ", l, ": ", nname, " shares memory with ", name,
                             ", which the call overwrites while reading it: pass a copy (", nname, ".clone())");
       for (const at::Tensor* nt : {&Bnl, &Anl}) {
         if (nt->is_cpu()) {
