@@ -258,9 +258,10 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
     """SVD of ``B @ A`` (B m x r, A r x n) from its factors, never forming the m x n product.
 
     Cost O((m + n) r^2). Returns ``(U (m x k), S (k), V (n x k))``, k = rank or min(m, n, r).
+    bfloat16/float16 factors are computed in float32 (float32 results).
     """
-    _tensor(B, "B", op="factored_svd")
-    _tensor(A, "A", op="factored_svd")
+    _tensor(B, "B", dtypes=_WEIGHT, op="factored_svd")
+    _tensor(A, "A", dtypes=_WEIGHT, op="factored_svd")
     if B.dim() != 2 or A.dim() != 2:
         raise ValueError(f"B and A must be 2-D, got {tuple(B.shape)} and {tuple(A.shape)}")
     if B.shape[1] != A.shape[0]:
@@ -292,7 +293,7 @@ def small_svd(A: torch.Tensor):
 def _check_project_args(U, V, B, A, op):
     named = [("U", U), ("V", V), ("B", B), ("A", A)]
     for n, t in named:
-        _tensor(t, n, op=op)
+        _tensor(t, n, dtypes=_WEIGHT if n in ("B", "A") else _FLOAT, op=op)
     _same_device(named)
     if not (U.shape[-2] == B.shape[-2] and B.shape[-1] == A.shape[-2] and A.shape[-1] == V.shape[-2]):
         raise ValueError(
@@ -305,7 +306,8 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     """Coefficients ``U^T (scaling * B @ A) V`` computed as ``scaling * (U^T B)(A V)``.
 
     U (..., m, k1), V (..., n, k2), B (..., m, r), A (..., r, n) -> C (..., k1, k2); the m x n
-    update is never formed.
+    update is never formed. U and V are float32 or float64 (C has their dtype); B and A have theirs,
+    or are bfloat16/float16 (a half-precision adapter's factors), computed in it.
     """
     _check_project_args(U, V, B, A, "project")
     return _ops.project(U, V, B, A, float(scaling))
@@ -313,7 +315,7 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
 
 def _check_one_layer(named, op):
     for n, t in named:
-        _tensor(t, n, op=op)
+        _tensor(t, n, dtypes=_WEIGHT if n in ("B", "A") else _FLOAT, op=op)
         if t.dim() != 2:
             raise ValueError(f"{op}: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
 
@@ -342,10 +344,11 @@ def project_perturbed(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torc
 
 
 def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """Coefficients ``U^T D V`` of a dense update D (..., m, n)."""
+    """Coefficients ``U^T D V`` of a dense update D (..., m, n); D may also be bfloat16/float16
+    (computed in the bases' dtype, as ``project``'s factors)."""
     named = [("U", U), ("V", V), ("D", D)]
     for n, t in named:
-        _tensor(t, n, op="project_dense")
+        _tensor(t, n, dtypes=_WEIGHT if n == "D" else _FLOAT, op="project_dense")
     _same_device(named)
     if not (U.shape[-2] == D.shape[-2] and D.shape[-1] == V.shape[-2]):
         raise ValueError(f"project_dense: shapes do not chain: U {tuple(U.shape)}, D {tuple(D.shape)}, V {tuple(V.shape)}")
@@ -638,9 +641,15 @@ def _register_fakes():
         outs = [_svd_shapes(A, rank) for A in mats]
         return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
 
+    def compute(t):  # csrc/cpu/utils.h compute_dtype: half precision is computed in float32
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    def in_basis(t, U):  # project_cpu.cpp in_basis_dtype
+        return t.to(U.dtype) if t.dtype in (torch.bfloat16, torch.float16) else t
+
     @reg(lib + "factored_svd")
     def _(B, A, rank):
-        dt = torch.promote_types(B.dtype, A.dtype)
+        dt = torch.promote_types(compute(B), compute(A))
         return (B.new_empty((B.shape[0], rank), dtype=dt), B.new_empty((rank,), dtype=dt),
                 A.new_empty((A.shape[1], rank), dtype=dt))
 
@@ -650,11 +659,11 @@ def _register_fakes():
 
     @reg(lib + "project")
     def _(U, V, B, A, scaling):
-        return torch.matmul(torch.matmul(U.mT, B), torch.matmul(A, V))
+        return torch.matmul(torch.matmul(U.mT, in_basis(B, U)), torch.matmul(in_basis(A, U), V))
 
     @reg(lib + "project_dense")
     def _(U, V, D):
-        return torch.matmul(torch.matmul(U.mT, D), V)
+        return torch.matmul(torch.matmul(U.mT, in_basis(D, U)), V)
 
     @reg(lib + "reconstruct")
     def _(U, C, V):

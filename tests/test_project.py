@@ -51,6 +51,40 @@ def test_project_matches_dense(lead, m, n, r, k1, k2, scaling, dtype, device):
     _assert_rounding_close(C, expected, bound, dtype, m + n + r)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_half_precision_factors(half, dtype, device):
+    """A bf16/fp16 adapter's factors (non-contiguous, odd sizes) are computed in the bases' dtype:
+    the result is the float64 reference's projection of the same (exactly widened) numbers, to the
+    bases' rounding, in the bases' dtype; project_perturbed, project_dense and factored_svd take them
+    too, and the gradients come back in the factors' dtype."""
+    m, n, r, k1, k2 = 37, 23, 5, 4, 3
+    U, V = torch.randn(m, k1, dtype=dtype, device=device), torch.randn(n, k2, dtype=dtype, device=device)
+    B = torch.randn(r, m, device=device).to(half).t().requires_grad_()  # m x r, transposed strides
+    A = torch.randn(r, 2 * n, device=device).to(half)[:, ::2].requires_grad_()  # r x n, column stride 2
+    C = ops.project(U, V, B, A, 0.5)
+    assert C.dtype == dtype and C.shape == (k1, k2)
+    Bw, Aw = B.detach().to(dtype), A.detach().to(dtype)
+    expected = ref.project_ref(U, V, Bw, Aw, 0.5)
+    _assert_rounding_close(C, expected, 0.5 * ref.project_ref(U.abs(), V.abs(), Bw.abs(), Aw.abs()), dtype, m + n + r)
+    C.sum().backward()
+    assert B.grad.dtype == half and A.grad.dtype == half and B.grad.shape == B.shape and A.grad.shape == A.shape
+    Bg, Ag = Bw.clone().requires_grad_(), Aw.clone().requires_grad_()
+    ops.project(U, V, Bg, Ag, 0.5).sum().backward()
+    assert torch.equal(B.grad, Bg.grad.to(half)) and torch.equal(A.grad, Ag.grad.to(half))
+    P = ops.project_perturbed(U, V, B.detach(), A.detach(), 0.5, eps=0.2, seed=5)
+    assert P.dtype == dtype and torch.equal(P, ops.project_perturbed(U, V, Bw, Aw, 0.5, eps=0.2, seed=5))
+    D = (Bw @ Aw).to(half)
+    Cd = ops.project_dense(U, V, D)
+    assert Cd.dtype == dtype
+    Dw = D.to(dtype)
+    _assert_rounding_close(Cd, ref.project_dense_ref(U, V, Dw), ref.project_dense_ref(U.abs(), V.abs(), Dw.abs()),
+                           dtype, m + n)
+    Uf, Sf, Vf = ops.factored_svd(B.detach(), A.detach())
+    assert Sf.dtype == torch.float32 and Uf.dtype == torch.float32 and Vf.dtype == torch.float32
+    _check_factored(B.detach().float(), A.detach().float(), None, Uf, Sf, Vf)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_project_non_contiguous(dtype, device):
     Ub = torch.randn(6, 40, dtype=dtype, device=device)

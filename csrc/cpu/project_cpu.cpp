@@ -27,17 +27,28 @@ void check_same_dtype(std::initializer_list<std::pair<const char*, const at::Ten
                      t->scalar_type(), ", ", args.begin()->first, " is ", dt);
 }
 
-// Checks of project / project_perturbed: float matrices of one dtype whose shapes chain.
-void check_project_args(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
-                        const char* op) {
+// An update's factors or dense matrix (model weights: B, A, D) may be bfloat16/float16; they are
+// computed in the bases' dtype (float32 or float64), so the result has the bases' dtype. Other
+// dtypes are left to check_same_dtype's message.
+at::Tensor in_basis_dtype(const at::Tensor& t, const at::Tensor& U, const char* op, const char* arg) {
+  check_weight(t, op, arg);
+  TORCH_CHECK_VALUE(t.dim() >= 2, op, ": ", arg, " must have at least 2 dimensions, got ", t.dim());
+  const bool half = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+  return half && (U.scalar_type() == at::kFloat || U.scalar_type() == at::kDouble) ? t.to(U.scalar_type()) : t;
+}
+
+// Checks of project / project_perturbed: float bases, factors of the bases' dtype (or half
+// precision, converted: see in_basis_dtype), shapes that chain. Returns B and A as computed.
+std::pair<at::Tensor, at::Tensor> check_project_args(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B_in,
+                                                     const at::Tensor& A_in, const char* op) {
   check_matrix(U, op, "U");
   check_matrix(V, op, "V");
-  check_matrix(B, op, "B");
-  check_matrix(A, op, "A");
+  const at::Tensor B = in_basis_dtype(B_in, U, op, "B"), A = in_basis_dtype(A_in, U, op, "A");
   check_same_dtype({{"U", &U}, {"V", &V}, {"B", &B}, {"A", &A}}, op);
   TORCH_CHECK_VALUE(U.size(-2) == B.size(-2) && B.size(-1) == A.size(-2) && A.size(-1) == V.size(-2),
               op, ": shapes do not chain: U ", U.sizes(), ", B ", B.sizes(), ", A ", A.sizes(),
               ", V ", V.sizes(), " (need U m x k1, B m x r, A r x n, V n x k2)");
+  return {B, A};
 }
 
 // The one-layer arguments of the perturbed ops: matrices on the first one's device, eps finite >= 0.
@@ -50,9 +61,9 @@ void check_perturbed_layer(std::initializer_list<const at::Tensor*> ts, const ch
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
 }
 
-at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B,
-                       const at::Tensor& A, double scaling) {
-  check_project_args(U, V, B, A, "project");
+at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B_in,
+                       const at::Tensor& A_in, double scaling) {
+  const auto [B, A] = check_project_args(U, V, B_in, A_in, "project");
   at::Tensor left = at::matmul(U.mT(), B);   // k1 x r
   at::Tensor right = at::matmul(A, V);       // r x k2
   at::Tensor C = at::matmul(left, right);
@@ -64,10 +75,10 @@ at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tenso
 }
 
 // C = U^T D V, in the cheaper association order.
-at::Tensor project_dense_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& D) {
+at::Tensor project_dense_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& D_in) {
   check_matrix(U, "project_dense", "U");
   check_matrix(V, "project_dense", "V");
-  check_matrix(D, "project_dense", "D");
+  const at::Tensor D = in_basis_dtype(D_in, U, "project_dense", "D");
   check_same_dtype({{"U", &U}, {"V", &V}, {"D", &D}}, "project_dense");
   TORCH_CHECK_VALUE(U.size(-2) == D.size(-2) && D.size(-1) == V.size(-2),
               "project_dense: shapes do not chain: U ", U.sizes(), ", D ", D.sizes(), ", V ",
@@ -139,11 +150,11 @@ at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, in
 
 // C = s * (U + eps N_u)^T (B A) (V + eps N_v): project on the bases perturbed_basis(U, eps, seed,
 // stream_u) and perturbed_basis(V, eps, seed, stream_v) without forming them (or B A).
-at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B,
-                                 const at::Tensor& A, double scaling, double eps, int64_t seed,
+at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B_in,
+                                 const at::Tensor& A_in, double scaling, double eps, int64_t seed,
                                  int64_t stream_u, int64_t stream_v) {
   const char* op = "project_perturbed";
-  check_project_args(U, V, B, A, op);
+  const auto [B, A] = check_project_args(U, V, B_in, A_in, op);
   check_perturbed_layer({&U, &V, &B, &A}, "U, V, B and A", eps, op);
   const at::Tensor left = perturbed_tn(U, B, eps, seed, stream_u);       // k1 x r
   const at::Tensor right = perturbed_tn(V, A.t(), eps, seed, stream_v);  // k2 x r

@@ -292,10 +292,11 @@ SVDResult small_svd_batched(const at::Tensor& A) {
 }
 
 // SVD of B A (B: m x r, A: r x n) without forming it: B = Qb Rb, A^T = Qa Ra,
-// B A = Qb (Rb Ra^T) Qa^T, then the SVD of the small core. rank < 0: min(m, n, r).
+// B A = Qb (Rb Ra^T) Qa^T, then the SVD of the small core. rank < 0: min(m, n, r). Half-precision
+// factors are computed in float32 (compute_dtype), as rsvd's weights.
 SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank) {
-  check_float(B, "factored_svd", "B");
-  check_float(A, "factored_svd", "A");
+  check_weight(B, "factored_svd", "B");
+  check_weight(A, "factored_svd", "A");
   TORCH_CHECK_VALUE(B.dim() == 2 && A.dim() == 2 && B.size(1) == A.size(0),
               "factored_svd: expected B (m x r) and A (r x n), got ", B.sizes(), " and ", A.sizes());
   const int64_t full = std::min({B.size(0), A.size(1), B.size(1)});
@@ -303,7 +304,7 @@ SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank) {
   TORCH_CHECK_VALUE(k >= 1 && k <= full, "factored_svd: rank must be in [1, ", full, "], got ", rank);
   TORCH_CHECK_VALUE(B.isfinite().all().item<bool>(), "factored_svd: B contains NaN or Inf");
   TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "factored_svd: A contains NaN or Inf");
-  const auto dt = at::promote_types(B.scalar_type(), A.scalar_type());
+  const auto dt = at::promote_types(compute_dtype(B), compute_dtype(A));
   auto [Qb, Rb] = orthonormalize_columns(B.to(dt));
   auto [Qa, Ra] = orthonormalize_columns(A.t().to(dt));
   return svd_of_core(Qb, at::mm(Rb, Ra.t()), Qa, k, dt);
