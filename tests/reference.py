@@ -458,3 +458,77 @@ def philox_normals_icdf_exact(words, table):
     for k in range(4, -1, -1):
         z = torch.from_numpy(fma32(z.numpy(), v.numpy(), c[:, k].contiguous().numpy()))
     return torch.where(w & 0x80000000 != 0, -z, z)
+
+
+# ---------------------------------------------------------------------------------------------
+# SOLAR: the bases a base weight defines, the checksum of the used part, decoding one layer
+
+def _normals64(rows, cols, seed, stream):
+    """A rows x cols matrix of the float64 Philox normals of (seed, stream), row-major."""
+    return philox_normals_ref(rows * cols, seed, stream, bits=64).reshape(rows, cols)
+
+
+def orthonormal_columns_ref(P):
+    """Q of P = Q R with R's diagonal positive: the columns' order and orientation kept."""
+    Q, R = torch.linalg.qr(P)
+    return Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(P.dtype)
+
+
+def solar_basis_ref(W0, seed, stream=0, eps=0.0):
+    """(U (m x m), V (n x n)) in float64: W0's singular vectors (descending, canonical signs),
+    completed with the float64 normals of streams 4 stream + 0 / 1 made orthogonal to them (two
+    passes), then, for eps > 0, Q + eps / sqrt(d) N (streams 4 stream + 2 / 3) orthonormalised."""
+    U, _, Vh = torch.linalg.svd(W0.detach().cpu().double(), full_matrices=False)
+    U, V = canonical_signs(U, Vh.mT)
+
+    def complete(Q, s):
+        d, k = Q.shape
+        if k == d:
+            return Q
+        N = _normals64(d, d - k, seed, 4 * stream + s)
+        for _ in range(2):
+            N = N - Q @ (Q.T @ N)
+        return torch.cat([Q, orthonormal_columns_ref(N)], dim=1)
+
+    def perturb(Q, s):
+        if eps == 0:
+            return Q
+        d = Q.shape[0]
+        return orthonormal_columns_ref(Q + _normals64(d, Q.shape[1], seed, 4 * stream + s) * (eps / math.sqrt(d)))
+
+    return perturb(complete(U, 0), 2), perturb(complete(V, 1), 3)
+
+
+def solar_checksum_ref(UI, VJ, seed, stream=0):
+    """(g_u^T UI^T p_u, g_v^T VJ^T p_v) with probes of the complemented seed: p from streams
+    4 stream + 0 / 1, g from 4 stream + 2 / 3."""
+    key = ~seed
+
+    def probe(Q, s):
+        Q = Q.detach().cpu().double()
+        p = _normals64(Q.shape[0], 1, key, 4 * stream + s)
+        g = _normals64(1, Q.shape[1], key, 4 * stream + 2 + s)
+        return (g @ (Q.T @ p)).reshape(1)
+
+    return torch.cat([probe(UI, 0), probe(VJ, 1)])
+
+
+def solar_decode_ref(U, V, values, indices, rank, scaling, seed, stream=0):
+    """(B, A, checksum) of one layer, from the dense update: D = U_I C V_J^T with C holding values at
+    the flat positions i * k2 + j; B = U_f sqrt(S / s), A = sqrt(S / s) V_f^T from D's exact truncated
+    SVD (canonical signs), zero-padded to `rank` columns / rows."""
+    U, V = U.detach().cpu().double(), V.detach().cpu().double()
+    idx = indices.detach().cpu().long()
+    k1, k2 = U.shape[1], V.shape[1]
+    C = torch.zeros(k1 * k2, dtype=torch.float64)
+    C[idx] = values.detach().cpu().double()
+    C = C.reshape(k1, k2)
+    I, J = torch.unique(idx // k2), torch.unique(idx % k2)
+    B = torch.zeros(U.shape[0], rank, dtype=torch.float64)
+    A = torch.zeros(rank, V.shape[0], dtype=torch.float64)
+    k = min(rank, I.numel(), J.numel())
+    if k > 0:
+        Uf, S, Vf = svd_ref(U[:, I] @ C[I][:, J] @ V[:, J].T, k)
+        root = (S / scaling).sqrt()
+        B[:, :k], A[:k] = Uf * root, (Vf * root).T
+    return B, A, solar_checksum_ref(U[:, I], V[:, J], seed, stream)
