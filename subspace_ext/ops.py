@@ -189,7 +189,8 @@ def philox_uint32(shape, seed: int, stream: int = 0, *, device="cpu") -> torch.T
 
 def perturbed_basis(U: torch.Tensor, eps: float, seed: int, stream: int = 0, *,
                     orthonormalize: bool = False) -> torch.Tensor:
-    """``U + eps * philox_normal(U.shape, seed, stream)``, optionally re-orthonormalised (QR).
+    """``U + eps * philox_normal(U.shape, seed, stream)``, optionally re-orthonormalised (the Q of
+    Q R with R's diagonal positive: the columns keep their order and orientation).
 
     The noise is generated inside the kernel and never stored.
     """
@@ -201,10 +202,10 @@ def perturbed_basis(U: torch.Tensor, eps: float, seed: int, stream: int = 0, *,
 # ---------------------------------------------------------------------------------------------
 # rsvd
 
-def _check_rank(rank, m, n, name="rank"):
+def _check_rank(rank, m, n, name="rank", bound="min(m, n)"):
     _int(rank, name)
     if not 1 <= rank <= min(m, n):
-        raise ValueError(f"{name} must be in [1, min(m, n) = {min(m, n)}], got {rank}")
+        raise ValueError(f"{name} must be in [1, {bound} = {min(m, n)}], got {rank}")
 
 
 def rsvd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 2, seed: int = 0):
@@ -270,7 +271,7 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
     full = min(B.shape[0], A.shape[1], B.shape[1])
     if rank is None:
         rank = full
-    _check_rank(rank, full, full)
+    _check_rank(rank, full, full, bound="min(m, n, r)")
     return _ops.factored_svd(B, A, rank)
 
 

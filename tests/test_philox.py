@@ -209,6 +209,8 @@ def test_perturbed_basis_orthonormalize(dtype, tol, shape, device):
         # same column space as U + eps N: the projectors agree
         qx = torch.linalg.qr(x).Q
         assert (q @ q.T - qx @ qx.T).abs().max().item() <= 10 * tol
+        # column by column: the Q of x = Q R with R's diagonal positive (order and orientation kept)
+        assert (q - ref.orthonormal_columns_ref(x)).abs().max().item() <= 100 * tol
         # and it's not just U's space (a square basis spans everything either way)
         assert shape[-2] == shape[-1] or (q @ q.T - U.cpu().double().reshape(-1, *shape[-2:])[b]
                 @ U.cpu().double().reshape(-1, *shape[-2:])[b].T).abs().max().item() > 1e-2

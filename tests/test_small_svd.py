@@ -119,10 +119,10 @@ def test_small_svd_thread_count_invariant():
     assert all(torch.equal(x, y) for x, y in zip(one, two))
 
 
-def test_small_svd_empty_batch_and_matrix():
-    U, S, V = ops.small_svd(torch.randn(0, 5, 4))
+def test_small_svd_empty_batch_and_matrix(device):
+    U, S, V = ops.small_svd(torch.randn(0, 5, 4, device=device))
     assert U.shape == (0, 5, 4) and S.shape == (0, 4) and V.shape == (0, 4, 4)
-    U, S, V = ops.small_svd(torch.randn(2, 5, 0))
+    U, S, V = ops.small_svd(torch.randn(2, 5, 0, device=device))
     assert U.shape == (2, 5, 0) and S.shape == (2, 0) and V.shape == (2, 0, 0)
 
 
