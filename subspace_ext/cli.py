@@ -434,7 +434,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Train small LoRA adapters on six word-level tasks that ship inside PyPI packages, compress one "
                     "with SOLAR (vs truncated SVD), learn a held-out task with EigenLoRAx from the others, and "
                     "train one task with SRLoRA vs LoRA. Writes results.md, results.json and PNG plots to "
-                    "--output, next to the adapters, packages and subspace it made. About 2.5 minutes on 2 CPU "
+                    "--output, next to the adapters, packages and subspace it made. About 2.5-4.5 minutes on 2 CPU "
                     "cores; no network.")
     p.add_argument("-o", "--output", default="demo_out",
                    help="output folder (created; files of an earlier demo there are replaced; default %(default)s)")

@@ -11,7 +11,9 @@ For every adapted Linear with base weight W0 (m x n) and update ΔW = s·B·A:
 3. Budget: the globally largest |c| over all layers are kept (each kept coefficient stores a value
    and a flat index = 2 numbers); keeping the largest captures the most energy for the budget, so
    layers get budget in proportion to what they can capture.
-4. Package: one safetensors file: per-layer values (float32) and indices (int32), the non-LoRA
+4. Package: one safetensors file: the kept values (float32, float16, bfloat16, or int8 with
+   per-layer scales) and their flat indices (int32), all layers' in three tensors (format version 4,
+   the default; ``layout="layers"`` writes 2 to 4 tensors a layer, versions 1 to 3), the non-LoRA
    tensors of the adapter unchanged, and JSON metadata (format, seed, eps, peft config, per-layer
    shapes, base-weight fingerprints and basis checksums, errors).
 5. Decoding (``ops.solar_decode``): U_I C_IJ V_Jᵀ refactored into a rank-r LoRA (r = the adapter's
