@@ -150,6 +150,9 @@ class PeftAdapter:
             raise FormatError(f"peft_type {kind} is not supported (LORA and ADALORA are)")
         if self.config.get("use_dora"):
             raise FormatError("DoRA adapters are not supported (their update is not scaling * B @ A)")
+        for key in ("r", "lora_alpha", "init_r"):  # what peft (and a SOLAR package's reader) reads as numbers
+            if key in self.config:
+                self._number(key, self.config[key])
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))  # peft's Conv1D layers (GPT-2): same B, A
         out = []
         for key in self.tensors:
@@ -176,13 +179,17 @@ class PeftAdapter:
                 # rank allocation prunes a layer (peft restores a pruned adapter with the old ranknum)
                 alpha = self._number("lora_alpha", self.config.get("lora_alpha", 8))
                 scaling = alpha / (self._number("init_r", self.config.get("init_r", r)) + 1e-5)
+            elif r == 0:  # AdaLoRA prunes layers to rank 0 (callers skip them); a LoRA has no such layer
+                raise FormatError(f"{module}: lora_A / lora_B of rank 0 ({tuple(A.shape)} / {tuple(B.shape)}): "
+                                  "a LoRA layer without an update")
             else:
                 scaling = self.lora_scaling(name, r)
             for side, M in (("lora_A", A), ("lora_B", B)):
                 if not bool(torch.isfinite(M).all()):
                     raise FormatError(f"layer {name}: {side} holds NaN or Inf")
-            if not math.isfinite(scaling):
-                raise FormatError(f"layer {name}: scaling (from lora_alpha) is {scaling}")
+            if not (math.isfinite(scaling) and scaling > 0):
+                raise FormatError(f"layer {name}: scaling (from lora_alpha) is {scaling}; it must be a finite "
+                                  "number > 0 (a lora_alpha of 0 makes an adapter that changes nothing)")
             out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out))
         if not out:
             emb = embedding_lora_modules(self.tensors)
@@ -195,8 +202,17 @@ class PeftAdapter:
         config's alpha_pattern override (the first matching key in the file's order, as peft's
         get_pattern_key; r is the factors' own rank, so rank_pattern needs no lookup)."""
         alpha = self._number("lora_alpha", self.config.get("lora_alpha", 8))
-        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
+        patterns = self.config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise FormatError(f"{ADAPTER_CONFIG}: alpha_pattern must be an object (module pattern -> alpha), "
+                              f"got {patterns!r}")
+        for pattern, value in patterns.items():
+            try:
+                hit = re.match(rf"(.*\.)?({pattern})$", module)
+            except re.error as e:
+                raise FormatError(f"{ADAPTER_CONFIG}: alpha_pattern key {pattern!r} is not a regular expression "
+                                  f"({e})") from None
+            if hit:
                 alpha = self._number(f"alpha_pattern[{pattern!r}]", value)
                 break
         return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r

@@ -631,3 +631,25 @@ def test_no_raises_mode_skips_only_the_tests_that_expect_an_exception():
                          capture_output=True, text=True, timeout=300, env=env, cwd=os.path.dirname(here))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "passed, 7 skipped" in out.stdout and "a C++ exception crashes the process" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# peft adapter configs a reader must refuse with a clear FormatError
+
+@pytest.mark.parametrize("config,rank,match", [
+    ({"alpha_pattern": {"[": 3}}, 2, r"alpha_pattern key '\[' is not a regular expression"),
+    ({"alpha_pattern": [1]}, 2, "alpha_pattern must be an object"),
+    ({"alpha_pattern": {"q": "x"}}, 2, r"alpha_pattern\['q'\] must be a number"),
+    ({"lora_alpha": 0}, 2, r"scaling \(from lora_alpha\) is 0.0; it must be a finite number > 0"),
+    ({"lora_alpha": -8}, 2, "must be a finite number > 0"),
+    ({}, 0, "rank 0"),
+    ({"r": "four"}, 2, "adapter_config.json: r must be a number, got 'four'"),
+])
+def test_adapter_config_errors(config, rank, match):
+    from subspace_ext.io import FormatError, PeftAdapter
+    tensors = {"base_model.model.q.lora_A.weight": torch.randn(rank, 6),
+               "base_model.model.q.lora_B.weight": torch.randn(5, rank)}
+    ad = PeftAdapter({"peft_type": "LORA", "r": rank, "lora_alpha": 8, **config}, tensors, source="some/adapter")
+    with pytest.raises(FormatError, match=match) as e:
+        ad.updates()
+    assert str(e.value).startswith("some/adapter: ")  # names the folder
