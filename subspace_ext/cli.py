@@ -95,16 +95,23 @@ def _budget(text: str):
     return value
 
 
+def _existing_folder(path: str, output: str) -> str:
+    """The nearest existing one of ``path`` and its parents (the folders an output creates start
+    there); a file there is an error naming ``output``."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output {output}: {existing} is not a folder")
+    return existing
+
+
 def _check_writable(path: str) -> None:
     """Fail before a long run if ``path`` cannot be written (missing parent folders are created when the
     file is written)."""
     if os.path.isdir(path):
         raise UserError(f"--output {path} is a directory")
-    existing = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--output {path}: {existing} is not a folder")
+    existing = _existing_folder(os.path.dirname(os.path.abspath(path)), path)
     if not os.access(existing, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"--output {path} is not writable")
 
@@ -154,10 +161,7 @@ def _check_output_folder(path: str, inputs: Sequence[Optional[str]], force: bool
         raise UserError(f"--output {path} would overwrite this command's input; choose another folder")
     if not force and any(os.path.exists(w) for w in written):
         raise UserError(f"--output {path} already holds a peft adapter; pass --force to replace it")
-    existing = path
-    while existing and not os.path.exists(existing):
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.access(existing or ".", os.W_OK):
+    if not os.access(_existing_folder(path, path), os.W_OK):
         raise UserError(f"--output {path} is not writable")
 
 
@@ -349,8 +353,11 @@ def _eigen_build(args: argparse.Namespace) -> int:
     _make_parent(args.output)
     sub.save(args.output)
     ks = [sub.size(m) for m in sub.modules]
+    # augmentation is capped per layer and side at the directions left (d - K): report what was added
+    aug = [s.P.shape[1] - s.n_pc for side in (sub.A, sub.B) for s in side.values()]
+    added = f"{min(aug)}" if min(aug) == max(aug) else f"{min(aug)}..{max(aug)}"
     print(f"{len(args.adapters)} adapters, {len(sub.modules)} layers, K per layer {min(ks)}..{max(ks)} "
-          f"(principal + {args.augment} augmentation), {time.perf_counter() - t0:.2f} s -> {args.output}")
+          f"(principal + {added} augmentation), {time.perf_counter() - t0:.2f} s -> {args.output}")
     return 0
 
 
@@ -404,7 +411,7 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--task-type", choices=TASK_TYPES, default=None,
                    help="peft task type of the adapter (e.g. SEQ_CLS; default: the one recorded in the task file)")
     e.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
-    e.add_argument("--scaling", type=_number(-float("inf")), default=None,
+    e.add_argument("--scaling", type=_number(0, low_open=True), default=None,
                    help="override the scaling recorded in the task file (default: the recorded one)")
     e.set_defaults(func=_eigen_export)
 

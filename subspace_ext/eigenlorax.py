@@ -45,13 +45,14 @@ def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
 
 
 def _check_scaling(value, where: str) -> float:
-    """``value`` (a number, or the string recorded in a task file) as a finite float."""
+    """``value`` (a number, or the string recorded in a task file) as a finite float > 0 (the
+    alpha of the peft adapter it is exported as; peft readers, ours too, take no other)."""
     try:
         f = float(value)
     except (TypeError, ValueError):
         f = math.nan
-    if isinstance(value, bool) or not math.isfinite(f):
-        raise ValueError(f"{where}: scaling must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not (math.isfinite(f) and f > 0):
+        raise ValueError(f"{where}: scaling must be a finite number > 0, got {value!r}")
     return f
 
 

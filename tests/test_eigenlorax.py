@@ -750,8 +750,8 @@ def test_non_finite_scaling_and_loadings_refused(tmp_path):
     sub_path, coef, em = saved_toy_task(tmp_path)
     sub = EigenSubspace.load(sub_path)
     out = str(tmp_path / "out")
-    for bad in (math.nan, math.inf):
-        with pytest.raises(ValueError, match="scaling must be a finite number"):
+    for bad in (math.nan, math.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match="scaling must be a finite number > 0"):
             eigenlorax.export_task(sub, coef, out, scaling=bad)
         with pytest.raises(ValueError, match="scaling must be a finite number"):
             eigenlorax.apply(Toy(), sub, 3, scaling=bad)
@@ -1008,7 +1008,11 @@ def test_cli_build_and_export(tmp_path, capsys):
     rc, out, err = run_cli(["eigen", "build", *dirs, "-o", sub_path, "--components", "5", "--augment", "2",
                             "--seed", "3"], capsys)
     assert rc == 0, err
-    assert os.path.isfile(sub_path) and sub_path in out
+    assert os.path.isfile(sub_path) and sub_path in out and "(principal + 2 augmentation)" in out
+    # more augmentation than there are directions left: capped per layer and side (d - 5), and said so
+    rc, big, err = run_cli(["eigen", "build", *dirs, "-o", str(tmp_path / "big.safetensors"), "--components", "5",
+                            "--augment", "1000"], capsys)
+    assert rc == 0 and "(principal + 27..43 augmentation)" in big, big + err
     sub = EigenSubspace.load(sub_path)
     assert {sub.size(m) for m in sub.modules} == {7} and sub.A["enc.q"].n_pc == 5
     assert torch.equal(sub.A["enc.q"].P, eigenlorax.build_subspace(dirs, components=5, augment=2, seed=3).A["enc.q"].P)
@@ -1028,7 +1032,8 @@ def test_cli_build_and_export(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["one-adapter", "missing-folder", "variance-range", "both", "not-subspace",
-                                  "bad-output", "same-adapter", "nan-adapter", "corrupt-subspace", "nan-scaling"])
+                                  "bad-output", "same-adapter", "nan-adapter", "corrupt-subspace", "nan-scaling",
+                                  "zero-scaling", "output-under-a-file"])
 def test_cli_user_errors(case, tmp_path, capsys):
     dirs = []
     for i, ad in enumerate(random_adapters(TOY_LAYERS, 2, 4)):
@@ -1043,7 +1048,7 @@ def test_cli_user_errors(case, tmp_path, capsys):
     if case == "bad-output":   # an existing file of another kind is not replaced
         shutil.copy(os.path.join(dirs[0], io.ADAPTER_WEIGHTS), str(tmp_path / "model.safetensors"))
     sub_file, coef = str(tmp_path / "given.safetensors"), str(tmp_path / "task.safetensors")
-    if case in ("corrupt-subspace", "nan-scaling"):
+    if case in ("corrupt-subspace", "nan-scaling", "output-under-a-file"):
         sub = eigenlorax.build_subspace(dirs, components=3)
         sub.save(sub_file)
         eigenlorax.apply(Toy(), sub, 2).save_coefficients(coef)
@@ -1064,6 +1069,8 @@ def test_cli_user_errors(case, tmp_path, capsys):
         "nan-adapter": ["eigen", "build", *dirs, "-o", out],
         "corrupt-subspace": export,
         "nan-scaling": export + ["--scaling", "nan"],
+        "zero-scaling": export + ["--scaling", "0"],
+        "output-under-a-file": export[:-1] + [os.path.join(coef, "x")],   # refused before the export's work
     }[case]
     rc, _, err = run_cli(argv, capsys)
     assert rc not in (0, None), err
@@ -1071,7 +1078,9 @@ def test_cli_user_errors(case, tmp_path, capsys):
     assert len(lines) == 1 and "error" in lines[0], err
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "x")
     named = {"same-adapter": "same adapter", "nan-adapter": f"{dirs[-1]}: layer enc.q: lora_B holds NaN",
-             "corrupt-subspace": f"{sub_file}: corrupt file", "nan-scaling": "argument --scaling: expected a finite number, got 'nan'",
+             "corrupt-subspace": f"{sub_file}: corrupt file", "nan-scaling": "argument --scaling: expected a number in (0, ∞), got 'nan'",
+             "zero-scaling": "argument --scaling: expected a number in (0, ∞), got '0'",
+             "output-under-a-file": f"--output {coef}/x: {coef} is not a folder",
              "bad-output": "exists and is not an EigenLoRAx subspace"}
     if case == "bad-output":
         with open(os.path.join(dirs[0], io.ADAPTER_WEIGHTS), "rb") as a, open(argv[-1], "rb") as b:
