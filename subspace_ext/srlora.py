@@ -418,6 +418,8 @@ class SRLoRA:
 
     @torch.no_grad()
     def _restore(self, saved: tuple, folder: str) -> None:
+        """Apply a state _read_state checked whole: only the base-weight test below can still refuse it,
+        and it runs before anything is written."""
         t, meta = saved
         for k, l in enumerate(self.layers):
             S0 = t[f"S.{k}"]
@@ -427,16 +429,15 @@ class SRLoRA:
                 raise FormatError(f"{folder}: layer {l.name}: the model's base weight is not the run's original one "
                                   "(its singular values differ): resume on the base model loaded afresh, with the "
                                   "run's adapter weights")
-        next_dir = json.loads(meta["next_dir"])
         for k, l in enumerate(self.layers):
             l.weight.data.copy_(t[f"base.{k}"])
-            l.next_dir = int(next_dir[k])
+            l.next_dir = meta["next_dir"][k]
             l.protected_until = t[f"protected.{k}"].clone()
         dev = lambda k: self.layers[k].A.device  # noqa: E731
         self.state = tuple([t[f"{name}.{k}"].to(dev(k)) for k in range(len(self.layers))]
                            for name in ("ipt_A", "ipt_B", "unc_A", "unc_B"))
-        self.step_count = int(meta["step_count"])
-        self.log = [Event(**e) for e in json.loads(meta.get("log", "[]"))]
+        self.step_count = meta["step_count"]
+        self.log = meta["log"]
 
     def summary(self) -> str:
         pairs = sum(e.pairs for e in self.log)
@@ -461,20 +462,37 @@ def _state_file(folder: str) -> tuple:
 
 
 def _read_state(folder: str, layers: List[_Layer]) -> tuple:
-    """(tensors, metadata) of ``folder/srlora_state.safetensors``, checked against the model's layers."""
+    """(tensors, parsed metadata: step_count, next_dir, log) of ``folder/srlora_state.safetensors``,
+    checked whole against the model's layers before a resume changes anything: every tensor there with
+    its shape and kind, the metadata well-formed. A damaged file raises FormatError naming it."""
     path, meta, names = _state_file(folder)
     t = read_safetensors(path)
     if names != [l.name for l in layers]:
         raise FormatError(f"{path}: saved for the LoRA layers {names[:2]}... ({len(names)}), but the model has "
                           f"{[l.name for l in layers][:2]}... ({len(layers)}): another model or adapter")
     for k, l in enumerate(layers):
-        for key, want in ((f"base.{k}", l.weight.shape), (f"ipt_A.{k}", l.A.shape), (f"ipt_B.{k}", l.B.shape)):
-            if key not in t or t[key].shape != want:
-                raise FormatError(f"{path}: layer {l.name}: {key} is {tuple(t[key].shape) if key in t else 'missing'}, "
-                                  f"the model's is {tuple(want)}")
+        r = l.A.shape[0]
+        want = {"base": l.weight.shape, "ipt_A": l.A.shape, "unc_A": l.A.shape, "ipt_B": l.B.shape,
+                "unc_B": l.B.shape, "protected": (r,), "S": None}
+        for name, shape in want.items():
+            key = f"{name}.{k}"
+            got = t.get(key)
+            if got is None or (shape is not None and got.shape != shape) or (shape is None and got.dim() != 1):
+                raise FormatError(f"{path}: layer {l.name}: {key} is {tuple(got.shape) if got is not None else 'missing'}"
+                                  f", the model's is {tuple(shape) if shape is not None else '1-D'}")
+            if (name == "protected") == got.is_floating_point():
+                raise FormatError(f"{path}: layer {l.name}: {key} has dtype {got.dtype}")
         if not all(bool(torch.isfinite(t[f"{n}.{k}"]).all()) for n in ("base", "S")):
             raise FormatError(f"{path}: layer {l.name}: the saved base weight holds NaN or Inf")
-    return t, meta
+    try:
+        step_count, next_dir = int(meta["step_count"]), json.loads(meta["next_dir"])
+        log = [Event(**e) for e in json.loads(meta.get("log", "[]"))]
+        if step_count < 0 or not (isinstance(next_dir, list) and len(next_dir) == len(layers) and
+                                  all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in next_dir)):
+            raise ValueError("step_count or next_dir out of range")
+    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise FormatError(f"{path}: malformed SRLoRA state ({type(e).__name__}: {e})") from None
+    return t, {"step_count": step_count, "next_dir": next_dir, "log": log}
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -688,6 +689,46 @@ def test_resume_from_saved_state_equals_an_uninterrupted_run(tmp_path):
         SRLoRA(toy_lora(targets=("fc1",)), None, cfg, resume_from=str(tmp_path / "ckpt"))
     with pytest.raises(FileNotFoundError, match="no SRLoRA state"):
         SRLoRA(toy_lora(), None, cfg, resume_from=str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["no protected", "no S", "no unc_B", "float protected", "no next_dir",
+                                    "step_count abc", "next_dir short", "log garbage"])
+def test_resume_refuses_a_damaged_state_and_changes_nothing(damage, tmp_path):
+    """A state file missing a tensor or with malformed metadata is refused with a FormatError naming the
+    file, before any base weight of the model is written."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from subspace_ext.srlora import STATE_FILE
+
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5))
+    toy_steps(model, opt, sr, toy_batches(4))
+    path = sr.save(str(tmp_path / "ckpt"))
+    with safe_open(path, "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    last = len(sr.layers) - 1
+    if damage.startswith("no ") and damage != "no next_dir":
+        del t[f"{damage[3:]}.{last}"]
+    elif damage == "float protected":
+        t[f"protected.{last}"] = t[f"protected.{last}"].float()
+    elif damage == "no next_dir":
+        del meta["next_dir"]
+    elif damage == "step_count abc":
+        meta["step_count"] = "abc"
+    elif damage == "next_dir short":
+        meta["next_dir"] = "[0]"
+    else:
+        meta["log"] = '[{"step": 1}]'
+    bad = str(tmp_path / "bad")
+    os.makedirs(bad)
+    save_file(t, os.path.join(bad, STATE_FILE), metadata=meta)
+    fresh = toy_lora()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(FormatError, match=f"{bad}/{STATE_FILE}: "):
+        SRLoRA(fresh, None, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5), resume_from=bad)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
 
 
 def test_saved_adapter_and_state_load_into_a_fresh_peft_model(tmp_path):
