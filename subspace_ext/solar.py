@@ -1043,25 +1043,20 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
                progress: bool = False) -> PeftAdapter:
     """Rebuild a standard peft LoRA adapter from a package and the base model it was made from.
 
-    Fails with BaseMismatchError naming the first layer whose base weight differs (fingerprint) or
-    whose regenerated basis does not match the sender's (checksum).
+    Fails with BaseMismatchError naming the first layer whose base weight differs (fingerprint; every
+    layer's is checked before any is decoded) or whose regenerated basis does not match the sender's
+    (checksum).
     """
     pkg = package if isinstance(package, SolarPackage) else SolarPackage.load(package)
     bw = _as_base(base)
     dtype = getattr(torch, pkg.dtype)
     tensors: Dict[str, torch.Tensor] = {}
     config = dict(pkg.peft_config)
+    for info in pkg.layers:  # a wrong base fails in seconds, not after the layers before it are decoded
+        _package_base_weight(bw, info, check=True)
     for i, info in enumerate(_progress(pkg.layers, "solar: decode", progress)):
         what = f"layer {info.module}"
-        try:
-            key, W0, _ = _base_weight(bw, info.module, info.shape, what, info.fan_in_fan_out)
-        except FormatError as e:
-            raise BaseMismatchError(f"{what}: {e}") from None
-        if fingerprint(W0) != info.fingerprint:
-            raise BaseMismatchError(f"{what}: base weight {key} ({str(W0.dtype).replace('torch.', '')}) differs "
-                                    f"from the one the package was made from (fingerprint {fingerprint(W0)} != "
-                                    f"{info.fingerprint}): wrong base model, or the same one changed or saved in "
-                                    "another dtype (the base must be exactly the sender's)")
+        key, W0 = _package_base_weight(bw, info)
         prefix = f"base_model.model.{info.module}"
         if pkg.factors[i] is not None:  # low-rank layer: the factors themselves, no basis
             B, A = _pad_factors(*pkg.stored_factors(i), info.rank)
@@ -1082,6 +1077,22 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
     if str(config.get("peft_type", "LORA")).upper() == "ADALORA":
         config = _adalora_as_lora(config, pkg.layers)
     return PeftAdapter(config, tensors)
+
+
+def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) -> Tuple[str, torch.Tensor]:
+    """(key, W0) of a package layer's base weight; with ``check``, also its fingerprint against the
+    package's. A missing or misshapen weight, or another one, raises BaseMismatchError naming the layer."""
+    what = f"layer {info.module}"
+    try:
+        key, W0, _ = _base_weight(bw, info.module, info.shape, what, info.fan_in_fan_out)
+    except FormatError as e:
+        raise BaseMismatchError(f"{what}: {e}") from None
+    if check and fingerprint(W0) != info.fingerprint:
+        raise BaseMismatchError(f"{what}: base weight {key} ({str(W0.dtype).replace('torch.', '')}) differs "
+                                f"from the one the package was made from (fingerprint {fingerprint(W0)} != "
+                                f"{info.fingerprint}): wrong base model, or the same one changed or saved in "
+                                "another dtype (the base must be exactly the sender's)")
+    return key, W0
 
 
 def _adalora_as_lora(config: dict, layers: List[LayerInfo]) -> dict:
