@@ -306,6 +306,8 @@ class SolarPackage:
                 v, ix, stored = torch.zeros(0), torch.zeros(0, dtype=torch.int32), f[0].shape[1]
             elif kind == "solar":
                 f = None
+                if len(l["checksum"]) != 2 or not all(math.isfinite(c) for c in l["checksum"]):
+                    raise ValueError(where + f"checksum must be 2 finite numbers, got {l['checksum']!r}")
                 v, ix = tensors[f"layer.{i}.values"], tensors[f"layer.{i}.indices"]
                 if not (v.is_floating_point() or v.dtype == torch.int8) or v.dim() != 1:
                     raise TypeError(where + f"values must be a 1-D floating-point or int8 tensor, got {v.dtype} "

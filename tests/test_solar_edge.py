@@ -249,8 +249,8 @@ INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shap
               "int8-scale-nan", "int8-values-int16"]
 
 
-@pytest.mark.parametrize("case", ["rank-too-large", "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8"]
-                         + LOWRANK_EDITS + INT8_EDITS)
+@pytest.mark.parametrize("case", ["rank-too-large", "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8",
+                                  "checksum-empty", "checksum-nan"] + LOWRANK_EDITS + INT8_EDITS)
 def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
     refuse the edits that would otherwise decode into a broken adapter, and write nothing."""
@@ -297,6 +297,10 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         tensors[f"layer.{layer}.indices"] = ix
     elif case == "dtype-int8":
         info["dtype"] = "int8"
+    elif case == "checksum-empty":  # the basis check would be skipped (zip of nothing)
+        L["checksum"] = []
+    elif case == "checksum-nan":
+        L["checksum"] = [float("nan"), 0.0]
     elif case == "int8-missing-scale":
         del tensors[B_key + "_scale"]
     elif case == "int8-scale-float64":
@@ -319,6 +323,8 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     if "scale" in case:  # refused for the scales (not some other check the edit tripped)
         assert "_scale" in r.stderr, r.stderr
+    if case.startswith("checksum"):
+        assert "checksum must be 2 finite numbers" in r.stderr, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 

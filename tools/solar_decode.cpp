@@ -1194,6 +1194,8 @@ Package load_package(const std::string& path) {
         L.fan_in_fan_out = f->boolean;
       }
       L.lowrank = is_lowrank(l, where);
+      if (!L.lowrank && (L.checksum.size() != 2 || !std::isfinite(L.checksum[0]) || !std::isfinite(L.checksum[1])))
+        fail(where + "checksum must be 2 finite numbers");
       pkg.layers.push_back(std::move(L));
       const Layer& added = pkg.layers.back();
       auto tensor = [&](const char* kind) -> at::Tensor {
