@@ -158,7 +158,8 @@ if [[ " $STAGES " == *" tests "* ]]; then
     > "$OUT/libs.txt" 2>&1 || true
   ops_end=$(( $(date +%s) + 240 ))
   for f in tests/test_philox.py tests/test_importance.py tests/test_rsvd.py tests/test_small_svd.py \
-           tests/test_gram_orth.py tests/test_project.py tests/test_opcheck.py tests/test_errors.py; do run_file "$f"; done
+           tests/test_gram_orth.py tests/test_project.py tests/test_zero_size.py tests/test_solar_ops.py \
+           tests/test_opcheck.py tests/test_errors.py; do run_file "$f"; done
   if (( ${#crashed[@]} )); then
     unset SUBSPACE_EXT_TEST_TRACE
     # the whole file up to the crash: it may need the tests before it (CUDA state, the heap)
@@ -194,7 +195,7 @@ sanitizer() {  # sanitizer TOOL CAP TEST_FILES...: the files' CUDA cases under c
 if [[ " $STAGES " == *" memcheck "* ]]; then
   if command -v compute-sanitizer > /dev/null; then
     sanitizer memcheck 150 tests/test_philox.py tests/test_importance.py tests/test_small_svd.py tests/test_gram_orth.py \
-      tests/test_project.py
+      tests/test_project.py tests/test_zero_size.py
     sanitizer racecheck 60 tests/test_small_svd.py tests/test_gram_orth.py tests/test_project.py
   else
     stage "memcheck: no compute-sanitizer on PATH"

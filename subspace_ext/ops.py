@@ -259,7 +259,8 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
     """SVD of ``B @ A`` (B m x r, A r x n) from its factors, never forming the m x n product.
 
     Cost O((m + n) r^2). Returns ``(U (m x k), S (k), V (n x k))``, k = rank or min(m, n, r).
-    bfloat16/float16 factors are computed in float32 (float32 results).
+    bfloat16/float16 factors are computed in float32 (float32 results). An update on a basis,
+    ``Ũ C Ṽᵀ``, is ``factored_svd(Ũ @ C, Ṽ.mT)`` (what ``solar_decode`` does).
     """
     _tensor(B, "B", dtypes=_WEIGHT, op="factored_svd")
     _tensor(A, "A", dtypes=_WEIGHT, op="factored_svd")
@@ -357,7 +358,8 @@ def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Te
 
 
 def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``U @ C @ V^T``: the update rebuilt from coefficients C (..., k1, k2) on a basis."""
+    """``U @ C @ V^T``: the update rebuilt from coefficients C (..., k1, k2) on a basis. Its low-rank
+    factors are ``(U @ C, V)``; ``factored_svd(U @ C, V.mT, rank)`` re-factors them to a peft rank."""
     _check_reconstruct_args(U, C, V, "reconstruct")
     return _ops.reconstruct(U, C, V)
 
