@@ -4,6 +4,7 @@ import torch
 from subspace_ext import ops
 
 import reference as ref
+from conftest import CUDA_SKIP_REASON, HAS_CUDA
 
 
 DTYPES = [torch.float32, torch.float64]
@@ -248,6 +249,16 @@ def test_project_perturbed_non_contiguous_matches_reference(dtype, device):
         assert torch.equal(C, dense)
     else:
         _assert_rounding_close(C, d(dense), bound, dtype, depth=2 * (m + n + r + 40))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
+def test_project_perturbed_rank_beyond_shared_memory_is_a_clear_error_on_cuda():
+    """On CUDA the fused product's block needs shared memory in proportion to r: a rank past what the
+    GPU holds (r > 1814 for float64 with an H100/H200's 227 KiB) is refused naming r, not a launch failure."""
+    U, V = torch.randn(40, 16, dtype=torch.float64, device="cuda"), torch.randn(30, 4, dtype=torch.float64, device="cuda")
+    B, A = torch.randn(40, 4000, dtype=torch.float64, device="cuda"), torch.randn(4000, 30, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match="the rank r = 4000 .* shared memory"):
+        ops.project_perturbed(U, V, B, A, eps=0.1, seed=1)
 
 
 def test_project_perturbed_errors():

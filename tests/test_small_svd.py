@@ -11,8 +11,10 @@ import reference as ref
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-13}  # relative to ||A||_2
 
+# (79, 48): the CUDA kernel stages exactly 48 KiB, which needs the opt-in attribute (its static shared
+# memory comes on top)
 SHAPES = [(1, 1), (3, 1), (1, 3), (2, 2), (5, 5), (7, 3), (3, 7), (17, 16), (16, 17), (33, 33),
-          (72, 72), (64, 40), (2, 3, 9, 7), (4, 24, 24)]
+          (72, 72), (64, 40), (79, 48), (2, 3, 9, 7), (4, 24, 24)]
 
 
 def _check(A, U, S, V, tol):
