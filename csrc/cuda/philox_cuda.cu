@@ -9,11 +9,9 @@
 // blocks are the loop, the partial last block (n not a multiple of 4 numbers) is the grid's first
 // thread's, after it.
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <utility>
 
 #include "kernels.h"
+#include "smem.h"
 #include "subspace_ext/normal_icdf_table.h"
 #include "subspace_ext/philox.h"
 
@@ -27,21 +25,17 @@ constexpr int kThreads = 256;
 // current device, asked once per kernel and device.
 template <typename K>
 cudaError_t resident_per_sm(K kernel, int* per_sm) {
-  int dev = 0;
-  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
-  static std::mutex lock;
-  static std::map<std::pair<const void*, int>, int> known;
-  const std::lock_guard<std::mutex> hold(lock);
-  int& k = known[{reinterpret_cast<const void*>(kernel), dev}];
-  if (k == 0) {
-    if (const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, kernel, kThreads, 0);
-        err != cudaSuccess) {
-      k = 0;
-      return err;
+  return with_kernel_slot(kernel, [&](long long& known) {
+    if (known == 0) {
+      int n = 0;
+      if (const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0);
+          err != cudaSuccess)
+        return err;
+      known = n;
     }
-  }
-  *per_sm = std::max(k, 1);
-  return cudaSuccess;
+    *per_sm = static_cast<int>(std::max<long long>(known, 1));
+    return cudaSuccess;
+  });
 }
 
 // Launch `kernel` for `blocks` Philox blocks: one thread each, at most one resident wave.
