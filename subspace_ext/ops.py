@@ -26,6 +26,9 @@ from . import _C  # noqa: F401  (loads the library, which registers the ops)
 _ops = torch.ops.subspace_ext
 _FLOAT = (torch.float32, torch.float64)
 _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The project family's arguments that are model weights (an adapter's factors, a dense update): these
+# may be half precision, computed in the bases' dtype; the bases and coefficients are _FLOAT.
+_PROJECT_WEIGHTS = ("B", "A", "D")
 
 
 # The ops that accept CUDA tensors in a CUDA build: hand-written kernels (csrc/cuda: Philox,
@@ -295,7 +298,7 @@ def small_svd(A: torch.Tensor):
 def _check_project_args(U, V, B, A, op):
     named = [("U", U), ("V", V), ("B", B), ("A", A)]
     for n, t in named:
-        _tensor(t, n, dtypes=_WEIGHT if n in ("B", "A") else _FLOAT, op=op)
+        _tensor(t, n, dtypes=_WEIGHT if n in _PROJECT_WEIGHTS else _FLOAT, op=op)
     _same_device(named)
     if not (U.shape[-2] == B.shape[-2] and B.shape[-1] == A.shape[-2] and A.shape[-1] == V.shape[-2]):
         raise ValueError(
@@ -317,7 +320,7 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
 
 def _check_one_layer(named, op):
     for n, t in named:
-        _tensor(t, n, dtypes=_WEIGHT if n in ("B", "A") else _FLOAT, op=op)
+        _tensor(t, n, dtypes=_WEIGHT if n in _PROJECT_WEIGHTS else _FLOAT, op=op)
         if t.dim() != 2:
             raise ValueError(f"{op}: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
 
@@ -350,7 +353,7 @@ def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Te
     (computed in the bases' dtype, as ``project``'s factors)."""
     named = [("U", U), ("V", V), ("D", D)]
     for n, t in named:
-        _tensor(t, n, dtypes=_WEIGHT if n == "D" else _FLOAT, op="project_dense")
+        _tensor(t, n, dtypes=_WEIGHT if n in _PROJECT_WEIGHTS else _FLOAT, op="project_dense")
     _same_device(named)
     if not (U.shape[-2] == D.shape[-2] and D.shape[-1] == V.shape[-2]):
         raise ValueError(f"project_dense: shapes do not chain: U {tuple(U.shape)}, D {tuple(D.shape)}, V {tuple(V.shape)}")

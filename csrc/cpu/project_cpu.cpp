@@ -13,8 +13,10 @@
 namespace subspace_ext {
 namespace {
 
-void check_matrix(const at::Tensor& t, const char* op, const char* arg) {
-  check_float(t, op, arg);
+// weight: the argument may also be bfloat16/float16 (a model weight: see in_basis_dtype).
+void check_matrix(const at::Tensor& t, const char* op, const char* arg, bool weight = false) {
+  if (weight) check_weight(t, op, arg);
+  else check_float(t, op, arg);
   TORCH_CHECK_VALUE(t.dim() >= 2, op, ": ", arg, " must have at least 2 dimensions, got ", t.dim());
 }
 
@@ -28,13 +30,12 @@ void check_same_dtype(std::initializer_list<std::pair<const char*, const at::Ten
 }
 
 // An update's factors or dense matrix (model weights: B, A, D) may be bfloat16/float16; they are
-// computed in the bases' dtype (float32 or float64), so the result has the bases' dtype. Other
-// dtypes are left to check_same_dtype's message.
+// computed in the bases' dtype (U: float32 or float64, checked first), so the result has the
+// bases' dtype. Other dtypes are left to check_same_dtype's message.
 at::Tensor in_basis_dtype(const at::Tensor& t, const at::Tensor& U, const char* op, const char* arg) {
-  check_weight(t, op, arg);
-  TORCH_CHECK_VALUE(t.dim() >= 2, op, ": ", arg, " must have at least 2 dimensions, got ", t.dim());
+  check_matrix(t, op, arg, /*weight=*/true);
   const bool half = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-  return half && (U.scalar_type() == at::kFloat || U.scalar_type() == at::kDouble) ? t.to(U.scalar_type()) : t;
+  return half ? t.to(U.scalar_type()) : t;
 }
 
 // Checks of project / project_perturbed: float bases, factors of the bases' dtype (or half
