@@ -96,18 +96,40 @@ void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, tor
       if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// The ops by how autograd treats them: derivatives registered in subspace_ext/ops.py
+// (torch.library.register_autograd), none, or in place (written arguments) and none.
+constexpr const char* kWithDerivative[] = {"project", "reconstruct"};
+constexpr const char* kNoDerivative[] = {"perturbed_basis", "rsvd", "rsvd_many", "factored_svd", "_rsvd_batched",
+                                         "_small_svd", "_gram_orth", "project_perturbed", "project_dense",
+                                         "reconstruct_perturbed", "solar_basis", "solar_checksum", "solar_decode"};
+constexpr const char* kInPlace[] = {"philox_uint32_", "philox_normal_", "philox_normal_icdf_", "pair_importance_",
+                                    "fuse_pairs_", "reinit_pairs_"};
+
+// Autocast kernel of every op: the kernels compute in their inputs' dtypes (documented per op),
+// partly through ATen GEMMs, which torch.autocast would otherwise run in bfloat16/float16 (results
+// of another dtype than the registered fakes say, and lost precision: rsvd's S off by 1e-2).
+// Autocast is switched off for everything below; the inputs are not cast.
+void autocast_off(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.redispatchBoxed(ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::AutocastCPU), stack);
+}
+
+void register_autocast_off(torch::Library& m) {
+  for (const char* op : kWithDerivative) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&autocast_off>());
+  for (const char* op : kNoDerivative) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&autocast_off>());
+  for (const char* op : kInPlace) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&autocast_off>());
+}
+
 }  // namespace
 
-// project and reconstruct have derivatives (subspace_ext/ops.py, torch.library.register_autograd).
-// The other ops have none. Under autograd the out-of-place ops raise a clear "not implemented" error on
+// Under autograd the out-of-place ops without a derivative raise a clear "not implemented" error on
 // backward (instead of recording their internal ATen calls, which gave wrong gradients through rsvd),
 // and the in-place ops refuse tensors that require grad and bump the version counters of what they
 // write, as torch's own in-place ops do.
 TORCH_LIBRARY_IMPL(subspace_ext, Autograd, m) {
-  for (const char* op : {"perturbed_basis", "rsvd", "rsvd_many", "factored_svd", "_rsvd_batched", "_small_svd", "_gram_orth",
-                         "project_perturbed", "project_dense", "reconstruct_perturbed",
-                         "solar_basis", "solar_checksum", "solar_decode"})
-    m.impl(op, torch::autograd::autogradNotImplementedFallback());
-  for (const char* op : {"philox_uint32_", "philox_normal_", "philox_normal_icdf_", "pair_importance_", "fuse_pairs_", "reinit_pairs_"})
-    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&inplace_autograd>());
+  for (const char* op : kNoDerivative) m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  for (const char* op : kInPlace) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&inplace_autograd>());
 }
+
+TORCH_LIBRARY_IMPL(subspace_ext, AutocastCPU, m) { register_autocast_off(m); }
+TORCH_LIBRARY_IMPL(subspace_ext, AutocastCUDA, m) { register_autocast_off(m); }

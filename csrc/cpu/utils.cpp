@@ -462,6 +462,7 @@ SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Te
 }  // namespace subspace_ext
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <exception>
 #include <mutex>
@@ -477,9 +478,14 @@ void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
   }
   std::exception_ptr error;
   std::mutex mu;
+  // The bodies call ATen ops: the workers take the caller's thread-local state (grad and inference
+  // mode, the dispatch keys excluded, as by autocast_off in csrc/register.cpp), which OpenMP threads
+  // do not inherit.
+  const at::ThreadLocalState caller;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t t = 0; t < n; ++t) {
     try {
+      at::ThreadLocalStateGuard same_state(caller);
       body(order.empty() ? t : order[t]);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mu);
