@@ -719,6 +719,26 @@ def test_recompose_refuses_self_overlapping_and_aliased_arguments(case):
     assert all(torch.equal(a, b) for a, b in zip(before, (W, B, A)))
 
 
+@pytest.mark.parametrize("aliased", ["A_new is layer 1's A", "B_new is a slice of layer 0's W"])
+def test_reinit_refuses_new_pairs_aliasing_another_layer(device, aliased):
+    """Layers are recomposed in parallel, so one layer's new pair must not be (part of) a tensor
+    another layer writes: that was a race (layer 0 read A_new while layer 1 rewrote it)."""
+    m, n = 6, 5
+    rnd = lambda *s: torch.randn(*s, device=device)
+    W, B, A = [rnd(m, n), rnd(m, n)], [rnd(m, 3), rnd(m, 1)], [rnd(3, n), rnd(1, n)]
+    Bn, An = [rnd(m, 1), rnd(m, 1)], [rnd(1, n), rnd(1, n)]
+    if aliased == "A_new is layer 1's A":
+        An[0] = A[1]
+        first, second = "layer 0's A_new", "layer 1's A"
+    else:
+        Bn[1] = W[0][:, 1:2]
+        first, second = "layer 0's W", "layer 1's B_new"
+    before = [t.clone() for t in W + B + A]
+    with pytest.raises(ValueError, match=f"{first} and {second} share memory"):
+        ops.reinit_pairs_(W, B, A, [torch.tensor([2]), torch.tensor([0])], Bn, An, [1.0, 1.0])
+    assert all(torch.equal(a, b) for a, b in zip(before, W + B + A))
+
+
 @pytest.mark.parametrize("case", ["strided B_new of its own", "column slice W", "B_new beside B in one buffer"])
 def test_reinit_accepts_strided_arguments_that_share_nothing(case):
     """Strided views are compared element by element: new pairs that are slices of their own buffer,

@@ -218,15 +218,21 @@ std::vector<at::Tensor> to_host(const std::vector<at::Tensor>& parts) {
 }
 
 // Refuses tensors that the recomposition writes (W and B; A too for reinit) overlapping any other
-// tensor of the call (check_disjoint). Only layers with pairs to move take part.
+// tensor of the call (check_disjoint), the new pairs of every layer included: layers run in
+// parallel, so one layer's A_new must not be another layer's A either. Only layers with pairs to
+// move take part.
 void check_no_overlap(const char* op, at::TensorList W, at::TensorList B, at::TensorList A,
-                      const std::vector<std::vector<int64_t>>& idx, bool A_written) {
+                      const RecomposeArgs& args, bool A_written) {
   std::vector<Span> spans;
   for (size_t l = 0; l < W.size(); ++l) {
-    if (idx[l].empty()) continue;
+    if (args.idx[l].empty()) continue;
     spans.push_back({&W[l], l, "W", true});
     spans.push_back({&B[l], l, "B", true});
     spans.push_back({&A[l], l, "A", A_written});
+    if (l < args.B_new.size()) {
+      spans.push_back({&args.B_new[l], l, "B_new", false});
+      spans.push_back({&args.A_new[l], l, "A_new", false});
+    }
   }
   check_disjoint(op, std::move(spans));
 }
@@ -347,7 +353,7 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
   }
   for (size_t f = 0; f < new_finite.size(); ++f)
     TORCH_CHECK_VALUE(new_finite[f], op, ": layer ", f / 2, ": ", f % 2 ? "A_new" : "B_new", " contains NaN or Inf");
-  check_no_overlap(op, W, B, A, out.idx, /*A_written=*/!Bn.empty());
+  check_no_overlap(op, W, B, A, out, /*A_written=*/!Bn.empty());
   return out;
 }
 
