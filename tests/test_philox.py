@@ -219,12 +219,15 @@ def test_perturbed_basis_orthonormalize(dtype, tol, shape, device):
 @pytest.mark.parametrize("l", [40, 80])  # the host Cholesky and the library one
 def test_perturbed_basis_orthonormalize_rank_deficient(l, device):
     """Dependent columns fail the Cholesky-QR pivot test: Householder QR still gives an orthonormal
-    basis whose span holds every column."""
+    basis whose span holds every column, with the orientation the docstring promises (R's diagonal
+    positive: q_j . u_j > 0), which LAPACK's and cuSOLVER's reflectors do not give by themselves."""
     U = torch.randn(200, l, dtype=torch.float64)
     U[:, 7] = U[:, 5]
     Q = ops.perturbed_basis(U.to(device), 0.0, 1, 0, orthonormalize=True).cpu()
     assert ref.orthonormality_error(Q) <= 1e-12
     assert (U - Q @ (Q.T @ U)).abs().max().item() <= 1e-10
+    d = torch.diagonal(Q.T @ U)
+    assert (d[torch.arange(l) != 7] > 1e-3).all()   # column 7 has no direction of its own (d ~ 1e-15)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -442,8 +442,12 @@ std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, in
       if (cholesky_qr(Q1, Q2, R2)) return {Q2, at::mm(R2, R1)};
     }
   }
-  auto qr = at::linalg_qr(Y.to(at::kDouble), "reduced");
-  return {std::get<0>(qr).to(Y.scalar_type()), std::get<1>(qr)};
+  // Householder QR, with the signs of Cholesky-QR's result (R's diagonal >= 0), which LAPACK and
+  // cuSOLVER leave to their reflectors: the columns keep their orientation whichever path ran.
+  auto [Q, R] = at::linalg_qr(Y.to(at::kDouble), "reduced");
+  const at::Tensor d = R.diagonal();
+  const at::Tensor flip = at::where(d < 0, -at::ones_like(d), at::ones_like(d));
+  return {(Q * flip).to(Y.scalar_type()), R * flip.unsqueeze(-1)};
 }
 
 void canonicalize_signs_(at::Tensor& U, at::Tensor& V) {
