@@ -526,7 +526,7 @@ def solar_decode_ref(U, V, values, indices, rank, scaling, seed, stream=0):
     I, J = torch.unique(idx // k2), torch.unique(idx % k2)
     B = torch.zeros(U.shape[0], rank, dtype=torch.float64)
     A = torch.zeros(rank, V.shape[0], dtype=torch.float64)
-    k = min(rank, I.numel(), J.numel())
+    k = min(rank, I.numel(), J.numel(), U.shape[0], V.shape[0])
     if k > 0:
         Uf, S, Vf = svd_ref(U[:, I] @ C[I][:, J] @ V[:, J].T, k)
         root = (S / scaling).sqrt()

@@ -82,3 +82,30 @@ def test_solar_decode_empty_coefficients(device):
     B, A, ck = ops.solar_decode(U, V, torch.empty(0), torch.empty(0, dtype=torch.long), 2, 1.0, 3, 0)
     assert B.shape == (6, 2) and A.shape == (2, 5) and not B.any() and not A.any()
     torch.testing.assert_close(ck.cpu(), ref.solar_checksum_ref(U[:, :0], V[:, :0], 3, 0))
+
+
+def test_solar_decode_bases_wider_than_tall(device):
+    """More basis vectors than rows (not a SOLAR basis, but the op takes any matrices): the update
+    has rank <= min(m, n), so the factors carry that many and are zero-padded, as the reference
+    says; before, factored_svd refused the rank with a message naming itself."""
+    g = torch.Generator().manual_seed(3)
+    U, V = torch.randn(4, 6, dtype=torch.float64, generator=g), torch.randn(9, 7, dtype=torch.float64, generator=g)
+    indices, values = torch.randperm(42, generator=g)[:30], torch.randn(30, dtype=torch.float64, generator=g)
+    B, A, _ = ops.solar_decode(U.to(device), V.to(device), values, indices, 6, 0.5, SEED, 1)
+    B_ref, A_ref, _ = ref.solar_decode_ref(U, V, values, indices, 6, 0.5, SEED, 1)
+    assert B.shape == (4, 6) and not B[:, 4:].any()
+    torch.testing.assert_close(B.cpu(), B_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(A.cpu(), A_ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("stream", [-1, 2**61, 2**62])
+def test_solar_ops_refuse_streams_out_of_range(stream):
+    """Each layer takes Philox streams 4 * stream + 0..3: beyond 2^61 they wrap (2^62 gave stream
+    0's checksum) and 4 * stream overflows int64, so all three ops refuse such a stream."""
+    U = torch.eye(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"solar_basis: stream must be in \[0, 2\^61\)"):
+        ops.solar_basis(torch.randn(5, 5), 1, stream)
+    with pytest.raises(ValueError, match=r"solar_checksum: stream must be in \[0, 2\^61\)"):
+        ops.solar_checksum(U, U, 1, stream)
+    with pytest.raises(ValueError, match=r"solar_decode: stream must be in \[0, 2\^61\)"):
+        ops.solar_decode(U, U, torch.ones(1), torch.zeros(1, dtype=torch.long), 1, 1.0, 1, stream)

@@ -40,14 +40,18 @@ at::Tensor perturb(const at::Tensor& Q, double eps, int64_t seed, int64_t stream
   return orthonormalize_columns(P).first;
 }
 
+// 4 Philox streams per layer (4 * stream + 0..3): a larger stream would wrap onto another's (and
+// 4 * stream overflow int64).
+void check_stream(int64_t stream, const char* op) {
+  TORCH_CHECK_VALUE(stream >= 0 && stream < (int64_t{1} << 61), op, ": stream must be in [0, 2^61), got ", stream);
+}
+
 std::tuple<at::Tensor, at::Tensor> solar_basis_cpu(const at::Tensor& W0, int64_t seed,
                                                    int64_t stream, double eps) {
   check_weight(W0, "solar_basis", "W0");
   TORCH_CHECK_VALUE(W0.dim() == 2 && W0.numel() > 0, "solar_basis: W0 must be a non-empty matrix");
   TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), "solar_basis: eps must be finite and >= 0");
-  // 4 Philox streams per layer (4 * stream + 0..3): a larger stream would wrap onto another's
-  TORCH_CHECK_VALUE(stream >= 0 && stream < (int64_t{1} << 61), "solar_basis: stream must be in [0, 2^61), got ",
-                    stream);
+  check_stream(stream, "solar_basis");
   const at::Tensor W = W0.to(at::kDouble);
   TORCH_CHECK_VALUE(W.isfinite().all().item<bool>(), "solar_basis: W0 contains NaN or Inf");
   auto svd = at::linalg_svd(W, /*full_matrices=*/false);
@@ -62,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor> solar_basis_cpu(const at::Tensor& W0, int64_t
 // basis vector changes them. Returns a float64 tensor of 2.
 at::Tensor solar_checksum_cpu(const at::Tensor& UI, const at::Tensor& VJ, int64_t seed, int64_t stream) {
   TORCH_CHECK_VALUE(UI.dim() == 2 && VJ.dim() == 2, "solar_checksum: expected two matrices");
+  check_stream(stream, "solar_checksum");
   const int64_t key = ~seed;
   auto probe = [&](const at::Tensor& Q, int64_t s) {
     const at::Tensor p = normals(Q.size(0), 1, key, 4 * stream + s, Q.device());
@@ -85,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
                    "solar_decode: indices must be int32 or int64");
   TORCH_CHECK_VALUE(rank >= 1 && scaling > 0.0 && std::isfinite(scaling),
                     "solar_decode: rank must be >= 1 and scaling a finite number > 0");
+  check_stream(stream, "solar_decode");
   const int64_t m = U.size(0), n = V.size(0);
   TORCH_CHECK_VALUE(V.device() == U.device(), "solar_decode: U and V must be on one device, got ", U.device(),
                     " and ", V.device());
@@ -108,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
   C.index_put_({ri, cj}, vals, /*accumulate=*/true);
   const at::Tensor UI = U.index_select(1, I).to(at::kDouble), VJ = V.index_select(1, J).to(at::kDouble);
   const at::Tensor X = at::mm(UI, C);  // m x |J|
-  const int64_t k = std::min({rank, I.numel(), J.numel()});
+  const int64_t k = std::min({rank, I.numel(), J.numel(), m, n});  // bases wider than tall: at most min(m, n)
   const SVDResult f = factored_svd(X, VJ.t(), k);
   const at::Tensor root = (f.S / scaling).sqrt();
   B.narrow(1, 0, k).copy_(f.U * root);
