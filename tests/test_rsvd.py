@@ -67,7 +67,8 @@ def test_rsvd_near_optimal_on_decaying_spectrum(m, n, k, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,oversample,niter,seed",
                          [(60, 40, 5, 8, 2, 0), (40, 70, 6, 0, 0, 3), (80, 50, 4, 3, 1, 2**63 + 9),
-                          (33, 33, 10, 8, 4, 17)])
+                          (33, 33, 10, 8, 4, 17),
+                          (30, 20, 3, 2**63 - 1, 1, 5)])  # rank + oversample would overflow int64
 def test_rsvd_matches_float64_reference_algorithm(m, n, k, oversample, niter, seed, dtype, device):
     """Same Omega, same HMT recipe in float64: the low-rank approximations agree to dtype precision,
     also when the approximation is poor (niter=0, oversample=0 on a slow decay)."""

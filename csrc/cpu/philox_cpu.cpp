@@ -214,7 +214,7 @@ at::Tensor perturbed_basis(const at::Tensor& U, double eps, int64_t seed, int64_
                            bool orthonormalize) {
   check_float(U, "perturbed_basis", "U");
   TORCH_CHECK_VALUE(U.dim() >= 2, "perturbed_basis: U must have at least 2 dimensions");
-  at::Tensor out = U.contiguous().clone();
+  at::Tensor out = U.clone(at::MemoryFormat::Contiguous);
   philox_normals_into(out, seed, stream, eps, /*add=*/true);
   if (!orthonormalize) return out;
   TORCH_CHECK_VALUE(U.size(-2) >= U.size(-1), "perturbed_basis: orthonormalize needs U with at least as many rows as columns, got ",

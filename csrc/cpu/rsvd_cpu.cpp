@@ -28,6 +28,10 @@ std::vector<int64_t> batch_shape(const at::Tensor& A, std::initializer_list<int6
   return s;
 }
 
+// The sketch's column count min(k + p, m, n), for k <= min(m, n) (checked) and any p >= 0: k + p
+// itself may overflow (oversample = 2^63 - 1).
+int64_t sketch_cols(int64_t k, int64_t p, int64_t m, int64_t n) { return k + std::min(p, std::min(m, n) - k); }
+
 // Halko-Martinsson-Tropp randomized SVD of one matrix A (m x n): Gaussian test matrix from
 // Philox (seed, stream 0), l = min(k + p, m, n) columns, `niter` power iterations with
 // re-orthonormalisation after every product, then the SVD of the small projected matrix.
@@ -38,7 +42,7 @@ SVDResult rsvd_one(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter, 
                    const std::string& what) {
   const at::Tensor A = A_in.to(compute_dtype(A_in));
   const int64_t m = A.size(0), n = A.size(1);
-  const int64_t l = std::min(k + p, std::min(m, n));
+  const int64_t l = sketch_cols(k, p, m, n);
   const auto dt = A.scalar_type();
   at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
   philox_normal_fill(omega, seed, 0);
@@ -211,7 +215,7 @@ Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter,
   check_rsvd_args(A_in, k, p, niter, "_rsvd_batched");
   TORCH_CHECK_VALUE(A_in.dim() == 3, "_rsvd_batched: A must be b x m x n, got ", A_in.sizes());
   const at::Tensor A = A_in.to(compute_dtype(A_in));
-  const int64_t m = A.size(1), n = A.size(2), l = std::min(k + p, std::min(m, n));
+  const int64_t m = A.size(1), n = A.size(2), l = sketch_cols(k, p, m, n);
   const auto dt = A.scalar_type();
   at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
   philox_normal_fill(omega, seed, 0);
