@@ -148,8 +148,14 @@ class PeftAdapter:
         kind = self.peft_type
         if kind not in ("LORA", "ADALORA"):
             raise FormatError(f"peft_type {kind} is not supported (LORA and ADALORA are)")
-        if self.config.get("use_dora"):
-            raise FormatError("DoRA adapters are not supported (their update is not scaling * B @ A)")
+        for key, (variant, why) in _UNSUPPORTED_VARIANTS.items():
+            if self.config.get(key):
+                raise FormatError(f"{variant} adapters ({ADAPTER_CONFIG}: {key}) are not supported: {why}")
+        for key in self.tensors:
+            if ".lora_" in key and not _LORA_TENSOR.fullmatch(key):
+                raise FormatError(f"tensor {key} is not a LoRA factor this reader knows (lora_A, lora_B, AdaLoRA's "
+                                  "lora_E, lora_embedding_A/B, lora_B.bias): an adapter of a LoRA variant whose update is not "
+                                  "scaling * B @ A? Its meaning would be lost, so it is refused")
         for key in ("r", "lora_alpha", "init_r"):  # what peft (and a SOLAR package's reader) reads as numbers
             if key in self.config:
                 self._number(key, self.config[key])
@@ -176,9 +182,11 @@ class PeftAdapter:
                     raise FormatError(f"{module}: AdaLoRA adapter without lora_E")
                 A = A * E.reshape(-1, 1).to(A.dtype)
                 # peft's AdaLoRA forward: lora_alpha / (ranknum + 1e-5), where ranknum stays init_r when
-                # rank allocation prunes a layer (peft restores a pruned adapter with the old ranknum)
+                # rank allocation prunes a layer (peft restores a pruned adapter with the old ranknum);
+                # a lora_alpha <= 0 stands for init_r there (a scaling of about 1)
                 alpha = self._number("lora_alpha", self.config.get("lora_alpha", 8))
-                scaling = alpha / (self._number("init_r", self.config.get("init_r", r)) + 1e-5)
+                init_r = self._number("init_r", self.config.get("init_r", r))
+                scaling = (alpha if alpha > 0 else init_r) / (init_r + 1e-5)
             elif r == 0:  # AdaLoRA prunes layers to rank 0 (callers skip them); a LoRA has no such layer
                 raise FormatError(f"{module}: lora_A / lora_B of rank 0 ({tuple(A.shape)} / {tuple(B.shape)}): "
                                   "a LoRA layer without an update")
@@ -218,9 +226,31 @@ class PeftAdapter:
         return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
 
     def extra_tensors(self) -> Dict[str, torch.Tensor]:
-        """Everything that is not a low-rank factor (modules_to_save heads, trained biases, ...)."""
+        """Everything that is not a low-rank factor (modules_to_save heads, trained biases, ...), checked
+        finite like the factors (a FormatError names the tensor)."""
         lowrank = re.compile(r".*\.lora_[ABE](\.weight)?$")
-        return {k: v for k, v in self.tensors.items() if not lowrank.fullmatch(k)}
+        out = {k: v for k, v in self.tensors.items() if not lowrank.fullmatch(k)}
+        for k, v in out.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise FormatError(f"{self.source + ': ' if self.source else ''}{k} holds NaN or Inf")
+        return out
+
+
+# peft's LoRA variants (the LoraConfig fields marked is_lora_variant in peft 0.21) whose adapters do not
+# compute scaling * B @ A from the stored factors: refused by name. Those that do are read: VeLoRA
+# changes only the backward pass, MiCA (init_lora_weights="mica") only the initialisation.
+_UNSUPPORTED_VARIANTS = {
+    "use_dora": ("DoRA", "the update is rescaled by a learned magnitude vector, not scaling * B @ A"),
+    "kasa_config": ("KaSA", "the update is scaling * B @ diag(lora_diag) @ A, and the base weight is truncated"),
+    "use_bdlora": ("BD-LoRA", "the factors are block-diagonal and stored in blocks"),
+    "monteclora_config": ("MonteCLoRA", "the factors are sampled (variational Monte Carlo), not fixed"),
+    "arrow_config": ("Arrow", "several LoRA experts are routed per token"),
+    "alora_invocation_tokens": ("aLoRA", "the update applies only to tokens after the invocation sequence, "
+                                "which a weight update (fused, recycled or rebuilt) cannot express"),
+}
+# The tensors with ".lora_" in their names that this reader knows (lora_B.bias: peft's lora_bias, carried
+# as an extra tensor); any other is refused.
+_LORA_TENSOR = re.compile(r".*\.(lora_[ABE](\.weight)?|lora_B\.bias|lora_embedding_[AB](\..*)?)")
 
 
 def _write_text(path: str, text: str) -> None:

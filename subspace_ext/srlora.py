@@ -154,6 +154,13 @@ def lora_layers(model) -> List[_Layer]:
         for adapter in active:
             if getattr(mod, "use_dora", {}).get(adapter, False):
                 raise ValueError(f"{name}: DoRA layers are not supported by SRLoRA")
+            variant = getattr(mod, "lora_variant", {}).get(adapter)
+            if variant is not None:  # KaSA, MiCA, aLoRA, ...: not the plain W + s B A that SRLoRA fuses into W
+                raise ValueError(f"{name}: LoRA variant layers ({type(variant).__name__}) are not supported by "
+                                 "SRLoRA, which fuses and re-initialises plain LoRA pairs")
+            if not isinstance(mod.lora_A[adapter], torch.nn.Module):  # AdaLoRA's factors are bare Parameters
+                raise ValueError(f"{name}: AdaLoRA layers ({type(mod).__name__}) are not supported by SRLoRA: it "
+                                 "needs a LoRA model (AdaLoRA allocates ranks itself)")
             if mod.lora_A[adapter].weight.dim() != 2:
                 raise ValueError(f"{name}: only Linear LoRA layers are supported")
             if not (mod.lora_A[adapter].weight.requires_grad and mod.lora_B[adapter].weight.requires_grad):

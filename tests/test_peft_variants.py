@@ -178,3 +178,50 @@ def test_eigen_task_type_needs_the_head(bert, tmp_path):
     head = {n: p for n, p in em.model.named_parameters() if "classifier" in n}
     em.export_peft(str(tmp_path / "ok"), extra=head, task_type="SEQ_CLS")
     peft.PeftModel.from_pretrained(_model(bert), str(tmp_path / "ok"))  # loads
+
+
+def _variants():
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig
+    return {
+        "KaSA": dict(kasa_config=KasaConfig()),
+        "BD-LoRA": dict(use_bdlora=BdLoraConfig(target_modules_bd_a=["query"], target_modules_bd_b=["value"],
+                                                nblocks=2)),
+        "DoRA": dict(use_dora=True),
+    }
+
+
+@pytest.mark.parametrize("variant", ["KaSA", "BD-LoRA", "DoRA"])
+def test_lora_variants_whose_update_is_not_s_B_A_are_refused(bert, tmp_path, variant):
+    """KaSA's update is s B diag(lora_diag) A: SOLAR compressed s B A with 'no error' and carried
+    lora_diag as an extra, so the decoded adapter computed another function; BD-LoRA failed with
+    'do not chain'. Each is now refused by name, before any work."""
+    folder = _save(bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                         **_variants()[variant]), str(tmp_path / "a"))
+    with pytest.raises(io.FormatError, match=f"{variant} adapters"):
+        solar.compress(folder, bert, budget="full")
+    plain = _save(bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]), str(tmp_path / "p"))
+    with pytest.raises(io.FormatError, match=f"{os.sep}a: {variant} adapters"):
+        eigenlorax.build_subspace([plain, folder])
+
+
+def test_unknown_lora_tensors_are_refused_and_lora_bias_is_carried(bert, tmp_path):
+    """A tensor named like a LoRA part that the reader does not know (here a DoRA magnitude vector
+    under a config that does not say DoRA) is refused; lora_bias's lora_B.bias is an extra tensor that
+    the SOLAR round trip carries (peft computes the same model)."""
+    folder = _save(bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True),
+                   str(tmp_path / "bias"))
+    _roundtrip(bert, folder, str(tmp_path / "restored"))
+    ad = io.PeftAdapter.load(folder)
+    key = next(k for k in ad.tensors if k.endswith("lora_A.weight")).replace("lora_A.weight", "lora_magnitude_vector")
+    ad.tensors[key] = torch.ones(32)
+    with pytest.raises(io.FormatError, match=r"lora_magnitude_vector is not a LoRA factor this reader knows"):
+        ad.updates()
+
+
+def test_adalora_with_lora_alpha_zero(bert, tmp_path):
+    """peft's AdaLoRA takes lora_alpha <= 0 as init_r (a scaling of about 1); it was refused here as a
+    zero scaling."""
+    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=0, target_modules=["query", "value"], total_step=10)
+    folder = _save(bert, cfg, str(tmp_path / "a"))
+    assert all(u.scaling == pytest.approx(4 / (4 + 1e-5), rel=1e-12) for u in io.PeftAdapter.load(folder).updates())
+    _roundtrip(bert, folder, str(tmp_path / "restored"))

@@ -871,3 +871,22 @@ def test_peft_setups_srlora_warns_about_or_refuses():
     model.base_model.set_adapter(["default", "other"])
     with pytest.raises(ValueError, match="2 active adapters"):
         SRLoRA(model, None, SRLoRAConfig())
+
+
+@pytest.mark.parametrize("kind", ["KaSA", "DoRA", "AdaLoRA"])
+def test_srlora_refuses_layers_that_are_not_plain_lora(kind):
+    """SRLoRA fuses s B A into W: a KaSA layer (s B diag A) accepted before changed the model's
+    function at the PiSSA init, and AdaLoRA's Parameter factors gave a bare AttributeError."""
+    import peft
+
+    if kind == "AdaLoRA":
+        model = peft.get_peft_model(_Toy(), peft.AdaLoraConfig(init_r=4, target_r=2, target_modules=["fc1"],
+                                                               total_step=10))
+        match = r"AdaLoRA layers \(SVDLinear\) are not supported by SRLoRA"
+    elif kind == "KaSA":
+        from peft.tuners.lora.config import KasaConfig
+        model, match = toy_lora(kasa_config=KasaConfig()), r"LoRA variant layers \(\w+\) are not supported"
+    else:
+        model, match = toy_lora(use_dora=True), "DoRA layers are not supported"
+    with pytest.raises(ValueError, match=match):
+        SRLoRA(model, None, SRLoRAConfig())
