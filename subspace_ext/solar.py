@@ -112,7 +112,7 @@ class SolarPackage:
     indices: List[torch.Tensor]
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)
     dtype: str = "float32"  # dtype of the decoded adapter's tensors
-    skipped: List[str] = field(default_factory=list)  # dense input: changed tensors not carried
+    skipped: List[str] = field(default_factory=list)  # dense input: changed or new tensors not carried
     factors: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     scales: Dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -156,7 +156,8 @@ class SolarPackage:
         """What the package does not compress, one line each (none for a plain LoRA of Linear layers)."""
         out = []
         if self.skipped:
-            out.append(f"not carried (changed, but not 2-D Linear weights): {', '.join(self.skipped)}")
+            out.append(f"not carried (changed but not 2-D Linear weights, or not in the base): "
+                       f"{', '.join(self.skipped)}")
         embedded = embedding_lora_modules(self.extra)  # LoRA on embeddings travels in ``extra``
         if embedded:
             out.append(f"carried unchanged (LoRA on embeddings is not compressed): {', '.join(embedded)}")
@@ -337,6 +338,9 @@ class SolarPackage:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")
         skipped = need(info, "skipped", (list,)) if "skipped" in info else []
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        for k, v in extra.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"extra tensor {k} holds NaN or Inf")
         return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales)
 
     # -- report --------------------------------------------------------------------------------
@@ -871,8 +875,8 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     Which weights are Linear: from a folder with config.json (the base's, else the fine-tune's), the
     module types of that model (torch.nn.Linear, and transformers' Conv1D of GPT-2, whose in x out
     weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
-    not contain "embed". Other changed tensors (biases, norms, embeddings) cannot be carried and are
-    listed in the package's ``skipped``. ``method`` and ``storage`` as for ``compress`` (the low-rank
+    not contain "embed". Other changed tensors (biases, norms, embeddings) and tensors the base does not
+    have (a new classification head) cannot be carried and are listed in the package's ``skipped``. ``method`` and ``storage`` as for ``compress`` (the low-rank
     encoding keeps the delta's leading ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power
     iterations)."""
     _check_request(budget, ratio, seed, eps, method, storage)
@@ -881,8 +885,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     kinds = bw.weight_kinds() or fw.weight_kinds()
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    layers, skipped = [], []
-    keys = [k for k in fw.keys() if k in set(bw.keys())]
+    base_keys = set(bw.keys())
+    keys = [k for k in fw.keys() if k in base_keys]
+    layers, skipped = [], [k for k in fw.keys() if k not in base_keys]
     if not keys:
         raise BaseMismatchError(f"{getattr(fw, 'path', finetuned)} and {getattr(bw, 'path', base)} share no tensor "
                                 "name: wrong base model (or not a checkpoint of the same architecture)?")
@@ -1036,7 +1041,8 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
             kept = float((S[:sel].double() ** 2).sum())
             info.checksum = []
         info.energy = min(kept / l.energy, 1.0) if l.energy > 0 else 1.0
-        info.rel_error = l.err(B2, A2, info.scaling)
+        # measured on the factors as decompress writes them (the adapter's dtype: bfloat16 rounding counts)
+        info.rel_error = l.err(B2.to(getattr(torch, dtype)), A2.to(getattr(torch, dtype)), info.scaling)
     return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype, factors=factors,
                         scales=scales)
 

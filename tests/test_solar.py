@@ -1050,6 +1050,28 @@ def test_non_finite_base_weight_named(trained_adapter, minilm_base, tmp_path):
         solar.compress(trained_adapter, base, ratio=0.1)
 
 
+def test_non_finite_extra_tensor_named(trained_adapter, minilm_base):
+    """A head with Inf compressed, saved and decoded without complaint; the factors were checked."""
+    t = dict(trained_adapter.tensors)
+    k = next(k for k in trained_adapter.extra_tensors() if k.endswith("bias"))
+    t[k] = t[k].clone().index_fill_(0, torch.tensor([0]), float("inf"))
+    with pytest.raises(io.FormatError, match=f"{k} holds NaN or Inf"):
+        solar.compress(io.PeftAdapter(trained_adapter.config, t), minilm_base, ratio=0.1)
+
+
+@pytest.mark.parametrize("method", ["solar", "lowrank"])
+def test_reported_error_is_that_of_the_decoded_adapter_in_its_dtype(trained_adapter, minilm_base, method):
+    """A bfloat16 adapter at budget 'full' reported ~1e-8 (the error before the cast to bfloat16),
+    while its decoded adapter is off by bfloat16's rounding, ~1e-3: the report is now the real one."""
+    t = {k: v.to(torch.bfloat16) if "lora_" in k else v for k, v in trained_adapter.tensors.items()}
+    bf16 = io.PeftAdapter(trained_adapter.config, t)
+    pkg = solar.compress(bf16, minilm_base, budget="full", method=method)
+    measured = solar.relative_errors(bf16, solar.decompress(pkg, minilm_base))
+    assert max(measured) > 1e-4  # bfloat16 rounding, not float32's
+    for layer, err in zip(pkg.layers, measured):
+        assert layer.rel_error == pytest.approx(err, rel=1e-6, abs=1e-9), layer.module
+
+
 def test_integer_lora_factors_refused(trained_adapter, minilm_base):
     t = dict(trained_adapter.tensors)
     k = next(k for k in t if k.endswith("lora_A.weight"))

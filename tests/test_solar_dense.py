@@ -18,6 +18,7 @@ def checkpoints(tmp_path):
     ft["enc.ffn.weight"] = base["enc.ffn.weight"] + 0.05 * torch.randn(40, 24, generator=g)
     ft["enc.norm.bias"] = base["enc.norm.bias"] + 1.0
     ft["embeddings.word.weight"] = base["embeddings.word.weight"] + 1.0
+    ft["head.weight"] = torch.randn(3, 24, generator=g)  # a new head: not in the base, so not carried
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(ft, str(tmp_path / "ft.safetensors"))
     return tmp_path / "ft.safetensors", tmp_path / "base.safetensors", base, ft
@@ -32,7 +33,8 @@ def test_dense_full_budget_is_lossless_up_to_rank(checkpoints, tmp_path):
     ft_path, base_path, base, ft = checkpoints
     pkg = solar.compress_dense(str(ft_path), str(base_path), budget="full", rank=24)
     assert sorted(l.module for l in pkg.layers) == ["enc.ffn", "enc.q"]  # unchanged k is not a layer
-    assert sorted(pkg.skipped) == ["embeddings.word.weight", "enc.norm.bias"]
+    assert sorted(pkg.skipped) == ["embeddings.word.weight", "enc.norm.bias", "head.weight"]  # head: was dropped
+    assert any("head.weight" in note for note in pkg.notes())
     path = str(tmp_path / "p.safetensors")
     pkg.save(path)
     ad = solar.decompress(path, str(base_path))
