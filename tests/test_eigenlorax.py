@@ -1086,3 +1086,22 @@ def test_cli_user_errors(case, tmp_path, capsys):
         with open(os.path.join(dirs[0], io.ADAPTER_WEIGHTS), "rb") as a, open(argv[-1], "rb") as b:
             assert a.read() == b.read()
     assert named.get(case, "") in lines[0], lines[0]
+
+
+def test_build_names_a_layer_pruned_to_rank_0_in_every_adapter():
+    """AdaLoRA may prune a layer to rank 0: in some adapters the stack still has columns; in all of
+    them the error named no layer (rsvd's 'rank must be in [1, 0]')."""
+    def adalora(v_rank, seed):
+        g = torch.Generator().manual_seed(seed)
+        t = {}
+        for mod, (m, n) in TOY_LAYERS.items():
+            r = v_rank if mod == "enc.v" else 4
+            t[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = torch.randn(r, n, generator=g)
+            t[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = torch.randn(m, r, generator=g)
+            t[f"{PEFT_PREFIX}{mod}.lora_E.weight"] = torch.randn(r, 1, generator=g)
+        return PeftAdapter({"peft_type": "ADALORA", "init_r": 4, "lora_alpha": 8, "target_modules": sorted(TOY_LAYERS),
+                            "base_model_name_or_path": "synthetic-base"}, t)
+    sub = eigenlorax.build_subspace([adalora(0, 1), adalora(3, 2)], components=2)  # pruned in one: fine
+    assert set(sub.A) == set(TOY_LAYERS)
+    with pytest.raises(ValueError, match=r"layer enc\.v: every adapter has rank 0 there"):
+        eigenlorax.build_subspace([adalora(0, 1), adalora(0, 2)], components=2)
