@@ -104,6 +104,42 @@ at::Tensor reconstruct_cpu(const at::Tensor& U, const at::Tensor& C, const at::T
   return at::matmul(at::matmul(U, C), V.mT());
 }
 
+// One block of kTnJ x kTnT entries (fewer at the edges: Full = false) of acc (k x r) = u^T y over `rows`
+// rows of u (rows x k) and y (rows x r), kept in registers across the rows. Every entry is summed
+// over the rows in order from zero, as the CUDA kernel's threads sum a chunk (the same bits).
+constexpr int64_t kTnJ = 4;                                  // block rows (entries j of u^T y)
+template <typename T> constexpr int64_t kTnT = 32 / sizeof(T);  // block columns: 8 floats or 4 doubles
+
+template <typename T, bool Full>
+inline void tn_block(const T* u, const T* y, int64_t rows, int64_t k, int64_t r, int64_t j0, int64_t t0,
+                     int64_t nj, int64_t nt, T* acc) {
+  T a[kTnJ][kTnT<T>] = {};
+  const int64_t J = Full ? kTnJ : nj, TT = Full ? kTnT<T> : nt;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* ui = u + i * k + j0;
+    const T* yi = y + i * r + t0;
+    for (int64_t jj = 0; jj < J; ++jj) {
+      const T uj = ui[jj];
+      for (int64_t tt = 0; tt < TT; ++tt) a[jj][tt] += uj * yi[tt];
+    }
+  }
+  for (int64_t jj = 0; jj < J; ++jj)
+    for (int64_t tt = 0; tt < TT; ++tt) acc[(j0 + jj) * r + t0 + tt] = a[jj][tt];
+}
+
+// acc (k x r, contiguous) = u^T y for one chunk (u: rows x k, y: rows x r, contiguous), by blocks.
+template <typename T>
+void tn_partial(const T* u, const T* y, int64_t rows, int64_t k, int64_t r, T* acc) {
+  for (int64_t j0 = 0; j0 < k; j0 += kTnJ)
+    for (int64_t t0 = 0; t0 < r; t0 += kTnT<T>) {
+      const int64_t nj = std::min(kTnJ, k - j0), nt = std::min(kTnT<T>, r - t0);
+      if (nj == kTnJ && nt == kTnT<T>)
+        tn_block<T, true>(u, y, rows, k, r, j0, t0, nj, nt, acc);
+      else
+        tn_block<T, false>(u, y, rows, k, r, j0, t0, nj, nt, acc);
+    }
+}
+
 // (U + eps N)^T Y for U (m x k) and Y (m x r), any strides; N = the Philox normals of (seed,
 // stream) indexed by the row-major position in U (perturbed_basis's noise, same rounding). The
 // noise is generated per chunk of kPerturbRows rows and never stored beyond a chunk (a GPU thread
@@ -126,23 +162,16 @@ at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, in
       const auto e = static_cast<scalar_t>(eps);
       const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<scalar_t> tile(kPerturbRows * k), y(r);
+        std::vector<scalar_t> tile(kPerturbRows * k), y(kPerturbRows * r);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = c * kPerturbRows, r1 = std::min(m, r0 + kPerturbRows);
-          for (int64_t i = r0; i < r1; ++i)
+          for (int64_t i = r0; i < r1; ++i) {
             for (int64_t j = 0; j < k; ++j) tile[(i - r0) * k + j] = Ua[i][j];
+            for (int64_t t = 0; t < r; ++t) y[(i - r0) * r + t] = Ya[i][t];
+          }
           if (e != scalar_t(0))  // eps as rounded to the dtype, as the CUDA kernels test it
             philox_add_normals_range<scalar_t>(tile.data(), r0 * k, r1 * k, s, st, e);
-          scalar_t* acc = P + c * k * r;
-          for (int64_t i = r0; i < r1; ++i) {
-            for (int64_t t = 0; t < r; ++t) y[t] = Ya[i][t];
-            const scalar_t* u = tile.data() + (i - r0) * k;
-            for (int64_t j = 0; j < k; ++j) {
-              const scalar_t uj = u[j];
-              scalar_t* a = acc + j * r;
-              for (int64_t t = 0; t < r; ++t) a[t] += uj * y[t];
-            }
-          }
+          tn_partial(tile.data(), y.data(), r1 - r0, k, r, P + c * k * r);
         }
       });
     });
