@@ -46,9 +46,10 @@ run_tests() {
   tail -"$n" "$OUT/$log"
   stage "$name (rc=$rc; 124 = timed out)"
 }
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-$PY -c 'import torch; c = torch.cuda.is_available(); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if c else "NO GPU VISIBLE")' \
-  | tee -a "$OUT/env.txt"
+# bounded like every step: a wedged GPU must not take the whole command
+timeout 30 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+timeout 60 $PY -c 'import torch; c = torch.cuda.is_available(); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if c else "NO GPU VISIBLE")' \
+  2>&1 | tee -a "$OUT/env.txt" || stage "torch / CUDA init failed or timed out (rc=$?)"
 
 if [[ " $STAGES " == *" build "* ]]; then
   SUBSPACE_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} timeout "$(limit 300)" $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
@@ -94,8 +95,12 @@ toolchain() {
 no_raises=0
 if [[ " $STAGES " == *" probe "* ]]; then
   toolchain > "$OUT/toolchain.txt" 2>&1 || true
-  if ! probe probe.txt; then
-    first=$(grep -m1 'CRASH' "$OUT/probe.txt" | cut -d' ' -f1)
+  probe_rc=0
+  probe probe.txt || probe_rc=$?
+  # no CRASH line (the probe timed out or failed in Python): say so and run the tests as they are
+  first=$(grep -m1 'CRASH' "$OUT/probe.txt" | cut -d' ' -f1 || true)
+  (( probe_rc )) && [ -z "$first" ] && stage "probe failed without a CRASH line (rc=$probe_rc; 124 = timed out): see probe.txt"
+  if [ -n "$first" ]; then
     debug_run "$OUT/gdb-probe.txt" $PY bench/probe_exceptions.py "$first"
     used=$(readlink -f "$(command -v "${CXX:-c++}")" || true)
     alt=""
@@ -159,7 +164,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
   ops_end=$(( $(date +%s) + 240 ))
   for f in tests/test_philox.py tests/test_importance.py tests/test_rsvd.py tests/test_small_svd.py \
            tests/test_gram_orth.py tests/test_project.py tests/test_zero_size.py tests/test_solar_ops.py \
-           tests/test_opcheck.py tests/test_errors.py; do run_file "$f"; done
+           tests/test_dispatch_state.py tests/test_opcheck.py tests/test_errors.py; do run_file "$f"; done
   if (( ${#crashed[@]} )); then
     unset SUBSPACE_EXT_TEST_TRACE
     # the whole file up to the crash: it may need the tests before it (CUDA state, the heap)
@@ -178,7 +183,7 @@ fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # The CUDA cases of the method tests (they skip what the machine lacks, e.g. the bundled MiniLM
   # package, with the reason in the log).
-  run_tests "method tests" 120 tests_methods.txt 5 tests/test_eigenlorax.py tests/test_srlora.py tests/test_solar.py -k cuda
+  run_tests "method tests" 120 tests_methods.txt 5 tests/test_eigenlorax.py tests/test_srlora.py -k cuda
 fi
 
 # Last, with the time left: the CUDA cases of the op tests under compute-sanitizer: memcheck (out of
@@ -207,4 +212,7 @@ if [[ " $STAGES " == *" bench-cpu "* ]]; then
     > /dev/null || echo "bench-cpu failed or timed out (rc=$?)" | tee -a "$OUT/env.txt"
   stage bench-cpu
 fi
+# the bench's own status, except that its timeout (124) is reported as 3: the device tool reads 124 as
+# "the whole command ran out of time"
+(( bench_rc == 124 )) && bench_rc=3
 exit "$bench_rc"
