@@ -49,7 +49,9 @@ run: build
 bench-table: build
 	$(VENV)/bin/subspace-ext bench
 
-pytest: build
+# cmake-test too: tests/test_solar_edge.py runs cmake-build/solar_decode, which must be built from
+# the same sources as the extension
+pytest: build cmake-test
 	$(PY) -m pytest tests -q
 
 # cmake_build SOURCE,BUILD_DIR,EXTRA_ARGS: configure and build against .venv's libtorch, then ctest.
