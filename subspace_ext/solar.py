@@ -489,13 +489,21 @@ def _is_shape(shape) -> bool:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
 
 
+# A layer's rank may exceed min(m, n) (peft allows it; the update's rank is min(m, n) at most) up to
+# the config's largest rank, counted to at most this: a package of a few KB must not make the decoder
+# allocate gigabytes of zero padding (rank 2^21 on 384 x 384 layers: 1.6 GB).
+MAX_RANK_ABOVE_SHAPE = 4096
+
+
 def _config_rank(config) -> int:
-    """The largest LoRA rank a peft config names (r, AdaLoRA's init_r, rank_pattern values); 0 if none."""
+    """The largest LoRA rank a peft config names (r, AdaLoRA's init_r, rank_pattern values), at most
+    MAX_RANK_ABOVE_SHAPE; 0 if none."""
     if not isinstance(config, dict):
         return 0
     pattern = config.get("rank_pattern")
     ranks = [config.get("r"), config.get("init_r"), *(pattern.values() if isinstance(pattern, dict) else ())]
-    return max([r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and 0 < r <= 1 << 30], default=0)
+    return min(MAX_RANK_ABOVE_SHAPE, max([r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r > 0],
+                                         default=0))
 
 
 def _unpack(tensors: Dict[str, torch.Tensor], info) -> Dict[str, torch.Tensor]:

@@ -225,3 +225,19 @@ def test_adalora_with_lora_alpha_zero(bert, tmp_path):
     folder = _save(bert, cfg, str(tmp_path / "a"))
     assert all(u.scaling == pytest.approx(4 / (4 + 1e-5), rel=1e-12) for u in io.PeftAdapter.load(folder).updates())
     _roundtrip(bert, folder, str(tmp_path / "restored"))
+
+
+def test_tied_lm_head_edge_decoder(tmp_path):
+    """The C++ edge decoder finds a tied lm_head's weight as the Python decoder does (it failed with
+    'no weight for adapted module lm_head'): from the key the package records, checked by fingerprint."""
+    from test_solar_edge import BINARY, _assert_same_folder, _run
+    if not (BINARY.is_file() and os.access(BINARY, os.X_OK)):
+        pytest.skip(f"edge decoder binary {BINARY} not built (run `make cmake-test`)")
+    base = _llama_tied(str(tmp_path / "llama"))
+    folder = _save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]), str(tmp_path / "a"))
+    pkg = str(tmp_path / "pkg.safetensors")
+    solar.compress(folder, base, budget="full", method="solar").save(pkg)
+    solar.decompress(pkg, base).save_adapter(str(tmp_path / "py"))
+    r = _run(pkg, base, tmp_path / "cpp")
+    assert r.returncode == 0, r.stderr
+    _assert_same_folder(tmp_path / "py", tmp_path / "cpp")

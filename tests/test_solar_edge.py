@@ -249,7 +249,8 @@ INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shap
               "int8-scale-nan", "int8-values-int16"]
 
 
-@pytest.mark.parametrize("case", ["rank-too-large", "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8",
+@pytest.mark.parametrize("case", ["rank-too-large", "rank-bomb", "skipped-not-list", "peft-r-null", "extra-nan",
+                                  "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8",
                                   "checksum-empty", "checksum-nan"] + LOWRANK_EDITS + INT8_EDITS)
 def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
@@ -287,6 +288,14 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         del tensors[A_key]
     elif case == "rank-too-large":
         L["rank"] = min(L["shape"]) + 1
+    elif case == "rank-bomb":  # a rank the config allows, but 2.8 KB would decode into 1.6 GB of zero padding
+        info["peft_config"]["r"] = L["rank"] = 2**21
+    elif case == "skipped-not-list":  # the C++ decoder took these three; the Python one refused them
+        info["skipped"] = "x"
+    elif case == "peft-r-null":  # ... and wrote r: null into adapter_config.json
+        info["peft_config"]["r"] = None
+    elif case == "extra-nan":
+        tensors["extra.base_model.model.classifier.bias"] = torch.full((3,), float("nan"), dtype=torch.float64)
     elif case == "scaling-inf":
         L["scaling"] = float("inf")
     elif case == "nnz-mismatch":
@@ -325,6 +334,8 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         assert "_scale" in r.stderr, r.stderr
     if case.startswith("checksum"):
         assert "checksum must be 2 finite numbers" in r.stderr, r.stderr
+    if case.startswith("rank"):
+        assert "rank must be an integer in [1, " in r.stderr, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -381,4 +392,23 @@ def test_edited_packed_package_refused_by_both_decoders(tmp_path, case):
     r = _run(edited, base, tmp_path / "out")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert re.search(match, r.stderr), r.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", [b'"extra.x\\ud800"', b'"extra.x\xff"', b'"extra.x\xc0\xaf"'],
+                         ids=["lone-surrogate-escape", "raw-0xff", "overlong-slash"])
+def test_header_strings_must_be_utf8(tmp_path, package, name):
+    """A tensor name that is not UTF-8 was copied into the adapter's header, which safetensors then
+    could not read; the decoder now refuses the package at its header."""
+    pkg_path, base, _ = package
+    raw = pkg_path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8:8 + n]
+    key = b'"extra.base_model.model.classifier.bias"'
+    assert key in header
+    header = header.replace(key, name)
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    r = _run(edited, base, tmp_path / "out")
+    assert r.returncode == 1 and "not valid UTF-8" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

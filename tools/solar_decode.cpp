@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -37,6 +38,9 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+// safetensors stores little-endian numbers; the reader copies file bytes into tensors as they are.
+static_assert(std::endian::native == std::endian::little, "solar_decode reads safetensors on little-endian hosts only");
 
 namespace fs = std::filesystem;
 
@@ -364,13 +368,36 @@ class JsonParser {
     return v;
   }
 
+  // Strict UTF-8 (no overlong forms, no surrogates, at most U+10FFFF), as safetensors' own header
+  // parser requires: a string that is not would be copied into a header nothing else can read.
+  static bool valid_utf8(const std::string& s) {
+    static const uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};  // the smallest code point of each length
+    for (size_t i = 0; i < s.size();) {
+      const unsigned char c = static_cast<unsigned char>(s[i]);
+      const int more = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
+      if (more < 0 || s.size() - i <= static_cast<size_t>(more)) return false;
+      uint32_t cp = more ? c & (0x3Fu >> more) : c;
+      for (int k = 1; k <= more; ++k) {
+        const unsigned char d = static_cast<unsigned char>(s[i + k]);
+        if ((d >> 6) != 2) return false;
+        cp = (cp << 6) | (d & 0x3Fu);
+      }
+      if (cp < kMin[more] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+      i += more + 1;
+    }
+    return true;
+  }
+
   std::string string() {
     ++pos_;  // '"'
     std::string out;
     while (true) {
       if (pos_ >= s_.size()) error("unterminated string");
       const unsigned char c = static_cast<unsigned char>(s_[pos_++]);
-      if (c == '"') return out;
+      if (c == '"') {
+        if (!valid_utf8(out)) error("a string is not valid UTF-8 (raw bytes, or an unpaired \\u surrogate escape)");
+        return out;
+      }
       if (c < 0x20) error("control character in a string");
       if (c != '\\') {
         out += static_cast<char>(c);
@@ -930,6 +957,8 @@ class BaseWeights {
     fail(path_ + ": no weight for adapted module " + module + " (is this the adapter's base model?)");
   }
 
+  bool has(const std::string& key) const { return where_.count(key) > 0; }
+
   // (entry, raw bytes) of a key found by key_for_module.
   std::pair<TensorEntry, std::string> get(const std::string& key) const {
     const SafetensorsHeader& h = headers_[where_.at(key)];
@@ -994,14 +1023,17 @@ double as_double(const Json& j, const std::string& what) {
   return j.number;
 }
 
-// solar._config_rank: the largest LoRA rank a peft config names (r, init_r, rank_pattern values); 0 if none.
+// solar._config_rank: the largest LoRA rank a peft config names (r, init_r, rank_pattern values), at
+// most kMaxRankAboveShape (solar.MAX_RANK_ABOVE_SHAPE: a tiny package must not make us allocate
+// gigabytes of zero padding); 0 if none.
+constexpr int64_t kMaxRankAboveShape = 4096;
 int64_t largest_config_rank(const Json* config) {
   int64_t best = 0;
   if (!config || config->type != Json::Type::Object) return best;
   auto consider = [&](const Json* v) {
     __int128 x;
-    if (v && v->type == Json::Type::Int && json_to_int128(*v, x) && x > best && x <= (__int128{1} << 30))
-      best = static_cast<int64_t>(x);
+    if (v && v->type == Json::Type::Int && json_to_int128(*v, x) && x > best)
+      best = static_cast<int64_t>(std::min<__int128>(x, kMaxRankAboveShape));
   };
   consider(config->find("r"));
   consider(config->find("init_r"));
@@ -1251,6 +1283,10 @@ Package load_package(const std::string& path) {
     pkg.eps = as_double(need(info, "eps"), "eps");
     pkg.peft_config = need(info, "peft_config");
     if (pkg.peft_config.type != Json::Type::Object) fail("peft_config is not an object");
+    for (const char* key : {"r", "lora_alpha", "init_r"})  // numbers where present, as solar._parse
+      if (const Json* v = pkg.peft_config.find(key); v && !v->is_number())
+        fail(std::string("peft_config ") + key + " must be a number");
+    if (const Json* sk = info.find("skipped"); sk && sk->type != Json::Type::Array) fail("skipped must be a list");
     if (const Json* dt = info.find("dtype")) {
       if (dt->type != Json::Type::String) fail("dtype must be a string");
       pkg.dtype = dt->text;
@@ -1259,7 +1295,11 @@ Package load_package(const std::string& path) {
     fail(path + ": malformed package metadata (" + e.what() + ")");
   }
   for (const auto& [name, t] : tensors)
-    if (name.rfind("extra.", 0) == 0) pkg.extra.emplace_back(name.substr(6), t);
+    if (name.rfind("extra.", 0) == 0) {
+      if (t.is_floating_point() && !t.isfinite().all().item<bool>())
+        fail(path + ": malformed package metadata (extra tensor " + name.substr(6) + " holds NaN or Inf)");
+      pkg.extra.emplace_back(name.substr(6), t);
+    }
   return pkg;
 }
 
@@ -1367,7 +1407,11 @@ void decode(const std::string& package_path, const std::string& base_path, const
     try {
       key = bw.key_for_module(info.module);
     } catch (const Failure& e) {
-      fail(what + ": " + e.what());
+      // An output embedding tied to the input one (a LLaMA's lm_head): the encoder found the stored
+      // key from the model's config (io.BaseWeights.key_for_module) and recorded it; the fingerprint
+      // below shows it to be the same weight.
+      if (!bw.has(info.base_key)) fail(what + ": " + e.what());
+      key = info.base_key;
     }
     const auto [entry, bytes] = bw.get(key);
     std::vector<int64_t> stored = info.shape;  // solar._base_weight
