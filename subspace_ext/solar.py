@@ -35,9 +35,9 @@ matrix, one layer at a time. DESIGN.md's top-k bases with a k x k coefficient ma
 complete bases are what lets any coefficient be kept. Measured on 2 CPU cores: an adapter on 18 of
 MiniLM's Linears (its 12 FFN weights, 384 x 1536 and 1536 x 384, and 6 of 384 x 384) compresses in 48 s
 with "solar" and in 0.9 s with "lowrank"; a 4096 x 11008 layer needs about 1.5 GB for its bases and
-coefficients. Bases whose singular values are (nearly) tied are not defined by
-W0 alone: LAPACK may return another rotation of the tied vectors on another machine or thread count,
-which the receiver's checksum test then reports as a base mismatch naming the layer.
+coefficients. Bases whose singular values are (nearly) tied are not defined by W0 alone: LAPACK may
+return another rotation of the tied vectors on another machine or thread count, which the receiver's
+checksum test then reports as a base mismatch naming the layer.
 """
 from __future__ import annotations
 
@@ -894,9 +894,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     module types of that model (torch.nn.Linear, and transformers' Conv1D of GPT-2, whose in x out
     weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
     not contain "embed". Other changed tensors (biases, norms, embeddings) and tensors the base does not
-    have (a new classification head) cannot be carried and are listed in the package's ``skipped``. ``method`` and ``storage`` as for ``compress`` (the low-rank
-    encoding keeps the delta's leading ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power
-    iterations)."""
+    have (a new classification head) cannot be carried and are listed in the package's ``skipped``.
+    ``method`` and ``storage`` as for ``compress`` (the low-rank encoding keeps the delta's leading
+    ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power iterations)."""
     _check_request(budget, ratio, seed, eps, method, storage)
     encodings = _encodings(method)
     fw, bw = _as_base(finetuned), _as_base(base)
