@@ -45,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -304,9 +305,9 @@ class SolarPackage:
             if not 1 <= need(l, "rank", (int,), where + "rank") <= top:
                 raise ValueError(where + f"rank must be an integer in [1, {top}] for a {shape[0]} x {shape[1]} "
                                  "layer (the larger of min(m, n) and the peft config's largest rank)")
-            if not 0 < need(l, "scaling", (int, float), where + "scaling") < math.inf:
+            if not 0 < need(l, "scaling", (int, float), where + "scaling") <= sys.float_info.max:
                 raise ValueError(where + f"scaling must be a finite number > 0, got {l['scaling']!r}")
-            need(l, "stream", (int,), where + "stream")
+            _in_64_bits(need(l, "stream", (int,), where + "stream"), where + "stream")
             if not all(isinstance(c, (int, float)) for c in need(l, "checksum", (list,), where + "checksum")):
                 raise TypeError(where + "checksum must be a list of numbers")
             if "fan_in_fan_out" in l:
@@ -337,7 +338,7 @@ class SolarPackage:
             values.append(v)
             indices.append(ix)
             factors.append(f)
-        seed = need(info, "seed", (int,))
+        seed = _in_64_bits(need(info, "seed", (int,)), "seed")
         eps = need(info, "eps", (int, float))
         peft_config = need(info, "peft_config", (dict,))
         for key in ("r", "lora_alpha", "init_r"):
@@ -481,6 +482,13 @@ def _resolve_budget(budget, candidates: int) -> Optional[int]:
             or budget < NUMBERS_PER_COEFFICIENT):
         raise ValueError(f"budget must be 'full' or a finite number >= {NUMBERS_PER_COEFFICIENT}, got {budget!r}")
     return min(int(budget) // NUMBERS_PER_COEFFICIENT, candidates)
+
+
+def _in_64_bits(v: int, what: str) -> int:
+    """A seed or stream as ops._seed takes it (the C++ decoder reads the same range)."""
+    if not -(2 ** 63) <= v < 2 ** 64:
+        raise ValueError(f"{what} must fit in 64 bits, got {v}")
+    return v
 
 
 def _is_shape(shape) -> bool:

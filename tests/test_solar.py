@@ -407,6 +407,8 @@ def _resigned(pkg_path, tmp_path, edit_meta=None, edit_tensors=None):
     ("scaling-inf", "layer 0: scaling must be a finite number > 0"),
     ("nnz-mismatch", "layer 0: nnz .* != the .* stored coefficients"),
     ("peft-r-string", "peft_config r must be"),
+    ("seed-2^64", "seed must fit in 64 bits"),          # the C++ decoder refused these two, Python took them
+    ("scaling-10^400", "layer 0: scaling must be a finite number > 0"),
 ])
 def test_edited_package_metadata_is_refused(saved_pkg, tmp_path, case, match):
     """The Python decoder checks every field as the C++ decoder does (both refuse, neither writes a broken
@@ -432,6 +434,10 @@ def test_edited_package_metadata_is_refused(saved_pkg, tmp_path, case, match):
             info["layers"][0]["nnz"] += 5
         elif case == "peft-r-string":
             info["peft_config"]["r"] = "x"
+        elif case == "seed-2^64":
+            info["seed"] = 2**64
+        elif case == "scaling-10^400":
+            info["layers"][0]["scaling"] = 10**400
 
     packed = io.safetensors_metadata(saved_pkg)["format_version"] == "4"
     name = "packed.indices" if packed else "layer.0.indices"

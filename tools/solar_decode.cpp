@@ -1012,8 +1012,8 @@ struct Package {
 // ops._seed: a Python int in [-2^63, 2^64), passed as the same 64 bits.
 int64_t as_seed(const Json& j, const std::string& what) {
   __int128 v;
-  if (!json_to_int128(j, v)) fail(what + " must be an integer");
-  if (v < -(__int128{1} << 63) || v >= (__int128{1} << 64)) fail(what + " must fit in 64 bits");
+  if (j.type != Json::Type::Int) fail(what + " must be an integer");
+  if (!json_to_int128(j, v) || v < -(__int128{1} << 63) || v >= (__int128{1} << 64)) fail(what + " must fit in 64 bits");
   if (v >= (__int128{1} << 63)) v -= (__int128{1} << 64);
   return static_cast<int64_t>(v);
 }
