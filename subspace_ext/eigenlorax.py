@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, content_digest, fingerprint, linear_layout,
+from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, fingerprint, linear_layout,
                  read_safetensors, safetensors_metadata, save_safetensors, tensors_digest)
 
 FORMAT = "subspace_ext.eigenlorax"
@@ -39,17 +39,6 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 _PEFT_PREFIX = "base_model.model."
 # peft task types whose model adds its head to modules_to_save, so loading fails without its weights
 _TASKS_WITH_HEAD = {"SEQ_CLS": "classifier / score", "TOKEN_CLS": "classifier / score", "QUESTION_ANS": "qa_outputs"}
-
-
-def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
-    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
-    by_dtype: Dict[torch.dtype, list] = {}
-    for v in floats.values():
-        by_dtype.setdefault(v.dtype, []).append(v.detach().reshape(-1))
-    if all(bool(torch.isfinite(torch.cat(vs)).all()) for vs in by_dtype.values()):
-        return  # one check per dtype (a task switch reads ~26 small tensors); the loop below names the culprit
-    bad = next(k for k, v in floats.items() if not bool(torch.isfinite(v).all()))
-    raise FormatError(f"{where}: tensor {bad} holds NaN or Inf")
 
 
 def _check_scaling(value, where: str) -> float:
@@ -82,7 +71,7 @@ def _read(path: str, fmt: str, what: str, version: Optional[int] = None) -> tupl
     digest = meta.pop("digest", None)
     if digest is not None and content_digest(t, json.dumps(meta, sort_keys=True)) != digest:
         raise FormatError(f"{path}: corrupt file: its contents do not match the digest recorded when it was saved")
-    _check_finite(t, path)
+    check_finite(t, path)
     return t, meta
 
 
@@ -90,7 +79,7 @@ def _read_task(source: Union[str, Dict[str, torch.Tensor]]) -> tuple:
     """(tensors, metadata) of a task: a ``save_coefficients`` file or a dict of its tensors."""
     if isinstance(source, str):
         return _read(source, TASK_FORMAT, "task coefficients file")
-    _check_finite(source, "task coefficients")
+    check_finite(source, "task coefficients")
     return source, {}
 
 
@@ -398,7 +387,7 @@ class EigenModel:
         extra = self.extra() if extra is None else extra
         for k, v in extra.items():
             t[f"extra.{k}"] = v.detach().contiguous()
-        _check_finite(t, f"{path}: refusing to save")
+        check_finite(t, f"{path}: refusing to save")
         scaling = next(iter(self.layers.values())).scaling
         meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling),
                 "subspace": self.subspace.digest()}
@@ -562,7 +551,7 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
             raise ValueError(f"extra tensor {k}: peft can only restore parameters of a module outside the LoRA "
                              "layers (modules_to_save), such as classifier.weight")
     tensors.update({_PEFT_PREFIX + k: v for k, v in extra.items()})
-    _check_finite(tensors, f"{path}: refusing to export")
+    check_finite(tensors, f"{path}: refusing to export")
     task_type = _check_task_type(task_type, bool(extra), f"{path}: refusing to export")
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": bool(fan_in_fan_out), "use_rslora": False,

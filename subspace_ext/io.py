@@ -31,6 +31,18 @@ class FormatError(ValueError):
     """A file or folder that is not what it should be (names the file and the problem)."""
 
 
+def check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
+    """FormatError naming the first floating-point tensor of ``tensors`` that holds NaN or Inf."""
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    by_dtype: Dict[torch.dtype, list] = {}
+    for v in floats.values():
+        by_dtype.setdefault(v.dtype, []).append(v.detach().reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(vs)).all()) for vs in by_dtype.values()):
+        return  # one check per dtype (a task switch reads ~26 small tensors); the loop below names the culprit
+    bad = next(k for k, v in floats.items() if not bool(torch.isfinite(v).all()))
+    raise FormatError(f"{where}: tensor {bad} holds NaN or Inf")
+
+
 @dataclass
 class LowRankUpdate:
     """One adapted Linear: its update is ``scaling * B @ A`` (B m x r, A r x n)."""
@@ -154,8 +166,8 @@ class PeftAdapter:
         for key in self.tensors:
             if ".lora_" in key and not _LORA_TENSOR.fullmatch(key):
                 raise FormatError(f"tensor {key} is not a LoRA factor this reader knows (lora_A, lora_B, AdaLoRA's "
-                                  "lora_E, lora_embedding_A/B, lora_B.bias): an adapter of a LoRA variant whose update is not "
-                                  "scaling * B @ A? Its meaning would be lost, so it is refused")
+                                  "lora_E, lora_embedding_A/B, lora_B.bias): an adapter of a LoRA variant whose "
+                                  "update is not scaling * B @ A? Its meaning would be lost, so it is refused")
         for key in ("r", "lora_alpha", "init_r"):  # what peft (and a SOLAR package's reader) reads as numbers
             if key in self.config:
                 self._number(key, self.config[key])
@@ -230,9 +242,7 @@ class PeftAdapter:
         finite like the factors (a FormatError names the tensor)."""
         lowrank = re.compile(r".*\.lora_[ABE](\.weight)?$")
         out = {k: v for k, v in self.tensors.items() if not lowrank.fullmatch(k)}
-        for k, v in out.items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise FormatError(f"{self.source + ': ' if self.source else ''}{k} holds NaN or Inf")
+        check_finite(out, self.source or "adapter")
         return out
 
 

@@ -52,8 +52,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, as_update_layout, embedding_lora_modules, fingerprint,
-                 read_safetensors, safetensors_metadata, save_safetensors)
+from .io import (BaseWeights, FormatError, PeftAdapter, as_update_layout, check_finite, embedding_lora_modules,
+                 fingerprint, read_safetensors, safetensors_metadata, save_safetensors)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 
 FORMAT = "subspace_ext.solar"
@@ -307,7 +307,7 @@ class SolarPackage:
                                  "layer (the larger of min(m, n) and the peft config's largest rank)")
             if not 0 < need(l, "scaling", (int, float), where + "scaling") <= sys.float_info.max:
                 raise ValueError(where + f"scaling must be a finite number > 0, got {l['scaling']!r}")
-            _in_64_bits(need(l, "stream", (int,), where + "stream"), where + "stream")
+            ops._seed(need(l, "stream", (int,), where + "stream"), where + "stream")  # 64 bits, as the ops take
             if not all(isinstance(c, (int, float)) for c in need(l, "checksum", (list,), where + "checksum")):
                 raise TypeError(where + "checksum must be a list of numbers")
             if "fan_in_fan_out" in l:
@@ -338,7 +338,8 @@ class SolarPackage:
             values.append(v)
             indices.append(ix)
             factors.append(f)
-        seed = _in_64_bits(need(info, "seed", (int,)), "seed")
+        seed = need(info, "seed", (int,))
+        ops._seed(seed)  # 64 bits, as the ops take it (the C++ decoder reads the same range)
         eps = need(info, "eps", (int, float))
         peft_config = need(info, "peft_config", (dict,))
         for key in ("r", "lora_alpha", "init_r"):
@@ -349,9 +350,7 @@ class SolarPackage:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")
         skipped = need(info, "skipped", (list,)) if "skipped" in info else []
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-        for k, v in extra.items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise ValueError(f"extra tensor {k} holds NaN or Inf")
+        check_finite(extra, "extra")
         return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales)
 
     # -- report --------------------------------------------------------------------------------
@@ -482,13 +481,6 @@ def _resolve_budget(budget, candidates: int) -> Optional[int]:
             or budget < NUMBERS_PER_COEFFICIENT):
         raise ValueError(f"budget must be 'full' or a finite number >= {NUMBERS_PER_COEFFICIENT}, got {budget!r}")
     return min(int(budget) // NUMBERS_PER_COEFFICIENT, candidates)
-
-
-def _in_64_bits(v: int, what: str) -> int:
-    """A seed or stream as ops._seed takes it (the C++ decoder reads the same range)."""
-    if not -(2 ** 63) <= v < 2 ** 64:
-        raise ValueError(f"{what} must fit in 64 bits, got {v}")
-    return v
 
 
 def _is_shape(shape) -> bool:

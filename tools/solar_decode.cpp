@@ -1297,7 +1297,7 @@ Package load_package(const std::string& path) {
   for (const auto& [name, t] : tensors)
     if (name.rfind("extra.", 0) == 0) {
       if (t.is_floating_point() && !t.isfinite().all().item<bool>())
-        fail(path + ": malformed package metadata (extra tensor " + name.substr(6) + " holds NaN or Inf)");
+        fail(path + ": malformed package metadata (extra: tensor " + name.substr(6) + " holds NaN or Inf)");
       pkg.extra.emplace_back(name.substr(6), t);
     }
   return pkg;
