@@ -35,9 +35,12 @@ matrix, one layer at a time. DESIGN.md's top-k bases with a k x k coefficient ma
 complete bases are what lets any coefficient be kept. Measured on 2 CPU cores: an adapter on 18 of
 MiniLM's Linears (its 12 FFN weights, 384 x 1536 and 1536 x 384, and 6 of 384 x 384) compresses in 48 s
 with "solar" and in 0.9 s with "lowrank"; a 4096 x 11008 layer needs about 1.5 GB for its bases and
-coefficients. Bases whose singular values are (nearly) tied are not defined by W0 alone: LAPACK may
-return another rotation of the tied vectors on another machine or thread count, which the receiver's
-checksum test then reports as a base mismatch naming the layer.
+coefficients. Where W0's singular values are tied (within 1e-8 of the largest), LAPACK's vectors are
+any rotation of the tied ones, different on another library, thread count or device; ``solar_basis``
+therefore resolves ties with the seed (a tied subspace's basis is the orthonormalised projection of
+seeded probes; a numerical null space is left to the seeded completion), so a rank-deficient or
+orthogonal base weight gives the receiver the sender's basis too (DESIGN.md's step 6 only asked for the
+mismatch to be detected).
 """
 from __future__ import annotations
 
@@ -1095,8 +1098,9 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
         if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
             raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "
-                                    f"{[float(c) for c in ck]} != {info.checksum}); singular values of {key} "
-                                    "may be too close to define the basis on this machine")
+                                    f"{[float(c) for c in ck]} != {info.checksum}): the seed or eps differs from the "
+                                    f"sender's, or singular values of {key} are (nearly) tied and the package "
+                                    "comes from an older build, which left ties to LAPACK")
         tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
         tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
     tensors.update(pkg.extra)

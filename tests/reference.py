@@ -474,12 +474,50 @@ def orthonormal_columns_ref(P):
     return Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(P.dtype)
 
 
+TIE_TOL = 1e-8                 # singular values closer than this times the largest are tied
+TIE_KEY = 0x7469657374696573   # XORed into the seed for the probes of tied subspaces
+
+
+def untie_ref(U, S, V, seed, stream):
+    """W0's singular vectors with every tie resolved by the seed: a trailing run of values within
+    TIE_TOL * S[0] of zero (chained by gaps <= TIE_TOL * S[0]) is dropped (the completion spans it);
+    in every other run of values chained by such gaps, U's columns Q_c become Q_c Q with
+    Q_c^T G = Q R (G: normals of the key seed ^ TIE_KEY, stream 4 stream + 0; R's diagonal positive),
+    V's likewise with stream 4 stream + 1."""
+    s = S.tolist()
+    k = len(s)
+    if k == 0:
+        return U, V
+    tol = TIE_TOL * s[0]
+    r = k
+    while r > 0 and s[r - 1] <= tol:
+        r -= 1
+    if r < k:
+        while r > 0 and s[r - 1] - s[r] <= tol:
+            r -= 1
+    U, V = U.clone(), V.clone()
+    a = 0
+    while a < r:
+        b = a + 1
+        while b < r and s[b - 1] - s[b] <= tol:
+            b += 1
+        if b - a > 1:
+            for Q, side in ((U, 0), (V, 1)):
+                Qc = Q[:, a:b]
+                G = _normals64(Q.shape[0], b - a, seed ^ TIE_KEY, 4 * stream + side)
+                Q[:, a:b] = Qc @ orthonormal_columns_ref(Qc.T @ G)
+        a = b
+    return U[:, :r], V[:, :r]
+
+
 def solar_basis_ref(W0, seed, stream=0, eps=0.0):
-    """(U (m x m), V (n x n)) in float64: W0's singular vectors (descending, canonical signs),
-    completed with the float64 normals of streams 4 stream + 0 / 1 made orthogonal to them (two
-    passes), then, for eps > 0, Q + eps / sqrt(d) N (streams 4 stream + 2 / 3) orthonormalised."""
-    U, _, Vh = torch.linalg.svd(W0.detach().cpu().double(), full_matrices=False)
+    """(U (m x m), V (n x n)) in float64: W0's singular vectors (descending, canonical signs, ties
+    resolved by untie_ref), completed with the float64 normals of streams 4 stream + 0 / 1 made
+    orthogonal to them (two passes), then, for eps > 0, Q + eps / sqrt(d) N (streams 4 stream + 2 / 3)
+    orthonormalised."""
+    U, S, Vh = torch.linalg.svd(W0.detach().cpu().double(), full_matrices=False)
     U, V = canonical_signs(U, Vh.mT)
+    U, V = untie_ref(U, S, V, seed, stream)
 
     def complete(Q, s):
         d, k = Q.shape

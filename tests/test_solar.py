@@ -557,6 +557,35 @@ def test_wrong_seed_at_decode_is_detected(one_layer_adapter, base_weights):
         solar.decompress(forged, base_weights)
 
 
+def test_base_with_tied_singular_values_decodes_at_another_thread_count(tmp_path, monkeypatch):
+    """A rank-deficient base weight (8 of 300 x 200, float64, pruned rows) and an orthogonal one (all values
+    tied). LAPACK's vectors for a null space or a tie changed with the thread count: a package made
+    with 2 threads failed its checksum with 1 (BaseMismatchError). solar_basis now resolves ties
+    with the seed, so the receiver's bases match whatever its LAPACK returns."""
+    monkeypatch.setattr(ops, "solar_basis", REAL_SOLAR_BASIS)
+    g = torch.Generator().manual_seed(8)
+    low = torch.randn(300, 8, dtype=torch.float64, generator=g) @ torch.randn(8, 200, dtype=torch.float64,
+                                                                              generator=g)
+    low[:40] = 0
+    weights = {"layer.0.low.weight": low,
+               "layer.0.orth.weight": torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64, generator=g)).Q.float().contiguous()}
+    base = str(tmp_path / "base.safetensors")
+    save_file(weights, base)
+    r, tensors = 4, {}
+    for key, W in weights.items():
+        module = key[: -len(".weight")]
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(W.shape[0], r, dtype=W.dtype, generator=g)
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(r, W.shape[1], dtype=W.dtype, generator=g)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["low", "orth"], "bias": "none",
+              "lora_dropout": 0.0, "fan_in_fan_out": False, "task_type": None}
+    adapter = io.PeftAdapter(config, tensors)
+    torch.set_num_threads(2)
+    pkg = solar.compress(adapter, base, budget="full")
+    torch.set_num_threads(1)
+    for e in solar.relative_errors(adapter, solar.decompress(pkg, base)):
+        assert e < ROUNDING
+
+
 # ---------------------------------------------------------------------------------------------
 # solar_basis
 

@@ -1,6 +1,7 @@
 """The SOLAR ops (solar_basis, solar_checksum, solar_decode) against their float64 references in
 reference.py, on every device present: odd and degenerate shapes, signed and large seeds, half
-precision inputs, int32 indices, empty coefficient sets. The methods' own tests (test_solar*.py)
+precision inputs, int32 indices, empty coefficient sets; and base weights with tied singular values
+or a null space, whose bases must depend on W0's subspaces and the seed only. The methods' own tests (test_solar*.py)
 cover packages, files and the CLI."""
 import pytest
 import torch
@@ -39,6 +40,122 @@ def test_solar_basis_stream_and_seed_pick_the_completion_and_noise():
         assert torch.equal(U2, U) and torch.equal(V2[:, :12], V[:, :12])  # square U: no completion
         assert (V2[:, 12:] - V[:, 12:]).abs().max() > 0.1
         torch.testing.assert_close(V2, ref.solar_basis_ref(W0, seed, stream)[1], rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# tied singular values: LAPACK returns any rotation of their vectors (and any basis of a null
+# space), so the op resolves them with the seed; the bases depend on W0's subspaces only
+
+def _orth(d, g):
+    return torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g)).Q
+
+
+def _product(m, r, n, g):
+    """A random m x n matrix of rank r, in float64."""
+    return torch.randn(m, r, dtype=torch.float64, generator=g) @ torch.randn(r, n, dtype=torch.float64, generator=g)
+
+
+def _with_spectrum(m, n, s, g, right=None):
+    """P[:, :k] diag(s) R^T (k = len(s)) with random orthogonal P, R (R given: right)."""
+    k = len(s)
+    R = _orth(n, g) if right is None else right
+    return _orth(m, g)[:, :k] @ torch.diag(torch.as_tensor(s, dtype=torch.float64)) @ R[:, :k].T
+
+
+def _degenerate(name, g):
+    if name == "rank 3 of 40 x 25":
+        return _product(40, 3, 25, g)
+    if name == "rank 2 of 17 x 30, float32":
+        return (torch.randn(17, 2, generator=g) @ torch.randn(2, 30, generator=g)).double()
+    if name == "orthogonal 24 x 24":
+        return _orth(24, g)
+    if name == "tied block 30 x 20":
+        s = torch.linspace(9, 1, 20, dtype=torch.float64)
+        s[4:9] = 5.0                        # 5 tied values in the middle
+        s[12:14] = s[11] * (1 - 2e-9)       # a near-tie (gap 2e-9 of the largest) chained to it
+        return _with_spectrum(30, 20, s, g)
+    if name == "zero 6 x 4":
+        return torch.zeros(6, 4, dtype=torch.float64)
+    if name == "eye 9 x 12":
+        return torch.eye(9, 12, dtype=torch.float64)
+    raise KeyError(name)
+
+
+DEGENERATE = ["rank 3 of 40 x 25", "rank 2 of 17 x 30, float32", "orthogonal 24 x 24", "tied block 30 x 20",
+              "zero 6 x 4", "eye 9 x 12"]
+
+
+@pytest.mark.parametrize("name", DEGENERATE)
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_solar_basis_with_ties_matches_float64_reference(name, eps, device):
+    W0 = _degenerate(name, torch.Generator().manual_seed(len(name)))
+    U, V = ops.solar_basis(W0.to(device), SEED, 2, eps)
+    U_ref, V_ref = ref.solar_basis_ref(W0, SEED, 2, eps)
+    m, n = W0.shape
+    assert U.shape == (m, m) and V.shape == (n, n)
+    eye = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(U.cpu().T @ U.cpu(), eye[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.cpu().T @ V.cpu(), eye[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(U.cpu(), U_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(V.cpu(), V_ref, rtol=0, atol=1e-9)
+
+
+def _same_basis(a, b, cols=None):
+    for x, y in zip(a, b):
+        x, y = (x, y) if cols is None else (x[:, cols], y[:, cols])
+        torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=1e-10)
+
+
+def test_solar_basis_of_tied_values_depends_on_the_subspaces_only(device):
+    """Different matrices with the same tied subspaces give the same bases there. Before the op
+    resolved ties, each of these differed by O(1): LAPACK's vectors for a tie depend on the matrix
+    (and on the library, the thread count, the device)."""
+    g = torch.Generator().manual_seed(11)
+    basis = lambda W: ops.solar_basis(W.to(device), SEED, 1, 0.0)
+    # two orthogonal matrices: every value tied, the whole spaces are the subspaces
+    _same_basis(basis(_orth(20, g)), basis(_orth(20, g)))
+    # rank 4: the null spaces are the same for X Y and X (M Y), though the kept vectors are not
+    X, Y, M = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((33, 4), (4, 26), (4, 4)))
+    (U1, V1), (U2, V2) = basis(X @ Y), basis(X @ (M @ Y))
+    _same_basis((U1, V1), (U2, V2), cols=slice(4, None))
+    assert (U1[:, :4] - U2[:, :4]).abs().max() > 0.01
+    # a tied block rotated on one side: another matrix, the same subspaces on both sides
+    s = torch.linspace(6, 1, 12, dtype=torch.float64)
+    s[3:7] = 4.0
+    R = _orth(12, g)
+    rot = torch.eye(12, dtype=torch.float64)
+    rot[3:7, 3:7] = _orth(4, g)
+    W1 = _with_spectrum(15, 12, s, torch.Generator().manual_seed(5), right=R)
+    W2 = _with_spectrum(15, 12, s, torch.Generator().manual_seed(5), right=R @ rot)
+    assert (W1 - W2).abs().max() > 0.1
+    _same_basis(basis(W1), basis(W2))
+
+
+@pytest.mark.parametrize("shape,rank", [((300, 200), 8), ((150, 260), 5), ((200, 200), 200)])
+def test_solar_basis_with_ties_is_independent_of_thread_count(shape, rank):
+    """Large enough for LAPACK to split its work over threads: rank 8 of 300 x 200 gave bases 1.07
+    apart with 1 and 2 threads before ties were resolved."""
+    g = torch.Generator().manual_seed(rank)
+    W0 = _orth(shape[0], g) if rank == shape[0] == shape[1] else _product(shape[0], rank, shape[1], g)
+    out = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out.append(ops.solar_basis(W0, SEED, 0, 0.1))
+    _same_basis(*out)
+
+
+def test_solar_basis_keeps_singular_vectors_apart_from_ties():
+    """Untied values keep their singular vectors (W0 v_j = s_j u_j), ties inside their subspace."""
+    s = torch.tensor([5.0, 4.0, 4.0, 4.0 * (1 - 1e-6), 1.0, 1e-12, 0.0], dtype=torch.float64)  # 1e-6: no tie
+    W0 = _with_spectrum(10, 8, s, torch.Generator().manual_seed(2))
+    U, V = ops.solar_basis(W0, SEED, 0, 0.0)
+    for j in (0, 3, 4):
+        torch.testing.assert_close(W0 @ V[:, j], s[j] * U[:, j], rtol=0, atol=1e-12)
+    tied = U[:, 1:3]  # the tied pair spans the same plane as W0's vectors for 4.0
+    torch.testing.assert_close(tied @ tied.T @ W0 @ V[:, 1:3], W0 @ V[:, 1:3], rtol=0, atol=1e-12)
+    # 1e-12 and 0 are a null space: their directions are the seed's completion, orthogonal to the rest
+    U_ref, V_ref = ref.solar_basis_ref(W0, SEED, 0)
+    torch.testing.assert_close(U[:, 5:], U_ref[:, 5:], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("rows,cols", [(30, 4), (7, 1), (5, 5), (11, 0)])

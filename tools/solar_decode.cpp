@@ -1453,8 +1453,9 @@ void decode(const std::string& package_path, const std::string& base_path, const
       for (size_t k = 0; k < n; ++k) {
         if (std::abs(got[k] - info.checksum[k]) > tol)
           fail(what + ": the regenerated basis does not match the sender's (checksum " + python_float_list(got) +
-               " != " + python_float_list(info.checksum) + "); singular values of " + key +
-               " may be too close to define the basis on this machine");
+               " != " + python_float_list(info.checksum) + "): the seed or eps differs from the sender's, or " +
+               "singular values of " + key + " are (nearly) tied and the package comes from an older build, " +
+               "which left ties to LAPACK");
       }
       put(prefix + ".lora_A.weight", A.to(dtype));
       put(prefix + ".lora_B.weight", B.to(dtype));

@@ -40,6 +40,50 @@ at::Tensor perturb(const at::Tensor& Q, double eps, int64_t seed, int64_t stream
   return orthonormalize_columns(P).first;
 }
 
+// Singular values closer than kTieTol * sigma_max count as tied. LAPACK determines a vector to an
+// angle of about 1e-16 * sigma_max / gap, so above this gap two machines' vectors agree to ~1e-8 (the
+// checksum test allows 1e-6); below it, another library, thread count or device may return any
+// rotation of the tied vectors, and any basis of a null space. Real weights' gaps are far larger.
+constexpr double kTieTol = 1e-8;
+// XORed into the seed for the probes that pick a tied subspace's basis (streams as the completion's).
+constexpr int64_t kTieKey = 0x7469657374696573;  // "tiesties"
+
+// The basis of span(Q_c) (Q_c: d x c, orthonormal columns) that a seeded probe G (d x c) defines:
+// Q_c Q with Q_c^T G = Q R, R's diagonal positive (the orthonormalised projection of G). Another
+// orthonormal basis Q_c X of the span (X orthogonal) gives X^T Q_c^T G = (X^T Q) R, so the same Q_c Q.
+at::Tensor canonical_span(const at::Tensor& Qc, int64_t key, int64_t stream) {
+  const at::Tensor G = normals(Qc.size(0), Qc.size(1), key, stream, Qc.device());
+  return at::mm(Qc, orthonormalize_columns(at::mm(Qc.t(), G)).first);
+}
+
+// W0's singular vectors (U m x k, V n x k, descending S) made a function of W0 and the seed alone, where
+// LAPACK's are not. A trailing run of values within the tie tolerance of zero (chained by gaps below
+// it) is a numerical null space: its columns are dropped, and complete() spans it with seeded
+// directions orthogonal to the kept ones. Every other run of tied values (a cluster, chained by gaps
+// below the tolerance) has its U and V columns each replaced by canonical_span's basis; the two sides
+// separately, since near-tied pairs match across the sides only approximately. Values with no tie
+// keep LAPACK's vectors and canonical signs, bit for bit: generic weights' bases are unchanged.
+std::pair<at::Tensor, at::Tensor> untie(at::Tensor U, const at::Tensor& S, at::Tensor V, int64_t seed,
+                                        int64_t stream) {
+  const at::Tensor s64 = S.to(at::kCPU, at::kDouble).contiguous();  // a host sync (small: k numbers)
+  const double* s = s64.const_data_ptr<double>();
+  const int64_t k = s64.numel();
+  if (k == 0) return {U, V};
+  const double tol = kTieTol * s[0];
+  int64_t r = k;
+  while (r > 0 && s[r - 1] <= tol) --r;
+  if (r < k)
+    while (r > 0 && s[r - 1] - s[r] <= tol) --r;
+  const int64_t key = seed ^ kTieKey;
+  for (int64_t a = 0, b; a < r; a = b) {
+    for (b = a + 1; b < r && s[b - 1] - s[b] <= tol;) ++b;
+    if (b - a < 2) continue;
+    U.narrow(1, a, b - a).copy_(canonical_span(U.narrow(1, a, b - a), key, 4 * stream + kCompleteU));
+    V.narrow(1, a, b - a).copy_(canonical_span(V.narrow(1, a, b - a), key, 4 * stream + kCompleteV));
+  }
+  return {U.narrow(1, 0, r), V.narrow(1, 0, r)};
+}
+
 // 4 Philox streams per layer (4 * stream + 0..3): a larger stream would wrap onto another's (and
 // 4 * stream overflow int64).
 void check_stream(int64_t stream, const char* op) {
@@ -57,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor> solar_basis_cpu(const at::Tensor& W0, int64_t
   auto svd = at::linalg_svd(W, /*full_matrices=*/false);
   at::Tensor U = std::get<0>(svd).contiguous(), V = std::get<2>(svd).t().contiguous();
   canonicalize_signs_(U, V);
+  std::tie(U, V) = untie(U, std::get<1>(svd), V, seed, stream);
   U = perturb(complete(U, seed, 4 * stream + kCompleteU), eps, seed, 4 * stream + kPerturbU);
   V = perturb(complete(V, seed, 4 * stream + kCompleteV), eps, seed, 4 * stream + kPerturbV);
   return {U, V};
