@@ -32,10 +32,11 @@ defaults here (complete bases, eps = 0, global top-|c|) are the ones our measure
 Cost of the SOLAR encoding (not of "lowrank"): per layer a full SVD of W0 in float64 (on each side of
 the link: the receiver regenerates it), bases of m² + n² float64 numbers and an m x n coefficient
 matrix, one layer at a time. DESIGN.md's top-k bases with a k x k coefficient matrix would cost less;
-complete bases are what lets any coefficient be kept. Measured on 2 CPU cores: an adapter on 18 of
-MiniLM's Linears (its 12 FFN weights, 384 x 1536 and 1536 x 384, and 6 of 384 x 384) compresses in 48 s
-with "solar" and in 0.9 s with "lowrank"; a 4096 x 11008 layer needs about 1.5 GB for its bases and
-coefficients. Where W0's singular values are tied (within 1e-8 of the largest), LAPACK's vectors are
+complete bases are what lets any coefficient be kept. Measured on 2 CPU cores (a quiet machine): an r=8
+adapter on 18 of MiniLM's Linears (its 12 FFN weights, 384 x 1536 and 1536 x 384, and 6 of 384 x 384),
+ratio 0.1, compresses in 5.8 s with "solar" and 0.08 s with "lowrank", and decodes in 5.7 s and
+0.08 s; nearly all of "solar"'s time is the bases (0.39 s for a 1536 x 384 weight, 0.84 s with
+eps > 0); a 4096 x 11008 layer needs about 1.5 GB for its bases and coefficients. Where W0's singular values are tied (within 1e-8 of the largest), LAPACK's vectors are
 any rotation of the tied ones, different on another library, thread count or device; ``solar_basis``
 therefore resolves ties with the seed (a tied subspace's basis is the orthonormalised projection of
 seeded probes; a numerical null space is left to the seeded completion), so a rank-deficient or

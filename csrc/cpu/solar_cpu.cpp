@@ -29,7 +29,7 @@ at::Tensor complete(const at::Tensor& Q, int64_t seed, int64_t stream) {
   if (k == d) return Q;
   at::Tensor N = normals(d, d - k, seed, stream, Q.device());
   for (int pass = 0; pass < 2; ++pass) N -= at::mm(Q, at::mm(Q.t(), N));
-  return at::cat({Q, orthonormalize_columns(N).first}, 1);
+  return at::cat({Q, orthonormalize_columns(N, 2, /*with_r=*/false).first}, 1);
 }
 
 // Q + (eps / sqrt(d)) N, re-orthonormalised (Cholesky-QR keeps column order and signs).
@@ -37,7 +37,7 @@ at::Tensor perturb(const at::Tensor& Q, double eps, int64_t seed, int64_t stream
   if (eps == 0.0) return Q;
   const int64_t d = Q.size(0);
   at::Tensor P = Q + normals(d, Q.size(1), seed, stream, Q.device()) * (eps / std::sqrt(static_cast<double>(d)));
-  return orthonormalize_columns(P).first;
+  return orthonormalize_columns(P, 2, /*with_r=*/false).first;
 }
 
 // Singular values closer than kTieTol * sigma_max count as tied. LAPACK determines a vector to an
@@ -53,7 +53,7 @@ constexpr int64_t kTieKey = 0x7469657374696573;  // "tiesties"
 // orthonormal basis Q_c X of the span (X orthogonal) gives X^T Q_c^T G = (X^T Q) R, so the same Q_c Q.
 at::Tensor canonical_span(const at::Tensor& Qc, int64_t key, int64_t stream) {
   const at::Tensor G = normals(Qc.size(0), Qc.size(1), key, stream, Qc.device());
-  return at::mm(Qc, orthonormalize_columns(at::mm(Qc.t(), G)).first);
+  return at::mm(Qc, orthonormalize_columns(at::mm(Qc.t(), G), 2, /*with_r=*/false).first);
 }
 
 // W0's singular vectors (U m x k, V n x k, descending S) made a function of W0 and the seed alone, where
