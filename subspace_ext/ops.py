@@ -570,7 +570,11 @@ def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
     ``U`` (m x m): W0's left singular vectors (descending, canonical signs), completed to a basis
     of R^m with seeded random directions; ``V`` (n x n) likewise. With ``eps > 0`` each basis is
     perturbed by ``eps / sqrt(dim) * N(seed, stream)`` and re-orthonormalised. A receiver with the
-    same W0 and (seed, stream, eps) regenerates the same bases.
+    same W0 and (seed, stream, eps) regenerates the same bases, also where W0's singular vectors are
+    not unique: singular values whose gaps are at most 1e-8 x the largest (chained) count as tied, and
+    each tied run's vectors (on each side) are replaced by the orthonormalised projection of seeded
+    probes onto their span; a run reaching down to 1e-8 x the largest is a null space, left to the
+    seeded completion.
     """
     _tensor(W0, "W0", dtypes=_WEIGHT, op="solar_basis")
     if W0.dim() != 2:

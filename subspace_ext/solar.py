@@ -36,12 +36,14 @@ complete bases are what lets any coefficient be kept. Measured on 2 CPU cores (a
 adapter on 18 of MiniLM's Linears (its 12 FFN weights, 384 x 1536 and 1536 x 384, and 6 of 384 x 384),
 ratio 0.1, compresses in 5.8 s with "solar" and 0.08 s with "lowrank", and decodes in 5.7 s and
 0.08 s; nearly all of "solar"'s time is the bases (0.39 s for a 1536 x 384 weight, 0.84 s with
-eps > 0); a 4096 x 11008 layer needs about 1.5 GB for its bases and coefficients. Where W0's singular values are tied (within 1e-8 of the largest), LAPACK's vectors are
-any rotation of the tied ones, different on another library, thread count or device; ``solar_basis``
+eps > 0); a 4096 x 11008 layer needs about 1.5 GB for its bases and coefficients.
+
+Where W0's singular values are tied (gaps of at most 1e-8 x the largest), LAPACK's vectors are any
+rotation of the tied ones, different on another library, thread count or device; ``solar_basis``
 therefore resolves ties with the seed (a tied subspace's basis is the orthonormalised projection of
 seeded probes; a numerical null space is left to the seeded completion), so a rank-deficient or
-orthogonal base weight gives the receiver the sender's basis too (DESIGN.md's step 6 only asked for the
-mismatch to be detected).
+orthogonal base weight gives the receiver the sender's basis too (DESIGN.md's step 6 only asked for
+the mismatch to be detected).
 """
 from __future__ import annotations
 

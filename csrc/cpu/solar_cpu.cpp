@@ -61,8 +61,9 @@ at::Tensor canonical_span(const at::Tensor& Qc, int64_t key, int64_t stream) {
 // it) is a numerical null space: its columns are dropped, and complete() spans it with seeded
 // directions orthogonal to the kept ones. Every other run of tied values (a cluster, chained by gaps
 // below the tolerance) has its U and V columns each replaced by canonical_span's basis; the two sides
-// separately, since near-tied pairs match across the sides only approximately. Values with no tie
-// keep LAPACK's vectors and canonical signs, bit for bit: generic weights' bases are unchanged.
+// separately, since near-tied pairs match across the sides only approximately. The columns of
+// untied values are left as they are (LAPACK's vectors, canonical signs): a weight without ties
+// gets the basis it got before ties were resolved.
 std::pair<at::Tensor, at::Tensor> untie(at::Tensor U, const at::Tensor& S, at::Tensor V, int64_t seed,
                                         int64_t stream) {
   const at::Tensor s64 = S.to(at::kCPU, at::kDouble).contiguous();  // a host sync (small: k numbers)

@@ -423,8 +423,8 @@ at::Tensor gram(const at::Tensor& Yd) {
     const int64_t b = std::min(kGramBlock, l - i);
     G.narrow(0, i, b).narrow(1, 0, i + b).copy_(at::mm(Yd.narrow(1, i, b).t(), Yd.narrow(1, 0, i + b)));
   }
-  const at::Tensor lower = G.tril();
-  return lower + lower.tril(-1).t();
+  G.tril_();
+  return G.add_(G.tril(-1).t());  // mirrored (one l x l temporary)
 }
 
 // One Cholesky-QR pass: Y = Q R, the Gram matrix and its upper Cholesky factor in float64, the tall
