@@ -444,6 +444,45 @@ def _project_rows(cfg: Config) -> Iterator[Row]:
                   median_ms(lambda: ops.reconstruct(U, C, V), cfg))
 
 
+def solar_basis_torch(W: torch.Tensor, eps: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SOLAR-style complete bases in plain torch: W's reduced SVD in float64, completed by Householder
+    QR of ``torch.randn`` directions projected off the singular vectors (twice), then for eps > 0
+    perturbed and QR'd again. The same work as ``ops.solar_basis`` but not reproducible elsewhere
+    (torch.randn's bits depend on the device, LAPACK's signs and tied vectors on the library)."""
+    g = torch.Generator(device=W.device).manual_seed(seed)
+    normals = lambda *shape: torch.randn(*shape, dtype=torch.float64, device=W.device, generator=g)  # noqa: E731
+    U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+
+    def basis(Q: torch.Tensor) -> torch.Tensor:
+        d, k = Q.shape
+        if k < d:
+            N = normals(d, d - k)
+            for _ in range(2):
+                N = N - Q @ (Q.T @ N)
+            Q = torch.cat([Q, torch.linalg.qr(N).Q], 1)
+        return torch.linalg.qr(Q + eps / math.sqrt(d) * normals(d, d)).Q if eps else Q
+
+    return basis(U), basis(Vh.mT)
+
+
+def orthonormality_error(bases: Sequence[torch.Tensor]) -> float:
+    """The largest |QᵀQ − I| entry over the given square bases."""
+    return max(float((Q.T @ Q - torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)).abs().max()) for Q in bases)
+
+
+def _solar_rows(cfg: Config) -> Iterator[Row]:
+    """solar_basis (what compress and both decoders spend their time in) against the same bases in
+    plain torch (Householder QR, torch.randn: not reproducible on another machine)."""
+    m, n = cfg.project_shapes[-1]
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(3)).to(cfg.device)
+    for eps in (0.0, PERTURB_EPS):
+        ours = lambda: ops.solar_basis(W, 0, 0, eps)  # noqa: E731
+        theirs = lambda: solar_basis_torch(W, eps)  # noqa: E731
+        yield Row("solar_basis", f"{m}×{n} float32, eps={eps:g} (bases {m}² + {n}², float64)", median_ms(ours, cfg),
+                  "torch: linalg.svd + randn + linalg.qr", median_ms(theirs, cfg),
+                  orthonormality_error(ours()), orthonormality_error(theirs()))
+
+
 def _importance_rows(cfg: Config) -> Iterator[Row]:
     layers = lora_layers(cfg.num_layers).to(cfg.device)
     case = f"{cfg.num_layers} layers, LoRA r={LORA_RANK}"
@@ -486,7 +525,7 @@ def _philox_rows(cfg: Config) -> Iterator[Row]:
                       t_ours, "floor: device copy of the same size", t_copy)
 
 
-SECTIONS = (_rsvd_rows, _small_svd_rows, _gram_orth_rows, _project_rows, _importance_rows, _philox_rows)
+SECTIONS = (_rsvd_rows, _small_svd_rows, _gram_orth_rows, _project_rows, _solar_rows, _importance_rows, _philox_rows)
 
 
 def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str], object] = print,
@@ -529,7 +568,8 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
         emit(f"- times: median of repeated timings ({clock}) after a warm-up call; speed-up = baseline / ours")
         emit("- error: rsvd_many = Σ over weights of ‖W − U S Vᵀ‖_F; small_svd = relative error of S "
              "against LAPACK's (CPU); gram_orth = relative error of T against torch's Cholesky route "
-             "on the CPU; other ops = relative error against the same math in float64")
+             "on the CPU; solar_basis = largest |QᵀQ − I| of its bases; other ops = relative error against "
+             "the same math in float64")
         emit("")
         emit(_md_line(COLUMNS))
         emit(_md_line(["---"] * len(COLUMNS)))

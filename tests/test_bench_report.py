@@ -11,12 +11,30 @@ def test_quick_report_has_every_op_and_baseline():
     assert report.splitlines() == lines
     rows = [l for l in lines if l.startswith("| ") and not l.startswith("| op") and "---" not in l]
     ops_seen = {r.split(" | ")[0].strip("| ") for r in rows}
-    assert ops_seen == {"rsvd_many", "small_svd", "gram_orth", "project", "project_perturbed", "reconstruct_perturbed", "pair_importance", "fuse_pairs_", "reinit_pairs_", "philox_normal",
+    assert ops_seen == {"rsvd_many", "small_svd", "gram_orth", "project", "project_perturbed", "reconstruct_perturbed",
+                        "solar_basis", "pair_importance", "fuse_pairs_", "reinit_pairs_", "philox_normal",
                         "philox_normal icdf"}
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert float(cells[2]) > 0 and float(cells[4]) > 0 and float(cells[5]) > 0
     assert any("floor: its GEMMs with W only" in r for r in rows)
+    for r in (r for r in rows if r.startswith("| solar_basis")):  # both sides' bases orthonormal
+        assert all(float(e) < 1e-12 for e in r.strip("|").split("|")[6].split("/")), r
+
+
+def test_solar_basis_baseline_is_the_same_kind_of_basis():
+    """The torch baseline builds complete bases that start with W's singular vectors, as ours do
+    (up to sign), with the completion spanning the rest: the same work, not a cheaper one."""
+    W = torch.randn(30, 12)
+    for eps in (0.0, 0.1):
+        U, V = bench.solar_basis_torch(W, eps)
+        assert U.shape == (30, 30) and V.shape == (12, 12) and bench.orthonormality_error([U, V]) < 1e-12
+    (U, V), (Uo, Vo) = bench.solar_basis_torch(W), bench.ops.solar_basis(W, 0, 0, 0.0)
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close((U[:, :12].T @ Uo[:, :12]).abs(), eye, atol=1e-9, rtol=0)  # signs aside
+    torch.testing.assert_close((V.T @ Vo).abs(), eye, atol=1e-9, rtol=0)
+    rest, rest_ours = U[:, 12:], Uo[:, 12:]  # another completion of the same complement
+    torch.testing.assert_close(rest @ rest.T, rest_ours @ rest_ours.T, atol=1e-9, rtol=0)
 
 
 def test_large_set_rows(monkeypatch):
