@@ -34,8 +34,8 @@ the link: the receiver regenerates it), bases of m² + n² float64 numbers and a
 matrix, one layer at a time. DESIGN.md's top-k bases with a k x k coefficient matrix would cost less;
 complete bases are what lets any coefficient be kept. Measured on 2 CPU cores (a quiet machine): an r=8
 adapter on 18 of MiniLM's Linears (its 12 FFN weights, 384 x 1536 and 1536 x 384, and 6 of 384 x 384),
-ratio 0.1, compresses in 5.8 s with "solar" and 0.08 s with "lowrank", and decodes in 5.7 s and
-0.08 s; nearly all of "solar"'s time is the bases (0.39 s for a 1536 x 384 weight, 0.84 s with
+ratio 0.1, compresses in 5.2 s with "solar" and 0.09 s with "lowrank", and decodes in 5.0 s and
+0.08 s; nearly all of "solar"'s time is the bases (0.32 s for a 1536 x 384 weight, 0.61 s with
 eps > 0); a 4096 x 11008 layer needs about 1.5 GB for its bases and coefficients.
 
 Where W0's singular values are tied (gaps of at most 1e-8 x the largest), LAPACK's vectors are any

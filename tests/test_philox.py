@@ -194,8 +194,8 @@ def test_perturbed_basis_zero_eps_is_identity(device):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("shape", [(9, 4), (16, 16), (2, 30, 5),
-                                   (150, 65), (2, 301, 200),   # l > 64: the LAPACK / cuSOLVER Cholesky
-                                   (800, 700)])                # l > 512: the Gram from its block triangle
+                                   (150, 65), (2, 301, 200),   # l > 64: LAPACK's Householder QR on the
+                                   (800, 700)])                # CPU, cuSOLVER's Cholesky on CUDA
 def test_perturbed_basis_orthonormalize(dtype, tol, shape, device):
     U = torch.linalg.qr(torch.randn(shape, dtype=torch.float64)).Q.to(dtype).to(device)
     eps = 0.3

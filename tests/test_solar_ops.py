@@ -20,7 +20,7 @@ def _orthonormal(rows, cols, device, generator):
 @pytest.mark.parametrize("m,n,eps,dtype", [
     *((m, n, eps, dtype) for m, n in [(40, 64), (64, 40), (33, 33), (1, 7), (9, 1)] for eps in (0.0, 0.3)
       for dtype in (torch.float32, torch.float64, torch.bfloat16)),
-    (620, 90, 0.3, torch.float32),  # a 530-column completion and a 620 x 620 perturbation: blocked Gram
+    (620, 90, 0.3, torch.float32),  # a 530-column completion and a 620 x 620 perturbation
 ])
 def test_solar_basis_matches_float64_reference(m, n, eps, dtype, device):
     g = torch.Generator().manual_seed(m * 100 + n)

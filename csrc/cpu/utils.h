@@ -33,15 +33,17 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Orthonormal basis of the columns of Y (p x l) and the triangular factor: Y = Q R.
-// Cholesky-QR (Gram matrix and Cholesky in float64 on Y's device: plain loops for l <= 64 on the
-// CPU, LAPACK / cuSOLVER otherwise; Q = Y R^-1 in Y's dtype), falling back
-// to Householder QR (LAPACK, float64) when Y is ill-conditioned or rank-deficient, so Q is
-// orthonormal in every case. Returns Q (p x min(p,l), Y's dtype) and R (min(p,l) x l, float64).
+// Orthonormal basis of the columns of Y (p x l) and the triangular factor: Y = Q R, R's diagonal
+// >= 0 (so Q is the same, to rounding, whichever path runs). Cholesky-QR (Gram matrix and Cholesky
+// in float64 on Y's device: plain loops for l <= 64 on the CPU, LAPACK / cuSOLVER otherwise; Q =
+// Y R^-1 in Y's dtype), falling back to Householder QR (LAPACK / cuSOLVER, float64) when Y is
+// ill-conditioned or rank-deficient, so Q is orthonormal in every case; a CPU Y with l > 64 and
+// `passes` = 2 goes to Householder QR directly (fewer flops, faster there). Returns Q
+// (p x min(p,l), Y's dtype) and R (min(p,l) x l, float64).
 // `passes` = 2 gives orthonormality to rounding (Cholesky-QR2); 1 is enough to keep a subspace
 // iteration well conditioned, where the next product is orthonormalised again anyway.
 // `with_r` = false: a caller that needs only Q may get an undefined R (Cholesky-QR2 then skips the
-// l x l product R2 R1: 2 l^3 flops, 90 ms at SOLAR's l = 1536 on 2 cores).
+// l x l product R2 R1: 2 l^3 flops).
 std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, int passes = 2, bool with_r = true);
 
 // Flip each column pair (U[:, j], V[:, j]) so that the largest-magnitude entry of U[:, j] is
