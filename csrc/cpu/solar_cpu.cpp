@@ -32,7 +32,8 @@ at::Tensor complete(const at::Tensor& Q, int64_t seed, int64_t stream) {
   return at::cat({Q, orthonormalize_columns(N, 2, /*with_r=*/false).first}, 1);
 }
 
-// Q + (eps / sqrt(d)) N, re-orthonormalised (Cholesky-QR keeps column order and signs).
+// Q + (eps / sqrt(d)) N, re-orthonormalised (orthonormalize_columns keeps column order and signs,
+// R's diagonal >= 0, on each of its paths).
 at::Tensor perturb(const at::Tensor& Q, double eps, int64_t seed, int64_t stream) {
   if (eps == 0.0) return Q;
   const int64_t d = Q.size(0);
