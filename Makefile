@@ -92,10 +92,15 @@ sanitize: setup
 	  LD_PRELOAD="$$($$c -print-file-name=libasan.so) $$($$c -print-file-name=libubsan.so)" \
 	  $(abspath $(PY)) -m pytest tests -q -p no:cacheprovider --capture=sys --ignore tests/test_sass_report.py
 
+# torch's CUDA build without triton (0.9 GB, used only by torch.compile): torch with --no-deps, then
+# its other requirements (.ci/requires.py), so pip's closing "torch requires triton" line is expected.
+# --no-cache-dir: the CUDA wheels (~3 GB) would otherwise stay behind in pip's cache. 4.6 GB in all.
+CUDA_PIP := $(VENV_CUDA)/bin/python -m pip --disable-pip-version-check -q install --no-cache-dir
 $(VENV_CUDA)/.deps:
 	test -x $(VENV_CUDA)/bin/python || $(PYTHON) -m venv $(VENV_CUDA)
-	$(VENV_CUDA)/bin/python -m pip --disable-pip-version-check -q install "$(CUDA_TORCH)"
-	$(VENV_CUDA)/bin/python -m pip --disable-pip-version-check -q install ninja pybind11 numpy setuptools wheel
+	$(CUDA_PIP) --no-deps "$(CUDA_TORCH)" packaging
+	$(VENV_CUDA)/bin/python .ci/requires.py torch triton > $(VENV_CUDA)/torch-requires.txt
+	$(CUDA_PIP) -r $(VENV_CUDA)/torch-requires.txt ninja pybind11 numpy setuptools wheel
 	touch $@
 
 # Out of tree (build-cuda/), so the CPU build in subspace_ext/ is left alone.

@@ -7,7 +7,8 @@ device time).
     CUOBJDUMP=/path/to/cuobjdump python bench/sass_report.py
 
 Needs nvcc; the SASS columns need cuobjdump (on the GPU machines' image; elsewhere the one in
-Triton's wheel, triton/backends/nvidia/bin/cuobjdump, works). The nvcc flags are setup.py's.
+Triton's wheel, triton/backends/nvidia/bin/cuobjdump, works: `pip install triton` into any venv, as
+`make cuda-build`'s .venv-cuda leaves triton out). The nvcc flags are setup.py's.
 
 "loop" is the span of the kernel's longest backward branch (its grid-stride or row loop), counted
 statically: it includes the rarely taken slow paths of IEEE division/square root and tail
