@@ -93,13 +93,14 @@ sanitize: setup
 	  $(abspath $(PY)) -m pytest tests -q -p no:cacheprovider --capture=sys --ignore tests/test_sass_report.py
 
 # torch's CUDA build without triton (0.9 GB, used only by torch.compile): torch with --no-deps, then
-# its other requirements (.ci/requires.py), so pip's closing "torch requires triton" line is expected.
-# --no-cache-dir: the CUDA wheels (~3 GB) would otherwise stay behind in pip's cache. 4.6 GB in all.
+# its other requirements (.ci/requires.py).
+# --no-cache-dir: the downloaded CUDA wheels would otherwise stay behind in pip's cache. 4.6 GB in all.
 CUDA_PIP := $(VENV_CUDA)/bin/python -m pip --disable-pip-version-check -q install --no-cache-dir
 $(VENV_CUDA)/.deps:
 	test -x $(VENV_CUDA)/bin/python || $(PYTHON) -m venv $(VENV_CUDA)
 	$(CUDA_PIP) --no-deps "$(CUDA_TORCH)" packaging
 	$(VENV_CUDA)/bin/python .ci/requires.py torch triton > $(VENV_CUDA)/torch-requires.txt
+	@echo "cuda-build: triton left out on purpose: pip's closing 'torch requires triton' ERROR is expected"
 	$(CUDA_PIP) -r $(VENV_CUDA)/torch-requires.txt ninja pybind11 numpy setuptools wheel
 	touch $@
 

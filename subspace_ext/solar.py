@@ -43,7 +43,8 @@ rotation of the tied ones, different on another library, thread count or device;
 therefore resolves ties with the seed (a tied subspace's basis is the orthonormalised projection of
 seeded probes; a numerical null space is left to the seeded completion), so a rank-deficient or
 orthogonal base weight gives the receiver the sender's basis too (DESIGN.md's step 6 only asked for
-the mismatch to be detected).
+the mismatch to be detected). Packages record this as basis rule 2 (BASIS_RULE); a package without
+the field predates it, and its checksum failure says so.
 """
 from __future__ import annotations
 
@@ -80,6 +81,13 @@ METHODS = ("solar", "lowrank", "auto")
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 SCALE = "_scale"  # suffix of an int8 tensor's scales
 _CHECKSUM_TOL = 1e-6
+# How solar_basis builds a base weight's bases, saved as the package's "basis" field: 1 (a package
+# without the field) = the singular vectors as LAPACK returned them, so the vectors of (nearly) tied
+# singular values depended on the sender's library, thread count and device; 2 = ties and null spaces
+# resolved with the seed (the same bases everywhere). Untied weights get the same bases under both
+# rules, so this build decodes rule-1 packages of generic weights; a rule it does not know is refused.
+BASIS_RULE = 2
+BASIS_RULES = (1, 2)
 # The encoder keeps the layers' SOLAR bases (float64, m² + n² numbers a layer) while they fit in this
 # many bytes; the others are regenerated (the same op on the same weight: the same bits) when the
 # package is assembled. So compressing a 7B-shaped model holds one layer's bases at a time, not all.
@@ -88,6 +96,10 @@ BASIS_CACHE_BYTES = 1 << 30
 
 class BaseMismatchError(ValueError):
     """The base model given to the decoder is not the one the package was made from."""
+
+
+class _NewerBuildNeeded(FormatError):
+    """A well-formed package that only a newer build decodes (SolarPackage.load adds the path)."""
 
 
 # dtype names a package may give its decoded adapter (those the C++ decoder maps too)
@@ -132,6 +144,7 @@ class SolarPackage:
     skipped: List[str] = field(default_factory=list)  # dense input: changed or new tensors not carried
     factors: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     scales: Dict[str, torch.Tensor] = field(default_factory=dict)
+    basis: int = BASIS_RULE  # how the sender built the bases (BASIS_RULE); 1 for packages that predate it
 
     def __post_init__(self):
         if not self.factors:
@@ -170,7 +183,8 @@ class SolarPackage:
         return sum(t.numel() for t in self.extra.values())
 
     def notes(self) -> List[str]:
-        """What the package does not compress, one line each (none for a plain LoRA of Linear layers)."""
+        """What the package does not compress, and an older build's basis rule, one line each (none for a
+        plain LoRA of Linear layers made by this build)."""
         out = []
         if self.skipped:
             out.append(f"not carried (changed but not 2-D Linear weights, or not in the base): "
@@ -178,6 +192,9 @@ class SolarPackage:
         embedded = embedding_lora_modules(self.extra)  # LoRA on embeddings travels in ``extra``
         if embedded:
             out.append(f"carried unchanged (LoRA on embeddings is not compressed): {', '.join(embedded)}")
+        if self.basis == 1:
+            out.append("made by an older build (basis rule 1): a base weight with tied singular values may not "
+                       "give the sender's basis here; its layer then fails its checksum")
         return out
 
     def lora_numbers(self) -> int:
@@ -244,6 +261,8 @@ class SolarPackage:
         layers = [{k: v for k, v in vars(l).items() if k not in defaults or v != defaults[k]} for l in self.layers]
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
                 "layers": layers, "skipped": self.skipped}
+        if self.basis != 1:  # rule 1 is the field's absence (builds that predate it ignore it)
+            meta["basis"] = self.basis
         solar_meta = json.dumps(meta)
         version = (FORMAT_VERSION_PACKED if layout == "packed" else FORMAT_VERSION_INT8 if self.scales else
                    FORMAT_VERSION_LOWRANK if any(l.kind == "lowrank" for l in self.layers) else FORMAT_VERSION)
@@ -273,6 +292,8 @@ class SolarPackage:
                     info.get("layers"), list):  # (else _parse names the problem)
                 tensors = _unpack(tensors, info)
             pkg = cls._parse(info, tensors)
+        except _NewerBuildNeeded as e:
+            raise FormatError(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise FormatError(f"{path}: malformed package metadata ({e})") from None
         return pkg
@@ -355,9 +376,13 @@ class SolarPackage:
         if dtype not in _PACKAGE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")
         skipped = need(info, "skipped", (list,)) if "skipped" in info else []
+        basis = need(info, "basis", (int,)) if "basis" in info else 1
+        if basis not in BASIS_RULES:
+            raise _NewerBuildNeeded(f"basis rule {basis} is unknown to this build (it knows {', '.join(map(str, BASIS_RULES))}): "
+                             "the package comes from a newer subspace_ext, update this one to decode it")
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         check_finite(extra, "extra")
-        return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales)
+        return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales, basis)
 
     # -- report --------------------------------------------------------------------------------
     def encodings(self) -> str:
@@ -1101,15 +1126,23 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
         if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
             raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "
-                                    f"{[float(c) for c in ck]} != {info.checksum}): the seed or eps differs from the "
-                                    f"sender's, or singular values of {key} are (nearly) tied and the package "
-                                    "comes from an older build, which left ties to LAPACK")
+                                    f"{[float(c) for c in ck]} != {info.checksum}): " + _mismatch_cause(pkg.basis, key))
         tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
         tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
     tensors.update(pkg.extra)
     if str(config.get("peft_type", "LORA")).upper() == "ADALORA":
         config = _adalora_as_lora(config, pkg.layers)
     return PeftAdapter(config, tensors)
+
+
+def _mismatch_cause(basis: int, key: str) -> str:
+    """Why a layer's checksum can fail once its base weight's fingerprint matched (the C++ decoder says
+    the same)."""
+    if basis == 1:
+        return (f"the package predates basis rule 2 (made by an older build): if singular values of {key} are "
+                "(nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on the sender's "
+                "LAPACK, so compress the adapter again with this build; otherwise the seed or eps was edited")
+    return "the seed or eps differs from the sender's (an edited package)"
 
 
 def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) -> Tuple[str, torch.Tensor]:

@@ -87,6 +87,24 @@ def _run(*args):
     return subprocess.run([str(BINARY), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+def _read_package(path):
+    """(file metadata, the solar metadata parsed, tensors) of a package, for edits."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return meta, json.loads(meta["solar"]), tensors
+
+
+def _write_package(path, meta, info, tensors):
+    """An edited package, its digest recomputed (the digest detects damage, not edits)."""
+    meta = dict(meta, solar=json.dumps(info))
+    meta["digest"] = io.content_digest(tensors, meta["solar"])
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
 def _assert_same_folder(py_dir, cpp_dir):
     py, cpp = load_file(str(py_dir / "adapter_model.safetensors")), load_file(str(cpp_dir / "adapter_model.safetensors"))
     assert sorted(py) == sorted(cpp)
@@ -193,6 +211,49 @@ def test_modified_base_weight_fails_naming_the_layer(tmp_path, package):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("case", ["absent", "unknown", "not-int", "absent-seed-edited", "seed-edited"])
+def test_basis_rule_in_both_decoders(tmp_path, package, case):
+    """A package names the rule its bases were built by ("basis": 2, ties resolved with the seed). One
+    without the field comes from an older build (rule 1, LAPACK's tied vectors): its generic layers
+    decode unchanged, and a checksum failure says it may need compressing again; an edited package's
+    says so. A rule this build does not know is refused by name, in the same words by both decoders."""
+    pkg_path, base, _ = package
+    meta, info, tensors = _read_package(pkg_path)
+    assert info["basis"] == solar.BASIS_RULE == 2 and solar.SolarPackage.load(str(pkg_path)).basis == 2
+    if case.startswith("absent"):
+        del info["basis"]
+    elif case == "unknown":
+        info["basis"] = 3
+    elif case == "not-int":
+        info["basis"] = "2"
+    if case.endswith("seed-edited"):
+        info["seed"] += 1
+    edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
+    r = _run(edited, base, tmp_path / "out")
+    if case == "absent":
+        pkg = solar.SolarPackage.load(str(edited))
+        assert pkg.basis == 1 and any("basis rule 1" in n for n in pkg.notes())
+        assert not any("basis rule" in n for n in solar.SolarPackage.load(str(pkg_path)).notes())
+        pkg.save(str(tmp_path / "again.safetensors"), layout="layers")  # re-saved as rule 1: no field
+        assert "basis" not in _read_package(tmp_path / "again.safetensors")[1]
+        solar.decompress(pkg, str(base)).save_adapter(str(tmp_path / "py"))
+        assert r.returncode == 0, r.stderr
+        _assert_same_folder(tmp_path / "py", tmp_path / "out")
+        return
+    error = solar.FormatError if case in ("unknown", "not-int") else solar.BaseMismatchError
+    with pytest.raises(error) as e:
+        solar.decompress(str(edited), str(base))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    expected = {"unknown": "basis rule 3 is unknown to this build (it knows 1, 2): the package comes from a newer",
+                "not-int": "malformed package metadata (basis must be",
+                "absent-seed-edited": "the package predates basis rule 2 (made by an older build)",
+                "seed-edited": "the seed or eps differs from the sender's (an edited package)"}[case]
+    assert expected in str(e.value) and expected in r.stderr, (str(e.value), r.stderr)
+    if case != "not-int":  # (type messages are worded per decoder)
+        assert r.stderr.strip().endswith(str(e.value))
+
+
 def test_wrong_shape_and_missing_weight(tmp_path, package):
     pkg_path, _, weights = package
     weights = dict(weights)
@@ -255,14 +316,9 @@ INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shap
 def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
     refuse the edits that would otherwise decode into a broken adapter, and write nothing."""
-    from safetensors import safe_open
-
     pkg_path, base = (lowrank_package if case.startswith("lowrank") else int8_package if case.startswith("int8")
                       else package[:2])
-    with safe_open(str(pkg_path), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    info = json.loads(meta["solar"])
+    meta, info, tensors = _read_package(pkg_path)
     if case.startswith(("lowrank", "int8")):
         layer = next(i for i, l in enumerate(info["layers"]) if l.get("nnz", 0) >= 1)
         L = info["layers"][layer]
@@ -322,10 +378,7 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         tensors[B_key + "_scale"] = torch.full_like(tensors[B_key + "_scale"], float("nan"))
     elif case == "int8-values-int16":
         tensors[B_key] = tensors[B_key].to(torch.int16)
-    meta["solar"] = json.dumps(info)
-    meta["digest"] = io.content_digest(tensors, meta["solar"])
-    edited = tmp_path / "edited.safetensors"
-    save_file(tensors, str(edited), metadata=meta)
+    edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
     with pytest.raises(ValueError):
         solar.decompress(str(edited), str(base))
     r = _run(edited, base, tmp_path / "out")
@@ -368,25 +421,17 @@ PACKED_EDITS = {  # case -> (storage, edit(info, tensors), what both decoders' m
 def test_edited_packed_package_refused_by_both_decoders(tmp_path, case):
     """Packed layout (version 4): each layer's share of the 3 tensors follows from its kind, nnz and shape, so
     an edit of those (digest recomputed) or of the tensors is refused by both decoders, naming the tensor."""
-    from safetensors import safe_open
-
     storage, edit, match = PACKED_EDITS[case]
     base, _ = _base(tmp_path)
     pkg_path = tmp_path / "packed.safetensors"
     method = "lowrank" if case == "shape-edited" else "solar"
     solar.compress(str(_adapter(tmp_path)), str(base), ratio=0.5, method=method, storage=storage).save(str(pkg_path))
-    with safe_open(str(pkg_path), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, info, tensors = _read_package(pkg_path)
     assert meta["format_version"] == "4" and {k for k in tensors if not k.startswith("extra.")} == (
         {"packed.values", "packed.indices"} | ({"packed.scales"} if storage == "int8" else set()))
-    info = json.loads(meta["solar"])
     assert info["layers"][0]["nnz"] >= 1 and info["layers"][0].get("kind", "solar") == method
     edit(info, tensors)
-    meta["solar"] = json.dumps(info)
-    meta["digest"] = io.content_digest(tensors, meta["solar"])
-    edited = tmp_path / "edited.safetensors"
-    save_file(tensors, str(edited), metadata=meta)
+    edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
     with pytest.raises(ValueError, match=match):
         solar.decompress(str(edited), str(base))
     r = _run(edited, base, tmp_path / "out")

@@ -999,6 +999,7 @@ struct Layer {
 };
 
 struct Package {
+  std::string basis = "1";  // solar.BASIS_RULE of the sender (the field's literal; absent: 1)
   int64_t seed = 0;
   double eps = 0.0;
   std::string dtype = "float32";
@@ -1291,9 +1292,16 @@ Package load_package(const std::string& path) {
       if (dt->type != Json::Type::String) fail("dtype must be a string");
       pkg.dtype = dt->text;
     }
+    if (const Json* b = info.find("basis")) {
+      if (b->type != Json::Type::Int) fail("basis must be an integer");
+      pkg.basis = b->text;
+    }
   } catch (const Failure& e) {
     fail(path + ": malformed package metadata (" + e.what() + ")");
   }
+  if (pkg.basis != "1" && pkg.basis != "2")  // solar.BASIS_RULES
+    fail(path + ": basis rule " + pkg.basis + " is unknown to this build (it knows 1, 2): the package comes from a " +
+         "newer subspace_ext, update this one to decode it");
   for (const auto& [name, t] : tensors)
     if (name.rfind("extra.", 0) == 0) {
       if (t.is_floating_point() && !t.isfinite().all().item<bool>())
@@ -1453,9 +1461,13 @@ void decode(const std::string& package_path, const std::string& base_path, const
       for (size_t k = 0; k < n; ++k) {
         if (std::abs(got[k] - info.checksum[k]) > tol)
           fail(what + ": the regenerated basis does not match the sender's (checksum " + python_float_list(got) +
-               " != " + python_float_list(info.checksum) + "): the seed or eps differs from the sender's, or " +
-               "singular values of " + key + " are (nearly) tied and the package comes from an older build, " +
-               "which left ties to LAPACK");
+               " != " + python_float_list(info.checksum) + "): " +
+               (pkg.basis == "1"  // solar._mismatch_cause
+                    ? "the package predates basis rule 2 (made by an older build): if singular values of " + key +
+                          " are (nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on "
+                          "the sender's LAPACK, so compress the adapter again with this build; otherwise the seed or "
+                          "eps was edited"
+                    : std::string("the seed or eps differs from the sender's (an edited package)")));
       }
       put(prefix + ".lora_A.weight", A.to(dtype));
       put(prefix + ".lora_B.weight", B.to(dtype));
