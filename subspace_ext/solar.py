@@ -378,8 +378,9 @@ class SolarPackage:
         skipped = need(info, "skipped", (list,)) if "skipped" in info else []
         basis = need(info, "basis", (int,)) if "basis" in info else 1
         if basis not in BASIS_RULES:
-            raise _NewerBuildNeeded(f"basis rule {basis} is unknown to this build (it knows {', '.join(map(str, BASIS_RULES))}): "
-                             "the package comes from a newer subspace_ext, update this one to decode it")
+            known = ", ".join(map(str, BASIS_RULES))
+            raise _NewerBuildNeeded(f"basis rule {basis} is unknown to this build (it knows {known}): the package "
+                                    "comes from a newer subspace_ext, update this one to decode it")
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         check_finite(extra, "extra")
         return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales, basis)
