@@ -1114,13 +1114,13 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
         _package_base_weight(bw, info, check=True)
     for i, info in enumerate(_progress(pkg.layers, "solar: decode", progress)):
         what = f"layer {info.module}"
-        key, W0 = _package_base_weight(bw, info)
         prefix = f"base_model.model.{info.module}"
-        if pkg.factors[i] is not None:  # low-rank layer: the factors themselves, no basis
+        if pkg.factors[i] is not None:  # low-rank layer: the factors themselves, no basis (W0 not read again)
             B, A = _pad_factors(*pkg.stored_factors(i), info.rank)
             tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
             continue
+        key, W0 = _package_base_weight(bw, info)
         U, V = ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed, info.stream, pkg.eps)
         B, A, ck = ops.solar_decode(U, V, pkg.stored_values(i), pkg.indices[i], info.rank, info.scaling, pkg.seed,
                                     info.stream)

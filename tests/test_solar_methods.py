@@ -142,7 +142,16 @@ def test_lowrank_needs_no_basis(lora_only_adapter, base_weights, monkeypatch):
         raise AssertionError("the low-rank encoding computed a SOLAR basis")
     monkeypatch.setattr(ops, "solar_basis", no_basis)
     pkg = solar.compress(lora_only_adapter, base_weights, ratio=0.1, method="lowrank")
+    # nor does its decoder read a base weight again after checking its fingerprint (a 7B base is 14 GB)
+    reads = {}
+    get = io.BaseWeights.get
+
+    def counted(self, key):
+        reads[key] = reads.get(key, 0) + 1
+        return get(self, key)
+    monkeypatch.setattr(io.BaseWeights, "get", counted)
     solar.decompress(pkg, base_weights)
+    assert sorted(reads) == sorted(l.base_key for l in pkg.layers) and set(reads.values()) == {1}, reads
 
 
 def test_dense_finetune_lowrank(tmp_path, minilm_base):
