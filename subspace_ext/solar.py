@@ -85,7 +85,9 @@ _CHECKSUM_TOL = 1e-6
 # without the field) = the singular vectors as LAPACK returned them, so the vectors of (nearly) tied
 # singular values depended on the sender's library, thread count and device; 2 = ties and null spaces
 # resolved with the seed (the same bases everywhere). Untied weights get the same bases under both
-# rules, so this build decodes rule-1 packages of generic weights; a rule it does not know is refused.
+# rules, so this build decodes rule-1 packages of generic weights; a rule it does not know is refused
+# before any other field is checked (a newer build's package may have other new fields). (The commits
+# that resolved ties before this field existed never landed: a released build without it used rule 1.)
 BASIS_RULE = 2
 BASIS_RULES = (1, 2)
 # The encoder keeps the layers' SOLAR bases (float64, m² + n² numbers a layer) while they fit in this
@@ -192,7 +194,7 @@ class SolarPackage:
         embedded = embedding_lora_modules(self.extra)  # LoRA on embeddings travels in ``extra``
         if embedded:
             out.append(f"carried unchanged (LoRA on embeddings is not compressed): {', '.join(embedded)}")
-        if self.basis == 1:
+        if self.basis == 1 and any(l.kind == "solar" and l.nnz > 0 for l in self.layers):
             out.append("made by an older build (basis rule 1): a base weight with tied singular values may not "
                        "give the sender's basis here; its layer then fails its checksum")
         return out
@@ -288,6 +290,7 @@ class SolarPackage:
             raise FormatError(f"{path}: contents do not match the package digest (damaged)")
         try:
             info = json.loads(meta["solar"])
+            _basis_rule(info)  # first: a package from a newer build is named as such
             if meta["format_version"] == str(FORMAT_VERSION_PACKED) and isinstance(info, dict) and isinstance(
                     info.get("layers"), list):  # (else _parse names the problem)
                 tensors = _unpack(tensors, info)
@@ -376,11 +379,7 @@ class SolarPackage:
         if dtype not in _PACKAGE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")
         skipped = need(info, "skipped", (list,)) if "skipped" in info else []
-        basis = need(info, "basis", (int,)) if "basis" in info else 1
-        if basis not in BASIS_RULES:
-            known = ", ".join(map(str, BASIS_RULES))
-            raise _NewerBuildNeeded(f"basis rule {basis} is unknown to this build (it knows {known}): the package "
-                                    "comes from a newer subspace_ext, update this one to decode it")
+        basis = _basis_rule(info)
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         check_finite(extra, "extra")
         return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales, basis)
@@ -536,6 +535,21 @@ def _config_rank(config) -> int:
     ranks = [config.get("r"), config.get("init_r"), *(pattern.values() if isinstance(pattern, dict) else ())]
     return min(MAX_RANK_ABOVE_SHAPE, max([r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r > 0],
                                          default=0))
+
+
+def _basis_rule(info) -> int:
+    """The package's BASIS_RULE (1 where the field is absent); one this build does not know raises
+    _NewerBuildNeeded, a non-integer TypeError (malformed), as the C++ decoder does."""
+    if not isinstance(info, dict) or "basis" not in info:
+        return 1  # (a non-object is _parse's to name)
+    basis = info["basis"]
+    if isinstance(basis, bool) or not isinstance(basis, int):
+        raise TypeError(f"basis must be int, got {basis!r}")
+    if basis not in BASIS_RULES:
+        known = ", ".join(map(str, BASIS_RULES))
+        raise _NewerBuildNeeded(f"basis rule {basis} is unknown to this build (it knows {known}): a package from a "
+                                "newer subspace_ext (update this one to decode it), or an edited one")
+    return basis
 
 
 def _unpack(tensors: Dict[str, torch.Tensor], info) -> Dict[str, torch.Tensor]:
@@ -1143,7 +1157,7 @@ def _mismatch_cause(basis: int, key: str) -> str:
         return (f"the package predates basis rule 2 (made by an older build): if singular values of {key} are "
                 "(nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on the sender's "
                 "LAPACK, so compress the adapter again with this build; otherwise the seed or eps was edited")
-    return "the seed or eps differs from the sender's (an edited package)"
+    return "the seed, eps or the layer's stream differs from the sender's (an edited package)"
 
 
 def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) -> Tuple[str, torch.Tensor]:

@@ -4,6 +4,7 @@ must write the same peft folder as the Python decoder: ``solar.decompress(pkg, b
 Both call the same ops (subspace_ext::solar_basis / solar_decode) from the same library on the same
 inputs, and the casts to the package dtype are torch's own, so the tensors are compared exactly.
 """
+import dataclasses
 import json
 import os
 import re
@@ -211,21 +212,28 @@ def test_modified_base_weight_fails_naming_the_layer(tmp_path, package):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("case", ["absent", "unknown", "not-int", "absent-seed-edited", "seed-edited"])
-def test_basis_rule_in_both_decoders(tmp_path, package, case):
+@pytest.mark.parametrize("case", ["absent", "unknown", "unknown-with-new-fields", "zero", "not-int",
+                                  "absent-seed-edited", "seed-edited"])
+def test_basis_rule_in_both_decoders(tmp_path, package, lowrank_package, case):
     """A package names the rule its bases were built by ("basis": 2, ties resolved with the seed). One
     without the field comes from an older build (rule 1, LAPACK's tied vectors): its generic layers
     decode unchanged, and a checksum failure says it may need compressing again; an edited package's
-    says so. A rule this build does not know is refused by name, in the same words by both decoders."""
+    says so. A rule this build does not know is refused by name before any other field is checked (a
+    newer build's package may bring new fields too), in the same words by both decoders."""
     pkg_path, base, _ = package
     meta, info, tensors = _read_package(pkg_path)
     assert info["basis"] == solar.BASIS_RULE == 2 and solar.SolarPackage.load(str(pkg_path)).basis == 2
     if case.startswith("absent"):
         del info["basis"]
-    elif case == "unknown":
+    elif case.startswith("unknown"):
         info["basis"] = 3
+    elif case == "zero":
+        info["basis"] = 0
     elif case == "not-int":
         info["basis"] = "2"
+    if case == "unknown-with-new-fields":  # each of these alone is refused as malformed
+        info["layers"][0]["new_field"] = 1
+        info["dtype"] = "float8"
     if case.endswith("seed-edited"):
         info["seed"] += 1
     edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
@@ -234,21 +242,25 @@ def test_basis_rule_in_both_decoders(tmp_path, package, case):
         pkg = solar.SolarPackage.load(str(edited))
         assert pkg.basis == 1 and any("basis rule 1" in n for n in pkg.notes())
         assert not any("basis rule" in n for n in solar.SolarPackage.load(str(pkg_path)).notes())
+        lowrank = solar.SolarPackage.load(str(lowrank_package[0]))  # no bases: nothing to note
+        assert not any("basis rule" in n for n in dataclasses.replace(lowrank, basis=1).notes())
         pkg.save(str(tmp_path / "again.safetensors"), layout="layers")  # re-saved as rule 1: no field
         assert "basis" not in _read_package(tmp_path / "again.safetensors")[1]
         solar.decompress(pkg, str(base)).save_adapter(str(tmp_path / "py"))
         assert r.returncode == 0, r.stderr
         _assert_same_folder(tmp_path / "py", tmp_path / "out")
         return
-    error = solar.FormatError if case in ("unknown", "not-int") else solar.BaseMismatchError
+    error = solar.BaseMismatchError if case.endswith("seed-edited") else solar.FormatError
     with pytest.raises(error) as e:
         solar.decompress(str(edited), str(base))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
-    expected = {"unknown": "basis rule 3 is unknown to this build (it knows 1, 2): the package comes from a newer",
-                "not-int": "malformed package metadata (basis must be",
-                "absent-seed-edited": "the package predates basis rule 2 (made by an older build)",
-                "seed-edited": "the seed or eps differs from the sender's (an edited package)"}[case]
+    rule = 0 if case == "zero" else 3
+    expected = "malformed package metadata (basis must be" if case == "not-int" else {
+        "absent-seed-edited": "the package predates basis rule 2 (made by an older build)",
+        "seed-edited": "the seed, eps or the layer's stream differs from the sender's (an edited package)"}.get(
+        case, f"edited.safetensors: basis rule {rule} is unknown to this build (it knows 1, 2): a package from a "
+              "newer subspace_ext")
     assert expected in str(e.value) and expected in r.stderr, (str(e.value), r.stderr)
     if case != "not-int":  # (type messages are worded per decoder)
         assert r.stderr.strip().endswith(str(e.value))

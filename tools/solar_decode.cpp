@@ -1171,11 +1171,23 @@ Package load_package(const std::string& path) {
     fail(path + ": contents do not match the package digest (damaged)");
 
   Package pkg;
+  bool newer_build = false;  // the failure is an unknown basis rule, not malformed metadata
   try {
     const std::string* solar = h.meta("solar");
     if (!solar) fail("KeyError: 'solar'");
     const Json info = parse_json(*solar);
     if (info.type != Json::Type::Object) fail("the solar metadata is not an object");
+    // solar._basis_rule, before any other field: a newer build's package may have other new fields
+    if (const Json* b = info.find("basis")) {
+      if (b->type != Json::Type::Int) fail("basis must be an integer");
+      pkg.basis = b->text;
+    }
+    if (pkg.basis != "1" && pkg.basis != "2") {  // solar.BASIS_RULES
+      newer_build = true;
+      fail("basis rule " + pkg.basis +
+           " is unknown to this build (it knows 1, 2): a package from a newer subspace_ext (update this one to " +
+           "decode it), or an edited one");
+    }
     auto need = [](const Json& obj, const char* key) -> const Json& {
       const Json* v = obj.find(key);
       if (!v) fail(std::string("missing '") + key + "'");
@@ -1292,16 +1304,10 @@ Package load_package(const std::string& path) {
       if (dt->type != Json::Type::String) fail("dtype must be a string");
       pkg.dtype = dt->text;
     }
-    if (const Json* b = info.find("basis")) {
-      if (b->type != Json::Type::Int) fail("basis must be an integer");
-      pkg.basis = b->text;
-    }
   } catch (const Failure& e) {
+    if (newer_build) fail(path + ": " + e.what());
     fail(path + ": malformed package metadata (" + e.what() + ")");
   }
-  if (pkg.basis != "1" && pkg.basis != "2")  // solar.BASIS_RULES
-    fail(path + ": basis rule " + pkg.basis + " is unknown to this build (it knows 1, 2): the package comes from a " +
-         "newer subspace_ext, update this one to decode it");
   for (const auto& [name, t] : tensors)
     if (name.rfind("extra.", 0) == 0) {
       if (t.is_floating_point() && !t.isfinite().all().item<bool>())
@@ -1467,7 +1473,8 @@ void decode(const std::string& package_path, const std::string& base_path, const
                           " are (nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on "
                           "the sender's LAPACK, so compress the adapter again with this build; otherwise the seed or "
                           "eps was edited"
-                    : std::string("the seed or eps differs from the sender's (an edited package)")));
+                    : std::string("the seed, eps or the layer's stream differs from the sender's (an edited "
+                                  "package)")));
       }
       put(prefix + ".lora_A.weight", A.to(dtype));
       put(prefix + ".lora_B.weight", B.to(dtype));
