@@ -266,6 +266,27 @@ def test_basis_rule_in_both_decoders(tmp_path, package, lowrank_package, case):
         assert r.stderr.strip().endswith(str(e.value))
 
 
+def test_every_base_weight_is_checked_before_any_layer_is_decoded(tmp_path, package):
+    """The last layer's base weight differs and the first layer's checksum was edited (it fails its
+    decode): both decoders check every fingerprint first, so both name the last layer's weight, in the
+    same words (the C++ one decoded layer by layer and reported the first layer's checksum)."""
+    pkg_path, _, weights = package
+    meta, info, tensors = _read_package(pkg_path)
+    assert len(info["layers"]) == 2 and info["layers"][0]["nnz"] > 0
+    info["layers"][0]["checksum"][0] += 1.0
+    edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
+    last = info["layers"][-1]["base_key"]
+    weights = dict(weights)
+    weights[last] = weights[last] + 1e-3
+    other = tmp_path / "other_base.safetensors"
+    save_file(weights, str(other))
+    with pytest.raises(solar.BaseMismatchError, match="fingerprint") as e:
+        solar.decompress(str(edited), str(other))
+    assert last in str(e.value)
+    r = _run(edited, other, tmp_path / "out")
+    assert r.returncode == 1 and r.stderr.strip().endswith(str(e.value)), (r.stderr, str(e.value))
+
+
 def test_wrong_shape_and_missing_weight(tmp_path, package):
     pkg_path, _, weights = package
     weights = dict(weights)

@@ -1414,8 +1414,9 @@ void decode(const std::string& package_path, const std::string& base_path, const
     tensors.emplace_back(key, std::move(t));
   };
 
-  for (size_t i = 0; i < pkg.layers.size(); ++i) {
-    const Layer& info = pkg.layers[i];
+  // solar._package_base_weight: (key, entry, bytes) of a layer's base weight, its shape checked and,
+  // with `check`, its fingerprint against the package's.
+  auto base_weight = [&](const Layer& info, bool check) {
     const std::string what = "layer " + info.module;
     std::string key;
     try {
@@ -1423,11 +1424,11 @@ void decode(const std::string& package_path, const std::string& base_path, const
     } catch (const Failure& e) {
       // An output embedding tied to the input one (a LLaMA's lm_head): the encoder found the stored
       // key from the model's config (io.BaseWeights.key_for_module) and recorded it; the fingerprint
-      // below shows it to be the same weight.
+      // check shows it to be the same weight.
       if (!bw.has(info.base_key)) fail(what + ": " + e.what());
       key = info.base_key;
     }
-    const auto [entry, bytes] = bw.get(key);
+    auto [entry, bytes] = bw.get(key);
     std::vector<int64_t> stored = info.shape;  // solar._base_weight
     if (info.fan_in_fan_out) std::reverse(stored.begin(), stored.end());
     if (entry.shape != stored) {
@@ -1437,10 +1438,23 @@ void decode(const std::string& package_path, const std::string& base_path, const
            " out x " + n + " in) needs " + shape_repr(stored) +
            (info.fan_in_fan_out ? " (stored in x out, as transformers' Conv1D)" : "") + ": wrong base model?");
     }
-    const std::string fp = fingerprint(*entry.dtype, entry.shape, bytes.data(), bytes.size());
-    if (fp != info.fingerprint)
-      fail(what + ": base weight " + key + " differs from the one the package was made from (fingerprint " +
-           fp + " != " + info.fingerprint + "): wrong base model");
+    if (check) {
+      const std::string fp = fingerprint(*entry.dtype, entry.shape, bytes.data(), bytes.size());
+      if (fp != info.fingerprint)
+        fail(what + ": base weight " + key + " (" + std::string(entry.dtype->torch_name).substr(6) +  // "torch."
+             ") differs from the one the package was made from (fingerprint " + fp + " != " + info.fingerprint +
+             "): wrong base model, or the same one changed or saved in another dtype (the base must be exactly the "
+             "sender's)");
+    }
+    return std::make_tuple(std::move(key), std::move(entry), std::move(bytes));
+  };
+  // Every layer's base weight is checked before any layer is decoded, as solar.decompress does: a
+  // wrong base fails in seconds, and both decoders name the same layer.
+  for (const Layer& info : pkg.layers) base_weight(info, true);
+
+  for (size_t i = 0; i < pkg.layers.size(); ++i) {
+    const Layer& info = pkg.layers[i];
+    const std::string what = "layer " + info.module;
     const std::string prefix = "base_model.model." + info.module;
     if (info.lowrank) {  // solar._pad_factors: the factors themselves, zero pairs after t; no basis
       const at::Tensor& Bs = pkg.lora_B[i];
@@ -1453,6 +1467,7 @@ void decode(const std::string& package_path, const std::string& base_path, const
       put(prefix + ".lora_B.weight", B.to(dtype));
       continue;
     }
+    const auto [key, entry, bytes] = base_weight(info, false);  // (a low-rank layer's is not read again)
     const at::Tensor stored_W0 = to_tensor(entry, bytes);
     const at::Tensor W0 = info.fan_in_fan_out ? stored_W0.t() : stored_W0;  // io.as_update_layout
     try {
