@@ -352,12 +352,12 @@ def _eigen_build(args: argparse.Namespace) -> int:
                                     augment=args.augment, seed=args.seed, base=args.base)
     _make_parent(args.output)
     sub.save(args.output)
-    ks = [sub.size(m) for m in sub.modules]
-    # augmentation is capped per layer and side at the directions left (d - K): report what was added
-    aug = [s.P.shape[1] - s.n_pc for side in (sub.A, sub.B) for s in side.values()]
-    added = f"{min(aug)}" if min(aug) == max(aug) else f"{min(aug)}..{max(aug)}"
-    print(f"{len(args.adapters)} adapters, {len(sub.modules)} layers, K per layer {min(ks)}..{max(ks)} "
-          f"(principal + {added} augmentation), {time.perf_counter() - t0:.2f} s -> {args.output}")
+    span = lambda xs: f"{min(xs)}" if min(xs) == max(xs) else f"{min(xs)}..{max(xs)}"  # noqa: E731
+    # K is capped per layer and side at the centred stack's rank, augmentation at the directions left (d - K)
+    ks = {side: span([sub.size(m, side) for m in sub.modules]) for side in ("A", "B")}
+    aug = span([s.P.shape[1] - s.n_pc for side in (sub.A, sub.B) for s in side.values()])
+    print(f"{len(args.adapters)} adapters, {len(sub.modules)} layers, K per layer {ks['A']} (lora_A) / {ks['B']} "
+          f"(lora_B) (principal + {aug} augmentation), {time.perf_counter() - t0:.2f} s -> {args.output}")
     return 0
 
 

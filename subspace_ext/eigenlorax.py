@@ -23,22 +23,46 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, fingerprint, linear_layout,
-                 read_safetensors, safetensors_metadata, save_safetensors, tensors_digest)
+from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
+                 fingerprint, linear_layout, read_safetensors, safetensors_metadata, save_safetensors, tensors_digest)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
 TASK_FORMAT = FORMAT + ".task"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft's
 _PEFT_PREFIX = "base_model.model."
-# peft task types whose model adds its head to modules_to_save, so loading fails without its weights
-_TASKS_WITH_HEAD = {"SEQ_CLS": "classifier / score", "TOKEN_CLS": "classifier / score", "QUESTION_ANS": "qa_outputs"}
+# peft task types whose model adds its head modules (by name) to modules_to_save, so loading fails without
+# their weights
+_TASKS_WITH_HEAD = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+_HEADS = ("classifier", "score", "qa_outputs")
+
+
+def _modules_to_save(names: Sequence[str], heads: Sequence[str] = _HEADS) -> Dict[str, str]:
+    """{tensor name: the module peft restores it with}. peft's modules_to_save wraps a listed module whole
+    and loads every tensor of its state dict, so a tensor belongs to its parent module, or to the outermost
+    enclosing module named like one of ``heads`` (peft's task models wrap a ``classifier`` / ``score`` /
+    ``qa_outputs`` head whole: RoBERTa's classifier.dense and classifier.out_proj), or to an enclosing module
+    listed for another tensor."""
+    owner = {}
+    for k in names:
+        parts = k.split(".")[:-1]
+        cut = next((i + 1 for i, part in enumerate(parts) if part in heads), len(parts))
+        owner[k] = ".".join(parts[:cut])
+    listed = set(owner.values())
+
+    def outermost(module: str) -> str:
+        parts = module.split(".")
+        return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in listed), module)
+
+    return {k: outermost(m) for k, m in owner.items()}
 
 
 def _check_scaling(value, where: str) -> float:
@@ -116,8 +140,10 @@ class EigenSubspace:
             raise FormatError(f"{source}: this task was trained on another subspace (digest {meta['subspace'][:12]} "
                               f"!= {self.digest()[:12]}): use the subspace file it was trained with")
 
-    def size(self, module: str) -> int:
-        return self.A[module].P.shape[1]
+    def size(self, module: str, side: str = "A") -> int:
+        """K of a layer's ``side`` ("A" or "B"): principal plus augmentation directions (the sides may
+        differ: the rank cap and ``variance`` act on each alone)."""
+        return (self.A if side == "A" else self.B)[module].P.shape[1]
 
     def save(self, path: str) -> None:
         tensors = {}
@@ -153,21 +179,32 @@ def _refuse_duplicates(names: List[str], keys: list, what: str) -> None:
         seen.setdefault(key, name)
 
 
+# Directions of the centred stack with a singular value below this fraction of the largest are its
+# null space: float32 factors (and the rsvd's Gram-based orthonormalisation, accurate to ~1e-8 there)
+# cannot tell them from zero, so they are not principal components (an SVD returns arbitrary vectors).
+_RANK_RTOL = 1e-5
+
+
 def _principal(M: torch.Tensor, components: Optional[int], variance: Optional[float], augment: int,
-               seed: int, stream: int) -> SideBasis:
-    """Top principal directions of the columns of M (d x c), row-centred, plus augmentation."""
+               seed: int, stream: int, where: str) -> SideBasis:
+    """Top principal directions of the columns of M (d x c), row-centred, plus augmentation; K is capped
+    at the centred stack's numerical rank (``where`` names the layer and side in the error when it is 0)."""
     d, c = M.shape
     Mc = M - M.mean(dim=1, keepdim=True)
     full = max(1, min(d, c - 1 if c > 1 else 1))  # a centred stack of c columns has rank <= c - 1
     U, S, _ = ops.rsvd(Mc.double(), full, oversample=8, niter=4, seed=seed)
-    energy = S * S
-    total = float(energy.sum())
-    explained = energy / total if total > 0 else torch.zeros_like(energy)
+    rank = int((S > _RANK_RTOL * S[0]).sum()) if float(S[0]) > 0 else 0
+    if rank == 0:
+        raise ValueError(f"{where}: the factors are the same in every adapter (nothing is left after centring), "
+                         "so there is no principal direction to take; an untrained layer (all-zero lora_B in "
+                         "every adapter) or copies of one adapter? Leave the layer out of the adapters")
+    energy = S[:rank] * S[:rank]
+    explained = energy / float(energy.sum())
     if variance is not None:
         k = int(torch.searchsorted(explained.cumsum(0), torch.tensor(variance, dtype=explained.dtype)).item()) + 1
     else:
         k = components if components is not None else 32
-    k = max(1, min(k, full))
+    k = max(1, min(k, rank))
     P = U[:, :k]
     if augment > 0:
         extra = min(augment, d - k)
@@ -185,19 +222,22 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                    base: Optional[Union[str, BaseWeights]] = None) -> EigenSubspace:
     """Principal subspaces from N peft LoRA adapters of one base model (folders or PeftAdapter).
 
-    ``components``: K principal directions per layer and side (default 32, capped at the stack's
-    rank N·r − 1); or ``variance``: the smallest K explaining that fraction of the centred stack's
-    variance. ``augment``: extra seeded directions orthogonal to the components. With ``base``, the
+    ``components``: K principal directions per layer and side (default 32, capped at the centred
+    stack's numerical rank, at most N·r − 1); or ``variance``: the smallest K explaining that fraction
+    of the centred stack's variance. ``augment``: extra seeded directions orthogonal to the components. With ``base``, the
     subspace records a fingerprint of every base weight (checked by ``apply``).
     """
     if components is not None and variance is not None:
         raise ValueError("give components or variance, not both")
     if variance is not None and not 0.0 < variance <= 1.0:
         raise ValueError(f"variance must be in (0, 1], got {variance}")
-    if components is not None and (not isinstance(components, int) or components < 1):
+    if components is not None and (isinstance(components, bool) or not isinstance(components, int)
+                                   or components < 1):
         raise ValueError(f"components must be a positive int, got {components!r}")
-    if not isinstance(augment, int) or augment < 0:
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
         raise ValueError(f"augment must be an int >= 0, got {augment!r}")
+    # folders as str (a pathlib.Path too), loaded adapters as they are; a generator is read once
+    adapters = [a if isinstance(a, PeftAdapter) else os.fspath(a) for a in adapters]
     names = [a if isinstance(a, str) else f"adapter[{i}]" for i, a in enumerate(adapters)]
     _refuse_duplicates(names, [os.path.realpath(a) if isinstance(a, str) else None for a in adapters], "folder")
     loaded = [a if isinstance(a, PeftAdapter) else PeftAdapter.load(a) for a in adapters]
@@ -214,6 +254,12 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         except FormatError as e:  # names the layer (and the folder, for a loaded adapter)
             raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
     _refuse_duplicates(names, [tensors_digest(a.tensors) for a in loaded], "weights")
+    for name, a in zip(names, loaded):
+        left = embedding_lora_modules(a.tensors) + sorted(k for k in a.tensors if k.endswith(".lora_B.bias"))
+        if left:
+            warnings.warn(f"{name}: LoRA on embeddings (lora_embedding_A/B) and LoRA biases (lora_B.bias) are not "
+                          f"part of an EigenLoRAx subspace and are left out: {', '.join(left[:3])}"
+                          f"{' ...' if len(left) > 3 else ''}", stacklevel=2)
     layouts = {bool(a.config.get("fan_in_fan_out")) for a in loaded}
     if len(layouts) > 1:
         raise ValueError("adapters disagree on fan_in_fan_out (Conv1D vs Linear layers): "
@@ -237,8 +283,8 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                              "(target_modules) or use adapters that adapt it")
         MA = torch.cat([u.A.float().T for u in ups], dim=1)   # n x N r
         MB = torch.cat([u.B.float() * u.scaling for u in ups], dim=1)  # m x N r (scaling folded into B)
-        subA[mod] = _principal(MA, components, variance, augment, seed, 2 * li)
-        subB[mod] = _principal(MB, components, variance, augment, seed, 2 * li + 1)
+        subA[mod] = _principal(MA, components, variance, augment, seed, 2 * li, f"layer {mod}, lora_A")
+        subB[mod] = _principal(MB, components, variance, augment, seed, 2 * li + 1, f"layer {mod}, lora_B")
         if bw is not None:
             key = bw.key_for_module(mod)
             W = bw.get(key)
@@ -359,10 +405,15 @@ class EigenModel:
         self._grad_before: Dict[str, bool] = {}  # requires_grad of the model's parameters before apply
 
     def extra(self) -> Dict[str, torch.Tensor]:
-        """The task's own parameters besides the loadings (those ``apply(trainable=...)`` unfroze, e.g. the
-        head), keyed by the model's parameter names: saved with the task by default."""
-        params = dict(self.model.named_parameters())
-        return {n: params[n] for n in self.extra_names if n in params}
+        """The task's own tensors besides the loadings, keyed by the model's names: the parameters
+        ``apply(trainable=...)`` unfroze (e.g. the head) and the rest of the modules that hold them, as
+        peft restores a ``modules_to_save`` module whole (a LayerNorm's frozen weight beside its trained
+        bias, a whole classification head). Saved with the task by default."""
+        out = {}
+        for module in dict.fromkeys(_modules_to_save(self.extra_names).values()):
+            for k, v in self.model.get_submodule(module).state_dict(keep_vars=True).items():
+                out[f"{module}.{k}"] = v
+        return out
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -381,7 +432,7 @@ class EigenModel:
                           task_type: Optional[str] = None) -> None:
         """One task: its loadings and its other trained tensors as a small safetensors file. ``extra``
         (keyed by the model's parameter names, e.g. ``classifier.weight``) defaults to ``self.extra()``,
-        the parameters ``apply(trainable=...)`` unfroze; pass ``{}`` to save the loadings only.
+        the modules ``apply(trainable=...)`` unfroze, whole; pass ``{}`` to save the loadings only.
         ``task_type`` (peft's, e.g. "SEQ_CLS") is recorded for ``export_task``."""
         t = self.coefficients()
         extra = self.extra() if extra is None else extra
@@ -392,7 +443,7 @@ class EigenModel:
         meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling),
                 "subspace": self.subspace.digest()}
         if task_type is not None:
-            meta["task_type"] = _check_task_type(task_type, bool(extra), f"{path}: refusing to save")
+            meta["task_type"] = _check_task_type(task_type, list(extra), f"{path}: refusing to save")
         _save(t, path, meta)
 
     @torch.no_grad()
@@ -490,8 +541,8 @@ class EigenModel:
     def export_peft(self, path: str, *, extra: Optional[Dict[str, torch.Tensor]] = None,
                     task_type: Optional[str] = None, config: Optional[dict] = None) -> PeftAdapter:
         """Write the task as a standard peft LoRA folder (B = P_B α_B, A = (P_A α_A)ᵀ, lora_alpha chosen so
-        peft's scaling equals ours). ``extra`` (default ``self.extra()``, the parameters
-        ``apply(trainable=...)`` unfroze, e.g. the head; keyed by the model's parameter names) is written
+        peft's scaling equals ours). ``extra`` (default ``self.extra()``, the modules
+        ``apply(trainable=...)`` unfroze, whole, e.g. the head; keyed by the model's names) is written
         as peft's ``modules_to_save``. ``config``: overrides of adapter_config.json."""
         if not self.layers:
             raise RuntimeError("this EigenModel was unloaded: apply the subspace again")
@@ -517,15 +568,17 @@ def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora
     return eigen_s, lora_s
 
 
-def _check_task_type(task_type: Optional[str], has_head: bool = True, where: str = "") -> Optional[str]:
-    """A peft task type (or None); one whose peft model restores a trained head needs the head saved."""
+def _check_task_type(task_type: Optional[str], extra: Sequence[str] = (), where: str = "") -> Optional[str]:
+    """A peft task type (or None); one whose peft model restores a trained head needs the head among the
+    ``extra`` tensor names (a module named like the head on their path: peft loads it from the file)."""
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of peft's {', '.join(TASK_TYPES)} (or None), got {task_type!r}")
-    if task_type in _TASKS_WITH_HEAD and not has_head:
-        raise ValueError(f"{where}: task_type {task_type} makes peft load a trained head "
-                         f"({_TASKS_WITH_HEAD[task_type]}) from the adapter, but none is saved with the task: "
-                         "pass the head's tensors as extra= (e.g. {n: p for n, p in model.named_parameters() "
-                         "if 'classifier' in n}), or give no task type")
+    heads = _TASKS_WITH_HEAD.get(task_type, ())
+    if heads and not any(part in heads for k in extra for part in k.split(".")[:-1]):
+        raise ValueError(f"{where}: task_type {task_type} makes peft load a trained head ({' / '.join(heads)}) "
+                         "from the adapter, but none is saved with the task: pass the head's tensors as extra= "
+                         "(e.g. {n: p for n, p in model.named_parameters() if 'classifier' in n}), or give no "
+                         "task type")
     return task_type
 
 
@@ -545,14 +598,16 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().float().contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().float().contiguous()
     extra = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v.detach() for k, v in (extra or {}).items()}
-    modules = {k: k.rpartition(".")[0] for k in extra}  # classifier.weight -> classifier
+    task_type = _check_task_type(task_type, list(extra), f"{path}: refusing to export")
+    modules = _modules_to_save(extra, _TASKS_WITH_HEAD.get(task_type, ()))  # classifier.weight -> classifier
     for k, module in modules.items():
-        if not module or module in factors:
+        lora = [f for f in factors if module == f or module.startswith(f + ".") or f.startswith(module + ".")]
+        if not module or lora:
             raise ValueError(f"extra tensor {k}: peft can only restore parameters of a module outside the LoRA "
-                             "layers (modules_to_save), such as classifier.weight")
+                             "layers (modules_to_save), such as classifier.weight"
+                             + (f"; its module {module} holds or lies in the LoRA layer {lora[0]}" if lora else ""))
     tensors.update({_PEFT_PREFIX + k: v for k, v in extra.items()})
     check_finite(tensors, f"{path}: refusing to export")
-    task_type = _check_task_type(task_type, bool(extra), f"{path}: refusing to export")
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": bool(fan_in_fan_out), "use_rslora": False,
            "init_lora_weights": True, "base_model_name_or_path": base_name,
@@ -595,6 +650,9 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
                               f"{tuple(aA.shape)}, alpha_B {tuple(aB.shape)}")
         if aA.shape[0] != PA.shape[1] or aB.shape[0] != PB.shape[1]:
             raise FormatError(f"{name}: coefficients do not fit the subspace (K {aA.shape[0]} vs {PA.shape[1]})")
+        if rank is not None and aA.shape[1] != rank:
+            raise FormatError(f"{where}: {name}: loadings of rank {aA.shape[1]} beside rank {rank} in the other "
+                              "layers: a task has one rank (peft's adapter config holds one r)")
         factors[name] = (PB @ aB.float(), (PA @ aA).T)
         rank = aA.shape[1]
     extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
@@ -607,7 +665,9 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
           check_base: bool = True) -> EigenModel:
     """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers and
     freeze everything but the loadings (and parameters whose name contains one of ``trainable``,
-    e.g. ``("classifier",)`` for a task head; ``save_coefficients`` / ``export_peft`` save those with the task).
+    e.g. ``("classifier",)`` for a task head; ``save_coefficients`` / ``export_peft`` save their modules
+    with the task). Each pattern must match a parameter and none may reach the adapted layers' own
+    weights (checked before anything changes).
 
     ``init``: "uniform" (the authors' default: both loadings uniform(−0.5, 0.5), so ΔW ≠ 0 at step 0)
     or "lora" (B loadings zero: the model starts as the base model). ``scaling`` multiplies the update
@@ -619,7 +679,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     if init not in ("uniform", "lora"):
         raise ValueError(f"init must be 'uniform' or 'lora', got {init!r}")
     scaling = _check_scaling(scaling, "apply")
-    if not isinstance(task_rank, int) or task_rank < 1:
+    if isinstance(task_rank, bool) or not isinstance(task_rank, int) or task_rank < 1:
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
     named = dict(model.named_modules())
     targets = {}
@@ -643,9 +703,10 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         if fp is not None and fingerprint(lin.weight.detach()) != fp:
             raise ValueError(f"layer {mod}: the model's weight ({str(lin.weight.dtype).replace('torch.', '')}) "
                              "differs from the subspace's base (fingerprint): another base model, or the same one "
-                             "loaded in another dtype than its checkpoint (load it with torch_dtype='auto', or "
+                             "loaded in another dtype than its checkpoint (load it with dtype='auto', or "
                              "pass check_base=False)")
         targets[target] = (lin, PA, PB)
+    extra_names = _trainable_names(model, trainable, targets)
     grad_before = {name: p.requires_grad for name, p in model.named_parameters()}  # unload() restores them
     for p in model.parameters():
         p.requires_grad_(False)
@@ -657,15 +718,39 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         parent_name, _, child = target.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, wrapped)
         layers[target] = wrapped
-    extra_names = []
-    for name, p in model.named_parameters():
-        if any(t in name for t in trainable):
-            p.requires_grad_(True)
-            if not name.endswith((".alpha_A", ".alpha_B")):
-                extra_names.append(name)
+    for name in extra_names:
+        model.get_parameter(name).requires_grad_(True)
     em = EigenModel(model, subspace, layers, task_rank, extra_names)
     em._grad_before = grad_before
     return em
+
+
+def _trainable_names(model: torch.nn.Module, trainable: Sequence[str], targets) -> List[str]:
+    """The parameters of ``model`` whose names contain one of the ``trainable`` patterns (a str is one
+    pattern), checked before ``apply`` changes anything: every pattern must select a parameter, and none
+    may lie in a layer the subspace adapts (``targets``), directly or through the module peft would save
+    whole for it (see ``_modules_to_save``): peft's adapter could not restore such a weight on export."""
+    patterns = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+    names = [n for n, _ in model.named_parameters()]
+    hits: Dict[str, None] = {}
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"trainable: each pattern must be a non-empty str (part of a parameter name), got "
+                             f"{pattern!r}")
+        found = [n for n in names if pattern in n]
+        if not found:
+            raise ValueError(f"trainable pattern {pattern!r} matches no parameter of the model (a part of a name "
+                             f"such as {names[-1]!r})" if names else f"trainable pattern {pattern!r}: the model "
+                             "has no parameters")
+        hits.update(dict.fromkeys(found))
+    for name, module in _modules_to_save(list(hits)).items():
+        inside = [t for t in targets if name.startswith(t + ".") or t.startswith(module + ".")]
+        if inside:
+            raise ValueError(f"trainable: {name} lies in or beside the adapted layer {inside[0]} (its module "
+                             f"{module} would be saved whole): the weights of the layers the subspace adapts stay "
+                             "frozen, since peft's adapter could not restore them; narrow the pattern (e.g. "
+                             "'classifier')")
+    return list(hits)
 
 
 def _suffix_match(named, mod: str) -> tuple:

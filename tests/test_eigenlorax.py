@@ -229,6 +229,61 @@ def test_k_capped_at_stack_rank():
     assert {sub.size(m) for m in TOY_LAYERS} == {3}
 
 
+def test_k_capped_at_numerical_rank_and_a_layer_without_variance_refused():
+    """DESIGN: cap K at the centred stack's rank, never return arbitrary directions beyond it. Adapters
+    that share lora_A (LoRA-FA, or one init seed) stack to rank r − 1 on the A side; their B side keeps
+    N·r − 1. A layer whose factors are equal in every adapter has no principal direction at all."""
+    N, r = 3, 4
+    A = {mod: torch.randn(r, n) for mod, (m, n) in TOY_LAYERS.items()}
+    ads = [make_adapter(TOY_LAYERS, r, lambda mod, m, n: (torch.randn(m, r), A[mod])) for _ in range(N)]
+    for kw in ({}, {"components": 50}, {"variance": 1.0}):
+        sub = eigenlorax.build_subspace(ads, **kw)
+        for mod in TOY_LAYERS:
+            assert sub.size(mod, "A") == r - 1 and sub.size(mod, "B") == N * r - 1, kw
+            assert sub.A[mod].explained.sum() == pytest.approx(1.0, abs=1e-6)
+            # the r - 1 directions span the centred A rows exactly
+            Ac = A[mod].T.double() - A[mod].T.double().mean(dim=1, keepdim=True)
+            P = sub.A[mod].P.double()
+            assert torch.linalg.norm(Ac - P @ (P.T @ Ac)) < 1e-5 * torch.linalg.norm(Ac)
+    for side in ("lora_A", "lora_B"):   # the same factor in every adapter (an untrained layer: lora_B = 0)
+        same = random_adapters(TOY_LAYERS, N, r)
+        for ad in same:
+            ad.tensors[f"{PEFT_PREFIX}enc.v.{side}.weight"] = same[0].tensors[f"{PEFT_PREFIX}enc.v.{side}.weight"] * 0
+        with pytest.raises(ValueError, match=rf"layer enc\.v, {side}: the factors are the same in every adapter"):
+            eigenlorax.build_subspace(same)
+
+
+def test_build_takes_paths_and_iterables(tmp_path):
+    import pathlib
+
+    dirs = []
+    for i, ad in enumerate(random_adapters(TOY_LAYERS, 3, 4)):
+        dirs.append(tmp_path / f"ad{i}")
+        ad.save_adapter(str(dirs[-1]))
+    ref = eigenlorax.build_subspace([str(d) for d in dirs], components=4)
+    for given in (dirs, (d for d in dirs), map(str, dirs)):
+        sub = eigenlorax.build_subspace(given, components=4)
+        assert all(torch.equal(sub.A[m].P, ref.A[m].P) and torch.equal(sub.B[m].P, ref.B[m].P) for m in TOY_LAYERS)
+    with pytest.raises(ValueError, match=r"ad0 and .*ad0 are the same adapter \(same folder\)"):
+        eigenlorax.build_subspace([dirs[0], dirs[1], pathlib.Path(str(dirs[0]) + "/")])
+    bad = random_adapters(TOY_LAYERS, 1, 4)[0]
+    bad.tensors[f"{PEFT_PREFIX}enc.q.lora_B.weight"][0, 0] = math.nan
+    bad.save_adapter(str(tmp_path / "nan"))
+    with pytest.raises(FormatError, match=rf"{tmp_path / 'nan'}: layer enc\.q: lora_B holds NaN"):
+        eigenlorax.build_subspace([dirs[0], tmp_path / "nan"])
+
+
+def test_build_warns_about_the_updates_it_leaves_out():
+    ads = random_adapters(TOY_LAYERS, 2, 4)
+    ads[1].tensors[f"{PEFT_PREFIX}emb.lora_embedding_A"] = torch.randn(4, 10)
+    ads[1].tensors[f"{PEFT_PREFIX}emb.lora_embedding_B"] = torch.randn(6, 4)
+    ads[1].tensors[f"{PEFT_PREFIX}enc.q.lora_B.bias"] = torch.randn(48)
+    left = r"adapter\[1\]: LoRA on embeddings .* left out: .*emb, .*enc\.q\.lora_B\.bias"
+    with pytest.warns(UserWarning, match=left):
+        sub = eigenlorax.build_subspace(ads, components=2)
+    assert sub.modules == list(TOY_LAYERS)
+
+
 def test_augmentation_orthonormal_and_seeded():
     ads = random_adapters(TOY_LAYERS, 3, 4)
     k, extra = 5, 7
@@ -649,6 +704,97 @@ def test_export_task_head_loads_in_peft(task_type, tmp_path, minilm, minilm_subs
     close(logits(peft_model, enc), logits(model, enc), atol=1e-5, rtol=1e-5)
 
 
+def tiny_roberta(seed=0):
+    """A 2-layer RoBERTa classifier built from its config (no files): its head is a module with two Linears
+    (classifier.dense, classifier.out_proj), and peft's SEQ_CLS model wraps ``classifier`` whole."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=40, num_labels=3)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
+@pytest.mark.parametrize("trainable", [("classifier",), ("classifier.out_proj",), ("embeddings.LayerNorm.bias",)])
+def test_export_of_nested_heads_and_partial_modules_loads_in_peft(trainable, task_type, tmp_path):
+    """peft restores a modules_to_save module whole (every tensor of its state dict must be in the file)
+    and its SEQ_CLS model wraps ``classifier`` itself: a RoBERTa head (classifier.dense + out_proj),
+    half of it, or a LayerNorm's bias alone must export to a folder that PeftModel loads into the
+    trained model, through export_peft and through a task file + export_task."""
+    from peft import PeftModel
+
+    layers = {f"roberta.encoder.layer.{i}.attention.self.{p}": (32, 32) for i in range(2) for p in ("query", "value")}
+    sub = eigenlorax.build_subspace(random_adapters(layers, 3, 2), components=4)
+    base = tiny_roberta()
+    model = copy.deepcopy(base)
+    em = eigenlorax.apply(model, sub, 2, trainable=trainable)
+    randomize(em, 1)
+    with torch.no_grad():
+        for n in em.extra_names:
+            model.get_parameter(n).add_(torch.randn_like(model.get_parameter(n)))
+    x = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    head = trainable[0] != "embeddings.LayerNorm.bias"
+    coef = str(tmp_path / "task.safetensors")
+    if task_type and not head:   # peft's SEQ_CLS model would load a head the folder does not have
+        for write in (lambda: em.save_coefficients(coef, task_type=task_type),
+                      lambda: em.export_peft(str(tmp_path / "x"), task_type=task_type)):
+            with pytest.raises(ValueError, match="SEQ_CLS makes peft load a trained head"):
+                write()
+        assert not os.path.exists(coef) and not os.path.exists(tmp_path / "x")
+        return
+    kind = task_type
+    em.save_coefficients(coef, task_type=kind)
+    for out, write in ((tmp_path / "direct", lambda o: em.export_peft(o, task_type=kind)),
+                       (tmp_path / "files", lambda o: eigenlorax.export_task(sub, coef, o))):
+        write(str(out))
+        with open(out / io.ADAPTER_CONFIG) as f:
+            saved = json.load(f)["modules_to_save"]
+        if kind == "SEQ_CLS":
+            assert saved == ["classifier"]
+        elif head:
+            assert saved == ["classifier.dense", "classifier.out_proj"]
+        else:
+            assert saved == ["roberta.embeddings.LayerNorm"]
+        other = copy.deepcopy(base)
+        if head:   # the base model's head is random: the trained one must come from the folder
+            with torch.no_grad():
+                for p in other.classifier.parameters():
+                    p.normal_()
+        loaded = PeftModel.from_pretrained(other, str(out)).eval()
+        with torch.no_grad():
+            close(loaded(input_ids=x).logits, want, atol=1e-5)
+
+
+def test_trainable_patterns_are_checked_before_apply_changes_anything():
+    sub = toy_subspace()
+    model = Toy()
+    before = copy.deepcopy(model.state_dict())
+    for pattern, message in ((("clasifier",), "'clasifier' matches no parameter"),
+                             (("bias",), r"enc\.q\.bias lies in or beside the adapted layer enc\.q"),
+                             (("enc.v",), r"enc\.v\.weight lies in or beside the adapted layer enc\.v"),
+                             (("head", ""), "non-empty str")):
+        with pytest.raises(ValueError, match=message):
+            eigenlorax.apply(model, sub, 2, trainable=pattern)
+        assert isinstance(model.enc.q, torch.nn.Linear) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    em = eigenlorax.apply(model, sub, 2, trainable="head")   # one str is one pattern, not its letters
+    assert em.extra_names == ["head.weight", "head.bias"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "head.weight", "head.bias", *(f"{m}.alpha_{s}" for m in TOY_LAYERS for s in "AB")}
+
+
+def test_export_task_refuses_loadings_of_several_ranks(tmp_path):
+    sub = toy_subspace()
+    t = eigenlorax.apply(Toy(), sub, 2).coefficients()
+    t["enc.v.alpha_A"], t["enc.v.alpha_B"] = torch.randn(6, 3), torch.randn(6, 3)
+    with pytest.raises(FormatError, match=r"enc\.v: loadings of rank 3 beside rank 2"):
+        eigenlorax.export_task(sub, t, str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_task_types_are_peft_ones():
     from peft import TaskType
 
@@ -1008,7 +1154,8 @@ def test_cli_build_and_export(tmp_path, capsys):
     rc, out, err = run_cli(["eigen", "build", *dirs, "-o", sub_path, "--components", "5", "--augment", "2",
                             "--seed", "3"], capsys)
     assert rc == 0, err
-    assert os.path.isfile(sub_path) and sub_path in out and "(principal + 2 augmentation)" in out
+    assert os.path.isfile(sub_path) and sub_path in out
+    assert "K per layer 7 (lora_A) / 7 (lora_B) (principal + 2 augmentation)" in out
     # more augmentation than there are directions left: capped per layer and side (d - 5), and said so
     rc, big, err = run_cli(["eigen", "build", *dirs, "-o", str(tmp_path / "big.safetensors"), "--components", "5",
                             "--augment", "1000"], capsys)
