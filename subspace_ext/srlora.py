@@ -4,7 +4,8 @@
 weight W0 = U Σ Vᵀ (one rsvd per weight, computed once and cached):
 
 * init (``pissa_init=True``): PiSSA — A = diag(√(σ/s)) V_rᵀ, B = U_r diag(√(σ/s)), W0 −= s B A, so the
-  model's function is unchanged and the pairs start on the top r principal directions;
+  model's function is unchanged and the pairs start on the top r principal directions (an adapter peft
+  already initialised from W0, e.g. ``init_lora_weights="pissa"``, keeps its init);
 * every step: AdaLoRA's importance of every pair (sensitivity |θ·∇θ| smoothed by EMA, times its
   uncertainty), for all layers in one ``ops.pair_importance`` call;
 * every ``interval`` steps after ``warmup`` (until ``stop`` × total steps): in each layer the
@@ -39,7 +40,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import ops
-from .io import FormatError, read_safetensors, safetensors_metadata, save_safetensors
+from .io import FormatError, linear_layout, read_safetensors, safetensors_metadata, save_safetensors
 
 STATE_FILE = "srlora_state.safetensors"
 STATE_FORMAT = "subspace_ext.srlora.state"
@@ -135,12 +136,28 @@ class Event:
     detail: Dict[str, List[int]] = field(default_factory=dict)
 
 
+def _base_modifying_init(model, layers: List[_Layer]) -> Optional[str]:
+    """The adapter's peft ``init_lora_weights`` when it is one that rewrites the base weight (PiSSA,
+    OLoRA, CorDA, LoftQ, LoRA-GA: W0 -= s B A at init), else None."""
+    configs = getattr(model, "peft_config", {}) or {}
+    for adapter in dict.fromkeys(l.adapter for l in layers):
+        init = getattr(configs.get(adapter), "init_lora_weights", True)
+        if isinstance(init, str) and (init.lower().startswith("pissa")
+                                      or init.lower() in ("olora", "corda", "loftq", "lora_ga")):
+            return init
+    return None
+
+
 def lora_layers(model) -> List[_Layer]:
     """The trainable, active LoRA Linear layers of a peft model. Warns about LoRA layers SRLoRA leaves
     alone (frozen, embedding LoRA) and about a model holding several adapters (they share the base weights
-    SRLoRA edits)."""
+    SRLoRA edits); refuses layers whose update is not W + s B A on a Linear / Conv1D weight of its own
+    (variants, a weight tied to another module, a merged adapter)."""
     from peft.tuners.lora import LoraLayer
 
+    owners: Dict[int, List[str]] = {}  # parameter -> every name it has (tied weights have several)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
     out, frozen, embedding, several = [], [], [], False
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
@@ -161,11 +178,22 @@ def lora_layers(model) -> List[_Layer]:
             if not isinstance(mod.lora_A[adapter], torch.nn.Module):  # AdaLoRA's factors are bare Parameters
                 raise ValueError(f"{name}: AdaLoRA layers ({type(mod).__name__}) are not supported by SRLoRA: it "
                                  "needs a LoRA model (AdaLoRA allocates ranks itself)")
-            if mod.lora_A[adapter].weight.dim() != 2:
-                raise ValueError(f"{name}: only Linear LoRA layers are supported")
+            base = mod.get_base_layer()
+            if mod.lora_A[adapter].weight.dim() != 2 or linear_layout(base) is None:
+                raise ValueError(f"{name}: LoRA on a {type(base).__module__}.{type(base).__name__} is not supported by "
+                                 "SRLoRA: only Linear (and transformers Conv1D) LoRA layers, whose weight it edits")
             if not (mod.lora_A[adapter].weight.requires_grad and mod.lora_B[adapter].weight.requires_grad):
                 frozen.append(name)
                 continue
+            tied = [n for n in owners.get(id(base.weight), []) if not n.startswith(name + ".")]
+            if tied:
+                raise ValueError(f"{name}: its base weight is tied to {tied[0]} (one shared parameter): SRLoRA's "
+                                 "PiSSA init and fusions edit the base weight, which would change that module too; "
+                                 "leave this layer out of target_modules (or untie the weights)")
+            if mod.merged:
+                raise ValueError(f"{name}: the adapter is merged into the base weight (merge_adapter()): SRLoRA "
+                                 "edits the base weight and the factors, so it needs them apart; call "
+                                 "model.unmerge_adapter() first")
             out.append(_Layer(name, mod, adapter, float(mod.scaling[adapter])))
     if embedding:
         warnings.warn(f"SRLoRA leaves embedding LoRA layers as they are: {', '.join(embedding[:3])}"
@@ -197,6 +225,13 @@ class SRLoRA:
 
     def __init__(self, model, optimizer: Optional[torch.optim.Optimizer], config: Optional[SRLoRAConfig] = None,
                  *, resume_from: Optional[str] = None):
+        if optimizer is not None and not (hasattr(optimizer, "state") and hasattr(optimizer, "param_groups")):
+            raise TypeError(f"optimizer must be a torch optimizer (or None), got {type(optimizer).__name__}"
+                            + (": pass the config as the third argument (config=...)"
+                               if isinstance(optimizer, SRLoRAConfig) else ""))
+        if config is not None and not isinstance(config, SRLoRAConfig):
+            raise TypeError(f"config must be an SRLoRAConfig (or None), got {type(config).__name__}"
+                            + (": SRLoRAConfig(**d)" if isinstance(config, dict) else ""))
         self.config = config or SRLoRAConfig()
         self.config.validate()
         self.model = model
@@ -207,19 +242,32 @@ class SRLoRA:
         self._warned = set()
         saved = _read_state(resume_from, self.layers) if resume_from is not None else None
         c = self.config
-        if c.pissa_init and saved is None:
+        self._pissa = c.pissa_init and saved is None
+        peft_init = _base_modifying_init(model, self.layers)
+        if self._pissa and peft_init:
+            self._pissa = False
+            warnings.warn(f"peft initialised the adapter with init_lora_weights={peft_init!r}, which already moved "
+                          "a part of each base weight into the pairs: SRLoRA keeps that init rather than apply "
+                          "PiSSA on top (pass pissa_init=False to silence this) and re-initialises pairs along the "
+                          "principal directions of the remaining base weight", stacklevel=2)
+        if saved is None and (self._pissa or c.fuse_fraction > 0):
             for l in self.layers:
                 drops = getattr(l.module, "lora_dropout", {})
                 drop = drops[l.adapter] if l.adapter in drops else None
                 if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
-                    warnings.warn(f"{l.name}: lora_dropout {drop.p} with PiSSA init: the principal part of the weight "
-                                  "now passes through dropout, so in train mode the function changes (eval mode: "
-                                  "unchanged); use lora_dropout=0 or pissa_init=False", stacklevel=2)
+                    what = "PiSSA init" if self._pissa else "re-initialisation"
+                    warnings.warn(f"{l.name}: lora_dropout {drop.p} with {what}: principal parts of the base weight "
+                                  "move behind the LoRA branch, hence through dropout, so in train mode the function "
+                                  "changes (eval mode: unchanged); use lora_dropout=0", stacklevel=2)
                     break
+        if c.total_steps is None and c.stop < 1.0 and c.fuse_fraction > 0:
+            warnings.warn(f"SRLoRAConfig.total_steps is not set, so stop={c.stop} cannot apply: recompositions go on "
+                          "to the last step (set total_steps, or stop=1.0 to silence this; the Trainer callback "
+                          "sets it)", stacklevel=2)
         self._directions()
         if saved is not None:
             self._restore(saved, resume_from)
-        elif c.pissa_init:
+        elif self._pissa:
             self._pissa_init()
         if saved is None:
             self.state = ops.importance_state([l.A for l in self.layers], [l.B for l in self.layers])
@@ -248,7 +296,7 @@ class SRLoRA:
                 l = self.layers[i]
                 l.U, l.S, l.V = U, S, V
                 r = l.A.shape[0]
-                l.next_dir = min(r, k) if c.pissa_init else 0
+                l.next_dir = min(r, k) if self._pissa else 0
                 l.protected_until = torch.full((r,), -1, dtype=torch.long)
 
     @torch.no_grad()
@@ -317,17 +365,33 @@ class SRLoRA:
             return None
         return self.recompose(scores)
 
+    def _refuse_merged(self, doing: str) -> None:
+        merged = [l.name for l in self.layers if l.module.merged]
+        if merged:
+            raise RuntimeError(f"{merged[0]}: the adapter is merged into the base weight (merge_adapter()), so "
+                               f"{doing} would count its update twice; call model.unmerge_adapter() first")
+
     @torch.no_grad()
     def recompose(self, scores: List[Optional[torch.Tensor]]) -> Event:
         c = self.config
         t = self.step_count
         grace = c.grace if c.grace is not None else c.interval
+        self._refuse_merged("a recomposition")
+        hosts = [s.float().cpu() if s is not None else None for s in scores]  # small; a recomposition is rare
+        if all(h is None or not bool(h.any()) for h in hosts):
+            if "zeroscores" not in self._warned:
+                self._warned.add("zeroscores")
+                warnings.warn(f"SRLoRA step {t}: every importance score is 0, so the gradients it saw were all "
+                              "zero (gradients zeroed before SRLoRA.step()? call it after optimizer.step() and "
+                              "before zero_grad()): no pair fused, the choice would be arbitrary", stacklevel=3)
+            ev = Event(t, 0, 0, 0, 0.0, 0.0, 0.0)
+            self.log.append(ev)
+            return ev
         W, Bs, As, idx, B_new, A_new, scal, names = [], [], [], [], [], [], [], []
         chosen_scores, exhausted, poisoned = [], 0, []
-        for k, (l, s) in enumerate(zip(self.layers, scores)):
-            if s is None:
+        for k, (l, s_host) in enumerate(zip(self.layers, hosts)):
+            if s_host is None:
                 continue
-            s_host = s.float().cpu()  # the choice is made on the host (small; a recomposition is rare)
             if not bool(torch.isfinite(s_host).all()):
                 poisoned.append(l.name)  # e.g. an fp16 overflow step scored: restart its non-finite states
                 for st in self.state:
@@ -400,12 +464,14 @@ class SRLoRA:
     def base_state_dict(self) -> Dict[str, torch.Tensor]:
         """The modified base weights (name -> tensor), keyed as in the peft model's state dict (load them
         into a PeftModel, not into the bare base model; ``load_base_weights`` checks every name)."""
+        self._refuse_merged("saving the base weights")
         return {l.name + ".base_layer.weight": l.weight.detach().clone() for l in self.layers}
 
     def save(self, folder: str) -> str:
         """Write ``folder/srlora_state.safetensors``: the modified base weights (what the peft adapter alone
         lacks) and the run's state (importance EMAs, used directions, grace, step count, log) for
         ``SRLoRA(..., resume_from=folder)``. Safetensors + JSON; returns the file's path."""
+        self._refuse_merged("saving the base weights")
         t = {}
         for k, l in enumerate(self.layers):
             t[f"base.{k}"] = l.weight.detach().contiguous()
@@ -566,7 +632,7 @@ class SRLoRACallback(_TrainerCallback):
             self.srlora.step(optimizer_stepped=not getattr(optimizer, "step_was_skipped", False))
 
     def on_save(self, args, state, control, **kwargs):
-        if self.srlora is not None:
+        if self.srlora is not None and args.should_save:  # the process that writes the checkpoint
             self.srlora.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

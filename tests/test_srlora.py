@@ -890,3 +890,114 @@ def test_srlora_refuses_layers_that_are_not_plain_lora(kind):
         model, match = toy_lora(use_dora=True), "DoRA layers are not supported"
     with pytest.raises(ValueError, match=match):
         SRLoRA(model, None, SRLoRAConfig())
+
+
+class _TiedToy(_Toy):
+    """_Toy with a second module sharing fc2's weight (as a tied lm_head shares the input embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tie = torch.nn.Linear(40, 17, bias=False)
+        self.tie.weight = self.fc2.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.out(torch.tanh(self.fc2(h) + self.tie(h)))
+
+
+def test_srlora_refuses_a_tied_base_weight_and_a_merged_adapter():
+    """A tied weight (GPT-2's lm_head is the input embedding) changed the other module at every edit; a
+    merged adapter had its update counted twice (by PiSSA, by a fusion, by the saved base weights)."""
+    import peft
+
+    model = peft.get_peft_model(_TiedToy(), peft.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    with pytest.raises(ValueError, match=r"fc2: its base weight is tied to .*tie\.weight"):
+        SRLoRA(model, None, SRLoRAConfig())
+    model = toy_lora()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"fc1: the adapter is merged .*unmerge_adapter\(\) first"):
+        SRLoRA(model, None, SRLoRAConfig())
+    model.unmerge_adapter()
+    opt = adamw(model)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=1, warmup=1, total_steps=10))
+    model.merge_adapter()
+    for save in (sr.base_state_dict, lambda: sr.save("unused")):
+        with pytest.raises(RuntimeError, match="merged into the base weight"):
+            save()
+    assert not os.path.exists("unused")
+    model.unmerge_adapter()
+    (x, y), = toy_batches(1)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model.merge_adapter()   # e.g. for an evaluation between the optimizer step and SRLoRA's
+    with pytest.raises(RuntimeError, match="a recomposition would count its update twice"):
+        sr.step()
+
+
+def test_srlora_keeps_a_peft_init_that_rewrote_the_base():
+    """peft's init_lora_weights='pissa' already put the top r directions into the pairs: a second PiSSA
+    moved them to directions r+1..2r (and the top r back into W0)."""
+    import peft
+
+    torch.manual_seed(0)
+    toy = _Toy()
+    U0 = torch.linalg.svd(toy.fc1.weight.detach().double(), full_matrices=False)[0][:, :4]
+    x = torch.randn(8, 24)
+    model = peft.get_peft_model(toy, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
+                                                      init_lora_weights="pissa"))
+    with torch.no_grad():
+        want = model(x).double()
+    with pytest.warns(UserWarning, match="init_lora_weights='pissa'.* keeps that init"):
+        sr = SRLoRA(model, None, SRLoRAConfig(total_steps=10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), want, atol=1e-5, rtol=0)
+    B = model.base_model.model.fc1.lora_B["default"].weight.detach().double()
+    cos = torch.linalg.svdvals(U0.T @ torch.linalg.qr(B)[0])   # principal angles' cosines
+    assert float(cos.min()) > 1 - 1e-6
+    assert all(l.next_dir == 0 for l in sr.layers)   # re-inits start at the residual's top direction
+
+
+def test_srlora_argument_and_usage_errors():
+    import peft
+
+    model = toy_lora()
+    with pytest.raises(TypeError, match="optimizer must be a torch optimizer .* got SRLoRAConfig: pass the config"):
+        SRLoRA(model, SRLoRAConfig(interval=1))
+    with pytest.raises(TypeError, match=r"config must be an SRLoRAConfig .* got dict: SRLoRAConfig\(\*\*d\)"):
+        SRLoRA(model, None, {"interval": 1})
+    with pytest.warns(UserWarning, match="total_steps is not set, so stop=0.9 cannot apply"):
+        SRLoRA(toy_lora(), None, SRLoRAConfig())
+    with pytest.warns(UserWarning, match="lora_dropout 0.1 with re-initialisation"):
+        SRLoRA(toy_lora(lora_dropout=0.1), None, SRLoRAConfig(pissa_init=False, total_steps=10))
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2)
+            self.fc = torch.nn.Linear(8, 8)
+
+    mha = peft.get_peft_model(Attn(), peft.LoraConfig(r=2, target_modules=["mha", "fc"]))
+    with pytest.raises(ValueError, match=r"mha: LoRA on a torch\.nn\.\S*MultiheadAttention is not supported"):
+        SRLoRA(mha, None, SRLoRAConfig(total_steps=10))
+
+
+def test_zeroed_gradients_fuse_nothing_and_say_why():
+    model = toy_lora()
+    opt = adamw(model)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=10))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for x, y in toy_batches(2):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.zero_grad(set_to_none=False)   # gradients cleared before SRLoRA saw them: all zero
+        opt.step()
+        if sr.step_count == 1:
+            with pytest.warns(UserWarning, match="every importance score is 0"):
+                ev = sr.step()
+        else:
+            ev = sr.step()
+    assert ev is not None and ev.pairs == 0 and sr.log[-1] is ev
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
