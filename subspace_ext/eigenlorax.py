@@ -143,6 +143,8 @@ class EigenSubspace:
     def size(self, module: str, side: str = "A") -> int:
         """K of a layer's ``side`` ("A" or "B"): principal plus augmentation directions (the sides may
         differ: the rank cap and ``variance`` act on each alone)."""
+        if side not in ("A", "B"):
+            raise ValueError(f"side must be 'A' or 'B', got {side!r}")
         return (self.A if side == "A" else self.B)[module].P.shape[1]
 
     def save(self, path: str) -> None:
@@ -180,9 +182,10 @@ def _refuse_duplicates(names: List[str], keys: list, what: str) -> None:
 
 
 # Directions of the centred stack with a singular value below this fraction of the largest are its
-# null space: float32 factors (and the rsvd's Gram-based orthonormalisation, accurate to ~1e-8 there)
-# cannot tell them from zero, so they are not principal components (an SVD returns arbitrary vectors).
-_RANK_RTOL = 1e-5
+# null space, not principal components (an SVD returns arbitrary vectors there). The stack is centred
+# in float64, so a rank-deficient one (adapters sharing lora_A) shows ~1e-16 there; a real difference
+# between float32 factors is far above 1e-9 (measured: 1e-16 at d = 384..11008, N r up to 512).
+_RANK_RTOL = 1e-9
 
 
 def _principal(M: torch.Tensor, components: Optional[int], variance: Optional[float], augment: int,
@@ -190,14 +193,15 @@ def _principal(M: torch.Tensor, components: Optional[int], variance: Optional[fl
     """Top principal directions of the columns of M (d x c), row-centred, plus augmentation; K is capped
     at the centred stack's numerical rank (``where`` names the layer and side in the error when it is 0)."""
     d, c = M.shape
+    M = M.double()  # centred in float64: float32 rounding would fake directions of size ~1e-7
     Mc = M - M.mean(dim=1, keepdim=True)
     full = max(1, min(d, c - 1 if c > 1 else 1))  # a centred stack of c columns has rank <= c - 1
-    U, S, _ = ops.rsvd(Mc.double(), full, oversample=8, niter=4, seed=seed)
+    U, S, _ = ops.rsvd(Mc, full, oversample=8, niter=4, seed=seed)
     rank = int((S > _RANK_RTOL * S[0]).sum()) if float(S[0]) > 0 else 0
     if rank == 0:
         raise ValueError(f"{where}: the factors are the same in every adapter (nothing is left after centring), "
-                         "so there is no principal direction to take; an untrained layer (all-zero lora_B in "
-                         "every adapter) or copies of one adapter? Leave the layer out of the adapters")
+                         "so there is no principal direction to take: an untrained layer (all-zero lora_B in "
+                         "every adapter)? Leave the layer out of the adapters")
     energy = S[:rank] * S[:rank]
     explained = energy / float(energy.sum())
     if variance is not None:
@@ -265,7 +269,13 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         raise ValueError("adapters disagree on fan_in_fan_out (Conv1D vs Linear layers): "
                          + ", ".join(f"{n}: {bool(a.config.get('fan_in_fan_out'))}" for n, a in zip(names, loaded)))
     modules = list(per[0])
-    for name, p in zip(names[1:], per[1:]):
+    for i, (name, p) in enumerate(zip(names[1:], per[1:]), 1):
+        if set(p) != set(modules):  # saved from another wrapper of the base (bert.encoder... vs encoder...)?
+            try:
+                rename = _map_modules(list(p), dict.fromkeys(modules), f"{names[0]}'s layers", name)
+                per[i] = p = {rename[m]: u for m, u in p.items()}
+            except ValueError:
+                pass  # not one prefix rewrite: the check below names the layers
         missing, extra = set(modules) - set(p), set(p) - set(modules)
         if missing or extra:
             raise ValueError(f"{name} adapts different layers than {names[0]}: "
@@ -406,14 +416,39 @@ class EigenModel:
 
     def extra(self) -> Dict[str, torch.Tensor]:
         """The task's own tensors besides the loadings, keyed by the model's names: the parameters
-        ``apply(trainable=...)`` unfroze (e.g. the head) and the rest of the modules that hold them, as
-        peft restores a ``modules_to_save`` module whole (a LayerNorm's frozen weight beside its trained
-        bias, a whole classification head). Saved with the task by default."""
+        ``apply(trainable=...)`` unfroze (e.g. the head), completed as ``_whole_modules`` does. Saved with
+        the task by default."""
+        return self._whole_modules({n: self.model.get_parameter(n) for n in self.extra_names})
+
+    def _whole_modules(self, extra: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``extra`` plus the rest of every module its tensors belong to (see ``_modules_to_save``), from
+        the model: peft restores a ``modules_to_save`` module whole, so a LayerNorm's frozen weight goes
+        beside its trained bias, a whole classification head beside its trained part. A tensor of the
+        model itself (no module), or of a module the model lacks, stays alone; the given tensors win over
+        the model's."""
+        extra = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in extra.items()}
         out = {}
-        for module in dict.fromkeys(_modules_to_save(self.extra_names).values()):
-            for k, v in self.model.get_submodule(module).state_dict(keep_vars=True).items():
-                out[f"{module}.{k}"] = v
+        for module in dict.fromkeys(_modules_to_save(list(extra)).values()):
+            adapted = any(module == t or module.startswith(t + ".") or t.startswith(module + ".") for t in self.layers)
+            try:  # a module the model lacks or an adapted layer: as given (write_peft names what it refuses)
+                owner = self.model.get_submodule(module) if module and not adapted else None
+            except AttributeError:
+                owner = None
+            if owner is not None:
+                out.update({f"{module}.{k}": v for k, v in owner.state_dict(keep_vars=True).items()})
+        out.update(extra)
         return out
+
+    def _check_heads(self, task_type: Optional[str], extra: Dict[str, torch.Tensor], where: str) -> None:
+        """Under a task type whose peft model wraps every module named like its head (``classifier`` /
+        ``score``, ``qa_outputs``) from the adapter, each such module of the model must be in ``extra``."""
+        heads = _TASKS_WITH_HEAD.get(task_type, ())
+        wrapped = [n for n, _ in self.model.named_modules() if n and n.endswith(heads)] if heads else []
+        missing = [n for n in wrapped if not any(k.startswith(n + ".") for k in extra)]
+        if extra and missing:
+            raise ValueError(f"{where}: task_type {task_type} makes peft load {missing[0]} from the adapter (its "
+                             f"model wraps every module named {' / '.join(heads)}), but the task saves none of "
+                             "its tensors: add it to trainable= (or extra=), or give no task type")
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -435,7 +470,8 @@ class EigenModel:
         the modules ``apply(trainable=...)`` unfroze, whole; pass ``{}`` to save the loadings only.
         ``task_type`` (peft's, e.g. "SEQ_CLS") is recorded for ``export_task``."""
         t = self.coefficients()
-        extra = self.extra() if extra is None else extra
+        extra = self.extra() if extra is None else self._whole_modules(extra)
+        self._check_heads(task_type, extra, f"{path}: refusing to save")
         for k, v in extra.items():
             t[f"extra.{k}"] = v.detach().contiguous()
         check_finite(t, f"{path}: refusing to save")
@@ -443,7 +479,7 @@ class EigenModel:
         meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling),
                 "subspace": self.subspace.digest()}
         if task_type is not None:
-            meta["task_type"] = _check_task_type(task_type, list(extra), f"{path}: refusing to save")
+            meta["task_type"] = _check_task_type(task_type, bool(extra), f"{path}: refusing to save")
         _save(t, path, meta)
 
     @torch.no_grad()
@@ -549,8 +585,10 @@ class EigenModel:
         factors = {name: l.lora_factors() for name, l in self.layers.items()}
         scaling = next(iter(self.layers.values())).scaling
         fan_in_fan_out = any(l.fan_in_fan_out for l in self.layers.values())
+        extra = self.extra() if extra is None else self._whole_modules(extra)
+        self._check_heads(task_type, extra, f"{path}: refusing to export")
         return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
-                          self.extra() if extra is None else extra, config, task_type, fan_in_fan_out=fan_in_fan_out)
+                          extra, config, task_type, fan_in_fan_out=fan_in_fan_out)
 
 
 def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora_weights_file: str, *,
@@ -568,17 +606,16 @@ def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora
     return eigen_s, lora_s
 
 
-def _check_task_type(task_type: Optional[str], extra: Sequence[str] = (), where: str = "") -> Optional[str]:
-    """A peft task type (or None); one whose peft model restores a trained head needs the head among the
-    ``extra`` tensor names (a module named like the head on their path: peft loads it from the file)."""
+def _check_task_type(task_type: Optional[str], has_head: bool = True, where: str = "") -> Optional[str]:
+    """A peft task type (or None); one whose peft model restores a trained head needs the head saved
+    (with the model at hand, ``EigenModel._check_heads`` also checks that it is the one peft wraps)."""
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of peft's {', '.join(TASK_TYPES)} (or None), got {task_type!r}")
-    heads = _TASKS_WITH_HEAD.get(task_type, ())
-    if heads and not any(part in heads for k in extra for part in k.split(".")[:-1]):
-        raise ValueError(f"{where}: task_type {task_type} makes peft load a trained head ({' / '.join(heads)}) "
-                         "from the adapter, but none is saved with the task: pass the head's tensors as extra= "
-                         "(e.g. {n: p for n, p in model.named_parameters() if 'classifier' in n}), or give no "
-                         "task type")
+    if task_type in _TASKS_WITH_HEAD and not has_head:
+        raise ValueError(f"{where}: task_type {task_type} makes peft load a trained head "
+                         f"({' / '.join(_TASKS_WITH_HEAD[task_type])}) from the adapter, but none is saved with "
+                         "the task: pass the head's tensors as extra= (e.g. {n: p for n, p in "
+                         "model.named_parameters() if 'classifier' in n}), or give no task type")
     return task_type
 
 
@@ -598,7 +635,7 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().float().contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().float().contiguous()
     extra = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v.detach() for k, v in (extra or {}).items()}
-    task_type = _check_task_type(task_type, list(extra), f"{path}: refusing to export")
+    task_type = _check_task_type(task_type, bool(extra), f"{path}: refusing to export")
     modules = _modules_to_save(extra, _TASKS_WITH_HEAD.get(task_type, ()))  # classifier.weight -> classifier
     for k, module in modules.items():
         lora = [f for f in factors if module == f or module.startswith(f + ".") or f.startswith(module + ".")]
@@ -666,7 +703,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers and
     freeze everything but the loadings (and parameters whose name contains one of ``trainable``,
     e.g. ``("classifier",)`` for a task head; ``save_coefficients`` / ``export_peft`` save their modules
-    with the task). Each pattern must match a parameter and none may reach the adapted layers' own
+    with the task). The patterns must match a parameter and none may reach the adapted layers' own
     weights (checked before anything changes).
 
     ``init``: "uniform" (the authors' default: both loadings uniform(−0.5, 0.5), so ΔW ≠ 0 at step 0)
@@ -727,9 +764,10 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
 
 def _trainable_names(model: torch.nn.Module, trainable: Sequence[str], targets) -> List[str]:
     """The parameters of ``model`` whose names contain one of the ``trainable`` patterns (a str is one
-    pattern), checked before ``apply`` changes anything: every pattern must select a parameter, and none
-    may lie in a layer the subspace adapts (``targets``), directly or through the module peft would save
-    whole for it (see ``_modules_to_save``): peft's adapter could not restore such a weight on export."""
+    pattern), checked before ``apply`` changes anything: the patterns must select a parameter (one of
+    them may miss), and none may lie in a layer the subspace adapts (``targets``), directly or through
+    the module peft would save whole for it (see ``_modules_to_save``): peft's adapter could not
+    restore such a weight on export."""
     patterns = (trainable,) if isinstance(trainable, str) else tuple(trainable)
     names = [n for n, _ in model.named_parameters()]
     hits: Dict[str, None] = {}
@@ -737,12 +775,10 @@ def _trainable_names(model: torch.nn.Module, trainable: Sequence[str], targets) 
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"trainable: each pattern must be a non-empty str (part of a parameter name), got "
                              f"{pattern!r}")
-        found = [n for n in names if pattern in n]
-        if not found:
-            raise ValueError(f"trainable pattern {pattern!r} matches no parameter of the model (a part of a name "
-                             f"such as {names[-1]!r})" if names else f"trainable pattern {pattern!r}: the model "
-                             "has no parameters")
-        hits.update(dict.fromkeys(found))
+        hits.update(dict.fromkeys(n for n in names if pattern in n))
+    if patterns and not hits:  # one pattern may miss (("classifier", "score") serves several architectures)
+        raise ValueError(f"trainable patterns {list(patterns)} match no parameter of the model (parts of names "
+                         f"such as {names[-1]!r})" if names else "trainable: the model has no parameters")
     for name, module in _modules_to_save(list(hits)).items():
         inside = [t for t in targets if name.startswith(t + ".") or t.startswith(module + ".")]
         if inside:

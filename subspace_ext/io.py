@@ -444,7 +444,7 @@ def fingerprint(t: torch.Tensor) -> str:
     h = hashlib.sha256()
     h.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
     if t.numel():  # (an empty tensor has no bytes, and may have strides a byte view refuses)
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return h.hexdigest()[:16]
 
 

@@ -78,7 +78,8 @@ class SRLoRAConfig:
         whole("seed", 0)
         for name, ok, what in (("fuse_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
                                ("stop", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
-                               ("beta1", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                               ("beta1", lambda v: 0.0 < v < 1.0, "in (0, 1) (0 makes every score 0: the "
+                                "uncertainty |I - EMA(I)| vanishes)"),
                                ("beta2", lambda v: 0.0 <= v < 1.0, "in [0, 1)")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
@@ -138,12 +139,12 @@ class Event:
 
 def _base_modifying_init(model, layers: List[_Layer]) -> Optional[str]:
     """The adapter's peft ``init_lora_weights`` when it is one that rewrites the base weight (PiSSA,
-    OLoRA, CorDA, LoftQ, LoRA-GA: W0 -= s B A at init), else None."""
+    OLoRA, CorDA, LoftQ: W0 -= s B A at init, again when the adapter is loaded), else None."""
     configs = getattr(model, "peft_config", {}) or {}
     for adapter in dict.fromkeys(l.adapter for l in layers):
         init = getattr(configs.get(adapter), "init_lora_weights", True)
         if isinstance(init, str) and (init.lower().startswith("pissa")
-                                      or init.lower() in ("olora", "corda", "loftq", "lora_ga")):
+                                      or init.lower() in ("olora", "corda", "loftq")):
             return init
     return None
 
@@ -178,19 +179,19 @@ def lora_layers(model) -> List[_Layer]:
             if not isinstance(mod.lora_A[adapter], torch.nn.Module):  # AdaLoRA's factors are bare Parameters
                 raise ValueError(f"{name}: AdaLoRA layers ({type(mod).__name__}) are not supported by SRLoRA: it "
                                  "needs a LoRA model (AdaLoRA allocates ranks itself)")
+            if not (mod.lora_A[adapter].weight.requires_grad and mod.lora_B[adapter].weight.requires_grad):
+                frozen.append(name)
+                continue
             base = mod.get_base_layer()
             if mod.lora_A[adapter].weight.dim() != 2 or linear_layout(base) is None:
                 raise ValueError(f"{name}: LoRA on a {type(base).__module__}.{type(base).__name__} is not supported by "
                                  "SRLoRA: only Linear (and transformers Conv1D) LoRA layers, whose weight it edits")
-            if not (mod.lora_A[adapter].weight.requires_grad and mod.lora_B[adapter].weight.requires_grad):
-                frozen.append(name)
-                continue
             tied = [n for n in owners.get(id(base.weight), []) if not n.startswith(name + ".")]
             if tied:
                 raise ValueError(f"{name}: its base weight is tied to {tied[0]} (one shared parameter): SRLoRA's "
                                  "PiSSA init and fusions edit the base weight, which would change that module too; "
                                  "leave this layer out of target_modules (or untie the weights)")
-            if mod.merged:
+            if adapter in mod.merged_adapters:
                 raise ValueError(f"{name}: the adapter is merged into the base weight (merge_adapter()): SRLoRA "
                                  "edits the base weight and the factors, so it needs them apart; call "
                                  "model.unmerge_adapter() first")
@@ -366,7 +367,7 @@ class SRLoRA:
         return self.recompose(scores)
 
     def _refuse_merged(self, doing: str) -> None:
-        merged = [l.name for l in self.layers if l.module.merged]
+        merged = [l.name for l in self.layers if l.adapter in l.module.merged_adapters]
         if merged:
             raise RuntimeError(f"{merged[0]}: the adapter is merged into the base weight (merge_adapter()), so "
                                f"{doing} would count its update twice; call model.unmerge_adapter() first")

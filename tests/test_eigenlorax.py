@@ -273,6 +273,21 @@ def test_build_takes_paths_and_iterables(tmp_path):
         eigenlorax.build_subspace([dirs[0], tmp_path / "nan"])
 
 
+def test_build_maps_adapters_saved_from_another_wrapper_of_the_base():
+    """Adapters of a BertForSequenceClassification (bert.encoder...) beside one of a BertModel (encoder...):
+    one prefix rewrite onto the first adapter's names, the same subspace as with matching names."""
+    ads = random_adapters(TOY_LAYERS, 3, 4)
+    ref = eigenlorax.build_subspace(ads, components=5)
+    moved = copy.deepcopy(ads[2])
+    moved.tensors = {k.replace(PEFT_PREFIX, PEFT_PREFIX + "model."): v for k, v in moved.tensors.items()}
+    sub = eigenlorax.build_subspace([ads[0], ads[1], moved], components=5)
+    assert sub.modules == ref.modules == list(TOY_LAYERS)
+    assert all(torch.equal(sub.A[m].P, ref.A[m].P) and torch.equal(sub.B[m].P, ref.B[m].P) for m in TOY_LAYERS)
+    fewer = random_adapters({"model.enc.q": TOY_LAYERS["enc.q"]}, 1, 4)[0]   # maps, but lacks enc.v
+    with pytest.raises(ValueError, match=r"adapter\[1\] adapts different layers .*: missing \['enc\.v'\]"):
+        eigenlorax.build_subspace([ads[0], fewer])
+
+
 def test_build_warns_about_the_updates_it_leaves_out():
     ads = random_adapters(TOY_LAYERS, 2, 4)
     ads[1].tensors[f"{PEFT_PREFIX}emb.lora_embedding_A"] = torch.randn(4, 10)
@@ -489,7 +504,7 @@ def test_task_extra_not_in_model_refused_before_any_change(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in target.coefficients().items())
     assert torch.equal(target.model.head.weight, head)
     extra = target.load_coefficients(f, restore_extra=False)
-    assert sorted(extra) == ["classifier.weight", "head.weight"]
+    assert sorted(extra) == ["classifier.weight", "head.bias", "head.weight"]   # head completed from the model
 
 
 class Layered(torch.nn.Module):
@@ -741,7 +756,7 @@ def test_export_of_nested_heads_and_partial_modules_loads_in_peft(trainable, tas
     if task_type and not head:   # peft's SEQ_CLS model would load a head the folder does not have
         for write in (lambda: em.save_coefficients(coef, task_type=task_type),
                       lambda: em.export_peft(str(tmp_path / "x"), task_type=task_type)):
-            with pytest.raises(ValueError, match="SEQ_CLS makes peft load a trained head"):
+            with pytest.raises(ValueError, match="SEQ_CLS makes peft load classifier from the adapter"):
                 write()
         assert not os.path.exists(coef) and not os.path.exists(tmp_path / "x")
         return
@@ -766,13 +781,52 @@ def test_export_of_nested_heads_and_partial_modules_loads_in_peft(trainable, tas
         loaded = PeftModel.from_pretrained(other, str(out)).eval()
         with torch.no_grad():
             close(loaded(input_ids=x).logits, want, atol=1e-5)
+    if head:   # a caller's extra= with half of the head: completed from the model as well
+        part = {k: v for k, v in em.extra().items() if "out_proj" in k}
+        ad = em.export_peft(str(tmp_path / "part"), extra=part, task_type=kind)
+        assert set(ad.extra_tensors()) == {PEFT_PREFIX + k for k in em.extra()}
+
+
+def test_heads_peft_does_not_wrap_and_tensors_outside_modules_are_saved_as_they_are(tmp_path):
+    """peft's SEQ_CLS model wraps only modules named classifier / score: another head (BART's
+    classification_head) exports as plain modules_to_save; a parameter of the model itself (a
+    temperature) and a BatchNorm's buffers (0-dim num_batches_tracked) go into the task file."""
+    class Headed(Toy):
+        def __init__(self):
+            super().__init__()
+            self.classification_head = torch.nn.Sequential(torch.nn.Linear(80, 6), torch.nn.BatchNorm1d(6),
+                                                           torch.nn.Linear(6, 2))
+            self.temperature = torch.nn.Parameter(torch.ones(()))
+
+    sub = toy_subspace()
+    model = Headed()
+    em = eigenlorax.apply(model, sub, 2, trainable=("classification_head", "temperature", "score"))
+    randomize(em, 2)
+    with torch.no_grad():
+        model.temperature.fill_(0.5)
+        model.classification_head[1].running_mean.normal_()
+        model.classification_head[1].num_batches_tracked.fill_(7)
+    coef = str(tmp_path / "task.safetensors")
+    em.save_coefficients(coef, task_type="SEQ_CLS")
+    saved = set(eigenlorax._read_task(coef)[0])
+    assert {"extra.temperature", "extra.classification_head.1.num_batches_tracked",
+            "extra.classification_head.0.weight"} <= saved
+    other = eigenlorax.apply(Headed(), sub, 2, trainable=("classification_head", "temperature"))
+    other.load_coefficients(coef)
+    assert float(other.model.temperature) == 0.5 and int(other.model.classification_head[1].num_batches_tracked) == 7
+    assert torch.equal(other.model.classification_head[1].running_mean, model.classification_head[1].running_mean)
+    with pytest.raises(ValueError, match="extra tensor temperature: peft can only restore"):
+        em.export_peft(str(tmp_path / "x"), task_type="SEQ_CLS")   # peft has no place for a model's own tensor
+    ad = em.export_peft(str(tmp_path / "y"), extra={k: v for k, v in em.extra().items() if k != "temperature"},
+                        task_type="SEQ_CLS")
+    assert ad.config["modules_to_save"] == [f"classification_head.{i}" for i in range(3)]   # each whole
 
 
 def test_trainable_patterns_are_checked_before_apply_changes_anything():
     sub = toy_subspace()
     model = Toy()
     before = copy.deepcopy(model.state_dict())
-    for pattern, message in ((("clasifier",), "'clasifier' matches no parameter"),
+    for pattern, message in ((("clasifier", "scor"), r"patterns \['clasifier', 'scor'\] match no parameter"),
                              (("bias",), r"enc\.q\.bias lies in or beside the adapted layer enc\.q"),
                              (("enc.v",), r"enc\.v\.weight lies in or beside the adapted layer enc\.v"),
                              (("head", ""), "non-empty str")):
@@ -781,6 +835,8 @@ def test_trainable_patterns_are_checked_before_apply_changes_anything():
         assert isinstance(model.enc.q, torch.nn.Linear) and all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     em = eigenlorax.apply(model, sub, 2, trainable="head")   # one str is one pattern, not its letters
+    em.unload()
+    em = eigenlorax.apply(model, sub, 2, trainable=("head", "score"))   # one pattern may miss
     assert em.extra_names == ["head.weight", "head.bias"]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "head.weight", "head.bias", *(f"{m}.alpha_{s}" for m in TOY_LAYERS for s in "AB")}
@@ -867,7 +923,7 @@ def test_files_without_digest_still_load(tmp_path):
     got = eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "b"))
     assert got.config == expected.config
     assert all(torch.equal(got.tensors[k], v) for k, v in expected.tensors.items())
-    assert set(em.load_coefficients(coef)) == {"head.weight"}
+    assert set(em.load_coefficients(coef)) == {"head.weight", "head.bias"}   # the module whole
 
 
 @pytest.mark.parametrize("where", ["loading", "head", "subspace"])

@@ -516,6 +516,7 @@ def test_trainer_callback(task, tmp_path):
 
 @pytest.mark.parametrize("field,kwargs", [("fuse_fraction", dict(fuse_fraction=1.5)), ("interval", dict(interval=0)),
                                           ("beta1", dict(beta1=1.0)), ("beta2", dict(beta2=-0.1)),
+                                          ("beta1", dict(beta1=0.0)),   # every score would be 0
                                           ("stop", dict(stop=0.0)), ("warmup", dict(warmup=-1)),
                                           ("interval", dict(interval=2.5)), ("interval", dict(interval="10")),
                                           ("warmup", dict(warmup=math.nan)), ("total_steps", dict(total_steps=0)),
@@ -922,6 +923,11 @@ def test_srlora_refuses_a_tied_base_weight_and_a_merged_adapter():
     with pytest.raises(ValueError, match=r"fc1: the adapter is merged .*unmerge_adapter\(\) first"):
         SRLoRA(model, None, SRLoRAConfig())
     model.unmerge_adapter()
+    other = copy.deepcopy(model)   # another adapter merged is no concern: only the trained one's factors move
+    other.add_adapter("b", peft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    other.base_model.set_adapter("b")
+    other.merge_adapter(["default"])
+    assert [l.adapter for l in SRLoRA(other, None, SRLoRAConfig(total_steps=10)).layers] == ["b", "b"]
     opt = adamw(model)
     sr = SRLoRA(model, opt, SRLoRAConfig(interval=1, warmup=1, total_steps=10))
     model.merge_adapter()
@@ -983,6 +989,11 @@ def test_srlora_argument_and_usage_errors():
     mha = peft.get_peft_model(Attn(), peft.LoraConfig(r=2, target_modules=["mha", "fc"]))
     with pytest.raises(ValueError, match=r"mha: LoRA on a torch\.nn\.\S*MultiheadAttention is not supported"):
         SRLoRA(mha, None, SRLoRAConfig(total_steps=10))
+    for n, p in mha.named_parameters():   # a frozen one is left alone, as any frozen LoRA layer
+        if ".mha." in n and "lora_" in n:
+            p.requires_grad_(False)
+    with pytest.warns(UserWarning, match="leaves frozen LoRA layers as they are: .*mha"):
+        assert [l.name for l in SRLoRA(mha, None, SRLoRAConfig(total_steps=10)).layers] == ["base_model.model.fc"]
 
 
 def test_zeroed_gradients_fuse_nothing_and_say_why():
