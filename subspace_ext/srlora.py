@@ -450,15 +450,17 @@ class SRLoRA:
             return
         for p, rows in ((l.A, True), (l.B, False)):
             for name, v in self.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point():
                     if rows:
                         v[pick] = 0
                     else:
                         v[:, pick] = 0
                 elif isinstance(v, torch.Tensor) and v.numel() > 1 and ("optstate", name) not in self._warned:
                     self._warned.add(("optstate", name))
-                    warnings.warn(f"SRLoRA: optimizer state {name!r} has shape {tuple(v.shape)}, not the parameter's "
-                                  f"{tuple(p.shape)} (a factored optimizer?): not reset for re-initialised pairs",
+                    why = (f"is {str(v.dtype).replace('torch.', '')} (a quantized optimizer? its code 0 need not be "
+                           "the value 0)" if v.shape == p.shape else f"has shape {tuple(v.shape)}, not the "
+                           f"parameter's {tuple(p.shape)} (a factored optimizer?)")
+                    warnings.warn(f"SRLoRA: optimizer state {name!r} {why}: not reset for re-initialised pairs",
                                   stacklevel=4)
 
     # -- results, saving and resuming -----------------------------------------------------------

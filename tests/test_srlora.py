@@ -1012,3 +1012,22 @@ def test_zeroed_gradients_fuse_nothing_and_say_why():
             ev = sr.step()
     assert ev is not None and ev.pairs == 0 and sr.log[-1] is ev
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_optimizer_states_srlora_cannot_reset_are_left_and_named():
+    """Only floating-point states of the parameter's shape are zeroed for re-initialised pairs: a
+    quantized (uint8) moment's code 0 need not be the value 0, a factored one has another shape."""
+    model = toy_lora()
+    opt = adamw(model)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=10))
+    toy_steps(model, opt, sr, toy_batches(1))
+    A = sr.layers[0].A
+    opt.state[A]["q8"] = torch.full(A.shape, 5, dtype=torch.uint8)
+    opt.state[A]["row"] = torch.ones(A.shape[1])
+    with pytest.warns(UserWarning) as got:
+        toy_steps(model, opt, sr, toy_batches(1, seed=2))
+    text = " ".join(str(w.message) for w in got)
+    assert "'q8' is uint8 (a quantized optimizer?" in text and "'row' has shape (24,)" in text
+    picked = sr.log[-1].detail[sr.layers[0].name]
+    assert torch.equal(opt.state[A]["q8"], torch.full(A.shape, 5, dtype=torch.uint8))
+    assert bool((opt.state[A]["exp_avg"][picked] == 0).all()) and bool((opt.state[A]["row"] == 1).all())
