@@ -610,7 +610,8 @@ class SRLoRACallback(_TrainerCallback):
     the checkpoint lacks) into each ``checkpoint-N`` folder; ``trainer.train(resume_from_checkpoint=...)``
     restores it (from ``resume_from``, or ``output_dir/checkpoint-<global step>``), and with
     ``load_best_model_at_end`` the best checkpoint's base weights come back with its adapter. After
-    training, save the result with ``trainer.save_model(d)`` *and* ``callback.srlora.save(d)``."""
+    training, save the result with ``trainer.save_model(d)`` *and* ``callback.srlora.save(d)``. A
+    second ``trainer.train()`` (no checkpoint) continues the same SRLoRA run on the trained model."""
 
     def __init__(self, config: Optional[SRLoRAConfig] = None, *, resume_from: Optional[str] = None):
         self.config = config or SRLoRAConfig()
@@ -621,6 +622,14 @@ class SRLoRACallback(_TrainerCallback):
         config = self.config
         if config.total_steps is None and state.max_steps:
             config = dataclasses.replace(config, total_steps=state.max_steps)  # the caller's config is untouched
+        if self.srlora is not None and self.srlora.model is model and state.global_step == 0 and \
+                self.resume_from is None:
+            # trainer.train() again on the trained model: this run goes on (a new SRLoRA would apply PiSSA
+            # to the trained pairs and issue the used directions again); `stop` counts the new steps too
+            if self.config.total_steps is None and state.max_steps:
+                config = dataclasses.replace(config, total_steps=self.srlora.step_count + state.max_steps)
+            self.srlora.config, self.srlora.optimizer = config, optimizer
+            return
         resume = self.resume_from
         if resume is None and state.global_step > 0:  # the Trainer resumed from a checkpoint
             resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -508,6 +508,12 @@ def test_trainer_callback(task, tmp_path):
     assert math.isfinite(out.training_loss)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(math.isfinite(x) for x in losses)
+    # train() again: the same run goes on (no second PiSSA of the trained pairs, no direction twice)
+    used = [l.next_dir for l in sr.layers]
+    trainer.train()
+    assert cb.srlora is sr and sr.step_count == 24 and sr.config.total_steps == 24
+    assert [e.step for e in sr.log] == [4, 8, 16, 20]   # 24 > 0.9 * 24
+    assert [l.next_dir for l in sr.layers] == [u + 2 for u in used]
 
 
 # ---------------------------------------------------------------------------------------------
