@@ -43,6 +43,7 @@ _PEFT_PREFIX = "base_model.model."
 _TASKS_WITH_HEAD = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                     "QUESTION_ANS": ("qa_outputs",)}
 _HEADS = ("classifier", "score", "qa_outputs")
+_WHOLE_MODULES = "whole modules"  # a task file's "extra" record: its extra tensors are whole modules
 
 
 def _modules_to_save(names: Sequence[str], heads: Sequence[str] = _HEADS) -> Dict[str, str]:
@@ -414,41 +415,43 @@ class EigenModel:
         self.extra_names = list(extra_names)  # parameters apply(trainable=...) unfroze: the task's head
         self._grad_before: Dict[str, bool] = {}  # requires_grad of the model's parameters before apply
 
-    def extra(self) -> Dict[str, torch.Tensor]:
+    def extra(self, task_type: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """The task's own tensors besides the loadings, keyed by the model's names: the parameters
-        ``apply(trainable=...)`` unfroze (e.g. the head), completed as ``_whole_modules`` does. Saved with
-        the task by default."""
-        return self._whole_modules({n: self.model.get_parameter(n) for n in self.extra_names})
+        ``apply(trainable=...)`` unfroze (e.g. the head), completed as ``_whole_modules`` does for
+        ``task_type``. Saved with the task by default."""
+        return self._whole_modules({n: self.model.get_parameter(n) for n in self.extra_names}, task_type)
 
-    def _whole_modules(self, extra: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """``extra`` plus the rest of every module its tensors belong to (see ``_modules_to_save``), from
-        the model: peft restores a ``modules_to_save`` module whole, so a LayerNorm's frozen weight goes
-        beside its trained bias, a whole classification head beside its trained part. A tensor of the
-        model itself (no module), or of a module the model lacks, stays alone; the given tensors win over
-        the model's."""
-        extra = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in extra.items()}
-        out = {}
-        for module in dict.fromkeys(_modules_to_save(list(extra)).values()):
-            adapted = any(module == t or module.startswith(t + ".") or t.startswith(module + ".") for t in self.layers)
-            try:  # a module the model lacks or an adapted layer: as given (write_peft names what it refuses)
-                owner = self.model.get_submodule(module) if module and not adapted else None
-            except AttributeError:
-                owner = None
-            if owner is not None:
-                out.update({f"{module}.{k}": v for k, v in owner.state_dict(keep_vars=True).items()})
-        out.update(extra)
-        return out
-
-    def _check_heads(self, task_type: Optional[str], extra: Dict[str, torch.Tensor], where: str) -> None:
-        """Under a task type whose peft model wraps every module named like its head (``classifier`` /
-        ``score``, ``qa_outputs``) from the adapter, each such module of the model must be in ``extra``."""
+    def _whole_modules(self, extra: Dict[str, torch.Tensor],
+                       task_type: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """``extra`` plus every tensor a peft adapter holding it must carry, from the model. peft wraps
+        each module whose name *ends with* a ``modules_to_save`` entry (a plain string match: ``classifier``
+        also wraps ``pre_classifier``), adds its task model's heads (``classifier`` / ``score`` under
+        SEQ_CLS) to those entries, and loads every tensor of a wrapped module's state dict: so a
+        LayerNorm's frozen weight goes beside its trained bias, a whole head beside its trained part,
+        DistilBERT's pre_classifier beside its classifier. A tensor of the model itself (no module), of a
+        module the model lacks or of an adapted layer stays as given (``write_peft`` names what it
+        refuses); the given tensors win over the model's. A wrapped module inside another is refused:
+        peft would nest its wrappers and fail to load them."""
+        out = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in extra.items()}
+        if not out:
+            return out
         heads = _TASKS_WITH_HEAD.get(task_type, ())
-        wrapped = [n for n, _ in self.model.named_modules() if n and n.endswith(heads)] if heads else []
-        missing = [n for n in wrapped if not any(k.startswith(n + ".") for k in extra)]
-        if extra and missing:
-            raise ValueError(f"{where}: task_type {task_type} makes peft load {missing[0]} from the adapter (its "
-                             f"model wraps every module named {' / '.join(heads)}), but the task saves none of "
-                             "its tensors: add it to trainable= (or extra=), or give no task type")
+        names = [n for n, _ in self.model.named_modules()
+                 if n and not any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in self.layers)]
+        while True:  # a completed module is an entry too, which may match more names
+            entries = tuple((set(_modules_to_save(list(out), heads).values()) | set(heads)) - {""})
+            wrapped = [n for n in names if n.endswith(entries)]
+            nested = [(a, b) for a in wrapped for b in wrapped if b.startswith(a + ".")]
+            if nested:
+                raise ValueError(f"peft would wrap {nested[0][1]} inside {nested[0][0]} (modules_to_save entries "
+                                 f"{sorted(entries)} end-match both) and could not load the adapter: rename the inner "
+                                 "module or train a module that holds no such one")
+            missing = {f"{n}.{k}": v for n in wrapped
+                       for k, v in self.model.get_submodule(n).state_dict(keep_vars=True).items()
+                       if f"{n}.{k}" not in out}
+            if not missing:
+                return out
+            out.update(missing)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -470,14 +473,15 @@ class EigenModel:
         the modules ``apply(trainable=...)`` unfroze, whole; pass ``{}`` to save the loadings only.
         ``task_type`` (peft's, e.g. "SEQ_CLS") is recorded for ``export_task``."""
         t = self.coefficients()
-        extra = self.extra() if extra is None else self._whole_modules(extra)
-        self._check_heads(task_type, extra, f"{path}: refusing to save")
+        extra = self.extra(task_type) if extra is None else self._whole_modules(extra, task_type)
         for k, v in extra.items():
             t[f"extra.{k}"] = v.detach().contiguous()
         check_finite(t, f"{path}: refusing to save")
         scaling = next(iter(self.layers.values())).scaling
         meta = {"format": TASK_FORMAT, "rank": str(self.rank), "scaling": repr(scaling),
                 "subspace": self.subspace.digest()}
+        if extra:
+            meta["extra"] = _WHOLE_MODULES  # older files may hold part of a module (export_task warns)
         if task_type is not None:
             meta["task_type"] = _check_task_type(task_type, bool(extra), f"{path}: refusing to save")
         _save(t, path, meta)
@@ -585,8 +589,7 @@ class EigenModel:
         factors = {name: l.lora_factors() for name, l in self.layers.items()}
         scaling = next(iter(self.layers.values())).scaling
         fan_in_fan_out = any(l.fan_in_fan_out for l in self.layers.values())
-        extra = self.extra() if extra is None else self._whole_modules(extra)
-        self._check_heads(task_type, extra, f"{path}: refusing to export")
+        extra = self.extra(task_type) if extra is None else self._whole_modules(extra, task_type)
         return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
                           extra, config, task_type, fan_in_fan_out=fan_in_fan_out)
 
@@ -608,7 +611,7 @@ def task_switch_seconds(em: EigenModel, coefficients_file: str, lora_model, lora
 
 def _check_task_type(task_type: Optional[str], has_head: bool = True, where: str = "") -> Optional[str]:
     """A peft task type (or None); one whose peft model restores a trained head needs the head saved
-    (with the model at hand, ``EigenModel._check_heads`` also checks that it is the one peft wraps)."""
+    (with the model at hand, ``EigenModel._whole_modules`` saves every module peft will wrap)."""
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of peft's {', '.join(TASK_TYPES)} (or None), got {task_type!r}")
     if task_type in _TASKS_WITH_HEAD and not has_head:
@@ -693,6 +696,11 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         factors[name] = (PB @ aB.float(), (PA @ aA).T)
         rank = aA.shape[1]
     extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+    if extra and isinstance(coefficients, str) and meta.get("extra") != _WHOLE_MODULES:
+        warnings.warn(f"{coefficients}: written by an older subspace_ext, which saved only the trained tensors of a "
+                      "module, while peft loads a modules_to_save module whole: if PeftModel.from_pretrained fails "
+                      "on the export (KeyError), save the task again: apply(..., trainable=<the whole module>), "
+                      "load_coefficients(this file), save_coefficients(...)", stacklevel=2)
     return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config,
                       task_type, fan_in_fan_out=bool(subspace.meta.get("fan_in_fan_out", False)))
 

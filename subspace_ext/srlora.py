@@ -138,13 +138,13 @@ class Event:
 
 
 def _base_modifying_init(model, layers: List[_Layer]) -> Optional[str]:
-    """The adapter's peft ``init_lora_weights`` when it is one that rewrites the base weight (PiSSA,
-    OLoRA, CorDA, LoftQ: W0 -= s B A at init, again when the adapter is loaded), else None."""
+    """The adapter's peft ``init_lora_weights`` when it is one that rewrites the base weight when peft
+    creates the adapter (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: W0 -= s B A), else None."""
     configs = getattr(model, "peft_config", {}) or {}
     for adapter in dict.fromkeys(l.adapter for l in layers):
         init = getattr(configs.get(adapter), "init_lora_weights", True)
         if isinstance(init, str) and (init.lower().startswith("pissa")
-                                      or init.lower() in ("olora", "corda", "loftq")):
+                                      or init.lower() in ("olora", "corda", "loftq", "lora_ga")):
             return init
     return None
 
@@ -247,10 +247,10 @@ class SRLoRA:
         peft_init = _base_modifying_init(model, self.layers)
         if self._pissa and peft_init:
             self._pissa = False
-            warnings.warn(f"peft initialised the adapter with init_lora_weights={peft_init!r}, which already moved "
-                          "a part of each base weight into the pairs: SRLoRA keeps that init rather than apply "
-                          "PiSSA on top (pass pissa_init=False to silence this) and re-initialises pairs along the "
-                          "principal directions of the remaining base weight", stacklevel=2)
+            warnings.warn(f"peft initialised the adapter with init_lora_weights={peft_init!r}, which moves a part of "
+                          "each base weight into the pairs as peft creates it: SRLoRA keeps that init rather than "
+                          "apply PiSSA on top (pass pissa_init=False to silence this) and re-initialises pairs along "
+                          "the principal directions of the remaining base weight", stacklevel=2)
         if saved is None and (self._pissa or c.fuse_fraction > 0):
             for l in self.layers:
                 drops = getattr(l.module, "lora_dropout", {})

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import struct
+import warnings
 
 import pytest
 import torch
@@ -753,14 +754,7 @@ def test_export_of_nested_heads_and_partial_modules_loads_in_peft(trainable, tas
         want = model(input_ids=x).logits
     head = trainable[0] != "embeddings.LayerNorm.bias"
     coef = str(tmp_path / "task.safetensors")
-    if task_type and not head:   # peft's SEQ_CLS model would load a head the folder does not have
-        for write in (lambda: em.save_coefficients(coef, task_type=task_type),
-                      lambda: em.export_peft(str(tmp_path / "x"), task_type=task_type)):
-            with pytest.raises(ValueError, match="SEQ_CLS makes peft load classifier from the adapter"):
-                write()
-        assert not os.path.exists(coef) and not os.path.exists(tmp_path / "x")
-        return
-    kind = task_type
+    kind = task_type   # SEQ_CLS without a trained head: peft loads the model's own, saved beside the rest
     em.save_coefficients(coef, task_type=kind)
     for out, write in ((tmp_path / "direct", lambda o: em.export_peft(o, task_type=kind)),
                        (tmp_path / "files", lambda o: eigenlorax.export_task(sub, coef, o))):
@@ -768,23 +762,25 @@ def test_export_of_nested_heads_and_partial_modules_loads_in_peft(trainable, tas
         with open(out / io.ADAPTER_CONFIG) as f:
             saved = json.load(f)["modules_to_save"]
         if kind == "SEQ_CLS":
-            assert saved == ["classifier"]
-        elif head:
-            assert saved == ["classifier.dense", "classifier.out_proj"]
+            assert saved == ["classifier"] + ([] if head else ["roberta.embeddings.LayerNorm"])
+        elif head:   # peft wraps just the listed modules: what was trained
+            assert saved == ["classifier.out_proj"] if "out_proj" in trainable[0] else \
+                ["classifier.dense", "classifier.out_proj"]
         else:
             assert saved == ["roberta.embeddings.LayerNorm"]
         other = copy.deepcopy(base)
         if head:   # the base model's head is random: the trained one must come from the folder
             with torch.no_grad():
-                for p in other.classifier.parameters():
+                for p in other.get_submodule(trainable[0]).parameters():
                     p.normal_()
         loaded = PeftModel.from_pretrained(other, str(out)).eval()
         with torch.no_grad():
             close(loaded(input_ids=x).logits, want, atol=1e-5)
-    if head:   # a caller's extra= with half of the head: completed from the model as well
+    if head and kind:   # a caller's extra= with half of the head peft wraps: completed from the model as well
         part = {k: v for k, v in em.extra().items() if "out_proj" in k}
         ad = em.export_peft(str(tmp_path / "part"), extra=part, task_type=kind)
-        assert set(ad.extra_tensors()) == {PEFT_PREFIX + k for k in em.extra()}
+        assert {k[len(PEFT_PREFIX):] for k in ad.extra_tensors()} == {
+            f"classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("weight", "bias")}
 
 
 def test_heads_peft_does_not_wrap_and_tensors_outside_modules_are_saved_as_they_are(tmp_path):
@@ -820,6 +816,63 @@ def test_heads_peft_does_not_wrap_and_tensors_outside_modules_are_saved_as_they_
     ad = em.export_peft(str(tmp_path / "y"), extra={k: v for k, v in em.extra().items() if k != "temperature"},
                         task_type="SEQ_CLS")
     assert ad.config["modules_to_save"] == [f"classification_head.{i}" for i in range(3)]   # each whole
+
+
+def test_export_saves_every_module_peft_end_matches_and_refuses_nested_wrappers(tmp_path):
+    """peft wraps every module whose name ends with a modules_to_save entry: a saved ``classifier`` makes it
+    wrap DistilBERT's ``pre_classifier`` too, which must then be in the folder; a module named like a head
+    inside the trained module would be a wrapper inside a wrapper, which peft cannot load."""
+    from peft import PeftModel
+
+    class Distil(Toy):
+        def __init__(self):
+            super().__init__()
+            self.pre_classifier, self.classifier = torch.nn.Linear(80, 80), torch.nn.Linear(80, 2)
+
+        def forward(self, x):
+            h = torch.cat([getattr(self.enc, self.q_name)(x), self.enc.v(x)], -1)
+            return self.classifier(torch.relu(self.pre_classifier(h)))
+
+    sub = toy_subspace()
+    torch.manual_seed(3)
+    base = Distil()
+    model = copy.deepcopy(base)
+    em = eigenlorax.apply(model, sub, 2)
+    randomize(em, 4)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        want = model(x)
+    ad = em.export_peft(str(tmp_path / "out"), extra={"classifier.weight": model.classifier.weight,
+                                                      "classifier.bias": model.classifier.bias})
+    assert ad.config["modules_to_save"] == ["classifier", "pre_classifier"]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        close(loaded(x), want, atol=1e-5)
+
+    class Nested(Toy):
+        def __init__(self):
+            super().__init__()
+            self.top = torch.nn.Module()
+            self.top.scale = torch.nn.Parameter(torch.ones(2))
+            self.top.classifier = torch.nn.Linear(2, 2)
+
+    em = eigenlorax.apply(Nested(), sub, 2, trainable=("top",))
+    em.export_peft(str(tmp_path / "plain"))   # no task type: peft wraps top alone
+    with pytest.raises(ValueError, match="peft would wrap top.classifier inside top"):
+        em.export_peft(str(tmp_path / "seq"), task_type="SEQ_CLS")
+    assert not os.path.exists(tmp_path / "seq")
+
+
+def test_export_task_warns_about_a_task_file_from_before_whole_modules(tmp_path):
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # a file of this build: no warning
+        eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "a"))
+    rewrite(coef, extra=None, digest=None)   # as an older build wrote it
+    with pytest.warns(UserWarning, match="written by an older subspace_ext, which saved only the trained tensors"):
+        eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "b"))
 
 
 def test_trainable_patterns_are_checked_before_apply_changes_anything():
