@@ -101,9 +101,9 @@ def _read(path: str, fmt: str, what: str, version: Optional[int] = None) -> tupl
 
 
 def _read_task(source: Union[str, Dict[str, torch.Tensor]]) -> tuple:
-    """(tensors, metadata) of a task: a ``save_coefficients`` file or a dict of its tensors."""
-    if isinstance(source, str):
-        return _read(source, TASK_FORMAT, "task coefficients file")
+    """(tensors, metadata) of a task: a ``save_coefficients`` file (str or path) or a dict of its tensors."""
+    if isinstance(source, (str, os.PathLike)):
+        return _read(os.fspath(source), TASK_FORMAT, "task coefficients file")
     check_finite(source, "task coefficients")
     return source, {}
 
@@ -436,11 +436,21 @@ class EigenModel:
         if not out:
             return out
         heads = _TASKS_WITH_HEAD.get(task_type, ())
-        names = [n for n, _ in self.model.named_modules()
-                 if n and not any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in self.layers)]
+        prefixes = lambda n: (".".join(n.split(".")[:i]) for i in range(1, n.count(".") + 2))  # noqa: E731
+        holders = {p: t for t in self.layers for p in prefixes(t)}  # adapted layers and the modules above them
+        names = [n for n, _ in self.model.named_modules() if n and not any(
+            p in self.layers for p in prefixes(n) if p != n)]  # not inside an adapted layer (peft's names differ)
         while True:  # a completed module is an entry too, which may match more names
             entries = tuple((set(_modules_to_save(list(out), heads).values()) | set(heads)) - {""})
             wrapped = [n for n in names if n.endswith(entries)]
+            clash = [n for n in wrapped if n in holders]
+            if clash:
+                src = next((k for k, m in _modules_to_save(list(out), heads).items() if m and clash[0].endswith(m)),
+                           None)
+                why = f"for the extra tensor {src}" if src else f"as the head of task_type {task_type}"
+                raise ValueError(f"peft would wrap {clash[0]} {why} (modules_to_save end-matches names), which is or "
+                                 f"holds the adapted layer {holders[clash[0]]}: peft cannot save a module with LoRA "
+                                 "in it; train (or pass) other modules, or give another task type")
             nested = [(a, b) for a in wrapped for b in wrapped if b.startswith(a + ".")]
             if nested:
                 raise ValueError(f"peft would wrap {nested[0][1]} inside {nested[0][0]} (modules_to_save entries "
@@ -493,7 +503,7 @@ class EigenModel:
         it was trained with (recorded in the file), and copy the other tensors saved with it (e.g. its
         head) into the model's parameters of the same names (``restore_extra=False``: leave them to the
         caller). Everything is checked before anything changes. Returns the extra tensors."""
-        where = source if isinstance(source, str) else "task coefficients"
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "task coefficients"
         t, meta = _read_task(source)
         self.subspace.check_task(meta, where)
         names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
@@ -667,12 +677,14 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
     ``scaling`` and ``task_type`` default to the ones recorded in the task file (1.0 and None for a dict
     or a file without them)."""
     t, meta = _read_task(coefficients)
-    subspace.check_task(meta, coefficients if isinstance(coefficients, str) else "task coefficients")
+    from_file = isinstance(coefficients, (str, os.PathLike))
+    where = os.fspath(coefficients) if from_file else "task coefficients"
+    subspace.check_task(meta, where)
     if scaling is None:
-        scaling = _check_scaling(meta.get("scaling", 1.0), str(coefficients))  # only a file records one
-    task_type = task_type if task_type is not None else meta.get("task_type")
+        scaling = _check_scaling(meta.get("scaling", 1.0), where)  # only a file records one
+    recorded = meta.get("task_type")
+    task_type = task_type if task_type is not None else recorded
     factors, rank = {}, None
-    where = coefficients if isinstance(coefficients, str) else "task coefficients"
     names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
     if not names:
         raise FormatError(f"{where}: no task coefficients (*.alpha_A) found")
@@ -696,8 +708,15 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         factors[name] = (PB @ aB.float(), (PA @ aA).T)
         rank = aA.shape[1]
     extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
-    if extra and isinstance(coefficients, str) and meta.get("extra") != _WHOLE_MODULES:
-        warnings.warn(f"{coefficients}: written by an older subspace_ext, which saved only the trained tensors of a "
+    heads = _TASKS_WITH_HEAD.get(task_type, ())
+    if extra and task_type != recorded and heads and \
+            not any(part in heads for k in extra for part in k.split(".")[:-1]):
+        warnings.warn(f"{where}: saved for task_type {recorded}, exported as {task_type}, whose peft model also "
+                      f"loads any {' / '.join(heads)} module of the model from the adapter, and the task holds none: "
+                      "if PeftModel.from_pretrained fails on the export (KeyError), save the task with "
+                      f"task_type={task_type!r}", stacklevel=2)
+    if extra and from_file and meta.get("extra") != _WHOLE_MODULES:
+        warnings.warn(f"{where}: written by an older subspace_ext, which saved only the trained tensors of a "
                       "module, while peft loads a modules_to_save module whole: if PeftModel.from_pretrained fails "
                       "on the export (KeyError), save the task again: apply(..., trainable=<the whole module>), "
                       "load_coefficients(this file), save_coefficients(...)", stacklevel=2)

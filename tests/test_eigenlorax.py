@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import pathlib
 import shutil
 import struct
 import warnings
@@ -255,8 +256,6 @@ def test_k_capped_at_numerical_rank_and_a_layer_without_variance_refused():
 
 
 def test_build_takes_paths_and_iterables(tmp_path):
-    import pathlib
-
     dirs = []
     for i, ad in enumerate(random_adapters(TOY_LAYERS, 3, 4)):
         dirs.append(tmp_path / f"ad{i}")
@@ -864,15 +863,34 @@ def test_export_saves_every_module_peft_end_matches_and_refuses_nested_wrappers(
         em.export_peft(str(tmp_path / "seq"), task_type="SEQ_CLS")
     assert not os.path.exists(tmp_path / "seq")
 
+    class HeadAdapted(Toy):   # the subspace adapts a module peft's SEQ_CLS model would wrap as the head
+        def __init__(self):
+            super().__init__(q_name="classifier")
+            self.ln = torch.nn.LayerNorm(80)
+
+    head_sub = eigenlorax.build_subspace(random_adapters({"enc.classifier": (48, 40), "enc.v": (32, 40)}, 3, 4),
+                                         components=4)
+    em = eigenlorax.apply(HeadAdapted(), head_sub, 2, trainable=("ln.bias",))
+    for write in (lambda: em.export_peft(str(tmp_path / "h"), task_type="SEQ_CLS"),
+                  lambda: em.save_coefficients(str(tmp_path / "h.safetensors"), task_type="SEQ_CLS")):
+        with pytest.raises(ValueError, match="peft would wrap enc.classifier .* the adapted layer enc.classifier"):
+            write()
+    assert not os.path.exists(tmp_path / "h") and not os.path.exists(tmp_path / "h.safetensors")
+    em.export_peft(str(tmp_path / "h"))   # no task type: peft wraps just ln
+
 
 def test_export_task_warns_about_a_task_file_from_before_whole_modules(tmp_path):
     sub_path, coef, em = saved_toy_task(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)   # a file of this build: no warning
         eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "a"))
+    with pytest.warns(UserWarning, match="saved for task_type None, exported as SEQ_CLS, .* holds none"):
+        eigenlorax.export_task(EigenSubspace.load(sub_path), pathlib.Path(coef), str(tmp_path / "c"),
+                               task_type="SEQ_CLS")   # the toy's head is "head": peft's SEQ_CLS head is not saved
     rewrite(coef, extra=None, digest=None)   # as an older build wrote it
     with pytest.warns(UserWarning, match="written by an older subspace_ext, which saved only the trained tensors"):
         eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "b"))
+    assert set(em.load_coefficients(pathlib.Path(coef))) == {"head.weight", "head.bias"}
 
 
 def test_trainable_patterns_are_checked_before_apply_changes_anything():
