@@ -428,10 +428,10 @@ class EigenModel:
         also wraps ``pre_classifier``), adds its task model's heads (``classifier`` / ``score`` under
         SEQ_CLS) to those entries, and loads every tensor of a wrapped module's state dict: so a
         LayerNorm's frozen weight goes beside its trained bias, a whole head beside its trained part,
-        DistilBERT's pre_classifier beside its classifier. A tensor of the model itself (no module), of a
-        module the model lacks or of an adapted layer stays as given (``write_peft`` names what it
-        refuses); the given tensors win over the model's. A wrapped module inside another is refused:
-        peft would nest its wrappers and fail to load them."""
+        DistilBERT's pre_classifier beside its classifier. A tensor of the model itself (no module) or of
+        a module the model lacks stays as given (``write_peft`` refuses the first); the given tensors win
+        over the model's. Refused, since peft could not load the adapter: a wrapped module that is or
+        holds an adapted layer, and one inside another (nested wrappers)."""
         out = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in extra.items()}
         if not out:
             return out
