@@ -389,7 +389,8 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
                         "any other existing file is refused; never one of the inputs)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--components", type=_positive_int, metavar="K",
-                   help="principal directions per layer and side (default 32, capped at N*r-1)")
+                   help="principal directions per layer and side (default 32, capped per layer and side at "
+                        "the centred stack's rank, at most N*r-1)")
     g.add_argument("--variance", type=_number(0, 1, low_open=True), metavar="V",
                    help="keep the directions explaining this fraction (0-1]")
     b.add_argument("--augment", type=_number(0, whole=True), default=0, metavar="N",
@@ -409,7 +410,8 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
     e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
                    help="peft adapter folder to write (created; an adapter already there needs --force)")
     e.add_argument("--task-type", choices=TASK_TYPES, default=None,
-                   help="peft task type of the adapter (e.g. SEQ_CLS; default: the one recorded in the task file)")
+                   help="peft task type of the adapter (e.g. SEQ_CLS; default: the one recorded in the task "
+                        "file, which saved the modules that type's peft model loads)")
     e.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
     e.add_argument("--scaling", type=_number(0, low_open=True), default=None,
                    help="override the scaling recorded in the task file (default: the recorded one)")
