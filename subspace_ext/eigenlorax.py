@@ -46,6 +46,13 @@ _HEADS = ("classifier", "score", "qa_outputs")
 _WHOLE_MODULES = "whole modules"  # a task file's "extra" record: its extra tensors are whole modules
 
 
+def _adapted_near(module: str, layers) -> Optional[str]:
+    """The adapted layer (of ``layers``) that ``module`` is, lies in or holds, or None: peft cannot save
+    such a module in modules_to_save."""
+    return next((t for t in layers if module == t or module.startswith(t + ".") or t.startswith(module + ".")),
+                None) if module else None
+
+
 def _modules_to_save(names: Sequence[str], heads: Sequence[str] = _HEADS) -> Dict[str, str]:
     """{tensor name: the module peft restores it with}. peft's modules_to_save wraps a listed module whole
     and loads every tensor of its state dict, so a tensor belongs to its parent module, or to the outermost
@@ -229,8 +236,8 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
 
     ``components``: K principal directions per layer and side (default 32, capped at the centred
     stack's numerical rank, at most N·r − 1); or ``variance``: the smallest K explaining that fraction
-    of the centred stack's variance. ``augment``: extra seeded directions orthogonal to the components. With ``base``, the
-    subspace records a fingerprint of every base weight (checked by ``apply``).
+    of the centred stack's variance. ``augment``: extra seeded directions orthogonal to the components.
+    With ``base``, the subspace records a fingerprint of every base weight (checked by ``apply``).
     """
     if components is not None and variance is not None:
         raise ValueError("give components or variance, not both")
@@ -436,20 +443,19 @@ class EigenModel:
         if not out:
             return out
         heads = _TASKS_WITH_HEAD.get(task_type, ())
-        prefixes = lambda n: (".".join(n.split(".")[:i]) for i in range(1, n.count(".") + 2))  # noqa: E731
-        holders = {p: t for t in self.layers for p in prefixes(t)}  # adapted layers and the modules above them
+        parents = lambda n: (".".join(n.split(".")[:i]) for i in range(1, n.count(".") + 1))  # noqa: E731
         names = [n for n, _ in self.model.named_modules() if n and not any(
-            p in self.layers for p in prefixes(n) if p != n)]  # not inside an adapted layer (peft's names differ)
+            p in self.layers for p in parents(n))]  # not inside an adapted layer (peft's names differ there)
         while True:  # a completed module is an entry too, which may match more names
-            entries = tuple((set(_modules_to_save(list(out), heads).values()) | set(heads)) - {""})
+            owners = _modules_to_save(list(out), heads)
+            entries = tuple((set(owners.values()) | set(heads)) - {""})
             wrapped = [n for n in names if n.endswith(entries)]
-            clash = [n for n in wrapped if n in holders]
+            clash = next(((n, t) for n in wrapped if (t := _adapted_near(n, self.layers))), None)
             if clash:
-                src = next((k for k, m in _modules_to_save(list(out), heads).items() if m and clash[0].endswith(m)),
-                           None)
+                src = next((k for k, m in owners.items() if m and clash[0].endswith(m)), None)
                 why = f"for the extra tensor {src}" if src else f"as the head of task_type {task_type}"
                 raise ValueError(f"peft would wrap {clash[0]} {why} (modules_to_save end-matches names), which is or "
-                                 f"holds the adapted layer {holders[clash[0]]}: peft cannot save a module with LoRA "
+                                 f"holds the adapted layer {clash[1]}: peft cannot save a module with LoRA "
                                  "in it; train (or pass) other modules, or give another task type")
             nested = [(a, b) for a in wrapped for b in wrapped if b.startswith(a + ".")]
             if nested:
@@ -651,11 +657,11 @@ def write_peft(path: str, factors: Dict[str, tuple], rank: int, scaling: float, 
     task_type = _check_task_type(task_type, bool(extra), f"{path}: refusing to export")
     modules = _modules_to_save(extra, _TASKS_WITH_HEAD.get(task_type, ()))  # classifier.weight -> classifier
     for k, module in modules.items():
-        lora = [f for f in factors if module == f or module.startswith(f + ".") or f.startswith(module + ".")]
+        lora = _adapted_near(module, factors)
         if not module or lora:
             raise ValueError(f"extra tensor {k}: peft can only restore parameters of a module outside the LoRA "
                              "layers (modules_to_save), such as classifier.weight"
-                             + (f"; its module {module} holds or lies in the LoRA layer {lora[0]}" if lora else ""))
+                             + (f"; its module {module} holds or lies in the LoRA layer {lora}" if lora else ""))
     tensors.update({_PEFT_PREFIX + k: v for k, v in extra.items()})
     check_finite(tensors, f"{path}: refusing to export")
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scaling * rank, "target_modules": sorted(factors),
@@ -807,9 +813,9 @@ def _trainable_names(model: torch.nn.Module, trainable: Sequence[str], targets) 
         raise ValueError(f"trainable patterns {list(patterns)} match no parameter of the model (parts of names "
                          f"such as {names[-1]!r})" if names else "trainable: the model has no parameters")
     for name, module in _modules_to_save(list(hits)).items():
-        inside = [t for t in targets if name.startswith(t + ".") or t.startswith(module + ".")]
+        inside = _adapted_near(module, targets)
         if inside:
-            raise ValueError(f"trainable: {name} lies in or beside the adapted layer {inside[0]} (its module "
+            raise ValueError(f"trainable: {name} lies in or beside the adapted layer {inside} (its module "
                              f"{module} would be saved whole): the weights of the layers the subspace adapts stay "
                              "frozen, since peft's adapter could not restore them; narrow the pattern (e.g. "
                              "'classifier')")
