@@ -63,37 +63,53 @@ TORCH_LIBRARY(subspace_ext, m) {
 
 namespace {
 
-// Autograd kernel of the in-place ops: they have no derivative, so a tensor they write must not
-// require grad while grad mode is on (a leaf is refused with torch's own message); after the kernel,
-// every written tensor's version counter is bumped, so autograd refuses a backward that saved one.
-void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+// The tensors an in-place op writes (its arguments marked (a!) in the schema), before the kernel runs.
+std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
   const auto& args = op.schema().arguments();
-  const size_t n = args.size(), start = stack->size() - n;
+  const size_t n = args.size(), start = stack.size() - n;
   std::vector<at::Tensor> written;
   for (size_t i = 0; i < n; ++i) {
     const auto& alias = args[i].alias_info();
     if (!alias || !alias->isWrite()) continue;
-    const c10::IValue& v = (*stack)[start + i];
-    auto add = [&](const at::Tensor& t) {
-      if (!t.defined()) return;
-      if (at::GradMode::is_enabled() && t.requires_grad()) {
-        TORCH_CHECK(!t.is_leaf(), op.schema().name(), ": a leaf Variable that requires grad is being used in an "
-                    "in-place operation (call it under torch.no_grad())");
-        TORCH_CHECK(false, op.schema().name(), ": writes in place into a tensor that requires grad, and has no "
-                    "derivative: call it under torch.no_grad()");
-      }
-      written.push_back(t);
-    };
-    if (v.isTensor()) add(v.toTensor());
-    else if (v.isTensorList()) for (const at::Tensor& t : v.toTensorList()) add(t);
+    const c10::IValue& v = stack[start + i];
+    if (v.isTensor()) {
+      if (v.toTensor().defined()) written.push_back(v.toTensor());
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList())
+        if (t.defined()) written.push_back(t);
+    }
   }
+  return written;
+}
+
+// Autograd kernel of the in-place ops: they have no derivative, so a tensor they write must not
+// require grad while grad mode is on (a leaf is refused with torch's own message).
+void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor& t : written_tensors(op, *stack)) {
+      if (!t.requires_grad()) continue;
+      TORCH_CHECK(!t.is_leaf(), op.schema().name(), ": a leaf Variable that requires grad is being used in an "
+                  "in-place operation (call it under torch.no_grad())");
+      TORCH_CHECK(false, op.schema().name(), ": writes in place into a tensor that requires grad, and has no "
+                  "derivative: call it under torch.no_grad()");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView kernel of the in-place ops: after the kernel, every written tensor's version counter
+// is bumped, so autograd refuses a backward that saved one, as for torch's own in-place ops. Here and
+// not in the Autograd kernel: torch.inference_mode skips the Autograd keys but not this one for normal
+// tensors (an inference tensor has no version counter and is not bumped).
+void inplace_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const std::vector<at::Tensor> written = written_tensors(op, *stack);
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
   }
-  if (!c10::InferenceMode::is_enabled())
-    for (const at::Tensor& t : written)
-      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  for (const at::Tensor& t : written)
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
 // The ops by how autograd treats them: derivatives registered in subspace_ext/ops.py
@@ -124,11 +140,15 @@ void register_autocast_off(torch::Library& m) {
 
 // Under autograd the out-of-place ops without a derivative raise a clear "not implemented" error on
 // backward (instead of recording their internal ATen calls, which gave wrong gradients through rsvd),
-// and the in-place ops refuse tensors that require grad and bump the version counters of what they
-// write, as torch's own in-place ops do.
+// and the in-place ops refuse tensors that require grad; their ADInplaceOrView kernels (below) bump
+// the version counters of what they write, as torch's own in-place ops do, in inference mode too.
 TORCH_LIBRARY_IMPL(subspace_ext, Autograd, m) {
   for (const char* op : kNoDerivative) m.impl(op, torch::autograd::autogradNotImplementedFallback());
   for (const char* op : kInPlace) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&inplace_autograd>());
+}
+
+TORCH_LIBRARY_IMPL(subspace_ext, ADInplaceOrView, m) {
+  for (const char* op : kInPlace) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&inplace_bump_versions>());
 }
 
 TORCH_LIBRARY_IMPL(subspace_ext, AutocastCPU, m) { register_autocast_off(m); }

@@ -700,6 +700,31 @@ def test_in_place_ops_refuse_leaves_that_require_grad_and_bump_versions():
     assert out._version > v
 
 
+@pytest.mark.parametrize("op", ["fuse", "reinit", "importance"])
+def test_in_place_ops_bump_versions_in_inference_mode(op):
+    """torch.inference_mode skips the Autograd kernels; an in-place op must still bump the version of a
+    normal tensor it writes (as torch's own do), or a backward that saved it runs on the new values."""
+    W, B, A = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+    saved = {"fuse": W, "reinit": A, "importance": torch.zeros(3, 5)}[op]
+    x = torch.randn(2, saved.numel(), requires_grad=True)
+    y = (x @ saved.reshape(-1, 1)).sum()   # saves the tensor the op writes
+    with torch.inference_mode():
+        if op == "fuse":
+            ops.fuse_pairs_(W, B, A, torch.tensor([0]), 1.0)
+        elif op == "reinit":
+            ops.reinit_pairs_(W, B, A, torch.tensor([1]), torch.ones(6, 1), torch.ones(1, 5), 1.0)
+        else:
+            ops.pair_importance(A, B, torch.randn(3, 5), torch.randn(6, 3), saved, torch.zeros(6, 3),
+                                torch.zeros(3, 5), torch.zeros(6, 3))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():   # inference tensors have no version counter: written, nothing to bump
+        Wi, Bi, Ai = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+        want = Wi + Bi[:, :1] @ Ai[:1]
+        ops.fuse_pairs_(Wi, Bi, Ai, torch.tensor([0]), 1.0)
+        torch.testing.assert_close(Wi, want)
+
+
 @pytest.mark.parametrize("case", ["expanded-W", "expanded-B", "B_new-view-of-B", "A_new-view-of-A"])
 def test_recompose_refuses_self_overlapping_and_aliased_arguments(case):
     W, B, A = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
