@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# SRLoRA.save's file beside an adapter: the base weights the run changed (srlora.py)
+SRLORA_STATE = "srlora_state.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -110,6 +112,12 @@ class PeftAdapter:
                 raise FormatError(f"{path}: only adapter_model.bin (pickle) is present; subspace_ext reads "
                                   "safetensors only: re-save it with save_pretrained(..., safe_serialization=True)")
             raise FormatError(f"{path}: no {ADAPTER_WEIGHTS}")
+        if os.path.isfile(os.path.join(path, SRLORA_STATE)):
+            raise FormatError(
+                f"{path}: an SRLoRA run's adapter ({SRLORA_STATE} beside it): the run fused pairs into the base "
+                "weights, so the adapter alone is not the trained update over the base model. Merge it "
+                "(PeftModel.from_pretrained, srlora.load_base_weights, merge_and_unload, save_pretrained) and "
+                "use the merged model's difference to the base (solar compress --dense)")
         return cls(config, read_safetensors(weights), source=path)
 
     def save_adapter(self, path: str) -> None:
@@ -134,6 +142,10 @@ class PeftAdapter:
             if created:
                 shutil.rmtree(path, ignore_errors=True)
             raise
+        stale = os.path.join(path, SRLORA_STATE)
+        if os.path.isfile(stale):  # the replaced adapter's: srlora.load_base_weights would apply it to this one
+            os.remove(stale)
+            warnings.warn(f"{path}: removed {SRLORA_STATE}, the SRLoRA state of the adapter this one replaced")
 
     # -- contents ------------------------------------------------------------------------------
     @property

@@ -40,9 +40,9 @@ from typing import Dict, List, Optional
 import torch
 
 from . import ops
+from .io import SRLORA_STATE as STATE_FILE
 from .io import FormatError, linear_layout, read_safetensors, safetensors_metadata, save_safetensors
 
-STATE_FILE = "srlora_state.safetensors"
 STATE_FORMAT = "subspace_ext.srlora.state"
 
 

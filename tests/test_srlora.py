@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -757,6 +758,32 @@ def test_saved_adapter_and_state_load_into_a_fresh_peft_model(tmp_path):
     torch.testing.assert_close(loaded(x).detach(), want, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="no layer .*PeftModel.from_pretrained first"):
         load_base_weights(_Toy(), out)
+    # SOLAR and EigenLoRAx read an adapter as the update over the base: this one is not, and is refused
+    from subspace_ext import eigenlorax, io, solar
+    shutil.copytree(out, tmp_path / "another")
+    for read in (io.PeftAdapter.load, lambda f: solar.compress(f, "unused", budget="full"),
+                 lambda f: eigenlorax.build_subspace([f, str(tmp_path / "another")], components=1)):
+        with pytest.raises(FormatError, match=f"{out}: an SRLoRA run's adapter .*solar compress --dense"):
+            read(out)
+
+
+def test_an_adapter_written_over_an_srlora_run_removes_its_state(tmp_path):
+    """The state of the adapter an adapter replaces (solar decompress --force into a run's folder) would make
+    load_base_weights put that run's base weights under the new adapter."""
+    from subspace_ext import io
+
+    STATE_FILE = io.SRLORA_STATE
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / STATE_FILE).write_bytes(b"old run")
+    adapter = io.PeftAdapter({"peft_type": "LORA", "r": 1, "lora_alpha": 1},
+                             {"base_model.model.lin.lora_A.weight": torch.ones(1, 3),
+                              "base_model.model.lin.lora_B.weight": torch.ones(2, 1)})
+    with pytest.warns(UserWarning, match=f"removed {STATE_FILE}, the SRLoRA state of the adapter this one replaced"):
+        adapter.save_adapter(str(out))
+    assert sorted(p.name for p in out.iterdir()) == [io.ADAPTER_CONFIG, io.ADAPTER_WEIGHTS]
+    loaded = io.PeftAdapter.load(str(out))
+    assert loaded.config == adapter.config and all(torch.equal(loaded.tensors[k], v) for k, v in adapter.tensors.items())
 
 
 def test_trainer_checkpoint_resume_equals_an_uninterrupted_run(task, tmp_path):
