@@ -31,7 +31,8 @@ import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
-                 fingerprint, linear_layout, read_safetensors, safetensors_metadata, save_safetensors, tensors_digest)
+                 fingerprint, linear_layout, read_safetensors, safetensors_metadata, save_safetensors, tensors_digest,
+                 tied_elsewhere)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -571,8 +572,21 @@ class EigenModel:
         return None
 
     def merge(self) -> None:
+        """Fold the task's update into the wrapped layers' weights (for inference; ``unmerge`` takes it out).
+        A weight tied to another module (GPT-2's lm_head is the input embedding) is refused before any
+        layer is merged: the update would change that module too."""
+        self._refuse_tied("merge")
         for l in self.layers.values():
             l.merge()
+
+    def _refuse_tied(self, what: str) -> None:
+        for target, l in self.layers.items():
+            if l.merged:
+                continue
+            tied = tied_elsewhere(self.model, target, l.base.weight)
+            if tied:
+                raise ValueError(f"{target}: its weight is tied to {tied} (one shared parameter): {what} would add "
+                                 f"the update to that module too; use the unmerged model, or export_peft")
 
     def unmerge(self) -> None:
         for l in self.layers.values():
@@ -583,6 +597,8 @@ class EigenModel:
         their weights (``merge=False``: without it), every parameter's ``requires_grad`` as it was before
         ``apply``, and return the model: a plain transformers model again, which ``save_pretrained`` saves
         and ``from_pretrained`` loads. The handle is unusable after."""
+        if merge:
+            self._refuse_tied("unload(merge=True)")
         named = dict(self.model.named_modules())
         for target, l in self.layers.items():
             l.merge() if merge else l.unmerge()

@@ -66,6 +66,15 @@ def as_update_layout(W0: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return W0.T if fan_in_fan_out else W0
 
 
+def tied_elsewhere(model: torch.nn.Module, module: str, weight: torch.nn.Parameter) -> Optional[str]:
+    """The first other name of ``module``'s parameter ``weight`` in ``model`` outside ``module`` (a tied
+    weight: GPT-2's lm_head is the input embedding), or None; an edit of it changes that module too."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is weight and not name.startswith(module + "."):
+            return name
+    return None
+
+
 def linear_layout(module: torch.nn.Module) -> Optional[bool]:
     """Whether a Linear-like module stores its weight in x out (``fan_in_fan_out``): False for a
     torch.nn.Linear, True for transformers' Conv1D (GPT-2); None for any other module."""

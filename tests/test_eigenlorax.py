@@ -450,6 +450,26 @@ def test_merge_unmerge_roundtrip():
         close(model(x), y, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_of_a_tied_weight_is_refused():
+    """GPT-2's lm_head is its input embedding: merging the update into it changed the embedding too
+    (logits off by 0.27). The unmerged model is right, and merge / unload(merge=True) are refused before
+    any layer is merged."""
+    sub = toy_subspace()
+    model = Toy()
+    model.other = torch.nn.Linear(40, 32)
+    model.other.weight = model.enc.v.weight   # tied, as transformers ties an output embedding
+    em = eigenlorax.apply(model, sub, 4)
+    randomize(em, 0)
+    w0 = {m: em.layers[m].base.weight.detach().clone() for m in TOY_LAYERS}
+    for call, what in ((em.merge, "merge"), (em.unload, "unload")):
+        with pytest.raises(ValueError, match=rf"enc.v: its weight is tied to other.weight .*: {what}"):
+            call()
+        assert not any(l.merged for l in em.layers.values())
+        assert all(torch.equal(em.layers[m].base.weight, w0[m]) for m in TOY_LAYERS)
+    plain = em.unload(merge=False)   # the original layers back, nothing folded in
+    assert torch.equal(plain.enc.v.weight, w0["enc.v"]) and plain.other.weight is plain.enc.v.weight
+
+
 def test_task_switch_with_coefficients(tmp_path):
     """A switch restores everything saved with the task: loadings, the head apply(trainable=) unfroze
     (saved by default) and the scaling it was trained with, merged or not."""
