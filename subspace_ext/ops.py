@@ -42,9 +42,12 @@ CUDA_OPS = frozenset({"philox_uint32_", "philox_normal_", "philox_normal_icdf_",
                       "reconstruct_perturbed"})
 
 
+_CUDA_ENABLED = bool(_C.cuda_enabled())  # read once: torch.compile cannot trace the pybind call (a graph break)
+
+
 def cuda_enabled() -> bool:
     """True if this build of the extension contains the CUDA kernels."""
-    return bool(_C.cuda_enabled())
+    return _CUDA_ENABLED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +61,7 @@ def _tensor(x, name, dtypes=_FLOAT, min_dim=2, op=None):
         raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
-    if x.is_cuda and not cuda_enabled():
+    if x.is_cuda and not _CUDA_ENABLED:
         raise ValueError(
             f"{name} is a CUDA tensor but this build of subspace_ext has no CUDA kernels "
             "(rebuild with nvcc and a CUDA torch, or SUBSPACE_EXT_CUDA=1); move it to the CPU")
@@ -77,7 +80,7 @@ def _plain_layers(lists, dtypes_of) -> bool:
     CUDA build) CUDA, and each layer's tensors on one device. False sends the caller through its
     per-tensor checks, which name what is wrong. A per-step op over hundreds of layers (SRLoRA calls
     pair_importance every step) otherwise spends milliseconds here."""
-    cuda_ok = cuda_enabled()
+    cuda_ok = _CUDA_ENABLED
     first = None
     for n, v in lists.items():
         dtypes = dtypes_of(n)
@@ -587,6 +590,7 @@ def solar_checksum(UI: torch.Tensor, VJ: torch.Tensor, seed: int, stream: int = 
     """Two numbers that change if any used basis vector (columns of UI, VJ) rotates or flips."""
     _tensor(UI, "UI", op="solar_checksum")
     _tensor(VJ, "VJ", op="solar_checksum")
+    _same_device([("UI", UI), ("VJ", VJ)])
     return _ops.solar_checksum(UI, VJ, _seed(seed), _seed(stream, "stream"))
 
 
@@ -599,6 +603,11 @@ def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, st
     _tensor(values, "values", dtypes=_WEIGHT, min_dim=1, op="solar_decode")  # a package may store float16
     _tensor(indices, "indices", dtypes=(torch.int32, torch.int64), min_dim=1, op="solar_decode")
     _int(rank, "rank", 1)
+    _same_device([("U", U), ("V", V)])
+    for n, t in (("values", values), ("indices", indices)):  # a package's numbers may stay on the CPU
+        if t.device not in (U.device, torch.device("cpu")):
+            raise ValueError(f"solar_decode: {n} is on {t.device}, U and V on {U.device} (it must be on theirs, "
+                             "or on the cpu)")
     return _ops.solar_decode(U, V, values, indices, rank, float(scaling), _seed(seed), _seed(stream, "stream"))
 
 

@@ -273,7 +273,7 @@ def _fake_cuda(t):
     (lambda x: ops.fuse_pairs_(x, f32(6, 2), f32(2, 4), torch.tensor([0])), r"W\[0\]"),
 ])
 def test_cuda_tensor_to_cpu_only_build(monkeypatch, call, name):
-    monkeypatch.setattr(ops, "cuda_enabled", lambda: False)
+    monkeypatch.setattr(ops, "_CUDA_ENABLED", False)
     x = _fake_cuda(torch.randn(6, 4))
     assert x.is_cuda
     with pytest.raises(ValueError, match=rf"{name} is a CUDA tensor.*no CUDA kernels"):
@@ -290,7 +290,7 @@ def test_cuda_tensor_to_cpu_only_build(monkeypatch, call, name):
 ])
 def test_cuda_tensor_to_op_without_cuda_implementation(monkeypatch, call, name, op):
     """An op left out of ops.CUDA_OPS says so for CUDA tensors instead of a dispatcher error."""
-    monkeypatch.setattr(ops, "cuda_enabled", lambda: True)
+    monkeypatch.setattr(ops, "_CUDA_ENABLED", True)
     monkeypatch.setattr(ops, "CUDA_OPS", ops.CUDA_OPS - {op})
     with pytest.raises(ValueError, match=rf"{name} is a CUDA tensor, but {op} has no CUDA implementation yet"):
         call(_fake_cuda(torch.randn(6, 4)))

@@ -118,3 +118,34 @@ def test_torch_compile_fullgraph_smoke():
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     out = compiled(*args)
     torch.testing.assert_close(out, f(*args))
+
+
+@pytest.mark.parametrize("op", ["pair_importance", "fuse_pairs_", "reinit_pairs_"])
+def test_list_op_wrappers_compile_without_graph_breaks(op):
+    """The subspace_ext.ops wrappers of the multi-layer ops trace whole (fullgraph=True: no graph break in a
+    compiled training step) and write what eager does."""
+    g = torch.Generator().manual_seed(0)
+
+    def inputs():
+        A, B = [torch.randn(4, 10, generator=g)], [torch.randn(8, 4, generator=g)]
+        return A, B, [torch.randn(4, 10, generator=g)], [torch.randn(8, 4, generator=g)], torch.randn(8, 10, generator=g)
+
+    def step(A, B, gA, gB, W):
+        if op == "pair_importance":
+            state = ops.importance_state(A, B)
+            return ops.pair_importance(A, B, gA, gB, *state)[0]
+        if op == "fuse_pairs_":
+            ops.fuse_pairs_(W, B[0], A[0], torch.tensor([1, 3]), 0.5)
+        else:
+            ops.reinit_pairs_(W, B[0], A[0], torch.tensor([1, 3]), gB[0][:, :2], gA[0][:2], 0.5)
+        return W + B[0].sum()
+
+    def flat(args):
+        return [t for a in args for t in (a if isinstance(a, list) else [a])]
+
+    args = inputs()
+    eager_args = [[t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args]
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="eager", fullgraph=True)(*args)
+    assert torch.equal(got, step(*eager_args))
+    assert all(torch.equal(a, b) for a, b in zip(flat(args), flat(eager_args)))

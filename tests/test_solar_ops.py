@@ -228,3 +228,19 @@ def test_solar_ops_refuse_streams_out_of_range(stream):
         ops.solar_checksum(U, U, 1, stream)
     with pytest.raises(ValueError, match=r"solar_decode: stream must be in \[0, 2\^61\)"):
         ops.solar_decode(U, U, torch.ones(1), torch.zeros(1, dtype=torch.long), 1, 1.0, 1, stream)
+
+
+def test_solar_ops_refuse_a_meta_argument_beside_real_ones():
+    """One argument on meta sent the call to the fake kernel, which returned uninitialised memory on the
+    CPU as the checksum or the factors; the package's numbers may stay on the CPU beside CUDA bases."""
+    U, meta = torch.eye(6, 4, dtype=torch.float64), torch.empty(5, 3, dtype=torch.float64, device="meta")
+    values, indices = torch.ones(2), torch.tensor([0, 5])
+    with pytest.raises(ValueError, match="arguments must be on one device, got UI on cpu, VJ on meta"):
+        ops.solar_checksum(U, meta, 1, 0)
+    with pytest.raises(ValueError, match="arguments must be on one device, got U on cpu, V on meta"):
+        ops.solar_decode(U, meta, values, indices, 2, 1.0, 1, 0)
+    for name, args in (("values", (values.to("meta"), indices)), ("indices", (values, indices.to("meta")))):
+        with pytest.raises(ValueError, match=f"solar_decode: {name} is on meta, U and V on cpu"):
+            ops.solar_decode(U, torch.eye(5, 3, dtype=torch.float64), *args, 2, 1.0, 1, 0)
+    B, A, ck = ops.solar_decode(U.to("meta"), meta, values, indices, 2, 1.0, 1, 0)   # all-meta bases: shapes only
+    assert B.is_meta and B.shape == (6, 2) and A.shape == (2, 5)
