@@ -375,6 +375,10 @@ class SolarPackage:
         for key in ("r", "lora_alpha", "init_r"):
             if key in peft_config:
                 need(peft_config, key, (int, float), f"peft_config {key}")
+        try:  # it becomes adapter_config.json, where NaN / Infinity are not JSON
+            json.dumps(peft_config, allow_nan=False)
+        except ValueError:
+            raise ValueError("peft_config holds NaN or Inf (not valid JSON in an adapter config)") from None
         dtype = need(info, "dtype", (str,)) if "dtype" in info else "float32"
         if dtype not in _PACKAGE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")

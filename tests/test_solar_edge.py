@@ -345,7 +345,8 @@ INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shap
 
 @pytest.mark.parametrize("case", ["rank-too-large", "rank-bomb", "skipped-not-list", "peft-r-null", "extra-nan",
                                   "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8",
-                                  "checksum-empty", "checksum-nan"] + LOWRANK_EDITS + INT8_EDITS)
+                                  "checksum-empty", "checksum-nan", "peft-config-nan", "peft-config-inf-nested"]
+                         + LOWRANK_EDITS + INT8_EDITS)
 def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
     refuse the edits that would otherwise decode into a broken adapter, and write nothing."""
@@ -399,6 +400,10 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         L["checksum"] = []
     elif case == "checksum-nan":
         L["checksum"] = [float("nan"), 0.0]
+    elif case == "peft-config-nan":  # the C++ decoder wrote it into adapter_config.json, the Python one refused late
+        info["peft_config"]["lora_dropout"] = float("nan")
+    elif case == "peft-config-inf-nested":
+        info["peft_config"]["alpha_pattern"] = {"query": [1.0, {"x": float("-inf")}]}
     elif case == "int8-missing-scale":
         del tensors[B_key + "_scale"]
     elif case == "int8-scale-float64":
@@ -412,7 +417,7 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
     elif case == "int8-values-int16":
         tensors[B_key] = tensors[B_key].to(torch.int16)
     edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="peft_config holds NaN or Inf" if case.startswith("peft-config") else None):
         solar.decompress(str(edited), str(base))
     r = _run(edited, base, tmp_path / "out")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -422,6 +427,8 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         assert "checksum must be 2 finite numbers" in r.stderr, r.stderr
     if case.startswith("rank"):
         assert "rank must be an integer in [1, " in r.stderr, r.stderr
+    if case.startswith("peft-config"):
+        assert "peft_config holds NaN or Inf" in r.stderr, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -490,3 +497,22 @@ def test_header_strings_must_be_utf8(tmp_path, package, name):
     r = _run(edited, base, tmp_path / "out")
     assert r.returncode == 1 and "not valid UTF-8" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["value", "escape"])
+def test_a_byte_that_is_not_text_is_shown_as_hex(tmp_path, package, where):
+    """A damaged header byte that the JSON parser names is written as \\xNN: the message stays one line of
+    valid UTF-8 (the raw byte went to stderr as it was)."""
+    pkg_path, base, _ = package
+    raw = bytearray(pkg_path.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    at = (raw.index(b'"format":"subspace_ext.solar"') + len(b'"format":') if where == "value"
+          else raw.index(b'\\"seed\\"') + 1)
+    raw[at] = 0xA6   # the value's opening quote, or the '"' after a backslash inside the solar metadata
+    assert at < 8 + n
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(bytes(raw))
+    r = subprocess.run([str(BINARY), str(edited), str(base), str(tmp_path / "out")], capture_output=True)
+    err = r.stderr.decode()   # UTF-8, or this raises
+    assert r.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert ("unexpected character '\\xa6'" if where == "value" else "invalid escape '\\\\xa6'") in err, err

@@ -265,6 +265,15 @@ class JsonParser {
     throw Failure("invalid JSON: " + what + " at offset " + std::to_string(pos_));
   }
 
+  // A character for a message: printable ASCII as it is, any other byte as \xNN (the message is one
+  // line of text, whatever bytes the file holds).
+  static std::string shown(char c) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u >= 0x20 && u < 0x7f) return std::string(1, c);
+    static const char* kHex = "0123456789abcdef";
+    return std::string("\\x") + kHex[u >> 4] + kHex[u & 15];
+  }
+
   void skip_ws() {
     while (pos_ < s_.size() &&
            (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r'))
@@ -294,7 +303,7 @@ class JsonParser {
     if (consume("Infinity")) return Json::floating(HUGE_VAL);
     if (consume("-Infinity")) return Json::floating(-HUGE_VAL);
     if (c == '-' || (c >= '0' && c <= '9')) return number();
-    error(std::string("unexpected character '") + c + "'");
+    error("unexpected character '" + shown(c) + "'");
   }
 
   Json object(int depth) {
@@ -428,7 +437,7 @@ class JsonParser {
           append_utf8(out, cp);
           break;
         }
-        default: error(std::string("invalid escape '\\") + e + "'");
+        default: error("invalid escape '\\" + shown(e) + "'");
       }
     }
   }
@@ -980,6 +989,16 @@ class BaseWeights {
 // =================================================================================================
 // the package (solar.SolarPackage.load)
 
+// Whether no number in a JSON value is NaN or infinite.
+bool all_finite(const Json& j) {
+  if (j.type == Json::Type::Float) return std::isfinite(j.number);
+  for (const Json& item : j.items)
+    if (!all_finite(item)) return false;
+  for (const auto& member : j.members)
+    if (!all_finite(member.second)) return false;
+  return true;
+}
+
 constexpr const char* kFormat = "subspace_ext.solar";
 constexpr const char* kFormatVersion = "1";         // every layer SOLAR-encoded
 constexpr const char* kFormatVersionLowrank = "2";  // with low-rank (truncated-SVD) layers
@@ -1299,6 +1318,8 @@ Package load_package(const std::string& path) {
     for (const char* key : {"r", "lora_alpha", "init_r"})  // numbers where present, as solar._parse
       if (const Json* v = pkg.peft_config.find(key); v && !v->is_number())
         fail(std::string("peft_config ") + key + " must be a number");
+    if (!all_finite(pkg.peft_config))  // it becomes adapter_config.json, where NaN / Infinity are not JSON
+      fail("peft_config holds NaN or Inf (not valid JSON in an adapter config)");
     if (const Json* sk = info.find("skipped"); sk && sk->type != Json::Type::Array) fail("skipped must be a list");
     if (const Json* dt = info.find("dtype")) {
       if (dt->type != Json::Type::String) fail("dtype must be a string");
