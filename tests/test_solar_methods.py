@@ -213,6 +213,22 @@ def test_allocation_below_one_item_keeps_nothing(method):
     assert plan[0] == ("lowrank", 0) if method == "lowrank" else plan[0][0] == "solar"
 
 
+def test_auto_with_room_for_everything_keeps_the_smaller_lossless_encoding():
+    """A budget that holds every plan whole: each captures all the energy, to rounding. Rounding decided
+    between the plans (a SOLAR one 7.6x the size of the low-rank one on a real adapter); now the fewest
+    numbers win."""
+    g = torch.Generator().manual_seed(5)
+    m, n = 20, 16
+    C = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g, dtype=torch.float64)
+    energy = float((C * C).sum())
+    S = torch.tensor([energy], dtype=torch.float64).sqrt() * (1 - 4e-16)   # its SVD's energy rounds lower
+    assert float(S[0] ** 2) < energy
+    info = solar.LayerInfo("l0", "l0.weight", [m, n], 1, 1.0, 0, "", [])
+    layer = solar._Layer(info, None, energy, top=solar._top_coefficients(C, None), svd=(None, S, None))
+    for budget in (10**8, m * n * solar.NUMBERS_PER_COEFFICIENT):
+        assert solar._allocate([layer], budget, "auto") == [("lowrank", 1)]
+
+
 @pytest.mark.parametrize("trial", range(8))
 def test_allocation_is_near_the_exact_optimum(trial):
     """On small layer sets (some sparse in their basis, some low-rank) the allocation keeps within 3% of
