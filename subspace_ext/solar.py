@@ -53,6 +53,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -956,6 +957,10 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     encodings = _encodings(method)
     fw, bw = _as_base(finetuned), _as_base(base)
     kinds = bw.weight_kinds() or fw.weight_kinds()
+    if kinds is None:
+        warnings.warn("no config.json beside the checkpoints: every 2-D *.weight without 'embed' in its name is "
+                      "read as a Linear weight (out x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, "
+                      "c_fc) are stored in x out and would decode transposed: pass the model folders")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     base_keys = set(bw.keys())
