@@ -26,6 +26,7 @@ from . import _C  # noqa: F401  (loads the library, which registers the ops)
 _ops = torch.ops.subspace_ext
 _FLOAT = (torch.float32, torch.float64)
 _WEIGHT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 # The project family's arguments that are model weights (an adapter's factors, a dense update): these
 # may be half precision, computed in the bases' dtype; the bases and coefficients are _FLOAT.
 _PROJECT_WEIGHTS = ("B", "A", "D")
@@ -104,6 +105,15 @@ def _same_device(named):
     if len(devices) > 1:
         desc = ", ".join(f"{n} on {t.device}" for n, t in named)
         raise ValueError(f"arguments must be on one device, got {desc}")
+
+
+def _batch_broadcasts(named, op):
+    """The batch dimensions (all but the last two) of the named tensors broadcast together."""
+    try:
+        torch.broadcast_shapes(*(t.shape[:-2] for _, t in named))
+    except RuntimeError:
+        desc = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
+        raise ValueError(f"{op}: batch dimensions (all but the last two) do not broadcast: {desc}") from None
 
 
 def _device_groups(tensors) -> list:
@@ -307,6 +317,7 @@ def _check_project_args(U, V, B, A, op):
         raise ValueError(
             f"{op}: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): U {tuple(U.shape)}, "
             f"B {tuple(B.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
+    _batch_broadcasts(named, op)
 
 
 def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
@@ -329,7 +340,11 @@ def _check_one_layer(named, op):
 
 
 def _check_eps(eps):
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0 and not eps.is_complex() and eps.dtype != torch.bool:
+        eps = eps.item()   # a 0-dim tensor, as for scaling and the seeds
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise ValueError(f"eps must be a finite number >= 0, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -360,6 +375,7 @@ def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Te
     _same_device(named)
     if not (U.shape[-2] == D.shape[-2] and D.shape[-1] == V.shape[-2]):
         raise ValueError(f"project_dense: shapes do not chain: U {tuple(U.shape)}, D {tuple(D.shape)}, V {tuple(V.shape)}")
+    _batch_broadcasts(named, "project_dense")
     return _ops.project_dense(U, V, D)
 
 
@@ -378,6 +394,7 @@ def _check_reconstruct_args(U, C, V, op):
     if not (U.shape[-1] == C.shape[-2] and C.shape[-1] == V.shape[-1]):
         raise ValueError(f"{op}: shapes do not chain (need U m x k1, C k1 x k2, V n x k2): U {tuple(U.shape)}, "
                          f"C {tuple(C.shape)}, V {tuple(V.shape)}")
+    _batch_broadcasts(named, op)
 
 
 def reconstruct_perturbed(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor, *, eps: float, seed: int,
@@ -469,8 +486,9 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
 
 def _recompose_args(W, B, A, idx, scaling, op):
     if isinstance(W, torch.Tensor) and isinstance(idx, (list, tuple)) and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in idx):
-        idx = [idx]  # one layer's indices as a plain list
+            isinstance(i, numbers.Integral) and not isinstance(i, bool)
+            or isinstance(i, torch.Tensor) and i.dim() == 0 and i.dtype in _INDEX_DTYPES for i in idx):
+        idx = [idx]  # one layer's indices as a plain list (of ints, numpy ints or 0-dim tensors)
     W, B, A, idx = (_layers(v, n) for v, n in ((W, "W"), (B, "B"), (A, "A"), (idx, "idx")))
     L = len(W)
     if isinstance(scaling, numbers.Real) or (isinstance(scaling, torch.Tensor) and scaling.dim() == 0):

@@ -653,3 +653,36 @@ def test_adapter_config_errors(config, rank, match):
     with pytest.raises(FormatError, match=match) as e:
         ad.updates()
     assert str(e.value).startswith("some/adapter: ")  # names the folder
+
+
+def test_eps_as_numpy_float_or_0_dim_tensor_is_a_number():
+    """np.float32 (not a float subclass) and a 0-dim tensor were refused as 'eps must be a finite number'."""
+    np = pytest.importorskip("numpy")
+    U = f32(9, 3)
+    want = ops.perturbed_basis(U, 0.25, 4)
+    for eps in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64)):
+        assert torch.equal(ops.perturbed_basis(U, eps, 4), want), type(eps)
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got str '0.1'"):
+        ops.perturbed_basis(U, "0.1", 4)
+
+
+def test_one_layers_idx_as_numpy_ints_or_0_dim_tensors():
+    """A list like list(np.argsort(s)[:2]) is one layer's indices (it was read as two layers)."""
+    np = pytest.importorskip("numpy")
+    W, B, A = f32(6, 5), f32(6, 3), f32(3, 5)
+    want = W.clone()
+    ops.fuse_pairs_(want, B.clone(), A, [0, 2], 0.5)
+    for idx in ([np.int64(0), np.int64(2)], [torch.tensor(0), torch.tensor(2)], (np.int32(0), 2)):
+        got = W.clone()
+        ops.fuse_pairs_(got, B.clone(), A, idx, 0.5)
+        assert torch.equal(got, want), idx
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ops.project(f32(2, 6, 2), f32(3, 5, 2), f32(6, 3), f32(3, 5)),
+    lambda: ops.project_dense(f32(2, 6, 2), f32(5, 2), f32(3, 6, 5)),
+    lambda: ops.reconstruct(f32(3, 6, 2), f32(2, 2, 4), f32(5, 4)),
+], ids=["project", "project_dense", "reconstruct"])
+def test_batch_dimensions_that_do_not_broadcast_are_named(call):
+    with pytest.raises(ValueError, match=r"batch dimensions \(all but the last two\) do not broadcast: U \((2|3), 6, 2\)"):
+        call()
