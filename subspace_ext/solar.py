@@ -329,6 +329,8 @@ class SolarPackage:
                 raise ValueError(where + f"unexpected field {sorted(unknown)[0]!r}")
             for key in ("module", "base_key", "fingerprint"):
                 need(l, key, (str,), where + key)
+            if not _module_path(l["module"]):
+                raise ValueError(where + "module must be a dotted module path (no empty part, no control character)")
             shape = need(l, "shape", (list,), where + "shape")
             if not _is_shape(shape):
                 raise ValueError(where + f"invalid shape {shape!r}")
@@ -1172,6 +1174,11 @@ def _mismatch_cause(basis: int, key: str) -> str:
                 "(nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on the sender's "
                 "LAPACK, so compress the adapter again with this build; otherwise the seed or eps was edited")
     return "the seed, eps or the layer's stream differs from the sender's (an edited package)"
+
+
+def _module_path(module: str) -> bool:
+    """Non-empty dotted parts, no control character (the name goes into tensor names and one-line messages)."""
+    return all(module.split(".")) and not any(ord(c) < 0x20 for c in module)
 
 
 def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) -> Tuple[str, torch.Tensor]:

@@ -345,7 +345,8 @@ INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shap
 
 @pytest.mark.parametrize("case", ["rank-too-large", "rank-bomb", "skipped-not-list", "peft-r-null", "extra-nan",
                                   "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8",
-                                  "checksum-empty", "checksum-nan", "peft-config-nan", "peft-config-inf-nested"]
+                                  "checksum-empty", "checksum-nan", "peft-config-nan", "peft-config-inf-nested",
+                                  "module-empty", "module-empty-part", "module-newline", "module-renamed"]
                          + LOWRANK_EDITS + INT8_EDITS)
 def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
@@ -400,6 +401,14 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         L["checksum"] = []
     elif case == "checksum-nan":
         L["checksum"] = [float("nan"), 0.0]
+    elif case == "module-empty":  # the edge decoder wrote base_model.model..lora_A.weight
+        L["module"] = ""
+    elif case == "module-empty-part":
+        L["module"] = "encoder..query"
+    elif case == "module-newline":  # messages naming the layer would not be one line
+        L["module"] = "encoder.layer.0\nquery"
+    elif case == "module-renamed":  # a module the base lacks: the edge decoder took the recorded base_key
+        L["module"] += ".weight"    # as a tied embedding's, with no config.json to say the model ties one
     elif case == "peft-config-nan":  # the C++ decoder wrote it into adapter_config.json, the Python one refused late
         info["peft_config"]["lora_dropout"] = float("nan")
     elif case == "peft-config-inf-nested":
@@ -429,6 +438,9 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         assert "rank must be an integer in [1, " in r.stderr, r.stderr
     if case.startswith("peft-config"):
         assert "peft_config holds NaN or Inf" in r.stderr, r.stderr
+    if case.startswith("module"):
+        assert ("no weight for adapted module" if case == "module-renamed" else "module must be a dotted module path") \
+            in r.stderr, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 

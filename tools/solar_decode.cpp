@@ -936,6 +936,7 @@ class BaseWeights {
       }
       std::sort(names.begin(), names.end());
       for (const auto& n : names) files_.push_back((fs::path(path) / n).string());
+      may_tie_ = config_may_tie_embeddings((fs::path(path) / "config.json").string());
     } else if (fs::is_regular_file(path, ec)) {
       files_.push_back(path);
     } else {
@@ -968,6 +969,11 @@ class BaseWeights {
 
   bool has(const std::string& key) const { return where_.count(key) > 0; }
 
+  // Whether the model may tie its output embedding to the input one: a folder whose config.json does not
+  // set tie_word_embeddings to false (the Python decoder reads the tie from the model the config builds;
+  // a bare .safetensors file has no config, and neither decoder takes a tied weight from it).
+  bool may_tie_embeddings() const { return may_tie_; }
+
   // (entry, raw bytes) of a key found by key_for_module.
   std::pair<TensorEntry, std::string> get(const std::string& key) const {
     const SafetensorsHeader& h = headers_[where_.at(key)];
@@ -980,14 +986,36 @@ class BaseWeights {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
   }
 
+  static bool config_may_tie_embeddings(const std::string& config_path) {
+    std::ifstream f(config_path, std::ios::binary);
+    if (!f) return false;
+    std::stringstream text;
+    text << f.rdbuf();
+    try {
+      const Json config = parse_json(text.str());
+      const Json* tie = config.type == Json::Type::Object ? config.find("tie_word_embeddings") : nullptr;
+      return config.type == Json::Type::Object && !(tie && tie->type == Json::Type::Bool && !tie->boolean);
+    } catch (const Failure&) {
+      return false;
+    }
+  }
+
   std::string path_;
   std::vector<std::string> files_;
   std::vector<SafetensorsHeader> headers_;
   std::map<std::string, size_t> where_;
+  bool may_tie_ = false;
 };
 
 // =================================================================================================
 // the package (solar.SolarPackage.load)
+
+// solar._module_path: non-empty dotted parts, no control character (the name goes into tensor names and
+// one-line messages).
+bool module_path(const std::string& m) {
+  if (m.empty() || m.front() == '.' || m.back() == '.' || m.find("..") != std::string::npos) return false;
+  return std::none_of(m.begin(), m.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; });
+}
 
 // Whether no number in a JSON value is NaN or infinite.
 bool all_finite(const Json& j) {
@@ -1235,6 +1263,7 @@ Package load_package(const std::string& path) {
       if (module.type != Json::Type::String || base_key.type != Json::Type::String || fp.type != Json::Type::String)
         fail(where + "module, base_key and fingerprint must be strings");
       L.module = module.text;
+      if (!module_path(L.module)) fail(where + "module must be a dotted module path (no empty part, no control character)");
       L.base_key = base_key.text;
       L.fingerprint = fp.text;
       L.shape = layer_shape(need(l, "shape"), where);
@@ -1446,7 +1475,7 @@ void decode(const std::string& package_path, const std::string& base_path, const
       // An output embedding tied to the input one (a LLaMA's lm_head): the encoder found the stored
       // key from the model's config (io.BaseWeights.key_for_module) and recorded it; the fingerprint
       // check shows it to be the same weight.
-      if (!bw.has(info.base_key)) fail(what + ": " + e.what());
+      if (!bw.may_tie_embeddings() || !bw.has(info.base_key)) fail(what + ": " + e.what());
       key = info.base_key;
     }
     auto [entry, bytes] = bw.get(key);
