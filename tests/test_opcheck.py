@@ -149,3 +149,25 @@ def test_list_op_wrappers_compile_without_graph_breaks(op):
     got = torch.compile(step, backend="eager", fullgraph=True)(*args)
     assert torch.equal(got, step(*eager_args))
     assert all(torch.equal(a, b) for a, b in zip(flat(args), flat(eager_args)))
+
+
+def test_a_new_seed_does_not_recompile():
+    """Seeds and streams are SymInts in the schemas: under torch.compile a step whose noise seed changes
+    every call compiles twice (the first value, then symbolic; with `int` every new seed recompiled, and
+    after 8 the frame fell back to eager), and each call gets its own seed's numbers."""
+    from torch._dynamo.utils import counters
+
+    U, W = torch.randn(40, 6), torch.randn(30, 20)
+
+    def step(seed, stream):
+        return (ops.perturbed_basis(U, 0.1, seed, stream), ops.philox_normal((7,), seed, stream),
+                ops.rsvd(W, 3, seed=seed)[1],
+                ops.project_perturbed(U, W.T[:, :4], U[:, :2], W[:2], eps=0.1, seed=seed, stream_u=stream,
+                                      stream_v=stream + 1))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="eager")
+    for seed in range(12):
+        assert all(torch.equal(a, b) for a, b in zip(compiled(seed, seed % 3), step(seed, seed % 3)))
+    assert counters["stats"]["unique_graphs"] <= 3
