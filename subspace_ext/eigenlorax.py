@@ -31,8 +31,8 @@ import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
-                 fingerprint, linear_layout, read_safetensors, safetensors_metadata, save_safetensors, tensors_digest,
-                 tied_elsewhere)
+                 fingerprint, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
+                 save_safetensors, tensors_digest, tied_elsewhere)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -580,10 +580,11 @@ class EigenModel:
             l.merge()
 
     def _refuse_tied(self, what: str) -> None:
+        names = parameter_names(self.model)
         for target, l in self.layers.items():
             if l.merged:
                 continue
-            tied = tied_elsewhere(self.model, target, l.base.weight)
+            tied = tied_elsewhere(names, target, l.base.weight)
             if tied:
                 raise ValueError(f"{target}: its weight is tied to {tied} (one shared parameter): {what} would add "
                                  f"the update to that module too; use the unmerged model, or export_peft")

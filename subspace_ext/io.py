@@ -66,13 +66,19 @@ def as_update_layout(W0: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return W0.T if fan_in_fan_out else W0
 
 
-def tied_elsewhere(model: torch.nn.Module, module: str, weight: torch.nn.Parameter) -> Optional[str]:
-    """The first other name of ``module``'s parameter ``weight`` in ``model`` outside ``module`` (a tied
-    weight: GPT-2's lm_head is the input embedding), or None; an edit of it changes that module too."""
+def parameter_names(model: torch.nn.Module) -> Dict[int, List[str]]:
+    """{id(parameter): every name it has in ``model``} (a tied weight has several), for ``tied_elsewhere``."""
+    names: Dict[int, List[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p is weight and not name.startswith(module + "."):
-            return name
-    return None
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def tied_elsewhere(names: Dict[int, List[str]], module: str, weight: torch.nn.Parameter) -> Optional[str]:
+    """The first name of ``module``'s parameter ``weight`` outside ``module`` (``names``: the model's
+    ``parameter_names``), or None: a tied weight (GPT-2's lm_head is the input embedding), which an edit
+    would change in that module too."""
+    return next((n for n in names.get(id(weight), []) if not n.startswith(module + ".")), None)
 
 
 def linear_layout(module: torch.nn.Module) -> Optional[bool]:
@@ -121,12 +127,13 @@ class PeftAdapter:
                 raise FormatError(f"{path}: only adapter_model.bin (pickle) is present; subspace_ext reads "
                                   "safetensors only: re-save it with save_pretrained(..., safe_serialization=True)")
             raise FormatError(f"{path}: no {ADAPTER_WEIGHTS}")
-        if os.path.isfile(os.path.join(path, SRLORA_STATE)):
+        # the state lies beside the adapter, or in the folder above one peft saved under its name
+        if any(os.path.isfile(os.path.join(d, SRLORA_STATE)) for d in (path, os.path.dirname(os.path.abspath(path)))):
             raise FormatError(
                 f"{path}: an SRLoRA run's adapter ({SRLORA_STATE} beside it): the run fused pairs into the base "
                 "weights, so the adapter alone is not the trained update over the base model. Merge it "
                 "(PeftModel.from_pretrained, srlora.load_base_weights, merge_and_unload, save_pretrained) and "
-                "use the merged model's difference to the base (solar compress --dense)")
+                "use the merged model (SOLAR: its difference to the base, solar compress --dense)")
         return cls(config, read_safetensors(weights), source=path)
 
     def save_adapter(self, path: str) -> None:
@@ -140,6 +147,11 @@ class PeftAdapter:
             config = json.dumps(self.config, indent=2, sort_keys=True, allow_nan=False)
         except ValueError:
             raise ValueError(f"{path}: the adapter config holds NaN or Inf (not valid JSON): {self.config}") from None
+        stale = os.path.join(path, SRLORA_STATE)
+        replacing = any(os.path.exists(os.path.join(path, f)) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+        if os.path.isfile(stale) and not replacing:
+            raise ValueError(f"{path} holds an SRLoRA run's state ({SRLORA_STATE}) and no adapter: an adapter written "
+                             "here would be loaded with that run's base weights; write it to another folder")
         created = not os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
         try:
@@ -151,7 +163,6 @@ class PeftAdapter:
             if created:
                 shutil.rmtree(path, ignore_errors=True)
             raise
-        stale = os.path.join(path, SRLORA_STATE)
         if os.path.isfile(stale):  # the replaced adapter's: srlora.load_base_weights would apply it to this one
             os.remove(stale)
             warnings.warn(f"{path}: removed {SRLORA_STATE}, the SRLoRA state of the adapter this one replaced")

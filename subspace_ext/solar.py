@@ -765,7 +765,8 @@ def _allocate(layers: List[_Layer], keep_numbers: Optional[float], method: str) 
     energy − λ·numbers; λ is bisected to the smallest price that fits the budget, and what the budget
     has left is filled greedily with the next items of the chosen encodings (by gain per number).
     With both encodings the per-layer curve is not concave, so "auto" also allocates each encoding
-    alone and keeps whichever of the three captures the most: never less than either method. Exact
+    alone and keeps whichever of the three captures the most (of plans equal to rounding, the one with the
+    fewest numbers): never less than either method. Exact
     optimality is a multiple-choice knapsack; measured against it (tests), this keeps ≥ 98% of the
     optimum's energy when the budget holds a few low-rank pairs, less when it holds only one or two."""
     kinds = _encodings(method)
@@ -883,6 +884,11 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     """
     _check_request(budget, ratio, seed, eps, method, storage)
     ad, bw = _as_adapter(adapter), _as_base(base)
+    try:  # the package carries the config, which receivers write as adapter_config.json (strict JSON)
+        json.dumps(ad.config, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"{ad.source or 'the adapter'}: its config holds NaN or Inf (not valid JSON; a package "
+                         "carrying it would be refused by both decoders)") from None
     updates = [u for u in ad.updates() if u.A.shape[0] > 0]  # AdaLoRA prunes layers to rank 0: no update
     if not updates:
         raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "
@@ -960,9 +966,10 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     fw, bw = _as_base(finetuned), _as_base(base)
     kinds = bw.weight_kinds() or fw.weight_kinds()
     if kinds is None:
-        warnings.warn("no config.json beside the checkpoints: every 2-D *.weight without 'embed' in its name is "
-                      "read as a Linear weight (out x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, "
-                      "c_fc) are stored in x out and would decode transposed: pass the model folders")
+        warnings.warn("the module types are unknown (no config.json beside the checkpoints, or one transformers "
+                      "cannot build): every 2-D *.weight without 'embed' in its name is read as a Linear weight (out "
+                      "x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, c_fc) are stored in x out and "
+                      "would decode transposed")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     base_keys = set(bw.keys())

@@ -41,7 +41,8 @@ import torch
 
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
-from .io import FormatError, linear_layout, read_safetensors, safetensors_metadata, save_safetensors, tied_elsewhere
+from .io import (FormatError, linear_layout, parameter_names, read_safetensors, safetensors_metadata, save_safetensors,
+                 tied_elsewhere)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 
@@ -156,6 +157,7 @@ def lora_layers(model) -> List[_Layer]:
     (variants, a weight tied to another module, a merged adapter)."""
     from peft.tuners.lora import LoraLayer
 
+    names = parameter_names(model)
     out, frozen, embedding, several = [], [], [], False
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
@@ -183,7 +185,7 @@ def lora_layers(model) -> List[_Layer]:
             if mod.lora_A[adapter].weight.dim() != 2 or linear_layout(base) is None:
                 raise ValueError(f"{name}: LoRA on a {type(base).__module__}.{type(base).__name__} is not supported by "
                                  "SRLoRA: only Linear (and transformers Conv1D) LoRA layers, whose weight it edits")
-            tied = tied_elsewhere(model, name, base.weight)
+            tied = tied_elsewhere(names, name, base.weight)
             if tied:
                 raise ValueError(f"{name}: its base weight is tied to {tied} (one shared parameter): SRLoRA's "
                                  "PiSSA init and fusions edit the base weight, which would change that module too; "

@@ -528,3 +528,13 @@ def test_a_byte_that_is_not_text_is_shown_as_hex(tmp_path, package, where):
     err = r.stderr.decode()   # UTF-8, or this raises
     assert r.returncode == 1 and len(err.strip().splitlines()) == 1, err
     assert ("unexpected character '\\xa6'" if where == "value" else "invalid escape '\\\\xa6'") in err, err
+
+
+def test_compress_refuses_an_adapter_config_with_nan(tmp_path):
+    """Python's json reads NaN in an adapter_config.json; a package carrying it was written, and then refused
+    by both decoders (and by solar inspect)."""
+    base, _ = _base(tmp_path)
+    adapter = PeftAdapter.load(str(_adapter(tmp_path)))
+    adapter.config["lora_dropout"] = float("nan")
+    with pytest.raises(ValueError, match="adapter: its config holds NaN or Inf"):
+        solar.compress(adapter, str(base), budget="full")

@@ -769,21 +769,44 @@ def test_saved_adapter_and_state_load_into_a_fresh_peft_model(tmp_path):
 
 def test_an_adapter_written_over_an_srlora_run_removes_its_state(tmp_path):
     """The state of the adapter an adapter replaces (solar decompress --force into a run's folder) would make
-    load_base_weights put that run's base weights under the new adapter."""
-    from subspace_ext import io
+    load_base_weights put that run's base weights under the new adapter: it is removed with it. A folder with
+    a state and no adapter is refused (nothing replaced there, so nothing is deleted)."""
+    from subspace_ext import cli, io
 
     STATE_FILE = io.SRLORA_STATE
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / STATE_FILE).write_bytes(b"old run")
     adapter = io.PeftAdapter({"peft_type": "LORA", "r": 1, "lora_alpha": 1},
                              {"base_model.model.lin.lora_A.weight": torch.ones(1, 3),
                               "base_model.model.lin.lora_B.weight": torch.ones(2, 1)})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / STATE_FILE).write_bytes(b"the run's state")
+    with pytest.raises(ValueError, match=f"holds an SRLoRA run's state \\({STATE_FILE}\\) and no adapter"):
+        adapter.save_adapter(str(out))
+    with pytest.raises(cli.UserError, match=f"holds an SRLoRA run's state \\({STATE_FILE}\\) and no adapter"):
+        cli._check_output_folder(str(out), [], force=True)
+    assert sorted(p.name for p in out.iterdir()) == [STATE_FILE]
+    adapter.save_adapter(str(tmp_path / "x"))
+    for f in (io.ADAPTER_CONFIG, io.ADAPTER_WEIGHTS):
+        shutil.copy(tmp_path / "x" / f, out / f)   # the run's adapter beside its state
     with pytest.warns(UserWarning, match=f"removed {STATE_FILE}, the SRLoRA state of the adapter this one replaced"):
         adapter.save_adapter(str(out))
     assert sorted(p.name for p in out.iterdir()) == [io.ADAPTER_CONFIG, io.ADAPTER_WEIGHTS]
     loaded = io.PeftAdapter.load(str(out))
-    assert loaded.config == adapter.config and all(torch.equal(loaded.tensors[k], v) for k, v in adapter.tensors.items())
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in adapter.tensors.items())
+
+
+def test_a_named_adapter_of_an_srlora_run_is_refused(tmp_path):
+    """peft saves an adapter not named 'default' in a subfolder; SRLoRA's state goes to the folder itself."""
+    from subspace_ext import io
+
+    run = tmp_path / "run"
+    io.PeftAdapter({"peft_type": "LORA", "r": 1, "lora_alpha": 1},
+                   {"base_model.model.lin.lora_A.weight": torch.ones(1, 3),
+                    "base_model.model.lin.lora_B.weight": torch.ones(2, 1)}).save_adapter(str(run / "task"))
+    assert io.PeftAdapter.load(str(run / "task")).tensors
+    (run / io.SRLORA_STATE).write_bytes(b"the run's state")
+    with pytest.raises(FormatError, match="an SRLoRA run's adapter"):
+        io.PeftAdapter.load(str(run / "task"))
 
 
 def test_trainer_checkpoint_resume_equals_an_uninterrupted_run(task, tmp_path):
