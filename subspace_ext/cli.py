@@ -151,7 +151,7 @@ def _check_output_file(path: str, inputs: Sequence[Optional[str]], fmt: str, wha
 def _check_output_folder(path: str, inputs: Sequence[Optional[str]], force: bool) -> None:
     """An adapter-folder output: not an input folder, no input file among the files it gets, and an
     adapter already there is replaced only with --force."""
-    from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SRLORA_STATE
+    from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SRLORA_STATE, refuse_srlora_state_alone
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--output {path} exists and is not a folder")
@@ -162,9 +162,10 @@ def _check_output_folder(path: str, inputs: Sequence[Optional[str]], force: bool
     if not force and any(os.path.exists(w) for w in written):
         raise UserError(f"--output {path} already holds a peft adapter; pass --force to replace it (an SRLoRA state "
                         f"beside it, {SRLORA_STATE}, is removed with it)")
-    if os.path.isfile(os.path.join(path, SRLORA_STATE)) and not any(os.path.exists(w) for w in written):
-        raise UserError(f"--output {path} holds an SRLoRA run's state ({SRLORA_STATE}) and no adapter: an adapter "
-                        "written here would be loaded with that run's base weights; choose another folder")
+    try:
+        refuse_srlora_state_alone(path)
+    except ValueError as e:
+        raise UserError(f"--output {e}") from None
     if not os.access(_existing_folder(path, path), os.W_OK):
         raise UserError(f"--output {path} is not writable")
 

@@ -96,6 +96,16 @@ def embedding_lora_modules(tensors: Dict[str, torch.Tensor]) -> List[str]:
     return sorted({m.group(1) for k in tensors if (m := re.fullmatch(r"(.*)\.lora_embedding_A(\..*)?", k))})
 
 
+def refuse_srlora_state_alone(folder: str) -> None:
+    """An adapter written into a folder that holds an SRLoRA run's state and no adapter would be loaded with
+    that run's base weights (``srlora.load_base_weights``): refused. (Over the run's adapter it replaces
+    both: ``PeftAdapter.save_adapter`` removes the state.)"""
+    if os.path.isfile(os.path.join(folder, SRLORA_STATE)) and not any(
+            os.path.exists(os.path.join(folder, f)) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)):
+        raise ValueError(f"{folder} holds an SRLoRA run's state ({SRLORA_STATE}) and no adapter: an adapter written "
+                         "here would be loaded with that run's base weights; write it to another folder")
+
+
 @dataclass
 class PeftAdapter:
     """A peft adapter in memory: its config (adapter_config.json) and tensors (adapter_model.safetensors)."""
@@ -147,11 +157,8 @@ class PeftAdapter:
             config = json.dumps(self.config, indent=2, sort_keys=True, allow_nan=False)
         except ValueError:
             raise ValueError(f"{path}: the adapter config holds NaN or Inf (not valid JSON): {self.config}") from None
+        refuse_srlora_state_alone(path)
         stale = os.path.join(path, SRLORA_STATE)
-        replacing = any(os.path.exists(os.path.join(path, f)) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
-        if os.path.isfile(stale) and not replacing:
-            raise ValueError(f"{path} holds an SRLoRA run's state ({SRLORA_STATE}) and no adapter: an adapter written "
-                             "here would be loaded with that run's base weights; write it to another folder")
         created = not os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
         try:

@@ -378,10 +378,8 @@ class SolarPackage:
         for key in ("r", "lora_alpha", "init_r"):
             if key in peft_config:
                 need(peft_config, key, (int, float), f"peft_config {key}")
-        try:  # it becomes adapter_config.json, where NaN / Infinity are not JSON
-            json.dumps(peft_config, allow_nan=False)
-        except ValueError:
-            raise ValueError("peft_config holds NaN or Inf (not valid JSON in an adapter config)") from None
+        if not _strict_json(peft_config):  # it becomes adapter_config.json, where NaN / Infinity are not JSON
+            raise ValueError("peft_config holds NaN or Inf (not valid JSON in an adapter config)")
         dtype = need(info, "dtype", (str,)) if "dtype" in info else "float32"
         if dtype not in _PACKAGE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_PACKAGE_DTYPES)}")
@@ -884,11 +882,9 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     """
     _check_request(budget, ratio, seed, eps, method, storage)
     ad, bw = _as_adapter(adapter), _as_base(base)
-    try:  # the package carries the config, which receivers write as adapter_config.json (strict JSON)
-        json.dumps(ad.config, allow_nan=False)
-    except ValueError:
+    if not _strict_json(ad.config):  # the package carries it; receivers write it as adapter_config.json
         raise ValueError(f"{ad.source or 'the adapter'}: its config holds NaN or Inf (not valid JSON; a package "
-                         "carrying it would be refused by both decoders)") from None
+                         "carrying it would be refused by both decoders)")
     updates = [u for u in ad.updates() if u.A.shape[0] > 0]  # AdaLoRA prunes layers to rank 0: no update
     if not updates:
         raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "
@@ -1181,6 +1177,15 @@ def _mismatch_cause(basis: int, key: str) -> str:
                 "(nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on the sender's "
                 "LAPACK, so compress the adapter again with this build; otherwise the seed or eps was edited")
     return "the seed, eps or the layer's stream differs from the sender's (an edited package)"
+
+
+def _strict_json(value) -> bool:
+    """Whether ``value`` is JSON without NaN / Infinity (which Python's json writes and reads, and JSON lacks)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _module_path(module: str) -> bool:
