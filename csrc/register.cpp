@@ -101,15 +101,21 @@ void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, tor
 // ADInplaceOrView kernel of the in-place ops: after the kernel, every written tensor's version counter
 // is bumped, so autograd refuses a backward that saved one, as for torch's own in-place ops. Here and
 // not in the Autograd kernel: torch.inference_mode skips the Autograd keys but not this one for normal
-// tensors (an inference tensor has no version counter and is not bumped).
+// tensors (an inference tensor has no version counter: bump_version is a no-op for it in inference
+// mode). Outside inference mode an inference tensor is refused, as torch refuses it, but before
+// anything is written (torch's own ops write first, then raise).
 void inplace_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   const std::vector<at::Tensor> written = written_tensors(op, *stack);
+  if (!c10::InferenceMode::is_enabled())
+    for (const at::Tensor& t : written)
+      TORCH_CHECK(!t.is_inference(), op.schema().name(), ": an in-place update of an inference tensor outside "
+                  "torch.inference_mode is not allowed (torch's rule); nothing was written. Call it inside "
+                  "inference_mode, or clone the tensor first to get a normal one");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written)
-    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 
 // The ops by how autograd treats them: derivatives registered in subspace_ext/ops.py

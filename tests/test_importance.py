@@ -725,6 +725,30 @@ def test_in_place_ops_bump_versions_in_inference_mode(op):
         torch.testing.assert_close(Wi, want)
 
 
+@pytest.mark.parametrize("op", ["fuse", "reinit", "importance", "philox"])
+def test_in_place_ops_refuse_inference_tensors_outside_inference_mode(op):
+    """torch refuses an in-place update of an inference tensor outside inference_mode; so do these, and
+    before the kernel runs (torch's own write first, then raise): nothing is written."""
+    with torch.inference_mode():
+        W, B, A = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+        state = [torch.rand(3, 5), torch.rand(6, 3), torch.rand(3, 5), torch.rand(6, 3)]
+    before = [t.clone() for t in (W, B, A, *state)]
+    with pytest.raises(RuntimeError, match="inference tensor outside torch.inference_mode"):
+        if op == "fuse":
+            ops.fuse_pairs_(W, B, A, torch.tensor([0]), 1.0)
+        elif op == "reinit":
+            ops.reinit_pairs_(W, B, A, torch.tensor([1]), torch.ones(6, 1), torch.ones(1, 5), 1.0)
+        elif op == "importance":
+            ops.pair_importance(A, B, torch.randn(3, 5), torch.randn(6, 3), *state)
+        else:
+            ops._ops.philox_normal_(W, 1, 0)
+    for t, b in zip((W, B, A, *state), before):
+        assert torch.equal(t, b)
+    with torch.inference_mode():   # where torch allows it, so do these
+        ops.fuse_pairs_(W, B, A, torch.tensor([0]), 1.0)
+    torch.testing.assert_close(W, before[0] + before[1][:, :1] @ before[2][:1])
+
+
 @pytest.mark.parametrize("case", ["expanded-W", "expanded-B", "B_new-view-of-B", "A_new-view-of-A"])
 def test_recompose_refuses_self_overlapping_and_aliased_arguments(case):
     W, B, A = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
