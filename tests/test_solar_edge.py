@@ -530,6 +530,30 @@ def test_a_byte_that_is_not_text_is_shown_as_hex(tmp_path, package, where):
     assert ("unexpected character '\\xa6'" if where == "value" else "invalid escape '\\\\xa6'") in err, err
 
 
+@pytest.mark.parametrize("digits", [4300, 4301])
+def test_integer_literals_over_pythons_digit_limit(tmp_path, package, digits):
+    """Python's json refuses an integer literal of more than 4300 digits; the edge decoder took it (and
+    copied it into adapter_config.json). Both now take 4300 digits to the same folder and refuse 4301."""
+    pkg_path, base, _ = package
+    meta, info, tensors = _read_package(pkg_path)
+    info["peft_config"]["big"] = "BIG"
+    meta = dict(meta, solar=json.dumps(info).replace('"BIG"', "7" * digits))
+    meta["digest"] = io.content_digest(tensors, meta["solar"])
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata=meta)
+    r = _run(edited, base, tmp_path / "cpp")
+    if digits == 4301:
+        with pytest.raises(ValueError, match="4300"):
+            solar.decompress(str(edited), str(base))
+        assert r.returncode == 1 and "integer of more than 4300 digits" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "cpp" / "adapter_model.safetensors").exists()
+    else:
+        assert r.returncode == 0, r.stderr
+        solar.decompress(str(edited), str(base)).save_adapter(str(tmp_path / "py"))
+        _assert_same_folder(tmp_path / "py", tmp_path / "cpp")
+
+
 def test_compress_refuses_an_adapter_config_with_nan(tmp_path):
     """Python's json reads NaN in an adapter_config.json; a package carrying it was written, and then refused
     by both decoders (and by solar inspect)."""

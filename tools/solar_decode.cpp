@@ -471,6 +471,10 @@ class JsonParser {
       }
     }
     const std::string literal = s_.substr(start, pos_ - start);
+    // Python's json refuses an integer literal of more than 4300 digits (its default
+    // int_max_str_digits); so does this decoder, so both take the same headers.
+    if (!is_float && literal.size() - (literal[0] == '-') > 4300)
+      error("integer of more than 4300 digits (Python's limit for integer literals)");
     Json j;
     j.type = is_float ? Json::Type::Float : Json::Type::Int;
     j.number = std::strtod(literal.c_str(), nullptr);  // correctly rounded, as Python's float()
