@@ -241,6 +241,54 @@ def test_rsvd_scale_equivariance():
     torch.testing.assert_close(V2, -V)
 
 
+# Scales by powers of two at which the computation leaves its dtype's comfortable range: tiny values
+# (float32: subnormal, where R^-1 of the orthonormalisation overflowed and LAPACK reported
+# "non-finite values"), and huge ones whose sketch A @ Omega overflows (refused as NaN/Inf before).
+RANGE_SCALES = {torch.float32: [-138, -70, 70, 125], torch.float64: [-1060, -600, 600, 1021]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["rsvd", "rsvd_many", "batched", "factored"])
+def test_rsvd_far_out_of_range_matrices(dtype, which, device):
+    """Decomposed as 2^e A (exact), S scaled back: every factor finite and orthonormal, and S equal, to
+    rounding, to 2^s times the S of the same matrix scaled back to ordinary values (exact) first; for
+    all four entry points. NaN is still refused."""
+    def p2(x, e):   # x * 2^e, exact where the result is a normal number (two steps: 2^e may not fit)
+        return x * 2.0 ** (e // 2) * 2.0 ** (e - e // 2)
+
+    def run(X, C):
+        X = X.to(device)
+        if which == "factored":   # a tiny or huge factor beside an ordinary one
+            return ops.factored_svd(X, C.to(device), k)
+        if which == "rsvd":
+            return ops.rsvd(X, k)
+        if which == "rsvd_many":
+            return ops.rsvd_many([X, X[:20]], k)[0]
+        return [t[0] for t in torch.ops.subspace_ext._rsvd_batched(torch.stack([X, X.flip(0)]), k, 8, 2, 0)]
+
+    gen = torch.Generator().manual_seed(11)
+    A0, _ = ref.decaying_matrix(45, 31, decay=0.8, generator=gen)
+    A0 = A0.to(dtype)
+    C = torch.randn(31, 20, dtype=dtype, generator=gen)
+    k = 4
+    for s in RANGE_SCALES[dtype]:
+        A = p2(A0, s)
+        assert torch.isfinite(A).all() and (A != 0).any()
+        U, S, V = run(A, C)
+        want = p2(run(p2(A, -s), C)[1].cpu().double(), s)
+        if not torch.isfinite(want).all() or want[0] > torch.finfo(dtype).max:
+            continue   # S itself does not fit the dtype
+        assert torch.isfinite(U).all() and torch.isfinite(V).all(), (s, which)
+        assert ref.orthonormality_error(U) <= ORTHO_TOL[dtype] and ref.orthonormality_error(V) <= ORTHO_TOL[dtype]
+        err = float(((S.cpu().double() - want) / want[0]).abs().max())
+        quantum = torch.finfo(dtype).tiny * torch.finfo(dtype).eps   # a subnormal S is stored to this
+        assert err <= EPS[dtype] + quantum / float(want[0]), (s, which, err)
+    bad = A0.to(device).clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.factored_svd(bad, C.to(device), 2) if which == "factored" else ops.rsvd(bad, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # _rsvd_batched: the CUDA path of rsvd / rsvd_many (batched over equal shapes), checked on every
 # device present: the same algorithm as rsvd, with Gram-based orthonormalisation (the batched

@@ -40,16 +40,20 @@ int64_t sketch_cols(int64_t k, int64_t p, int64_t m, int64_t n) { return k + std
 // `what` names the matrix in error messages ("rsvd: A", "rsvd_many: mats[3]").
 SVDResult rsvd_one(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter, int64_t seed,
                    const std::string& what) {
-  const at::Tensor A = A_in.to(compute_dtype(A_in));
+  at::Tensor A = A_in.to(compute_dtype(A_in));
   const int64_t m = A.size(0), n = A.size(1);
   const int64_t l = sketch_cols(k, p, m, n);
   const auto dt = A.scalar_type();
   at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
   philox_normal_fill(omega, seed, 0);
-  const at::Tensor Y = at::mm(A, omega);
-  // Any NaN/Inf in A reaches Y (m x l): a cheap check instead of a pass over A.
-  TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),
-                    what, " contains NaN or Inf (or values so large that A @ Omega overflows)");
+  at::Tensor Y = at::mm(A, omega);
+  // Any NaN/Inf in A reaches Y (m x l): a cheap check instead of a pass over A; a matrix out of
+  // the compute dtype's comfortable range is decomposed as 2^e A (range_exponents).
+  const std::vector<int64_t> e = range_exponents(A, Y, what);
+  if (any_scaled(e)) {
+    A = scale_pow2(A, e, 1, false);
+    Y = at::mm(A, omega);
+  }
   // Inside the subspace iteration one Cholesky-QR pass keeps the basis well conditioned; the
   // basis that leaves the loop gets the full two passes.
   at::Tensor Q = orthonormalize_columns(Y, niter > 0 ? 1 : 2).first;
@@ -59,7 +63,9 @@ SVDResult rsvd_one(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter, 
   }
   // B = Q^T A; with B^T = Qb Rb, A ~ Q Rb^T Qb^T.
   auto [Qb, Rb] = orthonormalize_columns(at::mm(A.t(), Q));
-  return svd_of_core(Q, Rb.t(), Qb, k, dt);
+  SVDResult r = svd_of_core(Q, Rb.t(), Qb, k, dt);
+  if (any_scaled(e)) r.S = scale_pow2(r.S, e, -1, false);
+  return r;
 }
 
 void check_rsvd_args(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, const char* op) {
@@ -208,20 +214,23 @@ at::Tensor orth_gram(const at::Tensor& Y, int passes, at::Tensor* complete = nul
 // matrix for every b, batched GEMMs, Gram-based orthonormalisation (orth_gram) for every basis, one
 // batched SVD of the l x l cores. The two bases that leave the iteration must keep all l columns:
 // where the Gram passes dropped a direction (a rank-deficient A) the group is redone with
-// Householder QR for those two bases, which completes them. Host syncs: the NaN/Inf check of
-// A @ Omega and the one completeness flag of both bases. A bfloat16/float16 A is computed in a
-// float32 copy.
+// Householder QR for those two bases, which completes them. Host syncs: the NaN/Inf and range check
+// of A @ Omega (range_exponents: a matrix out of range is decomposed scaled by a power of two) and
+// the one completeness flag of both bases. A bfloat16/float16 A is computed in a float32 copy.
 Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter, int64_t seed) {
   check_rsvd_args(A_in, k, p, niter, "_rsvd_batched");
   TORCH_CHECK_VALUE(A_in.dim() == 3, "_rsvd_batched: A must be b x m x n, got ", A_in.sizes());
-  const at::Tensor A = A_in.to(compute_dtype(A_in));
+  at::Tensor A = A_in.to(compute_dtype(A_in));
   const int64_t m = A.size(1), n = A.size(2), l = sketch_cols(k, p, m, n);
   const auto dt = A.scalar_type();
   at::Tensor omega = at::empty({n, l}, A.options().memory_format(at::MemoryFormat::Contiguous));
   philox_normal_fill(omega, seed, 0);
-  const at::Tensor Y = at::matmul(A, omega);
-  TORCH_CHECK_VALUE(Y.isfinite().all().item<bool>(),  // host sync 1
-                    "rsvd: A contains NaN or Inf (or values so large that A @ Omega overflows)");
+  at::Tensor Y = at::matmul(A, omega);
+  const std::vector<int64_t> e = range_exponents(A, Y, "rsvd: A");  // host sync 1 (NaN/Inf, range)
+  if (any_scaled(e)) {
+    A = scale_pow2(A, e, 1, true);
+    Y = at::matmul(A, omega);
+  }
   // The last product of the iteration (Y itself when niter = 0), still to be orthonormalised.
   // Inside the iteration one pass per basis keeps it well conditioned, as in rsvd_one: only its span
   // matters there (4 of the 12 orth_gram passes of niter = 2 saved); the bases leaving it get two.
@@ -248,6 +257,7 @@ Triple rsvd_batched(const at::Tensor& A_in, int64_t k, int64_t p, int64_t niter,
   at::Tensor U = at::matmul(Q, core.U.narrow(-1, 0, k).to(dt));
   at::Tensor V = at::matmul(Qb, core.V.narrow(-1, 0, k).to(dt));
   at::Tensor S = core.S.narrow(-1, 0, k).to(dt);
+  if (any_scaled(e)) S = scale_pow2(S, e, -1, true);
   canonicalize_signs_(U, V);
   return {U.contiguous(), S.contiguous(), V.contiguous()};
 }
@@ -306,12 +316,16 @@ SVDResult factored_svd(const at::Tensor& B, const at::Tensor& A, int64_t rank) {
   const int64_t full = std::min({B.size(0), A.size(1), B.size(1)});
   const int64_t k = rank < 0 ? full : rank;
   TORCH_CHECK_VALUE(k >= 1 && k <= full, "factored_svd: rank must be in [1, ", full, "], got ", rank);
-  TORCH_CHECK_VALUE(B.isfinite().all().item<bool>(), "factored_svd: B contains NaN or Inf");
-  TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "factored_svd: A contains NaN or Inf");
   const auto dt = at::promote_types(compute_dtype(B), compute_dtype(A));
-  auto [Qb, Rb] = orthonormalize_columns(B.to(dt));
-  auto [Qa, Ra] = orthonormalize_columns(A.t().to(dt));
-  return svd_of_core(Qb, at::mm(Rb, Ra.t()), Qa, k, dt);
+  // Each factor's largest magnitude: the NaN/Inf check, and factors out of dt's comfortable range
+  // are scaled by powers of two (as rsvd's matrices, range_exponents), S scaled back.
+  const at::Tensor Bd = B.to(dt), Ad = A.to(dt);
+  const int64_t e = range_exponents(Bd, Bd, "factored_svd: B")[0], f = range_exponents(Ad, Ad, "factored_svd: A")[0];
+  auto [Qb, Rb] = orthonormalize_columns(e ? scale_pow2(Bd, {e}, 1, false) : Bd);
+  auto [Qa, Ra] = orthonormalize_columns((f ? scale_pow2(Ad, {f}, 1, false) : Ad).t());
+  SVDResult r = svd_of_core(Qb, at::mm(Rb, Ra.t()), Qa, k, dt);
+  if (e + f != 0) r.S = scale_pow2(r.S, {e + f}, -1, false);
+  return r;
 }
 
 TORCH_LIBRARY_IMPL(subspace_ext, CPU, m) {

@@ -455,6 +455,46 @@ std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, in
   return {(Q * flip).to(Y.scalar_type()), R * flip.unsqueeze(-1)};
 }
 
+namespace {
+
+// max |t| of each matrix of t (..., m, n), on the host; NaN propagates.
+std::vector<double> host_amax(const at::Tensor& t) {
+  const at::Tensor m = t.abs().amax({-2, -1}).to(at::kDouble).cpu().contiguous().reshape({-1});
+  return std::vector<double>(m.data_ptr<double>(), m.data_ptr<double>() + m.numel());
+}
+
+}  // namespace
+
+std::vector<int64_t> range_exponents(const at::Tensor& A, const at::Tensor& Y, const std::string& what) {
+  const bool dbl = Y.scalar_type() == at::kDouble;
+  const int lim = dbl ? 400 : 40, cap = dbl ? 1022 : 126;  // cap: 2^+-cap is a normal number
+  const std::vector<double> ymax = host_amax(Y);
+  std::vector<double> amax;
+  std::vector<int64_t> e(ymax.size(), 0);
+  for (size_t i = 0; i < ymax.size(); ++i) {
+    double v = ymax[i];
+    if (!std::isfinite(v)) {  // NaN/Inf in A, or a finite A whose sketch overflowed
+      if (amax.empty()) amax = host_amax(A);
+      TORCH_CHECK_VALUE(std::isfinite(amax[i]), what, " contains NaN or Inf");
+      v = amax[i];
+    }
+    if (v == 0) continue;
+    const int b = std::ilogb(v);
+    if (b < -lim || b > lim) e[i] = std::clamp(-b, -cap, cap);
+  }
+  return e;
+}
+
+at::Tensor scale_pow2(const at::Tensor& t, const std::vector<int64_t>& e, int sign, bool batched) {
+  if (!batched) return t * std::ldexp(1.0, static_cast<int>(sign * e.at(0)));
+  std::vector<double> f(e.size());
+  for (size_t i = 0; i < e.size(); ++i) f[i] = std::ldexp(1.0, static_cast<int>(sign * e[i]));
+  std::vector<int64_t> shape(static_cast<size_t>(t.dim()), 1);
+  shape[0] = static_cast<int64_t>(e.size());
+  const at::Tensor factors = at::tensor(f, at::TensorOptions().dtype(at::kDouble)).to(t.options()).view(shape);
+  return t * factors;
+}
+
 void canonicalize_signs_(at::Tensor& U, at::Tensor& V) {
   if (U.size(-1) == 0 || U.size(-2) == 0) return;
   const at::Tensor idx = U.abs().argmax(-2, /*keepdim=*/true);

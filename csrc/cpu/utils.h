@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -50,6 +51,25 @@ std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, in
 // Flip each column pair (U[:, j], V[:, j]) so that the largest-magnitude entry of U[:, j] is
 // positive (ties: the first). Makes the factors of a decomposition unique up to rounding.
 void canonicalize_signs_(at::Tensor& U, at::Tensor& V);
+
+// rsvd's range guard. The sketch, the power iteration and Q = Y R^-1 run in the compute dtype
+// (float32 for float32/bfloat16/float16 weights): a matrix whose values are all tiny (float32
+// subnormals) put R^-1 beyond float32's range (LAPACK then failed on "non-finite values"), and a
+// finite one whose sketch A @ Omega overflows was refused. Such a matrix is decomposed as 2^e A,
+// which is exact and commutes with every step; S is scaled back by 2^-e. range_exponents gives e
+// per matrix of A (m x n: one; b x m x n: b) from its sketch Y's largest magnitude (on the host:
+// the op's one sync for this check, which also refuses NaN/Inf), and where a sketch is not finite,
+// from A's own (a pass over A, only then). e = 0 for every ordinary matrix: 2^-40 <= max |Y| <= 2^40
+// in float32, 2^-400 .. 2^400 in float64. `what` names A in the NaN/Inf error.
+std::vector<int64_t> range_exponents(const at::Tensor& A, const at::Tensor& Y, const std::string& what);
+// t * 2^(sign * e[i]): t one matrix/vector when e has one entry and t no batch dimension, else
+// t's leading dimension indexes e.
+at::Tensor scale_pow2(const at::Tensor& t, const std::vector<int64_t>& e, int sign, bool batched);
+inline bool any_scaled(const std::vector<int64_t>& e) {
+  for (int64_t x : e)
+    if (x != 0) return true;
+  return false;
+}
 
 struct SVDResult {
   at::Tensor U, S, V;  // U (m x k), S (k), V (n x k), descending S
