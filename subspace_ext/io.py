@@ -74,6 +74,20 @@ def parameter_names(model: torch.nn.Module) -> Dict[int, List[str]]:
     return names
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile's OptimizedModule (``_orig_mod``) and DataParallel /
+    DistributedDataParallel (``module``) wrappers: the module names that files record are the plain
+    model's, whichever wrapper the training loop used."""
+    while True:
+        if isinstance(model, torch.nn.Module) and type(model).__name__ == "OptimizedModule" and \
+                hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def tied_elsewhere(names: Dict[int, List[str]], module: str, weight: torch.nn.Parameter) -> Optional[str]:
     """The first name of ``module``'s parameter ``weight`` outside ``module`` (``names``: the model's
     ``parameter_names``), or None: a tied weight (GPT-2's lm_head is the input embedding), which an edit

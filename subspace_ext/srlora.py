@@ -42,7 +42,7 @@ import torch
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
 from .io import (FormatError, linear_layout, parameter_names, read_safetensors, safetensors_metadata, save_safetensors,
-                 tied_elsewhere)
+                 tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 
@@ -157,6 +157,7 @@ def lora_layers(model) -> List[_Layer]:
     (variants, a weight tied to another module, a merged adapter)."""
     from peft.tuners.lora import LoraLayer
 
+    model = unwrap_model(model)   # names as the plain peft model has them (torch.compile, DDP wrappers)
     names = parameter_names(model)
     out, frozen, embedding, several = [], [], [], False
     for name, mod in model.named_modules():
@@ -221,7 +222,10 @@ class SRLoRA:
     loaded afresh, with the run's adapter weights and optimizer state restored, as the Trainer does on
     resume): the principal directions are recomputed from them (checked against the saved singular
     values), then the run's modified base weights, importance states, used directions and step count are
-    restored. No PiSSA init on resume."""
+    restored. No PiSSA init on resume. ``config=None`` on resume continues with the run's saved config; a
+    given one may change the schedule (interval, total_steps, ...) but must keep ``directions`` and ``seed``,
+    which define the cache of directions. The state records the adapter it trained: resume on that one.
+    The model may be wrapped (torch.compile, DataParallel/DDP): layers are named as in the plain model."""
 
     def __init__(self, model, optimizer: Optional[torch.optim.Optimizer], config: Optional[SRLoRAConfig] = None,
                  *, resume_from: Optional[str] = None):
@@ -232,8 +236,8 @@ class SRLoRA:
         if config is not None and not isinstance(config, SRLoRAConfig):
             raise TypeError(f"config must be an SRLoRAConfig (or None), got {type(config).__name__}"
                             + (": SRLoRAConfig(**d)" if isinstance(config, dict) else ""))
-        self.config = config or SRLoRAConfig()
-        self.config.validate()
+        if config is not None:
+            config.validate()
         self.model = model
         self.optimizer = optimizer
         self.layers = lora_layers(model)
@@ -241,9 +245,11 @@ class SRLoRA:
         self.log: List[Event] = []
         self._warned = set()
         saved = _read_state(resume_from, self.layers) if resume_from is not None else None
+        self.config = _resume_config(config, saved[1]["config"], resume_from) if saved is not None else \
+            config or SRLoRAConfig()
         c = self.config
         self._pissa = c.pissa_init and saved is None
-        peft_init = _base_modifying_init(model, self.layers)
+        peft_init = _base_modifying_init(unwrap_model(model), self.layers)
         if self._pissa and peft_init:
             self._pissa = False
             warnings.warn(f"peft initialised the adapter with init_lora_weights={peft_init!r}, which moves a part of "
@@ -420,6 +426,11 @@ class SRLoRA:
             chosen_scores.append(s_host[pick])
             l.protected_until[pick] = t + grace
             self._reset_pairs(k, pick.to(l.A.device))
+        if exhausted and "exhausted" not in self._warned:
+            self._warned.add("exhausted")
+            warnings.warn(f"SRLoRA step {t}: {exhausted} layer(s) used every cached principal direction and are no "
+                          "longer recomposed (as designed); for more recompositions cache more with "
+                          "SRLoRAConfig(directions=...) (default 4 r beyond each layer's r)", stacklevel=3)
         if poisoned:
             warnings.warn(f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers ({poisoned[0]} ...), "
                           "from Inf/NaN gradients (an fp16 overflow step? pass step(optimizer_stepped=False) when "
@@ -483,6 +494,7 @@ class SRLoRA:
                 t[f"{name}.{k}"] = st[k].detach().contiguous()
         meta = {"format": STATE_FORMAT, "format_version": "1", "step_count": str(self.step_count),
                 "layers": json.dumps([l.name for l in self.layers]),
+                "adapters": json.dumps([l.adapter for l in self.layers]),
                 "next_dir": json.dumps([l.next_dir for l in self.layers]),
                 "config": json.dumps(dataclasses.asdict(self.config)),
                 "log": json.dumps([dataclasses.asdict(e) for e in self.log])}
@@ -497,6 +509,9 @@ class SRLoRA:
         and it runs before anything is written."""
         t, meta = saved
         for k, l in enumerate(self.layers):
+            if meta["next_dir"][k] > l.S.numel():
+                raise FormatError(f"{folder}: layer {l.name}: the run used {meta['next_dir'][k]} principal "
+                                  f"directions, but the model's weight has {l.S.numel()}")
             S0 = t[f"S.{k}"]
             n = min(S0.numel(), l.S.numel())
             S = l.S[:n].detach().float().cpu()
@@ -545,6 +560,18 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
     if names != [l.name for l in layers]:
         raise FormatError(f"{path}: saved for the LoRA layers {names[:2]}... ({len(names)}), but the model has "
                           f"{[l.name for l in layers][:2]}... ({len(layers)}): another model or adapter")
+    try:
+        adapters = json.loads(meta.get("adapters", "null"))   # absent in states written before it was saved
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: malformed SRLoRA state ({e})") from None
+    if adapters is not None:
+        for l, a in zip(layers, adapters if isinstance(adapters, list) else []):
+            if a != l.adapter:
+                raise ValueError(f"{path}: saved for adapter {a!r}, but the model trains adapter {l.adapter!r} in "
+                                 f"{l.name}: resume on the run's adapter (model.set_adapter({a!r}), or load it "
+                                 f"with adapter_name={a!r})")
+        if not (isinstance(adapters, list) and len(adapters) == len(layers)):
+            raise FormatError(f"{path}: malformed SRLoRA state (adapters: {adapters!r})")
     for k, l in enumerate(layers):
         r = l.A.shape[0]
         want = {"base": l.weight.shape, "ipt_A": l.A.shape, "unc_A": l.A.shape, "ipt_B": l.B.shape,
@@ -562,12 +589,34 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
     try:
         step_count, next_dir = int(meta["step_count"]), json.loads(meta["next_dir"])
         log = [Event(**e) for e in json.loads(meta.get("log", "[]"))]
+        config = json.loads(meta["config"]) if "config" in meta else None
+        if config is not None:
+            config = SRLoRAConfig(**config)
+            config.validate()
         if step_count < 0 or not (isinstance(next_dir, list) and len(next_dir) == len(layers) and
                                   all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in next_dir)):
             raise ValueError("step_count or next_dir out of range")
     except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise FormatError(f"{path}: malformed SRLoRA state ({type(e).__name__}: {e})") from None
-    return t, {"step_count": step_count, "next_dir": next_dir, "log": log}
+    return t, {"step_count": step_count, "next_dir": next_dir, "log": log, "config": config}
+
+
+# The settings that define a run's cache of principal directions (which the saved positions index).
+_CACHE_FIELDS = ("directions", "seed")
+
+
+def _resume_config(given: Optional[SRLoRAConfig], saved: Optional[SRLoRAConfig], folder: str) -> SRLoRAConfig:
+    """The config a resumed run goes on with: the saved one when none is given; a given one must keep the
+    settings that define the cache of directions (the others, e.g. interval or total_steps, may change)."""
+    if given is None:
+        return saved or SRLoRAConfig()
+    for name in _CACHE_FIELDS if saved is not None else ():
+        if getattr(given, name) != getattr(saved, name):
+            raise ValueError(f"{folder}: the run was saved with {name}={getattr(saved, name)!r}, the config given "
+                             f"has {name}={getattr(given, name)!r}: it defines the cache of principal directions that "
+                             "the saved state indexes; resume with the saved value (or config=None to take the "
+                             "saved config whole)")
+    return given
 
 
 @torch.no_grad()
@@ -577,6 +626,7 @@ def load_base_weights(model, folder: str) -> int:
     saved layer must exist with the same shape (nothing is copied otherwise). Returns the layer count."""
     path, _, names = _state_file(folder)
     t = read_safetensors(path, [f"base.{k}" for k in range(len(names))])
+    model = unwrap_model(model)
     dests = []
     for k, name in enumerate(names):
         try:
@@ -614,6 +664,7 @@ class SRLoRACallback(_TrainerCallback):
 
     def __init__(self, config: Optional[SRLoRAConfig] = None, *, resume_from: Optional[str] = None):
         self.config = config or SRLoRAConfig()
+        self._explicit = config is not None   # on resume without a config, the run's saved one is taken
         self.resume_from = resume_from
         self.srlora: Optional[SRLoRA] = None
 
@@ -636,7 +687,12 @@ class SRLoRACallback(_TrainerCallback):
                 raise FileNotFoundError(
                     f"resuming at step {state.global_step}, but {resume} holds no {STATE_FILE}: pass "
                     "SRLoRACallback(resume_from=the checkpoint folder) (the adapter alone lacks the fused base weights)")
-        self.srlora = SRLoRA(model, optimizer, config, resume_from=resume)
+        if resume is None:
+            self.srlora = SRLoRA(model, optimizer, config)
+            return
+        self.srlora = SRLoRA(model, optimizer, config if self._explicit else None, resume_from=resume)
+        if self.srlora.config.total_steps is None and state.max_steps:
+            self.srlora.config = dataclasses.replace(self.srlora.config, total_steps=state.max_steps)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.srlora is not None:

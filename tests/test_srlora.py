@@ -10,6 +10,7 @@ callback, config/usage errors and a short real training run. Whole file: well un
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -697,6 +698,96 @@ def test_resume_from_saved_state_equals_an_uninterrupted_run(tmp_path):
         SRLoRA(toy_lora(targets=("fc1",)), None, cfg, resume_from=str(tmp_path / "ckpt"))
     with pytest.raises(FileNotFoundError, match="no SRLoRA state"):
         SRLoRA(toy_lora(), None, cfg, resume_from=str(tmp_path))
+
+
+def _trained_and_saved(tmp_path, cfg, steps, wrap=lambda m: m, adapter_name="default"):
+    """A toy run of ``steps`` steps saved to tmp_path/ckpt; returns (a fresh model with the run's adapter,
+    an optimizer with its state) to resume on, and the run's SRLoRA."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model = toy_lora()
+    if adapter_name != "default":
+        model.add_adapter(adapter_name, model.peft_config["default"])
+        model.delete_adapter("default")
+        model.set_adapter(adapter_name)
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(wrap(model), opt, cfg)
+    toy_steps(model, opt, sr, toy_batches(steps))
+    sr.save(str(tmp_path / "ckpt"))
+    fresh = toy_lora()
+    set_peft_model_state_dict(fresh, copy.deepcopy(get_peft_model_state_dict(model, adapter_name=adapter_name)))
+    opt2 = adamw(fresh, lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return fresh, opt2, sr
+
+
+def test_resume_without_a_config_continues_with_the_saved_one(tmp_path):
+    """config=None on resume took SRLoRAConfig()'s defaults (interval 100, warmup 100): the resumed run
+    silently stopped recomposing. It now continues with the run's saved config; a given config may change
+    the schedule but not the settings that define the cache of directions (directions, seed)."""
+    cfg = SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=8, seed=3, directions=6)
+    batches = toy_batches(8)
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, cfg)
+    toy_steps(model, opt, sr, batches)
+    x = torch.randn(16, 24)
+    want = model(x).detach()
+
+    fresh, opt2, _ = _trained_and_saved(tmp_path, cfg, 4)
+    sr2 = SRLoRA(fresh, opt2, resume_from=str(tmp_path / "ckpt"))
+    assert sr2.config == cfg
+    toy_steps(fresh, opt2, sr2, batches[4:])
+    assert [e.step for e in sr2.log] == [2, 4, 6]
+    torch.testing.assert_close(fresh(x).detach(), want, atol=1e-5, rtol=0)
+
+    for change in ({"directions": 2}, {"seed": 0}):
+        fresh, opt2, _ = _trained_and_saved(tmp_path, cfg, 4)
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        name = next(iter(change))
+        with pytest.raises(ValueError, match=f"saved with {name}=.*defines the cache"):
+            SRLoRA(fresh, opt2, dataclasses.replace(cfg, **change), resume_from=str(tmp_path / "ckpt"))
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    fresh, opt2, _ = _trained_and_saved(tmp_path, cfg, 4)
+    sr3 = SRLoRA(fresh, opt2, dataclasses.replace(cfg, interval=4), resume_from=str(tmp_path / "ckpt"))
+    assert sr3.config.interval == 4   # the schedule may change
+
+
+def test_resume_refuses_another_adapter(tmp_path):
+    """The state records the adapter it trained; a model training another one (same shapes) is refused."""
+    fresh, opt2, _ = _trained_and_saved(tmp_path, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5), 4,
+                                        adapter_name="task_a")
+    with pytest.raises(ValueError, match="saved for adapter 'task_a', but the model trains adapter 'default'"):
+        SRLoRA(fresh, opt2, resume_from=str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "data_parallel"])
+def test_wrapped_model_saves_the_plain_model_names(wrapper, tmp_path):
+    """SRLoRA on torch.compile(model) recorded _orig_mod.base_model..., under DataParallel module.base_model...:
+    the state then loaded into neither a resumed nor a from_pretrained model. Names are the plain model's."""
+    from peft import PeftModel
+
+    wrap = {"compile": torch.compile, "data_parallel": torch.nn.DataParallel}[wrapper]
+    cfg = SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5)
+    fresh, opt2, sr = _trained_and_saved(tmp_path, cfg, 4, wrap=wrap)
+    assert [l.name for l in sr.layers] == ["base_model.model.fc1", "base_model.model.fc2"]
+    SRLoRA(fresh, opt2, resume_from=str(tmp_path / "ckpt"))   # onto the plain model
+    sr.model.module.save_pretrained(str(tmp_path / "ckpt")) if wrapper == "data_parallel" else \
+        sr.model._orig_mod.save_pretrained(str(tmp_path / "ckpt"))
+    loaded = PeftModel.from_pretrained(_Toy(), str(tmp_path / "ckpt"))
+    assert load_base_weights(wrap(loaded), str(tmp_path / "ckpt")) == 2
+
+
+def test_warns_once_when_layers_run_out_of_directions():
+    """Running out of cached directions stops recomposing a layer (as designed) with only Event.exhausted to
+    show for it; a warning now says so, once, and how to cache more."""
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=1, warmup=1, fuse_fraction=1.0, directions=4, stop=1.0))
+    with pytest.warns(UserWarning, match="used every cached principal direction.*directions=") as rec:
+        toy_steps(model, opt, sr, toy_batches(5))
+    assert sum("cached principal direction" in str(r.message) for r in rec) == 1
+    assert sr.log[-1].exhausted == 2
 
 
 @pytest.mark.parametrize("damage", ["no protected", "no S", "no unc_B", "float protected", "no next_dir",
