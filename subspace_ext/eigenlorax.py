@@ -32,7 +32,7 @@ import torch
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
                  fingerprint, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
-                 save_safetensors, tensors_digest, tied_elsewhere)
+                 save_safetensors, tensors_digest, tied_elsewhere, unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -470,6 +470,18 @@ class EigenModel:
                 return out
             out.update(missing)
 
+    def _warn_unsaved(self, path: str) -> None:
+        """Warn about parameters that require grad but are saved neither as loadings nor as ``extra()``:
+        unfrozen after ``apply`` (e.g. ``model.head.requires_grad_(True)``), they would be trained and lost."""
+        loadings = {id(p) for l in self.layers.values() for p in (l.alpha_A, l.alpha_B)}
+        left = [n for n, p in self.model.named_parameters()
+                if p.requires_grad and id(p) not in loadings and n not in self.extra_names]
+        if left:
+            warnings.warn(f"{path}: {len(left)} parameter(s) require grad but are not saved with the task "
+                          f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''}): unfrozen after apply(), "
+                          "they are not the task's extra tensors; pass apply(trainable=[...]) to train and save "
+                          "them, or extra=... here", stacklevel=3)
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
@@ -490,6 +502,8 @@ class EigenModel:
         the modules ``apply(trainable=...)`` unfroze, whole; pass ``{}`` to save the loadings only.
         ``task_type`` (peft's, e.g. "SEQ_CLS") is recorded for ``export_task``."""
         t = self.coefficients()
+        if extra is None:
+            self._warn_unsaved(path)
         extra = self.extra(task_type) if extra is None else self._whole_modules(extra, task_type)
         for k, v in extra.items():
             t[f"extra.{k}"] = v.detach().contiguous()
@@ -622,6 +636,8 @@ class EigenModel:
         factors = {name: l.lora_factors() for name, l in self.layers.items()}
         scaling = next(iter(self.layers.values())).scaling
         fan_in_fan_out = any(l.fan_in_fan_out for l in self.layers.values())
+        if extra is None:
+            self._warn_unsaved(path)
         extra = self.extra(task_type) if extra is None else self._whole_modules(extra, task_type)
         return write_peft(path, factors, self.rank, scaling, self.subspace.meta.get("base_model_name_or_path"),
                           extra, config, task_type, fan_in_fan_out=fan_in_fan_out)
@@ -768,6 +784,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     scaling = _check_scaling(scaling, "apply")
     if isinstance(task_rank, bool) or not isinstance(task_rank, int) or task_rank < 1:
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
+    model = unwrap_model(model)   # torch.compile / DDP wrappers: the plain model's names
     named = dict(model.named_modules())
     targets = {}
     for mod, target in _map_modules(subspace.modules, named, "the model").items():  # check all, then change
@@ -802,6 +819,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     for target, (lin, PA, PB) in targets.items():
         dev = lin.weight.device
         wrapped = EigenLinear(lin, PA.to(dev), PB.to(dev), task_rank, scaling, init, g)
+        wrapped.train(lin.training)   # a model in eval mode stays in eval mode (merge() is for inference)
         parent_name, _, child = target.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, wrapped)
         layers[target] = wrapped

@@ -450,6 +450,38 @@ def test_merge_unmerge_roundtrip():
         close(model(x), y, atol=1e-5, rtol=1e-5)
 
 
+def test_apply_keeps_the_models_mode_and_sees_through_wrappers():
+    """apply() on a model in eval mode (as from_pretrained gives it) put the new layers in training mode, so
+    a forward after merge() raised 'loadings would get no gradient'; and on torch.compile(model) it found no
+    module (the names carry _orig_mod.)."""
+    model = Toy().eval()
+    em = eigenlorax.apply(torch.compile(model), toy_subspace(), 4)
+    assert set(em.layers) == set(TOY_LAYERS) and not any(l.training for l in em.layers.values())
+    randomize(em, 1)
+    x = torch.randn(3, 40)
+    y = model(x)
+    em.merge()
+    close(model(x), y, atol=1e-4, rtol=1e-5)   # inference while merged, no error
+
+
+def test_saving_warns_about_parameters_unfrozen_after_apply(tmp_path):
+    """A head unfrozen by hand after apply() (not apply(trainable=...)) was trained and then left out of the
+    task file and the peft export without a word."""
+    model = Toy()
+    em = eigenlorax.apply(model, toy_subspace(), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        em.save_coefficients(str(tmp_path / "t.safetensors"))   # nothing unfrozen: no warning
+    model.head.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\) require grad but are not saved.*head.weight"):
+        em.save_coefficients(str(tmp_path / "t.safetensors"))
+    with pytest.warns(UserWarning, match="apply\\(trainable="):
+        em.export_peft(str(tmp_path / "peft"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # extra given: the caller chose what goes with the task
+        em.save_coefficients(str(tmp_path / "t.safetensors"), extra={})
+
+
 def test_merge_of_a_tied_weight_is_refused():
     """GPT-2's lm_head is its input embedding: merging the update into it changed the embedding too
     (logits off by 0.27). The unmerged model is right, and merge / unload(merge=True) are refused before
