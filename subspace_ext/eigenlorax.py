@@ -32,7 +32,7 @@ import torch
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
                  fingerprint, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
-                 save_safetensors, tensors_digest, tied_elsewhere, unwrap_model)
+                 prefix_rewrite, save_safetensors, tensors_digest, tied_elsewhere, unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -857,37 +857,16 @@ def _trainable_names(model: torch.nn.Module, trainable: Sequence[str], targets) 
     return list(hits)
 
 
-def _suffix_match(named, mod: str) -> tuple:
-    """(name in ``named``, shared dotted suffix) for the longest dotted suffix of ``mod`` naming exactly one
-    module in ``named``; (None, None) if none does or the longest one found names several."""
-    if mod in named:
-        return mod, mod
-    parts = mod.split(".")
-    for start in range(1, len(parts)):
-        cand = ".".join(parts[start:])
-        hits = [n for n in named if n == cand or n.endswith("." + cand)]
-        if len(hits) == 1:
-            return hits[0], cand
-        if hits:  # shorter suffixes only match more
-            break
-    return None, None
-
-
 def _map_modules(mods: Sequence[str], named, where: str, source: str = "") -> Dict[str, str]:
     """{mod: name in ``named``} under one prefix rewrite for all of ``mods`` (``P + rest`` -> ``Q + rest``,
     e.g. ``bert.`` -> ``""``): the rewrite the most modules' longest unique dotted suffix agrees on (ties:
     the longest suffix). Every module must map; a module matched only by a shorter suffix (layer 1 of a
     2-layer subspace onto a 1-layer model's layer 0) is an error, not a silent match."""
-    votes: Dict[tuple, int] = {}
-    for m in mods:
-        hit, suffix = _suffix_match(named, m)
-        if hit is not None:
-            key = (m[: len(m) - len(suffix)], hit[: len(hit) - len(suffix)])
-            votes[key] = votes.get(key, 0) + 1
+    rewrite = prefix_rewrite(mods, named)
     src = f"{source}: " if source else ""
-    if not votes:
+    if rewrite is None:
         raise ValueError(f"{src}layer {mods[0]}: no matching module in {where} (different architecture?)")
-    P, Q = max(votes, key=lambda k: (votes[k], -len(k[0]) - len(k[1])))
+    P, Q = rewrite
     out = {}
     for m in mods:
         target = Q + m[len(P):] if m.startswith(P) else None

@@ -15,7 +15,7 @@ import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -86,6 +86,35 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+def _suffix_match(named, name: str) -> tuple:
+    """(entry of ``named``, shared dotted suffix) for the longest dotted suffix of ``name`` naming exactly one
+    entry of ``named``; (None, None) if none does or the longest one found names several."""
+    if name in named:
+        return name, name
+    parts = name.split(".")
+    for start in range(1, len(parts)):
+        cand = ".".join(parts[start:])
+        hits = [n for n in named if n == cand or n.endswith("." + cand)]
+        if len(hits) == 1:
+            return hits[0], cand
+        if hits:  # shorter suffixes only match more
+            break
+    return None, None
+
+
+def prefix_rewrite(names: Iterable[str], named) -> Optional[Tuple[str, str]]:
+    """The one prefix rewrite ``P + rest -> Q + rest`` from ``names`` into ``named`` (module or tensor names
+    of two checkpoints or models, e.g. ``bert.`` -> ``""``) that the most names' longest unique dotted suffix
+    match agrees on (ties: the shortest prefixes); None if no name matches at all."""
+    votes: Dict[Tuple[str, str], int] = {}
+    for m in names:
+        hit, suffix = _suffix_match(named, m)
+        if hit is not None:
+            key = (m[: len(m) - len(suffix)], hit[: len(hit) - len(suffix)])
+            votes[key] = votes.get(key, 0) + 1
+    return max(votes, key=lambda k: (votes[k], -len(k[0]) - len(k[1]))) if votes else None
 
 
 def tied_elsewhere(names: Dict[int, List[str]], module: str, weight: torch.nn.Parameter) -> Optional[str]:

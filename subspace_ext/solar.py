@@ -61,7 +61,7 @@ import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, as_update_layout, check_finite, embedding_lora_modules,
-                 fingerprint, read_safetensors, safetensors_metadata, save_safetensors)
+                 fingerprint, prefix_rewrite, read_safetensors, safetensors_metadata, save_safetensors)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 
 FORMAT = "subspace_ext.solar"
@@ -968,38 +968,41 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
                       "would decode transposed")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    base_keys = set(bw.keys())
-    keys = [k for k in fw.keys() if k in base_keys]
-    layers, skipped = [], [k for k in fw.keys() if k not in base_keys]
+    base_of = _dense_pairs(fw, bw)   # fine-tuned key -> the base's key
+    keys = list(base_of)
+    layers, skipped = [], [k for k in fw.keys() if k not in base_of]
     if not keys:
         raise BaseMismatchError(f"{getattr(fw, 'path', finetuned)} and {getattr(bw, 'path', base)} share no tensor "
-                                "name: wrong base model (or not a checkpoint of the same architecture)?")
+                                "name, even under a prefix rewrite (bert.encoder... -> encoder...): wrong base model "
+                                "(or not a checkpoint of the same architecture)?")
     # the deltas' size is known once they are read: bound it by every shared 2-D tensor's
     cap = _coefficient_cap(budget, ratio, sum(math.prod(s) for s in map(fw.shape, keys) if len(s) == 2))
     if cap is None and "lowrank" in encodings:
         encodings = ("lowrank",)
     bases = _Bases(BASIS_CACHE_BYTES)
     for k in _progress(keys, "solar: deltas", progress):
-        Wf, W0 = fw.get(k), bw.get(k)
+        bk = base_of[k]
+        Wf, W0 = fw.get(k), bw.get(bk)
         if Wf.shape != W0.shape:
-            raise BaseMismatchError(f"{k}: fine-tuned shape {tuple(Wf.shape)} != base shape {tuple(W0.shape)}: wrong base model?")
+            raise BaseMismatchError(f"{k}: fine-tuned shape {tuple(Wf.shape)} != base shape {tuple(W0.shape)}"
+                                    f"{f' ({bk})' if bk != k else ''}: wrong base model?")
         if not Wf.is_floating_point() or torch.equal(Wf, W0):
             continue
-        kind = _kind_of(k, kinds, Wf.shape)
+        kind = _kind_of(bk, kinds, Wf.shape)
         if kind == "other" or Wf.dim() != 2:
             skipped.append(k)
             continue
-        _check_finite_base(W0, k)
+        _check_finite_base(W0, bk)
         transposed = kind == "conv1d"
-        delta = _delta_of(fw, bw, k, transposed)
+        delta = _delta_of(fw, bw, k, bk, transposed)
         D = _delta(Wf, W0, transposed)
         del Wf
         if not torch.isfinite(D).all():
             raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
         m, n = D.shape
         i = len(layers)
-        module = k[: -len(".weight")]
-        info = LayerInfo(module, k, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n,
+        module = _dense_module(bw, k, bk)
+        info = LayerInfo(module, bk, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n,
                          fan_in_fan_out=transposed)
         norm = float(torch.linalg.norm(D))
         # the error is measured against the delta read again: no layer's m x n delta is kept
@@ -1007,7 +1010,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             torch.linalg.norm(delta() - s2 * B2.double() @ A2.double())) / norm, norm * norm)
         if "solar" in encodings:
             U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
-            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, k, transposed, seed, i, eps))
+            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, bk, transposed, seed, i, eps))
             del U, V
         if "lowrank" in encodings:
             layer.svd = ops.rsvd(D, info.rank, niter=4, seed=seed)
@@ -1035,9 +1038,31 @@ def _delta(Wf: torch.Tensor, W0: torch.Tensor, transposed: bool) -> torch.Tensor
     return as_update_layout(Wf.double() - W0.double(), transposed)
 
 
-def _delta_of(fw: BaseWeights, bw: BaseWeights, key: str, transposed: bool) -> Callable:
-    """() -> the delta of ``key``, read again from both checkpoints."""
-    return lambda: _delta(fw.get(key), bw.get(key), transposed)
+def _delta_of(fw: BaseWeights, bw: BaseWeights, key: str, base_key: str, transposed: bool) -> Callable:
+    """() -> the delta of ``key`` (``base_key`` in the base), read again from both checkpoints."""
+    return lambda: _delta(fw.get(key), bw.get(base_key), transposed)
+
+
+def _dense_pairs(fw: BaseWeights, bw: BaseWeights) -> Dict[str, str]:
+    """{fine-tuned key: base key} under the one prefix rewrite the checkpoints' names agree on: a fine-tune
+    saved from a task model (``bert.encoder...``) against its base saved as the bare encoder
+    (``encoder...``), or the reverse; keys without a counterpart (a new head) are left out."""
+    base_keys = set(bw.keys())
+    P, Q = prefix_rewrite(fw.keys(), base_keys) or ("", "")
+    pairs = {k: Q + k[len(P):] for k in fw.keys() if k.startswith(P)}
+    return {k: b for k, b in pairs.items() if b in base_keys}
+
+
+def _dense_module(bw: BaseWeights, key: str, base_key: str) -> str:
+    """The module name a dense layer's adapter targets: the fine-tuned model's (the adapter goes onto its
+    architecture), where the decoders' suffix lookup finds the base weight from it; else the base's."""
+    module = key[: -len(".weight")]
+    try:
+        if bw.key_for_module(module) == base_key:
+            return module
+    except FormatError:
+        pass
+    return base_key[: -len(".weight")]
 
 
 def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtype, method: str = "solar",

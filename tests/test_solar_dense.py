@@ -77,3 +77,33 @@ def test_bare_files_warn_that_every_weight_is_read_as_a_linear(checkpoints, tmp_
     ft, base, _, _ = checkpoints
     with pytest.warns(UserWarning, match=r"module types are unknown \(no config.json .* Conv1D .* decode transposed"):
         solar.compress_dense(str(ft), str(base), budget="full", rank=2)
+
+
+@pytest.mark.parametrize("prefixed", ["finetuned", "base"])
+def test_checkpoint_names_under_a_prefix_rewrite(checkpoints, tmp_path, prefixed):
+    """A fine-tune saved from a task model (bert.encoder...) against the base saved as the bare encoder
+    (encoder...) shared no name, and compress --dense blamed a wrong base model; the one prefix rewrite the
+    names agree on pairs them (as for adapters), in either direction. The adapter targets the fine-tuned
+    model's names where the decoders find the base weight from them."""
+    ft_path, base_path, base, ft = checkpoints
+    add = lambda d: {("model." + k if k != "head.weight" else k): v for k, v in d.items()}  # noqa: E731
+    if prefixed == "finetuned":
+        ft = add(ft)
+        save_file(ft, str(tmp_path / "ft2.safetensors"))
+        ft_path = tmp_path / "ft2.safetensors"
+    else:
+        base = add(base)
+        save_file(base, str(tmp_path / "base2.safetensors"))
+        base_path = tmp_path / "base2.safetensors"
+    pkg = solar.compress_dense(str(ft_path), str(base_path), budget="full", rank=24)
+    assert sorted(l.module for l in pkg.layers) == ["model.enc.ffn", "model.enc.q"]
+    assert sorted(l.base_key for l in pkg.layers) == sorted(k for k in base if k.endswith(("q.weight", "ffn.weight")))
+    assert "head.weight" in pkg.skipped
+    path = str(tmp_path / "p.safetensors")
+    pkg.save(path)
+    ad = solar.decompress(path, str(base_path))
+    for module in ("enc.q", "enc.ffn"):
+        D = ft[[k for k in ft if k.endswith(module + ".weight")][0]].double() - \
+            base[[k for k in base if k.endswith(module + ".weight")][0]].double()
+        err = torch.linalg.norm(_delta(ad, "model." + module) - D) / torch.linalg.norm(D)
+        assert err < 1e-6, (module, float(err))
