@@ -436,7 +436,7 @@ def _demo(args: argparse.Namespace) -> int:
         cfg.threads = args.threads
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"--output {args.output} exists and is not a folder")
-    res = demo.run(args.output, cfg, progress=not args.no_progress)
+    res = demo.run(args.output, cfg, progress=not args.no_progress, force=args.force)
     print(f"demo done in {res['seconds'] / 60:.1f} min: {os.path.join(args.output, 'results.md')} "
           f"(+ solar.png, eigenlorax.png, srlora.png, results.json)")
     return 0
@@ -451,7 +451,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "--output, next to the adapters, packages and subspace it made. About 2.5-4.5 minutes on 2 CPU "
                     "cores; no network.")
     p.add_argument("-o", "--output", default="demo_out",
-                   help="output folder (created; files of an earlier demo there are replaced; default %(default)s)")
+                   help="output folder (created; files of an earlier demo there are replaced, a folder holding "
+                        "anything else is refused without --force; default %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="write into an --output folder that holds other files (the demo's files there are replaced)")
     p.add_argument("--steps", type=_positive_int, help="training steps per run (default 150)")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default 1: fastest for these batches)")
     p.add_argument("--quick", action="store_true", help="seconds-scale smoke run of every stage (numbers meaningless)")

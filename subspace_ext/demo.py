@@ -101,12 +101,25 @@ class _Stages:
             self.bar.close()
 
 
-def run(out_dir: str, cfg: Optional[DemoConfig] = None, *, progress: bool = True,
+# Written first into the output folder: a folder that holds it is an earlier demo's, whose files are replaced.
+MARKER = ".subspace-ext-demo"
+
+
+def run(out_dir: str, cfg: Optional[DemoConfig] = None, *, progress: bool = True, force: bool = False,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Dict:
-    """Run the whole demo into ``out_dir``; returns the results (also written as results.json)."""
+    """Run the whole demo into ``out_dir``; returns the results (also written as results.json). A folder
+    that holds anything but an earlier demo's output is refused unless ``force`` (the demo replaces
+    results.md, results.json, the plots, adapters/, solar/ and eigenlorax/ there)."""
     cfg = cfg or DemoConfig()
     cfg.validate()
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if entries and MARKER not in entries and not force:
+        raise ValueError(f"{out_dir} holds files no earlier demo wrote ({', '.join(entries[:3])}"
+                         f"{' ...' if len(entries) > 3 else ''}): the demo replaces results.md, results.json, its "
+                         "plots, adapters/, solar/ and eigenlorax/ there; choose another folder (or --force)")
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, MARKER), "w", encoding="utf-8") as f:
+        f.write("an output folder of `subspace-ext demo`: a later demo replaces its files\n")
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

@@ -17,6 +17,11 @@ def quick_run(tmp_path_factory):
     return out, demo.run(out, demo.quick_config(), progress=False, log=lambda m: None)
 
 
+def test_demo_replaces_only_an_earlier_demos_output(quick_run):
+    out, _ = quick_run
+    assert os.path.isfile(os.path.join(out, demo.MARKER))   # so a second demo there may replace its files
+
+
 def test_demo_writes_report_plots_and_artifacts(quick_run):
     out, res = quick_run
     cfg = demo.quick_config()
@@ -84,3 +89,10 @@ def test_demo_cli(tmp_path, capsys):
     blocker.write_text("x")
     assert cli.main(["demo", "-o", str(blocker), "--quick"]) == 1
     assert "not a folder" in capsys.readouterr().err
+    # a folder holding other files (notes, someone's adapter): refused before anything is written
+    other = tmp_path / "other"
+    (other / "adapters" / "vader-polarity").mkdir(parents=True)
+    (other / "results.md").write_text("my notes")
+    assert cli.main(["demo", "-o", str(other), "--quick", "-q"]) == 1
+    assert "holds files no earlier demo wrote (adapters, results.md)" in capsys.readouterr().err
+    assert (other / "results.md").read_text() == "my notes" and not (other / demo.MARKER).exists()
