@@ -169,16 +169,41 @@ class EigenSubspace:
 
     @classmethod
     def load(cls, path: str) -> "EigenSubspace":
+        """Read a ``save``d subspace, checked whole: digest, module names, and every basis a float32 matrix
+        with orthonormal columns and its explained-variance record; a FormatError names the problem."""
         t, meta_raw = _read(path, FORMAT, "subspace", FORMAT_VERSION)
         try:
             meta = json.loads(meta_raw["eigenlorax"])
-            mods = meta.pop("modules")
-            n_pc = meta.pop("n_pc")
-            A = {m: SideBasis(t[f"A.{i}.P"], t[f"A.{i}.explained"], n_pc["A"][i]) for i, m in enumerate(mods)}
-            B = {m: SideBasis(t[f"B.{i}.P"], t[f"B.{i}.explained"], n_pc["B"][i]) for i, m in enumerate(mods)}
-        except (KeyError, IndexError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-            raise FormatError(f"{path}: malformed subspace file ({e})") from None
+            if not isinstance(meta, dict):
+                raise TypeError(f"its eigenlorax record is {type(meta).__name__}, not a JSON object")
+            mods, n_pc = meta.pop("modules"), meta.pop("n_pc")
+            if not (isinstance(mods, list) and mods and all(isinstance(m, str) and m for m in mods)
+                    and len(set(mods)) == len(mods)):
+                raise ValueError(f"modules must be a non-empty list of distinct module names, got {mods!r:.80}")
+            fps = meta.get("fingerprints")
+            if fps is not None and not (isinstance(fps, dict) and all(isinstance(v, str) for v in fps.values())):
+                raise ValueError("fingerprints must map module names to strings")
+            A = {m: _side_basis(t, "A", i, n_pc) for i, m in enumerate(mods)}
+            B = {m: _side_basis(t, "B", i, n_pc) for i, m in enumerate(mods)}
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError: ValueError
+            raise FormatError(f"{path}: malformed subspace file ({type(e).__name__}: {e})") from None
         return cls(A, B, meta)
+
+
+def _side_basis(t: Dict[str, torch.Tensor], side: str, i: int, n_pc) -> SideBasis:
+    """Layer ``i``'s basis of ``side`` from a subspace file's tensors, checked (ValueError names the problem)."""
+    P, explained, k = t[f"{side}.{i}.P"], t[f"{side}.{i}.explained"], n_pc[side][i]
+    if P.dtype != torch.float32 or P.dim() != 2 or P.shape[0] < 1 or P.shape[1] < 1:
+        raise ValueError(f"{side}.{i}.P must be a float32 d x K matrix with K >= 1, got {P.dtype} {tuple(P.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= P.shape[1]:
+        raise ValueError(f"n_pc of {side}.{i} must be an int in [1, {P.shape[1]}] (its P's columns), got {k!r}")
+    if explained.dtype != torch.float32 or tuple(explained.shape) != (k,):
+        raise ValueError(f"{side}.{i}.explained must be float32 of shape ({k},), got {explained.dtype} "
+                         f"{tuple(explained.shape)}")
+    gram = P.double().T @ P.double()
+    if float((gram - torch.eye(P.shape[1], dtype=torch.float64)).abs().max()) > 1e-4:
+        raise ValueError(f"{side}.{i}.P does not have orthonormal columns")
+    return SideBasis(P, explained, k)
 
 
 def _refuse_duplicates(names: List[str], keys: list, what: str) -> None:
@@ -538,6 +563,8 @@ class EigenModel:
                 key = f"{name}.{side}"
                 if key not in t:
                     raise FormatError(f"{where}: lacks {key}")
+                if not t[key].is_floating_point():
+                    raise FormatError(f"{where}: {key} has dtype {t[key].dtype}, not a floating type")
                 if t[key].shape != getattr(l, side).shape:
                     raise FormatError(f"{where}: {key}: shape {tuple(t[key].shape)} != {tuple(getattr(l, side).shape)} "
                                       "(other subspace or rank?)")
@@ -563,12 +590,18 @@ class EigenModel:
         """The model's tensor (parameter or buffer) for each extra tensor of a task, shapes checked."""
         dests = {}
         for k, v in extra.items():
-            dst = self._model_tensor(k)
-            if dst is None and k.startswith(_PEFT_PREFIX):
-                dst = self._model_tensor(k[len(_PEFT_PREFIX):])
+            name = k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) and self._model_tensor(k) is None else k
+            near = _adapted_near(name.rpartition(".")[0], self.layers)
+            if near:   # the layer's frozen base weight or the shared basis: never a task's own tensor
+                raise FormatError(f"{where}: the task's tensor {k} lies in the adapted layer {near}, whose weights "
+                                  "and basis the task may not change (save_coefficients never writes such a tensor)")
+            dst = self._model_tensor(name)
             if dst is None:
                 raise FormatError(f"{where}: the task's tensor {k} has no parameter of that name in the model "
                                   "(pass restore_extra=False to load it yourself)")
+            if v.is_complex() or v.is_floating_point() != dst.is_floating_point() or (v.dtype == torch.bool) != \
+                    (dst.dtype == torch.bool):
+                raise FormatError(f"{where}: the task's tensor {k} has dtype {v.dtype}, the model's {dst.dtype}")
             if dst.shape != v.shape:
                 raise FormatError(f"{where}: the task's tensor {k} is {tuple(v.shape)} but the model's is "
                                   f"{tuple(dst.shape)} (another head size?)")
@@ -722,6 +755,11 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
     if scaling is None:
         scaling = _check_scaling(meta.get("scaling", 1.0), where)  # only a file records one
     recorded = meta.get("task_type")
+    if recorded is not None:
+        try:
+            _check_task_type(recorded, True, where)
+        except ValueError as e:
+            raise FormatError(f"{where}: records {e}") from None
     task_type = task_type if task_type is not None else recorded
     factors, rank = {}, None
     names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
@@ -732,15 +770,20 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
     if missing:
         raise FormatError(f"{where}: no loadings for the subspace's {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     for name, mod in mapping.items():
-        aA, aB = t[f"{name}.alpha_A"].float(), t.get(f"{name}.alpha_B")
+        aA, aB = t[f"{name}.alpha_A"], t.get(f"{name}.alpha_B")
         if aB is None:
-            raise FormatError(f"task coefficients lack {name}.alpha_B")
+            raise FormatError(f"{where}: lacks {name}.alpha_B")
+        if not (aA.is_floating_point() and aB.is_floating_point()):
+            raise FormatError(f"{where}: {name}: loadings of dtype {aA.dtype} / {aB.dtype}, not floating types")
         PA, PB = subspace.A[mod].P, subspace.B[mod].P
-        if aA.dim() != 2 or aB.dim() != 2 or aA.shape[1] != aB.shape[1]:
-            raise FormatError(f"{where}: {name}: loadings must be K x r matrices of one rank, got alpha_A "
+        if aA.dim() != 2 or aB.dim() != 2 or aA.shape[1] != aB.shape[1] or aA.shape[1] < 1:
+            raise FormatError(f"{where}: {name}: loadings must be K x r matrices of one rank r >= 1, got alpha_A "
                               f"{tuple(aA.shape)}, alpha_B {tuple(aB.shape)}")
-        if aA.shape[0] != PA.shape[1] or aB.shape[0] != PB.shape[1]:
-            raise FormatError(f"{name}: coefficients do not fit the subspace (K {aA.shape[0]} vs {PA.shape[1]})")
+        for side, a, P in (("alpha_A", aA, PA), ("alpha_B", aB, PB)):
+            if a.shape[0] != P.shape[1]:
+                raise FormatError(f"{where}: {name}.{side} does not fit the subspace ({a.shape[0]} rows, its basis "
+                                  f"has K = {P.shape[1]}): another subspace?")
+        aA = aA.float()
         if rank is not None and aA.shape[1] != rank:
             raise FormatError(f"{where}: {name}: loadings of rank {aA.shape[1]} beside rank {rank} in the other "
                               "layers: a task has one rank (peft's adapter config holds one r)")

@@ -1049,6 +1049,77 @@ def test_files_without_digest_still_load(tmp_path):
     assert set(em.load_coefficients(coef)) == {"head.weight", "head.bias"}   # the module whole
 
 
+SUBSPACE_EDITS = {  # edit of a subspace file (digest dropped: as an older file or a deliberate edit) -> message
+    "meta-null": (lambda t, m: "null", "not a JSON object"),
+    "modules-empty": (lambda t, m: dict(m, modules=[]), "modules must be a non-empty list"),
+    "modules-duplicate": (lambda t, m: dict(m, modules=[m["modules"][0]] * 2), "distinct module names"),
+    "P-float64": (lambda t, m: t.update({"A.0.P": t["A.0.P"].double()}) or m, "A.0.P must be a float32"),
+    "P-0-dim": (lambda t, m: t.update({"B.1.P": torch.tensor(1.0)}) or m, "B.1.P must be a float32"),
+    "P-not-orthonormal": (lambda t, m: t.update({"A.1.P": 2 * t["A.1.P"]}) or m, "orthonormal"),
+    "explained-short": (lambda t, m: t.update({"B.0.explained": t["B.0.explained"][:-1].clone()}) or m,
+                        "B.0.explained must be float32 of shape"),
+    "n_pc-too-large": (lambda t, m: dict(m, n_pc={"A": [99, 6], "B": [6, 6]}), "n_pc of A.0 must be an int"),
+    "fingerprints-list": (lambda t, m: dict(m, fingerprints=["x"]), "fingerprints must map"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBSPACE_EDITS))
+def test_edited_subspace_refused_at_load(case, tmp_path):
+    """A subspace file that load accepted and that then failed in apply or a forward (IndexError,
+    AttributeError, a dtype RuntimeError) or loaded wrong: refused at load, naming the file and the problem."""
+    sub_path, _, _ = saved_toy_task(tmp_path)
+    with safe_open(sub_path, framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["eigenlorax"])
+    edit, message = SUBSPACE_EDITS[case]
+    meta = edit(t, meta)
+    rewrite(sub_path, t, eigenlorax=meta if isinstance(meta, str) else json.dumps(meta), digest=None)
+    with pytest.raises(FormatError, match=rf"{sub_path}: malformed subspace file .*{message}"):
+        EigenSubspace.load(sub_path)
+
+
+@pytest.mark.parametrize("case", ["basis", "base-weight", "alpha-int", "head-complex"])
+def test_task_file_cannot_write_the_basis_or_base_weights(case, tmp_path):
+    """load_coefficients copied a task's extra tensor into any parameter or buffer of that name: the shared
+    basis (PA, zeroing it for every later task) or an adapted layer's frozen weight. Refused, with the
+    model unchanged; so are loadings that are not floating-point and a complex head."""
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    key, value = {"basis": ("extra.enc.q.PA", torch.zeros(40, 8)),
+                  "base-weight": ("extra.enc.v.base.weight", torch.zeros(32, 40)),
+                  "alpha-int": ("enc.q.alpha_A", torch.ones(8, 3, dtype=torch.int32)),
+                  "head-complex": ("extra.head.weight", torch.ones(2, 80, dtype=torch.complex64))}[case]
+    rewrite(coef, {key: value}, digest=None)
+    before = {k: v.clone() for k, v in em.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    PA = em.layers["enc.q"].PA.clone()
+    message = "adapted layer" if case in ("basis", "base-weight") else "dtype"
+    with pytest.raises(FormatError, match=f"{coef}: .*{message}"):
+        em.load_coefficients(coef)
+    assert all(torch.equal(v, before[k]) for k, v in em.model.state_dict().items() if k in before)
+    assert torch.equal(em.layers["enc.q"].PA, PA)
+
+
+@pytest.mark.parametrize("case", ["rank-0", "alpha_B-rows", "task-type-unknown", "alpha-bool"])
+def test_export_task_refuses_unusable_tasks_naming_the_file(case, tmp_path):
+    """export_task wrote r = 0 (a folder peft and our reader refuse), blamed alpha_A's K for a wrong alpha_B,
+    and gave messages without the file."""
+    sub_path, coef, em = saved_toy_task(tmp_path)
+    if case == "rank-0":
+        rewrite(coef, {f"{m}.alpha_{s}": torch.zeros(8, 0) for m in TOY_LAYERS for s in "AB"}, digest=None)
+        message = "rank r >= 1"
+    elif case == "alpha_B-rows":
+        rewrite(coef, {"enc.q.alpha_B": torch.zeros(5, 3)}, digest=None)
+        message = r"enc.q.alpha_B does not fit the subspace \(5 rows, its basis has K = 8\)"
+    elif case == "alpha-bool":
+        rewrite(coef, {"enc.v.alpha_A": torch.ones(8, 3, dtype=torch.bool)}, digest=None)
+        message = "not floating types"
+    else:
+        rewrite(coef, task_type="FOO", digest=None)
+        message = "records task_type must be one of peft's"
+    with pytest.raises(FormatError, match=f"{coef}: .*{message}"):
+        eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("where", ["loading", "head", "subspace"])
 def test_non_finite_in_files_refused(where, tmp_path):
     """NaN / Inf in a file (an old one without digest, or written by other code) is refused at load,
