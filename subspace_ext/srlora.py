@@ -41,8 +41,8 @@ import torch
 
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
-from .io import (FormatError, linear_layout, parameter_names, read_safetensors, safetensors_metadata, save_safetensors,
-                 tied_elsewhere, unwrap_model)
+from .io import (FormatError, content_digest, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
+                 save_safetensors, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 
@@ -69,8 +69,9 @@ class SRLoRAConfig:
             v = getattr(self, name)
             if optional and v is None:
                 return
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}{' or None' if optional else ''}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v < 2**62:
+                raise ValueError(f"{name} must be an int >= {low} (and < 2^62){' or None' if optional else ''}, "
+                                 f"got {v!r}")
         whole("interval", 1)
         whole("warmup", 0)
         whole("total_steps", 1, optional=True)
@@ -85,6 +86,9 @@ class SRLoRAConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
                 raise ValueError(f"{name} must be a number {what}, got {v!r}")
+        for name in ("pissa_init", "reset_optimizer", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -498,6 +502,7 @@ class SRLoRA:
                 "next_dir": json.dumps([l.next_dir for l in self.layers]),
                 "config": json.dumps(dataclasses.asdict(self.config)),
                 "log": json.dumps([dataclasses.asdict(e) for e in self.log])}
+        meta["digest"] = content_digest(t, json.dumps(meta, sort_keys=True))   # verified by _state_file
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, STATE_FILE)
         save_safetensors(t, path, metadata=meta)
@@ -536,7 +541,9 @@ class SRLoRA:
 
 
 def _state_file(folder: str) -> tuple:
-    """(path, metadata, layer names) of the SRLoRA state in ``folder`` (or the file itself)."""
+    """(path, metadata, layer names, tensors) of the SRLoRA state in ``folder`` (or the file itself): its
+    digest verified (states written before digests were saved have none), the layer names a list of module
+    paths with each layer's base weight a finite floating-point tensor."""
     path = os.path.join(folder, STATE_FILE) if os.path.isdir(folder) else folder
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no SRLoRA state (written by SRLoRA.save, or by SRLoRACallback into each "
@@ -544,19 +551,32 @@ def _state_file(folder: str) -> tuple:
     meta = safetensors_metadata(path)
     if meta.get("format") != STATE_FORMAT:
         raise FormatError(f"{path}: not an SRLoRA state file (format {meta.get('format')!r})")
+    t = read_safetensors(path)
+    digest = meta.pop("digest", None)
+    if digest is not None and content_digest(t, json.dumps(meta, sort_keys=True)) != digest:
+        raise FormatError(f"{path}: corrupt file: its contents do not match the digest recorded when it was saved")
     try:
         names = json.loads(meta["layers"])
     except (KeyError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: malformed SRLoRA state ({e})") from None
-    return path, meta, names
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)
+            and len(set(names)) == len(names)):
+        raise FormatError(f"{path}: malformed SRLoRA state (layers must be a list of distinct module names)")
+    for k, name in enumerate(names):
+        base = t.get(f"base.{k}")
+        if base is None or base.dim() != 2 or not base.is_floating_point():
+            raise FormatError(f"{path}: layer {name}: base.{k} is "
+                              f"{'missing' if base is None else f'{base.dtype} {tuple(base.shape)}'}, not a weight")
+        if not bool(torch.isfinite(base).all()):
+            raise FormatError(f"{path}: layer {name}: the saved base weight holds NaN or Inf")
+    return path, meta, names, t
 
 
 def _read_state(folder: str, layers: List[_Layer]) -> tuple:
     """(tensors, parsed metadata: step_count, next_dir, log) of ``folder/srlora_state.safetensors``,
     checked whole against the model's layers before a resume changes anything: every tensor there with
     its shape and kind, the metadata well-formed. A damaged file raises FormatError naming it."""
-    path, meta, names = _state_file(folder)
-    t = read_safetensors(path)
+    path, meta, names, t = _state_file(folder)
     if names != [l.name for l in layers]:
         raise FormatError(f"{path}: saved for the LoRA layers {names[:2]}... ({len(names)}), but the model has "
                           f"{[l.name for l in layers][:2]}... ({len(layers)}): another model or adapter")
@@ -582,13 +602,14 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
             if got is None or (shape is not None and got.shape != shape) or (shape is None and got.dim() != 1):
                 raise FormatError(f"{path}: layer {l.name}: {key} is {tuple(got.shape) if got is not None else 'missing'}"
                                   f", the model's is {tuple(shape) if shape is not None else '1-D'}")
-            if (name == "protected") == got.is_floating_point():
-                raise FormatError(f"{path}: layer {l.name}: {key} has dtype {got.dtype}")
-        if not all(bool(torch.isfinite(t[f"{n}.{k}"]).all()) for n in ("base", "S")):
-            raise FormatError(f"{path}: layer {l.name}: the saved base weight holds NaN or Inf")
+            dtype = torch.int64 if name == "protected" else None if name == "base" else torch.float32
+            if dtype is not None and got.dtype != dtype:   # as save() writes them (base: checked by _state_file)
+                raise FormatError(f"{path}: layer {l.name}: {key} has dtype {got.dtype}, not {dtype}")
+            if dtype == torch.float32 and not bool(torch.isfinite(got).all()):
+                raise FormatError(f"{path}: layer {l.name}: {key} holds NaN or Inf")
     try:
         step_count, next_dir = int(meta["step_count"]), json.loads(meta["next_dir"])
-        log = [Event(**e) for e in json.loads(meta.get("log", "[]"))]
+        log = [_event(e) for e in json.loads(meta.get("log", "[]"))]
         config = json.loads(meta["config"]) if "config" in meta else None
         if config is not None:
             config = SRLoRAConfig(**config)
@@ -599,6 +620,17 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
     except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise FormatError(f"{path}: malformed SRLoRA state ({type(e).__name__}: {e})") from None
     return t, {"step_count": step_count, "next_dir": next_dir, "log": log, "config": config}
+
+
+def _event(e) -> Event:
+    """A saved log entry as an Event, its fields checked (TypeError/ValueError otherwise)."""
+    ev = Event(**e)
+    ints, floats = (ev.step, ev.layers, ev.pairs, ev.exhausted), (ev.score_mean, ev.score_min, ev.score_max)
+    if not (all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ints)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in floats)
+            and isinstance(ev.detail, dict)):
+        raise ValueError(f"log entry {e!r:.80} has fields of the wrong type")
+    return ev
 
 
 # The settings that define a run's cache of principal directions (which the saved positions index).
@@ -624,8 +656,7 @@ def load_base_weights(model, folder: str) -> int:
     """Copy the modified base weights saved by ``SRLoRA.save`` into a peft model of the same adapter (e.g.
     ``PeftModel.from_pretrained(base, folder)``), so that it computes what the trained model did. Every
     saved layer must exist with the same shape (nothing is copied otherwise). Returns the layer count."""
-    path, _, names = _state_file(folder)
-    t = read_safetensors(path, [f"base.{k}" for k in range(len(names))])
+    path, _, names, t = _state_file(folder)
     model = unwrap_model(model)
     dests = []
     for k, name in enumerate(names):
@@ -635,6 +666,9 @@ def load_base_weights(model, folder: str) -> int:
             raise ValueError(f"{path}: the model has no layer {name} (load the adapter with "
                              "PeftModel.from_pretrained first: the names are the peft model's)") from None
         base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+        if not isinstance(getattr(base, "weight", None), torch.Tensor):
+            raise ValueError(f"{path}: the model's {name} is a {type(base).__name__} without a weight, not a LoRA "
+                             "layer: another model?")
         if base.weight.shape != t[f"base.{k}"].shape:
             raise ValueError(f"{path}: layer {name}: saved weight {tuple(t[f'base.{k}'].shape)}, model's "
                              f"{tuple(base.weight.shape)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -791,13 +792,19 @@ def test_warns_once_when_layers_run_out_of_directions():
 
 
 @pytest.mark.parametrize("damage", ["no protected", "no S", "no unc_B", "float protected", "no next_dir",
-                                    "step_count abc", "next_dir short", "log garbage"])
+                                    "step_count abc", "next_dir short", "log garbage", "S float64", "ipt_A nan",
+                                    "unc_B float16", "protected bool", "layers null", "layers empty name",
+                                    "log pairs str", "config grace huge", "config reset_optimizer str",
+                                    "adapters short", "base int", "bit flip"])
 def test_resume_refuses_a_damaged_state_and_changes_nothing(damage, tmp_path):
-    """A state file missing a tensor or with malformed metadata is refused with a FormatError naming the
-    file, before any base weight of the model is written."""
+    """A state file missing a tensor, with a tensor of another dtype or holding NaN, or with malformed
+    metadata is refused with a FormatError naming the file, before any base weight of the model is written
+    (the edits recompute the digest, as a deliberate edit would; a damaged file fails on its digest), by
+    resume and by load_base_weights. Several of these were accepted and failed (or misbehaved) later."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from subspace_ext.io import content_digest
     from subspace_ext.srlora import STATE_FILE
 
     model = toy_lora()
@@ -808,18 +815,49 @@ def test_resume_refuses_a_damaged_state_and_changes_nothing(damage, tmp_path):
     with safe_open(path, "pt") as f:
         t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
     last = len(sr.layers) - 1
+    log = json.loads(meta["log"])
+    config = json.loads(meta["config"])
     if damage.startswith("no ") and damage != "no next_dir":
         del t[f"{damage[3:]}.{last}"]
     elif damage == "float protected":
         t[f"protected.{last}"] = t[f"protected.{last}"].float()
+    elif damage == "protected bool":
+        t[f"protected.{last}"] = t[f"protected.{last}"] > 0
+    elif damage in ("S float64", "unc_B float16"):
+        name, dtype = damage.split()
+        t[f"{name}.{last}"] = t[f"{name}.{last}"].to(getattr(torch, dtype))
+    elif damage == "ipt_A nan":
+        t[f"ipt_A.{last}"][0, 0] = float("nan")
+    elif damage == "base int":
+        t[f"base.{last}"] = t[f"base.{last}"].to(torch.int32)
     elif damage == "no next_dir":
         del meta["next_dir"]
     elif damage == "step_count abc":
         meta["step_count"] = "abc"
     elif damage == "next_dir short":
         meta["next_dir"] = "[0]"
-    else:
+    elif damage == "layers null":
+        meta["layers"] = "null"
+    elif damage == "layers empty name":
+        meta["layers"] = json.dumps(["", "base_model.model.fc2"])
+    elif damage == "log pairs str":
+        log[0]["pairs"] = "x"
+    elif damage == "config grace huge":
+        config["grace"] = 10 ** 30
+    elif damage == "config reset_optimizer str":
+        config["reset_optimizer"] = "no"
+    elif damage == "adapters short":
+        meta["adapters"] = '["default"]'
+    elif damage == "log garbage":
         meta["log"] = '[{"step": 1}]'
+    meta["log"] = meta["log"] if damage == "log garbage" else json.dumps(log)
+    meta["config"] = json.dumps(config)
+    digest = meta.pop("digest")
+    if damage != "bit flip":
+        meta["digest"] = content_digest(t, json.dumps(meta, sort_keys=True))
+    else:
+        meta["digest"] = digest
+        t[f"base.{last}"][1, 2] += 1.0   # one changed value, the recorded digest kept
     bad = str(tmp_path / "bad")
     os.makedirs(bad)
     save_file(t, os.path.join(bad, STATE_FILE), metadata=meta)
@@ -828,6 +866,10 @@ def test_resume_refuses_a_damaged_state_and_changes_nothing(damage, tmp_path):
     with pytest.raises(FormatError, match=f"{bad}/{STATE_FILE}: "):
         SRLoRA(fresh, None, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5), resume_from=bad)
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    if damage in ("bit flip", "base int", "layers null", "layers empty name"):   # what load_base_weights reads
+        with pytest.raises(FormatError, match=f"{bad}/{STATE_FILE}: "):
+            load_base_weights(fresh, bad)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
 
 
 def test_saved_adapter_and_state_load_into_a_fresh_peft_model(tmp_path):
