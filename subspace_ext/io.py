@@ -460,10 +460,19 @@ class BaseWeights:
 
     def key_for_module(self, module: str) -> str:
         """The weight key of a module path, matched on the longest common dotted suffix
-        (peft's 'bert.encoder.layer.0...query' finds 'encoder.layer.0...query.weight'). An output
-        embedding tied to the input embedding (``tie_word_embeddings``: the checkpoint stores only
-        the latter, e.g. a LLaMA's lm_head) gives the input embedding's key."""
+        (peft's 'bert.encoder.layer.0...query' finds 'encoder.layer.0...query.weight'); else the one key
+        that ends with the module's path (an adapter of a bare encoder, 'encoder.layer.0...query', on a
+        task model's checkpoint, 'bert.encoder.layer.0...query.weight'). An output embedding tied to the
+        input embedding (``tie_word_embeddings``: the checkpoint stores only the latter, e.g. a LLaMA's
+        lm_head) gives the input embedding's key. The edge decoder (tools/solar_decode.cpp) has the same
+        rules."""
         key = self._find(module + ".weight")
+        if key is None:
+            longer = [k for k in self._where if k.endswith("." + module + ".weight")]
+            if len(longer) > 1:
+                raise FormatError(f"{self.path}: adapted module {module} matches several weights ({longer[0]}, "
+                                  f"{longer[1]}{' ...' if len(longer) > 2 else ''}): is this the adapter's base model?")
+            key = longer[0] if longer else None
         if key is None:
             tied = self._tied_input_embedding(module)
             key = self._find(tied) if tied else None

@@ -474,15 +474,23 @@ def _base_weight(bw: BaseWeights, module: str, shape, what: str, fan_in_fan_out:
     W0 = bw.get(key)
     m, n = shape
     stored = (n, m) if fan_in_fan_out else (m, n)
+    if either and m != n and tuple(W0.shape) == (stored[1], stored[0]):
+        fan_in_fan_out = not fan_in_fan_out
+    return key, _base_weight_at(bw, key, shape, what, fan_in_fan_out, W0), fan_in_fan_out
+
+
+def _base_weight_at(bw: BaseWeights, key: str, shape, what: str, fan_in_fan_out: bool,
+                    W0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The base weight ``key`` (``W0`` when already read), its stored shape and values checked."""
+    W0 = bw.get(key) if W0 is None else W0
+    m, n = shape
+    stored = (n, m) if fan_in_fan_out else (m, n)
     if tuple(W0.shape) != stored:
-        if either and m != n and tuple(W0.shape) == (stored[1], stored[0]):
-            fan_in_fan_out = not fan_in_fan_out
-        else:
-            layout = " (stored in x out, as transformers' Conv1D)" if fan_in_fan_out else ""
-            raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(W0.shape)} but the update "
-                                    f"({m} out x {n} in) needs {stored}{layout}: wrong base model?")
+        layout = " (stored in x out, as transformers' Conv1D)" if fan_in_fan_out else ""
+        raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(W0.shape)} but the update "
+                                f"({m} out x {n} in) needs {stored}{layout}: wrong base model?")
     _check_finite_base(W0, key)
-    return key, W0, fan_in_fan_out
+    return W0
 
 
 def _check_finite_base(W0: torch.Tensor, key: str) -> None:
@@ -1225,7 +1233,12 @@ def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) 
     try:
         key, W0, _ = _base_weight(bw, info.module, info.shape, what, info.fan_in_fan_out)
     except FormatError as e:
-        raise BaseMismatchError(f"{what}: {e}") from None
+        # A bare .safetensors base has no config to say which weight a module without its own (a tied
+        # lm_head) uses: the key the encoder resolved is taken, and the fingerprint shows it is that weight.
+        if not (os.path.isfile(bw.path) and info.base_key in bw.keys()):
+            raise BaseMismatchError(f"{what}: {e}") from None
+        key = info.base_key
+        W0 = _base_weight_at(bw, key, info.shape, what, info.fan_in_fan_out)
     if check and fingerprint(W0) != info.fingerprint:
         raise BaseMismatchError(f"{what}: base weight {key} ({str(W0.dtype).replace('torch.', '')}) differs "
                                 f"from the one the package was made from (fingerprint {fingerprint(W0)} != "

@@ -241,3 +241,55 @@ def test_tied_lm_head_edge_decoder(tmp_path):
     r = _run(pkg, base, tmp_path / "cpp")
     assert r.returncode == 0, r.stderr
     _assert_same_folder(tmp_path / "py", tmp_path / "cpp")
+
+
+def test_adapter_of_a_bare_encoder_on_a_task_models_checkpoint(bert, tmp_path):
+    """An adapter trained on AutoModel / BertModel (modules encoder.layer.0...) of a BertForSequenceClassification
+    checkpoint (weights bert.encoder.layer.0...) was refused by compress and both decoders: 'no weight for adapted
+    module'. The one key ending with the module's path is its weight."""
+    from test_solar_edge import BINARY, _assert_same_folder, _run
+
+    encoder = lambda: transformers.BertModel.from_pretrained(bert).eval()  # noqa: E731
+    model = peft.get_peft_model(encoder(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    _randomize(model)
+    folder = str(tmp_path / "enc_adapter")
+    model.save_pretrained(folder, safe_serialization=True)
+    assert any(k.startswith("bert.encoder.") for k in io.BaseWeights(bert).keys())
+    pkg = str(tmp_path / "pkg.safetensors")
+    solar.compress(folder, bert, budget="full").save(pkg)
+    solar.decompress(pkg, bert).save_adapter(str(tmp_path / "py"))
+
+    def hidden(adapter):
+        with torch.no_grad():
+            return peft.PeftModel.from_pretrained(encoder(), adapter).eval()(input_ids=IDS).last_hidden_state
+
+    torch.testing.assert_close(hidden(str(tmp_path / "py")), hidden(folder), atol=1e-5, rtol=0)
+    if BINARY.is_file() and os.access(BINARY, os.X_OK):
+        r = _run(pkg, bert, tmp_path / "cpp")
+        assert r.returncode == 0, r.stderr
+        _assert_same_folder(tmp_path / "py", tmp_path / "cpp")
+
+
+def test_tied_lm_head_decodes_against_a_bare_file(tmp_path):
+    """An edge device may hold only model.safetensors: both decoders refused a tied lm_head there (no config to
+    say it is tied). The key the encoder resolved is taken, and the fingerprint shows it is that weight."""
+    from test_solar_edge import BINARY, _assert_same_folder, _run
+
+    base = _llama_tied(str(tmp_path / "llama"))
+    folder = _save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]), str(tmp_path / "a"))
+    pkg = str(tmp_path / "pkg.safetensors")
+    solar.compress(folder, base, budget="full").save(pkg)
+    bare = str(tmp_path / "bare.safetensors")
+    io.save_safetensors(io.read_safetensors(os.path.join(base, "model.safetensors")), bare)
+    solar.decompress(pkg, base).save_adapter(str(tmp_path / "from_folder"))
+    solar.decompress(pkg, bare).save_adapter(str(tmp_path / "py"))
+    _assert_same_folder(tmp_path / "from_folder", tmp_path / "py")
+    if BINARY.is_file() and os.access(BINARY, os.X_OK):
+        r = _run(pkg, bare, tmp_path / "cpp")
+        assert r.returncode == 0, r.stderr
+        _assert_same_folder(tmp_path / "py", tmp_path / "cpp")
+    changed = io.read_safetensors(bare)   # another embedding under that key: refused by its fingerprint
+    changed["model.embed_tokens.weight"] = changed["model.embed_tokens.weight"] + 1e-3
+    io.save_safetensors(changed, bare)
+    with pytest.raises(solar.BaseMismatchError, match="layer lm_head: base weight model.embed_tokens.weight"):
+        solar.decompress(pkg, bare)

@@ -346,7 +346,7 @@ INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shap
 @pytest.mark.parametrize("case", ["rank-too-large", "rank-bomb", "skipped-not-list", "peft-r-null", "extra-nan",
                                   "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8",
                                   "checksum-empty", "checksum-nan", "peft-config-nan", "peft-config-inf-nested",
-                                  "module-empty", "module-empty-part", "module-newline", "module-renamed"]
+                                  "module-empty", "module-empty-part", "module-newline"]
                          + LOWRANK_EDITS + INT8_EDITS)
 def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
@@ -407,8 +407,6 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         L["module"] = "encoder..query"
     elif case == "module-newline":  # messages naming the layer would not be one line
         L["module"] = "encoder.layer.0\nquery"
-    elif case == "module-renamed":  # a module the base lacks: the edge decoder took the recorded base_key
-        L["module"] += ".weight"    # as a tied embedding's, with no config.json to say the model ties one
     elif case == "peft-config-nan":  # the C++ decoder wrote it into adapter_config.json, the Python one refused late
         info["peft_config"]["lora_dropout"] = float("nan")
     elif case == "peft-config-inf-nested":
@@ -439,8 +437,7 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
     if case.startswith("peft-config"):
         assert "peft_config holds NaN or Inf" in r.stderr, r.stderr
     if case.startswith("module"):
-        assert ("no weight for adapted module" if case == "module-renamed" else "module must be a dotted module path") \
-            in r.stderr, r.stderr
+        assert "module must be a dotted module path" in r.stderr, r.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -528,6 +525,32 @@ def test_a_byte_that_is_not_text_is_shown_as_hex(tmp_path, package, where):
     err = r.stderr.decode()   # UTF-8, or this raises
     assert r.returncode == 1 and len(err.strip().splitlines()) == 1, err
     assert ("unexpected character '\\xa6'" if where == "value" else "invalid escape '\\\\xa6'") in err, err
+
+
+@pytest.mark.parametrize("where", ["bare-file", "folder"])
+def test_module_the_base_lacks(tmp_path, package, where):
+    """A layer whose module the base has no weight for (a tied lm_head; here an edited name). From a bare
+    .safetensors file, which has no config to say how the model ties weights, both decoders take the key the
+    encoder resolved and recorded (the fingerprint shows it is the same weight) and write the same folder; from
+    a folder whose config.json cannot tie embeddings (here: none), both refuse, naming the module."""
+    pkg_path, base, weights = package
+    if where == "folder":
+        base = tmp_path / "base_folder"
+        base.mkdir()
+        save_file(weights, str(base / "model.safetensors"))
+    meta, info, tensors = _read_package(pkg_path)
+    info["layers"][0]["module"] += "_renamed"
+    edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
+    r = _run(edited, base, tmp_path / "cpp")
+    if where == "folder":
+        with pytest.raises(solar.BaseMismatchError, match="no weight for adapted module .*_renamed"):
+            solar.decompress(str(edited), str(base))
+        assert r.returncode == 1 and "no weight for adapted module" in r.stderr, r.stderr
+        assert not (tmp_path / "cpp" / "adapter_model.safetensors").exists()
+    else:
+        assert r.returncode == 0, r.stderr
+        solar.decompress(str(edited), str(base)).save_adapter(str(tmp_path / "py"))
+        _assert_same_folder(tmp_path / "py", tmp_path / "cpp")
 
 
 @pytest.mark.parametrize("digits", [4300, 4301])

@@ -943,6 +943,7 @@ class BaseWeights {
       may_tie_ = config_may_tie_embeddings((fs::path(path) / "config.json").string());
     } else if (fs::is_regular_file(path, ec)) {
       files_.push_back(path);
+      is_file_ = true;
     } else {
       fail(path + ": no such file or folder (expected a transformers model folder or a .safetensors file)");
     }
@@ -968,6 +969,16 @@ class BaseWeights {
       key += ".weight";
       if (where_.count(key)) return key;
     }
+    // Else the one key that ends with the module's path (a bare encoder's adapter on a task model's
+    // checkpoint: bert.encoder...); several: ambiguous. io.BaseWeights.key_for_module's rules.
+    const std::string tail = "." + module + ".weight";
+    std::vector<std::string> longer;
+    for (const auto& kv : where_)
+      if (ends_with(kv.first, tail)) longer.push_back(kv.first);
+    if (longer.size() > 1)
+      fail(path_ + ": adapted module " + module + " matches several weights (" + longer[0] + ", " + longer[1] +
+           (longer.size() > 2 ? " ..." : "") + "): is this the adapter's base model?");
+    if (longer.size() == 1) return longer[0];
     fail(path_ + ": no weight for adapted module " + module + " (is this the adapter's base model?)");
   }
 
@@ -977,6 +988,7 @@ class BaseWeights {
   // set tie_word_embeddings to false (the Python decoder reads the tie from the model the config builds;
   // a bare .safetensors file has no config, and neither decoder takes a tied weight from it).
   bool may_tie_embeddings() const { return may_tie_; }
+  bool is_file() const { return is_file_; }
 
   // (entry, raw bytes) of a key found by key_for_module.
   std::pair<TensorEntry, std::string> get(const std::string& key) const {
@@ -1009,6 +1021,7 @@ class BaseWeights {
   std::vector<SafetensorsHeader> headers_;
   std::map<std::string, size_t> where_;
   bool may_tie_ = false;
+  bool is_file_ = false;
 };
 
 // =================================================================================================
@@ -1478,8 +1491,10 @@ void decode(const std::string& package_path, const std::string& base_path, const
     } catch (const Failure& e) {
       // An output embedding tied to the input one (a LLaMA's lm_head): the encoder found the stored
       // key from the model's config (io.BaseWeights.key_for_module) and recorded it; the fingerprint
-      // check shows it to be the same weight.
-      if (!bw.may_tie_embeddings() || !bw.has(info.base_key)) fail(what + ": " + e.what());
+      // check shows it to be the same weight. From a folder only where its config.json may tie
+      // embeddings; a bare .safetensors file has no config to ask, so there the recorded key is taken
+      // (solar._package_base_weight).
+      if (!(bw.may_tie_embeddings() || bw.is_file()) || !bw.has(info.base_key)) fail(what + ": " + e.what());
       key = info.base_key;
     }
     auto [entry, bytes] = bw.get(key);
