@@ -339,6 +339,8 @@ _UNSUPPORTED_VARIANTS = {
     "arrow_config": ("Arrow", "several LoRA experts are routed per token"),
     "alora_invocation_tokens": ("aLoRA", "the update applies only to tokens after the invocation sequence, "
                                 "which a weight update (fused, recycled or rebuilt) cannot express"),
+    "layer_replication": ("layer_replication", "peft stacks copies of base layers that share one base weight, "
+                          "so an adapted layer (model.layers.2...) has no weight of its own in the checkpoint"),
 }
 # The tensors with ".lora_" in their names that this reader knows (lora_B.bias: peft's lora_bias, carried
 # as an extra tensor); any other is refused.

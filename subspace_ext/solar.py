@@ -60,8 +60,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, as_update_layout, check_finite, embedding_lora_modules,
-                 fingerprint, prefix_rewrite, read_safetensors, safetensors_metadata, save_safetensors)
+from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, PeftAdapter, as_update_layout, check_finite,
+                 embedding_lora_modules, fingerprint, prefix_rewrite, read_safetensors, safetensors_metadata,
+                 save_safetensors)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 
 FORMAT = "subspace_ext.solar"
@@ -967,6 +968,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power iterations)."""
     _check_request(budget, ratio, seed, eps, method, storage)
     encodings = _encodings(method)
+    if isinstance(finetuned, (str, os.PathLike)) and os.path.isfile(os.path.join(finetuned, ADAPTER_CONFIG)):
+        raise ValueError(f"{os.fspath(finetuned)} is a peft adapter folder ({ADAPTER_CONFIG}), not a fine-tuned model: "
+                         "compress it as an adapter (solar.compress; the CLI without --dense)")
     fw, bw = _as_base(finetuned), _as_base(base)
     kinds = bw.weight_kinds() or fw.weight_kinds()
     if kinds is None:

@@ -293,3 +293,14 @@ def test_tied_lm_head_decodes_against_a_bare_file(tmp_path):
     io.save_safetensors(changed, bare)
     with pytest.raises(solar.BaseMismatchError, match="layer lm_head: base weight model.embed_tokens.weight"):
         solar.decompress(pkg, bare)
+
+
+def test_layer_replication_is_refused_by_name(tmp_path):
+    """peft's layer_replication stacks copies of base layers (model.layers.2 shares layer 1's weights): the
+    adapted module has no weight of its own, and compress said 'no weight for adapted module ... (is this the
+    adapter's base model?)' about the right base. Refused by name, as the variants are."""
+    base = _llama_tied(str(tmp_path / "llama"))
+    folder = _save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                         layer_replication=[[0, 2], [1, 2]]), str(tmp_path / "rep"))
+    with pytest.raises(io.FormatError, match="layer_replication adapters .* share one base weight"):
+        solar.compress(folder, base, budget="full")

@@ -108,3 +108,14 @@ def test_checkpoint_names_under_a_prefix_rewrite(checkpoints, tmp_path, prefixed
             base[[k for k in base if k.endswith(module + ".weight")][0]].double()
         err = torch.linalg.norm(_delta(ad, prefix + module) - D) / torch.linalg.norm(D)
         assert err < 1e-6, (module, float(err))
+
+
+def test_dense_refuses_a_peft_adapter_folder(checkpoints, tmp_path):
+    """--dense given an adapter folder blamed the base ('share no tensor name: wrong base model?')."""
+    _, base_path, _, _ = checkpoints
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"base_model.model.enc.q.lora_A.weight": torch.zeros(2, 17)}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="is a peft adapter folder .* without --dense"):
+        solar.compress_dense(str(folder), str(base_path), budget="full")
