@@ -764,7 +764,8 @@ def _encodings(method: str):
     return ("lowrank", "solar") if method == "auto" else (method,)
 
 
-def _allocate(layers: List[_Layer], keep_numbers: Optional[float], method: str) -> List[Tuple[str, int]]:
+def _allocate(layers: List[_Layer], keep_numbers: Optional[float], method: str,
+              solar_fixed: int = 0) -> List[Tuple[str, int]]:
     """(kind, items kept) per layer under ``keep_numbers`` (None = lossless), maximising the captured energy.
 
     Items within a layer's encoding have equal cost and falling gain, so a layer keeps a prefix. One
@@ -775,16 +776,35 @@ def _allocate(layers: List[_Layer], keep_numbers: Optional[float], method: str) 
     alone and keeps whichever of the three captures the most (of plans equal to rounding, the one with the
     fewest numbers): never less than either method. Exact
     optimality is a multiple-choice knapsack; measured against it (tests), this keeps ≥ 98% of the
-    optimum's energy when the budget holds a few low-rank pairs, less when it holds only one or two."""
+    optimum's energy when the budget holds a few low-rank pairs, less when it holds only one or two.
+
+    ``solar_fixed``: numbers a layer stores once when it takes SOLAR (its int8 scale) under "auto": a plan
+    with SOLAR is allocated with one per layer reserved, then again with one per layer it made SOLAR (the
+    low-rank-alone plan reserves none), so auto never keeps less than low-rank alone."""
     kinds = _encodings(method)
     if keep_numbers is None:  # lossless: every item of the cheapest lossless encoding
         kind = "lowrank" if "lowrank" in kinds else "solar"
         return [(kind, int(l.gains(kind).numel())) for l in layers]
     gains = [{k: l.gains(k) for k in kinds} for l in layers]
     alone = [(k,) for k in kinds] if len(kinds) > 1 else []
-    plans = [_lagrangian(layers, keep_numbers, ks, gains) for ks in [kinds, *alone]]
+    fixed = lambda plan: solar_fixed * sum(k == "solar" for k, _ in plan)  # noqa: E731
+
+    def plan_for(ks):
+        if not solar_fixed or "solar" not in ks:
+            return _lagrangian(layers, keep_numbers, ks, gains)
+        reserved = solar_fixed * len(layers)
+        if keep_numbers - reserved < NUMBERS_PER_COEFFICIENT:
+            return None   # no room for a coefficient beside the scales: this plan cannot keep anything
+        plan = _lagrangian(layers, keep_numbers - reserved, ks, gains)
+        if fixed(plan) < reserved:   # give the scales of the layers that took low-rank back to the budget
+            again = _lagrangian(layers, keep_numbers - fixed(plan), ks, gains)
+            if fixed(again) <= fixed(plan):
+                plan = again
+        return plan
+
+    plans = [p for p in (plan_for(ks) for ks in [kinds, *alone]) if p is not None]   # low-rank alone: always
     captured = [sum(float(g[k][:c].sum()) for g, (k, c) in zip(gains, plan)) for plan in plans]
-    numbers = [sum(l.cost(k) * c for l, (k, c) in zip(layers, plan)) for plan in plans]
+    numbers = [sum(l.cost(k) * c for l, (k, c) in zip(layers, plan)) + fixed(plan) for plan in plans]
     # equal energies (to rounding: a budget that holds every plan losslessly): the fewest numbers, then
     # the first (the joint allocation); rounding alone picked a SOLAR plan 7.6x the size of a low-rank one
     best = max(captured)
@@ -1109,10 +1129,13 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
                              + ", ".join(f"{k} ({extra[k].numel()} numbers)" for k in largest) + ")")
     else:
         keep_numbers = None if budget == "full" else budget
-    if storage == "int8":  # a pair's codes carry 2 scales; a SOLAR layer's coefficients 1 (reserved up front)
+    # int8: a pair's codes carry 2 scales; a SOLAR layer's coefficients 1, reserved up front for method
+    # "solar" (every layer), counted by _allocate for "auto" (only the layers that take SOLAR)
+    solar_scale = 1 if storage == "int8" else 0
+    if storage == "int8":
         for l in layers:
             l.pair_scales = 2
-        if keep_numbers is not None and method != "lowrank":
+        if keep_numbers is not None and method == "solar":
             keep_numbers -= len(layers)
             if keep_numbers < NUMBERS_PER_COEFFICIENT:
                 raise ValueError(f"the budget leaves no room for a coefficient and the {len(layers)} int8 scales "
@@ -1130,7 +1153,7 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
                 for i in range(len(layers))]
     else:  # a coefficient set is the prefix of the layer's candidates (C's entries by |c|)
         plan = [(kind, torch.arange(count) if kind == "solar" else count)
-                for kind, count in _allocate(layers, keep_numbers, method)]
+                for kind, count in _allocate(layers, keep_numbers, method, solar_scale)]
     values, indices, factors = [], [], []
     for i, (l, (kind, sel)) in enumerate(zip(_progress(layers, "solar: coefficients", progress), plan)):
         info = l.info
