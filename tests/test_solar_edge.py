@@ -527,22 +527,27 @@ def test_a_byte_that_is_not_text_is_shown_as_hex(tmp_path, package, where):
     assert ("unexpected character '\\xa6'" if where == "value" else "invalid escape '\\\\xa6'") in err, err
 
 
-@pytest.mark.parametrize("where", ["bare-file", "folder"])
+@pytest.mark.parametrize("where", ["bare-file", "folder-may-tie", "folder-no-config", "folder-untied"])
 def test_module_the_base_lacks(tmp_path, package, where):
     """A layer whose module the base has no weight for (a tied lm_head; here an edited name). From a bare
-    .safetensors file, which has no config to say how the model ties weights, both decoders take the key the
-    encoder resolved and recorded (the fingerprint shows it is the same weight) and write the same folder; from
-    a folder whose config.json cannot tie embeddings (here: none), both refuse, naming the module."""
+    .safetensors file (no config to say how the model ties weights) or a folder whose config.json may tie
+    embeddings, both decoders take the key the encoder resolved and recorded (the fingerprint shows it is the
+    same weight) and write the same folder; from a folder without config.json or with tie_word_embeddings
+    false, both refuse, naming the module. (The edge decoder took the key from any folder whose config may
+    tie, where the Python decoder refused all but the model's output embedding.)"""
     pkg_path, base, weights = package
-    if where == "folder":
+    if where != "bare-file":
         base = tmp_path / "base_folder"
         base.mkdir()
         save_file(weights, str(base / "model.safetensors"))
+        if where != "folder-no-config":
+            config = {"model_type": "bert", **({"tie_word_embeddings": False} if where == "folder-untied" else {})}
+            (base / "config.json").write_text(json.dumps(config))
     meta, info, tensors = _read_package(pkg_path)
     info["layers"][0]["module"] += "_renamed"
     edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
     r = _run(edited, base, tmp_path / "cpp")
-    if where == "folder":
+    if where in ("folder-no-config", "folder-untied"):
         with pytest.raises(solar.BaseMismatchError, match="no weight for adapted module .*_renamed"):
             solar.decompress(str(edited), str(base))
         assert r.returncode == 1 and "no weight for adapted module" in r.stderr, r.stderr
