@@ -32,7 +32,8 @@ import torch
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
                  fingerprint, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
-                 prefix_rewrite, save_safetensors, tensors_digest, tied_elsewhere, unwrap_model)
+                 prefix_rewrite, refuse_layer_replication, save_safetensors, tensors_digest, tied_elsewhere,
+                 unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -316,6 +317,9 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                              f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
     subA, subB, fps = {}, {}, {}
     bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
+    if bw is not None:   # fingerprints: one base weight per adapted layer
+        for name, a in zip(names, loaded):
+            refuse_layer_replication(a.config, name)
     for li, mod in enumerate(modules):
         ups = [p[mod] for p in per]
         shapes = {u.shape for u in ups}

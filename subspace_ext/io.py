@@ -339,9 +339,23 @@ _UNSUPPORTED_VARIANTS = {
     "arrow_config": ("Arrow", "several LoRA experts are routed per token"),
     "alora_invocation_tokens": ("aLoRA", "the update applies only to tokens after the invocation sequence, "
                                 "which a weight update (fused, recycled or rebuilt) cannot express"),
-    "layer_replication": ("layer_replication", "peft stacks copies of base layers that share one base weight, "
-                          "so an adapted layer (model.layers.2...) has no weight of its own in the checkpoint"),
 }
+
+
+def refuse_layer_replication(config: dict, where: str) -> None:
+    """FormatError for an adapter of peft's ``layer_replication`` that repeats a base layer: its copies
+    (model.layers.2... of layer 1) share one base weight, so the checkpoint holds no weight of their own
+    (SOLAR, and EigenLoRAx's base fingerprints, read one per adapted layer). Ranges that repeat nothing pass."""
+    ranges = config.get("layer_replication") or []
+    try:
+        layers = [i for start, end in ranges for i in range(start, end)]
+        repeats = len(layers) != len(set(layers))
+    except (TypeError, ValueError):
+        repeats = True
+    if repeats:
+        raise FormatError(f"{where}: layer_replication adapters ({ADAPTER_CONFIG}: layer_replication "
+                          f"{ranges!r:.60}) are not supported here: peft stacks copies of base layers that share one "
+                          "base weight, so an adapted copy has no weight of its own in the base checkpoint")
 # The tensors with ".lora_" in their names that this reader knows (lora_B.bias: peft's lora_bias, carried
 # as an extra tensor); any other is refused.
 _LORA_TENSOR = re.compile(r".*\.(lora_[ABE](\.weight)?|lora_B\.bias|lora_embedding_[AB](\..*)?)")

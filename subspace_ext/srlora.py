@@ -47,6 +47,9 @@ from .io import (FormatError, content_digest, linear_layout, parameter_names, re
 STATE_FORMAT = "subspace_ext.srlora.state"
 
 
+_FLAGS = ("pissa_init", "reset_optimizer", "verbose")   # SRLoRAConfig's bool fields
+
+
 @dataclass
 class SRLoRAConfig:
     interval: int = 100          # steps between recompositions
@@ -86,7 +89,7 @@ class SRLoRAConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
                 raise ValueError(f"{name} must be a number {what}, got {v!r}")
-        for name in ("pissa_init", "reset_optimizer", "verbose"):
+        for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -398,7 +401,7 @@ class SRLoRA:
             self.log.append(ev)
             return ev
         W, Bs, As, idx, B_new, A_new, scal, names = [], [], [], [], [], [], [], []
-        chosen_scores, exhausted, poisoned = [], 0, []
+        chosen_scores, exhausted, ran_out, poisoned = [], 0, 0, []
         for k, (l, s_host) in enumerate(zip(self.layers, hosts)):
             if s_host is None:
                 continue
@@ -412,7 +415,9 @@ class SRLoRA:
             eligible = torch.nonzero(l.protected_until < t).flatten()
             n = min(n, eligible.numel(), l.S.numel() - l.next_dir)
             if n <= 0:
-                exhausted += int(l.S.numel() - l.next_dir <= 0)
+                out = l.S.numel() - l.next_dir <= 0
+                exhausted += int(out)
+                ran_out += int(out and l.S.numel() > r)   # not a narrow layer (warned about at the start)
                 continue
             order = torch.argsort(s_host[eligible], stable=True)[:n]
             pick = eligible[order].sort().values
@@ -430,9 +435,9 @@ class SRLoRA:
             chosen_scores.append(s_host[pick])
             l.protected_until[pick] = t + grace
             self._reset_pairs(k, pick.to(l.A.device))
-        if exhausted and "exhausted" not in self._warned:
+        if ran_out and "exhausted" not in self._warned:
             self._warned.add("exhausted")
-            warnings.warn(f"SRLoRA step {t}: {exhausted} layer(s) used every cached principal direction and are no "
+            warnings.warn(f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction and are no "
                           "longer recomposed (as designed); for more recompositions cache more with "
                           "SRLoRAConfig(directions=...) (default 4 r beyond each layer's r)", stacklevel=3)
         if poisoned:
@@ -612,12 +617,13 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
         log = [_event(e) for e in json.loads(meta.get("log", "[]"))]
         config = json.loads(meta["config"]) if "config" in meta else None
         if config is not None:
-            config = SRLoRAConfig(**config)
+            # earlier builds accepted (and saved) 0 / 1 for the flags, which validate() now refuses
+            config = SRLoRAConfig(**{k: bool(v) if k in _FLAGS and v in (0, 1) else v for k, v in config.items()})
             config.validate()
         if step_count < 0 or not (isinstance(next_dir, list) and len(next_dir) == len(layers) and
                                   all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in next_dir)):
             raise ValueError("step_count or next_dir out of range")
-    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # json.JSONDecodeError: a ValueError
         raise FormatError(f"{path}: malformed SRLoRA state ({type(e).__name__}: {e})") from None
     return t, {"step_count": step_count, "next_dir": next_dir, "log": log, "config": config}
 

@@ -302,5 +302,11 @@ def test_layer_replication_is_refused_by_name(tmp_path):
     base = _llama_tied(str(tmp_path / "llama"))
     folder = _save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                          layer_replication=[[0, 2], [1, 2]]), str(tmp_path / "rep"))
-    with pytest.raises(io.FormatError, match="layer_replication adapters .* share one base weight"):
+    with pytest.raises(io.FormatError, match=f"{folder}: layer_replication adapters .* share one base weight"):
         solar.compress(folder, base, budget="full")
+    other = _save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                        layer_replication=[[0, 2], [1, 2]]), str(tmp_path / "rep2"), seed=2)
+    with pytest.raises(io.FormatError, match="layer_replication adapters"):   # base weights: refused
+        eigenlorax.build_subspace([folder, other], components=2, base=base)
+    assert eigenlorax.build_subspace([folder, other], components=2).modules   # factors only: fine
+    io.refuse_layer_replication({"layer_replication": [[0, 2]]}, "x")   # repeats no layer: passes

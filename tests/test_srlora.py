@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -789,6 +790,37 @@ def test_warns_once_when_layers_run_out_of_directions():
         toy_steps(model, opt, sr, toy_batches(5))
     assert sum("cached principal direction" in str(r.message) for r in rec) == 1
     assert sr.log[-1].exhausted == 2
+    # a narrow layer (out has 3 outputs <= r) never had directions beyond r: warned about at the start, not here
+    model = toy_lora(targets=("out",))
+    opt = adamw(model, lr=1e-2)
+    with pytest.warns(UserWarning, match="no principal directions beyond the LoRA rank in base_model.model.out"):
+        sr = SRLoRA(model, opt, SRLoRAConfig(interval=1, warmup=1, fuse_fraction=1.0, stop=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        toy_steps(model, opt, sr, toy_batches(3))
+    assert sr.log[-1].exhausted == 1
+
+
+def test_resume_reads_flags_saved_as_0_or_1(tmp_path):
+    """Earlier builds accepted and saved pissa_init=0 / verbose=1; validate() now wants bools, and such a
+    state must still resume (with the flags as bools)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from subspace_ext.srlora import STATE_FILE
+
+    fresh, opt2, sr = _trained_and_saved(tmp_path, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5), 4)
+    path = os.path.join(tmp_path, "ckpt", STATE_FILE)
+    with safe_open(path, "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    config = json.loads(meta["config"])
+    config.update(verbose=0, reset_optimizer=1)
+    meta["config"] = json.dumps(config)
+    for key in ("digest", "adapters"):   # as an older build wrote it
+        del meta[key]
+    save_file(t, path, metadata=meta)
+    sr2 = SRLoRA(fresh, opt2, resume_from=str(tmp_path / "ckpt"))
+    assert sr2.config.verbose is False and sr2.config.reset_optimizer is True
 
 
 @pytest.mark.parametrize("damage", ["no protected", "no S", "no unc_B", "float protected", "no next_dir",
