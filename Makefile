@@ -17,6 +17,8 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip --disable-pip-version-check -q
+# TORCH / CUDA_TORCH are pip arguments (a requirement, then options such as --index-url), passed unquoted:
+# quote a specifier with < or > inside the value, e.g. make TORCH="'torch>=2.13' --index-url URL"
 TORCH    ?= torch==2.13.0
 CUDA_TORCH ?= torch==2.14.1
 VENV_CUDA ?= .venv-cuda

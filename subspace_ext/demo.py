@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -113,7 +113,7 @@ def run(out_dir: str, cfg: Optional[DemoConfig] = None, *, progress: bool = True
     cfg = cfg or DemoConfig()
     cfg.validate()
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
-    if entries and MARKER not in entries and not force:
+    if entries and not _earlier_demo(out_dir, entries) and not force:
         raise ValueError(f"{out_dir} holds files no earlier demo wrote ({', '.join(entries[:3])}"
                          f"{' ...' if len(entries) > 3 else ''}): the demo replaces results.md, results.json, its "
                          "plots, adapters/, solar/ and eigenlorax/ there; choose another folder (or --force)")
@@ -126,6 +126,19 @@ def run(out_dir: str, cfg: Optional[DemoConfig] = None, *, progress: bool = True
         return _run(out_dir, cfg, progress, log)
     finally:
         torch.set_num_threads(threads)
+
+
+def _earlier_demo(out_dir: str, entries: List[str]) -> bool:
+    """Whether a folder holds an earlier demo's output: its marker, or (builds before the marker) a
+    results.json with the demo's sections."""
+    if MARKER in entries:
+        return True
+    try:
+        with open(os.path.join(out_dir, "results.json"), encoding="utf-8") as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(res, dict) and {"config", "tasks", "lora"} <= set(res)
 
 
 def _run(out_dir: str, cfg: DemoConfig, progress: bool, log) -> Dict:

@@ -17,9 +17,24 @@ def quick_run(tmp_path_factory):
     return out, demo.run(out, demo.quick_config(), progress=False, log=lambda m: None)
 
 
-def test_demo_replaces_only_an_earlier_demos_output(quick_run):
+def test_demo_replaces_only_an_earlier_demos_output(quick_run, tmp_path, monkeypatch):
     out, _ = quick_run
     assert os.path.isfile(os.path.join(out, demo.MARKER))   # so a second demo there may replace its files
+    ran = []
+    monkeypatch.setattr(demo, "_run", lambda out_dir, *a: ran.append(out_dir) or {})   # the folder check only
+    demo.run(out, demo.quick_config())                        # a demo's folder
+    older = tmp_path / "older"                                # an older build's: results.json, no marker
+    older.mkdir()
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        (older / "results.json").write_text(f.read())
+    demo.run(str(older), demo.quick_config())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="holds files no earlier demo wrote"):
+        demo.run(str(other), demo.quick_config())
+    demo.run(str(other), demo.quick_config(), force=True)
+    assert ran == [out, str(older), str(other)]
 
 
 def test_demo_writes_report_plots_and_artifacts(quick_run):
