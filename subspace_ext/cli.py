@@ -51,6 +51,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _path(text: str) -> str:
+    """A path argument: not empty (an empty --output ran a whole build before failing to rename into it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -212,7 +219,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--large", action="store_true",
                    help="add rsvd_many over a 7B-shaped layer set (32 x {4096², 4096×11008, 11008×4096}, "
                         "about 14 GB: for a GPU)")
-    p.add_argument("--output", metavar="FILE.md",
+    p.add_argument("--output", type=_path, metavar="FILE.md",
                    help="also write the report to this file (folders created; an earlier report is replaced, any "
                         "other existing file is refused)")
     p.set_defaults(func=_bench)
@@ -292,7 +299,7 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     c.add_argument("adapter", metavar="ADAPTER_DIR",
                    help="peft adapter folder (with --dense: the fine-tuned model folder or .safetensors)")
     c.add_argument("--base", required=True, metavar="BASE", help="the adapter's base model (folder or .safetensors)")
-    c.add_argument("-o", "--output", required=True, metavar="PACKAGE.safetensors",
+    c.add_argument("-o", "--output", type=_path, required=True, metavar="PACKAGE.safetensors",
                    help="the package file to write (folders created; an existing package is replaced, any "
                         "other existing file is refused; never one of the inputs)")
     g = c.add_mutually_exclusive_group(required=True)
@@ -331,7 +338,7 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     d.add_argument("package", metavar="PACKAGE", help="a package written by 'solar compress'")
     d.add_argument("--base", required=True, metavar="BASE",
                    help="the same base model the package was made from (folder or .safetensors)")
-    d.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
+    d.add_argument("-o", "--output", type=_path, required=True, metavar="ADAPTER_DIR",
                    help="peft adapter folder to write (created; an adapter already there needs --force)")
     d.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -389,7 +396,7 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
     b = ss.add_parser("build", help="adapter folders -> subspace file",
                       description="Build the subspace of N >= 2 peft LoRA adapter folders of one base.")
     b.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more peft LoRA adapter folders of one base")
-    b.add_argument("-o", "--output", required=True, metavar="SUBSPACE.safetensors",
+    b.add_argument("-o", "--output", type=_path, required=True, metavar="SUBSPACE.safetensors",
                    help="the subspace file to write (folders created; an existing subspace file is replaced, "
                         "any other existing file is refused; never one of the inputs)")
     g = b.add_mutually_exclusive_group()
@@ -412,7 +419,7 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
     e.add_argument("subspace", metavar="SUBSPACE.safetensors", help="the subspace file the task was trained on")
     e.add_argument("--coefficients", required=True, metavar="TASK.safetensors",
                    help="the task file (written by em.save_coefficients, em = eigenlorax.apply(...))")
-    e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
+    e.add_argument("-o", "--output", type=_path, required=True, metavar="ADAPTER_DIR",
                    help="peft adapter folder to write (created; an adapter already there needs --force)")
     e.add_argument("--task-type", choices=TASK_TYPES, default=None,
                    help="peft task type of the adapter (e.g. SEQ_CLS; default: the one recorded in the task "
@@ -450,7 +457,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "train one task with SRLoRA vs LoRA. Writes results.md, results.json and PNG plots to "
                     "--output, next to the adapters, packages and subspace it made. About 2.5-4.5 minutes on 2 CPU "
                     "cores; no network.")
-    p.add_argument("-o", "--output", default="demo_out",
+    p.add_argument("-o", "--output", type=_path, default="demo_out",
                    help="output folder (created; files of an earlier demo there are replaced, a folder holding "
                         "anything else is refused without --force; default %(default)s)")
     p.add_argument("--force", action="store_true",

@@ -292,7 +292,9 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
             per.append({u.module: u for u in a.updates()})
         except FormatError as e:  # names the layer (and the folder, for a loaded adapter)
             raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
-    _refuse_duplicates(names, [tensors_digest(a.tensors) for a in loaded], "weights")
+    # the same factors under another lora_alpha are another update: the scalings count as well
+    _refuse_duplicates(names, [tensors_digest(a.tensors) + repr(sorted((m, u.scaling) for m, u in p.items()))
+                               for a, p in zip(loaded, per)], "weights and scalings")
     for name, a in zip(names, loaded):
         left = embedding_lora_modules(a.tensors) + sorted(k for k in a.tensors if k.endswith(".lora_B.bias"))
         if left:
@@ -313,8 +315,12 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                 pass  # not one prefix rewrite: the check below names the layers
         missing, extra = set(modules) - set(p), set(p) - set(modules)
         if missing or extra:
+            other = sorted(m for m in set(p) & set(modules) if p[m].shape != per[0][m].shape)
+            why = (f" (and {other[0]} is {p[other[0]].shape[0]} x {p[other[0]].shape[1]} there, "
+                   f"{per[0][other[0]].shape[0]} x {per[0][other[0]].shape[1]} in {names[0]}: another base model?)"
+                   if other else "")
             raise ValueError(f"{name} adapts different layers than {names[0]}: "
-                             f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+                             f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}{why}")
     subA, subB, fps = {}, {}, {}
     bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
     if bw is not None:   # fingerprints: one base weight per adapted layer

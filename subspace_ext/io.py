@@ -254,6 +254,10 @@ class PeftAdapter:
             if key in self.config:
                 self._number(key, self.config[key])
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))  # peft's Conv1D layers (GPT-2): same B, A
+        for key in self.tensors:   # the lora_A side is matched below; a lone lora_B was silently dropped
+            m = re.fullmatch(r"(.*)\.lora_B(\.weight)?", key)
+            if m and f"{m.group(1)}.lora_A{m.group(2) or ''}" not in self.tensors:
+                raise FormatError(f"{key} has no matching {m.group(1)}.lora_A{m.group(2) or ''}")
         out = []
         for key in self.tensors:
             m = re.fullmatch(r"(.*)\.lora_A(\.weight)?", key)

@@ -111,3 +111,14 @@ def test_demo_cli(tmp_path, capsys):
     assert cli.main(["demo", "-o", str(other), "--quick", "-q"]) == 1
     assert "holds files no earlier demo wrote (adapters, results.md)" in capsys.readouterr().err
     assert (other / "results.md").read_text() == "my notes" and not (other / demo.MARKER).exists()
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["bench", "--quick"], ["solar", "compress", "a", "--base", "b"],
+                                  ["solar", "decompress", "p", "--base", "b"], ["eigen", "build", "a", "b"],
+                                  ["eigen", "export", "s", "t"]])
+def test_an_empty_output_path_is_a_usage_error(argv, capsys):
+    """`eigen build a b -o ''` ran the whole build and then failed to rename its file into ''."""
+    flag = "--output" if argv[0] == "bench" else "-o"
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + [flag, ""])
+    assert e.value.code == 2 and "expected a path, got an empty string" in capsys.readouterr().err

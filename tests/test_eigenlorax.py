@@ -1238,10 +1238,26 @@ def test_build_refuses_the_same_adapter_twice(tmp_path):
     for second in (d0, d0 + "/", str(tmp_path / "link"), str(tmp_path / ".." / tmp_path.name / "ad0")):
         with pytest.raises(ValueError, match=r"same adapter \(same folder\)"):
             eigenlorax.build_subspace([d0, d1, second])
-    with pytest.raises(ValueError, match=r"copy and .*ad0 are the same adapter \(same weights\)"):
+    with pytest.raises(ValueError, match=r"copy and .*ad0 are the same adapter \(same weights and scalings\)"):
         eigenlorax.build_subspace([d0, d1, str(tmp_path / "copy")])
     with pytest.raises(ValueError, match=r"adapter\[1\] and adapter\[0\] are the same adapter"):
         eigenlorax.build_subspace([ads[0], ads[0]])
+    # the same factors under another lora_alpha: another update (twice the first), not a duplicate
+    config = json.loads((tmp_path / "copy" / "adapter_config.json").read_text())
+    config["lora_alpha"] = 2 * config.get("lora_alpha", 8)
+    (tmp_path / "copy" / "adapter_config.json").write_text(json.dumps(config))
+    assert eigenlorax.build_subspace([d0, d1, str(tmp_path / "copy")], components=2).modules
+
+
+def test_build_names_a_shape_difference_between_adapters(tmp_path):
+    """An adapter of another base (other widths, fewer layers) was said to adapt different layers only."""
+    ads = random_adapters(TOY_LAYERS, 2, 4)
+    g = torch.Generator().manual_seed(5)
+    small = PeftAdapter(dict(ads[0].config), {
+        "base_model.model.enc.q.lora_A.weight": torch.randn(4, 20, generator=g),
+        "base_model.model.enc.q.lora_B.weight": torch.randn(24, 4, generator=g)})
+    with pytest.raises(ValueError, match=r"missing \['enc.v'\].*enc.q is 24 x 20 there, 48 x 40 in .*another base"):
+        eigenlorax.build_subspace([ads[0], ads[1], small])
 
 
 def test_apply_errors():

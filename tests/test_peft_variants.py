@@ -218,6 +218,19 @@ def test_unknown_lora_tensors_are_refused_and_lora_bias_is_carried(bert, tmp_pat
         ad.updates()
 
 
+@pytest.mark.parametrize("missing", ["lora_A", "lora_B"])
+def test_a_factor_without_its_pair_is_refused(bert, tmp_path, missing):
+    """A lora_B without its lora_A was dropped without a word (compress reported one layer fewer); the
+    reverse was refused. Both are refused, naming the tensor."""
+    folder = _save(bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]), str(tmp_path / "a"))
+    ad = io.PeftAdapter.load(folder)
+    gone = next(k for k in sorted(ad.tensors) if f".{missing}." in k)
+    del ad.tensors[gone]
+    other = "lora_B" if missing == "lora_A" else "lora_A"
+    with pytest.raises(io.FormatError, match=f"{gone.replace(missing, other)} has no matching "):
+        ad.updates()
+
+
 def test_adalora_with_lora_alpha_zero(bert, tmp_path):
     """peft's AdaLoRA takes lora_alpha <= 0 as init_r (a scaling of about 1); it was refused here as a
     zero scaling."""
