@@ -218,7 +218,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="where the workloads run (cuda: needs a GPU and a CUDA build; default cpu)")
     p.add_argument("--large", action="store_true",
                    help="add rsvd_many over a 7B-shaped layer set (32 x {4096², 4096×11008, 11008×4096}, "
-                        "about 14 GB: for a GPU)")
+                        "about 14 GB: for a GPU; on the CPU refused where the memory is short of about 26 GiB)")
     p.add_argument("--output", type=_path, metavar="FILE.md",
                    help="also write the report to this file (folders created; an earlier report is replaced, any "
                         "other existing file is refused)")

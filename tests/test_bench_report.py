@@ -50,6 +50,16 @@ def test_large_set_rows(monkeypatch):
     assert not any("TF32" in r for r in rows)  # a CPU run
 
 
+def test_large_set_on_the_cpu_needs_the_memory(monkeypatch, capsys):
+    """--large on the CPU allocated the 14 GB set whatever the machine had; it is refused up front where the
+    memory is short (the set and both sides' workspaces)."""
+    monkeypatch.setattr(bench.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2**20}[name])
+    with pytest.raises(ValueError, match=r"needs about 26 GiB of memory .* this machine has 4 GiB"):
+        bench.run(quick=True, out=lambda _: None, large=True)
+    assert cli.main(["bench", "--quick", "--large"]) == 1
+    assert "needs about 26 GiB" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_device_without_gpu_is_a_clear_error(capsys):
     with pytest.raises(ValueError, match="needs a GPU"):
