@@ -26,6 +26,7 @@ examples:
   {PROG} solar decompress pkg.safetensors --base MODEL_DIR -o restored_adapter/
   {PROG} solar inspect pkg.safetensors
   {PROG} eigen build ADAPTER_DIR1 ADAPTER_DIR2 ... -o subspace.safetensors --components 16
+  {PROG} eigen inspect subspace.safetensors   # K and the variance kept per layer and side
   {PROG} eigen export subspace.safetensors --coefficients task.safetensors -o task_adapter/
   {PROG} bench --quick                        # seconds: smoke test
   {PROG} bench --threads 8 --output bench.md  # the full table, also to a file
@@ -383,6 +384,26 @@ def _eigen_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eigen_inspect(args: argparse.Namespace) -> int:
+    from . import eigenlorax
+
+    sub = eigenlorax.EigenSubspace.load(args.subspace)
+    m = sub.meta
+    how = f"variance {m['variance']}" if m.get("variance") is not None else f"components {m.get('components') or 32}"
+    print(f"{args.subspace}: EigenLoRAx subspace of {m.get('adapters', '?')} adapters, {len(sub.modules)} layers "
+          f"({how}, augment {m.get('augment', 0)}, seed {m.get('seed', 0)}); base "
+          f"{m.get('base_model_name_or_path') or 'not named'}, fingerprints "
+          f"{'recorded' if m.get('fingerprints') else 'not recorded'}")
+    print("layer | lora_A: K (principal + augment), variance kept | lora_B: K (principal + augment), variance kept")
+    for mod in sub.modules:
+        sides = []
+        for side in (sub.A[mod], sub.B[mod]):
+            aug = side.P.shape[1] - side.n_pc
+            sides.append(f"{side.P.shape[1]} ({side.n_pc} + {aug}), {float(side.explained.double().sum()):.4f}")
+        print(f"{mod} | {sides[0]} | {sides[1]}")
+    return 0
+
+
 def _add_eigen(sub: argparse._SubParsersAction) -> None:
     from .eigenlorax import TASK_TYPES
 
@@ -411,6 +432,12 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
                    help="seed of the augmentation directions (default 0)")
     b.add_argument("--base", metavar="BASE", help="base model: record weight fingerprints in the subspace")
     b.set_defaults(func=_eigen_build)
+    i = ss.add_parser("inspect", help="a subspace file's settings and, per layer and side, K and the variance kept",
+                      description="Print a subspace's settings and, per layer and side, its K directions (principal + "
+                                  "augmentation) and the fraction of the adapters' centred variance its principal "
+                                  "directions explain.")
+    i.add_argument("subspace", metavar="SUBSPACE.safetensors", help="a subspace file (written by eigen build)")
+    i.set_defaults(func=_eigen_inspect)
     e = ss.add_parser("export", help="subspace + task coefficients -> peft LoRA folder",
                       description="Turn a task trained with EigenLoRAx into a standard peft LoRA adapter folder "
                                   "(B = P_B alpha_B, A = (P_A alpha_A)^T). Task files are written in Python: "

@@ -1439,9 +1439,21 @@ def test_cli_build_and_export(tmp_path, capsys):
     ad = PeftAdapter.load(out_dir)
     assert {u.module for u in ad.updates()} == set(TOY_LAYERS)
     assert all(u.scaling == pytest.approx(0.5) for u in ad.updates())
-    # variance selection through the CLI
+    # variance selection through the CLI; inspect shows what each layer and side kept
     rc, _, err = run_cli(["eigen", "build", *dirs, "-o", sub_path, "--variance", "0.5"], capsys)
     assert rc == 0, err
+    rc, out, err = run_cli(["eigen", "inspect", sub_path], capsys)
+    assert rc == 0, err
+    sub = EigenSubspace.load(sub_path)
+    assert "subspace of 3 adapters, 2 layers (variance 0.5, augment 0, seed 0)" in out
+    for m in sub.modules:
+        a, b = sub.A[m], sub.B[m]
+        kept = [float(x.explained.double().sum()) for x in (a, b)]
+        assert min(kept) >= 0.5
+        assert (f"{m} | {a.P.shape[1]} ({a.n_pc} + 0), {kept[0]:.4f} | {b.P.shape[1]} ({b.n_pc} + 0), "
+                f"{kept[1]:.4f}") in out
+    rc, _, err = run_cli(["eigen", "inspect", coef], capsys)   # a task file, not a subspace
+    assert rc == 1 and "not an EigenLoRAx subspace" in err
 
 
 @pytest.mark.parametrize("case", ["one-adapter", "missing-folder", "variance-range", "both", "not-subspace",
