@@ -362,7 +362,7 @@ def _eigen_build(args: argparse.Namespace) -> int:
     _check_output_file(args.output, list(args.adapters) + [args.base], eigenlorax.FORMAT, "an EigenLoRAx subspace")
     t0 = time.perf_counter()
     sub = eigenlorax.build_subspace(args.adapters, components=args.components, variance=args.variance,
-                                    augment=args.augment, seed=args.seed, base=args.base)
+                                    augment=args.augment, seed=args.seed, base=args.base, progress=not args.quiet)
     _make_parent(args.output)
     sub.save(args.output)
     span = lambda xs: f"{min(xs)}" if min(xs) == max(xs) else f"{min(xs)}..{max(xs)}"  # noqa: E731
@@ -431,6 +431,7 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
                    help="seed of the augmentation directions (default 0)")
     b.add_argument("--base", metavar="BASE", help="base model: record weight fingerprints in the subspace")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_eigen_build)
     i = ss.add_parser("inspect", help="a subspace file's settings and, per layer and side, K and the variance kept",
                       description="Print a subspace's settings and, per layer and side, its K directions (principal + "

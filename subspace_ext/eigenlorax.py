@@ -31,8 +31,8 @@ import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
-                 fingerprint, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
-                 prefix_rewrite, refuse_layer_replication, save_safetensors, tensors_digest, tied_elsewhere,
+                 fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar, read_safetensors,
+                 refuse_layer_replication, safetensors_metadata, save_safetensors, tensors_digest, tied_elsewhere,
                  unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
@@ -258,13 +258,14 @@ def _principal(M: torch.Tensor, components: Optional[int], variance: Optional[fl
 
 def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: Optional[int] = None,
                    variance: Optional[float] = None, augment: int = 0, seed: int = 0,
-                   base: Optional[Union[str, BaseWeights]] = None) -> EigenSubspace:
+                   base: Optional[Union[str, BaseWeights]] = None, progress: bool = False) -> EigenSubspace:
     """Principal subspaces from N peft LoRA adapters of one base model (folders or PeftAdapter).
 
     ``components``: K principal directions per layer and side (default 32, capped at the centred
     stack's numerical rank, at most N·r − 1); or ``variance``: the smallest K explaining that fraction
     of the centred stack's variance. ``augment``: extra seeded directions orthogonal to the components.
-    With ``base``, the subspace records a fingerprint of every base weight (checked by ``apply``).
+    With ``base``, the subspace records a fingerprint of every base weight (checked by ``apply``). ``progress``: a
+    per-layer progress bar on stderr.
     """
     if components is not None and variance is not None:
         raise ValueError("give components or variance, not both")
@@ -326,7 +327,7 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     if bw is not None:   # fingerprints: one base weight per adapted layer
         for name, a in zip(names, loaded):
             refuse_layer_replication(a.config, name)
-    for li, mod in enumerate(modules):
+    for li, mod in enumerate(progress_bar(modules, "eigen: layers", progress)):
         ups = [p[mod] for p in per]
         shapes = {u.shape for u in ups}
         if len(shapes) > 1:

@@ -74,6 +74,14 @@ def parameter_names(model: torch.nn.Module) -> Dict[int, List[str]]:
     return names
 
 
+def progress_bar(items, desc: str, enabled: bool):
+    """``items`` with a progress bar (per layer) on stderr when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm  # a dependency of transformers / huggingface_hub
+    return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside torch.compile's OptimizedModule (``_orig_mod``) and DataParallel /
     DistributedDataParallel (``module``) wrappers: the module names that files record are the plain

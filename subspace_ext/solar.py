@@ -64,6 +64,7 @@ from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, PeftAdapter, as_updat
                  embedding_lora_modules, fingerprint, prefix_rewrite, read_safetensors, refuse_layer_replication,
                  safetensors_metadata, save_safetensors)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
+from .io import progress_bar as _progress
 
 FORMAT = "subspace_ext.solar"
 FORMAT_VERSION = 1           # packages whose layers are all SOLAR-encoded (readable by older builds)
@@ -434,13 +435,6 @@ def _as_adapter(adapter: Union[str, PeftAdapter]) -> PeftAdapter:
 
 def _as_base(base: Union[str, BaseWeights]) -> BaseWeights:
     return base if isinstance(base, BaseWeights) else BaseWeights(base)
-
-
-def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm  # a dependency of transformers / huggingface_hub
-    return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
 def _lowrank_rel_error(B1, A1, s1, B2, A2, s2) -> float:
