@@ -550,11 +550,14 @@ def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str],
                          f"subspace_ext.cuda_enabled() = {ops.cuda_enabled()})")
     if large and device == "cpu":   # the set alone is ~14 GB, the two sides' workspaces as much again
         need = 2 * 32 * sum(m * n for m, n in LARGE_SHAPES) * 4   # float32, 32 blocks
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-        if have < need:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):   # unknown here (e.g. Windows): not checked
+            have = None
+        if have is not None and have < need:
             raise ValueError(f"large on the CPU needs about {need / 2**30:.0f} GiB of memory (the 7B-shaped set "
-                             f"and both sides' workspaces), this machine has {have / 2**30:.0f} GiB: run it with "
-                             "device 'cuda'")
+                             f"and both sides' workspaces), this machine has {have / 2**30:.0f} GiB in total: run "
+                             "it with device 'cuda'")
     cfg = dataclasses.replace(QUICK if quick else FULL, device=device, large_rsvd=large)
     if device == "cuda" and not quick:  # 1 GiB of output, far past the L2, so the kernel fills the chip
         cfg = dataclasses.replace(cfg, philox_log2=CUDA_PHILOX_LOG2)

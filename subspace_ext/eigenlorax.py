@@ -281,6 +281,8 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     names = [a if isinstance(a, str) else f"adapter[{i}]" for i, a in enumerate(adapters)]
     _refuse_duplicates(names, [os.path.realpath(a) if isinstance(a, str) else None for a in adapters], "folder")
     loaded = [a if isinstance(a, PeftAdapter) else PeftAdapter.load(a) for a in adapters]
+    for name, a in zip(names, loaded):   # its layers are not the base's under their names (nor in an export)
+        refuse_layer_replication(a.config, name)
     if len(loaded) < 2:
         raise ValueError(f"need at least 2 adapters, got {len(loaded)}")
     bases = {_base_name(a.config.get("base_model_name_or_path")) for a in loaded} - {None}
@@ -324,9 +326,6 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                              f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}{why}")
     subA, subB, fps = {}, {}, {}
     bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
-    if bw is not None:   # fingerprints: one base weight per adapted layer
-        for name, a in zip(names, loaded):
-            refuse_layer_replication(a.config, name)
     for li, mod in enumerate(progress_bar(modules, "eigen: layers", progress)):
         ups = [p[mod] for p in per]
         shapes = {u.shape for u in ups}

@@ -355,22 +355,20 @@ _UNSUPPORTED_VARIANTS = {
 
 
 def refuse_layer_replication(config: dict, where: str) -> None:
-    """FormatError for an adapter of peft's ``layer_replication`` that repeats a base layer: its copies
-    (model.layers.2... of layer 1) share one base weight, so the checkpoint holds no weight of their own
-    (SOLAR, and EigenLoRAx's base fingerprints, read one per adapted layer). Ranges that repeat nothing pass."""
+    """FormatError for an adapter of peft's ``layer_replication`` that changes which base layer a model layer
+    is: peft renumbers the stacked copies (``[[0, 2], [1, 2]]``: model.layers.2 is base layer 1; ``[[1, 3]]``:
+    model.layers.0 is base layer 1), so the base checkpoint holds no weight of their own under their names
+    (SOLAR, and EigenLoRAx's bases and exports, go by the names). Ranges that keep layers 0..k-1 in order pass."""
     ranges = config.get("layer_replication") or []
     try:
         layers = [i for start, end in ranges for i in range(start, end)]
-        repeats = len(layers) != len(set(layers))
+        renumbered = layers != list(range(len(layers)))
     except (TypeError, ValueError):
-        repeats = True
-    if repeats:
+        renumbered = True
+    if renumbered:
         raise FormatError(f"{where}: layer_replication adapters ({ADAPTER_CONFIG}: layer_replication "
-                          f"{ranges!r:.60}) are not supported here: peft stacks copies of base layers that share one "
-                          "base weight, so an adapted copy has no weight of its own in the base checkpoint")
-# The tensors with ".lora_" in their names that this reader knows (lora_B.bias: peft's lora_bias, carried
-# as an extra tensor); any other is refused.
-_LORA_TENSOR = re.compile(r".*\.(lora_[ABE](\.weight)?|lora_B\.bias|lora_embedding_[AB](\..*)?)")
+                          f"{ranges!r:.60}) are not supported: peft stacks and renumbers copies of base layers, so "
+                          "an adapted layer has no weight of its own under its name in the base checkpoint")
 
 
 def _write_text(path: str, text: str) -> None:

@@ -908,7 +908,7 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     if not _strict_json(ad.config):  # the package carries it; receivers write it as adapter_config.json
         raise ValueError(f"{ad.source or 'the adapter'}: its config holds NaN or Inf (not valid JSON; a package "
                          "carrying it would be refused by both decoders)")
-    refuse_layer_replication(ad.config, os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
+    refuse_layer_replication(ad.config, ad.source or "the adapter")
     updates = [u for u in ad.updates() if u.A.shape[0] > 0]  # AdaLoRA prunes layers to rank 0: no update
     if not updates:
         raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "

@@ -417,7 +417,7 @@ class SRLoRA:
             if n <= 0:
                 out = l.S.numel() - l.next_dir <= 0
                 exhausted += int(out)
-                ran_out += int(out and l.S.numel() > r)   # not a narrow layer (warned about at the start)
+                ran_out += int(out and min(l.W.shape) > r)   # not a narrow layer (warned about at the start)
                 continue
             order = torch.argsort(s_host[eligible], stable=True)[:n]
             pick = eligible[order].sort().values

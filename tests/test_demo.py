@@ -115,7 +115,7 @@ def test_demo_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["demo"], ["bench", "--quick"], ["solar", "compress", "a", "--base", "b"],
                                   ["solar", "decompress", "p", "--base", "b"], ["eigen", "build", "a", "b"],
-                                  ["eigen", "export", "s", "t"]])
+                                  ["eigen", "export", "s", "--coefficients", "t"]])
 def test_an_empty_output_path_is_a_usage_error(argv, capsys):
     """`eigen build a b -o ''` ran the whole build and then failed to rename its file into ''."""
     flag = "--output" if argv[0] == "bench" else "-o"

@@ -315,11 +315,15 @@ def test_layer_replication_is_refused_by_name(tmp_path):
     base = _llama_tied(str(tmp_path / "llama"))
     folder = _save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                          layer_replication=[[0, 2], [1, 2]]), str(tmp_path / "rep"))
-    with pytest.raises(io.FormatError, match=f"{folder}: layer_replication adapters .* share one base weight"):
+    with pytest.raises(io.FormatError, match=f"{folder}: layer_replication adapters .* renumbers copies"):
         solar.compress(folder, base, budget="full")
     other = _save(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                         layer_replication=[[0, 2], [1, 2]]), str(tmp_path / "rep2"), seed=2)
-    with pytest.raises(io.FormatError, match="layer_replication adapters"):   # base weights: refused
+    with pytest.raises(io.FormatError, match="layer_replication adapters"):
         eigenlorax.build_subspace([folder, other], components=2, base=base)
-    assert eigenlorax.build_subspace([folder, other], components=2).modules   # factors only: fine
-    io.refuse_layer_replication({"layer_replication": [[0, 2]]}, "x")   # repeats no layer: passes
+    with pytest.raises(io.FormatError, match="layer_replication adapters"):   # nor could an export say it
+        eigenlorax.build_subspace([folder, other], components=2)
+    io.refuse_layer_replication({"layer_replication": [[0, 2]]}, "x")   # layers 0..1 as they are: passes
+    for ranges in ([[1, 3]], [[0, 1], [2, 3]], [[2, 4], [0, 2]]):   # renumbered, though nothing repeats
+        with pytest.raises(io.FormatError, match="layer_replication adapters"):
+            io.refuse_layer_replication({"layer_replication": ranges}, "x")

@@ -799,6 +799,12 @@ def test_warns_once_when_layers_run_out_of_directions():
         warnings.simplefilter("error")
         toy_steps(model, opt, sr, toy_batches(3))
     assert sr.log[-1].exhausted == 1
+    # directions=0 with PiSSA: every wide layer is out of directions at once, and the warning says so
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=1, warmup=1, fuse_fraction=1.0, directions=0, stop=1.0))
+    with pytest.warns(UserWarning, match="used every cached principal direction"):
+        toy_steps(model, opt, sr, toy_batches(2))
 
 
 def test_resume_reads_flags_saved_as_0_or_1(tmp_path):
