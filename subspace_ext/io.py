@@ -371,6 +371,11 @@ def refuse_layer_replication(config: dict, where: str) -> None:
                           "an adapted layer has no weight of its own under its name in the base checkpoint")
 
 
+# The tensors with ".lora_" in their names that this reader knows (lora_B.bias: peft's lora_bias, carried
+# as an extra tensor); any other is refused.
+_LORA_TENSOR = re.compile(r".*\.(lora_[ABE](\.weight)?|lora_B\.bias|lora_embedding_[AB](\..*)?)")
+
+
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
