@@ -389,7 +389,8 @@ def _eigen_inspect(args: argparse.Namespace) -> int:
 
     sub = eigenlorax.EigenSubspace.load(args.subspace)
     m = sub.meta
-    how = f"variance {m['variance']}" if m.get("variance") is not None else f"components {m.get('components') or 32}"
+    how = (f"variance {m['variance']}" if m.get("variance") is not None
+           else f"components {m.get('components') or eigenlorax.DEFAULT_COMPONENTS}")
     print(f"{args.subspace}: EigenLoRAx subspace of {m.get('adapters', '?')} adapters, {len(sub.modules)} layers "
           f"({how}, augment {m.get('augment', 0)}, seed {m.get('seed', 0)}); base "
           f"{m.get('base_model_name_or_path') or 'not named'}, fingerprints "

@@ -30,13 +30,14 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, check_finite, content_digest, embedding_lora_modules,
-                 fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar, read_safetensors,
-                 refuse_layer_replication, safetensors_metadata, save_safetensors, tensors_digest, tied_elsewhere,
-                 unwrap_model)
+from .io import (BaseWeights, FormatError, PeftAdapter, check_digest, check_finite,
+                 embedding_lora_modules, fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar,
+                 read_safetensors, refuse_layer_replication, safetensors_metadata, save_with_digest, tensors_digest,
+                 tied_elsewhere, unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
+DEFAULT_COMPONENTS = 32   # K per layer and side when neither components nor variance is given
 TASK_FORMAT = FORMAT + ".task"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft's
 _PEFT_PREFIX = "base_model.model."
@@ -87,12 +88,6 @@ def _check_scaling(value, where: str) -> float:
     return f
 
 
-def _save(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
-    """Write the file (atomically) with a digest of its tensors and metadata (verified by ``_read``)."""
-    digest = content_digest(tensors, json.dumps(metadata, sort_keys=True))
-    save_safetensors(tensors, path, metadata={**metadata, "digest": digest})
-
-
 def _read(path: str, fmt: str, what: str, version: Optional[int] = None) -> tuple:
     """(tensors, metadata) of an EigenLoRAx file of format ``fmt`` (and ``version``), its digest verified
     (files written before digests were added have none) and every tensor finite."""
@@ -102,9 +97,7 @@ def _read(path: str, fmt: str, what: str, version: Optional[int] = None) -> tupl
     if version is not None and meta.get("format_version") != str(version):
         raise FormatError(f"{path}: {what} format version {meta.get('format_version')} is not supported")
     t = read_safetensors(path)
-    digest = meta.pop("digest", None)
-    if digest is not None and content_digest(t, json.dumps(meta, sort_keys=True)) != digest:
-        raise FormatError(f"{path}: corrupt file: its contents do not match the digest recorded when it was saved")
+    meta = check_digest(path, t, meta)
     check_finite(t, path)
     return t, meta
 
@@ -166,7 +159,8 @@ class EigenSubspace:
         meta = dict(self.meta)
         meta["modules"] = self.modules
         meta["n_pc"] = {"A": [self.A[m].n_pc for m in self.modules], "B": [self.B[m].n_pc for m in self.modules]}
-        _save(tensors, path, {"format": FORMAT, "format_version": str(FORMAT_VERSION), "eigenlorax": json.dumps(meta)})
+        save_with_digest(tensors, path, {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                         "eigenlorax": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str) -> "EigenSubspace":
@@ -242,7 +236,7 @@ def _principal(M: torch.Tensor, components: Optional[int], variance: Optional[fl
     if variance is not None:
         k = int(torch.searchsorted(explained.cumsum(0), torch.tensor(variance, dtype=explained.dtype)).item()) + 1
     else:
-        k = components if components is not None else 32
+        k = components if components is not None else DEFAULT_COMPONENTS
     k = max(1, min(k, rank))
     P = U[:, :k]
     if augment > 0:
@@ -550,7 +544,7 @@ class EigenModel:
             meta["extra"] = _WHOLE_MODULES  # older files may hold part of a module (export_task warns)
         if task_type is not None:
             meta["task_type"] = _check_task_type(task_type, bool(extra), f"{path}: refusing to save")
-        _save(t, path, meta)
+        save_with_digest(t, path, meta)
 
     @torch.no_grad()
     def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]], *,

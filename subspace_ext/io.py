@@ -416,6 +416,22 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Opti
     _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def save_with_digest(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """``save_safetensors`` with a ``digest`` entry over the tensors and the metadata (``check_digest``)."""
+    digest = content_digest(tensors, json.dumps(metadata, sort_keys=True))
+    save_safetensors(tensors, path, metadata={**metadata, "digest": digest})
+
+
+def check_digest(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> Dict[str, str]:
+    """``metadata`` without its ``digest`` entry, which must match ``tensors`` and the rest of it (files
+    written before digests were added have none): FormatError naming ``path`` otherwise."""
+    meta = dict(metadata)
+    digest = meta.pop("digest", None)
+    if digest is not None and content_digest(tensors, json.dumps(meta, sort_keys=True)) != digest:
+        raise FormatError(f"{path}: corrupt file: its contents do not match the digest recorded when it was saved")
+    return meta
+
+
 def _not_a_folder(path: str) -> None:
     if os.path.isdir(path):
         raise FormatError(f"{path} is a folder; expected a .safetensors file")
@@ -480,6 +496,23 @@ class BaseWeights:
 
     def keys(self) -> List[str]:
         return list(self._where)
+
+    def has(self, key: str) -> bool:
+        return key in self._where
+
+    @functools.cached_property
+    def may_tie_embeddings(self) -> bool:
+        """A model folder whose config.json is a JSON object that does not set tie_word_embeddings to false
+        (the edge decoder's test; read once)."""
+        def refuse(constant):   # NaN / Infinity: not JSON (the edge decoder's parser refuses them)
+            raise ValueError(constant)
+
+        try:
+            with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
+                config = json.loads(f.read(), parse_constant=refuse)
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and config.get("tie_word_embeddings", True) is not False
 
     def get(self, key: str) -> torch.Tensor:
         return read_safetensors(self._where[key], [key])[key]

@@ -1248,19 +1248,6 @@ def _module_path(module: str) -> bool:
     return all(module.split(".")) and not any(ord(c) < 0x20 for c in module)
 
 
-def _may_tie_embeddings(folder: str) -> bool:
-    """A model folder whose config.json is a JSON object that does not set tie_word_embeddings to false."""
-    def refuse(constant):   # NaN / Infinity: not JSON (the edge decoder's parser refuses them)
-        raise ValueError(constant)
-
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.loads(f.read(), parse_constant=refuse)
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("tie_word_embeddings", True) is not False
-
-
 def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) -> Tuple[str, torch.Tensor]:
     """(key, W0) of a package layer's base weight; with ``check``, also its fingerprint against the
     package's. A missing or misshapen weight, or another one, raises BaseMismatchError naming the layer."""
@@ -1271,7 +1258,7 @@ def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) 
         # A module without a weight of its own (a tied lm_head): the key the encoder resolved is taken, and
         # the fingerprint check shows it is that weight; from a bare .safetensors file (no config to ask) or
         # a folder whose config.json may tie embeddings. The edge decoder has the same rule.
-        if not ((os.path.isfile(bw.path) or _may_tie_embeddings(bw.path)) and info.base_key in bw.keys()):
+        if not ((os.path.isfile(bw.path) or bw.may_tie_embeddings) and bw.has(info.base_key)):
             raise BaseMismatchError(f"{what}: {e}") from None
         key = info.base_key
         W0 = _base_weight_at(bw, key, info.shape, what, info.fan_in_fan_out)

@@ -41,8 +41,8 @@ import torch
 
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
-from .io import (FormatError, content_digest, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
-                 save_safetensors, tied_elsewhere, unwrap_model)
+from .io import (FormatError, check_digest, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
+                 save_with_digest, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 
@@ -507,10 +507,9 @@ class SRLoRA:
                 "next_dir": json.dumps([l.next_dir for l in self.layers]),
                 "config": json.dumps(dataclasses.asdict(self.config)),
                 "log": json.dumps([dataclasses.asdict(e) for e in self.log])}
-        meta["digest"] = content_digest(t, json.dumps(meta, sort_keys=True))   # verified by _state_file
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, STATE_FILE)
-        save_safetensors(t, path, metadata=meta)
+        save_with_digest(t, path, meta)   # verified by _state_file
         return path
 
     @torch.no_grad()
@@ -557,9 +556,7 @@ def _state_file(folder: str) -> tuple:
     if meta.get("format") != STATE_FORMAT:
         raise FormatError(f"{path}: not an SRLoRA state file (format {meta.get('format')!r})")
     t = read_safetensors(path)
-    digest = meta.pop("digest", None)
-    if digest is not None and content_digest(t, json.dumps(meta, sort_keys=True)) != digest:
-        raise FormatError(f"{path}: corrupt file: its contents do not match the digest recorded when it was saved")
+    meta = check_digest(path, t, meta)
     try:
         names = json.loads(meta["layers"])
     except (KeyError, json.JSONDecodeError) as e:
