@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, check_digest, check_finite,
+from .io import (BaseWeights, FormatError, PeftAdapter, base_modifying_init, check_digest, check_finite,
                  embedding_lora_modules, fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar,
                  read_safetensors, refuse_layer_replication, safetensors_metadata, save_with_digest, tensors_digest,
                  tied_elsewhere, unwrap_model)
@@ -293,15 +293,17 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     _refuse_duplicates(names, [tensors_digest(a.tensors) + repr(sorted((m, u.scaling) for m, u in p.items()))
                                for a, p in zip(loaded, per)], "weights and scalings")
     for name, a in zip(names, loaded):
+        init = base_modifying_init(a.config.get("init_lora_weights"))
+        if init:
+            warnings.warn(f"{name}: saved with init_lora_weights={init!r} without peft's conversion: its factors hold "
+                          "that init (a principal part of the base weight) plus the training, and the subspace "
+                          "learns both; convert it first (save_pretrained(..., "
+                          "path_initial_model_for_weight_conversion=...))", stacklevel=2)
         left = embedding_lora_modules(a.tensors) + sorted(k for k in a.tensors if k.endswith(".lora_B.bias"))
         if left:
             warnings.warn(f"{name}: LoRA on embeddings (lora_embedding_A/B) and LoRA biases (lora_B.bias) are not "
                           f"part of an EigenLoRAx subspace and are left out: {', '.join(left[:3])}"
                           f"{' ...' if len(left) > 3 else ''}", stacklevel=2)
-    layouts = {bool(a.config.get("fan_in_fan_out")) for a in loaded}
-    if len(layouts) > 1:
-        raise ValueError("adapters disagree on fan_in_fan_out (Conv1D vs Linear layers): "
-                         + ", ".join(f"{n}: {bool(a.config.get('fan_in_fan_out'))}" for n, a in zip(names, loaded)))
     modules = list(per[0])
     for i, (name, p) in enumerate(zip(names[1:], per[1:]), 1):
         if set(p) != set(modules):  # saved from another wrapper of the base (bert.encoder... vs encoder...)?
@@ -336,18 +338,18 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         if bw is not None:
             key = bw.key_for_module(mod)
             W = bw.get(key)
-            m, n = ups[0].shape
-            want = (n, m) if ups[0].fan_in_fan_out else (m, n)
-            if tuple(W.shape) != want:
+            m, n = ups[0].shape   # out x in; a Conv1D stores its weight in x out (peft's flag is per module)
+            if tuple(W.shape) not in ((m, n), (n, m)):
                 raise ValueError(f"layer {mod}: the base's {key} is {tuple(W.shape)} but the adapters' update is "
-                                 f"{m} x {n}{' (Conv1D: stored in x out)' if ups[0].fan_in_fan_out else ''}: "
-                                 "is this the adapters' base model?")
+                                 f"{m} out x {n} in: is this the adapters' base model?")
             fps[mod] = fingerprint(W)
     meta = {"adapters": len(loaded), "components": components, "variance": variance, "augment": augment,
             "seed": seed, "fingerprints": fps,
             "base_model_name_or_path": next((a.config["base_model_name_or_path"] for a in loaded
                                              if a.config.get("base_model_name_or_path")), None),
-            "fan_in_fan_out": layouts.pop()}
+            # peft decides the layout per module type (Conv1D or Linear) and saves its last choice as the
+            # flag: adapters of one GPT-2 with and without a Linear lm_head disagree on it, harmlessly
+            "fan_in_fan_out": any(bool(a.config.get("fan_in_fan_out")) for a in loaded)}
     return EigenSubspace(subA, subB, meta)
 
 

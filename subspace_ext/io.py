@@ -147,6 +147,17 @@ def embedding_lora_modules(tensors: Dict[str, torch.Tensor]) -> List[str]:
     return sorted({m.group(1) for k in tensors if (m := re.fullmatch(r"(.*)\.lora_embedding_A(\..*)?", k))})
 
 
+def base_modifying_init(init) -> Optional[str]:
+    """A peft ``init_lora_weights`` that moves a part of each base weight into the factors when peft creates
+    the adapter (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: W0 -= s B A): the value, else None. An adapter saved
+    without peft's conversion (``path_initial_model_for_weight_conversion``) keeps it in its config, so its
+    factors hold that init plus the training, and peft redoes the init on the original base when it loads."""
+    if isinstance(init, str) and (init.lower().startswith("pissa") or init.lower() in ("olora", "corda", "loftq",
+                                                                                       "lora_ga")):
+        return init
+    return None
+
+
 def refuse_srlora_state_alone(folder: str) -> None:
     """An adapter written into a folder that holds an SRLoRA run's state and no adapter would be loaded with
     that run's base weights (``srlora.load_base_weights``): refused. (Over the run's adapter it replaces
@@ -278,9 +289,14 @@ class PeftAdapter:
             A, B = self.tensors[key], self.tensors[b_key]
             if not (A.is_floating_point() and B.is_floating_point()):
                 raise FormatError(f"{module}: lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}")
+            if A.dim() > 2 or B.dim() > 2:
+                raise FormatError(f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are {max(A.dim(), B.dim())}"
+                                  "-D: LoRA on a convolution (peft's Conv1d / Conv2d / Conv3d layers) is not supported; "
+                                  "Linear and transformers' Conv1D layers are")
             if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
                 raise FormatError(f"{module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
             name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+            param = self._target_parameter(name)
             r = A.shape[0]
             if kind == "ADALORA":
                 E = self.tensors.get(f"{module}.lora_E{suffix}")
@@ -296,8 +312,8 @@ class PeftAdapter:
             elif r == 0:  # AdaLoRA prunes layers to rank 0 (callers skip them); a LoRA has no such layer
                 raise FormatError(f"{module}: lora_A / lora_B of rank 0 ({tuple(A.shape)} / {tuple(B.shape)}): "
                                   "a LoRA layer without an update")
-            else:
-                scaling = self.lora_scaling(name, r)
+            else:   # peft matches a target parameter's patterns on "<module>.<parameter>"
+                scaling = self.lora_scaling(name if param is None else f"{name}.{param}", r)
             for side, M in (("lora_A", A), ("lora_B", B)):
                 if not bool(torch.isfinite(M).all()):
                     raise FormatError(f"layer {name}: {side} holds NaN or Inf")
@@ -310,6 +326,24 @@ class PeftAdapter:
             raise FormatError("the adapter holds no lora_A / lora_B tensors" + (
                 f"; LoRA on embeddings (lora_embedding_A/B of {', '.join(emb[:3])}) is not supported" if emb else ""))
         return out
+
+    def _target_parameter(self, module: str) -> Optional[str]:
+        """The parameter a module's LoRA adapts when peft's ``target_parameters`` names it (peft wraps the
+        module and matches "<module>.<parameter>" on the entry's dotted suffix), else None. Only a 2-D
+        ``weight`` is read as a Linear's update; LoRA on another parameter (the 3-D expert tensors of a MoE
+        block, where lora_A / lora_B hold one rank-r pair per expert) is refused."""
+        targets = self.config.get("target_parameters") or []
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise FormatError(f"{ADAPTER_CONFIG}: target_parameters must be a list of parameter names, got {targets!r}")
+        core = re.sub(r"(\.base_layer)+$", "", module)  # peft nests the wrappers of several parameters of one module
+        params = {p for mod, _, p in (t.rpartition(".") for t in targets)
+                  if not mod or core == mod or core.endswith("." + mod)}
+        if params - {"weight"}:
+            raise FormatError(f"{module}: LoRA on the parameter(s) {', '.join(sorted(params))} of this module (peft's "
+                              "target_parameters) is not supported: its update is not scaling * B @ A of a 2-D "
+                              "weight (a MoE block's expert tensors hold one LoRA pair per expert); only a module's "
+                              "2-D weight is")
+        return "weight" if params else None
 
     def lora_scaling(self, module: str, r: int) -> float:
         """peft's LoRA scaling for a module: alpha / r (alpha / sqrt(r) with use_rslora), with the

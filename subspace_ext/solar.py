@@ -60,9 +60,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import ops
-from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, PeftAdapter, as_update_layout, check_finite,
-                 embedding_lora_modules, fingerprint, prefix_rewrite, read_safetensors, refuse_layer_replication,
-                 safetensors_metadata, save_safetensors)
+from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, PeftAdapter, as_update_layout, base_modifying_init,
+                 check_finite, embedding_lora_modules, fingerprint, prefix_rewrite, read_safetensors,
+                 refuse_layer_replication, safetensors_metadata, save_safetensors)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 from .io import progress_bar as _progress
 
@@ -197,6 +197,11 @@ class SolarPackage:
         embedded = embedding_lora_modules(self.extra)  # LoRA on embeddings travels in ``extra``
         if embedded:
             out.append(f"carried unchanged (LoRA on embeddings is not compressed): {', '.join(embedded)}")
+        init = base_modifying_init(self.peft_config.get("init_lora_weights"))
+        if init:
+            out.append(f"init_lora_weights={init!r} (saved without peft's conversion): the factors hold that init, a "
+                       "part of the base weight, plus the training, so the errors are of s B A, not of the fine-tune "
+                       "alone; decode onto the original base, which peft initialises again when it loads the adapter")
         if self.basis == 1 and any(l.kind == "solar" and l.nnz > 0 for l in self.layers):
             out.append("made by an older build (basis rule 1): a base weight with tied singular values may not "
                        "give the sender's basis here; its layer then fails its checksum")
@@ -457,19 +462,23 @@ def relative_errors(original: Union[str, PeftAdapter], restored: Union[str, Peft
 
 
 def _base_weight(bw: BaseWeights, module: str, shape, what: str, fan_in_fan_out: bool,
-                 either: bool = False) -> (str, torch.Tensor, bool):
+                 either: bool = False, kinds: Optional[Dict[str, str]] = None) -> (str, torch.Tensor, bool):
     """The base weight's key, the weight as stored (fingerprints are taken as stored) and whether it
     is stored transposed (n x m, transformers' Conv1D); its m x n view is ``as_update_layout``.
 
-    ``either``: a non-square weight stored the other way round than ``fan_in_fan_out`` says is
-    accepted as such — peft decides the layout per module type, so one adapter of a GPT-2 can hold
-    Conv1D and Linear layers (e.g. lm_head) under one config flag. The decoder is strict: it uses the
-    layout recorded per layer."""
+    ``either`` (the encoder): peft decides the layout per module type, so one adapter of a GPT-2 can
+    hold Conv1D and Linear layers (e.g. lm_head) under one config flag, which holds peft's last choice.
+    The module's type in ``kinds`` (``BaseWeights.weight_kinds``) decides; without it (no config.json),
+    a non-square weight stored the other way round than ``fan_in_fan_out`` says is accepted as such,
+    and a square one takes the flag. The decoder is strict: it uses the layout recorded per layer."""
     key = bw.key_for_module(module)
     W0 = bw.get(key)
     m, n = shape
     stored = (n, m) if fan_in_fan_out else (m, n)
-    if either and m != n and tuple(W0.shape) == (stored[1], stored[0]):
+    kind = _kind_in(key, kinds) if either else None
+    if kind in ("linear", "conv1d"):
+        fan_in_fan_out = kind == "conv1d"
+    elif either and m != n and tuple(W0.shape) == (stored[1], stored[0]):
         fan_in_fan_out = not fan_in_fan_out
     return key, _base_weight_at(bw, key, shape, what, fan_in_fan_out, W0), fan_in_fan_out
 
@@ -921,9 +930,12 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         kinds = ("lowrank",)
     bases = _Bases(BASIS_CACHE_BYTES)
     layers = []
+    # a square layer's layout is its module's type (Conv1D or Linear); a non-square one's shape tells
+    types = bw.weight_kinds() if any(m == n for m, n in (u.shape for u in updates)) else None
     for i, u in enumerate(_progress(updates, "solar: bases" if "solar" in kinds else "solar: layers", progress)):
         m, n = u.shape
-        key, W0, transposed = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out, either=True)
+        key, W0, transposed = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out, either=True,
+                                           kinds=types)
         r = int(u.A.shape[0])
         info = LayerInfo(u.module, key, [m, n], r, float(u.scaling), i, fingerprint(W0), [0.0, 0.0],
                          lora_numbers=(m + n) * r, fan_in_fan_out=transposed)
@@ -950,19 +962,26 @@ def _basis_of(bw: BaseWeights, key: str, transposed: bool, seed: int, stream: in
     return lambda: ops.solar_basis(as_update_layout(bw.get(key), transposed), seed, stream, eps)
 
 
+def _kind_in(key: str, kinds: Optional[Dict[str, str]]) -> Optional[str]:
+    """A checkpoint key's kind in ``kinds`` (None where unknown); checkpoints may drop or add the
+    base-model prefix, so the longest matching dotted suffix decides."""
+    parts = key.split(".") if kinds is not None else []
+    for start in range(len(parts)):
+        suffix = ".".join(parts[start:])
+        hits = {v for k, v in kinds.items() if k == suffix or k.endswith("." + suffix)}
+        if len(hits) == 1:
+            return hits.pop()
+        if hits:
+            break
+    return None
+
+
 def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
-    """A checkpoint key's kind; checkpoints may drop or add the base-model prefix, so the longest
-    matching dotted suffix decides. Without a model config (or a key it lacks): a 2-D ``*.weight``
-    whose name does not contain "embed" counts as a Linear weight."""
-    if kinds is not None:
-        parts = key.split(".")
-        for start in range(len(parts)):
-            suffix = ".".join(parts[start:])
-            hits = {v for k, v in kinds.items() if k == suffix or k.endswith("." + suffix)}
-            if len(hits) == 1:
-                return hits.pop()
-            if hits:
-                break
+    """A checkpoint key's kind (``_kind_in``). Without a model config (or a key it lacks): a 2-D
+    ``*.weight`` whose name does not contain "embed" counts as a Linear weight."""
+    kind = _kind_in(key, kinds)
+    if kind is not None:
+        return kind
     return "linear" if len(shape) == 2 and key.endswith(".weight") and "embed" not in key else "other"
 
 

@@ -41,7 +41,7 @@ import torch
 
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
-from .io import (FormatError, check_digest, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
+from .io import (FormatError, base_modifying_init, check_digest, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
                  save_with_digest, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
@@ -149,12 +149,9 @@ def _base_modifying_init(model, layers: List[_Layer]) -> Optional[str]:
     """The adapter's peft ``init_lora_weights`` when it is one that rewrites the base weight when peft
     creates the adapter (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: W0 -= s B A), else None."""
     configs = getattr(model, "peft_config", {}) or {}
-    for adapter in dict.fromkeys(l.adapter for l in layers):
-        init = getattr(configs.get(adapter), "init_lora_weights", True)
-        if isinstance(init, str) and (init.lower().startswith("pissa")
-                                      or init.lower() in ("olora", "corda", "loftq", "lora_ga")):
-            return init
-    return None
+    inits = (base_modifying_init(getattr(configs.get(a), "init_lora_weights", True))
+             for a in dict.fromkeys(l.adapter for l in layers))
+    return next((i for i in inits if i), None)
 
 
 def lora_layers(model) -> List[_Layer]:

@@ -108,12 +108,17 @@ def test_solar_reads_conv1d_weights_transposed(base_dir, adapter_dir, tmp_path):
 
 
 def test_solar_layout_per_layer(base_dir, adapter_dir, tmp_path):
-    """peft decides the layout per module type (its config flag is global and it flips it per module),
-    so a non-square layer stored the other way round is read as stored; the decoder uses the layout
-    recorded per layer, and a base that fits neither way is refused."""
+    """peft decides the layout per module type (its config flag is global and it flips it per module):
+    the module's type decides where the base has a config.json (a square Conv1D weight, attn.c_proj,
+    was read out x in under a flag of False); from a bare file a non-square layer stored the other way
+    round is read as stored, and a square one takes the flag. The decoder uses the layout recorded per
+    layer, and a base that fits neither way is refused."""
     ad = io.PeftAdapter.load(adapter_dir)
     flagless = io.PeftAdapter(dict(ad.config, fan_in_fan_out=False), dict(ad.tensors))
-    pkg = solar.compress(flagless, base_dir, budget="full")
+    assert all(l.fan_in_fan_out for l in solar.compress(flagless, base_dir, budget="full").layers)
+    bare = str(tmp_path / "bare.safetensors")
+    io.save_safetensors(io.read_safetensors(os.path.join(base_dir, "model.safetensors")), bare)
+    pkg = solar.compress(flagless, bare, budget="full")
     assert [l.fan_in_fan_out for l in pkg.layers] == [l.shape[0] != l.shape[1] for l in pkg.layers]
     path = str(tmp_path / "p.safetensors")
     pkg.save(path)
@@ -194,12 +199,44 @@ def test_eigenlorax_on_conv1d_merge_and_export(base_dir, subspace, tmp_path):
     torch.testing.assert_close(_outputs(base_dir, out2), before, atol=2e-5, rtol=0)
 
 
-def test_eigenlorax_refuses_mixed_layouts(base_dir, adapter_dir, tmp_path):
-    other = _adapter(base_dir, str(tmp_path / "other"), seed=7)
-    ad = io.PeftAdapter.load(other)
-    flipped = io.PeftAdapter(dict(ad.config, fan_in_fan_out=False), dict(ad.tensors))
-    with pytest.raises(ValueError, match="disagree on fan_in_fan_out"):
-        eigenlorax.build_subspace([io.PeftAdapter.load(adapter_dir), flipped], components=2)
+def test_conv1d_and_linear_layers_in_one_adapter(tmp_path):
+    """A GPT-2 adapter on c_attn, c_proj and lm_head (a Linear): peft saves its last choice of layout,
+    fan_in_fan_out = False, for all. SOLAR read the square Conv1D attn.c_proj out x in under it (lossless
+    still exact, but a basis of Wᵀ's transpose: lossy errors 0.9 where 0.35 is right), and eigen build
+    --base blamed the base. Each layer now takes its module's layout, and eigen accepts both."""
+    torch.manual_seed(0)
+    base = str(tmp_path / "gpt2")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=24, n_layer=2,
+                                                         n_head=2)).eval().save_pretrained(base)
+    folders = []
+    for i in range(2):
+        model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "lm_head"],
+                                                    fan_in_fan_out=True))
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        folders.append(str(tmp_path / f"a{i}"))
+        model.save_pretrained(folders[-1])
+    assert io.PeftAdapter.load(folders[0]).config["fan_in_fan_out"] is False   # peft's last choice
+    pkg = solar.compress(folders[0], base, budget="full")
+    assert {l.module: l.fan_in_fan_out for l in pkg.layers} == {
+        l.module: not l.module.endswith("lm_head") for l in pkg.layers}
+    out = str(tmp_path / "restored")
+    solar.decompress(pkg, base).save_adapter(out)
+    ids = torch.arange(12).reshape(2, 6) % 64
+
+    def logits(adapter):
+        m = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), adapter).eval()
+        with torch.no_grad():
+            return m(input_ids=ids).logits.double()
+    torch.testing.assert_close(logits(out), logits(folders[0]), atol=2e-5, rtol=0)
+    other = io.PeftAdapter.load(folders[1])   # the flags may disagree (peft's last choice): harmless
+    flagged = io.PeftAdapter(dict(other.config, fan_in_fan_out=True), dict(other.tensors))
+    sub = eigenlorax.build_subspace([io.PeftAdapter.load(folders[0]), flagged], components=2, base=base)
+    assert sub.meta["fan_in_fan_out"] is True and "lm_head" in sub.meta["fingerprints"]
 
 
 def test_srlora_on_conv1d_is_continuous(base_dir):

@@ -32,11 +32,11 @@ def _bert(path: str) -> str:
     return path
 
 
-def _llama_tied(path: str) -> str:
+def _llama_tied(path: str, tie: bool = True) -> str:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
+                                   tie_word_embeddings=tie)
     transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
     return path
 
@@ -327,3 +327,87 @@ def test_layer_replication_is_refused_by_name(tmp_path):
     for ranges in ([[1, 3]], [[0, 1], [2, 3]], [[2, 4], [0, 2]]):   # renumbered, though nothing repeats
         with pytest.raises(io.FormatError, match="layer_replication adapters"):
             io.refuse_layer_replication({"layer_replication": ranges}, "x")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=[], target_parameters=["q_proj.weight", "v_proj.weight"], alpha_pattern={"q_proj.weight": 32}),
+    dict(target_modules=["v_proj"], target_parameters=["q_proj.weight"], alpha_pattern={"v_proj": 4, "q_proj": 64,
+                                                                                       "q_proj.weight": 32}),
+], ids=["params-only", "params-and-modules"])
+def test_target_parameters_scaling_is_the_one_peft_applies(tmp_path, kw):
+    """peft matches a target parameter's alpha_pattern / rank_pattern keys on '<module>.<parameter>'
+    (q_proj.weight); the reader matched them on the module (q_proj), so a LoRA on a parameter read
+    scaling 2 where peft applies 8: a ΔW 4x too small, and an EigenLoRAx subspace weighted wrongly."""
+    base = _llama_tied(str(tmp_path / "llama"), tie=False)
+    folder = _save(base, peft.LoraConfig(r=4, lora_alpha=8, **kw), str(tmp_path / "a"))
+    ours = {u.module: u.scaling for u in io.PeftAdapter.load(folder).updates()}
+    theirs = _scalings(base, folder)
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    assert len(set(ours.values())) == 2   # the patterns took effect: the test can tell them apart
+    for name in ours:
+        assert ours[name] == pytest.approx(theirs[name], rel=1e-12), name
+    _roundtrip(base, folder, str(tmp_path / "restored"))
+
+
+def test_lora_on_moe_expert_parameters_is_refused_by_name(tmp_path):
+    """peft's target_parameters on a MoE block's 3-D expert tensors stores one rank-r pair per expert in
+    lora_A / lora_B: not scaling * B @ A of a weight. SOLAR blamed the base ('no weight for adapted
+    module'), and eigen build without a base took it for a Linear and exported an adapter peft refuses."""
+    torch.manual_seed(0)
+    base = str(tmp_path / "mixtral")
+    cfg = transformers.MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    transformers.MixtralForCausalLM(cfg).eval().save_pretrained(base, safe_serialization=True)
+    folders = []
+    for i in range(2):
+        model = peft.get_peft_model(transformers.MixtralForCausalLM.from_pretrained(base),
+                                    peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                    target_parameters=["experts.gate_up_proj"]))
+        _randomize(model, seed=i + 1)
+        model.save_pretrained(str(tmp_path / f"m{i}"), safe_serialization=True)
+        folders.append(str(tmp_path / f"m{i}"))
+    why = r"mlp.experts: LoRA on the parameter\(s\) gate_up_proj of this module \(peft's target_parameters\)"
+    with pytest.raises(io.FormatError, match=why):
+        solar.compress(folders[0], base, budget="full")
+    with pytest.raises(io.FormatError, match=why):
+        eigenlorax.build_subspace(folders, components=2)
+
+
+def test_lora_on_a_convolution_is_refused_by_name(tmp_path):
+    """LoRA on a Conv2d (4-D lora_A / lora_B) was refused as 'lora_B (32, 4, 1, 1) and lora_A (4, 3, 4, 4)
+    do not chain', which reads like a corrupt file."""
+    torch.manual_seed(0)
+    base = str(tmp_path / "vit")
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                 image_size=8, patch_size=4)
+    transformers.ViTForImageClassification(cfg).eval().save_pretrained(base, safe_serialization=True)
+    model = peft.get_peft_model(transformers.ViTForImageClassification.from_pretrained(base),
+                                peft.LoraConfig(r=4, target_modules=["projection", "query"]))
+    folders = []
+    for i in range(2):
+        _randomize(model, seed=i + 1)
+        folders.append(str(tmp_path / f"v{i}"))
+        model.save_pretrained(folders[-1], safe_serialization=True)
+    why = r"projection: lora_A \(4, 3, 4, 4\) / lora_B \(32, 4, 1, 1\) are 4-D: LoRA on a convolution"
+    with pytest.raises(io.FormatError, match=why):
+        solar.compress(folders[0], base, budget="full")
+    with pytest.raises(io.FormatError, match=why):
+        eigenlorax.build_subspace(folders, components=2)
+
+
+def test_base_modifying_init_is_noted(bert, tmp_path):
+    """An adapter saved after PiSSA init without peft's conversion holds the init (a principal part of the
+    base weight) plus the training: SOLAR's round trip is right (peft redoes the init on load), but its
+    errors are of s B A, not of the fine-tune; the package says so, and eigen build warns."""
+    folders = [_save(bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                           init_lora_weights="pissa"), str(tmp_path / f"p{i}"), seed=i + 1)
+               for i in range(2)]
+    pkg = solar.compress(folders[0], bert, budget="full")
+    assert any("init_lora_weights='pissa'" in n for n in pkg.notes())
+    assert not any("init_lora_weights" in n for n in solar.compress(
+        _save(bert, peft.LoraConfig(r=4, target_modules=["query"]), str(tmp_path / "plain")), bert,
+        budget="full").notes())
+    _roundtrip(bert, folders[0], str(tmp_path / "restored"))
+    with pytest.warns(UserWarning, match="init_lora_weights='pissa' without peft's conversion"):
+        eigenlorax.build_subspace(folders, components=2)
