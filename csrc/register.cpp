@@ -64,34 +64,48 @@ TORCH_LIBRARY(subspace_ext, m) {
 namespace {
 
 // The tensors an in-place op writes (its arguments marked (a!) in the schema), before the kernel runs.
+// The defined tensors of argument i (a tensor or a list of them) of the op's arguments on the stack.
+std::vector<at::Tensor> argument_tensors(const c10::OperatorHandle& op, const torch::jit::Stack& stack, size_t i) {
+  const c10::IValue& v = stack[stack.size() - op.schema().arguments().size() + i];
+  std::vector<at::Tensor> out;
+  if (v.isTensor()) {
+    if (v.toTensor().defined()) out.push_back(v.toTensor());
+  } else if (v.isTensorList()) {
+    for (const at::Tensor& t : v.toTensorList())
+      if (t.defined()) out.push_back(t);
+  }
+  return out;
+}
+
+bool is_written(const c10::Argument& arg) { return arg.alias_info() && arg.alias_info()->isWrite(); }
+
 std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
   const auto& args = op.schema().arguments();
-  const size_t n = args.size(), start = stack.size() - n;
   std::vector<at::Tensor> written;
-  for (size_t i = 0; i < n; ++i) {
-    const auto& alias = args[i].alias_info();
-    if (!alias || !alias->isWrite()) continue;
-    const c10::IValue& v = stack[start + i];
-    if (v.isTensor()) {
-      if (v.toTensor().defined()) written.push_back(v.toTensor());
-    } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList())
-        if (t.defined()) written.push_back(t);
-    }
-  }
+  for (size_t i = 0; i < args.size(); ++i)
+    if (is_written(args[i]))
+      for (const at::Tensor& t : argument_tensors(op, stack, i)) written.push_back(t);
   return written;
 }
 
-// Autograd kernel of the in-place ops: they have no derivative, so a tensor they write must not
-// require grad while grad mode is on (a leaf is refused with torch's own message).
+// Autograd kernel of the in-place ops: they have no derivative, so while grad mode is on no tensor
+// they take may require grad: not one they write (a leaf is refused with torch's own message), nor one
+// they only read, on which what they write would depend without recording it (torch's own in-place
+// ops record that history; fuse_pairs_ with an A that requires grad left W with none).
 void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    for (const at::Tensor& t : written_tensors(op, *stack)) {
-      if (!t.requires_grad()) continue;
-      TORCH_CHECK(!t.is_leaf(), op.schema().name(), ": a leaf Variable that requires grad is being used in an "
-                  "in-place operation (call it under torch.no_grad())");
-      TORCH_CHECK(false, op.schema().name(), ": writes in place into a tensor that requires grad, and has no "
-                  "derivative: call it under torch.no_grad()");
+    const auto& args = op.schema().arguments();
+    for (size_t i = 0; i < args.size(); ++i) {
+      for (const at::Tensor& t : argument_tensors(op, *stack, i)) {
+        if (!t.requires_grad()) continue;
+        TORCH_CHECK(is_written(args[i]), op.schema().name(), ": its argument ", args[i].name(), " requires grad, "
+                    "and the op has no derivative (what it writes would not record that it depends on ",
+                    args[i].name(), "): call it under torch.no_grad()");
+        TORCH_CHECK(!t.is_leaf(), op.schema().name(), ": a leaf Variable that requires grad is being used in an "
+                    "in-place operation (call it under torch.no_grad())");
+        TORCH_CHECK(false, op.schema().name(), ": writes in place into a tensor that requires grad, and has no "
+                    "derivative: call it under torch.no_grad()");
+      }
     }
   }
   at::AutoDispatchBelowAutograd guard;

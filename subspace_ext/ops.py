@@ -13,15 +13,51 @@ GEMM libraries sum in a thread-count-dependent order). ``small_svd`` keeps Jacob
 """
 from __future__ import annotations
 
+import glob
 import math
 import numbers
 import operator
+import os
 import re
+import warnings
 from typing import Optional, Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library, which registers the ops)
+
+def _load_failure(error: ImportError, folder: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """Why the native library did not load, and what to do: not built in this folder (a source checkout),
+    or built against another torch (the torch it names is read from the file's bytes)."""
+    libs = sorted(glob.glob(os.path.join(folder, "_C.*")))
+    if not libs:
+        return (f"subspace_ext's native library (_C) is not built in {folder}: in a source checkout run `pip install "
+                "--no-build-isolation -e .` (or `make build`) there; to use an installed subspace_ext, run from "
+                f"outside the checkout ({error})")
+    with open(libs[0], "rb") as f:
+        built = re.search(rb"subspace_ext: built against torch ([^\0]{1,64})\0", f.read())
+    against = f"torch {built.group(1).decode(errors='replace')}" if built else "another torch"
+    return (f"{libs[0]} does not load with torch {torch.__version__} ({error}). It was built against {against}, and "
+            "a native torch extension loads only with the torch it was built against: rebuild it with this one "
+            "(`pip install --no-build-isolation --force-reinstall --no-deps <subspace_ext source>`, or `make build` in "
+            "a checkout)")
+
+
+try:
+    from . import _C  # loads the library, which registers the ops
+except ImportError as _e:
+    raise ImportError(_load_failure(_e)) from _e
+
+
+def _release(version: str) -> str:
+    """major.minor: torch keeps its C++ ABI within a release series."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+if _C.torch_version() != "unknown" and _release(_C.torch_version()) != _release(torch.__version__):
+    warnings.warn(f"subspace_ext was built against torch {_C.torch_version()} and runs with torch {torch.__version__}: "
+                  "a native torch extension is only guaranteed to work with the torch it was built against; rebuild "
+                  "it (`pip install --no-build-isolation --force-reinstall --no-deps <subspace_ext source>`)",
+                  stacklevel=2)
 
 _ops = torch.ops.subspace_ext
 _FLOAT = (torch.float32, torch.float64)
@@ -329,7 +365,29 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     or are bfloat16/float16 (a half-precision adapter's factors), computed in it.
     """
     _check_project_args(U, V, B, A, "project")
+    _constant_scaling(scaling, "project")
+    if _transformed(U, V, B, A):
+        return float(scaling) * ((U.mT @ B.to(U.dtype)) @ (A.to(U.dtype) @ V))
     return _ops.project(U, V, B, A, float(scaling))
+
+
+def _transformed(*tensors: torch.Tensor) -> bool:
+    """Whether forward-mode AD or a torch.func transform (jvp, grad, jacfwd, jacrev, vmap) sees one of the
+    tensors. torch.library registers only a backward formula, and forward AD through it gave zero tangents
+    without a word, so ``project`` and ``reconstruct``, linear in every argument, then compute their
+    product with torch's own matmuls (the same factor order; rounding may differ in the last bits)."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    import torch.autograd.forward_ad as fwad
+    return fwad._current_level >= 0 and any(fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _constant_scaling(scaling, op: str) -> None:
+    if isinstance(scaling, torch.Tensor) and scaling.requires_grad and torch.is_grad_enabled():
+        raise TypeError(f"{op}: scaling is a constant of the op (it has no derivative for it), but this tensor "
+                        "requires grad: pass a float or scaling.detach()")
 
 
 def _check_one_layer(named, op):
@@ -383,6 +441,8 @@ def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tens
     """``U @ C @ V^T``: the update rebuilt from coefficients C (..., k1, k2) on a basis. Its low-rank
     factors are ``(U @ C, V)``; ``factored_svd(U @ C, V.mT, rank)`` re-factors them to a peft rank."""
     _check_reconstruct_args(U, C, V, "reconstruct")
+    if _transformed(U, C, V):
+        return (U @ C) @ V.mT
     return _ops.reconstruct(U, C, V)
 
 
@@ -440,7 +500,7 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     ``ipt <- beta1 ipt + (1 - beta1) I``, ``unc <- beta2 unc + (1 - beta2) |I - ipt|`` (states
     updated in place), element score ``ipt * unc``; the score of pair j is the mean over row j of A
     plus the mean over column j of B. Returns one (r,) tensor per layer (dtype of the states).
-    An empty list of layers returns ``[]``. Layers may live on different devices (each layer's
+    Runs under ``torch.no_grad()``, as an optimizer step does. An empty list of layers returns ``[]``. Layers may live on different devices (each layer's
     tensors on one): one launch per device.
     """
     lists = {n: _layers(v, n) for n, v in
@@ -480,7 +540,8 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
         p = {n: _pick(v, g) for n, v in lists.items()}
         _ops.pair_importance_(c(p["A"]), c(p["B"]), c(p["grad_A"]), c(p["grad_B"]), p["ipt_A"], p["ipt_B"],
                               p["unc_A"], p["unc_B"], _pick(scores, g), float(beta1), float(beta2))
-    _per_device(_device_groups(lists["A"]), run, r"layer (\d+)")
+    with torch.no_grad():   # statistics, as an optimizer's: the parameters it reads may require grad
+        _per_device(_device_groups(lists["A"]), run, r"layer (\d+)")
     return scores
 
 

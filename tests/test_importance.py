@@ -700,6 +700,33 @@ def test_in_place_ops_refuse_leaves_that_require_grad_and_bump_versions():
     assert out._version > v
 
 
+def test_in_place_ops_refuse_read_arguments_that_require_grad():
+    """torch's in-place ops record the history of what they read (W.addmm_(B, A) with A requiring grad gives
+    W a grad_fn); these have no derivative and dropped it without a word: W held values that depend on A,
+    with no history. Refused under grad mode, naming the argument; pair_importance, an optimizer-like
+    statistic, runs under no_grad itself."""
+    W, B = torch.randn(6, 5), torch.randn(6, 3)
+    A = torch.randn(3, 5, requires_grad=True)
+    before = W.clone()
+    with pytest.raises(RuntimeError, match=r"fuse_pairs_: its argument A requires grad.*torch.no_grad\(\)"):
+        ops.fuse_pairs_(W, B, A, torch.tensor([0]), 1.0)
+    assert torch.equal(W, before)
+    W2, B2, A2 = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="reinit_pairs_: its argument B_new requires grad"):
+        ops.reinit_pairs_(W2, B2, A2, torch.tensor([0]), torch.randn(6, 1, requires_grad=True), torch.randn(1, 5), 1.0)
+    want = before + B[:, :1] @ A.detach()[:1]
+    with torch.no_grad():
+        ops.fuse_pairs_(W, B, A, torch.tensor([0]), 1.0)
+    torch.testing.assert_close(W, want)
+    P = torch.nn.Parameter(torch.randn(3, 5))
+    scores = ops.pair_importance(P, B, torch.randn(3, 5), torch.randn(6, 3), *ops.importance_state([P], [B]))
+    assert not scores[0].requires_grad
+    with pytest.raises(RuntimeError, match="pair_importance_: its argument A requires grad"):
+        ops._ops.pair_importance_([P], [B], [torch.randn(3, 5)], [torch.randn(6, 3)], [torch.zeros(3, 5)],
+                                  [torch.zeros(6, 3)], [torch.zeros(3, 5)], [torch.zeros(6, 3)], [torch.empty(3)],
+                                  0.85, 0.85)
+
+
 @pytest.mark.parametrize("op", ["fuse", "reinit", "importance"])
 def test_in_place_ops_bump_versions_in_inference_mode(op):
     """torch.inference_mode skips the Autograd kernels; an in-place op must still bump the version of a

@@ -499,3 +499,39 @@ def test_project_and_reconstruct_gradients(lead, device):
     ops.project(U.detach(), V.detach(), Be, A.detach(), 1.7).sum().backward()
     torch.testing.assert_close(Bc.grad, Be.grad)
 
+
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_project_and_reconstruct_under_forward_ad_and_torch_func(lead, device):
+    """torch.library registers a backward only: forward AD through project / reconstruct gave zero tangents
+    (torch.func.jvp) or None (forward_ad) without a word, and torch.func.grad raised. Both ops are linear
+    in every argument, so a tangent (or a gradient) is the op applied to it: checked against the float64
+    reference of the same formula."""
+    from torch.func import grad, jacfwd, jacrev, jvp, vmap
+    import torch.autograd.forward_ad as fwad
+    d = dict(dtype=torch.float64, device=device)
+    U, V = torch.randn(*lead, 7, 3, **d), torch.randn(*lead, 5, 4, **d)
+    B, A, C = torch.randn(*lead, 7, 2, **d), torch.randn(*lead, 2, 5, **d), torch.randn(*lead, 3, 4, **d)
+    tB, tA, tC = torch.randn_like(B), torch.randn_like(A), torch.randn_like(C)
+    _, tangent = jvp(lambda b, a: ops.project(U, V, b, a, 1.7), (B, A), (tB, tA))
+    want = ref.project_ref(U, V, tB, A, 1.7) + ref.project_ref(U, V, B, tA, 1.7)
+    torch.testing.assert_close(tangent.cpu(), want)
+    _, tangent = jvp(lambda c: ops.reconstruct(U, c, V), (C,), (tC,))
+    torch.testing.assert_close(tangent.cpu(), ref.reconstruct_ref(U, tC, V))
+    with fwad.dual_level():
+        out = ops.reconstruct(U, fwad.make_dual(C, tC), V)
+        torch.testing.assert_close(fwad.unpack_dual(out).tangent.cpu(), ref.reconstruct_ref(U, tC, V))
+        torch.testing.assert_close(fwad.unpack_dual(out).primal, ops.reconstruct(U, C, V))
+    g = grad(lambda b: ops.project(U, V, b, A, 1.7).square().sum())(B)
+    Bg = B.clone().requires_grad_()
+    ops.project(U, V, Bg, A, 1.7).square().sum().backward()
+    torch.testing.assert_close(g, Bg.grad)
+    if not lead:
+        torch.testing.assert_close(jacfwd(lambda c: ops.reconstruct(U, c, V))(C),
+                                   jacrev(lambda c: ops.reconstruct(U, c, V))(C))
+    batched = vmap(lambda u, b: ops.project(u, V[0] if lead else V, b, A[0] if lead else A, 0.5))(
+        U.reshape(-1, *U.shape[-2:]), B.reshape(-1, *B.shape[-2:]))
+    torch.testing.assert_close(batched[0], ops.project(U.reshape(-1, 7, 3)[0], V[0] if lead else V,
+                                                       B.reshape(-1, 7, 2)[0], A[0] if lead else A, 0.5))
+    with pytest.raises(TypeError, match="scaling is a constant of the op"):
+        ops.project(U, V, B, A, torch.tensor(2.0, requires_grad=True))
+
