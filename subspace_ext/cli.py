@@ -531,6 +531,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:   # a base install: the methods' and the demo's packages are extras
+        print(f"{PROG}: error: this command needs the package {e.name}, which is not installed (pip install "
+              "'subspace_ext[methods]' for solar and eigen, 'subspace_ext[demo]' for demo)", file=sys.stderr)
+        return 1
     except (UserError, OSError, ValueError) as e:  # bad input: FormatError, BaseMismatchError, ...
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
