@@ -548,6 +548,41 @@ class BaseWeights:
             return False
         return isinstance(config, dict) and config.get("tie_word_embeddings", True) is not False
 
+    @functools.cached_property
+    def may_hold_conv1d(self) -> bool:
+        """Whether the folder's model may hold transformers' Conv1D layers (GPT-2's, stored in x out), told
+        without building it (importing a model's code takes seconds): a model_type of config.json (sub-models'
+        included) whose transformers modeling file mentions Conv1D, or one transformers does not ship
+        (remote code). False for a bare file or a folder without a readable config.json."""
+        try:
+            with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return False
+        types, todo = set(), [config]
+        while todo:
+            v = todo.pop()
+            if isinstance(v, dict):
+                if isinstance(v.get("model_type"), str):
+                    types.add(v["model_type"])
+                todo += v.values()
+            elif isinstance(v, list):
+                todo += v
+        import importlib.util
+        spec = importlib.util.find_spec("transformers")   # its folder, without importing it
+        if not types or spec is None or not spec.submodule_search_locations:
+            return True
+        models = os.path.join(spec.submodule_search_locations[0], "models")
+        for t in types:
+            name = t.replace("-", "_")   # transformers' module name of most types; another is not found: True
+            try:
+                with open(os.path.join(models, name, f"modeling_{name}.py"), encoding="utf-8") as f:
+                    if "Conv1D" in f.read():
+                        return True
+            except OSError:
+                return True
+        return False
+
     def get(self, key: str) -> torch.Tensor:
         return read_safetensors(self._where[key], [key])[key]
 

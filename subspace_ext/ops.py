@@ -145,6 +145,8 @@ def _same_device(named):
 
 def _batch_broadcasts(named, op):
     """The batch dimensions (all but the last two) of the named tensors broadcast together."""
+    if all(t.dim() <= 2 for _, t in named):
+        return   # one layer: nothing to broadcast (torch.broadcast_shapes' first call imports sympy: 0.4 s)
     try:
         torch.broadcast_shapes(*(t.shape[:-2] for _, t in named))
     except RuntimeError:

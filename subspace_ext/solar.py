@@ -930,8 +930,10 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         kinds = ("lowrank",)
     bases = _Bases(BASIS_CACHE_BYTES)
     layers = []
-    # a square layer's layout is its module's type (Conv1D or Linear); a non-square one's shape tells
-    types = bw.weight_kinds() if any(m == n for m, n in (u.shape for u in updates)) else None
+    # a square layer's layout is its module's type (Conv1D or Linear); a non-square one's shape tells. Only
+    # a model that may hold Conv1D layers is built for it (importing its code takes seconds)
+    square = any(m == n for m, n in (u.shape for u in updates))
+    types = bw.weight_kinds() if square and bw.may_hold_conv1d else None
     for i, u in enumerate(_progress(updates, "solar: bases" if "solar" in kinds else "solar: layers", progress)):
         m, n = u.shape
         key, W0, transposed = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out, either=True,
@@ -1178,10 +1180,8 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
             values.append(vals)
             indices.append(positions.to(torch.int32 if math.prod(info.shape) <= 2 ** 31 else torch.int64))
             factors.append(None)
-            U, V = l.basis()
+            B2, A2, ck = _decode_solar(l.basis, vals_f, positions, info, seed)
             l.basis = None  # let a cached basis go once its layer is decoded
-            B2, A2, ck = ops.solar_decode(U, V, vals_f, positions, info.rank, info.scaling, seed, info.stream)
-            del U, V
             info.nnz = int(positions.numel())
             kept = float((vals_f.double() ** 2).sum())
             info.checksum = [float(c) for c in ck]
@@ -1228,9 +1228,9 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
             tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
             continue
         key, W0 = _package_base_weight(bw, info)
-        U, V = ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed, info.stream, pkg.eps)
-        B, A, ck = ops.solar_decode(U, V, pkg.stored_values(i), pkg.indices[i], info.rank, info.scaling, pkg.seed,
-                                    info.stream)
+        B, A, ck = _decode_solar(lambda: ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed,
+                                                         info.stream, pkg.eps),
+                                 pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
         if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
             raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "
@@ -1241,6 +1241,19 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
     if str(config.get("peft_type", "LORA")).upper() == "ADALORA":
         config = _adalora_as_lora(config, pkg.layers)
     return PeftAdapter(config, tensors)
+
+
+def _decode_solar(basis: Callable[[], Tuple[torch.Tensor, torch.Tensor]], values: torch.Tensor,
+                  positions: torch.Tensor, info: LayerInfo, seed: int):
+    """``ops.solar_decode`` of a layer, whose bases ``basis()`` builds only when it keeps a coefficient: a
+    layer that keeps none decodes to zero factors and a zero checksum whatever its bases (a layer of a large
+    base weight took seconds for it; the edge decoder skips it too)."""
+    if positions.numel() == 0 and values.numel() == 0:
+        m, n = info.shape
+        f64 = dict(dtype=torch.float64)
+        return torch.zeros(m, info.rank, **f64), torch.zeros(info.rank, n, **f64), torch.zeros(2, **f64)
+    U, V = basis()
+    return ops.solar_decode(U, V, values, positions, info.rank, info.scaling, seed, info.stream)
 
 
 def _mismatch_cause(basis: int, key: str) -> str:

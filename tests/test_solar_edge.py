@@ -590,3 +590,39 @@ def test_compress_refuses_an_adapter_config_with_nan(tmp_path):
     adapter.config["lora_dropout"] = float("nan")
     with pytest.raises(ValueError, match="adapter: its config holds NaN or Inf"):
         solar.compress(adapter, str(base), budget="full")
+
+
+def test_a_layer_that_keeps_no_coefficient_builds_no_basis(tmp_path, monkeypatch):
+    """A SOLAR layer whose coefficients all lost the budget decodes to zero factors and a zero checksum
+    whatever its bases: both decoders built them anyway (seconds for a large weight: 5 of 37 MiniLM layers
+    at ratio 0.1). They now skip them and write the same folder; a checksum edited away from zero is still
+    refused."""
+    base, _ = _base(tmp_path)
+    ad = PeftAdapter.load(str(_adapter(tmp_path)))
+    quiet = f"base_model.model.{MODULES[1]}.lora_B.weight"
+    ad.tensors[quiet] = ad.tensors[quiet] * 1e-6   # its coefficients lose the global top-|c| to the query's
+    pkg = solar.compress(ad, str(base), ratio=0.2)
+    assert [l.nnz > 0 for l in pkg.layers] == [True, False]
+    pkg_path = tmp_path / "package.safetensors"
+    pkg.save(str(pkg_path), layout="layers")
+    calls = []
+    real = solar.ops.solar_basis
+    monkeypatch.setattr(solar.ops, "solar_basis", lambda W0, *a: calls.append(tuple(W0.shape)) or real(W0, *a))
+    out = solar.decompress(str(pkg_path), str(base))
+    assert calls == [BASE_SHAPES[MODULES[0] + ".weight"]]   # the kept layer's only
+    m, n = BASE_SHAPES[MODULES[1] + ".weight"]
+    for side, shape in (("lora_B", (m, RANK)), ("lora_A", (RANK, n))):
+        t = out.tensors[f"base_model.model.{MODULES[1]}.{side}.weight"]
+        assert t.shape == shape and not t.any()
+    py_dir, cpp_dir = tmp_path / "py", tmp_path / "cpp"
+    out.save_adapter(str(py_dir))
+    r = _run(pkg_path, base, cpp_dir)
+    assert r.returncode == 0, r.stderr
+    _assert_same_folder(py_dir, cpp_dir)
+    meta, info, tensors = _read_package(pkg_path)
+    info["layers"][1]["checksum"] = [0.5, 0.0]
+    edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
+    with pytest.raises(solar.BaseMismatchError, match="output.dense: the regenerated basis does not match"):
+        solar.decompress(str(edited), str(base))
+    r = _run(edited, base, tmp_path / "cpp2")
+    assert r.returncode != 0 and "output.dense: the regenerated basis does not match" in r.stderr

@@ -1540,9 +1540,18 @@ void decode(const std::string& package_path, const std::string& base_path, const
     const at::Tensor stored_W0 = to_tensor(entry, bytes);
     const at::Tensor W0 = info.fan_in_fan_out ? stored_W0.t() : stored_W0;  // io.as_update_layout
     try {
-      auto [U, V] = solar_basis.call(W0, pkg.seed, info.stream, pkg.eps);
-      auto [B, A, ck] = solar_decode.call(U, V, pkg.values[i], pkg.indices[i], info.rank, info.scaling, pkg.seed,
-                                          info.stream);
+      at::Tensor B, A, ck;
+      if (pkg.indices[i].numel() == 0 && pkg.values[i].numel() == 0) {
+        // nothing kept: zero factors and a zero checksum whatever the bases, which are not built
+        // (solar._decode_solar)
+        B = at::zeros({info.shape[0], info.rank}, at::kDouble);
+        A = at::zeros({info.rank, info.shape[1]}, at::kDouble);
+        ck = at::zeros({2}, at::kDouble);
+      } else {
+        auto [U, V] = solar_basis.call(W0, pkg.seed, info.stream, pkg.eps);
+        std::tie(B, A, ck) = solar_decode.call(U, V, pkg.values[i], pkg.indices[i], info.rank, info.scaling,
+                                               pkg.seed, info.stream);
+      }
       const at::Tensor ckd = ck.to(at::kDouble).contiguous();
       std::vector<double> got(static_cast<size_t>(ckd.numel()));
       for (size_t k = 0; k < got.size(); ++k) got[k] = ckd.data_ptr<double>()[k];
