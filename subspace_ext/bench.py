@@ -283,7 +283,7 @@ class Row:
         err = ("—" if self.err_ours is None else f"{self.err_ours:.4g} / "
                + ("reference" if self.err_baseline is None else f"{self.err_baseline:.4g}"))
         return [self.op, self.case, _ms(self.ours_ms), self.baseline, _ms(self.baseline_ms),
-                f"{self.baseline_ms / self.ours_ms:.2f}", err]
+                _ratio(self.baseline_ms / self.ours_ms), err]
 
 
 COLUMNS = ["op", "case", "ours (ms)", "baseline", "baseline (ms)", "speed-up (×)",
@@ -292,6 +292,11 @@ COLUMNS = ["op", "case", "ours (ms)", "baseline", "baseline (ms)", "speed-up (×
 
 def _ms(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def _ratio(x: float) -> str:
+    """Two decimals; two significant digits below 0.1 (a timing disturbed by a busy machine printed 0.00)."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
 def _md_line(cells: Sequence[str]) -> str:
