@@ -8,6 +8,7 @@ of each test is the same network with every Conv1D weight transposed into a torc
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -263,3 +264,34 @@ def test_srlora_on_conv1d_is_continuous(base_dir):
     assert len(changed) == len(sr.layers)  # every Conv1D weight took fused pairs, in its own layout
     for l in sr.layers:
         assert l.W.shape == (l.B.shape[0], l.A.shape[1]) and l.weight.shape == (l.A.shape[1], l.B.shape[0])
+
+
+def test_the_model_is_built_only_where_it_may_hold_conv1d(base_dir, adapter_dir, tmp_path):
+    """The square layers' layout comes from the module types, but building a model (importing its code)
+    cost 2-3 s and 155 MB per compress: it is built only where config.json's model types may hold Conv1D."""
+    bw = io.BaseWeights(base_dir)
+    assert bw.may_hold_conv1d
+    solar.compress(adapter_dir, bw, budget="full")
+    assert "skeleton" in bw.__dict__   # GPT-2: built
+    torch.manual_seed(0)
+    bert = str(tmp_path / "bert")
+    transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=24, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=48)).save_pretrained(bert)
+    model = peft.get_peft_model(transformers.BertModel.from_pretrained(bert),
+                                peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.save_pretrained(str(tmp_path / "bert_lora"))
+    bw = io.BaseWeights(bert)
+    assert not bw.may_hold_conv1d
+    pkg = solar.compress(str(tmp_path / "bert_lora"), bw, budget="full")
+    assert "skeleton" not in bw.__dict__ and not any(l.fan_in_fan_out for l in pkg.layers)
+    for cfg, want in (({"model_type": "vision-encoder-decoder", "decoder": {"model_type": "gpt2"}}, True),
+                      ({"model_type": "some-remote-code-model"}, True), ({"model_type": "llama"}, False)):
+        folder = tmp_path / cfg["model_type"]
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+        io.save_safetensors({"w": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+        assert io.BaseWeights(str(folder)).may_hold_conv1d is want, cfg
