@@ -102,6 +102,8 @@ setup(
     name="subspace_ext",
     version="0.1.0",
     description="Fast native kernels for subspace-based adapter methods (SOLAR, EigenLoRAx, SRLoRA)",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["subspace_ext", "subspace_ext.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
