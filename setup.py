@@ -62,10 +62,10 @@ def cuda_wheel_includes():
 
 
 def torch_version_header():
-    """build/generated/subspace_ext_torch_build.h: the torch this build is against, which the module reports
+    """build/generated/torch-<version>/subspace_ext_torch_build.h: the torch this build is against, which the module reports
     (ops.py warns when another torch runs it, and names it when the library does not load). Rewritten only
     when it changes, so that ninja recompiles only python_module.cpp."""
-    folder = os.path.join(HERE, "build", "generated")
+    folder = os.path.join(HERE, "build", "generated", "torch-" + torch.__version__)  # one per torch: builds may overlap
     path = os.path.join(folder, "subspace_ext_torch_build.h")
     text = f"#define SUBSPACE_EXT_TORCH_VERSION {json.dumps(torch.__version__)}\n"
     os.makedirs(folder, exist_ok=True)
@@ -74,6 +74,9 @@ def torch_version_header():
             f.write(text)
     return folder
 
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    README = f.read()
 
 sources = SOURCES["common"] + ["csrc/python_module.cpp"]
 # C++20: torch >= 2.14's headers require it (older ones accept it).
@@ -102,7 +105,7 @@ setup(
     name="subspace_ext",
     version="0.1.0",
     description="Fast native kernels for subspace-based adapter methods (SOLAR, EigenLoRAx, SRLoRA)",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description=README,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["subspace_ext", "subspace_ext.*"]),
     ext_modules=[ext],

@@ -2,7 +2,7 @@
 // the ops (torch.ops.subspace_ext.*); the module itself only reports how it was built.
 #include <Python.h>
 
-// The torch this build is against: setup.py writes the header (build/generated/); a build without it
+// The torch this build is against: setup.py writes the header (build/generated/torch-<version>/); a build without it
 // reports "unknown".
 #if __has_include("subspace_ext_torch_build.h")
 #include "subspace_ext_torch_build.h"

@@ -63,7 +63,6 @@ TORCH_LIBRARY(subspace_ext, m) {
 
 namespace {
 
-// The tensors an in-place op writes (its arguments marked (a!) in the schema), before the kernel runs.
 // The defined tensors of argument i (a tensor or a list of them) of the op's arguments on the stack.
 std::vector<at::Tensor> argument_tensors(const c10::OperatorHandle& op, const torch::jit::Stack& stack, size_t i) {
   const c10::IValue& v = stack[stack.size() - op.schema().arguments().size() + i];
@@ -79,6 +78,7 @@ std::vector<at::Tensor> argument_tensors(const c10::OperatorHandle& op, const to
 
 bool is_written(const c10::Argument& arg) { return arg.alias_info() && arg.alias_info()->isWrite(); }
 
+// The tensors an in-place op writes (its arguments marked (a!) in the schema), before the kernel runs.
 std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
   const auto& args = op.schema().arguments();
   std::vector<at::Tensor> written;
@@ -91,13 +91,16 @@ std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op, const tor
 // Autograd kernel of the in-place ops: they have no derivative, so while grad mode is on no tensor
 // they take may require grad: not one they write (a leaf is refused with torch's own message), nor one
 // they only read, on which what they write would depend without recording it (torch's own in-place
-// ops record that history; fuse_pairs_ with an A that requires grad left W with none).
+// ops record that history; fuse_pairs_ with an A that requires grad left W with none). Nor may one
+// carry a forward-mode tangent (torch.autograd.forward_ad), in grad mode or not: it would be dropped.
 void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  if (at::GradMode::is_enabled()) {
-    const auto& args = op.schema().arguments();
-    for (size_t i = 0; i < args.size(); ++i) {
-      for (const at::Tensor& t : argument_tensors(op, *stack, i)) {
-        if (!t.requires_grad()) continue;
+  const bool grad_mode = at::GradMode::is_enabled();
+  const auto& args = op.schema().arguments();
+  for (size_t i = 0; i < args.size(); ++i) {
+    for (const at::Tensor& t : argument_tensors(op, *stack, i)) {
+      TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), op.schema().name(), ": its argument ", args[i].name(),
+                  " carries a forward-mode tangent, and the op has no derivative (the tangent would be dropped)");
+      if (grad_mode && t.requires_grad()) {
         TORCH_CHECK(is_written(args[i]), op.schema().name(), ": its argument ", args[i].name(), " requires grad, "
                     "and the op has no derivative (what it writes would not record that it depends on ",
                     args[i].name(), "): call it under torch.no_grad()");

@@ -6,6 +6,7 @@ Every subcommand is one ``_add_<name>(subparsers)`` function that registers its 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
@@ -532,7 +533,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:   # a base install: the methods' and the demo's packages are extras
-        print(f"{PROG}: error: this command needs the package {e.name}, which is not installed (pip install "
+        top = (e.name or "").split(".")[0]
+        if not top or importlib.util.find_spec(top) is not None:
+            raise   # installed, and a module of it is missing: not a missing extra
+        print(f"{PROG}: error: this command needs the package {top}, which is not installed (pip install "
               "'subspace_ext[methods]' for solar and eigen, 'subspace_ext[demo]' for demo)", file=sys.stderr)
         return 1
     except (UserError, OSError, ValueError) as e:  # bad input: FormatError, BaseMismatchError, ...

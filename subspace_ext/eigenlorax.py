@@ -178,6 +178,9 @@ class EigenSubspace:
             fps = meta.get("fingerprints")
             if fps is not None and not (isinstance(fps, dict) and all(isinstance(v, str) for v in fps.values())):
                 raise ValueError("fingerprints must map module names to strings")
+            stored = meta.get("as_stored", [])
+            if not (isinstance(stored, list) and set(stored) <= set(mods)):
+                raise ValueError(f"as_stored must be a list of the subspace's modules, got {stored!r:.80}")
             A = {m: _side_basis(t, "A", i, n_pc) for i, m in enumerate(mods)}
             B = {m: _side_basis(t, "B", i, n_pc) for i, m in enumerate(mods)}
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError: ValueError
@@ -350,6 +353,9 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
             # peft decides the layout per module type (Conv1D or Linear) and saves its last choice as the
             # flag: adapters of one GPT-2 with and without a Linear lm_head disagree on it, harmlessly
             "fan_in_fan_out": any(bool(a.config.get("fan_in_fan_out")) for a in loaded)}
+    as_stored = sorted({m for p in per for m, u in p.items() if u.as_stored})
+    if as_stored:   # LoRA on the weight as a parameter (target_parameters): exported as one, as stored
+        meta["as_stored"] = as_stored
     return EigenSubspace(subA, subB, meta)
 
 
@@ -674,6 +680,7 @@ class EigenModel:
             raise RuntimeError("this EigenModel was unloaded: apply the subspace again")
         factors = {name: l.lora_factors() for name, l in self.layers.items()}
         scaling = next(iter(self.layers.values())).scaling
+        config = {**_as_parameters(factors, self.subspace), **(config or {})}
         fan_in_fan_out = any(l.fan_in_fan_out for l in self.layers.values())
         if extra is None:
             self._warn_unsaved(path)
@@ -808,8 +815,18 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
                       "module, while peft loads a modules_to_save module whole: if PeftModel.from_pretrained fails "
                       "on the export (KeyError), save the task again: apply(..., trainable=<the whole module>), "
                       "load_coefficients(this file), save_coefficients(...)", stacklevel=2)
+    config = {**_as_parameters(factors, subspace), **(config or {})}
     return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config,
                       task_type, fan_in_fan_out=bool(subspace.meta.get("fan_in_fan_out", False)))
+
+
+def _as_parameters(factors: Dict[str, tuple], subspace: EigenSubspace) -> dict:
+    """The config that targets the subspace's ``as_stored`` modules as peft's target_parameters (their
+    weight, as the source adapters did: peft adds scaling * B @ A to it as stored), the rest as modules."""
+    stored = set(subspace.meta.get("as_stored", [])) & set(factors)
+    if not stored:
+        return {}
+    return {"target_modules": sorted(set(factors) - stored), "target_parameters": [f"{m}.weight" for m in sorted(stored)]}
 
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
@@ -848,6 +865,10 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         if layout is None:
             raise ValueError(f"{target}: expected a torch.nn.Linear or a transformers Conv1D, got "
                              f"{type(lin).__module__}.{type(lin).__name__}")
+        if layout[2] and mod in subspace.meta.get("as_stored", []):
+            raise ValueError(f"layer {mod}: the adapters' LoRA is on this Conv1D's weight as a parameter (peft's "
+                             "target_parameters: added to the in x out weight as stored), which apply() does not "
+                             "wrap; export_task writes it as a peft adapter")
         PA, PB = subspace.A[mod].P, subspace.B[mod].P
         if (PA.shape[0], PB.shape[0]) != layout[:2]:
             raise ValueError(f"layer {mod}: subspace is for {PB.shape[0]} out x {PA.shape[0]} in but {target} is "

@@ -53,6 +53,8 @@ class LowRankUpdate:
     A: torch.Tensor
     scaling: float
     fan_in_fan_out: bool = False  # the base weight is stored n x m (transformers' Conv1D, GPT-2)
+    as_stored: bool = False       # a LoRA on the weight as a parameter (peft's target_parameters): peft adds
+    #                               scaling * B @ A to the weight as stored, whatever the module's type
 
     @property
     def shape(self):
@@ -320,7 +322,7 @@ class PeftAdapter:
             if not (math.isfinite(scaling) and scaling > 0):
                 raise FormatError(f"layer {name}: scaling (from lora_alpha) is {scaling}; it must be a finite "
                                   "number > 0 (a lora_alpha of 0 makes an adapter that changes nothing)")
-            out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out))
+            out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out and param is None, param is not None))
         if not out:
             emb = embedding_lora_modules(self.tensors)
             raise FormatError("the adapter holds no lora_A / lora_B tensors" + (
@@ -552,8 +554,9 @@ class BaseWeights:
     def may_hold_conv1d(self) -> bool:
         """Whether the folder's model may hold transformers' Conv1D layers (GPT-2's, stored in x out), told
         without building it (importing a model's code takes seconds): a model_type of config.json (sub-models'
-        included) whose transformers modeling file mentions Conv1D, or one transformers does not ship
-        (remote code). False for a bare file or a folder without a readable config.json."""
+        included) whose transformers modeling file mentions Conv1D. False for a bare file, a folder without a
+        readable config.json, and types whose modeling file is not found (remote code, a sub-model's type
+        named apart from its module: the layout then comes from the shape and the adapter's flag)."""
         try:
             with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
                 config = json.load(f)
@@ -570,17 +573,17 @@ class BaseWeights:
                 todo += v
         import importlib.util
         spec = importlib.util.find_spec("transformers")   # its folder, without importing it
-        if not types or spec is None or not spec.submodule_search_locations:
-            return True
+        if spec is None or not spec.submodule_search_locations:
+            return False
         models = os.path.join(spec.submodule_search_locations[0], "models")
         for t in types:
-            name = t.replace("-", "_")   # transformers' module name of most types; another is not found: True
+            name = t.replace("-", "_")   # transformers' module name of most types
             try:
                 with open(os.path.join(models, name, f"modeling_{name}.py"), encoding="utf-8") as f:
                     if "Conv1D" in f.read():
                         return True
             except OSError:
-                return True
+                continue
         return False
 
     def get(self, key: str) -> torch.Tensor:

@@ -13,7 +13,6 @@ GEMM libraries sum in a thread-count-dependent order). ``small_svd`` keeps Jacob
 """
 from __future__ import annotations
 
-import glob
 import math
 import numbers
 import operator
@@ -28,7 +27,8 @@ import torch
 def _load_failure(error: ImportError, folder: str = os.path.dirname(os.path.abspath(__file__))) -> str:
     """Why the native library did not load, and what to do: not built in this folder (a source checkout),
     or built against another torch (the torch it names is read from the file's bytes)."""
-    libs = sorted(glob.glob(os.path.join(folder, "_C.*")))
+    from importlib.machinery import EXTENSION_SUFFIXES   # this interpreter's file, where several are built
+    libs = [p for p in (os.path.join(folder, "_C" + s) for s in EXTENSION_SUFFIXES) if os.path.isfile(p)]
     if not libs:
         return (f"subspace_ext's native library (_C) is not built in {folder}: in a source checkout run `pip install "
                 "--no-build-isolation -e .` (or `make build`) there; to use an installed subspace_ext, run from "
@@ -36,6 +36,8 @@ def _load_failure(error: ImportError, folder: str = os.path.dirname(os.path.absp
     with open(libs[0], "rb") as f:
         built = re.search(rb"subspace_ext: built against torch ([^\0]{1,64})\0", f.read())
     against = f"torch {built.group(1).decode(errors='replace')}" if built else "another torch"
+    if against == f"torch {torch.__version__}":
+        return f"{libs[0]} does not load ({error}); it was built against this torch, {torch.__version__}"
     return (f"{libs[0]} does not load with torch {torch.__version__} ({error}). It was built against {against}, and "
             "a native torch extension loads only with the torch it was built against: rebuild it with this one "
             "(`pip install --no-build-isolation --force-reinstall --no-deps <subspace_ext source>`, or `make build` in "
@@ -53,8 +55,9 @@ def _release(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-if _C.torch_version() != "unknown" and _release(_C.torch_version()) != _release(torch.__version__):
-    warnings.warn(f"subspace_ext was built against torch {_C.torch_version()} and runs with torch {torch.__version__}: "
+_BUILT_AGAINST = getattr(_C, "torch_version", lambda: "unknown")()   # "unknown": a build before it was recorded
+if _BUILT_AGAINST != "unknown" and _release(_BUILT_AGAINST) != _release(torch.__version__):
+    warnings.warn(f"subspace_ext was built against torch {_BUILT_AGAINST} and runs with torch {torch.__version__}: "
                   "a native torch extension is only guaranteed to work with the torch it was built against; rebuild "
                   "it (`pip install --no-build-isolation --force-reinstall --no-deps <subspace_ext source>`)",
                   stacklevel=2)
@@ -387,9 +390,10 @@ def _transformed(*tensors: torch.Tensor) -> bool:
 
 
 def _constant_scaling(scaling, op: str) -> None:
-    if isinstance(scaling, torch.Tensor) and scaling.requires_grad and torch.is_grad_enabled():
+    if isinstance(scaling, torch.Tensor) and (scaling.requires_grad and torch.is_grad_enabled()
+                                              or _transformed(scaling)):
         raise TypeError(f"{op}: scaling is a constant of the op (it has no derivative for it), but this tensor "
-                        "requires grad: pass a float or scaling.detach()")
+                        "requires grad or carries a tangent: pass a float or scaling.detach()")
 
 
 def _check_one_layer(named, op):

@@ -468,9 +468,10 @@ def _base_weight(bw: BaseWeights, module: str, shape, what: str, fan_in_fan_out:
 
     ``either`` (the encoder): peft decides the layout per module type, so one adapter of a GPT-2 can
     hold Conv1D and Linear layers (e.g. lm_head) under one config flag, which holds peft's last choice.
-    The module's type in ``kinds`` (``BaseWeights.weight_kinds``) decides; without it (no config.json),
-    a non-square weight stored the other way round than ``fan_in_fan_out`` says is accepted as such,
-    and a square one takes the flag. The decoder is strict: it uses the layout recorded per layer."""
+    The module's type in ``kinds`` (``BaseWeights.weight_kinds``) decides; without it (a bare file, or a
+    model that holds no Conv1D) or where it does not know the key, a non-square weight stored the other
+    way round than ``fan_in_fan_out`` says is accepted as such, and a square one takes the flag. The
+    decoder is strict: it uses the layout recorded per layer."""
     key = bw.key_for_module(module)
     W0 = bw.get(key)
     m, n = shape
@@ -936,8 +937,9 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     types = bw.weight_kinds() if square and bw.may_hold_conv1d else None
     for i, u in enumerate(_progress(updates, "solar: bases" if "solar" in kinds else "solar: layers", progress)):
         m, n = u.shape
-        key, W0, transposed = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out, either=True,
-                                           kinds=types)
+        # a LoRA on the weight as a parameter (target_parameters) is added to it as stored
+        key, W0, transposed = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out,
+                                           either=not u.as_stored, kinds=types)
         r = int(u.A.shape[0])
         info = LayerInfo(u.module, key, [m, n], r, float(u.scaling), i, fingerprint(W0), [0.0, 0.0],
                          lora_numbers=(m + n) * r, fan_in_fan_out=transposed)

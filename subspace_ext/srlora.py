@@ -41,8 +41,8 @@ import torch
 
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
-from .io import (FormatError, base_modifying_init, check_digest, linear_layout, parameter_names, read_safetensors, safetensors_metadata,
-                 save_with_digest, tied_elsewhere, unwrap_model)
+from .io import (FormatError, base_modifying_init, check_digest, linear_layout, parameter_names, read_safetensors,
+                 safetensors_metadata, save_with_digest, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 

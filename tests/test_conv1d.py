@@ -52,6 +52,30 @@ def _adapter(base_dir, folder, seed: int, r: int = 4) -> str:
     return folder
 
 
+def _gpt2_lm(tmp_path, n_layer: int = 2) -> str:
+    """A tiny GPT2LMHeadModel (Conv1D layers and a Linear lm_head) saved as a model folder."""
+    torch.manual_seed(0)
+    base = str(tmp_path / "gpt2")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=24, n_layer=n_layer,
+                                                         n_head=2)).eval().save_pretrained(base)
+    return base
+
+
+def _save_random(model, folder: str, g: torch.Generator) -> str:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _lm_logits(base: str, adapter: str) -> torch.Tensor:
+    m = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        return m(input_ids=torch.arange(12).reshape(2, 6) % 64).logits.double()
+
+
 def _outputs(base_dir, adapter_dir) -> torch.Tensor:
     model = peft.PeftModel.from_pretrained(_load_base(base_dir), adapter_dir).eval()
     ids = torch.arange(12).reshape(2, 6) % 64
@@ -205,35 +229,20 @@ def test_conv1d_and_linear_layers_in_one_adapter(tmp_path):
     fan_in_fan_out = False, for all. SOLAR read the square Conv1D attn.c_proj out x in under it (lossless
     still exact, but a basis of Wᵀ's transpose: lossy errors 0.9 where 0.35 is right), and eigen build
     --base blamed the base. Each layer now takes its module's layout, and eigen accepts both."""
-    torch.manual_seed(0)
-    base = str(tmp_path / "gpt2")
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=24, n_layer=2,
-                                                         n_head=2)).eval().save_pretrained(base)
+    base = _gpt2_lm(tmp_path)
     folders = []
     for i in range(2):
         model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
                                     peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "lm_head"],
                                                     fan_in_fan_out=True))
-        g = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        folders.append(str(tmp_path / f"a{i}"))
-        model.save_pretrained(folders[-1])
+        folders.append(_save_random(model, str(tmp_path / f"a{i}"), torch.Generator().manual_seed(i + 1)))
     assert io.PeftAdapter.load(folders[0]).config["fan_in_fan_out"] is False   # peft's last choice
     pkg = solar.compress(folders[0], base, budget="full")
     assert {l.module: l.fan_in_fan_out for l in pkg.layers} == {
         l.module: not l.module.endswith("lm_head") for l in pkg.layers}
     out = str(tmp_path / "restored")
     solar.decompress(pkg, base).save_adapter(out)
-    ids = torch.arange(12).reshape(2, 6) % 64
-
-    def logits(adapter):
-        m = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), adapter).eval()
-        with torch.no_grad():
-            return m(input_ids=ids).logits.double()
-    torch.testing.assert_close(logits(out), logits(folders[0]), atol=2e-5, rtol=0)
+    torch.testing.assert_close(_lm_logits(base, out), _lm_logits(base, folders[0]), atol=2e-5, rtol=0)
     other = io.PeftAdapter.load(folders[1])   # the flags may disagree (peft's last choice): harmless
     flagged = io.PeftAdapter(dict(other.config, fan_in_fan_out=True), dict(other.tensors))
     sub = eigenlorax.build_subspace([io.PeftAdapter.load(folders[0]), flagged], components=2, base=base)
@@ -268,7 +277,8 @@ def test_srlora_on_conv1d_is_continuous(base_dir):
 
 def test_the_model_is_built_only_where_it_may_hold_conv1d(base_dir, adapter_dir, tmp_path):
     """The square layers' layout comes from the module types, but building a model (importing its code)
-    cost 2-3 s and 155 MB per compress: it is built only where config.json's model types may hold Conv1D."""
+    cost 2-3 s and 155 MB per compress: it is built only where config.json's model types may hold Conv1D
+    (a type transformers does not ship, remote code, is not built: its layouts come from shapes and flag)."""
     bw = io.BaseWeights(base_dir)
     assert bw.may_hold_conv1d
     solar.compress(adapter_dir, bw, budget="full")
@@ -289,9 +299,45 @@ def test_the_model_is_built_only_where_it_may_hold_conv1d(base_dir, adapter_dir,
     pkg = solar.compress(str(tmp_path / "bert_lora"), bw, budget="full")
     assert "skeleton" not in bw.__dict__ and not any(l.fan_in_fan_out for l in pkg.layers)
     for cfg, want in (({"model_type": "vision-encoder-decoder", "decoder": {"model_type": "gpt2"}}, True),
-                      ({"model_type": "some-remote-code-model"}, True), ({"model_type": "llama"}, False)):
+                      ({"model_type": "some-remote-code-model"}, False), ({"model_type": "llama"}, False)):
         folder = tmp_path / cfg["model_type"]
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(cfg))
         io.save_safetensors({"w": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
         assert io.BaseWeights(str(folder)).may_hold_conv1d is want, cfg
+
+
+def test_lora_on_conv1d_weights_as_parameters(tmp_path):
+    """peft's target_parameters adds scaling * B @ A to the weight as stored (in x out for a Conv1D), not
+    transposed as its LoRA on the module does: SOLAR must read those layers as stored (a non-square one
+    was refused as 'needs (72, 24)', a square one's basis came from the transpose)."""
+    base = _gpt2_lm(tmp_path, n_layer=1)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                                                target_parameters=["c_attn.weight", "attn.c_proj.weight"]))
+    g = torch.Generator().manual_seed(3)
+    folder = _save_random(model, str(tmp_path / "tp"), g)
+    ups = io.PeftAdapter.load(folder).updates()
+    assert all(u.as_stored and not u.fan_in_fan_out for u in ups) and {u.shape for u in ups} == {(24, 72), (24, 24)}
+    pkg = solar.compress(folder, base, budget="full")
+    assert not any(l.fan_in_fan_out for l in pkg.layers)
+    out = str(tmp_path / "restored")
+    solar.decompress(pkg, base).save_adapter(out)
+    torch.testing.assert_close(_lm_logits(base, out), _lm_logits(base, folder), atol=2e-5, rtol=0)
+    # EigenLoRAx: exported as target_parameters (added as stored, as the sources were); apply() refuses it
+    other = _save_random(model, str(tmp_path / "tp2"), g)
+    sub = eigenlorax.build_subspace([folder, other], components=8, augment=100, base=base)   # complete bases
+    assert sub.meta["as_stored"] == sorted(u.module for u in ups)
+    src = io.PeftAdapter.load(folder).updates()
+    task = {}
+    for u in src:   # the first adapter, in the (complete) subspace
+        PA, PB = sub.A[u.module].P.double(), sub.B[u.module].P.double()
+        task[f"{u.module}.alpha_A"] = (PA.T @ u.A.double().T).float()
+        task[f"{u.module}.alpha_B"] = (PB.T @ (u.scaling * u.B.double())).float()
+    exported = str(tmp_path / "exported")
+    eigenlorax.export_task(sub, task, exported)
+    cfg = io.PeftAdapter.load(exported).config
+    assert cfg["target_modules"] == [] and sorted(cfg["target_parameters"]) == sorted(f"{u.module}.weight" for u in src)
+    torch.testing.assert_close(_lm_logits(base, exported), _lm_logits(base, folder), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="on this Conv1D's weight as a parameter"):
+        eigenlorax.apply(transformers.GPT2LMHeadModel.from_pretrained(base), sub, 2)

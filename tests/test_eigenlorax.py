@@ -1294,7 +1294,7 @@ def test_base_fingerprint_mismatch(tmp_path):
     wbase = str(tmp_path / "wide.safetensors")
     save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, wbase)
     with pytest.raises(ValueError, match=r"enc\.q: the base's enc\.q\.weight is \(48, 41\) but the adapters' update "
-                                         r"is 48 x 40.*base model"):
+                                         r"is 48 out x 40 in.*base model"):
         eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 3, 4), components=4, base=wbase)
 
 

@@ -721,6 +721,10 @@ def test_in_place_ops_refuse_read_arguments_that_require_grad():
     P = torch.nn.Parameter(torch.randn(3, 5))
     scores = ops.pair_importance(P, B, torch.randn(3, 5), torch.randn(6, 3), *ops.importance_state([P], [B]))
     assert not scores[0].requires_grad
+    import torch.autograd.forward_ad as fwad
+    with fwad.dual_level(), torch.no_grad():   # a tangent is dropped in grad mode or not
+        with pytest.raises(RuntimeError, match="fuse_pairs_: its argument A carries a forward-mode tangent"):
+            ops.fuse_pairs_(W, B, fwad.make_dual(torch.randn(3, 5), torch.ones(3, 5)), torch.tensor([1]), 1.0)
     with pytest.raises(RuntimeError, match="pair_importance_: its argument A requires grad"):
         ops._ops.pair_importance_([P], [B], [torch.randn(3, 5)], [torch.randn(6, 3)], [torch.zeros(3, 5)],
                                   [torch.zeros(6, 3)], [torch.zeros(3, 5)], [torch.zeros(6, 3)], [torch.empty(3)],

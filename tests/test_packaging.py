@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from importlib.machinery import EXTENSION_SUFFIXES
 
 import pytest
 import torch
@@ -29,23 +30,33 @@ def test_a_library_that_does_not_load_names_its_torch(tmp_path):
     error = ImportError("undefined symbol: _ZN3c1010ValueErrorC1E")
     msg = ops._load_failure(error, str(tmp_path))
     assert f"not built in {tmp_path}" in msg and "--no-build-isolation -e ." in msg
-    lib = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    lib = tmp_path / ("_C" + EXTENSION_SUFFIXES[0])   # this interpreter's name for it
     lib.write_bytes(b"\x7fELF\0junk\0subspace_ext: built against torch 2.12.1+cpu\0more")
     msg = ops._load_failure(error, str(tmp_path))
     assert f"does not load with torch {torch.__version__}" in msg and "built against torch 2.12.1+cpu" in msg
     assert "undefined symbol" in msg and "--force-reinstall" in msg
+    lib.write_bytes(f"\0subspace_ext: built against torch {torch.__version__}\0".encode())   # not torch's fault
+    assert ops._load_failure(ImportError("libcudart.so.13: cannot open"), str(tmp_path)).endswith(
+        f"it was built against this torch, {torch.__version__}")
     real = [f for f in os.listdir(os.path.dirname(_C.__file__)) if f.startswith("_C.")]
     with open(os.path.join(os.path.dirname(_C.__file__), real[0]), "rb") as f:   # the marker is in the build
         assert f"subspace_ext: built against torch {torch.__version__}\0".encode() in f.read()
 
 
-def test_a_missing_optional_package_is_named(monkeypatch, capsys):
-    def needs_peft(args):
-        raise ModuleNotFoundError("No module named 'peft'", name="peft")
-    monkeypatch.setattr(cli, "_solar_inspect", needs_peft)
+@pytest.mark.parametrize("missing", ["not_installed_pkg", "not_installed_pkg.sub", "safetensors.no_such_module"])
+def test_a_missing_optional_package_is_named(monkeypatch, capsys, missing):
+    """A base install lacks the extras: the command names the package, where it was a traceback. A module
+    missing from an installed package is a bug, not a missing extra: raised as it is."""
+    def needs(args):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+    monkeypatch.setattr(cli, "_solar_inspect", needs)
+    if missing.startswith("safetensors"):
+        with pytest.raises(ModuleNotFoundError):
+            cli.main(["solar", "inspect", "x.safetensors"])
+        return
     assert cli.main(["solar", "inspect", "x.safetensors"]) == 1
     err = capsys.readouterr().err
-    assert "needs the package peft, which is not installed" in err and "subspace_ext[methods]" in err
+    assert "needs the package not_installed_pkg, which is not installed" in err and "subspace_ext[methods]" in err
 
 
 def _tracked(*folders):
@@ -59,6 +70,7 @@ def _tracked(*folders):
 def test_the_sdist_holds_what_the_builds_compile(tmp_path):
     """There was no MANIFEST.in: the sdist lacked csrc/sources.txt (setup.py reads it first), every header,
     the CUDA sources, CMakeLists.txt and the tests' helpers, so it could not be built."""
+    need = [p for p in _tracked("csrc", "tools", "tests") if p.endswith((".h", ".cpp", ".cu", ".py", ".txt"))]
     r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
                         "--dist-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, SUBSPACE_EXT_CUDA="0"))
@@ -66,7 +78,6 @@ def test_the_sdist_holds_what_the_builds_compile(tmp_path):
     (archive,) = [f for f in os.listdir(tmp_path) if f.endswith(".tar.gz")]
     with tarfile.open(tmp_path / archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    need = [p for p in _tracked("csrc", "tools", "tests") if p.endswith((".h", ".cpp", ".cu", ".py", ".txt"))]
     need += ["setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "MANIFEST.in"]
     assert len(need) > 40
     assert [p for p in need if p not in names] == []

@@ -534,4 +534,6 @@ def test_project_and_reconstruct_under_forward_ad_and_torch_func(lead, device):
                                                        B.reshape(-1, 7, 2)[0], A[0] if lead else A, 0.5))
     with pytest.raises(TypeError, match="scaling is a constant of the op"):
         ops.project(U, V, B, A, torch.tensor(2.0, requires_grad=True))
+    with fwad.dual_level(), pytest.raises(TypeError, match="scaling is a constant of the op"):
+        ops.project(U, V, B, A, fwad.make_dual(torch.tensor(2.0, **d), torch.tensor(1.0, **d)))
 
