@@ -93,9 +93,10 @@ _CHECKSUM_TOL = 1e-6
 # that resolved ties before this field existed never landed: a released build without it used rule 1.)
 BASIS_RULE = 2
 BASIS_RULES = (1, 2)
-# The encoder keeps the layers' SOLAR bases (float64, m² + n² numbers a layer) while they fit in this
-# many bytes; the others are regenerated (the same op on the same weight: the same bits) when the
-# package is assembled. So compressing a 7B-shaped model holds one layer's bases at a time, not all.
+# The encoder keeps the columns of the layers' SOLAR bases that their candidate coefficients use (float64,
+# at most m² + n² numbers a layer) while they fit in this many bytes; the others are regenerated (the
+# same op on the same weight: the same bits) when the package is assembled. So compressing a 7B-shaped
+# model holds one layer's bases at a time, not all.
 BASIS_CACHE_BYTES = 1 << 30
 
 
@@ -696,7 +697,7 @@ class _Layer:
     energy: float                        # ‖ΔW‖²
     top: Optional[tuple] = None          # solar: C = Uᵀ ΔW V's largest coefficients (|c| descending) and
     #                                      their flat positions: as many as the budget could keep, not C
-    basis: Optional[Callable] = None     # solar: () -> (U, V), kept or regenerated (BASIS_CACHE_BYTES)
+    basis: Optional[Callable] = None     # solar: positions -> (U, V, positions) to decode them (_Bases.keep)
     svd: Optional[tuple] = None          # lowrank: (U, S, V) of ΔW's leading singular pairs, float64
     pair_scales: int = 0                 # lowrank: scale numbers a pair stores besides its m + n (int8: 2)
 
@@ -712,7 +713,7 @@ class _Layer:
         coefficients (None: all); C itself and (past the cache) the bases are let go."""
         self.energy = float((C * C).sum())  # ‖C‖ = ‖ΔW‖ (orthonormal bases)
         self.top = _top_coefficients(C, cap)
-        self.basis = bases.keep(U, V, regenerate)
+        self.basis = bases.keep(U, V, self.top[1], regenerate)
 
     def cost(self, kind: str) -> int:
         """Numbers one item of an encoding stores."""
@@ -730,18 +731,64 @@ def _top_coefficients(C: torch.Tensor, cap: Optional[int]) -> (torch.Tensor, tor
 
 
 class _Bases:
-    """Which layers' SOLAR bases stay in memory until the package is assembled: the first ones that
-    fit in ``limit`` bytes; a layer past it gets ``regenerate`` instead."""
+    """Which layers' SOLAR bases stay in memory until the package is assembled: of the first ones that
+    fit in ``limit`` bytes, the columns the layer's candidate coefficients use (the decode reads only
+    the kept coefficients' columns, which are among them); a layer past it gets ``regenerate`` instead."""
 
     def __init__(self, limit: int):
         self.left = limit
 
-    def keep(self, U: torch.Tensor, V: torch.Tensor, regenerate: Callable) -> Callable:
-        size = U.numel() * U.element_size() + V.numel() * V.element_size()
-        if size > self.left:
-            return regenerate
-        self.left -= size
-        return lambda: (U, V)
+    def keep(self, U: torch.Tensor, V: torch.Tensor, candidates: torch.Tensor, regenerate: Callable):
+        """positions -> (U, V, positions) for ``solar_decode`` of kept positions (flat in C = Uᵀ ΔW V),
+        with ``trim(candidates)`` for fewer candidates."""
+        cols = _Columns(U, V, candidates)
+        if cols.nbytes() > self.left:
+            return _Regenerated(regenerate)
+        self.left -= cols.nbytes()
+        cols.pool = self
+        return cols
+
+
+class _Columns:
+    """A layer's cached basis columns: those of U and V that its candidate coefficients use."""
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor, candidates: torch.Tensor):
+        self.k2 = V.shape[1]
+        self.I, self.J = torch.unique(candidates // self.k2), torch.unique(candidates % self.k2)
+        self.U, self.V = U[:, self.I].contiguous(), V[:, self.J].contiguous()
+        self.pool: Optional[_Bases] = None
+
+    def nbytes(self) -> int:
+        return (self.U.numel() + self.V.numel()) * self.U.element_size()
+
+    def _at(self, positions: torch.Tensor):
+        return torch.searchsorted(self.I, positions // self.k2), torch.searchsorted(self.J, positions % self.k2)
+
+    def trim(self, candidates: torch.Tensor) -> None:
+        """Keep the columns of fewer candidates (a subset), and give the bytes back to the pool."""
+        I, J = torch.unique(candidates // self.k2), torch.unique(candidates % self.k2)
+        before = self.nbytes()
+        self.U = self.U[:, torch.searchsorted(self.I, I)].contiguous()
+        self.V = self.V[:, torch.searchsorted(self.J, J)].contiguous()
+        self.I, self.J = I, J
+        self.pool.left += before - self.nbytes()
+
+    def __call__(self, positions: torch.Tensor):
+        i, j = self._at(positions)   # the same columns in the same order: the decode's bits are the same
+        return self.U, self.V, i * self.J.numel() + j
+
+
+class _Regenerated:
+    """A layer's bases past the cache: built again from the weight when its coefficients are decoded."""
+
+    def __init__(self, regenerate: Callable):
+        self.regenerate = regenerate
+
+    def trim(self, candidates: torch.Tensor) -> None:
+        pass
+
+    def __call__(self, positions: torch.Tensor):
+        return (*self.regenerate(), positions)
 
 
 def _prune_candidates(layers: List[_Layer], keep: Optional[int]) -> None:
@@ -753,7 +800,9 @@ def _prune_candidates(layers: List[_Layer], keep: Optional[int]) -> None:
     threshold = torch.topk(torch.cat([l.top[0].abs() for l in layers]), max(keep, 1), sorted=False).values.min()
     for l in layers:
         n = int((l.top[0].abs() >= threshold).sum())  # a prefix: the candidates are sorted by |c|
-        l.top = (l.top[0][:n].clone(), l.top[1][:n].clone())
+        if n < l.top[0].numel():
+            l.top = (l.top[0][:n].clone(), l.top[1][:n].clone())
+            l.basis.trim(l.top[1])
 
 
 def _coefficient_cap(budget, ratio, numbers: int) -> Optional[int]:
@@ -908,8 +957,8 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     per layer for SOLAR coefficients, the scales counted as stored numbers; the reported errors are
     those of the stored, rounded numbers).
 
-    Memory: one layer's bases and coefficient matrix at a time, plus the bases that fit in
-    ``BASIS_CACHE_BYTES`` (the others are regenerated for the decode check) and the largest
+    Memory: one layer's bases and coefficient matrix at a time, plus the basis columns of the candidate
+    coefficients that fit in ``BASIS_CACHE_BYTES`` (the others are regenerated for the decode check) and the largest
     coefficients: for "solar" at most about twice what the budget keeps over all layers, for "auto"
     as many a layer as the budget could keep.
     """
@@ -1230,8 +1279,8 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
             tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
             continue
         key, W0 = _package_base_weight(bw, info)
-        B, A, ck = _decode_solar(lambda: ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed,
-                                                         info.stream, pkg.eps),
+        B, A, ck = _decode_solar(lambda p: (*ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed,
+                                                             info.stream, pkg.eps), p),
                                  pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
         if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
@@ -1245,16 +1294,16 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
     return PeftAdapter(config, tensors)
 
 
-def _decode_solar(basis: Callable[[], Tuple[torch.Tensor, torch.Tensor]], values: torch.Tensor,
-                  positions: torch.Tensor, info: LayerInfo, seed: int):
-    """``ops.solar_decode`` of a layer, whose bases ``basis()`` builds only when it keeps a coefficient: a
-    layer that keeps none decodes to zero factors and a zero checksum whatever its bases (a layer of a large
-    base weight took seconds for it; the edge decoder skips it too)."""
+def _decode_solar(basis: Callable, values: torch.Tensor, positions: torch.Tensor, info: LayerInfo, seed: int):
+    """``ops.solar_decode`` of a layer, whose bases ``basis(positions)`` (-> U, V, the positions in them)
+    gives only when it keeps a coefficient: a layer that keeps none decodes to zero factors and a zero
+    checksum whatever its bases (a layer of a large base weight took seconds for it; the edge decoder
+    skips it too)."""
     if positions.numel() == 0 and values.numel() == 0:
         m, n = info.shape
         f64 = dict(dtype=torch.float64)
         return torch.zeros(m, info.rank, **f64), torch.zeros(info.rank, n, **f64), torch.zeros(2, **f64)
-    U, V = basis()
+    U, V, positions = basis(positions)
     return ops.solar_decode(U, V, values, positions, info.rank, info.scaling, seed, info.stream)
 
 
