@@ -37,6 +37,9 @@ from .io import (BaseWeights, FormatError, PeftAdapter, base_modifying_init, che
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
+# a subspace with modules whose LoRA is on the weight as a parameter (meta "as_stored"): a reader that does
+# not know the key would export them as module LoRA (transposed on a Conv1D), so it must refuse the file
+FORMAT_VERSION_AS_STORED = 2
 DEFAULT_COMPONENTS = 32   # K per layer and side when neither components nor variance is given
 TASK_FORMAT = FORMAT + ".task"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft's
@@ -88,13 +91,13 @@ def _check_scaling(value, where: str) -> float:
     return f
 
 
-def _read(path: str, fmt: str, what: str, version: Optional[int] = None) -> tuple:
-    """(tensors, metadata) of an EigenLoRAx file of format ``fmt`` (and ``version``), its digest verified
-    (files written before digests were added have none) and every tensor finite."""
+def _read(path: str, fmt: str, what: str, versions: Sequence[int] = ()) -> tuple:
+    """(tensors, metadata) of an EigenLoRAx file of format ``fmt`` (and one of ``versions``), its digest
+    verified (files written before digests were added have none) and every tensor finite."""
     meta = safetensors_metadata(path)
     if meta.get("format") != fmt:
         raise FormatError(f"{path}: not an EigenLoRAx {what} (format {meta.get('format')!r})")
-    if version is not None and meta.get("format_version") != str(version):
+    if versions and meta.get("format_version") not in {str(v) for v in versions}:
         raise FormatError(f"{path}: {what} format version {meta.get('format_version')} is not supported")
     t = read_safetensors(path)
     meta = check_digest(path, t, meta)
@@ -159,14 +162,15 @@ class EigenSubspace:
         meta = dict(self.meta)
         meta["modules"] = self.modules
         meta["n_pc"] = {"A": [self.A[m].n_pc for m in self.modules], "B": [self.B[m].n_pc for m in self.modules]}
-        save_with_digest(tensors, path, {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+        version = FORMAT_VERSION_AS_STORED if self.meta.get("as_stored") else FORMAT_VERSION
+        save_with_digest(tensors, path, {"format": FORMAT, "format_version": str(version),
                                          "eigenlorax": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str) -> "EigenSubspace":
         """Read a ``save``d subspace, checked whole: digest, module names, and every basis a float32 matrix
         with orthonormal columns and its explained-variance record; a FormatError names the problem."""
-        t, meta_raw = _read(path, FORMAT, "subspace", FORMAT_VERSION)
+        t, meta_raw = _read(path, FORMAT, "subspace", (FORMAT_VERSION, FORMAT_VERSION_AS_STORED))
         try:
             meta = json.loads(meta_raw["eigenlorax"])
             if not isinstance(meta, dict):
@@ -323,6 +327,13 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                    if other else "")
             raise ValueError(f"{name} adapts different layers than {names[0]}: "
                              f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}{why}")
+    as_stored = sorted({m for p in per for m, u in p.items() if u.as_stored})
+    for m in as_stored:
+        mixed = [n for n, p in zip(names, per) if not p[m].as_stored]
+        if mixed:
+            raise ValueError(f"layer {m}: {mixed[0]} has LoRA on the module, other adapters on its weight as a "
+                             "parameter (peft's target_parameters): on a Conv1D the two updates are transposed to "
+                             "each other; build from adapters of one kind")
     subA, subB, fps = {}, {}, {}
     bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
     for li, mod in enumerate(progress_bar(modules, "eigen: layers", progress)):
@@ -353,7 +364,6 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
             # peft decides the layout per module type (Conv1D or Linear) and saves its last choice as the
             # flag: adapters of one GPT-2 with and without a Linear lm_head disagree on it, harmlessly
             "fan_in_fan_out": any(bool(a.config.get("fan_in_fan_out")) for a in loaded)}
-    as_stored = sorted({m for p in per for m, u in p.items() if u.as_stored})
     if as_stored:   # LoRA on the weight as a parameter (target_parameters): exported as one, as stored
         meta["as_stored"] = as_stored
     return EigenSubspace(subA, subB, meta)
@@ -826,7 +836,9 @@ def _as_parameters(factors: Dict[str, tuple], subspace: EigenSubspace) -> dict:
     stored = set(subspace.meta.get("as_stored", [])) & set(factors)
     if not stored:
         return {}
-    return {"target_modules": sorted(set(factors) - stored), "target_parameters": [f"{m}.weight" for m in sorted(stored)]}
+    # peft refuses fan_in_fan_out with target_parameters; its module LoRA takes each module's layout anyway
+    return {"target_modules": sorted(set(factors) - stored),
+            "target_parameters": [f"{m}.weight" for m in sorted(stored)], "fan_in_fan_out": False}
 
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,

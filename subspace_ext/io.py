@@ -554,9 +554,9 @@ class BaseWeights:
     def may_hold_conv1d(self) -> bool:
         """Whether the folder's model may hold transformers' Conv1D layers (GPT-2's, stored in x out), told
         without building it (importing a model's code takes seconds): a model_type of config.json (sub-models'
-        included) whose transformers modeling file mentions Conv1D. False for a bare file, a folder without a
-        readable config.json, and types whose modeling file is not found (remote code, a sub-model's type
-        named apart from its module: the layout then comes from the shape and the adapter's flag)."""
+        included) whose transformers modeling file mentions Conv1D (the module named as transformers names
+        it). False for a bare file, a folder without a readable config.json, and types whose modeling file
+        is not found (remote code: the layout then comes from the shape and the adapter's flag)."""
         try:
             with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
                 config = json.load(f)
@@ -576,10 +576,21 @@ class BaseWeights:
         if spec is None or not spec.submodule_search_locations:
             return False
         models = os.path.join(spec.submodule_search_locations[0], "models")
+
+        def source(name):
+            path = os.path.join(models, name, f"modeling_{name}.py")
+            return path if os.path.isfile(path) else None
+
         for t in types:
-            name = t.replace("-", "_")   # transformers' module name of most types
+            path = source(t.replace("-", "_"))   # transformers' module name of most types
+            if path is None:   # a few are named apart (openai-gpt: openai); transformers knows (an import, ~1 s)
+                try:
+                    from transformers.models.auto.configuration_auto import model_type_to_module_name
+                    path = source(model_type_to_module_name(t))
+                except Exception:   # noqa: BLE001  (an older or broken transformers: unknown)
+                    path = None
             try:
-                with open(os.path.join(models, name, f"modeling_{name}.py"), encoding="utf-8") as f:
+                with open(path or os.devnull, encoding="utf-8") as f:
                     if "Conv1D" in f.read():
                         return True
             except OSError:

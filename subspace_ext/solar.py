@@ -741,22 +741,22 @@ class _Bases:
     def keep(self, U: torch.Tensor, V: torch.Tensor, candidates: torch.Tensor, regenerate: Callable):
         """positions -> (U, V, positions) for ``solar_decode`` of kept positions (flat in C = Uᵀ ΔW V),
         with ``trim(candidates)`` for fewer candidates."""
-        cols = _Columns(U, V, candidates)
-        if cols.nbytes() > self.left:
+        k2 = V.shape[1]
+        I, J = torch.unique(candidates // k2), torch.unique(candidates % k2)
+        size = (U.shape[0] * I.numel() + V.shape[0] * J.numel()) * U.element_size()
+        if size > self.left:   # sized before anything is copied
             return _Regenerated(regenerate)
-        self.left -= cols.nbytes()
-        cols.pool = self
-        return cols
+        self.left -= size
+        return _Columns(U, V, I, J, self)
 
 
 class _Columns:
     """A layer's cached basis columns: those of U and V that its candidate coefficients use."""
 
-    def __init__(self, U: torch.Tensor, V: torch.Tensor, candidates: torch.Tensor):
-        self.k2 = V.shape[1]
-        self.I, self.J = torch.unique(candidates // self.k2), torch.unique(candidates % self.k2)
-        self.U, self.V = U[:, self.I].contiguous(), V[:, self.J].contiguous()
-        self.pool: Optional[_Bases] = None
+    def __init__(self, U: torch.Tensor, V: torch.Tensor, I: torch.Tensor, J: torch.Tensor, pool: _Bases):
+        self.k2, self.I, self.J, self.pool = V.shape[1], I, J, pool
+        self.U = U if I.numel() == U.shape[1] else U[:, I].contiguous()   # every column: no copy
+        self.V = V if J.numel() == V.shape[1] else V[:, J].contiguous()
 
     def nbytes(self) -> int:
         return (self.U.numel() + self.V.numel()) * self.U.element_size()

@@ -299,7 +299,8 @@ def test_the_model_is_built_only_where_it_may_hold_conv1d(base_dir, adapter_dir,
     pkg = solar.compress(str(tmp_path / "bert_lora"), bw, budget="full")
     assert "skeleton" not in bw.__dict__ and not any(l.fan_in_fan_out for l in pkg.layers)
     for cfg, want in (({"model_type": "vision-encoder-decoder", "decoder": {"model_type": "gpt2"}}, True),
-                      ({"model_type": "some-remote-code-model"}, False), ({"model_type": "llama"}, False)):
+                      ({"model_type": "some-remote-code-model"}, False), ({"model_type": "llama"}, False),
+                      ({"model_type": "openai-gpt"}, True)):   # its module is transformers.models.openai
         folder = tmp_path / cfg["model_type"]
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(cfg))
@@ -341,3 +342,12 @@ def test_lora_on_conv1d_weights_as_parameters(tmp_path):
     torch.testing.assert_close(_lm_logits(base, exported), _lm_logits(base, folder), atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="on this Conv1D's weight as a parameter"):
         eigenlorax.apply(transformers.GPT2LMHeadModel.from_pretrained(base), sub, 2)
+    saved = str(tmp_path / "sub.safetensors")   # a reader that does not know as_stored must refuse the file
+    sub.save(saved)
+    assert io.safetensors_metadata(saved)["format_version"] == "2"
+    assert eigenlorax.EigenSubspace.load(saved).meta["as_stored"] == sub.meta["as_stored"]
+    module_lora = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
+                                      peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj"]))
+    module_lora = _save_random(module_lora, str(tmp_path / "modules"), g)
+    with pytest.raises(ValueError, match=r"modules has LoRA on the module, other adapters on its weight as a param"):
+        eigenlorax.build_subspace([folder, module_lora], components=2)

@@ -758,3 +758,37 @@ def test_packed_layout_refuses_positions_beyond_int32(tmp_path):
         pkg.save(str(tmp_path / "p.safetensors"))
     pkg.save(str(tmp_path / "l.safetensors"), layout="layers")
     assert int(SolarPackage.load(str(tmp_path / "l.safetensors")).indices[0][0]) == 2 ** 31 + 5
+
+
+def test_the_cache_keeps_the_candidates_columns_and_trims_them(tmp_path, monkeypatch):
+    """The cache holds the basis columns of a layer's candidate coefficients, not whole bases, and gives
+    bytes back as candidates are dropped: with room for some layers only, cached and regenerated layers
+    mix (one may fit only after a trim), and the package is the same as with everything kept."""
+    base, ad, _ = _random_model(tmp_path)
+    kept = _package_content(solar.compress(ad, base, ratio=0.3), tmp_path / "kept.safetensors")
+    pools, real_keep = [], solar._Bases.keep
+
+    def keep(self, U, V, candidates, regenerate):
+        pools.append(self)
+        return real_keep(self, U, V, candidates, regenerate)
+    monkeypatch.setattr(solar._Bases, "keep", keep)
+    sizes = []
+    real_init = solar._Columns.__init__
+
+    def init(self, U, V, I, J, pool):
+        real_init(self, U, V, I, J, pool)
+        sizes.append((self, (U.shape[0] * I.numel() + V.shape[0] * J.numel()) * 8, U.shape[1] + V.shape[1]))
+    monkeypatch.setattr(solar._Columns, "__init__", init)
+    first = None
+    for limit in (10 ** 9, None):   # all kept; then room for the first layer's columns only, and what trims free
+        pools.clear(), sizes.clear()
+        limit = limit or first
+        monkeypatch.setattr(solar, "BASIS_CACHE_BYTES", limit)
+        pkg = solar.compress(ad, base, ratio=0.3)
+        assert _package_content(pkg, tmp_path / "p.safetensors") == kept
+        first = sizes[0][1]
+        assert any(c.I.numel() + c.J.numel() < full for c, _, full in sizes)   # columns, not whole bases
+        pool = pools[0]
+        assert pool.left == limit - sum(c.nbytes() for c, _, _ in sizes)   # trims gave their bytes back
+        assert any(c.nbytes() < size for c, size, _ in sizes)   # and there were trims
+    assert len(sizes) < len(pkg.layers)   # the second run regenerated some layers
