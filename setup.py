@@ -62,9 +62,9 @@ def cuda_wheel_includes():
 
 
 def torch_version_header():
-    """build/generated/torch-<version>/subspace_ext_torch_build.h: the torch this build is against, which the module reports
-    (ops.py warns when another torch runs it, and names it when the library does not load). Rewritten only
-    when it changes, so that ninja recompiles only python_module.cpp."""
+    """build/generated/torch-<version>/subspace_ext_torch_build.h: the torch this build is against, which the
+    module reports (ops.py warns when another torch runs it, and names it when the library does not load).
+    Rewritten only when it changes, so that ninja recompiles only python_module.cpp."""
     folder = os.path.join(HERE, "build", "generated", "torch-" + torch.__version__)  # one per torch: builds may overlap
     path = os.path.join(folder, "subspace_ext_torch_build.h")
     text = f"#define SUBSPACE_EXT_TORCH_VERSION {json.dumps(torch.__version__)}\n"

@@ -292,9 +292,9 @@ class PeftAdapter:
             if not (A.is_floating_point() and B.is_floating_point()):
                 raise FormatError(f"{module}: lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}")
             if A.dim() > 2 or B.dim() > 2:
-                raise FormatError(f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are {max(A.dim(), B.dim())}"
-                                  "-D: LoRA on a convolution (peft's Conv1d / Conv2d / Conv3d layers) is not supported; "
-                                  "Linear and transformers' Conv1D layers are")
+                raise FormatError(f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are "
+                                  f"{max(A.dim(), B.dim())}-D: LoRA on a convolution (peft's Conv1d / Conv2d / Conv3d "
+                                  "layers) is not supported; Linear and transformers' Conv1D layers are")
             if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
                 raise FormatError(f"{module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
             name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
@@ -589,8 +589,10 @@ class BaseWeights:
                     path = source(model_type_to_module_name(t))
                 except Exception:   # noqa: BLE001  (an older or broken transformers: unknown)
                     path = None
+            if path is None:
+                continue
             try:
-                with open(path or os.devnull, encoding="utf-8") as f:
+                with open(path, encoding="utf-8") as f:
                     if "Conv1D" in f.read():
                         return True
             except OSError:

@@ -22,6 +22,7 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 
 def _load_failure(error: ImportError, folder: str = os.path.dirname(os.path.abspath(__file__))) -> str:
@@ -385,8 +386,7 @@ def _transformed(*tensors: torch.Tensor) -> bool:
         return False
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return True
-    import torch.autograd.forward_ad as fwad
-    return fwad._current_level >= 0 and any(fwad.unpack_dual(t).tangent is not None for t in tensors)
+    return _fwad._current_level >= 0 and any(_fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _constant_scaling(scaling, op: str) -> None:
@@ -506,8 +506,8 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     ``ipt <- beta1 ipt + (1 - beta1) I``, ``unc <- beta2 unc + (1 - beta2) |I - ipt|`` (states
     updated in place), element score ``ipt * unc``; the score of pair j is the mean over row j of A
     plus the mean over column j of B. Returns one (r,) tensor per layer (dtype of the states).
-    Runs under ``torch.no_grad()``, as an optimizer step does. An empty list of layers returns ``[]``. Layers may live on different devices (each layer's
-    tensors on one): one launch per device.
+    Runs under ``torch.no_grad()``, as an optimizer step does. An empty list of layers returns ``[]``.
+    Layers may live on different devices (each layer's tensors on one): one launch per device.
     """
     lists = {n: _layers(v, n) for n, v in
              [("A", A), ("B", B), ("grad_A", grad_A), ("grad_B", grad_B), ("ipt_A", ipt_A),

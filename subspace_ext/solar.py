@@ -741,13 +741,17 @@ class _Bases:
     def keep(self, U: torch.Tensor, V: torch.Tensor, candidates: torch.Tensor, regenerate: Callable):
         """positions -> (U, V, positions) for ``solar_decode`` of kept positions (flat in C = Uᵀ ΔW V),
         with ``trim(candidates)`` for fewer candidates."""
-        k2 = V.shape[1]
-        I, J = torch.unique(candidates // k2), torch.unique(candidates % k2)
+        I, J = _columns_of(candidates, V.shape[1])
         size = (U.shape[0] * I.numel() + V.shape[0] * J.numel()) * U.element_size()
         if size > self.left:   # sized before anything is copied
             return _Regenerated(regenerate)
         self.left -= size
         return _Columns(U, V, I, J, self)
+
+
+def _columns_of(positions: torch.Tensor, k2: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The columns of U and of V (sorted, distinct) that flat positions in a k1 x k2 C = Uᵀ ΔW V use."""
+    return torch.unique(positions // k2), torch.unique(positions % k2)
 
 
 class _Columns:
@@ -761,12 +765,9 @@ class _Columns:
     def nbytes(self) -> int:
         return (self.U.numel() + self.V.numel()) * self.U.element_size()
 
-    def _at(self, positions: torch.Tensor):
-        return torch.searchsorted(self.I, positions // self.k2), torch.searchsorted(self.J, positions % self.k2)
-
     def trim(self, candidates: torch.Tensor) -> None:
         """Keep the columns of fewer candidates (a subset), and give the bytes back to the pool."""
-        I, J = torch.unique(candidates // self.k2), torch.unique(candidates % self.k2)
+        I, J = _columns_of(candidates, self.k2)
         before = self.nbytes()
         self.U = self.U[:, torch.searchsorted(self.I, I)].contiguous()
         self.V = self.V[:, torch.searchsorted(self.J, J)].contiguous()
@@ -774,12 +775,14 @@ class _Columns:
         self.pool.left += before - self.nbytes()
 
     def __call__(self, positions: torch.Tensor):
-        i, j = self._at(positions)   # the same columns in the same order: the decode's bits are the same
+        # the same columns in the same order: the decode's bits are the same
+        i, j = torch.searchsorted(self.I, positions // self.k2), torch.searchsorted(self.J, positions % self.k2)
         return self.U, self.V, i * self.J.numel() + j
 
 
 class _Regenerated:
-    """A layer's bases past the cache: built again from the weight when its coefficients are decoded."""
+    """A layer's bases past the cache (or the decoder's): built from the weight when its coefficients are
+    decoded."""
 
     def __init__(self, regenerate: Callable):
         self.regenerate = regenerate
@@ -1279,9 +1282,9 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
             tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
             continue
         key, W0 = _package_base_weight(bw, info)
-        B, A, ck = _decode_solar(lambda p: (*ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed,
-                                                             info.stream, pkg.eps), p),
-                                 pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
+        basis = _Regenerated(lambda: ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed,
+                                                     info.stream, pkg.eps))
+        B, A, ck = _decode_solar(basis, pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
         tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
         if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
             raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "
