@@ -327,7 +327,9 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                         "whose build predates version 4)")
     c.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
                    help="seed of the basis completion/perturbation (default 0)")
-    c.add_argument("--eps", type=_number(0), default=0.0, help="relative basis perturbation (default 0)")
+    c.add_argument("--eps", type=_number(0), default=0.0,
+                   help="relative basis perturbation (default 0; the bases are complete, so a perturbation only "
+                        "rotates them: it did not help in our measurements, see README)")
     c.add_argument("--dense", action="store_true",
                    help="the input is a dense fine-tune: compress its Linear-weight deltas from BASE")
     c.add_argument("--rank", type=_positive_int, default=None,

@@ -357,6 +357,8 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                 raise ValueError(f"layer {mod}: the base's {key} is {tuple(W.shape)} but the adapters' update is "
                                  f"{m} out x {n} in: is this the adapters' base model?")
             fps[mod] = fingerprint(W)
+    if variance is None:   # with variance, K is whatever explains it
+        _warn_capped(subA, subB, components or DEFAULT_COMPONENTS, augment, len(loaded))
     meta = {"adapters": len(loaded), "components": components, "variance": variance, "augment": augment,
             "seed": seed, "fingerprints": fps,
             "base_model_name_or_path": next((a.config["base_model_name_or_path"] for a in loaded
@@ -367,6 +369,18 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     if as_stored:   # LoRA on the weight as a parameter (target_parameters): exported as one, as stored
         meta["as_stored"] = as_stored
     return EigenSubspace(subA, subB, meta)
+
+
+def _warn_capped(subA: dict, subB: dict, components: Optional[int], augment: int, adapters: int) -> None:
+    """Warn when a layer side has fewer directions than ``components`` asked for, augmentation included (the
+    centred stack of N adapters of rank r has rank at most N·r − 1): the model trains fewer loadings than chosen."""
+    sides = [sb for sub in (subA, subB) for sb in sub.values() if sb.P.shape[1] < min(components, sb.P.shape[0])]
+    if sides:
+        low = min(sb.n_pc for sb in sides)
+        warnings.warn(f"EigenLoRAx: {len(sides)} of {2 * len(subA)} layer sides have fewer than components="
+                      f"{components} directions (down to {low} principal ones{f' + {augment} augmented' if augment else ''}"
+                      f"): the centred stack of {adapters} adapters has no more (rank at most N·r − 1); "
+                      f"augment={components - low} fills them up with seeded orthogonal directions", stacklevel=3)
 
 
 def _base_name(name: Optional[str]) -> Optional[str]:

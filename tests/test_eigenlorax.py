@@ -223,12 +223,26 @@ def test_variance_picks_smallest_k():
 
 def test_k_capped_at_stack_rank():
     N, r = 3, 4
-    sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, N, r), components=50)
+    with pytest.warns(UserWarning, match=r"4 of 4 layer sides have fewer than components=20 directions \(down to "
+                      r"11 principal ones\).*centred stack of 3 adapters.*augment=9 fills"):
+        sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, N, r), components=20)
     for mod in TOY_LAYERS:
         assert sub.A[mod].P.shape[1] == N * r - 1 and sub.B[mod].P.shape[1] == N * r - 1
-    # the default (32) is capped too
-    sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 2, 2))
+    # the default (32) is capped too, and said so
+    with pytest.warns(UserWarning, match=r"fewer than components=32 directions \(down to 3 principal ones\)"):
+        sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, 2, 2))
     assert {sub.size(m) for m in TOY_LAYERS} == {3}
+    # no warning where the augmentation fills the request, the weight's side is narrower, or variance chose K
+    ads = random_adapters(TOY_LAYERS, N, r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {sub.size(m) for sub in [eigenlorax.build_subspace(ads, components=20, augment=9)]
+                for m in TOY_LAYERS} == {20}
+        wide = eigenlorax.build_subspace(ads, components=60, augment=60)   # every side as wide as its weight
+        assert [(wide.size(m, "B"), wide.size(m, "A")) for m in TOY_LAYERS] == [(48, 40), (32, 40)]
+        eigenlorax.build_subspace(ads, variance=0.9)
+    with pytest.warns(UserWarning, match=r"down to 11 principal ones \+ 5 augmented"):
+        eigenlorax.build_subspace(ads, components=20, augment=5)
 
 
 def test_k_capped_at_numerical_rank_and_a_layer_without_variance_refused():
