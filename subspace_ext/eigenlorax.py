@@ -377,9 +377,9 @@ def _warn_capped(subA: dict, subB: dict, components: Optional[int], augment: int
     sides = [sb for sub in (subA, subB) for sb in sub.values() if sb.P.shape[1] < min(components, sb.P.shape[0])]
     if sides:
         low = min(sb.n_pc for sb in sides)
+        plus = f" + {augment} augmented" if augment else ""
         warnings.warn(f"EigenLoRAx: {len(sides)} of {2 * len(subA)} layer sides have fewer than components="
-                      f"{components} directions (down to {low} principal ones{f' + {augment} augmented' if augment else ''}"
-                      f"): the centred stack of {adapters} adapters has no more (rank at most N·r − 1); "
+                      f"{components} directions (down to {low} principal ones{plus}): the centred stack of {adapters} adapters has no more (rank at most N·r − 1); "
                       f"augment={components - low} fills them up with seeded orthogonal directions", stacklevel=3)
 
 

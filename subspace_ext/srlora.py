@@ -60,7 +60,8 @@ class SRLoRAConfig:
     stop: float = 0.9            # no recomposition after this fraction of total_steps
     total_steps: Optional[int] = None  # needed for `stop` (the callback fills it from the Trainer)
     pissa_init: bool = True      # start from PiSSA (the paper's setting)
-    directions: Optional[int] = None   # principal directions cached per layer beyond its r (default 4 r)
+    directions: Optional[int] = None   # principal directions cached per layer beyond its r (default: as many
+    #                                    as the schedule's recompositions use, at least 4 r; 4 r without total_steps)
     grace: Optional[int] = None  # steps after its re-initialisation during which a pair cannot be fused
     #                              (default: interval, i.e. it sits out the next recomposition)
     reset_optimizer: bool = True  # zero the optimizer moments of re-initialised pairs
@@ -274,6 +275,8 @@ class SRLoRA:
             warnings.warn(f"SRLoRAConfig.total_steps is not set, so stop={c.stop} cannot apply: recompositions go on "
                           "to the last step (set total_steps, or stop=1.0 to silence this; the Trainer callback "
                           "sets it)", stacklevel=2)
+        if saved is None:
+            self.config = c = _size_directions(c, self.layers)
         self._directions()
         if saved is not None:
             self._restore(saved, resume_from)
@@ -436,7 +439,8 @@ class SRLoRA:
             self._warned.add("exhausted")
             warnings.warn(f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction and are no "
                           "longer recomposed (as designed); for more recompositions cache more with "
-                          "SRLoRAConfig(directions=...) (default 4 r beyond each layer's r)", stacklevel=3)
+                          "SRLoRAConfig(directions=...) (default: what total_steps' schedule uses, at least "
+                          "4 r; 4 r without it)", stacklevel=3)
         if poisoned:
             warnings.warn(f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers ({poisoned[0]} ...), "
                           "from Inf/NaN gradients (an fp16 overflow step? pass step(optimizer_stepped=False) when "
@@ -633,6 +637,41 @@ def _event(e) -> Event:
     return ev
 
 
+def recompositions(config: SRLoRAConfig) -> Optional[int]:
+    """How many recompositions the schedule holds (steps t = warmup + j·interval, t >= 1, t <= stop·total_steps);
+    None without total_steps (or with fuse_fraction 0: none happen)."""
+    if config.total_steps is None or config.fuse_fraction == 0:
+        return None
+    first = config.warmup if config.warmup >= 1 else config.interval
+    last = math.floor(config.stop * config.total_steps)
+    return (last - first) // config.interval + 1 if last >= first else 0
+
+
+def _size_directions(config: SRLoRAConfig, layers) -> SRLoRAConfig:
+    """The run's ``directions``: where left at None and the schedule is known, enough for every recomposition
+    (each takes round(fuse_fraction·r) per layer; at least the 4 r of an unknown schedule), one number for all
+    layers, recorded in the config so that a resumed run (perhaps with another total_steps) keeps the cache.
+    An explicit number that runs out before ``stop`` is warned about."""
+    events = recompositions(config)
+    if events is None or not layers:
+        return config
+    ranks = sorted({l.A.shape[0] for l in layers})
+    need = {r: events * max(1, int(round(config.fuse_fraction * r))) for r in ranks}
+    if config.directions is None:   # 4 r per layer (None) where that lasts
+        if all(need[r] <= 4 * r for r in ranks):
+            return config
+        return dataclasses.replace(config, directions=max(max(need[r], 4 * r) for r in ranks))
+    d = config.directions   # short where the cache, not the weight's shape, ends the recompositions
+    short = [l for l in layers if d < need[l.A.shape[0]] and d < min(l.W.shape) - l.A.shape[0]]
+    if short:
+        lasts = d // max(1, int(round(config.fuse_fraction * short[0].A.shape[0])))
+        warnings.warn(f"SRLoRA: directions={config.directions} lasts {lasts} of the schedule's {events} "
+                      f"recompositions in {len(short)} layer(s) ({short[0].name} ...): they stop being recomposed "
+                      f"before stop={config.stop}; leave directions=None to size it from the schedule",
+                      stacklevel=3)
+    return config
+
+
 # The settings that define a run's cache of principal directions (which the saved positions index).
 _CACHE_FIELDS = ("directions", "seed")
 
@@ -642,6 +681,8 @@ def _resume_config(given: Optional[SRLoRAConfig], saved: Optional[SRLoRAConfig],
     settings that define the cache of directions (the others, e.g. interval or total_steps, may change)."""
     if given is None:
         return saved or SRLoRAConfig()
+    if saved is not None and given.directions is None:   # the default: the number the run was sized with
+        given = dataclasses.replace(given, directions=saved.directions)
     for name in _CACHE_FIELDS if saved is not None else ():
         if getattr(given, name) != getattr(saved, name):
             raise ValueError(f"{folder}: the run was saved with {name}={getattr(saved, name)!r}, the config given "
@@ -712,6 +753,8 @@ class SRLoRACallback(_TrainerCallback):
             # to the trained pairs and issue the used directions again); `stop` counts the new steps too
             if self.config.total_steps is None and state.max_steps:
                 config = dataclasses.replace(config, total_steps=self.srlora.step_count + state.max_steps)
+            # the run's cache of directions stays (its size was set when the run began)
+            config = dataclasses.replace(config, directions=self.srlora.config.directions)
             self.srlora.config, self.srlora.optimizer = config, optimizer
             return
         resume = self.resume_from

@@ -1009,6 +1009,63 @@ def test_trainer_checkpoint_resume_equals_an_uninterrupted_run(task, tmp_path):
     torch.testing.assert_close(logits(model, enc), want, atol=1e-5, rtol=0)
 
 
+def test_recompositions_counts_the_steps_that_recompose():
+    """srlora.recompositions equals the steps SRLoRA.step() recomposes at (warmup 0, stop 1.0, a stop at a
+    step, a schedule that ends before the first event)."""
+    from subspace_ext.srlora import recompositions
+
+    def counted(c):
+        return sum(1 for t in range(1, c.total_steps + 1)
+                   if t >= c.warmup and (t - c.warmup) % c.interval == 0 and not t > c.stop * c.total_steps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        warmup, interval, total = (int(torch.randint(0, 30, (1,), generator=g)),
+                                   int(torch.randint(1, 12, (1,), generator=g)),
+                                   int(torch.randint(1, 200, (1,), generator=g)))
+        stop = float(torch.randint(0, 11, (1,), generator=g)) / 10
+        c = SRLoRAConfig(interval=interval, warmup=warmup, total_steps=total, stop=stop)
+        assert recompositions(c) == counted(c), c
+    assert recompositions(SRLoRAConfig()) is None
+    assert recompositions(SRLoRAConfig(total_steps=10, fuse_fraction=0.0)) is None
+    assert recompositions(SRLoRAConfig(total_steps=5000)) == 45   # steps 100, 200, ..., 4500
+
+
+def test_default_directions_last_the_whole_schedule(tmp_path):
+    """The default cache was r + 4 r directions whatever the schedule: with the default settings every layer ran
+    out after 16 recompositions (step 1,600) and a 5,000-step run was plain LoRA for its last two thirds. With
+    total_steps known the default now holds every recomposition up to ``stop`` (at least 4 r), is recorded in
+    the config, and a resumed run keeps it; an explicit number too small for the schedule is warned about."""
+    cfg = SRLoRAConfig(interval=1, warmup=1, fuse_fraction=0.5, total_steps=12, stop=1.0)
+    model = toy_lora(r=2)
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, cfg)
+    assert sr.config.directions == 12 and cfg.directions is None   # 12 events x 1 pair; the caller's config kept
+    assert [l.U.shape[1] for l in sr.layers] == [14, 14]
+    toy_steps(model, opt, sr, toy_batches(12))
+    assert [(e.layers, e.exhausted) for e in sr.log] == [(2, 0)] * 12
+    assert [l.next_dir for l in sr.layers] == [14, 14]
+    # resumed with no config, or one that leaves directions at the default: the run's number, not a new one
+    sr.save(str(tmp_path / "ckpt"))
+    for given in (None, dataclasses.replace(cfg, total_steps=40)):
+        assert SRLoRA(toy_lora(r=2), None, given, resume_from=str(tmp_path / "ckpt")).config.directions == 12
+    # a schedule the 4 r default holds keeps the default (None: 4 r per layer, as before)
+    assert SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, total_steps=8)).config.directions is None
+    # the Trainer callback: sized from the Trainer's max_steps; a second trainer.train() keeps the run's cache
+    from types import SimpleNamespace
+    cb = SRLoRACallback(dataclasses.replace(cfg, total_steps=None))
+    model = toy_lora(r=2)
+    for max_steps, total in ((12, 12), (30, 30)):
+        cb.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(max_steps=max_steps,
+                          global_step=0), None, model=model, optimizer=None)
+        assert (cb.srlora.config.directions, cb.srlora.config.total_steps) == (12, total)
+    with pytest.warns(UserWarning, match=r"directions=4 lasts 4 of the schedule's 12 recompositions in 2 layer"):
+        SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, directions=4))
+    with warnings.catch_warnings():   # enough, or the weight's shape is what ends them: no warning
+        warnings.simplefilter("error")
+        SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, directions=12))
+        SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, total_steps=40, directions=22))
+
+
 def test_each_layer_caches_its_own_directions():
     """A narrow target (a 3-output head) must not cap the other layers' directions (nor stop them from
     being recomposed); the narrow one is named in a warning."""
