@@ -379,7 +379,8 @@ def _warn_capped(subA: dict, subB: dict, components: Optional[int], augment: int
         low = min(sb.n_pc for sb in sides)
         plus = f" + {augment} augmented" if augment else ""
         warnings.warn(f"EigenLoRAx: {len(sides)} of {2 * len(subA)} layer sides have fewer than components="
-                      f"{components} directions (down to {low} principal ones{plus}): the centred stack of {adapters} adapters has no more (rank at most N·r − 1); "
+                      f"{components} directions (down to {low} principal ones{plus}): the centred stack of "
+                      f"{adapters} adapters has no more (rank at most N·r − 1); "
                       f"augment={components - low} fills them up with seeded orthogonal directions", stacklevel=3)
 
 
@@ -406,7 +407,7 @@ class EigenLinear(torch.nn.Module):
     components (P_A, P_B are buffers shared, not copied, between tasks)."""
 
     def __init__(self, base: torch.nn.Module, PA: torch.Tensor, PB: torch.Tensor, rank: int, scaling: float,
-                 init: str, generator: torch.Generator):
+                 init: str, generator: torch.Generator, start: Optional[tuple] = None):
         super().__init__()
         self.base = base
         layout = _linear_layout(base)
@@ -418,10 +419,15 @@ class EigenLinear(torch.nn.Module):
         K_A, K_B = PA.shape[1], PB.shape[1]
         dev = PA.device  # the generator draws on the CPU (same numbers on every device), then moves
         self.alpha_A = torch.nn.Parameter((torch.rand(K_A, rank, generator=generator) - 0.5).to(dev))
-        if init == "lora":
+        if init in ("lora", "project"):
             self.alpha_B = torch.nn.Parameter(torch.zeros(K_B, rank, device=dev))
         else:
             self.alpha_B = torch.nn.Parameter((torch.rand(K_B, rank, generator=generator) - 0.5).to(dev))
+        if start is not None:   # "project": the first k columns hold the source's projection, the rest as "lora"
+            sA, sB = start
+            with torch.no_grad():
+                self.alpha_A[:, :sA.shape[1]] = sA.to(dev)
+                self.alpha_B[:, :sB.shape[1]] = sB.to(dev)
         self.scaling = scaling
         self.merged = False
 
@@ -856,8 +862,8 @@ def _as_parameters(factors: Dict[str, tuple], subspace: EigenSubspace) -> dict:
 
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
-          init: str = "uniform", trainable: Sequence[str] = (), seed: int = 0,
-          check_base: bool = True) -> EigenModel:
+          init: str = "uniform", source: Optional[Union[str, PeftAdapter]] = None, trainable: Sequence[str] = (),
+          seed: int = 0, check_base: bool = True) -> EigenModel:
     """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers and
     freeze everything but the loadings (and parameters whose name contains one of ``trainable``,
     e.g. ``("classifier",)`` for a task head; ``save_coefficients`` / ``export_peft`` save their modules
@@ -865,20 +871,26 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     weights (checked before anything changes).
 
     ``init``: "uniform" (the authors' default: both loadings uniform(−0.5, 0.5), so ΔW ≠ 0 at step 0)
-    or "lora" (B loadings zero: the model starts as the base model). ``scaling`` multiplies the update
+    or "lora" (B loadings zero: the model starts as the base model) or "project" (DESIGN's other start: the
+    update of ``source``, a peft LoRA adapter of the same base (folder or PeftAdapter; e.g. a related task's),
+    projected onto the subspace, P_B P_Bᵀ ΔW P_A P_Aᵀ, best rank ``task_rank``; a column beyond that
+    projection's rank starts as with "lora"; the source must adapt every layer of the subspace, and its other
+    layers are ignored). ``scaling`` multiplies the update
     (1.0 = the authors' no-scaling forward). Module names are matched by one prefix mapping for the whole
     subspace (a subspace built from ``bert.encoder...`` adapters applies to a ``BertModel``'s
     ``encoder...``); a layer the model lacks is an error. ``check_base``: compare each weight with the
     subspace's base fingerprint (when it has one); False accepts e.g. the base loaded in another dtype.
     """
-    if init not in ("uniform", "lora"):
-        raise ValueError(f"init must be 'uniform' or 'lora', got {init!r}")
+    if init not in ("uniform", "lora", "project"):
+        raise ValueError(f"init must be 'uniform', 'lora' or 'project', got {init!r}")
+    if (init == "project") != (source is not None):
+        raise ValueError("init='project' takes the adapter to project as source=..., and source only goes with it")
     scaling = _check_scaling(scaling, "apply")
     if isinstance(task_rank, bool) or not isinstance(task_rank, int) or task_rank < 1:
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
     model = unwrap_model(model)   # torch.compile / DDP wrappers: the plain model's names
     named = dict(model.named_modules())
-    targets = {}
+    targets, mods = {}, {}
     for mod, target in _map_modules(subspace.modules, named, "the model").items():  # check all, then change
         lin = named[target]
         if isinstance(lin, EigenLinear):
@@ -906,7 +918,10 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
                              "loaded in another dtype than its checkpoint (load it with dtype='auto', or "
                              "pass check_base=False)")
         targets[target] = (lin, PA, PB)
+        mods[target] = mod
     extra_names = _trainable_names(model, trainable, targets)
+    starts = {} if source is None else _projected_loadings(
+        source, subspace, task_rank, scaling, {mods[t] for t, (lin, _, _) in targets.items() if _linear_layout(lin)[2]})
     grad_before = {name: p.requires_grad for name, p in model.named_parameters()}  # unload() restores them
     for p in model.parameters():
         p.requires_grad_(False)
@@ -914,7 +929,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     layers: Dict[str, EigenLinear] = {}
     for target, (lin, PA, PB) in targets.items():
         dev = lin.weight.device
-        wrapped = EigenLinear(lin, PA.to(dev), PB.to(dev), task_rank, scaling, init, g)
+        wrapped = EigenLinear(lin, PA.to(dev), PB.to(dev), task_rank, scaling, init, g, starts.get(mods[target]))
         wrapped.train(lin.training)   # a model in eval mode stays in eval mode (merge() is for inference)
         parent_name, _, child = target.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, wrapped)
@@ -924,6 +939,36 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     em = EigenModel(model, subspace, layers, task_rank, extra_names)
     em._grad_before = grad_before
     return em
+
+
+def _projected_loadings(source, subspace: EigenSubspace, rank: int, scaling: float,
+                        conv1d: set) -> Dict[str, tuple]:
+    """{module: (α_A K_A x k, α_B K_B x k)} with scaling · P_B α_B α_Aᵀ P_Aᵀ the best rank-k (k <= ``rank``)
+    approximation of the source's update projected onto the subspace, P_B P_Bᵀ ΔW P_A P_Aᵀ (a K_B x K_A core
+    from the factors: ΔW is not formed); k stops at the core's numerical rank."""
+    adapter = source if isinstance(source, PeftAdapter) else PeftAdapter.load(os.fspath(source))
+    name = "source" if isinstance(source, PeftAdapter) else os.fspath(source)
+    refuse_layer_replication(adapter.config, name)
+    try:
+        ups = {u.module: u for u in adapter.updates()}
+    except FormatError as e:
+        raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+    found = _map_modules(subspace.modules, dict.fromkeys(ups), f"the source adapter {name}")
+    out = {}
+    for mod, key in found.items():
+        u, PA, PB = ups[key], subspace.A[mod].P.double(), subspace.B[mod].P.double()
+        if u.as_stored and mod in conv1d:
+            raise ValueError(f"{name}: layer {key}: LoRA on this Conv1D's weight as a parameter (peft's "
+                             "target_parameters: in x out, as stored), the subspace's directions are out x in")
+        if u.shape != (PB.shape[0], PA.shape[0]):
+            raise ValueError(f"{name}: layer {key} is a {u.shape[0]} out x {u.shape[1]} in update, the subspace's "
+                             f"{mod} is {PB.shape[0]} out x {PA.shape[0]} in: an adapter of another base model?")
+        core = (PB.T @ (u.B.double() * (u.scaling / scaling))) @ (u.A.double() @ PA)   # K_B x K_A
+        U, S, Vh = torch.linalg.svd(core, full_matrices=False)
+        k = min(rank, int((S > 1e-6 * S[0]).sum()) if float(S[0]) > 0 else 0)
+        root = S[:k].sqrt()
+        out[mod] = ((Vh[:k].T * root).float(), (U[:, :k] * root).float())
+    return out
 
 
 def _trainable_names(model: torch.nn.Module, trainable: Sequence[str], targets) -> List[str]:

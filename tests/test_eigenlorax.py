@@ -421,6 +421,52 @@ def test_init_lora_is_base_uniform_is_not():
                 assert float(a.abs().max()) <= 0.5 and float(a.abs().max()) > 0.2
 
 
+def test_init_project_starts_from_a_source_adapters_projection(tmp_path):
+    """DESIGN's other loadings start: a source adapter's update projected onto the subspace, P_B P_Bᵀ ΔW P_A P_Aᵀ,
+    best rank task_rank (float64 reference from the dense ΔW); columns past the projection's rank start as
+    "lora" (B zero, A uniform: trainable, no change to the function); refused without a source, with a source
+    that lacks a layer or is of another shape."""
+    ads = random_adapters(TOY_LAYERS, 3, 4)
+    sub = eigenlorax.build_subspace(ads, components=5)
+    src = make_adapter(TOY_LAYERS, 4, lambda mod, m, n: (torch.randn(m, 4), torch.randn(4, n)), alpha=8)  # s = 2
+    src.save_adapter(str(tmp_path / "src"))
+    x = torch.randn(6, 40, dtype=torch.float64)
+    for rank, scaling, source in ((4, 1.0, src), (2, 0.5, str(tmp_path / "src")), (7, 3.0, tmp_path / "src")):
+        em = eigenlorax.apply(Toy(), sub, rank, init="project", source=source, scaling=scaling)
+        for mod, (m, n) in TOY_LAYERS.items():
+            PA, PB = sub.A[mod].P.double(), sub.B[mod].P.double()
+            u = next(u for u in src.updates() if u.module == mod)
+            proj = PB @ PB.T @ (u.scaling * u.B.double() @ u.A.double()) @ PA @ PA.T
+            U, S, Vh = torch.linalg.svd(proj)
+            k = min(rank, 4, PA.shape[1], PB.shape[1])
+            want = (U[:, :k] * S[:k]) @ Vh[:k]
+            layer = em.layers[mod]
+            got = scaling * PB @ layer.alpha_B.double() @ layer.alpha_A.double().T @ PA.T
+            close(got, want, atol=1e-5 * float(S[0]), rtol=0)
+            assert not layer.alpha_B[:, k:].any()   # past the rank: "lora" columns
+            if rank > k:
+                assert 0.2 < float(layer.alpha_A[:, k:].abs().max()) <= 0.5
+            lin = copy.deepcopy(layer.base).double()
+            close(layer.double()(x), lin(x) + x @ got.T, atol=1e-5 * float(S[0]), rtol=0)   # the forward agrees
+            layer.float()
+    with pytest.raises(ValueError, match="init='project' takes the adapter to project as source="):
+        eigenlorax.apply(Toy(), sub, 2, init="project")
+    with pytest.raises(ValueError, match="source only goes with it"):
+        eigenlorax.apply(Toy(), sub, 2, source=src)
+    part = make_adapter({"enc.q": (48, 40)}, 4, lambda mod, m, n: (torch.randn(m, 4), torch.randn(4, n)))
+    model = Toy()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="layer enc.v: no module enc.v in the source adapter"):
+        eigenlorax.apply(model, sub, 2, init="project", source=part)
+    wrong = make_adapter({"enc.q": (48, 40), "enc.v": (40, 32)}, 4,
+                         lambda mod, m, n: (torch.randn(m, 4), torch.randn(4, n)))
+    with pytest.raises(ValueError, match=r"source: layer enc.v is a 40 out x 32 in update, the subspace's enc.v "
+                                         r"is 32 out x 40 in"):
+        eigenlorax.apply(model, sub, 2, init="project", source=wrong)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # nothing changed
+    assert not any(isinstance(mod, eigenlorax.EigenLinear) for mod in model.modules())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 def test_apply_to_model_on_cuda():
     """A model already on the GPU: the loadings must live there too (and train there)."""
