@@ -373,8 +373,13 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     _check_project_args(U, V, B, A, "project")
     _constant_scaling(scaling, "project")
     if _transformed(U, V, B, A):
-        return float(scaling) * ((U.mT @ B.to(U.dtype)) @ (A.to(U.dtype) @ V))
+        with _no_autocast(U):   # the op itself keeps autocast out (U's dtype): so does its stand-in
+            return float(scaling) * ((U.mT @ B.to(U.dtype)) @ (A.to(U.dtype) @ V))
     return _ops.project(U, V, B, A, float(scaling))
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _transformed(*tensors: torch.Tensor) -> bool:
@@ -448,7 +453,8 @@ def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tens
     factors are ``(U @ C, V)``; ``factored_svd(U @ C, V.mT, rank)`` re-factors them to a peft rank."""
     _check_reconstruct_args(U, C, V, "reconstruct")
     if _transformed(U, C, V):
-        return (U @ C) @ V.mT
+        with _no_autocast(U):
+            return (U @ C) @ V.mT
     return _ops.reconstruct(U, C, V)
 
 

@@ -532,6 +532,17 @@ def test_project_and_reconstruct_under_forward_ad_and_torch_func(lead, device):
         U.reshape(-1, *U.shape[-2:]), B.reshape(-1, *B.shape[-2:]))
     torch.testing.assert_close(batched[0], ops.project(U.reshape(-1, 7, 3)[0], V[0] if lead else V,
                                                        B.reshape(-1, 7, 2)[0], A[0] if lead else A, 0.5))
+    # under autocast the stand-in computes in the bases' dtype as the op does (it ran in bfloat16: 4e-3 off)
+    f32 = dict(dtype=torch.float32, device=device)
+    U32, V32, B32, A32, C32 = (t.to(**f32) for t in (U, V, B, A, C))
+    with torch.autocast(device.type if isinstance(device, torch.device) else torch.device(device).type,
+                        dtype=torch.bfloat16):
+        out, tangent = jvp(lambda b: ops.project(U32, V32, b, A32, 1.7), (B32,), (tB.to(**f32),))
+        rec, _ = jvp(lambda c: ops.reconstruct(U32, c, V32), (C32,), (C32,))
+    assert out.dtype == tangent.dtype == rec.dtype == torch.float32
+    torch.testing.assert_close(out.double().cpu(), ref.project_ref(U, V, B, A, 1.7), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tangent.double().cpu(), ref.project_ref(U, V, tB, A, 1.7), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rec.double().cpu(), ref.reconstruct_ref(U, C, V), atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="scaling is a constant of the op"):
         ops.project(U, V, B, A, torch.tensor(2.0, requires_grad=True))
     with fwad.dual_level(), pytest.raises(TypeError, match="scaling is a constant of the op"):
