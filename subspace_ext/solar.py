@@ -1008,7 +1008,13 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         layers.append(layer)
         if method == "solar":
             _prune_candidates(layers, cap)
-    dtype = str(updates[0].B.dtype).replace("torch.", "")
+    # one dtype for the decoded factors: the widest of the adapter's (a float32 layer beside bfloat16 ones
+    # decoded in bfloat16 lost its precision; the others' upcast is exact)
+    widest = updates[0].B.dtype
+    for u in updates:
+        for t in (u.B, u.A):
+            widest = torch.promote_types(widest, t.dtype)
+    dtype = str(widest).replace("torch.", "")
     return _package(layers, extra, dict(ad.config), budget, ratio, seed, eps, dtype, method, storage,
                     progress)
 

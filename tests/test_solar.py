@@ -1107,6 +1107,21 @@ def test_reported_error_is_that_of_the_decoded_adapter_in_its_dtype(trained_adap
         assert layer.rel_error == pytest.approx(err, rel=1e-6, abs=1e-9), layer.module
 
 
+def test_mixed_dtype_adapter_decodes_in_its_widest_dtype(trained_adapter, minilm_base):
+    """The package took its first layer's dtype for every layer: a bfloat16 first layer rounded the float32
+    ones to bfloat16 (2e-3 off where 1e-7 is right). The widest dtype is kept; the bfloat16 layer's upcast
+    is exact."""
+    first = next(u.module for u in trained_adapter.updates())
+    t = {k: v.to(torch.bfloat16) if "lora_" in k and f"{first}." in k else v
+         for k, v in trained_adapter.tensors.items()}
+    mixed = io.PeftAdapter(trained_adapter.config, t)
+    pkg = solar.compress(mixed, minilm_base, budget="full", method="lowrank")
+    assert pkg.dtype == "float32"
+    out = solar.decompress(pkg, minilm_base)
+    assert {v.dtype for k, v in out.tensors.items() if "lora_" in k} == {torch.float32}
+    assert max(solar.relative_errors(mixed, out)) < 1e-5
+
+
 def test_integer_lora_factors_refused(trained_adapter, minilm_base):
     t = dict(trained_adapter.tensors)
     k = next(k for k in t if k.endswith("lora_A.weight"))
