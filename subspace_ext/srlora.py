@@ -277,6 +277,14 @@ class SRLoRA:
                           "sets it)", stacklevel=2)
         if saved is None:
             self.config = c = _size_directions(c, self.layers)
+        half = [l for l in self.layers if l.W.dtype in (torch.bfloat16, torch.float16)]
+        if half and (self._pissa or c.fuse_fraction > 0):
+            dt = str(half[0].W.dtype).replace("torch.", "")
+            warnings.warn(f"SRLoRA: {len(half)} base weights are {dt} ({half[0].name} ...): PiSSA and every "
+                          f"recomposition write the whole weight back in {dt}, which moves the function by its "
+                          "rounding (~1e-3 of W, logits ~1% in a bfloat16 MiniLM) and loses much of a small fused "
+                          "pair (|ΔW| 1e-4 among weights ~0.06: 16% lost in bfloat16); for exact fusions load the "
+                          "model in float32 and train under torch.autocast", stacklevel=2)
         self._directions()
         if saved is not None:
             self._restore(saved, resume_from)
