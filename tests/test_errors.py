@@ -457,6 +457,13 @@ def test_reinit_errors():
         ops.reinit_pairs_(W, B, A, idx, Bn, [An[0], bad])
     with pytest.raises(TypeError, match=r"B_new\[1\]"):
         ops.reinit_pairs_(W, B, A, idx, [Bn[0], Bn[1].to(torch.int64)], An)
+    # finite float32 pairs beyond a float16 B's range: the overflow of the cast is named, not "NaN or Inf" alone
+    Wh, Bh, Ah = [w.half() for w in W], [b.half() for b in B], [a.half() for a in A]
+    with pytest.raises(ValueError, match=r"layer 1: B_new contains NaN or Inf in B's dtype Half \(where values "
+                                         r"beyond its range become Inf\)"):
+        ops.reinit_pairs_(Wh, Bh, Ah, idx, [Bn[0], Bn[1] * 0 + 1e5], An)
+    with pytest.raises(ValueError, match=r"layer 0: B_new contains NaN or Inf$"):
+        ops.reinit_pairs_(Wh, Bh, Ah, idx, [Bn[0].half() * float("nan"), Bn[1].half()], [a.half() for a in An])
     for t, s in zip(W + B + A, snapshot):
         assert torch.equal(t, s)
 

@@ -279,6 +279,7 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
   // of every layer come to the host together.
   std::vector<at::Tensor> host_parts;  // every layer's idx, then the device tensors' finiteness flags
   std::vector<char> new_finite;        // per layer with new pairs: B_new, A_new all finite?
+  std::vector<char> new_cast;          // ... and whether each was cast to B's dtype (overflow names it)
   std::vector<at::Tensor> on_device;   // the new pairs not on the host, checked together below
   std::vector<size_t> flag_slot;       // new_finite's entry of each of them
   for (size_t l = 0; l < L; ++l) {
@@ -318,6 +319,7 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
         for (auto [t, name] : {std::pair{&Wl, "W"}, std::pair{&Bl, "B"}, std::pair{&Al, "A"}})
           TORCH_CHECK_VALUE(!shares_memory(*nt, *t), op, ": layer ", l, ": ", nname, " shares memory with ", name,
                             ", which the call overwrites while reading it: pass a copy (", nname, ".clone())");
+      for (const at::Tensor* given : {&Bn[l], &An[l]}) new_cast.push_back(given->scalar_type() != Bl.scalar_type());
       for (const at::Tensor* nt : {&Bnl, &Anl}) {
         if (nt->is_cpu()) {
           new_finite.push_back(all_finite_host(*nt));
@@ -352,7 +354,10 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
     for (size_t f = 0; f < flag_slot.size(); ++f) new_finite[flag_slot[f]] = flags.data_ptr<bool>()[f];
   }
   for (size_t f = 0; f < new_finite.size(); ++f)
-    TORCH_CHECK_VALUE(new_finite[f], op, ": layer ", f / 2, ": ", f % 2 ? "A_new" : "B_new", " contains NaN or Inf");
+    TORCH_CHECK_VALUE(new_finite[f], op, ": layer ", f / 2, ": ", f % 2 ? "A_new" : "B_new", " contains NaN or Inf",
+                      new_cast[f] ? std::string(" in B's dtype ") + c10::toString(B[f / 2].scalar_type()) +
+                                        " (where values beyond its range become Inf)"
+                                  : std::string());
   check_no_overlap(op, W, B, A, out, /*A_written=*/!Bn.empty());
   return out;
 }
