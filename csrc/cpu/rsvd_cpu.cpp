@@ -349,9 +349,14 @@ Triple rsvd_cuda(const at::Tensor& A, int64_t k, int64_t p, int64_t niter, int64
   return {U.reshape(batch_shape(A, {m, k})), S.reshape(batch_shape(A, {k})), V.reshape(batch_shape(A, {n, k}))};
 }
 
+// At most this many bytes of matrices go into one batched rsvd: a group is copied into its compute dtype, and
+// a 7B model's 64 gate/up weights (11008 x 4096) took 10.75 GiB of float32 at once (plus the batch's
+// sketches); matrices that large fill the GPU in batches of a few anyway. Each chunk uses the same Omega.
+constexpr int64_t kBatchBytes = int64_t(1) << 30;
+
 // rsvd_many on CUDA: one batched rsvd per distinct (shape, compute dtype) (MiniLM: 3 groups for
-// 37 weights); each group is one copy of its matrices in the compute dtype (bfloat16/float16
-// weights become float32 there, no second copy).
+// 37 weights), in chunks of at most kBatchBytes; each chunk is one copy of its matrices in the compute
+// dtype (bfloat16/float16 weights become float32 there, no second copy).
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t seed) {
   for (const auto& A : mats) {
@@ -364,16 +369,22 @@ rsvd_many_cuda(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t
     groups[{mats[i].size(0), mats[i].size(1), static_cast<int>(compute_dtype(mats[i])), mats[i].device().str()}]
         .push_back(i);
   std::vector<at::Tensor> U(mats.size()), S(mats.size()), V(mats.size());
-  for (const auto& [key, members] : groups) {
-    const at::Tensor& first = mats[members[0]];
-    at::Tensor group = at::empty({static_cast<int64_t>(members.size()), first.size(0), first.size(1)},
-                                 first.options().dtype(compute_dtype(first)));
-    for (size_t j = 0; j < members.size(); ++j) group[j].copy_(mats[members[j]]);
-    auto [Ub, Sb, Vb] = rsvd_batched(group, k, p, niter, seed);
-    for (size_t j = 0; j < members.size(); ++j) {  // own storage: outputs must not alias (opcheck)
-      U[members[j]] = Ub[j].clone();
-      S[members[j]] = Sb[j].clone();
-      V[members[j]] = Vb[j].clone();
+  for (const auto& [key, all] : groups) {
+    const at::Tensor& first = mats[all[0]];
+    const auto dtype = compute_dtype(first);
+    const int64_t bytes = std::max<int64_t>(1, first.size(0) * first.size(1) * int64_t(c10::elementSize(dtype)));
+    const size_t per = static_cast<size_t>(std::max<int64_t>(1, kBatchBytes / bytes));
+    for (size_t start = 0; start < all.size(); start += per) {
+      const std::vector<size_t> members(all.begin() + start, all.begin() + std::min(all.size(), start + per));
+      at::Tensor group = at::empty({static_cast<int64_t>(members.size()), first.size(0), first.size(1)},
+                                   first.options().dtype(dtype));
+      for (size_t j = 0; j < members.size(); ++j) group[j].copy_(mats[members[j]]);
+      auto [Ub, Sb, Vb] = rsvd_batched(group, k, p, niter, seed);
+      for (size_t j = 0; j < members.size(); ++j) {  // own storage: outputs must not alias (opcheck)
+        U[members[j]] = Ub[j].clone();
+        S[members[j]] = Sb[j].clone();
+        V[members[j]] = Vb[j].clone();
+      }
     }
   }
   return {U, S, V};
