@@ -221,6 +221,44 @@ def test_variance_picks_smallest_k():
     assert sub.size(mod) <= N * r - 1 and float(sub.A[mod].explained.sum()) > 1 - 1e-5
 
 
+def test_wide_stacks_take_a_sketch_of_2k_directions_not_their_full_width(monkeypatch):
+    """The principal directions came from an rsvd of the stack's full width (N·r − 1: 49 s for a 4096 x 1600
+    side); now from a sketch of 2 K + 8 (components) or 64, doubled until enough is explained (variance).
+    Against the full float64 PCA: the same directions, explained ratios (over the whole variance) and K."""
+    layers = {"wide": (200, 150)}
+    N, r, k = 12, 8, 4   # full width 95, sketch 16
+    g = torch.Generator().manual_seed(3)
+    Q = {s: torch.linalg.qr(torch.randn(d, 20, generator=g, dtype=torch.float64))[0]
+         for s, d in (("B", 200), ("A", 150))}
+    decay = torch.logspace(0, -2, 20, dtype=torch.float64)[:, None]
+
+    def make(mod, m, n):   # a decaying spectrum, as trained adapters have, plus noise
+        B = Q["B"] @ (decay * torch.randn(20, r, generator=g, dtype=torch.float64))
+        A = (Q["A"] @ (decay * torch.randn(20, r, generator=g, dtype=torch.float64))).T
+        return B + 1e-4 * torch.randn(m, r, generator=g), A + 1e-4 * torch.randn(r, n, generator=g)
+    ads = [make_adapter(layers, r, make) for _ in range(N)]
+    widths, rsvd = [], eigenlorax.ops.rsvd
+    monkeypatch.setattr(eigenlorax.ops, "rsvd", lambda M, w, **kw: widths.append(w) or rsvd(M, w, **kw))
+    sub = eigenlorax.build_subspace(ads, components=k)
+    assert widths == [16, 16]
+    for side in ("A", "B"):
+        U, ref = reference_pca(ads, "wide", side)
+        b = getattr(sub, side)["wide"]
+        assert b.n_pc == k
+        close(b.explained.double(), ref[:k], atol=1e-6, rtol=1e-5)
+        assert principal_cosines(U[:, :k], b.P).min() > 0.9999
+    noise = random_adapters(layers, N, r)   # a flat spectrum: 0.95 needs more than the first sketch of 64
+    for v, sketches in ((0.5, [64]), (0.95, [64, 95])):
+        widths.clear()
+        sub = eigenlorax.build_subspace(noise, variance=v)
+        assert widths == sketches * 2
+        for side in ("A", "B"):
+            _, ref = reference_pca(noise, "wide", side)
+            want = int((ref.cumsum(0) < v).sum()) + 1
+            assert getattr(sub, side)["wide"].n_pc == want, (v, side)
+            assert want > 64 if v == 0.95 else want < 64
+
+
 def test_k_capped_at_stack_rank():
     N, r = 3, 4
     with pytest.warns(UserWarning, match=r"4 of 4 layer sides have fewer than components=20 directions \(down to "
