@@ -45,6 +45,7 @@ from .io import (FormatError, base_modifying_init, check_digest, linear_layout, 
                  safetensors_metadata, save_with_digest, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
+_CACHE_CHUNK = 8   # weights per rsvd_many call when the cache of directions is computed
 
 
 _FLAGS = ("pissa_init", "reset_optimizer", "verbose")   # SRLoRAConfig's bool fields
@@ -309,13 +310,18 @@ class SRLoRA:
             warnings.warn(f"SRLoRA: no principal directions beyond the LoRA rank in {', '.join(short[:3])}"
                           f"{' ...' if len(short) > 3 else ''} (a weight dimension <= r): these layers are never "
                           "recomposed", stacklevel=3)
-        for k, members in want.items():
+        # The cache lives in host memory: (m + n) k float32 numbers a layer (a 7B model's schedule-sized cache
+        # is GiBs), of which a recomposition moves the few it uses to the weight's device; computed a few
+        # layers at a time so that the device holds little of it at once.
+        chunks = [(k, members[j:j + _CACHE_CHUNK]) for k, members in want.items()
+                  for j in range(0, len(members), _CACHE_CHUNK)]
+        for k, members in chunks:
             # bf16/fp16 weights go in as they are (rsvd_many computes each in float32, one at a time)
             mats = [self.layers[i].W.detach() for i in members]
             mats = [w.float() if w.dtype == torch.float64 else w for w in mats]
             for i, (U, S, V) in zip(members, ops.rsvd_many(mats, k, oversample=16, niter=4, seed=c.seed)):
                 l = self.layers[i]
-                l.U, l.S, l.V = U, S, V
+                l.U, l.S, l.V = U.cpu(), S.cpu(), V.cpu()
                 r = l.A.shape[0]
                 l.next_dir = min(r, k) if self._pissa else 0
                 l.protected_until = torch.full((r,), -1, dtype=torch.long)
