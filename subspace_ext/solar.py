@@ -504,11 +504,11 @@ def _check_finite_base(W0: torch.Tensor, key: str) -> None:
         raise ValueError(f"base weight {key} contains NaN or Inf")
 
 
-def _check_request(budget, ratio, seed, eps, method="solar", storage="float32") -> None:
+def _check_request(budget, ratio, seed, eps, method="solar", storage=None) -> None:
     """Refuse bad arguments before any basis is computed (seconds per layer on a large model)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    if storage not in STORAGE:
+    if storage is not None and storage not in STORAGE:
         raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGE))}, got {storage!r}")
     if ratio is not None:
         if budget is not None:
@@ -945,7 +945,7 @@ def _lagrangian(layers: List[_Layer], keep_numbers: float, kinds, gains) -> List
 
 def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
              budget: Union[None, int, str] = None, ratio: Optional[float] = None, seed: int = 0,
-             eps: float = 0.0, method: str = "solar", storage: str = "float32",
+             eps: float = 0.0, method: str = "solar", storage: Optional[str] = None,
              progress: bool = False) -> SolarPackage:
     """Compress a peft LoRA/AdaLoRA adapter (folder or PeftAdapter) against its base model.
 
@@ -958,7 +958,8 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     the stored coefficients / factors (``"float16"`` or ``"bfloat16"`` halve the package's bytes,
     ``"int8"`` quarters them: symmetric absmax codes with one float32 scale per factor column / row, or
     per layer for SOLAR coefficients, the scales counted as stored numbers; the reported errors are
-    those of the stored, rounded numbers).
+    those of the stored, rounded numbers). Default: ``"bfloat16"`` for a bfloat16 adapter (it decodes to
+    bfloat16 anyway: float32 doubled the bytes), else ``"float32"``.
 
     Memory: one layer's bases and coefficient matrix at a time, plus the basis columns of the candidate
     coefficients that fit in ``BASIS_CACHE_BYTES`` (the others are regenerated for the decode check) and the largest
@@ -1015,6 +1016,8 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         for t in (u.B, u.A):
             widest = torch.promote_types(widest, t.dtype)
     dtype = str(widest).replace("torch.", "")
+    if storage is None:
+        storage = "bfloat16" if dtype == "bfloat16" else "float32"
     return _package(layers, extra, dict(ad.config), budget, ratio, seed, eps, dtype, method, storage,
                     progress)
 
@@ -1049,7 +1052,7 @@ def _kind_of(key: str, kinds: Optional[Dict[str, str]], shape) -> str:
 
 def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeights], *,
                    budget: Union[None, int, str] = None, ratio: Optional[float] = None, rank: int = 16,
-                   seed: int = 0, eps: float = 0.0, method: str = "solar", storage: str = "float32",
+                   seed: int = 0, eps: float = 0.0, method: str = "solar", storage: Optional[str] = None,
                    progress: bool = False) -> SolarPackage:
     """Compress a dense fine-tune (``finetuned`` − ``base``, both transformers folders or safetensors
     files) of the 2-D Linear weights; decoding gives a peft LoRA adapter of rank ``rank`` on the
@@ -1136,7 +1139,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
               "fan_in_fan_out": any(l.fan_in_fan_out for l in infos), "use_rslora": False,
               "init_lora_weights": True, "task_type": None,
               "base_model_name_or_path": None, "modules_to_save": None}
-    pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", method, storage, progress)
+    pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", method, storage or "float32", progress)
     pkg.skipped = skipped
     return pkg
 

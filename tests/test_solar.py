@@ -1107,6 +1107,25 @@ def test_reported_error_is_that_of_the_decoded_adapter_in_its_dtype(trained_adap
         assert layer.rel_error == pytest.approx(err, rel=1e-6, abs=1e-9), layer.module
 
 
+def test_storage_defaults_to_bfloat16_for_a_bfloat16_adapter(trained_adapter, minilm_base, tmp_path):
+    """float32 storage doubled a bfloat16 adapter's package for the same decoded adapter: bfloat16 adapters
+    now store bfloat16 unless told otherwise; float16 (narrow range) and float32 adapters keep float32."""
+    def cast(dtype):
+        return io.PeftAdapter(trained_adapter.config, {k: v.to(dtype) if "lora_" in k else v
+                                                       for k, v in trained_adapter.tensors.items()})
+    bf16 = cast(torch.bfloat16)
+    pkg = solar.compress(bf16, minilm_base, budget="full", method="lowrank")
+    wide = solar.compress(bf16, minilm_base, budget="full", method="lowrank", storage="float32")
+    assert (pkg.storage(), wide.storage()) == ("bfloat16", "float32")
+    pkg.save(str(tmp_path / "a.safetensors"))
+    wide.save(str(tmp_path / "b.safetensors"))
+    assert os.path.getsize(tmp_path / "a.safetensors") < 0.6 * os.path.getsize(tmp_path / "b.safetensors")
+    got, ref = solar.decompress(pkg, minilm_base), solar.decompress(wide, minilm_base)
+    assert max(solar.relative_errors(ref, got)) < 1e-2   # within bfloat16's rounding of the same factors
+    for dtype in (torch.float16, torch.float32):
+        assert solar.compress(cast(dtype), minilm_base, ratio=0.1, method="lowrank").storage() == "float32"
+
+
 def test_mixed_dtype_adapter_decodes_in_its_widest_dtype(trained_adapter, minilm_base):
     """The package took its first layer's dtype for every layer: a bfloat16 first layer rounded the float32
     ones to bfloat16 (2e-3 off where 1e-7 is right). The widest dtype is kept; the bfloat16 layer's upcast
