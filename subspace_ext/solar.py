@@ -708,11 +708,16 @@ class _Layer:
         return self.svd[1].double() ** 2
 
     def set_solar(self, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor, cap: Optional[int], bases: "_Bases",
-                  regenerate: Callable) -> None:
+                  regenerate: Callable, floor: float = 0.0) -> None:
         """Keep what the SOLAR encoding needs of C = Uᵀ ΔW V: its energy and its ``cap`` largest
-        coefficients (None: all); C itself and (past the cache) the bases are let go."""
+        coefficients (None: all) of magnitude at least ``floor`` (method "solar": the threshold the earlier
+        layers' candidates set, which only rises, so those below it would be dropped anyway), before the
+        cache sizes their basis columns; C itself and (past the cache) the bases are let go."""
         self.energy = float((C * C).sum())  # ‖C‖ = ‖ΔW‖ (orthonormal bases)
         self.top = _top_coefficients(C, cap)
+        if floor > 0:
+            n = int((self.top[0].abs() >= floor).sum())   # a prefix: sorted by |c|
+            self.top = (self.top[0][:n].clone(), self.top[1][:n].clone())
         self.basis = bases.keep(U, V, self.top[1], regenerate)
 
     def cost(self, kind: str) -> int:
@@ -794,18 +799,19 @@ class _Regenerated:
         return (*self.regenerate(), positions)
 
 
-def _prune_candidates(layers: List[_Layer], keep: Optional[int]) -> None:
+def _prune_candidates(layers: List[_Layer], keep: Optional[int], floor: float = 0.0) -> float:
     """Method "solar" keeps the ``keep`` largest |c| of all layers: drop every candidate below the
     ``keep``-th largest so far (that threshold only rises), so the candidates of all layers together
-    stay within about 2 x ``keep`` (ties at the threshold are kept)."""
+    stay within about 2 x ``keep`` (ties at the threshold are kept). Returns the threshold (else ``floor``)."""
     if keep is None or sum(l.top[0].numel() for l in layers) <= 2 * keep:  # prune once they have doubled:
-        return                                                               # O(total) work a time
+        return floor                                                         # O(total) work a time
     threshold = torch.topk(torch.cat([l.top[0].abs() for l in layers]), max(keep, 1), sorted=False).values.min()
     for l in layers:
         n = int((l.top[0].abs() >= threshold).sum())  # a prefix: the candidates are sorted by |c|
         if n < l.top[0].numel():
             l.top = (l.top[0][:n].clone(), l.top[1][:n].clone())
             l.basis.trim(l.top[1])
+    return float(threshold)
 
 
 def _coefficient_cap(budget, ratio, numbers: int) -> Optional[int]:
@@ -983,7 +989,7 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     if cap is None and "lowrank" in kinds:  # lossless: every layer low-rank, no basis needed
         kinds = ("lowrank",)
     bases = _Bases(BASIS_CACHE_BYTES)
-    layers = []
+    layers, floor = [], 0.0
     # a square layer's layout is its module's type (Conv1D or Linear); a non-square one's shape tells. Only
     # a model that may hold Conv1D layers is built for it (importing its code takes seconds)
     square = any(m == n for m, n in (u.shape for u in updates))
@@ -1004,11 +1010,11 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         if "solar" in kinds:
             U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
             layer.set_solar(U, V, ops.project(U, V, B64, A64, u.scaling), cap, bases,
-                            _basis_of(bw, key, transposed, seed, i, eps))
+                            _basis_of(bw, key, transposed, seed, i, eps), floor)
             del U, V
         layers.append(layer)
         if method == "solar":
-            _prune_candidates(layers, cap)
+            floor = _prune_candidates(layers, cap, floor)
     # one dtype for the decoded factors: the widest of the adapter's (a float32 layer beside bfloat16 ones
     # decoded in bfloat16 lost its precision; the others' upcast is exact)
     widest = updates[0].B.dtype
@@ -1081,7 +1087,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     base_of = _dense_pairs(fw, bw)   # fine-tuned key -> the base's key
     keys = list(base_of)
-    layers, skipped = [], [k for k in fw.keys() if k not in base_of]
+    layers, skipped, floor = [], [k for k in fw.keys() if k not in base_of], 0.0
     if not keys:
         raise BaseMismatchError(f"{getattr(fw, 'path', finetuned)} and {getattr(bw, 'path', base)} share no tensor "
                                 "name, even under a prefix rewrite (bert.encoder... -> encoder...): wrong base model "
@@ -1121,14 +1127,15 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             torch.linalg.norm(delta() - s2 * B2.double() @ A2.double())) / norm, norm * norm)
         if "solar" in encodings:
             U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
-            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, bk, transposed, seed, i, eps))
+            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, bk, transposed, seed, i, eps),
+                            floor)
             del U, V
         if "lowrank" in encodings:
             layer.svd = ops.rsvd(D, info.rank, niter=4, seed=seed)
         del D, W0
         layers.append(layer)
         if method == "solar":
-            _prune_candidates(layers, cap)
+            floor = _prune_candidates(layers, cap, floor)
     if not layers:
         raise ValueError(f"{getattr(fw, 'path', finetuned)}: no 2-D Linear weight differs from the base")
     infos = [l.info for l in layers]

@@ -734,17 +734,27 @@ def test_solar_candidates_stay_within_twice_the_budget(tmp_path, monkeypatch, de
             else (lambda: solar.compress(ad, base, ratio=ratio)))
     seen, real_package, real_prune = [], solar._package, solar._prune_candidates
 
-    def prune(layers, keep):
-        real_prune(layers, keep)
+    def prune(layers, keep, floor=0.0):
+        floor = real_prune(layers, keep, floor)
         seen.append((sum(l.top[0].numel() for l in layers), layers[-1].top[0].numel(), keep))
+        return floor
+
+    kept, real_keep = [], solar._Bases.keep
+
+    def keep_(self, U, V, candidates, regenerate):   # what the basis cache sizes: the candidates past the floor
+        kept.append((candidates.numel(), U.shape[1] * V.shape[1]))
+        return real_keep(self, U, V, candidates, regenerate)
 
     monkeypatch.setattr(solar, "_prune_candidates", prune)
+    monkeypatch.setattr(solar._Bases, "keep", keep_)
     pruned = _package_content(make(), tmp_path / "pruned.safetensors")
     assert len(seen) == len(MEMORY_SHAPES)
+    if ratio < 0.5:   # once the earlier layers set a threshold, a layer's candidates below it never reach the cache
+        assert any(n < min(seen[0][2], size) for n, size in kept[1:]), kept
     assert all(total <= 2 * keep + last for total, last, keep in seen), seen
     if ratio < 0.5:
         assert seen[-1][0] < sum(m * n for m, n in MEMORY_SHAPES.values()), "nothing was pruned: the case tests nothing"
-    monkeypatch.setattr(solar, "_prune_candidates", lambda layers, keep: None)
+    monkeypatch.setattr(solar, "_prune_candidates", lambda layers, keep, floor=0.0: 0.0)
     assert _package_content(make(), tmp_path / "unpruned.safetensors") == pruned
 
 
