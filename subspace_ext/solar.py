@@ -1333,7 +1333,9 @@ def _mismatch_cause(basis: int, key: str) -> str:
         return (f"the package predates basis rule 2 (made by an older build): if singular values of {key} are "
                 "(nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on the sender's "
                 "LAPACK, so compress the adapter again with this build; otherwise the seed or eps was edited")
-    return "the seed, eps or the layer's stream differs from the sender's (an edited package)"
+    return ("the seed, eps or the layer's stream differs from the sender's (an edited package), or this machine's "
+            f"LAPACK resolves {key}'s singular vectors differently from the sender's (a singular-value gap at the tie "
+            "tolerance, 1e-8 of the largest): compress the adapter again on a machine like this one")
 
 
 def _strict_json(value) -> bool:

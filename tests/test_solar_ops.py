@@ -146,6 +146,30 @@ def test_solar_basis_with_ties_is_independent_of_thread_count(shape, rank):
     _same_basis(*out)
 
 
+@pytest.mark.parametrize("structure", ["mirror", "hadamard"])
+def test_solar_basis_signs_of_sign_symmetric_weights_are_independent_of_thread_count(structure):
+    """The sign rule (largest |entry| of U[:, j] positive) was decided by rounding where structure makes the two
+    largest entries equal and opposite in every singular vector ([W; -W], a Hadamard-like W0): 1 and 2 threads
+    (or another CPU's LAPACK) flipped columns, and a receiver with the sender's exact base was refused."""
+    g = torch.Generator().manual_seed(0)
+    if structure == "mirror":
+        W = torch.randn(64, 96, generator=g, dtype=torch.float64)
+        W0 = torch.cat([W, -W])
+    else:
+        H = torch.ones(1, 1, dtype=torch.float64)
+        for _ in range(7):
+            H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)])
+        W0 = H[:, :64] * torch.linspace(1, 2, 64, dtype=torch.float64)
+    out = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out.append(ops.solar_basis(W0, SEED, 0, 0.0))
+    (U1, V1), (U2, V2) = out
+    assert int(((U1 * U2).sum(0) < 0).sum()) == 0 and int(((V1 * V2).sum(0) < 0).sum()) == 0
+    torch.testing.assert_close(U1, U2, rtol=0, atol=1e-10)
+    torch.testing.assert_close(V1, V2, rtol=0, atol=1e-10)
+
+
 def test_solar_basis_keeps_singular_vectors_apart_from_ties():
     """Untied values keep their singular vectors (W0 v_j = s_j u_j), ties inside their subspace."""
     s = torch.tensor([5.0, 4.0, 4.0, 4.0 * (1 - 1e-6), 1.0, 1e-12, 0.0], dtype=torch.float64)  # 1e-6: no tie

@@ -1566,8 +1566,10 @@ void decode(const std::string& package_path, const std::string& base_path, const
                           " are (nearly) tied (a rank-deficient, pruned or orthogonal weight), its basis depended on "
                           "the sender's LAPACK, so compress the adapter again with this build; otherwise the seed or "
                           "eps was edited"
-                    : std::string("the seed, eps or the layer's stream differs from the sender's (an edited "
-                                  "package)")));
+                    : "the seed, eps or the layer's stream differs from the sender's (an edited package), or "
+                      "this machine's LAPACK resolves " + key + "'s singular vectors differently from the sender's (a "
+                      "singular-value gap at the tie tolerance, 1e-8 of the largest): compress the adapter again on "
+                      "a machine like this one"));
       }
       put(prefix + ".lora_A.weight", A.to(dtype));
       put(prefix + ".lora_B.weight", B.to(dtype));

@@ -502,7 +502,14 @@ at::Tensor scale_pow2(const at::Tensor& t, const std::vector<int64_t>& e, int si
 
 void canonicalize_signs_(at::Tensor& U, at::Tensor& V) {
   if (U.size(-1) == 0 || U.size(-2) == 0) return;
-  const at::Tensor idx = U.abs().argmax(-2, /*keepdim=*/true);
+  // The entry that decides a column's sign: the first (lowest row) of those within a relative kSignTol of
+  // its largest magnitude. The plain largest one was chosen by rounding where structure makes two entries
+  // equal and opposite (a mirrored [W; -W], a Hadamard-like W0: every singular vector), so another thread
+  // count or CPU flipped columns and a receiver with the sender's exact base was refused.
+  constexpr double kSignTol = 1e-10;
+  const at::Tensor mag = U.abs();
+  const at::Tensor near = mag >= mag.amax(-2, /*keepdim=*/true) * (1.0 - kSignTol);
+  const at::Tensor idx = near.to(at::kByte).argmax(-2, /*keepdim=*/true);  // the first of the maxima
   const at::Tensor sign = U.gather(-2, idx).sign();
   const at::Tensor flip = at::where(sign < 0, -at::ones_like(sign), at::ones_like(sign));
   U.mul_(flip);

@@ -49,7 +49,8 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
 std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, int passes = 2, bool with_r = true);
 
 // Flip each column pair (U[:, j], V[:, j]) so that the largest-magnitude entry of U[:, j] is
-// positive (ties: the first). Makes the factors of a decomposition unique up to rounding.
+// positive (entries within a relative 1e-10 of it count as tied: the first of them decides, so an exact
+// tie that rounding breaks either way gives the same sign). Makes the factors unique up to rounding.
 void canonicalize_signs_(at::Tensor& U, at::Tensor& V);
 
 // rsvd's range guard. The sketch, the power iteration and Q = Y R^-1 run in the compute dtype
