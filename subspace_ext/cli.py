@@ -320,8 +320,9 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--storage", choices=tuple(STORAGE), default=None,
                    help="dtype of the stored coefficients / factors (default: bfloat16 for a bfloat16 adapter, "
                         "else float32; float16 or bfloat16 halve the package's bytes for a rounding error "
-                        "~1e-3 / ~4e-3 of each number; int8 quarters them: codes with one float32 scale per factor column / row (per layer for "
-                        "SOLAR coefficients), a rounding error up to 1/254 of each vector's largest entry)")
+                        "~1e-3 / ~4e-3 of each number; int8 quarters them: codes with one float32 scale per "
+                        "factor column / row (per layer for SOLAR coefficients), a rounding error up to 1/254 of "
+                        "each vector's largest entry)")
     c.add_argument("--layout", choices=LAYOUTS, default="packed",
                    help="file layout: 'packed' (default; format version 4: every layer's numbers in 3 tensors, "
                         "the smallest header) or 'layers' (tensors per layer, format versions 1-3: for receivers "

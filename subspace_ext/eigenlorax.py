@@ -685,13 +685,15 @@ class EigenModel:
                 pass
         return None
 
-    def merge(self) -> None:
+    def merge(self, keep: bool = True) -> None:
         """Fold the task's update into the wrapped layers' weights (for inference; ``unmerge`` takes it out).
+        A bfloat16/float16 weight is kept (one copy of each) so that ``unmerge`` and task switches restore it
+        bit for bit; ``keep=False`` saves the memory, and ``unmerge`` then subtracts the update (rounding).
         A weight tied to another module (GPT-2's lm_head is the input embedding) is refused before any
         layer is merged: the update would change that module too."""
         self._refuse_tied("merge")
         for l in self.layers.values():
-            l.merge()
+            l.merge(keep)
 
     def _refuse_tied(self, what: str) -> None:
         names = parameter_names(self.model)

@@ -13,6 +13,7 @@ GEMM libraries sum in a thread-count-dependent order). ``small_svd`` keeps Jacob
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -379,7 +380,8 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
 
 
 def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
+    kind = t.device.type   # meta tensors (shape inference) have no autocast to turn off
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
 
 
 def _transformed(*tensors: torch.Tensor) -> bool:

@@ -1335,7 +1335,8 @@ def _mismatch_cause(basis: int, key: str) -> str:
                 "LAPACK, so compress the adapter again with this build; otherwise the seed or eps was edited")
     return ("the seed, eps or the layer's stream differs from the sender's (an edited package), or this machine's "
             f"LAPACK resolves {key}'s singular vectors differently from the sender's (a singular-value gap at the tie "
-            "tolerance, 1e-8 of the largest): compress the adapter again on a machine like this one")
+            "tolerance, 1e-8 of the largest, or a sign-symmetric weight packed by a build before the sign rule's "
+            "ties): compress the adapter again on a machine like this one")
 
 
 def _strict_json(value) -> bool:

@@ -45,7 +45,8 @@ from .io import (FormatError, base_modifying_init, check_digest, linear_layout, 
                  safetensors_metadata, save_with_digest, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
-_CACHE_CHUNK = 8   # weights per rsvd_many call when the cache of directions is computed
+_CACHE_CHUNK = 8   # weights per rsvd_many call when the cache of directions is computed on an accelerator
+_DEFAULT_DIRECTIONS_CAP = 32   # the schedule-sized default cache holds at most this many r directions a layer
 
 
 _FLAGS = ("pissa_init", "reset_optimizer", "verbose")   # SRLoRAConfig's bool fields
@@ -277,12 +278,13 @@ class SRLoRA:
                           "to the last step (set total_steps, or stop=1.0 to silence this; the Trainer callback "
                           "sets it)", stacklevel=2)
         if saved is None:
-            self.config = c = _size_directions(c, self.layers)
+            self.config = c = _size_directions(c, self.layers, self._pissa)
         half = [l for l in self.layers if l.W.dtype in (torch.bfloat16, torch.float16)]
         if half and (self._pissa or c.fuse_fraction > 0):
             dt = str(half[0].W.dtype).replace("torch.", "")
-            warnings.warn(f"SRLoRA: {len(half)} base weights are {dt} ({half[0].name} ...): PiSSA and every "
-                          f"recomposition write the whole weight back in {dt}, which moves the function by its "
+            what = "PiSSA and every recomposition write" if self._pissa else "every recomposition writes"
+            warnings.warn(f"SRLoRA: {len(half)} base weights are {dt} ({half[0].name} ...): {what} "
+                          f"the whole weight back in {dt}, which moves the function by its "
                           "rounding (~1e-3 of W, logits ~1% in a bfloat16 MiniLM) and loses much of a small fused "
                           "pair (|ΔW| 1e-4 among weights ~0.06: 16% lost in bfloat16); for exact fusions load the "
                           "model in float32 and train under torch.autocast", stacklevel=2)
@@ -313,8 +315,9 @@ class SRLoRA:
         # The cache lives in host memory: (m + n) k float32 numbers a layer (a 7B model's schedule-sized cache
         # is GiBs), of which a recomposition moves the few it uses to the weight's device; computed a few
         # layers at a time so that the device holds little of it at once.
-        chunks = [(k, members[j:j + _CACHE_CHUNK]) for k, members in want.items()
-                  for j in range(0, len(members), _CACHE_CHUNK)]
+        size = {k: _CACHE_CHUNK if any(self.layers[i].W.device.type != "cpu" for i in members) else len(members)
+                for k, members in want.items()}   # the CPU: one call, every thread busy
+        chunks = [(k, members[j:j + size[k]]) for k, members in want.items() for j in range(0, len(members), size[k])]
         for k, members in chunks:
             # bf16/fp16 weights go in as they are (rsvd_many computes each in float32, one at a time)
             mats = [self.layers[i].W.detach() for i in members]
@@ -661,28 +664,36 @@ def recompositions(config: SRLoRAConfig) -> Optional[int]:
     return (last - first) // config.interval + 1 if last >= first else 0
 
 
-def _size_directions(config: SRLoRAConfig, layers) -> SRLoRAConfig:
+def _size_directions(config: SRLoRAConfig, layers, pissa: bool) -> SRLoRAConfig:
     """The run's ``directions``: where left at None and the schedule is known, enough for every recomposition
-    (each takes round(fuse_fraction·r) per layer; at least the 4 r of an unknown schedule), one number for all
-    layers, recorded in the config so that a resumed run (perhaps with another total_steps) keeps the cache.
-    An explicit number that runs out before ``stop`` is warned about."""
+    (each takes round(fuse_fraction·r) per layer; without PiSSA the top r are free for them too), at least the
+    4 r of an unknown schedule and at most ``_DEFAULT_DIRECTIONS_CAP`` r (the cache is (m + n) floats a
+    direction: a long run's would be a whole SVD of every weight); one number for all layers, recorded in the
+    config so that a resumed run (perhaps with another total_steps) keeps the cache. A number that runs out
+    before ``stop`` (explicit, or the capped default) is warned about."""
     events = recompositions(config)
     if events is None or not layers:
         return config
     ranks = sorted({l.A.shape[0] for l in layers})
-    need = {r: events * max(1, int(round(config.fuse_fraction * r))) for r in ranks}
+    per = {r: max(1, int(round(config.fuse_fraction * r))) for r in ranks}
+    need = {r: max(0, events * per[r] - (0 if pissa else r)) for r in ranks}   # beyond r
     if config.directions is None:   # 4 r per layer (None) where that lasts
         if all(need[r] <= 4 * r for r in ranks):
             return config
-        return dataclasses.replace(config, directions=max(max(need[r], 4 * r) for r in ranks))
+        config = dataclasses.replace(config, directions=max(min(need[r], _DEFAULT_DIRECTIONS_CAP * r) for r in ranks))
+        how = (f"the default directions={config.directions} (sized from the schedule, at most "
+               f"{_DEFAULT_DIRECTIONS_CAP} r)")
+    else:
+        how = f"directions={config.directions}"
     d = config.directions   # short where the cache, not the weight's shape, ends the recompositions
     short = [l for l in layers if d < need[l.A.shape[0]] and d < min(l.W.shape) - l.A.shape[0]]
     if short:
-        lasts = d // max(1, int(round(config.fuse_fraction * short[0].A.shape[0])))
-        warnings.warn(f"SRLoRA: directions={config.directions} lasts {lasts} of the schedule's {events} "
-                      f"recompositions in {len(short)} layer(s) ({short[0].name} ...): they stop being recomposed "
-                      f"before stop={config.stop}; leave directions=None to size it from the schedule",
-                      stacklevel=3)
+        r = short[0].A.shape[0]
+        lasts = (d + (0 if pissa else r)) // per[r]
+        warnings.warn(f"SRLoRA: {how} lasts {lasts} of the schedule's {events} recompositions in {len(short)} "
+                      f"layer(s) ({short[0].name} ...): they stop being recomposed before stop={config.stop}; "
+                      f"directions={need[r]} would hold them all ((m + n)·{need[r] + r} float32 numbers a layer, in "
+                      "host memory)", stacklevel=3)
     return config
 
 

@@ -543,6 +543,8 @@ def test_project_and_reconstruct_under_forward_ad_and_torch_func(lead, device):
     torch.testing.assert_close(out.double().cpu(), ref.project_ref(U, V, B, A, 1.7), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tangent.double().cpu(), ref.project_ref(U, V, tB, A, 1.7), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rec.double().cpu(), ref.reconstruct_ref(U, C, V), atol=1e-5, rtol=1e-5)
+    meta = [torch.empty_like(t, device="meta") for t in (U32, V32, B32, A32)]   # no autocast there: not asked
+    assert jvp(lambda b: ops.project(meta[0], meta[1], b, meta[3], 1.7), (meta[2],), (meta[2],))[1].is_meta
     with pytest.raises(TypeError, match="scaling is a constant of the op"):
         ops.project(U, V, B, A, torch.tensor(2.0, requires_grad=True))
     with fwad.dual_level(), pytest.raises(TypeError, match="scaling is a constant of the op"):

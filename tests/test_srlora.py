@@ -1032,6 +1032,21 @@ def test_recompositions_counts_the_steps_that_recompose():
     assert recompositions(SRLoRAConfig(total_steps=5000)) == 45   # steps 100, 200, ..., 4500
 
 
+def _wide_lora(r=2):
+    """One 150 x 160 LoRA layer: room for many directions."""
+    import peft
+
+    class Wide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(160, 150)
+
+        def forward(self, x):
+            return self.fc(x)
+    torch.manual_seed(0)
+    return peft.get_peft_model(Wide(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc"]))
+
+
 def test_default_directions_last_the_whole_schedule(tmp_path):
     """The default cache was r + 4 r directions whatever the schedule: with the default settings every layer ran
     out after 16 recompositions (step 1,600) and a 5,000-step run was plain LoRA for its last two thirds. With
@@ -1066,6 +1081,15 @@ def test_default_directions_last_the_whole_schedule(tmp_path):
         warnings.simplefilter("error")
         SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, directions=12))
         SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, total_steps=40, directions=22))
+        # without PiSSA the top r directions are free for recompositions too: 10 beyond r hold 12 events
+        sr = SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, pissa_init=False))
+        assert sr.config.directions == 10
+        SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, pissa_init=False, directions=10))
+    # the default is capped at 32 r (a long schedule's cache would be a whole SVD of every weight), and says so
+    with pytest.warns(UserWarning, match=r"the default directions=64 \(sized from the schedule, at most 32 r\) "
+                                         r"lasts 64 of the schedule's 100 recompositions.*directions=100 would hold"):
+        big = SRLoRA(_wide_lora(), None, dataclasses.replace(cfg, total_steps=100))
+    assert big.config.directions == 64 and big.layers[0].U.shape[1] == 66
 
 
 def test_each_layer_caches_its_own_directions():

@@ -1568,8 +1568,9 @@ void decode(const std::string& package_path, const std::string& base_path, const
                           "eps was edited"
                     : "the seed, eps or the layer's stream differs from the sender's (an edited package), or "
                       "this machine's LAPACK resolves " + key + "'s singular vectors differently from the sender's (a "
-                      "singular-value gap at the tie tolerance, 1e-8 of the largest): compress the adapter again on "
-                      "a machine like this one"));
+                      "singular-value gap at the tie tolerance, 1e-8 of the largest, or a sign-symmetric weight "
+                      "packed by a build before the sign rule's ties): compress the adapter again on a machine like "
+                      "this one"));
       }
       put(prefix + ".lora_A.weight", A.to(dtype));
       put(prefix + ".lora_B.weight", B.to(dtype));
