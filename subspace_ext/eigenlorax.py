@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .io import (BaseWeights, FormatError, PeftAdapter, base_modifying_init, check_digest, check_finite,
+from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
                  embedding_lora_modules, fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar,
                  read_safetensors, refuse_layer_replication, safetensors_metadata, save_with_digest, tensors_digest,
                  tied_elsewhere, unwrap_model)
@@ -298,12 +298,7 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     if len(bases) > 1:
         raise ValueError(f"adapters come from different base models: {sorted(map(str, bases))} (if these name one "
                          "model, make base_model_name_or_path in their adapter_config.json agree)")
-    per = []
-    for name, a in zip(names, loaded):
-        try:
-            per.append({u.module: u for u in a.updates()})
-        except FormatError as e:  # names the layer (and the folder, for a loaded adapter)
-            raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+    per = [_updates_by_module(a, name) for name, a in zip(names, loaded)]
     # the same factors under another lora_alpha are another update: the scalings count as well
     _refuse_duplicates(names, [tensors_digest(a.tensors) + repr(sorted((m, u.scaling) for m, u in p.items()))
                                for a, p in zip(loaded, per)], "weights and scalings")
@@ -377,6 +372,14 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     if as_stored:   # LoRA on the weight as a parameter (target_parameters): exported as one, as stored
         meta["as_stored"] = as_stored
     return EigenSubspace(subA, subB, meta)
+
+
+def _updates_by_module(adapter: PeftAdapter, name: str) -> Dict[str, LowRankUpdate]:
+    """{module: update} of an adapter; a FormatError names the layer and the adapter (``name``)."""
+    try:
+        return {u.module: u for u in adapter.updates()}
+    except FormatError as e:  # names the layer (and the folder, for a loaded adapter)
+        raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
 
 def _warn_capped(subA: dict, subB: dict, components: Optional[int], augment: int, adapters: int) -> None:
@@ -497,12 +500,9 @@ class EigenLinear(torch.nn.Module):
         it (bit for bit), else W − scaling · B A, rounded once."""
         if self.merged:
             W, kept, self._unmerged = self.base.weight, self._unmerged, None
-            if kept is not None and kept.shape == W.shape and kept.dtype == W.dtype:
-                kept = kept.to(W.device)
-                kept = kept if torch.equal(self._merged(kept), W) else None
-            else:
-                kept = None
-            W.copy_(kept if kept is not None else self._merged(W, -1.0))
+            restore = (kept is not None and kept.shape == W.shape and kept.dtype == W.dtype
+                       and torch.equal(self._merged(kept := kept.to(W.device)), W))
+            W.copy_(kept if restore else self._merged(W, -1.0))
             self.merged = False
 
 
@@ -917,7 +917,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
     model = unwrap_model(model)   # torch.compile / DDP wrappers: the plain model's names
     named = dict(model.named_modules())
-    targets, mods = {}, {}
+    targets, mods, conv1d = {}, {}, set()
     for mod, target in _map_modules(subspace.modules, named, "the model").items():  # check all, then change
         lin = named[target]
         if isinstance(lin, EigenLinear):
@@ -946,9 +946,10 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
                              "pass check_base=False)")
         targets[target] = (lin, PA, PB)
         mods[target] = mod
+        if layout[2]:
+            conv1d.add(mod)
     extra_names = _trainable_names(model, trainable, targets)
-    starts = {} if source is None else _projected_loadings(
-        source, subspace, task_rank, scaling, {mods[t] for t, (lin, _, _) in targets.items() if _linear_layout(lin)[2]})
+    starts = {} if source is None else _projected_loadings(source, subspace, task_rank, scaling, conv1d)
     grad_before = {name: p.requires_grad for name, p in model.named_parameters()}  # unload() restores them
     for p in model.parameters():
         p.requires_grad_(False)
@@ -976,10 +977,7 @@ def _projected_loadings(source, subspace: EigenSubspace, rank: int, scaling: flo
     adapter = source if isinstance(source, PeftAdapter) else PeftAdapter.load(os.fspath(source))
     name = "source" if isinstance(source, PeftAdapter) else os.fspath(source)
     refuse_layer_replication(adapter.config, name)
-    try:
-        ups = {u.module: u for u in adapter.updates()}
-    except FormatError as e:
-        raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+    ups = _updates_by_module(adapter, name)
     found = _map_modules(subspace.modules, dict.fromkeys(ups), f"the source adapter {name}")
     out = {}
     for mod, key in found.items():

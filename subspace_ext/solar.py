@@ -716,9 +716,16 @@ class _Layer:
         self.energy = float((C * C).sum())  # ‖C‖ = ‖ΔW‖ (orthonormal bases)
         self.top = _top_coefficients(C, cap)
         if floor > 0:
-            n = int((self.top[0].abs() >= floor).sum())   # a prefix: sorted by |c|
-            self.top = (self.top[0][:n].clone(), self.top[1][:n].clone())
+            self.cut(floor)
         self.basis = bases.keep(U, V, self.top[1], regenerate)
+
+    def cut(self, threshold: float) -> bool:
+        """Drop the candidates below ``threshold`` (a suffix: they are sorted by |c|); whether any went."""
+        n = int((self.top[0].abs() >= threshold).sum())
+        if n == self.top[0].numel():
+            return False
+        self.top = (self.top[0][:n].clone(), self.top[1][:n].clone())
+        return True
 
     def cost(self, kind: str) -> int:
         """Numbers one item of an encoding stores."""
@@ -807,9 +814,7 @@ def _prune_candidates(layers: List[_Layer], keep: Optional[int], floor: float = 
         return floor                                                         # O(total) work a time
     threshold = torch.topk(torch.cat([l.top[0].abs() for l in layers]), max(keep, 1), sorted=False).values.min()
     for l in layers:
-        n = int((l.top[0].abs() >= threshold).sum())  # a prefix: the candidates are sorted by |c|
-        if n < l.top[0].numel():
-            l.top = (l.top[0][:n].clone(), l.top[1][:n].clone())
+        if l.cut(threshold):
             l.basis.trim(l.top[1])
     return float(threshold)
 

@@ -63,7 +63,7 @@ class SRLoRAConfig:
     total_steps: Optional[int] = None  # needed for `stop` (the callback fills it from the Trainer)
     pissa_init: bool = True      # start from PiSSA (the paper's setting)
     directions: Optional[int] = None   # principal directions cached per layer beyond its r (default: as many
-    #                                    as the schedule's recompositions use, at least 4 r; 4 r without total_steps)
+    #                                    as the schedule's recompositions use, 4 r to 32 r; 4 r without total_steps)
     grace: Optional[int] = None  # steps after its re-initialisation during which a pair cannot be fused
     #                              (default: interval, i.e. it sits out the next recomposition)
     reset_optimizer: bool = True  # zero the optimizer moments of re-initialised pairs
@@ -456,8 +456,8 @@ class SRLoRA:
             self._warned.add("exhausted")
             warnings.warn(f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction and are no "
                           "longer recomposed (as designed); for more recompositions cache more with "
-                          "SRLoRAConfig(directions=...) (default: what total_steps' schedule uses, at least "
-                          "4 r; 4 r without it)", stacklevel=3)
+                          "SRLoRAConfig(directions=...) (default: what total_steps' schedule uses, 4 r to "
+                          "32 r; 4 r without it)", stacklevel=3)
         if poisoned:
             warnings.warn(f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers ({poisoned[0]} ...), "
                           "from Inf/NaN gradients (an fp16 overflow step? pass step(optimizer_stepped=False) when "
