@@ -247,8 +247,9 @@ def test_wide_stacks_take_a_sketch_of_2k_directions_not_their_full_width(monkeyp
         assert b.n_pc == k
         close(b.explained.double(), ref[:k], atol=1e-6, rtol=1e-5)
         assert principal_cosines(U[:, :k], b.P).min() > 0.9999
-    noise = random_adapters(layers, N, r)   # a flat spectrum: 0.95 needs more than the first sketch of 64
-    for v, sketches in ((0.5, [64]), (0.95, [64, 95])):
+    # a flat spectrum: 0.95 needs more than the first sketches of 64 and 128 (240 columns: over 3 sketches wide)
+    noise = random_adapters({"wide": (300, 280)}, 30, r)
+    for v, sketches in ((0.5, [64]), (0.95, [64, 128, 239])):
         widths.clear()
         sub = eigenlorax.build_subspace(noise, variance=v)
         assert widths == sketches * 2
@@ -256,7 +257,35 @@ def test_wide_stacks_take_a_sketch_of_2k_directions_not_their_full_width(monkeyp
             _, ref = reference_pca(noise, "wide", side)
             want = int((ref.cumsum(0) < v).sum()) + 1
             assert getattr(sub, side)["wide"].n_pc == want, (v, side)
-            assert want > 64 if v == 0.95 else want < 64
+            assert want > 128 if v == 0.95 else want < 64
+
+
+def test_stacks_a_few_sketches_wide_take_an_exact_thin_svd(monkeypatch):
+    """A stack at most 3 sketches wide (N·r <= 3 (2 K + 16)) takes a thin SVD, exact and 1.3-8x faster than the
+    rsvd's power iterations there (the usual EigenLoRAx stack: N·r of 64-128 columns); one column more, the rsvd.
+    Both match the float64 PCA to float32 rounding (the basis is stored in float32)."""
+    layers, r, k = {"l": (90, 70)}, 8, 4   # K = 4: sketches of 16 + 8, so up to 72 columns are exact
+    widths, rsvd = [], eigenlorax.ops.rsvd
+    monkeypatch.setattr(eigenlorax.ops, "rsvd", lambda M, w, **kw: widths.append(w) or rsvd(M, w, **kw))
+    g = torch.Generator().manual_seed(5)
+    decay = torch.logspace(0, -3, 8, dtype=torch.float64)[:, None]
+    Q = {s: torch.linalg.qr(torch.randn(d, 8, generator=g, dtype=torch.float64))[0] for s, d in (("B", 90), ("A", 70))}
+
+    def make(mod, m, n):   # a decaying spectrum plus noise, distinct singular values
+        B = Q["B"] @ (decay * torch.randn(8, r, generator=g, dtype=torch.float64))
+        A = (Q["A"] @ (decay * torch.randn(8, r, generator=g, dtype=torch.float64))).T
+        return B + 1e-5 * torch.randn(m, r, generator=g), A + 1e-5 * torch.randn(r, n, generator=g)
+    for N, sketched in ((9, []), (10, [16, 16])):   # 72 and 80 columns
+        ads = [make_adapter(layers, r, make) for _ in range(N)]
+        widths.clear()
+        sub = eigenlorax.build_subspace(ads, components=k)
+        assert widths == sketched, N
+        for side in ("A", "B"):
+            U, ref = reference_pca(ads, "l", side)
+            b = getattr(sub, side)["l"]
+            assert b.n_pc == k
+            close(b.explained.double(), ref[:k], atol=1e-6, rtol=1e-6)   # stored in float32
+            assert principal_cosines(U[:, :k], b.P).min() > 1 - 1e-6
 
 
 def test_k_capped_at_stack_rank():
@@ -567,8 +596,8 @@ def test_half_precision_merge_rounds_once_and_unmerge_restores_the_bits(dtype, t
         B, A = l.lora_factors()
         exact[m] = (w0[m].double() + 1.3 * B.double() @ A.double()).to(dtype)
     em.merge()
-    for m, l in em.layers.items():   # one rounding (the float32 sum may round differently from float64 rarely)
-        assert (l.base.weight != exact[m]).float().mean() < 1e-3, m
+    for m, l in em.layers.items():   # one rounding: the float32 sum rounds differently from float64 in 0-0.1% of
+        assert (l.base.weight != exact[m]).float().mean() < 1e-2, m   # entries here; double rounding: 17-23%
     for _ in range(10):
         em.load_coefficients(task_b)
         em.load_coefficients(task_a)
