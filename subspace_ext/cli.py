@@ -38,6 +38,14 @@ message names the file, layer or option), 2 bad usage (options), 130 interrupted
 early (e.g. piped into head; nothing is printed)."""
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars still open (an error left their loop), so that what is printed next (the one-line
+    error) starts on a clean line: a bar that does not stay clears its line, one that stays ends it."""
+    std = sys.modules.get("tqdm.std")   # not imported: no bar was made
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 class UserError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback."""
 
@@ -500,7 +508,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive_int, help="torch threads (default 1: fastest for these batches)")
     p.add_argument("--quick", action="store_true", help="seconds-scale smoke run of every stage (numbers meaningless)")
     p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
-                   help="no progress bars (one line per stage instead)")
+                   help="no progress bars (one line per stage instead, as when stderr is not a terminal)")
     p.set_defaults(func=_demo)
 
 
@@ -525,7 +533,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``subspace-ext`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            close_progress_bars()   # one an error left open: the message below starts on a clean line
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

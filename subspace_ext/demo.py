@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import data, eigenlorax, models, plots, solar, train
+from .io import progress_bar
 from .srlora import SRLoRA, SRLoRAConfig
 
 SOURCE_TASKS = ("vader-polarity", "blob-polarity", "blob-subjectivity", "pos-noun-verb", "pos-adj-adv")
@@ -84,15 +85,13 @@ class _Stages:
 
     def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
         self.log = log
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc="demo", unit="stage")
+        # None without progress; a bar that does not draw when stderr is no terminal (the log lines remain)
+        self.bar = progress_bar(None, "demo", enabled, unit="stage", total=total, leave=True)
 
     def done(self, msg: str) -> None:
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.update(1)
-            self.bar.write(msg)
+            self.bar.write(msg, file=sys.stderr)   # above the bar, which is on stderr too
         else:
             self.log(msg)
 

@@ -280,8 +280,8 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     ``components``: K principal directions per layer and side (default 32, capped at the centred
     stack's numerical rank, at most N·r − 1); or ``variance``: the smallest K explaining that fraction
     of the centred stack's variance. ``augment``: extra seeded directions orthogonal to the components.
-    With ``base``, the subspace records a fingerprint of every base weight (checked by ``apply``). ``progress``: a
-    per-layer progress bar on stderr.
+    With ``base``, the subspace records a fingerprint of every base weight (checked by ``apply``). ``progress``:
+    progress bars on stderr (adapters read, then layers).
     """
     if components is not None and variance is not None:
         raise ValueError("give components or variance, not both")
@@ -295,20 +295,23 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     # folders as str (a pathlib.Path too), loaded adapters as they are; a generator is read once
     adapters = [a if isinstance(a, PeftAdapter) else os.fspath(a) for a in adapters]
     names = [a if isinstance(a, str) else f"adapter[{i}]" for i, a in enumerate(adapters)]
+    if len(adapters) < 2:
+        raise ValueError(f"need at least 2 adapters, got {len(adapters)}")
     _refuse_duplicates(names, [os.path.realpath(a) if isinstance(a, str) else None for a in adapters], "folder")
-    loaded = [a if isinstance(a, PeftAdapter) else PeftAdapter.load(a) for a in adapters]
-    for name, a in zip(names, loaded):   # its layers are not the base's under their names (nor in an export)
-        refuse_layer_replication(a.config, name)
-    if len(loaded) < 2:
-        raise ValueError(f"need at least 2 adapters, got {len(loaded)}")
+    loaded, per, digests = [], [], []
+    for name, a in zip(names, progress_bar(adapters, "eigen: adapters", progress, unit="adapter")):
+        a = a if isinstance(a, PeftAdapter) else PeftAdapter.load(a)
+        refuse_layer_replication(a.config, name)   # its layers are not the base's under their names
+        p = _updates_by_module(a, name)
+        loaded.append(a)
+        per.append(p)
+        # the same factors under another lora_alpha are another update: the scalings count as well
+        digests.append(tensors_digest(a.tensors) + repr(sorted((m, u.scaling) for m, u in p.items())))
     bases = {_base_name(a.config.get("base_model_name_or_path")) for a in loaded} - {None}
     if len(bases) > 1:
         raise ValueError(f"adapters come from different base models: {sorted(map(str, bases))} (if these name one "
                          "model, make base_model_name_or_path in their adapter_config.json agree)")
-    per = [_updates_by_module(a, name) for name, a in zip(names, loaded)]
-    # the same factors under another lora_alpha are another update: the scalings count as well
-    _refuse_duplicates(names, [tensors_digest(a.tensors) + repr(sorted((m, u.scaling) for m, u in p.items()))
-                               for a, p in zip(loaded, per)], "weights and scalings")
+    _refuse_duplicates(names, digests, "weights and scalings")
     for name, a in zip(names, loaded):
         init = base_modifying_init(a.config.get("init_lora_weights"))
         if init:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -76,12 +77,14 @@ def parameter_names(model: torch.nn.Module) -> Dict[int, List[str]]:
     return names
 
 
-def progress_bar(items, desc: str, enabled: bool):
-    """``items`` with a progress bar (per layer) on stderr when ``enabled``."""
+def progress_bar(items, desc: str, enabled: bool, *, unit: str = "layer", total: Optional[int] = None,
+                 leave: bool = False):
+    """``items`` with a progress bar on stderr when ``enabled``; it draws only on a terminal (a log file or a pipe
+    would get every frame, carriage returns and all). ``items`` None: a bar advanced by ``update`` (of ``total``)."""
     if not enabled:
         return items
     from tqdm.auto import tqdm  # a dependency of transformers / huggingface_hub
-    return tqdm(items, desc=desc, unit="layer", leave=False)
+    return tqdm(items, desc=desc, unit=unit, total=total, leave=leave, disable=None, file=sys.stderr)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

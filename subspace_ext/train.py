@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .data import Example, Task
+from .io import progress_bar
 from .models import minilm_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,9 +137,7 @@ def train(model, tok, task: Task, *, steps: int = 200, lr: float = 1e-3, batch_s
     model.train()
     t0 = time.perf_counter()
     it = range(1, steps + 1)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"train {task.name}", leave=False)
+    it = progress_bar(it, f"train {task.name}", progress, unit="step")
     for step in it:
         batch = [task.train[rng.randrange(len(task.train))] for _ in range(batch_size)]
         enc, y = encode(tok, batch, max_length)

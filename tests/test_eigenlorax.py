@@ -9,13 +9,16 @@ training run. Whole file: well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import copy
+import io as io_module
 import json
 import math
 import os
 import pathlib
 import shutil
 import struct
+import sys
 import warnings
+from typing import List
 
 import pytest
 import torch
@@ -1575,6 +1578,61 @@ def run_cli(argv, capsys):
         rc = e.code
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
+
+
+class _Terminal(io_module.StringIO):
+    """A stderr that says it is a terminal (progress bars draw only on one)."""
+    def isatty(self):
+        return True
+
+
+def _screen(raw: str) -> List[str]:
+    """The lines a terminal shows for ``raw``: a carriage return moves back to the line's start, later text
+    overwrites (tqdm's bars redraw so, and a closed bar that does not stay blanks its line)."""
+    rows = []
+    for line in raw.split("\n"):
+        row, pos = [], 0
+        for ch in line:
+            if ch == "\r":
+                pos = 0
+                continue
+            row[pos:pos + 1] = [ch]
+            pos += 1
+        rows.append("".join(row).rstrip())
+    return [r for r in rows if r]
+
+
+def test_cli_progress_bars_draw_on_a_terminal_only_and_an_error_inside_one_is_a_clean_line(tmp_path, monkeypatch):
+    """A command that failed while it held a progress bar printed its error after the bar's text, on the bar's line;
+    now the CLI closes open bars first. An error inside a bar's loop (here the third adapter read holds a NaN)
+    leaves the one-line error alone on the terminal. A stderr that is no terminal (a log, a pipe) gets no bar
+    frames at all, only the messages."""
+    dirs = []
+    for i, ad in enumerate(random_adapters(TOY_LAYERS, 3, 4)):
+        ad.tensors[f"{PEFT_PREFIX}enc.q.lora_B.weight"][0, 0] = math.nan if i == 2 else 0.5
+        dirs.append(str(tmp_path / f"ad{i}"))
+        ad.save_adapter(dirs[-1])
+    out = str(tmp_path / "sub.safetensors")
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert cli.main(["eigen", "build", *dirs, "-o", out]) == 1
+    raw = sys.stderr.getvalue()
+    assert "eigen: adapters" in raw   # the bar drew
+    assert _screen(raw) == [f"subspace-ext: error: {dirs[2]}: layer enc.q: lora_B holds NaN or Inf"], raw
+
+    def failing(*args, **kwargs):   # a command that fails while it holds a bar (the demo's stages bar is held so)
+        bar = io.progress_bar(None, "stages", True, unit="stage", total=3, leave=True)
+        bar.update(1)
+        raise ValueError("boom")
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    monkeypatch.setattr(eigenlorax, "build_subspace", failing)
+    assert cli.main(["eigen", "build", *dirs, "-o", out]) == 1
+    screen = _screen(sys.stderr.getvalue())   # the bar that stays ends its line; the error has its own
+    assert len(screen) == 2 and screen[0].startswith("stages:") and screen[1] == "subspace-ext: error: boom", screen
+    monkeypatch.undo()
+    log = io_module.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)   # no terminal
+    assert cli.main(["eigen", "build", *dirs[:2], "-o", out, "--components", "2"]) == 0
+    assert "\r" not in log.getvalue() and "eigen:" not in log.getvalue(), log.getvalue()
 
 
 def test_cli_build_and_export(tmp_path, capsys):
