@@ -700,6 +700,8 @@ class _Layer:
     basis: Optional[Callable] = None     # solar: positions -> (U, V, positions) to decode them (_Bases.keep)
     svd: Optional[tuple] = None          # lowrank: (U, S, V) of ΔW's leading singular pairs, float64
     pair_scales: int = 0                 # lowrank: scale numbers a pair stores besides its m + n (int8: 2)
+    dominated_at: Optional[int] = None   # auto, a LoRA layer: SOLAR counts from here cost at least its r pairs,
+    #                                      which keep all of ΔW: its candidates stop here (_undominated)
 
     def gains(self, kind: str) -> torch.Tensor:
         """Energy of each item of an encoding, descending (a coefficient's c², a pair's σ²)."""
@@ -869,7 +871,7 @@ def _allocate(layers: List[_Layer], keep_numbers: Optional[float], method: str,
                 plan = again
         return plan
 
-    plans = [p for p in (plan_for(ks) for ks in [kinds, *alone]) if p is not None]   # low-rank alone: always
+    plans = [_undominated(layers, p) for p in (plan_for(ks) for ks in [kinds, *alone]) if p is not None]
     captured = [sum(float(g[k][:c].sum()) for g, (k, c) in zip(gains, plan)) for plan in plans]
     numbers = [sum(l.cost(k) * c for l, (k, c) in zip(layers, plan)) + fixed(plan) for plan in plans]
     # equal energies (to rounding: a budget that holds every plan losslessly): the fewest numbers, then
@@ -877,6 +879,16 @@ def _allocate(layers: List[_Layer], keep_numbers: Optional[float], method: str,
     best = max(captured)
     tied = [i for i, c in enumerate(captured) if c >= best - 1e-10 * abs(best)]
     return plans[min(tied, key=lambda i: numbers[i])]
+
+
+def _undominated(layers: List[_Layer], plan: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
+    """``plan`` with every SOLAR layer that reached its ``dominated_at`` count stored as all its low-rank pairs:
+    all of ΔW's energy for no more numbers. Its candidates stopped there, so SOLAR alone over them keeps the
+    global top |c| of every other layer and this layer's energy whole: at least what SOLAR alone over all of C
+    would (the plan auto compares it with)."""
+    return [("lowrank", int(l.gains("lowrank").numel()))
+            if kind == "solar" and l.dominated_at is not None and count >= l.dominated_at else (kind, count)
+            for l, (kind, count) in zip(layers, plan)]
 
 
 def _lagrangian(layers: List[_Layer], keep_numbers: float, kinds, gains) -> List[Tuple[str, int]]:
@@ -974,8 +986,9 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
 
     Memory: one layer's bases and coefficient matrix at a time, plus the basis columns of the candidate
     coefficients that fit in ``BASIS_CACHE_BYTES`` (the others are regenerated for the decode check) and the largest
-    coefficients: for "solar" at most about twice what the budget keeps over all layers, for "auto"
-    as many a layer as the budget could keep.
+    coefficients: for "solar" at most about twice what the budget keeps over all layers, for "auto" as many a
+    layer as the budget could keep, but no more than its r low-rank pairs' numbers hold (past that, they keep all
+    of ΔW for fewer numbers): about half the adapter's numbers over all layers.
     """
     _check_request(budget, ratio, seed, eps, method, storage)
     ad, bw = _as_adapter(adapter), _as_base(base)
@@ -1013,8 +1026,12 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
             layer.svd = ops.factored_svd(B64 * u.scaling, A64)
             layer.energy = float((layer.svd[1] ** 2).sum())  # every singular value of the rank-r ΔW
         if "solar" in kinds:
+            limit = cap
+            if "lowrank" in kinds and cap is not None:   # auto: (m + n + 2) r numbers store all r pairs (int8 too)
+                layer.dominated_at = ((m + n + 2) * r + 1) // 2
+                limit = min(cap, layer.dominated_at)   # the budget's worth: candidates grew as layers² in all
             U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
-            layer.set_solar(U, V, ops.project(U, V, B64, A64, u.scaling), cap, bases,
+            layer.set_solar(U, V, ops.project(U, V, B64, A64, u.scaling), limit, bases,
                             _basis_of(bw, key, transposed, seed, i, eps), floor)
             del U, V
         layers.append(layer)

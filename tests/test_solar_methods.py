@@ -112,6 +112,72 @@ def test_auto_captures_at_least_either_method(lora_only_adapter, base_weights, r
     assert captured["auto"] >= max(captured["solar"], captured["lowrank"]) * (1 - 1e-9)
 
 
+def test_auto_candidates_stop_where_a_layers_pairs_keep_all_of_it(tmp_path, monkeypatch):
+    """'auto' kept as many SOLAR candidates a layer as the whole budget could keep: layers x budget in all (20 GiB
+    projected for a 7B adapter at r = 16). Past (m + n + 2) r / 2 coefficients a layer's r low-rank pairs keep all
+    of ΔW for no more numbers (int8 scales included), so its candidates stop there, and a plan that reaches that
+    count stores the pairs instead. Auto still captures at least what either method does, also at budgets where
+    SOLAR alone puts more than that count in a layer."""
+    g = torch.Generator().manual_seed(7)
+    base = tmp_path / "base.safetensors"
+    save_file(_base(g), str(base))
+    tensors = {}
+    for (mod, (m, n)), scale in zip(SHAPES.items(), (30.0, 1.0)):   # one layer holds most of the energy
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = scale * torch.randn(m, RANK, generator=g)
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.randn(RANK, n, generator=g)
+    ad = io.PeftAdapter(_config(SHAPES), tensors)
+    limit = {(m, n): ((m + n + 2) * RANK + 1) // 2 for m, n in SHAPES.values()}
+    sizes, top = [], solar._top_coefficients
+
+    def recorded(C, cap):
+        t = top(C, cap)
+        sizes.append((tuple(C.shape), t[0].numel()))
+        return t
+    monkeypatch.setattr(solar, "_top_coefficients", recorded)
+    energies, saturated = _energies(ad), []
+    for ratio in (0.3, 0.6, 0.9):
+        for storage in ("float32", "int8"):
+            captured = {}
+            for method in solar.METHODS:
+                sizes.clear()
+                pkg = solar.compress(ad, str(base), ratio=ratio, method=method, storage=storage)
+                assert pkg.numbers() <= ratio * pkg.lora_numbers() + 1e-9
+                captured[method] = sum(l.energy * e for l, e in zip(pkg.layers, energies))
+                if method == "auto":
+                    assert sizes and all(k <= limit[shape] for shape, k in sizes), sizes
+                if method == "solar":
+                    saturated += [l.nnz > limit[tuple(l.shape)] for l in pkg.layers]
+            assert captured["auto"] >= max(captured["solar"], captured["lowrank"]) * (1 - 1e-9), (ratio, storage)
+    assert any(saturated)   # the case is exercised
+
+
+def test_auto_over_candidates_cut_at_the_pairs_cost_keeps_what_solar_alone_keeps_over_all():
+    """The allocation over candidates cut at (m + n + 2) r / 2 a layer (a plan that reaches the cut stores the
+    layer's r pairs) against SOLAR alone over every coefficient, on random layers and budgets: never less energy,
+    never over the budget, no SOLAR layer at its cut. A cut below the pairs' cost fails here (over the budget)."""
+    g = torch.Generator().manual_seed(11)
+    for _ in range(60):
+        cut, whole = [], []
+        for j in range(4):
+            m, n = (int(x) for x in torch.randint(8, 15, (2,), generator=g))
+            info = solar.LayerInfo(f"l{j}", f"l{j}.weight", [m, n], 4, 1.0, j, "", [])
+            w = torch.rand(4, generator=g, dtype=torch.float64) * (10.0 if j == 0 else 1.0)
+            C = (torch.randn(m, 4, generator=g, dtype=torch.float64) * w) @ torch.randn(4, n, generator=g,
+                                                                                        dtype=torch.float64)
+            at, S = ((m + n + 2) * 4 + 1) // 2, torch.linalg.svdvals(C)[:4]
+            cut.append(solar._Layer(info, None, float((C * C).sum()), top=solar._top_coefficients(C, at),
+                                    svd=(None, S, None), dominated_at=at))
+            whole.append(solar._Layer(info, None, float((C * C).sum()), top=solar._top_coefficients(C, None),
+                                      svd=(None, S, None)))
+        budget = max(2, int(float(torch.rand(1, generator=g)) * sum(4 * sum(l.info.shape) for l in whole)))
+        kept = lambda ls, plan: sum(float(l.gains(k)[:c].sum()) for l, (k, c) in zip(ls, plan))  # noqa: E731
+        plan = solar._allocate(cut, budget, "auto")
+        assert sum(l.cost(k) * c for l, (k, c) in zip(cut, plan)) <= budget
+        assert not any(k == "solar" and c >= l.dominated_at for l, (k, c) in zip(cut, plan))
+        for method in ("solar", "lowrank"):
+            assert kept(cut, plan) >= kept(whole, solar._allocate(whole, budget, method)) * (1 - 1e-12), method
+
+
 def test_lowrank_layers_are_the_truncated_svd(lora_only_adapter, base_weights):
     """Eckart–Young: the kept pairs are ΔW's leading singular pairs, so the error² of each layer is
     the energy share of the dropped singular values, and the decoded factors rebuild exactly that."""
