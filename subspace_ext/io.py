@@ -451,8 +451,37 @@ def _write_files_atomically(files: Dict[str, Callable[[str], None]]) -> None:
 
 
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    """``safetensors.torch.save_file``, written atomically (see ``_write_atomically``)."""
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    """``safetensors.torch.save_file``, written atomically (see ``_write_atomically``), with the metadata's keys in
+    sorted order: the same tensors and metadata give the same bytes in every process."""
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        _sort_metadata(tmp)
+    _write_atomically(path, write)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted. safetensors writes them in its
+    hash map's order, which changes from process to process: the same package was other bytes each time (the
+    tensors' entries and data are in a fixed order already). The header is compact JSON padded with spaces to a
+    multiple of 8 bytes, as safetensors writes it; of the same length (the usual case) it is rewritten in place."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    if len(header.get("__metadata__") or {}) < 2:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    if len(text) == size:
+        with open(path, "r+b") as f:
+            f.seek(8)
+            f.write(text)
+        return
+    with open(path, "rb") as src, open(path + ".sorted", "wb") as dst:   # another JSON escaping: the data moves
+        src.seek(8 + size)
+        dst.write(len(text).to_bytes(8, "little") + text)
+        shutil.copyfileobj(src, dst, 16 << 20)
+    os.replace(path + ".sorted", path)
 
 
 def save_with_digest(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:

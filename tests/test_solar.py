@@ -312,6 +312,43 @@ def read_path(request, monkeypatch):
     return request.param
 
 
+def test_saving_again_writes_the_same_bytes(ratio_pkg_with_extra, saved_pkg, tmp_path):
+    """safetensors writes the metadata's keys in its hash map's order, new each time: the same package saved twice
+    was other bytes (an adapter store could not deduplicate or sign it by its hash). The keys are now sorted."""
+    layout = "packed" if io.safetensors_metadata(saved_pkg)["format_version"] == "4" else "layers"
+    for i in range(3):
+        again = str(tmp_path / f"again{i}.safetensors")
+        ratio_pkg_with_extra.save(again, layout=layout)
+        with open(saved_pkg, "rb") as a, open(again, "rb") as b:
+            assert a.read() == b.read(), i
+    with open(saved_pkg, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_sorting_the_metadata_of_a_header_of_another_length_moves_the_data(tmp_path):
+    """A header that sorted and compact is another length (another writer's spacing or escaping) is written anew
+    and the data moved behind it, the tensors and metadata unchanged."""
+    tensors = {"b": torch.arange(5, dtype=torch.float32), "a": torch.ones(2, 3, dtype=torch.float64)}
+    path = str(tmp_path / "spaced.safetensors")
+    save_file(tensors, path, metadata={"z": "1", "y": "é\"\n", "x": "3"})
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header, data = json.loads(f.read(size)), f.read()
+    text = json.dumps(header, indent=3).encode()   # spaced: longer than safetensors' compact header
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+    io._sort_metadata(path)
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        assert size < len(text) and size % 8 == 0
+        assert list(json.loads(f.read(size))["__metadata__"]) == ["x", "y", "z"]
+    assert io.safetensors_metadata(path) == {"z": "1", "y": "é\"\n", "x": "3"}
+    got = io.read_safetensors(path)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
 def test_read_paths_agree(saved_pkg, monkeypatch):
     whole = io.read_safetensors(saved_pkg)
     monkeypatch.setattr(io, "_READ_WHOLE_BYTES", -1)
