@@ -251,6 +251,7 @@ class SRLoRA:
         self.step_count = 0
         self.log: List[Event] = []
         self._warned = set()
+        self._spent = False   # every layer out of directions, and a recomposition logged it: nothing left to do
         saved = _read_state(resume_from, self.layers) if resume_from is not None else None
         self.config = _resume_config(config, saved[1]["config"], resume_from) if saved is not None else \
             config or SRLoRAConfig()
@@ -364,7 +365,7 @@ class SRLoRA:
         if missing and "nograd" not in self._warned:
             self._warned.add("nograd")
             warnings.warn(f"SRLoRA: no gradient reached {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
-                          "(not used by the loss?): their importance is not updated", stacklevel=3)
+                          "(not used by the loss?): their importance is not updated", stacklevel=4)
         self._state_on_device()
         pick = lambda ts: [ts[k] for k in have]  # noqa: E731
         layers = [self.layers[k] for k in have]
@@ -383,7 +384,7 @@ class SRLoRA:
         the Trainer callback passes it on): the step counts, its gradients are not scored. With a GradScaler
         call this after ``scaler.step(optimizer)``, which unscales the gradients."""
         c = self.config
-        if c.fuse_fraction == 0.0:
+        if c.fuse_fraction == 0.0 or self._spent:   # spent: no scores (the log grew by an empty event a step)
             self.step_count += 1
             return None
         scores = self.update_importance() if optimizer_stepped else None
@@ -413,7 +414,7 @@ class SRLoRA:
                 self._warned.add("zeroscores")
                 warnings.warn(f"SRLoRA step {t}: every importance score is 0, so the gradients it saw were all "
                               "zero (gradients zeroed before SRLoRA.step()? call it after optimizer.step() and "
-                              "before zero_grad()): no pair fused, the choice would be arbitrary", stacklevel=3)
+                              "before zero_grad()): no pair fused, the choice would be arbitrary", stacklevel=4)
             ev = Event(t, 0, 0, 0, 0.0, 0.0, 0.0)
             self.log.append(ev)
             return ev
@@ -457,18 +458,20 @@ class SRLoRA:
             warnings.warn(f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction and are no "
                           "longer recomposed (as designed); for more recompositions cache more with "
                           "SRLoRAConfig(directions=...) (default: what total_steps' schedule uses, 4 r to "
-                          "32 r; 4 r without it)", stacklevel=3)
-        if poisoned:
+                          "32 r; 4 r without it)", stacklevel=4)
+        if poisoned and "poisoned" not in self._warned:   # once: a run scoring Inf every time warned every time
+            self._warned.add("poisoned")
             warnings.warn(f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers ({poisoned[0]} ...), "
                           "from Inf/NaN gradients (an fp16 overflow step? pass step(optimizer_stepped=False) when "
-                          "the optimizer skipped): their states were restarted, no pair fused there this time",
-                          stacklevel=3)
+                          "the optimizer skipped): their states were restarted, no pair fused there this time "
+                          "(warned once; later such steps restart them too)", stacklevel=4)
         if W:
             ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
         allc = torch.cat(chosen_scores) if chosen_scores else torch.zeros(1)
         ev = Event(t, len(W), sum(i.numel() for i in idx), exhausted, float(allc.mean()), float(allc.min()),
                    float(allc.max()), {n: i.tolist() for n, i in zip(names, idx)})
         self.log.append(ev)
+        self._spent = not W and all(l.next_dir >= l.S.numel() for l in self.layers)   # this event says so
         if c.verbose:
             print(f"[srlora] step {t}: fused+reinit {ev.pairs} pairs in {ev.layers} layers "
                   f"(score mean {ev.score_mean:.3g}, min {ev.score_min:.3g}, max {ev.score_max:.3g}); "
@@ -498,7 +501,7 @@ class SRLoRA:
                            "the value 0)" if v.shape == p.shape else f"has shape {tuple(v.shape)}, not the "
                            f"parameter's {tuple(p.shape)} (a factored optimizer?)")
                     warnings.warn(f"SRLoRA: optimizer state {name!r} {why}: not reset for re-initialised pairs",
-                                  stacklevel=4)
+                                  stacklevel=5)
 
     # -- results, saving and resuming -----------------------------------------------------------
     def base_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -215,14 +215,14 @@ def test_directions_run_out_without_error(task):
         before = logits(model, enc)
         ev = sr.step()
         seen.append(ev)
-        if step >= 3:
-            assert ev.pairs == 0 and ev.layers == 0 and ev.exhausted == len(sr.layers)
+        if step >= 3:   # one event finds every layer out; later steps neither score nor log (ev None)
+            assert (ev.pairs == 0 and ev.layers == 0 and ev.exhausted == len(sr.layers)) if step == 3 else ev is None
             assert all(torch.equal(d(l.W), w) for l, w in zip(sr.layers, W))
             torch.testing.assert_close(logits(model, enc), before, atol=0, rtol=0)
 
     train.train(model, tok, task, steps=5, batch_size=BS, optimizer=opt, after_step=after)
-    assert [e.pairs for e in seen] == [24, 24, 0, 0, 0]
-    assert [e.exhausted for e in seen] == [0, 0, 12, 12, 12]
+    assert [e.pairs for e in seen[:3]] == [24, 24, 0] and seen[3:] == [None, None]
+    assert [e.exhausted for e in seen[:3]] == [0, 0, 12] and sr.log == seen[:3]
     assert all(l.next_dir == 8 for l in sr.layers)
 
 
@@ -782,16 +782,24 @@ def test_wrapped_model_saves_the_plain_model_names(wrapper, tmp_path):
     assert load_base_weights(wrap(loaded), str(tmp_path / "ckpt")) == 2
 
 
-def test_warns_once_when_layers_run_out_of_directions():
+def test_warns_once_when_layers_run_out_of_directions(monkeypatch):
     """Running out of cached directions stops recomposing a layer (as designed) with only Event.exhausted to
-    show for it; a warning now says so, once, and how to cache more."""
+    show for it; a warning now says so, once, and how to cache more, at the caller's line (it named srlora.py).
+    Once a recomposition found every layer out, later steps score nothing and log nothing: an empty event a
+    step made the log grow without end (a state's header passed safetensors' 100 MB after ~690k of them)."""
     model = toy_lora()
     opt = adamw(model, lr=1e-2)
     sr = SRLoRA(model, opt, SRLoRAConfig(interval=1, warmup=1, fuse_fraction=1.0, directions=4, stop=1.0))
     with pytest.warns(UserWarning, match="used every cached principal direction.*directions=") as rec:
         toy_steps(model, opt, sr, toy_batches(5))
     assert sum("cached principal direction" in str(r.message) for r in rec) == 1
-    assert sr.log[-1].exhausted == 2
+    assert all(r.filename == __file__ for r in rec if "cached principal direction" in str(r.message))
+    assert sr.log[-1].exhausted == 2 and sr.log[-1].pairs == 0
+    logged, scored = len(sr.log), []
+    monkeypatch.setattr(sr, "update_importance", lambda: scored.append(1))
+    toy_steps(model, opt, sr, toy_batches(4))
+    assert len(sr.log) == logged and not scored and sr.step_count == 9
+    monkeypatch.undo()
     # a narrow layer (out has 3 outputs <= r) never had directions beyond r: warned about at the start, not here
     model = toy_lora(targets=("out",))
     opt = adamw(model, lr=1e-2)
@@ -1161,8 +1169,9 @@ def test_overflow_step_does_not_poison_importance():
     sr.step()
     assert not all(bool(torch.isfinite(t).all()) for st in sr.state for t in st)   # the poison
     opt.zero_grad()
-    with pytest.warns(UserWarning, match="non-finite importance"):
+    with pytest.warns(UserWarning, match="non-finite importance") as rec:
         toy_steps(model, opt, sr, batches[1:3])   # steps 3 and 4 (a recomposition)
+    assert [r.filename for r in rec if "non-finite" in str(r.message)] == [__file__]   # the caller's line
     assert sr.log[-1].step == 4 and sr.log[-1].pairs == 0
     assert all(bool(torch.isfinite(t).all()) for st in sr.state for t in st)
     toy_steps(model, opt, sr, batches[3:7])   # recompositions at 6 and 8 choose on finite scores again
