@@ -32,8 +32,8 @@ import torch
 from . import ops
 from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
                  embedding_lora_modules, fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar,
-                 read_safetensors, refuse_layer_replication, safetensors_metadata, save_with_digest, tensors_digest,
-                 tied_elsewhere, unwrap_model)
+                 read_safetensors, refuse_distributed, refuse_layer_replication, safetensors_metadata, save_with_digest,
+                 tensors_digest, tied_elsewhere, unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -930,7 +930,8 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     scaling = _check_scaling(scaling, "apply")
     if isinstance(task_rank, bool) or not isinstance(task_rank, int) or task_rank < 1:
         raise ValueError(f"task_rank must be a positive int, got {task_rank!r}")
-    model = unwrap_model(model)   # torch.compile / DDP wrappers: the plain model's names
+    refuse_distributed(model, "EigenLoRAx apply", ddp=True)
+    model = unwrap_model(model)   # torch.compile / DataParallel wrappers: the plain model's names
     named = dict(model.named_modules())
     targets, mods, conv1d = {}, {}, set()
     for mod, target in _map_modules(subspace.modules, named, "the model").items():  # check all, then change

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -91,6 +92,14 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside torch.compile's OptimizedModule (``_orig_mod``) and DataParallel /
     DistributedDataParallel (``module``) wrappers: the module names that files record are the plain
     model's, whichever wrapper the training loop used."""
+    for model in _wrappers(model):
+        pass
+    return model
+
+
+def _wrappers(model):
+    """``model``, then each model its torch.compile / DataParallel / DistributedDataParallel wrappers hold, in."""
+    yield model
     while True:
         if isinstance(model, torch.nn.Module) and type(model).__name__ == "OptimizedModule" and \
                 hasattr(model, "_orig_mod"):
@@ -98,7 +107,27 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
             model = model.module
         else:
-            return model
+            return
+        yield model
+
+
+def refuse_distributed(model: torch.nn.Module, what: str, ddp: bool) -> None:
+    """ValueError for a model FSDP shards (FSDP's wrapper, or fully_shard): each rank holds a shard of every weight,
+    and ``what`` edits whole weights. With ``ddp``, also for one already wrapped in DistributedDataParallel, which
+    registers the parameters it averages when it is built: parameters added after it stayed on each rank."""
+    if ddp and any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in _wrappers(model)):
+        raise ValueError(f"{what}: the model is already wrapped in DistributedDataParallel, which averages the "
+                         "gradients only of the parameters it saw when it was built (the new loadings' would stay on "
+                         "each rank): apply to the plain model, then wrap it (the transformers Trainer wraps after)")
+    try:
+        from torch.distributed import fsdp
+    except ImportError:   # a torch without distributed support
+        return
+    # FSDP1's wrapper, FSDP2's fully_shard (which makes a module an FSDPModule too)
+    sharded = tuple(getattr(fsdp, n) for n in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, n))
+    if sharded and any(isinstance(m, sharded) for m in model.modules()):
+        raise ValueError(f"{what}: the model is sharded with FSDP, so each rank holds a shard of every weight, not "
+                         f"the whole weights {what} edits: train it with DistributedDataParallel")
 
 
 def _suffix_match(named, name: str) -> tuple:
@@ -436,7 +465,8 @@ def _write_files_atomically(files: Dict[str, Callable[[str], None]]) -> None:
     try:
         for path, write in files.items():
             folder, name = os.path.split(os.path.abspath(path))
-            tmps[path] = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+            # random, not the pid alone: writers on two hosts (containers) sharing a folder have the same pids
+            tmps[path] = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
             write(tmps[path])
         for path, tmp in list(tmps.items()):
             os.replace(tmp, path)

@@ -42,7 +42,7 @@ import torch
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
 from .io import (FormatError, base_modifying_init, check_digest, linear_layout, parameter_names, read_safetensors,
-                 safetensors_metadata, save_with_digest, tied_elsewhere, unwrap_model)
+                 refuse_distributed, safetensors_metadata, save_with_digest, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 _CACHE_CHUNK = 8   # weights per rsvd_many call when the cache of directions is computed on an accelerator
@@ -157,6 +157,17 @@ def _base_modifying_init(model, layers: List[_Layer]) -> Optional[str]:
     return next((i for i in inits if i), None)
 
 
+def _optimizer_state(optimizer) -> dict:
+    """The per-parameter state of ``optimizer``. ZeroRedundancyOptimizer keeps each rank's shard in its inner
+    optimizer (its own ``state`` stays empty, so moments were never reset): every rank picks the same pairs and
+    resets those of the parameters it holds."""
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:   # a torch without distributed support
+        return optimizer.state
+    return optimizer.optim.state if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer.state
+
+
 def lora_layers(model) -> List[_Layer]:
     """The trainable, active LoRA Linear layers of a peft model. Warns about LoRA layers SRLoRA leaves
     alone (frozen, embedding LoRA) and about a model holding several adapters (they share the base weights
@@ -164,6 +175,7 @@ def lora_layers(model) -> List[_Layer]:
     (variants, a weight tied to another module, a merged adapter)."""
     from peft.tuners.lora import LoraLayer
 
+    refuse_distributed(model, "SRLoRA", ddp=False)   # DDP is fine: SRLoRA adds no parameter
     model = unwrap_model(model)   # names as the plain peft model has them (torch.compile, DDP wrappers)
     names = parameter_names(model)
     out, frozen, embedding, several = [], [], [], False
@@ -382,8 +394,13 @@ class SRLoRA:
 
         ``optimizer_stepped=False``: the optimizer skipped this step (a GradScaler found Inf/NaN gradients;
         the Trainer callback passes it on): the step counts, its gradients are not scored. With a GradScaler
-        call this after ``scaler.step(optimizer)``, which unscales the gradients."""
+        call this after ``scaler.step(optimizer)``, which unscales the gradients. Call it once per optimizer step:
+        a micro-step of accelerate's gradient accumulation (its optimizer did not step; under DDP its gradients
+        are this rank's own, and scoring them made the ranks fuse different pairs) is no step and returns None."""
         c = self.config
+        state = getattr(self.optimizer, "gradient_state", None)   # accelerate's AcceleratedOptimizer
+        if state is not None and not getattr(state, "sync_gradients", True):
+            return None
         if c.fuse_fraction == 0.0 or self._spent:   # spent: no scores (the log grew by an empty event a step)
             self.step_count += 1
             return None
@@ -489,7 +506,7 @@ class SRLoRA:
         if not (self.config.reset_optimizer and self.optimizer is not None):
             return
         for p, rows in ((l.A, True), (l.B, False)):
-            for name, v in self.optimizer.state.get(p, {}).items():
+            for name, v in _optimizer_state(self.optimizer).get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point():
                     if rows:
                         v[pick] = 0

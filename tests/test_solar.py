@@ -349,6 +349,23 @@ def test_sorting_the_metadata_of_a_header_of_another_length_moves_the_data(tmp_p
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
 
 
+def test_writers_with_the_same_pid_use_other_temporary_names(tmp_path, monkeypatch):
+    """Files are written beside their name and renamed into place. The temporary name was the pid's alone, so
+    two writers on two hosts (containers: the same small pids) saving into one shared folder wrote into each
+    other's file and one rename failed (distributed review: 6 of 80 saves raised). Now a random part is added."""
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        with open(tmp, "wb") as f:
+            f.write(b"x")
+    for _ in range(2):
+        io._write_atomically(str(tmp_path / "f.bin"), write)
+    assert len(set(seen)) == 2 and all(os.path.dirname(s) == str(tmp_path) for s in seen)
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
 def test_read_paths_agree(saved_pkg, monkeypatch):
     whole = io.read_safetensors(saved_pkg)
     monkeypatch.setattr(io, "_READ_WHOLE_BYTES", -1)

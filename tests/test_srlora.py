@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from subspace_ext import data, train
+from subspace_ext import data, io, train
 from subspace_ext.io import FormatError
 from subspace_ext.srlora import SRLoRA, SRLoRACallback, SRLoRAConfig, load_base_weights
 
@@ -1350,3 +1350,94 @@ def test_optimizer_states_srlora_cannot_reset_are_left_and_named():
     picked = sr.log[-1].detail[sr.layers[0].name]
     assert torch.equal(opt.state[A]["q8"], torch.full(A.shape, 5, dtype=torch.uint8))
     assert bool((opt.state[A]["exp_avg"][picked] == 0).all()) and bool((opt.state[A]["row"] == 1).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed training (one process: the wrappers and optimizers are the real ones)
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank (DDP, ZeroRedundancyOptimizer and FSDP need one), destroyed after."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield dist
+    dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_moments_of_reinitialised_pairs_are_reset(one_rank_group):
+    """ZeroRedundancyOptimizer keeps each rank's moments in its inner optimizer (its own .state stays empty): the
+    moments of re-initialised pairs were never reset, and nothing said so (distributed review). Now they are
+    zeroed, as with the plain AdamW."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    model = toy_lora()
+    opt = ZeroRedundancyOptimizer(trainable(model), optimizer_class=torch.optim.AdamW, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=3, warmup=3, fuse_fraction=0.5, total_steps=10))
+    toy_steps(model, opt, sr, toy_batches(3))
+    ev = sr.log[-1]
+    assert ev.step == 3 and ev.pairs > 0 and not opt.state
+    for l in sr.layers:
+        pick = torch.tensor(ev.detail[l.name])
+        for p, rows in ((l.A, True), (l.B, False)):
+            for name in ("exp_avg", "exp_avg_sq"):
+                m = opt.optim.state[p][name]
+                assert not (m[pick] if rows else m[:, pick]).any(), (l.name, name)
+                assert (m if rows else m.T).abs().sum() > 0   # the other pairs' moments are kept
+
+
+def test_models_sharded_with_fsdp_or_wrapped_in_ddp_before_apply_are_refused(one_rank_group):
+    """FSDP shards every weight (SRLoRA failed inside rsvd_many with a dispatcher error naming no cause); and
+    EigenLoRAx apply on a DDP-wrapped model added loadings DDP never averages (ranks drifted apart silently, or
+    DDP's reduction failed at the second step). Both are refused by name; DDP around an SRLoRA model is fine."""
+    from torch.distributed.fsdp import fully_shard
+    model = toy_lora()
+    fully_shard(model)
+    with pytest.raises(ValueError, match="SRLoRA: the model is sharded with FSDP.*DistributedDataParallel"):
+        SRLoRA(model, None, SRLoRAConfig(total_steps=10))
+    ddp = torch.nn.parallel.DistributedDataParallel(toy_lora())
+    assert len(SRLoRA(ddp, None, SRLoRAConfig(total_steps=10)).layers) == 2
+    from subspace_ext import eigenlorax
+    sub = eigenlorax.build_subspace([_toy_adapter(seed) for seed in range(3)], components=4)
+    with pytest.raises(ValueError, match="already wrapped in DistributedDataParallel.*apply to the plain model"):
+        eigenlorax.apply(torch.compile(torch.nn.parallel.DistributedDataParallel(_Toy())), sub, 2)
+    em = eigenlorax.apply(_Toy(), sub, 2)   # then wrapped: the loadings are DDP's parameters
+    torch.nn.parallel.DistributedDataParallel(em.model)
+
+
+def _toy_adapter(seed):
+    model = toy_lora(seed=seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    return io.PeftAdapter({"peft_type": "LORA", "r": 4, "lora_alpha": 8},
+                          {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters()
+                           if "lora_" in n})
+
+
+def test_accelerate_gradient_accumulation_micro_steps_are_no_steps():
+    """Under accelerate's accumulate(), the optimizer steps once every k micro-batches and the others' gradients
+    are each rank's own (DDP's no_sync). SRLoRA.step() after optimizer.step(), as documented, scored every
+    micro-batch and counted it a step: the ranks fused different pairs and drifted apart (distributed review:
+    40 steps counted for 10 optimizer steps). A micro-step is now no step."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+    try:
+        acc = accelerate.Accelerator(gradient_accumulation_steps=4, cpu=True)
+        model = toy_lora()
+        opt = acc.prepare(adamw(model, lr=1e-2))
+        model = acc.prepare(model)
+        sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=10))
+        stepped = 0
+        for x, y in toy_batches(16):
+            with acc.accumulate(model):
+                acc.backward(torch.nn.functional.cross_entropy(model(x), y))
+                opt.step()
+                stepped += acc.sync_gradients
+                sr.step()
+                opt.zero_grad()
+        assert stepped == 4 and sr.step_count == 4 and [e.step for e in sr.log] == [2, 4]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
