@@ -459,7 +459,8 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
 def _write_files_atomically(files: Dict[str, Callable[[str], None]]) -> None:
     """``_write_atomically`` for several files that belong together (an adapter's weights and config):
     every file is written to its temporary name first and only then are all renamed into place, so a
-    failed write leaves none of the old files replaced."""
+    failed write leaves none of the old files replaced (the renames are not one step: a process killed between
+    two of them leaves the first file new)."""
     tmps: Dict[str, str] = {}
     path = next(iter(files), "")
     try:
@@ -507,11 +508,15 @@ def _sort_metadata(path: str) -> None:
             f.seek(8)
             f.write(text)
         return
-    with open(path, "rb") as src, open(path + ".sorted", "wb") as dst:   # another JSON escaping: the data moves
-        src.seek(8 + size)
-        dst.write(len(text).to_bytes(8, "little") + text)
-        shutil.copyfileobj(src, dst, 16 << 20)
-    os.replace(path + ".sorted", path)
+    try:
+        with open(path, "rb") as src, open(path + ".sorted", "wb") as dst:   # another JSON escaping: the data moves
+            src.seek(8 + size)
+            dst.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(path + ".sorted", path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".sorted")
 
 
 def save_with_digest(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:

@@ -436,7 +436,7 @@ class SRLoRA:
             self.log.append(ev)
             return ev
         W, Bs, As, idx, B_new, A_new, scal, names = [], [], [], [], [], [], [], []
-        chosen_scores, exhausted, ran_out, poisoned = [], 0, 0, []
+        chosen_scores, exhausted, ran_out, poisoned, moved = [], 0, 0, [], []
         for k, (l, s_host) in enumerate(zip(self.layers, hosts)):
             if s_host is None:
                 continue
@@ -456,9 +456,7 @@ class SRLoRA:
                 continue
             order = torch.argsort(s_host[eligible], stable=True)[:n]
             pick = eligible[order].sort().values
-            dirs = torch.arange(l.next_dir, l.next_dir + n, device=l.S.device)
-            l.next_dir += n
-            b, a = l.directions(dirs)
+            b, a = l.directions(torch.arange(l.next_dir, l.next_dir + n, device=l.S.device))
             W.append(l.W)
             Bs.append(l.B.data)
             As.append(l.A.data)
@@ -468,8 +466,7 @@ class SRLoRA:
             scal.append(l.scaling)
             names.append(l.name)
             chosen_scores.append(s_host[pick])
-            l.protected_until[pick] = t + grace
-            self._reset_pairs(k, pick.to(l.A.device))
+            moved.append((k, l, pick))
         if ran_out and "exhausted" not in self._warned:
             self._warned.add("exhausted")
             warnings.warn(f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction and are no "
@@ -484,6 +481,10 @@ class SRLoRA:
                           "(warned once; later such steps restart them too)", stacklevel=4)
         if W:
             ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
+        for k, l, pick in moved:   # once the pairs moved: an error of reinit_pairs_ left the run's state as it was
+            l.next_dir += pick.numel()
+            l.protected_until[pick] = t + grace
+            self._reset_pairs(k, pick.to(l.A.device))
         allc = torch.cat(chosen_scores) if chosen_scores else torch.zeros(1)
         ev = Event(t, len(W), sum(i.numel() for i in idx), exhausted, float(allc.mean()), float(allc.min()),
                    float(allc.max()), {n: i.tolist() for n, i in zip(names, idx)})

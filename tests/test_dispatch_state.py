@@ -2,6 +2,10 @@
 the kernels (results in the inputs' dtype, the same numbers as without autocast, as the registered
 fakes say), and the worker threads of the batched ops run in the caller's modes (inference tensors
 out of inference_mode, from every thread)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -52,3 +56,54 @@ def test_batched_ops_run_their_workers_in_the_callers_modes():
         assert len(many) == 36 and all(t.is_inference() for t in many), \
             "results of worker threads left inference mode"
         assert all(t.is_inference() for t in one)
+
+
+_FORK_CHILD = r"""
+import os, sys, time, torch
+from subspace_ext import ops
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+A = [torch.randn(4, 10, generator=g) for _ in range(12)]
+B = [torch.randn(12, 4, generator=g) for _ in range(12)]
+W = [torch.randn(12, 10, generator=g) for _ in range(12)]
+U, V = torch.linalg.qr(torch.randn(120, 40, generator=g)).Q, torch.linalg.qr(torch.randn(100, 30, generator=g)).Q
+Bp, Ap = torch.randn(120, 4, generator=g), torch.randn(4, 100, generator=g)
+def fused(Ws):
+    ops.fuse_pairs_(Ws, [b.clone() for b in B], A, [torch.tensor([0, 2])] * 12, 0.5)
+    return Ws
+calls = {
+    "pair_importance": lambda: ops.pair_importance(A, B, A, B, *ops.importance_state(A, B)),
+    "fuse_pairs_": lambda: fused([w.clone() for w in W]),
+    "rsvd_many": lambda: ops.rsvd_many(W, 3, seed=1),
+    "rsvd batched": lambda: ops.rsvd(torch.stack(W), 3, seed=1),
+    "project_perturbed": lambda: ops.project_perturbed(U, V, Bp, Ap, 0.5, eps=0.1, seed=7),
+    "philox_normal": lambda: ops.philox_normal((1 << 14,), seed=3),
+}
+flat = lambda out: [t for t in (out if isinstance(out, (list, tuple)) else [out]) for t in (t if isinstance(t, (list, tuple)) else [t])]
+parent = {k: flat(f()) for k, f in calls.items()}   # 2 threads: OpenMP's team exists now
+pid = os.fork()
+if pid == 0:
+    bad = [k for k, f in calls.items() if not all(torch.equal(a, b) for a, b in zip(flat(f()), parent[k]))]
+    print("differ:", bad, flush=True)
+    os._exit(1 if bad else 0)
+t0 = time.time()
+while time.time() - t0 < 60:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.05)
+os.kill(pid, 9)
+print("the forked child hung", flush=True)
+sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_ops_in_a_forked_child_return_the_parents_bits():
+    """OpenMP's threads do not survive fork(): a raw-forked child (multiprocessing's fork start method) hung in
+    its first parallel region, even for two tiny layers of pair_importance / fuse_pairs_ / rsvd_many (threads
+    review). Forked children now run the ops serially, with the same bits as the parent's two threads. (Large
+    inputs still hang there: torch's own element-wise ops inside them open OpenMP regions past 32768 elements.)"""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", _FORK_CHILD], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -326,7 +326,7 @@ def test_saving_again_writes_the_same_bytes(ratio_pkg_with_extra, saved_pkg, tmp
     assert list(header["__metadata__"]) == sorted(header["__metadata__"])
 
 
-def test_sorting_the_metadata_of_a_header_of_another_length_moves_the_data(tmp_path):
+def test_sorting_the_metadata_of_a_header_of_another_length_moves_the_data(tmp_path, monkeypatch):
     """A header that sorted and compact is another length (another writer's spacing or escaping) is written anew
     and the data moved behind it, the tensors and metadata unchanged."""
     tensors = {"b": torch.arange(5, dtype=torch.float32), "a": torch.ones(2, 3, dtype=torch.float64)}
@@ -339,6 +339,18 @@ def test_sorting_the_metadata_of_a_header_of_another_length_moves_the_data(tmp_p
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text + data)
+    with open(path, "rb") as f:
+        spaced = f.read()
+
+    def broken(src, dst, length=0):
+        raise OSError("disk full")
+    monkeypatch.setattr(io.shutil, "copyfileobj", broken)
+    with pytest.raises(OSError, match="disk full"):   # a failed rewrite: no stray file, the file as it was
+        io._sort_metadata(path)
+    assert os.listdir(tmp_path) == ["spaced.safetensors"]
+    with open(path, "rb") as f:
+        assert f.read() == spaced
+    monkeypatch.undo()
     io._sort_metadata(path)
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")

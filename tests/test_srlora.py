@@ -1441,3 +1441,29 @@ def test_accelerate_gradient_accumulation_micro_steps_are_no_steps():
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_a_recomposition_that_fails_in_reinit_pairs_changes_nothing(monkeypatch):
+    """The directions used, the grace periods and the optimizer moments were updated before reinit_pairs_ ran:
+    when it raised (a float16 B_new overflowing, an interrupt), the run had spent directions on pairs that never
+    moved and zeroed their moments. They are updated after it now."""
+    model = toy_lora()
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=10))
+    toy_steps(model, opt, sr, toy_batches(1))
+    (x, y), = toy_batches(1, seed=2)   # step 2, a recomposition, by hand: its optimizer step first
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = ([l.next_dir for l in sr.layers], [l.protected_until.clone() for l in sr.layers],
+              {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()})
+
+    def fail(*args, **kwargs):
+        raise ValueError("reinit_pairs_: B_new overflows")
+    monkeypatch.setattr("subspace_ext.ops.reinit_pairs_", fail)
+    with pytest.raises(ValueError, match="overflows"):
+        sr.step()
+    assert [l.next_dir for l in sr.layers] == before[0]
+    assert all(torch.equal(a, b) for a, b in zip((l.protected_until for l in sr.layers), before[1]))
+    assert all(torch.equal(v, before[2][id(p)][k]) for p, s in opt.state.items() for k, v in s.items()
+               if torch.is_tensor(v) and v.dim() > 0)

@@ -15,7 +15,7 @@ void philox_uint32_cpu_(const at::Tensor& out, int64_t seed, int64_t stream) {
   auto* p = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   const int64_t n = out.numel();
   const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
-  at::parallel_for(0, (n + 3) / 4, 4096, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, (n + 3) / 4, 4096, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto x = philox::block_bits(s, st, static_cast<uint64_t>(b));
       for (int j = 0; j < 4 && 4 * b + j < n; ++j) p[4 * b + j] = x.v[j];
@@ -141,7 +141,7 @@ SE_TARGET_CLONES_FMA void icdf_lanes(uint64_t seed, uint64_t stream, uint64_t b,
 }
 
 void philox_normal_icdf_cpu(float* p, int64_t n, uint64_t seed, uint64_t stream) {
-  at::parallel_for(0, (n + 3) / 4, 2048, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, (n + 3) / 4, 2048, [&](int64_t b0, int64_t b1) {
     int64_t b = b0;
     for (; b + kLanes <= b1 && 4 * (b + kLanes) <= n; b += kLanes)
       icdf_lanes(seed, stream, static_cast<uint64_t>(b), p + 4 * b);
@@ -186,7 +186,7 @@ void philox_normals_into(const at::Tensor& out, int64_t seed, int64_t stream, do
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_", [&] {
     auto* p = out.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
+    parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
       if (add)  // the noise is generated inside the loop and never stored
         for_each_normal_fast<scalar_t>(s, st, i0, i1, [&](int64_t i, scalar_t z) { p[i] += e * z; });
       else

@@ -161,7 +161,7 @@ at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, in
       scalar_t* P = partial.data_ptr<scalar_t>();
       const auto e = static_cast<scalar_t>(eps);
       const auto s = static_cast<uint64_t>(seed), st = static_cast<uint64_t>(stream);
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
         std::vector<scalar_t> tile(kPerturbRows * k), y(kPerturbRows * r);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = c * kPerturbRows, r1 = std::min(m, r0 + kPerturbRows);
@@ -221,7 +221,7 @@ void perturbed_nt(const at::Tensor& X, const at::Tensor& U, double eps, int64_t 
       const auto e = static_cast<scalar_t>(eps);
       if (e == scalar_t(0)) return;  // eps as rounded to the dtype, as the CUDA kernels test it
       scalar_t* t = tile.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+      parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
         philox_add_normals_range<scalar_t>(t + lo * k, (r0 + lo) * k, (r0 + hi) * k, static_cast<uint64_t>(seed),
                                            static_cast<uint64_t>(stream), e);
       });

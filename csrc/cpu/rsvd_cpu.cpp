@@ -160,7 +160,7 @@ std::pair<at::Tensor, at::Tensor> gram_orth_batched(const at::Tensor& G) {
       TORCH_CHECK_VALUE(g.is_cpu(), "gram_orth: unsupported device ", g.device());
       double *pg = g.data_ptr<double>(), *pd = d.data_ptr<double>(), *pt = t.data_ptr<double>();
       bool* pc = complete.data_ptr<bool>();
-      at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i)
           pc[i] = gram_orth::transform(pg + i * q * q, pd + i * q, pt + i * q * q, static_cast<int>(q), 0, 1, 1,
                                        [] {});
@@ -292,7 +292,7 @@ SVDResult small_svd_batched(const at::Tensor& A) {
       TORCH_CHECK_VALUE(a.is_cpu(), "small SVD: unsupported device ", a.device());
       double *pa = a.data_ptr<double>(), *pv = v.data_ptr<double>(), *pn = norms.data_ptr<double>();
       double *pu = u.data_ptr<double>(), *ps = s.data_ptr<double>(), *pvo = vout.data_ptr<double>();
-      at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
           int e = 0;
           small_svd::svd(pa + i * p * q, pv + i * q * q, pn + i * q, pu + i * p * q, ps + i * q, pvo + i * q * q,

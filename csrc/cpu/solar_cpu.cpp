@@ -94,6 +94,9 @@ void check_stream(int64_t stream, const char* op) {
 
 std::tuple<at::Tensor, at::Tensor> solar_basis_cpu(const at::Tensor& W0, int64_t seed,
                                                    int64_t stream, double eps) {
+  // a new thread takes torch's thread count at its first parallel region; LAPACK's SVD, the first call for a
+  // small W0, ran before it with OMP_NUM_THREADS' (bits ~1e-15 apart from the caller's thread count)
+  at::internal::lazy_init_num_threads();
   check_weight(W0, "solar_basis", "W0");
   TORCH_CHECK_VALUE(W0.dim() == 2 && W0.numel() > 0, "solar_basis: W0 must be a non-empty matrix");
   TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), "solar_basis: eps must be finite and >= 0");

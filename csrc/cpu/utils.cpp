@@ -531,15 +531,28 @@ SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Te
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <atomic>
 #include <exception>
 #include <mutex>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 
 namespace subspace_ext {
+
+namespace {
+std::atomic<bool> g_forked{false};
+#ifndef _WIN32
+const int g_atfork = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+#endif
+}  // namespace
+
+bool forked_child() { return g_forked.load(std::memory_order_relaxed); }
 
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
                     const std::function<void(int64_t)>& body) {
   if (n <= 0) return;
-  if (n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  if (n == 1 || at::get_num_threads() == 1 || at::in_parallel_region() || forked_child()) {
     for (int64_t t = 0; t < n; ++t) body(order.empty() ? t : order[t]);
     return;
   }

@@ -1,6 +1,7 @@
 // Shared CPU helpers: input checks and the small dense linear algebra the op families share.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <functional>
 #include <string>
@@ -118,6 +119,20 @@ RecomposeArgs check_recompose_args(const char* op, at::TensorList W, at::TensorL
 // dynamically scheduled; the first exception thrown by any body is rethrown on the caller.
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
                     const std::function<void(int64_t)>& body);
+
+// Whether this process is the child of a fork() (after the extension was loaded). OpenMP's threads do not
+// survive a fork: the child's first parallel region waits for them for ever, even for two tiny layers.
+bool forked_child();
+
+// at::parallel_for, run serially in a forked child (the ops' results do not depend on the thread count).
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (forked_child()) {
+    if (begin < end) f(begin, end);
+    return;
+  }
+  at::parallel_for(begin, end, grain, f);
+}
 
 // out = N (add = false) or out += eps * N (add = true), N the Philox normals of (seed, stream) by
 // row-major position; out contiguous float32/float64 on the CPU or (CUDA build) a GPU.
