@@ -39,10 +39,11 @@ early (e.g. piped into head; nothing is printed)."""
 
 
 def close_progress_bars() -> None:
-    """Close the progress bars still open (an error left their loop), so that what is printed next (the one-line
-    error) starts on a clean line: a bar that does not stay clears its line, one that stays ends it."""
-    std = sys.modules.get("tqdm.std")   # not imported: no bar was made
-    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+    """Close our progress bars still open (an error left their loop; a caller's own bars are left alone), so that
+    what is printed next (the one-line error) starts on a clean line: a bar that does not stay clears its line,
+    one that stays ends it."""
+    io = sys.modules.get("subspace_ext.io")   # not imported: no bar was made
+    for bar in list(getattr(io, "OPEN_BARS", ())):
         bar.close()
 
 

@@ -16,6 +16,7 @@ import shutil
 import sys
 import uuid
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -85,7 +86,12 @@ def progress_bar(items, desc: str, enabled: bool, *, unit: str = "layer", total:
     if not enabled:
         return items
     from tqdm.auto import tqdm  # a dependency of transformers / huggingface_hub
-    return tqdm(items, desc=desc, unit=unit, total=total, leave=leave, disable=None, file=sys.stderr)
+    bar = tqdm(items, desc=desc, unit=unit, total=total, leave=leave, disable=None, file=sys.stderr)
+    OPEN_BARS.add(bar)
+    return bar
+
+
+OPEN_BARS: "weakref.WeakSet" = weakref.WeakSet()   # our bars not yet collected: the CLI closes them on an error
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -492,7 +498,7 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Opti
 
 def _sort_metadata(path: str) -> None:
     """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted. safetensors writes them in its
-    hash map's order, which changes from process to process: the same package was other bytes each time (the
+    hash map's order, which changes on every save: the same package was other bytes each time (the
     tensors' entries and data are in a fixed order already). The header is compact JSON padded with spaces to a
     multiple of 8 bytes, as safetensors writes it; of the same length (the usual case) it is rewritten in place."""
     with open(path, "rb") as f:

@@ -886,7 +886,7 @@ def _undominated(layers: List[_Layer], plan: List[Tuple[str, int]]) -> List[Tupl
     all of ΔW's energy for no more numbers. Its candidates stopped there, so SOLAR alone over them keeps the
     global top |c| of every other layer and this layer's energy whole: at least what SOLAR alone over all of C
     would (the plan auto compares it with)."""
-    return [("lowrank", int(l.gains("lowrank").numel()))
+    return [("lowrank", int((l.gains("lowrank") > 0).sum()))   # the pairs holding ΔW (AdaLoRA's may be zero)
             if kind == "solar" and l.dominated_at is not None and count >= l.dominated_at else (kind, count)
             for l, (kind, count) in zip(layers, plan)]
 

@@ -160,7 +160,10 @@ def _base_modifying_init(model, layers: List[_Layer]) -> Optional[str]:
 def _optimizer_state(optimizer) -> dict:
     """The per-parameter state of ``optimizer``. ZeroRedundancyOptimizer keeps each rank's shard in its inner
     optimizer (its own ``state`` stays empty, so moments were never reset): every rank picks the same pairs and
-    resets those of the parameters it holds."""
+    resets those of the parameters it holds. accelerate's wrapper is looked through (its ``state`` is its
+    optimizer's)."""
+    inner = getattr(optimizer, "optimizer", None)   # accelerate's AcceleratedOptimizer
+    optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
     try:
         from torch.distributed.optim import ZeroRedundancyOptimizer
     except ImportError:   # a torch without distributed support
@@ -466,7 +469,10 @@ class SRLoRA:
             scal.append(l.scaling)
             names.append(l.name)
             chosen_scores.append(s_host[pick])
-            moved.append((k, l, pick))
+            moved.append((l, l.next_dir, l.protected_until.clone()))
+            l.next_dir += n
+            l.protected_until[pick] = t + grace
+            self._reset_pairs(k, pick.to(l.A.device))
         if ran_out and "exhausted" not in self._warned:
             self._warned.add("exhausted")
             warnings.warn(f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction and are no "
@@ -479,12 +485,13 @@ class SRLoRA:
                           "from Inf/NaN gradients (an fp16 overflow step? pass step(optimizer_stepped=False) when "
                           "the optimizer skipped): their states were restarted, no pair fused there this time "
                           "(warned once; later such steps restart them too)", stacklevel=4)
-        if W:
-            ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
-        for k, l, pick in moved:   # once the pairs moved: an error of reinit_pairs_ left the run's state as it was
-            l.next_dir += pick.numel()
-            l.protected_until[pick] = t + grace
-            self._reset_pairs(k, pick.to(l.A.device))
+        try:   # the bookkeeping comes first: Ctrl-C lands when the op returns, and must find it done
+            if W:
+                ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
+        except Exception:   # refused (a float16 B_new overflowing): no pair moved, so no direction is spent
+            for l, next_dir, protected in moved:
+                l.next_dir, l.protected_until = next_dir, protected
+            raise
         allc = torch.cat(chosen_scores) if chosen_scores else torch.zeros(1)
         ev = Event(t, len(W), sum(i.numel() for i in idx), exhausted, float(allc.mean()), float(allc.min()),
                    float(allc.max()), {n: i.tolist() for n, i in zip(names, idx)})

@@ -68,6 +68,7 @@ B = [torch.randn(12, 4, generator=g) for _ in range(12)]
 W = [torch.randn(12, 10, generator=g) for _ in range(12)]
 U, V = torch.linalg.qr(torch.randn(120, 40, generator=g)).Q, torch.linalg.qr(torch.randn(100, 30, generator=g)).Q
 Bp, Ap = torch.randn(120, 4, generator=g), torch.randn(4, 100, generator=g)
+big = [torch.randn(600, 400, generator=g) for _ in range(3)]
 def fused(Ws):
     ops.fuse_pairs_(Ws, [b.clone() for b in B], A, [torch.tensor([0, 2])] * 12, 0.5)
     return Ws
@@ -79,10 +80,18 @@ calls = {
     "project_perturbed": lambda: ops.project_perturbed(U, V, Bp, Ap, 0.5, eps=0.1, seed=7),
     "philox_normal": lambda: ops.philox_normal((1 << 14,), seed=3),
 }
+large = {   # MKL's and torch's own threads too: the child must call torch.set_num_threads(1) first
+    "rsvd_many 600x400": lambda: ops.rsvd_many(big, 8, seed=1),
+    "philox_normal 2^20": lambda: ops.philox_normal((1 << 20,), seed=3),
+}
+one_thread = sys.argv[1] == "one thread"
+calls.update(large if one_thread else {})
 flat = lambda out: [t for t in (out if isinstance(out, (list, tuple)) else [out]) for t in (t if isinstance(t, (list, tuple)) else [t])]
 parent = {k: flat(f()) for k, f in calls.items()}   # 2 threads: OpenMP's team exists now
 pid = os.fork()
 if pid == 0:
+    if one_thread:
+        torch.set_num_threads(1)
     bad = [k for k, f in calls.items() if not all(torch.equal(a, b) for a, b in zip(flat(f()), parent[k]))]
     print("differ:", bad, flush=True)
     os._exit(1 if bad else 0)
@@ -99,11 +108,14 @@ sys.exit(3)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
-def test_ops_in_a_forked_child_return_the_parents_bits():
+@pytest.mark.parametrize("child", ["as forked", "one thread"])
+def test_ops_in_a_forked_child_return_the_parents_bits(child):
     """OpenMP's threads do not survive fork(): a raw-forked child (multiprocessing's fork start method) hung in
     its first parallel region, even for two tiny layers of pair_importance / fuse_pairs_ / rsvd_many (threads
-    review). Forked children now run the ops serially, with the same bits as the parent's two threads. (Large
-    inputs still hang there: torch's own element-wise ops inside them open OpenMP regions past 32768 elements.)"""
+    review). The extension's own loops now run serially in a forked child, with the same bits as the parent's
+    two threads. Larger calls reach MKL's and torch's own threads, which hang there as well: a child that calls
+    torch.set_num_threads(1) first (as a DataLoader's workers do) runs every op at any size."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    done = subprocess.run([sys.executable, "-c", _FORK_CHILD], capture_output=True, text=True, timeout=180, env=env)
+    done = subprocess.run([sys.executable, "-c", _FORK_CHILD, child], capture_output=True, text=True, timeout=180,
+                          env=env)
     assert done.returncode == 0, done.stdout + done.stderr

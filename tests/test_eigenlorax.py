@@ -1631,9 +1631,13 @@ def test_cli_progress_bars_draw_on_a_terminal_only_and_an_error_inside_one_is_a_
         bar = io.progress_bar(None, "stages", True, unit="stage", total=3, leave=True)
         bar.update(1)
         raise ValueError("boom")
+    from tqdm import tqdm
+    own = tqdm(total=2, file=io_module.StringIO())   # a caller's bar: left alone
     monkeypatch.setattr(sys, "stderr", _Terminal())
     monkeypatch.setattr(eigenlorax, "build_subspace", failing)
     assert cli.main(["eigen", "build", *dirs, "-o", out]) == 1
+    assert own in tqdm._instances
+    own.close()
     screen = _screen(sys.stderr.getvalue())   # the bar that stays ends its line; the error has its own
     assert len(screen) == 2 and screen[0].startswith("stages:") and screen[1] == "subspace-ext: error: boom", screen
     monkeypatch.undo()
