@@ -377,10 +377,10 @@ class SRLoRA:
             raise RuntimeError("no LoRA layer has a gradient; call SRLoRA.step() after optimizer.step() and "
                                "before the gradients are cleared")
         missing = [self.layers[k].name for k in range(len(self.layers)) if k not in set(have)]
-        if missing and "nograd" not in self._warned:
-            self._warned.add("nograd")
-            warnings.warn(f"SRLoRA: no gradient reached {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
-                          "(not used by the loss?): their importance is not updated", stacklevel=4)
+        if missing:
+            self._warn_once("nograd", f"SRLoRA: no gradient reached {', '.join(missing[:3])}"
+                            f"{' ...' if len(missing) > 3 else ''} (not used by the loss?): their importance is not "
+                            "updated", stacklevel=4)
         self._state_on_device()
         pick = lambda ts: [ts[k] for k in have]  # noqa: E731
         layers = [self.layers[k] for k in have]
@@ -430,11 +430,9 @@ class SRLoRA:
         self._refuse_merged("a recomposition")
         hosts = [s.float().cpu() if s is not None else None for s in scores]  # small; a recomposition is rare
         if all(h is None or not bool(h.any()) for h in hosts):
-            if "zeroscores" not in self._warned:
-                self._warned.add("zeroscores")
-                warnings.warn(f"SRLoRA step {t}: every importance score is 0, so the gradients it saw were all "
-                              "zero (gradients zeroed before SRLoRA.step()? call it after optimizer.step() and "
-                              "before zero_grad()): no pair fused, the choice would be arbitrary", stacklevel=4)
+            self._warn_once("zeroscores", f"SRLoRA step {t}: every importance score is 0, so the gradients it saw "
+                            "were all zero (gradients zeroed before SRLoRA.step()? call it after optimizer.step() and "
+                            "before zero_grad()): no pair fused, the choice would be arbitrary", stacklevel=4)
             ev = Event(t, 0, 0, 0, 0.0, 0.0, 0.0)
             self.log.append(ev)
             return ev
@@ -473,18 +471,17 @@ class SRLoRA:
             l.next_dir += n
             l.protected_until[pick] = t + grace
             self._reset_pairs(k, pick.to(l.A.device))
-        if ran_out and "exhausted" not in self._warned:
-            self._warned.add("exhausted")
-            warnings.warn(f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction and are no "
-                          "longer recomposed (as designed); for more recompositions cache more with "
-                          "SRLoRAConfig(directions=...) (default: what total_steps' schedule uses, 4 r to "
-                          "32 r; 4 r without it)", stacklevel=4)
-        if poisoned and "poisoned" not in self._warned:   # once: a run scoring Inf every time warned every time
-            self._warned.add("poisoned")
-            warnings.warn(f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers ({poisoned[0]} ...), "
-                          "from Inf/NaN gradients (an fp16 overflow step? pass step(optimizer_stepped=False) when "
-                          "the optimizer skipped): their states were restarted, no pair fused there this time "
-                          "(warned once; later such steps restart them too)", stacklevel=4)
+        if ran_out:
+            self._warn_once("exhausted", f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction "
+                            "and are no longer recomposed (as designed); for more recompositions cache more with "
+                            "SRLoRAConfig(directions=...) (default: what total_steps' schedule uses, 4 r to "
+                            "32 r; 4 r without it)", stacklevel=4)
+        if poisoned:   # once: a run scoring Inf every time warned every time
+            self._warn_once("poisoned", f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers "
+                            f"({poisoned[0]} ...), from Inf/NaN gradients (an fp16 overflow step? pass "
+                            "step(optimizer_stepped=False) when the optimizer skipped): their states were restarted, "
+                            "no pair fused there this time (warned once; later such steps restart them too)",
+                            stacklevel=4)
         try:   # the bookkeeping comes first: Ctrl-C lands when the op returns, and must find it done
             if W:
                 ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
@@ -520,13 +517,19 @@ class SRLoRA:
                         v[pick] = 0
                     else:
                         v[:, pick] = 0
-                elif isinstance(v, torch.Tensor) and v.numel() > 1 and ("optstate", name) not in self._warned:
-                    self._warned.add(("optstate", name))
+                elif isinstance(v, torch.Tensor) and v.numel() > 1:
                     why = (f"is {str(v.dtype).replace('torch.', '')} (a quantized optimizer? its code 0 need not be "
                            "the value 0)" if v.shape == p.shape else f"has shape {tuple(v.shape)}, not the "
                            f"parameter's {tuple(p.shape)} (a factored optimizer?)")
-                    warnings.warn(f"SRLoRA: optimizer state {name!r} {why}: not reset for re-initialised pairs",
-                                  stacklevel=5)
+                    self._warn_once(("optstate", name), f"SRLoRA: optimizer state {name!r} {why}: not reset for "
+                                    "re-initialised pairs", stacklevel=5)
+
+    def _warn_once(self, key, message: str, stacklevel: int) -> None:
+        """``warnings.warn(message)`` the first time ``key`` comes up in this run (a long run repeats the causes
+        every step); ``stacklevel`` counted from the caller."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=stacklevel + 1)
 
     # -- results, saving and resuming -----------------------------------------------------------
     def base_state_dict(self) -> Dict[str, torch.Tensor]:
