@@ -189,7 +189,9 @@ std::tuple<at::Tensor, at::Tensor> gram_orth_op(const at::Tensor& G) {
 // the final factors get canonical signs). On CUDA ATen runs it as one cuSOLVER geqrf + orgqr per
 // matrix (tall matrices take no batched path), so rsvd_batched keeps it for rank-deficient inputs.
 at::Tensor orth_batched(const at::Tensor& Y) {
-  return std::get<0>(at::linalg_qr(Y.to(at::kDouble), "reduced")).to(Y.scalar_type());
+  at::Tensor Q;
+  run_lapack(Y, [&] { Q = std::get<0>(at::linalg_qr(Y.to(at::kDouble), "reduced")); });
+  return Q.to(Y.scalar_type());
 }
 
 // Orthonormal columns spanning each Y[b] (b x p x l) from its Gram matrix G = Y^T Y (float64):

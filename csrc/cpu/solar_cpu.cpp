@@ -103,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor> solar_basis_cpu(const at::Tensor& W0, int64_t
   check_stream(stream, "solar_basis");
   const at::Tensor W = W0.to(at::kDouble);
   TORCH_CHECK_VALUE(W.isfinite().all().item<bool>(), "solar_basis: W0 contains NaN or Inf");
-  auto svd = at::linalg_svd(W, /*full_matrices=*/false);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> svd;
+  run_lapack(W, [&] { svd = at::linalg_svd(W, /*full_matrices=*/false); });
   at::Tensor U = std::get<0>(svd).contiguous(), V = std::get<2>(svd).t().contiguous();
   canonicalize_signs_(U, V);
   std::tie(U, V) = untie(U, std::get<1>(svd), V, seed, stream);

@@ -427,7 +427,8 @@ bool cholesky_qr(const at::Tensor& Y, at::Tensor& Q, at::Tensor& R) {
     Q = at::mm(Y, inverse_upper(R).to(Y.scalar_type()));
     return true;
   }
-  auto [U, info] = at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false);
+  at::Tensor U, info;
+  run_lapack(G, [&] { std::tie(U, info) = at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false); });
   const at::Tensor d = U.diagonal();
   if (!at::logical_and(info == 0, (d * d).min() > G.diagonal().max() * kPivotTol).item<bool>()) return false;
   R = U;
@@ -454,7 +455,8 @@ std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, in
   // Householder QR, with the signs of Cholesky-QR's result (R's diagonal >= 0), which LAPACK and
   // cuSOLVER leave to their reflectors: the columns keep their orientation whichever path ran. Also
   // the fallback when Y is ill-conditioned or rank-deficient.
-  auto [Q, R] = at::linalg_qr(Y.to(at::kDouble), "reduced");
+  at::Tensor Q, R;
+  run_lapack(Y, [&] { std::tie(Q, R) = at::linalg_qr(Y.to(at::kDouble), "reduced"); });
   const at::Tensor d = R.diagonal();
   const at::Tensor flip = at::where(d < 0, -at::ones_like(d), at::ones_like(d));
   return {(Q * flip).to(Y.scalar_type()), R * flip.unsqueeze(-1)};
@@ -518,7 +520,8 @@ void canonicalize_signs_(at::Tensor& U, at::Tensor& V) {
 
 SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Tensor& Qb,
                       int64_t rank, at::ScalarType dtype) {
-  auto svd = at::linalg_svd(core.to(at::kDouble), /*full_matrices=*/false);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> svd;
+  run_lapack(core, [&] { svd = at::linalg_svd(core.to(at::kDouble), /*full_matrices=*/false); });
   const int64_t k = std::min<int64_t>(rank, std::get<1>(svd).size(0));
   at::Tensor U = at::mm(Qa.to(dtype), std::get<0>(svd).narrow(1, 0, k).to(dtype));
   at::Tensor V = at::mm(Qb.to(dtype), std::get<2>(svd).narrow(0, 0, k).t().to(dtype));
@@ -534,6 +537,10 @@ SVDResult svd_of_core(const at::Tensor& Qa, const at::Tensor& core, const at::Te
 #include <atomic>
 #include <exception>
 #include <mutex>
+#include <thread>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifndef _WIN32
 #include <pthread.h>
 #endif
@@ -548,6 +555,50 @@ const int g_atfork = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true);
 }  // namespace
 
 bool forked_child() { return g_forked.load(std::memory_order_relaxed); }
+
+// MKL's LAPACK (torch's x86 builds; dgeqrf seen) spins in its thread team
+// (mkl_thread_team_ctxt_get_task_internal, sched_yield) when called from a thread of an active
+// OpenMP region, or from two threads at once. rsvd_many over a 300 x 200 and a 200 x 300 matrix at
+// rank 60 (a 68-column sketch: Householder QR per pass), 2 threads, ran for minutes at over 90%
+// system time, against 0.03 s on 1 thread; plain torch.linalg.qr from two Python threads took
+// 4-33 s for 0.1-0.3 s of work. MKL's thread-local thread count (1) did not stop it, nor did one
+// call at a time inside the region; one call at a time on a thread outside any OpenMP region does.
+// The LAPACK calls are a small share of the ops' work (their GEMMs run concurrently), and a thread
+// start costs tens of microseconds.
+#ifndef _WIN32
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // MKL's C entry point
+#endif
+
+void run_lapack(const at::Tensor& t, const std::function<void()>& call) {
+  if (!t.is_cpu()) return call();
+  static std::mutex mu;
+  const std::lock_guard<std::mutex> lock(mu);
+#ifdef _OPENMP
+  if (omp_in_parallel()) {
+    std::exception_ptr error;
+    const at::ThreadLocalState caller;  // grad mode, excluded dispatch keys (see parallel_tasks)
+    std::thread worker([&] {
+      try {
+        // one thread: the caller's team already uses the others, and a team made for each call
+        // cost ~7 ms (rsvd_many over three 300 x 200 matrices at rank 60: 156 ms, 9 ms serially)
+        at::internal::lazy_init_num_threads();  // (torch's own once-per-thread setup comes first)
+        omp_set_num_threads(1);
+#ifndef _WIN32
+        if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(1);
+#endif
+        const at::ThreadLocalStateGuard same_state(caller);
+        call();
+      } catch (...) {
+        error = std::current_exception();
+      }
+    });
+    worker.join();
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  call();
+}
 
 void parallel_tasks(int64_t n, const std::vector<int64_t>& order,
                     const std::function<void(int64_t)>& body) {

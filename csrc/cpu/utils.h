@@ -49,6 +49,11 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
 // bases take Cholesky-QR2, since the CPU takes Householder QR for them).
 std::pair<at::Tensor, at::Tensor> orthonormalize_columns(const at::Tensor& Y, int passes = 2, bool with_r = true);
 
+// Runs `call`, an ATen LAPACK call on `t`'s device: on the CPU one at a time and, inside an
+// OpenMP parallel region (parallel_tasks' bodies), on a thread of its own, where MKL's LAPACK
+// does not spin (see utils.cpp). Elsewhere it just calls.
+void run_lapack(const at::Tensor& t, const std::function<void()>& call);
+
 // Flip each column pair (U[:, j], V[:, j]) so that the largest-magnitude entry of U[:, j] is
 // positive (entries within a relative 1e-10 of it count as tied: the first of them decides, so an exact
 // tie that rounding breaks either way gives the same sign). Makes the factors unique up to rounding.
