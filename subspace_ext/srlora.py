@@ -41,12 +41,14 @@ import torch
 
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
-from .io import (FormatError, base_modifying_init, check_digest, linear_layout, parameter_names, read_safetensors,
-                 refuse_distributed, safetensors_metadata, save_with_digest, tied_elsewhere, unwrap_model)
+from .io import (FormatError, base_modifying_init, check_digest, fingerprint, linear_layout, parameter_names,
+                 read_safetensors, refuse_distributed, safetensors_metadata, save_with_digest, tied_elsewhere,
+                 unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 _CACHE_CHUNK = 8   # weights per rsvd_many call when the cache of directions is computed on an accelerator
 _DEFAULT_DIRECTIONS_CAP = 32   # the schedule-sized default cache holds at most this many r directions a layer
+_RECORD_CAP = 0.5   # a layer's record is kept while it holds at most this fraction of its weight's bytes
 
 
 _FLAGS = ("pissa_init", "reset_optimizer", "verbose")   # SRLoRAConfig's bool fields
@@ -108,6 +110,7 @@ class _Layer:
     V: torch.Tensor = None
     next_dir: int = 0        # next unused direction
     protected_until: torch.Tensor = None  # per pair: the last step it may not be fused
+    record: Optional["_Record"] = None    # what the run wrote into the weight (None: it is saved whole)
 
     @property
     def weight(self) -> torch.nn.Parameter:
@@ -117,8 +120,7 @@ class _Layer:
     @property
     def W(self) -> torch.Tensor:
         """Its m x n view (a transpose for fan_in_fan_out layers)."""
-        w = self.weight.data
-        return w.T if getattr(self.module, "fan_in_fan_out", False) else w
+        return _update_view(self.module, self.weight)
 
     @property
     def A(self) -> torch.nn.Parameter:  # r x n
@@ -134,6 +136,65 @@ class _Layer:
         B, A = self.B, self.A
         return ((self.U[:, dirs] * root).to(device=B.device, dtype=B.dtype),
                 (self.V[:, dirs] * root).T.to(device=A.device, dtype=A.dtype))
+
+
+def _update_view(module, weight: torch.Tensor) -> torch.Tensor:
+    """The m x n view of a LoRA layer's base weight that its update B A adds to (a transpose for
+    fan_in_fan_out layers)."""
+    return weight.data.T if getattr(module, "fan_in_fan_out", False) else weight.data
+
+
+@dataclass
+class _Record:
+    """What a run wrote into a layer's base weight since the original one (``w0``: its fingerprint, dtype and
+    shape included): the ``reinit_pairs_`` calls that wrote it, each as the q pairs it fused (B_old m x q,
+    A_old q x n), the pairs it put in their place (B_new, A_new) and its scaling, in host memory.
+
+    ``_replay`` makes the same calls on the original weight, which gives the run's weight bit for bit: the op's
+    arithmetic per entry is fixed (its pairs in order, no FMA contraction), the same on CPU and CUDA, and does
+    not depend on the pairs' positions in B and A. A checkpoint then holds 2 q (m + n) numbers a call instead
+    of the m n of the weight."""
+    w0: str
+    dtype: torch.dtype
+    q: List[int] = field(default_factory=list)
+    s: List[float] = field(default_factory=list)
+    parts: List[tuple] = field(default_factory=list)   # (B_old, A_old, B_new, A_new), concatenated on save
+    nbytes: int = 0
+
+    def add(self, scaling: float, B_old, A_old, B_new, A_new) -> None:
+        self.q.append(B_old.shape[1])
+        self.s.append(scaling)
+        self.parts.append((B_old, A_old, B_new, A_new))
+        self.nbytes += sum(t.numel() * t.element_size() for t in self.parts[-1])
+
+    def pop(self) -> None:
+        """Take back the last ``add`` (its call did not run)."""
+        self.q.pop()
+        self.s.pop()
+        self.nbytes -= sum(t.numel() * t.element_size() for t in self.parts.pop())
+
+    def tensors(self, k: int) -> Dict[str, torch.Tensor]:
+        if not self.parts:
+            return {}
+        return {f"{name}.{k}": torch.cat([p[i] for p in self.parts], dim=1 if name[0] == "B" else 0).contiguous()
+                for i, name in enumerate(_RECORD_TENSORS)}
+
+    def meta(self) -> dict:
+        return {"w0": self.w0, "q": self.q, "s": self.s}
+
+
+_RECORD_TENSORS = ("B_old", "A_old", "B_new", "A_new")
+
+
+def _replay(W: torch.Tensor, q: List[int], s: List[float], B_old, A_old, B_new, A_new) -> None:
+    """Make a record's ``reinit_pairs_`` calls (``_Record``) on W, the layer's original base weight (m x n view)."""
+    at = 0
+    for qe, se in zip(q, s):
+        cols = slice(at, at + qe)
+        put = lambda t: t.to(W.device, copy=True)   # noqa: E731  (the op writes B_new, A_new into B, A)
+        ops.reinit_pairs_(W, put(B_old[:, cols]), put(A_old[cols]), torch.arange(qe), B_new[:, cols].to(W.device),
+                          A_new[cols].to(W.device), se)
+        at += qe
 
 
 @dataclass
@@ -304,6 +365,9 @@ class SRLoRA:
                           "rounding (~1e-3 of W, logits ~1% in a bfloat16 MiniLM) and loses much of a small fused "
                           "pair (|ΔW| 1e-4 among weights ~0.06: 16% lost in bfloat16); for exact fusions load the "
                           "model in float32 and train under torch.autocast", stacklevel=2)
+        if saved is None:   # peft's base-modifying inits changed the weights already: those are saved whole
+            for l in self.layers:
+                l.record = None if peft_init else _Record(fingerprint(l.weight), l.weight.dtype)
         self._directions()
         if saved is not None:
             self._restore(saved, resume_from)
@@ -356,8 +420,22 @@ class SRLoRA:
             b, a = l.directions(torch.arange(k, device=l.S.device))
             B_new.append(b)
             A_new.append(a)
+            self._remember(l, idx[-1], b, a)
         ops.reinit_pairs_([l.W for l in self.layers], [l.B.data for l in self.layers],
                           [l.A.data for l in self.layers], idx, B_new, A_new, [l.scaling for l in self.layers])
+        self._cap_records()
+
+    def _remember(self, l: _Layer, pick: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Add the coming ``reinit_pairs_`` call on layer ``l`` (its pairs ``pick`` replaced by b, a) to the layer's
+        record, before the call (Ctrl-C lands when the op returns)."""
+        if l.record is not None:
+            l.record.add(l.scaling, l.B.data[:, pick].cpu(), l.A.data[pick].cpu(), b.cpu(), a.cpu())
+
+    def _cap_records(self) -> None:
+        """Stop recording a layer whose record outgrew ``_RECORD_CAP`` of its weight's bytes (it is saved whole)."""
+        for l in self.layers:
+            if l.record is not None and l.record.nbytes > _RECORD_CAP * l.weight.numel() * l.weight.element_size():
+                l.record = None
 
     # -- per step ------------------------------------------------------------------------------
     def _state_on_device(self) -> None:
@@ -470,6 +548,7 @@ class SRLoRA:
             moved.append((l, l.next_dir, l.protected_until.clone()))
             l.next_dir += n
             l.protected_until[pick] = t + grace
+            self._remember(l, pick, b, a)
             self._reset_pairs(k, pick.to(l.A.device))
         if ran_out:
             self._warn_once("exhausted", f"SRLoRA step {t}: {ran_out} layer(s) used every cached principal direction "
@@ -485,10 +564,15 @@ class SRLoRA:
         try:   # the bookkeeping comes first: Ctrl-C lands when the op returns, and must find it done
             if W:
                 ops.reinit_pairs_(W, Bs, As, idx, B_new, A_new, scal)
-        except Exception:   # refused (a float16 B_new overflowing): no pair moved, so no direction is spent
-            for l, next_dir, protected in moved:
-                l.next_dir, l.protected_until = next_dir, protected
+        except BaseException:   # refused (a float16 B_new overflowing), or interrupted between two devices' calls:
+            # a layer the op did not reach (it writes B_new into B[:, idx]) keeps its directions and record
+            for (l, next_dir, protected), i, b in zip(moved, idx, B_new):
+                if not torch.equal(l.B.data[:, i.to(l.B.device)], b):
+                    l.next_dir, l.protected_until = next_dir, protected
+                    if l.record is not None:
+                        l.record.pop()
             raise
+        self._cap_records()
         allc = torch.cat(chosen_scores) if chosen_scores else torch.zeros(1)
         ev = Event(t, len(W), sum(i.numel() for i in idx), exhausted, float(allc.mean()), float(allc.min()),
                    float(allc.max()), {n: i.tolist() for n, i in zip(names, idx)})
@@ -538,19 +622,34 @@ class SRLoRA:
         self._refuse_merged("saving the base weights")
         return {l.name + ".base_layer.weight": l.weight.detach().clone() for l in self.layers}
 
-    def save(self, folder: str) -> str:
-        """Write ``folder/srlora_state.safetensors``: the modified base weights (what the peft adapter alone
-        lacks) and the run's state (importance EMAs, used directions, grace, step count, log) for
-        ``SRLoRA(..., resume_from=folder)``. Safetensors + JSON; returns the file's path."""
+    def save(self, folder: str, base: str = "record") -> str:
+        """Write ``folder/srlora_state.safetensors``: what the peft adapter alone lacks, the run's changes to the
+        base weights, and the run's state (importance EMAs, used directions, grace, step count, log) for
+        ``SRLoRA(..., resume_from=folder)`` and ``load_base_weights``. Safetensors + JSON; returns the file's path.
+
+        ``base="record"`` (default): a layer's changes as the record of the pairs the run fused and put in their
+        place (PiSSA's and each recomposition's, 2 q (m + n) numbers a call), which resume and
+        ``load_base_weights`` replay on the *original* base weight, bit for bit, after checking its fingerprint;
+        a layer whose record outgrew half its weight's bytes, or whose base peft had changed before the run
+        (PiSSA-style inits), is saved whole. ``base="whole"``: every modified weight whole (m n numbers a layer),
+        which loads onto any weights of those shapes (the Trainer callback saves so with
+        ``load_best_model_at_end``, whose best checkpoint is loaded onto the trained model)."""
+        if base not in ("record", "whole"):
+            raise ValueError(f"base must be 'record' or 'whole', got {base!r}")
         self._refuse_merged("saving the base weights")
-        t = {}
+        t, journal = {}, []
         for k, l in enumerate(self.layers):
-            t[f"base.{k}"] = l.weight.detach().contiguous()
+            if l.record is not None and l.weight.dtype != l.record.dtype:   # the model converted (.half()) since
+                l.record = None
+            rec = l.record if base == "record" else None
+            t.update(rec.tensors(k) if rec is not None else {f"base.{k}": l.weight.detach().contiguous()})
+            journal.append(rec.meta() if rec is not None else None)
             t[f"S.{k}"] = l.S.detach().float().contiguous()
             t[f"protected.{k}"] = l.protected_until.contiguous()
             for name, st in zip(("ipt_A", "ipt_B", "unc_A", "unc_B"), self.state):
                 t[f"{name}.{k}"] = st[k].detach().contiguous()
-        meta = {"format": STATE_FORMAT, "format_version": "1", "step_count": str(self.step_count),
+        meta = {"format": STATE_FORMAT, "format_version": "2", "step_count": str(self.step_count),
+                "journal": json.dumps(journal),
                 "layers": json.dumps([l.name for l in self.layers]),
                 "adapters": json.dumps([l.adapter for l in self.layers]),
                 "next_dir": json.dumps([l.next_dir for l in self.layers]),
@@ -566,6 +665,7 @@ class SRLoRA:
         """Apply a state _read_state checked whole: only the base-weight test below can still refuse it,
         and it runs before anything is written."""
         t, meta = saved
+        journal = meta["journal"]
         for k, l in enumerate(self.layers):
             if meta["next_dir"][k] > l.S.numel():
                 raise FormatError(f"{folder}: layer {l.name}: the run used {meta['next_dir'][k]} principal "
@@ -577,8 +677,17 @@ class SRLoRA:
                 raise FormatError(f"{folder}: layer {l.name}: the model's base weight is not the run's original one "
                                   "(its singular values differ): resume on the base model loaded afresh, with the "
                                   "run's adapter weights")
+            if journal[k] is not None:
+                _check_original(folder, l.name, l.weight, journal[k]["w0"], FormatError)
         for k, l in enumerate(self.layers):
-            l.weight.data.copy_(t[f"base.{k}"])
+            if journal[k] is None:
+                l.weight.data.copy_(t[f"base.{k}"])
+                l.record = None   # a layer saved whole goes on whole
+            else:
+                parts = [t[f"{name}.{k}"] for name in _RECORD_TENSORS] if sum(journal[k]["q"]) else []
+                _replay(l.W, journal[k]["q"], journal[k]["s"], *parts)
+                l.record = _Record(journal[k]["w0"], l.weight.dtype, list(journal[k]["q"]), list(journal[k]["s"]),
+                                   [tuple(parts)] if parts else [], sum(p.numel() * p.element_size() for p in parts))
             l.next_dir = meta["next_dir"][k]
             l.protected_until = t[f"protected.{k}"].clone()
         dev = lambda k: self.layers[k].A.device  # noqa: E731
@@ -604,6 +713,10 @@ def _state_file(folder: str) -> tuple:
     meta = safetensors_metadata(path)
     if meta.get("format") != STATE_FORMAT:
         raise FormatError(f"{path}: not an SRLoRA state file (format {meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version not in ("1", "2"):
+        raise FormatError(f"{path}: SRLoRA state format_version {version!r}, which this subspace_ext does not read "
+                          "(it reads 1 and 2): written by a newer one?")
     t = read_safetensors(path)
     meta = check_digest(path, t, meta)
     try:
@@ -613,21 +726,74 @@ def _state_file(folder: str) -> tuple:
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)
             and len(set(names)) == len(names)):
         raise FormatError(f"{path}: malformed SRLoRA state (layers must be a list of distinct module names)")
+    journal = _journal(path, meta, names, t) if version == "2" else [None] * len(names)
     for k, name in enumerate(names):
+        if journal[k] is not None:
+            continue
         base = t.get(f"base.{k}")
         if base is None or base.dim() != 2 or not base.is_floating_point():
             raise FormatError(f"{path}: layer {name}: base.{k} is "
                               f"{'missing' if base is None else f'{base.dtype} {tuple(base.shape)}'}, not a weight")
         if not bool(torch.isfinite(base).all()):
             raise FormatError(f"{path}: layer {name}: the saved base weight holds NaN or Inf")
-    return path, meta, names, t
+    return path, meta, names, t, journal
+
+
+def _journal(path: str, meta: Dict[str, str], names: List[str], t: Dict[str, torch.Tensor]) -> list:
+    """The state's per-layer records (``SRLoRA.save(base="record")``; None where the weight is saved whole), each
+    checked whole: its calls' pair counts and scalings, and its four tensors of one floating dtype, finite, with
+    B_old, B_new m x Q and A_old, A_new Q x n for the Q pairs of its calls."""
+    try:
+        journal = json.loads(meta["journal"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: malformed SRLoRA state (journal: {type(e).__name__}: {e})") from None
+    if not (isinstance(journal, list) and len(journal) == len(names)):
+        raise FormatError(f"{path}: malformed SRLoRA state (journal must hold one entry per layer)")
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)   # noqa: E731
+    for k, (name, e) in enumerate(zip(names, journal)):
+        if e is None:
+            continue
+        if not (isinstance(e, dict) and set(e) == {"w0", "q", "s"} and isinstance(e["w0"], str)
+                and isinstance(e["q"], list) and isinstance(e["s"], list) and len(e["q"]) == len(e["s"])
+                and all(whole(q) and q >= 1 for q in e["q"])
+                and all((whole(x) or isinstance(x, float)) and math.isfinite(x) for x in e["s"])):
+            raise FormatError(f"{path}: layer {name}: malformed record {json.dumps(e)[:80]}")
+        Q = sum(e["q"])
+        got = [t.get(f"{n}.{k}") for n in _RECORD_TENSORS]
+        if Q == 0:
+            if any(g is not None for g in got):
+                raise FormatError(f"{path}: layer {name}: its record holds no call but has pair tensors")
+            continue
+        if any(g is None or g.dim() != 2 or not g.is_floating_point() or g.dtype != got[0].dtype for g in got):
+            raise FormatError(f"{path}: layer {name}: record tensors "
+                              + ", ".join(f"{n}.{k} {'missing' if g is None else f'{g.dtype} {tuple(g.shape)}'}"
+                                          for n, g in zip(_RECORD_TENSORS, got))
+                              + ": not four 2-D tensors of one floating-point dtype")
+        B_old, A_old, B_new, A_new = got
+        m, n = B_old.shape[0], A_old.shape[1]
+        if not (B_old.shape == B_new.shape == (m, Q) and A_old.shape == A_new.shape == (Q, n)):
+            raise FormatError(f"{path}: layer {name}: record tensors of shapes {[tuple(g.shape) for g in got]} for "
+                              f"{Q} pairs (B_old, B_new m x {Q}; A_old, A_new {Q} x n)")
+        if not all(bool(torch.isfinite(g).all()) for g in got):
+            raise FormatError(f"{path}: layer {name}: its record holds NaN or Inf")
+    return journal
+
+
+def _check_original(path: str, name: str, weight: torch.Tensor, w0: str, error: type) -> None:
+    """Refuse (``error``) a base weight that is not the original one a record is replayed on."""
+    got = fingerprint(weight)
+    if got != w0:
+        raise error(f"{path}: layer {name}: the model's base weight is not the run's original one (fingerprint {got} "
+                    f"!= {w0}; dtype {str(weight.dtype).replace('torch.', '')}): the state records the run's changes "
+                    "to it, replayed on the base model loaded afresh in the run's dtype (a state saved with "
+                    "base='whole' holds the weights themselves)")
 
 
 def _read_state(folder: str, layers: List[_Layer]) -> tuple:
     """(tensors, parsed metadata: step_count, next_dir, log) of ``folder/srlora_state.safetensors``,
     checked whole against the model's layers before a resume changes anything: every tensor there with
     its shape and kind, the metadata well-formed. A damaged file raises FormatError naming it."""
-    path, meta, names, t = _state_file(folder)
+    path, meta, names, t, journal = _state_file(folder)
     if names != [l.name for l in layers]:
         raise FormatError(f"{path}: saved for the LoRA layers {names[:2]}... ({len(names)}), but the model has "
                           f"{[l.name for l in layers][:2]}... ({len(layers)}): another model or adapter")
@@ -647,6 +813,9 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
         r = l.A.shape[0]
         want = {"base": l.weight.shape, "ipt_A": l.A.shape, "unc_A": l.A.shape, "ipt_B": l.B.shape,
                 "unc_B": l.B.shape, "protected": (r,), "S": None}
+        if journal[k] is not None:
+            del want["base"]
+            _record_fits(path, l.name, t, k, l.W.shape)
         for name, shape in want.items():
             key = f"{name}.{k}"
             got = t.get(key)
@@ -671,7 +840,15 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
             raise ValueError("step_count or next_dir out of range")
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # json.JSONDecodeError: a ValueError
         raise FormatError(f"{path}: malformed SRLoRA state ({type(e).__name__}: {e})") from None
-    return t, {"step_count": step_count, "next_dir": next_dir, "log": log, "config": config}
+    return t, {"step_count": step_count, "next_dir": next_dir, "log": log, "config": config, "journal": journal}
+
+
+def _record_fits(path: str, name: str, t: Dict[str, torch.Tensor], k: int, shape) -> None:
+    """Refuse a record (checked by ``_journal``) whose pairs are not of the model's m x n weight."""
+    B_old, A_old = t.get(f"B_old.{k}"), t.get(f"A_old.{k}")
+    if B_old is not None and (B_old.shape[0], A_old.shape[1]) != tuple(shape):
+        raise FormatError(f"{path}: layer {name}: its record's pairs are for a {B_old.shape[0]} x {A_old.shape[1]} "
+                          f"weight, the model's is {shape[0]} x {shape[1]}")
 
 
 def _event(e) -> Event:
@@ -750,10 +927,13 @@ def _resume_config(given: Optional[SRLoRAConfig], saved: Optional[SRLoRAConfig],
 
 @torch.no_grad()
 def load_base_weights(model, folder: str) -> int:
-    """Copy the modified base weights saved by ``SRLoRA.save`` into a peft model of the same adapter (e.g.
-    ``PeftModel.from_pretrained(base, folder)``), so that it computes what the trained model did. Every
-    saved layer must exist with the same shape (nothing is copied otherwise). Returns the layer count."""
-    path, _, names, t = _state_file(folder)
+    """Put the modified base weights saved by ``SRLoRA.save`` into a peft model of the same adapter (e.g.
+    ``PeftModel.from_pretrained(base, folder)``), so that it computes what the trained model did: a layer
+    saved whole is copied, a recorded one (the default) replayed on the model's weight, which must be the
+    original one (fingerprint: the base model loaded afresh, in the run's dtype). Every saved layer must exist
+    with the same shape, and every recorded one be original (nothing is written otherwise). Returns the layer
+    count."""
+    path, _, names, t, journal = _state_file(folder)
     model = unwrap_model(model)
     dests = []
     for k, name in enumerate(names):
@@ -766,12 +946,18 @@ def load_base_weights(model, folder: str) -> int:
         if not isinstance(getattr(base, "weight", None), torch.Tensor):
             raise ValueError(f"{path}: the model's {name} is a {type(base).__name__} without a weight, not a LoRA "
                              "layer: another model?")
-        if base.weight.shape != t[f"base.{k}"].shape:
+        if journal[k] is None and base.weight.shape != t[f"base.{k}"].shape:
             raise ValueError(f"{path}: layer {name}: saved weight {tuple(t[f'base.{k}'].shape)}, model's "
                              f"{tuple(base.weight.shape)}")
-        dests.append(base.weight)
-    for k, w in enumerate(dests):
-        w.data.copy_(t[f"base.{k}"])
+        if journal[k] is not None:
+            _record_fits(path, name, t, k, _update_view(mod, base.weight).shape)
+            _check_original(path, name, base.weight, journal[k]["w0"], ValueError)
+        dests.append((mod, base.weight))
+    for k, (mod, w) in enumerate(dests):
+        if journal[k] is None:
+            w.data.copy_(t[f"base.{k}"])
+        elif sum(journal[k]["q"]):
+            _replay(_update_view(mod, w), journal[k]["q"], journal[k]["s"], *(t[f"{n}.{k}"] for n in _RECORD_TENSORS))
     return len(dests)
 
 
@@ -833,7 +1019,9 @@ class SRLoRACallback(_TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.srlora is not None and args.should_save:  # the process that writes the checkpoint
-            self.srlora.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            # the best checkpoint is loaded onto the trained model at the end, which a record cannot replay on
+            self.srlora.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
+                             base="whole" if args.load_best_model_at_end else "record")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         best = state.best_model_checkpoint

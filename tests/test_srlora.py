@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from subspace_ext import data, io, train
+from subspace_ext import data, io, ops, train
 from subspace_ext.io import FormatError
 from subspace_ext.srlora import SRLoRA, SRLoRACallback, SRLoRAConfig, load_base_weights
 
@@ -602,9 +602,10 @@ def test_srlora_on_a_cuda_model_is_continuous(task):
 class _Toy(torch.nn.Module):
     """Three Linears, LoRA on two: SRLoRA on any peft LoRA model, no data or model package needed."""
 
-    def __init__(self):
+    def __init__(self, hidden=40, mid=17):
         super().__init__()
-        self.fc1, self.fc2, self.out = torch.nn.Linear(24, 40), torch.nn.Linear(40, 17), torch.nn.Linear(17, 3)
+        self.fc1, self.fc2 = torch.nn.Linear(24, hidden), torch.nn.Linear(hidden, mid)
+        self.out = torch.nn.Linear(mid, 3)
 
     def forward(self, x):
         return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
@@ -642,11 +643,17 @@ def test_srlora_toy_model_is_continuous(device):
 # real training loops: resuming, odd layers, moved models, overflow steps
 
 
-def toy_lora(r=4, targets=("fc1", "fc2"), seed=0, **kw):
+def toy_lora(r=4, targets=("fc1", "fc2"), seed=0, dims=(), **kw):
     import peft
 
     torch.manual_seed(seed)
-    return peft.get_peft_model(_Toy(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **kw))
+    return peft.get_peft_model(_Toy(*dims), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **kw))
+
+
+# fc1 160 x 24 and fc2 192 x 160, r = 4, float32 factors (2 (m + n) 4 bytes a pair): fc1's record outgrows half
+# its weight at the first recomposition (PiSSA's 4 pairs, then 2 more; in bfloat16 at PiSSA), fc2's holds 10 pairs
+# in bfloat16 (21 in float32)
+WIDE = (160, 192)
 
 
 def toy_batches(n, seed=1):
@@ -723,6 +730,209 @@ def _trained_and_saved(tmp_path, cfg, steps, wrap=lambda m: m, adapter_name="def
     opt2 = adamw(fresh, lr=1e-2)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     return fresh, opt2, sr
+
+
+def _wide_run(device, wdtype, tmp_path, steps=8, **save):
+    """A WIDE toy run on ``device`` (base weights ``wdtype``, float32 factors) saved with its adapter to
+    tmp_path/run; returns (model, SRLoRA, folder)."""
+    model = toy_lora(dims=WIDE).to(device)
+    for n, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if "lora_" in n else wdtype)
+    opt = adamw(model, lr=1e-2)
+    sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=steps))
+    for x, y in toy_batches(steps):
+        loss = torch.nn.functional.cross_entropy(model(x.to(device, wdtype)).float(), y.to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sr.step()
+    folder = str(tmp_path / "run")
+    model.save_pretrained(folder)
+    sr.save(folder, **save)
+    return model, sr, folder
+
+
+def _fresh_wide(wdtype, folder=None):
+    """The WIDE toy's original base (seed 0) in ``wdtype``; with the run's adapter from ``folder``."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = _Toy(*WIDE).to(wdtype)
+    return PeftModel.from_pretrained(base, folder) if folder else base
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_recorded_state_replays_the_runs_base_weights_bit_for_bit(wdtype, device, tmp_path):
+    """save()'s default keeps, per layer, the pairs each reinit_pairs_ call fused and the pairs it put in their
+    place (2 q (m + n) numbers a call) while that is at most half the weight's bytes, else the weight whole (fc1
+    from its first recomposition on); load_base_weights and resume replay them on the original base weights: the
+    run's weights bit for bit, also for bfloat16 weights under float32 factors and from a run on CUDA (the op's
+    arithmetic is the same on both devices). The file is smaller than one with the weights whole."""
+    from safetensors import safe_open
+
+    model, sr, folder = _wide_run(device, wdtype, tmp_path)
+    assert [e.step for e in sr.log] == [2, 4, 6] and [l.record is None for l in sr.layers] == [True, False]
+    want = {k: w.cpu() for k, w in sr.base_state_dict().items()}
+    path = os.path.join(folder, "srlora_state.safetensors")
+    with safe_open(path, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    journal = json.loads(meta["journal"])
+    assert journal[0] is None and journal[1]["q"] == [4, 2, 2, 2] and "base.0" in keys and "base.1" not in keys
+    assert {"B_old.1", "A_old.1", "B_new.1", "A_new.1"} <= keys and meta["format_version"] == "2"
+    whole = sr.save(str(tmp_path / "whole"), base="whole")
+    saved = 192 * 160 * torch.finfo(wdtype).bits // 8 - 10 * 2 * (192 + 160) * 4   # fc2 whole - its record
+    assert abs(os.path.getsize(whole) - os.path.getsize(path) - saved) < 1024
+
+    loaded = _fresh_wide(wdtype, folder)   # on the CPU
+    assert load_base_weights(loaded, folder) == 2
+    assert all(torch.equal(loaded.state_dict()[k], w) for k, w in want.items())
+    x = toy_batches(1, seed=5)[0][0].to(wdtype)
+    assert torch.equal(loaded(x), model.cpu()(x))
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    fresh = toy_lora(dims=WIDE)
+    for n, p in fresh.named_parameters():
+        p.data = p.data.to(torch.float32 if "lora_" in n else wdtype)
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(loaded))
+    sr2 = SRLoRA(fresh, None, resume_from=folder)
+    assert all(torch.equal(fresh.state_dict()[k], w) for k, w in want.items())
+    assert [len(l.record.q) if l.record else None for l in sr2.layers] == [None, 4]
+    sr2.save(str(tmp_path / "again"))   # a resumed run's record goes on from the saved one: the same file
+    with open(path, "rb") as a, open(os.path.join(tmp_path, "again", "srlora_state.safetensors"), "rb") as b:
+        assert a.read() == b.read() or device != "cpu"   # (S: from the resumed run's own rsvd, on the CPU)
+
+
+def test_recorded_state_refuses_a_base_that_is_not_the_original(tmp_path):
+    """A record replays on the original base weight only: load_base_weights onto a model whose base weights
+    changed (loaded twice, another seed, another dtype) and resume on one are refused naming the layer, before
+    anything is written; a state saved with base="whole" loads onto them."""
+    _, sr, folder = _wide_run("cpu", torch.float32, tmp_path)
+    loaded = _fresh_wide(torch.float32, folder)
+    load_base_weights(loaded, folder)
+    for model in (loaded, _fresh_wide(torch.bfloat16, folder)):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"layer base_model.model.fc2: the model's base weight is not the run's "
+                                             r"original one \(fingerprint"):
+            load_base_weights(model, folder)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    nudged = toy_lora(dims=WIDE)   # one value 1 ulp off: its singular values pass, its fingerprint does not
+    w = nudged.base_model.model.fc2.base_layer.weight.data
+    w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1.0))
+    with pytest.raises(FormatError, match="fc2: the model's base weight is not the run's original one"):
+        SRLoRA(nudged, None, resume_from=folder)
+    sr.save(folder, base="whole")
+    assert load_base_weights(loaded, folder) == 2
+    assert all(torch.equal(loaded.state_dict()[k], w) for k, w in sr.base_state_dict().items())
+    with pytest.raises(ValueError, match="base must be 'record' or 'whole'"):
+        sr.save(folder, base="full")
+
+
+@pytest.mark.parametrize("damage", ["journal short", "journal str", "q zero", "s nan", "s str", "w0 int",
+                                    "extra key", "no B_new", "A_old float64", "B_old narrow", "A_new inf",
+                                    "pairs of another shape", "tensors without calls", "format_version 3"])
+def test_a_damaged_record_is_refused_and_changes_nothing(damage, tmp_path):
+    """A record (SRLoRA.save's default) that does not describe whole calls on the model's weight, or a state of
+    an unknown format version, is refused with a FormatError naming the file and the layer, by resume and by
+    load_base_weights, before any weight is written (the digest recomputed, as a deliberate edit would)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from subspace_ext.io import content_digest
+    from subspace_ext.srlora import STATE_FILE
+
+    _, _, folder = _wide_run("cpu", torch.float32, tmp_path)
+    with safe_open(os.path.join(folder, STATE_FILE), "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    journal = json.loads(meta["journal"])
+    rec = journal[1]
+    if damage == "journal short":
+        journal = journal[:1]
+    elif damage == "journal str":
+        journal = "fc2"
+    elif damage == "q zero":
+        rec["q"][1:3] = [0, 4]
+    elif damage == "s nan":
+        rec["s"][0] = float("nan")
+    elif damage == "s str":
+        rec["s"][0] = "2.0"
+    elif damage == "w0 int":
+        rec["w0"] = 7
+    elif damage == "extra key":
+        rec["scale"] = 1.0
+    elif damage == "no B_new":
+        del t["B_new.1"]
+    elif damage == "A_old float64":
+        t["A_old.1"] = t["A_old.1"].double()
+    elif damage == "B_old narrow":
+        t["B_old.1"] = t["B_old.1"][:, :-1].contiguous()
+    elif damage == "A_new inf":
+        t["A_new.1"][2, 3] = float("inf")
+    elif damage == "pairs of another shape":
+        for n in ("B_old", "B_new"):
+            t[f"{n}.1"] = torch.cat([t[f"{n}.1"], t[f"{n}.1"][:1]])
+    elif damage == "tensors without calls":
+        rec["q"], rec["s"] = [], []
+    elif damage == "format_version 3":
+        meta["format_version"] = "3"
+    meta["journal"] = json.dumps(journal)
+    meta.pop("digest")
+    meta["digest"] = content_digest(t, json.dumps(meta, sort_keys=True))
+    bad = str(tmp_path / "bad")
+    os.makedirs(bad)
+    save_file(t, os.path.join(bad, STATE_FILE), metadata=meta)
+    layer = "" if damage.startswith("journal") else "SRLoRA state format_version '3'" if damage.startswith(
+        "format") else "layer base_model.model.fc2: "
+    for load in (lambda m: SRLoRA(m, None, resume_from=bad), lambda m: load_base_weights(m, bad)):
+        model = toy_lora(dims=WIDE)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(FormatError, match=f"{bad}/{STATE_FILE}: {layer}"):
+            load(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_states_keep_weights_whole_where_a_record_cannot_replay(tmp_path):
+    """Weights are saved whole where a record would not replay: the model converted to another dtype after
+    SRLoRA was built, and every checkpoint of a Trainer run with load_best_model_at_end (the best one is loaded
+    onto the trained model, not the original). A state written before records (format_version 1, every weight
+    whole) still resumes and loads."""
+    import types
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from subspace_ext.io import content_digest
+    from subspace_ext.srlora import STATE_FILE
+
+    def journal(folder):
+        with safe_open(os.path.join(folder, STATE_FILE), "pt") as f:
+            return json.loads(f.metadata()["journal"]), set(f.keys())
+
+    model = toy_lora(dims=WIDE)
+    sr = SRLoRA(model, None, SRLoRAConfig(total_steps=10))
+    cb = SRLoRACallback()
+    cb.srlora = sr
+    for best in (False, True):
+        args = types.SimpleNamespace(should_save=True, output_dir=str(tmp_path), load_best_model_at_end=best)
+        cb.on_save(args, types.SimpleNamespace(global_step=int(best)), None)
+        got, keys = journal(str(tmp_path / f"checkpoint-{int(best)}"))
+        assert [e is None for e in got] == [best, best] and ("base.1" in keys) == best
+    model.to(torch.float64)
+    sr.save(str(tmp_path / "f64"))
+    assert journal(str(tmp_path / "f64"))[0] == [None, None] and all(l.record is None for l in sr.layers)
+
+    _, sr, folder = _wide_run("cpu", torch.float32, tmp_path, base="whole")
+    path = os.path.join(folder, STATE_FILE)
+    with safe_open(path, "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    meta["format_version"] = "1"
+    del meta["journal"], meta["digest"]
+    meta["digest"] = content_digest(t, json.dumps(meta, sort_keys=True))
+    save_file(t, path, metadata=meta)
+    loaded = _fresh_wide(torch.float32, folder)
+    assert load_base_weights(loaded, folder) == 2
+    assert all(torch.equal(loaded.state_dict()[k], w) for k, w in sr.base_state_dict().items())
+    sr2 = SRLoRA(toy_lora(dims=WIDE), None, resume_from=folder)
+    assert sr2.step_count == 8 and all(l.record is None for l in sr2.layers)
 
 
 def test_resume_without_a_config_continues_with_the_saved_one(tmp_path):
@@ -1284,6 +1494,7 @@ def test_srlora_keeps_a_peft_init_that_rewrote_the_base():
     cos = torch.linalg.svdvals(U0.T @ torch.linalg.qr(B)[0])   # principal angles' cosines
     assert float(cos.min()) > 1 - 1e-6
     assert all(l.next_dir == 0 for l in sr.layers)   # re-inits start at the residual's top direction
+    assert all(l.record is None for l in sr.layers)   # no original weight to replay on: saved whole
 
 
 def test_srlora_argument_and_usage_errors():
@@ -1461,12 +1672,15 @@ def test_accelerate_gradient_accumulation_micro_steps_are_no_steps():
         GradientState._reset_state()
 
 
-def test_a_recomposition_refused_by_reinit_pairs_spends_no_direction(monkeypatch):
-    """The directions used and the grace periods are updated before reinit_pairs_ runs (Ctrl-C lands when the op
-    returns, and finds them done); when it refused the call (a float16 B_new overflowing) the run had spent
-    directions on pairs that never moved and protected them. Both are put back now (the chosen pairs' optimizer
-    moments stay zeroed: harmless, they rebuild in a few steps)."""
-    model = toy_lora()
+@pytest.mark.parametrize("how", ["refused", "interrupted"])
+def test_a_recomposition_refused_by_reinit_pairs_spends_no_direction(how, monkeypatch, tmp_path):
+    """The directions used, the grace periods and the records are updated before reinit_pairs_ runs (Ctrl-C
+    lands when the op returns, and finds them done); when it refused the call (a float16 B_new overflowing) the
+    run had spent directions on pairs that never moved and protected them. Both are put back now (the chosen
+    pairs' optimizer moments stay zeroed: harmless, they rebuild in a few steps), and the records too, for each
+    layer the op did not reach (interrupted between two devices' calls: here after the first layer), so a saved
+    record still replays to the run's weights."""
+    model = toy_lora(dims=(160, 160))
     opt = adamw(model, lr=1e-2)
     sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=10))
     toy_steps(model, opt, sr, toy_batches(1))
@@ -1474,12 +1688,25 @@ def test_a_recomposition_refused_by_reinit_pairs_spends_no_direction(monkeypatch
     opt.zero_grad()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-    before = ([l.next_dir for l in sr.layers], [l.protected_until.clone() for l in sr.layers])
+    before = ([l.next_dir for l in sr.layers], [l.protected_until.clone() for l in sr.layers],
+              [len(l.record.q) for l in sr.layers])
+    real = ops.reinit_pairs_
 
-    def fail(*args, **kwargs):
+    def fail(W, B, A, idx, B_new, A_new, scaling):
+        if how == "interrupted":   # the first layer's call ran, then Ctrl-C
+            real(W[:1], B[:1], A[:1], idx[:1], B_new[:1], A_new[:1], scaling[:1])
+            raise KeyboardInterrupt
         raise ValueError("reinit_pairs_: B_new overflows")
     monkeypatch.setattr("subspace_ext.ops.reinit_pairs_", fail)
-    with pytest.raises(ValueError, match="overflows"):
+    with pytest.raises(ValueError if how == "refused" else KeyboardInterrupt):
         sr.step()
-    assert [l.next_dir for l in sr.layers] == before[0]
-    assert all(torch.equal(a, b) for a, b in zip((l.protected_until for l in sr.layers), before[1]))
+    ran = 1 if how == "interrupted" else 0
+    assert [l.next_dir for l in sr.layers] == [d + 2 * (k < ran) for k, d in enumerate(before[0])]
+    assert [torch.equal(a, b) for a, b in zip((l.protected_until for l in sr.layers), before[1])] == \
+        [k >= ran for k in range(2)]
+    assert [len(l.record.q) for l in sr.layers] == [q + (k < ran) for k, q in enumerate(before[2])]
+    monkeypatch.undo()
+    sr.save(str(tmp_path))
+    fresh = toy_lora(dims=(160, 160))
+    load_base_weights(fresh, str(tmp_path))
+    assert all(torch.equal(fresh.state_dict()[k], w) for k, w in sr.base_state_dict().items())
