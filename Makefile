@@ -64,8 +64,10 @@ define cmake_build
 	ctest --test-dir $(2) --output-on-failure
 endef
 
+# CUDA_TOOLKIT_ROOT_DIR: a CUDA torch's config looks for the toolkit even for this CPU build, and
+# guesses its root wrongly from a wrapper nvcc
 cmake-test: setup
-	$(call cmake_build,.,cmake-build,)
+	$(call cmake_build,.,cmake-build,$(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR="$(CUDA_HOME)"))
 
 # Not `test: pytest cmake-test`: the Python tests need the CMake build first (also under make -j).
 test: build cmake-test
