@@ -570,7 +570,8 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // MKL's C
 #endif
 
 void run_lapack(const at::Tensor& t, const std::function<void()>& call) {
-  if (!t.is_cpu()) return call();
+  // a forked child runs its tasks serially, and the lock may have been held by a parent's thread
+  if (!t.is_cpu() || forked_child()) return call();
   static std::mutex mu;
   const std::lock_guard<std::mutex> lock(mu);
 #ifdef _OPENMP
