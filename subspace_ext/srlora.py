@@ -159,19 +159,21 @@ class _Record:
     q: List[int] = field(default_factory=list)
     s: List[float] = field(default_factory=list)
     parts: List[tuple] = field(default_factory=list)   # (B_old, A_old, B_new, A_new), concatenated on save
-    nbytes: int = 0
 
     def add(self, scaling: float, B_old, A_old, B_new, A_new) -> None:
         self.q.append(B_old.shape[1])
         self.s.append(scaling)
         self.parts.append((B_old, A_old, B_new, A_new))
-        self.nbytes += sum(t.numel() * t.element_size() for t in self.parts[-1])
 
     def pop(self) -> None:
         """Take back the last ``add`` (its call did not run)."""
         self.q.pop()
         self.s.pop()
-        self.nbytes -= sum(t.numel() * t.element_size() for t in self.parts.pop())
+        self.parts.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.parts for t in p)
 
     def tensors(self, k: int) -> Dict[str, torch.Tensor]:
         if not self.parts:
@@ -188,10 +190,10 @@ _RECORD_TENSORS = ("B_old", "A_old", "B_new", "A_new")
 
 def _replay(W: torch.Tensor, q: List[int], s: List[float], B_old, A_old, B_new, A_new) -> None:
     """Make a record's ``reinit_pairs_`` calls (``_Record``) on W, the layer's original base weight (m x n view)."""
+    put = lambda t: t.to(W.device, copy=True)   # noqa: E731  (the op writes B_new, A_new into B, A)
     at = 0
     for qe, se in zip(q, s):
         cols = slice(at, at + qe)
-        put = lambda t: t.to(W.device, copy=True)   # noqa: E731  (the op writes B_new, A_new into B, A)
         ops.reinit_pairs_(W, put(B_old[:, cols]), put(A_old[cols]), torch.arange(qe), B_new[:, cols].to(W.device),
                           A_new[cols].to(W.device), se)
         at += qe
@@ -687,7 +689,7 @@ class SRLoRA:
                 parts = [t[f"{name}.{k}"] for name in _RECORD_TENSORS] if sum(journal[k]["q"]) else []
                 _replay(l.W, journal[k]["q"], journal[k]["s"], *parts)
                 l.record = _Record(journal[k]["w0"], l.weight.dtype, list(journal[k]["q"]), list(journal[k]["s"]),
-                                   [tuple(parts)] if parts else [], sum(p.numel() * p.element_size() for p in parts))
+                                   [tuple(parts)] if parts else [])
             l.next_dir = meta["next_dir"][k]
             l.protected_until = t[f"protected.{k}"].clone()
         dev = lambda k: self.layers[k].A.device  # noqa: E731

@@ -732,12 +732,18 @@ def _trained_and_saved(tmp_path, cfg, steps, wrap=lambda m: m, adapter_name="def
     return fresh, opt2, sr
 
 
+def _wide_toy(wdtype):
+    """The WIDE toy LoRA model (seed 0) with ``wdtype`` base weights and float32 factors."""
+    model = toy_lora(dims=WIDE)
+    for n, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if "lora_" in n else wdtype)
+    return model
+
+
 def _wide_run(device, wdtype, tmp_path, steps=8, **save):
     """A WIDE toy run on ``device`` (base weights ``wdtype``, float32 factors) saved with its adapter to
     tmp_path/run; returns (model, SRLoRA, folder)."""
-    model = toy_lora(dims=WIDE).to(device)
-    for n, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if "lora_" in n else wdtype)
+    model = _wide_toy(wdtype).to(device)
     opt = adamw(model, lr=1e-2)
     sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=steps))
     for x, y in toy_batches(steps):
@@ -790,9 +796,7 @@ def test_recorded_state_replays_the_runs_base_weights_bit_for_bit(wdtype, device
     assert torch.equal(loaded(x), model.cpu()(x))
 
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    fresh = toy_lora(dims=WIDE)
-    for n, p in fresh.named_parameters():
-        p.data = p.data.to(torch.float32 if "lora_" in n else wdtype)
+    fresh = _wide_toy(wdtype)
     set_peft_model_state_dict(fresh, get_peft_model_state_dict(loaded))
     sr2 = SRLoRA(fresh, None, resume_from=folder)
     assert all(torch.equal(fresh.state_dict()[k], w) for k, w in want.items())
