@@ -1188,11 +1188,11 @@ def test_corrupt_file_refused(which, tmp_path):
     """4 overwritten bytes in the tensor data (a finite float: only the digest can tell)."""
     sub_path, coef, em = saved_toy_task(tmp_path)
     path = sub_path if which == "subspace" else coef
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(pathlib.Path(path).read_bytes())
     new = struct.pack("<f", 0.123456)
     assert data[-4:] != new
     data[-4:] = new
-    open(path, "wb").write(bytes(data))
+    pathlib.Path(path).write_bytes(bytes(data))
     with pytest.raises(FormatError, match=rf"{path}: corrupt file"):
         eigenlorax.export_task(EigenSubspace.load(sub_path), coef, str(tmp_path / "out"))
     if which == "coefficients":

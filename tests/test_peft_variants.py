@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -99,7 +100,8 @@ def test_adalora_after_rank_allocation(bert, tmp_path):
         opt.zero_grad()
     folder = str(tmp_path / "adalora")
     model.save_pretrained(folder, safe_serialization=True)
-    ranks = {k: sum(v) for k, v in json.load(open(os.path.join(folder, "adapter_config.json")))["rank_pattern"].items()}
+    config = json.loads(pathlib.Path(folder, "adapter_config.json").read_text())
+    ranks = {k: sum(v) for k, v in config["rank_pattern"].items()}
     assert 0 in ranks.values() and any(0 < r < 6 for r in ranks.values())  # both cases are exercised
     ups = io.PeftAdapter.load(folder).updates()
     assert all(u.scaling == pytest.approx(8 / 6, rel=1e-5) for u in ups)  # alpha / init_r, as peft

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -389,7 +390,7 @@ def test_read_paths_agree(saved_pkg, monkeypatch):
 
 @pytest.mark.parametrize("cut", ["4-bytes", "in-header", "first-data-byte", "last-byte"])
 def test_truncated_package_raises_format_error(saved_pkg, tmp_path, cut, base_weights, read_path):
-    raw = open(saved_pkg, "rb").read()
+    raw = pathlib.Path(saved_pkg).read_bytes()
     start = safetensors_data_start(saved_pkg)
     n = {"4-bytes": 4, "in-header": start // 2, "first-data-byte": start + 1, "last-byte": len(raw) - 1}[cut]
     bad = tmp_path / "truncated.safetensors"
@@ -402,7 +403,7 @@ def test_truncated_package_raises_format_error(saved_pkg, tmp_path, cut, base_we
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_tampered_package_raises_format_error(saved_pkg, tmp_path, where, read_path):
-    raw = bytearray(open(saved_pkg, "rb").read())
+    raw = bytearray(pathlib.Path(saved_pkg).read_bytes())
     start = safetensors_data_start(saved_pkg)
     pos = {"first": start, "middle": (start + len(raw)) // 2, "last": len(raw) - 1}[where]
     raw[pos] ^= 0x10
@@ -417,7 +418,7 @@ def test_tampered_metadata_does_not_silently_change_the_adapter(ratio_pkg_with_e
     """A flipped digit in the package's metadata (here: a layer's LoRA scaling, 2.0 -> 4.0; same
     length, so the file stays well-formed) must be refused (FormatError at load, or an error at
     decode), not decoded into a different adapter."""
-    raw = open(saved_pkg, "rb").read()
+    raw = pathlib.Path(saved_pkg).read_bytes()
     start = safetensors_data_start(saved_pkg)
     header = raw[8:start].decode()
     info = next(l for l in ratio_pkg_with_extra.layers if l.nnz > 0)
@@ -763,7 +764,7 @@ def test_missing_base_path(trained_adapter, tmp_path):
 def test_adapter_folder_without_config(trained_adapter_dir, base_weights, tmp_path):
     d = tmp_path / "noconfig"
     d.mkdir()
-    (d / io.ADAPTER_WEIGHTS).write_bytes(open(os.path.join(trained_adapter_dir, io.ADAPTER_WEIGHTS), "rb").read())
+    (d / io.ADAPTER_WEIGHTS).write_bytes(pathlib.Path(trained_adapter_dir, io.ADAPTER_WEIGHTS).read_bytes())
     with pytest.raises(FormatError, match="adapter_config.json"):
         solar.compress(str(d), base_weights, budget="full")
 
@@ -771,7 +772,7 @@ def test_adapter_folder_without_config(trained_adapter_dir, base_weights, tmp_pa
 def test_adapter_folder_with_only_bin(trained_adapter_dir, base_weights, tmp_path):
     d = tmp_path / "binonly"
     d.mkdir()
-    (d / io.ADAPTER_CONFIG).write_text(open(os.path.join(trained_adapter_dir, io.ADAPTER_CONFIG)).read())
+    (d / io.ADAPTER_CONFIG).write_text(pathlib.Path(trained_adapter_dir, io.ADAPTER_CONFIG).read_text())
     (d / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(FormatError) as e:
         solar.compress(str(d), base_weights, budget="full")
@@ -1062,7 +1063,7 @@ def _copy_adapter(src, dst):
 
 
 def _bytes_of(folder):
-    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+    return {f: pathlib.Path(folder, f).read_bytes() for f in sorted(os.listdir(folder))}
 
 
 @pytest.mark.parametrize("case", ["package over the adapter's weights", "package over the base",
@@ -1088,10 +1089,10 @@ def test_cli_refuses_to_overwrite_inputs(case, trained_adapter_dir, ratio_pkg_wi
     else:
         argv = ["solar", "decompress", pkg, "--base", base, "-o", ad]
         match = "already holds a peft adapter; pass --force"
-    before = {p: open(p, "rb").read() for p in (pkg, base)} | {f"ad/{k}": v for k, v in _bytes_of(ad).items()}
+    before = {p: pathlib.Path(p).read_bytes() for p in (pkg, base)} | {f"ad/{k}": v for k, v in _bytes_of(ad).items()}
     assert cli.main(argv + ["-q"]) == 1
     assert match in _one_error_line(capsys)
-    after = {p: open(p, "rb").read() for p in (pkg, base)} | {f"ad/{k}": v for k, v in _bytes_of(ad).items()}
+    after = {p: pathlib.Path(p).read_bytes() for p in (pkg, base)} | {f"ad/{k}": v for k, v in _bytes_of(ad).items()}
     assert after == before
 
 
@@ -1118,7 +1119,7 @@ def test_failed_writes_keep_the_old_file_and_leave_no_partial_output(ratio_pkg_w
 
     pkg = str(tmp_path / "pkg.safetensors")
     ratio_pkg_with_extra.save(pkg)
-    old = open(pkg, "rb").read()
+    old = pathlib.Path(pkg).read_bytes()
 
     def disk_full(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -1128,7 +1129,7 @@ def test_failed_writes_keep_the_old_file_and_leave_no_partial_output(ratio_pkg_w
     monkeypatch.setattr(io, "save_file", disk_full)
     with pytest.raises(OSError, match="pkg.safetensors: could not write .*No space left"):
         ratio_pkg_with_extra.save(pkg)
-    assert open(pkg, "rb").read() == old and os.listdir(tmp_path) == ["pkg.safetensors"]
+    assert pathlib.Path(pkg).read_bytes() == old and os.listdir(tmp_path) == ["pkg.safetensors"]
     with pytest.raises(OSError, match="could not write"):
         trained_adapter.save_adapter(str(tmp_path / "new_adapter"))
     assert os.listdir(tmp_path) == ["pkg.safetensors"]  # the folder this call created is gone

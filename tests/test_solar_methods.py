@@ -14,6 +14,7 @@ the budget, and round-trips.
 """
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -628,7 +629,7 @@ def test_edited_lowrank_layer_is_refused(auto_pkg_path, tmp_path, case):
 
 def test_damaged_factors_fail_the_digest(auto_pkg_path, tmp_path):
     path, _, _ = auto_pkg_path
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(pathlib.Path(path).read_bytes())
     data[-3] ^= 0x40  # a byte of the last tensor's data
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
