@@ -8,17 +8,26 @@ is the one built against:  pip install --no-build-isolation -e .
 import glob
 import json
 import os
+import pathlib
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
+NO_TORCH = ("subspace_ext builds against the torch it will run with: install torch first, then build without "
+            "build isolation: pip install --no-build-isolation .  (pip's isolated build would have no torch, or "
+            "fetch another one: a native torch extension loads only with the torch it was built against)")
 try:
     import torch
     from torch.utils import cpp_extension
-except ImportError:
-    sys.exit("subspace_ext builds against the torch it will run with: install torch first, then build without "
-             "build isolation: pip install --no-build-isolation .  (pip's isolated build would have no torch, or "
-             "fetch another one: a native torch extension loads only with the torch it was built against)")
+except ImportError:  # enough for an sdist and the metadata; building the library stops in build_ext
+    torch = cpp_extension = None
+
+
+class NeedsTorch(build_ext):
+    def run(self):
+        sys.exit(NO_TORCH)
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +78,7 @@ def torch_version_header():
     path = os.path.join(folder, "subspace_ext_torch_build.h")
     text = f"#define SUBSPACE_EXT_TORCH_VERSION {json.dumps(torch.__version__)}\n"
     os.makedirs(folder, exist_ok=True)
-    if not os.path.isfile(path) or open(path).read() != text:
+    if not os.path.isfile(path) or pathlib.Path(path).read_text() != text:
         with open(path, "w") as f:
             f.write(text)
     return folder
@@ -78,28 +87,36 @@ def torch_version_header():
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     README = f.read()
 
-sources = SOURCES["common"] + ["csrc/python_module.cpp"]
-# C++20: torch >= 2.14's headers require it (older ones accept it).
-cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-g0", "-std=c++20"]
-include_dirs = [os.path.join(HERE, "csrc", "include"), torch_version_header()]
-define_macros = []
-if want_cuda():
-    sources += SOURCES["cuda"]
-    include_dirs += cuda_wheel_includes()
-    define_macros.append(("SUBSPACE_EXT_WITH_CUDA", None))
-    archs = os.environ.get("SUBSPACE_EXT_CUDA_ARCHS", "80;90").split(";")
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-fmad=false"]
-    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    # PTX of the newest arch too, so GPUs newer than the list JIT-compile it instead of failing
-    # with "no kernel image is available" (CMake's CMAKE_CUDA_ARCHITECTURES "80 90" does the same).
-    nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    ext = cpp_extension.CUDAExtension(
-        "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
-else:
-    ext = cpp_extension.CppExtension(
-        "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+def native_extension():
+    """The extension subspace_ext._C and its build_ext command."""
+    sources = SOURCES["common"] + ["csrc/python_module.cpp"]
+    if torch is None:
+        return Extension("subspace_ext._C", sources), NeedsTorch
+    # C++20: torch >= 2.14's headers require it (older ones accept it).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-g0", "-std=c++20"]
+    include_dirs = [os.path.join(HERE, "csrc", "include"), torch_version_header()]
+    define_macros = []
+    if want_cuda():
+        sources += SOURCES["cuda"]
+        include_dirs += cuda_wheel_includes()
+        define_macros.append(("SUBSPACE_EXT_WITH_CUDA", None))
+        archs = os.environ.get("SUBSPACE_EXT_CUDA_ARCHS", "80;90").split(";")
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-fmad=false"]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # PTX of the newest arch too, so GPUs newer than the list JIT-compile it instead of failing
+        # with "no kernel image is available" (CMake's CMAKE_CUDA_ARCHITECTURES "80 90" does the same).
+        nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        ext = cpp_extension.CUDAExtension(
+            "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension(
+            "subspace_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+EXTENSION, BUILD_EXT = native_extension()
 
 setup(
     name="subspace_ext",
@@ -108,8 +125,8 @@ setup(
     long_description=README,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["subspace_ext", "subspace_ext.*"]),
-    ext_modules=[ext],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[EXTENSION],
+    cmdclass={"build_ext": BUILD_EXT},
     python_requires=">=3.10",
     # the library loads only with the torch it was built against: rebuild after changing torch
     install_requires=["torch>=2.4", "safetensors", "tqdm"],

@@ -66,19 +66,44 @@ def _tracked(*folders):
     return [p for p in out.stdout.split() if os.path.isfile(os.path.join(ROOT, p))]
 
 
+def _env(tmp_path, torch_importable: bool) -> dict:
+    """The environment of a setup.py run; without torch, a package of that name that fails to import comes
+    first on the path (as in pip's or `python -m build`'s isolated build environment)."""
+    env = dict(os.environ, SUBSPACE_EXT_CUDA="0")
+    if not torch_importable:
+        shadow = tmp_path / "shadow"
+        (shadow / "torch").mkdir(parents=True)
+        (shadow / "torch" / "__init__.py").write_text("raise ImportError('no torch in this environment')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow), env.get("PYTHONPATH")]))
+    return env
+
+
 @pytest.mark.slow
-def test_the_sdist_holds_what_the_builds_compile(tmp_path):
+@pytest.mark.parametrize("torch_importable", [True, False], ids=["torch", "no_torch"])
+def test_the_sdist_holds_what_the_builds_compile(tmp_path, torch_importable):
     """There was no MANIFEST.in: the sdist lacked csrc/sources.txt (setup.py reads it first), every header,
-    the CUDA sources, CMakeLists.txt and the tests' helpers, so it could not be built."""
+    the CUDA sources, CMakeLists.txt and the tests' helpers, so it could not be built. Without torch (an
+    isolated build: `python -m build --sdist`) setup.py stopped before making one."""
     need = [p for p in _tracked("csrc", "tools", "tests") if p.endswith((".h", ".cpp", ".cu", ".py", ".txt"))]
+    dist = tmp_path / "dist"
     r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
-                        "--dist-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, SUBSPACE_EXT_CUDA="0"))
+                        "--dist-dir", str(dist)], cwd=ROOT, capture_output=True, text=True,
+                       env=_env(tmp_path, torch_importable))
     assert r.returncode == 0, r.stderr[-2000:]
-    (archive,) = [f for f in os.listdir(tmp_path) if f.endswith(".tar.gz")]
-    with tarfile.open(tmp_path / archive) as tar:
+    (archive,) = [f for f in os.listdir(dist) if f.endswith(".tar.gz")]
+    with tarfile.open(dist / archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     need += ["setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "MANIFEST.in"]
     assert len(need) > 40
     assert [p for p in need if p not in names] == []
     assert subspace_ext.__version__ in archive
+
+
+def test_building_the_library_without_torch_says_what_to_do(tmp_path):
+    """The library itself cannot be built without torch: the build stops with the advice, having built nothing."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(out), "--build-temp", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, env=_env(tmp_path, torch_importable=False))
+    assert r.returncode != 0
+    assert "install torch first, then build without build isolation" in r.stderr
+    assert not out.exists()
