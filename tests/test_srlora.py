@@ -15,6 +15,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -1637,6 +1639,47 @@ def test_models_sharded_with_fsdp_or_wrapped_in_ddp_before_apply_are_refused(one
     em = eigenlorax.apply(_Toy(), sub, 2)   # then wrapped: the loadings are DDP's parameters
     torch.nn.parallel.DistributedDataParallel(em.model)
 
+
+_TWO_RANKS = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from test_srlora import _Toy
+from subspace_ext import eigenlorax
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2] + "/pg", rank=rank, world_size=2)
+em = eigenlorax.apply(_Toy(), eigenlorax.EigenSubspace.load(sys.argv[2] + "/sub.safetensors"), 2)
+if rank == 1:   # a probe: a basis of this rank's own shows whether DDP copies rank 0's over it
+    for l in em.layers.values():
+        l.PA.mul_(2)
+marks = {n: float(l.PA.abs().sum()) for n, l in em.layers.items()}
+ddp = torch.nn.parallel.DistributedDataParallel(em.model)
+for _ in range(2):
+    ddp(torch.randn(5, 24)).sum().backward()
+kept = all(float(l.PA.abs().sum()) == marks[n] for n, l in em.layers.items())
+print("kept" if kept else "overwritten", {n: (p.grad is not None) for n, p in em.model.named_parameters() if p.requires_grad})
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_leaves_the_eigenlorax_bases_alone(tmp_path):
+    """DistributedDataParallel broadcast every buffer from rank 0 before each forward, the bases too: constants,
+    the same on every rank, (m + n) K numbers a layer (~0.3 GB a forward at 7B). apply() names them to DDP as
+    ignored (and unload() takes the names back), so DDP neither broadcasts nor reduces them; the loadings are
+    DDP's parameters. Two gloo ranks, rank 1 with a basis of its own as the probe."""
+    from subspace_ext import eigenlorax
+    sub = eigenlorax.build_subspace([_toy_adapter(seed) for seed in range(3)], components=4)
+    sub.save(str(tmp_path / "sub.safetensors"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS, str(rank), str(tmp_path), os.path.dirname(__file__)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    loadings = "{'fc1.alpha_A': True, 'fc1.alpha_B': True, 'fc2.alpha_A': True, 'fc2.alpha_B': True}"
+    assert [out.strip() for out, _ in outs] == [f"kept {loadings}"] * 2
+    em = eigenlorax.apply(_Toy(), sub, 2)
+    assert getattr(em.model, eigenlorax.DDP_IGNORE) == ["fc1.PA", "fc1.PB", "fc2.PA", "fc2.PB"]
+    assert getattr(em.unload(), eigenlorax.DDP_IGNORE) == []
 
 def _toy_adapter(seed):
     model = toy_lora(seed=seed)
