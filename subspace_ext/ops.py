@@ -98,6 +98,8 @@ def cuda_enabled() -> bool:
 def _tensor(x, name, dtypes=_FLOAT, min_dim=2, op=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout} (.to_dense())")
     if x.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
@@ -122,7 +124,7 @@ def _plain_layers(lists, dtypes_of) -> bool:
     CUDA build) CUDA, and each layer's tensors on one device. False sends the caller through its
     per-tensor checks, which name what is wrong. A per-step op over hundreds of layers (SRLoRA calls
     pair_importance every step) otherwise spends milliseconds here."""
-    cuda_ok = _CUDA_ENABLED
+    cuda_ok, strided = _CUDA_ENABLED, torch.strided
     first = None
     for n, v in lists.items():
         dtypes = dtypes_of(n)
@@ -131,7 +133,7 @@ def _plain_layers(lists, dtypes_of) -> bool:
         # t0: the same layer's tensor of the first list; is_cuda/get_device compare devices without
         # building a torch.device per tensor
         for t, t0 in zip(v, first):
-            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() < 2:
+            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() < 2 or t.layout != strided:
                 return False
             if t.is_cuda:
                 if not (cuda_ok and t0.is_cuda and t.get_device() == t0.get_device()):
@@ -185,7 +187,9 @@ def _per_device(groups, run, numbered: str) -> None:
             raise type(e)(msg) from None
 
 
-def _int(x, name, lo=None):
+def _int(x, name, lo=None) -> int:
+    if not isinstance(x, (int, bool, torch.Tensor)) and hasattr(x, "__index__"):
+        x = operator.index(x)  # numpy integers (a tensor is refused: a size is a Python number)
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     if lo is not None and x < lo:
@@ -194,17 +198,29 @@ def _int(x, name, lo=None):
 
 
 def _seed(x, name="seed"):
-    if not isinstance(x, (int, bool)) and hasattr(x, "__index__"):
-        x = operator.index(x)  # numpy integers
-    _int(x, name)
+    if isinstance(x, torch.Tensor) and hasattr(x, "__index__"):
+        x = operator.index(x)  # a 0-dim integer tensor (numpy integers: _int)
+    x = _int(x, name)
     if not -(2**63) <= x < 2**64:
         raise ValueError(f"{name} must fit in 64 bits, got {x}")
     return x - 2**64 if x >= 2**63 else x  # the kernels read the 64 bits as unsigned
 
 
 def _shape(shape) -> tuple:
-    """A shape given as an int or a sequence of ints."""
-    return (operator.index(shape),) if not isinstance(shape, (tuple, list, torch.Size)) else tuple(shape)
+    """A shape given as an int or a sequence of ints (>= 0)."""
+    dims = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else tuple(shape)
+    return tuple(_int(d, f"shape {tuple(dims)}: a size", 0) for d in dims)
+
+
+def _real(x, name: str) -> float:
+    """A finite number given as a Python/numpy number or a 0-dim real tensor (not a str, not a bool)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_complex() and x.dtype != torch.bool:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    return float(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,10 +277,11 @@ def perturbed_basis(U: torch.Tensor, eps: float, seed: int, stream: int = 0, *,
 # ---------------------------------------------------------------------------------------------
 # rsvd
 
-def _check_rank(rank, m, n, name="rank", bound="min(m, n)"):
-    _int(rank, name)
+def _check_rank(rank, m, n, name="rank", bound="min(m, n)") -> int:
+    rank = _int(rank, name)
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"{name} must be in [1, {bound} = {min(m, n)}], got {rank}")
+    return rank
 
 
 def rsvd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 2, seed: int = 0):
@@ -276,10 +293,8 @@ def rsvd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 2, see
     float32 copy of the matrix at a time) and give float32 factors.
     """
     _tensor(A, "A", dtypes=_WEIGHT, op="rsvd")
-    _check_rank(rank, A.shape[-2], A.shape[-1])
-    _int(oversample, "oversample", 0)
-    _int(niter, "niter", 0)
-    return _ops.rsvd(A, rank, oversample, niter, _seed(seed))
+    rank = _check_rank(rank, A.shape[-2], A.shape[-1])
+    return _ops.rsvd(A, rank, _int(oversample, "oversample", 0), _int(niter, "niter", 0), _seed(seed))
 
 
 def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, niter: int = 2,
@@ -295,13 +310,13 @@ def rsvd_many(mats: Sequence[torch.Tensor], rank: int, *, oversample: int = 8, n
     """
     if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
         raise TypeError("mats must be a list or tuple of 2-D tensors")
+    rank = _int(rank, "rank")
     for i, A in enumerate(mats):
         _tensor(A, f"mats[{i}]", dtypes=_WEIGHT, op="rsvd_many")
         if A.dim() != 2:
             raise ValueError(f"mats[{i}] must be 2-D, got shape {tuple(A.shape)}")
         _check_rank(rank, A.shape[0], A.shape[1], f"rank (for mats[{i}] of shape {tuple(A.shape)})")
-    _int(oversample, "oversample", 0)
-    _int(niter, "niter", 0)
+    oversample, niter = _int(oversample, "oversample", 0), _int(niter, "niter", 0)
     if not mats:
         return []
     out = [None] * len(mats)
@@ -329,9 +344,7 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None):
         raise ValueError(f"B (m x r) and A (r x n) do not chain: {tuple(B.shape)} and {tuple(A.shape)}")
     _same_device([("B", B), ("A", A)])
     full = min(B.shape[0], A.shape[1], B.shape[1])
-    if rank is None:
-        rank = full
-    _check_rank(rank, full, full, bound="min(m, n, r)")
+    rank = _check_rank(full if rank is None else rank, full, full, bound="min(m, n, r)")
     return _ops.factored_svd(B, A, rank)
 
 
@@ -373,10 +386,11 @@ def project(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     """
     _check_project_args(U, V, B, A, "project")
     _constant_scaling(scaling, "project")
+    scaling = _real(scaling, "project: scaling")
     if _transformed(U, V, B, A):
         with _no_autocast(U):   # the op itself keeps autocast out (U's dtype): so does its stand-in
-            return float(scaling) * ((U.mT @ B.to(U.dtype)) @ (A.to(U.dtype) @ V))
-    return _ops.project(U, V, B, A, float(scaling))
+            return scaling * ((U.mT @ B.to(U.dtype)) @ (A.to(U.dtype) @ V))
+    return _ops.project(U, V, B, A, scaling)
 
 
 def _no_autocast(t: torch.Tensor):
@@ -425,16 +439,20 @@ def project_perturbed(U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torc
     """``project`` on the perturbed bases ``Ũ = perturbed_basis(U, eps, seed, stream_u)`` and
     ``Ṽ = perturbed_basis(V, eps, seed, stream_v)`` (not re-orthonormalised), without forming them.
 
-    The noise is generated inside the product, one tile of rows at a time (a thread block's tile
-    on CUDA), so only U, V, the factors and the k1 x k2 result live in memory. One layer: U (m x k1),
+    The noise is generated inside the product, one tile of 128 rows at a time (a thread block's tile
+    on CUDA), so the perturbed bases are never stored: besides U, V, the factors and the k1 x k2 result, each
+    tile's partial product (k1 x r, k2 x r) is kept to be summed in a fixed order (the same sum on any thread
+    count), ceil(m / 128) k1 r + ceil(n / 128) k2 r numbers, less than U and V hold where r < 128 (LoRA ranks).
+    One layer: U (m x k1),
     V (n x k2), B (m x r), A (r x n). On CUDA r is bounded by the GPU's shared memory per block
     (r <= 1814 float64 / 3630 float32 with the 227 KiB of an H100/H200); beyond, a clear error.
     """
     _check_one_layer([("U", U), ("V", V), ("B", B), ("A", A)], "project_perturbed")
     _check_project_args(U, V, B, A, "project_perturbed")
     _check_eps(eps)
-    return _ops.project_perturbed(U, V, B, A, float(scaling), float(eps), _seed(seed),
-                                  _seed(stream_u, "stream_u"), _seed(stream_v, "stream_v"))
+    scaling = _real(scaling, "project_perturbed: scaling")
+    return _ops.project_perturbed(U, V, B, A, scaling, float(eps), _seed(seed), _seed(stream_u, "stream_u"),
+                                  _seed(stream_v, "stream_v"))
 
 
 def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
@@ -541,8 +559,9 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
         for n in ("ipt_A", "ipt_B", "unc_A", "unc_B"):
             if not lists[n][l].is_contiguous():
                 raise ValueError(f"{n}[{l}] must be contiguous (it is updated in place)")
+    beta1, beta2 = _real(beta1, "beta1"), _real(beta2, "beta2")
     for b_name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= float(b) < 1.0:
+        if not 0.0 <= b < 1.0:
             raise ValueError(f"{b_name} must be in [0, 1), got {b}")
     if L == 0:
         return []
@@ -553,24 +572,33 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
     def run(g):
         p = {n: _pick(v, g) for n, v in lists.items()}
         _ops.pair_importance_(c(p["A"]), c(p["B"]), c(p["grad_A"]), c(p["grad_B"]), p["ipt_A"], p["ipt_B"],
-                              p["unc_A"], p["unc_B"], _pick(scores, g), float(beta1), float(beta2))
+                              p["unc_A"], p["unc_B"], _pick(scores, g), beta1, beta2)
     with torch.no_grad():   # statistics, as an optimizer's: the parameters it reads may require grad
         _per_device(_device_groups(lists["A"]), run, r"layer (\d+)")
     return scores
 
 
+def _index_list(i, name: str) -> torch.Tensor:
+    """One layer's pair indices given as a list / numpy array: integers only (a mask of bools, or floats, was
+    cast to integers: [False, True] fused pairs 0 and 1)."""
+    t = torch.as_tensor(i)
+    if t.numel() == 0:
+        return t.long()
+    if t.dtype not in _INDEX_DTYPES:
+        mask = " (a boolean mask: pass its indices, mask.nonzero().flatten())" if t.dtype == torch.bool else ""
+        raise TypeError(f"{name} must hold integers (pair numbers), got {str(t.dtype).replace('torch.', '')}{mask}")
+    return t
+
+
 def _recompose_args(W, B, A, idx, scaling, op):
     if isinstance(W, torch.Tensor) and isinstance(idx, (list, tuple)) and all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool)
-            or isinstance(i, torch.Tensor) and i.dim() == 0 and i.dtype in _INDEX_DTYPES for i in idx):
+            isinstance(i, numbers.Number) or getattr(i, "ndim", None) == 0 for i in idx):
         idx = [idx]  # one layer's indices as a plain list (of ints, numpy ints or 0-dim tensors)
     W, B, A, idx = (_layers(v, n) for v, n in ((W, "W"), (B, "B"), (A, "A"), (idx, "idx")))
     L = len(W)
-    if isinstance(scaling, numbers.Real) or (isinstance(scaling, torch.Tensor) and scaling.dim() == 0):
-        scaling = [float(scaling)] * L
-    scaling = [float(s) for s in scaling]
-    if not all(math.isfinite(s) for s in scaling):
-        raise ValueError(f"{op}: scaling must be finite, got {scaling}")
+    if not (isinstance(scaling, (list, tuple)) or isinstance(scaling, torch.Tensor) and scaling.dim() == 1):
+        scaling = [scaling] * L   # one number for every layer
+    scaling = [_real(s, f"{op}: scaling") for s in scaling]
     for n, v in (("B", B), ("A", A), ("idx", idx), ("scaling", scaling)):
         if len(v) != L:
             raise ValueError(f"{op}: {n} has {len(v)} layers but W has {L}")
@@ -578,7 +606,7 @@ def _recompose_args(W, B, A, idx, scaling, op):
     for l in range(L):
         i = idx[l]
         if not isinstance(i, torch.Tensor):
-            idx[l] = i = torch.as_tensor(i, dtype=torch.long)
+            idx[l] = i = _index_list(i, f"idx[{l}]")
         w, b, a = W[l], B[l], A[l]
         if (plain and i.dtype in (torch.int32, torch.int64) and w.dim() == 2 and b.shape[0] == w.shape[0]
                 and a.shape[1] == w.shape[1] and b.shape[1] == a.shape[0]
@@ -598,16 +626,20 @@ def _recompose_args(W, B, A, idx, scaling, op):
     return W, B, A, [i if i.dtype == torch.long else i.long() for i in idx], scaling
 
 
-def _recompose_per_device(op, W, A, idx, args, new_pairs=()) -> None:
-    """``op`` once per device. The kernel validates its layers' idx (and new pairs) before changing
-    any; across devices that is done here first, so that a bad layer on one device leaves every
-    layer as it was."""
+def _recompose_per_device(op, W, B, A, idx, args, new_pairs=()) -> None:
+    """``op`` once per device. The kernel validates its layers before changing any; across devices the
+    checks that depend on values (idx in range and not repeated, the new pairs finite in B's dtype) and B and
+    A's dtypes are done here first, so that such a bad layer on one device leaves every layer as it was.
+    Written tensors that share memory are refused by their device's kernel, after the devices before it."""
     groups = _device_groups(W)
     if len(groups) > 1:
         for l, i in enumerate(idx):
+            if B[l].dtype != A[l].dtype:
+                raise TypeError(f"{op.__name__}: layer {l}: B and A must share a dtype")
             for name, t in new_pairs:
-                if t[l].device.type != "meta" and not bool(torch.isfinite(t[l]).all()):
-                    raise ValueError(f"{op.__name__}: layer {l}: {name} contains NaN or Inf")
+                if t[l].device.type != "meta" and not bool(torch.isfinite(t[l].to(B[l].dtype)).all()):
+                    raise ValueError(f"{op.__name__}: layer {l}: {name} contains NaN or Inf in B's dtype "
+                                     f"{str(B[l].dtype).replace('torch.', '')}")
             if i.device.type == "meta":
                 continue
             v, r = i.tolist(), A[l].shape[0]
@@ -631,7 +663,7 @@ def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
     W's device or on the CPU; CPU indices (or lists) spare a CUDA call its one device-to-host copy.
     """
     W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "fuse_pairs_")
-    _recompose_per_device(_ops.fuse_pairs_, W, A, idx, (W, B, A, idx, scaling))
+    _recompose_per_device(_ops.fuse_pairs_, W, B, A, idx, (W, B, A, idx, scaling))
 
 
 def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
@@ -653,7 +685,7 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
                              f"{(q, W[l].shape[1])}, got {tuple(B_new[l].shape)} and {tuple(A_new[l].shape)}")
         _same_device([(f"W[{l}]", W[l]), (f"B_new[{l}]", B_new[l]), (f"A_new[{l}]", A_new[l])])
     # NaN/Inf in the new pairs: checked by the kernel, with idx, in one transfer for all layers
-    _recompose_per_device(_ops.reinit_pairs_, W, A, idx, (W, B, A, idx, B_new, A_new, scaling),
+    _recompose_per_device(_ops.reinit_pairs_, W, B, A, idx, (W, B, A, idx, B_new, A_new, scaling),
                           (("B_new", B_new), ("A_new", A_new)))
 
 
@@ -695,13 +727,14 @@ def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, st
     _tensor(V, "V", op="solar_decode")
     _tensor(values, "values", dtypes=_WEIGHT, min_dim=1, op="solar_decode")  # a package may store float16
     _tensor(indices, "indices", dtypes=(torch.int32, torch.int64), min_dim=1, op="solar_decode")
-    _int(rank, "rank", 1)
+    rank = _int(rank, "rank", 1)
     _same_device([("U", U), ("V", V)])
     for n, t in (("values", values), ("indices", indices)):  # a package's numbers may stay on the CPU
         if t.device not in (U.device, torch.device("cpu")):
             raise ValueError(f"solar_decode: {n} is on {t.device}, U and V on {U.device} (it must be on theirs, "
                              "or on the cpu)")
-    return _ops.solar_decode(U, V, values, indices, rank, float(scaling), _seed(seed), _seed(stream, "stream"))
+    return _ops.solar_decode(U, V, values, indices, rank, _real(scaling, "solar_decode: scaling"), _seed(seed),
+                             _seed(stream, "stream"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -615,6 +616,101 @@ def test_fuse_pairs_names_a_bad_later_layer(bad):
         ops.fuse_pairs_(W, B, A, idx)
     assert all(torch.equal(x, y) for x, y in zip(W[:2] + B[:2], before))
 
+
+
+@pytest.mark.parametrize("idx,match", [
+    ([[0], [False, True]], r"idx\[1\] must hold integers \(pair numbers\), got bool \(a boolean mask: pass its "
+                           r"indices, mask.nonzero\(\).flatten\(\)\)"),
+    ([[0], [1.7]], r"idx\[1\] must hold integers \(pair numbers\), got float32"),
+    ([[0], np.array([1.0])], r"idx\[1\] must hold integers \(pair numbers\), got float64"),
+    ([[0], np.array([True, False])], r"idx\[1\] must hold integers.*got bool \(a boolean mask"),
+], ids=["bools", "floats", "numpy-floats", "numpy-bools"])
+def test_recompose_idx_lists_of_bools_or_floats_are_refused(idx, match):
+    """A per-layer idx given as a list or numpy array was cast to int64 before the integer check: the mask
+    [False, True] fused pairs 0 and 1, and [1.7] fused pair 1, where the same values as a tensor were refused
+    (edge-case review). Nothing is written."""
+    W, B, A = [torch.randn(5, 6) for _ in range(2)], [torch.randn(5, 3) for _ in range(2)], [torch.randn(3, 6)
+                                                                                            for _ in range(2)]
+    before = [t.clone() for t in W + B]
+    with pytest.raises(TypeError, match=match):
+        ops.fuse_pairs_(W, B, A, idx)
+    with pytest.raises(TypeError, match=match):
+        ops.reinit_pairs_(W, B, A, idx, [torch.randn(5, len(i)) for i in idx], [torch.randn(len(i), 6) for i in idx])
+    assert all(torch.equal(x, y) for x, y in zip(W + B, before))
+
+
+@pytest.mark.parametrize("idx,dtype", [([True, False, True], "bool"), ([0.0, 2.0], "float32"),
+                                       ((np.float64(1.0),), "float64")])
+def test_recompose_one_layers_idx_of_bools_or_floats_is_refused(idx, dtype):
+    """One layer's idx as a plain list of bools or floats was read as one index list per layer ("idx has 3
+    layers but W has 1")."""
+    W, B, A = torch.randn(5, 6), torch.randn(5, 3), torch.randn(3, 6)
+    W0 = W.clone()
+    with pytest.raises(TypeError, match=rf"idx\[0\] must hold integers \(pair numbers\), got {dtype}"):
+        ops.fuse_pairs_(W, B, A, idx)
+    assert torch.equal(W, W0)
+    ops.fuse_pairs_(W, B, A, [np.int64(2), 0])   # integers of any kind, an empty list too
+    ops.fuse_pairs_(W, B, A, [])
+    assert not B[:, [0, 2]].any() and B[:, 1].all()
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: ops.project(f32(6, 2), f32(4, 3), f32(6, 5), f32(5, 4), s),
+    lambda s: ops.project_perturbed(f32(6, 2), f32(4, 3), f32(6, 5), f32(5, 4), s, eps=0.1, seed=0),
+    lambda s: ops.fuse_pairs_(f32(6, 4), f32(6, 2), f32(2, 4), torch.tensor([0]), s),
+], ids=["project", "project_perturbed", "fuse_pairs_"])
+@pytest.mark.parametrize("scaling,error,match", [
+    (float("nan"), ValueError, "scaling must be finite, got nan"), (float("inf"), ValueError, "must be finite"),
+    ("2", TypeError, "scaling must be a number, got str '2'"), (True, TypeError, "scaling must be a number")])
+def test_scaling_must_be_a_finite_number(call, scaling, error, match):
+    """project blamed a NaN/Inf scaling on its tensors ("U, V, B or A contains NaN or Inf"), and strings
+    passed as numbers through float() (edge-case review)."""
+    with pytest.raises(error, match=match):
+        call(scaling)
+
+
+def test_betas_must_be_numbers():
+    A, B = [f32(3, 7)], [f32(5, 3)]
+    for kw in ({"beta1": "0.5"}, {"beta2": float("nan")}):
+        with pytest.raises((TypeError, ValueError), match=f"{next(iter(kw))} must be"):
+            ops.pair_importance(A, B, [f32(3, 7)], [f32(5, 3)], *ops.importance_state(A, B), **kw)
+
+
+def test_a_result_that_overflows_is_named_as_such():
+    big = torch.full((6, 4), 1e20)
+    with pytest.raises(ValueError, match=r"project: the result is not finite: .*or the result overflows its dtype"):
+        ops.project(f32(6, 2), f32(5, 3), big, torch.full((4, 5), 1e20))
+
+
+def test_sparse_tensors_are_refused_by_name():
+    """Sparse tensors reached the dispatcher ("Could not run 'subspace_ext::rsvd' with arguments from the
+    'SparseCPU' backend"; pair_importance: "unsupported memory format option Contiguous")."""
+    sparse = f32(10, 6).to_sparse()
+    with pytest.raises(TypeError, match=r"A must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        ops.rsvd(sparse, 2)
+    A, B = [f32(6, 10)], [f32(5, 6)]
+    with pytest.raises(TypeError, match=r"grad_A\[0\] must be a dense \(strided\) tensor"):
+        ops.pair_importance(A, B, [sparse.t().coalesce()], [f32(5, 6)], *ops.importance_state(A, B))
+
+
+def test_numpy_integer_sizes_are_ints_and_rank_is_checked_on_an_empty_list():
+    U, S, V = ops.rsvd(f32(8, 5), np.int64(2), oversample=np.int32(3), niter=np.int64(1))
+    assert U.shape == (8, 2)
+    assert ops.factored_svd(f32(8, 3), f32(3, 5), np.int64(2))[1].shape == (2,)
+    assert ops.rsvd_many([f32(8, 5)], np.int64(2))[0][0].shape == (8, 2)
+    with pytest.raises(TypeError, match="rank must be an int, got str"):
+        ops.rsvd_many([], "x")
+    assert ops.philox_normal(np.int64(3), 0).shape == (3,)
+    with pytest.raises(ValueError, match=r"shape \(4, -1\): a size must be >= 0, got -1"):
+        ops.philox_normal((4, -1), 0)
+
+
+def test_solar_decode_names_a_non_finite_basis():
+    """A NaN in U was reported as "factored_svd: B contains NaN or Inf" (an argument the caller never passed)."""
+    U, V = ops.solar_basis(torch.randn(6, 4), 1)
+    U[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"solar_decode: the bases U and V contain NaN or Inf"):
+        ops.solar_decode(U, V, torch.randn(3), torch.tensor([0, 1, 5]), 2, 1.0, 1)
 
 def test_exception_probe_sees_each_error_arrive_as_a_python_exception():
     # bench/probe_exceptions.py (run by bench/gpu_run.sh) forks a child per case; here, the CPU cases.

@@ -623,14 +623,18 @@ def test_rsvd_many_matrices_on_several_devices(other):
 
 @pytest.mark.parametrize("bad,match", [("range", r"fuse_pairs_: layer {at}: idx entry 9 out of range \[0, 8\)"),
                                        ("repeat", r"fuse_pairs_: layer {at}: idx has repeated entry 1"),
-                                       ("nan", r"reinit_pairs_: layer {at}: A_new contains NaN or Inf")],
-                         ids=["range", "repeat", "nan"])
+                                       ("nan", r"reinit_pairs_: layer {at}: A_new contains NaN or Inf"),
+                                       ("overflow", r"reinit_pairs_: layer {at}: B_new contains NaN or Inf in B's "
+                                                    r"dtype (float16|Half)"),
+                                       ("dtype", r"reinit_pairs_: layer 1: B and A must share a dtype")],
+                         ids=["range", "repeat", "nan", "overflow", "dtype"])
 @pytest.mark.parametrize("other", OTHER)
 def test_recompose_on_several_devices_validates_every_layer_first(other, bad, match):
-    """A bad idx (fuse) or a non-finite new pair (reinit) on one device leaves the layers of every
-    device untouched, and the message counts the caller's layers (not the position within a
-    device's group). On CUDA the bad layer is the CUDA one (its group runs after the CPU group);
-    meta layers hold no values, so there it is the last CPU layer."""
+    """A bad idx (fuse), a non-finite new pair (reinit; also one finite in float32 that overflows B's
+    float16) or B and A of two dtypes on one device leave the layers of every device untouched, and the
+    message counts the caller's layers (not the position within a device's group). On CUDA the bad layer is
+    the CUDA one (its group runs after the CPU group); meta layers hold no values, so there a bad value is in
+    the last CPU layer. The last two were checked by each device's kernel only: the CPU layers were changed."""
     shapes = [(6, 8, 5), (6, 8, 5), (7, 8, 4)]
     W = [torch.randn(m, n) for m, r, n in shapes]
     B = [torch.randn(m, r) for m, r, n in shapes]
@@ -638,15 +642,20 @@ def test_recompose_on_several_devices_validates_every_layer_first(other, bad, ma
     idx = [torch.tensor([0, 2]), torch.tensor([1]), torch.tensor([3])]
     Bn = [torch.randn(m, len(i)) for (m, r, n), i in zip(shapes, idx)]
     An = [torch.randn(len(i), n) for (m, r, n), i in zip(shapes, idx)]
-    at = 1 if other == "cuda" else 2
+    at = 1 if other == "cuda" or bad == "dtype" else 2
     if bad == "nan":
         An[at][0, 1] = float("inf")
+    elif bad == "overflow":
+        W[at], B[at], A[at] = W[at].half(), B[at].half(), A[at].half()
+        Bn[at][2, 0] = 1e5   # float32: finite
+    elif bad == "dtype":
+        A[at] = A[at].double()
     else:
         idx[at] = torch.tensor([0, 9] if bad == "range" else [1, 1])
     W[1], B[1], A[1], idx[1], Bn[1], An[1] = (t.to(other) for t in (W[1], B[1], A[1], idx[1], Bn[1], An[1]))
     before = [t.clone() for t in W + B + A]
-    with pytest.raises(ValueError, match=match.format(at=at)):
-        if bad == "nan":
+    with pytest.raises(TypeError if bad == "dtype" else ValueError, match=match.format(at=at)):
+        if bad in ("nan", "overflow", "dtype"):
             ops.reinit_pairs_(W, B, A, idx, Bn, An, 1.0)
         else:
             ops.fuse_pairs_(W, B, A, idx, 1.0)

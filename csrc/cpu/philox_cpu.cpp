@@ -219,6 +219,7 @@ at::Tensor perturbed_basis(const at::Tensor& U, double eps, int64_t seed, int64_
   if (!orthonormalize) return out;
   TORCH_CHECK_VALUE(U.size(-2) >= U.size(-1), "perturbed_basis: orthonormalize needs U with at least as many rows as columns, got ",
                     U.sizes());
+  if (out.numel() == 0) return out;  // no columns (or no matrices): nothing to orthonormalise
   auto flat = out.reshape({-1, out.size(-2), out.size(-1)});
   for (int64_t b = 0; b < flat.size(0); ++b)
     flat[b].copy_(orthonormalize_columns(flat[b], 2, /*with_r=*/false).first);

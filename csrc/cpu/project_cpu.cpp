@@ -70,8 +70,8 @@ at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tenso
   at::Tensor C = at::matmul(left, right);
   if (scaling != 1.0) C.mul_(scaling);
   // NaN/Inf in any input reach C (k1 x k2): checked here rather than by a pass over the inputs.
-  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(),
-                    "project: the result is not finite: U, V, B or A contains NaN or Inf (or the scaling overflows)");
+  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), "project: the result is not finite: U, V, B or A contains NaN "
+                    "or Inf (or the result overflows its dtype)");
   return C;
 }
 
@@ -190,7 +190,8 @@ at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const
   const at::Tensor right = perturbed_tn(V, A.t(), eps, seed, stream_v);  // k2 x r
   at::Tensor C = at::mm(left, right.t());
   if (scaling != 1.0) C.mul_(scaling);
-  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), op, ": the result is not finite: an input contains NaN or Inf");
+  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), op,
+                    ": the result is not finite: an input contains NaN or Inf (or the result overflows its dtype)");
   return C;
 }
 

@@ -164,6 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solar_decode_cpu(
   at::Tensor C = at::zeros({I.numel(), J.numel()}, vals.options());
   C.index_put_({ri, cj}, vals, /*accumulate=*/true);
   const at::Tensor UI = U.index_select(1, I).to(at::kDouble), VJ = V.index_select(1, J).to(at::kDouble);
+  TORCH_CHECK_VALUE(UI.isfinite().all().logical_and(VJ.isfinite().all()).item<bool>(),
+                    "solar_decode: the bases U and V contain NaN or Inf (in the columns the coefficients use)");
   const at::Tensor X = at::mm(UI, C);  // m x |J|
   const int64_t k = std::min({rank, I.numel(), J.numel(), m, n});  // bases wider than tall: at most min(m, n)
   const SVDResult f = factored_svd(X, VJ.t(), k);

@@ -117,8 +117,9 @@ void check_disjoint(const char* op, std::vector<Span> in) {
       const auto [first, second] = a.layer < b.layer || (a.layer == b.layer && std::string(a.name) > b.name)
                                        ? std::pair{&a, &b} : std::pair{&b, &a};
       TORCH_CHECK_VALUE(!overlap, op, ": layer ", first->layer, "'s ", first->name, " and layer ", second->layer,
-                        "'s ", second->name, " share memory (the same tensor passed twice?); the call updates ",
-                        "tensors in place, so each tensor it writes must be passed once");
+                        "'s ", second->name, " share memory (the same tensor passed twice?), or are views of one ",
+                        "buffer interleaved in a way this check does not follow element by element; the call updates ",
+                        "tensors in place, so each tensor it writes must be passed once, with memory of its own");
     }
 }
 
