@@ -61,11 +61,12 @@ template <typename S> __device__ S block_sum(S v, S* shared) {
 }
 
 // One block per (layer, pair j): row j of A and column j of B, states updated element by element
-// (I = |p g|, ipt <- b1 ipt + (1-b1) I, unc <- b2 unc + (1-b2) |I - ipt|; the CPU formula), then
+// (I = |p g|, ipt <- b1 ipt + c1 I, unc <- b2 unc + c2 |I - ipt|, c = 1 - beta rounded from double; the CPU
+// formula), then
 // score_j = mean(ipt * unc over row j of A) + mean(over column j of B).
 template <typename P, typename S>
 __global__ void pair_importance_kernel(const ImportanceLayer* layers, const int64_t* offsets, int L,
-                                       S b1, S b2) {
+                                       S b1, S c1, S b2, S c2) {
   __shared__ S shared[kThreads];
   const int l = segment_of(offsets, L, blockIdx.x);
   const ImportanceLayer& ly = layers[l];
@@ -76,8 +77,8 @@ __global__ void pair_importance_kernel(const ImportanceLayer* layers, const int6
     S* ipt = static_cast<S*>(ipt_);
     S* unc = static_cast<S*>(unc_);
     const S I = fabs(cvt<S>(p[e]) * cvt<S>(g[e]));
-    const S mean = b1 * ipt[e] + (S(1) - b1) * I;
-    const S u = b2 * unc[e] + (S(1) - b2) * fabs(I - mean);
+    const S mean = b1 * ipt[e] + c1 * I;
+    const S u = b2 * unc[e] + c2 * fabs(I - mean);
     ipt[e] = mean;
     unc[e] = u;
     return mean * u;
@@ -165,10 +166,12 @@ void pair_importance(const ImportanceLayer* layers, const int64_t* pair_offsets,
   with_type(param, [&](auto p) {
     using P = decltype(p);
     if (state == DType::F64) {
-      pair_importance_kernel<P, double><<<total_pairs, kThreads, 0, s>>>(layers, pair_offsets, L, beta1, beta2);
+      pair_importance_kernel<P, double><<<total_pairs, kThreads, 0, s>>>(layers, pair_offsets, L, beta1, 1.0 - beta1,
+                                                                          beta2, 1.0 - beta2);
     } else {
       pair_importance_kernel<P, float><<<total_pairs, kThreads, 0, s>>>(
-          layers, pair_offsets, L, static_cast<float>(beta1), static_cast<float>(beta2));
+          layers, pair_offsets, L, static_cast<float>(beta1), static_cast<float>(1.0 - beta1),
+          static_cast<float>(beta2), static_cast<float>(1.0 - beta2));
     }
   });
 }
