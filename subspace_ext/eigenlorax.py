@@ -32,7 +32,7 @@ import torch
 from . import ops
 from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
                  embedding_lora_modules, fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar,
-                 read_safetensors, refuse_distributed, refuse_layer_replication, safetensors_metadata, save_with_digest,
+                 quantized, read_safetensors, refuse_distributed, refuse_layer_replication, safetensors_metadata, save_with_digest,
                  tensors_digest, tied_elsewhere, unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
@@ -947,6 +947,10 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         if layout is None:
             raise ValueError(f"{target}: expected a torch.nn.Linear or a transformers Conv1D, got "
                              f"{type(lin).__module__}.{type(lin).__name__}")
+        quant = quantized(lin)
+        if quant:
+            raise ValueError(f"{target} is quantized ({quant}): EigenLoRAx reads and merges the weight's numbers "
+                             "(its shape, the base fingerprint, merge()); load the model unquantized")
         if layout[2] and mod in subspace.meta.get("as_stored", []):
             raise ValueError(f"layer {mod}: the adapters' LoRA is on this Conv1D's weight as a parameter (peft's "
                              "target_parameters: added to the in x out weight as stored), which apply() does not "

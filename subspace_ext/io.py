@@ -181,6 +181,21 @@ def linear_layout(module: torch.nn.Module) -> Optional[bool]:
     return True if isinstance(module, Conv1D) else None
 
 
+def quantized(module: torch.nn.Module) -> Optional[str]:
+    """What a layer's weight is when it does not hold the weight's numbers in floating point: a quantized base
+    (bitsandbytes' 4-/8-bit Linear under QLoRA: packed integers, shape (n_bytes, 1); a torchao or other
+    quantized tensor subclass). None for a plain weight (a torch tensor or Parameter, DTensor included)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    kind = type(w)
+    plain = kind.__module__ == "torch" or kind.__module__.startswith("torch.")
+    if plain and w.is_floating_point() and getattr(w, "quant_state", None) is None:
+        return None
+    return (f"{type(module).__module__}.{type(module).__name__}, its weight a {kind.__module__}.{kind.__name__} of "
+            f"dtype {str(w.dtype).replace('torch.', '')} and shape {tuple(w.shape)}")
+
+
 def embedding_lora_modules(tensors: Dict[str, torch.Tensor]) -> List[str]:
     """Modules with LoRA on an embedding (peft's lora_embedding_A/B) among an adapter's tensors: not
     low-rank updates of a Linear here; SOLAR carries their tensors unchanged, EigenLoRAx ignores them."""
@@ -700,6 +715,12 @@ class BaseWeights:
             key = self._find(tied) if tied else None
         if key is None:
             raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base model?)")
+        with safe_open(self._where[key], framework="pt") as f:
+            dtype = f.get_slice(key).get_dtype()   # from the header
+        if dtype not in ("F64", "F32", "F16", "BF16"):
+            raise FormatError(f"{self.path}: {key} is stored as {dtype}, not as the weight's floating-point numbers: a "
+                              "quantized checkpoint (bitsandbytes / QLoRA, GPTQ, AWQ, FP8)? subspace_ext needs the "
+                              "base weights themselves: use the unquantized base model's folder")
         return key
 
     def _find(self, name: str) -> Optional[str]:

@@ -42,8 +42,8 @@ import torch
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
 from .io import (FormatError, base_modifying_init, check_digest, fingerprint, linear_layout, parameter_names,
-                 read_safetensors, refuse_distributed, safetensors_metadata, save_with_digest, tied_elsewhere,
-                 unwrap_model)
+                 quantized, read_safetensors, refuse_distributed, safetensors_metadata, save_with_digest,
+                 tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 _CACHE_CHUNK = 8   # weights per rsvd_many call when the cache of directions is computed on an accelerator
@@ -271,6 +271,11 @@ def lora_layers(model) -> List[_Layer]:
             if mod.lora_A[adapter].weight.dim() != 2 or linear_layout(base) is None:
                 raise ValueError(f"{name}: LoRA on a {type(base).__module__}.{type(base).__name__} is not supported by "
                                  "SRLoRA: only Linear (and transformers Conv1D) LoRA layers, whose weight it edits")
+            quant = quantized(base)
+            if quant:
+                raise ValueError(f"{name}: the base layer is quantized ({quant}): SRLoRA's PiSSA init and fusions "
+                                 "write the base weight in floating point, which a quantized (QLoRA) base cannot "
+                                 "take; load the base model unquantized (bfloat16 or float32)")
             tied = tied_elsewhere(names, name, base.weight)
             if tied:
                 raise ValueError(f"{name}: its base weight is tied to {tied} (one shared parameter): SRLoRA's "

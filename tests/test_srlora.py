@@ -1681,6 +1681,79 @@ def test_ddp_leaves_the_eigenlorax_bases_alone(tmp_path):
     assert getattr(em.model, eigenlorax.DDP_IGNORE) == ["fc1.PA", "fc1.PB", "fc2.PA", "fc2.PB"]
     assert getattr(em.unload(), eigenlorax.DDP_IGNORE) == []
 
+
+class _QuantizedWeight(torch.Tensor):
+    """A float tensor subclass of another library, as torchao's quantized weights are."""
+
+
+def _quantized_toy(kind):
+    """_Toy with fc1 quantized: as bitsandbytes stores a 4-bit weight (packed uint8 bytes, shape (n_bytes, 1), its
+    quant_state beside), or as a float tensor subclass of another library."""
+    model = _Toy()
+    if kind == "packed":
+        model.fc1.weight = torch.nn.Parameter(torch.zeros(40 * 24 // 2, 1, dtype=torch.uint8), requires_grad=False)
+    else:
+        model.fc1.weight = torch.nn.Parameter(torch.Tensor._make_subclass(_QuantizedWeight, model.fc1.weight.data),
+                                              requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["packed", "subclass"])
+def test_quantized_base_layers_are_refused_by_name(kind):
+    """A QLoRA base (bitsandbytes' 4-bit Linear: packed uint8 weight of shape (480, 1)): SRLoRA failed inside
+    rsvd_many ("mats[0] must have dtype in (...), got uint8") after warning that fc1 had no directions beyond the
+    rank (its packed shape read as 480 x 1); EigenLoRAx apply said "subspace is for 40 out x 24 in but fc1 is 480
+    out x 1 in: different base model?". Both now name the quantized layer, before anything changes."""
+    import peft
+    from subspace_ext import eigenlorax
+    model = peft.get_peft_model(_quantized_toy(kind), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    with pytest.raises(ValueError, match=r"base_model.model.fc1: the base layer is quantized \(torch.nn.modules.linear"
+                                         r".Linear, its weight a .*; load the base model unquantized"):
+        SRLoRA(model, None, SRLoRAConfig(total_steps=10))
+    sub = eigenlorax.build_subspace([_toy_adapter(seed) for seed in range(3)], components=4)
+    plain = _quantized_toy(kind)
+    before = {n: p.clone() for n, p in plain.named_parameters()}
+    with pytest.raises(ValueError, match=r"^fc1 is quantized \(.*\): EigenLoRAx reads and merges the weight's numbers"):
+        eigenlorax.apply(plain, sub, 2, check_base=False)
+    assert all(torch.equal(p, before[n]) and type(p) is type(plain.get_parameter(n)) for n, p in plain.named_parameters())
+    assert isinstance(plain.fc1, torch.nn.Linear) and all(p.requires_grad for n, p in plain.named_parameters()
+                                                           if n != "fc1.weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.float8_e4m3fn])
+def test_a_quantized_checkpoint_as_the_base_is_refused_by_name(tmp_path, dtype):
+    """A base folder of a quantized checkpoint (bitsandbytes' packed 4-bit bytes, 8-bit codes, FP8): SOLAR and
+    EigenLoRAx read its weights' numbers; they said "... is (480, 1) but the adapters' update is 40 out x 24 in: is
+    this the adapters' base model?" or compressed against the codes. Now the stored dtype is named."""
+    from safetensors.torch import save_file
+    from subspace_ext import eigenlorax, solar
+    toy = _Toy()
+    weights = {k: v.detach().clone() for k, v in toy.state_dict().items()}
+    weights["fc1.weight"] = (torch.zeros(480, 1) if dtype == torch.uint8 else weights["fc1.weight"]).to(dtype)
+    base = tmp_path / "model.safetensors"
+    save_file(weights, str(base))
+    code = {torch.uint8: "U8", torch.int8: "I8", torch.float8_e4m3fn: "F8_E4M3"}[dtype]
+    match = rf"model.safetensors: fc1.weight is stored as {code}, not as the weight's floating-point numbers: a quantized"
+    with pytest.raises(io.FormatError, match=match):
+        eigenlorax.build_subspace([_toy_adapter(seed) for seed in range(3)], components=4, base=str(base))
+    with pytest.raises(io.FormatError, match=match):
+        solar.compress(_toy_adapter(0), str(base), ratio=0.5)
+
+def test_a_real_qlora_base_is_refused():
+    """The same with bitsandbytes' own 4-bit layer (nf4, quantized on the CPU), where it is installed."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (not a dependency)")
+    import peft
+    model = _Toy()
+    try:
+        model.fc1 = bnb.nn.Linear4bit(24, 40, compute_dtype=torch.float32, quant_type="nf4")
+        model.fc1.weight = bnb.nn.Params4bit(torch.randn(40, 24), requires_grad=False, quant_type="nf4")._quantize("cpu")
+    except Exception as e:   # a build without its CPU backend
+        pytest.skip(f"bitsandbytes cannot quantize on the CPU here: {e}")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    with pytest.raises(ValueError, match=r"fc1: the base layer is quantized \(bitsandbytes.nn.modules.Linear4bit, its "
+                                         r"weight a bitsandbytes.nn.modules.Params4bit of dtype uint8"):
+        SRLoRA(model, None, SRLoRAConfig(total_steps=10))
+
 def _toy_adapter(seed):
     model = toy_lora(seed=seed)
     with torch.no_grad():
