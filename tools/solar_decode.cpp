@@ -898,8 +898,10 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     const uint64_t nbytes = it.t.numel() * it.dt->size;
     if (i || !metadata.empty()) header += ",";
     header += compact_json_string(it.name) + ":{\"dtype\":\"" + it.dt->name + "\",\"shape\":[";
-    for (int64_t d = 0; d < it.t.dim(); ++d) header += (d ? "," : "") + std::to_string(it.t.size(d));
-    header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nbytes) + "]}";
+    // appended piece by piece: GCC 12 warns (-Wrestrict, a false positive: PR 105329) on "literal" + std::string&&
+    for (int64_t d = 0; d < it.t.dim(); ++d) header.append(d ? "," : "").append(std::to_string(it.t.size(d)));
+    header.append("],\"data_offsets\":[").append(std::to_string(offset)).append(",");
+    header.append(std::to_string(offset + nbytes)).append("]}");
     offset += nbytes;
   }
   header += "}";
