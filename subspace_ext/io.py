@@ -183,14 +183,14 @@ def linear_layout(module: torch.nn.Module) -> Optional[bool]:
 
 def quantized(module: torch.nn.Module) -> Optional[str]:
     """What a layer's weight is when it does not hold the weight's numbers in floating point: a quantized base
-    (bitsandbytes' 4-/8-bit Linear under QLoRA: packed integers, shape (n_bytes, 1); a torchao or other
-    quantized tensor subclass). None for a plain weight (a torch tensor or Parameter, DTensor included)."""
+    (bitsandbytes' 4-/8-bit Linear under QLoRA: packed integers, shape (n_bytes, 1); float8 numbers; a torchao
+    or other quantized tensor subclass). None for a plain weight (a torch tensor or Parameter, DTensor included)."""
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         return None
     kind = type(w)
     plain = kind.__module__ == "torch" or kind.__module__.startswith("torch.")
-    if plain and w.is_floating_point() and getattr(w, "quant_state", None) is None:
+    if plain and w.is_floating_point() and w.dtype.itemsize > 1 and getattr(w, "quant_state", None) is None:
         return None
     return (f"{type(module).__module__}.{type(module).__name__}, its weight a {kind.__module__}.{kind.__name__} of "
             f"dtype {str(w.dtype).replace('torch.', '')} and shape {tuple(w.shape)}")

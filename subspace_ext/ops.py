@@ -124,7 +124,7 @@ def _plain_layers(lists, dtypes_of) -> bool:
     CUDA build) CUDA, and each layer's tensors on one device. False sends the caller through its
     per-tensor checks, which name what is wrong. A per-step op over hundreds of layers (SRLoRA calls
     pair_importance every step) otherwise spends milliseconds here."""
-    cuda_ok, strided = _CUDA_ENABLED, torch.strided
+    cuda_ok = _CUDA_ENABLED
     first = None
     for n, v in lists.items():
         dtypes = dtypes_of(n)
@@ -133,7 +133,7 @@ def _plain_layers(lists, dtypes_of) -> bool:
         # t0: the same layer's tensor of the first list; is_cuda/get_device compare devices without
         # building a torch.device per tensor
         for t, t0 in zip(v, first):
-            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() < 2 or t.layout != strided:
+            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() < 2:
                 return False
             if t.is_cuda:
                 if not (cuda_ok and t0.is_cuda and t.get_device() == t0.get_device()):
@@ -141,6 +141,16 @@ def _plain_layers(lists, dtypes_of) -> bool:
             elif not ((t.is_cpu and t0.is_cpu) or (t.is_meta and t0.is_meta)):
                 return False
     return True
+
+
+def _refuse_layouts(lists) -> None:
+    """A TypeError naming the first tensor of ``lists`` ({name: [one per layer]}) that is not dense (strided): the
+    per-step ops' fast path does not look (a cost per tensor and step), so their callers come here when a kernel
+    fails (a sparse tensor fails at the dispatcher, or in .contiguous()) to say which argument it was."""
+    for n, v in lists.items():
+        for l, t in enumerate(v):
+            if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+                raise TypeError(f"{n}[{l}] must be a dense (strided) tensor, got layout {t.layout} (.to_dense())")
 
 
 def _same_device(named):
@@ -188,6 +198,10 @@ def _per_device(groups, run, numbered: str) -> None:
 
 
 def _int(x, name, lo=None) -> int:
+    if isinstance(x, torch.SymInt):   # a symbolic size (torch.export, make_fx): kept symbolic, not specialised
+        if lo is not None:
+            torch._check(x >= lo, lambda: f"{name} must be >= {lo}, got {x}")
+        return x
     if not isinstance(x, (int, bool, torch.Tensor)) and hasattr(x, "__index__"):
         x = operator.index(x)  # numpy integers (a tensor is refused: a size is a Python number)
     if isinstance(x, bool) or not isinstance(x, int):
@@ -209,16 +223,21 @@ def _seed(x, name="seed"):
 def _shape(shape) -> tuple:
     """A shape given as an int or a sequence of ints (>= 0)."""
     dims = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else tuple(shape)
-    return tuple(_int(d, f"shape {tuple(dims)}: a size", 0) for d in dims)
+    dims = tuple(operator.index(d) if isinstance(d, torch.Tensor) else d for d in dims)   # 0-dim integer tensors
+    return tuple(_int(d, f"shape {dims}: a size", 0) for d in dims)
 
 
 def _real(x, name: str) -> float:
-    """A finite number given as a Python/numpy number or a 0-dim real tensor (not a str, not a bool)."""
-    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_complex() and x.dtype != torch.bool:
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+    """A finite number given as a Python/numpy number or a one-element real tensor / numpy array (not a str, not a
+    bool). Symbolic numbers (torch.compile) pass: the finiteness test is a comparison, which traces."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() == 1 and x.dtype != torch.bool and not x.is_complex():
+            x = x.item()
+    elif type(x).__module__ == "numpy" and getattr(x, "size", 0) == 1 and x.dtype.kind in "iuf":
+        x = x.item()   # a numpy scalar or one-element array
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
-    if not math.isfinite(x):
+    if not -math.inf < x < math.inf:   # not math.isfinite: it does not trace for a SymFloat
         raise ValueError(f"{name} must be finite, got {x!r}")
     return float(x)
 
@@ -574,20 +593,28 @@ def pair_importance(A, B, grad_A, grad_B, ipt_A, ipt_B, unc_A, unc_B, *, beta1: 
         _ops.pair_importance_(c(p["A"]), c(p["B"]), c(p["grad_A"]), c(p["grad_B"]), p["ipt_A"], p["ipt_B"],
                               p["unc_A"], p["unc_B"], _pick(scores, g), beta1, beta2)
     with torch.no_grad():   # statistics, as an optimizer's: the parameters it reads may require grad
-        _per_device(_device_groups(lists["A"]), run, r"layer (\d+)")
+        try:
+            _per_device(_device_groups(lists["A"]), run, r"layer (\d+)")
+        except RuntimeError:
+            _refuse_layouts(lists)
+            raise
     return scores
 
 
 def _index_list(i, name: str) -> torch.Tensor:
     """One layer's pair indices given as a list / numpy array: integers only (a mask of bools, or floats, was
     cast to integers: [False, True] fused pairs 0 and 1)."""
+    if isinstance(i, (list, tuple)) and not i:
+        return torch.empty(0, dtype=torch.long)
     t = torch.as_tensor(i)
+    if t.dtype in _INDEX_DTYPES:   # the common case first: this runs per layer and step
+        return t
     if t.numel() == 0:
         return t.long()
-    if t.dtype not in _INDEX_DTYPES:
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         mask = " (a boolean mask: pass its indices, mask.nonzero().flatten())" if t.dtype == torch.bool else ""
         raise TypeError(f"{name} must hold integers (pair numbers), got {str(t.dtype).replace('torch.', '')}{mask}")
-    return t
+    return t.long()   # uint8, int16, ... from numpy
 
 
 def _recompose_args(W, B, A, idx, scaling, op):
@@ -596,9 +623,10 @@ def _recompose_args(W, B, A, idx, scaling, op):
         idx = [idx]  # one layer's indices as a plain list (of ints, numpy ints or 0-dim tensors)
     W, B, A, idx = (_layers(v, n) for v, n in ((W, "W"), (B, "B"), (A, "A"), (idx, "idx")))
     L = len(W)
-    if not (isinstance(scaling, (list, tuple)) or isinstance(scaling, torch.Tensor) and scaling.dim() == 1):
-        scaling = [scaling] * L   # one number for every layer
-    scaling = [_real(s, f"{op}: scaling") for s in scaling]
+    if isinstance(scaling, (numbers.Number, str)) or getattr(scaling, "ndim", None) == 0:
+        scaling = [_real(scaling, f"{op}: scaling")] * L   # one number for every layer
+    else:
+        scaling = [_real(s, f"{op}: scaling") for s in scaling]   # one per layer (a list, tensor, array)
     for n, v in (("B", B), ("A", A), ("idx", idx), ("scaling", scaling)):
         if len(v) != L:
             raise ValueError(f"{op}: {n} has {len(v)} layers but W has {L}")
@@ -639,7 +667,8 @@ def _recompose_per_device(op, W, B, A, idx, args, new_pairs=()) -> None:
             for name, t in new_pairs:
                 if t[l].device.type != "meta" and not bool(torch.isfinite(t[l].to(B[l].dtype)).all()):
                     raise ValueError(f"{op.__name__}: layer {l}: {name} contains NaN or Inf in B's dtype "
-                                     f"{str(B[l].dtype).replace('torch.', '')}")
+                                     f"{str(B[l].dtype).replace('torch.', '')} (where values beyond its range "
+                                     "become Inf)")
             if i.device.type == "meta":
                 continue
             v, r = i.tolist(), A[l].shape[0]
@@ -651,7 +680,11 @@ def _recompose_per_device(op, W, B, A, idx, args, new_pairs=()) -> None:
                 if x in seen:
                     raise ValueError(f"{op.__name__}: layer {l}: idx has repeated entry {x}")
                 seen.add(x)
-    _per_device(groups, lambda g: op(*(_pick(v, g) for v in args)), r"layer (\d+)")
+    try:
+        _per_device(groups, lambda g: op(*(_pick(v, g) for v in args)), r"layer (\d+)")
+    except RuntimeError:
+        _refuse_layouts({"W": W, "B": B, "A": A, **dict(new_pairs)})
+        raise
 
 
 def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:

@@ -669,6 +669,23 @@ def test_scaling_must_be_a_finite_number(call, scaling, error, match):
         call(scaling)
 
 
+def test_numbers_and_indices_in_the_forms_numpy_and_torch_give_them():
+    """What the stricter checks must still take: per-layer scalings as a numpy array, a one-element tensor or numpy
+    array as one scaling, idx as numpy arrays of any integer dtype, a 0-dim tensor as a size."""
+    W, B, A = [torch.randn(5, 6) for _ in range(2)], [torch.randn(5, 3) for _ in range(2)], [torch.randn(3, 6)
+                                                                                            for _ in range(2)]
+    W0 = [w.clone() for w in W]
+    ops.fuse_pairs_(W, [b.clone() for b in B], A, [np.array([0], dtype=np.uint8), np.array([2], dtype=np.int16)],
+                    np.array([0.5, 2.0]))
+    for w, w0, b, a, (j, s) in zip(W, W0, B, A, ((0, 0.5), (2, 2.0))):
+        torch.testing.assert_close(w, w0 + s * b[:, j:j + 1] @ a[j:j + 1])
+    U, V, Bp, Ap = f32(6, 2), f32(4, 3), f32(6, 5), f32(5, 4)
+    want = ops.project(U, V, Bp, Ap, 2.0)
+    for s in (torch.tensor([2.0]), np.array(2.0), np.float32(2.0), torch.tensor(2)):
+        assert torch.equal(ops.project(U, V, Bp, Ap, s), want)
+    assert ops.philox_normal((torch.tensor(3), 2), 0).shape == (3, 2)
+
+
 def test_betas_must_be_numbers():
     A, B = [f32(3, 7)], [f32(5, 3)]
     for kw in ({"beta1": "0.5"}, {"beta2": float("nan")}):

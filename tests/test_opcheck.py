@@ -171,3 +171,38 @@ def test_a_new_seed_does_not_recompile():
     for seed in range(12):
         assert all(torch.equal(a, b) for a, b in zip(compiled(seed, seed % 3), step(seed, seed % 3)))
     assert counters["stats"]["unique_graphs"] <= 3
+
+
+def test_a_changing_float_argument_compiles_whole():
+    """scaling and beta become SymFloats under torch.compile when they change between calls (or with dynamic=True);
+    the argument checks' finiteness test once used math.isfinite, which does not trace: fullgraph failed, else a
+    graph break (review of the checks). Each call gets its own value's result."""
+    U, V, B, A = torch.randn(10, 3), torch.randn(8, 2), torch.randn(10, 4), torch.randn(4, 8)
+    W, Bf, Af = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+
+    def step(s, beta):
+        st = ops.importance_state([Af], [Bf])
+        score = ops.pair_importance([Af], [Bf], [Af], [Bf], *st, beta1=beta, beta2=beta)[0]
+        return ops.project(U, V, B, A, s), ops.project_perturbed(U, V, B, A, s, eps=0.1, seed=0), score
+
+    torch._dynamo.reset()
+    for dynamic in (None, True):
+        compiled = torch.compile(step, backend="eager", fullgraph=True, dynamic=dynamic)
+        for s, beta in ((2.0, 0.5), (3.0, 0.85), (-1.5, 0.6)):
+            for got, want in zip(compiled(s, beta), step(s, beta)):
+                torch.testing.assert_close(got, want)
+
+
+def test_a_symbolic_shape_stays_symbolic():
+    """philox_normal(x.shape, ...) under torch.export with a dynamic dimension: the shape check specialised the
+    symbolic size to its example value ("Constraints violated")."""
+    from torch.export import Dim, export
+
+    class Noise(torch.nn.Module):
+        def forward(self, x):
+            return ops.philox_normal(x.shape, 0) + x
+
+    program = export(Noise(), (torch.randn(5, 3),), dynamic_shapes={"x": {0: Dim("n", min=2)}})
+    x = torch.randn(9, 3)
+    assert torch.equal(program.module()(x), ops.philox_normal((9, 3), 0) + x)
+

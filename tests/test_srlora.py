@@ -1688,17 +1688,19 @@ class _QuantizedWeight(torch.Tensor):
 
 def _quantized_toy(kind):
     """_Toy with fc1 quantized: as bitsandbytes stores a 4-bit weight (packed uint8 bytes, shape (n_bytes, 1), its
-    quant_state beside), or as a float tensor subclass of another library."""
+    quant_state beside), in float8, or as a float tensor subclass of another library."""
     model = _Toy()
     if kind == "packed":
         model.fc1.weight = torch.nn.Parameter(torch.zeros(40 * 24 // 2, 1, dtype=torch.uint8), requires_grad=False)
+    elif kind == "float8":
+        model.fc1.weight = torch.nn.Parameter(model.fc1.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
     else:
         model.fc1.weight = torch.nn.Parameter(torch.Tensor._make_subclass(_QuantizedWeight, model.fc1.weight.data),
                                               requires_grad=False)
     return model
 
 
-@pytest.mark.parametrize("kind", ["packed", "subclass"])
+@pytest.mark.parametrize("kind", ["packed", "float8", "subclass"])
 def test_quantized_base_layers_are_refused_by_name(kind):
     """A QLoRA base (bitsandbytes' 4-bit Linear: packed uint8 weight of shape (480, 1)): SRLoRA failed inside
     rsvd_many ("mats[0] must have dtype in (...), got uint8") after warning that fc1 had no directions beyond the
