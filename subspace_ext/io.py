@@ -715,13 +715,17 @@ class BaseWeights:
             key = self._find(tied) if tied else None
         if key is None:
             raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base model?)")
+        self.refuse_quantized(key)
+        return key
+
+    def refuse_quantized(self, key: str) -> None:
+        """FormatError for a weight not stored as floating-point numbers of 16 bits or more (read off the header)."""
         with safe_open(self._where[key], framework="pt") as f:
-            dtype = f.get_slice(key).get_dtype()   # from the header
+            dtype = f.get_slice(key).get_dtype()
         if dtype not in ("F64", "F32", "F16", "BF16"):
             raise FormatError(f"{self.path}: {key} is stored as {dtype}, not as the weight's floating-point numbers: a "
                               "quantized checkpoint (bitsandbytes / QLoRA, GPTQ, AWQ, FP8)? subspace_ext needs the "
-                              "base weights themselves: use the unquantized base model's folder")
-        return key
+                              "weights themselves: use the unquantized model's folder")
 
     def _find(self, name: str) -> Optional[str]:
         parts = name.split(".")

@@ -1121,6 +1121,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     bases = _Bases(BASIS_CACHE_BYTES)
     for k in _progress(keys, "solar: deltas", progress):
         bk = base_of[k]
+        if k.endswith(".weight") and len(fw.shape(k)) == 2:   # a quantized checkpoint's weights: refused by name
+            fw.refuse_quantized(k)
+            bw.refuse_quantized(bk)
         Wf, W0 = fw.get(k), bw.get(bk)
         if Wf.shape != W0.shape:
             raise BaseMismatchError(f"{k}: fine-tuned shape {tuple(Wf.shape)} != base shape {tuple(W0.shape)}"

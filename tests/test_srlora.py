@@ -1740,6 +1740,14 @@ def test_a_quantized_checkpoint_as_the_base_is_refused_by_name(tmp_path, dtype):
         eigenlorax.build_subspace([_toy_adapter(seed) for seed in range(3)], components=4, base=str(base))
     with pytest.raises(io.FormatError, match=match):
         solar.compress(_toy_adapter(0), str(base), ratio=0.5)
+    # a dense fine-tune (--dense) against that base, or quantized itself against the float base: the quantized
+    # side was skipped ("not floating point") or compressed as numbers
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.detach().clone() + 0.01 for k, v in toy.state_dict().items()}, str(plain))
+    with pytest.raises(io.FormatError, match=match):
+        solar.compress_dense(str(plain), str(base), ratio=0.5)
+    with pytest.raises(io.FormatError, match=match):
+        solar.compress_dense(str(base), str(plain), ratio=0.5)
 
 def test_a_real_qlora_base_is_refused():
     """The same with bitsandbytes' own 4-bit layer (nf4, quantized on the CPU), where it is installed."""
