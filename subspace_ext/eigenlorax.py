@@ -32,8 +32,8 @@ import torch
 from . import ops
 from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
                  embedding_lora_modules, fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar,
-                 quantized, read_safetensors, refuse_distributed, refuse_layer_replication, safetensors_metadata, save_with_digest,
-                 tensors_digest, tied_elsewhere, unwrap_model)
+                 quantized, read_safetensors, refuse_distributed, refuse_layer_replication, safetensors_metadata,
+                 save_with_digest, tensors_digest, tied_elsewhere, unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
