@@ -200,6 +200,15 @@ def test_solar_alignment_matches_the_dense_computation():
     assert abs(got["both"] - float((U[:, :5].T @ dW @ Vh[:5].T).pow(2).sum()) / total) < 1e-12
     assert abs(got["top1"] - float(s[0] ** 2 / (s ** 2).sum())) < 1e-12
     assert got["random_left"] == 5 / 37 and abs(got["random_both"] - 25 / (37 * 29)) < 1e-15
+    # the stored-numbers comparison, by brute force over C = Uᵀ ΔW V (complete bases): 0.3 of (37 + 29) 3
+    # numbers = 59: the 29 largest |c| against the best leading block of at most 57 coefficients
+    got = mod.layer_alignment(W0, B, A, 5, ratio=0.3)
+    c2 = (U.T @ dW @ Vh.T).pow(2)
+    assert abs(got["topc"] - float(c2.flatten().sort(descending=True).values[:29].sum()) / total) < 1e-12
+    best = max(float(c2[:k1, :min(29, 57 // k1)].sum()) for k1 in range(1, 38) if 57 // k1 >= 1)
+    assert abs(got["block"] - best / total) < 1e-12 and got["block"] < got["topc"]
+    one, none = mod.block_or_top(U.T @ dW @ Vh.T, 2)   # 1 coefficient; no block fits
+    assert abs(one - float(c2.max()) / total) < 1e-12 and none == 0.0
 
 
 def test_solar_memory_script_runs_and_the_cache_does_not_change_the_package(tmp_path):
