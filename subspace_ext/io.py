@@ -610,11 +610,14 @@ class BaseWeights:
         else:
             raise FormatError(f"{path}: no such file or folder (expected a transformers model folder or a .safetensors file)")
         self._where: Dict[str, str] = {}
+        self._header: Dict[str, Tuple[str, List[int]]] = {}   # key -> (stored dtype, shape): headers read once
         for f in self.files:
             try:
                 with safe_open(f, framework="pt") as h:
                     for k in h.keys():
                         self._where[k] = f
+                        t = h.get_slice(k)
+                        self._header[k] = (t.get_dtype(), list(t.get_shape()))
             except Exception as e:
                 raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
 
@@ -692,8 +695,7 @@ class BaseWeights:
 
     def shape(self, key: str) -> List[int]:
         """A tensor's shape, from the file's header (no data read)."""
-        with safe_open(self._where[key], framework="pt") as f:
-            return list(f.get_slice(key).get_shape())
+        return list(self._header[key][1])
 
     def key_for_module(self, module: str) -> str:
         """The weight key of a module path, matched on the longest common dotted suffix
@@ -720,8 +722,7 @@ class BaseWeights:
 
     def refuse_quantized(self, key: str) -> None:
         """FormatError for a weight not stored as floating-point numbers of 16 bits or more (read off the header)."""
-        with safe_open(self._where[key], framework="pt") as f:
-            dtype = f.get_slice(key).get_dtype()
+        dtype = self._header[key][0]
         if dtype not in ("F64", "F32", "F16", "BF16"):
             raise FormatError(f"{self.path}: {key} is stored as {dtype}, not as the weight's floating-point numbers: a "
                               "quantized checkpoint (bitsandbytes / QLoRA, GPTQ, AWQ, FP8)? subspace_ext needs the "
