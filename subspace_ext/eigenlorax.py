@@ -976,10 +976,16 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     layers: Dict[str, EigenLinear] = {}
+    names = parameter_names(model)
     for target, (lin, PA, PB) in targets.items():
         dev = lin.weight.device
         wrapped = EigenLinear(lin, PA.to(dev), PB.to(dev), task_rank, scaling, init, g, starts.get(mods[target]))
         wrapped.train(lin.training)   # a model in eval mode stays in eval mode (merge() is for inference)
+        tied = tied_elsewhere(names, target, lin.weight)
+        if tied:   # GPT-2's lm_head: transformers' save_pretrained (a Trainer's checkpoints) saves the shared
+            #        weight once where the module declares it tied; the wrapped name target.base.weight is not
+            #        the one the model declares, and save_pretrained refused the shared tensor
+            wrapped._tied_weights_keys = {"base.weight": tied}
         parent_name, _, child = target.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, wrapped)
         layers[target] = wrapped

@@ -351,3 +351,36 @@ def test_lora_on_conv1d_weights_as_parameters(tmp_path):
     module_lora = _save_random(module_lora, str(tmp_path / "modules"), g)
     with pytest.raises(ValueError, match=r"modules has LoRA on the module, other adapters on its weight as a param"):
         eigenlorax.build_subspace([folder, module_lora], components=2)
+
+
+def test_eigenlorax_on_a_tied_lm_head_saves_and_resumes(tmp_path):
+    """GPT-2's lm_head is its input embedding. Wrapped by apply(), the shared weight's second name was
+    lm_head.base.weight, which the model does not declare tied: save_pretrained (and so a Trainer's first
+    checkpoint) refused the shared tensor. The wrapper now declares it: the checkpoint holds the embedding
+    once, and loads back into a model with EigenLoRAx applied the same way (a Trainer's resume)."""
+    from safetensors.torch import load_file
+    base = _gpt2_lm(tmp_path, n_layer=1)
+    folders = []
+    for i in range(2):
+        model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
+                                    peft.LoraConfig(r=2, target_modules=["c_attn", "lm_head"]))
+        folders.append(_save_random(model, str(tmp_path / f"a{i}"), torch.Generator().manual_seed(i + 1)))
+    sub = eigenlorax.build_subspace(folders, components=2)
+    ids = torch.arange(12).reshape(2, 6) % 64
+    models, logits = [], []
+    for seed in (0, 1):
+        model = transformers.GPT2LMHeadModel.from_pretrained(base).eval()
+        eigenlorax.apply(model, sub, 2, seed=seed)
+        assert model.lm_head.base.weight is model.transformer.wte.weight
+        models.append(model)
+    models[0].save_pretrained(str(tmp_path / "ckpt"))
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert "transformer.wte.weight" in saved and "lm_head.base.weight" not in saved
+    assert any(k.startswith("lm_head.alpha") for k in saved)   # the loadings travel
+    missing, unexpected = models[1].load_state_dict(saved, strict=False)
+    assert set(missing) <= {"lm_head.base.weight", "lm_head.weight"} and not unexpected
+    with torch.no_grad():
+        for model in models:
+            logits.append(model(input_ids=ids).logits)
+    assert torch.equal(logits[0], logits[1])
+    assert models[1].lm_head.base.weight is models[1].transformer.wte.weight
