@@ -610,6 +610,7 @@ class BaseWeights:
         else:
             raise FormatError(f"{path}: no such file or folder (expected a transformers model folder or a .safetensors file)")
         self._where: Dict[str, str] = {}
+        self.loaded_modules: set = set()   # modules key_for_module found by their loaded name (loaded_names)
         self._header: Dict[str, Tuple[str, List[int]]] = {}   # key -> (stored dtype, shape): headers read once
         for f in self.files:
             try:
@@ -704,21 +705,74 @@ class BaseWeights:
         task model's checkpoint, 'bert.encoder.layer.0...query.weight'). An output embedding tied to the
         input embedding (``tie_word_embeddings``: the checkpoint stores only the latter, e.g. a LLaMA's
         lm_head) gives the input embedding's key. The edge decoder (tools/solar_decode.cpp) has the same
-        rules."""
-        key = self._find(module + ".weight")
-        if key is None:
-            longer = [k for k in self._where if k.endswith("." + module + ".weight")]
-            if len(longer) > 1:
-                raise FormatError(f"{self.path}: adapted module {module} matches several weights ({longer[0]}, "
-                                  f"{longer[1]}{' ...' if len(longer) > 2 else ''}): is this the adapter's base model?")
-            key = longer[0] if longer else None
+        rules. Last, the names transformers gives the stored weights when it loads the model
+        (``loaded_names``: peft names modules after the loaded model), by the same rules; the edge decoder
+        has no transformers to ask, and takes the key the encoder recorded (its fingerprint checked)."""
+        key = self._match(module, self._where)
         if key is None:
             tied = self._tied_input_embedding(module)
-            key = self._find(tied) if tied else None
+            key = self._find(tied, self._where) if tied else None
+        if key is None and not os.path.isfile(self.path):
+            renamed = {name: k for k, name in self.loaded_names.items() if name is not None and name != k}
+            name = self._match(module, renamed) if renamed else None
+            key = renamed[name] if name else None
+            if key is not None:
+                self.loaded_modules.add(module)
         if key is None:
             raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base model?)")
         self.refuse_quantized(key)
         return key
+
+    def _match(self, module: str, names) -> Optional[str]:
+        """The name in ``names`` of ``module``'s weight: the longest common dotted suffix, else the one name
+        that ends with the module's path (several: FormatError), else None."""
+        key = self._find(module + ".weight", names)
+        if key is None:
+            longer = [k for k in names if k.endswith("." + module + ".weight")]
+            if len(longer) > 1:
+                raise FormatError(f"{self.path}: adapted module {module} matches several weights ({longer[0]}, "
+                                  f"{longer[1]}{' ...' if len(longer) > 2 else ''}): is this the adapter's base model?")
+            key = longer[0] if longer else None
+        return key
+
+    @functools.cached_property
+    def renames(self) -> bool:
+        """Whether transformers loads any stored weight of this folder under another name (``loaded_names``)."""
+        return any(name != k for k, name in self.loaded_names.items())
+
+    @functools.cached_property
+    def loaded_names(self) -> Dict[str, Optional[str]]:
+        """{stored key: the parameter's name in the model transformers loads from this folder}. transformers
+        (5 and later) converts some architectures' checkpoints as it loads them: ViT's stored
+        ``vit.encoder.layer.0.attention.attention.query`` is the loaded model's ``vit.layers.0.attention.q_proj``,
+        Mixtral's ``block_sparse_moe.gate`` its ``mlp.gate`` (and it saves them back under the stored names),
+        while peft names modules after the loaded model. None for a key a converter merges with others (Mixtral's
+        per-expert ``w1`` / ``w3`` into one 3-D parameter): no module of its own. Every key maps to itself for a
+        bare file, a model transformers cannot build (``skeleton``), or a transformers without conversions.
+        Worked out the first time it is asked for, from the model built on the meta device."""
+        same = {k: k for k in self._where}
+        model = self.skeleton
+        if model is None:
+            return same
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:   # transformers 4: no conversions on load
+            return same
+        try:
+            transforms = get_model_conversion_mapping(model)
+            renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+            converters = [t for t in transforms if isinstance(t, WeightConverter)]
+            meta = model.state_dict()
+            names: Dict[str, Optional[str]] = {}
+            for k in sorted(self._where):   # in sorted order, as transformers renames (a group rename's guard first)
+                name, merged = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
+                names[k] = None if merged is not None else name
+            return names
+        except Exception as e:   # noqa: BLE001  (another transformers' internals: the stored names only)
+            warnings.warn(f"{self.path}: transformers' load-time renaming of this model's weights could not be worked "
+                          f"out ({type(e).__name__}: {e}); the stored names are used")
+            return same
 
     def refuse_quantized(self, key: str) -> None:
         """FormatError for a weight not stored as floating-point numbers of 16 bits or more (read off the header)."""
@@ -728,9 +782,10 @@ class BaseWeights:
                               "quantized checkpoint (bitsandbytes / QLoRA, GPTQ, AWQ, FP8)? subspace_ext needs the "
                               "weights themselves: use the unquantized model's folder")
 
-    def _find(self, name: str) -> Optional[str]:
+    @staticmethod
+    def _find(name: str, names) -> Optional[str]:
         parts = name.split(".")
-        return next((k for k in (".".join(parts[s:]) for s in range(len(parts) - 1)) if k in self._where), None)
+        return next((k for k in (".".join(parts[s:]) for s in range(len(parts) - 1)) if k in names), None)
 
     @functools.cached_property
     def skeleton(self) -> Optional[torch.nn.Module]:

@@ -128,6 +128,8 @@ class LayerInfo:
     lora_numbers: int = 0  # (m + n) * r of the original adapter
     fan_in_fan_out: bool = False  # the base weight is stored n x m (transformers' Conv1D): basis of its transpose
     kind: str = "solar"    # "solar": sparse coefficients over the bases; "lowrank": nnz factor pairs of ΔW
+    renamed: bool = False  # module is the loaded model's name for base_key (transformers renames the stored
+    #                        weights as it loads them: io.BaseWeights.loaded_names); a decoder takes base_key
 
 
 @dataclass
@@ -193,7 +195,8 @@ class SolarPackage:
         plain LoRA of Linear layers made by this build)."""
         out = []
         if self.skipped:
-            out.append(f"not carried (changed but not 2-D Linear weights, or not in the base): "
+            out.append(f"not carried (changed but not a Linear layer's weight in the model transformers loads: biases, "
+                       f"norms, embeddings, per-expert weights it merges into one parameter; or not in the base): "
                        f"{', '.join(self.skipped)}")
         embedded = embedding_lora_modules(self.extra)  # LoRA on embeddings travels in ``extra``
         if embedded:
@@ -266,9 +269,9 @@ class SolarPackage:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         tensors = self._tensors() if layout == "layers" else self._packed_tensors()
-        # fan_in_fan_out and kind are written only where they differ from the default, so packages
-        # without Conv1D or low-rank layers stay readable by builds that predate the fields
-        defaults = {"fan_in_fan_out": False, "kind": "solar"}
+        # fan_in_fan_out, kind and renamed are written only where they differ from the default, so packages
+        # without Conv1D, low-rank or renamed layers stay readable by builds that predate the fields
+        defaults = {"fan_in_fan_out": False, "kind": "solar", "renamed": False}
         layers = [{k: v for k, v in vars(l).items() if k not in defaults or v != defaults[k]} for l in self.layers]
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
                 "layers": layers, "skipped": self.skipped}
@@ -351,8 +354,9 @@ class SolarPackage:
             ops._seed(need(l, "stream", (int,), where + "stream"), where + "stream")  # 64 bits, as the ops take
             if not all(isinstance(c, (int, float)) for c in need(l, "checksum", (list,), where + "checksum")):
                 raise TypeError(where + "checksum must be a list of numbers")
-            if "fan_in_fan_out" in l:
-                need(l, "fan_in_fan_out", (bool,), where + "fan_in_fan_out")
+            for flag in ("fan_in_fan_out", "renamed"):
+                if flag in l:
+                    need(l, flag, (bool,), where + flag)
             kind = need(l, "kind", (str,), where + "kind") if "kind" in l else "solar"
             if kind == "lowrank":
                 f = _parse_factors(tensors, i, shape, l["rank"], where, scales)
@@ -477,7 +481,7 @@ def _base_weight(bw: BaseWeights, module: str, shape, what: str, fan_in_fan_out:
     W0 = bw.get(key)
     m, n = shape
     stored = (n, m) if fan_in_fan_out else (m, n)
-    kind = _kind_in(key, kinds) if either else None
+    kind = _kind_in(module + ".weight" if module in bw.loaded_modules else key, kinds) if either else None
     if kind in ("linear", "conv1d"):
         fan_in_fan_out = kind == "conv1d"
     elif either and m != n and tuple(W0.shape) == (stored[1], stored[0]):
@@ -1019,7 +1023,7 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
                                            either=not u.as_stored, kinds=types)
         r = int(u.A.shape[0])
         info = LayerInfo(u.module, key, [m, n], r, float(u.scaling), i, fingerprint(W0), [0.0, 0.0],
-                         lora_numbers=(m + n) * r, fan_in_fan_out=transposed)
+                         lora_numbers=(m + n) * r, fan_in_fan_out=transposed, renamed=u.module in bw.loaded_modules)
         B64, A64 = u.B.double(), u.A.double()
         layer = _Layer(info, lambda B2, A2, s2, u=u: _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, s2), 0.0)
         if "lowrank" in kinds:
@@ -1089,8 +1093,11 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     Which weights are Linear: from a folder with config.json (the base's, else the fine-tune's), the
     module types of that model (torch.nn.Linear, and transformers' Conv1D of GPT-2, whose in x out
     weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
-    not contain "embed". Other changed tensors (biases, norms, embeddings) and tensors the base does not
-    have (a new classification head) cannot be carried and are listed in the package's ``skipped``.
+    not contain "embed". Other changed tensors (biases, norms, embeddings, the per-expert weights of an MoE
+    that transformers merges into one parameter as it loads them) and tensors the base does not have (a new
+    classification head) cannot be carried and are listed in the package's ``skipped``. Where transformers
+    loads the stored weights under other names (``BaseWeights.loaded_names``: ViT, the MoE families), the
+    adapter names the modules as the loaded model does.
     ``method`` and ``storage`` as for ``compress`` (the low-rank encoding keeps the delta's leading
     ``rank`` singular pairs, from an ``ops.rsvd`` with 4 power iterations)."""
     _check_request(budget, ratio, seed, eps, method, storage)
@@ -1130,7 +1137,8 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
                                     f"{f' ({bk})' if bk != k else ''}: wrong base model?")
         if not Wf.is_floating_point() or torch.equal(Wf, W0):
             continue
-        kind = _kind_of(bk, kinds, Wf.shape)
+        loaded = bw.loaded_names.get(bk, bk) if kinds is not None else bk   # transformers' name for it
+        kind = "other" if loaded is None else _kind_of(loaded, kinds, Wf.shape)   # None: merged with others
         if kind == "other" or Wf.dim() != 2:
             skipped.append(k)
             continue
@@ -1143,9 +1151,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
         m, n = D.shape
         i = len(layers)
-        module = _dense_module(bw, k, bk)
+        module = _dense_module(fw, bw, k, bk)
         info = LayerInfo(module, bk, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n,
-                         fan_in_fan_out=transposed)
+                         fan_in_fan_out=transposed, renamed=module in bw.loaded_modules)
         norm = float(torch.linalg.norm(D))
         # the error is measured against the delta read again: no layer's m x n delta is kept
         layer = _Layer(info, lambda B2, A2, s2, delta=delta, norm=norm: float(
@@ -1196,16 +1204,22 @@ def _dense_pairs(fw: BaseWeights, bw: BaseWeights) -> Dict[str, str]:
     return {k: b for k, b in pairs.items() if b in base_keys}
 
 
-def _dense_module(bw: BaseWeights, key: str, base_key: str) -> str:
+def _dense_module(fw: BaseWeights, bw: BaseWeights, key: str, base_key: str) -> str:
     """The module name a dense layer's adapter targets: the fine-tuned model's (the adapter goes onto its
-    architecture), where the decoders' suffix lookup finds the base weight from it; else the base's."""
-    module = key[: -len(".weight")]
-    try:
-        if bw.key_for_module(module) == base_key:
-            return module
-    except FormatError:
-        pass
-    return base_key[: -len(".weight")]
+    architecture), where the decoders' suffix lookup finds the base weight from it; else the base's. Each
+    as transformers names it in the model it loads (``BaseWeights.loaded_names``: peft finds modules by
+    those names) where it renames the stored weights, else as stored."""
+    names = [fw.loaded_names.get(key), key] if bw.renames else [key]   # (one architecture: the base's tells)
+    for name in names:
+        if name is None or not name.endswith(".weight"):
+            continue
+        try:
+            if bw.key_for_module(name[: -len(".weight")]) == base_key:
+                return name[: -len(".weight")]
+        except FormatError:
+            pass
+    name = bw.loaded_names.get(base_key) if bw.renames else None
+    return (name or base_key)[: -len(".weight")]
 
 
 def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtype, method: str = "solar",
@@ -1388,8 +1402,9 @@ def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) 
     except FormatError as e:
         # A module without a weight of its own (a tied lm_head): the key the encoder resolved is taken, and
         # the fingerprint check shows it is that weight; from a bare .safetensors file (no config to ask) or
-        # a folder whose config.json may tie embeddings. The edge decoder has the same rule.
-        if not ((os.path.isfile(bw.path) or bw.may_tie_embeddings) and bw.has(info.base_key)):
+        # a folder whose config.json may tie embeddings. So is a module the encoder found by its loaded name
+        # (``renamed``) where this transformers does not rename it. The edge decoder has the same rule.
+        if not ((os.path.isfile(bw.path) or bw.may_tie_embeddings or info.renamed) and bw.has(info.base_key)):
             raise BaseMismatchError(f"{what}: {e}") from None
         key = info.base_key
         W0 = _base_weight_at(bw, key, info.shape, what, info.fan_in_fan_out)

@@ -413,3 +413,98 @@ def test_base_modifying_init_is_noted(bert, tmp_path):
     _roundtrip(bert, folders[0], str(tmp_path / "restored"))
     with pytest.warns(UserWarning, match="init_lora_weights='pissa' without peft's conversion"):
         eigenlorax.build_subspace(folders, components=2)
+
+
+def _tiny_vit(path: str) -> str:
+    """A ViT classifier saved as a folder: transformers (5 and later) loads its stored
+    vit.encoder.layer.N.attention.attention.query as vit.layers.N.attention.q_proj, and saves it back
+    under the stored name."""
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=48, num_labels=3)
+    transformers.ViTForImageClassification(cfg).save_pretrained(path)
+    return path
+
+
+def _vit_logits(base: str, adapter=None) -> torch.Tensor:
+    model = transformers.ViTForImageClassification.from_pretrained(base)
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(pixel_values=torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))).logits
+
+
+def test_a_model_transformers_loads_under_other_names(tmp_path):
+    """peft names a ViT's modules as the loaded model does (vit.layers.0.attention.q_proj); the checkpoint
+    stores vit.encoder.layer.0.attention.attention.query.weight. solar compress and eigen build --base
+    failed with "no weight for adapted module ... (is this the adapter's base model?)" on the model's own
+    folder; the stored key is now found by transformers' load-time renaming, recorded, and the package
+    decodes to the adapter (the edge decoder's side: test_solar_edge.py)."""
+    base = _tiny_vit(str(tmp_path / "vit"))
+    folders = []
+    for seed in range(2):
+        model = peft.get_peft_model(transformers.ViTForImageClassification.from_pretrained(base),
+                                    peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        _randomize(model, seed)
+        model.save_pretrained(str(tmp_path / f"a{seed}"))
+        folders.append(str(tmp_path / f"a{seed}"))
+    pkg = solar.compress(folders[0], base, budget="full")
+    assert len(pkg.layers) == 4 and all(l.renamed for l in pkg.layers)
+    assert pkg.layers[0].module == "vit.layers.0.attention.q_proj"
+    assert pkg.layers[0].base_key == "vit.encoder.layer.0.attention.attention.query.weight"
+    pkg.save(str(tmp_path / "p.safetensors"))
+    solar.decompress(str(tmp_path / "p.safetensors"), base).save_adapter(str(tmp_path / "dec"))
+    assert max(solar.relative_errors(folders[0], str(tmp_path / "dec"))) < 1e-6
+    torch.testing.assert_close(_vit_logits(base, str(tmp_path / "dec")), _vit_logits(base, folders[0]),
+                               atol=1e-5, rtol=0)
+    sub = eigenlorax.build_subspace(folders, components=2, base=base)
+    assert set(sub.meta["fingerprints"]) == {l.module for l in pkg.layers}
+
+
+def test_a_dense_fine_tune_of_a_model_transformers_loads_under_other_names(tmp_path):
+    """solar compress --dense of a ViT fine-tune named the decoded adapter's modules by the stored keys
+    (vit.encoder.layer.0.attention.attention.query): peft adapted only the classifier and dropped the other
+    12 layers with a warning (logits 0.17 off at --budget full). The modules are now the loaded model's."""
+    base = _tiny_vit(str(tmp_path / "vit"))
+    model = transformers.ViTForImageClassification.from_pretrained(base)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for n in linears:
+            w = model.get_submodule(n).weight
+            w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(len(n))))
+    model.save_pretrained(str(tmp_path / "ft"))
+    pkg = solar.compress_dense(str(tmp_path / "ft"), base, budget="full", rank=32)
+    assert sorted(l.module for l in pkg.layers) == sorted(linears) and not pkg.skipped
+    solar.decompress(pkg, base).save_adapter(str(tmp_path / "dec"))
+    torch.testing.assert_close(_vit_logits(base, str(tmp_path / "dec")), _vit_logits(str(tmp_path / "ft")),
+                               atol=1e-4, rtol=0)
+
+
+def test_a_dense_moe_fine_tune_skips_the_expert_weights_transformers_merges(tmp_path):
+    """Mixtral stores each expert's w1 / w2 / w3 as 2-D weights, which transformers merges into 3-D parameters
+    as it loads them: no Linear holds them. compress --dense read them as Linear weights by their name and
+    wrote layers for modules the loaded model lacks (an adapter peft could not load where ranks differed).
+    They are now listed as not carried, as is the router (stored block_sparse_moe.gate, loaded as mlp.gate: a
+    parameter of a router module, not a Linear); the attention is carried."""
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                     num_experts_per_tok=1, max_position_embeddings=32)
+    base = str(tmp_path / "mixtral")
+    transformers.MixtralForCausalLM(cfg).save_pretrained(base)
+    stored = io.BaseWeights(base)
+    model = transformers.MixtralForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in n and "lm_head" not in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    model.save_pretrained(str(tmp_path / "ft"))
+    pkg = solar.compress_dense(str(tmp_path / "ft"), base, budget="full", rank=16)
+    moe = [k for k in stored.keys() if ".experts." in k or k.endswith("moe.gate.weight")]
+    assert len(moe) == 7 and set(moe) <= set(pkg.skipped)
+    assert {l.module for l in pkg.layers} == {"model.layers.0.self_attn." + p for p in ("q_proj", "k_proj", "v_proj",
+                                                                                         "o_proj")}
+    solar.decompress(pkg, base).save_adapter(str(tmp_path / "dec"))
+    loaded = peft.PeftModel.from_pretrained(transformers.MixtralForCausalLM.from_pretrained(base), str(tmp_path / "dec"))
+    adapted = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {l.module for l in pkg.layers}

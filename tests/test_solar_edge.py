@@ -627,3 +627,37 @@ def test_a_layer_that_keeps_no_coefficient_builds_no_basis(tmp_path, monkeypatch
         solar.decompress(str(edited), str(base))
     r = _run(edited, base, tmp_path / "cpp2")
     assert r.returncode != 0 and "output.dense: the regenerated basis does not match" in r.stderr
+
+
+def test_a_model_transformers_loads_under_other_names(tmp_path):
+    """A ViT adapter names vit.layers.0.attention.q_proj, which transformers loads from the stored
+    vit.encoder.layer.0.attention.attention.query.weight. The encoder records the layer as renamed; the edge
+    decoder, which cannot work out transformers' renaming, takes the recorded key (its fingerprint checked)
+    and writes the Python decoder's folder; without the flag it refuses, naming the module."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=48, num_labels=3)
+    base = tmp_path / "vit"
+    transformers.ViTForImageClassification(cfg).save_pretrained(str(base))
+    (base / "config.json").write_text(json.dumps(dict(json.loads((base / "config.json").read_text()),
+                                                      tie_word_embeddings=False)))   # not the tied-head rule
+    model = peft.get_peft_model(transformers.ViTForImageClassification.from_pretrained(str(base)),
+                                peft.LoraConfig(r=2, target_modules=["q_proj", "fc1"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    pkg_path = tmp_path / "p.safetensors"
+    solar.compress(str(tmp_path / "adapter"), str(base), ratio=0.5).save(str(pkg_path))
+    r = _run(pkg_path, base, tmp_path / "cpp")
+    assert r.returncode == 0, r.stderr
+    solar.decompress(str(pkg_path), str(base)).save_adapter(str(tmp_path / "py"))
+    _assert_same_folder(tmp_path / "py", tmp_path / "cpp")
+    meta, info, tensors = _read_package(pkg_path)
+    assert [l.get("renamed") for l in info["layers"]] == [True, True]
+    del info["layers"][0]["renamed"]
+    r = _run(_write_package(tmp_path / "edited.safetensors", meta, info, tensors), base, tmp_path / "cpp2")
+    assert r.returncode == 1 and "no weight for adapted module vit.layers.0" in r.stderr, r.stderr

@@ -1061,6 +1061,8 @@ struct Layer {
   double scaling = 0.0, nnz = 0.0;
   std::vector<double> checksum;
   bool fan_in_fan_out = false;  // base weight stored n x m (transformers' Conv1D): basis of its transpose
+  bool renamed = false;         // module is the loaded model's name for base_key (transformers renames the
+                                // stored weights as it loads them): base_key is taken
   bool lowrank = false;         // kind "lowrank": the factors lora_B (m x t), lora_A (t x n) are stored
 };
 
@@ -1265,7 +1267,8 @@ Package load_package(const std::string& path) {
     const int64_t config_rank = largest_config_rank(info.find("peft_config"));
     static const char* kRequired[] = {"module", "base_key", "shape", "rank", "scaling", "stream",
                                       "fingerprint", "checksum"};
-    static const char* kOptional[] = {"nnz", "energy", "rel_error", "lora_numbers", "fan_in_fan_out", "kind"};
+    static const char* kOptional[] = {"nnz",           "energy", "rel_error", "lora_numbers",
+                                      "fan_in_fan_out", "kind",   "renamed"};
     for (size_t i = 0; i < layers.items.size(); ++i) {
       const Json& l = layers.items[i];
       const std::string where = "layer " + std::to_string(i) + ": ";
@@ -1304,6 +1307,10 @@ Package load_package(const std::string& path) {
       if (const Json* f = l.find("fan_in_fan_out")) {
         if (f->type != Json::Type::Bool) fail(where + "fan_in_fan_out must be true or false");
         L.fan_in_fan_out = f->boolean;
+      }
+      if (const Json* f = l.find("renamed")) {
+        if (f->type != Json::Type::Bool) fail(where + "renamed must be true or false");
+        L.renamed = f->boolean;
       }
       L.lowrank = is_lowrank(l, where);
       if (!L.lowrank && (L.checksum.size() != 2 || !std::isfinite(L.checksum[0]) || !std::isfinite(L.checksum[1])))
@@ -1495,8 +1502,11 @@ void decode(const std::string& package_path, const std::string& base_path, const
       // key from the model's config (io.BaseWeights.key_for_module) and recorded it; the fingerprint
       // check shows it to be the same weight. From a folder only where its config.json may tie
       // embeddings; a bare .safetensors file has no config to ask, so there the recorded key is taken
-      // (solar._package_base_weight).
-      if (!(bw.may_tie_embeddings() || bw.is_file()) || !bw.has(info.base_key)) fail(what + ": " + e.what());
+      // (solar._package_base_weight). So is a module the encoder found by the name transformers gives the
+      // stored weight as it loads the model (`renamed`: ViT's q_proj for ...attention.query), which this
+      // decoder cannot work out.
+      if (!(bw.may_tie_embeddings() || bw.is_file() || info.renamed) || !bw.has(info.base_key))
+        fail(what + ": " + e.what());
       key = info.base_key;
     }
     auto [entry, bytes] = bw.get(key);
