@@ -719,7 +719,11 @@ class BaseWeights:
             if key is not None:
                 self.loaded_modules.add(module)
         if key is None:
-            raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base model?)")
+            hint = ("; from a bare .safetensors file a module without a weight of its own (an output embedding tied "
+                    "to the input one, such as a lm_head) is not found: pass the model's folder, whose config.json "
+                    "tells" if os.path.isfile(self.path) else "")
+            raise FormatError(f"{self.path}: no weight for adapted module {module} (is this the adapter's base "
+                              f"model?{hint})")
         self.refuse_quantized(key)
         return key
 
