@@ -505,6 +505,7 @@ def test_a_dense_moe_fine_tune_skips_the_expert_weights_transformers_merges(tmp_
     assert {l.module for l in pkg.layers} == {"model.layers.0.self_attn." + p for p in ("q_proj", "k_proj", "v_proj",
                                                                                          "o_proj")}
     solar.decompress(pkg, base).save_adapter(str(tmp_path / "dec"))
-    loaded = peft.PeftModel.from_pretrained(transformers.MixtralForCausalLM.from_pretrained(base), str(tmp_path / "dec"))
+    loaded = peft.PeftModel.from_pretrained(transformers.MixtralForCausalLM.from_pretrained(base),
+                                            str(tmp_path / "dec"))
     adapted = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {l.module for l in pkg.layers}
