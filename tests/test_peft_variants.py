@@ -422,7 +422,10 @@ def _tiny_vit(path: str) -> str:
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=48, num_labels=3)
-    transformers.ViTForImageClassification(cfg).save_pretrained(path)
+    model = transformers.ViTForImageClassification(cfg)
+    if not hasattr(model.vit, "layers"):
+        pytest.skip(f"transformers {transformers.__version__} loads ViT under its stored names")
+    model.save_pretrained(path)
     return path
 
 
@@ -491,7 +494,10 @@ def test_a_dense_moe_fine_tune_skips_the_expert_weights_transformers_merges(tmp_
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
                                      num_experts_per_tok=1, max_position_embeddings=32)
     base = str(tmp_path / "mixtral")
-    transformers.MixtralForCausalLM(cfg).save_pretrained(base)
+    moe_model = transformers.MixtralForCausalLM(cfg)
+    if not any(p.dim() == 3 for n, p in moe_model.named_parameters() if "experts" in n):
+        pytest.skip(f"transformers {transformers.__version__} keeps Mixtral's experts as Linear layers")
+    moe_model.save_pretrained(base)
     stored = io.BaseWeights(base)
     model = transformers.MixtralForCausalLM.from_pretrained(base)
     with torch.no_grad():

@@ -640,7 +640,10 @@ def test_a_model_transformers_loads_under_other_names(tmp_path):
     cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                  num_attention_heads=4, intermediate_size=48, num_labels=3)
     base = tmp_path / "vit"
-    transformers.ViTForImageClassification(cfg).save_pretrained(str(base))
+    vit = transformers.ViTForImageClassification(cfg)
+    if not hasattr(vit.vit, "layers"):
+        pytest.skip(f"transformers {transformers.__version__} loads ViT under its stored names")
+    vit.save_pretrained(str(base))
     (base / "config.json").write_text(json.dumps(dict(json.loads((base / "config.json").read_text()),
                                                       tie_word_embeddings=False)))   # not the tied-head rule
     model = peft.get_peft_model(transformers.ViTForImageClassification.from_pretrained(str(base)),
