@@ -1279,6 +1279,31 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
     else:  # a coefficient set is the prefix of the layer's candidates (C's entries by |c|)
         plan = [(kind, torch.arange(count) if kind == "solar" else count)
                 for kind, count in _allocate(layers, keep_numbers, method, solar_scale)]
+    values, indices, factors = _encode(layers, plan, stored, seed, dtype, progress)
+    if method == "auto" and keep_numbers is not None and any(kind == "solar" for kind, _ in plan):
+        # the allocation weighs what each plan stores; a SOLAR layer then decodes to rank r, which can drop a
+        # little of it: where low rank alone would leave less of ΔW out (its pairs' σ², before rounding), it is
+        # encoded too (no basis needed) and the one that decodes to less error is kept
+        residual = sum(l.energy * l.info.rel_error ** 2 for l in layers)
+        alone = _allocate(layers, keep_numbers, "lowrank")
+        if sum(l.energy - float(l.gains("lowrank")[:c].sum()) for l, (_, c) in zip(layers, alone)) < residual:
+            joint = ([dataclasses.replace(l.info) for l in layers], values, indices, factors, dict(scales))
+            scales.clear()
+            values, indices, factors = _encode(layers, alone, stored, seed, dtype, False)
+            if sum(l.energy * l.info.rel_error ** 2 for l in layers) >= residual:   # the joint plan after all
+                copies, values, indices, factors, joint_scales = joint
+                for l, info in zip(layers, copies):
+                    l.info = info
+                scales.clear()
+                scales.update(joint_scales)
+        infos = [l.info for l in layers]
+    return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype, factors=factors,
+                        scales=scales)
+
+
+def _encode(layers: List[_Layer], plan, stored: Callable, seed: int, dtype: str, progress: bool):
+    """Each layer's numbers as stored under ``plan`` ((kind, which / how many) per layer), its decode check,
+    and its LayerInfo's kind, counts, checksum, energy and error: (values, indices, factors)."""
     values, indices, factors = [], [], []
     for i, (l, (kind, sel)) in enumerate(zip(_progress(layers, "solar: coefficients", progress), plan)):
         info = l.info
@@ -1309,8 +1334,7 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
         info.energy = min(kept / l.energy, 1.0) if l.energy > 0 else 1.0
         # measured on the factors as decompress writes them (the adapter's dtype: bfloat16 rounding counts)
         info.rel_error = l.err(B2.to(getattr(torch, dtype)), A2.to(getattr(torch, dtype)), info.scaling)
-    return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype, factors=factors,
-                        scales=scales)
+    return values, indices, factors
 
 
 def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights], *,
