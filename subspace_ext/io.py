@@ -712,10 +712,9 @@ class BaseWeights:
         if key is None:
             tied = self._tied_input_embedding(module)
             key = self._find(tied, self._where) if tied else None
-        if key is None and not os.path.isfile(self.path):
-            renamed = {name: k for k, name in self.loaded_names.items() if name is not None and name != k}
-            name = self._match(module, renamed) if renamed else None
-            key = renamed[name] if name else None
+        if key is None and not os.path.isfile(self.path) and self._renamed:
+            name = self._match(module, self._renamed)
+            key = self._renamed[name] if name else None
             if key is not None:
                 self.loaded_modules.add(module)
         if key is None:
@@ -740,9 +739,14 @@ class BaseWeights:
         return key
 
     @functools.cached_property
+    def _renamed(self) -> Dict[str, str]:
+        """{loaded name: stored key} of the weights transformers loads under another name (``loaded_names``)."""
+        return {name: k for k, name in self.loaded_names.items() if name is not None and name != k}
+
+    @property
     def renames(self) -> bool:
         """Whether transformers loads any stored weight of this folder under another name (``loaded_names``)."""
-        return any(name != k for k, name in self.loaded_names.items())
+        return bool(self._renamed)
 
     @functools.cached_property
     def loaded_names(self) -> Dict[str, Optional[str]]:
