@@ -1225,10 +1225,11 @@ def _dense_module(fw: BaseWeights, bw: BaseWeights, key: str, base_key: str) -> 
 def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtype, method: str = "solar",
              storage: str = "float32", progress: bool = False) -> SolarPackage:
     """Budget, selection, per-layer decode check and the package (shared by both inputs)."""
-    scales: Dict[str, torch.Tensor] = {}
 
-    def stored(t: torch.Tensor, name: str, dim: int, what: str, module: str) -> (torch.Tensor, torch.Tensor):
-        """The tensor as stored under ``name`` and the numbers it stands for (int8: scales over ``dim``)."""
+    def stored(scales: Dict[str, torch.Tensor], t: torch.Tensor, name: str, dim: int, what: str,
+               module: str) -> (torch.Tensor, torch.Tensor):
+        """The tensor as stored under ``name`` and the numbers it stands for (int8: scales over ``dim``, into
+        ``scales``)."""
         if storage == "int8":
             codes, scales[name] = _quantize(t, dim)
             return codes, _dequantize(codes, scales[name])
@@ -1238,9 +1239,8 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
                              f"{float(t.abs().max()):.4g}): store them as bfloat16 or float32")
         return out, out
 
-    infos = [l.info for l in layers]
     extra_numbers = sum(t.numel() for t in extra.values())
-    lora_total = sum(l.lora_numbers for l in infos) + extra_numbers
+    lora_total = sum(l.info.lora_numbers for l in layers) + extra_numbers
     candidates = sum(math.prod(l.info.shape) for l in layers) if method == "solar" else None
     if ratio is not None:  # extra tensors are stored too: the ratio covers them (checked in _check_request)
         keep_numbers = ratio * lora_total - extra_numbers
@@ -1279,38 +1279,32 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
     else:  # a coefficient set is the prefix of the layer's candidates (C's entries by |c|)
         plan = [(kind, torch.arange(count) if kind == "solar" else count)
                 for kind, count in _allocate(layers, keep_numbers, method, solar_scale)]
-    values, indices, factors = _encode(layers, plan, stored, seed, dtype, progress)
+    infos, values, indices, factors, scales = _encode(layers, plan, stored, seed, dtype, progress)
     if method == "auto" and keep_numbers is not None and any(kind == "solar" for kind, _ in plan):
         # the allocation weighs what each plan stores; a SOLAR layer then decodes to rank r, which can drop a
         # little of it: where low rank alone would leave less of ΔW out (its pairs' σ², before rounding), it is
         # encoded too (no basis needed) and the one that decodes to less error is kept
-        residual = sum(l.energy * l.info.rel_error ** 2 for l in layers)
+        residual = sum(l.energy * info.rel_error ** 2 for l, info in zip(layers, infos))
         alone = _allocate(layers, keep_numbers, "lowrank")
         if sum(l.energy - float(l.gains("lowrank")[:c].sum()) for l, (_, c) in zip(layers, alone)) < residual:
-            joint = ([dataclasses.replace(l.info) for l in layers], values, indices, factors, dict(scales))
-            scales.clear()
-            values, indices, factors = _encode(layers, alone, stored, seed, dtype, False)
-            if sum(l.energy * l.info.rel_error ** 2 for l in layers) >= residual:   # the joint plan after all
-                copies, values, indices, factors, joint_scales = joint
-                for l, info in zip(layers, copies):
-                    l.info = info
-                scales.clear()
-                scales.update(joint_scales)
-        infos = [l.info for l in layers]
+            other = _encode(layers, alone, stored, seed, dtype, False)
+            if sum(l.energy * info.rel_error ** 2 for l, info in zip(layers, other[0])) < residual:
+                infos, values, indices, factors, scales = other
     return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype, factors=factors,
                         scales=scales)
 
 
 def _encode(layers: List[_Layer], plan, stored: Callable, seed: int, dtype: str, progress: bool):
-    """Each layer's numbers as stored under ``plan`` ((kind, which / how many) per layer), its decode check,
-    and its LayerInfo's kind, counts, checksum, energy and error: (values, indices, factors)."""
-    values, indices, factors = [], [], []
+    """Each layer's numbers as stored under ``plan`` ((kind, which / how many) per layer) and its decode check:
+    (infos, values, indices, factors, scales), the LayerInfos copies of the layers' with the plan's kind,
+    counts, checksum, energy and error."""
+    infos, values, indices, factors, scales = [], [], [], [], {}
     for i, (l, (kind, sel)) in enumerate(zip(_progress(layers, "solar: coefficients", progress), plan)):
-        info = l.info
-        info.kind = kind
+        info = dataclasses.replace(l.info, kind=kind)
+        infos.append(info)
         if kind == "solar":  # sel: which candidates; stored in the order of their positions in C
             positions, order = l.top[1][sel].sort()
-            vals, vals_f = stored(l.top[0][sel][order], f"layer.{i}.values", 0, "coefficients", info.module)
+            vals, vals_f = stored(scales, l.top[0][sel][order], f"layer.{i}.values", 0, "coefficients", info.module)
             values.append(vals)
             indices.append(positions.to(torch.int32 if math.prod(info.shape) <= 2 ** 31 else torch.int64))
             factors.append(None)
@@ -1322,8 +1316,8 @@ def _encode(layers: List[_Layer], plan, stored: Callable, seed: int, dtype: str,
         else:
             U, S, V = l.svd
             root = (S[:sel] / info.scaling).sqrt()
-            Bt, Bf = stored(U[:, :sel] * root, f"layer.{i}.lora_B", 0, "factors", info.module)
-            At, Af = stored((V[:, :sel] * root).T.contiguous(), f"layer.{i}.lora_A", 1, "factors", info.module)
+            Bt, Bf = stored(scales, U[:, :sel] * root, f"layer.{i}.lora_B", 0, "factors", info.module)
+            At, Af = stored(scales, (V[:, :sel] * root).T.contiguous(), f"layer.{i}.lora_A", 1, "factors", info.module)
             values.append(torch.zeros(0))
             indices.append(torch.zeros(0, dtype=torch.int32))
             factors.append((Bt, At))
@@ -1334,7 +1328,7 @@ def _encode(layers: List[_Layer], plan, stored: Callable, seed: int, dtype: str,
         info.energy = min(kept / l.energy, 1.0) if l.energy > 0 else 1.0
         # measured on the factors as decompress writes them (the adapter's dtype: bfloat16 rounding counts)
         info.rel_error = l.err(B2.to(getattr(torch, dtype)), A2.to(getattr(torch, dtype)), info.scaling)
-    return values, indices, factors
+    return infos, values, indices, factors, scales
 
 
 def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights], *,
