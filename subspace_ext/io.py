@@ -18,7 +18,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -58,11 +58,30 @@ class LowRankUpdate:
     fan_in_fan_out: bool = False  # the base weight is stored n x m (transformers' Conv1D, GPT-2)
     as_stored: bool = False       # a LoRA on the weight as a parameter (peft's target_parameters): peft adds
     #                               scaling * B @ A to the weight as stored, whatever the module's type
+    params: Tuple[str, ...] = ()  # updates(experts=True): the 3-D expert parameter(s) of a MoE block this LoRA
+    #                               may adapt (peft's target_parameters): B @ A is not its update; expert_pairs is
+    expert: int = -1              # expert_pairs: the expert whose slice of ``params[0]`` this pair adapts
+    experts: int = 0              # expert_pairs: how many experts that parameter holds
 
     @property
     def shape(self):
         """(m, n) of the update: out_features x in_features, whatever the base weight's layout."""
         return (self.B.shape[0], self.A.shape[1])
+
+
+def expert_pairs(B: torch.Tensor, A: torch.Tensor, experts: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The rank-r pairs (B_e m x r, A_e r x n) of a LoRA on a MoE block's 3-D expert parameter (peft's
+    ParamWrapper): lora_A (r·E x n) stacks the experts' A_e, lora_B (m x r·E) interleaves their columns
+    (column k·E + e is B_e's k-th); expert e's update is scaling · B_e @ A_e (transposed where the parameter
+    is stored experts x in x out). ``stack_experts`` is the inverse."""
+    r = A.shape[0] // experts
+    return [(B[:, e::experts], A[e * r:(e + 1) * r]) for e in range(experts)]
+
+
+def stack_experts(pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lora_B, lora_A) of a MoE expert parameter's LoRA from its experts' pairs, in order (``expert_pairs``)."""
+    B = torch.stack([b for b, _ in pairs], dim=2)    # m x r x E: column k·E + e once flattened
+    return B.reshape(B.shape[0], -1), torch.cat([a for _, a in pairs])
 
 
 def as_update_layout(W0: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -296,11 +315,11 @@ class PeftAdapter:
     def peft_type(self) -> str:
         return str(self.config.get("peft_type", "LORA")).upper()
 
-    def updates(self) -> List[LowRankUpdate]:
+    def updates(self, experts: bool = False) -> List[LowRankUpdate]:
         """The low-rank updates of every adapted Linear (LoRA and AdaLoRA), in file order; factors and
         scalings checked finite (an error names the layer, and the folder the adapter came from)."""
         try:
-            return self._updates()
+            return self._updates(experts)
         except FormatError as e:
             if self.source and not str(e).startswith(self.source):
                 raise FormatError(f"{self.source}: {e}") from None
@@ -312,7 +331,7 @@ class PeftAdapter:
             raise FormatError(f"{ADAPTER_CONFIG}: {key} must be a number, got {value!r}")
         return float(value)
 
-    def _updates(self) -> List[LowRankUpdate]:
+    def _updates(self, experts: bool) -> List[LowRankUpdate]:
         kind = self.peft_type
         if kind not in ("LORA", "ADALORA"):
             raise FormatError(f"peft_type {kind} is not supported (LORA and ADALORA are)")
@@ -351,7 +370,7 @@ class PeftAdapter:
             if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
                 raise FormatError(f"{module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
             name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
-            param = self._target_parameter(name)
+            param = self._target_parameter(name, experts)
             r = A.shape[0]
             if kind == "ADALORA":
                 E = self.tensors.get(f"{module}.lora_E{suffix}")
@@ -367,6 +386,8 @@ class PeftAdapter:
             elif r == 0:  # AdaLoRA prunes layers to rank 0 (callers skip them); a LoRA has no such layer
                 raise FormatError(f"{module}: lora_A / lora_B of rank 0 ({tuple(A.shape)} / {tuple(B.shape)}): "
                                   "a LoRA layer without an update")
+            elif isinstance(param, tuple):   # MoE experts: scaling uses r of one expert (expert_pairs' callers)
+                scaling = 1.0
             else:   # peft matches a target parameter's patterns on "<module>.<parameter>"
                 scaling = self.lora_scaling(name if param is None else f"{name}.{param}", r)
             for side, M in (("lora_A", A), ("lora_B", B)):
@@ -375,29 +396,33 @@ class PeftAdapter:
             if not (math.isfinite(scaling) and scaling > 0):
                 raise FormatError(f"layer {name}: scaling (from lora_alpha) is {scaling}; it must be a finite "
                                   "number > 0 (a lora_alpha of 0 makes an adapter that changes nothing)")
-            out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out and param is None, param is not None))
+            out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out and param is None, param is not None,
+                                     param if isinstance(param, tuple) else ()))
         if not out:
             emb = embedding_lora_modules(self.tensors)
             raise FormatError("the adapter holds no lora_A / lora_B tensors" + (
                 f"; LoRA on embeddings (lora_embedding_A/B of {', '.join(emb[:3])}) is not supported" if emb else ""))
         return out
 
-    def _target_parameter(self, module: str) -> Optional[str]:
+    def _target_parameter(self, module: str, experts: bool = False) -> Union[None, str, Tuple[str, ...]]:
         """The parameter a module's LoRA adapts when peft's ``target_parameters`` names it (peft wraps the
-        module and matches "<module>.<parameter>" on the entry's dotted suffix), else None. Only a 2-D
-        ``weight`` is read as a Linear's update; LoRA on another parameter (the 3-D expert tensors of a MoE
-        block, where lora_A / lora_B hold one rank-r pair per expert) is refused."""
+        module and matches "<module>.<parameter>" on the entry's dotted suffix), else None. A ``weight`` is read
+        as a Linear's update; LoRA on another parameter (the 3-D expert tensors of a MoE block, where lora_A /
+        lora_B hold one rank-r pair per expert) is refused, or with ``experts`` the parameters it may adapt are
+        returned (several wrappers of one module nest; the base's shapes tell them apart)."""
         targets = self.config.get("target_parameters") or []
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise FormatError(f"{ADAPTER_CONFIG}: target_parameters must be a list of parameter names, got {targets!r}")
         core = re.sub(r"(\.base_layer)+$", "", module)  # peft nests the wrappers of several parameters of one module
         params = {p for mod, _, p in (t.rpartition(".") for t in targets)
                   if not mod or core == mod or core.endswith("." + mod)}
+        if params - {"weight"} and experts:
+            return tuple(sorted(params - {"weight"}))
         if params - {"weight"}:
             raise FormatError(f"{module}: LoRA on the parameter(s) {', '.join(sorted(params))} of this module (peft's "
                               "target_parameters) is not supported: its update is not scaling * B @ A of a 2-D "
                               "weight (a MoE block's expert tensors hold one LoRA pair per expert); only a module's "
-                              "2-D weight is")
+                              "2-D weight is (solar compress takes MoE expert parameters)")
         return "weight" if params else None
 
     def lora_scaling(self, module: str, r: int) -> float:
@@ -694,6 +719,61 @@ class BaseWeights:
     def get(self, key: str) -> torch.Tensor:
         return read_safetensors(self._where[key], [key])[key]
 
+    def get_expert(self, key: str, parts: List[str], expert: int) -> torch.Tensor:
+        """One expert's 2-D slice of a MoE block's 3-D parameter as the loaded model holds it (``expert_sources``):
+        the concatenation of ``parts`` along dim 0 where transformers merges stored 2-D weights into it, else
+        ``key[expert]`` (read alone, not the whole tensor)."""
+        if parts:
+            dtypes = {self._header[k][0] for k in parts}
+            if len(dtypes) > 1:
+                raise FormatError(f"{self.path}: {', '.join(parts)} (merged into one expert's slice of {key}) are "
+                                  f"stored in different dtypes ({', '.join(sorted(dtypes))})")
+            return torch.cat([self.get(k) for k in parts])
+        try:
+            with safe_open(self._where[key], framework="pt") as f:
+                return f.get_slice(key)[expert]
+        except Exception as e:   # noqa: BLE001  (safetensors' own error types)
+            raise FormatError(f"{self._where[key]}: not a readable safetensors file ({e})") from None
+
+    def expert_sources(self, module: str, param: str) -> Tuple[str, List[List[str]]]:
+        """Where the checkpoint holds the experts of a MoE block's 3-D parameter ``param`` of ``module`` (as the
+        loaded model names them, matched like a module's weight): (its key, []) where the 3-D tensor is stored as
+        such (GPT-OSS; expert e is key[e]), or (the loaded name, the stored keys of each expert) where transformers
+        merges per-expert 2-D weights into it as it loads the model (Mixtral's ``experts.<e>.w1`` and ``w3``: expert
+        e's slice is their concatenation along dim 0). FormatError where neither is found or the merge is another
+        one; quantized weights are refused."""
+        key = self._match(module, self._where, param)
+        if key is None and not os.path.isfile(self.path) and self._renamed:
+            name = self._match(module, self._renamed, param)
+            key = self._renamed[name] if name else None
+        if key is not None:
+            self.refuse_quantized(key)
+            if len(self._header[key][1]) != 3:
+                raise FormatError(f"{self.path}: {key} has shape {tuple(self._header[key][1])}, not the 3-D experts x "
+                                  "rows x columns of a MoE block's expert parameter")
+            return key, []
+        merges = self._merges
+        name = self._match(module, merges, param) if merges else None
+        if name is None:
+            raise FormatError(f"{self.path}: no weight for the expert parameter {param} of {module} (is this the "
+                              "adapter's base model? From a bare .safetensors file, experts that transformers merges "
+                              "as it loads the model are not found: pass the model's folder)")
+        if isinstance(merges[name], str):
+            raise FormatError(f"{self.path}: transformers builds {name} from the stored weights with {merges[name]}; "
+                              "only a stack of per-expert weights (each expert's the concatenation of its parts) is "
+                              "supported")
+        for part in merges[name]:
+            for k in part:
+                self.refuse_quantized(k)
+        return name, merges[name]
+
+    @functools.cached_property
+    def _merges(self) -> Dict[str, Union[str, List[List[str]]]]:
+        """{loaded name: the stored keys of each expert, in order} of the 3-D parameters transformers stacks from
+        per-expert 2-D weights as it loads the model (``loaded_names``' None keys); a description of the
+        conversion instead where it is not such a stack."""
+        return self._conversions[1]
+
     def shape(self, key: str) -> List[int]:
         """A tensor's shape, from the file's header (no data read)."""
         return list(self._header[key][1])
@@ -726,12 +806,12 @@ class BaseWeights:
         self.refuse_quantized(key)
         return key
 
-    def _match(self, module: str, names) -> Optional[str]:
-        """The name in ``names`` of ``module``'s weight: the longest common dotted suffix, else the one name
-        that ends with the module's path (several: FormatError), else None."""
-        key = self._find(module + ".weight", names)
+    def _match(self, module: str, names, param: str = "weight") -> Optional[str]:
+        """The name in ``names`` of ``module``'s weight (``param``): the longest common dotted suffix, else the
+        one name that ends with the module's path (several: FormatError), else None."""
+        key = self._find(f"{module}.{param}", names)
         if key is None:
-            longer = [k for k in names if k.endswith("." + module + ".weight")]
+            longer = [k for k in names if k.endswith(f".{module}.{param}")]
             if len(longer) > 1:
                 raise FormatError(f"{self.path}: adapted module {module} matches several weights ({longer[0]}, "
                                   f"{longer[1]}{' ...' if len(longer) > 2 else ''}): is this the adapter's base model?")
@@ -758,29 +838,39 @@ class BaseWeights:
         per-expert ``w1`` / ``w3`` into one 3-D parameter): no module of its own. Every key maps to itself for a
         bare file, a model transformers cannot build (``skeleton``), or a transformers without conversions.
         Worked out the first time it is asked for, from the model built on the meta device."""
+        return self._conversions[0]
+
+    @functools.cached_property
+    def _conversions(self) -> Tuple[Dict[str, Optional[str]], Dict[str, Union[str, List[List[str]]]]]:
+        """(``loaded_names``, ``_merges``), from transformers' conversion mapping of the meta-built model."""
         same = {k: k for k in self._where}
         model = self.skeleton
         if model is None:
-            return same
+            return same, {}
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
         except ImportError:   # transformers 4: no conversions on load
-            return same
+            return same, {}
         try:
             transforms = get_model_conversion_mapping(model)
             renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
             converters = [t for t in transforms if isinstance(t, WeightConverter)]
             meta = model.state_dict()
             names: Dict[str, Optional[str]] = {}
+            sources: Dict[str, Dict[str, Dict[int, str]]] = {}   # loaded name -> source pattern -> expert -> key
             for k in sorted(self._where):   # in sorted order, as transformers renames (a group rename's guard first)
                 name, merged = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
                 names[k] = None if merged is not None else name
-            return names
+                hit = re.search(re.escape(merged).replace(r"\*", r"(\d+)") + "$", k) if merged else None
+                if hit and hit.groups():   # a pattern of one wildcard is the expert's index; else not a stack
+                    by = sources.setdefault(name, {}).setdefault(merged, {})
+                    by[int(hit.group(1)) if len(hit.groups()) == 1 else -1 - len(by)] = k
+            return names, {name: _stacked_experts(by, converters) for name, by in sources.items()}
         except Exception as e:   # noqa: BLE001  (another transformers' internals: the stored names only)
             warnings.warn(f"{self.path}: transformers' load-time renaming of this model's weights could not be worked "
                           f"out ({type(e).__name__}: {e}); the stored names are used")
-            return same
+            return same, {}
 
     def refuse_quantized(self, key: str) -> None:
         """FormatError for a weight not stored as floating-point numbers of 16 bits or more (read off the header)."""
@@ -839,6 +929,21 @@ class BaseWeights:
             for pname, _ in mod.named_parameters(recurse=False):
                 kinds[f"{name}.{pname}" if name else pname] = kind if pname == "weight" else "other"
         return kinds
+
+
+def _stacked_experts(by_pattern: Dict[str, Dict[int, str]], converters) -> Union[str, List[List[str]]]:
+    """Each expert's stored keys, in the converter's source order, where transformers' converter stacks the experts'
+    weights (MergeModulelist along dim 0), concatenating several per expert along their rows (Concatenate along dim
+    1 of the stack); else the converter's operations, as text."""
+    conv = next(c for c in converters if set(by_pattern) <= set(c.source_patterns))
+    ops = [(type(o).__name__, getattr(o, "dim", None)) for o in conv.operations]
+    patterns = [p for p in conv.source_patterns if p in by_pattern]
+    experts = sorted(by_pattern[patterns[0]])
+    if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or \
+            len(patterns) != len(conv.source_patterns) or experts != list(range(len(experts))) or \
+            any(sorted(by_pattern[p]) != experts for p in patterns):
+        return " then ".join(f"{n}(dim={d})" for n, d in ops) + f" of {', '.join(conv.source_patterns)}"
+    return [[by_pattern[p][e] for p in patterns] for e in experts]
 
 
 def fingerprint(t: torch.Tensor) -> str:

@@ -52,6 +52,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -60,9 +61,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import ops
-from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, PeftAdapter, as_update_layout, base_modifying_init,
-                 check_finite, embedding_lora_modules, fingerprint, prefix_rewrite, read_safetensors,
-                 refuse_layer_replication, safetensors_metadata, save_safetensors)
+from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, LowRankUpdate, PeftAdapter, as_update_layout,
+                 base_modifying_init, check_finite, embedding_lora_modules, expert_pairs, fingerprint, prefix_rewrite,
+                 read_safetensors, refuse_layer_replication, safetensors_metadata, save_safetensors, stack_experts)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 from .io import progress_bar as _progress
 
@@ -130,6 +131,10 @@ class LayerInfo:
     kind: str = "solar"    # "solar": sparse coefficients over the bases; "lowrank": nnz factor pairs of ΔW
     renamed: bool = False  # module is the loaded model's name for base_key (transformers renames the stored
     #                        weights as it loads them: io.BaseWeights.loaded_names); a decoder takes base_key
+    expert: int = -1       # >= 0: the layer is this expert's pair of a LoRA on a MoE block's 3-D expert parameter
+    #                        (peft's target_parameters; io.expert_pairs); its base weight is base_key[expert], or
+    experts: int = 0       # the concatenation of base_parts (per-expert weights transformers merges as it loads
+    base_parts: List[str] = field(default_factory=list)  # the model); experts: how many the parameter holds
 
 
 @dataclass
@@ -269,9 +274,10 @@ class SolarPackage:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         tensors = self._tensors() if layout == "layers" else self._packed_tensors()
-        # fan_in_fan_out, kind and renamed are written only where they differ from the default, so packages
-        # without Conv1D, low-rank or renamed layers stay readable by builds that predate the fields
-        defaults = {"fan_in_fan_out": False, "kind": "solar", "renamed": False}
+        # fan_in_fan_out, kind, renamed and the expert fields are written only where they differ from the default,
+        # so packages without Conv1D, low-rank, renamed or MoE expert layers stay readable by builds that predate them
+        defaults = {"fan_in_fan_out": False, "kind": "solar", "renamed": False, "expert": -1, "experts": 0,
+                    "base_parts": []}
         layers = [{k: v for k, v in vars(l).items() if k not in defaults or v != defaults[k]} for l in self.layers]
         meta = {"seed": self.seed, "eps": self.eps, "dtype": self.dtype, "peft_config": self.peft_config,
                 "layers": layers, "skipped": self.skipped}
@@ -357,6 +363,7 @@ class SolarPackage:
             for flag in ("fan_in_fan_out", "renamed"):
                 if flag in l:
                     need(l, flag, (bool,), where + flag)
+            _parse_expert(l, where, need)
             kind = need(l, "kind", (str,), where + "kind") if "kind" in l else "solar"
             if kind == "lowrank":
                 f = _parse_factors(tensors, i, shape, l["rank"], where, scales)
@@ -383,6 +390,7 @@ class SolarPackage:
             values.append(v)
             indices.append(ix)
             factors.append(f)
+        _check_experts(layers)
         seed = need(info, "seed", (int,))
         ops._seed(seed)  # 64 bits, as the ops take it (the C++ decoder reads the same range)
         eps = need(info, "eps", (int, float))
@@ -422,7 +430,8 @@ class SolarPackage:
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for i, l in enumerate(self.layers):
             enc = f"rank-{l.nnz} factors" if l.kind == "lowrank" else f"{l.nnz} coefficients"
-            rows.append(f"| {l.module} | {l.shape[0]}×{l.shape[1]} | {l.rank} | {enc} | "
+            name = l.module + (f" (expert {l.expert})" if l.expert >= 0 else "")
+            rows.append(f"| {name} | {l.shape[0]}×{l.shape[1]} | {l.rank} | {enc} | "
                         f"{self.layer_numbers(i)} | {l.lora_numbers} | {100 * l.energy:.2f}% | "
                         f"{l.rel_error:.4f} |")
         errs = [l.rel_error for l in self.layers]
@@ -573,6 +582,35 @@ def _basis_rule(info) -> int:
         raise _NewerBuildNeeded(f"basis rule {basis} is unknown to this build (it knows {known}): a package from a "
                                 "newer subspace_ext (update this one to decode it), or an edited one")
     return basis
+
+
+def _parse_expert(l: dict, where: str, need: Callable) -> None:
+    """A package layer's MoE expert fields (``LayerInfo.expert``, ``experts``, ``base_parts``), checked."""
+    expert = need(l, "expert", (int,), where + "expert") if "expert" in l else -1
+    experts = need(l, "experts", (int,), where + "experts") if "experts" in l else 0
+    parts = need(l, "base_parts", (list,), where + "base_parts") if "base_parts" in l else []
+    if not (expert == -1 and experts == 0 or 0 <= expert < experts):
+        raise ValueError(where + f"expert {expert} of {experts} experts: an expert layer needs 0 <= expert < experts, "
+                         "any other layer neither field")
+    if parts and (expert < 0 or not all(isinstance(p, str) and p for p in parts)):
+        raise ValueError(where + "base_parts must be base weight names, and only on an expert layer")
+
+
+def _check_experts(layers: List[LayerInfo]) -> None:
+    """Each module's layers are one plain layer, or its experts 0 .. E-1 once each with the same E, shape, rank,
+    scaling and layout (their pairs are stacked into one LoRA: io.stack_experts)."""
+    groups: Dict[str, List[LayerInfo]] = {}
+    for l in layers:
+        groups.setdefault(l.module, []).append(l)
+    for module, ls in groups.items():
+        if len(ls) == 1 and ls[0].expert < 0:
+            continue
+        first = ls[0]
+        if sorted(l.expert for l in ls) != list(range(first.experts)) or any(
+                (l.experts, l.shape, l.rank, l.scaling, l.fan_in_fan_out) !=
+                (first.experts, first.shape, first.rank, first.scaling, first.fan_in_fan_out) for l in ls):
+            raise ValueError(f"module {module}: {len(ls)} layers, not one, nor experts 0 .. E-1 once each of one "
+                             "shape, rank, scaling and layout")
 
 
 def _unpack(tensors: Dict[str, torch.Tensor], info) -> Dict[str, torch.Tensor]:
@@ -1000,10 +1038,13 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         raise ValueError(f"{ad.source or 'the adapter'}: its config holds NaN or Inf (not valid JSON; a package "
                          "carrying it would be refused by both decoders)")
     refuse_layer_replication(ad.config, ad.source or "the adapter")
-    updates = [u for u in ad.updates() if u.A.shape[0] > 0]  # AdaLoRA prunes layers to rank 0: no update
+    updates = [u for u in ad.updates(experts=True) if u.A.shape[0] > 0]  # AdaLoRA prunes layers to rank 0
     if not updates:
         raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "
                          "the adapter's update is zero, there is nothing to compress")
+    # (update, None), or an expert's (update, (key, parts, stored in x out) of its base weight)
+    layer_updates = [e for u in updates for e in (_expert_updates(ad, bw, u) if u.params else [(u, None)])]
+    updates = [u for u, _ in layer_updates]
     kinds = _encodings(method)
     extra = ad.extra_tensors()
     cap = _coefficient_cap(budget, ratio, sum(sum(u.shape) * int(u.A.shape[0]) for u in updates)
@@ -1016,14 +1057,20 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     # a model that may hold Conv1D layers is built for it (importing its code takes seconds)
     square = any(m == n for m, n in (u.shape for u in updates))
     types = bw.weight_kinds() if square and bw.may_hold_conv1d else None
-    for i, u in enumerate(_progress(updates, "solar: bases" if "solar" in kinds else "solar: layers", progress)):
+    for i, (u, source) in enumerate(_progress(layer_updates, "solar: bases" if "solar" in kinds else "solar: layers",
+                                              progress)):
         m, n = u.shape
-        # a LoRA on the weight as a parameter (target_parameters) is added to it as stored
-        key, W0, transposed = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out,
-                                           either=not u.as_stored, kinds=types)
         r = int(u.A.shape[0])
-        info = LayerInfo(u.module, key, [m, n], r, float(u.scaling), i, fingerprint(W0), [0.0, 0.0],
-                         lora_numbers=(m + n) * r, fan_in_fan_out=transposed, renamed=u.module in bw.loaded_modules)
+        info = LayerInfo(u.module, "", [m, n], r, float(u.scaling), i, "", [0.0, 0.0], lora_numbers=(m + n) * r)
+        if source is not None:   # a MoE expert: its slice of the parameter
+            info.base_key, info.base_parts, info.fan_in_fan_out = source
+            info.expert, info.experts = u.expert, u.experts
+            W0 = _package_base_weight(bw, info)[1]
+        else:   # a LoRA on the weight as a parameter (target_parameters) is added to it as stored
+            key, W0, info.fan_in_fan_out = _base_weight(bw, u.module, (m, n), f"layer {u.module}", u.fan_in_fan_out,
+                                                        either=not u.as_stored, kinds=types)
+            info.base_key, info.renamed = key, u.module in bw.loaded_modules
+        info.fingerprint = fingerprint(W0)
         B64, A64 = u.B.double(), u.A.double()
         layer = _Layer(info, lambda B2, A2, s2, u=u: _lowrank_rel_error(u.B, u.A, u.scaling, B2, A2, s2), 0.0)
         if "lowrank" in kinds:
@@ -1034,9 +1081,9 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
             if "lowrank" in kinds and cap is not None:   # auto: (m + n + 2) r numbers store all r pairs (int8 too)
                 layer.dominated_at = ((m + n + 2) * r + 1) // 2
                 limit = min(cap, layer.dominated_at)   # the budget's worth: candidates grew as layers² in all
-            U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
+            U, V = ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), seed, i, eps)
             layer.set_solar(U, V, ops.project(U, V, B64, A64, u.scaling), limit, bases,
-                            _basis_of(bw, key, transposed, seed, i, eps), floor)
+                            _basis_of(bw, info, seed, eps), floor)
             del U, V
         layers.append(layer)
         if method == "solar":
@@ -1054,9 +1101,57 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
                     progress)
 
 
-def _basis_of(bw: BaseWeights, key: str, transposed: bool, seed: int, stream: int, eps: float) -> Callable:
-    """() -> the SOLAR bases of ``bw[key]``, regenerated from the weight (read again) when called."""
-    return lambda: ops.solar_basis(as_update_layout(bw.get(key), transposed), seed, stream, eps)
+def _basis_of(bw: BaseWeights, info: LayerInfo, seed: int, eps: float) -> Callable:
+    """() -> the SOLAR bases of a layer's base weight, regenerated from the weight (read again) when called."""
+    def read():
+        return bw.get_expert(info.base_key, info.base_parts, info.expert) if info.expert >= 0 else bw.get(info.base_key)
+    return lambda: ops.solar_basis(as_update_layout(read(), info.fan_in_fan_out), seed, info.stream, eps)
+
+
+def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[Tuple[LowRankUpdate, tuple]]:
+    """A LoRA on a MoE block's 3-D expert parameter (``u.params``: the parameters of its module it may adapt) as
+    one update per expert (``io.expert_pairs``), each with its base weight's (key, parts, stored in x out). The parameter is the one whose experts' slices fit the factors' shapes; its layout is the module's
+    (``is_transposed``: experts x in x out, as GPT-OSS) where the model tells, else the shape's (square:
+    experts x out x in, peft's default)."""
+    core = re.sub(r"(\.base_layer)+$", "", u.module)
+    m, n = u.B.shape[0], u.A.shape[1]
+    fits, problems = [], []
+    for param in u.params:
+        try:
+            key, parts = bw.expert_sources(core, param)
+        except FormatError as e:
+            problems.append(str(e))
+            continue
+        if parts:
+            count, rows, cols = len(parts), sum(bw.shape(k)[0] for k in parts[0]), bw.shape(parts[0][0])[1]
+        else:
+            count, rows, cols = bw.shape(key)
+        if u.A.shape[0] % count == 0 and u.A.shape[0] > 0 and (rows, cols) in ((m, n), (n, m)):
+            fits.append((param, key, parts, count, (rows, cols)))
+        else:
+            problems.append(f"{param} ({count} experts of {rows} x {cols}) does not fit lora_B {tuple(u.B.shape)} / "
+                            f"lora_A {tuple(u.A.shape)}")
+    if len(fits) != 1:
+        raise BaseMismatchError(f"layer {u.module}: " + (
+            f"the LoRA fits the expert parameters {' and '.join(f[0] for f in fits)} alike; which one it adapts is "
+            "not told" if fits else "no expert parameter of the base fits its factors: " + "; ".join(problems)
+            + " (is this the adapter's base model?)"))
+    param, key, parts, count, stored = fits[0]
+    transposed = stored != (m, n)
+    if m == n:   # the module's layout, where the model tells (peft's rule); else peft's default
+        model = bw.skeleton
+        try:
+            transposed = bool(getattr(model.get_submodule(core), "is_transposed", False))
+        except AttributeError:
+            transposed = False
+            warnings.warn(f"layer {u.module}: the experts of {param} are square and {bw.path} does not tell their "
+                          "layout (a bare .safetensors file, or a model transformers cannot build): taken as experts x "
+                          "out x in, peft's default; SOLAR's bases fit them less well if they are stored in x out "
+                          "(the decoded adapter is right either way)")
+    r = u.A.shape[0] // count
+    scaling = ad.lora_scaling(f"{core}.{param}", r)
+    return [(dataclasses.replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e, experts=count),
+             (key, parts[e] if parts else [], transposed)) for e, (B, A) in enumerate(expert_pairs(u.B, u.A, count))]
 
 
 def _kind_in(key: str, kinds: Optional[Dict[str, str]]) -> Optional[str]:
@@ -1160,7 +1255,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             torch.linalg.norm(delta() - s2 * B2.double() @ A2.double())) / norm, norm * norm)
         if "solar" in encodings:
             U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
-            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, bk, transposed, seed, i, eps),
+            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, info, seed, eps),
                             floor)
             del U, V
         if "lowrank" in encodings:
@@ -1347,28 +1442,42 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
     # a wrong base fails in seconds, not after the layers before it are decoded (7B: ~14 GB of weights hashed)
     for info in _progress(pkg.layers, "solar: base check", progress):
         _package_base_weight(bw, info, check=True)
+    experts: Dict[str, dict] = {}   # module -> {expert: (B, A)}
     for i, info in enumerate(_progress(pkg.layers, "solar: decode", progress)):
         what = f"layer {info.module}"
         prefix = f"base_model.model.{info.module}"
         if pkg.factors[i] is not None:  # low-rank layer: the factors themselves, no basis (W0 not read again)
             B, A = _pad_factors(*pkg.stored_factors(i), info.rank)
-            tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
-            tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
-            continue
-        key, W0 = _package_base_weight(bw, info)
-        basis = _Regenerated(lambda: ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed,
-                                                     info.stream, pkg.eps))
-        B, A, ck = _decode_solar(basis, pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
-        tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
-        if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
-            raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "
-                                    f"{[float(c) for c in ck]} != {info.checksum}): " + _mismatch_cause(pkg.basis, key))
+        else:
+            B, A = _decoded_solar(pkg, i, bw)
+        if info.expert >= 0:   # stacked into the module's LoRA once all its experts are decoded
+            experts.setdefault(prefix, {})[info.expert] = (B.to(dtype), A.to(dtype))
+            if len(experts[prefix]) < info.experts:
+                continue
+            pairs = experts.pop(prefix)
+            B, A = stack_experts([pairs[e] for e in sorted(pairs)])
         tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
         tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
     tensors.update(pkg.extra)
     if str(config.get("peft_type", "LORA")).upper() == "ADALORA":
         config = _adalora_as_lora(config, pkg.layers)
     return PeftAdapter(config, tensors)
+
+
+def _decoded_solar(pkg: SolarPackage, i: int, bw: BaseWeights) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of package layer ``i`` (kind "solar"), decoded over the bases of its base weight, whose checksum is
+    checked against the sender's."""
+    info = pkg.layers[i]
+    what = _layer_name(info)
+    key, W0 = _package_base_weight(bw, info)
+    basis = _Regenerated(lambda: ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed, info.stream,
+                                                 pkg.eps))
+    B, A, ck = _decode_solar(basis, pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
+    tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
+    if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
+        raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "
+                                f"{[float(c) for c in ck]} != {info.checksum}): " + _mismatch_cause(pkg.basis, key))
+    return B, A
 
 
 def _decode_solar(basis: Callable, values: torch.Tensor, positions: torch.Tensor, info: LayerInfo, seed: int):
@@ -1406,6 +1515,11 @@ def _strict_json(value) -> bool:
     return True
 
 
+def _layer_name(info: LayerInfo) -> str:
+    """A layer as messages name it: "layer <module>", and " (expert <e>)" for a MoE expert's (the C++ decoder's)."""
+    return f"layer {info.module}" + (f" (expert {info.expert})" if info.expert >= 0 else "")
+
+
 def _module_path(module: str) -> bool:
     """Non-empty dotted parts, no control character (the name goes into tensor names and one-line messages)."""
     return all(module.split(".")) and not any(ord(c) < 0x20 for c in module)
@@ -1414,7 +1528,34 @@ def _module_path(module: str) -> bool:
 def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) -> Tuple[str, torch.Tensor]:
     """(key, W0) of a package layer's base weight; with ``check``, also its fingerprint against the
     package's. A missing or misshapen weight, or another one, raises BaseMismatchError naming the layer."""
-    what = f"layer {info.module}"
+    what = _layer_name(info)
+    if info.expert >= 0:   # a MoE expert's slice: the recorded key or parts (the module's name has no weight)
+        key = info.base_key
+        missing = [k for k in info.base_parts or [key] if not bw.has(k)]
+        if missing:
+            raise BaseMismatchError(f"{what}: the base has no weight {missing[0]}: wrong base model?")
+        if not info.base_parts and not (len(bw.shape(key)) == 3 and info.expert < bw.shape(key)[0]):
+            raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(bw.shape(key))}, not "
+                                    f"{info.experts} experts: wrong base model?")
+        try:
+            for k in info.base_parts or [key]:
+                bw.refuse_quantized(k)
+            W0 = bw.get_expert(key, info.base_parts, info.expert)
+        except FormatError as e:
+            raise BaseMismatchError(f"{what}: {e}") from None
+        W0 = _base_weight_at(bw, key, info.shape, what, info.fan_in_fan_out, W0)
+    else:
+        key, W0 = _package_module_weight(bw, info, what)
+    if check and fingerprint(W0) != info.fingerprint:
+        raise BaseMismatchError(f"{what}: base weight {key} ({str(W0.dtype).replace('torch.', '')}) differs "
+                                f"from the one the package was made from (fingerprint {fingerprint(W0)} != "
+                                f"{info.fingerprint}): wrong base model, or the same one changed or saved in "
+                                "another dtype (the base must be exactly the sender's)")
+    return key, W0
+
+
+def _package_module_weight(bw: BaseWeights, info: LayerInfo, what: str) -> Tuple[str, torch.Tensor]:
+    """(key, W0) of a package layer's module's weight (``_package_base_weight``)."""
     try:
         key, W0, _ = _base_weight(bw, info.module, info.shape, what, info.fan_in_fan_out)
     except FormatError as e:
@@ -1426,11 +1567,6 @@ def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) 
             raise BaseMismatchError(f"{what}: {e}") from None
         key = info.base_key
         W0 = _base_weight_at(bw, key, info.shape, what, info.fan_in_fan_out)
-    if check and fingerprint(W0) != info.fingerprint:
-        raise BaseMismatchError(f"{what}: base weight {key} ({str(W0.dtype).replace('torch.', '')}) differs "
-                                f"from the one the package was made from (fingerprint {fingerprint(W0)} != "
-                                f"{info.fingerprint}): wrong base model, or the same one changed or saved in "
-                                "another dtype (the base must be exactly the sender's)")
     return key, W0
 
 

@@ -999,6 +999,40 @@ class BaseWeights {
     return {e, read_bytes(h, e)};
   }
 
+  // io.BaseWeights.get_expert, with solar._package_base_weight's checks: a MoE expert's 2-D slice (entry with
+  // its shape, bytes): the rows of its base_parts concatenated, else base_key[expert] (read alone).
+  std::pair<TensorEntry, std::string> get_expert(const std::string& base_key, const std::vector<std::string>& parts,
+                                                 int64_t expert, int64_t experts, const std::string& what) const {
+    const std::vector<std::string> keys = parts.empty() ? std::vector<std::string>{base_key} : parts;
+    for (const auto& k : keys)
+      if (!has(k)) fail(what + ": the base has no weight " + k + ": wrong base model?");
+    if (parts.empty()) {
+      const SafetensorsHeader& h = headers_[where_.at(base_key)];
+      TensorEntry e = h.tensors[h.index.at(base_key)];
+      if (e.shape.size() != 3 || expert >= e.shape[0])
+        fail(what + ": base weight " + base_key + " has shape " + shape_repr(e.shape) + ", not " +
+             std::to_string(experts) + " experts: wrong base model?");
+      const uint64_t size = static_cast<uint64_t>(e.shape[1]) * static_cast<uint64_t>(e.shape[2]) * e.dtype->size;
+      e.begin += size * static_cast<uint64_t>(expert);
+      e.end = e.begin + size;
+      e.shape.erase(e.shape.begin());
+      return {e, read_bytes(h, e)};
+    }
+    auto [out, bytes] = get(keys[0]);
+    for (size_t i = 1; i < keys.size(); ++i) {
+      auto [e, b] = get(keys[i]);
+      if (e.dtype != out.dtype)
+        fail(path_ + ": " + keys[0] + " and " + keys[i] + " (merged into one expert's slice of " + base_key +
+             ") are stored in different dtypes");
+      if (e.shape.size() != 2 || out.shape.size() != 2 || e.shape[1] != out.shape[1])
+        fail(what + ": base weights " + keys[0] + " " + shape_repr(out.shape) + " and " + keys[i] + " " +
+             shape_repr(e.shape) + " do not stack as rows: wrong base model?");
+      out.shape[0] += e.shape[0];
+      bytes += b;
+    }
+    return {out, bytes};
+  }
+
  private:
   static bool ends_with(const std::string& s, const std::string& suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -1064,7 +1098,70 @@ struct Layer {
   bool renamed = false;         // module is the loaded model's name for base_key (transformers renames the
                                 // stored weights as it loads them): base_key is taken
   bool lowrank = false;         // kind "lowrank": the factors lora_B (m x t), lora_A (t x n) are stored
+  int64_t expert = -1;          // >= 0: this expert's pair of a LoRA on a MoE block's 3-D expert parameter; its
+  int64_t experts = 0;          // base weight is base_key[expert], or the rows of base_parts concatenated
+  std::vector<std::string> base_parts;  // (solar.LayerInfo); experts: how many the parameter holds
 };
+
+// A layer as messages name it: "layer <module>", and " (expert <e>)" for a MoE expert's.
+std::string layer_name(const Layer& info) {
+  return "layer " + info.module + (info.expert >= 0 ? " (expert " + std::to_string(info.expert) + ")" : "");
+}
+
+// solar._parse_expert: a layer's MoE expert fields.
+void parse_expert(const Json& l, const std::string& where, Layer& L) {
+  auto integer = [&](const char* key, int64_t fallback) {
+    const Json* f = l.find(key);
+    if (!f) return fallback;
+    __int128 v;
+    if (f->type != Json::Type::Int || !json_to_int128(*f, v) || v < -1 || v > (__int128{1} << 62))
+      fail(where + key + " must be int, got " +
+           (f->type == Json::Type::Int ? "a number out of range" : "another type"));
+    return static_cast<int64_t>(v);
+  };
+  L.expert = integer("expert", -1);
+  L.experts = integer("experts", 0);
+  if (!((L.expert == -1 && L.experts == 0) || (0 <= L.expert && L.expert < L.experts)))
+    fail(where + "expert " + std::to_string(L.expert) + " of " + std::to_string(L.experts) +
+         " experts: an expert layer needs 0 <= expert < experts, any other layer neither field");
+  if (const Json* f = l.find("base_parts")) {
+    if (f->type != Json::Type::Array) fail(where + "base_parts must be list");
+    for (const Json& p : f->items) {
+      if (p.type != Json::Type::String || p.text.empty() || L.expert < 0)
+        fail(where + "base_parts must be base weight names, and only on an expert layer");
+      L.base_parts.push_back(p.text);
+    }
+  }
+}
+
+// solar._check_experts: each module's layers are one plain layer, or its experts 0 .. E-1 once each of one
+// shape, rank, scaling and layout.
+void check_experts(const std::vector<Layer>& layers) {
+  std::map<std::string, std::vector<const Layer*>> groups;
+  std::vector<std::string> order;
+  for (const Layer& l : layers) {
+    if (!groups.count(l.module)) order.push_back(l.module);
+    groups[l.module].push_back(&l);
+  }
+  for (const std::string& module : order) {
+    const auto& ls = groups[module];
+    if (ls.size() == 1 && ls[0]->expert < 0) continue;
+    const Layer& first = *ls[0];
+    std::vector<int64_t> seen;
+    bool same = true;
+    for (const Layer* l : ls) {
+      seen.push_back(l->expert);
+      same = same && l->experts == first.experts && l->shape == first.shape && l->rank == first.rank &&
+             l->scaling == first.scaling && l->fan_in_fan_out == first.fan_in_fan_out;
+    }
+    std::sort(seen.begin(), seen.end());
+    bool all = static_cast<int64_t>(seen.size()) == first.experts;
+    for (size_t e = 0; all && e < seen.size(); ++e) all = seen[e] == static_cast<int64_t>(e);
+    if (!same || !all)
+      fail("module " + module + ": " + std::to_string(ls.size()) +
+           " layers, not one, nor experts 0 .. E-1 once each of one shape, rank, scaling and layout");
+  }
+}
 
 struct Package {
   std::string basis = "1";  // solar.BASIS_RULE of the sender (the field's literal; absent: 1)
@@ -1267,8 +1364,8 @@ Package load_package(const std::string& path) {
     const int64_t config_rank = largest_config_rank(info.find("peft_config"));
     static const char* kRequired[] = {"module", "base_key", "shape", "rank", "scaling", "stream",
                                       "fingerprint", "checksum"};
-    static const char* kOptional[] = {"nnz",           "energy", "rel_error", "lora_numbers",
-                                      "fan_in_fan_out", "kind",   "renamed"};
+    static const char* kOptional[] = {"nnz",  "energy",  "rel_error", "lora_numbers", "fan_in_fan_out",
+                                      "kind", "renamed", "expert",    "experts",      "base_parts"};
     for (size_t i = 0; i < layers.items.size(); ++i) {
       const Json& l = layers.items[i];
       const std::string where = "layer " + std::to_string(i) + ": ";
@@ -1312,6 +1409,7 @@ Package load_package(const std::string& path) {
         if (f->type != Json::Type::Bool) fail(where + "renamed must be true or false");
         L.renamed = f->boolean;
       }
+      parse_expert(l, where, L);
       L.lowrank = is_lowrank(l, where);
       if (!L.lowrank && (L.checksum.size() != 2 || !std::isfinite(L.checksum[0]) || !std::isfinite(L.checksum[1])))
         fail(where + "checksum must be 2 finite numbers");
@@ -1366,6 +1464,7 @@ Package load_package(const std::string& path) {
         fail(where + (added.lowrank ? "nnz does not match the stored factor pairs"
                                     : "nnz does not match the stored coefficients"));
     }
+    check_experts(pkg.layers);
     pkg.seed = as_seed(need(info, "seed"), "seed");
     pkg.eps = as_double(need(info, "eps"), "eps");
     pkg.peft_config = need(info, "peft_config");
@@ -1490,26 +1589,10 @@ void decode(const std::string& package_path, const std::string& base_path, const
     tensors.emplace_back(key, std::move(t));
   };
 
-  // solar._package_base_weight: (key, entry, bytes) of a layer's base weight, its shape checked and,
-  // with `check`, its fingerprint against the package's.
-  auto base_weight = [&](const Layer& info, bool check) {
-    const std::string what = "layer " + info.module;
-    std::string key;
-    try {
-      key = bw.key_for_module(info.module);
-    } catch (const Failure& e) {
-      // An output embedding tied to the input one (a LLaMA's lm_head): the encoder found the stored
-      // key from the model's config (io.BaseWeights.key_for_module) and recorded it; the fingerprint
-      // check shows it to be the same weight. From a folder only where its config.json may tie
-      // embeddings; a bare .safetensors file has no config to ask, so there the recorded key is taken
-      // (solar._package_base_weight). So is a module the encoder found by the name transformers gives the
-      // stored weight as it loads the model (`renamed`: ViT's q_proj for ...attention.query), which this
-      // decoder cannot work out.
-      if (!(bw.may_tie_embeddings() || bw.is_file() || info.renamed) || !bw.has(info.base_key))
-        fail(what + ": " + e.what());
-      key = info.base_key;
-    }
-    auto [entry, bytes] = bw.get(key);
+  // solar._base_weight_at + the fingerprint check of solar._package_base_weight: (key, entry, bytes) of a
+  // layer's base weight once its stored shape is checked and, with `check`, its fingerprint.
+  auto checked = [&](const Layer& info, bool check, const std::string& what, std::string key, TensorEntry entry,
+                     std::string bytes) {
     std::vector<int64_t> stored = info.shape;  // solar._base_weight
     if (info.fan_in_fan_out) std::reverse(stored.begin(), stored.end());
     if (entry.shape != stored) {
@@ -1529,13 +1612,61 @@ void decode(const std::string& package_path, const std::string& base_path, const
     }
     return std::make_tuple(std::move(key), std::move(entry), std::move(bytes));
   };
+
+  // solar._package_base_weight: (key, entry, bytes) of a layer's base weight, its shape checked and,
+  // with `check`, its fingerprint against the package's.
+  auto base_weight = [&](const Layer& info, bool check) {
+    const std::string what = layer_name(info);
+    if (info.expert >= 0) {  // a MoE expert's slice: of the recorded key, or its parts' rows concatenated
+      auto [entry, bytes] = bw.get_expert(info.base_key, info.base_parts, info.expert, info.experts, what);
+      return checked(info, check, what, info.base_key, std::move(entry), std::move(bytes));
+    }
+    std::string key;
+    try {
+      key = bw.key_for_module(info.module);
+    } catch (const Failure& e) {
+      // An output embedding tied to the input one (a LLaMA's lm_head): the encoder found the stored
+      // key from the model's config (io.BaseWeights.key_for_module) and recorded it; the fingerprint
+      // check shows it to be the same weight. From a folder only where its config.json may tie
+      // embeddings; a bare .safetensors file has no config to ask, so there the recorded key is taken
+      // (solar._package_base_weight). So is a module the encoder found by the name transformers gives the
+      // stored weight as it loads the model (`renamed`: ViT's q_proj for ...attention.query), which this
+      // decoder cannot work out.
+      if (!(bw.may_tie_embeddings() || bw.is_file() || info.renamed) || !bw.has(info.base_key))
+        fail(what + ": " + e.what());
+      key = info.base_key;
+    }
+    auto [entry, bytes] = bw.get(key);
+    return checked(info, check, what, std::move(key), std::move(entry), std::move(bytes));
+  };
   // Every layer's base weight is checked before any layer is decoded, as solar.decompress does: a
   // wrong base fails in seconds, and both decoders name the same layer.
   for (const Layer& info : pkg.layers) base_weight(info, true);
 
+  // A layer's factors into the adapter; a MoE expert's are stacked into its module's LoRA once all its
+  // experts are decoded (solar.decompress, io.stack_experts: column k * E + e of lora_B is expert e's k-th).
+  std::map<std::string, std::map<int64_t, std::pair<at::Tensor, at::Tensor>>> experts;
+  auto put_layer = [&](const Layer& info, const std::string& prefix, at::Tensor B, at::Tensor A) {
+    if (info.expert >= 0) {
+      auto& pairs = experts[prefix];
+      pairs[info.expert] = {B.to(dtype), A.to(dtype)};
+      if (static_cast<int64_t>(pairs.size()) < info.experts) return;
+      std::vector<at::Tensor> Bs, As;
+      for (const auto& [e, pair] : pairs) {
+        Bs.push_back(pair.first);
+        As.push_back(pair.second);
+      }
+      B = at::stack(Bs, 2).reshape({info.shape[0], -1});
+      A = at::cat(As, 0);
+      experts.erase(prefix);
+    }
+    put(prefix + ".lora_A.weight", A.to(dtype));
+    put(prefix + ".lora_B.weight", B.to(dtype));
+  };
+
   for (size_t i = 0; i < pkg.layers.size(); ++i) {
     const Layer& info = pkg.layers[i];
-    const std::string what = "layer " + info.module;
+    const std::string what = layer_name(info);
     const std::string prefix = "base_model.model." + info.module;
     if (info.lowrank) {  // solar._pad_factors: the factors themselves, zero pairs after t; no basis
       const at::Tensor& Bs = pkg.lora_B[i];
@@ -1544,8 +1675,7 @@ void decode(const std::string& package_path, const std::string& base_path, const
       at::Tensor A = at::zeros({info.rank, info.shape[1]}, at::kFloat);
       B.narrow(1, 0, Bs.size(1)).copy_(Bs);
       A.narrow(0, 0, As.size(0)).copy_(As);
-      put(prefix + ".lora_A.weight", A.to(dtype));
-      put(prefix + ".lora_B.weight", B.to(dtype));
+      put_layer(info, prefix, B, A);
       continue;
     }
     const auto [key, entry, bytes] = base_weight(info, false);  // (a low-rank layer's is not read again)
@@ -1584,8 +1714,7 @@ void decode(const std::string& package_path, const std::string& base_path, const
                       "packed by a build before the sign rule's ties): compress the adapter again on a machine like "
                       "this one"));
       }
-      put(prefix + ".lora_A.weight", A.to(dtype));
-      put(prefix + ".lora_B.weight", B.to(dtype));
+      put_layer(info, prefix, B, A);
     } catch (const c10::Error& e) {
       std::string msg = e.what_without_backtrace();
       fail(what + ": " + msg);

@@ -1,0 +1,335 @@
+"""SOLAR on LoRA of a MoE block's 3-D expert parameters (peft's target_parameters, its ParamWrapper).
+
+peft stores one rank-r pair per expert: lora_A (r·E x n) stacks the experts' A_e, lora_B (m x r·E) interleaves
+their columns. Mixtral's checkpoint stores each expert's w1 / w3 / w2 as 2-D weights that transformers stacks
+(and concatenates) into gate_up_proj / down_proj as it loads the model; GPT-OSS stores the 3-D tensors, in x out.
+"""
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from subspace_ext import eigenlorax, io, solar  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BINARY = Path(os.environ.get("SUBSPACE_EXT_SOLAR_DECODE", REPO / "cmake-build" / "solar_decode"))
+TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def _models():
+    small = dict(vocab_size=64, hidden_size=24, intermediate_size=20, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, max_position_embeddings=64)
+    square = dict(small, intermediate_size=12)   # gate_up_proj's experts 24 x 24: the model tells the layout
+    out = {"mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, small),
+           "mixtral_square": (transformers.MixtralConfig, transformers.MixtralForCausalLM, square)}
+    if hasattr(transformers, "GptOssForCausalLM"):
+        out["gpt_oss"] = (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(small, head_dim=8))
+        out["gpt_oss_square"] = (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(square, head_dim=8))
+    return out
+
+
+def _lora_factors(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.fixture(scope="module", params=sorted(_models()))
+def moe(request, tmp_path_factory):
+    """(name, base folder, adapter folder, model class) of a tiny MoE model with a LoRA on q_proj and on both
+    expert parameters of every layer (the two wrappers nest: experts.base_layer and experts)."""
+    config_cls, model_cls, kw = _models()[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kw)).eval()
+    experts = model.model.layers[0].mlp.experts
+    if not isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
+        pytest.skip(f"transformers {transformers.__version__} keeps {request.param}'s experts as Linear layers")
+    base = str(tmp / "base")
+    model.save_pretrained(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                    target_parameters=TARGETS))
+    _lora_factors(pm, 1)
+    adapter = str(tmp / "adapter")
+    pm.save_pretrained(adapter)
+    return request.param, base, adapter, model_cls
+
+
+def _logits(model_cls, base, adapter=None):
+    model = model_cls.from_pretrained(base).eval()
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        return model(torch.arange(14).reshape(2, 7) % 64).logits
+
+
+def _expert_updates(adapter, base):
+    ad, bw = io.PeftAdapter.load(adapter), io.BaseWeights(base)
+    return [e for u in ad.updates(experts=True) if u.params for e in solar._expert_updates(ad, bw, u)]
+
+
+def test_expert_slices_are_the_loaded_models_parameters(moe):
+    """Mixtral's gate_up_proj[e] is transformers' concatenation of the stored w1_e and w3_e: read without the
+    model, each expert's slice must equal the loaded model's."""
+    _, base, _, model_cls = moe
+    bw, model = io.BaseWeights(base), model_cls.from_pretrained(base)
+    for layer in range(2):
+        experts = model.model.layers[layer].mlp.experts
+        for param in ("gate_up_proj", "down_proj"):
+            key, parts = bw.expert_sources(f"model.layers.{layer}.mlp.experts", param)
+            loaded = getattr(experts, param)
+            assert len(parts) in (0, loaded.shape[0])
+            for e in range(loaded.shape[0]):
+                assert torch.equal(bw.get_expert(key, parts[e] if parts else [], e), loaded[e]), (param, e)
+
+
+def test_each_experts_update_is_the_one_peft_applies(moe):
+    """scaling · B_e @ A_e (in the weight's stored layout) of every split expert equals peft's own delta of that
+    expert; each is matched to the right parameter of the nested wrappers and gets its base slice's layout."""
+    name, base, adapter, model_cls = moe
+    pm = peft.PeftModel.from_pretrained(model_cls.from_pretrained(base), adapter)
+    wrappers = {n[len("base_model.model."):]: m for n, m in pm.named_modules()
+                if type(m).__name__ == "ParamWrapper"}
+    split = _expert_updates(adapter, base)
+    assert len(split) == 2 * 2 * 3   # layers x parameters x experts
+    for u, (key, parts, transposed) in split:
+        w = wrappers[u.module]
+        assert u.params == (w.parameter_name,) and u.experts == 3
+        assert transposed == name.startswith("gpt_oss")   # GPT-OSS's experts are stored experts x in x out
+        delta = (u.scaling * u.B.double() @ u.A.double())
+        theirs = w.get_delta_weight("default")[u.expert].double()
+        torch.testing.assert_close(delta.T if transposed else delta, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [dict(budget="full"), dict(budget="full", method="lowrank")],
+                         ids=["solar-full", "lowrank-full"])
+def test_full_budget_round_trip_gives_the_same_model(moe, tmp_path, kw):
+    _, base, adapter, model_cls = moe
+    pkg = solar.compress(adapter, base, **kw)
+    assert sum(l.expert >= 0 for l in pkg.layers) == 12 and len(pkg.layers) == 14
+    path = str(tmp_path / "p.safetensors")
+    pkg.save(path)
+    solar.decompress(path, base).save_adapter(str(tmp_path / "dec"))
+    original, restored = (io.PeftAdapter.load(p).tensors for p in (adapter, str(tmp_path / "dec")))
+    assert sorted(original) == sorted(restored)
+    assert all(restored[k].shape == original[k].shape for k in original)
+    torch.testing.assert_close(_logits(model_cls, base, str(tmp_path / "dec")), _logits(model_cls, base, adapter),
+                               rtol=0, atol=1e-5)
+    assert (_logits(model_cls, base, adapter) - _logits(model_cls, base)).abs().max() > 1e-2   # the LoRA matters
+
+
+@pytest.mark.parametrize("method,cache", [("solar", True), ("auto", True), ("solar", False)],
+                         ids=["solar", "auto", "solar-bases-regenerated"])
+def test_lossy_errors_reported_per_expert_are_the_decoded_ones(moe, tmp_path, monkeypatch, method, cache):
+    """At a lossy budget each expert's reported error is ‖ΔW_e − ΔŴ_e‖ / ‖ΔW_e‖ of the decoded adapter's expert
+    e (split again from the stacked factors): the stacking puts every expert's pair back in its place. Without
+    the basis cache the encoder's decode check reads each expert's slice again."""
+    _, base, adapter, _ = moe
+    if not cache:
+        monkeypatch.setattr(solar, "BASIS_CACHE_BYTES", 0)
+    pkg = solar.compress(adapter, base, ratio=0.3, method=method)
+    path = str(tmp_path / "p.safetensors")
+    pkg.save(path)
+    dec = solar.decompress(path, base)
+    dec.save_adapter(str(tmp_path / "dec"))
+    ours = {(u.module, u.expert): u for u, _ in _expert_updates(str(tmp_path / "dec"), base)}
+    theirs = {(u.module, u.expert): u for u, _ in _expert_updates(adapter, base)}
+    errors = [l.rel_error for l in pkg.layers if l.expert >= 0]
+    assert 0.05 < min(errors) and max(errors) <= 1 and sum(errors) < 0.95 * len(errors)   # lossy, not nothing
+    for l in pkg.layers:
+        if l.expert >= 0:
+            a, b = theirs[l.module, l.expert], ours[l.module, l.expert]
+            assert solar._lowrank_rel_error(a.B, a.A, a.scaling, b.B, b.A, b.scaling) == pytest.approx(l.rel_error,
+                                                                                                   abs=1e-5)
+    assert "(expert 2)" in pkg.summary()
+
+
+@pytest.mark.skipif(not (BINARY.is_file() and os.access(BINARY, os.X_OK)),
+                    reason=f"edge decoder binary {BINARY} not built (run `make cmake-test`)")
+@pytest.mark.parametrize("kw", [dict(ratio=0.3), dict(ratio=0.3, method="auto", storage="int8")],
+                         ids=["solar", "auto-int8"])
+def test_edge_decoder_writes_the_same_adapter(moe, tmp_path, kw):
+    _, base, adapter, _ = moe
+    path = str(tmp_path / "p.safetensors")
+    solar.compress(adapter, base, **kw).save(path)
+    solar.decompress(path, base).save_adapter(str(tmp_path / "py"))
+    r = subprocess.run([str(BINARY), path, base, str(tmp_path / "cpp")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "py" / f).read_bytes() == (tmp_path / "cpp" / f).read_bytes(), f
+
+
+def _edited(path, out, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["solar"])
+    edit(info["layers"])
+    meta["solar"] = json.dumps(info)
+    meta["digest"] = io.content_digest(tensors, meta["solar"])
+    save_file(tensors, out, metadata=meta)
+    return out
+
+
+def _both_refuse(path, base, tmp_path, says):
+    """Both decoders refuse the package, saying ``says``."""
+    with pytest.raises((io.FormatError, solar.BaseMismatchError), match=re.escape(says)):
+        solar.decompress(path, base)
+    if BINARY.is_file() and os.access(BINARY, os.X_OK):
+        r = subprocess.run([str(BINARY), path, base, str(tmp_path / "cpp")], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 1 and says in r.stderr, r.stderr
+
+
+def test_wrong_base_and_edited_packages_are_refused_by_both_decoders(moe, tmp_path):
+    name, base, adapter, model_cls = moe
+    path = str(tmp_path / "p.safetensors")
+    pkg = solar.compress(adapter, base, ratio=0.3)
+    pkg.save(path)
+    first = next(i for i, l in enumerate(pkg.layers) if l.expert >= 0)
+    module = pkg.layers[first].module
+    # another model of the same shapes: the first expert layer's slice differs
+    torch.manual_seed(5)
+    other = str(tmp_path / "other")
+    model_cls(model_cls.config_class.from_pretrained(base)).save_pretrained(other)
+    q_first = pkg.layers[0].expert < 0   # the q_proj layer comes first in file order: it is named first
+    _both_refuse(path, other, tmp_path, f"layer {pkg.layers[0].module}" + ("" if q_first else " (expert 0)"))
+
+    def more(layers):   # a fourth expert the package lacks: the module's LoRA cannot be stacked
+        for l in layers[first:first + 3]:
+            l["experts"] = 4
+    _both_refuse(_edited(path, str(tmp_path / "more.safetensors"), more), base, tmp_path,
+                 f"module {module}: 3 layers, not one, nor experts 0 .. E-1 once each")
+
+    def twice(layers):
+        layers[first + 1]["expert"] = layers[first]["expert"]
+    _both_refuse(_edited(path, str(tmp_path / "twice.safetensors"), twice), base, tmp_path,
+                 f"module {module}: 3 layers, not one, nor experts 0 .. E-1")
+
+    def beyond(layers):
+        layers[first]["expert"] = 7
+    _both_refuse(_edited(path, str(tmp_path / "beyond.safetensors"), beyond), base, tmp_path,
+                 "expert 7 of 3 experts: an expert layer needs 0 <= expert < experts")
+
+    def foreign_part(layers):   # a part the base lacks (Mixtral), or a 3-D key it lacks (GPT-OSS)
+        if layers[first].get("base_parts"):
+            layers[first]["base_parts"][0] = "model.layers.0.nothing.weight"
+        else:
+            layers[first]["base_key"] = "model.layers.0.nothing.weight"
+    _both_refuse(_edited(path, str(tmp_path / "part.safetensors"), foreign_part), base, tmp_path,
+                 f"layer {module} (expert 0): the base has no weight model.layers.0.nothing.weight")
+
+
+def test_experts_listed_in_another_order_decode_to_the_same_adapter(moe, tmp_path):
+    """Each expert's pair goes to its own place (its recorded index), not to the place of its row in the package."""
+    _, base, adapter, _ = moe
+    path = str(tmp_path / "p.safetensors")
+    pkg = solar.compress(adapter, base, ratio=0.5, method="auto")
+    pkg.save(path)
+    i = next(k for k, l in enumerate(pkg.layers) if l.expert >= 0)
+    j = i + 2   # the first module's experts 0 and 2
+    for field in ("layers", "values", "indices", "factors"):
+        items = getattr(pkg, field)
+        items[i], items[j] = items[j], items[i]
+    swapped = str(tmp_path / "order.safetensors")
+    pkg.save(swapped)
+    assert [l.expert for l in solar.SolarPackage.load(swapped).layers][i:j + 1] == [2, 1, 0]
+    want = solar.decompress(path, base).tensors
+    got = solar.decompress(swapped, base).tensors
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    if BINARY.is_file() and os.access(BINARY, os.X_OK):
+        solar.decompress(path, base).save_adapter(str(tmp_path / "py"))
+        r = subprocess.run([str(BINARY), swapped, base, str(tmp_path / "cpp")], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        f = "adapter_model.safetensors"
+        assert (tmp_path / "py" / f).read_bytes() == (tmp_path / "cpp" / f).read_bytes()
+
+
+def test_eigenlorax_still_refuses_expert_parameters_by_name(moe, tmp_path):
+    _, base, adapter, _ = moe
+    ad = io.PeftAdapter.load(adapter)
+    io.PeftAdapter(ad.config, {k: 2 * v for k, v in ad.tensors.items()}).save_adapter(str(tmp_path / "twice"))
+    with pytest.raises(io.FormatError, match=r"LoRA on the parameter\(s\) down_proj, gate_up_proj of this module"):
+        eigenlorax.build_subspace([adapter, str(tmp_path / "twice")], components=2)
+
+
+def test_a_bare_file_of_a_merging_model_names_the_folder(moe, tmp_path):
+    """From the bare model.safetensors, Mixtral's merged experts cannot be found (no config to ask transformers
+    about); GPT-OSS's stored 3-D tensors can."""
+    name, base, adapter, _ = moe
+    bare = os.path.join(base, "model.safetensors")
+    if name.startswith("mixtral"):
+        with pytest.raises(solar.BaseMismatchError, match="pass the model's folder"):
+            solar.compress(adapter, bare, budget="full")
+        return
+    folder = solar.compress(adapter, base, budget="full")
+    if name == "gpt_oss_square":   # square experts: a bare file does not tell their layout
+        with pytest.warns(UserWarning, match="gate_up_proj are square and .* does not tell their layout"):
+            pkg = solar.compress(adapter, bare, budget="full")
+    else:
+        pkg = solar.compress(adapter, bare, budget="full")
+        assert [l.fan_in_fan_out for l in pkg.layers] == [l.fan_in_fan_out for l in folder.layers]
+    assert [l.fingerprint for l in pkg.layers] == [l.fingerprint for l in folder.layers]
+    torch.testing.assert_close(solar.decompress(pkg, bare).tensors, solar.decompress(folder, base).tensors,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_cli_compresses_and_decompresses_a_moe_adapter(moe, tmp_path, capsys):
+    from subspace_ext import cli
+    _, base, adapter, model_cls = moe
+    pkg, out = str(tmp_path / "p.safetensors"), str(tmp_path / "dec")
+    assert cli.main(["solar", "compress", adapter, "--base", base, "-o", pkg, "--budget", "full", "-q"]) == 0
+    assert "14 layers" in capsys.readouterr().out
+    assert cli.main(["solar", "inspect", pkg]) == 0
+    assert "mlp.experts.base_layer (expert 2) |" in capsys.readouterr().out
+    assert cli.main(["solar", "decompress", pkg, "--base", base, "-o", out, "-q"]) == 0
+    torch.testing.assert_close(_logits(model_cls, base, out), _logits(model_cls, base, adapter), rtol=0, atol=1e-5)
+
+
+def test_srlora_refuses_expert_parameters_by_name(moe):
+    """SRLoRA fuses pairs into a 2-D weight of a Linear / Conv1D: the experts' 3-D parameter is refused by name."""
+    from subspace_ext import srlora
+    _, base, adapter, model_cls = moe
+    pm = peft.PeftModel.from_pretrained(model_cls.from_pretrained(base), adapter, is_trainable=True)
+    with pytest.raises(ValueError, match=r"mlp.experts(.base_layer)?: LoRA on a .*Experts is not supported by SRLoRA"):
+        srlora.lora_layers(pm)
+
+
+def test_a_conversion_other_than_a_stack_of_experts_is_described_not_guessed():
+    """Only transformers' MergeModulelist(dim=0) [then Concatenate(dim=1)] is read as experts' slices; another
+    conversion (here an interleave, or a pattern of two wildcards, or an expert missing) is named instead."""
+    from types import SimpleNamespace as NS
+
+    class MergeModulelist(NS):
+        pass
+
+    class Concatenate(NS):
+        pass
+
+    class Interleave(NS):
+        pass
+
+    stack = NS(source_patterns=[".e.*.w1.weight", ".e.*.w3.weight"],
+               operations=[MergeModulelist(dim=0), Concatenate(dim=1)])
+    keys = {".e.*.w1.weight": {0: "l.e.0.w1.weight", 1: "l.e.1.w1.weight"},
+            ".e.*.w3.weight": {0: "l.e.0.w3.weight", 1: "l.e.1.w3.weight"}}
+    assert io._stacked_experts(keys, [stack]) == [["l.e.0.w1.weight", "l.e.0.w3.weight"],
+                                                  ["l.e.1.w1.weight", "l.e.1.w3.weight"]]
+    odd = NS(source_patterns=stack.source_patterns, operations=[MergeModulelist(dim=0), Interleave(dim=1)])
+    assert io._stacked_experts(keys, [odd]) == ("MergeModulelist(dim=0) then Interleave(dim=1) of .e.*.w1.weight, "
+                                                ".e.*.w3.weight")
+    gap = {p: {e: k for e, k in by.items() if e != 0} for p, by in keys.items()}   # expert 0 missing
+    assert isinstance(io._stacked_experts(gap, [stack]), str)
+    two = {p: {-1: "a", -2: "b"} for p in keys}   # indices of a pattern of two wildcards
+    assert isinstance(io._stacked_experts(two, [stack]), str)
