@@ -754,6 +754,11 @@ class BaseWeights:
             return key, []
         merges = self._merges
         name = self._match(module, merges, param) if merges else None
+        packed = self._match(module, self._where, param + "_blocks")
+        if name is None and packed is not None:   # GPT-OSS as released: MXFP4 blocks + scales
+            raise FormatError(f"{self.path}: the experts' {param} is stored quantized ({packed}, MXFP4 blocks and "
+                              "scales): subspace_ext needs the weights themselves: use a dequantized (bfloat16) copy "
+                              "of the model (transformers: Mxfp4Config(dequantize=True), then save_pretrained)")
         if name is None:
             raise FormatError(f"{self.path}: no weight for the expert parameter {param} of {module} (is this the "
                               "adapter's base model? From a bare .safetensors file, experts that transformers merges "

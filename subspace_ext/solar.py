@@ -1108,6 +1108,18 @@ def _basis_of(bw: BaseWeights, info: LayerInfo, seed: int, eps: float) -> Callab
     return lambda: ops.solar_basis(as_update_layout(read(), info.fan_in_fan_out), seed, info.stream, eps)
 
 
+def _nested_parameter(bw: BaseWeights, core: str, u: LowRankUpdate) -> Optional[str]:
+    """The parameter of ``u.params`` that peft's wrapper ``u.module`` adapts, from the nesting: peft wraps a
+    module's targeted parameters in the module's order, each wrapper around the last, so the first is the innermost
+    (``<module>.base_layer...``) and the last is ``<module>``; None where the model (``bw.skeleton``) is unknown."""
+    try:
+        order = [p for p, _ in bw.skeleton.get_submodule(core).named_parameters(recurse=False) if p in u.params]
+    except AttributeError:
+        return None
+    depth = (len(u.module) - len(core)) // len(".base_layer")
+    return order[len(order) - 1 - depth] if depth < len(order) else None
+
+
 def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[Tuple[LowRankUpdate, tuple]]:
     """A LoRA on a MoE block's 3-D expert parameter (``u.params``: the parameters of its module it may adapt) as
     one update per expert (``io.expert_pairs``), each with its base weight's (key, parts, stored in x out). The parameter is the one whose experts' slices fit the factors' shapes; its layout is the module's
@@ -1131,11 +1143,17 @@ def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[
         else:
             problems.append(f"{param} ({count} experts of {rows} x {cols}) does not fit lora_B {tuple(u.B.shape)} / "
                             f"lora_A {tuple(u.A.shape)}")
-    if len(fits) != 1:
-        raise BaseMismatchError(f"layer {u.module}: " + (
-            f"the LoRA fits the expert parameters {' and '.join(f[0] for f in fits)} alike; which one it adapts is "
-            "not told" if fits else "no expert parameter of the base fits its factors: " + "; ".join(problems)
-            + " (is this the adapter's base model?)"))
+    if len(fits) > 1:   # of one shape: peft wraps the module's targeted parameters in their order, the first inside
+        nested = _nested_parameter(bw, core, u)
+        if nested not in [f[0] for f in fits]:
+            raise BaseMismatchError(f"layer {u.module}: the LoRA fits the expert parameters "
+                                    f"{', '.join(f[0] for f in fits)} alike, and the model does not tell which one this "
+                                    "wrapper adapts (pass the model's folder)")
+        fits = [f for f in fits if f[0] == nested]
+    if not fits:
+        raise BaseMismatchError(f"layer {u.module}: no expert parameter of the base fits its factors: "
+                                + "; ".join(problems)
+                                + ("" if "quantized" in problems[-1] else " (is this the adapter's base model?)"))
     param, key, parts, count, stored = fits[0]
     transposed = stored != (m, n)
     if m == n:   # the module's layout, where the model tells (peft's rule); else peft's default

@@ -333,3 +333,60 @@ def test_a_conversion_other_than_a_stack_of_experts_is_described_not_guessed():
     assert isinstance(io._stacked_experts(gap, [stack]), str)
     two = {p: {-1: "a", -2: "b"} for p in keys}   # indices of a pattern of two wildcards
     assert isinstance(io._stacked_experts(two, [stack]), str)
+
+
+def test_mxfp4_experts_are_refused_as_quantized(moe, tmp_path):
+    """GPT-OSS as released stores its experts as MXFP4 blocks + scales (uint8 ``gate_up_proj_blocks``): the error
+    says so and how to get the weights, instead of 'no weight for the expert parameter'."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    name, base, adapter, _ = moe
+    if not name.startswith("gpt_oss"):
+        pytest.skip("GPT-OSS's layout")
+    folder = tmp_path / "mxfp4"
+    shutil.copytree(base, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    for k in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, a, b = tensors.pop(k).shape
+        tensors[k + "_blocks"] = torch.zeros(E, b, a // 32, 16, dtype=torch.uint8)
+        tensors[k + "_scales"] = torch.zeros(E, b, a // 32, dtype=torch.uint8)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(solar.BaseMismatchError, match=r"stored quantized \(.*gate_up_proj_blocks, MXFP4 .*"
+                                                      r"dequantized \(bfloat16\) copy"):
+        solar.compress(adapter, str(folder), budget="full")
+
+
+def test_wrappers_of_same_shaped_expert_parameters_are_told_apart_as_peft_nests_them():
+    """Two expert parameters of one shape fit a LoRA alike: peft wraps a module's targeted parameters in the
+    module's order, each wrapper around the last, and the nesting tells which one a wrapper adapts."""
+    from types import SimpleNamespace as NS
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_proj = torch.nn.Parameter(torch.randn(3, 8, 6))      # registered first
+            self.gate_proj = torch.nn.Parameter(torch.randn(3, 8, 6))
+
+        def forward(self, x):
+            return x
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Experts()
+
+        def forward(self, x):
+            return self.experts(x)
+
+    model = torch.nn.Sequential()
+    model.add_module("mlp", Block())
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_parameters=["experts.gate_proj", "experts.up_proj"]))
+    wrapped = {n[len("base_model.model."):]: m.parameter_name for n, m in pm.named_modules()
+               if type(m).__name__ == "ParamWrapper"}
+    assert len(wrapped) == 2
+    fresh = torch.nn.Sequential()   # the model as transformers builds it (peft wrapped the other one in place)
+    fresh.add_module("mlp", Block())
+    for module, param in wrapped.items():
+        u = io.LowRankUpdate(module, torch.zeros(8, 6), torch.zeros(6, 6), 1.0, params=("gate_proj", "up_proj"))
+        assert solar._nested_parameter(NS(skeleton=fresh), "mlp.experts", u) == param, module
+    assert solar._nested_parameter(NS(skeleton=None), "mlp.experts", u) is None
