@@ -342,7 +342,8 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                    help="relative basis perturbation (default 0; the bases are complete, so a perturbation only "
                         "rotates them: it did not help in our measurements, see README)")
     c.add_argument("--dense", action="store_true",
-                   help="the input is a dense fine-tune: compress its Linear-weight deltas from BASE")
+                   help="the input is a dense fine-tune: compress its Linear-weight (and MoE expert parameter) "
+                        "deltas from BASE")
     c.add_argument("--rank", type=_positive_int, default=None,
                    help="with --dense: LoRA rank of the decoded adapter (default 16)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -200,8 +200,8 @@ class SolarPackage:
         plain LoRA of Linear layers made by this build)."""
         out = []
         if self.skipped:
-            out.append(f"not carried (changed but not a Linear layer's weight in the model transformers loads: biases, "
-                       f"norms, embeddings, per-expert weights it merges into one parameter; or not in the base): "
+            out.append(f"not carried (changed but not a Linear layer's weight, nor a MoE expert parameter, in the "
+                       f"model transformers loads: biases, norms, embeddings, routers; or not in the base): "
                        f"{', '.join(self.skipped)}")
         embedded = embedding_lora_modules(self.extra)  # LoRA on embeddings travels in ``extra``
         if embedded:
@@ -1206,9 +1206,11 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     Which weights are Linear: from a folder with config.json (the base's, else the fine-tune's), the
     module types of that model (torch.nn.Linear, and transformers' Conv1D of GPT-2, whose in x out
     weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
-    not contain "embed". Other changed tensors (biases, norms, embeddings, the per-expert weights of an MoE
-    that transformers merges into one parameter as it loads them) and tensors the base does not have (a new
-    classification head) cannot be carried and are listed in the package's ``skipped``. Where transformers
+    not contain "embed". A MoE block's changed 3-D expert parameters (stored so, or stacked by transformers from
+    per-expert weights as it loads them: ``BaseWeights.expert_sources``; a folder with config.json needed) are
+    carried as peft's LoRA on them (``target_parameters``: one rank-``rank`` pair per expert, in the layout peft
+    adds them). Other changed tensors (biases, norms, embeddings, routers) and tensors the base does not have (a
+    new classification head) cannot be carried and are listed in the package's ``skipped``. Where transformers
     loads the stored weights under other names (``BaseWeights.loaded_names``: ViT, the MoE families), the
     adapter names the modules as the loaded model does.
     ``method`` and ``storage`` as for ``compress`` (the low-rank encoding keeps the delta's leading
@@ -1234,12 +1236,15 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         raise BaseMismatchError(f"{getattr(fw, 'path', finetuned)} and {getattr(bw, 'path', base)} share no tensor "
                                 "name, even under a prefix rewrite (bert.encoder... -> encoder...): wrong base model "
                                 "(or not a checkpoint of the same architecture)?")
-    # the deltas' size is known once they are read: bound it by every shared 2-D tensor's
-    cap = _coefficient_cap(budget, ratio, sum(math.prod(s) for s in map(fw.shape, keys) if len(s) == 2))
+    groups = _dense_expert_groups(fw, bw, base_of) if kinds is not None else []   # MoE expert parameters
+    covered = {k for g in groups for k in g["fine"]}
+    # the deltas' size is known once they are read: bound it by every shared 2-D tensor's (and expert parameter's)
+    cap = _coefficient_cap(budget, ratio, sum(math.prod(fw.shape(k)) for k in keys
+                                              if len(fw.shape(k)) == 2 or k in covered))
     if cap is None and "lowrank" in encodings:
         encodings = ("lowrank",)
     bases = _Bases(BASIS_CACHE_BYTES)
-    for k in _progress(keys, "solar: deltas", progress):
+    for k in _progress([k for k in keys if k not in covered], "solar: deltas", progress):
         bk = base_of[k]
         if k.endswith(".weight") and len(fw.shape(k)) == 2:   # a quantized checkpoint's weights: refused by name
             fw.refuse_quantized(k)
@@ -1263,38 +1268,108 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         if not torch.isfinite(D).all():
             raise ValueError(f"{k}: the fine-tuned weight contains NaN or Inf")
         m, n = D.shape
-        i = len(layers)
         module = _dense_module(fw, bw, k, bk)
-        info = LayerInfo(module, bk, [m, n], min(rank, m, n), 1.0, i, fingerprint(W0), [0.0, 0.0], lora_numbers=m * n,
-                         fan_in_fan_out=transposed, renamed=module in bw.loaded_modules)
-        norm = float(torch.linalg.norm(D))
-        # the error is measured against the delta read again: no layer's m x n delta is kept
-        layer = _Layer(info, lambda B2, A2, s2, delta=delta, norm=norm: float(
-            torch.linalg.norm(delta() - s2 * B2.double() @ A2.double())) / norm, norm * norm)
-        if "solar" in encodings:
-            U, V = ops.solar_basis(as_update_layout(W0, transposed), seed, i, eps)
-            layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, info, seed, eps),
-                            floor)
-            del U, V
-        if "lowrank" in encodings:
-            layer.svd = ops.rsvd(D, info.rank, niter=4, seed=seed)
+        info = LayerInfo(module, bk, [m, n], min(rank, m, n), 1.0, len(layers), fingerprint(W0), [0.0, 0.0],
+                         lora_numbers=m * n, fan_in_fan_out=transposed, renamed=module in bw.loaded_modules)
+        layers.append(_dense_layer(info, W0, D, delta, bw, cap, bases, encodings, seed, eps, floor))
         del D, W0
-        layers.append(layer)
         if method == "solar":
             floor = _prune_candidates(layers, cap, floor)
+    for g in _progress(groups, "solar: expert deltas", progress):
+        for e in range(g["experts"]):
+            W0 = bw.get_expert(g["key"], g["parts"][e], e)
+            _check_finite_base(W0, g["key"])
+            delta = (lambda g=g, e=e: _delta(fw.get_expert(g["fine_key"], g["fine_parts"][e], e),
+                                              bw.get_expert(g["key"], g["parts"][e], e), g["transposed"]))
+            D = delta()
+            if not torch.isfinite(D).all():
+                raise ValueError(f"{g['fine_key']} (expert {e}): the fine-tuned weight contains NaN or Inf")
+            m, n = D.shape
+            info = LayerInfo(g["module"], g["key"], [m, n], min(rank, m, n), 1.0, len(layers), fingerprint(W0),
+                             [0.0, 0.0], lora_numbers=m * n, fan_in_fan_out=g["transposed"], expert=e,
+                             experts=g["experts"], base_parts=g["parts"][e])
+            layers.append(_dense_layer(info, W0, D, delta, bw, cap, bases, encodings, seed, eps, floor))
+            del D, W0
+            if method == "solar":
+                floor = _prune_candidates(layers, cap, floor)
     if not layers:
-        raise ValueError(f"{getattr(fw, 'path', finetuned)}: no 2-D Linear weight differs from the base")
+        raise ValueError(f"{getattr(fw, 'path', finetuned)}: no 2-D Linear weight differs from the base (nor a MoE "
+                         "expert parameter)")
     infos = [l.info for l in layers]
+    plain = [l for l in infos if l.expert < 0]
+    params = {f"{g['core']}.{g['param']}": l.rank for g in groups for l in infos if l.module == g["module"]}
     r = max(l.rank for l in infos)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": [l.module for l in infos],
-              "rank_pattern": {l.module: l.rank for l in infos},
-              "alpha_pattern": {l.module: l.rank for l in infos}, "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": any(l.fan_in_fan_out for l in infos), "use_rslora": False,
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": [l.module for l in plain],
+              "rank_pattern": {**{l.module: l.rank for l in plain}, **params},
+              "alpha_pattern": {**{l.module: l.rank for l in plain}, **params}, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": any(l.fan_in_fan_out for l in plain), "use_rslora": False,
               "init_lora_weights": True, "task_type": None,
               "base_model_name_or_path": None, "modules_to_save": None}
+    if params:   # peft's LoRA on the experts' 3-D parameters (its ParamWrapper)
+        config["target_parameters"] = sorted(params)
     pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", method, storage or "float32", progress)
     pkg.skipped = skipped
     return pkg
+
+
+def _dense_layer(info: LayerInfo, W0: torch.Tensor, D: torch.Tensor, delta: Callable, bw: BaseWeights, cap, bases,
+                 encodings, seed: int, eps: float, floor: float) -> _Layer:
+    """A dense delta ``D`` (out x in, float64) as a layer being compressed; ``delta()`` reads it again to measure
+    the decoded error (no layer's m x n delta is kept)."""
+    norm = float(torch.linalg.norm(D))
+    layer = _Layer(info, lambda B2, A2, s2: float(torch.linalg.norm(delta() - s2 * B2.double() @ A2.double())) / norm
+                   if norm > 0 else 0.0, norm * norm)
+    if "solar" in encodings:
+        U, V = ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), seed, info.stream, eps)
+        layer.set_solar(U, V, ops.project_dense(U, V, D), cap, bases, _basis_of(bw, info, seed, eps), floor)
+        del U, V
+    if "lowrank" in encodings:
+        layer.svd = ops.rsvd(D, info.rank, niter=4, seed=seed)
+    return layer
+
+
+def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, str]) -> List[dict]:
+    """The MoE expert parameters (3-D, of a module that is not a convolution) a dense fine-tune changed, each
+    carried as one LoRA pair per expert (peft's target_parameters): its module ``core`` and ``param``, the base's
+    ``key`` and per-expert ``parts`` (``BaseWeights.expert_sources``), the fine-tune's (``fine_key``,
+    ``fine_parts``, ``fine``: all its keys), ``experts``, the layout (``transposed``: stored experts x in x out,
+    the module's ``is_transposed``) and the ``module`` name of its peft wrapper (several of one module nest in the
+    module's order, the first innermost)."""
+    model = bw.skeleton
+    if model is None:
+        return []
+    fine_of = {b: k for k, b in base_of.items()}
+    found = []
+    for core, mod in model.named_modules():
+        if isinstance(mod, torch.nn.modules.conv._ConvNd):
+            continue
+        for param, p in mod.named_parameters(recurse=False):
+            if p.dim() != 3 or not p.is_floating_point():
+                continue
+            try:
+                key, parts = bw.expert_sources(core, param)
+            except FormatError:
+                continue
+            base_keys = [k for ks in parts for k in ks] if parts else [key]
+            if not all(k in fine_of for k in base_keys):
+                continue
+            fine = [fine_of[k] for k in base_keys]
+            for f, b in zip(fine, base_keys):
+                fw.refuse_quantized(f)
+                if fw.shape(f) != bw.shape(b):
+                    raise BaseMismatchError(f"{f}: fine-tuned shape {tuple(fw.shape(f))} != base shape "
+                                            f"{tuple(bw.shape(b))}{f' ({b})' if b != f else ''}: wrong base model?")
+            if all(torch.equal(fw.get(f), bw.get(b)) for f, b in zip(fine, base_keys)):
+                continue
+            found.append(dict(core=core, param=param, key=key, parts=parts or [[] for _ in range(p.shape[0])],
+                              fine=fine, fine_key=fine_of.get(key, key),
+                              fine_parts=[[fine_of[k] for k in ks] for ks in parts] or [[] for _ in range(p.shape[0])],
+                              experts=len(parts) if parts else bw.shape(key)[0],
+                              transposed=bool(getattr(mod, "is_transposed", False))))
+    for g in found:
+        order = [x["param"] for x in found if x["core"] == g["core"]]
+        g["module"] = g["core"] + ".base_layer" * (len(order) - 1 - order.index(g["param"]))
+    return found
 
 
 def _delta(Wf: torch.Tensor, W0: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -390,3 +390,59 @@ def test_wrappers_of_same_shaped_expert_parameters_are_told_apart_as_peft_nests_
         u = io.LowRankUpdate(module, torch.zeros(8, 6), torch.zeros(6, 6), 1.0, params=("gate_proj", "up_proj"))
         assert solar._nested_parameter(NS(skeleton=fresh), "mlp.experts", u) == param, module
     assert solar._nested_parameter(NS(skeleton=None), "mlp.experts", u) is None
+
+
+def _dense_fine_tune(base, model_cls, out):
+    """A dense fine-tune of the base: low-rank changes to layer 0's two expert parameters, layer 1's down_proj and
+    every q_proj; returns its logits."""
+    model = model_cls.from_pretrained(base).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            expert = p.dim() == 3 and ("layers.0.mlp.experts." in name or name.endswith("layers.1.mlp.experts.down_proj"))
+            if expert or name.endswith("q_proj.weight"):
+                lead = p.shape[:-2]
+                p.add_(0.05 * torch.randn(*lead, p.shape[-2], 3, generator=g) @ torch.randn(*lead, 3, p.shape[-1],
+                                                                                            generator=g))
+    model.save_pretrained(out)
+    with torch.no_grad():
+        return model(torch.arange(14).reshape(2, 7) % 64).logits
+
+
+@pytest.mark.parametrize("kw", [dict(budget="full"), dict(ratio=0.2), dict(ratio=0.2, method="auto", storage="int8")],
+                         ids=["full", "solar", "auto-int8"])
+def test_a_dense_fine_tune_of_the_experts_is_carried_as_expert_lora(moe, tmp_path, kw):
+    """compress --dense carries changed expert parameters as peft's LoRA on them (one pair per expert; two of one
+    module nest as peft nests them) instead of listing them as not carried; both decoders agree."""
+    _, base, _, model_cls = moe
+    want = _dense_fine_tune(base, model_cls, str(tmp_path / "ft"))
+    pkg = solar.compress_dense(str(tmp_path / "ft"), base, rank=4, **kw)
+    assert not [k for k in pkg.skipped if "expert" in k]
+    assert sorted(pkg.peft_config["target_parameters"]) == ["model.layers.0.mlp.experts.down_proj",
+                                                            "model.layers.0.mlp.experts.gate_up_proj",
+                                                            "model.layers.1.mlp.experts.down_proj"]
+    assert sorted({l.module for l in pkg.layers if l.expert >= 0}) == [
+        "model.layers.0.mlp.experts", "model.layers.0.mlp.experts.base_layer", "model.layers.1.mlp.experts"]
+    path = str(tmp_path / "p.safetensors")
+    pkg.save(path)
+    solar.decompress(path, base).save_adapter(str(tmp_path / "py"))
+    got = _logits(model_cls, base, str(tmp_path / "py"))
+    if kw.get("budget") == "full":   # rank 4 holds each rank-3 change: the fine-tune itself
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # each expert's decoded update, split again from the adapter, has the error the package reports
+    fw, bw = io.BaseWeights(str(tmp_path / "ft")), io.BaseWeights(base)
+    decoded = {(u.module, u.expert): u for u, _ in _expert_updates(str(tmp_path / "py"), base)}
+    for l in (l for l in pkg.layers if l.expert >= 0):
+        fine = fw.get_expert(l.base_key, l.base_parts, l.expert)   # the fine-tune stores the base's names
+        D = io.as_update_layout(fine.double() - bw.get_expert(l.base_key, l.base_parts, l.expert).double(),
+                                l.fan_in_fan_out)
+        u = decoded[l.module, l.expert]
+        err = float(torch.linalg.norm(D - u.scaling * u.B.double() @ u.A.double()) / torch.linalg.norm(D))
+        assert err == pytest.approx(l.rel_error, abs=1e-6)
+        assert err <= (1e-6 if kw.get("budget") else 1 + 1e-9)
+    if BINARY.is_file() and os.access(BINARY, os.X_OK):
+        r = subprocess.run([str(BINARY), path, base, str(tmp_path / "cpp")], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / "py" / f).read_bytes() == (tmp_path / "cpp" / f).read_bytes(), f
