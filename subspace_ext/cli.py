@@ -281,7 +281,7 @@ def _solar_decompress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     adapter = solar.decompress(args.package, args.base, progress=not args.quiet)
     adapter.save_adapter(args.output)
-    print(f"{sum(1 for k in adapter.tensors if '.lora_A' in k)} layers decoded in "
+    print(f"{sum(1 for k in adapter.tensors if '.lora_A' in k)} adapted modules decoded in "
           f"{time.perf_counter() - t0:.2f} s -> {args.output} (peft adapter folder)")
     return 0
 

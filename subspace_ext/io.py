@@ -59,7 +59,8 @@ class LowRankUpdate:
     as_stored: bool = False       # a LoRA on the weight as a parameter (peft's target_parameters): peft adds
     #                               scaling * B @ A to the weight as stored, whatever the module's type
     params: Tuple[str, ...] = ()  # updates(experts=True): the 3-D expert parameter(s) of a MoE block this LoRA
-    #                               may adapt (peft's target_parameters): B @ A is not its update; expert_pairs is
+    #                               may adapt (peft's target_parameters): B @ A is not its update, expert_pairs is
+    #                               (not as_stored: or it is a module LoRA, read as such, which the base tells)
     expert: int = -1              # expert_pairs: the expert whose slice of ``params[0]`` this pair adapts
     experts: int = 0              # expert_pairs: how many experts that parameter holds
 
@@ -387,7 +388,8 @@ class PeftAdapter:
                 raise FormatError(f"{module}: lora_A / lora_B of rank 0 ({tuple(A.shape)} / {tuple(B.shape)}): "
                                   "a LoRA layer without an update")
             elif isinstance(param, tuple):   # MoE experts: scaling uses r of one expert (expert_pairs' callers)
-                scaling = 1.0
+                plain = self._maybe_module_lora(name)   # else its module LoRA's, as read without experts
+                scaling = self.lora_scaling(name, r) if plain else 1.0
             else:   # peft matches a target parameter's patterns on "<module>.<parameter>"
                 scaling = self.lora_scaling(name if param is None else f"{name}.{param}", r)
             for side, M in (("lora_A", A), ("lora_B", B)):
@@ -396,7 +398,8 @@ class PeftAdapter:
             if not (math.isfinite(scaling) and scaling > 0):
                 raise FormatError(f"layer {name}: scaling (from lora_alpha) is {scaling}; it must be a finite "
                                   "number > 0 (a lora_alpha of 0 makes an adapter that changes nothing)")
-            out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out and param is None, param is not None,
+            plain = param is None or isinstance(param, tuple) and self._maybe_module_lora(name)
+            out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out and plain, not plain,
                                      param if isinstance(param, tuple) else ()))
         if not out:
             emb = embedding_lora_modules(self.tensors)
@@ -413,9 +416,7 @@ class PeftAdapter:
         targets = self.config.get("target_parameters") or []
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise FormatError(f"{ADAPTER_CONFIG}: target_parameters must be a list of parameter names, got {targets!r}")
-        core = re.sub(r"(\.base_layer)+$", "", module)  # peft nests the wrappers of several parameters of one module
-        params = {p for mod, _, p in (t.rpartition(".") for t in targets)
-                  if not mod or core == mod or core.endswith("." + mod)}
+        params = {p for p, _ in self._targets_of(module)}
         if params - {"weight"} and experts:
             return tuple(sorted(params - {"weight"}))
         if params - {"weight"}:
@@ -424,6 +425,20 @@ class PeftAdapter:
                               "weight (a MoE block's expert tensors hold one LoRA pair per expert); only a module's "
                               "2-D weight is (solar compress takes MoE expert parameters)")
         return "weight" if params else None
+
+    def _targets_of(self, module: str) -> set:
+        """{(parameter, named with a module part)} of the target_parameters entries that match ``module`` (peft
+        nests the wrappers of several parameters of one module: ``<module>.base_layer``)."""
+        core = re.sub(r"(\.base_layer)+$", "", module)
+        return {(p, bool(mod)) for mod, _, p in (t.rpartition(".") for t in self.config.get("target_parameters") or [])
+                if not mod or core == mod or core.endswith("." + mod)}
+
+    def _maybe_module_lora(self, module: str) -> bool:
+        """Whether a module whose LoRA an expert parameter may be (``updates(experts=True)``) may instead be a LoRA
+        of its module (target_modules): unnested, and matched only by bare parameter names (peft's own conversion
+        of a transformers-4 MoE config writes ``["gate_up_proj", "down_proj"]``), which peft wraps only where the
+        module has such a parameter; the base tells (solar._expert_updates)."""
+        return ".base_layer" not in module and not any(named for _, named in self._targets_of(module))
 
     def lora_scaling(self, module: str, r: int) -> float:
         """peft's LoRA scaling for a module: alpha / r (alpha / sqrt(r) with use_rslora), with the
@@ -724,10 +739,14 @@ class BaseWeights:
         the concatenation of ``parts`` along dim 0 where transformers merges stored 2-D weights into it, else
         ``key[expert]`` (read alone, not the whole tensor)."""
         if parts:
-            dtypes = {self._header[k][0] for k in parts}
-            if len(dtypes) > 1:
-                raise FormatError(f"{self.path}: {', '.join(parts)} (merged into one expert's slice of {key}) are "
-                                  f"stored in different dtypes ({', '.join(sorted(dtypes))})")
+            for k in parts[1:]:
+                if self._header[k][0] != self._header[parts[0]][0]:
+                    raise FormatError(f"{self.path}: {parts[0]} and {k} (merged into one expert's slice of {key}) are "
+                                      "stored in different dtypes")
+                first, other = self.shape(parts[0]), self.shape(k)
+                if len(first) != 2 or len(other) != 2 or first[1] != other[1]:
+                    raise FormatError(f"base weights {parts[0]} {tuple(first)} and {k} {tuple(other)} do not stack as "
+                                      "rows: wrong base model?")
             return torch.cat([self.get(k) for k in parts])
         try:
             with safe_open(self._where[key], framework="pt") as f:

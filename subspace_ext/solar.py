@@ -1043,7 +1043,7 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
         raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "
                          "the adapter's update is zero, there is nothing to compress")
     # (update, None), or an expert's (update, (key, parts, stored in x out) of its base weight)
-    layer_updates = [e for u in updates for e in (_expert_updates(ad, bw, u) if u.params else [(u, None)])]
+    layer_updates = [e for u in updates for e in _expert_updates(ad, bw, _with_3d_weight(bw, u))]
     updates = [u for u, _ in layer_updates]
     kinds = _encodings(method)
     extra = ad.extra_tensors()
@@ -1120,20 +1120,37 @@ def _nested_parameter(bw: BaseWeights, core: str, u: LowRankUpdate) -> Optional[
     return order[len(order) - 1 - depth] if depth < len(order) else None
 
 
+def _with_3d_weight(bw: BaseWeights, u: LowRankUpdate) -> LowRankUpdate:
+    """``u``, as a LoRA on expert parameters where it targets a module's ``weight`` as a parameter and the base's is
+    3-D (JetMoe's experts x out x in ``weight``: one pair per expert)."""
+    if u.params or not u.as_stored:
+        return u
+    try:
+        three_d = len(bw.shape(bw.key_for_module(re.sub(r"(\.base_layer)+$", "", u.module)))) == 3
+    except FormatError:
+        return u
+    return dataclasses.replace(u, params=("weight",)) if three_d else u
+
+
 def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[Tuple[LowRankUpdate, tuple]]:
     """A LoRA on a MoE block's 3-D expert parameter (``u.params``: the parameters of its module it may adapt) as
-    one update per expert (``io.expert_pairs``), each with its base weight's (key, parts, stored in x out). The parameter is the one whose experts' slices fit the factors' shapes; its layout is the module's
+    one update per expert (``io.expert_pairs``), each with its base weight's (key, parts, stored in x out); any
+    other update as [(u, None)], and so one that bare parameter names only may match (``u.as_stored`` false) where
+    its module has none of them in the base (peft wraps only parameters a module has). The parameter is the one whose experts' slices fit the factors' shapes; its layout is the module's
     (``is_transposed``: experts x in x out, as GPT-OSS) where the model tells, else the shape's (square:
     experts x out x in, peft's default)."""
+    if not u.params:
+        return [(u, None)]
     core = re.sub(r"(\.base_layer)+$", "", u.module)
     m, n = u.B.shape[0], u.A.shape[1]
-    fits, problems = [], []
+    fits, problems, found = [], [], 0
     for param in u.params:
         try:
             key, parts = bw.expert_sources(core, param)
         except FormatError as e:
             problems.append(str(e))
             continue
+        found += 1
         if parts:
             count, rows, cols = len(parts), sum(bw.shape(k)[0] for k in parts[0]), bw.shape(parts[0][0])[1]
         else:
@@ -1150,10 +1167,13 @@ def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[
                                     f"{', '.join(f[0] for f in fits)} alike, and the model does not tell which one this "
                                     "wrapper adapts (pass the model's folder)")
         fits = [f for f in fits if f[0] == nested]
+    if not fits and not found and not u.as_stored:   # a module LoRA that bare parameter names may have matched
+        return [(dataclasses.replace(u, params=()), None)]
     if not fits:
-        raise BaseMismatchError(f"layer {u.module}: no expert parameter of the base fits its factors: "
-                                + "; ".join(problems)
-                                + ("" if "quantized" in problems[-1] else " (is this the adapter's base model?)"))
+        text = "; ".join(problems)
+        raise BaseMismatchError(f"layer {u.module}: no expert parameter of the base fits its factors: {text}"
+                                + ("" if "quantized" in text or "base model?" in text else
+                                   " (is this the adapter's base model?)"))
     param, key, parts, count, stored = fits[0]
     transposed = stored != (m, n)
     if m == n:   # the module's layout, where the model tells (peft's rule); else peft's default

@@ -162,6 +162,13 @@ def test_edge_decoder_writes_the_same_adapter(moe, tmp_path, kw):
     path = str(tmp_path / "p.safetensors")
     solar.compress(adapter, base, **kw).save(path)
     solar.decompress(path, base).save_adapter(str(tmp_path / "py"))
+    _edge_decoder_agrees(path, base, tmp_path)
+
+
+def _edge_decoder_agrees(path, base, tmp_path):
+    """The edge decoder writes tmp_path/"py" (the Python decoder's folder) byte for byte, where it is built."""
+    if not (BINARY.is_file() and os.access(BINARY, os.X_OK)):
+        return
     r = subprocess.run([str(BINARY), path, base, str(tmp_path / "cpp")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     for f in ("adapter_model.safetensors", "adapter_config.json"):
@@ -440,9 +447,88 @@ def test_a_dense_fine_tune_of_the_experts_is_carried_as_expert_lora(moe, tmp_pat
         err = float(torch.linalg.norm(D - u.scaling * u.B.double() @ u.A.double()) / torch.linalg.norm(D))
         assert err == pytest.approx(l.rel_error, abs=1e-6)
         assert err <= (1e-6 if kw.get("budget") else 1 + 1e-9)
-    if BINARY.is_file() and os.access(BINARY, os.X_OK):
-        r = subprocess.run([str(BINARY), path, base, str(tmp_path / "cpp")], capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr
-        for f in ("adapter_model.safetensors", "adapter_config.json"):
-            assert (tmp_path / "py" / f).read_bytes() == (tmp_path / "cpp" / f).read_bytes(), f
+    _edge_decoder_agrees(path, base, tmp_path)
+
+
+def _round_trip_is_exact(model_cls, base, adapter, tmp_path, kw=None):
+    """compress at budget full + decompress gives the adapter's logits; at a lossy ratio both decoders agree."""
+    pkg = solar.compress(adapter, base, budget="full")
+    solar.decompress(pkg, base).save_adapter(str(tmp_path / "dec"))
+    torch.testing.assert_close(_logits(model_cls, base, str(tmp_path / "dec")), _logits(model_cls, base, adapter),
+                               rtol=0, atol=1e-5)
+    assert (_logits(model_cls, base, adapter) - _logits(model_cls, base)).abs().max() > 1e-2   # the LoRA matters
+    path = str(tmp_path / "p.safetensors")
+    solar.compress(adapter, base, ratio=0.3, **(kw or {})).save(path)
+    solar.decompress(path, base).save_adapter(str(tmp_path / "py"))
+    _edge_decoder_agrees(path, base, tmp_path)
+    return pkg
+
+
+def _adapter_of(model, lora, folder):
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **lora))
+    _lora_factors(pm, 2)
+    pm.save_pretrained(folder)
+    return json.load(open(os.path.join(folder, "adapter_config.json")))
+
+
+def test_bare_parameter_names_beside_target_modules(tmp_path):
+    """peft converts a transformers-4 MoE config (target_modules gate_proj / up_proj / down_proj beside q_proj) to
+    bare target_parameters ["gate_up_proj", "down_proj"] that match on any module: q_proj's LoRA is a module LoRA
+    (it has no such parameter), the experts' are expert LoRA. q_proj was taken for an expert parameter's."""
+    if not hasattr(transformers, "Qwen3MoeForCausalLM"):
+        pytest.skip("no Qwen3-MoE in this transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, intermediate_size=40, moe_intermediate_size=20,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    if not isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None), torch.nn.Parameter):
+        pytest.skip(f"transformers {transformers.__version__} keeps Qwen3-MoE's experts as Linear layers")
+    base = str(tmp_path / "base")
+    model.save_pretrained(base)
+    config = _adapter_of(model, dict(target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]),
+                         str(tmp_path / "ad"))
+    if sorted(config.get("target_parameters") or []) != ["down_proj", "gate_up_proj"]:
+        pytest.skip(f"peft {peft.__version__} does not convert the MoE targets to bare parameter names")
+    pkg = _round_trip_is_exact(transformers.Qwen3MoeForCausalLM, base, str(tmp_path / "ad"), tmp_path)
+    assert {l.module for l in pkg.layers if l.expert < 0} == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    assert len([l for l in pkg.layers if l.expert >= 0]) == 2 * 2 * 4
+
+
+def test_a_3d_expert_weight_named_weight(tmp_path):
+    """JetMoe's experts are a 3-D ``weight`` (experts x out x in): peft's LoRA on it holds one pair per expert. It
+    was read as a 2-D weight's and the base blamed ('wrong base model?')."""
+    if not hasattr(transformers, "JetMoeForCausalLM"):
+        pytest.skip("no JetMoe in this transformers")
+    torch.manual_seed(0)
+    cfg = transformers.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                                    kv_channels=8, intermediate_size=20, num_local_experts=4, num_experts_per_tok=2,
+                                    max_position_embeddings=64)
+    model = transformers.JetMoeForCausalLM(cfg).eval()
+    base = str(tmp_path / "base")
+    model.save_pretrained(base)
+    _adapter_of(model, dict(target_modules=[], target_parameters=["input_linear.weight", "output_linear.weight"]),
+                str(tmp_path / "ad"))
+    pkg = _round_trip_is_exact(transformers.JetMoeForCausalLM, base, str(tmp_path / "ad"), tmp_path)
+    assert {l.experts for l in pkg.layers} == {4}
+
+
+def test_a_misshapen_merged_part_is_named_by_both_decoders(moe, tmp_path):
+    """A part of a merged expert's slice (Mixtral's w3) with another column count: both decoders name the layer and
+    the weights that do not stack (Python raised torch.cat's own error)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    name, base, adapter, _ = moe
+    if not name.startswith("mixtral"):
+        pytest.skip("a merged model's")
+    path = str(tmp_path / "p.safetensors")
+    pkg = solar.compress(adapter, base, ratio=0.3)
+    pkg.save(path)
+    first = next(l for l in pkg.layers if l.expert >= 0)
+    folder = tmp_path / "edited"
+    shutil.copytree(base, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    part = first.base_parts[-1]
+    tensors[part] = torch.cat([tensors[part], tensors[part][:, :1]], dim=1)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _both_refuse(path, str(folder), tmp_path, f"layer {first.module} (expert {first.expert}): base weights ")

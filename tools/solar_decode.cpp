@@ -1022,8 +1022,8 @@ class BaseWeights {
     for (size_t i = 1; i < keys.size(); ++i) {
       auto [e, b] = get(keys[i]);
       if (e.dtype != out.dtype)
-        fail(path_ + ": " + keys[0] + " and " + keys[i] + " (merged into one expert's slice of " + base_key +
-             ") are stored in different dtypes");
+        fail(what + ": " + path_ + ": " + keys[0] + " and " + keys[i] + " (merged into one expert's slice of " +
+             base_key + ") are stored in different dtypes");
       if (e.shape.size() != 2 || out.shape.size() != 2 || e.shape[1] != out.shape[1])
         fail(what + ": base weights " + keys[0] + " " + shape_repr(out.shape) + " and " + keys[i] + " " +
              shape_repr(e.shape) + " do not stack as rows: wrong base model?");
