@@ -950,6 +950,8 @@ class BaseWeights:
         kinds = {}
         for name, mod in model.named_modules():
             kind = {False: "linear", True: "conv1d", None: "other"}[linear_layout(mod)]
+            if kind == "linear" and not _returns_a_tensor(mod):
+                kind = "other"   # a Linear whose forward gives more (Llama4's router: scores and indices)
             for pname, _ in mod.named_parameters(recurse=False):
                 kinds[f"{name}.{pname}" if name else pname] = kind if pname == "weight" else "other"
         return kinds
@@ -968,6 +970,20 @@ def _stacked_experts(by_pattern: Dict[str, Dict[int, str]], converters) -> Union
             any(sorted(by_pattern[p]) != experts for p in patterns):
         return " then ".join(f"{n}(dim={d})" for n, d in ops) + f" of {', '.join(conv.source_patterns)}"
     return [[by_pattern[p][e] for p in patterns] for e in experts]
+
+
+def _returns_a_tensor(mod: torch.nn.Module) -> bool:
+    """Whether a torch.nn.Linear (of a model built on the meta device) gives a tensor, as peft's LoRA on it needs
+    (it adds its update to the output): a subclass that overrides forward (a MoE router that returns scores and
+    indices: Llama4's, PhiMoE's) is run once on a meta input; one that cannot be run so counts as a Linear."""
+    if type(mod).forward is torch.nn.Linear.forward:
+        return True
+    try:
+        with torch.no_grad():
+            out = mod(torch.empty(1, mod.in_features, device=mod.weight.device, dtype=mod.weight.dtype))
+    except Exception:   # noqa: BLE001  (a forward that needs more than an input)
+        return True
+    return isinstance(out, torch.Tensor)
 
 
 def fingerprint(t: torch.Tensor) -> str:

@@ -1316,8 +1316,14 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         raise ValueError(f"{getattr(fw, 'path', finetuned)}: no 2-D Linear weight differs from the base (nor a MoE "
                          "expert parameter)")
     infos = [l.info for l in layers]
-    plain = [l for l in infos if l.expert < 0]
     params = {f"{g['core']}.{g['param']}": l.rank for g in groups for l in infos if l.module == g["module"]}
+    # peft rewrites a MoE model's target_modules named like its experts' old Linears (down_proj, w2, gate, ...) into
+    # expert parameters as it loads the adapter (its transformers-4 compatibility): such Linears (DeepSeek's dense
+    # MLPs, shared experts) are targeted as their weight parameter instead, which peft adds as a module LoRA would
+    moe = _holds_experts(bw.skeleton)
+    as_param = [l for l in infos if l.expert < 0 and moe and l.module.rpartition(".")[2] in _PEFT_MOE_NAMES]
+    params.update({f"{l.module}.weight": l.rank for l in as_param})
+    plain = [l for l in infos if l.expert < 0 and l not in as_param]
     r = max(l.rank for l in infos)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": [l.module for l in plain],
               "rank_pattern": {**{l.module: l.rank for l in plain}, **params},
@@ -1325,11 +1331,22 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
               "fan_in_fan_out": any(l.fan_in_fan_out for l in plain), "use_rslora": False,
               "init_lora_weights": True, "task_type": None,
               "base_model_name_or_path": None, "modules_to_save": None}
-    if params:   # peft's LoRA on the experts' 3-D parameters (its ParamWrapper)
+    if params:   # peft's LoRA on parameters (its ParamWrapper)
         config["target_parameters"] = sorted(params)
     pkg = _package(layers, {}, config, budget, ratio, seed, eps, "float32", method, storage or "float32", progress)
     pkg.skipped = skipped
     return pkg
+
+
+# the module names peft's transformers-4 MoE config conversion maps to expert parameters (Mixtral's, Qwen2-MoE's)
+_PEFT_MOE_NAMES = frozenset({"gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"})
+
+
+def _holds_experts(model: Optional[torch.nn.Module]) -> bool:
+    """Whether a model (built on the meta device) holds a MoE block's 3-D expert parameters."""
+    return model is not None and any(
+        p.dim() == 3 and p.is_floating_point() for m in model.modules()
+        if not isinstance(m, torch.nn.modules.conv._ConvNd) for p in m.parameters(recurse=False))
 
 
 def _dense_layer(info: LayerInfo, W0: torch.Tensor, D: torch.Tensor, delta: Callable, bw: BaseWeights, cap, bases,
@@ -1359,6 +1376,7 @@ def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, st
     if model is None:
         return []
     fine_of = {b: k for k, b in base_of.items()}
+    P, Q = prefix_rewrite(fw.keys(), bw.keys()) or ("", "")   # the fine-tune's names: its model takes the adapter
     found = []
     for core, mod in model.named_modules():
         if isinstance(mod, torch.nn.modules.conv._ConvNd):
@@ -1371,8 +1389,13 @@ def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, st
             except FormatError:
                 continue
             base_keys = [k for ks in parts for k in ks] if parts else [key]
-            if not all(k in fine_of for k in base_keys):
+            missing = [k for k in base_keys if k not in fine_of]
+            if len(missing) == len(base_keys):
                 continue
+            if missing:
+                raise BaseMismatchError(f"{getattr(fw, 'path', 'the fine-tune')}: no {P + missing[0][len(Q):]} (the "
+                                        f"base's {missing[0]}), while it holds other experts of {core}.{param}: wrong "
+                                        "base model, or a damaged checkpoint?")
             fine = [fine_of[k] for k in base_keys]
             for f, b in zip(fine, base_keys):
                 fw.refuse_quantized(f)
@@ -1381,7 +1404,8 @@ def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, st
                                             f"{tuple(bw.shape(b))}{f' ({b})' if b != f else ''}: wrong base model?")
             if all(torch.equal(fw.get(f), bw.get(b)) for f, b in zip(fine, base_keys)):
                 continue
-            found.append(dict(core=core, param=param, key=key, parts=parts or [[] for _ in range(p.shape[0])],
+            named = P + core[len(Q):] if core.startswith(Q) else core
+            found.append(dict(core=named, param=param, key=key, parts=parts or [[] for _ in range(p.shape[0])],
                               fine=fine, fine_key=fine_of.get(key, key),
                               fine_parts=[[fine_of[k] for k in ks] for ks in parts] or [[] for _ in range(p.shape[0])],
                               experts=len(parts) if parts else bw.shape(key)[0],

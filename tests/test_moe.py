@@ -532,3 +532,102 @@ def test_a_misshapen_merged_part_is_named_by_both_decoders(moe, tmp_path):
     tensors[part] = torch.cat([tensors[part], tensors[part][:, :1]], dim=1)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     _both_refuse(path, str(folder), tmp_path, f"layer {first.module} (expert {first.expert}): base weights ")
+
+
+def _noisy_fine_tune(model_cls, base, out, changed):
+    """A fine-tune of ``base`` whose parameters that ``changed(name)`` picks get full-rank noise; its logits."""
+    model = model_cls.from_pretrained(base).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if changed(name):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    with torch.no_grad():
+        return model(torch.arange(14).reshape(2, 7) % 64).logits
+
+
+def _model(name, folder, **kw):
+    """A tiny random model of transformers' class ``name`` (skipped where this transformers lacks it), saved."""
+    if not hasattr(transformers, name):
+        pytest.skip(f"no {name} in transformers {transformers.__version__}")
+    cls = getattr(transformers, name)
+    torch.manual_seed(0)
+    model = cls(cls.config_class(**kw)).eval()
+    model.save_pretrained(folder)
+    return cls
+
+
+def test_dense_experts_take_the_fine_tunes_names(tmp_path):
+    """A fine-tune saved as MixtralForCausalLM against its base saved as the bare MixtralModel: the experts' LoRA
+    is named as the fine-tune's model names them, like its Linear layers (the adapter goes onto its architecture);
+    the experts were named as the base's, and peft dropped them."""
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=24, intermediate_size=20, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    full = transformers.MixtralForCausalLM(cfg).eval()
+    if not isinstance(getattr(full.model.layers[0].mlp.experts, "gate_up_proj", None), torch.nn.Parameter):
+        pytest.skip(f"transformers {transformers.__version__} keeps Mixtral's experts as Linear layers")
+    full.save_pretrained(str(tmp_path / "full"))
+    full.model.save_pretrained(str(tmp_path / "bare"))   # the base, as the bare model
+    want = _noisy_fine_tune(transformers.MixtralForCausalLM, str(tmp_path / "full"), str(tmp_path / "ft"),
+                            lambda n: n.endswith(("q_proj.weight", "experts.down_proj")))
+    pkg = solar.compress_dense(str(tmp_path / "ft"), str(tmp_path / "bare"), budget="full", rank=24)
+    assert pkg.peft_config["target_parameters"] == ["model.layers.0.mlp.experts.down_proj"]
+    solar.decompress(pkg, str(tmp_path / "bare")).save_adapter(str(tmp_path / "dec"))
+    torch.testing.assert_close(_logits(transformers.MixtralForCausalLM, str(tmp_path / "full"), str(tmp_path / "dec")),
+                               want, rtol=0, atol=1e-5)
+
+
+def test_a_router_that_is_a_linear_is_not_carried(tmp_path):
+    """Llama4's router is a torch.nn.Linear whose forward returns scores and indices: peft's LoRA on it cannot run
+    (it adds its update to the output), so a changed router is listed as not carried, like Mixtral's."""
+    base = str(tmp_path / "base")
+    cls = _model("Llama4ForCausalLM", base, vocab_size=64, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8,
+                 num_local_experts=3, num_experts_per_tok=1, intermediate_size_mlp=20, interleave_moe_layer_step=1,
+                 attn_temperature_tuning=False, no_rope_layers=[1, 1])
+    want = _noisy_fine_tune(cls, base, str(tmp_path / "ft"), lambda n: n.endswith(("router.weight", "q_proj.weight")))
+    pkg = solar.compress_dense(str(tmp_path / "ft"), base, budget="full", rank=24)
+    assert sorted(pkg.skipped) == [f"model.layers.{i}.feed_forward.router.weight" for i in range(2)]
+    solar.decompress(pkg, base).save_adapter(str(tmp_path / "dec"))
+    got = _logits(cls, base, str(tmp_path / "dec"))   # runs: no LoRA on the router
+    assert (got - want).abs().max() < (_logits(cls, base) - want).abs().max()
+
+
+def test_dense_mlp_linears_survive_peft_moe_config_conversion(tmp_path):
+    """peft rewrites a Qwen2-MoE-family model's target_modules named down_proj / gate_proj / up_proj into expert
+    parameters as it loads an adapter: DeepSeek-V3's dense first MLP and shared experts, carried as module LoRA,
+    were dropped (or refused). They are targeted as their weight parameter, which peft adds the same way."""
+    base = str(tmp_path / "base")
+    cls = _model("DeepseekV3ForCausalLM", base, vocab_size=64, hidden_size=24, intermediate_size=20,
+                 moe_intermediate_size=12, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                 kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6, n_group=1,
+                 topk_group=1, max_position_embeddings=64)
+    want = _noisy_fine_tune(cls, base, str(tmp_path / "ft"),
+                            lambda n: n.endswith(("mlp.down_proj.weight", "mlp.gate_proj.weight", "o_proj.weight",
+                                                  "shared_experts.gate_proj.weight", "experts.down_proj")))
+    pkg = solar.compress_dense(str(tmp_path / "ft"), base, budget="full", rank=24)
+    assert "model.layers.0.mlp.down_proj.weight" in pkg.peft_config["target_parameters"]
+    assert "model.layers.1.mlp.shared_experts.gate_proj.weight" in pkg.peft_config["target_parameters"]
+    assert pkg.peft_config["target_modules"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
+    solar.decompress(pkg, base).save_adapter(str(tmp_path / "dec"))
+    torch.testing.assert_close(_logits(cls, base, str(tmp_path / "dec")), want, rtol=0, atol=1e-5)
+
+
+def test_a_fine_tune_missing_one_experts_weight_is_refused_by_name(moe, tmp_path):
+    """A fine-tune holding some of an expert parameter's stored weights but not all: the missing one is named (the
+    others were listed as not carried, silently)."""
+    from safetensors.torch import load_file, save_file
+    name, base, _, model_cls = moe
+    if not name.startswith("mixtral"):
+        pytest.skip("a merged model's")
+    _noisy_fine_tune(model_cls, base, str(tmp_path / "ft"), lambda n: n.endswith("experts.down_proj"))
+    tensors = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    del tensors["model.layers.0.block_sparse_moe.experts.2.w2.weight"]
+    save_file(tensors, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(solar.BaseMismatchError, match=r"no model.layers.0.block_sparse_moe.experts.2.w2.weight .*"
+                                                      r"other experts of model.layers.0.mlp.experts.down_proj"):
+        solar.compress_dense(str(tmp_path / "ft"), base, budget="full")
