@@ -1325,9 +1325,11 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     params.update({f"{l.module}.weight": l.rank for l in as_param})
     plain = [l for l in infos if l.expert < 0 and l not in as_param]
     r = max(l.rank for l in infos)
+    # a parameter's pattern only where its rank is not r (peft warns that keys naming a parameter match no module,
+    # though it applies them)
+    patterns = {**{l.module: l.rank for l in plain}, **{k: v for k, v in params.items() if v != r}}
     config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": [l.module for l in plain],
-              "rank_pattern": {**{l.module: l.rank for l in plain}, **params},
-              "alpha_pattern": {**{l.module: l.rank for l in plain}, **params}, "lora_dropout": 0.0, "bias": "none",
+              "rank_pattern": patterns, "alpha_pattern": dict(patterns), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": any(l.fan_in_fan_out for l in plain), "use_rslora": False,
               "init_lora_weights": True, "task_type": None,
               "base_model_name_or_path": None, "modules_to_save": None}
