@@ -1135,9 +1135,10 @@ def _with_3d_weight(bw: BaseWeights, u: LowRankUpdate) -> LowRankUpdate:
 def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[Tuple[LowRankUpdate, tuple]]:
     """A LoRA on a MoE block's 3-D expert parameter (``u.params``: the parameters of its module it may adapt) as
     one update per expert (``io.expert_pairs``), each with its base weight's (key, parts, stored in x out); any
-    other update as [(u, None)], and so one that bare parameter names only may match (``u.as_stored`` false) where
-    its module has none of them in the base (peft wraps only parameters a module has). The parameter is the one whose experts' slices fit the factors' shapes; its layout is the module's
-    (``is_transposed``: experts x in x out, as GPT-OSS) where the model tells, else the shape's (square:
+    other update as [(u, None)], and so one that bare parameter names only may match (``u.as_stored`` false)
+    where its module has none of them in the base (peft wraps only parameters a module has). The parameter is
+    the one whose experts' slices fit the factors' shapes (several: ``_nested_parameter``); its layout is the
+    module's (``is_transposed``: experts x in x out, as GPT-OSS) where the model tells, else the shape's (square:
     experts x out x in, peft's default)."""
     if not u.params:
         return [(u, None)]
@@ -1404,13 +1405,15 @@ def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, st
                 if fw.shape(f) != bw.shape(b):
                     raise BaseMismatchError(f"{f}: fine-tuned shape {tuple(fw.shape(f))} != base shape "
                                             f"{tuple(bw.shape(b))}{f' ({b})' if b != f else ''}: wrong base model?")
-            if all(torch.equal(fw.get(f), bw.get(b)) for f, b in zip(fine, base_keys)):
+            experts = len(parts) if parts else bw.shape(key)[0]
+            parts = parts or [[] for _ in range(experts)]
+            fine_key, fine_parts = fine_of.get(key, key), [[fine_of[k] for k in ks] for ks in parts]
+            if all(torch.equal(fw.get_expert(fine_key, fine_parts[e], e), bw.get_expert(key, parts[e], e))
+                   for e in range(experts)):   # expert by expert: one slice of each side in memory
                 continue
             named = P + core[len(Q):] if core.startswith(Q) else core
-            found.append(dict(core=named, param=param, key=key, parts=parts or [[] for _ in range(p.shape[0])],
-                              fine=fine, fine_key=fine_of.get(key, key),
-                              fine_parts=[[fine_of[k] for k in ks] for ks in parts] or [[] for _ in range(p.shape[0])],
-                              experts=len(parts) if parts else bw.shape(key)[0],
+            found.append(dict(core=named, param=param, key=key, parts=parts, fine=fine, fine_key=fine_key,
+                              fine_parts=fine_parts, experts=experts,
                               transposed=bool(getattr(mod, "is_transposed", False))))
     for g in found:
         order = [x["param"] for x in found if x["core"] == g["core"]]
