@@ -318,7 +318,9 @@ class PeftAdapter:
 
     def updates(self, experts: bool = False) -> List[LowRankUpdate]:
         """The low-rank updates of every adapted Linear (LoRA and AdaLoRA), in file order; factors and
-        scalings checked finite (an error names the layer, and the folder the adapter came from)."""
+        scalings checked finite (an error names the layer, and the folder the adapter came from). LoRA on a MoE
+        block's expert parameters is refused by name, or with ``experts`` returned with ``params`` set: its B @ A is
+        not the update (the scaling is a placeholder), ``expert_pairs`` with the base's expert count splits it."""
         try:
             return self._updates(experts)
         except FormatError as e:

@@ -588,10 +588,13 @@ def _parse_expert(l: dict, where: str, need: Callable) -> None:
     """A package layer's MoE expert fields (``LayerInfo.expert``, ``experts``, ``base_parts``), checked."""
     expert = need(l, "expert", (int,), where + "expert") if "expert" in l else -1
     experts = need(l, "experts", (int,), where + "experts") if "experts" in l else 0
-    parts = need(l, "base_parts", (list,), where + "base_parts") if "base_parts" in l else []
+    for key, v in (("expert", expert), ("experts", experts)):
+        if not -1 <= v <= 2 ** 62:   # the C++ decoder's range
+            raise ValueError(where + f"{key} must be int, got a number out of range")
     if not (expert == -1 and experts == 0 or 0 <= expert < experts):
         raise ValueError(where + f"expert {expert} of {experts} experts: an expert layer needs 0 <= expert < experts, "
                          "any other layer neither field")
+    parts = need(l, "base_parts", (list,), where + "base_parts") if "base_parts" in l else []
     if parts and (expert < 0 or not all(isinstance(p, str) and p for p in parts)):
         raise ValueError(where + "base_parts must be base weight names, and only on an expert layer")
 
@@ -606,7 +609,7 @@ def _check_experts(layers: List[LayerInfo]) -> None:
         if len(ls) == 1 and ls[0].expert < 0:
             continue
         first = ls[0]
-        if sorted(l.expert for l in ls) != list(range(first.experts)) or any(
+        if len(ls) != first.experts or sorted(l.expert for l in ls) != list(range(len(ls))) or any(
                 (l.experts, l.shape, l.rank, l.scaling, l.fan_in_fan_out) !=
                 (first.experts, first.shape, first.rank, first.scaling, first.fan_in_fan_out) for l in ls):
             raise ValueError(f"module {module}: {len(ls)} layers, not one, nor experts 0 .. E-1 once each of one "
@@ -1221,14 +1224,15 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
                    seed: int = 0, eps: float = 0.0, method: str = "solar", storage: Optional[str] = None,
                    progress: bool = False) -> SolarPackage:
     """Compress a dense fine-tune (``finetuned`` − ``base``, both transformers folders or safetensors
-    files) of the 2-D Linear weights; decoding gives a peft LoRA adapter of rank ``rank`` on the
-    changed modules. ``ratio`` is relative to the dense deltas' size (m·n per layer).
+    files) of the 2-D Linear weights and MoE expert parameters; decoding gives a peft LoRA adapter of rank
+    ``rank`` on the changed modules and parameters. ``ratio`` is relative to the dense deltas' size (m·n per
+    layer or expert).
 
     Which weights are Linear: from a folder with config.json (the base's, else the fine-tune's), the
     module types of that model (torch.nn.Linear, and transformers' Conv1D of GPT-2, whose in x out
     weight is read transposed); from bare .safetensors files, every 2-D ``*.weight`` whose name does
     not contain "embed". A MoE block's changed 3-D expert parameters (stored so, or stacked by transformers from
-    per-expert weights as it loads them: ``BaseWeights.expert_sources``; a folder with config.json needed) are
+    per-expert weights as it loads them: ``BaseWeights.expert_sources``, which needs the base's folder) are
     carried as peft's LoRA on them (``target_parameters``: one rank-``rank`` pair per expert, in the layout peft
     adds them). Other changed tensors (biases, norms, embeddings, routers) and tensors the base does not have (a
     new classification head) cannot be carried and are listed in the package's ``skipped``. Where transformers
@@ -1276,7 +1280,9 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
                                     f"{f' ({bk})' if bk != k else ''}: wrong base model?")
         if not Wf.is_floating_point() or torch.equal(Wf, W0):
             continue
-        loaded = bw.loaded_names.get(bk, bk) if kinds is not None else bk   # transformers' name for it
+        # transformers' name for it (the fine-tune's model tells where the base is a bare file)
+        loaded = bk if kinds is None else bw.loaded_names.get(bk, bk) if bw.skeleton is not None else \
+            fw.loaded_names.get(k, k)
         kind = "other" if loaded is None else _kind_of(loaded, kinds, Wf.shape)   # None: merged with others
         if kind == "other" or Wf.dim() != 2:
             skipped.append(k)
@@ -1321,7 +1327,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     # peft rewrites a MoE model's target_modules named like its experts' old Linears (down_proj, w2, gate, ...) into
     # expert parameters as it loads the adapter (its transformers-4 compatibility): such Linears (DeepSeek's dense
     # MLPs, shared experts) are targeted as their weight parameter instead, which peft adds as a module LoRA would
-    moe = _holds_experts(bw.skeleton)
+    moe = _holds_experts(bw.skeleton or fw.skeleton)
     as_param = [l for l in infos if l.expert < 0 and moe and l.module.rpartition(".")[2] in _PEFT_MOE_NAMES]
     params.update({f"{l.module}.weight": l.rank for l in as_param})
     plain = [l for l in infos if l.expert < 0 and l not in as_param]
@@ -1375,11 +1381,16 @@ def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, st
     ``fine_parts``, ``fine``: all its keys), ``experts``, the layout (``transposed``: stored experts x in x out,
     the module's ``is_transposed``) and the ``module`` name of its peft wrapper (several of one module nest in the
     module's order, the first innermost)."""
-    model = bw.skeleton
+    model, P, Q = bw.skeleton, *(prefix_rewrite(fw.keys(), bw.keys()) or ("", ""))  # P, Q: to the fine-tune's names
+    if model is None:   # a bare base file: the fine-tune's model (named as the adapter is), its 3-D tensors found
+        model, P, Q = fw.skeleton, "", ""   # in the base by name; transformers' merges cannot be worked out
+        if model is not None and fw._merges:
+            warnings.warn(f"{bw.path} is a bare .safetensors file: the MoE experts that transformers stacks from "
+                          "per-expert weights as it loads the model cannot be found in it, and are not carried; pass "
+                          "the base model's folder")
     if model is None:
         return []
     fine_of = {b: k for k, b in base_of.items()}
-    P, Q = prefix_rewrite(fw.keys(), bw.keys()) or ("", "")   # the fine-tune's names: its model takes the adapter
     found = []
     for core, mod in model.named_modules():
         if isinstance(mod, torch.nn.modules.conv._ConvNd):
@@ -1676,7 +1687,7 @@ def _package_base_weight(bw: BaseWeights, info: LayerInfo, check: bool = False) 
         missing = [k for k in info.base_parts or [key] if not bw.has(k)]
         if missing:
             raise BaseMismatchError(f"{what}: the base has no weight {missing[0]}: wrong base model?")
-        if not info.base_parts and not (len(bw.shape(key)) == 3 and info.expert < bw.shape(key)[0]):
+        if not info.base_parts and not (len(bw.shape(key)) == 3 and bw.shape(key)[0] == info.experts):
             raise BaseMismatchError(f"{what}: base weight {key} has shape {tuple(bw.shape(key))}, not "
                                     f"{info.experts} experts: wrong base model?")
         try:

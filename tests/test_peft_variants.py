@@ -351,7 +351,7 @@ def test_target_parameters_scaling_is_the_one_peft_applies(tmp_path, kw):
     _roundtrip(base, folder, str(tmp_path / "restored"))
 
 
-def test_lora_on_moe_expert_parameters_is_refused_by_name(tmp_path):
+def test_lora_on_moe_expert_parameters_is_refused_by_eigen_build_by_name(tmp_path):
     """peft's target_parameters on a MoE block's 3-D expert tensors stores one rank-r pair per expert in
     lora_A / lora_B: not scaling * B @ A of a weight. eigen build without a base took it for a Linear and
     exported an adapter peft refuses. (SOLAR takes such adapters: tests/test_moe.py.)"""
@@ -483,7 +483,7 @@ def test_a_dense_fine_tune_of_a_model_transformers_loads_under_other_names(tmp_p
                                atol=1e-4, rtol=0)
 
 
-def test_a_dense_moe_fine_tune_skips_the_expert_weights_transformers_merges(tmp_path):
+def test_a_dense_moe_fine_tune_carries_the_merged_experts_as_expert_lora(tmp_path):
     """Mixtral stores each expert's w1 / w2 / w3 as 2-D weights, which transformers merges into 3-D parameters
     as it loads them: no Linear holds them. compress --dense read them as Linear weights by their name and
     wrote layers for modules the loaded model lacks (an adapter peft could not load where ranks differed).

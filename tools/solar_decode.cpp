@@ -1009,7 +1009,7 @@ class BaseWeights {
     if (parts.empty()) {
       const SafetensorsHeader& h = headers_[where_.at(base_key)];
       TensorEntry e = h.tensors[h.index.at(base_key)];
-      if (e.shape.size() != 3 || expert >= e.shape[0])
+      if (e.shape.size() != 3 || e.shape[0] != experts)
         fail(what + ": base weight " + base_key + " has shape " + shape_repr(e.shape) + ", not " +
              std::to_string(experts) + " experts: wrong base model?");
       const uint64_t size = static_cast<uint64_t>(e.shape[1]) * static_cast<uint64_t>(e.shape[2]) * e.dtype->size;
