@@ -85,6 +85,12 @@ def stack_experts(pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch
     return B.reshape(B.shape[0], -1), torch.cat([a for _, a in pairs])
 
 
+def unnested(module: str) -> str:
+    """The module a peft wrapper's path names: peft nests the wrappers of several target parameters of one module
+    (``experts.base_layer`` inside ``experts``)."""
+    return re.sub(r"(\.base_layer)+$", "", module)
+
+
 def as_update_layout(W0: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """The m x n (out x in) view of a base weight as stored: a Linear's weight itself, a Conv1D's
     (stored in x out, peft's ``fan_in_fan_out``) transposed. No copy."""
@@ -374,6 +380,8 @@ class PeftAdapter:
                 raise FormatError(f"{module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
             name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
             param = self._target_parameter(name, experts)
+            # a module LoRA: no target parameter, or expert parameters that bare names only may have matched
+            plain = param is None or isinstance(param, tuple) and self._maybe_module_lora(name)
             r = A.shape[0]
             if kind == "ADALORA":
                 E = self.tensors.get(f"{module}.lora_E{suffix}")
@@ -389,9 +397,8 @@ class PeftAdapter:
             elif r == 0:  # AdaLoRA prunes layers to rank 0 (callers skip them); a LoRA has no such layer
                 raise FormatError(f"{module}: lora_A / lora_B of rank 0 ({tuple(A.shape)} / {tuple(B.shape)}): "
                                   "a LoRA layer without an update")
-            elif isinstance(param, tuple):   # MoE experts: scaling uses r of one expert (expert_pairs' callers)
-                plain = self._maybe_module_lora(name)   # else its module LoRA's, as read without experts
-                scaling = self.lora_scaling(name, r) if plain else 1.0
+            elif isinstance(param, tuple):   # MoE experts: scaling uses r of one expert (expert_pairs' callers),
+                scaling = self.lora_scaling(name, r) if plain else 1.0   # else its module LoRA's
             else:   # peft matches a target parameter's patterns on "<module>.<parameter>"
                 scaling = self.lora_scaling(name if param is None else f"{name}.{param}", r)
             for side, M in (("lora_A", A), ("lora_B", B)):
@@ -400,7 +407,6 @@ class PeftAdapter:
             if not (math.isfinite(scaling) and scaling > 0):
                 raise FormatError(f"layer {name}: scaling (from lora_alpha) is {scaling}; it must be a finite "
                                   "number > 0 (a lora_alpha of 0 makes an adapter that changes nothing)")
-            plain = param is None or isinstance(param, tuple) and self._maybe_module_lora(name)
             out.append(LowRankUpdate(name, B, A, scaling, fan_in_fan_out and plain, not plain,
                                      param if isinstance(param, tuple) else ()))
         if not out:
@@ -431,7 +437,7 @@ class PeftAdapter:
     def _targets_of(self, module: str) -> set:
         """{(parameter, named with a module part)} of the target_parameters entries that match ``module`` (peft
         nests the wrappers of several parameters of one module: ``<module>.base_layer``)."""
-        core = re.sub(r"(\.base_layer)+$", "", module)
+        core = unnested(module)
         return {(p, bool(mod)) for mod, _, p in (t.rpartition(".") for t in self.config.get("target_parameters") or [])
                 if not mod or core == mod or core.endswith("." + mod)}
 
@@ -764,9 +770,8 @@ class BaseWeights:
         e's slice is their concatenation along dim 0). FormatError where neither is found or the merge is another
         one; quantized weights are refused."""
         key = self._match(module, self._where, param)
-        if key is None and not os.path.isfile(self.path) and self._renamed:
-            name = self._match(module, self._renamed, param)
-            key = self._renamed[name] if name else None
+        if key is None:
+            key = self._renamed_key(module, param)
         if key is not None:
             self.refuse_quantized(key)
             if len(self._header[key][1]) != 3:
@@ -818,9 +823,8 @@ class BaseWeights:
         if key is None:
             tied = self._tied_input_embedding(module)
             key = self._find(tied, self._where) if tied else None
-        if key is None and not os.path.isfile(self.path) and self._renamed:
-            name = self._match(module, self._renamed)
-            key = self._renamed[name] if name else None
+        if key is None:
+            key = self._renamed_key(module)
             if key is not None:
                 self.loaded_modules.add(module)
         if key is None:
@@ -843,6 +847,14 @@ class BaseWeights:
                                   f"{longer[1]}{' ...' if len(longer) > 2 else ''}): is this the adapter's base model?")
             key = longer[0] if longer else None
         return key
+
+    def _renamed_key(self, module: str, param: str = "weight") -> Optional[str]:
+        """The stored key of ``module``'s ``param`` found by the name transformers loads it under (``_renamed``;
+        a folder only), else None."""
+        if os.path.isfile(self.path) or not self._renamed:
+            return None
+        name = self._match(module, self._renamed, param)
+        return self._renamed[name] if name else None
 
     @functools.cached_property
     def _renamed(self) -> Dict[str, str]:

@@ -52,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -63,7 +62,8 @@ import torch
 from . import ops
 from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, LowRankUpdate, PeftAdapter, as_update_layout,
                  base_modifying_init, check_finite, embedding_lora_modules, expert_pairs, fingerprint, prefix_rewrite,
-                 read_safetensors, refuse_layer_replication, safetensors_metadata, save_safetensors, stack_experts)
+                 read_safetensors, refuse_layer_replication, safetensors_metadata, save_safetensors, stack_experts,
+                 unnested)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 from .io import progress_bar as _progress
 
@@ -1129,7 +1129,7 @@ def _with_3d_weight(bw: BaseWeights, u: LowRankUpdate) -> LowRankUpdate:
     if u.params or not u.as_stored:
         return u
     try:
-        three_d = len(bw.shape(bw.key_for_module(re.sub(r"(\.base_layer)+$", "", u.module)))) == 3
+        three_d = len(bw.shape(bw.key_for_module(unnested(u.module)))) == 3
     except FormatError:
         return u
     return dataclasses.replace(u, params=("weight",)) if three_d else u
@@ -1145,7 +1145,7 @@ def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[
     experts x out x in, peft's default)."""
     if not u.params:
         return [(u, None)]
-    core = re.sub(r"(\.base_layer)+$", "", u.module)
+    core = unnested(u.module)
     m, n = u.B.shape[0], u.A.shape[1]
     fits, problems, found = [], [], 0
     for param in u.params:
@@ -1308,7 +1308,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
             _check_finite_base(W0, g["key"])
             delta = (lambda g=g, e=e: _delta(fw.get_expert(g["fine_key"], g["fine_parts"][e], e),
                                               bw.get_expert(g["key"], g["parts"][e], e), g["transposed"]))
-            D = delta()
+            D = _delta(fw.get_expert(g["fine_key"], g["fine_parts"][e], e), W0, g["transposed"])   # W0 read once
             if not torch.isfinite(D).all():
                 raise ValueError(f"{g['fine_key']} (expert {e}): the fine-tuned weight contains NaN or Inf")
             m, n = D.shape
@@ -1597,7 +1597,6 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
         _package_base_weight(bw, info, check=True)
     experts: Dict[str, dict] = {}   # module -> {expert: (B, A)}
     for i, info in enumerate(_progress(pkg.layers, "solar: decode", progress)):
-        what = f"layer {info.module}"
         prefix = f"base_model.model.{info.module}"
         if pkg.factors[i] is not None:  # low-rank layer: the factors themselves, no basis (W0 not read again)
             B, A = _pad_factors(*pkg.stored_factors(i), info.rank)
