@@ -207,11 +207,12 @@ def linear_layout(module: torch.nn.Module) -> Optional[bool]:
     return True if isinstance(module, Conv1D) else None
 
 
-def quantized(module: torch.nn.Module) -> Optional[str]:
-    """What a layer's weight is when it does not hold the weight's numbers in floating point: a quantized base
-    (bitsandbytes' 4-/8-bit Linear under QLoRA: packed integers, shape (n_bytes, 1); float8 numbers; a torchao
-    or other quantized tensor subclass). None for a plain weight (a torch tensor or Parameter, DTensor included)."""
-    w = getattr(module, "weight", None)
+def quantized(module: torch.nn.Module, weight: Optional[torch.Tensor] = None) -> Optional[str]:
+    """What a layer's weight (or its parameter ``weight``) is when it does not hold the weight's numbers in
+    floating point: a quantized base (bitsandbytes' 4-/8-bit Linear under QLoRA: packed integers, shape
+    (n_bytes, 1); float8 numbers; a torchao or other quantized tensor subclass). None for a plain weight (a torch
+    tensor or Parameter, DTensor included)."""
+    w = getattr(module, "weight", None) if weight is None else weight
     if not isinstance(w, torch.Tensor):
         return None
     kind = type(w)

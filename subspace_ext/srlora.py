@@ -22,6 +22,10 @@ pairs: save both (``model.save_pretrained(d)`` and ``sr.save(d)``; to use them, 
 (``model.merge_and_unload()``) and save the merged model. ``sr.save`` also holds what a resumed run
 needs (``SRLoRA(..., resume_from=d)``; the Trainer callback saves it into every checkpoint).
 
+LoRA on a MoE block's 3-D expert parameters (peft's ``target_parameters``, its ParamWrapper) is recomposed
+expert by expert: each expert's rank-r pairs (lora_A's rows e·r + k, lora_B's columns k·E + e) are a layer of
+their own, with the principal directions of that expert's slice of the parameter, into which they are fused.
+
 The base weights are shared by every adapter of the model: after PiSSA and each fusion, other adapters
 and ``disable_adapter()`` no longer see the original base (SRLoRA warns when the model holds several).
 PiSSA moves the top principal part of W0 behind the LoRA branch, so with ``lora_dropout > 0`` the
@@ -33,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -101,10 +106,16 @@ class SRLoRAConfig:
 
 @dataclass
 class _Layer:
+    """One LoRA layer SRLoRA recomposes: a Linear / Conv1D LoRA, or one expert of a LoRA on a MoE block's 3-D
+    expert parameter (peft's ParamWrapper: lora_A (r·E x n) stacks the experts' A_e, lora_B (m x r·E) interleaves
+    their columns, so expert e's pair k is lora_A's row e·r + k and lora_B's column k·E + e; its update s B_e A_e
+    adds to the parameter's slice e, transposed where the slice is stored in x out)."""
     name: str
     module: torch.nn.Module  # the peft LoRA layer; its tensors are looked up on use, so model.to() and
     adapter: str             # .half() after SRLoRA was built are followed, not written to a stale copy
     scaling: float
+    expert: int = -1         # MoE: which expert of the module's 3-D parameter (-1: a Linear / Conv1D LoRA)
+    experts: int = 0         # MoE: how many experts the parameter holds
     U: torch.Tensor = None   # cached principal directions of the original W0 (m x K), S (K), V (n x K)
     S: torch.Tensor = None
     V: torch.Tensor = None
@@ -113,22 +124,51 @@ class _Layer:
     record: Optional["_Record"] = None    # what the run wrote into the weight (None: it is saved whole)
 
     @property
-    def weight(self) -> torch.nn.Parameter:
-        """The base layer's weight parameter."""
-        return self.module.get_base_layer().weight
+    def param(self) -> torch.nn.Parameter:
+        """The base parameter the LoRA adds to: the base layer's weight, or the MoE block's expert tensor."""
+        return getattr(self.module.get_base_layer(), getattr(self.module, "parameter_name", "weight"))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base tensor this layer's fusions write: the parameter, or its expert's slice (a view)."""
+        return self.param if self.expert < 0 else self.param.data[self.expert]
 
     @property
     def W(self) -> torch.Tensor:
-        """Its m x n view (a transpose for fan_in_fan_out layers)."""
-        return _update_view(self.module, self.weight)
+        """Its m x n view (a transpose for fan_in_fan_out layers and experts stored in x out)."""
+        return _update_view(self.module, self.weight, self.expert >= 0)
 
     @property
-    def A(self) -> torch.nn.Parameter:  # r x n
+    def A_param(self) -> torch.nn.Parameter:
         return self.module.lora_A[self.adapter].weight
 
     @property
-    def B(self) -> torch.nn.Parameter:  # m x r
+    def B_param(self) -> torch.nn.Parameter:
         return self.module.lora_B[self.adapter].weight
+
+    @property
+    def A(self) -> torch.Tensor:  # r x n: the layer's rows of lora_A (its data, written in place)
+        return self.rows(self.A_param.data)
+
+    @property
+    def B(self) -> torch.Tensor:  # m x r: the layer's columns of lora_B
+        return self.cols(self.B_param.data)
+
+    def grads(self) -> Optional[tuple]:
+        """(grad of A, grad of B) of the layer's pairs, or None where either has none."""
+        gA, gB = self.A_param.grad, self.B_param.grad
+        return None if gA is None or gB is None else (self.rows(gA), self.cols(gB))
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The layer's rows of a tensor shaped like lora_A (a view)."""
+        if self.expert < 0:
+            return t
+        r = t.shape[0] // self.experts
+        return t[self.expert * r:(self.expert + 1) * r]
+
+    def cols(self, t: torch.Tensor) -> torch.Tensor:
+        """The layer's columns of a tensor shaped like lora_B (a view)."""
+        return t if self.expert < 0 else t[:, self.expert::self.experts]
 
     def directions(self, dirs: torch.Tensor) -> tuple:
         """(b m x k, a k x n) = (√(σ_j/s) u_j, √(σ_j/s) v_jᵀ) for directions ``dirs``, on B's and A's device."""
@@ -138,10 +178,12 @@ class _Layer:
                 (self.V[:, dirs] * root).T.to(device=A.device, dtype=A.dtype))
 
 
-def _update_view(module, weight: torch.Tensor) -> torch.Tensor:
-    """The m x n view of a LoRA layer's base weight that its update B A adds to (a transpose for
-    fan_in_fan_out layers)."""
-    return weight.data.T if getattr(module, "fan_in_fan_out", False) else weight.data
+def _update_view(module, weight: torch.Tensor, expert: bool = False) -> torch.Tensor:
+    """The m x n view of a LoRA layer's base weight (or of an ``expert``'s slice of a MoE parameter) that its
+    update B A adds to: a transpose for fan_in_fan_out layers, and for experts stored in x out (GPT-OSS's; peft
+    swaps its in and out features where the experts are out x in)."""
+    flip = not module._did_swap_in_out_features if expert else getattr(module, "fan_in_fan_out", False)
+    return weight.data.T if flip else weight.data
 
 
 @dataclass
@@ -235,10 +277,11 @@ def _optimizer_state(optimizer) -> dict:
 
 
 def lora_layers(model) -> List[_Layer]:
-    """The trainable, active LoRA Linear layers of a peft model. Warns about LoRA layers SRLoRA leaves
+    """The trainable, active LoRA Linear layers of a peft model, and one layer per expert of each LoRA on a MoE
+    block's 3-D expert parameter (peft's ``target_parameters``). Warns about LoRA layers SRLoRA leaves
     alone (frozen, embedding LoRA) and about a model holding several adapters (they share the base weights
-    SRLoRA edits); refuses layers whose update is not W + s B A on a Linear / Conv1D weight of its own
-    (variants, a weight tied to another module, a merged adapter)."""
+    SRLoRA edits); refuses layers whose update is not W + s B A on a Linear / Conv1D weight (or an expert's
+    slice) of its own (variants, a weight tied to another module, a merged adapter)."""
     from peft.tuners.lora import LoraLayer
 
     refuse_distributed(model, "SRLoRA", ddp=False)   # DDP is fine: SRLoRA adds no parameter
@@ -268,15 +311,19 @@ def lora_layers(model) -> List[_Layer]:
                 frozen.append(name)
                 continue
             base = mod.get_base_layer()
-            if mod.lora_A[adapter].weight.dim() != 2 or linear_layout(base) is None:
+            pname = getattr(mod, "parameter_name", "weight")   # peft's ParamWrapper (target_parameters) names it
+            param = getattr(base, pname, None)
+            experts = _experts(name, mod, adapter, param)
+            if not experts and (mod.lora_A[adapter].weight.dim() != 2 or linear_layout(base) is None):
                 raise ValueError(f"{name}: LoRA on a {type(base).__module__}.{type(base).__name__} is not supported by "
-                                 "SRLoRA: only Linear (and transformers Conv1D) LoRA layers, whose weight it edits")
-            quant = quantized(base)
+                                 "SRLoRA: only Linear (and transformers Conv1D) LoRA layers, whose weight it edits, "
+                                 "and LoRA on a MoE block's 3-D expert parameters (peft's target_parameters)")
+            quant = quantized(base, param)
             if quant:
                 raise ValueError(f"{name}: the base layer is quantized ({quant}): SRLoRA's PiSSA init and fusions "
                                  "write the base weight in floating point, which a quantized (QLoRA) base cannot "
                                  "take; load the base model unquantized (bfloat16 or float32)")
-            tied = tied_elsewhere(names, name, base.weight)
+            tied = tied_elsewhere(names, name, param)
             if tied:
                 raise ValueError(f"{name}: its base weight is tied to {tied} (one shared parameter): SRLoRA's "
                                  "PiSSA init and fusions edit the base weight, which would change that module too; "
@@ -285,7 +332,9 @@ def lora_layers(model) -> List[_Layer]:
                 raise ValueError(f"{name}: the adapter is merged into the base weight (merge_adapter()): SRLoRA "
                                  "edits the base weight and the factors, so it needs them apart; call "
                                  "model.unmerge_adapter() first")
-            out.append(_Layer(name, mod, adapter, float(mod.scaling[adapter])))
+            scaling = float(mod.scaling[adapter])
+            out += [_Layer(f"{name}.{pname}[{e}]", mod, adapter, scaling, e, experts) for e in range(experts)] \
+                if experts else [_Layer(name, mod, adapter, scaling)]
     if embedding:
         warnings.warn(f"SRLoRA leaves embedding LoRA layers as they are: {', '.join(embedding[:3])}"
                       f"{' ...' if len(embedding) > 3 else ''}", stacklevel=3)
@@ -301,6 +350,21 @@ def lora_layers(model) -> List[_Layer]:
             " (all frozen)" if frozen else ""
         raise ValueError(f"the model has no trainable active LoRA Linear layers{what} (expected a peft LoRA model)")
     return out
+
+
+def _experts(name: str, mod, adapter: str, param) -> int:
+    """How many experts a LoRA on a MoE block's 3-D expert parameter (peft's ParamWrapper) holds; 0 for any other
+    LoRA layer. Its factors must be the ParamWrapper's: lora_A (r·E x n), lora_B (m x r·E)."""
+    if not (isinstance(param, torch.Tensor) and param.dim() == 3 and hasattr(mod, "_did_swap_in_out_features")):
+        return 0
+    E = param.shape[0]
+    A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+    swapped = mod._did_swap_in_out_features
+    m, n = (param.shape[1], param.shape[2]) if swapped else (param.shape[2], param.shape[1])
+    if getattr(mod, "num_experts", E) != E or A.shape[0] % E or B.shape != (m, A.shape[0]) or A.shape[1] != n:
+        raise ValueError(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not one rank-r pair per expert of "
+                         f"the {tuple(param.shape)} expert parameter (peft's layout: r·E x n and m x r·E)")
+    return E
 
 
 class SRLoRA:
@@ -428,15 +492,15 @@ class SRLoRA:
             B_new.append(b)
             A_new.append(a)
             self._remember(l, idx[-1], b, a)
-        ops.reinit_pairs_([l.W for l in self.layers], [l.B.data for l in self.layers],
-                          [l.A.data for l in self.layers], idx, B_new, A_new, [l.scaling for l in self.layers])
+        ops.reinit_pairs_([l.W for l in self.layers], [l.B for l in self.layers],
+                          [l.A for l in self.layers], idx, B_new, A_new, [l.scaling for l in self.layers])
         self._cap_records()
 
     def _remember(self, l: _Layer, pick: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> None:
         """Add the coming ``reinit_pairs_`` call on layer ``l`` (its pairs ``pick`` replaced by b, a) to the layer's
         record, before the call (Ctrl-C lands when the op returns)."""
         if l.record is not None:
-            l.record.add(l.scaling, l.B.data[:, pick].cpu(), l.A.data[pick].cpu(), b.cpu(), a.cpu())
+            l.record.add(l.scaling, l.B[:, pick].cpu(), l.A[pick].cpu(), b.cpu(), a.cpu())
 
     def _cap_records(self) -> None:
         """Stop recording a layer whose record outgrew ``_RECORD_CAP`` of its weight's bytes (it is saved whole)."""
@@ -457,7 +521,8 @@ class SRLoRA:
     def update_importance(self) -> List[Optional[torch.Tensor]]:
         """One batched AdaLoRA importance update from the current gradients; returns the scores (None for a
         layer without a gradient this step, e.g. one the loss does not reach: its state is kept)."""
-        have = [k for k, l in enumerate(self.layers) if l.A.grad is not None and l.B.grad is not None]
+        grads = [l.grads() for l in self.layers]
+        have = [k for k, g in enumerate(grads) if g is not None]
         if not have:
             raise RuntimeError("no LoRA layer has a gradient; call SRLoRA.step() after optimizer.step() and "
                                "before the gradients are cleared")
@@ -469,8 +534,8 @@ class SRLoRA:
         self._state_on_device()
         pick = lambda ts: [ts[k] for k in have]  # noqa: E731
         layers = [self.layers[k] for k in have]
-        got = ops.pair_importance([l.A.data for l in layers], [l.B.data for l in layers],
-                                  [l.A.grad for l in layers], [l.B.grad for l in layers],
+        got = ops.pair_importance([l.A for l in layers], [l.B for l in layers],
+                                  [grads[k][0] for k in have], [grads[k][1] for k in have],
                                   *(pick(st) for st in self.state), beta1=self.config.beta1, beta2=self.config.beta2)
         scores: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         for k, sc in zip(have, got):
@@ -544,8 +609,8 @@ class SRLoRA:
             pick = eligible[order].sort().values
             b, a = l.directions(torch.arange(l.next_dir, l.next_dir + n, device=l.S.device))
             W.append(l.W)
-            Bs.append(l.B.data)
-            As.append(l.A.data)
+            Bs.append(l.B)
+            As.append(l.A)
             idx.append(pick)  # host indices: no device-to-host copy inside the op
             B_new.append(b)
             A_new.append(a)
@@ -574,7 +639,7 @@ class SRLoRA:
         except BaseException:   # refused (a float16 B_new overflowing), or interrupted between two devices' calls:
             # a layer the op did not reach (it writes B_new into B[:, idx]) keeps its directions and record
             for (l, next_dir, protected), i, b in zip(moved, idx, B_new):
-                if not torch.equal(l.B.data[:, i.to(l.B.device)], b):
+                if not torch.equal(l.B[:, i.to(l.B.device)], b):
                     l.next_dir, l.protected_until = next_dir, protected
                     if l.record is not None:
                         l.record.pop()
@@ -601,13 +666,13 @@ class SRLoRA:
             st[:, pick] = 0
         if not (self.config.reset_optimizer and self.optimizer is not None):
             return
-        for p, rows in ((l.A, True), (l.B, False)):
+        for p, rows in ((l.A_param, True), (l.B_param, False)):
             for name, v in _optimizer_state(self.optimizer).get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point():
-                    if rows:
-                        v[pick] = 0
+                    if rows:   # the layer's rows / columns of the moment (a view: an expert's, written through)
+                        l.rows(v)[pick] = 0
                     else:
-                        v[:, pick] = 0
+                        l.cols(v)[:, pick] = 0
                 elif isinstance(v, torch.Tensor) and v.numel() > 1:
                     why = (f"is {str(v.dtype).replace('torch.', '')} (a quantized optimizer? its code 0 need not be "
                            "the value 0)" if v.shape == p.shape else f"has shape {tuple(v.shape)}, not the "
@@ -624,10 +689,12 @@ class SRLoRA:
 
     # -- results, saving and resuming -----------------------------------------------------------
     def base_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The modified base weights (name -> tensor), keyed as in the peft model's state dict (load them
-        into a PeftModel, not into the bare base model; ``load_base_weights`` checks every name)."""
+        """The modified base weights (name -> tensor; a MoE block's expert parameter whole), keyed as in the peft
+        model's state dict (load them into a PeftModel, not into the bare base model; ``load_base_weights``
+        checks every name)."""
         self._refuse_merged("saving the base weights")
-        return {l.name + ".base_layer.weight": l.weight.detach().clone() for l in self.layers}
+        names = {id(p): n for n, p in unwrap_model(self.model).named_parameters()}
+        return {names[id(p)]: p.detach().clone() for p in {id(l.param): l.param for l in self.layers}.values()}
 
     def save(self, folder: str, base: str = "record") -> str:
         """Write ``folder/srlora_state.safetensors``: what the peft adapter alone lacks, the run's changes to the
@@ -944,28 +1011,40 @@ def load_base_weights(model, folder: str) -> int:
     model = unwrap_model(model)
     dests = []
     for k, name in enumerate(names):
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: the model has no layer {name} (load the adapter with "
-                             "PeftModel.from_pretrained first: the names are the peft model's)") from None
-        base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
-        if not isinstance(getattr(base, "weight", None), torch.Tensor):
-            raise ValueError(f"{path}: the model's {name} is a {type(base).__name__} without a weight, not a LoRA "
-                             "layer: another model?")
-        if journal[k] is None and base.weight.shape != t[f"base.{k}"].shape:
+        layer = _saved_layer(model, name, path)
+        w = layer.weight
+        if journal[k] is None and w.shape != t[f"base.{k}"].shape:
             raise ValueError(f"{path}: layer {name}: saved weight {tuple(t[f'base.{k}'].shape)}, model's "
-                             f"{tuple(base.weight.shape)}")
+                             f"{tuple(w.shape)}")
         if journal[k] is not None:
-            _record_fits(path, name, t, k, _update_view(mod, base.weight).shape)
-            _check_original(path, name, base.weight, journal[k]["w0"], ValueError)
-        dests.append((mod, base.weight))
-    for k, (mod, w) in enumerate(dests):
+            _record_fits(path, name, t, k, layer.W.shape)
+            _check_original(path, name, w, journal[k]["w0"], ValueError)
+        dests.append(layer)
+    for k, layer in enumerate(dests):
         if journal[k] is None:
-            w.data.copy_(t[f"base.{k}"])
+            layer.weight.data.copy_(t[f"base.{k}"])
         elif sum(journal[k]["q"]):
-            _replay(_update_view(mod, w), journal[k]["q"], journal[k]["s"], *(t[f"{n}.{k}"] for n in _RECORD_TENSORS))
+            _replay(layer.W, journal[k]["q"], journal[k]["s"], *(t[f"{n}.{k}"] for n in _RECORD_TENSORS))
     return len(dests)
+
+
+def _saved_layer(model, name: str, path: str) -> _Layer:
+    """The model's layer ``name`` of a saved state (``lora_layers``' names: a module, or ``module.param[e]`` for
+    an expert of a MoE parameter), for its base weight; ValueError where the model has none such."""
+    expert = re.fullmatch(r"(.+)\.([^.]+)\[(\d+)\]", name)
+    mod_name, pname, e = (expert[1], expert[2], int(expert[3])) if expert else (name, "weight", -1)
+    try:
+        mod = model.get_submodule(mod_name)
+    except AttributeError:
+        raise ValueError(f"{path}: the model has no layer {mod_name} (load the adapter with "
+                         "PeftModel.from_pretrained first: the names are the peft model's)") from None
+    base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+    param = getattr(base, getattr(mod, "parameter_name", "weight"), None)
+    if not isinstance(param, torch.Tensor) or getattr(mod, "parameter_name", "weight") != pname or \
+            (param.dim() == 3) != (e >= 0) or e >= (param.shape[0] if e >= 0 else 1):
+        what = f"a LoRA on its {pname}'s expert {e}" if e >= 0 else "a LoRA layer"
+        raise ValueError(f"{path}: the model's {mod_name} is a {type(base).__name__}, not {what}: another model?")
+    return _Layer(name, mod, "", 0.0, e, param.shape[0] if e >= 0 else 0)
 
 
 try:

@@ -1,9 +1,10 @@
-"""SOLAR on LoRA of a MoE block's 3-D expert parameters (peft's target_parameters, its ParamWrapper).
+"""SOLAR and SRLoRA on LoRA of a MoE block's 3-D expert parameters (peft's target_parameters, its ParamWrapper).
 
 peft stores one rank-r pair per expert: lora_A (r·E x n) stacks the experts' A_e, lora_B (m x r·E) interleaves
 their columns. Mixtral's checkpoint stores each expert's w1 / w3 / w2 as 2-D weights that transformers stacks
 (and concatenates) into gate_up_proj / down_proj as it loads the model; GPT-OSS stores the 3-D tensors, in x out.
 """
+import copy
 import json
 import os
 import re
@@ -316,13 +317,131 @@ def test_cli_compresses_and_decompresses_a_moe_adapter(moe, tmp_path, capsys):
     torch.testing.assert_close(_logits(model_cls, base, out), _logits(model_cls, base, adapter), rtol=0, atol=1e-5)
 
 
-def test_srlora_refuses_expert_parameters_by_name(moe):
-    """SRLoRA fuses pairs into a 2-D weight of a Linear / Conv1D: the experts' 3-D parameter is refused by name."""
+def _moe_model(name, device="cpu"):
+    config_cls, model_cls, kw = _models()[name]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kw)).to(device)
+    if not isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None), torch.nn.Parameter):
+        pytest.skip(f"transformers {transformers.__version__} keeps {name}'s experts as Linear layers")
+    return model
+
+
+def _srlora_run(name, steps, device="cpu"):
+    """(peft model, optimizer, SRLoRA, input, logits before SRLoRA) of a tiny MoE model with LoRA on q_proj and on
+    both expert parameters, trained ``steps`` AdamW steps with SRLoRA stepped after each (PiSSA init, then half of
+    each layer's pairs recomposed every 2 steps)."""
     from subspace_ext import srlora
-    _, base, adapter, model_cls = moe
-    pm = peft.PeftModel.from_pretrained(model_cls.from_pretrained(base), adapter, is_trainable=True)
-    with pytest.raises(ValueError, match=r"mlp.experts(.base_layer)?: LoRA on a .*Experts is not supported by SRLoRA"):
-        srlora.lora_layers(pm)
+    pm = peft.get_peft_model(_moe_model(name, device), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                       target_parameters=TARGETS))
+    x = torch.arange(14, device=device).reshape(2, 7) % 64
+    before = _moe_logits(pm, x)
+    opt = _adamw(pm)
+    sr = srlora.SRLoRA(pm, opt, srlora.SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=20))
+    for _ in range(steps):
+        _srlora_step(pm, opt, sr, x)
+    return pm, opt, sr, x, before
+
+
+def _adamw(pm):
+    return torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _backward_and_step(pm, opt, x):
+    pm.train()
+    opt.zero_grad()
+    pm(x, labels=x).loss.backward()
+    opt.step()
+
+
+def _srlora_step(pm, opt, sr, x):
+    _backward_and_step(pm, opt, x)
+    return sr.step()
+
+
+def _moe_logits(model, x):
+    with torch.no_grad():
+        return model.eval()(x).logits
+
+
+@pytest.mark.parametrize("name", sorted(_models()))
+def test_srlora_recomposes_each_expert_as_a_layer_of_its_own(name, device):
+    """SRLoRA on LoRA of the experts' 3-D parameters: one layer per expert, whose pairs are lora_A's rows e·r + k
+    and lora_B's columns k·E + e and whose weight is the expert's slice in the update's layout (GPT-OSS's stored
+    in x out; square experts told apart by the model). PiSSA and the recomposition keep the function, each
+    fusion lands in its own expert's slice, and only the re-initialised pairs' optimizer moments are zeroed."""
+    pm, opt, sr, x, before = _srlora_run(name, 0, device)
+    torch.testing.assert_close(_moe_logits(pm, x), before, rtol=0, atol=1e-5)   # PiSSA
+    experts = [l for l in sr.layers if l.expert >= 0]
+    assert len(sr.layers) == 14 and len(experts) == 12 and {l.experts for l in experts} == {3}
+    assert experts[0].name.endswith("layers.0.mlp.experts.down_proj[0]")
+    assert experts[3].name.endswith("layers.0.mlp.experts.base_layer.gate_up_proj[0]")
+    for l in experts:   # s B_e A_e, in W's m x n view, is peft's own update of the expert (after PiSSA: nonzero)
+        delta = l.module.get_delta_weight(l.adapter)[l.expert]
+        ours = l.scaling * l.B.double() @ l.A.double()
+        torch.testing.assert_close(ours.T if name.startswith("gpt_oss") else ours, delta.double(), rtol=1e-5,
+                                   atol=1e-7)
+        assert l.weight.data_ptr() == l.param.data_ptr() + l.expert * l.param.stride(0) * l.param.element_size()
+    assert _srlora_step(pm, opt, sr, x) is None   # step 1: scored, no recomposition
+    _backward_and_step(pm, opt, x)
+    before = _moe_logits(pm, x)
+    params = {id(l.param): l.param.detach().clone() for l in sr.layers}
+    factors = [(l.B.clone(), l.A.clone()) for l in sr.layers]
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for g in opt.param_groups for p in g["params"]}
+    ev = sr.step()
+    assert ev is not None and ev.layers == 14 and ev.pairs == 28
+    torch.testing.assert_close(_moe_logits(pm, x), before, rtol=0, atol=1e-5)
+    zeroed = {}
+    for l, (B, A) in zip(sr.layers, factors):
+        pick = torch.tensor(ev.detail[l.name])
+        old = params[id(l.param)]
+        old = old if l.expert < 0 else old[l.expert].T if name.startswith("gpt_oss") else old[l.expert]
+        fused = l.scaling * (B[:, pick].double() @ A[pick].double() - l.B[:, pick].double() @ l.A[pick].double())
+        torch.testing.assert_close(l.W.double(), old.double() + fused, rtol=0, atol=1e-6)
+        a_mask = zeroed.setdefault(id(l.A_param), torch.zeros_like(l.A_param, dtype=torch.bool))
+        b_mask = zeroed.setdefault(id(l.B_param), torch.zeros_like(l.B_param, dtype=torch.bool))
+        l.rows(a_mask)[pick] = True
+        l.cols(b_mask)[:, pick] = True
+    for g in opt.param_groups:
+        for p in g["params"]:
+            mask = zeroed[id(p)]
+            assert int(mask.sum()) == p.numel() // 2   # half of every layer's pairs
+            for k in ("exp_avg", "exp_avg_sq"):
+                new, prev = opt.state[p][k], moments[id(p)][k]
+                assert bool((new[mask] == 0).all()) and torch.equal(new[~mask], prev[~mask]), k
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("base", ["record", "whole"])
+def test_a_moe_srlora_run_saves_reloads_and_resumes(name, base, tmp_path):
+    """The state of a run on expert parameters (each expert's record replayed on its slice, or its slice saved
+    whole) loads onto the base model loaded afresh with the run's adapter: the trained model's logits, bit for bit;
+    a resumed run goes on as the run does. base_state_dict holds each expert parameter once, whole."""
+    from subspace_ext import srlora
+    pm, opt, sr, x, _ = _srlora_run(name, 4)
+    assert [e.pairs for e in sr.log] == [28, 28]
+    trained = _moe_logits(pm, x)
+    folder = str(tmp_path / "run")
+    pm.save_pretrained(folder)
+    sr.save(folder, base=base)
+    state = sr.base_state_dict()
+    assert set(state) <= set(pm.state_dict()) and len(state) == 2 * 3   # q_proj, gate_up_proj, down_proj
+    assert sorted(t.dim() for t in state.values()) == [2, 2, 3, 3, 3, 3]
+    loaded = peft.PeftModel.from_pretrained(_moe_model(name), folder)
+    assert srlora.load_base_weights(loaded, folder) == 14
+    assert torch.equal(_moe_logits(loaded, x), trained)
+    resumed = peft.PeftModel.from_pretrained(_moe_model(name), folder, is_trainable=True)
+    opt2 = _adamw(resumed)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))   # (a state_dict shares its tensors)
+    sr2 = srlora.SRLoRA(resumed, opt2, resume_from=folder)
+    assert sr2.step_count == 4 and [l.next_dir for l in sr2.layers] == [l.next_dir for l in sr.layers]
+    assert torch.equal(_moe_logits(resumed, x), trained)
+    for _ in range(2):
+        ev, ev2 = _srlora_step(pm, opt, sr, x), _srlora_step(resumed, opt2, sr2, x)
+    assert ev2.detail == ev.detail and ev.pairs == 28
+    torch.testing.assert_close(_moe_logits(resumed, x), _moe_logits(pm, x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"MixtralExperts|GptOssExperts"):   # a model without the experts' LoRA
+        plain = peft.get_peft_model(_moe_model(name), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+        srlora.load_base_weights(plain, folder)
 
 
 def test_a_conversion_other_than_a_stack_of_experts_is_described_not_guessed():

@@ -249,8 +249,8 @@ def test_recompose_resets_only_the_reinitialised_moments(task, reset):
         assert ev is not None and ev.pairs == 2 * len(sr.layers)
         lora = {}
         for l in sr.layers:
-            lora[id(l.A)] = (l, True)
-            lora[id(l.B)] = (l, False)
+            lora[id(l.A_param)] = (l, True)
+            lora[id(l.B_param)] = (l, False)
         for p in trainable(model):
             st, old = opt.state[p], snap[id(p)]
             assert torch.equal(st["step"], old["step"])
@@ -332,7 +332,7 @@ def test_importance_matches_adalora_reference_in_training(task):
 
     def after(step):
         seq.append(([d(l.A) for l in sr.layers], [d(l.B) for l in sr.layers],
-                    [d(l.A.grad) for l in sr.layers], [d(l.B.grad) for l in sr.layers]))
+                    [d(l.grads()[0]) for l in sr.layers], [d(l.grads()[1]) for l in sr.layers]))
         assert sr.step() is None
 
     train.train(model, tok, task, steps=6, batch_size=BS, optimizer=opt, after_step=after)
@@ -362,14 +362,13 @@ def test_update_importance_on_a_controlled_sequence(task):
     uA, uB = [t.clone() for t in iA], [t.clone() for t in iB]
     for step in range(5):
         for l in sr.layers:
-            l.A.grad = torch.randn(l.A.shape, generator=g) * 10 ** -step
-            l.B.grad = torch.randn(l.B.shape, generator=g)
-            with torch.no_grad():
-                l.A.add_(0.01 * torch.randn(l.A.shape, generator=g))
+            l.A_param.grad = torch.randn(l.A.shape, generator=g) * 10 ** -step
+            l.B_param.grad = torch.randn(l.B.shape, generator=g)
+            l.A.add_(0.01 * torch.randn(l.A.shape, generator=g))
         scores = sr.update_importance()
         exp, iA, iB, uA, uB = ref.pair_importance_ref(
-            [l.A for l in sr.layers], [l.B for l in sr.layers], [l.A.grad for l in sr.layers],
-            [l.B.grad for l in sr.layers], iA, iB, uA, uB, 0.6, 0.9)
+            [l.A for l in sr.layers], [l.B for l in sr.layers], [l.A_param.grad for l in sr.layers],
+            [l.B_param.grad for l in sr.layers], iA, iB, uA, uB, 0.6, 0.9)
         for k in range(len(sr.layers)):
             rel_close(scores[k], exp[k], 1e-5)
             rel_close(sr.state[0][k], iA[k], 1e-5)
@@ -1557,7 +1556,7 @@ def test_optimizer_states_srlora_cannot_reset_are_left_and_named():
     opt = adamw(model)
     sr = SRLoRA(model, opt, SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=10))
     toy_steps(model, opt, sr, toy_batches(1))
-    A = sr.layers[0].A
+    A = sr.layers[0].A_param
     opt.state[A]["q8"] = torch.full(A.shape, 5, dtype=torch.uint8)
     opt.state[A]["row"] = torch.ones(A.shape[1])
     with pytest.warns(UserWarning) as got:
@@ -1614,7 +1613,7 @@ def test_zero_redundancy_optimizer_moments_of_reinitialised_pairs_are_reset(one_
     assert ev.step == 3 and ev.pairs > 0 and not opt.state
     for l in sr.layers:
         pick = torch.tensor(ev.detail[l.name])
-        for p, rows in ((l.A, True), (l.B, False)):
+        for p, rows in ((l.A_param, True), (l.B_param, False)):
             for name in ("exp_avg", "exp_avg_sq"):
                 m = opt.optim.state[p][name]
                 assert not (m[pick] if rows else m[:, pick]).any(), (l.name, name)
