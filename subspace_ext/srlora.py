@@ -362,8 +362,8 @@ def _experts(name: str, mod, adapter: str, param) -> int:
     swapped = mod._did_swap_in_out_features
     m, n = (param.shape[1], param.shape[2]) if swapped else (param.shape[2], param.shape[1])
     if getattr(mod, "num_experts", E) != E or A.shape[0] % E or B.shape != (m, A.shape[0]) or A.shape[1] != n:
-        raise ValueError(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not one rank-r pair per expert of "
-                         f"the {tuple(param.shape)} expert parameter (peft's layout: r·E x n and m x r·E)")
+        raise ValueError(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not one rank-r pair per "
+                         f"expert of the {tuple(param.shape)} expert parameter (peft's layout: r·E x n and m x r·E)")
     return E
 
 
