@@ -154,11 +154,6 @@ class _Layer:
     def B(self) -> torch.Tensor:  # m x r: the layer's columns of lora_B
         return self.cols(self.B_param.data)
 
-    def grads(self) -> Optional[tuple]:
-        """(grad of A, grad of B) of the layer's pairs, or None where either has none."""
-        gA, gB = self.A_param.grad, self.B_param.grad
-        return None if gA is None or gB is None else (self.rows(gA), self.cols(gB))
-
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """The layer's rows of a tensor shaped like lora_A (a view)."""
         if self.expert < 0:
@@ -367,6 +362,30 @@ def _experts(name: str, mod, adapter: str, param) -> int:
     return E
 
 
+def _groups(layers: List[_Layer]) -> List[List[int]]:
+    """The layers' indices by LoRA parameter, in order: the experts of one MoE parameter together (``lora_layers``
+    lists them in a run, 0 .. E-1), every other layer alone."""
+    out: List[List[int]] = []
+    for k, l in enumerate(layers):
+        if l.expert > 0 and layers[k - 1].module is l.module:
+            out[-1].append(k)
+        else:
+            out.append([k])
+    return out
+
+
+def _group_pairs(l: _Layer, grad_A: torch.Tensor, grad_B: torch.Tensor) -> tuple:
+    """(A, B, grad of A, grad of B) of the LoRA parameter of layer ``l`` (a group's first) for ``pair_importance``:
+    the layer's own, or for a MoE parameter its lora_A and lora_B whole, B's columns expert-major (expert e's pair k
+    at e·r + k: peft interleaves them at k·E + e)."""
+    if l.expert < 0:
+        return l.A, l.B, grad_A, grad_B
+
+    def expert_major(t):   # m x r·E, column k·E + e -> e·r + k (a copy: B is the size of the LoRA factors)
+        return t.unflatten(1, (-1, l.experts)).transpose(1, 2).flatten(1)
+    return l.A_param.data, expert_major(l.B_param.data), grad_A, expert_major(grad_B)
+
+
 class SRLoRA:
     """Importance-based recomposition of a peft LoRA model's pairs; call ``step()`` after each
     ``optimizer.step()`` (while the gradients are still there).
@@ -445,7 +464,7 @@ class SRLoRA:
         elif self._pissa:
             self._pissa_init()
         if saved is None:
-            self.state = ops.importance_state([l.A for l in self.layers], [l.B for l in self.layers])
+            self._set_state(ops.importance_state([l.A for l in self.layers], [l.B for l in self.layers]))
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -509,37 +528,58 @@ class SRLoRA:
                 l.record = None
 
     # -- per step ------------------------------------------------------------------------------
+    def _set_state(self, state: tuple) -> None:
+        """Hold the importance states ``(ipt_A, ipt_B, unc_A, unc_B)``, lists of the layers' tensors, as one tensor
+        each per LoRA parameter (``_groups``), the layers' states views of it (``self.state``): the experts of a
+        MoE parameter are one layer of the per-step ``pair_importance`` call (its A-side rows and B-side columns
+        expert-major: expert e's pair k at e·r + k), so that its cost does not grow with the expert count."""
+        self._groups = _groups(self.layers)
+        self._group_state = []
+        views = tuple([None] * len(self.layers) for _ in state)
+        for g in self._groups:
+            tensors = []
+            for i, (lists, out) in enumerate(zip(state, views)):
+                cols = i % 2   # ipt_B, unc_B: m x r, their pairs in columns
+                t = torch.cat([lists[k] for k in g], dim=cols) if len(g) > 1 else lists[g[0]]
+                tensors.append(t)
+                at = 0
+                for k in g:
+                    r = lists[k].shape[cols]
+                    out[k] = t if len(g) == 1 else t[:, at:at + r] if cols else t[at:at + r]
+                    at += r
+            self._group_state.append(tensors)
+        self.state = views
+
     def _state_on_device(self) -> None:
         """Follow a model moved after SRLoRA was built (the states live with the layers' tensors)."""
-        for k, l in enumerate(self.layers):
-            dev = l.A.device
-            if self.state[0][k].device != dev:
-                for st in self.state:
-                    st[k] = st[k].to(dev)
+        if any(st[0].device != self.layers[g[0]].A_param.device for g, st in zip(self._groups, self._group_state)):
+            devices = [l.A_param.device for l in self.layers]
+            self._set_state(tuple([st[k].to(dev) for k, dev in enumerate(devices)] for st in self.state))
 
     @torch.no_grad()
     def update_importance(self) -> List[Optional[torch.Tensor]]:
         """One batched AdaLoRA importance update from the current gradients; returns the scores (None for a
         layer without a gradient this step, e.g. one the loss does not reach: its state is kept)."""
-        grads = [l.grads() for l in self.layers]
-        have = [k for k, g in enumerate(grads) if g is not None]
-        if not have:
+        grads = [(self.layers[g[0]].A_param.grad, self.layers[g[0]].B_param.grad) for g in self._groups]
+        have = [a is not None and b is not None for a, b in grads]
+        if not any(have):
             raise RuntimeError("no LoRA layer has a gradient; call SRLoRA.step() after optimizer.step() and "
                                "before the gradients are cleared")
-        missing = [self.layers[k].name for k in range(len(self.layers)) if k not in set(have)]
+        missing = [self.layers[k].name for g, h in zip(self._groups, have) if not h for k in g]
         if missing:
             self._warn_once("nograd", f"SRLoRA: no gradient reached {', '.join(missing[:3])}"
                             f"{' ...' if len(missing) > 3 else ''} (not used by the loss?): their importance is not "
                             "updated", stacklevel=4)
         self._state_on_device()
-        pick = lambda ts: [ts[k] for k in have]  # noqa: E731
-        layers = [self.layers[k] for k in have]
-        got = ops.pair_importance([l.A for l in layers], [l.B for l in layers],
-                                  [grads[k][0] for k in have], [grads[k][1] for k in have],
-                                  *(pick(st) for st in self.state), beta1=self.config.beta1, beta2=self.config.beta2)
+        groups = [(g, st, gr) for g, st, gr, h in zip(self._groups, self._group_state, grads, have) if h]
+        args = [_group_pairs(self.layers[g[0]], *gr) for g, _, gr in groups]
+        got = ops.pair_importance(*([a[i] for a in args] for i in range(4)),
+                                  *([st[i] for _, st, _ in groups] for i in range(4)),
+                                  beta1=self.config.beta1, beta2=self.config.beta2)
         scores: List[Optional[torch.Tensor]] = [None] * len(self.layers)
-        for k, sc in zip(have, got):
-            scores[k] = sc
+        for (g, _, _), sc in zip(groups, got):
+            for k, part in zip(g, sc.chunk(len(g))):
+                scores[k] = part
         return scores
 
     def step(self, optimizer_stepped: bool = True) -> Optional[Event]:
@@ -764,9 +804,9 @@ class SRLoRA:
                                    [tuple(parts)] if parts else [])
             l.next_dir = meta["next_dir"][k]
             l.protected_until = t[f"protected.{k}"].clone()
-        dev = lambda k: self.layers[k].A.device  # noqa: E731
-        self.state = tuple([t[f"{name}.{k}"].to(dev(k)) for k in range(len(self.layers))]
-                           for name in ("ipt_A", "ipt_B", "unc_A", "unc_B"))
+        dev = lambda k: self.layers[k].A_param.device  # noqa: E731
+        self._set_state(tuple([t[f"{name}.{k}"].to(dev(k)) for k in range(len(self.layers))]
+                              for name in ("ipt_A", "ipt_B", "unc_A", "unc_B")))
         self.step_count = meta["step_count"]
         self.log = meta["log"]
 

@@ -326,7 +326,7 @@ def _moe_model(name, device="cpu"):
     return model
 
 
-def _srlora_run(name, steps, device="cpu"):
+def _srlora_run(name, steps, device="cpu", config=None):
     """(peft model, optimizer, SRLoRA, input, logits before SRLoRA) of a tiny MoE model with LoRA on q_proj and on
     both expert parameters, trained ``steps`` AdamW steps with SRLoRA stepped after each (PiSSA init, then half of
     each layer's pairs recomposed every 2 steps)."""
@@ -336,7 +336,8 @@ def _srlora_run(name, steps, device="cpu"):
     x = torch.arange(14, device=device).reshape(2, 7) % 64
     before = _moe_logits(pm, x)
     opt = _adamw(pm)
-    sr = srlora.SRLoRA(pm, opt, srlora.SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=20))
+    sr = srlora.SRLoRA(pm, opt, config or srlora.SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5,
+                                                              total_steps=20))
     for _ in range(steps):
         _srlora_step(pm, opt, sr, x)
     return pm, opt, sr, x, before
@@ -442,6 +443,30 @@ def test_a_moe_srlora_run_saves_reloads_and_resumes(name, base, tmp_path):
     with pytest.raises(ValueError, match=r"MixtralExperts|GptOssExperts"):   # a model without the experts' LoRA
         plain = peft.get_peft_model(_moe_model(name), peft.LoraConfig(r=4, target_modules=["q_proj"]))
         srlora.load_base_weights(plain, folder)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_expert_importance_is_each_experts_own(name):
+    """The per-step importance update takes a MoE parameter's experts in one op layer (B's columns reordered expert
+    by expert): each expert's states and scores must equal the float64 reference on its own pairs and gradients."""
+    import reference as ref
+    from subspace_ext import srlora
+    pm, opt, sr, x, _ = _srlora_run(name, 0, config=srlora.SRLoRAConfig(beta1=0.6, beta2=0.7, fuse_fraction=0.0))
+    d = lambda ts: [t.detach().double().clone() for t in ts]   # noqa: E731
+    states = [[torch.zeros(t.shape, dtype=torch.float64) for t in ts] for ts in (
+        [l.A for l in sr.layers], [l.B for l in sr.layers])]
+    iA, iB = states
+    uA, uB = [t.clone() for t in iA], [t.clone() for t in iB]
+    for step in range(3):
+        _backward_and_step(pm, opt, x)
+        seen = (d(l.A for l in sr.layers), d(l.B for l in sr.layers), d(l.rows(l.A_param.grad) for l in sr.layers),
+                d(l.cols(l.B_param.grad) for l in sr.layers))
+        scores = sr.update_importance()
+        want, iA, iB, uA, uB = ref.pair_importance_ref(*seen, iA, iB, uA, uB, 0.6, 0.7)
+        for k, l in enumerate(sr.layers):
+            torch.testing.assert_close(scores[k].double(), want[k], rtol=1e-5, atol=1e-12, msg=l.name)
+            for got, exp in zip(sr.state, (iA, iB, uA, uB)):
+                torch.testing.assert_close(got[k].double(), exp[k], rtol=1e-5, atol=1e-12, msg=l.name)
 
 
 def test_a_conversion_other_than_a_stack_of_experts_is_described_not_guessed():

@@ -332,7 +332,7 @@ def test_importance_matches_adalora_reference_in_training(task):
 
     def after(step):
         seq.append(([d(l.A) for l in sr.layers], [d(l.B) for l in sr.layers],
-                    [d(l.grads()[0]) for l in sr.layers], [d(l.grads()[1]) for l in sr.layers]))
+                    [d(l.A_param.grad) for l in sr.layers], [d(l.B_param.grad) for l in sr.layers]))
         assert sr.step() is None
 
     train.train(model, tok, task, steps=6, batch_size=BS, optimizer=opt, after_step=after)
