@@ -618,7 +618,11 @@ class SRLoRA:
         t = self.step_count
         grace = c.grace if c.grace is not None else c.interval
         self._refuse_merged("a recomposition")
-        hosts = [s.float().cpu() if s is not None else None for s in scores]  # small; a recomposition is rare
+        hosts: List[Optional[torch.Tensor]] = []   # small; one copy per LoRA parameter (its experts' are parts of it)
+        for g in self._groups:
+            part = [scores[k] for k in g]
+            hosts += [p.float().cpu() if p is not None else None for p in part] if any(p is None for p in part) \
+                else torch.cat(part).float().cpu().split([p.numel() for p in part])
         if all(h is None or not bool(h.any()) for h in hosts):
             self._warn_once("zeroscores", f"SRLoRA step {t}: every importance score is 0, so the gradients it saw "
                             "were all zero (gradients zeroed before SRLoRA.step()? call it after optimizer.step() and "
@@ -627,7 +631,7 @@ class SRLoRA:
             self.log.append(ev)
             return ev
         W, Bs, As, idx, B_new, A_new, scal, names = [], [], [], [], [], [], [], []
-        chosen_scores, exhausted, ran_out, poisoned, moved = [], 0, 0, [], []
+        chosen_scores, exhausted, ran_out, poisoned, idle, moved = [], 0, 0, [], [], []
         for k, (l, s_host) in enumerate(zip(self.layers, hosts)):
             if s_host is None:
                 continue
@@ -635,6 +639,9 @@ class SRLoRA:
                 poisoned.append(l.name)  # e.g. an fp16 overflow step scored: restart its non-finite states
                 for st in self.state:
                     st[k].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                continue
+            if not bool(s_host.any()):   # no gradient has reached its pairs yet (an expert no token was routed to):
+                idle.append(l.name)      # which pairs to fuse would be an arbitrary choice
                 continue
             r = l.A.shape[0]
             n = max(1, int(round(c.fuse_fraction * r)))
@@ -667,6 +674,10 @@ class SRLoRA:
                             "and are no longer recomposed (as designed); for more recompositions cache more with "
                             "SRLoRAConfig(directions=...) (default: what total_steps' schedule uses, 4 r to "
                             "32 r; 4 r without it)", stacklevel=4)
+        if idle:
+            self._warn_once("idle", f"SRLoRA step {t}: {len(idle)} layer(s) have importance 0 ({idle[0]} ...): no "
+                            "gradient has reached their pairs (MoE experts no token was routed to?), so they are not "
+                            "recomposed until one does (warned once)", stacklevel=4)
         if poisoned:   # once: a run scoring Inf every time warned every time
             self._warn_once("poisoned", f"SRLoRA step {t}: non-finite importance in {len(poisoned)} layers "
                             f"({poisoned[0]} ...), from Inf/NaN gradients (an fp16 overflow step? pass "
@@ -756,12 +767,14 @@ class SRLoRA:
             if l.record is not None and l.weight.dtype != l.record.dtype:   # the model converted (.half()) since
                 l.record = None
             rec = l.record if base == "record" else None
-            t.update(rec.tensors(k) if rec is not None else {f"base.{k}": l.weight.detach().contiguous()})
+            # an expert's slice and its states are views of one tensor each: saved as tensors of their own
+            own = (lambda x: x.detach().clone()) if l.expert >= 0 else (lambda x: x.detach().contiguous())  # noqa: E731
+            t.update(rec.tensors(k) if rec is not None else {f"base.{k}": own(l.weight)})
             journal.append(rec.meta() if rec is not None else None)
             t[f"S.{k}"] = l.S.detach().float().contiguous()
             t[f"protected.{k}"] = l.protected_until.contiguous()
             for name, st in zip(("ipt_A", "ipt_B", "unc_A", "unc_B"), self.state):
-                t[f"{name}.{k}"] = st[k].detach().contiguous()
+                t[f"{name}.{k}"] = own(st[k])
         meta = {"format": STATE_FORMAT, "format_version": "2", "step_count": str(self.step_count),
                 "journal": json.dumps(journal),
                 "layers": json.dumps([l.name for l in self.layers]),
@@ -1078,12 +1091,17 @@ def _saved_layer(model, name: str, path: str) -> _Layer:
     except AttributeError:
         raise ValueError(f"{path}: the model has no layer {mod_name} (load the adapter with "
                          "PeftModel.from_pretrained first: the names are the peft model's)") from None
-    base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+    if not hasattr(mod, "get_base_layer"):
+        raise ValueError(f"{path}: the model's {mod_name} is a {type(mod).__name__}, not a LoRA layer: load the run's "
+                         "adapter first (PeftModel.from_pretrained(base, folder)), or is this another model?")
+    base = mod.get_base_layer()
     param = getattr(base, getattr(mod, "parameter_name", "weight"), None)
     if not isinstance(param, torch.Tensor) or getattr(mod, "parameter_name", "weight") != pname or \
-            (param.dim() == 3) != (e >= 0) or e >= (param.shape[0] if e >= 0 else 1):
-        what = f"a LoRA on its {pname}'s expert {e}" if e >= 0 else "a LoRA layer"
+            (param.dim() == 3) != (e >= 0):
+        what = f"a LoRA on its {pname}'s experts" if e >= 0 else "a LoRA layer"
         raise ValueError(f"{path}: the model's {mod_name} is a {type(base).__name__}, not {what}: another model?")
+    if e >= 0 and e >= param.shape[0]:
+        raise ValueError(f"{path}: layer {name}: the model's {pname} holds {param.shape[0]} experts: another model?")
     return _Layer(name, mod, "", 0.0, e, param.shape[0] if e >= 0 else 0)
 
 

@@ -413,17 +413,21 @@ def test_srlora_recomposes_each_expert_as_a_layer_of_its_own(name, device):
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("base", ["record", "whole"])
-def test_a_moe_srlora_run_saves_reloads_and_resumes(name, base, tmp_path):
+def test_a_moe_srlora_run_saves_reloads_and_resumes(name, base, tmp_path, monkeypatch):
     """The state of a run on expert parameters (each expert's record replayed on its slice, or its slice saved
     whole) loads onto the base model loaded afresh with the run's adapter: the trained model's logits, bit for bit;
     a resumed run goes on as the run does. base_state_dict holds each expert parameter once, whole."""
     from subspace_ext import srlora
+    from subspace_ext.io import save_with_digest
     pm, opt, sr, x, _ = _srlora_run(name, 4)
     assert [e.pairs for e in sr.log] == [28, 28]
     trained = _moe_logits(pm, x)
     folder = str(tmp_path / "run")
     pm.save_pretrained(folder)
-    sr.save(folder, base=base)
+    saved = []
+    monkeypatch.setattr(srlora, "save_with_digest", lambda t, *a: saved.append(t) or save_with_digest(t, *a))
+    sr.save(folder, base=base)   # each tensor of its own (an expert's slice and states are views of one tensor)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in saved[0].values())
     state = sr.base_state_dict()
     assert set(state) <= set(pm.state_dict()) and len(state) == 2 * 3   # q_proj, gate_up_proj, down_proj
     assert sorted(t.dim() for t in state.values()) == [2, 2, 3, 3, 3, 3]
@@ -467,6 +471,28 @@ def test_expert_importance_is_each_experts_own(name):
             torch.testing.assert_close(scores[k].double(), want[k], rtol=1e-5, atol=1e-12, msg=l.name)
             for got, exp in zip(sr.state, (iA, iB, uA, uB)):
                 torch.testing.assert_close(got[k].double(), exp[k], rtol=1e-5, atol=1e-12, msg=l.name)
+
+
+def test_an_expert_no_token_reaches_is_not_recomposed():
+    """An expert no token is routed to has zero gradients, so its importance stays 0: which of its pairs to fuse
+    would be an arbitrary choice, so it is left alone (warned once) while the others are recomposed."""
+    from subspace_ext import srlora
+    pm = peft.get_peft_model(_moe_model("mixtral"), peft.LoraConfig(r=4, lora_alpha=8, target_parameters=TARGETS))
+    x = torch.arange(14).reshape(2, 7) % 64
+    opt = _adamw(pm)
+    sr = srlora.SRLoRA(pm, opt, srlora.SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5, total_steps=20))
+    idle = [l for l in sr.layers if l.expert == 2]
+    for p in {id(l.A_param): l.A_param for l in idle}.values():   # as if expert 2 got no token: its grads are 0
+        p.register_hook(lambda g: torch.cat([g[:8], torch.zeros_like(g[8:])]))   # rows 2 r .. 3 r
+    for p in {id(l.B_param): l.B_param for l in idle}.values():
+        p.register_hook(lambda g: g * (torch.arange(g.shape[1]) % 3 != 2))      # columns k E + 2
+    before = [(l.W.clone(), l.next_dir) for l in idle]
+    _srlora_step(pm, opt, sr, x)
+    _backward_and_step(pm, opt, x)
+    with pytest.warns(UserWarning, match=r"4 layer\(s\) have importance 0 \(.*down_proj\[2\] \.\.\.\): no gradient"):
+        ev = sr.step()
+    assert ev.layers == 8 and not set(ev.detail) & {l.name for l in idle}
+    assert all(torch.equal(l.W, W) and l.next_dir == n for l, (W, n) in zip(idle, before))
 
 
 def test_a_conversion_other_than_a_stack_of_experts_is_described_not_guessed():

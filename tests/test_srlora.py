@@ -1154,6 +1154,11 @@ def test_saved_adapter_and_state_load_into_a_fresh_peft_model(tmp_path):
     torch.testing.assert_close(loaded(x).detach(), want, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="no layer .*PeftModel.from_pretrained first"):
         load_base_weights(_Toy(), out)
+    other = toy_lora(targets=("fc1",))   # another adapter: fc2 is a plain Linear there (nothing is written)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the model's base_model.model.fc2 is a Linear, not a LoRA layer: load the "):
+        load_base_weights(other, out)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     # SOLAR and EigenLoRAx read an adapter as the update over the base: this one is not, and is refused
     from subspace_ext import eigenlorax, io, solar
     shutil.copytree(out, tmp_path / "another")
