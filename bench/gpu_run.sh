@@ -183,7 +183,8 @@ fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # The CUDA cases of the method tests (they skip what the machine lacks, e.g. the bundled MiniLM
   # package, with the reason in the log).
-  run_tests "method tests" 120 tests_methods.txt 5 tests/test_eigenlorax.py tests/test_srlora.py -k cuda
+  run_tests "method tests" 120 tests_methods.txt 5 tests/test_eigenlorax.py tests/test_srlora.py tests/test_moe.py \
+    -k cuda
 fi
 
 # Last, with the time left: the CUDA cases of the op tests under compute-sanitizer: memcheck (out of
