@@ -168,7 +168,7 @@ def _suffix_match(named, name: str) -> tuple:
     if name in named:
         return name, name
     parts = name.split(".")
-    for start in range(1, len(parts)):
+    for start in range(len(parts)):   # the whole name first: an entry may be it under a prefix (model.<name>)
         cand = ".".join(parts[start:])
         hits = [n for n in named if n == cand or n.endswith("." + cand)]
         if len(hits) == 1:

@@ -119,3 +119,23 @@ def test_dense_refuses_a_peft_adapter_folder(checkpoints, tmp_path):
     save_file({"base_model.model.enc.q.lora_A.weight": torch.zeros(2, 17)}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="is a peft adapter folder .* without --dense"):
         solar.compress_dense(str(folder), str(base_path), budget="full")
+
+
+def test_unchanged_tensors_outside_the_layers_are_not_listed_as_not_carried(tmp_path):
+    """A fine-tune saved as the bare model (layers.0..., norm) against its base saved with the task model's prefix
+    (model.layers.0..., model.norm): every name pairs under one rewrite ("" -> "model."). The names' match had
+    skipped the whole name as a suffix, so the layers voted for "layers." -> "model.layers.", and the unchanged
+    norm and embedding were listed as changed tensors not carried."""
+    g = torch.Generator().manual_seed(0)
+    ft = {f"layers.{i}.q.weight": torch.randn(12, 10, generator=g) for i in range(3)}
+    ft.update({"norm.weight": torch.randn(12, generator=g), "embed.weight": torch.randn(30, 12, generator=g)})
+    base = {"model." + k: v.clone() for k, v in ft.items()}
+    base["lm_head.weight"] = torch.randn(30, 12, generator=g)
+    ft["layers.0.q.weight"] = ft["layers.0.q.weight"] + 0.1 * torch.randn(12, 10, generator=g)
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    save_file(base, str(tmp_path / "base.safetensors"))
+    with pytest.warns(UserWarning, match="module types are unknown"):
+        pkg = solar.compress_dense(str(tmp_path / "ft.safetensors"), str(tmp_path / "base.safetensors"),
+                                   budget="full")
+    assert [l.module for l in pkg.layers] == ["layers.0.q"] and pkg.skipped == []
+    assert [l.base_key for l in pkg.layers] == ["model.layers.0.q.weight"]
