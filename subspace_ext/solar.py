@@ -466,13 +466,24 @@ def _lowrank_rel_error(B1, A1, s1, B2, A2, s2) -> float:
     return math.sqrt(max(n11 - 2 * n12 + n22, 0.0)) / math.sqrt(n11) if n11 > 0 else 0.0
 
 
-def relative_errors(original: Union[str, PeftAdapter], restored: Union[str, PeftAdapter]) -> List[float]:
+def relative_errors(original: Union[str, PeftAdapter], restored: Union[str, PeftAdapter],
+                    base: Optional[Union[str, BaseWeights]] = None) -> List[float]:
     """Per layer ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F between two LoRA adapters of the same layers (from the factors;
-    ΔW is never formed), e.g. an adapter and its decompressed or truncated-SVD version."""
-    a, b = _as_adapter(original).updates(), _as_adapter(restored).updates()
-    if [u.module for u in a] != [v.module for v in b]:
+    ΔW is never formed), e.g. an adapter and its decompressed or truncated-SVD version, in the original's order.
+    LoRA on a MoE block's expert parameters (peft's target_parameters) counts one layer per expert, its update
+    s·B_e·A_e, which takes ``base`` (the base model's folder or file): how many experts the parameter holds, and
+    which parameter each of several nested wrappers adapts. Without it such LoRA is refused by name."""
+    if base is None:
+        a, b = _as_adapter(original).updates(), _as_adapter(restored).updates()
+    else:
+        bw = _as_base(base)
+        a, b = ([e for u in ad.updates(experts=True) for e, _ in _expert_updates(ad, bw, u)]
+                for ad in (_as_adapter(original), _as_adapter(restored)))
+    ours = {(v.module, v.expert): v for v in b}
+    if len(ours) != len(b) or set(ours) != {(u.module, u.expert) for u in a} or len(a) != len(b):
         raise ValueError("the two adapters do not adapt the same layers")
-    return [_lowrank_rel_error(u.B, u.A, u.scaling, v.B, v.A, v.scaling) for u, v in zip(a, b)]
+    return [_lowrank_rel_error(u.B, u.A, u.scaling, v.B, v.A, v.scaling)
+            for u, v in ((u, ours[u.module, u.expert]) for u in a)]
 
 
 def _base_weight(bw: BaseWeights, module: str, shape, what: str, fan_in_fan_out: bool,

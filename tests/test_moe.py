@@ -154,6 +154,22 @@ def test_lossy_errors_reported_per_expert_are_the_decoded_ones(moe, tmp_path, mo
     assert "(expert 2)" in pkg.summary()
 
 
+def test_relative_errors_split_expert_lora_with_the_base(moe, tmp_path):
+    """relative_errors counts a MoE expert parameter's LoRA one layer per expert, given the base (its expert count and
+    layout): a decoded package's errors are the ones the encoder reported. Without the base it is refused by name."""
+    _, base, adapter, _ = moe
+    pkg = solar.compress(adapter, base, ratio=0.3)
+    path = str(tmp_path / "p.safetensors")
+    pkg.save(path)
+    dec = solar.decompress(path, base)
+    errors = solar.relative_errors(adapter, dec, base=base)
+    assert len(errors) == 14 and sorted(errors) == pytest.approx(sorted(l.rel_error for l in pkg.layers), abs=1e-5)
+    assert max(solar.relative_errors(adapter, solar.decompress(solar.compress(adapter, base, budget="full"), base),
+                                     base=base)) < 1e-5
+    with pytest.raises(io.FormatError, match=r"gate_up_proj of this module .* relative_errors with a base take MoE"):
+        solar.relative_errors(adapter, dec)
+
+
 @pytest.mark.skipif(not (BINARY.is_file() and os.access(BINARY, os.X_OK)),
                     reason=f"edge decoder binary {BINARY} not built (run `make cmake-test`)")
 @pytest.mark.parametrize("kw", [dict(ratio=0.3), dict(ratio=0.3, method="auto", storage="int8")],
