@@ -472,18 +472,24 @@ def relative_errors(original: Union[str, PeftAdapter], restored: Union[str, Peft
     ΔW is never formed), e.g. an adapter and its decompressed or truncated-SVD version, in the original's order.
     LoRA on a MoE block's expert parameters (peft's target_parameters) counts one layer per expert, its update
     s·B_e·A_e, which takes ``base`` (the base model's folder or file): how many experts the parameter holds, and
-    which parameter each of several nested wrappers adapts. Without it such LoRA is refused by name."""
+    which parameter each of several nested wrappers adapts. Without it, LoRA on a parameter other than ``weight``
+    is refused by name, and a MoE block's 3-D ``weight`` (JetMoe's) is not told from a 2-D one: pass the base.
+    Layers of rank 0 (AdaLoRA's pruned ones, which SOLAR does not carry) are left out on both sides."""
+    ads = (_as_adapter(original), _as_adapter(restored))
     if base is None:
-        a, b = _as_adapter(original).updates(), _as_adapter(restored).updates()
+        a, b = ([u for u in ad.updates() if u.A.shape[0] > 0] for ad in ads)
     else:
         bw = _as_base(base)
-        a, b = ([e for u in ad.updates(experts=True) for e, _ in _expert_updates(ad, bw, u)]
-                for ad in (_as_adapter(original), _as_adapter(restored)))
-    ours = {(v.module, v.expert): v for v in b}
-    if len(ours) != len(b) or set(ours) != {(u.module, u.expert) for u in a} or len(a) != len(b):
-        raise ValueError("the two adapters do not adapt the same layers")
-    return [_lowrank_rel_error(u.B, u.A, u.scaling, v.B, v.A, v.scaling)
-            for u, v in ((u, ours[u.module, u.expert]) for u in a)]
+        a, b = ([u for u, _ in _layer_updates(ad, bw, [u for u in ad.updates(experts=True) if u.A.shape[0] > 0])]
+                for ad in ads)
+    name = lambda u: u.module + (f" (expert {u.expert})" if u.expert >= 0 else "")  # noqa: E731
+    ours = {name(v): v for v in b}
+    theirs = [name(u) for u in a]
+    if len(ours) != len(b) or len(set(theirs)) != len(a) or set(ours) != set(theirs):
+        odd = [n for n in theirs if n not in ours][:1] or [n for n in ours if n not in set(theirs)][:1]
+        raise ValueError("the two adapters do not adapt the same layers"
+                         + (f" ({odd[0]} is in only one of them)" if odd else " (a layer is in one of them twice)"))
+    return [_lowrank_rel_error(u.B, u.A, u.scaling, v.B, v.A, v.scaling) for u, v in ((u, ours[name(u)]) for u in a)]
 
 
 def _base_weight(bw: BaseWeights, module: str, shape, what: str, fan_in_fan_out: bool,
@@ -1056,8 +1062,7 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     if not updates:
         raise ValueError("every adapted layer has rank 0 (AdaLoRA rank allocation pruned them all): "
                          "the adapter's update is zero, there is nothing to compress")
-    # (update, None), or an expert's (update, (key, parts, stored in x out) of its base weight)
-    layer_updates = [e for u in updates for e in _expert_updates(ad, bw, _with_3d_weight(bw, u))]
+    layer_updates = _layer_updates(ad, bw, updates)
     updates = [u for u, _ in layer_updates]
     kinds = _encodings(method)
     extra = ad.extra_tensors()
@@ -1132,6 +1137,13 @@ def _nested_parameter(bw: BaseWeights, core: str, u: LowRankUpdate) -> Optional[
         return None
     depth = (len(u.module) - len(core)) // len(".base_layer")
     return order[len(order) - 1 - depth] if depth < len(order) else None
+
+
+def _layer_updates(ad: PeftAdapter, bw: BaseWeights, updates: List[LowRankUpdate]) -> List[Tuple[LowRankUpdate, tuple]]:
+    """``updates`` (of ``ad.updates(experts=True)``) as the layers SOLAR encodes: (update, None), or for LoRA on MoE
+    expert parameters (a 3-D ``weight`` too) one (update, (key, parts, stored in x out) of its base weight) per
+    expert."""
+    return [e for u in updates for e in _expert_updates(ad, bw, _with_3d_weight(bw, u))]
 
 
 def _with_3d_weight(bw: BaseWeights, u: LowRankUpdate) -> LowRankUpdate:
