@@ -1067,8 +1067,8 @@ def _trainable_names(model: torch.nn.Module, trainable: Sequence[str], targets) 
 def _map_modules(mods: Sequence[str], named, where: str, source: str = "") -> Dict[str, str]:
     """{mod: name in ``named``} under one prefix rewrite for all of ``mods`` (``P + rest`` -> ``Q + rest``,
     e.g. ``bert.`` -> ``""``): the rewrite the most modules' longest unique dotted suffix agrees on (ties:
-    the shortest prefixes, ``io.prefix_rewrite``). Every module must map; a module matched only by a shorter suffix (layer 1 of a
-    2-layer subspace onto a 1-layer model's layer 0) is an error, not a silent match."""
+    the shortest prefixes, ``io.prefix_rewrite``). Every module must map; a module matched only by a shorter
+    suffix (layer 1 of a 2-layer subspace onto a 1-layer model's layer 0) is an error, not a silent match."""
     rewrite = prefix_rewrite(mods, named)
     src = f"{source}: " if source else ""
     if rewrite is None:

@@ -712,7 +712,8 @@ def test_a_3d_expert_weight_named_weight(tmp_path):
     assert {l.experts for l in pkg.layers} == {4}
     lossy = solar.compress(str(tmp_path / "ad"), base, ratio=0.3)   # relative_errors splits the 3-D weight's LoRA too
     errors = solar.relative_errors(str(tmp_path / "ad"), solar.decompress(lossy, base), base=base)
-    assert sorted(errors) == pytest.approx(sorted(l.rel_error for l in lossy.layers), abs=1e-5) and len(errors) == len(lossy.layers)
+    assert len(errors) == len(lossy.layers)
+    assert sorted(errors) == pytest.approx(sorted(l.rel_error for l in lossy.layers), abs=1e-5)
 
 
 def test_a_misshapen_merged_part_is_named_by_both_decoders(moe, tmp_path):
