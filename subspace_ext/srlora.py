@@ -126,7 +126,7 @@ class _Layer:
     @property
     def param(self) -> torch.nn.Parameter:
         """The base parameter the LoRA adds to: the base layer's weight, or the MoE block's expert tensor."""
-        return getattr(self.module.get_base_layer(), getattr(self.module, "parameter_name", "weight"))
+        return getattr(self.module.get_base_layer(), _parameter_name(self.module))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -171,6 +171,12 @@ class _Layer:
         B, A = self.B, self.A
         return ((self.U[:, dirs] * root).to(device=B.device, dtype=B.dtype),
                 (self.V[:, dirs] * root).T.to(device=A.device, dtype=A.dtype))
+
+
+def _parameter_name(module) -> str:
+    """The base layer's parameter a LoRA layer adapts: the one peft's ParamWrapper names (target_parameters), else
+    the weight."""
+    return getattr(module, "parameter_name", "weight")
 
 
 def _update_view(module, weight: torch.Tensor, expert: bool = False) -> torch.Tensor:
@@ -306,7 +312,7 @@ def lora_layers(model) -> List[_Layer]:
                 frozen.append(name)
                 continue
             base = mod.get_base_layer()
-            pname = getattr(mod, "parameter_name", "weight")   # peft's ParamWrapper (target_parameters) names it
+            pname = _parameter_name(mod)
             param = getattr(base, pname, None)
             experts = _experts(name, mod, adapter, param)
             if not experts and (mod.lora_A[adapter].weight.dim() != 2 or linear_layout(base) is None):
@@ -1095,8 +1101,8 @@ def _saved_layer(model, name: str, path: str) -> _Layer:
         raise ValueError(f"{path}: the model's {mod_name} is a {type(mod).__name__}, not a LoRA layer: load the run's "
                          "adapter first (PeftModel.from_pretrained(base, folder)), or is this another model?")
     base = mod.get_base_layer()
-    param = getattr(base, getattr(mod, "parameter_name", "weight"), None)
-    if not isinstance(param, torch.Tensor) or getattr(mod, "parameter_name", "weight") != pname or \
+    param = getattr(base, _parameter_name(mod), None)
+    if not isinstance(param, torch.Tensor) or _parameter_name(mod) != pname or \
             (param.dim() == 3) != (e >= 0):
         what = f"a LoRA on its {pname}'s experts" if e >= 0 else "a LoRA layer"
         raise ValueError(f"{path}: the model's {mod_name} is a {type(base).__name__}, not {what}: another model?")

@@ -44,17 +44,22 @@ def _lora_factors(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+def _moe_model(name, device="cpu"):
+    config_cls, model_cls, kw = _models()[name]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kw)).to(device)
+    if not isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None), torch.nn.Parameter):
+        pytest.skip(f"transformers {transformers.__version__} keeps {name}'s experts as Linear layers")
+    return model
+
+
 @pytest.fixture(scope="module", params=sorted(_models()))
 def moe(request, tmp_path_factory):
     """(name, base folder, adapter folder, model class) of a tiny MoE model with a LoRA on q_proj and on both
     expert parameters of every layer (the two wrappers nest: experts.base_layer and experts)."""
-    config_cls, model_cls, kw = _models()[request.param]
+    model_cls = _models()[request.param][1]
     tmp = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kw)).eval()
-    experts = model.model.layers[0].mlp.experts
-    if not isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
-        pytest.skip(f"transformers {transformers.__version__} keeps {request.param}'s experts as Linear layers")
+    model = _moe_model(request.param).eval()
     base = str(tmp / "base")
     model.save_pretrained(base)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
@@ -331,15 +336,6 @@ def test_cli_compresses_and_decompresses_a_moe_adapter(moe, tmp_path, capsys):
     assert "mlp.experts.base_layer (expert 2) |" in capsys.readouterr().out
     assert cli.main(["solar", "decompress", pkg, "--base", base, "-o", out, "-q"]) == 0
     torch.testing.assert_close(_logits(model_cls, base, out), _logits(model_cls, base, adapter), rtol=0, atol=1e-5)
-
-
-def _moe_model(name, device="cpu"):
-    config_cls, model_cls, kw = _models()[name]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kw)).to(device)
-    if not isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None), torch.nn.Parameter):
-        pytest.skip(f"transformers {transformers.__version__} keeps {name}'s experts as Linear layers")
-    return model
 
 
 def _srlora_run(name, steps, device="cpu", config=None):
