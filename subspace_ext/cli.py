@@ -446,7 +446,8 @@ def _add_eigen(sub: argparse._SubParsersAction) -> None:
                    help="extra seeded directions orthogonal to the principal ones, per layer and side (default 0)")
     b.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,
                    help="seed of the augmentation directions (default 0)")
-    b.add_argument("--base", metavar="BASE", help="base model: record weight fingerprints in the subspace")
+    b.add_argument("--base", metavar="BASE", help="base model: record weight fingerprints in the subspace; needed for "
+                   "LoRA on MoE expert parameters (target_parameters), one layer per expert")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_eigen_build)
     i = ss.add_parser("inspect", help="a subspace file's settings and, per layer and side, K and the variance kept",

@@ -23,23 +23,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
-                 embedding_lora_modules, fingerprint, linear_layout, parameter_names, prefix_rewrite, progress_bar,
-                 quantized, read_safetensors, refuse_distributed, refuse_layer_replication, safetensors_metadata,
-                 save_with_digest, tensors_digest, tied_elsewhere, unwrap_model)
+                 embedding_lora_modules, expert_pairs, fingerprint, linear_layout, parameter_names, prefix_rewrite,
+                 progress_bar, quantized, read_safetensors, refuse_distributed, refuse_layer_replication,
+                 safetensors_metadata, save_with_digest, stack_experts, tensors_digest, tied_elsewhere, unnested,
+                 unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
 # a subspace with modules whose LoRA is on the weight as a parameter (meta "as_stored"): a reader that does
 # not know the key would export them as module LoRA (transposed on a Conv1D), so it must refuse the file
 FORMAT_VERSION_AS_STORED = 2
+# a subspace with MoE expert layers (meta "experts"): an older reader would take "<module>.<param>[e]" for modules
+FORMAT_VERSION_EXPERTS = 3
+_EXPERT_LAYER = re.compile(r"(.+)\.([^.\[\]]+)\[(\d+)\]")   # <module>.<param>[e]
 DEFAULT_COMPONENTS = 32   # K per layer and side when neither components nor variance is given
 TASK_FORMAT = FORMAT + ".task"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft's
@@ -132,6 +137,19 @@ class EigenSubspace:
     def modules(self) -> List[str]:
         return list(self.A)
 
+    @property
+    def experts(self) -> Dict[str, Tuple[int, int]]:
+        """{"<module>.<param>": (E, depth)} of the MoE expert parameters the subspace adapts (peft's
+        target_parameters): expert e is the layer "<module>.<param>[e]"; ``depth`` is how many peft wrappers of
+        the module's other targeted parameters lie outside this one's (its LoRA's name ends in depth ×
+        ".base_layer")."""
+        return {g: (int(v[0]), int(v[1])) for g, v in self.meta.get("experts", {}).items()}
+
+    def expert_layer(self, layer: str) -> Optional[Tuple[str, str, int]]:
+        """(module, parameter, expert) of a layer that is one expert of a MoE expert parameter, else None."""
+        m = _EXPERT_LAYER.fullmatch(layer)
+        return (m[1], m[2], int(m[3])) if m and f"{m[1]}.{m[2]}" in self.meta.get("experts", {}) else None
+
     def digest(self) -> str:
         """sha256 of the components (module names and P of both sides): a task file records the one it
         was trained on, and loading or exporting it with another subspace is refused."""
@@ -162,7 +180,8 @@ class EigenSubspace:
         meta = dict(self.meta)
         meta["modules"] = self.modules
         meta["n_pc"] = {"A": [self.A[m].n_pc for m in self.modules], "B": [self.B[m].n_pc for m in self.modules]}
-        version = FORMAT_VERSION_AS_STORED if self.meta.get("as_stored") else FORMAT_VERSION
+        version = (FORMAT_VERSION_EXPERTS if self.meta.get("experts") else
+                   FORMAT_VERSION_AS_STORED if self.meta.get("as_stored") else FORMAT_VERSION)
         save_with_digest(tensors, path, {"format": FORMAT, "format_version": str(version),
                                          "eigenlorax": json.dumps(meta)})
 
@@ -170,7 +189,8 @@ class EigenSubspace:
     def load(cls, path: str) -> "EigenSubspace":
         """Read a ``save``d subspace, checked whole: digest, module names, and every basis a float32 matrix
         with orthonormal columns and its explained-variance record; a FormatError names the problem."""
-        t, meta_raw = _read(path, FORMAT, "subspace", (FORMAT_VERSION, FORMAT_VERSION_AS_STORED))
+        t, meta_raw = _read(path, FORMAT, "subspace",
+                            (FORMAT_VERSION, FORMAT_VERSION_AS_STORED, FORMAT_VERSION_EXPERTS))
         try:
             meta = json.loads(meta_raw["eigenlorax"])
             if not isinstance(meta, dict):
@@ -185,11 +205,30 @@ class EigenSubspace:
             stored = meta.get("as_stored", [])
             if not (isinstance(stored, list) and set(stored) <= set(mods)):
                 raise ValueError(f"as_stored must be a list of the subspace's modules, got {stored!r:.80}")
+            _check_experts(meta.get("experts", {}), mods)
             A = {m: _side_basis(t, "A", i, n_pc) for i, m in enumerate(mods)}
             B = {m: _side_basis(t, "B", i, n_pc) for i, m in enumerate(mods)}
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError: ValueError
             raise FormatError(f"{path}: malformed subspace file ({type(e).__name__}: {e})") from None
         return cls(A, B, meta)
+
+
+def _check_experts(experts, mods: List[str]) -> None:
+    """A subspace file's record of MoE expert parameters ({"<module>.<param>": [E, depth]}) against its layers:
+    each one's experts 0 .. E-1 are layers, and every "<module>.<param>[e]" layer is one of them (ValueError)."""
+    if not isinstance(experts, dict):
+        raise ValueError(f"experts must map expert parameters to [count, depth], got {experts!r:.80}")
+    for group, v in experts.items():
+        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+                and v[0] >= 1 and v[1] >= 0):
+            raise ValueError(f"experts: {group}: [count >= 1, depth >= 0] expected, got {v!r:.80}")
+        missing = [f"{group}[{e}]" for e in range(v[0]) if f"{group}[{e}]" not in mods]
+        if missing:
+            raise ValueError(f"experts: {group} has {v[0]} experts but no layer {missing[0]}")
+    stray = [m for m in mods if (x := _EXPERT_LAYER.fullmatch(m)) and f"{x[1]}.{x[2]}" in experts
+             and int(x[3]) >= experts[f"{x[1]}.{x[2]}"][0]]
+    if stray:
+        raise ValueError(f"layer {stray[0]}: beyond its parameter's expert count")
 
 
 def _side_basis(t: Dict[str, torch.Tensor], side: str, i: int, n_pc) -> SideBasis:
@@ -282,6 +321,10 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     of the centred stack's variance. ``augment``: extra seeded directions orthogonal to the components.
     With ``base``, the subspace records a fingerprint of every base weight (checked by ``apply``). ``progress``:
     progress bars on stderr (adapters read, then layers).
+
+    LoRA on a MoE block's 3-D expert parameters (peft's ``target_parameters``, e.g. ``experts.gate_up_proj``: one
+    rank-r pair per expert) needs ``base``, which tells the expert count, the parameter and its layout: each
+    expert is a layer of its own, "<module>.<param>[e]", with its own components.
     """
     if components is not None and variance is not None:
         raise ValueError("give components or variance, not both")
@@ -299,10 +342,11 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         raise ValueError(f"need at least 2 adapters, got {len(adapters)}")
     _refuse_duplicates(names, [os.path.realpath(a) if isinstance(a, str) else None for a in adapters], "folder")
     loaded, per, digests = [], [], []
+    bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
     for name, a in zip(names, progress_bar(adapters, "eigen: adapters", progress, unit="adapter")):
         a = a if isinstance(a, PeftAdapter) else PeftAdapter.load(a)
         refuse_layer_replication(a.config, name)   # its layers are not the base's under their names
-        p = _updates_by_module(a, name)
+        p = _updates_by_module(a, name, bw)
         loaded.append(a)
         per.append(p)
         # the same factors under another lora_alpha are another update: the scalings count as well
@@ -348,7 +392,6 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
                              "parameter (peft's target_parameters): on a Conv1D the two updates are transposed to "
                              "each other; build from adapters of one kind")
     subA, subB, fps = {}, {}, {}
-    bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
     for li, mod in enumerate(progress_bar(modules, "eigen: layers", progress)):
         ups = [p[mod] for p in per]
         shapes = {u.shape for u in ups}
@@ -362,7 +405,11 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         MB = torch.cat([u.B.float() * u.scaling for u in ups], dim=1)  # m x N r (scaling folded into B)
         subA[mod] = _principal(MA, components, variance, augment, seed, 2 * li, f"layer {mod}, lora_A")
         subB[mod] = _principal(MB, components, variance, augment, seed, 2 * li + 1, f"layer {mod}, lora_B")
-        if bw is not None:
+        if bw is not None and ups[0].expert >= 0:   # the expert's slice as the loaded model holds it
+            u = ups[0]
+            key, parts = bw.expert_sources(unnested(u.module), u.params[0])
+            fps[mod] = fingerprint(bw.get_expert(key, parts[u.expert] if parts else [], u.expert))
+        elif bw is not None:
             key = bw.key_for_module(mod)
             W = bw.get(key)
             m, n = ups[0].shape   # out x in; a Conv1D stores its weight in x out (peft's flag is per module)
@@ -381,13 +428,32 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
             "fan_in_fan_out": any(bool(a.config.get("fan_in_fan_out")) for a in loaded)}
     if as_stored:   # LoRA on the weight as a parameter (target_parameters): exported as one, as stored
         meta["as_stored"] = as_stored
+    experts = {_expert_group(u): [u.experts, _depth(u.module)] for u in per[0].values() if u.expert >= 0}
+    if experts:
+        meta["experts"] = experts
     return EigenSubspace(subA, subB, meta)
 
 
-def _updates_by_module(adapter: PeftAdapter, name: str) -> Dict[str, LowRankUpdate]:
-    """{module: update} of an adapter; a FormatError names the layer and the adapter (``name``)."""
+def _expert_group(u: LowRankUpdate) -> str:
+    """The "<module>.<param>" of one expert's update (``solar._expert_updates``); its layer is that + "[e]"."""
+    return f"{unnested(u.module)}.{u.params[0]}"
+
+
+def _depth(wrapper: str) -> int:
+    """How many ".base_layer" end a peft wrapper's name (the wrappers of a module's other parameters outside it)."""
+    return (len(wrapper) - len(unnested(wrapper))) // len(".base_layer")
+
+
+def _updates_by_module(adapter: PeftAdapter, name: str, bw: Optional[BaseWeights] = None) -> Dict[str, LowRankUpdate]:
+    """{layer: update} of an adapter. With its base ``bw``, LoRA on a MoE block's expert parameters is one layer
+    per expert, "<module>.<param>[e]" (the base tells the parameter, the expert count and the layout); without, it
+    is refused by name. A FormatError names the layer and the adapter (``name``)."""
     try:
-        return {u.module: u for u in adapter.updates()}
+        if bw is None:
+            return {u.module: u for u in adapter.updates()}
+        from .solar import _layer_updates   # solar's split of expert LoRA (solar does not import this module)
+        ups = [u for u, _ in _layer_updates(adapter, bw, adapter.updates(experts=True))]
+        return {f"{_expert_group(u)}[{u.expert}]" if u.expert >= 0 else u.module: u for u in ups}
     except FormatError as e:  # names the layer (and the folder, for a loaded adapter)
         raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
@@ -423,32 +489,78 @@ def _linear_layout(module: torch.nn.Module) -> Optional[tuple]:
     return out_in[1], out_in[0], fan_in_fan_out
 
 
-class EigenLinear(torch.nn.Module):
+def _initial_loadings(K_A: int, K_B: int, rank: int, init: str, generator: torch.Generator,
+                      start: Optional[tuple] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(α_A K_A x rank, α_B K_B x rank) at the start, drawn on the CPU (the same numbers on every device): α_A
+    uniform(−0.5, 0.5); α_B zero ("lora", "project") or uniform; "project" writes the source's projection
+    (``start``: its first columns), the other columns as "lora"."""
+    aA = torch.rand(K_A, rank, generator=generator) - 0.5
+    aB = torch.zeros(K_B, rank) if init in ("lora", "project") else torch.rand(K_B, rank, generator=generator) - 0.5
+    if start is not None:
+        sA, sB = start
+        aA[:, :sA.shape[1]] = sA
+        aB[:, :sB.shape[1]] = sB
+    return aA, aB
+
+
+class _Merging:
+    """merge() / unmerge() of an EigenLoRAx update ``_delta()`` (in the layout of the weight ``_weight()``)."""
+
+    def _merged(self, W: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """W ± scaling · B A (W's layout), summed in float32 (float64 for a float64 W), rounded once to W's dtype
+        (a bfloat16 W += ΔW rounded ΔW first, then the sum)."""
+        wide = torch.promote_types(W.dtype, torch.float32)
+        # out of place: W.to(wide) is W itself for a float32 / float64 W (unmerge's check would merge the kept copy)
+        return torch.add(W.to(wide), self._delta().to(wide), alpha=sign).to(W.dtype)
+
+    @torch.no_grad()
+    def merge(self, keep: bool = True):
+        """Fold the update into the weight, which is kept (``keep``) for ``unmerge``: subtracting the update again
+        rounds, and task switches while merged drifted the base (bfloat16 MiniLM: 6% of its entries changed by one
+        merge + unmerge, 2% of a task's update off after 100 switches; float32: linearly in the switches, 4.5% of
+        the update's largest entry after 8,000)."""
+        if not self.merged:
+            W = self._weight()
+            self._unmerged = W.detach().clone() if keep else None
+            self._keep = keep
+            W.copy_(self._merged(W))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take the update out: the weight merge() kept, where the current weight is still what merge() made of
+        it (bit for bit), else W − scaling · B A, rounded once."""
+        if self.merged:
+            W, kept, self._unmerged = self._weight(), self._unmerged, None
+            restore = (kept is not None and kept.shape == W.shape and kept.dtype == W.dtype
+                       and torch.equal(self._merged(kept := kept.to(W.device)), W))
+            W.copy_(kept if restore else self._merged(W, -1.0))
+            self.merged = False
+
+    def _refuse_merged_training(self) -> None:
+        if self.training and torch.is_grad_enabled() and self.alpha_A.requires_grad:
+            raise RuntimeError("EigenLoRAx layer is merged: its loadings would get no gradient; call unmerge() "
+                               "before training (merge() is for inference)")
+
+
+class EigenLinear(_Merging, torch.nn.Module):
     """A Linear (or transformers Conv1D) with a frozen base and an EigenLoRAx update over shared
     components (P_A, P_B are buffers shared, not copied, between tasks)."""
 
     def __init__(self, base: torch.nn.Module, PA: torch.Tensor, PB: torch.Tensor, rank: int, scaling: float,
-                 init: str, generator: torch.Generator, start: Optional[tuple] = None):
+                 init: str, generator: torch.Generator, start: Optional[tuple] = None, as_stored: bool = False):
         super().__init__()
         self.base = base
         layout = _linear_layout(base)
         if layout is None:
             raise TypeError(f"EigenLinear wraps a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}")
         self.fan_in_fan_out = layout[2]  # merge adds ΔWᵀ to a Conv1D's in x out weight
+        self.as_stored = as_stored       # the adapters' LoRA was on the weight as a parameter: exported as one
         self.register_buffer("PA", PA, persistent=False)  # n x K
         self.register_buffer("PB", PB, persistent=False)  # m x K
-        K_A, K_B = PA.shape[1], PB.shape[1]
-        dev = PA.device  # the generator draws on the CPU (same numbers on every device), then moves
-        self.alpha_A = torch.nn.Parameter((torch.rand(K_A, rank, generator=generator) - 0.5).to(dev))
-        if init in ("lora", "project"):
-            self.alpha_B = torch.nn.Parameter(torch.zeros(K_B, rank, device=dev))
-        else:
-            self.alpha_B = torch.nn.Parameter((torch.rand(K_B, rank, generator=generator) - 0.5).to(dev))
-        if start is not None:   # "project": the first k columns hold the source's projection, the rest as "lora"
-            sA, sB = start
-            with torch.no_grad():
-                self.alpha_A[:, :sA.shape[1]] = sA.to(dev)
-                self.alpha_B[:, :sB.shape[1]] = sB.to(dev)
+        aA, aB = _initial_loadings(PA.shape[1], PB.shape[1], rank, init, generator, start)
+        self.alpha_A = torch.nn.Parameter(aA.to(PA.device))
+        self.alpha_B = torch.nn.Parameter(aB.to(PA.device))
         self.scaling = scaling
         self.merged = False
         self._unmerged: Optional[torch.Tensor] = None   # the weight before merge(), kept for unmerge()
@@ -476,55 +588,162 @@ class EigenLinear(torch.nn.Module):
         """(B m x r, A r x n) of the current loadings."""
         return self.PB @ self.alpha_B, (self.PA @ self.alpha_A).T
 
+    def slots(self, name: str) -> Dict[str, tuple]:
+        """{name: (α_A, α_B)}: the loadings a task file holds for this layer, ``name`` being its module."""
+        return {name: (self.alpha_A, self.alpha_B)}
+
+    def peft_factors(self, name: str) -> Dict[str, tuple]:
+        """{peft module name: (lora_B, lora_A)} of the layer's update as a peft LoRA writes it."""
+        return {name: self.lora_factors()}
+
+    def _weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def _delta(self) -> torch.Tensor:
+        B, A = self.lora_factors()
+        delta = self.scaling * B @ A
+        return delta.T if self.fan_in_fan_out else delta
+
     def forward(self, x):
         out = self.base(x)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and self.alpha_A.requires_grad:
-                raise RuntimeError("EigenLoRAx layer is merged: its loadings would get no gradient; call unmerge() "
-                                   "before training (merge() is for inference)")
+            self._refuse_merged_training()
             return out
         h = (x.to(self.PA.dtype) @ self.PA) @ self.alpha_A        # ... x r
         return out + (self.scaling * (h @ self.alpha_B.T) @ self.PB.T).to(out.dtype)
 
-    def _merged(self, W: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-        """W ± scaling · B A (W's layout), summed in float32 (float64 for a float64 W), rounded once to W's dtype
-        (a bfloat16 W += ΔW rounded ΔW first, then the sum)."""
-        wide = torch.promote_types(W.dtype, torch.float32)
-        B, A = self.lora_factors()
-        delta = (self.scaling * B @ A).to(wide)
-        # out of place: W.to(wide) is W itself for a float32 / float64 W (unmerge's check would merge the kept copy)
-        return torch.add(W.to(wide), delta.T if self.fan_in_fan_out else delta, alpha=sign).to(W.dtype)
 
-    @torch.no_grad()
-    def merge(self, keep: bool = True):
-        """Fold the update into the weight, which is kept (``keep``) for ``unmerge``: subtracting the update again
-        rounds, and task switches while merged drifted the base (bfloat16 MiniLM: 6% of its entries changed by one
-        merge + unmerge, 2% of a task's update off after 100 switches; float32: linearly in the switches, 4.5% of
-        the update's largest entry after 8,000)."""
-        if not self.merged:
-            W = self.base.weight
-            self._unmerged = W.detach().clone() if keep else None
-            self._keep = keep
-            W.copy_(self._merged(W))
-            self.merged = True
+def _padded(mats: List[torch.Tensor], dim: int) -> torch.Tensor:
+    """2-D matrices stacked into one E x ... tensor, zero-padded along ``dim`` (0: rows, 1: columns) to the longest."""
+    size = max(m.shape[dim] for m in mats)
+    pad = (lambda m: (0, size - m.shape[1])) if dim == 1 else (lambda m: (0, 0, 0, size - m.shape[0]))
+    return torch.stack([torch.nn.functional.pad(m, pad(m)) for m in mats])
 
-    @torch.no_grad()
-    def unmerge(self):
-        """Take the update out: the weight merge() kept, where the current weight is still what merge() made of
-        it (bit for bit), else W − scaling · B A, rounded once."""
-        if self.merged:
-            W, kept, self._unmerged = self.base.weight, self._unmerged, None
-            restore = (kept is not None and kept.shape == W.shape and kept.dtype == W.dtype
-                       and torch.equal(self._merged(kept := kept.to(W.device)), W))
-            W.copy_(kept if restore else self._merged(W, -1.0))
-            self.merged = False
+
+class EigenParam(_Merging, torch.nn.Module):
+    """The EigenLoRAx update of one 3-D MoE expert parameter (stored experts x out x in, or experts x in x out:
+    ``transposed``): expert e's is scaling · (P_B,e α_B,e)(P_A,e α_A,e)ᵀ over its own components, all experts in
+    one batched product. The bases are stacked E x d x K at the largest expert's K: zero columns pad the others,
+    and the loadings' padding rows, which no gradient reaches, stay 0."""
+
+    def __init__(self, module: torch.nn.Module, param: str, PAs: List[torch.Tensor], PBs: List[torch.Tensor],
+                 rank: int, scaling: float, init: str, generator: torch.Generator, starts: List[Optional[tuple]],
+                 transposed: bool, depth: int):
+        super().__init__()
+        object.__setattr__(self, "_module", module)   # the experts module (its wrapper registers it, as ``base``)
+        self.param, self.transposed, self.depth = param, transposed, depth
+        self.KA, self.KB = [P.shape[1] for P in PAs], [P.shape[1] for P in PBs]
+        self.register_buffer("PA", _padded(PAs, 1), persistent=False)  # E x n x K_A
+        self.register_buffer("PB", _padded(PBs, 1), persistent=False)  # E x m x K_B
+        loads = [_initial_loadings(a, b, rank, init, generator, s) for a, b, s in zip(self.KA, self.KB, starts)]
+        self.alpha_A = torch.nn.Parameter(_padded([a for a, _ in loads], 0).to(self.PA.device))
+        self.alpha_B = torch.nn.Parameter(_padded([b for _, b in loads], 0).to(self.PA.device))
+        self.scaling = scaling
+        self.merged = False
+        self._unmerged: Optional[torch.Tensor] = None
+        self._keep = True
+
+    def factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B E x m x r, A E x r x n) of the current loadings."""
+        return torch.bmm(self.PB, self.alpha_B), torch.bmm(self.PA, self.alpha_A).transpose(1, 2)
+
+    def _weight(self) -> torch.Tensor:
+        return getattr(self._module, self.param)
+
+    def _delta(self) -> torch.Tensor:
+        B, A = self.factors()
+        delta = self.scaling * torch.bmm(B, A)
+        return delta.transpose(1, 2) if self.transposed else delta
+
+    def updated(self) -> torch.Tensor:
+        """The parameter plus its update (what the experts compute with while unmerged; gradients reach the
+        loadings)."""
+        W = self._weight()
+        return W + self._delta().to(W.dtype)
+
+    def slots(self, name: str) -> Dict[str, tuple]:
+        return {f"{name}.{self.param}[{e}]": (self.alpha_A[e, :ka], self.alpha_B[e, :kb])
+                for e, (ka, kb) in enumerate(zip(self.KA, self.KB))}
+
+    def peft_factors(self, name: str) -> Dict[str, tuple]:
+        """{peft wrapper name: (lora_B m x r·E, lora_A r·E x n)}: peft's LoRA on the parameter (its ParamWrapper,
+        nested as in the source adapters)."""
+        B, A = self.factors()
+        return {name + ".base_layer" * self.depth: stack_experts(list(zip(B, A)))}
+
+
+class EigenExperts(torch.nn.Module):
+    """A MoE block's experts module (``base``) whose 3-D expert parameters carry EigenLoRAx updates (one
+    ``EigenParam`` each, in ``eigen``): its forward runs the module on W + ΔW (``torch.func.functional_call``, as
+    peft's ParamWrapper adds its update to the parameter). Other attributes are the experts module's."""
+
+    fan_in_fan_out = False
+
+    def __init__(self, base: torch.nn.Module, params: Dict[str, EigenParam]):
+        super().__init__()
+        self.base = base
+        self.eigen = torch.nn.ModuleDict(params)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "eigen"):
+                raise
+            return getattr(self.base, name)   # num_experts, is_transposed, ... as the MoE block reads them
+
+    @property
+    def merged(self) -> bool:
+        return any(p.merged for p in self.eigen.values())
+
+    @property
+    def _keep(self) -> bool:
+        return all(p._keep for p in self.eigen.values())
+
+    @property
+    def scaling(self) -> float:
+        return next(iter(self.eigen.values())).scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        for p in self.eigen.values():
+            p.scaling = value
+
+    def merge(self, keep: bool = True) -> None:
+        for p in self.eigen.values():
+            p.merge(keep)
+
+    def unmerge(self) -> None:
+        for p in self.eigen.values():
+            p.unmerge()
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([p.merged for p in self.eigen.values()])
+
+    def set_extra_state(self, state) -> None:
+        for p, merged in zip(self.eigen.values(), state.tolist()):
+            p.merged, p._unmerged = bool(merged), None
+
+    def slots(self, name: str) -> Dict[str, tuple]:
+        return {k: v for p in self.eigen.values() for k, v in p.slots(name).items()}
+
+    def peft_factors(self, name: str) -> Dict[str, tuple]:
+        return {k: v for p in self.eigen.values() for k, v in p.peft_factors(name).items()}
+
+    def forward(self, *args, **kwargs):
+        live = {name: p for name, p in self.eigen.items() if not p.merged}
+        if len(live) < len(self.eigen):
+            next(p for p in self.eigen.values() if p.merged)._refuse_merged_training()
+        if not live:
+            return self.base(*args, **kwargs)
+        return torch.func.functional_call(self.base, {name: p.updated() for name, p in live.items()}, args, kwargs)
 
 
 class EigenModel:
     """Handle returned by ``apply``: the wrapped layers, task coefficients, merge and export."""
 
-    def __init__(self, model, subspace: EigenSubspace, layers: Dict[str, EigenLinear], rank: int,
-                 extra_names: Sequence[str] = ()):
+    def __init__(self, model, subspace: EigenSubspace, layers: Dict[str, Union[EigenLinear, EigenExperts]],
+                 rank: int, extra_names: Sequence[str] = ()):
         self.model, self.subspace, self.layers, self.rank = model, subspace, layers, rank
         self.extra_names = list(extra_names)  # parameters apply(trainable=...) unfroze: the task's head
         self._grad_before: Dict[str, bool] = {}  # requires_grad of the model's parameters before apply
@@ -579,7 +798,8 @@ class EigenModel:
     def _warn_unsaved(self, path: str) -> None:
         """Warn about parameters that require grad but are saved neither as loadings nor as ``extra()``:
         unfrozen after ``apply`` (e.g. ``model.head.requires_grad_(True)``), they would be trained and lost."""
-        loadings = {id(p) for l in self.layers.values() for p in (l.alpha_A, l.alpha_B)}
+        loadings = {id(p) for l in self.layers.values() for n, p in l.named_parameters()
+                    if n.rpartition(".")[2] in ("alpha_A", "alpha_B")}
         left = [n for n, p in self.model.named_parameters()
                 if p.requires_grad and id(p) not in loadings and n not in self.extra_names]
         if left:
@@ -591,14 +811,19 @@ class EigenModel:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def _slots(self) -> Dict[str, tuple]:
+        """{layer: (α_A, α_B, wrapper)}: a MoE expert parameter's experts are layers "<module>.<param>[e]" (their
+        loadings views of its stacked ones)."""
+        return {k: (*v, l) for name, l in self.layers.items() for k, v in l.slots(name).items()}
+
     def coefficient_count(self) -> int:
-        return sum(l.alpha_A.numel() + l.alpha_B.numel() for l in self.layers.values())
+        return sum(a.numel() + b.numel() for a, b, _ in self._slots().values())
 
     def coefficients(self) -> Dict[str, torch.Tensor]:
         out = {}
-        for name, l in self.layers.items():
-            out[f"{name}.alpha_A"] = l.alpha_A.detach().clone()
-            out[f"{name}.alpha_B"] = l.alpha_B.detach().clone()
+        for name, (a, b, _) in self._slots().items():
+            out[f"{name}.alpha_A"] = a.detach().clone()
+            out[f"{name}.alpha_B"] = b.detach().clone()
         return out
 
     def save_coefficients(self, path: str, extra: Optional[Dict[str, torch.Tensor]] = None, *,
@@ -634,35 +859,37 @@ class EigenModel:
         t, meta = _read_task(source)
         self.subspace.check_task(meta, where)
         names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
-        mapping = _map_modules(names, self.layers, "the model's EigenLoRAx layers", where) if names else {}
-        missing = sorted(set(self.layers) - set(mapping.values()))
+        slots = self._slots()
+        mapping = _map_modules(names, slots, "the model's EigenLoRAx layers", where) if names else {}
+        missing = sorted(set(slots) - set(mapping.values()))
         if missing:
             raise FormatError(f"{where}: no loadings for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
         for name, target in mapping.items():  # check everything before changing anything
-            l = self.layers[target]
-            for side in ("alpha_A", "alpha_B"):
+            for side, dst in zip(("alpha_A", "alpha_B"), slots[target]):
                 key = f"{name}.{side}"
                 if key not in t:
                     raise FormatError(f"{where}: lacks {key}")
                 if not t[key].is_floating_point():
                     raise FormatError(f"{where}: {key} has dtype {t[key].dtype}, not a floating type")
-                if t[key].shape != getattr(l, side).shape:
-                    raise FormatError(f"{where}: {key}: shape {tuple(t[key].shape)} != {tuple(getattr(l, side).shape)} "
+                if t[key].shape != dst.shape:
+                    raise FormatError(f"{where}: {key}: shape {tuple(t[key].shape)} != {tuple(dst.shape)} "
                                       "(other subspace or rank?)")
         scaling = _check_scaling(meta["scaling"], where) if "scaling" in meta else None
         extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
         dests = self._extra_destinations(extra, where) if restore_extra else {}
+        merged = [l for l in self.layers.values() if l.merged]
+        keep = [l._keep for l in merged]
+        for l in merged:
+            l.unmerge()
         for name, target in mapping.items():
-            l = self.layers[target]
-            was = l.merged
-            if was:
-                l.unmerge()
-            l.alpha_A.copy_(t[f"{name}.alpha_A"])
-            l.alpha_B.copy_(t[f"{name}.alpha_B"])
+            aA, aB, _ = slots[target]
+            aA.copy_(t[f"{name}.alpha_A"])
+            aB.copy_(t[f"{name}.alpha_B"])
+        for l in self.layers.values():
             if scaling is not None:
                 l.scaling = scaling
-            if was:
-                l.merge(l._keep)
+        for l, k in zip(merged, keep):
+            l.merge(k)
         for k, dst in dests.items():
             dst.copy_(extra[k])
         return extra
@@ -713,7 +940,7 @@ class EigenModel:
     def _refuse_tied(self, what: str) -> None:
         names = parameter_names(self.model)
         for target, l in self.layers.items():
-            if l.merged:
+            if l.merged or isinstance(l, EigenExperts):   # expert parameters are not tied
                 continue
             tied = tied_elsewhere(names, target, l.base.weight)
             if tied:
@@ -751,9 +978,11 @@ class EigenModel:
         as peft's ``modules_to_save``. ``config``: overrides of adapter_config.json."""
         if not self.layers:
             raise RuntimeError("this EigenModel was unloaded: apply the subspace again")
-        factors = {name: l.lora_factors() for name, l in self.layers.items()}
+        factors = {k: v for name, l in self.layers.items() for k, v in l.peft_factors(name).items()}
         scaling = next(iter(self.layers.values())).scaling
-        config = {**_as_parameters(factors, self.subspace), **(config or {})}
+        plain = {name: l for name, l in self.layers.items() if isinstance(l, EigenLinear)}
+        params = [f"{name}.{p}" for name, l in self.layers.items() if isinstance(l, EigenExperts) for p in l.eigen]
+        config = {**_as_parameters(plain, {n for n, l in plain.items() if l.as_stored}, params), **(config or {})}
         fan_in_fan_out = any(l.fan_in_fan_out for l in self.layers.values())
         if extra is None:
             self._warn_unsaved(path)
@@ -847,7 +1076,7 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         except ValueError as e:
             raise FormatError(f"{where}: records {e}") from None
     task_type = task_type if task_type is not None else recorded
-    factors, rank = {}, None
+    factors, rank, experts = {}, None, {}
     names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
     if not names:
         raise FormatError(f"{where}: no task coefficients (*.alpha_A) found")
@@ -873,8 +1102,16 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
         if rank is not None and aA.shape[1] != rank:
             raise FormatError(f"{where}: {name}: loadings of rank {aA.shape[1]} beside rank {rank} in the other "
                               "layers: a task has one rank (peft's adapter config holds one r)")
-        factors[name] = (PB @ aB.float(), (PA @ aA).T)
+        ex = subspace.expert_layer(mod)
+        if ex is None:
+            factors[name] = (PB @ aB.float(), (PA @ aA).T)
+        else:   # stacked into its parameter's LoRA below; the task's name of the module is name less ".<param>[e]"
+            group = experts.setdefault((name[: -len(f".{ex[1]}[{ex[2]}]")], ex[1], f"{ex[0]}.{ex[1]}"), {})
+            group[ex[2]] = (PB @ aB.float(), (PA @ aA).T)
         rank = aA.shape[1]
+    plain = list(factors)
+    for (core, param, group), pairs in experts.items():
+        factors[core + ".base_layer" * subspace.experts[group][1]] = stack_experts([pairs[e] for e in sorted(pairs)])
     extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
     heads = _TASKS_WITH_HEAD.get(task_type, ())
     if extra and task_type != recorded and heads and \
@@ -888,20 +1125,21 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
                       "module, while peft loads a modules_to_save module whole: if PeftModel.from_pretrained fails "
                       "on the export (KeyError), save the task again: apply(..., trainable=<the whole module>), "
                       "load_coefficients(this file), save_coefficients(...)", stacklevel=2)
-    config = {**_as_parameters(factors, subspace), **(config or {})}
+    stored = {name for name in plain if mapping[name] in subspace.meta.get("as_stored", [])}
+    config = {**_as_parameters(plain, stored, [f"{core}.{param}" for core, param, _ in experts]), **(config or {})}
     return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config,
                       task_type, fan_in_fan_out=bool(subspace.meta.get("fan_in_fan_out", False)))
 
 
-def _as_parameters(factors: Dict[str, tuple], subspace: EigenSubspace) -> dict:
-    """The config that targets the subspace's ``as_stored`` modules as peft's target_parameters (their
-    weight, as the source adapters did: peft adds scaling * B @ A to it as stored), the rest as modules."""
-    stored = set(subspace.meta.get("as_stored", [])) & set(factors)
-    if not stored:
+def _as_parameters(modules: Sequence[str], stored: set, params: Sequence[str]) -> dict:
+    """The config that targets the ``stored`` ones of ``modules`` (whose source adapters had LoRA on the weight as a
+    parameter: peft adds scaling * B @ A to it as stored) and the MoE expert parameters ``params``
+    ("<module>.<param>") as peft's target_parameters, the other modules as target_modules."""
+    if not stored and not params:
         return {}
     # peft refuses fan_in_fan_out with target_parameters; its module LoRA takes each module's layout anyway
-    return {"target_modules": sorted(set(factors) - stored),
-            "target_parameters": [f"{m}.weight" for m in sorted(stored)], "fan_in_fan_out": False}
+    return {"target_modules": sorted(set(modules) - set(stored)),
+            "target_parameters": sorted([f"{m}.weight" for m in stored] + list(params)), "fan_in_fan_out": False}
 
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
@@ -934,15 +1172,20 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     refuse_distributed(model, "EigenLoRAx apply", ddp=True)
     model = unwrap_model(model)   # torch.compile / DataParallel wrappers: the plain model's names
     named = dict(model.named_modules())
-    targets, mods, conv1d = {}, {}, set()
-    for mod, target in _map_modules(subspace.modules, named, "the model").items():  # check all, then change
+    targets, mods, conv1d, experts = {}, {}, set(), {}
+    plain = [m for m in subspace.modules if subspace.expert_layer(m) is None]
+    cores = list(dict.fromkeys(g.rpartition(".")[0] for g in subspace.experts))   # modules with expert parameters
+    for mod, target in _map_modules(plain + cores, named, "the model").items():  # check all, then change
         lin = named[target]
-        if isinstance(lin, EigenLinear):
+        if isinstance(lin, (EigenLinear, EigenExperts)):
             raise ValueError(f"{target} is already an EigenLoRAx layer: apply once per model "
                              "(load_coefficients switches tasks)")
         if hasattr(lin, "base_layer"):
             raise ValueError(f"{target} is a peft adapter layer ({type(lin).__module__}.{type(lin).__name__}): "
                              "apply EigenLoRAx to the base model, not to a PeftModel")
+        if mod in cores:
+            experts[target] = _expert_targets(lin, mod, target, subspace, check_base)
+            continue
         layout = _linear_layout(lin)
         if layout is None:
             raise ValueError(f"{target}: expected a torch.nn.Linear or a transformers Conv1D, got "
@@ -969,23 +1212,39 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         mods[target] = mod
         if layout[2]:
             conv1d.add(mod)
-    extra_names = _trainable_names(model, trainable, targets)
+    extra_names = _trainable_names(model, trainable, {**targets, **experts})
     starts = {} if source is None else _projected_loadings(source, subspace, task_rank, scaling, conv1d)
     grad_before = {name: p.requires_grad for name, p in model.named_parameters()}  # unload() restores them
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
-    layers: Dict[str, EigenLinear] = {}
+    layers: Dict[str, Union[EigenLinear, EigenExperts]] = {}
     names = parameter_names(model)
     for target, (lin, PA, PB) in targets.items():
         dev = lin.weight.device
-        wrapped = EigenLinear(lin, PA.to(dev), PB.to(dev), task_rank, scaling, init, g, starts.get(mods[target]))
+        wrapped = EigenLinear(lin, PA.to(dev), PB.to(dev), task_rank, scaling, init, g, starts.get(mods[target]),
+                              mods[target] in subspace.meta.get("as_stored", []))
         wrapped.train(lin.training)   # a model in eval mode stays in eval mode (merge() is for inference)
         tied = tied_elsewhere(names, target, lin.weight)
         if tied:   # GPT-2's lm_head: transformers' save_pretrained (a Trainer's checkpoints) saves the shared
             #        weight once where the module declares it tied; the wrapped name target.base.weight is not
             #        the one the model declares, and save_pretrained refused the shared tensor
             wrapped._tied_weights_keys = {"base.weight": tied}
+        parent_name, _, child = target.rpartition(".")
+        setattr(named[parent_name] if parent_name else model, child, wrapped)
+        layers[target] = wrapped
+    for target, params in experts.items():
+        module = named[target]
+        eigen = {}
+        for param, (group, transposed) in params.items():
+            count, depth = subspace.experts[group]
+            each = [f"{group}[{e}]" for e in range(count)]
+            dev = getattr(module, param).device
+            eigen[param] = EigenParam(module, param, [subspace.A[l].P.to(dev) for l in each],
+                                      [subspace.B[l].P.to(dev) for l in each], task_rank, scaling, init, g,
+                                      [starts.get(l) for l in each], transposed, depth)
+        wrapped = EigenExperts(module, eigen)
+        wrapped.train(module.training)
         parent_name, _, child = target.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, wrapped)
         layers[target] = wrapped
@@ -997,15 +1256,53 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     return em
 
 
+def _expert_targets(module: torch.nn.Module, core: str, target: str, subspace: EigenSubspace,
+                    check_base: bool) -> Dict[str, Tuple[str, bool]]:
+    """{param: (the subspace's "<core>.<param>", stored experts x in x out)} of the subspace's expert parameters of
+    ``core``, the model's module ``target``, checked: a 3-D floating-point parameter of the subspace's expert count
+    and shapes, not quantized, each expert's slice the subspace's base (fingerprint) unless not ``check_base``. The
+    layout is the shape's, or for square experts the module's (``is_transposed``, as peft's rule)."""
+    out = {}
+    for group, (count, _) in subspace.experts.items():
+        if group.rpartition(".")[0] != core:
+            continue
+        param = group.rpartition(".")[2]
+        W = module._parameters.get(param) if isinstance(module, torch.nn.Module) else None
+        if not (isinstance(W, torch.Tensor) and W.dim() == 3 and W.is_floating_point()):
+            raise ValueError(f"layer {group}: {target} ({type(module).__module__}.{type(module).__name__}) has no "
+                             f"3-D floating-point parameter {param}: a different architecture, or a transformers "
+                             "release that keeps these experts as Linear layers?")
+        quant = quantized(module, W)
+        if quant:
+            raise ValueError(f"{target}.{param} is quantized ({quant}): EigenLoRAx adds to and merges the experts' "
+                             "numbers; load the model unquantized")
+        m, n = subspace.B[f"{group}[0]"].P.shape[0], subspace.A[f"{group}[0]"].P.shape[0]
+        if W.shape[0] != count or tuple(W.shape[1:]) not in ((m, n), (n, m)):
+            raise ValueError(f"layer {group}: the subspace is for {count} experts of {m} out x {n} in but "
+                             f"{target}.{param} is {tuple(W.shape)}: different base model?")
+        fps = subspace.meta.get("fingerprints", {}) if check_base else {}
+        for e in range(count):
+            fp = fps.get(f"{group}[{e}]")
+            if fp is not None and fingerprint(W[e].detach()) != fp:
+                raise ValueError(f"layer {group}[{e}]: the model's expert {e} of {target}.{param} "
+                                 f"({str(W.dtype).replace('torch.', '')}) differs from the subspace's base "
+                                 "(fingerprint): another base model, or the same one loaded in another dtype than "
+                                 "its checkpoint (load it with dtype='auto', or pass check_base=False)")
+        square = m == n
+        out[param] = (group, bool(getattr(module, "is_transposed", False)) if square else tuple(W.shape[1:]) != (m, n))
+    return out
+
+
 DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # the names DistributedDataParallel skips, read off its module
 
 
-def _ddp_ignore(model: torch.nn.Module, layers: Dict[str, "EigenLinear"], add: bool) -> None:
+def _ddp_ignore(model: torch.nn.Module, layers: Dict[str, torch.nn.Module], add: bool) -> None:
     """Add (or take back) the layers' bases to the names DistributedDataParallel(model) neither broadcasts nor
     reduces: DDP broadcast every buffer from rank 0 before each forward (by default), and the bases are constants,
     the same on every rank (read from one subspace file): (m + n) K numbers a layer, ~0.3 GB a forward for a
     7B model's Linears at K = 32."""
-    names = [f"{target}.{side}" for target in layers for side in ("PA", "PB")]
+    names = [f"{target}.{b}" for target, l in layers.items() for b, _ in l.named_buffers()
+             if b.rpartition(".")[2] in ("PA", "PB")]
     kept = [n for n in getattr(model, DDP_IGNORE, ()) if n not in names]
     setattr(model, DDP_IGNORE, kept + names if add else kept)
 
@@ -1018,7 +1315,7 @@ def _projected_loadings(source, subspace: EigenSubspace, rank: int, scaling: flo
     adapter = source if isinstance(source, PeftAdapter) else PeftAdapter.load(os.fspath(source))
     name = "source" if isinstance(source, PeftAdapter) else os.fspath(source)
     refuse_layer_replication(adapter.config, name)
-    ups = _updates_by_module(adapter, name)
+    ups = _source_updates(adapter, name, subspace)
     found = _map_modules(subspace.modules, dict.fromkeys(ups), f"the source adapter {name}")
     out = {}
     for mod, key in found.items():
@@ -1034,6 +1331,37 @@ def _projected_loadings(source, subspace: EigenSubspace, rank: int, scaling: flo
         k = min(rank, int((S > 1e-6 * S[0]).sum()) if float(S[0]) > 0 else 0)
         root = S[:k].sqrt()
         out[mod] = ((Vh[:k].T * root).float(), (U[:, :k] * root).float())
+    return out
+
+
+def _source_updates(adapter: PeftAdapter, name: str, subspace: EigenSubspace) -> Dict[str, LowRankUpdate]:
+    """{layer: update} of the source adapter of init="project", in the subspace's terms: LoRA on a MoE expert
+    parameter is split per expert ("<module>.<param>[e]") by the subspace's expert count, its parameter the one
+    the subspace adapts at the wrapper's nesting depth (no base model needed)."""
+    if not subspace.experts:
+        return _updates_by_module(adapter, name)
+    counts: Dict[tuple, set] = {}   # (param, depth) -> the subspace's expert counts
+    for group, (count, depth) in subspace.experts.items():
+        counts.setdefault((group.rpartition(".")[2], depth), set()).add(count)
+    try:
+        updates = adapter.updates(experts=True)
+    except FormatError as e:
+        raise FormatError(f"{name}: {e}") from None
+    out = {}
+    for u in updates:
+        fits = [(p, c) for p in u.params for c in counts.get((p, _depth(u.module)), ()) if u.A.shape[0] % c == 0]
+        if not u.params or (not fits and not u.as_stored):   # a module LoRA (bare parameter names may match it)
+            out[u.module] = replace(u, params=())
+            continue
+        if len(fits) != 1:
+            raise ValueError(f"{name}: layer {u.module}: LoRA on the parameter(s) {', '.join(u.params)}, which "
+                             f"{'none' if not fits else 'several'} of the subspace's expert parameters fit(s) "
+                             f"({tuple(u.A.shape)} lora_A): an adapter of another model, or of other parameters?")
+        (param, count), core = fits[0], unnested(u.module)
+        scaling = adapter.lora_scaling(f"{core}.{param}", u.A.shape[0] // count)
+        for e, (B, A) in enumerate(expert_pairs(u.B, u.A, count)):
+            out[f"{core}.{param}[{e}]"] = replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e,
+                                                  experts=count)
     return out
 
 

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from subspace_ext import eigenlorax, io, solar  # noqa: E402
+from subspace_ext.io import safetensors_metadata  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BINARY = Path(os.environ.get("SUBSPACE_EXT_SOLAR_DECODE", REPO / "cmake-build" / "solar_decode"))
@@ -79,6 +80,7 @@ def _logits(model_cls, base, adapter=None):
 
 
 def _expert_updates(adapter, base):
+    """(update, (key, parts, transposed)) of each expert of the adapter's LoRA on expert parameters."""
     ad, bw = io.PeftAdapter.load(adapter), io.BaseWeights(base)
     return [e for u in ad.updates(experts=True) if u.params for e in solar._expert_updates(ad, bw, u)]
 
@@ -297,12 +299,211 @@ def test_experts_listed_in_another_order_decode_to_the_same_adapter(moe, tmp_pat
         assert (tmp_path / "py" / f).read_bytes() == (tmp_path / "cpp" / f).read_bytes()
 
 
-def test_eigenlorax_still_refuses_expert_parameters_by_name(moe, tmp_path):
+@pytest.fixture(scope="module")
+def eigen_moe(moe, tmp_path_factory):
+    """(moe, subspace file, the other two adapters) of an EigenLoRAx subspace built from the moe fixture's adapter and
+    two more of other factors (with the base: one layer per expert)."""
+    name, base, adapter, _ = moe
+    tmp = tmp_path_factory.mktemp(f"eigen_{name}")
+    ads = [adapter]
+    for seed in (7, 8):
+        pm = peft.get_peft_model(_moe_model(name).eval(), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=TARGETS))
+        _lora_factors(pm, seed)
+        pm.save_pretrained(str(tmp / f"ad{seed}"))
+        ads.append(str(tmp / f"ad{seed}"))
+    path = str(tmp / "sub.safetensors")
+    eigenlorax.build_subspace(ads, components=6, base=base).save(path)
+    return moe, path, ads
+
+
+def _model_with(model_cls, base, deltas):
+    """The base model with ``deltas`` ({module: (parameter, tensor in the parameter's stored layout)}) added."""
+    model = model_cls.from_pretrained(base).eval()
+    with torch.no_grad():
+        for module, (param, delta) in deltas.items():
+            W = getattr(model.get_submodule(module), param)
+            W.copy_((W.double() + delta).to(W.dtype))
+    return model
+
+
+def test_eigenlorax_needs_the_base_for_expert_lora(moe, tmp_path):
     _, base, adapter, _ = moe
     ad = io.PeftAdapter.load(adapter)
     io.PeftAdapter(ad.config, {k: 2 * v for k, v in ad.tensors.items()}).save_adapter(str(tmp_path / "twice"))
-    with pytest.raises(io.FormatError, match=r"LoRA on the parameter\(s\) down_proj, gate_up_proj of this module"):
+    with pytest.raises(io.FormatError, match=r"down_proj, gate_up_proj of this module .*EigenLoRAx's build_subspace"):
         eigenlorax.build_subspace([adapter, str(tmp_path / "twice")], components=2)
+
+
+def test_eigenlorax_subspace_has_a_layer_per_expert(eigen_moe):
+    (name, base, adapter, _), path, ads = eigen_moe
+    sub = eigenlorax.EigenSubspace.load(path)
+    assert sub.experts == {f"model.layers.{i}.mlp.experts.{p}": (3, d) for i in range(2)
+                           for p, d in (("gate_up_proj", 1), ("down_proj", 0))}
+    assert len(sub.modules) == 2 + 2 * 2 * 3 and len(sub.meta["fingerprints"]) == len(sub.modules)
+    assert sub.expert_layer("model.layers.1.mlp.experts.down_proj[2]") == ("model.layers.1.mlp.experts", "down_proj", 2)
+    assert sub.expert_layer("model.layers.1.self_attn.q_proj") is None
+    assert safetensors_metadata(path)["format_version"] == str(eigenlorax.FORMAT_VERSION_EXPERTS)
+    # each expert's components are the top principal directions of its own pairs in the three adapters (float64
+    # SVD of the row-centred stack of s·B_e, and of A_eᵀ): the split, the scaling and the order are right
+    split = [{f"{eigenlorax._expert_group(u)}[{u.expert}]": u for u, _ in _expert_updates(a, base)} for a in ads]
+    for layer in split[0]:
+        for side, P in (("B", sub.B[layer].P), ("A", sub.A[layer].P)):
+            M = torch.cat([u[layer].B.double() * u[layer].scaling if side == "B" else u[layer].A.double().T
+                           for u in split], dim=1)
+            U = torch.linalg.svd(M - M.mean(dim=1, keepdim=True), full_matrices=False)[0][:, :6]
+            torch.testing.assert_close(P.double() @ P.double().T, U @ U.T, rtol=0, atol=1e-4)
+    for bad in ({"model.layers.0.mlp.experts.down_proj": [4, 0]}, {"model.layers.0.mlp.experts.down_proj": [3]},
+                {"model.layers.0.mlp.experts.down_proj": [2, 0]}):
+        meta = dict(sub.meta, experts=dict(sub.meta["experts"], **bad))
+        bad_path = path + ".bad"
+        eigenlorax.EigenSubspace(sub.A, sub.B, meta).save(bad_path)
+        with pytest.raises(io.FormatError, match="malformed subspace file .*experts"):
+            eigenlorax.EigenSubspace.load(bad_path)
+
+
+def test_eigenlorax_project_start_is_each_experts_projection(eigen_moe):
+    """init="project" (rank above K): each expert's update is P_B,e P_B,eᵀ ΔW_e P_A,e P_A,eᵀ of the source's own
+    expert update (peft's get_delta_weight, float64), added in the parameter's stored layout (GPT-OSS: in x out)."""
+    (name, base, adapter, model_cls), path, _ = eigen_moe
+    sub = eigenlorax.EigenSubspace.load(path)
+    pm = peft.PeftModel.from_pretrained(model_cls.from_pretrained(base), adapter)
+    deltas = {}
+    for mod_name, m in pm.named_modules():
+        if not hasattr(m, "get_delta_weight"):
+            continue
+        core = io.unnested(mod_name[len("base_model.model."):])
+        if type(m).__name__ == "ParamWrapper":
+            param, D = m.parameter_name, m.get_delta_weight("default").double()
+            proj = []
+            for e in range(D.shape[0]):
+                PA, PB = (s[f"{core}.{param}[{e}]"].P.double() for s in (sub.A, sub.B))
+                De = D[e].T if name.startswith("gpt_oss") else D[e]
+                Pe = PB @ PB.T @ De @ PA @ PA.T
+                proj.append(Pe.T if name.startswith("gpt_oss") else Pe)
+            deltas[(core, param)] = torch.stack(proj)
+        else:
+            PA, PB = sub.A[core].P.double(), sub.B[core].P.double()
+            deltas[(core, "weight")] = PB @ PB.T @ m.get_delta_weight("default").double() @ PA @ PA.T
+    assert len(deltas) == 6
+    ref = model_cls.from_pretrained(base).eval()
+    with torch.no_grad():
+        for (core, param), D in deltas.items():
+            W = getattr(ref.get_submodule(core), param)
+            W.copy_((W.double() + D).float())
+    x = torch.arange(14).reshape(2, 7) % 64
+    model = model_cls.from_pretrained(base).eval()
+    em = eigenlorax.apply(model, sub, 16, init="project", source=adapter)
+    assert isinstance(model.model.layers[0].mlp.experts, eigenlorax.EigenExperts)
+    with torch.no_grad():
+        got, want, plain = model(x).logits, ref(x).logits, model_cls.from_pretrained(base).eval()(x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert (want - plain).abs().max() > 1e-2   # the projected update matters
+    assert em.coefficient_count() == 6 * 2 * 16 * (2 + 2 * 2 * 3)
+
+
+def _random_loadings(em, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in em.model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_eigenlorax_experts_export_save_merge_unload(eigen_moe, tmp_path):
+    """A task on expert parameters: peft loads its export (and the CLI's export of the saved task file: the same
+    tensors) to the same logits; load_coefficients onto a fresh model, merge / unmerge (bit for bit) and
+    unload(merge=True) keep them; the eigen CLI exports it as well."""
+    from subspace_ext import cli
+    (name, base, adapter, model_cls), path, _ = eigen_moe
+    sub = eigenlorax.EigenSubspace.load(path)
+    x = torch.arange(14).reshape(2, 7) % 64
+    model = model_cls.from_pretrained(base).eval()
+    em = eigenlorax.apply(model, sub, 3)
+    _random_loadings(em, 1)
+    with torch.no_grad():
+        want = model(x).logits
+    em.export_peft(str(tmp_path / "exp"))
+    assert io.PeftAdapter.load(str(tmp_path / "exp")).config["target_parameters"] == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
+    torch.testing.assert_close(_logits(model_cls, base, str(tmp_path / "exp")), want, rtol=0, atol=1e-5)
+    task = str(tmp_path / "task.safetensors")
+    em.save_coefficients(task)
+    assert cli.main(["eigen", "export", path, "--coefficients", task, "-o", str(tmp_path / "cli")]) == 0
+    a, b = (io.PeftAdapter.load(str(tmp_path / d)).tensors for d in ("exp", "cli"))
+    assert sorted(a) == sorted(b)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)   # batched and per-expert products round alike or near
+    fresh = model_cls.from_pretrained(base).eval()
+    em2 = eigenlorax.apply(fresh, sub, 3, seed=5)
+    em2.load_coefficients(task)
+    stored = fresh.model.layers[1].mlp.experts.base.down_proj.detach().clone()
+    em2.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, want, rtol=0, atol=1e-5)
+    assert not torch.equal(fresh.model.layers[1].mlp.experts.base.down_proj, stored)
+    em2.unmerge()
+    assert torch.equal(fresh.model.layers[1].mlp.experts.base.down_proj, stored)
+    plain = em2.unload(merge=True)
+    assert type(plain.model.layers[0].mlp.experts).__name__.endswith("Experts")
+    assert not isinstance(plain.model.layers[0].mlp.experts, eigenlorax.EigenExperts)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, want, rtol=0, atol=1e-5)
+
+
+def test_eigenlorax_trains_experts_of_unequal_k(eigen_moe):
+    """Experts whose bases have different K (variance, rank caps) are padded to one stacked basis: the padding's
+    loadings get no gradient and stay 0, each expert's task tensors keep its own K, and the forward is each
+    expert's own W_e + s·(P_B,e α_B,e)(P_A,e α_A,e)ᵀ (float64 reference)."""
+    (name, base, adapter, model_cls), path, _ = eigen_moe
+    sub = eigenlorax.EigenSubspace.load(path)
+    cut = "model.layers.0.mlp.experts.gate_up_proj[1]"
+    sub.A[cut] = eigenlorax.SideBasis(sub.A[cut].P[:, :2].contiguous(), sub.A[cut].explained[:2], 2)
+    sub.B[cut] = eigenlorax.SideBasis(sub.B[cut].P[:, :4].contiguous(), sub.B[cut].explained[:4], 4)
+    x = torch.arange(14).reshape(2, 7) % 64
+    model = model_cls.from_pretrained(base)
+    em = eigenlorax.apply(model, sub, 2, scaling=0.5)
+    ep = model.model.layers[0].mlp.experts.eigen["gate_up_proj"]
+    assert ep.KA == [6, 2, 6] and ep.KB == [6, 4, 6] and float(ep.alpha_A.detach()[1, 2:].abs().max()) == 0
+    co = em.coefficients()
+    assert co[cut + ".alpha_A"].shape == (2, 2) and co[cut + ".alpha_B"].shape == (4, 2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        assert float(ep.alpha_A.grad[1, 2:].abs().max()) == 0 and float(ep.alpha_A.grad.abs().max()) > 0
+        opt.step()
+    assert float(ep.alpha_A[1, 2:].abs().max()) == 0 and float(ep.alpha_B[1, 4:].abs().max()) == 0
+    deltas = {}
+    for layer, (aA, aB) in ((k[: -len(".alpha_A")], (v, em.coefficients()[k[:-1] + "B"]))
+                            for k, v in em.coefficients().items() if k.endswith(".alpha_A")):
+        ex = sub.expert_layer(layer)
+        D = 0.5 * (sub.B[layer].P.double() @ aB.double()) @ (sub.A[layer].P.double() @ aA.double()).T
+        if ex is None:
+            deltas[(layer, "weight", -1)] = D
+        else:
+            deltas[(ex[0], ex[1], ex[2])] = D.T if name.startswith("gpt_oss") else D
+    model.eval()
+    ref = model_cls.from_pretrained(base).eval()
+    with torch.no_grad():
+        for (core, param, e), D in deltas.items():
+            W = getattr(ref.get_submodule(core), param)
+            target = W if e < 0 else W[e]
+            target.copy_((target.double() + D).float())
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=2e-5)
+
+
+def test_eigenlorax_refuses_another_experts_base(eigen_moe):
+    (name, base, adapter, model_cls), path, _ = eigen_moe
+    sub = eigenlorax.EigenSubspace.load(path)
+    model = model_cls.from_pretrained(base)
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] += 1.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"layer model.layers.1.mlp.experts.down_proj\[2\]: the model's expert 2"):
+        eigenlorax.apply(model, sub, 2)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())   # nothing changed
+    assert not isinstance(model.model.layers[0].mlp.experts, eigenlorax.EigenExperts)
+    eigenlorax.apply(model, sub, 2, check_base=False)
 
 
 def test_a_bare_file_of_a_merging_model_names_the_folder(moe, tmp_path):
