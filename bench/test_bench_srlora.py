@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from subspace_ext import data, train
+from subspace_ext import bench, data, train
 from subspace_ext.srlora import SRLoRA, SRLoRAConfig
 
 BATCH = 32
@@ -70,17 +70,11 @@ def test_srlora_step_alone(benchmark, task):
 def _moe_setup(interval, device):
     """A Qwen3-MoE-shaped model (2 layers, 32 experts of 512 x 512 gate_up and 512 x 256 down, top 4, hidden 512),
     LoRA r=8 on q_proj and both expert parameters (peft's target_parameters): 130 SRLoRA layers, one per expert."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    if not hasattr(transformers, "Qwen3MoeConfig"):
-        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-MoE")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
-                                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                                      num_experts=32, num_experts_per_tok=4, max_position_embeddings=256)
-    model = transformers.Qwen3MoeForCausalLM(cfg).to(device)
-    if not isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None), torch.nn.Parameter):
-        pytest.skip(f"transformers {transformers.__version__} keeps the experts as Linear layers")
+    model = bench.qwen3_moe(device)
+    if model is None:
+        pytest.skip("this transformers has no Qwen3-MoE, or keeps its experts as Linear layers")
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"],
                                                        target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
@@ -97,19 +91,7 @@ def test_moe_training_step(benchmark, interval, device):
     with and without ``SRLoRA.step()`` (each expert a layer; the importance update one op layer per parameter)."""
     model, opt, sr, batches = _moe_setup(interval, device)
     model.train()
-    it = [0]
-
-    def step():
-        x = batches[it[0] % len(batches)]
-        it[0] += 1
-        opt.zero_grad(set_to_none=True)
-        model(x, labels=x).loss.backward()
-        opt.step()
-        if sr is not None:
-            sr.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
+    step = bench.lm_training_step(model, opt, batches, device, sr.step if sr is not None else None)
     benchmark.group = f"Qwen3-MoE-shaped (32 experts) + LoRA r=8 on the experts, training step, {device}"
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     if sr is not None:

@@ -70,6 +70,43 @@ def lora_layers(num: int, rank: int = LORA_RANK, seed: int = 0) -> LoraLayers:
                       grad_B=[rnd(m, rank) for m, _ in shapes])
 
 
+def qwen3_moe(device: str = "cpu", layers: int = 2, experts: int = 32):
+    """A Qwen3-MoE-shaped causal LM with random weights (``layers`` layers, ``experts`` experts of 512 x 512 gate_up
+    and 512 x 256 down, top 4, hidden 512), or None where transformers has no Qwen3-MoE or keeps its experts as
+    Linear layers: the MoE workload of the training-step benchmarks."""
+    import transformers
+    if not hasattr(transformers, "Qwen3MoeConfig"):
+        return None
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=512, hidden_size=512, intermediate_size=1024,
+                                      moe_intermediate_size=256,
+                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+                                      head_dim=64, num_experts=experts, num_experts_per_tok=4,
+                                      max_position_embeddings=256)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(device)
+    return model if isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None),
+                               torch.nn.Parameter) else None
+
+
+def lm_training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Sequence[torch.Tensor],
+                     device: str, after: Optional[Callable[[], object]] = None) -> Callable[[], None]:
+    """One causal-LM training step per call (the next of ``batches``, labels = inputs), then ``after()`` (e.g.
+    ``SRLoRA.step``); on CUDA it waits for the GPU, so a timer measures the step."""
+    it = [0]
+
+    def step():
+        x = batches[it[0] % len(batches)]
+        it[0] += 1
+        opt.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        if after is not None:
+            after()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
 def pair_indices(layers: LoraLayers, pairs: int = 2) -> list[torch.Tensor]:
     """``pairs`` distinct pair indices per layer (varying between layers)."""
     r = layers.A[0].shape[0]

@@ -410,6 +410,10 @@ def _eigen_inspect(args: argparse.Namespace) -> int:
           f"({how}, augment {m.get('augment', 0)}, seed {m.get('seed', 0)}); base "
           f"{m.get('base_model_name_or_path') or 'not named'}, fingerprints "
           f"{'recorded' if m.get('fingerprints') else 'not recorded'}")
+    if sub.experts:   # "<module>.<param>[e]" layers: LoRA on MoE expert parameters, one layer per expert
+        print("MoE expert parameters (a layer per expert): " + ", ".join(
+            f"{g} ({count} experts{', nested in ' + str(depth) + ' wrapper(s)' if depth else ''})"
+            for g, (count, depth) in sub.experts.items()))
     print("layer | lora_A: K (principal + augment), variance kept | lora_B: K (principal + augment), variance kept")
     for mod in sub.modules:
         sides = []

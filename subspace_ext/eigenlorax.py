@@ -205,17 +205,19 @@ class EigenSubspace:
             stored = meta.get("as_stored", [])
             if not (isinstance(stored, list) and set(stored) <= set(mods)):
                 raise ValueError(f"as_stored must be a list of the subspace's modules, got {stored!r:.80}")
-            _check_experts(meta.get("experts", {}), mods)
             A = {m: _side_basis(t, "A", i, n_pc) for i, m in enumerate(mods)}
             B = {m: _side_basis(t, "B", i, n_pc) for i, m in enumerate(mods)}
+            _check_experts(meta.get("experts", {}), A, B)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError: ValueError
             raise FormatError(f"{path}: malformed subspace file ({type(e).__name__}: {e})") from None
         return cls(A, B, meta)
 
 
-def _check_experts(experts, mods: List[str]) -> None:
-    """A subspace file's record of MoE expert parameters ({"<module>.<param>": [E, depth]}) against its layers:
-    each one's experts 0 .. E-1 are layers, and every "<module>.<param>[e]" layer is one of them (ValueError)."""
+def _check_experts(experts, A: Dict[str, SideBasis], B: Dict[str, SideBasis]) -> None:
+    """A subspace file's record of MoE expert parameters ({"<module>.<param>": [E, depth]}) against its layers
+    (bases ``A``, ``B``): each one's experts 0 .. E-1 are layers of one shape, every "<module>.<param>[e]" layer is one
+    of them, and the depths of a module's parameters are 0 .. k-1, once each (peft's nesting) (ValueError)."""
+    mods = list(A)
     if not isinstance(experts, dict):
         raise ValueError(f"experts must map expert parameters to [count, depth], got {experts!r:.80}")
     for group, v in experts.items():
@@ -225,6 +227,16 @@ def _check_experts(experts, mods: List[str]) -> None:
         missing = [f"{group}[{e}]" for e in range(v[0]) if f"{group}[{e}]" not in mods]
         if missing:
             raise ValueError(f"experts: {group} has {v[0]} experts but no layer {missing[0]}")
+        rows = {(A[f"{group}[{e}]"].P.shape[0], B[f"{group}[{e}]"].P.shape[0]) for e in range(v[0])}
+        if len(rows) > 1:
+            raise ValueError(f"experts: the experts of {group} have bases of different shapes {sorted(rows)}")
+    depths: Dict[str, list] = {}
+    for group, v in experts.items():
+        depths.setdefault(group.rpartition(".")[0], []).append(v[1])
+    bad = next((m for m, d in depths.items() if sorted(d) != list(range(len(d)))), None)
+    if bad is not None:
+        raise ValueError(f"experts: the nesting depths of {bad}'s parameters are {sorted(depths[bad])}, not 0 .. "
+                         f"{len(depths[bad]) - 1} once each")
     stray = [m for m in mods if (x := _EXPERT_LAYER.fullmatch(m)) and f"{x[1]}.{x[2]}" in experts
              and int(x[3]) >= experts[f"{x[1]}.{x[2]}"][0]]
     if stray:
@@ -656,10 +668,12 @@ class EigenParam(_Merging, torch.nn.Module):
         return delta.transpose(1, 2) if self.transposed else delta
 
     def updated(self) -> torch.Tensor:
-        """The parameter plus its update (what the experts compute with while unmerged; gradients reach the
-        loadings)."""
+        """The parameter plus its update, one batched multiply-add in the parameter's dtype (what the experts
+        compute with while unmerged; gradients reach the loadings)."""
         W = self._weight()
-        return W + self._delta().to(W.dtype)
+        B, A = (f.to(W.dtype) for f in self.factors())
+        return torch.baddbmm(W, A.mT, B.mT, alpha=self.scaling) if self.transposed else \
+            torch.baddbmm(W, B, A, alpha=self.scaling)
 
     def slots(self, name: str) -> Dict[str, tuple]:
         return {f"{name}.{self.param}[{e}]": (self.alpha_A[e, :ka], self.alpha_B[e, :kb])
@@ -1145,7 +1159,8 @@ def _as_parameters(modules: Sequence[str], stored: set, params: Sequence[str]) -
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
           init: str = "uniform", source: Optional[Union[str, PeftAdapter]] = None, trainable: Sequence[str] = (),
           seed: int = 0, check_base: bool = True) -> EigenModel:
-    """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers and
+    """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers (a MoE block's
+    experts module, whose expert parameters the subspace adapts one layer per expert, with an EigenExperts) and
     freeze everything but the loadings (and parameters whose name contains one of ``trainable``,
     e.g. ``("classifier",)`` for a task head; ``save_coefficients`` / ``export_peft`` save their modules
     with the task). The patterns must match a parameter and none may reach the adapted layers' own
@@ -1336,28 +1351,35 @@ def _projected_loadings(source, subspace: EigenSubspace, rank: int, scaling: flo
 
 def _source_updates(adapter: PeftAdapter, name: str, subspace: EigenSubspace) -> Dict[str, LowRankUpdate]:
     """{layer: update} of the source adapter of init="project", in the subspace's terms: LoRA on a MoE expert
-    parameter is split per expert ("<module>.<param>[e]") by the subspace's expert count, its parameter the one
-    the subspace adapts at the wrapper's nesting depth (no base model needed)."""
+    parameter is split per expert ("<module>.<param>[e]") by the subspace's expert count, its parameter the one of
+    the subspace's whose experts' shape fits the factors (of several, the one at the wrapper's nesting depth), so no
+    base model is needed. A 3-D ``weight`` (JetMoe), which an adapter alone reads as 2-D, fits the same way."""
     if not subspace.experts:
         return _updates_by_module(adapter, name)
-    counts: Dict[tuple, set] = {}   # (param, depth) -> the subspace's expert counts
+    shapes = {}   # (param, expert count, m, n, depth) of the subspace's expert parameters
     for group, (count, depth) in subspace.experts.items():
-        counts.setdefault((group.rpartition(".")[2], depth), set()).add(count)
+        layer = f"{group}[0]"
+        shapes[(group.rpartition(".")[2], count, subspace.B[layer].P.shape[0], subspace.A[layer].P.shape[0])] = depth
     try:
         updates = adapter.updates(experts=True)
     except FormatError as e:
         raise FormatError(f"{name}: {e}") from None
     out = {}
     for u in updates:
-        fits = [(p, c) for p in u.params for c in counts.get((p, _depth(u.module)), ()) if u.A.shape[0] % c == 0]
-        if not u.params or (not fits and not u.as_stored):   # a module LoRA (bare parameter names may match it)
-            out[u.module] = replace(u, params=())
+        params = u.params or (("weight",) if u.as_stored else ())
+        fits = sorted({(p, c, d) for (p, c, m, n), d in shapes.items() if p in params and u.A.shape[0] % c == 0
+                       and (m, n) == (u.B.shape[0], u.A.shape[1])})
+        if len(fits) > 1:   # of one shape: the wrapper's nesting tells (when the source targets what the subspace does)
+            fits = [f for f in fits if f[2] == _depth(u.module)]
+        if not fits:   # a module LoRA (bare parameter names may match it), or expert parameters the subspace lacks
+            if not (u.params and u.as_stored):   # (ignored, as other layers are; a layer it needs is named below)
+                out[u.module] = replace(u, params=())
             continue
         if len(fits) != 1:
-            raise ValueError(f"{name}: layer {u.module}: LoRA on the parameter(s) {', '.join(u.params)}, which "
-                             f"{'none' if not fits else 'several'} of the subspace's expert parameters fit(s) "
-                             f"({tuple(u.A.shape)} lora_A): an adapter of another model, or of other parameters?")
-        (param, count), core = fits[0], unnested(u.module)
+            raise ValueError(f"{name}: layer {u.module}: LoRA on the parameter(s) {', '.join(params)}, which several "
+                             f"of the subspace's expert parameters fit ({', '.join(f[0] for f in fits)}: lora_B "
+                             f"{tuple(u.B.shape)}, lora_A {tuple(u.A.shape)}), and its nesting does not tell which")
+        (param, count, _), core = fits[0], unnested(u.module)
         scaling = adapter.lora_scaling(f"{core}.{param}", u.A.shape[0] // count)
         for e, (B, A) in enumerate(expert_pairs(u.B, u.A, count)):
             out[f"{core}.{param}[{e}]"] = replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e,

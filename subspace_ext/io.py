@@ -432,8 +432,8 @@ class PeftAdapter:
             raise FormatError(f"{module}: LoRA on the parameter(s) {', '.join(sorted(params))} of this module (peft's "
                               "target_parameters) is not supported: its update is not scaling * B @ A of a 2-D "
                               "weight (a MoE block's expert tensors hold one LoRA pair per expert); only a module's "
-                              "2-D weight is (solar compress, SRLoRA, and EigenLoRAx's build_subspace and "
-                              "relative_errors with a base take MoE expert parameters)")
+                              "2-D weight is (solar compress, SRLoRA, and with a base EigenLoRAx's build_subspace "
+                              "(eigen build --base) and relative_errors take MoE expert parameters)")
         return "weight" if params else None
 
     def _targets_of(self, module: str) -> set:

@@ -173,7 +173,7 @@ def test_relative_errors_split_expert_lora_with_the_base(moe, tmp_path):
     assert len(errors) == 14 and sorted(errors) == pytest.approx(sorted(l.rel_error for l in pkg.layers), abs=1e-5)
     assert max(solar.relative_errors(adapter, solar.decompress(solar.compress(adapter, base, budget="full"), base),
                                      base=base)) < 1e-5
-    with pytest.raises(io.FormatError, match=r"gate_up_proj of this module .* relative_errors with a base take MoE"):
+    with pytest.raises(io.FormatError, match=r"gate_up_proj of this module .* with a base .*relative_errors take MoE"):
         solar.relative_errors(adapter, dec)
 
 
@@ -353,12 +353,17 @@ def test_eigenlorax_subspace_has_a_layer_per_expert(eigen_moe):
                            for u in split], dim=1)
             U = torch.linalg.svd(M - M.mean(dim=1, keepdim=True), full_matrices=False)[0][:, :6]
             torch.testing.assert_close(P.double() @ P.double().T, U @ U.T, rtol=0, atol=1e-4)
-    for bad in ({"model.layers.0.mlp.experts.down_proj": [4, 0]}, {"model.layers.0.mlp.experts.down_proj": [3]},
-                {"model.layers.0.mlp.experts.down_proj": [2, 0]}):
+    grown = dict(sub.B, **{"model.layers.0.mlp.experts.down_proj[1]": eigenlorax.SideBasis(
+        torch.eye(30, 6), torch.full((6,), 0.1), 6)})   # one expert's basis of another shape
+    gu, dn = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
+    for bad, B, why in (({dn: [4, 0]}, sub.B, "no layer"), ({dn: [3]}, sub.B, "count >= 1"),
+                        ({dn: [2, 0]}, sub.B, "beyond its parameter's expert count"),
+                        ({gu: [3, 0]}, sub.B, r"nesting depths .* are \[0, 0\]"),
+                        ({gu: [3, 2]}, sub.B, "nesting depths"), ({}, grown, "different shapes")):
         meta = dict(sub.meta, experts=dict(sub.meta["experts"], **bad))
         bad_path = path + ".bad"
-        eigenlorax.EigenSubspace(sub.A, sub.B, meta).save(bad_path)
-        with pytest.raises(io.FormatError, match="malformed subspace file .*experts"):
+        eigenlorax.EigenSubspace(sub.A, B, meta).save(bad_path)
+        with pytest.raises(io.FormatError, match="malformed subspace file .*experts.*" + why):
             eigenlorax.EigenSubspace.load(bad_path)
 
 
@@ -490,6 +495,37 @@ def test_eigenlorax_trains_experts_of_unequal_k(eigen_moe):
             target = W if e < 0 else W[e]
             target.copy_((target.double() + D).float())
         torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=2e-5)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "JetMoeForCausalLM"), reason="this transformers has no JetMoe")
+def test_eigenlorax_projects_a_jetmoe_source(tmp_path):
+    """JetMoe's experts are a 3-D ``weight``, which an adapter alone reads as 2-D LoRA: init="project" splits the
+    source per expert by the subspace's shapes (it used to find no such layer); the start exports to the same logits,
+    and a source that adapts more than the subspace (kv_proj) is taken, its extra layer ignored."""
+    torch.manual_seed(0)
+    cfg = transformers.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                                    kv_channels=8, intermediate_size=20, num_local_experts=3, num_experts_per_tok=2,
+                                    max_position_embeddings=64)
+    transformers.JetMoeForCausalLM(cfg).save_pretrained(str(tmp_path / "base"))
+    base, model_cls = str(tmp_path / "base"), transformers.JetMoeForCausalLM
+    ads = []
+    for seed, extra in ((1, []), (2, []), (3, ["kv_proj"])):
+        pm = peft.get_peft_model(model_cls.from_pretrained(base), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=extra or None,
+            target_parameters=["mlp.input_linear.weight", "mlp.output_linear.weight"]))
+        _lora_factors(pm, seed)
+        pm.save_pretrained(str(tmp_path / f"a{seed}"))
+        ads.append(str(tmp_path / f"a{seed}"))
+    sub = eigenlorax.build_subspace(ads[:2], components=3, base=base)
+    assert len(sub.experts) == 4 and len(sub.modules) == 12
+    model = model_cls.from_pretrained(base).eval()
+    em = eigenlorax.apply(model, sub, 4, init="project", source=ads[2])
+    x = torch.arange(14).reshape(2, 7) % 64
+    with torch.no_grad():
+        got = model(x).logits
+    em.export_peft(str(tmp_path / "exp"))
+    torch.testing.assert_close(_logits(model_cls, base, str(tmp_path / "exp")), got, rtol=0, atol=1e-5)
+    assert (got - _logits(model_cls, base)).abs().max() > 1e-3
 
 
 def test_eigenlorax_refuses_another_experts_base(eigen_moe):
