@@ -1094,7 +1094,7 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
     names = sorted({k[: -len(".alpha_A")] for k in t if k.endswith(".alpha_A")})
     if not names:
         raise FormatError(f"{where}: no task coefficients (*.alpha_A) found")
-    mapping = _map_modules(names, subspace.modules, "the subspace", where)
+    mapping = _map_modules(names, dict.fromkeys(subspace.modules), "the subspace", where)
     missing = sorted(set(subspace.modules) - set(mapping.values()))
     if missing:
         raise FormatError(f"{where}: no loadings for the subspace's {missing[:3]}{' ...' if len(missing) > 3 else ''}")

@@ -162,15 +162,30 @@ def refuse_distributed(model: torch.nn.Module, what: str, ddp: bool) -> None:
                          f"the whole weights {what} edits: train it with DistributedDataParallel")
 
 
-def _suffix_match(named, name: str) -> tuple:
+def _suffix_index(named) -> Dict[str, List[str]]:
+    """{dotted suffix: the first two entries of ``named`` that are it or end in "." + it}: ``_suffix_match``'s
+    lookups, built once (a scan of ``named`` per name took 14 s for 12,000 MoE expert layers under a prefix)."""
+    index: Dict[str, List[str]] = {}
+    for n in named:
+        parts = n.split(".")
+        for start in range(len(parts)):
+            hits = index.setdefault(".".join(parts[start:]), [])
+            if len(hits) < 2 and n not in hits:
+                hits.append(n)
+    return index
+
+
+def _suffix_match(named, name: str, index: Optional[Dict[str, List[str]]] = None) -> tuple:
     """(entry of ``named``, shared dotted suffix) for the longest dotted suffix of ``name`` naming exactly one
-    entry of ``named``; (None, None) if none does or the longest one found names several."""
+    entry of ``named``; (None, None) if none does or the longest one found names several. ``index``:
+    ``_suffix_index(named)``, for many lookups."""
     if name in named:
         return name, name
+    index = _suffix_index(named) if index is None else index
     parts = name.split(".")
     for start in range(len(parts)):   # the whole name first: an entry may be it under a prefix (model.<name>)
         cand = ".".join(parts[start:])
-        hits = [n for n in named if n == cand or n.endswith("." + cand)]
+        hits = index.get(cand, ())
         if len(hits) == 1:
             return hits[0], cand
         if hits:  # shorter suffixes only match more
@@ -183,8 +198,10 @@ def prefix_rewrite(names: Iterable[str], named) -> Optional[Tuple[str, str]]:
     of two checkpoints or models, e.g. ``bert.`` -> ``""``) that the most names' longest unique dotted suffix
     match agrees on (ties: the shortest prefixes); None if no name matches at all."""
     votes: Dict[Tuple[str, str], int] = {}
+    named = dict.fromkeys(named) if isinstance(named, (list, tuple)) else named   # O(1) membership
+    index = _suffix_index(named)
     for m in names:
-        hit, suffix = _suffix_match(named, m)
+        hit, suffix = _suffix_match(named, m, index)
         if hit is not None:
             key = (m[: len(m) - len(suffix)], hit[: len(hit) - len(suffix)])
             votes[key] = votes.get(key, 0) + 1

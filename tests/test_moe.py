@@ -497,6 +497,38 @@ def test_eigenlorax_trains_experts_of_unequal_k(eigen_moe):
         torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=2e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eigenlorax_experts_on_cuda(eigen_moe):
+    """The same task on CUDA: the logits of the CPU run (float32, 1e-4), a training step's loadings gradients
+    (1e-4 relative), and merge / unmerge restoring the experts bit for bit on the device."""
+    (name, base, adapter, model_cls), path, _ = eigen_moe
+    sub = eigenlorax.EigenSubspace.load(path)
+    x = torch.arange(14).reshape(2, 7) % 64
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = model_cls.from_pretrained(base).to(device)
+        em = eigenlorax.apply(model, sub, 3, seed=2)
+        assert all(p.device.type == device for p in model.parameters())
+        _random_loadings(em, 4)
+        model(x.to(device), labels=x.to(device)).loss.backward()
+        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        with torch.no_grad():
+            logits = model(x.to(device)).logits.cpu()
+        runs[device] = (logits, grads, model, em)
+    torch.testing.assert_close(runs["cuda"][0], runs["cpu"][0], rtol=0, atol=1e-4)
+    for n, g in runs["cpu"][1].items():
+        torch.testing.assert_close(runs["cuda"][1][n], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+    model, em = runs["cuda"][2], runs["cuda"][3]
+    W = model.model.layers[0].mlp.experts.base.gate_up_proj
+    kept = W.detach().clone()
+    em.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.cuda()).logits.cpu(), runs["cpu"][0], rtol=0, atol=1e-4)
+    em.unmerge()
+    assert torch.equal(W, kept)
+
+
 @pytest.mark.skipif(not hasattr(transformers, "JetMoeForCausalLM"), reason="this transformers has no JetMoe")
 def test_eigenlorax_projects_a_jetmoe_source(tmp_path):
     """JetMoe's experts are a 3-D ``weight``, which an adapter alone reads as 2-D LoRA: init="project" splits the
