@@ -831,6 +831,8 @@ class EigenModel:
         return {k: (*v, l) for name, l in self.layers.items() for k, v in l.slots(name).items()}
 
     def coefficient_count(self) -> int:
+        """The loadings a task holds (``trainable_parameters`` also counts the zero rows that pad the experts of a
+        MoE parameter to its largest K)."""
         return sum(a.numel() + b.numel() for a, b, _ in self._slots().values())
 
     def coefficients(self) -> Dict[str, torch.Tensor]:
@@ -891,7 +893,8 @@ class EigenModel:
         scaling = _check_scaling(meta["scaling"], where) if "scaling" in meta else None
         extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
         dests = self._extra_destinations(extra, where) if restore_extra else {}
-        merged = [l for l in self.layers.values() if l.merged]
+        merged = [x for l in self.layers.values() for x in (l.eigen.values() if isinstance(l, EigenExperts) else [l])
+                  if x.merged]   # each expert parameter on its own: one may be merged without the others
         keep = [l._keep for l in merged]
         for l in merged:
             l.unmerge()
@@ -1228,7 +1231,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
         if layout[2]:
             conv1d.add(mod)
     extra_names = _trainable_names(model, trainable, {**targets, **experts})
-    starts = {} if source is None else _projected_loadings(source, subspace, task_rank, scaling, conv1d)
+    starts = {} if source is None else _projected_loadings(source, subspace, task_rank, scaling, conv1d, named)
     grad_before = {name: p.requires_grad for name, p in model.named_parameters()}  # unload() restores them
     for p in model.parameters():
         p.requires_grad_(False)
@@ -1323,14 +1326,15 @@ def _ddp_ignore(model: torch.nn.Module, layers: Dict[str, torch.nn.Module], add:
 
 
 def _projected_loadings(source, subspace: EigenSubspace, rank: int, scaling: float,
-                        conv1d: set) -> Dict[str, tuple]:
+                        conv1d: set, named: Dict[str, torch.nn.Module]) -> Dict[str, tuple]:
     """{module: (α_A K_A x k, α_B K_B x k)} with scaling · P_B α_B α_Aᵀ P_Aᵀ the best rank-k (k <= ``rank``)
     approximation of the source's update projected onto the subspace, P_B P_Bᵀ ΔW P_A P_Aᵀ (a K_B x K_A core
-    from the factors: ΔW is not formed); k stops at the core's numerical rank."""
+    from the factors: ΔW is not formed); k stops at the core's numerical rank. ``named``: the model's modules
+    (which expert parameter each of the source's wrappers adapts)."""
     adapter = source if isinstance(source, PeftAdapter) else PeftAdapter.load(os.fspath(source))
     name = "source" if isinstance(source, PeftAdapter) else os.fspath(source)
     refuse_layer_replication(adapter.config, name)
-    ups = _source_updates(adapter, name, subspace)
+    ups = _source_updates(adapter, name, subspace, named)
     found = _map_modules(subspace.modules, dict.fromkeys(ups), f"the source adapter {name}")
     out = {}
     for mod, key in found.items():
@@ -1349,41 +1353,47 @@ def _projected_loadings(source, subspace: EigenSubspace, rank: int, scaling: flo
     return out
 
 
-def _source_updates(adapter: PeftAdapter, name: str, subspace: EigenSubspace) -> Dict[str, LowRankUpdate]:
+def _source_updates(adapter: PeftAdapter, name: str, subspace: EigenSubspace,
+                   named: Dict[str, torch.nn.Module]) -> Dict[str, LowRankUpdate]:
     """{layer: update} of the source adapter of init="project", in the subspace's terms: LoRA on a MoE expert
-    parameter is split per expert ("<module>.<param>[e]") by the subspace's expert count, its parameter the one of
-    the subspace's whose experts' shape fits the factors (of several, the one at the wrapper's nesting depth), so no
-    base model is needed. A 3-D ``weight`` (JetMoe), which an adapter alone reads as 2-D, fits the same way."""
+    parameter is split per expert ("<module>.<param>[e]") by the subspace's expert count. Which parameter a wrapper
+    adapts is peft's rule on the model (``named``, its modules): the module's 3-D parameters the source targets, in
+    the module's order, the first innermost; a 3-D ``weight`` (JetMoe), which an adapter alone reads as 2-D, too.
+    A wrapper of a parameter the subspace does not adapt is ignored, as the source's other layers are."""
     if not subspace.experts:
         return _updates_by_module(adapter, name)
-    shapes = {}   # (param, expert count, m, n, depth) of the subspace's expert parameters
-    for group, (count, depth) in subspace.experts.items():
-        layer = f"{group}[0]"
-        shapes[(group.rpartition(".")[2], count, subspace.B[layer].P.shape[0], subspace.A[layer].P.shape[0])] = depth
     try:
         updates = adapter.updates(experts=True)
     except FormatError as e:
         raise FormatError(f"{name}: {e}") from None
+    cores = [unnested(u.module) for u in updates if u.params or u.as_stored]
+    P, Q = (prefix_rewrite(cores, named) if cores else None) or ("", "")   # the source's names -> the model's
     out = {}
     for u in updates:
-        params = u.params or (("weight",) if u.as_stored else ())
-        fits = sorted({(p, c, d) for (p, c, m, n), d in shapes.items() if p in params and u.A.shape[0] % c == 0
-                       and (m, n) == (u.B.shape[0], u.A.shape[1])})
-        if len(fits) > 1:   # of one shape: the wrapper's nesting tells (when the source targets what the subspace does)
-            fits = [f for f in fits if f[2] == _depth(u.module)]
-        if not fits:   # a module LoRA (bare parameter names may match it), or expert parameters the subspace lacks
-            if not (u.params and u.as_stored):   # (ignored, as other layers are; a layer it needs is named below)
+        params, core = u.params or (("weight",) if u.as_stored else ()), unnested(u.module)
+        module = named.get(Q + core[len(P):]) if core.startswith(P) else None
+        order = [p for p, t in module.named_parameters(recurse=False) if p in params and t.dim() == 3] \
+            if module is not None and params else []
+        depth = _depth(u.module)
+        if depth >= len(order):   # a module LoRA (bare parameter names may match it), a 2-D weight, or a module
+            if not (u.params and u.as_stored):   # the model lacks (ignored; a layer the subspace needs is named)
                 out[u.module] = replace(u, params=())
             continue
-        if len(fits) != 1:
-            raise ValueError(f"{name}: layer {u.module}: LoRA on the parameter(s) {', '.join(params)}, which several "
-                             f"of the subspace's expert parameters fit ({', '.join(f[0] for f in fits)}: lora_B "
-                             f"{tuple(u.B.shape)}, lora_A {tuple(u.A.shape)}), and its nesting does not tell which")
-        (param, count, _), core = fits[0], unnested(u.module)
-        scaling = adapter.lora_scaling(f"{core}.{param}", u.A.shape[0] // count)
-        for e, (B, A) in enumerate(expert_pairs(u.B, u.A, count)):
+        param = order[len(order) - 1 - depth]
+        m, n = u.B.shape[0], u.A.shape[1]
+        groups = [(g, c) for g, (c, _) in subspace.experts.items() if g.rpartition(".")[2] == param]
+        fits = sorted({c for g, c in groups if u.A.shape[0] % c == 0
+                       and (subspace.B[f"{g}[0]"].P.shape[0], subspace.A[f"{g}[0]"].P.shape[0]) == (m, n)})
+        if groups and len(fits) != 1:
+            raise ValueError(f"{name}: layer {u.module}: its LoRA on {param} (lora_B {tuple(u.B.shape)}, lora_A "
+                             f"{tuple(u.A.shape)}) does not fit the subspace's experts of {param} "
+                             f"({', '.join(sorted({g for g, _ in groups}))[:200]}): an adapter of another model?")
+        if not groups:
+            continue
+        scaling = adapter.lora_scaling(f"{core}.{param}", u.A.shape[0] // fits[0])
+        for e, (B, A) in enumerate(expert_pairs(u.B, u.A, fits[0])):
             out[f"{core}.{param}[{e}]"] = replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e,
-                                                  experts=count)
+                                                  experts=fits[0])
     return out
 
 

@@ -170,7 +170,7 @@ def _suffix_index(named) -> Dict[str, List[str]]:
         parts = n.split(".")
         for start in range(len(parts)):
             hits = index.setdefault(".".join(parts[start:]), [])
-            if len(hits) < 2 and n not in hits:
+            if len(hits) < 2:   # a name listed twice is two entries, as a scan counted it
                 hits.append(n)
     return index
 
@@ -198,7 +198,8 @@ def prefix_rewrite(names: Iterable[str], named) -> Optional[Tuple[str, str]]:
     of two checkpoints or models, e.g. ``bert.`` -> ``""``) that the most names' longest unique dotted suffix
     match agrees on (ties: the shortest prefixes); None if no name matches at all."""
     votes: Dict[Tuple[str, str], int] = {}
-    named = dict.fromkeys(named) if isinstance(named, (list, tuple)) else named   # O(1) membership
+    if isinstance(named, (list, tuple)) and len(set(named)) == len(named):
+        named = dict.fromkeys(named)   # O(1) membership
     index = _suffix_index(named)
     for m in names:
         hit, suffix = _suffix_match(named, m, index)

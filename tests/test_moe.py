@@ -560,6 +560,48 @@ def test_eigenlorax_projects_a_jetmoe_source(tmp_path):
     assert (got - _logits(model_cls, base)).abs().max() > 1e-3
 
 
+@pytest.mark.skipif(not hasattr(transformers, "NemotronHForCausalLM"), reason="this transformers has no NemotronH")
+@pytest.mark.parametrize("subspace_targets", [["experts.up_proj"], ["experts.down_proj"]], ids=["up", "down"])
+def test_eigenlorax_project_takes_each_parameters_own_lora(tmp_path, subspace_targets):
+    """NemotronH's up_proj and down_proj experts are both square of one shape, so the factors' shapes do not tell the
+    source's two wrappers apart: the model's parameter order does (peft's nesting). A subspace on one parameter
+    starts from the projection of the source's LoRA of that parameter (float64, from peft's get_delta_weight), not of
+    the other one (which the first fix took)."""
+    cfg = dict(vocab_size=64, hidden_size=16, moe_intermediate_size=16, intermediate_size=16, head_dim=8,
+               layers_block_type=["attention", "moe"], num_attention_heads=2, num_key_value_heads=1,
+               n_routed_experts=3, num_experts_per_tok=2, n_shared_experts=1, moe_shared_expert_intermediate_size=16,
+               max_position_embeddings=64, n_group=1, topk_group=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        return transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**cfg)).eval()
+
+    def adapter(targets, seed):
+        pm = peft.get_peft_model(fresh(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                          target_parameters=targets))
+        _lora_factors(pm, seed)
+        pm.save_pretrained(str(tmp_path / f"a{seed}"))
+        return str(tmp_path / f"a{seed}"), pm
+
+    fresh().save_pretrained(str(tmp_path / "base"))
+    sub = eigenlorax.build_subspace([adapter(subspace_targets, s)[0] for s in (1, 2, 3)], components=4,
+                                    base=str(tmp_path / "base"))
+    source, pm = adapter(["experts.up_proj", "experts.down_proj"], 9)
+    em = eigenlorax.apply(fresh(), sub, 8, init="project", source=source)
+    checked = 0
+    for n, w in pm.named_modules():
+        core = io.unnested(n[len("base_model.model."):])
+        if type(w).__name__ != "ParamWrapper" or f"{core}.{w.parameter_name}" not in sub.experts:
+            continue
+        D, layer = w.get_delta_weight("default").double(), f"{core}.{w.parameter_name}"
+        want = torch.stack([(lambda PA, PB: PB @ PB.T @ D[e] @ PA @ PA.T)(
+            sub.A[f"{layer}[{e}]"].P.double(), sub.B[f"{layer}[{e}]"].P.double()) for e in range(D.shape[0])])
+        got = em.layers[core].eigen[w.parameter_name]._delta().double()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+        checked += 1
+    assert checked == 1
+
+
 def test_eigenlorax_refuses_another_experts_base(eigen_moe):
     (name, base, adapter, model_cls), path, _ = eigen_moe
     sub = eigenlorax.EigenSubspace.load(path)
