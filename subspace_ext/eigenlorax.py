@@ -1161,7 +1161,7 @@ def _as_parameters(modules: Sequence[str], stored: set, params: Sequence[str]) -
 
 def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, scaling: float = 1.0,
           init: str = "uniform", source: Optional[Union[str, PeftAdapter]] = None, trainable: Sequence[str] = (),
-          seed: int = 0, check_base: bool = True) -> EigenModel:
+          seed: int = 0, check_base: bool = True, progress: bool = False) -> EigenModel:
     """Wrap the subspace's modules of ``model`` (a transformers model) with EigenLinear layers (a MoE block's
     experts module, whose expert parameters the subspace adapts one layer per expert, with an EigenExperts) and
     freeze everything but the loadings (and parameters whose name contains one of ``trainable``,
@@ -1179,6 +1179,8 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     subspace (a subspace built from ``bert.encoder...`` adapters applies to a ``BertModel``'s
     ``encoder...``); a layer the model lacks is an error. ``check_base``: compare each weight with the
     subspace's base fingerprint (when it has one); False accepts e.g. the base loaded in another dtype.
+    ``progress``: a progress bar on stderr over the modules checked (a MoE model's experts: ~2 s per layer of
+    128 experts of a Qwen3-30B-A3B shape, mostly their fingerprints).
     """
     if init not in ("uniform", "lora", "project"):
         raise ValueError(f"init must be 'uniform', 'lora' or 'project', got {init!r}")
@@ -1193,7 +1195,8 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
     targets, mods, conv1d, experts = {}, {}, set(), {}
     plain = [m for m in subspace.modules if subspace.expert_layer(m) is None]
     cores = list(dict.fromkeys(g.rpartition(".")[0] for g in subspace.experts))   # modules with expert parameters
-    for mod, target in _map_modules(plain + cores, named, "the model").items():  # check all, then change
+    mapped = _map_modules(plain + cores, named, "the model")
+    for mod, target in progress_bar(mapped.items(), "eigen: apply", progress, total=len(mapped)):  # check, then change
         lin = named[target]
         if isinstance(lin, (EigenLinear, EigenExperts)):
             raise ValueError(f"{target} is already an EigenLoRAx layer: apply once per model "

@@ -602,6 +602,22 @@ def test_eigenlorax_project_takes_each_parameters_own_lora(tmp_path, subspace_ta
     assert checked == 1
 
 
+def test_eigenlorax_apply_shows_progress(eigen_moe, monkeypatch):
+    """apply(progress=True) draws a bar over the modules it checks (a MoE model's expert fingerprints take seconds
+    per layer), on a terminal."""
+    import io as io_module
+    import sys
+
+    class Terminal(io_module.StringIO):
+        def isatty(self):
+            return True
+    (name, base, adapter, model_cls), path, _ = eigen_moe
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    eigenlorax.apply(model_cls.from_pretrained(base), eigenlorax.EigenSubspace.load(path), 2, progress=True)
+    assert "eigen: apply:" in err.getvalue() and "0/4" in err.getvalue()   # q_proj x 2, experts x 2
+
+
 def test_eigenlorax_refuses_another_experts_base(eigen_moe):
     (name, base, adapter, model_cls), path, _ = eigen_moe
     sub = eigenlorax.EigenSubspace.load(path)
