@@ -268,6 +268,22 @@ def refuse_srlora_state_alone(folder: str) -> None:
                          "here would be loaded with that run's base weights; write it to another folder")
 
 
+# adapter_config.json is written with its keys sorted (json.dumps(sort_keys=True)), except inside these dicts, whose
+# order decides which pattern wins where several match a module (peft's get_pattern_key: the first); peft >= 0.22
+# writes them so (its CONFIG_KEYS_WITH_PRESERVED_ORDER), and sorting them changed such an adapter's scalings
+ORDERED_CONFIG_KEYS = frozenset({"rank_pattern", "alpha_pattern", "paca_indices_pattern"})
+
+
+def config_json(config: dict) -> str:
+    """The text of an adapter_config.json as peft writes it: indent 2, keys sorted at every level but inside
+    ``ORDERED_CONFIG_KEYS`` (kept as given). ValueError for NaN / Inf (not JSON)."""
+    def order(obj):
+        if isinstance(obj, dict):
+            return {k: v if k in ORDERED_CONFIG_KEYS else order(v) for k, v in sorted(obj.items())}
+        return [order(x) for x in obj] if isinstance(obj, (list, tuple)) else obj
+    return json.dumps(order(config), indent=2, allow_nan=False)
+
+
 @dataclass
 class PeftAdapter:
     """A peft adapter in memory: its config (adapter_config.json) and tensors (adapter_model.safetensors)."""
@@ -316,7 +332,7 @@ class PeftAdapter:
         they were.
         """
         try:
-            config = json.dumps(self.config, indent=2, sort_keys=True, allow_nan=False)
+            config = config_json(self.config)
         except ValueError:
             raise ValueError(f"{path}: the adapter config holds NaN or Inf (not valid JSON): {self.config}") from None
         refuse_srlora_state_alone(path)

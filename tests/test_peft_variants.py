@@ -86,6 +86,31 @@ def _roundtrip(base: str, adapter: str, out: str) -> None:
     torch.testing.assert_close(_logits(base, out), _logits(base, adapter), atol=1e-5, rtol=0)
 
 
+def test_pattern_order_survives_save_and_round_trip(bert, tmp_path):
+    """Where several alpha_pattern keys match a module the first wins (peft's get_pattern_key), so the written
+    adapter_config.json keeps the patterns' order (peft >= 0.22 writes it so) while it sorts every other key: a
+    sorted alpha_pattern gave layer 0's query 400 / 4 instead of 1 / 4 after a SOLAR round trip."""
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+              "alpha_pattern": {"query": 1, "layer.0.attention.self.query": 400},
+              "rank_pattern": {"value": 4, "query": 4}, "z": {"b": 1, "a": 2}}
+    text = io.config_json(config)
+    assert list(json.loads(text)) == sorted(config) and list(json.loads(text)["z"]) == ["a", "b"]
+    assert list(json.loads(text)["alpha_pattern"]) == ["query", "layer.0.attention.self.query"]
+    assert list(json.loads(text)["rank_pattern"]) == ["value", "query"]
+    folder = _save(bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                         alpha_pattern=config["alpha_pattern"]), str(tmp_path / "a"))
+    ad = io.PeftAdapter.load(folder)
+    io.PeftAdapter(dict(ad.config, alpha_pattern=config["alpha_pattern"]), ad.tensors).save_adapter(
+        str(tmp_path / "ordered"))   # the order peft >= 0.22 saves (0.21 sorted it)
+    out = str(tmp_path / "restored")
+    solar.decompress(solar.compress(str(tmp_path / "ordered"), bert, budget="full"), bert).save_adapter(out)
+    restored = io.PeftAdapter.load(out)
+    assert list(restored.config["alpha_pattern"]) == list(config["alpha_pattern"])
+    assert {u.module: u.scaling for u in restored.updates()} == \
+        {u.module: u.scaling for u in io.PeftAdapter.load(str(tmp_path / "ordered")).updates()}
+    torch.testing.assert_close(_logits(bert, out), _logits(bert, str(tmp_path / "ordered")), atol=1e-5, rtol=0)
+
+
 def test_adalora_after_rank_allocation(bert, tmp_path):
     cfg = peft.AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, target_modules=["query", "value"], total_step=20,
                              tinit=1, tfinal=2, deltaT=1)

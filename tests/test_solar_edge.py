@@ -76,6 +76,9 @@ def _adapter(tmp_path, kind="LORA", dtype=torch.float32, fan_in_fan_out=False, r
         "alpha_pattern": {}, "base_model_name_or_path": "tiny-b\u00e9rt \"q\"\t\u2603\U0001f600",
         "layer_norm_eps": 1e-12, "big": 12345678901234567890, "scale": 1e22, "neg": -0.0,
     }
+    if kind == "LORA":   # patterns out of sorted order: where several match, the first wins, so both decoders keep it
+        config.update({"alpha_pattern": {"query": 16, "encoder.layer.0.output.dense": 4, "dense": 8},
+                       "rank_pattern": {"query": rank, "dense": rank}})
     if kind == "ADALORA":
         config.update({"init_r": 6, "target_r": RANK, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85,
                        "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": 100})
@@ -115,8 +118,11 @@ def _assert_same_folder(py_dir, cpp_dir):
         assert torch.equal(py[k], cpp[k]), k
     py_cfg, cpp_cfg = (d / "adapter_config.json" for d in (py_dir, cpp_dir))
     assert json.loads(py_cfg.read_text()) == json.loads(cpp_cfg.read_text())
-    # The decoder writes json.dump(indent=2, sort_keys=True) output exactly.
+    # The decoder writes peft's text exactly: json.dump(indent=2), keys sorted but inside the pattern dicts.
     assert py_cfg.read_bytes() == cpp_cfg.read_bytes()
+    patterns = json.loads(py_cfg.read_text()).get("alpha_pattern") or {}
+    if "query" in patterns:   # _adapter's LoRA patterns (AdaLoRA's conversion writes its own)
+        assert list(patterns) == ["query", "encoder.layer.0.output.dense", "dense"]
 
 
 CASES = [

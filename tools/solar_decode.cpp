@@ -587,8 +587,10 @@ std::string python_json_string(const std::string& s) {
   return out + "\"";
 }
 
-// json.dump(value, f, indent=2, sort_keys=True)
-void python_json_dump(const Json& v, std::string& out, int level) {
+// adapter_config.json as peft writes it (subspace_ext.io.config_json): json.dump(value, f, indent=2) with the keys
+// sorted at every level, except inside the dicts under rank_pattern / alpha_pattern / paca_indices_pattern, whose
+// order decides which pattern wins (``keep_order``: kept as the package gives them).
+void python_json_dump(const Json& v, std::string& out, int level, bool keep_order = false) {
   const std::string inner(static_cast<size_t>(2 * (level + 1)), ' ');
   const std::string outer(static_cast<size_t>(2 * level), ' ');
   switch (v.type) {
@@ -605,7 +607,7 @@ void python_json_dump(const Json& v, std::string& out, int level) {
       out += "[";
       for (size_t i = 0; i < v.items.size(); ++i) {
         out += (i ? ",\n" : "\n") + inner;
-        python_json_dump(v.items[i], out, level + 1);
+        python_json_dump(v.items[i], out, level + 1, keep_order);
       }
       out += "\n" + outer + "]";
       return;
@@ -618,11 +620,14 @@ void python_json_dump(const Json& v, std::string& out, int level) {
       // Byte order of UTF-8 = code point order, as Python's sorted() on str.
       std::vector<const std::pair<std::string, Json>*> sorted;
       for (const auto& kv : v.members) sorted.push_back(&kv);
-      std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->first < b->first; });
+      if (!keep_order)
+        std::stable_sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->first < b->first; });
       out += "{";
       for (size_t i = 0; i < sorted.size(); ++i) {
-        out += (i ? ",\n" : "\n") + inner + python_json_string(sorted[i]->first) + ": ";
-        python_json_dump(sorted[i]->second, out, level + 1);
+        const std::string& key = sorted[i]->first;
+        out += (i ? ",\n" : "\n") + inner + python_json_string(key) + ": ";
+        python_json_dump(sorted[i]->second, out, level + 1,
+                         keep_order || key == "rank_pattern" || key == "alpha_pattern" || key == "paca_indices_pattern");
       }
       out += "\n" + outer + "}";
       return;
