@@ -13,7 +13,8 @@
 // codes * their float32 scales ("<tensor>_scale"), as solar._dequantize does.
 //
 // Self-contained apart from libtorch: the safetensors reader/writer, the JSON parser/writer (Python
-// json.dump(indent=2, sort_keys=True) output) and SHA-256 are implemented here.
+// json.dump(indent=2) output with the keys sorted but inside the pattern dicts, as peft writes adapter_config.json)
+// and SHA-256 are implemented here.
 //
 // Exit codes: 0 success, 1 error (one line on stderr), 2 usage error.
 #include <ATen/core/dispatch/Dispatcher.h>
