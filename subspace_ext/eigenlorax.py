@@ -32,10 +32,10 @@ import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
-                 embedding_lora_modules, expert_pairs, fingerprint, linear_layout, parameter_names, prefix_rewrite,
-                 progress_bar, quantized, read_safetensors, refuse_distributed, refuse_layer_replication,
-                 safetensors_metadata, save_with_digest, stack_experts, tensors_digest, tied_elsewhere, unnested,
-                 unwrap_model)
+                 embedding_lora_modules, expert_pairs, fingerprint, linear_layout, nested_parameter, nesting_depth,
+                 parameter_names, prefix_rewrite, progress_bar, quantized, read_safetensors, refuse_distributed,
+                 refuse_layer_replication, safetensors_metadata, save_with_digest, stack_experts, tensors_digest,
+                 tied_elsewhere, unnested, unwrap_model)
 
 FORMAT = "subspace_ext.eigenlorax"
 FORMAT_VERSION = 1
@@ -353,12 +353,12 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     if len(adapters) < 2:
         raise ValueError(f"need at least 2 adapters, got {len(adapters)}")
     _refuse_duplicates(names, [os.path.realpath(a) if isinstance(a, str) else None for a in adapters], "folder")
-    loaded, per, digests = [], [], []
+    loaded, per, digests, sources = [], [], [], {}
     bw = base if isinstance(base, BaseWeights) or base is None else BaseWeights(base)
     for name, a in zip(names, progress_bar(adapters, "eigen: adapters", progress, unit="adapter")):
         a = a if isinstance(a, PeftAdapter) else PeftAdapter.load(a)
         refuse_layer_replication(a.config, name)   # its layers are not the base's under their names
-        p = _updates_by_module(a, name, bw)
+        p = _updates_by_module(a, name, bw, None if per else sources)   # the first's names are the subspace's
         loaded.append(a)
         per.append(p)
         # the same factors under another lora_alpha are another update: the scalings count as well
@@ -418,9 +418,8 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         subA[mod] = _principal(MA, components, variance, augment, seed, 2 * li, f"layer {mod}, lora_A")
         subB[mod] = _principal(MB, components, variance, augment, seed, 2 * li + 1, f"layer {mod}, lora_B")
         if bw is not None and ups[0].expert >= 0:   # the expert's slice as the loaded model holds it
-            u = ups[0]
-            key, parts = bw.expert_sources(unnested(u.module), u.params[0])
-            fps[mod] = fingerprint(bw.get_expert(key, parts[u.expert] if parts else [], u.expert))
+            key, parts, _ = sources[mod]
+            fps[mod] = fingerprint(bw.get_expert(key, parts, ups[0].expert))
         elif bw is not None:
             key = bw.key_for_module(mod)
             W = bw.get(key)
@@ -440,7 +439,7 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
             "fan_in_fan_out": any(bool(a.config.get("fan_in_fan_out")) for a in loaded)}
     if as_stored:   # LoRA on the weight as a parameter (target_parameters): exported as one, as stored
         meta["as_stored"] = as_stored
-    experts = {_expert_group(u): [u.experts, _depth(u.module)] for u in per[0].values() if u.expert >= 0}
+    experts = {_expert_group(u): [u.experts, nesting_depth(u.module)] for u in per[0].values() if u.expert >= 0}
     if experts:
         meta["experts"] = experts
     return EigenSubspace(subA, subB, meta)
@@ -451,21 +450,23 @@ def _expert_group(u: LowRankUpdate) -> str:
     return f"{unnested(u.module)}.{u.params[0]}"
 
 
-def _depth(wrapper: str) -> int:
-    """How many ".base_layer" end a peft wrapper's name (the wrappers of a module's other parameters outside it)."""
-    return (len(wrapper) - len(unnested(wrapper))) // len(".base_layer")
-
-
-def _updates_by_module(adapter: PeftAdapter, name: str, bw: Optional[BaseWeights] = None) -> Dict[str, LowRankUpdate]:
+def _updates_by_module(adapter: PeftAdapter, name: str, bw: Optional[BaseWeights] = None,
+                       sources: Optional[Dict[str, tuple]] = None) -> Dict[str, LowRankUpdate]:
     """{layer: update} of an adapter. With its base ``bw``, LoRA on a MoE block's expert parameters is one layer
-    per expert, "<module>.<param>[e]" (the base tells the parameter, the expert count and the layout); without, it
-    is refused by name. A FormatError names the layer and the adapter (``name``)."""
+    per expert, "<module>.<param>[e]" (the base tells the parameter, the expert count and the layout), and
+    ``sources`` (if given) gets each such layer's base slice (key, parts, transposed) (``solar._layer_updates``);
+    without a base it is refused by name. A FormatError names the layer and the adapter (``name``)."""
     try:
         if bw is None:
             return {u.module: u for u in adapter.updates()}
         from .solar import _layer_updates   # solar's split of expert LoRA (solar does not import this module)
-        ups = [u for u, _ in _layer_updates(adapter, bw, adapter.updates(experts=True))]
-        return {f"{_expert_group(u)}[{u.expert}]" if u.expert >= 0 else u.module: u for u in ups}
+        out = {}
+        for u, src in _layer_updates(adapter, bw, adapter.updates(experts=True)):
+            layer = f"{_expert_group(u)}[{u.expert}]" if u.expert >= 0 else u.module
+            out[layer] = u
+            if sources is not None and src is not None:
+                sources[layer] = src
+        return out
     except FormatError as e:  # names the layer (and the folder, for a loaded adapter)
         raise FormatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
@@ -1288,7 +1289,7 @@ def _expert_targets(module: torch.nn.Module, core: str, target: str, subspace: E
         if group.rpartition(".")[0] != core:
             continue
         param = group.rpartition(".")[2]
-        W = module._parameters.get(param) if isinstance(module, torch.nn.Module) else None
+        W = module._parameters.get(param)
         if not (isinstance(W, torch.Tensor) and W.dim() == 3 and W.is_floating_point()):
             raise ValueError(f"layer {group}: {target} ({type(module).__module__}.{type(module).__name__}) has no "
                              f"3-D floating-point parameter {param}: a different architecture, or a transformers "
@@ -1375,14 +1376,12 @@ def _source_updates(adapter: PeftAdapter, name: str, subspace: EigenSubspace,
     for u in updates:
         params, core = u.params or (("weight",) if u.as_stored else ()), unnested(u.module)
         module = named.get(Q + core[len(P):]) if core.startswith(P) else None
-        order = [p for p, t in module.named_parameters(recurse=False) if p in params and t.dim() == 3] \
-            if module is not None and params else []
-        depth = _depth(u.module)
-        if depth >= len(order):   # a module LoRA (bare parameter names may match it), a 2-D weight, or a module
-            if not (u.params and u.as_stored):   # the model lacks (ignored; a layer the subspace needs is named)
+        param = None if module is None else nested_parameter(
+            module, {p for p, t in module.named_parameters(recurse=False) if p in params and t.dim() == 3}, u.module)
+        if param is None:   # a module LoRA (bare parameter names may match it), a 2-D weight, or a module the
+            if not (u.params and u.as_stored):   # model lacks (ignored; a layer the subspace needs is named)
                 out[u.module] = replace(u, params=())
             continue
-        param = order[len(order) - 1 - depth]
         m, n = u.B.shape[0], u.A.shape[1]
         groups = [(g, c) for g, (c, _) in subspace.experts.items() if g.rpartition(".")[2] == param]
         fits = sorted({c for g, c in groups if u.A.shape[0] % c == 0

@@ -91,6 +91,22 @@ def unnested(module: str) -> str:
     return re.sub(r"(\.base_layer)+$", "", module)
 
 
+def nesting_depth(wrapper: str) -> int:
+    """How many ".base_layer" end a peft wrapper's name: the wrappers of its module's other targeted parameters
+    that lie outside it."""
+    return (len(wrapper) - len(unnested(wrapper))) // len(".base_layer")
+
+
+def nested_parameter(module: torch.nn.Module, params, wrapper: str) -> Optional[str]:
+    """The parameter of ``params`` that peft's wrapper named ``wrapper`` adapts in ``module``: peft wraps a module's
+    targeted parameters in the module's order, each wrapper around the last, so the first is the innermost
+    (``<module>.base_layer...``: one ".base_layer" per wrapper outside it) and the last is ``<module>``; None where
+    the nesting is deeper than the parameters."""
+    order = [p for p, _ in module.named_parameters(recurse=False) if p in params]
+    depth = nesting_depth(wrapper)
+    return order[len(order) - 1 - depth] if depth < len(order) else None
+
+
 def as_update_layout(W0: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """The m x n (out x in) view of a base weight as stored: a Linear's weight itself, a Conv1D's
     (stored in x out, peft's ``fan_in_fan_out``) transposed. No copy."""

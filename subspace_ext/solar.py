@@ -61,9 +61,9 @@ import torch
 
 from . import ops
 from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, LowRankUpdate, PeftAdapter, as_update_layout,
-                 base_modifying_init, check_finite, embedding_lora_modules, expert_pairs, fingerprint, prefix_rewrite,
-                 read_safetensors, refuse_layer_replication, safetensors_metadata, save_safetensors, stack_experts,
-                 unnested)
+                 base_modifying_init, check_finite, embedding_lora_modules, expert_pairs, fingerprint, nested_parameter,
+                 prefix_rewrite, read_safetensors, refuse_layer_replication, safetensors_metadata, save_safetensors,
+                 stack_experts, unnested)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
 from .io import progress_bar as _progress
 
@@ -1128,15 +1128,13 @@ def _basis_of(bw: BaseWeights, info: LayerInfo, seed: int, eps: float) -> Callab
 
 
 def _nested_parameter(bw: BaseWeights, core: str, u: LowRankUpdate) -> Optional[str]:
-    """The parameter of ``u.params`` that peft's wrapper ``u.module`` adapts, from the nesting: peft wraps a
-    module's targeted parameters in the module's order, each wrapper around the last, so the first is the innermost
-    (``<module>.base_layer...``) and the last is ``<module>``; None where the model (``bw.skeleton``) is unknown."""
+    """The parameter of ``u.params`` that peft's wrapper ``u.module`` adapts (``io.nested_parameter``); None where the
+    model (``bw.skeleton``) is unknown."""
     try:
-        order = [p for p, _ in bw.skeleton.get_submodule(core).named_parameters(recurse=False) if p in u.params]
+        module = bw.skeleton.get_submodule(core)
     except AttributeError:
         return None
-    depth = (len(u.module) - len(core)) // len(".base_layer")
-    return order[len(order) - 1 - depth] if depth < len(order) else None
+    return nested_parameter(module, u.params, u.module)
 
 
 def _layer_updates(ad: PeftAdapter, bw: BaseWeights, updates: List[LowRankUpdate]) -> List[Tuple[LowRankUpdate, tuple]]:
