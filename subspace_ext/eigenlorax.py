@@ -32,7 +32,7 @@ import torch
 
 from . import ops
 from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
-                 embedding_lora_modules, expert_pairs, fingerprint, linear_layout, nested_parameter, nesting_depth,
+                 embedding_lora_modules, fingerprint, linear_layout, nested_parameter, nesting_depth,
                  parameter_names, prefix_rewrite, progress_bar, quantized, read_safetensors, refuse_distributed,
                  refuse_layer_replication, safetensors_metadata, save_with_digest, stack_experts, tensors_digest,
                  tied_elsewhere, unnested, unwrap_model)
@@ -903,8 +903,8 @@ class EigenModel:
             aA, aB, _ = slots[target]
             aA.copy_(t[f"{name}.alpha_A"])
             aB.copy_(t[f"{name}.alpha_B"])
-        for l in self.layers.values():
-            if scaling is not None:
+        if scaling is not None:
+            for l in self.layers.values():
                 l.scaling = scaling
         for l, k in zip(merged, keep):
             l.merge(k)
@@ -976,11 +976,9 @@ class EigenModel:
         and ``from_pretrained`` loads. The handle is unusable after."""
         if merge:
             self._refuse_tied("unload(merge=True)")
-        named = dict(self.model.named_modules())
         for target, l in self.layers.items():
             l.merge(keep=False) if merge else l.unmerge()
-            parent_name, _, child = target.rpartition(".")
-            setattr(named[parent_name] if parent_name else self.model, child, l.base)
+            self.model.set_submodule(target, l.base)
         _ddp_ignore(self.model, self.layers, False)
         self.layers = {}
         for name, p in self.model.named_parameters():
@@ -1252,8 +1250,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
             #        weight once where the module declares it tied; the wrapped name target.base.weight is not
             #        the one the model declares, and save_pretrained refused the shared tensor
             wrapped._tied_weights_keys = {"base.weight": tied}
-        parent_name, _, child = target.rpartition(".")
-        setattr(named[parent_name] if parent_name else model, child, wrapped)
+        model.set_submodule(target, wrapped)
         layers[target] = wrapped
     for target, params in experts.items():
         module = named[target]
@@ -1267,8 +1264,7 @@ def apply(model: torch.nn.Module, subspace: EigenSubspace, task_rank: int, *, sc
                                       [starts.get(l) for l in each], transposed, depth)
         wrapped = EigenExperts(module, eigen)
         wrapped.train(module.training)
-        parent_name, _, child = target.rpartition(".")
-        setattr(named[parent_name] if parent_name else model, child, wrapped)
+        model.set_submodule(target, wrapped)
         layers[target] = wrapped
     for name in extra_names:
         model.get_parameter(name).requires_grad_(True)
@@ -1392,10 +1388,7 @@ def _source_updates(adapter: PeftAdapter, name: str, subspace: EigenSubspace,
                              f"({', '.join(sorted({g for g, _ in groups}))[:200]}): an adapter of another model?")
         if not groups:
             continue
-        scaling = adapter.lora_scaling(f"{core}.{param}", u.A.shape[0] // fits[0])
-        for e, (B, A) in enumerate(expert_pairs(u.B, u.A, fits[0])):
-            out[f"{core}.{param}[{e}]"] = replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e,
-                                                  experts=fits[0])
+        out.update((f"{core}.{param}[{v.expert}]", v) for v in adapter.expert_updates(u, param, fits[0]))
     return out
 
 

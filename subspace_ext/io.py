@@ -17,6 +17,7 @@ import sys
 import uuid
 import warnings
 import weakref
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -499,6 +500,13 @@ class PeftAdapter:
         of a transformers-4 MoE config writes ``["gate_up_proj", "down_proj"]``), which peft wraps only where the
         module has such a parameter; the base tells (solar._expert_updates)."""
         return ".base_layer" not in module and not any(named for _, named in self._targets_of(module))
+
+    def expert_updates(self, u: LowRankUpdate, param: str, experts: int) -> List[LowRankUpdate]:
+        """``u``, this adapter's LoRA on the MoE expert parameter ``param`` of ``experts`` experts, as one update
+        per expert (``expert_pairs``), each with the scaling of its rank (rows / experts) for ``param``."""
+        scaling = self.lora_scaling(f"{unnested(u.module)}.{param}", u.A.shape[0] // experts)
+        return [dataclasses.replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e, experts=experts)
+                for e, (B, A) in enumerate(expert_pairs(u.B, u.A, experts))]
 
     def lora_scaling(self, module: str, r: int) -> float:
         """peft's LoRA scaling for a module: alpha / r (alpha / sqrt(r) with use_rslora), with the

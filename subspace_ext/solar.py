@@ -61,7 +61,7 @@ import torch
 
 from . import ops
 from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, LowRankUpdate, PeftAdapter, as_update_layout,
-                 base_modifying_init, check_finite, embedding_lora_modules, expert_pairs, fingerprint, nested_parameter,
+                 base_modifying_init, check_finite, embedding_lora_modules, fingerprint, nested_parameter,
                  prefix_rewrite, read_safetensors, refuse_layer_replication, safetensors_metadata, save_safetensors,
                  stack_experts, unnested)
 from .io import content_digest as package_digest  # the package digest: tensors + the solar metadata
@@ -1211,10 +1211,7 @@ def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[
                           "layout (a bare .safetensors file, or a model transformers cannot build): taken as experts x "
                           "out x in, peft's default; SOLAR's bases fit them less well if they are stored in x out "
                           "(the decoded adapter is right either way)")
-    r = u.A.shape[0] // count
-    scaling = ad.lora_scaling(f"{core}.{param}", r)
-    return [(dataclasses.replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e, experts=count),
-             (key, parts[e] if parts else [], transposed)) for e, (B, A) in enumerate(expert_pairs(u.B, u.A, count))]
+    return [(v, (key, parts[v.expert] if parts else [], transposed)) for v in ad.expert_updates(u, param, count)]
 
 
 def _kind_in(key: str, kinds: Optional[Dict[str, str]]) -> Optional[str]:
