@@ -173,6 +173,32 @@ class _Layer:
                 (self.V[:, dirs] * root).T.to(device=A.device, dtype=A.dtype))
 
 
+def _pair_print(l: _Layer) -> str:
+    """A print of the layer's LoRA pair by value (taken in float64: an adapter saved in bfloat16 and upcast by peft
+    on load keeps it), which a state records so that it is only used with the adapter saved beside it."""
+    return fingerprint(torch.cat([l.A.detach().reshape(-1), l.B.detach().reshape(-1)]).double())
+
+
+def _check_pairs(path: str, meta: Dict[str, str], layers: List[_Layer], remedy: str) -> None:
+    """Refuse (ValueError) a model whose LoRA pairs are not the ones the state was saved with (``_pair_print``):
+    the base weights it holds are the run's at that save, and another adapter on them (an earlier or later
+    checkpoint's, a fresh one) is another model. States written before the prints were saved are not checked."""
+    if "pairs" not in meta:
+        return
+    try:
+        prints = json.loads(meta["pairs"])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: malformed SRLoRA state (pairs: {e})") from None
+    if not (isinstance(prints, list) and len(prints) == len(layers) and all(isinstance(p, str) for p in prints)):
+        raise FormatError(f"{path}: malformed SRLoRA state (pairs must hold one print per layer)")
+    bad = [l.name for l, p in zip(layers, prints) if _pair_print(l) != p]
+    if bad:
+        more = f" and {len(bad) - 1} more layer(s)" if len(bad) > 1 else ""
+        raise ValueError(f"{path}: the model's LoRA weights in {bad[0]}{more} are not the ones this state was saved "
+                         "with: the state holds the base weights of the run at that save, which go with the adapter "
+                         f"saved at the same time (save_pretrained(d) and sr.save(d)); {remedy}")
+
+
 def _parameter_name(module) -> str:
     """The base layer's parameter a LoRA layer adapts: the one peft's ParamWrapper names (target_parameters), else
     the weight."""
@@ -403,11 +429,12 @@ class SRLoRA:
     values), then the run's modified base weights, importance states, used directions and step count are
     restored. No PiSSA init on resume. ``config=None`` on resume continues with the run's saved config; a
     given one may change the schedule (interval, total_steps, ...) but must keep ``directions`` and ``seed``,
-    which define the cache of directions. The state records the adapter it trained: resume on that one.
+    which define the cache of directions. The state records the adapter it trained and its weights at the save:
+    resume on that one, loaded before this call (``check_adapter=False``: the weights are not compared).
     The model may be wrapped (torch.compile, DataParallel/DDP): layers are named as in the plain model."""
 
     def __init__(self, model, optimizer: Optional[torch.optim.Optimizer], config: Optional[SRLoRAConfig] = None,
-                 *, resume_from: Optional[str] = None):
+                 *, resume_from: Optional[str] = None, check_adapter: bool = True):
         if optimizer is not None and not (hasattr(optimizer, "state") and hasattr(optimizer, "param_groups")):
             raise TypeError(f"optimizer must be a torch optimizer (or None), got {type(optimizer).__name__}"
                             + (": pass the config as the third argument (config=...)"
@@ -424,7 +451,7 @@ class SRLoRA:
         self.log: List[Event] = []
         self._warned = set()
         self._spent = False   # every layer out of directions, and a recomposition logged it: nothing left to do
-        saved = _read_state(resume_from, self.layers) if resume_from is not None else None
+        saved = _read_state(resume_from, self.layers, check_adapter) if resume_from is not None else None
         self.config = _resume_config(config, saved[1]["config"], resume_from) if saved is not None else \
             config or SRLoRAConfig()
         c = self.config
@@ -785,6 +812,7 @@ class SRLoRA:
                 "journal": json.dumps(journal),
                 "layers": json.dumps([l.name for l in self.layers]),
                 "adapters": json.dumps([l.adapter for l in self.layers]),
+                "pairs": json.dumps([_pair_print(l) for l in self.layers]),
                 "next_dir": json.dumps([l.next_dir for l in self.layers]),
                 "config": json.dumps(dataclasses.asdict(self.config)),
                 "log": json.dumps([dataclasses.asdict(e) for e in self.log])}
@@ -922,10 +950,11 @@ def _check_original(path: str, name: str, weight: torch.Tensor, w0: str, error: 
                     "base='whole' holds the weights themselves)")
 
 
-def _read_state(folder: str, layers: List[_Layer]) -> tuple:
+def _read_state(folder: str, layers: List[_Layer], check_adapter: bool = True) -> tuple:
     """(tensors, parsed metadata: step_count, next_dir, log) of ``folder/srlora_state.safetensors``,
     checked whole against the model's layers before a resume changes anything: every tensor there with
-    its shape and kind, the metadata well-formed. A damaged file raises FormatError naming it."""
+    its shape and kind, the metadata well-formed, the model's LoRA pairs the saved ones (``check_adapter``).
+    A damaged file raises FormatError naming it."""
     path, meta, names, t, journal = _state_file(folder)
     if names != [l.name for l in layers]:
         raise FormatError(f"{path}: saved for the LoRA layers {names[:2]}... ({len(names)}), but the model has "
@@ -973,6 +1002,9 @@ def _read_state(folder: str, layers: List[_Layer]) -> tuple:
             raise ValueError("step_count or next_dir out of range")
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # json.JSONDecodeError: a ValueError
         raise FormatError(f"{path}: malformed SRLoRA state ({type(e).__name__}: {e})") from None
+    if check_adapter:
+        _check_pairs(path, meta, layers, "resume on that adapter (PeftModel.from_pretrained(base, folder, "
+                     "is_trainable=True)), loaded before SRLoRA(..., resume_from=folder)")
     return t, {"step_count": step_count, "next_dir": next_dir, "log": log, "config": config, "journal": journal}
 
 
@@ -1059,18 +1091,25 @@ def _resume_config(given: Optional[SRLoRAConfig], saved: Optional[SRLoRAConfig],
 
 
 @torch.no_grad()
-def load_base_weights(model, folder: str) -> int:
+def load_base_weights(model, folder: str, *, check_adapter: bool = True) -> int:
     """Put the modified base weights saved by ``SRLoRA.save`` into a peft model of the same adapter (e.g.
     ``PeftModel.from_pretrained(base, folder)``), so that it computes what the trained model did: a layer
     saved whole is copied, a recorded one (the default) replayed on the model's weight, which must be the
     original one (fingerprint: the base model loaded afresh, in the run's dtype). Every saved layer must exist
-    with the same shape, and every recorded one be original (nothing is written otherwise). Returns the layer
-    count."""
-    path, _, names, t, journal = _state_file(folder)
+    with the same shape, and every recorded one be original; the model's LoRA weights must be the ones saved
+    with the state (``check_adapter=False``: any adapter, e.g. one trained on with no recomposition since the
+    state was saved). Nothing is written otherwise. Returns the layer count."""
+    path, meta, names, t, journal = _state_file(folder)
     model = unwrap_model(model)
+    try:
+        adapters = json.loads(meta.get("adapters", "null")) or [None] * len(names)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: malformed SRLoRA state ({e})") from None
+    if not (isinstance(adapters, list) and len(adapters) == len(names)):
+        raise FormatError(f"{path}: malformed SRLoRA state (adapters: {adapters!r})")
     dests = []
     for k, name in enumerate(names):
-        layer = _saved_layer(model, name, path)
+        layer = _saved_layer(model, name, path, adapters[k], check_adapter and "pairs" in meta)
         w = layer.weight
         if journal[k] is None and w.shape != t[f"base.{k}"].shape:
             raise ValueError(f"{path}: layer {name}: saved weight {tuple(t[f'base.{k}'].shape)}, model's "
@@ -1079,6 +1118,9 @@ def load_base_weights(model, folder: str) -> int:
             _record_fits(path, name, t, k, layer.W.shape)
             _check_original(path, name, w, journal[k]["w0"], ValueError)
         dests.append(layer)
+    if check_adapter:
+        _check_pairs(path, meta, dests, "load that adapter (PeftModel.from_pretrained(base, folder)), or pass "
+                     "check_adapter=False where the adapter was trained on with no recomposition since")
     for k, layer in enumerate(dests):
         if journal[k] is None:
             layer.weight.data.copy_(t[f"base.{k}"])
@@ -1087,9 +1129,11 @@ def load_base_weights(model, folder: str) -> int:
     return len(dests)
 
 
-def _saved_layer(model, name: str, path: str) -> _Layer:
+def _saved_layer(model, name: str, path: str, adapter: Optional[str] = None, pairs: bool = False) -> _Layer:
     """The model's layer ``name`` of a saved state (``lora_layers``' names: a module, or ``module.param[e]`` for
-    an expert of a MoE parameter), for its base weight; ValueError where the model has none such."""
+    an expert of a MoE parameter), for its base weight; ValueError where the model has none such. Its pair is
+    that of the state's ``adapter``, else of the layer's one active adapter (a run's adapter loaded under another
+    name), which ``pairs`` requires."""
     expert = re.fullmatch(r"(.+)\.([^.]+)\[(\d+)\]", name)
     mod_name, pname, e = (expert[1], expert[2], int(expert[3])) if expert else (name, "weight", -1)
     try:
@@ -1108,7 +1152,14 @@ def _saved_layer(model, name: str, path: str) -> _Layer:
         raise ValueError(f"{path}: the model's {mod_name} is a {type(base).__name__}, not {what}: another model?")
     if e >= 0 and e >= param.shape[0]:
         raise ValueError(f"{path}: layer {name}: the model's {pname} holds {param.shape[0]} experts: another model?")
-    return _Layer(name, mod, "", 0.0, e, param.shape[0] if e >= 0 else 0)
+    own = list(getattr(mod, "lora_A", {}))
+    active = [a for a in getattr(mod, "active_adapters", []) if a in own]
+    which = adapter if adapter in own else active[0] if len(active) == 1 else None
+    if pairs and which is None:
+        raise ValueError(f"{path}: layer {name}: the state was saved with adapter {adapter!r}, and the model's "
+                         f"{mod_name} has {own} with {active or 'none'} active: activate the run's adapter "
+                         "(model.set_adapter(...))")
+    return _Layer(name, mod, which or "", 0.0, e, param.shape[0] if e >= 0 else 0)
 
 
 try:
@@ -1159,7 +1210,10 @@ class SRLoRACallback(_TrainerCallback):
         if resume is None:
             self.srlora = SRLoRA(model, optimizer, config)
             return
-        self.srlora = SRLoRA(model, optimizer, config if self._explicit else None, resume_from=resume)
+        # where the Trainer resumed, it loads the checkpoint's adapter itself (under DeepSpeed only after this
+        # call): the pairs are checked where it did not (resume_from given to a fresh run)
+        self.srlora = SRLoRA(model, optimizer, config if self._explicit else None, resume_from=resume,
+                             check_adapter=state.global_step == 0)
         if self.srlora.config.total_steps is None and state.max_steps:
             self.srlora.config = dataclasses.replace(self.srlora.config, total_steps=state.max_steps)
 

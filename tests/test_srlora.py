@@ -703,9 +703,12 @@ def test_resume_from_saved_state_equals_an_uninterrupted_run(tmp_path):
     assert [e.step for e in sr2.log] == [2, 4, 6]   # 8 > stop * total_steps
     torch.testing.assert_close(fresh(x).detach(), want, atol=1e-5, rtol=0)
 
-    # resuming on a model whose base was already modified (not the original) is refused
-    with pytest.raises(FormatError, match="not the run's original"):
+    # resuming on a model whose base was already modified (not the original) is refused (its pairs too, which
+    # trained on: checked first unless told not to)
+    with pytest.raises(ValueError, match="LoRA weights in base_model.model.fc1 and 1 more layer"):
         SRLoRA(fresh, opt2, cfg, resume_from=str(tmp_path / "ckpt"))
+    with pytest.raises(FormatError, match="not the run's original"):
+        SRLoRA(fresh, opt2, cfg, resume_from=str(tmp_path / "ckpt"), check_adapter=False)
     with pytest.raises(FormatError, match="another model or adapter"):
         SRLoRA(toy_lora(targets=("fc1",)), None, cfg, resume_from=str(tmp_path / "ckpt"))
     with pytest.raises(FileNotFoundError, match="no SRLoRA state"):
@@ -824,12 +827,87 @@ def test_recorded_state_refuses_a_base_that_is_not_the_original(tmp_path):
     w = nudged.base_model.model.fc2.base_layer.weight.data
     w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1.0))
     with pytest.raises(FormatError, match="fc2: the model's base weight is not the run's original one"):
-        SRLoRA(nudged, None, resume_from=folder)
+        SRLoRA(nudged, None, resume_from=folder, check_adapter=False)
     sr.save(folder, base="whole")
     assert load_base_weights(loaded, folder) == 2
     assert all(torch.equal(loaded.state_dict()[k], w) for k, w in sr.base_state_dict().items())
     with pytest.raises(ValueError, match="base must be 'record' or 'whole'"):
         sr.save(folder, base="full")
+
+
+def test_a_state_only_goes_with_the_adapter_saved_beside_it(tmp_path):
+    """The state holds the base weights of the run at its save; with another adapter on them (a fresh one, an
+    earlier save's) the model is another one, which load_base_weights and resume refuse, naming the layers,
+    before anything is written (check_adapter=False: the base weights alone). The pairs are compared by value:
+    a bfloat16 adapter upcast by peft on load, or one loaded under another name, is the one saved. States of
+    earlier builds (no prints) are not checked; a damaged print list is refused."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from subspace_ext.io import SRLORA_STATE as STATE_FILE
+    from subspace_ext.io import content_digest
+
+    model, sr, folder = _wide_run("cpu", torch.float32, tmp_path, steps=4)
+    early = copy.deepcopy(get_peft_model_state_dict(model))   # the adapter of the state saved at step 4
+    opt = adamw(model, lr=1e-2)
+    toy_steps(model, opt, sr, toy_batches(4, seed=3))          # on to step 8, with two more recompositions
+    later = str(tmp_path / "later")
+    model.save_pretrained(later)
+    sr.save(later)
+    x = torch.randn(16, 24)
+
+    def mixed():   # step 8's adapter with step 4's state
+        return PeftModel.from_pretrained(_fresh_wide(torch.float32), later, is_trainable=True)
+
+    for m in (toy_lora(dims=WIDE), mixed()):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match="LoRA weights in base_model.model.fc1 and 1 more layer.s. are not the "
+                                             "ones this state was saved with"):
+            load_base_weights(m, folder)
+        with pytest.raises(ValueError, match="not the ones this state was saved with.*loaded before SRLoRA"):
+            SRLoRA(m, None, resume_from=folder)
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert load_base_weights(mixed(), folder, check_adapter=False) == 2
+    right = PeftModel.from_pretrained(_fresh_wide(torch.float32), later)
+    assert load_base_weights(right, later) == 2
+    torch.testing.assert_close(right(x), model(x), atol=1e-6, rtol=0)
+    m = _fresh_wide(torch.float32)   # step 4's adapter, set by hand: accepted
+    m = PeftModel.from_pretrained(m, later)
+    set_peft_model_state_dict(m, early)
+    assert load_base_weights(m, folder) == 2
+    # under another adapter name: the one active adapter is taken
+    m = PeftModel.from_pretrained(_fresh_wide(torch.float32), later, adapter_name="mine")
+    assert load_base_weights(m, later) == 2
+    torch.testing.assert_close(m(x), model(x), atol=1e-6, rtol=0)
+
+    # a bfloat16 adapter, saved so and upcast to float32 by peft on load: the same values
+    bf = toy_lora(dims=WIDE).to(torch.bfloat16)
+    sr_bf = SRLoRA(bf, None, SRLoRAConfig(fuse_fraction=0.5))
+    bf_dir = str(tmp_path / "bf")
+    bf.save_pretrained(bf_dir)
+    sr_bf.save(bf_dir)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(_Toy(*WIDE).to(torch.bfloat16), bf_dir)
+    assert loaded.base_model.model.fc1.lora_A["default"].weight.dtype == torch.float32
+    assert load_base_weights(loaded, bf_dir) == 2
+
+    # a state of an earlier build (no prints) is not checked; damaged prints are refused
+    path = os.path.join(folder, STATE_FILE)
+    with safe_open(path, "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    for pairs, ok in ((None, True), ('["x"]', False), ('{"a": 1}', False), ("[", False)):
+        edited = {k: v for k, v in meta.items() if k not in ("pairs", "digest")}
+        if pairs is not None:
+            edited["pairs"] = pairs
+        edited["digest"] = content_digest(t, json.dumps(edited, sort_keys=True))
+        save_file(t, path, metadata=edited)
+        if ok:
+            assert load_base_weights(toy_lora(dims=WIDE), folder) == 2
+        else:
+            for load in (lambda m: load_base_weights(m, folder), lambda m: SRLoRA(m, None, resume_from=folder)):
+                with pytest.raises(FormatError, match="malformed SRLoRA state \\(pairs"):
+                    load(toy_lora(dims=WIDE))
 
 
 @pytest.mark.parametrize("damage", ["journal short", "journal str", "q zero", "s nan", "s str", "w0 int",
@@ -936,7 +1014,7 @@ def test_states_keep_weights_whole_where_a_record_cannot_replay(tmp_path):
     loaded = _fresh_wide(torch.float32, folder)
     assert load_base_weights(loaded, folder) == 2
     assert all(torch.equal(loaded.state_dict()[k], w) for k, w in sr.base_state_dict().items())
-    sr2 = SRLoRA(toy_lora(dims=WIDE), None, resume_from=folder)
+    sr2 = SRLoRA(toy_lora(dims=WIDE), None, resume_from=folder, check_adapter=False)
     assert sr2.step_count == 8 and all(l.record is None for l in sr2.layers)
 
 
@@ -1292,7 +1370,8 @@ def test_default_directions_last_the_whole_schedule(tmp_path):
     # resumed with no config, or one that leaves directions at the default: the run's number, not a new one
     sr.save(str(tmp_path / "ckpt"))
     for given in (None, dataclasses.replace(cfg, total_steps=40)):
-        assert SRLoRA(toy_lora(r=2), None, given, resume_from=str(tmp_path / "ckpt")).config.directions == 12
+        assert SRLoRA(toy_lora(r=2), None, given, resume_from=str(tmp_path / "ckpt"),
+                      check_adapter=False).config.directions == 12
     # a schedule the 4 r default holds keeps the default (None: 4 r per layer, as before)
     assert SRLoRA(toy_lora(r=2), None, dataclasses.replace(cfg, total_steps=8)).config.directions is None
     # the Trainer callback: sized from the Trainer's max_steps; a second trainer.train() keeps the run's cache
@@ -1844,5 +1923,5 @@ def test_a_recomposition_refused_by_reinit_pairs_spends_no_direction(how, monkey
     monkeypatch.undo()
     sr.save(str(tmp_path))
     fresh = toy_lora(dims=(160, 160))
-    load_base_weights(fresh, str(tmp_path))
+    load_base_weights(fresh, str(tmp_path), check_adapter=False)   # the base weights alone are compared
     assert all(torch.equal(fresh.state_dict()[k], w) for k, w in sr.base_state_dict().items())
