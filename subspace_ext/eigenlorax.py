@@ -20,6 +20,7 @@ Where this departs from the authors' code and DESIGN.md:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -754,15 +755,29 @@ class EigenExperts(torch.nn.Module):
         return torch.func.functional_call(self.base, {name: p.updated() for name, p in live.items()}, args, kwargs)
 
 
+def _live(method):
+    """Refuse ``method`` on an EigenModel that ``unload`` emptied (its layers gone, each call misbehaved)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self._unloaded:
+            raise RuntimeError(f"this EigenModel was unloaded (unload() returned the plain model), so it has no "
+                               f"{method.__name__}(): apply the subspace again")
+        return method(self, *args, **kwargs)
+    return run
+
+
 class EigenModel:
-    """Handle returned by ``apply``: the wrapped layers, task coefficients, merge and export."""
+    """Handle returned by ``apply``: the wrapped layers, task coefficients, merge and export (refused once
+    ``unload`` returned the plain model)."""
 
     def __init__(self, model, subspace: EigenSubspace, layers: Dict[str, Union[EigenLinear, EigenExperts]],
                  rank: int, extra_names: Sequence[str] = ()):
         self.model, self.subspace, self.layers, self.rank = model, subspace, layers, rank
         self.extra_names = list(extra_names)  # parameters apply(trainable=...) unfroze: the task's head
         self._grad_before: Dict[str, bool] = {}  # requires_grad of the model's parameters before apply
+        self._unloaded = False
 
+    @_live
     def extra(self, task_type: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """The task's own tensors besides the loadings, keyed by the model's names: the parameters
         ``apply(trainable=...)`` unfroze (e.g. the head), completed as ``_whole_modules`` does for
@@ -823,6 +838,7 @@ class EigenModel:
                           "they are not the task's extra tensors; pass apply(trainable=[...]) to train and save "
                           "them, or extra=... here", stacklevel=3)
 
+    @_live
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
@@ -831,11 +847,13 @@ class EigenModel:
         loadings views of its stacked ones)."""
         return {k: (*v, l) for name, l in self.layers.items() for k, v in l.slots(name).items()}
 
+    @_live
     def coefficient_count(self) -> int:
         """The loadings a task holds (``trainable_parameters`` also counts the zero rows that pad the experts of a
         MoE parameter to its largest K)."""
         return sum(a.numel() + b.numel() for a, b, _ in self._slots().values())
 
+    @_live
     def coefficients(self) -> Dict[str, torch.Tensor]:
         out = {}
         for name, (a, b, _) in self._slots().items():
@@ -843,6 +861,7 @@ class EigenModel:
             out[f"{name}.alpha_B"] = b.detach().clone()
         return out
 
+    @_live
     def save_coefficients(self, path: str, extra: Optional[Dict[str, torch.Tensor]] = None, *,
                           task_type: Optional[str] = None) -> None:
         """One task: its loadings and its other trained tensors as a small safetensors file. ``extra``
@@ -866,6 +885,7 @@ class EigenModel:
         save_with_digest(t, path, meta)
 
     @torch.no_grad()
+    @_live
     def load_coefficients(self, source: Union[str, Dict[str, torch.Tensor]], *,
                           restore_extra: bool = True) -> Dict[str, torch.Tensor]:
         """Switch task: copy its saved loadings into the layers (the basis stays loaded), adopt the scaling
@@ -944,6 +964,7 @@ class EigenModel:
                 pass
         return None
 
+    @_live
     def merge(self, keep: bool = True) -> None:
         """Fold the task's update into the wrapped layers' weights (for inference; ``unmerge`` takes it out).
         Each weight is kept (one copy: the adapted weights' memory once more) so that ``unmerge`` and task switches
@@ -965,10 +986,12 @@ class EigenModel:
                 raise ValueError(f"{target}: its weight is tied to {tied} (one shared parameter): {what} would add "
                                  f"the update to that module too; use the unmerged model, or export_peft")
 
+    @_live
     def unmerge(self) -> None:
         for l in self.layers.values():
             l.unmerge()
 
+    @_live
     def unload(self, merge: bool = True) -> torch.nn.Module:
         """Put the original Linear / Conv1D layers back into the model, with the task's update folded into
         their weights (``merge=False``: without it), every parameter's ``requires_grad`` as it was before
@@ -980,20 +1003,19 @@ class EigenModel:
             l.merge(keep=False) if merge else l.unmerge()
             self.model.set_submodule(target, l.base)
         _ddp_ignore(self.model, self.layers, False)
-        self.layers = {}
+        self.layers, self._unloaded = {}, True
         for name, p in self.model.named_parameters():
             if name in self._grad_before:
                 p.requires_grad_(self._grad_before[name])
         return self.model
 
+    @_live
     def export_peft(self, path: str, *, extra: Optional[Dict[str, torch.Tensor]] = None,
                     task_type: Optional[str] = None, config: Optional[dict] = None) -> PeftAdapter:
         """Write the task as a standard peft LoRA folder (B = P_B α_B, A = (P_A α_A)ᵀ, lora_alpha chosen so
         peft's scaling equals ours). ``extra`` (default ``self.extra()``, the modules
         ``apply(trainable=...)`` unfroze, whole, e.g. the head; keyed by the model's names) is written
         as peft's ``modules_to_save``. ``config``: overrides of adapter_config.json."""
-        if not self.layers:
-            raise RuntimeError("this EigenModel was unloaded: apply the subspace again")
         factors = {k: v for name, l in self.layers.items() for k, v in l.peft_factors(name).items()}
         scaling = next(iter(self.layers.values())).scaling
         plain = {name: l for name, l in self.layers.items() if isinstance(l, EigenLinear)}

@@ -679,6 +679,22 @@ def test_merge_of_a_tied_weight_is_refused():
     assert torch.equal(plain.enc.v.weight, w0["enc.v"]) and plain.other.weight is plain.enc.v.weight
 
 
+def test_an_unloaded_handle_refuses_every_call(tmp_path):
+    """unload() returns the plain model and empties the handle: each call names that (save_coefficients raised a
+    bare StopIteration after a false warning, load_coefficients blamed the architecture, merge did nothing)."""
+    model = Toy()
+    em = eigenlorax.apply(model, toy_subspace(), 2, trainable="head")
+    task = str(tmp_path / "t.safetensors")
+    em.save_coefficients(task)
+    assert em.unload() is model
+    for call in (lambda: em.save_coefficients(str(tmp_path / "u.safetensors")), lambda: em.load_coefficients(task),
+                 em.merge, em.unmerge, em.unload, em.coefficients, em.coefficient_count, em.trainable_parameters,
+                 em.extra, lambda: em.export_peft(str(tmp_path / "peft"))):
+        with pytest.raises(RuntimeError, match=r"this EigenModel was unloaded \(unload\(\) returned the plain model\)"):
+            call()
+    assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]
+
+
 def test_task_switch_with_coefficients(tmp_path):
     """A switch restores everything saved with the task: loadings, the head apply(trainable=) unfroze
     (saved by default) and the scaling it was trained with, merged or not."""
