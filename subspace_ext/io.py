@@ -355,7 +355,7 @@ class PeftAdapter:
         refuse_srlora_state_alone(path)
         stale = os.path.join(path, SRLORA_STATE)
         created = not os.path.isdir(path)
-        os.makedirs(path, exist_ok=True)
+        make_folder(path, "a peft adapter")
         try:
             tensors = {k: v.contiguous() for k, v in self.tensors.items()}
             _write_files_atomically({
@@ -578,6 +578,14 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def make_folder(path: str, what: str) -> None:
+    """Create the folder ``path`` (and its parents) for ``what`` to write into; a file there is named, not raised
+    as a bare FileExistsError."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path}: is a file, and {what} writes a folder: give a folder's path")
+    os.makedirs(path, exist_ok=True)
+
+
 def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: readers never
     see a partial file, and a failed write leaves an existing ``path`` unchanged. Any failure is
@@ -592,6 +600,10 @@ def _write_files_atomically(files: Dict[str, Callable[[str], None]]) -> None:
     two of them leaves the first file new)."""
     tmps: Dict[str, str] = {}
     path = next(iter(files), "")
+    for path in files:   # (the rename failed with the temporary file's name in the message)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path}: is a folder, and a file is written here: give a file's path (e.g. "
+                                    f"{os.path.join(path, 'task.safetensors')})")
     try:
         for path, write in files.items():
             folder, name = os.path.split(os.path.abspath(path))

@@ -46,9 +46,9 @@ import torch
 
 from . import ops
 from .io import SRLORA_STATE as STATE_FILE
-from .io import (FormatError, base_modifying_init, check_digest, fingerprint, linear_layout, parameter_names,
-                 quantized, read_safetensors, refuse_distributed, safetensors_metadata, save_with_digest,
-                 tied_elsewhere, unwrap_model)
+from .io import (FormatError, base_modifying_init, check_digest, fingerprint, linear_layout, make_folder,
+                 parameter_names, quantized, read_safetensors, refuse_distributed, safetensors_metadata,
+                 save_with_digest, tied_elsewhere, unwrap_model)
 
 STATE_FORMAT = "subspace_ext.srlora.state"
 _CACHE_CHUNK = 8   # weights per rsvd_many call when the cache of directions is computed on an accelerator
@@ -816,7 +816,7 @@ class SRLoRA:
                 "next_dir": json.dumps([l.next_dir for l in self.layers]),
                 "config": json.dumps(dataclasses.asdict(self.config)),
                 "log": json.dumps([dataclasses.asdict(e) for e in self.log])}
-        os.makedirs(folder, exist_ok=True)
+        make_folder(folder, "SRLoRA.save")
         path = os.path.join(folder, STATE_FILE)
         save_with_digest(t, path, meta)   # verified by _state_file
         return path

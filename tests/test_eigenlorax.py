@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import struct
 import sys
@@ -693,6 +694,22 @@ def test_an_unloaded_handle_refuses_every_call(tmp_path):
         with pytest.raises(RuntimeError, match=r"this EigenModel was unloaded \(unload\(\) returned the plain model\)"):
             call()
     assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]
+
+
+def test_a_folder_given_for_a_file_or_a_file_for_a_folder_is_named(tmp_path):
+    """(The rename failed with a raw IsADirectoryError naming the temporary file; a file as a folder raised a bare
+    FileExistsError.) Nothing is written or left behind."""
+    em = eigenlorax.apply(Toy(), toy_subspace(), 2)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path / 'd'}: is a folder, and a file is written "
+                                                          f"here: give a file's path (e.g. {tmp_path / 'd'}/")):
+        em.save_coefficients(str(tmp_path / "d"))
+    with pytest.raises(NotADirectoryError, match=re.escape(f"{tmp_path / 'f'}: is a file, and a peft adapter writes "
+                                                           "a folder")):
+        em.export_peft(str(tmp_path / "f"))
+    assert sorted(os.listdir(tmp_path)) == ["d", "f"] and not os.listdir(tmp_path / "d")
+    assert (tmp_path / "f").read_bytes() == b"x"
 
 
 def test_task_switch_with_coefficients(tmp_path):

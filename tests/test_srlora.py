@@ -910,6 +910,14 @@ def test_a_state_only_goes_with_the_adapter_saved_beside_it(tmp_path):
                     load(toy_lora(dims=WIDE))
 
 
+def test_save_into_a_file_is_named(tmp_path):
+    sr = SRLoRA(toy_lora(), None)
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="/f: is a file, and SRLoRA.save writes a folder"):
+        sr.save(str(tmp_path / "f"))
+    assert (tmp_path / "f").read_bytes() == b"x"
+
+
 @pytest.mark.parametrize("damage", ["journal short", "journal str", "q zero", "s nan", "s str", "w0 int",
                                     "extra key", "no B_new", "A_old float64", "B_old narrow", "A_new inf",
                                     "pairs of another shape", "tensors without calls", "format_version 3"])
