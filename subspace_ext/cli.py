@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Callable, NoReturn, Optional, Sequence
 
 from . import __version__
@@ -536,9 +537,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning printed as one line, as the errors are (where in the library it was raised is noise here)."""
+    return f"{PROG}: warning: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``subspace-ext`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    formatting, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = formatting
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its errors as one line each and an exit status."""
     try:
         try:
             return args.func(args)

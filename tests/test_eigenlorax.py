@@ -17,6 +17,7 @@ import pathlib
 import re
 import shutil
 import struct
+import subprocess
 import sys
 import warnings
 from typing import List
@@ -1678,6 +1679,20 @@ def test_cli_progress_bars_draw_on_a_terminal_only_and_an_error_inside_one_is_a_
     monkeypatch.setattr(sys, "stderr", log)   # no terminal
     assert cli.main(["eigen", "build", *dirs[:2], "-o", out, "--components", "2"]) == 0
     assert "\r" not in log.getvalue() and "eigen:" not in log.getvalue(), log.getvalue()
+
+
+def test_cli_warnings_are_one_line_each(tmp_path):
+    """The console script prints a warning as the errors are printed, without the library's file, line and code."""
+    dirs = []
+    for i, ad in enumerate(random_adapters(TOY_LAYERS, 2, 4)):
+        dirs.append(str(tmp_path / f"ad{i}"))
+        ad.save_adapter(dirs[-1])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    r = subprocess.run([sys.executable, "-m", "subspace_ext.cli", "eigen", "build", *dirs, "-o",
+                        str(tmp_path / "s.safetensors"), "-q"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines and all(line.startswith("subspace-ext: warning: EigenLoRAx: ") for line in lines), r.stderr
 
 
 def test_cli_build_and_export(tmp_path, capsys):
