@@ -226,7 +226,7 @@ class SolarPackage:
     def size_change(self) -> str:
         """The ratio in words: "10.0x fewer" (or "2.5x more" for a budget above the adapter's size)."""
         r = self.ratio()
-        return f"{1 / max(r, 1e-12):.1f}x fewer" if r <= 1 else f"{r:.1f}x more"
+        return "nothing stored" if r == 0 else f"{1 / r:.1f}x fewer" if r <= 1 else f"{r:.1f}x more"
 
     # -- files ---------------------------------------------------------------------------------
     def _tensors(self) -> Dict[str, torch.Tensor]:
@@ -1545,6 +1545,20 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
     else:  # a coefficient set is the prefix of the layer's candidates (C's entries by |c|)
         plan = [(kind, torch.arange(count) if kind == "solar" else count)
                 for kind, count in _allocate(layers, keep_numbers, method, solar_scale)]
+    # what holds nothing is not stored, whatever room the budget leaves: zero coefficients, zero pairs (an
+    # all-zero update, AdaLoRA's pruned ranks)
+    plan = [(kind, sel[l.top[0][sel] != 0] if kind == "solar" else min(sel, int((l.gains(kind) > 0).sum())))
+            for l, (kind, sel) in zip(layers, plan)]
+    if keep_numbers is not None and any(l.energy > 0 for l in layers) and \
+            not any(sel.numel() if kind == "solar" else sel for kind, sel in plan):
+        # (method solar keeps a coefficient; auto in int8 none where the layers' scales leave no room for one)
+        small = min(layers, key=lambda l: l.cost("lowrank"))
+        asked = f"ratio {ratio}" if ratio is not None else f"budget {budget}"
+        raise ValueError(f"{asked} leaves {keep_numbers:.0f} numbers for the layers, too few for one low-rank pair "
+                         f"({small.cost('lowrank')} in {small.info.module})"
+                         + (" or for a coefficient beside the layers' int8 scales" if method == "auto" else "")
+                         + ": the package would hold nothing; ask for a larger ratio or budget"
+                         + (", or --method solar or auto (single coefficients)" if method == "lowrank" else ""))
     infos, values, indices, factors, scales = _encode(layers, plan, stored, seed, dtype, progress)
     if method == "auto" and keep_numbers is not None and any(kind == "solar" for kind, _ in plan):
         # the allocation weighs what each plan stores; a SOLAR layer then decodes to rank r, which can drop a

@@ -14,6 +14,7 @@ the budget, and round-trips.
 """
 import json
 import math
+import os
 import pathlib
 
 import pytest
@@ -487,14 +488,48 @@ def test_int8_full_budget_is_near_lossless(lora_only_adapter, base_weights):
 
 def test_int8_budget_too_small_for_the_scales(lora_only_adapter, base_weights):
     """Method solar stores a scale per layer: a budget without room for them and a coefficient is refused.
-    Under auto only the layers that take SOLAR store one, so such a budget keeps what low-rank alone keeps
-    (here nothing: a pair costs m + n + 2)."""
+    Under auto only the layers that take SOLAR store one, so such a budget keeps what low-rank alone keeps:
+    here nothing (a pair costs m + n + 2), which is refused too (auto wrote a package that held nothing)."""
     n = len(lora_only_adapter.updates())
     with pytest.raises(ValueError, match=f"no room for a coefficient and the {n} int8 scales"):
         solar.compress(lora_only_adapter, base_weights, budget=n + 1, method="solar", storage="int8")
-    for budget in (n + 1, n + 4):
-        pkg = solar.compress(lora_only_adapter, base_weights, budget=budget, method="auto", storage="int8")
-        assert pkg.numbers() - pkg.extra_numbers() <= budget
+    with pytest.raises(ValueError, match=f"budget {n + 1} leaves {n + 1} numbers for the layers, too few for one "
+                                         r"low-rank pair \(770 in .*\) or for a coefficient beside the layers' int8 "
+                                         "scales: the package would hold nothing; ask for a larger ratio or budget$"):
+        solar.compress(lora_only_adapter, base_weights, budget=n + 1, method="auto", storage="int8")
+    pkg = solar.compress(lora_only_adapter, base_weights, budget=n + 4, method="auto", storage="int8")
+    assert 0 < pkg.numbers() - pkg.extra_numbers() <= n + 4
+
+
+def test_a_package_that_would_hold_nothing_is_refused_and_zeros_are_not_stored(lora_only_adapter, base_weights,
+                                                                              tmp_path):
+    """--method lowrank with a budget below one pair wrote an empty package (an adapter that changes nothing) and
+    exit status 0, where solar refuses; and an all-zero update filled the budget with zero coefficients (solar
+    3,686 of them at ratio 0.1 on MiniLM, auto 1,212 numbers). Now the first is refused, naming the smallest
+    pair, and nothing that holds nothing is stored."""
+    with pytest.raises(ValueError, match=r"ratio 0.005 leaves \d+ numbers for the layers, too few for one low-rank "
+                                         r"pair \(768 in .*\): the package would hold nothing; ask for a larger ratio "
+                                         r"or budget, or --method solar or auto \(single coefficients\)$"):
+        solar.compress(lora_only_adapter, base_weights, ratio=0.005, method="lowrank")
+    folder, out = str(tmp_path / "ad"), str(tmp_path / "p.safetensors")
+    lora_only_adapter.save_adapter(folder)
+    assert cli.main(["solar", "compress", folder, "--base", base_weights.path, "-o", out, "--ratio", "0.005",
+                     "--method", "lowrank", "-q"]) == 1
+    assert not os.path.exists(out)
+    zero = io.PeftAdapter(dict(lora_only_adapter.config), {k: torch.zeros_like(v) if ".lora_B." in k else v
+                                                           for k, v in lora_only_adapter.tensors.items()})
+    for method in solar.METHODS:
+        pkg = solar.compress(zero, base_weights, ratio=0.1, method=method)
+        assert pkg.numbers() == 0 and all(l.nnz == 0 for l in pkg.layers), method
+        assert pkg.size_change() == "nothing stored"
+    # a layer whose update is zero beside others that are not: the budget goes to the others
+    half = io.PeftAdapter(dict(lora_only_adapter.config), dict(lora_only_adapter.tensors))
+    first = lora_only_adapter.updates()[0].module
+    half.tensors = {k: torch.zeros_like(v) if k.startswith(f"{first}.lora_B") or f"{first}.lora_B" in k else v
+                    for k, v in half.tensors.items()}
+    for method in solar.METHODS:
+        pkg = solar.compress(half, base_weights, ratio=0.1, method=method)
+        assert pkg.layers[0].nnz == 0 and pkg.numbers() > 0, method
 
 
 @pytest.mark.parametrize("ratio", [0.03, 0.1, 0.3, 0.65])
