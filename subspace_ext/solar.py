@@ -407,6 +407,10 @@ class SolarPackage:
         basis = _basis_rule(info)
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         check_finite(extra, "extra")
+        decoded = {f"base_model.model.{l.module}.lora_{side}.weight" for l in layers for side in "AB"}
+        clash = sorted(decoded.intersection(extra))
+        if clash:   # it would replace the decoded factor in the adapter
+            raise ValueError(f"extra: tensor {clash[0]} is a LoRA factor the package decodes")
         return cls(seed, eps, peft_config, layers, values, indices, extra, dtype, skipped, factors, scales, basis)
 
     # -- report --------------------------------------------------------------------------------

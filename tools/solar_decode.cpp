@@ -33,6 +33,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -1489,10 +1490,16 @@ Package load_package(const std::string& path) {
     if (newer_build) fail(path + ": " + e.what());
     fail(path + ": malformed package metadata (" + e.what() + ")");
   }
+  std::set<std::string> decoded;  // it would replace the decoded factor in the adapter
+  for (const Layer& l : pkg.layers)
+    for (const char* side : {"A", "B"}) decoded.insert("base_model.model." + l.module + ".lora_" + side + ".weight");
   for (const auto& [name, t] : tensors)
     if (name.rfind("extra.", 0) == 0) {
       if (t.is_floating_point() && !t.isfinite().all().item<bool>())
         fail(path + ": malformed package metadata (extra: tensor " + name.substr(6) + " holds NaN or Inf)");
+      if (decoded.count(name.substr(6)))
+        fail(path + ": malformed package metadata (extra: tensor " + name.substr(6) +
+             " is a LoRA factor the package decodes)");
       pkg.extra.emplace_back(name.substr(6), t);
     }
   return pkg;
