@@ -1660,7 +1660,10 @@ def _decoded_solar(pkg: SolarPackage, i: int, bw: BaseWeights) -> Tuple[torch.Te
     key, W0 = _package_base_weight(bw, info)
     basis = _Regenerated(lambda: ops.solar_basis(as_update_layout(W0, info.fan_in_fan_out), pkg.seed, info.stream,
                                                  pkg.eps))
-    B, A, ck = _decode_solar(basis, pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
+    try:
+        B, A, ck = _decode_solar(basis, pkg.stored_values(i), pkg.indices[i], info, pkg.seed)
+    except ValueError as e:   # the ops' checks of an edited package's numbers (eps, an index past C), as C++ says
+        raise FormatError(f"{what}: {e}") from None
     tol = _CHECKSUM_TOL * max(1.0, math.sqrt(info.nnz))  # each checksum sums ~nnz unit-variance terms
     if any(abs(float(a) - b) > tol for a, b in zip(ck, info.checksum)):
         raise BaseMismatchError(f"{what}: the regenerated basis does not match the sender's (checksum "

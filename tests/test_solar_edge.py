@@ -353,7 +353,8 @@ INT8_EDITS = ["int8-missing-scale", "int8-scale-float64", "int8-scale-wrong-shap
 @pytest.mark.parametrize("case", ["rank-too-large", "rank-bomb", "skipped-not-list", "peft-r-null", "extra-nan",
                                   "scaling-inf", "nnz-mismatch", "repeated-index", "dtype-int8",
                                   "checksum-empty", "checksum-nan", "peft-config-nan", "peft-config-inf-nested",
-                                  "module-empty", "module-empty-part", "module-newline", "extra-decoded-factor"]
+                                  "module-empty", "module-empty-part", "module-newline", "extra-decoded-factor",
+                                  "eps-nan", "index-past-C"]
                          + LOWRANK_EDITS + INT8_EDITS)
 def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_package, int8_package, case):
     """A package edited with its digest recomputed (the digest detects damage, not edits): both decoders
@@ -396,6 +397,12 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         tensors["extra.base_model.model.classifier.bias"] = torch.full((3,), float("nan"), dtype=torch.float64)
     elif case == "scaling-inf":
         L["scaling"] = float("inf")
+    elif case == "eps-nan":   # the Python decoder named neither the layer nor the package (the ops' own message)
+        info["eps"] = float("nan")
+    elif case == "index-past-C":
+        ix = tensors[f"layer.{layer}.indices"].clone()
+        ix[-1] = L["shape"][0] * L["shape"][1]
+        tensors[f"layer.{layer}.indices"] = ix
     elif case == "extra-decoded-factor":   # both decoders wrote it in place of the decoded lora_A
         tensors[f"extra.base_model.model.{L['module']}.lora_A.weight"] = torch.ones(L["rank"], L["shape"][1])
     elif case == "nnz-mismatch":
@@ -434,7 +441,8 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         tensors[B_key] = tensors[B_key].to(torch.int16)
     edited = _write_package(tmp_path / "edited.safetensors", meta, info, tensors)
     with pytest.raises(ValueError, match="peft_config holds NaN or Inf" if case.startswith("peft-config") else
-                       "is a LoRA factor the package decodes" if case == "extra-decoded-factor" else None):
+                       "is a LoRA factor the package decodes" if case == "extra-decoded-factor" else
+                       f"^layer {L['module']}: " if case in ("eps-nan", "index-past-C") else None):
         solar.decompress(str(edited), str(base))
     r = _run(edited, base, tmp_path / "out")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -448,6 +456,8 @@ def test_edited_package_refused_by_both_decoders(tmp_path, package, lowrank_pack
         assert "peft_config holds NaN or Inf" in r.stderr, r.stderr
     if case.startswith("module"):
         assert "module must be a dotted module path" in r.stderr, r.stderr
+    if case in ("eps-nan", "index-past-C"):
+        assert f"layer {L['module']}: " in r.stderr, r.stderr
     if case == "extra-decoded-factor":
         assert f"(extra: tensor base_model.model.{L['module']}.lora_A.weight is a LoRA factor the package " \
                "decodes)" in r.stderr, r.stderr
