@@ -1270,10 +1270,13 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
     fw, bw = _as_base(finetuned), _as_base(base)
     kinds = bw.weight_kinds() or fw.weight_kinds()
     if kinds is None:
-        warnings.warn("the module types are unknown (no config.json beside the checkpoints, or one transformers "
-                      "cannot build): every 2-D *.weight without 'embed' in its name is read as a Linear weight (out "
-                      "x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, c_fc) are stored in x out and "
-                      "would decode transposed")
+        files = [w.path for w in (bw, fw) if os.path.isfile(w.path)
+                 and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(w.path)), "config.json"))]
+        why = (f"{files[0]} is a file: pass its folder, whose config.json tells them" if files else
+               "no config.json in the folders given, or one transformers cannot build")
+        warnings.warn(f"the module types are unknown ({why}): every 2-D *.weight without 'embed' in its name is read "
+                      "as a Linear weight (out x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, c_fc) are "
+                      "stored in x out and would decode transposed")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     base_of = _dense_pairs(fw, bw)   # fine-tuned key -> the base's key

@@ -1,4 +1,7 @@
 """SOLAR on a dense fine-tune (fine-tuned minus base weights from two safetensors files)."""
+import re
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -75,8 +78,16 @@ def test_bare_files_warn_that_every_weight_is_read_as_a_linear(checkpoints, tmp_
     """Without a config.json the module types are unknown: a Conv1D model's (GPT-2's) in x out weights would
     decode transposed (0.5 off on a tiny GPT-2, reported lossless), so the guess is said."""
     ft, base, _, _ = checkpoints
-    with pytest.warns(UserWarning, match=r"module types are unknown \(no config.json .* Conv1D .* decode transposed"):
+    with pytest.warns(UserWarning, match=r"module types are unknown \(no config.json in the folders given, .* "
+                                         r"Conv1D .* decode transposed"):
         solar.compress_dense(str(ft), str(base), budget="full", rank=2)
+    # a file with a config.json beside it: the folder is what tells them (the warning blamed a missing config)
+    (tmp_path / "m").mkdir()
+    shutil.copy(base, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.warns(UserWarning, match=re.escape(f"module types are unknown ({tmp_path / 'm' / 'model.safetensors'}"
+                                                   " is a file: pass its folder, whose config.json tells them)")):
+        solar.compress_dense(str(ft), str(tmp_path / "m" / "model.safetensors"), budget="full", rank=2)
 
 
 @pytest.mark.parametrize("prefixed", ["finetuned", "base"])
