@@ -734,13 +734,19 @@ class BaseWeights:
         self._header: Dict[str, Tuple[str, List[int]]] = {}   # key -> (stored dtype, shape): headers read once
         for f in self.files:
             try:
+                header = {}
                 with safe_open(f, framework="pt") as h:
                     for k in h.keys():
-                        self._where[k] = f
                         t = h.get_slice(k)
-                        self._header[k] = (t.get_dtype(), list(t.get_shape()))
+                        header[k] = (t.get_dtype(), list(t.get_shape()))
             except Exception as e:
                 raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+            for k in header:
+                if k in self._where:   # the last file won: a stray copy beside the model was read in its place
+                    raise FormatError(f"{path}: {k} is in two files, {os.path.basename(self._where[k])} and "
+                                      f"{os.path.basename(f)}: keep one copy of the model in the folder")
+                self._where[k] = f
+            self._header.update(header)
 
     def keys(self) -> List[str]:
         return list(self._where)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from subspace_ext import io, solar
-from subspace_ext.io import PeftAdapter
+from subspace_ext.io import FormatError, PeftAdapter
 
 REPO = Path(__file__).resolve().parents[1]
 BINARY = Path(os.environ.get("SUBSPACE_EXT_SOLAR_DECODE", REPO / "cmake-build" / "solar_decode"))
@@ -185,6 +185,28 @@ def package(tmp_path):
     pkg_path = tmp_path / "package.safetensors"
     solar.compress(str(adapter), str(base), ratio=0.5).save(str(pkg_path), layout="layers")  # edits by layer
     return pkg_path, base, weights
+
+
+def test_a_weight_in_two_files_of_the_base_folder_is_refused_by_all_three(tmp_path, package):
+    """A stray copy beside the model (one weight changed) was read in its place, the last file winning, by the
+    encoder and both decoders alike; now each names the weight and both files, and writes nothing."""
+    pkg_path, base, weights = package
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    save_file(weights, str(folder / "model.safetensors"))
+    other = dict(weights)
+    key = MODULES[0] + ".weight"
+    other[key] = other[key] + 1
+    save_file(other, str(folder / "zz_other.safetensors"))
+    message = (re.escape(f"{folder}: ") + r"\S+" + re.escape(" is in two files, model.safetensors and zz_other."
+                                                              "safetensors: keep one copy of the model in the folder"))
+    with pytest.raises(FormatError, match=f"^{message}$"):
+        solar.compress(str(_adapter(tmp_path)), str(folder), ratio=0.5)
+    with pytest.raises(FormatError, match=f"^{message}$") as refused:
+        solar.decompress(str(pkg_path), str(folder))
+    r = _run(pkg_path, folder, tmp_path / "out")
+    assert r.returncode == 1 and str(refused.value) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_tampered_package_fails_on_digest(tmp_path, package):

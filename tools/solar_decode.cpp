@@ -958,7 +958,12 @@ class BaseWeights {
     }
     for (size_t i = 0; i < files_.size(); ++i) {
       headers_.push_back(read_header(files_[i]));
-      for (const auto& e : headers_.back().tensors) where_[e.name] = i;  // later files win, as Python
+      for (const auto& e : headers_.back().tensors) {
+        const auto [at, fresh] = where_.emplace(e.name, i);
+        if (!fresh)  // io.BaseWeights: a stray copy beside the model is not read in its place
+          fail(path + ": " + e.name + " is in two files, " + fs::path(files_[at->second]).filename().string() +
+               " and " + fs::path(files_[i]).filename().string() + ": keep one copy of the model in the folder");
+      }
     }
   }
 
