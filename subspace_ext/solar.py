@@ -1552,10 +1552,7 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
     else:  # a coefficient set is the prefix of the layer's candidates (C's entries by |c|)
         plan = [(kind, torch.arange(count) if kind == "solar" else count)
                 for kind, count in _allocate(layers, keep_numbers, method, solar_scale)]
-    # what holds nothing is not stored, whatever room the budget leaves: zero coefficients, zero pairs (an
-    # all-zero update, AdaLoRA's pruned ranks)
-    plan = [(kind, sel[l.top[0][sel] != 0] if kind == "solar" else min(sel, int((l.gains(kind) > 0).sum())))
-            for l, (kind, sel) in zip(layers, plan)]
+    plan = _holding(layers, plan)
     if keep_numbers is not None and any(l.energy > 0 for l in layers) and \
             not any(sel.numel() if kind == "solar" else sel for kind, sel in plan):
         # (method solar keeps a coefficient; auto in int8 none where the layers' scales leave no room for one)
@@ -1572,13 +1569,20 @@ def _package(layers: List[_Layer], extra, config, budget, ratio, seed, eps, dtyp
         # little of it: where low rank alone would leave less of ΔW out (its pairs' σ², before rounding), it is
         # encoded too (no basis needed) and the one that decodes to less error is kept
         residual = sum(l.energy * info.rel_error ** 2 for l, info in zip(layers, infos))
-        alone = _allocate(layers, keep_numbers, "lowrank")
+        alone = _holding(layers, _allocate(layers, keep_numbers, "lowrank"))
         if sum(l.energy - float(l.gains("lowrank")[:c].sum()) for l, (_, c) in zip(layers, alone)) < residual:
             other = _encode(layers, alone, stored, seed, dtype, False)
             if sum(l.energy * info.rel_error ** 2 for l, info in zip(layers, other[0])) < residual:
                 infos, values, indices, factors, scales = other
     return SolarPackage(seed, float(eps), config, infos, values, indices, extra, dtype, factors=factors,
                         scales=scales)
+
+
+def _holding(layers: List[_Layer], plan) -> list:
+    """``plan`` without what holds nothing, which is not stored whatever room the budget leaves: zero coefficients,
+    zero pairs (an all-zero update, AdaLoRA's pruned ranks, a dense delta of lower rank)."""
+    return [(kind, sel[l.top[0][sel] != 0] if kind == "solar" else min(sel, int((l.gains(kind) > 0).sum())))
+            for l, (kind, sel) in zip(layers, plan)]
 
 
 def _encode(layers: List[_Layer], plan, stored: Callable, seed: int, dtype: str, progress: bool):
