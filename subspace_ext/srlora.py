@@ -173,25 +173,44 @@ class _Layer:
                 (self.V[:, dirs] * root).T.to(device=A.device, dtype=A.dtype))
 
 
-def _pair_print(l: _Layer) -> str:
+# The roundings of a layer's pair a state prints besides its values: a model cast to them after the save (.half()
+# for inference) holds the saved pair, rounded.
+_PRINTED_ROUNDINGS = (torch.bfloat16, torch.float16)
+
+
+def _pair_print(l: _Layer, rounding: Optional[torch.dtype] = None) -> str:
     """A print of the layer's LoRA pair by value (taken in float64: an adapter saved in bfloat16 and upcast by peft
-    on load keeps it), which a state records so that it is only used with the adapter saved beside it."""
-    return fingerprint(torch.cat([l.A.detach().reshape(-1), l.B.detach().reshape(-1)]).double())
+    on load keeps it), rounded to ``rounding`` first, which a state records so that it is only used with the
+    adapter saved beside it."""
+    pair = torch.cat([l.A.detach().reshape(-1), l.B.detach().reshape(-1)])
+    return fingerprint((pair if rounding is None else pair.to(rounding)).double())
+
+
+def _pair_prints(l: _Layer) -> List[str]:
+    """What a state records of a layer's pair: its print, then those of its ``_PRINTED_ROUNDINGS``."""
+    return [_pair_print(l)] + [_pair_print(l, d) for d in _PRINTED_ROUNDINGS]
 
 
 def _check_pairs(path: str, meta: Dict[str, str], layers: List[_Layer], remedy: str) -> None:
-    """Refuse (ValueError) a model whose LoRA pairs are not the ones the state was saved with (``_pair_print``):
-    the base weights it holds are the run's at that save, and another adapter on them (an earlier or later
-    checkpoint's, a fresh one) is another model. States written before the prints were saved are not checked."""
+    """Refuse (ValueError) a model whose LoRA pairs are not the ones the state was saved with (``_pair_prints``;
+    in a model cast to bfloat16 or float16 since, the saved ones so rounded): the base weights it holds are the
+    run's at that save, and another adapter on them (an earlier or later checkpoint's, a fresh one) is another
+    model. States written before the prints were saved are not checked."""
     if "pairs" not in meta:
         return
     try:
         prints = json.loads(meta["pairs"])
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: malformed SRLoRA state (pairs: {e})") from None
-    if not (isinstance(prints, list) and len(prints) == len(layers) and all(isinstance(p, str) for p in prints)):
-        raise FormatError(f"{path}: malformed SRLoRA state (pairs must hold one print per layer)")
-    bad = [l.name for l, p in zip(layers, prints) if _pair_print(l) != p]
+    width = 1 + len(_PRINTED_ROUNDINGS)
+    if not (isinstance(prints, list) and len(prints) == len(layers) and all(
+            isinstance(p, list) and len(p) == width and all(isinstance(x, str) for x in p) for p in prints)):
+        raise FormatError(f"{path}: malformed SRLoRA state (pairs must hold {width} prints per layer)")
+
+    def saved(l: _Layer, p: List[str]) -> bool:
+        got = _pair_print(l)
+        return got == p[0] or l.A.dtype in _PRINTED_ROUNDINGS and got == p[1 + _PRINTED_ROUNDINGS.index(l.A.dtype)]
+    bad = [l.name for l, p in zip(layers, prints) if not saved(l, p)]
     if bad:
         more = f" and {len(bad) - 1} more layer(s)" if len(bad) > 1 else ""
         raise ValueError(f"{path}: the model's LoRA weights in {bad[0]}{more} are not the ones this state was saved "
@@ -812,7 +831,7 @@ class SRLoRA:
                 "journal": json.dumps(journal),
                 "layers": json.dumps([l.name for l in self.layers]),
                 "adapters": json.dumps([l.adapter for l in self.layers]),
-                "pairs": json.dumps([_pair_print(l) for l in self.layers]),
+                "pairs": json.dumps([_pair_prints(l) for l in self.layers]),
                 "next_dir": json.dumps([l.next_dir for l in self.layers]),
                 "config": json.dumps(dataclasses.asdict(self.config)),
                 "log": json.dumps([dataclasses.asdict(e) for e in self.log])}
@@ -1190,11 +1209,13 @@ class SRLoRACallback(_TrainerCallback):
         config = self.config
         if config.total_steps is None and state.max_steps:
             config = dataclasses.replace(config, total_steps=state.max_steps)  # the caller's config is untouched
-        if self.srlora is not None and self.srlora.model is model and state.global_step == 0 and \
-                self.resume_from is None:
+        if self.srlora is not None and self.srlora.model is model and state.global_step == 0:
             # trainer.train() again on the trained model: this run goes on (a new SRLoRA would apply PiSSA
-            # to the trained pairs and issue the used directions again); `stop` counts the new steps too
-            if self.config.total_steps is None and state.max_steps:
+            # to the trained pairs and issue the used directions again, and resume_from, which the first train()
+            # resumed, cannot resume on the weights the run changed since); `stop` counts the new steps too.
+            # Resumed without a config, the run goes on with its own (the callback's default is none of it)
+            config = config if self._explicit else self.srlora.config
+            if (self.config.total_steps is None or not self._explicit) and state.max_steps:
                 config = dataclasses.replace(config, total_steps=self.srlora.step_count + state.max_steps)
             # the run's cache of directions stays (its size was set when the run began)
             config = dataclasses.replace(config, directions=self.srlora.config.directions)

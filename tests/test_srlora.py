@@ -892,11 +892,22 @@ def test_a_state_only_goes_with_the_adapter_saved_beside_it(tmp_path):
     assert loaded.base_model.model.fc1.lora_A["default"].weight.dtype == torch.float32
     assert load_base_weights(loaded, bf_dir) == 2
 
+    # the model cast to bfloat16 / float16 after loading (for inference): the saved pair, rounded (a state that
+    # keeps the weights whole: a record replays on the original weights in the run's dtype only)
+    sr.save(later, base="whole")
+    for half in (torch.bfloat16, torch.float16):
+        m = PeftModel.from_pretrained(_fresh_wide(torch.float32), later).to(half)
+        assert load_base_weights(m, later) == 2
+        torch.testing.assert_close(m(x.to(half)).float(), model(x), atol=0.1, rtol=0.05)
+        m = PeftModel.from_pretrained(_fresh_wide(torch.float32), str(tmp_path / "run")).to(half)   # step 4's pair
+        with pytest.raises(ValueError, match="not the ones this state was saved with"):
+            load_base_weights(m, later)
+
     # a state of an earlier build (no prints) is not checked; damaged prints are refused
     path = os.path.join(folder, STATE_FILE)
     with safe_open(path, "pt") as f:
         t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
-    for pairs, ok in ((None, True), ('["x"]', False), ('{"a": 1}', False), ("[", False)):
+    for pairs, ok in ((None, True), ('["x"]', False), ('[["a", "b"]]', False), ('{"a": 1}', False), ("[", False)):
         edited = {k: v for k, v in meta.items() if k not in ("pairs", "digest")}
         if pairs is not None:
             edited["pairs"] = pairs
@@ -908,6 +919,27 @@ def test_a_state_only_goes_with_the_adapter_saved_beside_it(tmp_path):
             for load in (lambda m: load_base_weights(m, folder), lambda m: SRLoRA(m, None, resume_from=folder)):
                 with pytest.raises(FormatError, match="malformed SRLoRA state \\(pairs"):
                     load(toy_lora(dims=WIDE))
+
+
+def test_callback_given_resume_from_continues_its_run_on_a_second_train(tmp_path):
+    """SRLoRACallback(resume_from=folder): the first train() resumes that run, a second one on the trained model
+    continues it, as without resume_from (it resumed the folder again, onto the base weights the run had changed
+    since, and was refused)."""
+    from types import SimpleNamespace
+
+    cfg = SRLoRAConfig(interval=2, warmup=2, fuse_fraction=0.5)
+    fresh, opt, _ = _trained_and_saved(tmp_path, cfg, 4)
+    cb = SRLoRACallback(resume_from=str(tmp_path / "ckpt"))
+    args = SimpleNamespace(output_dir=str(tmp_path), load_best_model_at_end=False, should_save=False)
+    cb.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=8), None, model=fresh, optimizer=opt)
+    run = cb.srlora
+    assert run.step_count == 4 and [e.step for e in run.log] == [2, 4] and run.config.total_steps == 8
+    toy_steps(fresh, opt, run, toy_batches(4, seed=5))
+    assert [e.step for e in run.log] == [2, 4, 6]   # 8 > 0.9 * 8
+    cb.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=4), None, model=fresh, optimizer=opt)
+    assert cb.srlora is run and run.step_count == 8 and run.config.total_steps == 12
+    toy_steps(fresh, opt, run, toy_batches(2, seed=6))
+    assert run.step_count == 10 and [e.step for e in run.log] == [2, 4, 6, 10]
 
 
 def test_save_into_a_file_is_named(tmp_path):
