@@ -712,9 +712,32 @@ def safetensors_metadata(path: str) -> Dict[str, str]:
         raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _model_files(folder: str, files: List[str]) -> List[str]:
+    """Of a model folder's .safetensors ``files`` (sorted), those transformers loads: model.safetensors, else the
+    shards model.safetensors.index.json maps the weights to, else (a folder of other names) all of them. Other
+    files beside the model (a variant, model.fp16.safetensors; a copy) are not read."""
+    if "model.safetensors" in files:
+        return ["model.safetensors"]
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return files
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = json.load(f)["weight_map"].values()
+        shards = sorted(set(shards)) if all(isinstance(s, str) for s in shards) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{index}: not a readable shard index ({type(e).__name__}: {e})") from None
+    if not shards:
+        raise FormatError(f"{index}: not a readable shard index (weight_map must map names to file names)")
+    missing = [s for s in shards if s not in files]
+    if missing:
+        raise FormatError(f"{index}: maps weights to {missing[0]}, which is not in the folder")
+    return shards
+
+
 class BaseWeights:
     """Lazy access to a base model's weights: a transformers folder (model.safetensors or sharded
-    model-0000x-of-0000y.safetensors) or one .safetensors file."""
+    model-0000x-of-0000y.safetensors: the files transformers reads, ``_model_files``) or one .safetensors file."""
 
     def __init__(self, path: str):
         self.path = path
@@ -724,7 +747,7 @@ class BaseWeights:
                 if any(f.endswith(".bin") for f in os.listdir(path)):
                     raise FormatError(f"{path}: only pickle (.bin) weights; subspace_ext reads safetensors only")
                 raise FormatError(f"{path}: no .safetensors weights in this folder")
-            self.files = [os.path.join(path, f) for f in files]
+            self.files = [os.path.join(path, f) for f in _model_files(path, files)]
         elif os.path.isfile(path):
             self.files = [path]
         else:

@@ -187,26 +187,62 @@ def package(tmp_path):
     return pkg_path, base, weights
 
 
-def test_a_weight_in_two_files_of_the_base_folder_is_refused_by_all_three(tmp_path, package):
-    """A stray copy beside the model (one weight changed) was read in its place, the last file winning, by the
-    encoder and both decoders alike; now each names the weight and both files, and writes nothing."""
+def test_the_base_folder_files_read_are_those_transformers_loads(tmp_path, package):
+    """Every .safetensors file of a base folder was read, the last file winning where two held a weight: a variant
+    (model.fp16.safetensors) or a stray copy beside the model was read in its place, by the encoder and both
+    decoders alike. Now all three read model.safetensors, else the shards model.safetensors.index.json names, else
+    (other names) every file, refusing a weight in two of them; an index naming a missing shard is refused."""
     pkg_path, base, weights = package
-    folder = tmp_path / "dup"
-    folder.mkdir()
-    save_file(weights, str(folder / "model.safetensors"))
     other = dict(weights)
     key = MODULES[0] + ".weight"
     other[key] = other[key] + 1
-    save_file(other, str(folder / "zz_other.safetensors"))
-    message = (re.escape(f"{folder}: ") + r"\S+" + re.escape(" is in two files, model.safetensors and zz_other."
-                                                              "safetensors: keep one copy of the model in the folder"))
-    with pytest.raises(FormatError, match=f"^{message}$"):
-        solar.compress(str(_adapter(tmp_path)), str(folder), ratio=0.5)
-    with pytest.raises(FormatError, match=f"^{message}$") as refused:
-        solar.decompress(str(pkg_path), str(folder))
-    r = _run(pkg_path, folder, tmp_path / "out")
-    assert r.returncode == 1 and str(refused.value) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not (tmp_path / "out").exists()
+    want = solar.decompress(str(pkg_path), str(base))
+
+    def decoded_alike(folder, name):
+        got = solar.decompress(str(pkg_path), str(folder))
+        assert all(torch.equal(got.tensors[k], v) for k, v in want.tensors.items()), name
+        got.save_adapter(str(tmp_path / f"py-{name}"))
+        r = _run(pkg_path, folder, tmp_path / f"cpp-{name}")
+        assert r.returncode == 0, r.stderr
+        _assert_same_folder(tmp_path / f"py-{name}", tmp_path / f"cpp-{name}")
+
+    def refused(folder, message):
+        with pytest.raises(FormatError, match=f"^{message}$"):
+            solar.compress(str(_adapter(tmp_path)), str(folder), ratio=0.5)
+        with pytest.raises(FormatError, match=f"^{message}$") as python:
+            solar.decompress(str(pkg_path), str(folder))
+        r = _run(pkg_path, folder, tmp_path / "out")
+        assert r.returncode == 1 and str(python.value) in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+            r.stderr
+        assert not (tmp_path / "out").exists()
+
+    beside = tmp_path / "beside"   # the model, its float16 variant and a changed copy
+    beside.mkdir()
+    save_file(weights, str(beside / "model.safetensors"))
+    save_file({k: v.half() for k, v in other.items()}, str(beside / "model.fp16.safetensors"))
+    save_file(other, str(beside / "zz_copy.safetensors"))
+    decoded_alike(beside, "beside")
+    sharded = tmp_path / "sharded"   # two shards by the index, a changed copy beside them
+    sharded.mkdir()
+    keys = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": keys[:2], "model-00002-of-00002.safetensors": keys[2:]}
+    for name, part in shards.items():
+        save_file({k: weights[k] for k in part}, str(sharded / name))
+    save_file(other, str(sharded / "aa_copy.safetensors"))
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    decoded_alike(sharded, "sharded")
+    index["weight_map"][keys[0]] = "model-00003-of-00002.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(sharded, re.escape(f"{sharded / 'model.safetensors.index.json'}: maps weights to "
+                               "model-00003-of-00002.safetensors, which is not in the folder"))
+    loose = tmp_path / "loose"   # files of other names: all read, a weight in two of them refused
+    loose.mkdir()
+    save_file(weights, str(loose / "weights.safetensors"))
+    save_file(other, str(loose / "zz_copy.safetensors"))
+    refused(loose, re.escape(f"{loose}: ") + r"\S+" + re.escape(" is in two files, weights.safetensors and "
+                                                               "zz_copy.safetensors: keep one copy of the model in "
+                                                               "the folder"))
 
 
 def test_tampered_package_fails_on_digest(tmp_path, package):

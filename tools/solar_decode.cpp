@@ -948,7 +948,7 @@ class BaseWeights {
         fail(path + ": no .safetensors weights in this folder");
       }
       std::sort(names.begin(), names.end());
-      for (const auto& n : names) files_.push_back((fs::path(path) / n).string());
+      for (const auto& n : model_files(path, names)) files_.push_back((fs::path(path) / n).string());
       may_tie_ = config_may_tie_embeddings((fs::path(path) / "config.json").string());
     } else if (fs::is_regular_file(path, ec)) {
       files_.push_back(path);
@@ -1048,6 +1048,36 @@ class BaseWeights {
  private:
   static bool ends_with(const std::string& s, const std::string& suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  }
+
+  // io._model_files: of a folder's .safetensors files (sorted), those transformers loads: model.safetensors, else
+  // the shards model.safetensors.index.json maps the weights to, else all of them.
+  static std::vector<std::string> model_files(const std::string& folder, const std::vector<std::string>& names) {
+    if (std::find(names.begin(), names.end(), "model.safetensors") != names.end()) return {"model.safetensors"};
+    const std::string index = (fs::path(folder) / "model.safetensors.index.json").string();
+    std::error_code ec;
+    if (!fs::is_regular_file(index, ec)) return names;
+    std::ifstream f(index, std::ios::binary);
+    std::stringstream text;
+    text << f.rdbuf();
+    std::set<std::string> shards;
+    try {
+      if (!f) throw Failure("cannot read it");
+      const Json json = parse_json(text.str());
+      const Json* map = json.type == Json::Type::Object ? json.find("weight_map") : nullptr;
+      if (!map || map->type != Json::Type::Object) throw Failure("no weight_map object");
+      for (const auto& [name, shard] : map->members) {
+        if (shard.type != Json::Type::String) throw Failure("weight_map must map names to file names");
+        shards.insert(shard.text);
+      }
+    } catch (const Failure& e) {
+      fail(index + ": not a readable shard index (" + e.what() + ")");
+    }
+    if (shards.empty()) fail(index + ": not a readable shard index (weight_map must map names to file names)");
+    for (const auto& s : shards)
+      if (std::find(names.begin(), names.end(), s) == names.end())
+        fail(index + ": maps weights to " + s + ", which is not in the folder");
+    return {shards.begin(), shards.end()};
   }
 
   static bool config_may_tie_embeddings(const std::string& config_path) {
