@@ -212,8 +212,11 @@ def _int(x, name, lo=None) -> int:
 
 
 def _seed(x, name="seed"):
-    if isinstance(x, torch.Tensor) and hasattr(x, "__index__"):
-        x = operator.index(x)  # a 0-dim integer tensor (numpy integers: _int)
+    if isinstance(x, torch.Tensor):   # a one-element integer tensor (numpy integers: _int)
+        if x.numel() != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer, got a {str(x.dtype).replace('torch.', '')} tensor of shape "
+                            f"{tuple(x.shape)}")
+        x = operator.index(x)
     x = _int(x, name)
     if not -(2**63) <= x < 2**64:
         raise ValueError(f"{name} must fit in 64 bits, got {x}")
@@ -725,6 +728,15 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
 # ---------------------------------------------------------------------------------------------
 # SOLAR
 
+def _solar_stream(stream) -> int:
+    """A SOLAR layer's stream: in [0, 2^61), since each takes the four Philox streams 4·stream + 0..3."""
+    value = _seed(stream, "stream")   # (values from 2^63 on as two's complement)
+    if not 0 <= value < 2**61:
+        raise ValueError(f"stream must be in [0, 2^61) for the SOLAR ops (a layer takes the Philox streams "
+                         f"4·stream + 0..3), got {int(stream.item() if isinstance(stream, torch.Tensor) else stream)}")
+    return value
+
+
 def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
     """The complete orthonormal bases SOLAR derives from a base weight W0 (m x n), in float64.
 
@@ -735,13 +747,14 @@ def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
     not unique: singular values whose gaps are at most 1e-8 x the largest (chained) count as tied, and
     each tied run's vectors (on each side) are replaced by the orthonormalised projection of seeded
     probes onto their span; a run reaching down to 1e-8 x the largest is a null space, left to the
-    seeded completion.
+    seeded completion. ``stream`` in [0, 2^61) (each layer's takes four Philox streams), as for ``solar_checksum``
+    and ``solar_decode``.
     """
     _tensor(W0, "W0", dtypes=_WEIGHT, op="solar_basis")
     if W0.dim() != 2:
         raise ValueError(f"W0 must be 2-D, got shape {tuple(W0.shape)}")
     _check_eps(eps)
-    return _ops.solar_basis(W0, _seed(seed), _seed(stream, "stream"), float(eps))
+    return _ops.solar_basis(W0, _seed(seed), _solar_stream(stream), float(eps))
 
 
 def solar_checksum(UI: torch.Tensor, VJ: torch.Tensor, seed: int, stream: int = 0) -> torch.Tensor:
@@ -749,7 +762,7 @@ def solar_checksum(UI: torch.Tensor, VJ: torch.Tensor, seed: int, stream: int = 
     _tensor(UI, "UI", op="solar_checksum")
     _tensor(VJ, "VJ", op="solar_checksum")
     _same_device([("UI", UI), ("VJ", VJ)])
-    return _ops.solar_checksum(UI, VJ, _seed(seed), _seed(stream, "stream"))
+    return _ops.solar_checksum(UI, VJ, _seed(seed), _solar_stream(stream))
 
 
 def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, stream: int = 0):
@@ -767,7 +780,7 @@ def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, st
             raise ValueError(f"solar_decode: {n} is on {t.device}, U and V on {U.device} (it must be on theirs, "
                              "or on the cpu)")
     return _ops.solar_decode(U, V, values, indices, rank, _real(scaling, "solar_decode: scaling"), _seed(seed),
-                             _seed(stream, "stream"))
+                             _solar_stream(stream))
 
 
 # ---------------------------------------------------------------------------------------------

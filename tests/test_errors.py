@@ -25,12 +25,31 @@ def f32(*shape):
 
 @pytest.mark.parametrize("seed,exc,match", [(2**64, ValueError, "seed"), (-(2**63) - 1, ValueError, "seed"),
                                             (1.0, TypeError, "seed"), ("3", TypeError, "seed"),
-                                            (True, TypeError, "seed")])
+                                            (True, TypeError, "seed"),
+                                            # torch's own message named no argument for these
+                                            (torch.tensor(1.5), TypeError,
+                                             r"seed must be an integer, got a float32 tensor of shape \(\)"),
+                                            (torch.tensor([1, 2]), TypeError,
+                                             r"seed must be an integer, got a int64 tensor of shape \(2,\)")])
 def test_philox_bad_seed(seed, exc, match):
     with pytest.raises(exc, match=match):
         ops.philox_normal((3,), seed)
     with pytest.raises(exc, match=match):
         ops.philox_uint32((3,), seed)
+
+
+@pytest.mark.parametrize("stream", [2**61, 2**63, 2**64 - 1, -1])
+def test_solar_ops_name_their_stream_range_and_the_value_given(stream):
+    """The SOLAR ops take streams in [0, 2^61) (four Philox streams a layer); the limit was undocumented and the
+    kernel's message showed the value read as signed (-1 for 2^64 - 1)."""
+    W = torch.randn(6, 4)
+    U, V = ops.solar_basis(W, 0)
+    message = rf"stream must be in \[0, 2\^61\) for the SOLAR ops .*, got {stream}$"
+    for call in (lambda: ops.solar_basis(W, 0, stream), lambda: ops.solar_checksum(U[:, :2], V[:, :2], 0, stream),
+                 lambda: ops.solar_decode(U, V, torch.ones(1), torch.zeros(1, dtype=torch.int64), 1, 1.0, 0, stream)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    ops.solar_basis(W, 0, 2**61 - 1)
 
 
 @pytest.mark.parametrize("stream,exc", [(2**64, ValueError), (0.5, TypeError)])
@@ -695,8 +714,11 @@ def test_betas_must_be_numbers():
 
 def test_a_result_that_overflows_is_named_as_such():
     big = torch.full((6, 4), 1e20)
-    with pytest.raises(ValueError, match=r"project: the result is not finite: .*or the result overflows its dtype"):
+    message = r"project: the result is not finite: .*or the result or an intermediate product \(U\^T B, A V\) overflows"
+    with pytest.raises(ValueError, match=message):
         ops.project(f32(6, 2), f32(5, 3), big, torch.full((4, 5), 1e20))
+    with pytest.raises(ValueError, match=message):   # U^T B overflows, the result would not (~1e20)
+        ops.project(torch.randn(5, 2) * 1e25, torch.randn(4, 3), torch.randn(5, 2) * 1e25, torch.randn(2, 4) * 1e-30)
 
 
 def test_sparse_tensors_are_refused_by_name():

@@ -71,7 +71,7 @@ at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tenso
   if (scaling != 1.0) C.mul_(scaling);
   // NaN/Inf in any input reach C (k1 x k2): checked here rather than by a pass over the inputs.
   TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), "project: the result is not finite: U, V, B or A contains NaN "
-                    "or Inf (or the result overflows its dtype)");
+                    "or Inf, or the result or an intermediate product (U^T B, A V) overflows its dtype");
   return C;
 }
 
@@ -191,7 +191,8 @@ at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const
   at::Tensor C = at::mm(left, right.t());
   if (scaling != 1.0) C.mul_(scaling);
   TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), op,
-                    ": the result is not finite: an input contains NaN or Inf (or the result overflows its dtype)");
+                    ": the result is not finite: an input contains NaN or Inf, or the result or an intermediate "
+                    "product (U~^T B, A V~) overflows its dtype");
   return C;
 }
 
