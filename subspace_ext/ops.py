@@ -728,12 +728,12 @@ def reinit_pairs_(W, B, A, idx, B_new, A_new, scaling=1.0) -> None:
 # ---------------------------------------------------------------------------------------------
 # SOLAR
 
-def _solar_stream(stream) -> int:
+def _solar_stream(stream, op: str) -> int:
     """A SOLAR layer's stream: in [0, 2^61), since each takes the four Philox streams 4·stream + 0..3."""
     value = _seed(stream, "stream")   # (values from 2^63 on as two's complement)
     if not 0 <= value < 2**61:
-        raise ValueError(f"stream must be in [0, 2^61) for the SOLAR ops (a layer takes the Philox streams "
-                         f"4·stream + 0..3), got {int(stream.item() if isinstance(stream, torch.Tensor) else stream)}")
+        raise ValueError(f"{op}: stream must be in [0, 2^61) (a layer takes the Philox streams 4·stream + 0..3), "
+                         f"got {int(stream.item() if isinstance(stream, torch.Tensor) else stream)}")
     return value
 
 
@@ -754,7 +754,7 @@ def solar_basis(W0: torch.Tensor, seed: int, stream: int = 0, eps: float = 0.0):
     if W0.dim() != 2:
         raise ValueError(f"W0 must be 2-D, got shape {tuple(W0.shape)}")
     _check_eps(eps)
-    return _ops.solar_basis(W0, _seed(seed), _solar_stream(stream), float(eps))
+    return _ops.solar_basis(W0, _seed(seed), _solar_stream(stream, "solar_basis"), float(eps))
 
 
 def solar_checksum(UI: torch.Tensor, VJ: torch.Tensor, seed: int, stream: int = 0) -> torch.Tensor:
@@ -762,7 +762,7 @@ def solar_checksum(UI: torch.Tensor, VJ: torch.Tensor, seed: int, stream: int = 
     _tensor(UI, "UI", op="solar_checksum")
     _tensor(VJ, "VJ", op="solar_checksum")
     _same_device([("UI", UI), ("VJ", VJ)])
-    return _ops.solar_checksum(UI, VJ, _seed(seed), _solar_stream(stream))
+    return _ops.solar_checksum(UI, VJ, _seed(seed), _solar_stream(stream, "solar_checksum"))
 
 
 def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, stream: int = 0):
@@ -780,7 +780,7 @@ def solar_decode(U, V, values, indices, rank: int, scaling: float, seed: int, st
             raise ValueError(f"solar_decode: {n} is on {t.device}, U and V on {U.device} (it must be on theirs, "
                              "or on the cpu)")
     return _ops.solar_decode(U, V, values, indices, rank, _real(scaling, "solar_decode: scaling"), _seed(seed),
-                             _solar_stream(stream))
+                             _solar_stream(stream, "solar_decode"))
 
 
 # ---------------------------------------------------------------------------------------------

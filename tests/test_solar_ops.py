@@ -241,17 +241,21 @@ def test_solar_decode_bases_wider_than_tall(device):
     torch.testing.assert_close(A.cpu(), A_ref, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("stream", [-1, 2**61, 2**62])
+@pytest.mark.parametrize("stream", [-1, 2**61, 2**62, 2**63, 2**64 - 1])
 def test_solar_ops_refuse_streams_out_of_range(stream):
     """Each layer takes Philox streams 4 * stream + 0..3: beyond 2^61 they wrap (2^62 gave stream
-    0's checksum) and 4 * stream overflows int64, so all three ops refuse such a stream."""
+    0's checksum) and 4 * stream overflows int64, so all three ops refuse such a stream, naming the value given
+    (the kernel's check showed it read as signed: -1 for 2^64 - 1) and why."""
     U = torch.eye(5, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"solar_basis: stream must be in \[0, 2\^61\)"):
+    tail = rf"stream must be in \[0, 2\^61\) \(a layer takes the Philox streams 4·stream \+ 0..3\), got {stream}$"
+    with pytest.raises(ValueError, match=f"solar_basis: {tail}"):
         ops.solar_basis(torch.randn(5, 5), 1, stream)
-    with pytest.raises(ValueError, match=r"solar_checksum: stream must be in \[0, 2\^61\)"):
+    with pytest.raises(ValueError, match=f"solar_checksum: {tail}"):
         ops.solar_checksum(U, U, 1, stream)
-    with pytest.raises(ValueError, match=r"solar_decode: stream must be in \[0, 2\^61\)"):
+    with pytest.raises(ValueError, match=f"solar_decode: {tail}"):
         ops.solar_decode(U, U, torch.ones(1), torch.zeros(1, dtype=torch.long), 1, 1.0, 1, stream)
+    with pytest.raises(ValueError, match=r"solar_basis: stream must be in \[0, 2\^61\)"):   # the kernel's own check
+        torch.ops.subspace_ext.solar_basis(torch.randn(5, 5), 1, stream - 2**64 if stream >= 2**63 else stream, 0.0)
 
 
 def test_solar_ops_refuse_a_meta_argument_beside_real_ones():
