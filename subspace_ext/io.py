@@ -17,8 +17,7 @@ import sys
 import uuid
 import warnings
 import weakref
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -505,7 +504,7 @@ class PeftAdapter:
         """``u``, this adapter's LoRA on the MoE expert parameter ``param`` of ``experts`` experts, as one update
         per expert (``expert_pairs``), each with the scaling of its rank (rows / experts) for ``param``."""
         scaling = self.lora_scaling(f"{unnested(u.module)}.{param}", u.A.shape[0] // experts)
-        return [dataclasses.replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e, experts=experts)
+        return [replace(u, B=B, A=A, scaling=scaling, params=(param,), expert=e, experts=experts)
                 for e, (B, A) in enumerate(expert_pairs(u.B, u.A, experts))]
 
     def lora_scaling(self, module: str, r: int) -> float:
@@ -600,10 +599,10 @@ def _write_files_atomically(files: Dict[str, Callable[[str], None]]) -> None:
     two of them leaves the first file new)."""
     tmps: Dict[str, str] = {}
     path = next(iter(files), "")
-    for path in files:   # (the rename failed with the temporary file's name in the message)
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"{path}: is a folder, and a file is written here: give a file's path (e.g. "
-                                    f"{os.path.join(path, 'task.safetensors')})")
+    for target in files:   # (the rename failed with the temporary file's name in the message)
+        if os.path.isdir(target):
+            raise IsADirectoryError(f"{target}: is a folder, and a file is written here: give a file's path (e.g. "
+                                    f"{os.path.join(target, 'task.safetensors')})")
     try:
         for path, write in files.items():
             folder, name = os.path.split(os.path.abspath(path))

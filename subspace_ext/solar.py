@@ -407,7 +407,7 @@ class SolarPackage:
         basis = _basis_rule(info)
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         check_finite(extra, "extra")
-        decoded = {f"base_model.model.{l.module}.lora_{side}.weight" for l in layers for side in "AB"}
+        decoded = {_factor_key(l.module, side) for l in layers for side in "AB"}
         clash = sorted(decoded.intersection(extra))
         if clash:   # it would replace the decoded factor in the adapter
             raise ValueError(f"extra: tensor {clash[0]} is a LoRA factor the package decodes")
@@ -1640,23 +1640,27 @@ def decompress(package: Union[str, SolarPackage], base: Union[str, BaseWeights],
         _package_base_weight(bw, info, check=True)
     experts: Dict[str, dict] = {}   # module -> {expert: (B, A)}
     for i, info in enumerate(_progress(pkg.layers, "solar: decode", progress)):
-        prefix = f"base_model.model.{info.module}"
         if pkg.factors[i] is not None:  # low-rank layer: the factors themselves, no basis (W0 not read again)
             B, A = _pad_factors(*pkg.stored_factors(i), info.rank)
         else:
             B, A = _decoded_solar(pkg, i, bw)
         if info.expert >= 0:   # stacked into the module's LoRA once all its experts are decoded
-            experts.setdefault(prefix, {})[info.expert] = (B.to(dtype), A.to(dtype))
-            if len(experts[prefix]) < info.experts:
+            experts.setdefault(info.module, {})[info.expert] = (B.to(dtype), A.to(dtype))
+            if len(experts[info.module]) < info.experts:
                 continue
-            pairs = experts.pop(prefix)
+            pairs = experts.pop(info.module)
             B, A = stack_experts([pairs[e] for e in sorted(pairs)])
-        tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
-        tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
+        tensors[_factor_key(info.module, "A")] = A.to(dtype)
+        tensors[_factor_key(info.module, "B")] = B.to(dtype)
     tensors.update(pkg.extra)
     if str(config.get("peft_type", "LORA")).upper() == "ADALORA":
         config = _adalora_as_lora(config, pkg.layers)
     return PeftAdapter(config, tensors)
+
+
+def _factor_key(module: str, side: str) -> str:
+    """The name of a decoded layer's LoRA factor ``side`` ("A" / "B") in the adapter the decoders write."""
+    return f"base_model.model.{module}.lora_{side}.weight"
 
 
 def _decoded_solar(pkg: SolarPackage, i: int, bw: BaseWeights) -> Tuple[torch.Tensor, torch.Tensor]:

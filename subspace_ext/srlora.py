@@ -978,18 +978,11 @@ def _read_state(folder: str, layers: List[_Layer], check_adapter: bool = True) -
     if names != [l.name for l in layers]:
         raise FormatError(f"{path}: saved for the LoRA layers {names[:2]}... ({len(names)}), but the model has "
                           f"{[l.name for l in layers][:2]}... ({len(layers)}): another model or adapter")
-    try:
-        adapters = json.loads(meta.get("adapters", "null"))   # absent in states written before it was saved
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: malformed SRLoRA state ({e})") from None
-    if adapters is not None:
-        for l, a in zip(layers, adapters if isinstance(adapters, list) else []):
-            if a != l.adapter:
-                raise ValueError(f"{path}: saved for adapter {a!r}, but the model trains adapter {l.adapter!r} in "
-                                 f"{l.name}: resume on the run's adapter (model.set_adapter({a!r}), or load it "
-                                 f"with adapter_name={a!r})")
-        if not (isinstance(adapters, list) and len(adapters) == len(layers)):
-            raise FormatError(f"{path}: malformed SRLoRA state (adapters: {adapters!r})")
+    for l, a in zip(layers, _saved_adapters(path, meta, len(layers)) or []):
+        if a != l.adapter:
+            raise ValueError(f"{path}: saved for adapter {a!r}, but the model trains adapter {l.adapter!r} in "
+                             f"{l.name}: resume on the run's adapter (model.set_adapter({a!r}), or load it "
+                             f"with adapter_name={a!r})")
     for k, l in enumerate(layers):
         r = l.A.shape[0]
         want = {"base": l.weight.shape, "ipt_A": l.A.shape, "unc_A": l.A.shape, "ipt_B": l.B.shape,
@@ -1025,6 +1018,18 @@ def _read_state(folder: str, layers: List[_Layer], check_adapter: bool = True) -
         _check_pairs(path, meta, layers, "resume on that adapter (PeftModel.from_pretrained(base, folder, "
                      "is_trainable=True)), loaded before SRLoRA(..., resume_from=folder)")
     return t, {"step_count": step_count, "next_dir": next_dir, "log": log, "config": config, "journal": journal}
+
+
+def _saved_adapters(path: str, meta: Dict[str, str], count: int) -> Optional[List[str]]:
+    """The adapter name a state records for each of its ``count`` layers (None: a state written before they were
+    saved); FormatError where the list is malformed."""
+    try:
+        adapters = json.loads(meta.get("adapters", "null"))
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: malformed SRLoRA state ({e})") from None
+    if adapters is not None and not (isinstance(adapters, list) and len(adapters) == count):
+        raise FormatError(f"{path}: malformed SRLoRA state (adapters: {adapters!r})")
+    return adapters
 
 
 def _record_fits(path: str, name: str, t: Dict[str, torch.Tensor], k: int, shape) -> None:
@@ -1120,12 +1125,7 @@ def load_base_weights(model, folder: str, *, check_adapter: bool = True) -> int:
     state was saved). Nothing is written otherwise. Returns the layer count."""
     path, meta, names, t, journal = _state_file(folder)
     model = unwrap_model(model)
-    try:
-        adapters = json.loads(meta.get("adapters", "null")) or [None] * len(names)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: malformed SRLoRA state ({e})") from None
-    if not (isinstance(adapters, list) and len(adapters) == len(names)):
-        raise FormatError(f"{path}: malformed SRLoRA state (adapters: {adapters!r})")
+    adapters = _saved_adapters(path, meta, len(names)) or [None] * len(names)
     dests = []
     for k, name in enumerate(names):
         layer = _saved_layer(model, name, path, adapters[k], check_adapter and "pairs" in meta)
