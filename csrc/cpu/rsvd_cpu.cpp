@@ -123,11 +123,11 @@ rsvd_many_cpu(at::TensorList mats, int64_t k, int64_t p, int64_t niter, int64_t 
 
 // The _small_svd op: checked arguments, (..., p, q) batches, results in A's dtype.
 Triple small_svd_op(const at::Tensor& A) {
-  check_float(A, "_small_svd", "A");
-  TORCH_CHECK_VALUE(A.dim() >= 2, "_small_svd: A must have at least 2 dimensions, got ", A.dim());
-  TORCH_CHECK_VALUE(A.size(-1) <= 4096 && A.size(-2) <= 4096, "_small_svd: matrices of at most 4096 x 4096 (",
+  check_float(A, "small_svd", "A");
+  TORCH_CHECK_VALUE(A.dim() >= 2, "small_svd: A must have at least 2 dimensions, got ", A.dim());
+  TORCH_CHECK_VALUE(A.size(-1) <= 4096 && A.size(-2) <= 4096, "small_svd: matrices of at most 4096 x 4096 (",
                     "Jacobi is meant for small ones; use torch.linalg.svd), got ", A.sizes());
-  TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "_small_svd: A contains NaN or Inf");
+  TORCH_CHECK_VALUE(A.isfinite().all().item<bool>(), "small_svd: A contains NaN or Inf");
   const int64_t p = A.size(-2), q = A.size(-1), k = std::min(p, q);
   const int64_t batch = c10::multiply_integers(A.sizes().slice(0, A.dim() - 2));
   const SVDResult r = small_svd_batched(A.reshape({batch, p, q}));
