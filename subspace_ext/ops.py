@@ -621,9 +621,9 @@ def _index_list(i, name: str) -> torch.Tensor:
 
 
 def _recompose_args(W, B, A, idx, scaling, op):
-    if isinstance(W, torch.Tensor) and isinstance(idx, (list, tuple)) and all(
-            isinstance(i, numbers.Number) or getattr(i, "ndim", None) == 0 for i in idx):
-        idx = [idx]  # one layer's indices as a plain list (of ints, numpy ints or 0-dim tensors)
+    if isinstance(W, torch.Tensor) and (type(idx).__module__ == "numpy" or isinstance(idx, (list, tuple)) and all(
+            isinstance(i, numbers.Number) or getattr(i, "ndim", None) == 0 for i in idx)):
+        idx = [idx]  # one layer's indices as a numpy array or a plain list (of ints, numpy ints or 0-dim tensors)
     W, B, A, idx = (_layers(v, n) for v, n in ((W, "W"), (B, "B"), (A, "A"), (idx, "idx")))
     L = len(W)
     if isinstance(scaling, (numbers.Number, str)) or getattr(scaling, "ndim", None) == 0:
@@ -694,8 +694,9 @@ def fuse_pairs_(W, B, A, idx, scaling=1.0) -> None:
     """In place: ``W += scaling * B[:, idx] @ A[idx, :]`` and ``B[:, idx] = 0``.
 
     The layer's function ``W x + scaling * B A x`` is unchanged (up to W's rounding). Accepts one
-    layer (tensors; ``idx`` a tensor) or many (lists, ``idx`` a list of tensors; one pass over each
-    W, all layers of a device in one call). An empty list of layers does nothing. ``idx`` may be on
+    layer (tensors; ``idx`` an integer tensor, numpy array or list) or many (lists, ``idx`` one such entry
+    per layer; one pass over each W, all layers of a device in one call). An empty list of layers does
+    nothing. Entries of ``idx`` must be distinct and in [0, r). ``idx`` may be on
     W's device or on the CPU; CPU indices (or lists) spare a CUDA call its one device-to-host copy.
     """
     W, B, A, idx, scaling = _recompose_args(W, B, A, idx, scaling, "fuse_pairs_")

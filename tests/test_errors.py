@@ -795,15 +795,22 @@ def test_eps_as_numpy_float_or_0_dim_tensor_is_a_number():
 
 
 def test_one_layers_idx_as_numpy_ints_or_0_dim_tensors():
-    """A list like list(np.argsort(s)[:2]) is one layer's indices (it was read as two layers)."""
+    """A list like list(np.argsort(s)[:2]) is one layer's indices (it was read as two layers), and so is a numpy
+    array (np.argsort(s)[:2] itself was refused: "idx must be a tensor or a list of tensors, got ndarray")."""
     np = pytest.importorskip("numpy")
     W, B, A = f32(6, 5), f32(6, 3), f32(3, 5)
     want = W.clone()
     ops.fuse_pairs_(want, B.clone(), A, [0, 2], 0.5)
-    for idx in ([np.int64(0), np.int64(2)], [torch.tensor(0), torch.tensor(2)], (np.int32(0), 2)):
+    for idx in ([np.int64(0), np.int64(2)], [torch.tensor(0), torch.tensor(2)], (np.int32(0), 2),
+                np.array([0, 2]), np.array([0, 2], dtype=np.int32), np.array([0, 2], dtype=np.uint8)):
         got = W.clone()
         ops.fuse_pairs_(got, B.clone(), A, idx, 0.5)
         assert torch.equal(got, want), idx
+    got, Bn, An = W.clone(), B.clone(), A.clone()
+    ops.reinit_pairs_(got, Bn, An, np.array([2]), torch.ones(6, 1), torch.ones(1, 5), 0.5)
+    assert torch.equal(Bn[:, 2], torch.ones(6)) and torch.equal(Bn[:, :2], B[:, :2])
+    with pytest.raises(TypeError, match=r"idx\[0\] must hold integers \(pair numbers\), got float64"):
+        ops.fuse_pairs_(W.clone(), B.clone(), A, np.array([0.0, 2.0]))
 
 
 @pytest.mark.parametrize("call", [
