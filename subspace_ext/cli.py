@@ -6,6 +6,7 @@ Every subcommand is one ``_add_<name>(subparsers)`` function that registers its 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -537,15 +538,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning printed as one line, as the errors are (where in the library it was raised is noise here)."""
-    return f"{PROG}: warning: {message}\n"
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _format_warning(formatting, message, category, filename, lineno, line=None) -> str:
+    """Our warnings printed as one line, as the errors are (where in the library it was raised is noise here);
+    another library's (transformers', torch's) as Python prints them (``formatting``), naming their source."""
+    if os.path.abspath(filename).startswith(_PACKAGE):
+        return f"{PROG}: warning: {message}\n"
+    return formatting(message, category, filename, lineno, line)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``subspace-ext`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    formatting, warnings.formatwarning = warnings.formatwarning, _format_warning
+    formatting = warnings.formatwarning
+    warnings.formatwarning = functools.partial(_format_warning, formatting)
     try:
         return _run(args)
     finally:

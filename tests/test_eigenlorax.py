@@ -1695,6 +1695,23 @@ def test_cli_warnings_are_one_line_each(tmp_path):
     assert lines and all(line.startswith("subspace-ext: warning: EigenLoRAx: ") for line in lines), r.stderr
 
 
+def test_cli_prints_other_libraries_warnings_as_python_does(monkeypatch, tmp_path):
+    """Only our warnings take the one-line "subspace-ext: warning:" form; another library's warning kept that
+    prefix too, as if subspace_ext had said it, and lost the file that names its source."""
+    printed = []
+
+    def command(args):
+        for name in (cli.__file__, eigenlorax.__file__, "/x/site-packages/transformers/modeling_utils.py"):
+            printed.append(warnings.formatwarning("a message", FutureWarning, name, 7, "the line"))
+        return 0
+
+    monkeypatch.setattr(cli, "_run", command)
+    assert cli.main(["eigen", "inspect", str(tmp_path)]) == 0
+    assert printed[:2] == ["subspace-ext: warning: a message\n"] * 2
+    assert printed[2].startswith("/x/site-packages/transformers/modeling_utils.py:7: FutureWarning: a message")
+    assert warnings.formatwarning("after", UserWarning, cli.__file__, 1, "x").startswith(cli.__file__)  # put back
+
+
 def test_cli_build_and_export(tmp_path, capsys):
     dirs = []
     for i, ad in enumerate(random_adapters(TOY_LAYERS, 3, 4)):
