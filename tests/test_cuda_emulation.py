@@ -148,6 +148,9 @@ def test_reconstruct_perturbed_kernel(emu, m, n, k1, k2, sms, dtype):
     D = torch.empty(m, n, dtype=dtype)
     plans.append(_perturbed_nt(emu, T, V, 0.3, 11, 5, D, sms))
     assert all(launches == 1 for _, _, launches in plans)
+    # the strip's rows at an odd stride (k2, or k2 + 1 when even): a warp's lanes read one column of 32 rows
+    # without bank conflicts (k2 + 1 always was an even stride for odd k2: 32-way at k2 = 31 in float32)
+    assert emu.emu_last_smem() == plans[1][0] * (k2 | 1) * U.element_size()
     expected = ops.reconstruct_perturbed(U, C, V, eps=0.3, seed=11, stream_u=4, stream_v=5)
     unit = 2.0 ** -24 if dtype == torch.float32 else 2.0 ** -53
     Ua = U.double().abs() + 0.3 * ops.philox_normal(U.shape, 11, 4, dtype=dtype).double().abs()
@@ -218,6 +221,30 @@ def test_gram_orth_kernel_equals_cpu_bits(emu, q, smem):
     assert not (t[2] == 7.0).any() and not complete[2]
     want = ref.gram_orth_emulation(G[2])[0]
     assert torch.equal(t.mT[2].view(torch.int64), want.view(torch.int64))
+
+
+@pytest.mark.parametrize("smem", [OPTIN_SMEM, 0], ids=["staged", "global"])
+def test_small_svd_kernel_scale_exponents(emu, smem):
+    """The matrix's scale 2^e is found by all the block's lanes (each takes a share of the entries, then a
+    binary search over __syncthreads_or): the CPU's e, so its bits, for matrices whose largest entry sits in
+    one lane's share only, at the ends of the float64 range, all zero, or subnormal only."""
+    batch, p, q = 6, 21, 19
+    A = torch.randn(batch, p, q, dtype=torch.float64) * 1e-3
+    A[0, 20, 18] = 7.0                     # the last entry alone sets e
+    A[1] *= 1e300
+    A[2] *= 1e-300
+    A[3] = 0.0
+    A[4] = 0.0
+    A[4, 5, 5], A[4, 17, 2] = 5e-324, -3e-320   # subnormal only: e clamped to -1000
+    A[5, 0, 0] = -1e308                   # the first entry, near float64's largest
+    a = A.mT.contiguous().clone()
+    v, norms = torch.empty(batch, q, q, dtype=torch.float64), torch.empty(batch, q, dtype=torch.float64)
+    u, s, vout = torch.empty(batch, q, p, dtype=torch.float64), torch.empty(batch, q, dtype=torch.float64), \
+        torch.empty(batch, q, q, dtype=torch.float64)
+    _call(emu, "emu_small_svd", _p(a), _p(v), _p(norms), _p(u), _p(s), _p(vout), i64(batch), p, q, i64(smem))
+    U, S, V = ops.small_svd(A)
+    assert torch.equal(u.mT, U) and torch.equal(s, S) and torch.equal(vout.mT, V)
+    assert S[3].eq(0).all() and S[4, 0] > 0 and S[5, 0] == 1e308
 
 
 @pytest.mark.parametrize("smem", [OPTIN_SMEM, 0], ids=["staged", "global"])

@@ -7,7 +7,10 @@
 // (none for idx given on the host);
 // perturbed_basis(orthonormalize=True) (csrc/cpu/philox_cpu.cpp) reads one scalar per Cholesky-QR
 // pass and matrix (the pivot test, csrc/cpu/utils.cpp; the factorisation runs on the device).
-// Nothing else synchronises here.
+// Nothing else synchronises here. The ops composed in csrc/cpu/ that also run on CUDA tensors have
+// their own: a NaN/Inf check (an .item()) in project, project_perturbed, small_svd and _gram_orth,
+// one per factor in factored_svd (with its range), several in solar_decode, two per shape group in
+// rsvd and rsvd_many, and solar_basis' copy of W0's singular values (the README's CUDA section).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -95,8 +95,10 @@ size_t perturbed_tn_smem_bytes(int64_t r, size_t elem);
 
 // ---- reconstruct_perturbed (csrc/cuda/project_cuda.cu) ------------------------------------------
 // out (p x q, strides os0/os1) = X (p x k) (U + eps N)^T, U q x k, N as for perturbed_tn. A block
-// holds a strip of tq perturbed rows of U (tq * (k + 1) elements of shared memory) and runs over
+// holds a strip of tq perturbed rows of U (tq * nt_row_stride(k) elements of shared memory) and runs over
 // rows_per_split rows of X; grid (strips, splits). float32 / float64 only.
+// The strip's row stride: odd (k | 1), so that lanes reading one column of different rows miss bank conflicts.
+constexpr int64_t nt_row_stride(int64_t k) { return k | 1; }
 struct NtPlan {
   int tq = 0;                // strip rows; 0: a single row of U does not fit smem_limit
   size_t smem = 0;           // dynamic shared memory bytes

@@ -99,8 +99,11 @@ __global__ void perturbed_nt_kernel(const T* X, int64_t xs0, int64_t xs1, int64_
                                     uint64_t seed, uint64_t stream, int tq, int64_t rows_per_split,
                                     T* out, int64_t os0, int64_t os1) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* strip = reinterpret_cast<T*>(smem_raw);  // tq x (k + 1): padded rows, no bank conflicts
-  const int64_t ks = k + 1;
+  // tq x ks, ks = k | 1: an odd row stride (k, or k + 1 when k is even), so that a warp's lanes, which
+  // read the same column t of different rows, hit distinct banks (k + 1 for odd k was an even stride:
+  // k = 31 read 32-way conflicted in float32, 16-way in float64)
+  T* strip = reinterpret_cast<T*>(smem_raw);
+  const int64_t ks = nt_row_stride(k);
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tq;
   const int64_t nj = min(static_cast<int64_t>(tq), q - j0);
   // The strip: rows j0 .. j0 + nj of U, plus eps * z at their row-major positions (perturbed_basis's
@@ -168,7 +171,7 @@ NtPlan perturbed_nt_plan(int64_t p, int64_t k, int64_t q, size_t elem, size_t sm
   // 48 KiB; beyond, the widest that fits the device's opt-in limit.
   for (const size_t limit : {std::min<size_t>(48 * 1024, smem_limit), smem_limit}) {
     for (int tq = 64; tq >= 1 && plan.tq == 0; tq /= 2) {
-      const size_t bytes = static_cast<size_t>(tq) * static_cast<size_t>(k + 1) * elem;
+      const size_t bytes = static_cast<size_t>(tq) * static_cast<size_t>(nt_row_stride(k)) * elem;
       if (bytes <= limit) {
         plan.tq = tq;
         plan.smem = bytes;

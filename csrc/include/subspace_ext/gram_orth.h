@@ -20,9 +20,11 @@
 // barriers each and one back-substitution per column: microseconds rather than milliseconds.
 //
 // Layout: column-major, element (r, c) of a q x q matrix at [c * q + r]. G's upper triangle
-// (r <= c) is read and its strict part overwritten by R's; the strict lower triangle then holds
-// T's strict upper triangle transposed (T[i][j] at [i * q + j], i < j); `d` (q) holds R's
-// diagonal; `t` receives T. G's lower triangle is never read (G need not be exactly symmetric).
+// (r <= c) is read and its strict part overwritten by R's; the strict lower triangle holds R's
+// strict upper triangle mirrored (R[j][i] also at [j * q + i], i > j: row j contiguous for the
+// trailing update), then T's strict upper triangle transposed (T[i][j] at [i * q + j], i < j);
+// `d` (q) holds R's diagonal; `t` receives T. G's lower triangle is never read as input (G need
+// not be exactly symmetric).
 #pragma once
 #include <cfloat>
 #include <cmath>
@@ -58,15 +60,19 @@ SE_GO_HD bool transform(double* g, double* d, double* t, int q, int lane, int la
     complete = complete && kept;
     const double rjj = kept ? sqrt(dj) : 0.0;
     if (lane == 0) d[j] = rjj;
+    double* rj = g + static_cast<long long>(j) * q;  // column j: R's row j mirrored below the diagonal
     for (int i = j + 1 + lane; i < q; i += lanes) {  // row j of R: G[j][i] lives at column i, row j
       double& x = g[static_cast<long long>(i) * q + j];
       x = kept ? x / rjj : 0.0;
+      rj[i] = x;
     }
     sync();
+    // The update reads row j of R from its contiguous mirror: the row lanes read consecutive
+    // addresses (the row itself is strided by q: bank conflicts on the GPU for every even q)
     for (int k = j + 1 + cl; k < q; k += cols) {
-      const double rk = g[static_cast<long long>(k) * q + j];
+      const double rk = rj[k];
       double* gk = g + static_cast<long long>(k) * q;
-      for (int i = j + 1 + rl; i <= k; i += row_lanes) gk[i] = gk[i] - g[static_cast<long long>(i) * q + j] * rk;
+      for (int i = j + 1 + rl; i <= k; i += row_lanes) gk[i] = gk[i] - rj[i] * rk;
     }
     sync();
   }

@@ -143,15 +143,29 @@ SE_SVD_HD bool step(double* a, double* v, int p, int q, int t, int group, int gr
   return rotated;
 }
 
-// Binary exponent e of max |a| over n entries (0 for a zero matrix), clamped so that 2^-e is finite:
-// the kernels work on a * 2^-e (exact) so that the squared norms neither overflow nor underflow,
-// and scale S back by 2^e.
-SE_SVD_HD int scale_exponent(const double* a, long long n) {
+// Binary exponent e of max |a| over n entries (0 for a zero matrix; NaN entries are skipped), clamped
+// so that 2^-e is finite: the kernels work on a * 2^-e (exact) so that the squared norms neither
+// overflow nor underflow, and scale S back by 2^e. Each lane takes the entries i = lane (mod lanes);
+// the lanes' exponents meet by a binary search over `any` (a dozen barriers), the largest being the
+// exponent of the largest entry (frexp's exponent does not decrease with the magnitude): the same
+// e for any number of lanes. One lane used to scan the whole matrix while the others waited.
+constexpr int kNoExponent = -2048;  // a lane whose entries are all 0 (below every clamped exponent)
+template <typename Any>
+SE_SVD_HD int scale_exponent(const double* a, long long n, int lane, int lanes, Any any) {
   double m = 0.0;
-  for (long long i = 0; i < n; ++i) m = fmax(m, fabs(a[i]));
-  int e = 0;
-  if (m > 0.0) frexp(m, &e);
-  return e < -1000 ? -1000 : e;
+  for (long long i = lane; i < n; i += lanes) m = fmax(m, fabs(a[i]));
+  int mine = kNoExponent;
+  if (m > 0.0) {
+    frexp(m, &mine);
+    mine = mine < -1000 ? -1000 : mine;
+  }
+  int lo = kNoExponent, hi = 1025;  // any(mine >= lo) holds, any(mine >= hi) does not (frexp's e <= 1024)
+  while (hi - lo > 1) {
+    const int mid = lo + (hi - lo) / 2;
+    if (any(mine >= mid)) lo = mid;
+    else hi = mid;
+  }
+  return lo == kNoExponent ? 0 : lo;
 }
 
 SE_SVD_HD void scale(double* a, long long n, double f, int lane, int lanes) {
@@ -226,7 +240,8 @@ SE_SVD_HD void svd(double* a, double* v, double* norms, double* u, double* s, do
                    int q, int lane, int lanes, int group, int groups, const Group& g, int& e, Sync sync,
                    Any any) {
   const long long n = static_cast<long long>(p) * q;
-  if (lane == 0) e = scale_exponent(a, n);
+  const int exponent = scale_exponent(a, n, lane, lanes, any);
+  if (lane == 0) e = exponent;
   sync();
   scale(a, n, ldexp(1.0, -e), lane, lanes);
   for (long long j = lane; j < static_cast<long long>(q) * q; j += lanes) v[j] = (j / q == j % q) ? 1.0 : 0.0;
