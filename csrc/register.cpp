@@ -1,7 +1,10 @@
 // The one registration file: every op's schema, in the `subspace_ext` namespace.
 // Kernels are registered per dispatch key next to their code: csrc/cpu/*_cpu.cpp (CPU) and
 // csrc/cuda/*_cuda.cu (CUDA). Python-side fake (meta) kernels live in subspace_ext/ops.py.
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
@@ -135,8 +138,83 @@ void inplace_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks
   for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 
-// The ops by how autograd treats them: derivatives registered in subspace_ext/ops.py
-// (torch.library.register_autograd), none, or in place (written arguments) and none.
+// ---- derivatives of the two linear ops, from the factors (no m x n product) ----------------------
+// In C++ rather than through torch.library.register_autograd: the Python autograd layer cost ~10 us a
+// call, more than project's whole kernel at SOLAR's sizes (~15 us at 384 x 384, k = 32). Each
+// gradient is in the output gradient's dtype, summed over broadcast batch dimensions, then cast to its
+// input's dtype (a bfloat16 B gets a bfloat16 gradient). The backward formulas are ATen ops, so a
+// second derivative and torch.compile's tracing (AOTAutograd) go through them.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using TensorArg = const at::Tensor&;
+// The forwards call the op again below the autograd keys (at::AutoDispatchBelowADInplaceOrView): its
+// device kernel, through the dispatcher, with the handle looked up once.
+
+// The gradient g of input t: nothing where t needs none, else g summed to t's shape, in t's dtype.
+at::Tensor grad_for(const AutogradContext* ctx, size_t i, const at::Tensor& g, const at::Tensor& t) {
+  if (!ctx->needs_input_grad(i)) return at::Tensor();
+  return at::sum_to(g, t.sym_sizes()).to(t.scalar_type());
+}
+
+// C = s U^T B A V: dU = B (A V) G^T, dV = A^T (U^T B)^T G, dB = U G (A V)^T, dA = (U^T B)^T G V^T.
+struct ProjectFunction : public torch::autograd::Function<ProjectFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& U, const at::Tensor& V, const at::Tensor& B,
+                            const at::Tensor& A, double scaling) {
+    ctx->save_for_backward({U, V, B, A});
+    ctx->saved_data["scaling"] = scaling;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("subspace_ext::project", "")
+                               .typed<at::Tensor(TensorArg, TensorArg, TensorArg, TensorArg, double)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(U, V, B, A, scaling);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor G = grads[0] * ctx->saved_data["scaling"].toDouble();
+    const auto dt = G.scalar_type();
+    const at::Tensor U = saved[0].to(dt), V = saved[1].to(dt), B = saved[2].to(dt), A = saved[3].to(dt);
+    const at::Tensor AV = at::matmul(A, V), UtB = at::matmul(U.mT(), B);  // r x k2, k1 x r
+    const at::Tensor UtBt_G = at::matmul(UtB.mT(), G);                    // r x k2
+    return {grad_for(ctx, 0, at::matmul(B, at::matmul(AV, G.mT())), saved[0]),
+            grad_for(ctx, 1, at::matmul(A.mT(), UtBt_G), saved[1]),
+            grad_for(ctx, 2, at::matmul(U, at::matmul(G, AV.mT())), saved[2]),
+            grad_for(ctx, 3, at::matmul(UtBt_G, V.mT()), saved[3]), at::Tensor()};
+  }
+};
+
+// D = U C V^T: dU = (G V) C^T, dC = U^T (G V), dV = G^T (U C).
+struct ReconstructFunction : public torch::autograd::Function<ReconstructFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& U, const at::Tensor& C, const at::Tensor& V) {
+    ctx->save_for_backward({U, C, V});
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("subspace_ext::reconstruct", "")
+                               .typed<at::Tensor(TensorArg, TensorArg, TensorArg)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(U, C, V);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& G = grads[0];
+    const auto dt = G.scalar_type();
+    const at::Tensor U = saved[0].to(dt), C = saved[1].to(dt), V = saved[2].to(dt);
+    const at::Tensor GV = at::matmul(G, V);  // m x k2
+    return {grad_for(ctx, 0, at::matmul(GV, C.mT()), saved[0]), grad_for(ctx, 1, at::matmul(U.mT(), GV), saved[1]),
+            grad_for(ctx, 2, at::matmul(G.mT(), at::matmul(U, C)), saved[2])};
+  }
+};
+
+at::Tensor project_autograd(const at::Tensor& U, const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
+                            double scaling) {
+  return ProjectFunction::apply(U, V, B, A, scaling);
+}
+
+at::Tensor reconstruct_autograd(const at::Tensor& U, const at::Tensor& C, const at::Tensor& V) {
+  return ReconstructFunction::apply(U, C, V);
+}
+
+// The ops by how autograd treats them: derivatives (above), none, or in place (written arguments) and
+// none.
 constexpr const char* kWithDerivative[] = {"project", "reconstruct"};
 constexpr const char* kNoDerivative[] = {"perturbed_basis", "rsvd", "rsvd_many", "factored_svd", "_rsvd_batched",
                                          "_small_svd", "_gram_orth", "project_perturbed", "project_dense",
@@ -166,6 +244,8 @@ void register_autocast_off(torch::Library& m) {
 // and the in-place ops refuse tensors that require grad; their ADInplaceOrView kernels (below) bump
 // the version counters of what they write, as torch's own in-place ops do, in inference mode too.
 TORCH_LIBRARY_IMPL(subspace_ext, Autograd, m) {
+  m.impl("project", &project_autograd);
+  m.impl("reconstruct", &reconstruct_autograd);
   for (const char* op : kNoDerivative) m.impl(op, torch::autograd::autogradNotImplementedFallback());
   for (const char* op : kInPlace) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&inplace_autograd>());
 }

@@ -422,7 +422,7 @@ def _no_autocast(t: torch.Tensor):
 
 def _transformed(*tensors: torch.Tensor) -> bool:
     """Whether forward-mode AD or a torch.func transform (jvp, grad, jacfwd, jacrev, vmap) sees one of the
-    tensors. torch.library registers only a backward formula, and forward AD through it gave zero tangents
+    tensors. The ops register only a backward formula (csrc/register.cpp), and forward AD through it gave zero tangents
     without a word, so ``project`` and ``reconstruct``, linear in every argument, then compute their
     product with torch's own matmuls (the same factor order; rounding may differ in the last bits)."""
     if torch.compiler.is_compiling():
@@ -892,43 +892,4 @@ def _register_fakes():
         return None
 
 
-def _register_autograd():
-    """Derivatives of the two linear ops, from the factors (no m x n product), as torch ops: project
-    (C = s Uᵀ B A V) and reconstruct (D = U C Vᵀ). Every other op raises on backward (csrc/register.cpp)."""
-    lib = "subspace_ext::"
-
-    def _grads(ctx, grads, inputs):
-        return tuple(None if g is None or not need else g.sum_to_size(t.shape).to(t.dtype)
-                     for g, t, need in zip(grads, inputs, ctx.needs_input_grad))
-
-    def project_setup(ctx, inputs, output):
-        U, V, B, A, scaling = inputs
-        ctx.save_for_backward(U, V, B, A)
-        ctx.scaling = scaling
-
-    def project_backward(ctx, G):
-        U, V, B, A = ctx.saved_tensors
-        G = G * ctx.scaling
-        dt = G.dtype
-        U_, V_, B_, A_ = (t.to(dt) for t in (U, V, B, A))
-        AV, UtB = A_ @ V_, U_.mT @ B_                        # r x k2, k1 x r
-        return _grads(ctx, (B_ @ (AV @ G.mT), A_.mT @ (UtB.mT @ G), U_ @ (G @ AV.mT), UtB.mT @ G @ V_.mT, None),
-                      (U, V, B, A, U))
-
-    torch.library.register_autograd(lib + "project", project_backward, setup_context=project_setup)
-
-    def reconstruct_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def reconstruct_backward(ctx, G):
-        U, C, V = ctx.saved_tensors
-        dt = G.dtype
-        U_, C_, V_ = (t.to(dt) for t in (U, C, V))
-        GV = G @ V_                                           # m x k2
-        return _grads(ctx, (GV @ C_.mT, U_.mT @ GV, G.mT @ (U_ @ C_)), (U, C, V))
-
-    torch.library.register_autograd(lib + "reconstruct", reconstruct_backward, setup_context=reconstruct_setup)
-
-
 _register_fakes()
-_register_autograd()

@@ -500,6 +500,33 @@ def test_project_and_reconstruct_gradients(lead, device):
     torch.testing.assert_close(Bc.grad, Be.grad)
 
 
+def test_project_and_reconstruct_second_derivatives_broadcasting_and_gradient_dtypes(device):
+    """The derivatives (C++ autograd functions since they left torch.library's Python layer, which cost
+    ~10 us a call): second derivatives, batch dimensions broadcast between the arguments (a gradient is
+    summed back to its argument's shape), half-precision factors getting gradients in their own dtype."""
+    d = dict(dtype=torch.float64, device=device)
+    U, V, B, A = torch.randn(2, 7, 3, **d), torch.randn(5, 4, **d), torch.randn(7, 2, **d), torch.randn(1, 2, 5, **d)
+    args = [t.requires_grad_() for t in (U, V, B, A)]
+    assert torch.autograd.gradgradcheck(lambda U, V, B, A: ops.project(U, V, B, A, -0.6), args)
+    C = torch.randn(2, 3, 4, **d).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda U, C, V: ops.reconstruct(U, C, V), (U, C, V))
+    gU, gV, gB, gA = torch.autograd.grad(ops.project(U, V, B, A, -0.6).square().sum(), args)
+    wU, wV, wB, wA = torch.autograd.grad((-0.6 * U.mT @ B @ A @ V).square().sum(), args)
+    for got, want, t in ((gU, wU, U), (gV, wV, V), (gB, wB, B), (gA, wA, A)):
+        assert got.shape == t.shape
+        torch.testing.assert_close(got, want)
+    f32 = dict(device=device)
+    Uf, Vf = torch.randn(7, 3, **f32, requires_grad=True), torch.randn(5, 4, **f32, requires_grad=True)
+    Bh = torch.randn(7, 2, **f32).to(torch.bfloat16).requires_grad_()
+    Ah = torch.randn(2, 5, **f32).to(torch.float16).requires_grad_()
+    ops.project(Uf, Vf, Bh, Ah, 2.0).sum().backward()
+    assert Bh.grad.dtype == torch.bfloat16 and Ah.grad.dtype == torch.float16 and Uf.grad.dtype == torch.float32
+    G = torch.full((3, 4), 2.0, dtype=torch.float64, device=device)
+    torch.testing.assert_close(Bh.grad.double(), Uf.detach().double() @ G @ (Ah.detach().double()
+                                                                           @ Vf.detach().double()).mT,
+                               atol=0.05, rtol=1e-2)
+
+
 @pytest.mark.parametrize("lead", [(), (2,)])
 def test_project_and_reconstruct_under_forward_ad_and_torch_func(lead, device):
     """torch.library registers a backward only: forward AD through project / reconstruct gave zero tangents

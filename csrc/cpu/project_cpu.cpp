@@ -70,7 +70,7 @@ at::Tensor project_cpu(const at::Tensor& U, const at::Tensor& V, const at::Tenso
   at::Tensor C = at::matmul(left, right);
   if (scaling != 1.0) C.mul_(scaling);
   // NaN/Inf in any input reach C (k1 x k2): checked here rather than by a pass over the inputs.
-  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), "project: the result is not finite: U, V, B or A contains NaN "
+  TORCH_CHECK_VALUE(all_finite(C), "project: the result is not finite: U, V, B or A contains NaN "
                     "or Inf, or the result or an intermediate product (U^T B, A V) overflows its dtype");
   return C;
 }
@@ -148,8 +148,8 @@ void tn_partial(const T* u, const T* y, int64_t rows, int64_t k, int64_t r, T* a
 at::Tensor perturbed_tn(const at::Tensor& U, const at::Tensor& Y, double eps, int64_t seed, int64_t stream) {
   const int64_t m = U.size(0), k = U.size(1), r = Y.size(1);
   const int64_t chunks = std::max<int64_t>((m + kPerturbRows - 1) / kPerturbRows, 1);
-  at::Tensor partial = at::zeros({chunks, k, r}, U.options());
-  if (m == 0 || k == 0 || r == 0) return partial.sum(0);
+  if (m == 0 || k == 0 || r == 0) return at::zeros({k, r}, U.options());
+  at::Tensor partial = at::empty({chunks, k, r}, U.options());  // every entry written below
 #ifdef SUBSPACE_EXT_WITH_CUDA
   if (U.is_cuda())
     perturbed_tn_cuda(U, Y, eps, seed, stream, partial);
@@ -190,7 +190,7 @@ at::Tensor project_perturbed_cpu(const at::Tensor& U, const at::Tensor& V, const
   const at::Tensor right = perturbed_tn(V, A.t(), eps, seed, stream_v);  // k2 x r
   at::Tensor C = at::mm(left, right.t());
   if (scaling != 1.0) C.mul_(scaling);
-  TORCH_CHECK_VALUE(C.isfinite().all().item<bool>(), op,
+  TORCH_CHECK_VALUE(all_finite(C), op,
                     ": the result is not finite: an input contains NaN or Inf, or the result or an intermediate "
                     "product (U~^T B, A V~) overflows its dtype");
   return C;

@@ -238,19 +238,37 @@ void check_no_overlap(const char* op, at::TensorList W, at::TensorList B, at::Te
   check_disjoint(op, std::move(spans));
 }
 
+// Any of n IEEE numbers (their bits as Bits) NaN or Inf, i.e. with an all-ones exponent field
+// `mask`? An OR over the whole array without branches, which the compiler vectorises.
+template <typename Bits>
+bool any_non_finite(const void* data, int64_t n, Bits mask) {
+  const Bits* p = static_cast<const Bits*>(data);
+  Bits bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<Bits>((p[i] & mask) == mask);
+  return bad != 0;
+}
+
 // Every element of a CPU tensor finite? A plain loop: the ATen isfinite().all() it replaces cost
 // ~8 us per tensor, ~3 ms for the 400 small B_new / A_new of a 200-layer reinit_pairs_.
 bool all_finite_host(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
-  bool ok = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "all_finite", [&] {
-    const scalar_t* p = c.data_ptr<scalar_t>();
-    for (int64_t i = 0, n = c.numel(); i < n; ++i) ok = ok && std::isfinite(static_cast<double>(p[i]));
-  });
-  return ok;
+  const void* p = c.const_data_ptr();
+  const int64_t n = c.numel();
+  switch (c.scalar_type()) {
+    case at::kFloat: return !any_non_finite<uint32_t>(p, n, 0x7f800000u);
+    case at::kDouble: return !any_non_finite<uint64_t>(p, n, 0x7ff0000000000000ull);
+    case at::kHalf: return !any_non_finite<uint16_t>(p, n, 0x7c00u);
+    case at::kBFloat16: return !any_non_finite<uint16_t>(p, n, 0x7f80u);
+    default: break;
+  }
+  TORCH_CHECK(false, "all_finite: a float tensor was expected, got ", c.scalar_type());
 }
 
 }  // namespace
+
+bool all_finite(const at::Tensor& t) {
+  return t.is_cpu() ? all_finite_host(t) : t.isfinite().all().item<bool>();
+}
 
 // Per tensor of `ts` (not on the host): are all its elements finite? One bool tensor, from a few
 // multi-tensor launches whatever the count (a per-tensor isfinite().all() was two launches each:
