@@ -317,7 +317,8 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                         "other existing file is refused; never one of the inputs)")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--ratio", type=_number(0, low_open=True), metavar="R",
-                   help="stored numbers / adapter numbers (0.1 = 10x fewer; extra tensors included)")
+                   help="stored numbers / adapter numbers (0.1 = 10x fewer; extra tensors included; with --dense "
+                        "/ the changed weights' m x n numbers)")
     g.add_argument("--budget", type=_budget, metavar="N|full",
                    help="numbers to store (a SOLAR coefficient is 2: value + index; a low-rank pair m + n), or "
                         "'full' (lossless; with --method solar larger than the adapter: every coefficient of every "
@@ -326,16 +327,17 @@ def _add_solar(sub: argparse._SubParsersAction) -> None:
                    help="each layer's encoding: 'solar' (sparse coefficients over the base weight's singular "
                         "bases, our reading of the paper's method; default), 'lowrank' (the update's own leading "
                         "singular pairs: truncated SVD) or 'auto' (per layer whichever keeps more of the update "
-                        "for its numbers; on the adapters we measured it picks low-rank nearly everywhere, see "
-                        "README)")
+                        "for its numbers; on the adapters we measured it picks low-rank in most layers it stores "
+                        "at ratios >= 0.05 and SOLAR below, see README)")
     c.add_argument("--storage", choices=tuple(STORAGE), default=None,
                    help="dtype of the stored coefficients / factors (default: bfloat16 for a bfloat16 adapter, "
-                        "else float32; float16 or bfloat16 halve the package's bytes for a rounding error "
-                        "~1e-3 / ~4e-3 of each number; int8 quarters them: codes with one float32 scale per "
+                        "else float32; float16 or bfloat16 halve each stored value's bytes for a rounding error "
+                        "~1e-3 / ~4e-3 of each number, int8 quarters them (SOLAR's int32 indices, extra tensors "
+                        "and the header keep their size); int8: codes with one float32 scale per "
                         "factor column / row (per layer for SOLAR coefficients), a rounding error up to 1/254 of "
                         "each vector's largest entry)")
     c.add_argument("--layout", choices=LAYOUTS, default="packed",
-                   help="file layout: 'packed' (default; format version 4: every layer's numbers in 3 tensors, "
+                   help="file layout: 'packed' (default; format version 4: every layer's numbers in at most 3 tensors, "
                         "the smallest header) or 'layers' (tensors per layer, format versions 1-3: for receivers "
                         "whose build predates version 4)")
     c.add_argument("--seed", type=_number(0, 2 ** 64, high_open=True, whole=True), default=0,

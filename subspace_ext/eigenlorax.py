@@ -4,8 +4,8 @@ only small "loadings" over the shared, frozen components.
 Formulation (as in the authors' public code, see DESIGN.md section 3): per adapted layer and
 separately for lora_A and lora_B, orient each adapter's matrix with the larger dimension as rows
 (B: m x r; A: r x n -> n x r), concatenate the N adapters' columns into M (d x N r), centre M's rows,
-and take its top-K left singular vectors P (d x K) — from an rsvd of the centred stack, never the d x d
-covariance. Optionally add ``augment`` directions: seeded Philox normals orthogonalised against P (a QR per
+and take its top-K left singular vectors P (d x K) — from a thin SVD of the centred stack (an rsvd of 2 K + 8
+directions where the stack is wider than 3 such sketches with their oversampling), never the d x d covariance. Optionally add ``augment`` directions: seeded Philox normals orthogonalised against P (a QR per
 layer and side). A task then trains loadings α_A, α_B (K x r): A = (P_A α_A)ᵀ, B = P_B α_B, and the layer
 computes ``base(x) + scaling · B (A x)`` as ``((x P_A) α_A) α_Bᵀ P_Bᵀ`` — O((m + n) K) per token, no
 r x n x K tensor. Trainable per layer: 2 K r (LoRA: (m + n) r).

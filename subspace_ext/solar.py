@@ -23,7 +23,8 @@ For every adapted Linear with base weight W0 (m x n) and update ΔW = s·B·A:
 leading singular pairs, (m + n) numbers each: truncated SVD, no basis needed) or ``"auto"``: per layer
 whichever keeps more of ΔW's energy for the numbers it gets, the budget split across layers and
 encodings by one Lagrangian allocation. On the adapters we measured, ΔW is not aligned with W0's
-singular directions and ``"auto"`` picks the low-rank encoding for nearly every layer (README).
+singular directions and ``"auto"`` picks the low-rank encoding for most layers it stores at ratios of
+0.05 and above, SOLAR coefficients below (README).
 
 The paper (arXiv 2604.08368) describes the same ingredients (base singular vectors, controlled random
 perturbation, sparse coefficients); its exact method section was not available to us, so the
@@ -75,7 +76,7 @@ FORMAT_VERSION_PACKED = 4    # layout "packed": every layer's stored numbers in 
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_LOWRANK, FORMAT_VERSION_INT8, FORMAT_VERSION_PACKED)
 # Layout "packed": all layers' values / factors (B then A, row-major), in layer order; all SOLAR layers'
 # int32 indices; all int8 scales (a SOLAR layer's one, then B's t and A's t). A layer's extent follows
-# from its kind, nnz and shape, so the header lists 3 tensors instead of 2 to 4 a layer.
+# from its kind, nnz and shape, so the header lists at most 3 tensors instead of 2 to 4 a layer.
 PACKED = ("packed.values", "packed.indices", "packed.scales")
 LAYOUTS = ("packed", "layers")
 NUMBERS_PER_COEFFICIENT = 2  # value + index
@@ -269,7 +270,7 @@ class SolarPackage:
 
     def save(self, path: str, layout: str = "packed") -> int:
         """Write the package (one .safetensors file); returns its size in bytes. ``layout``: "packed"
-        (format version 4: all layers' numbers in 3 tensors, the smallest header) or "layers" (2 to 4
+        (format version 4: all layers' numbers in at most 3 tensors, the smallest header) or "layers" (2 to 4
         tensors a layer, format versions 1 to 3, for receivers with builds that predate version 4)."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
@@ -430,7 +431,8 @@ class SolarPackage:
 
     def summary(self) -> str:
         """Per-layer table (sizes, captured energy, relative error) and totals, as markdown."""
-        rows = ["| layer | shape | rank | encoding | numbers | LoRA numbers | energy | rel. error |",
+        # "original": the LoRA's r (m + n) numbers, or m·n for a dense fine-tune's delta (compress_dense)
+        rows = ["| layer | shape | rank | encoding | numbers | original numbers | energy | rel. error |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for i, l in enumerate(self.layers):
             enc = f"rank-{l.nnz} factors" if l.kind == "lowrank" else f"{l.nnz} coefficients"
@@ -441,7 +443,7 @@ class SolarPackage:
         errs = [l.rel_error for l in self.layers]
         rows.append("")
         rows.append(f"layers: {len(self.layers)}; extra tensors: {len(self.extra)} ({self.extra_numbers()} numbers); "
-                    f"stored numbers {self.numbers()} vs adapter {self.lora_numbers()} "
+                    f"stored numbers {self.numbers()} vs original {self.lora_numbers()} "
                     f"(ratio {self.ratio():.4f}, {self.size_change()}); "
                     f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}; seed {self.seed}, eps {self.eps}; "
                     f"{self.encodings()}, stored as {self.storage()}")
@@ -1044,8 +1046,9 @@ def compress(adapter: Union[str, PeftAdapter], base: Union[str, BaseWeights], *,
     heads, biases) are always kept unchanged and count towards ``ratio``. ``method``: each layer's
     encoding, ``"solar"`` (coefficients over W0's bases), ``"lowrank"`` (ΔW's leading singular pairs)
     or ``"auto"`` (per layer whichever captures more energy for its numbers). ``storage``: the dtype of
-    the stored coefficients / factors (``"float16"`` or ``"bfloat16"`` halve the package's bytes,
-    ``"int8"`` quarters them: symmetric absmax codes with one float32 scale per factor column / row, or
+    the stored coefficients / factors (``"float16"`` or ``"bfloat16"`` halve each stored value's bytes,
+    ``"int8"`` quarters them, while SOLAR's int32 indices, extra tensors and the header keep their size;
+    int8: symmetric absmax codes with one float32 scale per factor column / row, or
     per layer for SOLAR coefficients, the scales counted as stored numbers; the reported errors are
     those of the stored, rounded numbers). Default: ``"bfloat16"`` for a bfloat16 adapter (it decodes to
     bfloat16 anyway: float32 doubled the bytes), else ``"float32"``.
