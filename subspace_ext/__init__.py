@@ -6,16 +6,17 @@
 
 The kernels are registered as torch.ops.subspace_ext.*; `subspace_ext.ops` is the typed,
 checked Python entry point to them. The methods live in se.solar, se.eigenlorax and se.srlora
-(imported on first use), file formats in se.io.
+(imported on first use), file formats in se.io. Every warning they give is a se.SubspaceExtWarning.
 """
 import importlib
 
 from . import ops
+from ._warn import SubspaceExtWarning
 from .ops import cuda_enabled
 
 __version__ = "0.1.0"
 _SUBMODULES = ("solar", "eigenlorax", "srlora", "io")
-__all__ = ["ops", "cuda_enabled", "__version__", *_SUBMODULES]
+__all__ = ["ops", "cuda_enabled", "SubspaceExtWarning", "__version__", *_SUBMODULES]
 
 
 def __getattr__(name):

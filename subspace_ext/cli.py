@@ -14,6 +14,7 @@ import warnings
 from typing import Callable, NoReturn, Optional, Sequence
 
 from . import __version__
+from ._warn import SubspaceExtWarning
 
 PROG = "subspace-ext"
 DESCRIPTION = """\
@@ -540,13 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
 def _format_warning(formatting, message, category, filename, lineno, line=None) -> str:
     """Our warnings printed as one line, as the errors are (where in the library it was raised is noise here);
-    another library's (transformers', torch's) as Python prints them (``formatting``), naming their source."""
-    if os.path.abspath(filename).startswith(_PACKAGE):
+    another library's (transformers', torch's) as Python prints them (``formatting``), naming their source. Ours by
+    category: torch's warnings from our calls into it point at our files too."""
+    if issubclass(category, SubspaceExtWarning):
         return f"{PROG}: warning: {message}\n"
     return formatting(message, category, filename, lineno, line)
 

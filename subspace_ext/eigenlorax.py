@@ -25,13 +25,12 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import ops
+from . import _warn, ops
 from .io import (BaseWeights, FormatError, LowRankUpdate, PeftAdapter, base_modifying_init, check_digest, check_finite,
                  embedding_lora_modules, fingerprint, linear_layout, nested_parameter, nesting_depth,
                  parameter_names, prefix_rewrite, progress_bar, quantized, read_safetensors, refuse_distributed,
@@ -372,13 +371,13 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
     for name, a in zip(names, loaded):
         init = base_modifying_init(a.config.get("init_lora_weights"))
         if init:
-            warnings.warn(f"{name}: saved with init_lora_weights={init!r} without peft's conversion: its factors hold "
+            _warn.warn(f"{name}: saved with init_lora_weights={init!r} without peft's conversion: its factors hold "
                           "that init (a principal part of the base weight) plus the training, and the subspace "
                           "learns both; convert it first (save_pretrained(..., "
                           "path_initial_model_for_weight_conversion=...))", stacklevel=2)
         left = embedding_lora_modules(a.tensors) + sorted(k for k in a.tensors if k.endswith(".lora_B.bias"))
         if left:
-            warnings.warn(f"{name}: LoRA on embeddings (lora_embedding_A/B) and LoRA biases (lora_B.bias) are not "
+            _warn.warn(f"{name}: LoRA on embeddings (lora_embedding_A/B) and LoRA biases (lora_B.bias) are not "
                           f"part of an EigenLoRAx subspace and are left out: {', '.join(left[:3])}"
                           f"{' ...' if len(left) > 3 else ''}", stacklevel=2)
     modules = list(per[0])
@@ -479,7 +478,7 @@ def _warn_capped(subA: dict, subB: dict, components: Optional[int], augment: int
     if sides:
         low = min(sb.n_pc for sb in sides)
         plus = f" + {augment} augmented" if augment else ""
-        warnings.warn(f"EigenLoRAx: {len(sides)} of {2 * len(subA)} layer sides have fewer than components="
+        _warn.warn(f"EigenLoRAx: {len(sides)} of {2 * len(subA)} layer sides have fewer than components="
                       f"{components} directions (down to {low} principal ones{plus}): the centred stack of "
                       f"{adapters} adapters has no more (rank at most N·r − 1); "
                       f"augment={components - low} fills them up with seeded orthogonal directions", stacklevel=3)
@@ -833,7 +832,7 @@ class EigenModel:
         left = [n for n, p in self.model.named_parameters()
                 if p.requires_grad and id(p) not in loadings and n not in self.extra_names]
         if left:
-            warnings.warn(f"{path}: {len(left)} parameter(s) require grad but are not saved with the task "
+            _warn.warn(f"{path}: {len(left)} parameter(s) require grad but are not saved with the task "
                           f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''}): unfrozen after apply(), "
                           "they are not the task's extra tensors; pass apply(trainable=[...]) to train and save "
                           "them, or extra=... here", stacklevel=3)
@@ -1154,12 +1153,12 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
     heads = _TASKS_WITH_HEAD.get(task_type, ())
     if extra and task_type != recorded and heads and \
             not any(part in heads for k in extra for part in k.split(".")[:-1]):
-        warnings.warn(f"{where}: saved for task_type {recorded}, exported as {task_type}, whose peft model also "
+        _warn.warn(f"{where}: saved for task_type {recorded}, exported as {task_type}, whose peft model also "
                       f"loads any {' / '.join(heads)} module of the model from the adapter, and the task holds none: "
                       "if PeftModel.from_pretrained fails on the export (KeyError), save the task with "
                       f"task_type={task_type!r}", stacklevel=2)
     if extra and from_file and meta.get("extra") != _WHOLE_MODULES:
-        warnings.warn(f"{where}: written by an older subspace_ext, which saved only the trained tensors of a "
+        _warn.warn(f"{where}: written by an older subspace_ext, which saved only the trained tensors of a "
                       "module, while peft loads a modules_to_save module whole: if PeftModel.from_pretrained fails "
                       "on the export (KeyError), save the task again: apply(..., trainable=<the whole module>), "
                       "load_coefficients(this file), save_coefficients(...)", stacklevel=2)

@@ -15,7 +15,6 @@ import re
 import shutil
 import sys
 import uuid
-import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -24,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
+
+from . import _warn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -366,7 +367,7 @@ class PeftAdapter:
             raise
         if os.path.isfile(stale):  # the replaced adapter's: srlora.load_base_weights would apply it to this one
             os.remove(stale)
-            warnings.warn(f"{path}: removed {SRLORA_STATE}, the SRLoRA state of the adapter this one replaced")
+            _warn.warn(f"{path}: removed {SRLORA_STATE}, the SRLoRA state of the adapter this one replaced")
 
     # -- contents ------------------------------------------------------------------------------
     @property
@@ -1006,7 +1007,7 @@ class BaseWeights:
                     by[int(hit.group(1)) if len(hit.groups()) == 1 else -1 - len(by)] = k
             return names, {name: _stacked_experts(by, converters) for name, by in sources.items()}
         except Exception as e:   # noqa: BLE001  (another transformers' internals: the stored names only)
-            warnings.warn(f"{self.path}: transformers' load-time renaming of this model's weights could not be worked "
+            _warn.warn(f"{self.path}: transformers' load-time renaming of this model's weights could not be worked "
                           f"out ({type(e).__name__}: {e}); the stored names are used")
             return same, {}
 
@@ -1038,7 +1039,7 @@ class BaseWeights:
             with torch.device("meta"):
                 return arch(config) if arch is not None else transformers.AutoModel.from_config(config)
         except Exception as e:
-            warnings.warn(f"{self.path}/config.json: transformers cannot build this model ({e}); "
+            _warn.warn(f"{self.path}/config.json: transformers cannot build this model ({e}); "
                           "its module types and tied weights are unknown")
             return None
 

@@ -54,13 +54,12 @@ import json
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from . import ops
+from . import _warn, ops
 from .io import (ADAPTER_CONFIG, BaseWeights, FormatError, LowRankUpdate, PeftAdapter, as_update_layout,
                  base_modifying_init, check_finite, embedding_lora_modules, fingerprint, nested_parameter,
                  prefix_rewrite, read_safetensors, refuse_layer_replication, safetensors_metadata, save_safetensors,
@@ -1214,7 +1213,7 @@ def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[
             transposed = bool(getattr(model.get_submodule(core), "is_transposed", False))
         except AttributeError:
             transposed = False
-            warnings.warn(f"layer {u.module}: the experts of {param} are square and {bw.path} does not tell their "
+            _warn.warn(f"layer {u.module}: the experts of {param} are square and {bw.path} does not tell their "
                           "layout (a bare .safetensors file, or a model transformers cannot build): taken as experts x "
                           "out x in, peft's default; SOLAR's bases fit them less well if they are stored in x out "
                           "(the decoded adapter is right either way)")
@@ -1277,7 +1276,7 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
                  and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(w.path)), "config.json"))]
         why = (f"{files[0]} is a file: pass its folder, whose config.json tells them" if files else
                "no config.json in the folders given, or one transformers cannot build")
-        warnings.warn(f"the module types are unknown ({why}): every 2-D *.weight without 'embed' in its name is read "
+        _warn.warn(f"the module types are unknown ({why}): every 2-D *.weight without 'embed' in its name is read "
                       "as a Linear weight (out x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, c_fc) are "
                       "stored in x out and would decode transposed")
     if not isinstance(rank, int) or rank < 1:
@@ -1413,7 +1412,7 @@ def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, st
     if model is None:   # a bare base file: the fine-tune's model (named as the adapter is), its 3-D tensors found
         model, P, Q = fw.skeleton, "", ""   # in the base by name; transformers' merges cannot be worked out
         if model is not None and fw._merges:
-            warnings.warn(f"{bw.path} is a bare .safetensors file: the MoE experts that transformers stacks from "
+            _warn.warn(f"{bw.path} is a bare .safetensors file: the MoE experts that transformers stacks from "
                           "per-expert weights as it loads the model cannot be found in it, and are not carried; pass "
                           "the base model's folder")
     if model is None:

@@ -38,13 +38,12 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
-from . import ops
+from . import _warn, ops
 from .io import SRLORA_STATE as STATE_FILE
 from .io import (FormatError, base_modifying_init, check_digest, fingerprint, linear_layout, make_folder,
                  parameter_names, quantized, read_safetensors, refuse_distributed, safetensors_metadata,
@@ -382,13 +381,13 @@ def lora_layers(model) -> List[_Layer]:
             out += [_Layer(f"{name}.{pname}[{e}]", mod, adapter, scaling, e, experts) for e in range(experts)] \
                 if experts else [_Layer(name, mod, adapter, scaling)]
     if embedding:
-        warnings.warn(f"SRLoRA leaves embedding LoRA layers as they are: {', '.join(embedding[:3])}"
+        _warn.warn(f"SRLoRA leaves embedding LoRA layers as they are: {', '.join(embedding[:3])}"
                       f"{' ...' if len(embedding) > 3 else ''}", stacklevel=3)
     if frozen:
-        warnings.warn(f"SRLoRA leaves frozen LoRA layers as they are: {', '.join(frozen[:3])}"
+        _warn.warn(f"SRLoRA leaves frozen LoRA layers as they are: {', '.join(frozen[:3])}"
                       f"{' ...' if len(frozen) > 3 else ''}", stacklevel=3)
     if several:
-        warnings.warn("the model holds several adapters: SRLoRA's PiSSA init and fusions change the base weights "
+        _warn.warn("the model holds several adapters: SRLoRA's PiSSA init and fusions change the base weights "
                       "they share, so the other adapters and disable_adapter() no longer see the original base",
                       stacklevel=3)
     if not out:
@@ -478,7 +477,7 @@ class SRLoRA:
         peft_init = _base_modifying_init(unwrap_model(model), self.layers)
         if self._pissa and peft_init:
             self._pissa = False
-            warnings.warn(f"peft initialised the adapter with init_lora_weights={peft_init!r}, which moves a part of "
+            _warn.warn(f"peft initialised the adapter with init_lora_weights={peft_init!r}, which moves a part of "
                           "each base weight into the pairs as peft creates it: SRLoRA keeps that init rather than "
                           "apply PiSSA on top (pass pissa_init=False to silence this) and re-initialises pairs along "
                           "the principal directions of the remaining base weight", stacklevel=2)
@@ -488,12 +487,12 @@ class SRLoRA:
                 drop = drops[l.adapter] if l.adapter in drops else None
                 if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                     what = "PiSSA init" if self._pissa else "re-initialisation"
-                    warnings.warn(f"{l.name}: lora_dropout {drop.p} with {what}: principal parts of the base weight "
+                    _warn.warn(f"{l.name}: lora_dropout {drop.p} with {what}: principal parts of the base weight "
                                   "move behind the LoRA branch, hence through dropout, so in train mode the function "
                                   "changes (eval mode: unchanged); use lora_dropout=0", stacklevel=2)
                     break
         if c.total_steps is None and c.stop < 1.0 and c.fuse_fraction > 0:
-            warnings.warn(f"SRLoRAConfig.total_steps is not set, so stop={c.stop} cannot apply: recompositions go on "
+            _warn.warn(f"SRLoRAConfig.total_steps is not set, so stop={c.stop} cannot apply: recompositions go on "
                           "to the last step (set total_steps, or stop=1.0 to silence this; the Trainer callback "
                           "sets it)", stacklevel=2)
         if saved is None:
@@ -502,7 +501,7 @@ class SRLoRA:
         if half and (self._pissa or c.fuse_fraction > 0):
             dt = str(half[0].W.dtype).replace("torch.", "")
             what = "PiSSA and every recomposition write" if self._pissa else "every recomposition writes"
-            warnings.warn(f"SRLoRA: {len(half)} base weights are {dt} ({half[0].name} ...): {what} "
+            _warn.warn(f"SRLoRA: {len(half)} base weights are {dt} ({half[0].name} ...): {what} "
                           f"the whole weight back in {dt}, which moves the function by its "
                           "rounding (~1e-3 of W, logits ~1% in a bfloat16 MiniLM) and loses much of a small fused "
                           "pair (|ΔW| 1e-4 among weights ~0.06: 16% lost in bfloat16); for exact fusions load the "
@@ -531,7 +530,7 @@ class SRLoRA:
             want.setdefault(min(r + extra, *l.W.shape), []).append(i)
         short = [l.name for l in self.layers if min(l.W.shape) <= l.A.shape[0]]
         if short:
-            warnings.warn(f"SRLoRA: no principal directions beyond the LoRA rank in {', '.join(short[:3])}"
+            _warn.warn(f"SRLoRA: no principal directions beyond the LoRA rank in {', '.join(short[:3])}"
                           f"{' ...' if len(short) > 3 else ''} (a weight dimension <= r): these layers are never "
                           "recomposed", stacklevel=3)
         # The cache lives in host memory: (m + n) k float32 numbers a layer (a 7B model's schedule-sized cache
@@ -784,11 +783,11 @@ class SRLoRA:
                                     "re-initialised pairs", stacklevel=5)
 
     def _warn_once(self, key, message: str, stacklevel: int) -> None:
-        """``warnings.warn(message)`` the first time ``key`` comes up in this run (a long run repeats the causes
+        """``_warn.warn(message)`` the first time ``key`` comes up in this run (a long run repeats the causes
         every step); ``stacklevel`` counted from the caller."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=stacklevel + 1)
+            _warn.warn(message, stacklevel=stacklevel + 1)
 
     # -- results, saving and resuming -----------------------------------------------------------
     def base_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -1087,7 +1086,7 @@ def _size_directions(config: SRLoRAConfig, layers, pissa: bool) -> SRLoRAConfig:
     if short:
         r = short[0].A.shape[0]
         lasts = (d + (0 if pissa else r)) // per[r]
-        warnings.warn(f"SRLoRA: {how} lasts {lasts} of the schedule's {events} recompositions in {len(short)} "
+        _warn.warn(f"SRLoRA: {how} lasts {lasts} of the schedule's {events} recompositions in {len(short)} "
                       f"layer(s) ({short[0].name} ...): they stop being recomposed before stop={config.stop}; "
                       f"directions={need[r]} would hold them all ((m + n)·{need[r] + r} float32 numbers a layer, in "
                       "host memory)", stacklevel=3)

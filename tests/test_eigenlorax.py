@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import subspace_ext
 from subspace_ext import cli, data, eigenlorax, io, models, train
 from subspace_ext.eigenlorax import EigenSubspace
 from subspace_ext.io import FormatError, PeftAdapter
@@ -295,7 +296,7 @@ def test_stacks_a_few_sketches_wide_take_an_exact_thin_svd(monkeypatch):
 
 def test_k_capped_at_stack_rank():
     N, r = 3, 4
-    with pytest.warns(UserWarning, match=r"4 of 4 layer sides have fewer than components=20 directions \(down to "
+    with pytest.warns(subspace_ext.SubspaceExtWarning, match=r"4 of 4 layer sides have fewer than components=20 directions \(down to "
                       r"11 principal ones\).*centred stack of 3 adapters.*augment=9 fills"):
         sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, N, r), components=20)
     for mod in TOY_LAYERS:
@@ -1696,19 +1697,22 @@ def test_cli_warnings_are_one_line_each(tmp_path):
 
 
 def test_cli_prints_other_libraries_warnings_as_python_does(monkeypatch, tmp_path):
-    """Only our warnings take the one-line "subspace-ext: warning:" form; another library's warning kept that
-    prefix too, as if subspace_ext had said it, and lost the file that names its source."""
+    """Only our warnings (SubspaceExtWarning) take the one-line "subspace-ext: warning:" form; another library's
+    warning kept that prefix too, as if subspace_ext had said it, and lost the file that names its source, also
+    where it points at our file (torch's C++ warnings point at the Python frame that called torch)."""
     printed = []
 
     def command(args):
-        for name in (cli.__file__, eigenlorax.__file__, "/x/site-packages/transformers/modeling_utils.py"):
-            printed.append(warnings.formatwarning("a message", FutureWarning, name, 7, "the line"))
+        printed.append(warnings.formatwarning("ours", subspace_ext.SubspaceExtWarning, eigenlorax.__file__, 7, "l"))
+        for name in (eigenlorax.__file__, "/x/site-packages/transformers/modeling_utils.py"):
+            printed.append(warnings.formatwarning("theirs", UserWarning, name, 7, "the line"))
         return 0
 
     monkeypatch.setattr(cli, "_run", command)
     assert cli.main(["eigen", "inspect", str(tmp_path)]) == 0
-    assert printed[:2] == ["subspace-ext: warning: a message\n"] * 2
-    assert printed[2].startswith("/x/site-packages/transformers/modeling_utils.py:7: FutureWarning: a message")
+    assert printed[0] == "subspace-ext: warning: ours\n"
+    assert printed[1].startswith(f"{eigenlorax.__file__}:7: UserWarning: theirs")
+    assert printed[2].startswith("/x/site-packages/transformers/modeling_utils.py:7: UserWarning: theirs")
     assert warnings.formatwarning("after", UserWarning, cli.__file__, 1, "x").startswith(cli.__file__)  # put back
 
 
