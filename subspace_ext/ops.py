@@ -19,11 +19,12 @@ import numbers
 import operator
 import os
 import re
-import warnings
 from typing import Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as _fwad
+
+from . import _warn
 
 
 def _load_failure(error: ImportError, folder: str = os.path.dirname(os.path.abspath(__file__))) -> str:
@@ -59,7 +60,7 @@ def _release(version: str) -> str:
 
 _BUILT_AGAINST = getattr(_C, "torch_version", lambda: "unknown")()   # "unknown": a build before it was recorded
 if _BUILT_AGAINST != "unknown" and _release(_BUILT_AGAINST) != _release(torch.__version__):
-    warnings.warn(f"subspace_ext was built against torch {_BUILT_AGAINST} and runs with torch {torch.__version__}: "
+    _warn.warn(f"subspace_ext was built against torch {_BUILT_AGAINST} and runs with torch {torch.__version__}: "
                   "a native torch extension is only guaranteed to work with the torch it was built against; rebuild "
                   "it (`pip install --no-build-isolation --force-reinstall --no-deps <subspace_ext source>`)",
                   stacklevel=2)
@@ -609,6 +610,8 @@ def _index_list(i, name: str) -> torch.Tensor:
     cast to integers: [False, True] fused pairs 0 and 1)."""
     if isinstance(i, (list, tuple)) and not i:
         return torch.empty(0, dtype=torch.long)
+    if type(i).__module__ == "numpy" and getattr(i, "ndim", 0) > 0:
+        i = i.copy()   # torch.as_tensor refuses negative strides (np.argsort(s)[::-1][:2]) and warns on read-only
     t = torch.as_tensor(i)
     if t.dtype in _INDEX_DTYPES:   # the common case first: this runs per layer and step
         return t

@@ -4,6 +4,7 @@ subspace_ext.ops and (for the kernels' own checks) through torch.ops.subspace_ex
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -805,6 +806,15 @@ def test_one_layers_idx_as_numpy_ints_or_0_dim_tensors():
                 np.array([0, 2]), np.array([0, 2], dtype=np.int32), np.array([0, 2], dtype=np.uint8)):
         got = W.clone()
         ops.fuse_pairs_(got, B.clone(), A, idx, 0.5)
+        assert torch.equal(got, want), idx
+    reversed_view = np.array([2, 0])[::-1]   # negative strides (np.argsort(s)[::-1][:2]): torch.as_tensor refuses
+    read_only = np.array([0, 2])
+    read_only.flags.writeable = False
+    for idx in (reversed_view, read_only, [reversed_view]):
+        got = W.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ops.fuse_pairs_(got, B.clone(), A, idx, 0.5)
         assert torch.equal(got, want), idx
     got, Bn, An = W.clone(), B.clone(), A.clone()
     ops.reinit_pairs_(got, Bn, An, np.array([2]), torch.ones(6, 1), torch.ones(1, 5), 0.5)
