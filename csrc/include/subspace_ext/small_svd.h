@@ -154,6 +154,9 @@ template <typename Any>
 SE_SVD_HD int scale_exponent(const double* a, long long n, int lane, int lanes, Any any) {
   double m = 0.0;
   for (long long i = lane; i < n; i += lanes) m = fmax(m, fabs(a[i]));
+  // An Inf entry (rsvd's internal calls are unchecked; the op refuses it): e = 0, what a scan of the whole
+  // matrix gave (frexp(Inf) stores 0), whichever lane holds it
+  if (any(m > DBL_MAX)) return 0;
   int mine = kNoExponent;
   if (m > 0.0) {
     frexp(m, &mine);
