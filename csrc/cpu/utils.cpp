@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -242,9 +243,13 @@ void check_no_overlap(const char* op, at::TensorList W, at::TensorList B, at::Te
 // `mask`? An OR over the whole array without branches, which the compiler vectorises.
 template <typename Bits>
 bool any_non_finite(const void* data, int64_t n, Bits mask) {
-  const Bits* p = static_cast<const Bits*>(data);
+  const auto* p = static_cast<const unsigned char*>(data);
   Bits bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= static_cast<Bits>((p[i] & mask) == mask);
+  for (int64_t i = 0; i < n; ++i) {
+    Bits b;
+    std::memcpy(&b, p + i * static_cast<int64_t>(sizeof(Bits)), sizeof(Bits));  // the bits, without aliasing
+    bad |= static_cast<Bits>((b & mask) == mask);
+  }
   return bad != 0;
 }
 
