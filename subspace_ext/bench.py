@@ -570,7 +570,36 @@ def _philox_rows(cfg: Config) -> Iterator[Row]:
                       t_ours, "floor: device copy of the same size", t_copy)
 
 
-SECTIONS = (_rsvd_rows, _small_svd_rows, _gram_orth_rows, _project_rows, _solar_rows, _importance_rows, _philox_rows)
+def _probe_rows(cfg: Config) -> Iterator[Row]:
+    """With ``large`` only (the GPU run's table): the cases a static review of the CUDA kernels (2026-12-07) asked
+    to time, each against the neighbour it should match. An odd basis width in reconstruct_perturbed (the strip's
+    row stride, odd since; k + 1 was even for odd k: bank conflicts), an odd Gram size in _gram_orth (R's row read
+    contiguously since; strided by q before), an all-zero small_svd (every column completed, on one lane)."""
+    if not cfg.large_rsvd:
+        return
+    m = cfg.project_shapes[0][0]
+    g = torch.Generator().manual_seed(2)
+    t_rec = {}
+    for k in (31, 32):
+        U, V, C = (torch.randn(*s, generator=g).to(cfg.device) for s in ((m, k), (m, k), (k, k)))
+        t_rec[k] = median_ms(lambda: ops.reconstruct_perturbed(U, C, V, eps=PERTURB_EPS, seed=0), cfg)
+    yield Row("reconstruct_perturbed", f"{m}×{m}, k=31, eps={PERTURB_EPS} (odd k)", t_rec[31], "the same at k=32",
+              t_rec[32])
+    batch, l = SMALL_SVD_CASES[0] if cfg.minilm_limit else SMALL_SVD_CASES[-1]
+    gram_orth = torch.ops.subspace_ext._gram_orth
+    t_gram = {}
+    for q in (l + 1, l):
+        G = gram_inputs(batch, q, cfg.device)
+        t_gram[q] = median_ms(lambda: gram_orth(G), cfg)
+    yield Row("gram_orth", f"{batch} x ({l + 1}×{l + 1}) float64 (odd q)", t_gram[l + 1], f"the same at {l}×{l}",
+              t_gram[l])
+    Z, A = torch.zeros(batch, l, l, dtype=torch.float64, device=cfg.device), small_svd_inputs(batch, l, cfg.device)
+    yield Row("small_svd", f"{batch} x ({l}×{l}) zeros (every column completed)", median_ms(lambda: ops.small_svd(Z), cfg),
+              "the same, Gaussian", median_ms(lambda: ops.small_svd(A), cfg))
+
+
+SECTIONS = (_rsvd_rows, _small_svd_rows, _gram_orth_rows, _project_rows, _solar_rows, _importance_rows, _philox_rows,
+            _probe_rows)
 
 
 def run(quick: bool = False, threads: Optional[int] = None, out: Callable[[str], object] = print,

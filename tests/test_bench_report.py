@@ -42,12 +42,17 @@ def test_large_set_rows(monkeypatch):
     the svd_lowrank loop and the GEMM floor at equal error; the TF32 variant only on CUDA."""
     monkeypatch.setattr(bench, "LARGE_SHAPES", [(80, 72), (72, 100)])  # rank 64 needs min(m, n) >= 64
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    rows = [r for r in bench.run(quick=True, out=lambda _: None, large=True).splitlines() if "7B-shaped" in r]
+    report = bench.run(quick=True, out=lambda _: None, large=True).splitlines()
+    rows = [r for r in report if "7B-shaped" in r]
     assert torch.backends.cuda.matmul.allow_tf32 == tf32  # restored
     for rank in (16, 64):
         mine = [r for r in rows if f"rank {rank} |" in r and "TF32" not in r]
         assert any("svd_lowrank loop" in r for r in mine) and any("floor: its GEMMs" in r for r in mine)
     assert not any("TF32" in r for r in rows)  # a CPU run
+    # the GPU run's probes of the CUDA kernels' changes (2026-12-07 review), each against its neighbour
+    probes = [r for r in report if "(odd k)" in r or "(odd q)" in r or "zeros (every column completed)" in r]
+    assert len(probes) == 3 and all(float(r.split("|")[3]) > 0 and float(r.split("|")[5]) > 0 for r in probes)
+    assert not any("(odd k)" in r for r in bench.run(quick=True, out=lambda _: None).splitlines())
 
 
 def test_large_set_on_the_cpu_needs_the_memory(monkeypatch, capsys):

@@ -145,7 +145,8 @@ def test_small_svd_errors():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
-@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (3, 7), (96, 72, 72), (5, 130, 129)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (3, 7), (96, 72, 72), (5, 130, 129),
+                                   (2, 120, 120), (2, 121, 121)], ids=str)   # 120: the last staged square
 def test_small_svd_cuda_bit_identical_to_cpu(shape):
     A = torch.randn(shape, dtype=torch.float64)
     A[..., :1, :] *= 1e4
