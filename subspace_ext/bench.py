@@ -594,8 +594,8 @@ def _probe_rows(cfg: Config) -> Iterator[Row]:
     yield Row("gram_orth", f"{batch} x ({l + 1}×{l + 1}) float64 (odd q)", t_gram[l + 1], f"the same at {l}×{l}",
               t_gram[l])
     Z, A = torch.zeros(batch, l, l, dtype=torch.float64, device=cfg.device), small_svd_inputs(batch, l, cfg.device)
-    yield Row("small_svd", f"{batch} x ({l}×{l}) zeros (every column completed)", median_ms(lambda: ops.small_svd(Z), cfg),
-              "the same, Gaussian", median_ms(lambda: ops.small_svd(A), cfg))
+    yield Row("small_svd", f"{batch} x ({l}×{l}) zeros (every column completed)",
+              median_ms(lambda: ops.small_svd(Z), cfg), "the same, Gaussian", median_ms(lambda: ops.small_svd(A), cfg))
 
 
 SECTIONS = (_rsvd_rows, _small_svd_rows, _gram_orth_rows, _project_rows, _solar_rows, _importance_rows, _philox_rows,

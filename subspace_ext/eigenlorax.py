@@ -5,7 +5,8 @@ Formulation (as in the authors' public code, see DESIGN.md section 3): per adapt
 separately for lora_A and lora_B, orient each adapter's matrix with the larger dimension as rows
 (B: m x r; A: r x n -> n x r), concatenate the N adapters' columns into M (d x N r), centre M's rows,
 and take its top-K left singular vectors P (d x K) — from a thin SVD of the centred stack (an rsvd of 2 K + 8
-directions where the stack is wider than 3 such sketches with their oversampling), never the d x d covariance. Optionally add ``augment`` directions: seeded Philox normals orthogonalised against P (a QR per
+directions where the stack is wider than 3 such sketches with their oversampling), never the d x d
+covariance. Optionally add ``augment`` directions: seeded Philox normals orthogonalised against P (a QR per
 layer and side). A task then trains loadings α_A, α_B (K x r): A = (P_A α_A)ᵀ, B = P_B α_B, and the layer
 computes ``base(x) + scaling · B (A x)`` as ``((x P_A) α_A) α_Bᵀ P_Bᵀ`` — O((m + n) K) per token, no
 r x n x K tensor. Trainable per layer: 2 K r (LoRA: (m + n) r).
@@ -372,14 +373,14 @@ def build_subspace(adapters: Sequence[Union[str, PeftAdapter]], *, components: O
         init = base_modifying_init(a.config.get("init_lora_weights"))
         if init:
             _warn.warn(f"{name}: saved with init_lora_weights={init!r} without peft's conversion: its factors hold "
-                          "that init (a principal part of the base weight) plus the training, and the subspace "
-                          "learns both; convert it first (save_pretrained(..., "
-                          "path_initial_model_for_weight_conversion=...))", stacklevel=2)
+                       "that init (a principal part of the base weight) plus the training, and the subspace "
+                       "learns both; convert it first (save_pretrained(..., "
+                       "path_initial_model_for_weight_conversion=...))", stacklevel=2)
         left = embedding_lora_modules(a.tensors) + sorted(k for k in a.tensors if k.endswith(".lora_B.bias"))
         if left:
             _warn.warn(f"{name}: LoRA on embeddings (lora_embedding_A/B) and LoRA biases (lora_B.bias) are not "
-                          f"part of an EigenLoRAx subspace and are left out: {', '.join(left[:3])}"
-                          f"{' ...' if len(left) > 3 else ''}", stacklevel=2)
+                       f"part of an EigenLoRAx subspace and are left out: {', '.join(left[:3])}"
+                       f"{' ...' if len(left) > 3 else ''}", stacklevel=2)
     modules = list(per[0])
     for i, (name, p) in enumerate(zip(names[1:], per[1:]), 1):
         if set(p) != set(modules):  # saved from another wrapper of the base (bert.encoder... vs encoder...)?
@@ -479,9 +480,9 @@ def _warn_capped(subA: dict, subB: dict, components: Optional[int], augment: int
         low = min(sb.n_pc for sb in sides)
         plus = f" + {augment} augmented" if augment else ""
         _warn.warn(f"EigenLoRAx: {len(sides)} of {2 * len(subA)} layer sides have fewer than components="
-                      f"{components} directions (down to {low} principal ones{plus}): the centred stack of "
-                      f"{adapters} adapters has no more (rank at most N·r − 1); "
-                      f"augment={components - low} fills them up with seeded orthogonal directions", stacklevel=3)
+                   f"{components} directions (down to {low} principal ones{plus}): the centred stack of "
+                   f"{adapters} adapters has no more (rank at most N·r − 1); "
+                   f"augment={components - low} fills them up with seeded orthogonal directions", stacklevel=3)
 
 
 def _base_name(name: Optional[str]) -> Optional[str]:
@@ -833,9 +834,9 @@ class EigenModel:
                 if p.requires_grad and id(p) not in loadings and n not in self.extra_names]
         if left:
             _warn.warn(f"{path}: {len(left)} parameter(s) require grad but are not saved with the task "
-                          f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''}): unfrozen after apply(), "
-                          "they are not the task's extra tensors; pass apply(trainable=[...]) to train and save "
-                          "them, or extra=... here", stacklevel=3)
+                       f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''}): unfrozen after apply(), "
+                       "they are not the task's extra tensors; pass apply(trainable=[...]) to train and save "
+                       "them, or extra=... here", stacklevel=3)
 
     @_live
     def trainable_parameters(self) -> int:
@@ -1154,14 +1155,14 @@ def export_task(subspace: EigenSubspace, coefficients: Union[str, Dict[str, torc
     if extra and task_type != recorded and heads and \
             not any(part in heads for k in extra for part in k.split(".")[:-1]):
         _warn.warn(f"{where}: saved for task_type {recorded}, exported as {task_type}, whose peft model also "
-                      f"loads any {' / '.join(heads)} module of the model from the adapter, and the task holds none: "
-                      "if PeftModel.from_pretrained fails on the export (KeyError), save the task with "
-                      f"task_type={task_type!r}", stacklevel=2)
+                   f"loads any {' / '.join(heads)} module of the model from the adapter, and the task holds none: "
+                   "if PeftModel.from_pretrained fails on the export (KeyError), save the task with "
+                   f"task_type={task_type!r}", stacklevel=2)
     if extra and from_file and meta.get("extra") != _WHOLE_MODULES:
         _warn.warn(f"{where}: written by an older subspace_ext, which saved only the trained tensors of a "
-                      "module, while peft loads a modules_to_save module whole: if PeftModel.from_pretrained fails "
-                      "on the export (KeyError), save the task again: apply(..., trainable=<the whole module>), "
-                      "load_coefficients(this file), save_coefficients(...)", stacklevel=2)
+                   "module, while peft loads a modules_to_save module whole: if PeftModel.from_pretrained fails "
+                   "on the export (KeyError), save the task again: apply(..., trainable=<the whole module>), "
+                   "load_coefficients(this file), save_coefficients(...)", stacklevel=2)
     stored = {name for name in plain if mapping[name] in subspace.meta.get("as_stored", [])}
     config = {**_as_parameters(plain, stored, [f"{core}.{param}" for core, param, _ in experts]), **(config or {})}
     return write_peft(path, factors, rank, scaling, subspace.meta.get("base_model_name_or_path"), extra, config,

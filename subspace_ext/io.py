@@ -1008,7 +1008,7 @@ class BaseWeights:
             return names, {name: _stacked_experts(by, converters) for name, by in sources.items()}
         except Exception as e:   # noqa: BLE001  (another transformers' internals: the stored names only)
             _warn.warn(f"{self.path}: transformers' load-time renaming of this model's weights could not be worked "
-                          f"out ({type(e).__name__}: {e}); the stored names are used")
+                       f"out ({type(e).__name__}: {e}); the stored names are used")
             return same, {}
 
     def refuse_quantized(self, key: str) -> None:
@@ -1040,7 +1040,7 @@ class BaseWeights:
                 return arch(config) if arch is not None else transformers.AutoModel.from_config(config)
         except Exception as e:
             _warn.warn(f"{self.path}/config.json: transformers cannot build this model ({e}); "
-                          "its module types and tied weights are unknown")
+                       "its module types and tied weights are unknown")
             return None
 
     def _tied_input_embedding(self, module: str) -> Optional[str]:

@@ -61,9 +61,9 @@ def _release(version: str) -> str:
 _BUILT_AGAINST = getattr(_C, "torch_version", lambda: "unknown")()   # "unknown": a build before it was recorded
 if _BUILT_AGAINST != "unknown" and _release(_BUILT_AGAINST) != _release(torch.__version__):
     _warn.warn(f"subspace_ext was built against torch {_BUILT_AGAINST} and runs with torch {torch.__version__}: "
-                  "a native torch extension is only guaranteed to work with the torch it was built against; rebuild "
-                  "it (`pip install --no-build-isolation --force-reinstall --no-deps <subspace_ext source>`)",
-                  stacklevel=2)
+               "a native torch extension is only guaranteed to work with the torch it was built against; rebuild "
+               "it (`pip install --no-build-isolation --force-reinstall --no-deps <subspace_ext source>`)",
+               stacklevel=2)
 
 _ops = torch.ops.subspace_ext
 _FLOAT = (torch.float32, torch.float64)
@@ -423,8 +423,8 @@ def _no_autocast(t: torch.Tensor):
 
 def _transformed(*tensors: torch.Tensor) -> bool:
     """Whether forward-mode AD or a torch.func transform (jvp, grad, jacfwd, jacrev, vmap) sees one of the
-    tensors. The ops register only a backward formula (csrc/register.cpp), and forward AD through it gave zero tangents
-    without a word, so ``project`` and ``reconstruct``, linear in every argument, then compute their
+    tensors. The ops register only a backward formula (csrc/register.cpp), and forward AD through it gave
+    zero tangents without a word, so ``project`` and ``reconstruct``, linear in every argument, then compute their
     product with torch's own matmuls (the same factor order; rounding may differ in the last bits)."""
     if torch.compiler.is_compiling():
         return False

@@ -1214,9 +1214,9 @@ def _expert_updates(ad: PeftAdapter, bw: BaseWeights, u: LowRankUpdate) -> List[
         except AttributeError:
             transposed = False
             _warn.warn(f"layer {u.module}: the experts of {param} are square and {bw.path} does not tell their "
-                          "layout (a bare .safetensors file, or a model transformers cannot build): taken as experts x "
-                          "out x in, peft's default; SOLAR's bases fit them less well if they are stored in x out "
-                          "(the decoded adapter is right either way)")
+                       "layout (a bare .safetensors file, or a model transformers cannot build): taken as experts x "
+                       "out x in, peft's default; SOLAR's bases fit them less well if they are stored in x out "
+                       "(the decoded adapter is right either way)")
     return [(v, (key, parts[v.expert] if parts else [], transposed)) for v in ad.expert_updates(u, param, count)]
 
 
@@ -1277,8 +1277,8 @@ def compress_dense(finetuned: Union[str, BaseWeights], base: Union[str, BaseWeig
         why = (f"{files[0]} is a file: pass its folder, whose config.json tells them" if files else
                "no config.json in the folders given, or one transformers cannot build")
         _warn.warn(f"the module types are unknown ({why}): every 2-D *.weight without 'embed' in its name is read "
-                      "as a Linear weight (out x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, c_fc) are "
-                      "stored in x out and would decode transposed")
+                   "as a Linear weight (out x in); transformers' Conv1D weights (GPT-2's c_attn, c_proj, c_fc) are "
+                   "stored in x out and would decode transposed")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     base_of = _dense_pairs(fw, bw)   # fine-tuned key -> the base's key
@@ -1413,8 +1413,8 @@ def _dense_expert_groups(fw: BaseWeights, bw: BaseWeights, base_of: Dict[str, st
         model, P, Q = fw.skeleton, "", ""   # in the base by name; transformers' merges cannot be worked out
         if model is not None and fw._merges:
             _warn.warn(f"{bw.path} is a bare .safetensors file: the MoE experts that transformers stacks from "
-                          "per-expert weights as it loads the model cannot be found in it, and are not carried; pass "
-                          "the base model's folder")
+                       "per-expert weights as it loads the model cannot be found in it, and are not carried; pass "
+                       "the base model's folder")
     if model is None:
         return []
     fine_of = {b: k for k, b in base_of.items()}

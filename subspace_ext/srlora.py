@@ -382,14 +382,14 @@ def lora_layers(model) -> List[_Layer]:
                 if experts else [_Layer(name, mod, adapter, scaling)]
     if embedding:
         _warn.warn(f"SRLoRA leaves embedding LoRA layers as they are: {', '.join(embedding[:3])}"
-                      f"{' ...' if len(embedding) > 3 else ''}", stacklevel=3)
+                   f"{' ...' if len(embedding) > 3 else ''}", stacklevel=3)
     if frozen:
         _warn.warn(f"SRLoRA leaves frozen LoRA layers as they are: {', '.join(frozen[:3])}"
-                      f"{' ...' if len(frozen) > 3 else ''}", stacklevel=3)
+                   f"{' ...' if len(frozen) > 3 else ''}", stacklevel=3)
     if several:
         _warn.warn("the model holds several adapters: SRLoRA's PiSSA init and fusions change the base weights "
-                      "they share, so the other adapters and disable_adapter() no longer see the original base",
-                      stacklevel=3)
+                   "they share, so the other adapters and disable_adapter() no longer see the original base",
+                   stacklevel=3)
     if not out:
         what = " (only embedding LoRA layers, which SRLoRA does not handle)" if embedding and not frozen else \
             " (all frozen)" if frozen else ""
@@ -478,9 +478,9 @@ class SRLoRA:
         if self._pissa and peft_init:
             self._pissa = False
             _warn.warn(f"peft initialised the adapter with init_lora_weights={peft_init!r}, which moves a part of "
-                          "each base weight into the pairs as peft creates it: SRLoRA keeps that init rather than "
-                          "apply PiSSA on top (pass pissa_init=False to silence this) and re-initialises pairs along "
-                          "the principal directions of the remaining base weight", stacklevel=2)
+                       "each base weight into the pairs as peft creates it: SRLoRA keeps that init rather than "
+                       "apply PiSSA on top (pass pissa_init=False to silence this) and re-initialises pairs along "
+                       "the principal directions of the remaining base weight", stacklevel=2)
         if saved is None and (self._pissa or c.fuse_fraction > 0):
             for l in self.layers:
                 drops = getattr(l.module, "lora_dropout", {})
@@ -488,13 +488,13 @@ class SRLoRA:
                 if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                     what = "PiSSA init" if self._pissa else "re-initialisation"
                     _warn.warn(f"{l.name}: lora_dropout {drop.p} with {what}: principal parts of the base weight "
-                                  "move behind the LoRA branch, hence through dropout, so in train mode the function "
-                                  "changes (eval mode: unchanged); use lora_dropout=0", stacklevel=2)
+                               "move behind the LoRA branch, hence through dropout, so in train mode the function "
+                               "changes (eval mode: unchanged); use lora_dropout=0", stacklevel=2)
                     break
         if c.total_steps is None and c.stop < 1.0 and c.fuse_fraction > 0:
             _warn.warn(f"SRLoRAConfig.total_steps is not set, so stop={c.stop} cannot apply: recompositions go on "
-                          "to the last step (set total_steps, or stop=1.0 to silence this; the Trainer callback "
-                          "sets it)", stacklevel=2)
+                       "to the last step (set total_steps, or stop=1.0 to silence this; the Trainer callback "
+                       "sets it)", stacklevel=2)
         if saved is None:
             self.config = c = _size_directions(c, self.layers, self._pissa)
         half = [l for l in self.layers if l.W.dtype in (torch.bfloat16, torch.float16)]
@@ -502,10 +502,10 @@ class SRLoRA:
             dt = str(half[0].W.dtype).replace("torch.", "")
             what = "PiSSA and every recomposition write" if self._pissa else "every recomposition writes"
             _warn.warn(f"SRLoRA: {len(half)} base weights are {dt} ({half[0].name} ...): {what} "
-                          f"the whole weight back in {dt}, which moves the function by its "
-                          "rounding (~1e-3 of W, logits ~1% in a bfloat16 MiniLM) and loses much of a small fused "
-                          "pair (|ΔW| 1e-4 among weights ~0.06: 16% lost in bfloat16); for exact fusions load the "
-                          "model in float32 and train under torch.autocast", stacklevel=2)
+                       f"the whole weight back in {dt}, which moves the function by its "
+                       "rounding (~1e-3 of W, logits ~1% in a bfloat16 MiniLM) and loses much of a small fused "
+                       "pair (|ΔW| 1e-4 among weights ~0.06: 16% lost in bfloat16); for exact fusions load the "
+                       "model in float32 and train under torch.autocast", stacklevel=2)
         if saved is None:   # peft's base-modifying inits changed the weights already: those are saved whole
             for l in self.layers:
                 l.record = None if peft_init else _Record(fingerprint(l.weight), l.weight.dtype)
@@ -531,8 +531,8 @@ class SRLoRA:
         short = [l.name for l in self.layers if min(l.W.shape) <= l.A.shape[0]]
         if short:
             _warn.warn(f"SRLoRA: no principal directions beyond the LoRA rank in {', '.join(short[:3])}"
-                          f"{' ...' if len(short) > 3 else ''} (a weight dimension <= r): these layers are never "
-                          "recomposed", stacklevel=3)
+                       f"{' ...' if len(short) > 3 else ''} (a weight dimension <= r): these layers are never "
+                       "recomposed", stacklevel=3)
         # The cache lives in host memory: (m + n) k float32 numbers a layer (a 7B model's schedule-sized cache
         # is GiBs), of which a recomposition moves the few it uses to the weight's device; computed a few
         # layers at a time so that the device holds little of it at once.
@@ -1087,9 +1087,9 @@ def _size_directions(config: SRLoRAConfig, layers, pissa: bool) -> SRLoRAConfig:
         r = short[0].A.shape[0]
         lasts = (d + (0 if pissa else r)) // per[r]
         _warn.warn(f"SRLoRA: {how} lasts {lasts} of the schedule's {events} recompositions in {len(short)} "
-                      f"layer(s) ({short[0].name} ...): they stop being recomposed before stop={config.stop}; "
-                      f"directions={need[r]} would hold them all ((m + n)·{need[r] + r} float32 numbers a layer, in "
-                      "host memory)", stacklevel=3)
+                   f"layer(s) ({short[0].name} ...): they stop being recomposed before stop={config.stop}; "
+                   f"directions={need[r]} would hold them all ((m + n)·{need[r] + r} float32 numbers a layer, in "
+                   "host memory)", stacklevel=3)
     return config
 
 

@@ -296,7 +296,8 @@ def test_stacks_a_few_sketches_wide_take_an_exact_thin_svd(monkeypatch):
 
 def test_k_capped_at_stack_rank():
     N, r = 3, 4
-    with pytest.warns(subspace_ext.SubspaceExtWarning, match=r"4 of 4 layer sides have fewer than components=20 directions \(down to "
+    with pytest.warns(subspace_ext.SubspaceExtWarning,
+                      match=r"4 of 4 layer sides have fewer than components=20 directions \(down to "
                       r"11 principal ones\).*centred stack of 3 adapters.*augment=9 fills"):
         sub = eigenlorax.build_subspace(random_adapters(TOY_LAYERS, N, r), components=20)
     for mod in TOY_LAYERS:

@@ -28,6 +28,7 @@ void check_float(const at::Tensor& t, const char* op, const char* arg);
 // Every element of a small tensor finite (an op's result)? On the CPU a plain loop (ATen's
 // isfinite().all().item() took ~10 us of project's ~30); elsewhere that, one host sync.
 bool all_finite(const at::Tensor& t);
+
 // The dtypes model weights may have: float32/float64, or bfloat16/float16 (computed in float32).
 inline bool is_weight_dtype(at::ScalarType dt) {
   return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
