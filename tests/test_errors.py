@@ -266,6 +266,10 @@ class _FakeCuda(torch.Tensor):
     def is_cuda(self):
         return True
 
+    @property
+    def is_cpu(self):
+        return False
+
 
 def _fake_cuda(t):
     return torch.Tensor._make_subclass(_FakeCuda, t)
