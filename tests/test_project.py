@@ -325,6 +325,19 @@ def test_reconstruct_perturbed_uses_perturbed_basis_noise(dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k1,k2", [(1030, 3, 257, 2), (3, 1100, 2, 257)], ids=str)
+def test_reconstruct_perturbed_many_chunks(m, n, k1, k2, dtype, device):
+    """A basis of more than one CPU chunk (1 MiB of it or 1024 rows, whichever is more: two chunks at
+    k = 257), U in the first pass, V in the second: each chunk's noise belongs to its own rows (against
+    the materialised perturbed bases, which have the same rounding)."""
+    U, V = torch.randn(m, k1, dtype=dtype, device=device), torch.randn(n, k2, dtype=dtype, device=device)
+    C = torch.randn(k1, k2, dtype=dtype, device=device)
+    D = ops.reconstruct_perturbed(U, C, V, eps=0.3, seed=2, stream_u=1, stream_v=6)
+    Ut, Vt = d(ops.perturbed_basis(U, 0.3, 2, 1)), d(ops.perturbed_basis(V, 0.3, 2, 6))
+    _assert_rounding_close(D, Ut @ d(C) @ Vt.T, Ut.abs() @ d(C).abs() @ Vt.abs().T, dtype, depth=k1 + k2 + 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_reconstruct_perturbed_non_contiguous(dtype, device):
     m, n, k1, k2 = 150, 70, 9, 5
     U = torch.randn(k1, m, dtype=dtype, device=device).T  # transposed views
