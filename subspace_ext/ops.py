@@ -540,10 +540,11 @@ def reconstruct_perturbed(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor, *, 
                           stream_u: int = 0, stream_v: int = 1) -> torch.Tensor:
     """``reconstruct`` on the perturbed bases ``Ũ = perturbed_basis(U, eps, seed, stream_u)`` and
     ``Ṽ = perturbed_basis(V, eps, seed, stream_v)``: ``Ũ C Ṽ^T``, the way back of
-    ``project_perturbed`` (same defaults), without forming Ũ or Ṽ.
+    ``project_perturbed`` (same defaults), without forming Ũ or Ṽ beyond one chunk of rows.
 
-    Two passes, ``T = Ũ C`` (m x k2) then ``T Ṽ^T``; the noise is generated one tile of rows at a
-    time (a thread block's shared-memory strip on CUDA). One layer: U (m x k1), C (k1 x k2),
+    Two passes, ``T = Ũ C`` (m x k2) then ``T Ṽ^T``; the noise is generated one chunk of rows at a
+    time: on the CPU 1 MiB of the basis or 1024 rows, whichever is more (the whole basis at SOLAR's
+    usual sizes), on CUDA a thread block's shared-memory strip. One layer: U (m x k1), C (k1 x k2),
     V (n x k2) -> (m x n).
     """
     _check_one_layer([("U", U), ("C", C), ("V", V)], "reconstruct_perturbed")

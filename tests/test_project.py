@@ -279,7 +279,7 @@ def test_project_perturbed_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# reconstruct_perturbed: the way back, U~ C V~^T without forming U~ or V~
+# reconstruct_perturbed: the way back, U~ C V~^T, U~ and V~ formed one chunk of rows at a time
 
 # (m, n, k1, k2): a 1 x 1, chunk/strip edges (129 rows, 65 rows: two CUDA strips of 64), k = 1 with
 # many rows, full bases, and a basis row too long for 48 KiB of shared memory (CUDA opt-in path).
@@ -325,11 +325,13 @@ def test_reconstruct_perturbed_uses_perturbed_basis_noise(dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k1,k2", [(1030, 3, 257, 2), (3, 1100, 2, 257)], ids=str)
+@pytest.mark.parametrize("m,n,k1,k2", [(1030, 3, 257, 2), (3, 1100, 2, 257), (8200, 3, 32, 2), (3, 9000, 2, 32)],
+                         ids=str)
 def test_reconstruct_perturbed_many_chunks(m, n, k1, k2, dtype, device):
-    """A basis of more than one CPU chunk (1 MiB of it or 1024 rows, whichever is more: two chunks at
-    k = 257), U in the first pass, V in the second: each chunk's noise belongs to its own rows (against
-    the materialised perturbed bases, which have the same rounding)."""
+    """A basis of more than one CPU chunk (1 MiB of it or 1024 rows, whichever is more: 1024 rows at
+    k = 257, 8192 / 4096 rows at k = 32 in float32 / float64), U in the first pass, V in the second:
+    each chunk's noise belongs to its own rows (against the materialised perturbed bases, which have the
+    same rounding)."""
     U, V = torch.randn(m, k1, dtype=dtype, device=device), torch.randn(n, k2, dtype=dtype, device=device)
     C = torch.randn(k1, k2, dtype=dtype, device=device)
     D = ops.reconstruct_perturbed(U, C, V, eps=0.3, seed=2, stream_u=1, stream_v=6)

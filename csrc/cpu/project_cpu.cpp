@@ -237,7 +237,7 @@ void perturbed_nt(const at::Tensor& X, const at::Tensor& U, double eps, int64_t 
 }
 
 // Delta W = (U + eps N_u) C (V + eps N_v)^T: reconstruct on the bases perturbed_basis(U, eps, seed,
-// stream_u) and perturbed_basis(V, eps, seed, stream_v) without forming them. Two passes: T = U~ C
+// stream_u) and perturbed_basis(V, eps, seed, stream_v), formed a chunk of rows at a time. Two passes: T = U~ C
 // (m x k2, written as T^T = C^T U~^T), then Delta W = T V~^T.
 at::Tensor reconstruct_perturbed_cpu(const at::Tensor& U, const at::Tensor& C, const at::Tensor& V, double eps,
                                      int64_t seed, int64_t stream_u, int64_t stream_v) {
