@@ -148,8 +148,14 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using TensorArg = const at::Tensor&;
-// The forwards call the op again below the autograd keys (at::AutoDispatchBelowADInplaceOrView): its
-// device kernel, through the dispatcher, with the handle looked up once.
+
+// The handle of op `name` with signature Sig: the forwards call the op again through it below the
+// autograd keys (at::AutoDispatchBelowADInplaceOrView), which reaches its device kernel; each looks it
+// up once (a static).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
 
 // The gradient g of input t: nothing where t needs none, else g summed to t's shape, in t's dtype.
 at::Tensor grad_for(const AutogradContext* ctx, size_t i, const at::Tensor& g, const at::Tensor& t) {
@@ -163,9 +169,8 @@ struct ProjectFunction : public torch::autograd::Function<ProjectFunction> {
                             const at::Tensor& A, double scaling) {
     ctx->save_for_backward({U, V, B, A});
     ctx->saved_data["scaling"] = scaling;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("subspace_ext::project", "")
-                               .typed<at::Tensor(TensorArg, TensorArg, TensorArg, TensorArg, double)>();
+    static const auto op =
+        op_handle<at::Tensor(TensorArg, TensorArg, TensorArg, TensorArg, double)>("subspace_ext::project");
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(U, V, B, A, scaling);
   }
@@ -187,9 +192,7 @@ struct ProjectFunction : public torch::autograd::Function<ProjectFunction> {
 struct ReconstructFunction : public torch::autograd::Function<ReconstructFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& U, const at::Tensor& C, const at::Tensor& V) {
     ctx->save_for_backward({U, C, V});
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("subspace_ext::reconstruct", "")
-                               .typed<at::Tensor(TensorArg, TensorArg, TensorArg)>();
+    static const auto op = op_handle<at::Tensor(TensorArg, TensorArg, TensorArg)>("subspace_ext::reconstruct");
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(U, C, V);
   }

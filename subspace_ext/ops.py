@@ -394,24 +394,32 @@ def small_svd(A: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 # project
 
-def _plain_cpu_layer(typed) -> bool:
-    """The common case in one cheap pass: each tensor dense, 2-D, on the CPU and of its dtypes (``typed``:
-    (tensor, dtypes) pairs). False sends the caller through the per-tensor checks, which name what is wrong
-    and cost ~5 µs for project's four tensors, half its kernel at SOLAR's sizes."""
-    for t, dtypes in typed:
+def _dtypes(name: str) -> tuple:
+    """The dtypes a project-family argument takes, by its name: the model weights (_PROJECT_WEIGHTS) may be
+    half precision; the bases and coefficients are _FLOAT."""
+    return _WEIGHT if name in _PROJECT_WEIGHTS else _FLOAT
+
+
+def _check_tensors(named, op) -> bool:
+    """Each (name, tensor) of ``named`` a tensor of its ``_dtypes``, all on one device. True when all are dense
+    2-D CPU tensors (one layer: no batch dimensions to broadcast), told in one cheap pass; otherwise the
+    per-tensor checks, which name what is wrong and cost ~5 µs for project's four tensors, half its kernel at
+    SOLAR's sizes."""
+    for n, t in named:
         if not (isinstance(t, torch.Tensor) and t.is_cpu and t.layout == torch.strided and t.dim() == 2
-                and t.dtype in dtypes):
-            return False
-    return True
+                and t.dtype in _dtypes(n)):
+            break
+    else:
+        return True
+    for n, t in named:
+        _tensor(t, n, dtypes=_dtypes(n), op=op)
+    _same_device(named)
+    return False
 
 
 def _check_project_args(U, V, B, A, op):
     named = [("U", U), ("V", V), ("B", B), ("A", A)]
-    plain = _plain_cpu_layer(((U, _FLOAT), (V, _FLOAT), (B, _WEIGHT), (A, _WEIGHT)))
-    if not plain:
-        for n, t in named:
-            _tensor(t, n, dtypes=_WEIGHT if n in _PROJECT_WEIGHTS else _FLOAT, op=op)
-        _same_device(named)
+    plain = _check_tensors(named, op)
     if not (U.shape[-2] == B.shape[-2] and B.shape[-1] == A.shape[-2] and A.shape[-1] == V.shape[-2]):
         raise ValueError(
             f"{op}: shapes do not chain (need U m x k1, B m x r, A r x n, V n x k2): U {tuple(U.shape)}, "
@@ -463,7 +471,7 @@ def _constant_scaling(scaling, op: str) -> None:
 
 def _check_one_layer(named, op):
     for n, t in named:
-        _tensor(t, n, dtypes=_WEIGHT if n in _PROJECT_WEIGHTS else _FLOAT, op=op)
+        _tensor(t, n, dtypes=_dtypes(n), op=op)
         if t.dim() != 2:
             raise ValueError(f"{op}: {n} must be 2-D (one layer), got shape {tuple(t.shape)}")
 
@@ -503,12 +511,11 @@ def project_dense(U: torch.Tensor, V: torch.Tensor, D: torch.Tensor) -> torch.Te
     """Coefficients ``U^T D V`` of a dense update D (..., m, n); D may also be bfloat16/float16
     (computed in the bases' dtype, as ``project``'s factors)."""
     named = [("U", U), ("V", V), ("D", D)]
-    for n, t in named:
-        _tensor(t, n, dtypes=_WEIGHT if n in _PROJECT_WEIGHTS else _FLOAT, op="project_dense")
-    _same_device(named)
+    plain = _check_tensors(named, "project_dense")
     if not (U.shape[-2] == D.shape[-2] and D.shape[-1] == V.shape[-2]):
         raise ValueError(f"project_dense: shapes do not chain: U {tuple(U.shape)}, D {tuple(D.shape)}, V {tuple(V.shape)}")
-    _batch_broadcasts(named, "project_dense")
+    if not plain:
+        _batch_broadcasts(named, "project_dense")
     return _ops.project_dense(U, V, D)
 
 
@@ -524,11 +531,7 @@ def reconstruct(U: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tens
 
 def _check_reconstruct_args(U, C, V, op):
     named = [("U", U), ("C", C), ("V", V)]
-    plain = _plain_cpu_layer(((U, _FLOAT), (C, _FLOAT), (V, _FLOAT)))
-    if not plain:
-        for n, t in named:
-            _tensor(t, n, op=op)
-        _same_device(named)
+    plain = _check_tensors(named, op)
     if not (U.shape[-1] == C.shape[-2] and C.shape[-1] == V.shape[-1]):
         raise ValueError(f"{op}: shapes do not chain (need U m x k1, C k1 x k2, V n x k2): U {tuple(U.shape)}, "
                          f"C {tuple(C.shape)}, V {tuple(V.shape)}")
